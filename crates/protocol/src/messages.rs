@@ -1,0 +1,273 @@
+//! The JSON messages carried in HELLO, OPEN and MSG frames. Messages and fields are only ever
+//! added; a peer rejects what it does not know rather than guess (`deny_unknown_fields`), and the
+//! version in the handshake tells both sides what the other understands.
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{Frame, Kind, SYNC_MAGIC};
+use crate::Error;
+
+/// Version of this protocol. Bumped whenever a message or field is added.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Length of the session nonce in HELLO and HELLO_ACK.
+pub const NONCE_LEN: usize = 16;
+
+/// Channel numbers inside a stream.
+pub mod channel {
+    /// Host → guest: an exec's stdin, or the bytes of a file being written.
+    pub const STDIN: u8 = 0;
+    /// Guest → host: an exec's stdout, or the bytes of a file being read.
+    pub const STDOUT: u8 = 1;
+    /// Guest → host: an exec's stderr.
+    pub const STDERR: u8 = 2;
+}
+
+/// Host → guest, in HELLO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub version: u32,
+}
+
+/// Guest → host, in HELLO_ACK. Only `version` matters to the host; the rest is for logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelloAck {
+    pub version: u32,
+    pub agent_version: String,
+}
+
+/// The request that opens a stream (OPEN payload), host → guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Run a process. Replies: `Started`, then DATA on stdout/stderr, then `Exited`; or `Error`.
+    Exec(ExecRequest),
+    /// Stream a file out: `Stat`, DATA on [`channel::STDOUT`], EOF, `Done`; or `Error`.
+    ReadFile { path: String },
+    /// Stream a file in on [`channel::STDIN`] until EOF; replaced atomically; then `Done`.
+    WriteFile {
+        path: String,
+        mode: Option<u32>,
+        make_parents: bool,
+    },
+    /// `Stat` or `Error`. Does not follow a final symlink.
+    Stat { path: String },
+    /// `Entries` (possibly several messages), then `Done`; or `Error`.
+    List { path: String },
+    /// `Done` or `Error`.
+    Mkdir {
+        path: String,
+        parents: bool,
+        mode: Option<u32>,
+    },
+    /// `Done` or `Error`.
+    Remove { path: String, recursive: bool },
+    /// Set the wall clock, reseed the kernel RNG, optionally set the hostname. `Done`.
+    Refresh(Refresh),
+    /// Stop sending anything until the host sends EOF on this stream or a new session starts:
+    /// `Quiesced` is the last frame the guest writes. Used before a snapshot.
+    Quiesce,
+    /// Sync filesystems, end all processes, power off. `Done` just before.
+    Shutdown,
+}
+
+/// What to run and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments; `argv[0]` is looked up in the `PATH` of `env` when it has no '/'.
+    pub argv: Vec<String>,
+    /// The whole environment, as `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Working directory; the user's home (or `/`) when absent.
+    pub cwd: Option<String>,
+    /// User name or numeric uid, optionally `:group`; root when absent.
+    pub user: Option<String>,
+    /// Whether the host will send stdin; when false the process gets `/dev/null`.
+    pub stdin: bool,
+    /// Kill the whole process tree after this long.
+    pub timeout_ms: Option<u64>,
+}
+
+/// Fresh facts the guest cannot know by itself after a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refresh {
+    /// Host wall-clock time, nanoseconds since the Unix epoch.
+    pub unix_time_ns: u64,
+    /// Random bytes from the host, hex-encoded (at least 32 bytes).
+    pub entropy_hex: String,
+    pub hostname: Option<String>,
+}
+
+/// A message on an open stream (MSG payload).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Message {
+    /// The exec's process started.
+    Started { pid: u32 },
+    /// The exec's process ended: `code` when it exited, `signal` when a signal killed it.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+    },
+    /// Host → guest: deliver this signal to the exec's process.
+    Signal { signal: i32 },
+    /// The request failed.
+    Error { kind: ErrorKind, message: String },
+    /// Metadata of one path.
+    Stat(FileStat),
+    /// Some entries of a directory listing.
+    Entries { entries: Vec<DirEntry> },
+    /// The request completed.
+    Done,
+    /// Reply to `Quiesce`.
+    Quiesced,
+}
+
+/// Why a request failed, for mapping to the user's error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    NotFound,
+    PermissionDenied,
+    IsADirectory,
+    NotADirectory,
+    AlreadyExists,
+    DirectoryNotEmpty,
+    NoSpace,
+    InvalidInput,
+    /// Exec: the program does not exist or is not executable.
+    CommandNotFound,
+    /// Exec: the user does not exist in the image.
+    UnknownUser,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileStat {
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    pub link_target: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirEntry {
+    pub name: String,
+    pub stat: FileStat,
+}
+
+fn sync_payload<T: Serialize>(nonce: &[u8; NONCE_LEN], body: &T) -> Vec<u8> {
+    let mut payload = SYNC_MAGIC.to_vec();
+    payload.extend_from_slice(nonce);
+    payload.extend_from_slice(&serde_json::to_vec(body).expect("handshake types serialize"));
+    payload
+}
+
+fn parse_sync<T: for<'de> Deserialize<'de>>(
+    frame: &Frame,
+    kind: Kind,
+) -> Result<([u8; NONCE_LEN], T), Error> {
+    let p = &frame.payload;
+    let head = SYNC_MAGIC.len() + NONCE_LEN;
+    if frame.kind != kind || frame.stream != 0 || p.len() < head || &p[..8] != SYNC_MAGIC {
+        return Err(Error::Protocol(format!("expected a {kind:?} frame")));
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&p[8..head]);
+    Ok((nonce, serde_json::from_slice(&p[head..])?))
+}
+
+impl Hello {
+    pub fn to_frame(&self, nonce: &[u8; NONCE_LEN]) -> Frame {
+        Frame::new(0, Kind::Hello, sync_payload(nonce, self))
+    }
+
+    pub fn from_frame(frame: &Frame) -> Result<([u8; NONCE_LEN], Hello), Error> {
+        parse_sync(frame, Kind::Hello)
+    }
+}
+
+impl HelloAck {
+    pub fn to_frame(&self, nonce: &[u8; NONCE_LEN]) -> Frame {
+        Frame::new(0, Kind::HelloAck, sync_payload(nonce, self))
+    }
+
+    pub fn from_frame(frame: &Frame) -> Result<([u8; NONCE_LEN], HelloAck), Error> {
+        parse_sync(frame, Kind::HelloAck)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Freezes the wire form: a change here breaks agents already inside templates.
+    #[test]
+    fn wire_form_is_stable() {
+        let req = Request::Exec(ExecRequest {
+            argv: vec!["true".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: None,
+            user: Some("1000".into()),
+            stdin: false,
+            timeout_ms: Some(5),
+        });
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"op":"exec","argv":["true"],"env":["PATH=/bin"],"cwd":null,"user":"1000","stdin":false,"timeout_ms":5}"#
+        );
+        let msg = Message::Exited {
+            code: None,
+            signal: Some(9),
+            timed_out: true,
+        };
+        assert_eq!(
+            serde_json::to_string(&msg).unwrap(),
+            r#"{"type":"exited","code":null,"signal":9,"timed_out":true}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Quiesce).unwrap(),
+            r#"{"op":"quiesce"}"#
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_types_are_rejected() {
+        assert!(serde_json::from_str::<Message>(r#"{"type":"started","pid":1,"x":1}"#).is_err());
+        assert!(serde_json::from_str::<Message>(r#"{"type":"launch_missiles"}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"op":"stat","path":"/","extra":true}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn hello_roundtrip_and_wrong_kind() {
+        let nonce = [7u8; NONCE_LEN];
+        let f = Hello { version: 1 }.to_frame(&nonce);
+        assert_eq!(
+            Hello::from_frame(&f).unwrap(),
+            (nonce, Hello { version: 1 })
+        );
+        assert!(HelloAck::from_frame(&f).is_err());
+    }
+}
