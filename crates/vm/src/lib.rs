@@ -1,0 +1,29 @@
+//! moat's microVM runtime: accelerator detection, guest kernel/initramfs assets, a QMP client,
+//! QEMU `microvm` processes with memory snapshots, copy-on-write disks and CPU quotas; on top of
+//! them sandboxes (a VM plus a session with its agent), snapshots and templates.
+//!
+//! Everything here runs real QEMU; only the QMP protocol tests use a fake peer.
+
+pub mod accel;
+pub mod agent;
+pub mod assets;
+pub mod cgroup;
+pub mod cpio;
+pub mod disk;
+mod error;
+pub mod qemu;
+pub mod qmp;
+mod sandbox;
+pub mod snapshot;
+pub mod template;
+mod tier;
+mod util;
+
+pub use accel::{Accel, AccelChoice};
+pub use assets::{Initramfs, Kernel};
+pub use error::{Error, Result};
+pub use qemu::{Vm, VmSpec};
+pub use qmp::Qmp;
+pub use sandbox::{Runtime, Sandbox};
+pub use snapshot::SnapshotMeta;
+pub use tier::Tier;

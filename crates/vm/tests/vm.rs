@@ -1,0 +1,351 @@
+//! End-to-end tests against real QEMU (TCG on CI hosts): kernel install, initramfs, boot,
+//! guest panic, memory snapshot, restore and concurrent clones. The guest is busybox with a
+//! shell `/init` that echoes lines on the `agent` port, standing in for the real agent.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use moat_vm::assets::{self, Kernel};
+use moat_vm::qemu::{self, Vm, VmSpec};
+use moat_vm::{accel, disk, Error};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+const ECHO_INIT: &str = r#"#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev
+for m in /modules/*.ko; do $B insmod $m || echo "insmod $m failed"; done
+port=
+i=0
+while [ -z "$port" ] && [ $i -lt 200 ]; do
+  for p in /sys/class/virtio-ports/*; do
+    if [ -e $p/name ] && [ "$($B cat $p/name)" = agent ]; then port=/dev/${p##*/}; fi
+  done
+  [ -z "$port" ] && $B usleep 10000
+  i=$((i+1))
+done
+echo "agent port: $port"
+exec 3<>$port
+echo READY >&3
+n=0
+while true; do
+  if read -r line <&3; then n=$((n+1)); echo "ECHO $line $n" >&3; else echo HELLO >&3; fi
+done
+"#;
+
+const PANIC_INIT: &str = "#!/bin/busybox sh\necho init is leaving now\nexit 3\n";
+
+fn home() -> PathBuf {
+    std::env::var_os("MOAT_TEST_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/moat-test-home")
+        })
+}
+
+/// Installs the kernel once per test process (the download is cached in the test home).
+fn kernel() -> Kernel {
+    static K: OnceLock<Mutex<Option<Kernel>>> = OnceLock::new();
+    let m = K.get_or_init(|| Mutex::new(None));
+    let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+    if g.is_none() {
+        *g = Some(assets::install_kernel(&home()).expect("install kernel"));
+    }
+    g.clone().unwrap()
+}
+
+fn busybox_initramfs(kernel: &Kernel, init: &str, out: &Path) {
+    let mut c = assets::base_cpio(kernel).unwrap();
+    c.dir("/bin", 0o755)
+        .file(
+            "/bin/busybox",
+            0o755,
+            &std::fs::read("/bin/busybox").unwrap(),
+        )
+        .file("/init", 0o755, init.as_bytes());
+    std::fs::write(out, c.finish_gz().unwrap()).unwrap();
+}
+
+fn base_disk() -> PathBuf {
+    let p = home().join("test-base.raw");
+    if !p.exists() {
+        std::fs::create_dir_all(home()).unwrap();
+        let tmp = home().join(format!("test-base.raw.{}", std::process::id()));
+        std::fs::write(&tmp, vec![0u8; 1 << 20]).unwrap();
+        std::fs::rename(tmp, &p).unwrap();
+    }
+    p
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    kernel: Kernel,
+    initramfs: PathBuf,
+}
+
+fn fixture(init: &str) -> Fixture {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("moat_vm=debug")
+        .with_test_writer()
+        .try_init();
+    let kernel = kernel();
+    let dir = tempfile::Builder::new()
+        .prefix("moat-vm-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let initramfs = dir.path().join("initrd.img");
+    busybox_initramfs(&kernel, init, &initramfs);
+    Fixture {
+        dir,
+        kernel,
+        initramfs,
+    }
+}
+
+impl Fixture {
+    fn spec(&self, name: &str, disk: &Path, incoming: Option<PathBuf>) -> VmSpec {
+        VmSpec {
+            accel: accel::detect(None).unwrap(),
+            mem_mib: 256,
+            cpus: 1,
+            kernel: self.kernel.vmlinuz.clone(),
+            initramfs: self.initramfs.clone(),
+            disk: disk.to_path_buf(),
+            run_dir: self.dir.path().join(name),
+            incoming,
+        }
+    }
+}
+
+struct Agent(BufReader<UnixStream>);
+
+impl Agent {
+    async fn line(&mut self) -> String {
+        let mut l = String::new();
+        let n = self.0.read_line(&mut l).await.unwrap();
+        assert!(n > 0, "agent port closed");
+        l.trim_end().to_string()
+    }
+
+    /// Sends `word`, returns the echo counter, skipping reconnect HELLOs.
+    async fn echo(&mut self, word: &str) -> u64 {
+        self.0
+            .get_mut()
+            .write_all(format!("{word}\n").as_bytes())
+            .await
+            .unwrap();
+        loop {
+            let l = self.line().await;
+            if let Some(rest) = l.strip_prefix(&format!("ECHO {word} ")) {
+                return rest.parse().unwrap();
+            }
+            assert!(l == "HELLO" || l == "READY", "unexpected line {l:?}");
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+async fn boot_ready(fx: &Fixture, name: &str, base: &Path) -> (Vm, Agent, Duration) {
+    let ov = fx.dir.path().join(format!("{name}.qcow2"));
+    disk::create_overlay(base, "raw", 64 << 20, &ov)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut vm = qemu::launch(&fx.spec(name, &ov, None)).await.unwrap();
+    let mut agent = Agent(BufReader::new(vm.take_agent_stream().unwrap()));
+    let first = vm
+        .while_alive("waiting for READY", Duration::from_secs(90), agent.line())
+        .await
+        .unwrap();
+    assert_eq!(first, "READY");
+    (vm, agent, t.elapsed())
+}
+
+#[test]
+fn kernel_install_and_initramfs() {
+    let h = home();
+    let k = kernel();
+    assert!(k.vmlinuz.is_file());
+    let t = Instant::now();
+    let again = assets::install_kernel(&h).unwrap();
+    assert_eq!(again, k);
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "second install must not download"
+    );
+    assert_eq!(assets::installed_kernel(&h).unwrap(), k);
+
+    let ihome = tempfile::tempdir().unwrap();
+    let a = assets::build_initramfs(&k, Path::new("/bin/busybox"), ihome.path()).unwrap();
+    assert!(a.path.starts_with(ihome.path().join("initramfs")));
+    assert!(a.path.ends_with(format!("{}.img", a.sha256)));
+    let mtime = std::fs::metadata(&a.path).unwrap().modified().unwrap();
+    let b = assets::build_initramfs(&k, Path::new("/bin/busybox"), ihome.path()).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(
+        std::fs::metadata(&b.path).unwrap().modified().unwrap(),
+        mtime,
+        "rebuilt"
+    );
+    let list = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("gzip -dc {} | cpio -tv --quiet", a.path.display()))
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    for want in [
+        "modules/00-virtio_ring.ko",
+        "modules/04-virtio_console.ko",
+        "newroot",
+        "dev/console",
+    ] {
+        assert!(list.contains(want), "{want} missing in\n{list}");
+    }
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with(" init")),
+        "{list}"
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("crw-------") && l.contains("5,") && l.ends_with("dev/console")),
+        "{list}"
+    );
+
+    let e = assets::build_initramfs(&k, Path::new("/bin/true"), ihome.path()).unwrap_err();
+    assert!(matches!(e, Error::BadAgent { .. }));
+    assert!(e.to_string().contains("crt-static"), "{e}");
+}
+
+#[test]
+fn qemu_version_is_reported() {
+    let v = qemu::qemu_version().unwrap();
+    assert!(v.starts_with("QEMU emulator version"), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_save_resume() {
+    let fx = fixture(ECHO_INIT);
+    let (mut vm, mut agent, boot) = boot_ready(&fx, "boot", &base_disk()).await;
+    eprintln!("TIMING cold boot to agent READY: {boot:?}");
+    assert_eq!(agent.echo("ping").await, 1);
+    let pid = vm.pid();
+    assert!(alive(pid));
+
+    let snap = fx.dir.path().join("mem.snap");
+    let t = Instant::now();
+    let bytes = vm.save_memory(&snap).await.unwrap();
+    eprintln!("TIMING save_memory: {:?}, {bytes} bytes", t.elapsed());
+    assert_eq!(bytes, std::fs::metadata(&snap).unwrap().len());
+    assert!(bytes > 1 << 20);
+    assert_eq!(vm.status().await.unwrap(), "postmigrate");
+    vm.resume().await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), "running");
+    assert_eq!(agent.echo("again").await, 2);
+
+    // A fractional-tier quota on the running VM; its cgroup goes away with the VM.
+    let cg = moat_vm::cgroup::limit_cpu(pid, 500).unwrap();
+    assert_eq!(agent.echo("throttled").await, 3);
+    drop(vm);
+    assert!(!alive(pid), "QEMU survived drop");
+    if let Some(cg) = cg {
+        assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_panic_is_reported_with_console() {
+    let fx = fixture(PANIC_INIT);
+    let ov = fx.dir.path().join("p.qcow2");
+    disk::create_overlay(&base_disk(), "raw", 0, &ov)
+        .await
+        .unwrap();
+    let mut vm = qemu::launch(&fx.spec("panic", &ov, None)).await.unwrap();
+    let mut agent = BufReader::new(vm.take_agent_stream().unwrap());
+    let mut l = String::new();
+    let r = vm
+        .while_alive(
+            "waiting for the agent",
+            Duration::from_secs(90),
+            agent.read_line(&mut l),
+        )
+        .await;
+    // Either QEMU's exit is seen first, or the agent socket's EOF: then ask why.
+    let e = match r {
+        Err(e) => e,
+        Ok(Ok(0)) => vm.exit_error("waiting for the agent").await,
+        Ok(other) => panic!("unexpected agent read {other:?}: {l:?}"),
+    };
+    let msg = e.to_string();
+    assert!(matches!(e, Error::VmExited { .. }), "{msg}");
+    assert!(msg.contains("Attempted to kill init"), "{msg}");
+    assert!(msg.contains("init is leaving now"), "{msg}");
+    // panic=-1 reboots, -no-reboot turns that into a normal QEMU exit (status 0).
+    vm.wait_exit().await.unwrap();
+    assert!(vm.console_tail(4096).contains("Kernel panic"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_restore_and_two_clones() {
+    let fx = fixture(ECHO_INIT);
+    let (mut vm, mut agent, _) = boot_ready(&fx, "src", &base_disk()).await;
+    assert_eq!(agent.echo("one").await, 1);
+    let snap = fx.dir.path().join("mem.snap");
+    vm.save_memory(&snap).await.unwrap();
+    let src_pid = vm.pid();
+    vm.kill().await.unwrap();
+    drop(agent);
+    assert!(!alive(src_pid));
+    // The source overlay is frozen now: clones get overlays on top of it.
+    let frozen = fx.dir.path().join("src.qcow2");
+
+    let restore = |name: &'static str| {
+        let fx = &fx;
+        let frozen = frozen.clone();
+        let snap = snap.clone();
+        async move {
+            let ov = fx.dir.path().join(format!("{name}.qcow2"));
+            let t = Instant::now();
+            disk::create_overlay(&frozen, "qcow2", 0, &ov)
+                .await
+                .unwrap();
+            let overlay_time = t.elapsed();
+            let mut vm = qemu::launch(&fx.spec(name, &ov, Some(snap))).await.unwrap();
+            let running = t.elapsed();
+            let mut agent = Agent(BufReader::new(vm.take_agent_stream().unwrap()));
+            let n = vm
+                .while_alive(
+                    "echo after restore",
+                    Duration::from_secs(60),
+                    agent.echo(name),
+                )
+                .await
+                .unwrap();
+            eprintln!(
+                "TIMING {name}: overlay {overlay_time:?}, running {running:?}, agent answered {:?}",
+                t.elapsed()
+            );
+            (vm, agent, n)
+        }
+    };
+    let (mut single, _a, n) = restore("single").await;
+    assert_eq!(n, 2, "counter continues from the snapshot");
+    assert_eq!(single.status().await.unwrap(), "running");
+    single.kill().await.unwrap();
+
+    let ((c1, mut a1, n1), (c2, mut a2, n2)) = tokio::join!(restore("clone1"), restore("clone2"));
+    assert_eq!((n1, n2), (2, 2));
+    assert_ne!(c1.pid(), c2.pid());
+    assert_eq!(a1.echo("x").await, 3);
+    assert_eq!(a2.echo("y").await, 3);
+    let pids = [c1.pid(), c2.pid()];
+    drop((c1, c2));
+    assert!(pids.iter().all(|p| !alive(*p)));
+}
