@@ -1,0 +1,107 @@
+//! `moat`: the command-line interface. A thin layer over `moat-image` and `moat-vm`: it parses
+//! and validates arguments, wires progress to the terminal and maps results to exit codes.
+
+mod home;
+mod image_cmd;
+mod progress;
+mod run;
+mod setup;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code when moat itself fails (bad input, missing image, broken VM), as docker and
+/// podman do, so that it is never confused with the exit code of the command in the sandbox.
+pub const EXIT_MOAT_ERROR: u8 = 125;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "moat",
+    version,
+    about = "Run untrusted code in hardware-isolated microVMs"
+)]
+struct Cli {
+    /// Where moat keeps images, templates, kernels and running sandboxes.
+    #[arg(long, env = "MOAT_HOME", global = true)]
+    home: Option<std::path::PathBuf>,
+    /// Force the accelerator: kvm or tcg (default: detect).
+    #[arg(long, env = "MOAT_ACCEL", global = true)]
+    accel: Option<String>,
+    /// Log more (repeat for debug logs). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what moat needs under MOAT_HOME: the guest kernel, the initramfs, the base image.
+    Setup(setup::SetupArgs),
+    /// Manage images.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
+    /// Run a command in a fresh sandbox and remove the sandbox afterwards.
+    Run(run::RunArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("moat: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_MOAT_ERROR);
+        }
+    };
+    let result = runtime.block_on(async {
+        let home = home::Home::resolve(cli.home.as_deref())?;
+        match cli.command {
+            Command::Setup(args) => setup::run(&home, cli.accel.as_deref(), args).await,
+            Command::Image(cmd) => image_cmd::run(&home, cmd).await,
+            Command::Run(args) => run::run(&home, cli.accel.as_deref(), args).await,
+        }
+    });
+    // Everything the command owned (sandboxes, temporary files) is gone once block_on returns.
+    drop(runtime);
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("moat: {}", error_chain(&e));
+            ExitCode::from(EXIT_MOAT_ERROR)
+        }
+    }
+}
+
+/// The whole error chain on one line, each cause once.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

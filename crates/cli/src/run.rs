@@ -1,0 +1,331 @@
+//! `moat run`: a command in a fresh sandbox, its output streamed, its exit code returned, and
+//! the sandbox gone afterwards, whatever happens (Ctrl-C and SIGTERM included).
+
+use anyhow::{bail, Result};
+use clap::Args;
+use moat_image::{Image, ImageStore};
+use moat_protocol::{ErrorKind, ExecRequest};
+use moat_vm::agent::ExecEvent;
+use moat_vm::{Sandbox, Tier};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::home::Home;
+use crate::progress::Bars;
+use crate::setup::BASE_IMAGE;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Image name or digest (default: the base image).
+    image: Option<String>,
+    /// Set an environment variable (KEY=VALUE); repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the sandbox (absolute).
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// User to run as: a name or uid from the image, optionally with `:group`.
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Forward this process's stdin to the command.
+    #[arg(short = 'i', long = "interactive")]
+    interactive: bool,
+    /// Kill the command and everything it started after this many seconds (exit code 124).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Resource tier: xs, s, m (default), l, xl.
+    #[arg(long, default_value = "m")]
+    tier: String,
+    /// The command and its arguments (default: the image's entrypoint and command).
+    #[arg(last = true)]
+    cmd: Vec<String>,
+}
+
+/// Validated form of [`RunArgs`].
+#[derive(Debug)]
+struct RunPlan {
+    tier: Tier,
+    env: Vec<(String, String)>,
+    workdir: Option<String>,
+    user: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+impl RunArgs {
+    fn plan(&self) -> Result<RunPlan> {
+        let tier: Tier = self.tier.parse()?;
+        let env = self
+            .env
+            .iter()
+            .map(|e| parse_env(e))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(w) = &self.workdir {
+            if !w.starts_with('/') || w.contains('\0') {
+                bail!("invalid workdir {w:?}: it must be an absolute path inside the sandbox");
+            }
+        }
+        if let Some(u) = &self.user {
+            let valid = !u.is_empty()
+                && u.len() <= 64
+                && u.split(':').count() <= 2
+                && u.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
+            if !valid {
+                bail!("invalid user {u:?}: use a name or uid, optionally followed by :group");
+            }
+        }
+        let timeout_ms = match self.timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 && t <= 7.0 * 86400.0 => {
+                Some((t * 1000.0).ceil() as u64)
+            }
+            Some(t) => {
+                bail!("invalid timeout {t}: give a number of seconds above 0, at most 604800")
+            }
+        };
+        Ok(RunPlan {
+            tier,
+            env,
+            workdir: self.workdir.clone(),
+            user: self.user.clone(),
+            timeout_ms,
+        })
+    }
+}
+
+fn parse_env(e: &str) -> Result<(String, String)> {
+    let Some((k, v)) = e.split_once('=') else {
+        bail!("invalid env {e:?}: expected KEY=VALUE");
+    };
+    let key_ok = !k.is_empty()
+        && !k.starts_with(|c: char| c.is_ascii_digit())
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !key_ok || v.contains('\0') {
+        bail!(
+            "invalid env {e:?}: KEY must be letters, digits and '_' (not starting with a digit) \
+             and VALUE must not contain NUL"
+        );
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// The image's environment with the user's settings on top, and a PATH if neither has one.
+fn merged_env(image: &Image, overrides: &[(String, String)]) -> Vec<String> {
+    let mut env: Vec<(String, String)> = image
+        .config
+        .env
+        .iter()
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    for (k, v) in overrides {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
+    }
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push((
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ));
+    }
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// The argv: the image's entrypoint followed by the given command, or by the image's command
+/// when none is given (as `docker run` does).
+fn argv(image: &Image, cmd: &[String]) -> Result<Vec<String>> {
+    let mut argv = image.config.entrypoint.clone();
+    if cmd.is_empty() {
+        argv.extend(image.config.cmd.iter().cloned());
+    } else {
+        argv.extend(cmd.iter().cloned());
+    }
+    if argv.is_empty() {
+        bail!("no command given and the image defines none: use `moat run IMAGE -- CMD [ARG…]`");
+    }
+    Ok(argv)
+}
+
+pub async fn run(home: &Home, accel: Option<&str>, args: RunArgs) -> Result<u8> {
+    let plan = args.plan()?;
+    // Signal handlers first, so a Ctrl-C at any point below reaches the cleanup path.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let work = run_inner(home, accel, &args, &plan);
+    tokio::select! {
+        r = work => r,
+        _ = sigint.recv() => {
+            eprintln!("moat: interrupted; sandbox removed");
+            Ok(130)
+        }
+        _ = sigterm.recv() => Ok(143),
+    }
+    // Returning drops `work`, and with it the sandbox: QEMU is killed and its directory removed.
+}
+
+async fn run_inner(home: &Home, accel: Option<&str>, args: &RunArgs, plan: &RunPlan) -> Result<u8> {
+    let store = ImageStore::open(&home.images())?;
+    let name = args.image.as_deref().unwrap_or(BASE_IMAGE);
+    let image = match store.resolve(name) {
+        Ok(i) => i,
+        Err(e) if e.is_not_found() && args.image.is_none() => {
+            bail!("the base image is not installed: run `moat setup` first")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let argv = argv(&image, &args.cmd)?;
+    let rt = home.runtime(accel)?;
+
+    let bars = Bars::new();
+    let template_ready = moat_vm::template::exists(&rt, &image.digest, plan.tier);
+    if !template_ready {
+        bars.spinner("first run of this image: booting it once to make a template");
+    }
+    let template = moat_vm::template::ensure(&rt, &image.digest, &image.rootfs, plan.tier).await;
+    bars.finish();
+    let template = template?;
+    let id = format!("run-{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let sandbox = Sandbox::restore(&rt, &id, &template.dir).await?;
+
+    let request = ExecRequest {
+        argv: argv.clone(),
+        env: merged_env(&image, &plan.env),
+        cwd: plan
+            .workdir
+            .clone()
+            .or_else(|| image.config.working_dir.clone()),
+        user: plan.user.clone().or_else(|| image.config.user.clone()),
+        stdin: args.interactive,
+        timeout_ms: plan.timeout_ms,
+    };
+    let code = stream_exec(&sandbox, request).await;
+    sandbox.destroy().await;
+    match code {
+        Ok(c) => Ok(c),
+        Err(moat_vm::Error::Guest {
+            kind: ErrorKind::CommandNotFound,
+            message,
+        }) => {
+            eprintln!("moat: {message}");
+            Ok(127)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs the exec, copying output to our stdout/stderr as it comes and stdin to the process.
+async fn stream_exec(sandbox: &Sandbox, request: ExecRequest) -> Result<u8, moat_vm::Error> {
+    let forward_stdin = request.stdin;
+    let mut exec = sandbox.agent().exec(request).await?;
+    let stdin_task = match exec.take_stdin() {
+        Some(stdin) if forward_stdin => Some(tokio::spawn(async move {
+            let mut input = tokio::io::stdin();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match input.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if stdin.write(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = stdin.close().await;
+        })),
+        _ => None,
+    };
+    let mut out = tokio::io::stdout();
+    let mut err = tokio::io::stderr();
+    let status = loop {
+        match exec.next().await? {
+            ExecEvent::Stdout(d) => {
+                // A closed stdout (say, `| head`) must not stop the command's accounting.
+                let _ = out.write_all(&d).await;
+                let _ = out.flush().await;
+            }
+            ExecEvent::Stderr(d) => {
+                let _ = err.write_all(&d).await;
+                let _ = err.flush().await;
+            }
+            ExecEvent::Exit(status) => break status,
+        }
+    };
+    if let Some(t) = stdin_task {
+        t.abort();
+    }
+    if status.timed_out {
+        eprintln!("moat: command timed out; killed it and everything it started");
+    }
+    Ok(u8::try_from(status.shell_code()).unwrap_or(255))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> RunArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct W {
+            #[command(flatten)]
+            a: RunArgs,
+        }
+        let mut v = vec!["moat"];
+        v.extend_from_slice(extra);
+        W::try_parse_from(v).unwrap().a
+    }
+
+    #[test]
+    fn parses_image_and_command() {
+        let a = args(&["img", "-e", "A=1", "--", "ls", "-l"]);
+        assert_eq!(a.image.as_deref(), Some("img"));
+        assert_eq!(a.cmd, vec!["ls", "-l"]);
+        let a = args(&["--", "true"]);
+        assert_eq!(a.image, None);
+        assert_eq!(a.cmd, vec!["true"]);
+    }
+
+    #[test]
+    fn validates_inputs() {
+        let err = |extra: &[&str]| args(extra).plan().unwrap_err().to_string();
+        assert!(err(&["--tier", "huge", "--", "true"]).contains("invalid tier"));
+        assert!(err(&["-e", "NOVALUE", "--", "true"]).contains("KEY=VALUE"));
+        assert!(err(&["-e", "1A=x", "--", "true"]).contains("KEY must be"));
+        assert!(err(&["-w", "rel/dir", "--", "true"]).contains("absolute"));
+        assert!(err(&["-u", "a b", "--", "true"]).contains("invalid user"));
+        assert!(err(&["--timeout", "0", "--", "true"]).contains("invalid timeout"));
+        assert!(err(&["--timeout", "NaN", "--", "true"]).contains("invalid timeout"));
+        let p = args(&["-e", "A=b=c", "--timeout", "1.5", "--tier", "xs", "--", "x"])
+            .plan()
+            .unwrap();
+        assert_eq!(p.env, vec![("A".into(), "b=c".into())]);
+        assert_eq!(p.timeout_ms, Some(1500));
+        assert_eq!(p.tier, Tier::Xs);
+    }
+
+    #[test]
+    fn env_merge_and_argv() {
+        let image = Image {
+            name: Some("x".into()),
+            digest: "sha256:00".into(),
+            size: 0,
+            created: std::time::SystemTime::now(),
+            config: moat_image::ImageConfig {
+                env: vec!["A=1".into(), "B=2".into()],
+                working_dir: None,
+                user: None,
+                entrypoint: vec!["/entry".into()],
+                cmd: vec!["default".into()],
+            },
+            rootfs: "/nonexistent".into(),
+        };
+        let env = merged_env(&image, &[("B".into(), "3".into())]);
+        assert_eq!(env[..2], ["A=1".to_string(), "B=3".to_string()]);
+        assert!(env.iter().any(|e| e.starts_with("PATH=")));
+        assert_eq!(argv(&image, &[]).unwrap(), vec!["/entry", "default"]);
+        assert_eq!(argv(&image, &["x".into()]).unwrap(), vec!["/entry", "x"]);
+    }
+}

@@ -1,0 +1,79 @@
+//! Shared fixtures of the end-to-end tests: the moat home they share (kernel, base image and
+//! templates are built once per machine by `moat setup`), the runtime, and the `moat` binary.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use moat_image::ImageStore;
+use moat_vm::Runtime;
+
+/// The home the tests share with `scripts/test.sh`, which ran `moat setup` in it.
+pub fn home() -> PathBuf {
+    let home = std::env::var_os("MOAT_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".moat"));
+    assert!(
+        home.join("kernels").is_dir(),
+        "no guest kernel in {}: run scripts/test.sh (or `moat setup`) first",
+        home.display()
+    );
+    home
+}
+
+/// The static agent built by scripts/build.sh.
+pub fn agent() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/x86_64-unknown-linux-gnu/release/moat-agent");
+    assert!(
+        p.is_file(),
+        "no static agent at {}: run scripts/build.sh",
+        p.display()
+    );
+    p
+}
+
+pub fn runtime() -> Runtime {
+    Runtime::new(&home(), &agent(), None).expect("runtime")
+}
+
+pub fn images() -> ImageStore {
+    ImageStore::open(&home().join("images")).expect("image store")
+}
+
+/// The `moat` binary under test, pointed at the shared home.
+pub fn moat() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moat"));
+    c.env("MOAT_HOME", home())
+        .env("MOAT_AGENT", agent())
+        .env_remove("RUST_LOG");
+    c
+}
+
+/// A name no other test (or concurrent run) uses.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// QEMU processes whose command line mentions `needle`.
+pub fn qemu_processes(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.starts_with("qemu-system") && cmd.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
