@@ -31,15 +31,6 @@ pub async fn run(home: &Home, accel: Option<&str>, args: SetupArgs) -> Result<u8
         kernel.vmlinuz.display()
     );
 
-    let rt = home.runtime(accel)?;
-    eprintln!(
-        "initramfs {} (agent {}); accelerator {} ({})",
-        rt.initramfs.path.display(),
-        &rt.initramfs.sha256[..12],
-        rt.accel.accel.as_str(),
-        rt.accel.reason
-    );
-
     let store = ImageStore::open(&home.images())?;
     if args.rebuild_base || store.resolve(BASE_IMAGE).is_err() {
         let dir = tempfile::Builder::new()
@@ -67,5 +58,14 @@ pub async fn run(home: &Home, accel: Option<&str>, args: SetupArgs) -> Result<u8
     } else {
         eprintln!("base image {BASE_IMAGE} present");
     }
+    let rt = home.runtime(accel)?;
+    eprintln!(
+        "initramfs {} (agent {}); accelerator {} ({})",
+        rt.initramfs.path.display(),
+        &rt.initramfs.sha256[..12],
+        rt.accel.accel.as_str(),
+        rt.accel.reason
+    );
+
     Ok(0)
 }

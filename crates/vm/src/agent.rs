@@ -56,9 +56,8 @@ impl AgentConn {
         .encode();
         let mut decoder = Decoder::new();
         let ack = tokio::time::timeout(deadline, async {
-            wr.write_all(&hello)
-                .await
-                .map_err(|e| Error::io("writing to the agent channel", e))?;
+            // A reset or a closed socket both mean the VM went away during the handshake.
+            wr.write_all(&hello).await.map_err(|_| Error::AgentGone)?;
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 if decoder.resync(Kind::HelloAck, &nonce) {
@@ -72,14 +71,9 @@ impl AgentConn {
                         }
                     }
                 }
-                let n = rd
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| Error::io("reading the agent channel", e))?;
+                let n = rd.read(&mut buf).await.map_err(|_| Error::AgentGone)?;
                 if n == 0 {
-                    return Err(Error::Agent(
-                        "the VM closed the agent channel before the agent answered".into(),
-                    ));
+                    return Err(Error::AgentGone);
                 }
                 decoder.push(&buf[..n]);
             }

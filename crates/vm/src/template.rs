@@ -105,6 +105,17 @@ fn remove_stale(root: &Path, key: &str) {
     }
 }
 
+/// Removes the template of `image_digest` at `tier` on this runtime, so the next run is cold.
+pub fn remove_for_tier(rt: &Runtime, image_digest: &str, tier: Tier) -> Result<()> {
+    let dir = templates_root(&rt.home).join(key(rt, image_digest, tier));
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(crate::Error::io(format!("removing {}", dir.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Removes every template built from `image_digest` (when the image is removed).
 pub fn remove_for_image(home: &Path, image_digest: &str) -> Result<usize> {
     let root = templates_root(home);

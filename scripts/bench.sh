@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Prints the benchmark's JSON figures for this machine (release build, real VMs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+scripts/build.sh release
+cargo build --release -p moat-bench
+export MOAT_HOME=${MOAT_HOME:-$HOME/.moat}
+export MOAT_AGENT=$PWD/target/x86_64-unknown-linux-gnu/release/moat-agent
+export MOAT_BIN=$PWD/target/release/moat
+target/release/moat setup >&2
+exec target/release/moat-bench
