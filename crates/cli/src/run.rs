@@ -31,7 +31,7 @@ pub struct RunArgs {
     #[arg(short = 'i', long = "interactive")]
     interactive: bool,
     /// Kill the command and everything it started after this many seconds (exit code 124).
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     timeout: Option<f64>,
     /// Resource tier: xs, s, m (default), l, xl.
     #[arg(long, default_value = "m")]

@@ -1,0 +1,204 @@
+//! End-to-end image tests through the `moat` binary: a real registry on loopback, an OCI layout
+//! and a `docker save` archive, each imported and then run in a real VM, where the layers'
+//! whiteouts and the image config must show.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{moat, unique};
+use moat_image::{Compression, ImageConfig, Reference};
+use moat_testkit::{
+    busybox_layer, write_docker_archive, write_oci_layout, ArchiveForm, LayerBuilder, Registry,
+};
+
+fn layers() -> Vec<Vec<u8>> {
+    let base = busybox_layer();
+    let l2 = LayerBuilder::new()
+        .dir("data/", 0o755)
+        .file("data/keep", b"kept", 0o644)
+        .file("data/gone", b"x", 0o644)
+        .dir("data/dir/", 0o755)
+        .file("data/dir/old", b"old", 0o644)
+        .finish();
+    let l3 = LayerBuilder::new()
+        .whiteout("data/gone")
+        .opaque("data/dir/")
+        .file("data/dir/new", b"new", 0o644)
+        .finish();
+    vec![base, l2, l3]
+}
+
+fn config() -> ImageConfig {
+    ImageConfig {
+        env: vec!["PATH=/bin".into(), "FROM_IMAGE=yes".into()],
+        working_dir: Some("/data".into()),
+        user: Some("app".into()),
+        entrypoint: vec![],
+        cmd: vec!["/bin/sh".into()],
+    }
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Imports `source` under a fresh name, checks the printed digest, and runs the checks in a VM.
+fn import_and_check(source: &str, extra: &[&str], digest: &str) -> String {
+    let name = unique("img");
+    let o = moat()
+        .args(["image", "import", source, "--name", &name])
+        .args(extra)
+        .env("DOCKER_CONFIG", empty_docker_config())
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "import {source}: {err}");
+    assert_eq!(out.trim(), digest);
+
+    let o = moat()
+        .args([
+            "run",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "ls /data; ls /data/dir; echo $FROM_IMAGE; pwd; id -un",
+        ])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(out, "dir\nkeep\nnew\nyes\n/data\napp\n", "{err}");
+    name
+}
+
+fn empty_docker_config() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("moat-e2e-docker-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), "{}").unwrap();
+    dir
+}
+
+fn rm(name: &str) {
+    let o = moat().args(["image", "rm", name]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_oci_layout_and_docker_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let digest = write_oci_layout(&layout, &layers(), Compression::Gzip, &config(), Some("v1"));
+
+    // A real registry on loopback, fed by our own push.
+    let reg = Registry::start(None);
+    let reference = format!("{}/e2e/whiteouts:v1", reg.addr());
+    let pushed = moat_image::push_layout(
+        &layout,
+        &Reference::parse(&reference).unwrap(),
+        &moat_image::ImportOptions {
+            plain_http: true,
+            docker_config: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(pushed, digest);
+    let from_registry = import_and_check(&reference, &["--plain-http"], &digest);
+    // Without --plain-http the registry is spoken to over HTTPS, which it does not serve.
+    let o = moat()
+        .args(["image", "import", &reference, "--name", &unique("tls")])
+        .env("DOCKER_CONFIG", empty_docker_config())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125));
+
+    let from_layout = import_and_check(&format!("oci:{}", layout.display()), &[], &digest);
+
+    let archive = dir.path().join("image.tar");
+    write_docker_archive(
+        &archive,
+        &layers(),
+        &config(),
+        "e2e/whiteouts:v1",
+        ArchiveForm::Blobs,
+    );
+    let archive_name = import_and_check(
+        &format!("docker-archive:{}", archive.display()),
+        &[],
+        &archive_digest(&archive),
+    );
+
+    // ls shows them; rm removes them; a removed image cannot run.
+    let o = moat().args(["image", "ls", "--json"]).output().unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    for n in [&from_registry, &from_layout, &archive_name] {
+        assert!(names.contains(&n.as_str()), "{n} not in {names:?}");
+        rm(n);
+    }
+    let o = moat()
+        .args(["run", &from_layout, "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125));
+    assert!(text(&o).1.contains(&from_layout));
+}
+
+/// The digest moat computes for an archive: import it once into a scratch store.
+fn archive_digest(archive: &Path) -> String {
+    let home = tempfile::tempdir().unwrap();
+    let o = moat()
+        .env("MOAT_HOME", home.path())
+        .args([
+            "image",
+            "import",
+            &format!("docker-archive:{}", archive.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    text(&o).0.trim().to_string()
+}
+
+#[test]
+fn tampered_layout_is_refused_and_nothing_is_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    write_oci_layout(&layout, &layers(), Compression::Gzip, &config(), Some("v1"));
+    // Flip one byte in the largest blob (the busybox layer).
+    let blobs = layout.join("blobs/sha256");
+    let biggest = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&biggest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&biggest, bytes).unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let o = moat()
+        .env("MOAT_HOME", home.path())
+        .args(["image", "import", &format!("oci:{}", layout.display())])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125));
+    assert!(text(&o).1.contains("digest"), "{}", text(&o).1);
+    let o = moat()
+        .env("MOAT_HOME", home.path())
+        .args(["image", "ls", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+}
