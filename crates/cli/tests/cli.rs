@@ -190,3 +190,71 @@ fn help_names_every_verb() {
         assert!(help.contains(verb), "{help}");
     }
 }
+
+#[test]
+fn missing_qemu_says_how_to_install_it() {
+    let o = moat()
+        .env("PATH", "/nonexistent")
+        .args(["run", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        stderr(&o).contains("apt-get install qemu-system-x86"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// A MOAT_HOME on a full filesystem: the import fails with "no space", and leaves nothing.
+#[test]
+fn a_full_disk_is_a_clear_error() {
+    use moat_image::Compression;
+    let small = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(small.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a small tmpfs needs root");
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.path());
+
+    let src = tempfile::tempdir().unwrap();
+    let mut noise = vec![0u8; 8 << 20];
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let layer = moat_testkit::LayerBuilder::new()
+        .file("big.bin", &noise, 0o644)
+        .finish();
+    moat_testkit::write_oci_layout(
+        src.path(),
+        &[layer],
+        Compression::Gzip,
+        &moat_testkit::test_config(),
+        None,
+    );
+    let o = moat()
+        .env("MOAT_HOME", small.path())
+        .args(["image", "import", &format!("oci:{}", src.path().display())])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("no space"), "{}", stderr(&o));
+    let o = moat()
+        .env("MOAT_HOME", small.path())
+        .args(["image", "ls", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&o).trim(), "[]");
+}

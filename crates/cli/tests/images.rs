@@ -202,3 +202,128 @@ fn tampered_layout_is_refused_and_nothing_is_cached() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
 }
+
+/// An image no earlier run has seen, so its template does not exist yet.
+fn fresh_image() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let marker = unique("marker");
+    let mut l = layers();
+    l.push(
+        LayerBuilder::new()
+            .file("marker", marker.as_bytes(), 0o644)
+            .finish(),
+    );
+    write_oci_layout(&layout, &l, Compression::Gzip, &config(), Some("v1"));
+    let name = unique("fresh");
+    let o = moat()
+        .args([
+            "image",
+            "import",
+            &format!("oci:{}", layout.display()),
+            "--name",
+            &name,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    (dir, name)
+}
+
+fn templates_of(digest_name: &str) -> usize {
+    let o = moat().args(["image", "ls", "--json"]).output().unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let digest = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == digest_name)
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::read_dir(common::home().join("templates"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("meta.json")).is_ok_and(|m| m.contains(&digest))
+        })
+        .count()
+}
+
+#[test]
+fn concurrent_first_runs_build_one_template() {
+    let (_dir, name) = fresh_image();
+    let runs: Vec<_> = (0..3)
+        .map(|i| {
+            moat()
+                .args([
+                    "run",
+                    &name,
+                    "--",
+                    "sh",
+                    "-c",
+                    &format!("cat /marker >/dev/null && echo {i}"),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, child) in runs.into_iter().enumerate() {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success());
+        assert_eq!(text(&o).0, format!("{i}\n"));
+    }
+    assert_eq!(templates_of(&name), 1);
+    rm(&name);
+}
+
+#[test]
+fn a_crash_during_the_template_build_leaves_nothing_half_built() {
+    let (_dir, name) = fresh_image();
+    let mut child = moat()
+        .args(["run", &name, "--", "true"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The build's VM has a run directory while it boots: crash moat then.
+    let run = common::home().join("run");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let building = loop {
+        let found = std::fs::read_dir(&run).unwrap().flatten().find(|e| {
+            e.file_name().to_string_lossy().starts_with("template-")
+                && e.path().join("console.log").exists()
+        });
+        if let Some(e) = found {
+            break e.path();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "template build never started"
+        );
+        std::thread::yield_now();
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(templates_of(&name), 0);
+    // QEMU died with moat (its parent-death signal)...
+    let disk = building.join("disk.qcow2").display().to_string();
+    let gone = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !common::qemu_processes(&disk).is_empty() {
+        assert!(std::time::Instant::now() < gone, "QEMU outlived its moat");
+        std::thread::yield_now();
+    }
+    // ...and the next run cleans up after the crash and builds a good template.
+    let o = moat()
+        .args(["run", &name, "--", "cat", "/marker"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(templates_of(&name), 1);
+    assert!(
+        !building.exists(),
+        "run directory of the crashed build is still there"
+    );
+    rm(&name);
+}

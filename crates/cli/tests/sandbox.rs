@@ -317,6 +317,21 @@ async fn files() {
     assert_eq!(text(&sh(&sb, "echo inside > /escape.txt").await.stderr), "");
     let st = agent.stat("/../../../escape.txt").await.unwrap();
     assert_eq!(st.size, 7);
+    // A full filesystem in the guest is its own error.
+    sh(
+        &sb,
+        "mkdir -p /mnt/small && mount -t tmpfs -o size=1m tmpfs /mnt/small",
+    )
+    .await;
+    assert_eq!(
+        kind(
+            agent
+                .write_file("/mnt/small/f", None, false, &vec![1u8; 4 << 20][..])
+                .await
+                .map(|_| ())
+        ),
+        ErrorKind::NoSpace
+    );
     agent.remove("/data/a", true).await.unwrap();
     assert_eq!(
         kind(agent.stat("/data/a").await.map(|_| ())),
