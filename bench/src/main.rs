@@ -99,6 +99,15 @@ async fn main() -> Result<()> {
         sb.destroy().await;
     }
 
+    // `moat run -- true`: cold (the first run of the image builds its template) and warm.
+    template::remove_for_tier(&rt, &image.digest, tier)?;
+    let run_cold = time_moat_run(&moat, tier)?;
+    let mut warm = Vec::new();
+    for _ in 0..rounds {
+        warm.push(time_moat_run(&moat, tier)?);
+    }
+    let run_warm = median(warm);
+
     // Template restore to agent ready (includes the clock/entropy refresh).
     let tpl = template::ensure(&rt, &image.digest, &image.rootfs, tier).await?;
     let mut restores = Vec::new();
@@ -109,18 +118,23 @@ async fn main() -> Result<()> {
         sb.destroy().await;
     }
 
-    // `moat run -- true`: cold (no template yet for this tier) and warm.
-    let cold_tier = Tier::Xs;
-    template::remove_for_tier(&rt, &image.digest, cold_tier)?;
-    let run_cold = time_moat_run(&moat, cold_tier)?;
-    let mut warm = Vec::new();
-    for _ in 0..rounds {
-        warm.push(time_moat_run(&moat, cold_tier)?);
-    }
-    let run_warm = median(warm);
-
     // In one running sandbox: exec round trip, the guest's own process start, files, snapshot.
     let mut sb = Sandbox::restore(&rt, &id("run"), &tpl.dir).await?;
+    // Let the restored guest settle before measuring its idle cost.
+    sb.agent().exec_output(req(&["true"]), 1024).await?;
+    // Idle cost, then a snapshot of the idle sandbox.
+    let pid = sb.qemu_pid();
+    let (_, t0) = proc_usage(pid)?;
+    let window = Duration::from_secs(10);
+    tokio::time::sleep(window).await;
+    let (rss_kb, t1) = proc_usage(pid)?;
+    // SAFETY: sysconf only reads its integer argument.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let idle_cpu_pct = (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0;
+    let snap_parent = tempfile_dir(&home)?;
+    let meta = sb.snapshot(&rt, &snap_parent.join("snap")).await?;
+    let _ = std::fs::remove_dir_all(&snap_parent);
+
     let agent_conn = sb.agent();
     agent_conn.exec_output(req(&["true"]), 1024).await?;
     let mut rtts = Vec::new();
@@ -161,20 +175,7 @@ async fn main() -> Result<()> {
     }
     let read_mbs = n as f64 / 1e6 / t.elapsed().as_secs_f64();
     agent_conn.remove("/root/bench.bin", false).await?;
-
-    // Idle cost, then a snapshot of the idle sandbox.
-    let pid = sb.qemu_pid();
-    let (_, t0) = proc_usage(pid)?;
-    let window = Duration::from_secs(10);
-    tokio::time::sleep(window).await;
-    let (rss_kb, t1) = proc_usage(pid)?;
-    // SAFETY: sysconf only reads its integer argument.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let idle_cpu_pct = (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0;
-    let snap_parent = tempfile_dir(&home)?;
-    let meta = sb.snapshot(&rt, &snap_parent.join("snap")).await?;
     sb.destroy().await;
-    let _ = std::fs::remove_dir_all(&snap_parent);
 
     let report = json!({
         "machine": {

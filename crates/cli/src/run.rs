@@ -201,7 +201,9 @@ async fn run_inner(home: &Home, accel: Option<&str>, args: &RunArgs, plan: &RunP
         timeout_ms: plan.timeout_ms,
     };
     let code = stream_exec(&sandbox, request).await;
+    tracing::debug!("command finished");
     sandbox.destroy().await;
+    tracing::debug!("sandbox destroyed");
     match code {
         Ok(c) => Ok(c),
         Err(moat_vm::Error::Guest {

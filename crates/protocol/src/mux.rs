@@ -23,7 +23,7 @@ use crate::messages::Message;
 use crate::Error;
 
 /// Bytes a sender may have in flight on one stream before the receiver returns credit.
-pub const INITIAL_WINDOW: u32 = 512 * 1024;
+pub const INITIAL_WINDOW: u32 = 2 * 1024 * 1024;
 /// The least a flow-controlled frame costs, so that tiny frames cannot flood a queue.
 pub const MIN_FRAME_COST: u32 = 64;
 /// Credit is returned in batches of at least this much.
