@@ -8,5 +8,5 @@ flag=(); [ "$profile" = release ] && flag=(--release)
 cargo build "${flag[@]}" -p moat-cli
 # The agent runs as PID 1 of a guest that has no C library: link it statically. Naming the
 # target keeps these flags off the host binaries, which stay in target/$profile.
-RUSTFLAGS="-C target-feature=+crt-static" \
+RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
   cargo build --release -p moat-agent --target x86_64-unknown-linux-gnu

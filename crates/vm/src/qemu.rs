@@ -146,7 +146,7 @@ pub fn host_tsc_khz() -> Option<u64> {
 
 /// The kernel command line.
 pub fn kernel_cmdline() -> String {
-    let mut s = String::from("console=ttyS0 quiet panic=-1");
+    let mut s = String::from("console=ttyS0 quiet panic=-1 init_on_free=1");
     match host_tsc_khz() {
         Some(khz) => s.push_str(&format!(" tsc_early_khz={khz}")),
         None => tracing::warn!("no \"cpu MHz\" in /proc/cpuinfo: booting without tsc_early_khz"),

@@ -38,6 +38,7 @@ pub fn key(rt: &Runtime, image_digest: &str, tier: Tier) -> String {
         "initramfs": rt.initramfs.sha256,
         "accel": rt.accel.accel.as_str(),
         "qemu": rt.qemu_version,
+        "cmdline": crate::qemu::kernel_cmdline(),
     });
     hex::encode(Sha256::digest(material.to_string().as_bytes()))
 }
