@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+# The peer we compare with: gVisor's runsc, from Debian.
+command -v runsc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq runsc >/dev/null
 scripts/build.sh release
 cargo build --release -p moat-bench
 export MOAT_HOME=${MOAT_HOME:-$HOME/.moat}

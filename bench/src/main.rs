@@ -60,6 +60,30 @@ fn time_moat_run(moat: &Path, tier: Tier) -> Result<f64> {
     Ok(ms(started.elapsed()))
 }
 
+/// `runsc do true` (gVisor, ptrace platform), the peer a user could pick instead of moat on a
+/// machine like this; `None` when runsc is not installed.
+fn time_gvisor(rounds: usize) -> Result<Option<f64>> {
+    if Command::new("runsc").arg("--version").output().is_err() {
+        eprintln!("runsc not installed: skipping the gVisor comparison (apt-get install runsc)");
+        return Ok(None);
+    }
+    let root = std::env::temp_dir().join(format!("moat-bench-runsc-{}", std::process::id()));
+    let mut times = Vec::new();
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let status = Command::new("runsc")
+            .arg(format!("--root={}", root.display()))
+            .args(["--network=none", "--platform=ptrace", "do", "true"])
+            .status()?;
+        if !status.success() {
+            bail!("runsc do true failed: {status}");
+        }
+        times.push(ms(started.elapsed()));
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(Some(median(times)))
+}
+
 /// RSS (kB) and CPU ticks (user+system) of a process.
 fn proc_usage(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -179,6 +203,8 @@ async fn main() -> Result<()> {
     agent_conn.remove("/root/bench.bin", false).await?;
     sb.destroy().await;
 
+    let gvisor = time_gvisor(rounds)?;
+
     let report = json!({
         "machine": {
             "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -194,6 +220,7 @@ async fn main() -> Result<()> {
         "moat_run_true_cold_ms": run_cold,
         "moat_run_true_warm_ms": run_warm,
         "moat_run_cold_over_warm": (run_cold / run_warm * 10.0).round() / 10.0,
+        "gvisor_runsc_do_true_ms": gvisor,
         "exec_round_trip_ms": median(rtts),
         "guest_process_start_ms": (guest_spawn * 100.0).round() / 100.0,
         "file_write_mb_s": write_mbs.round(),

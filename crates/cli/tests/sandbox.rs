@@ -443,3 +443,16 @@ async fn a_guest_that_cannot_boot_reports_its_console() {
         "console tail should show the agent's complaint: {msg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_clean_and_prompt() {
+    let rt = runtime();
+    let sb = sandbox(&rt).await;
+    sh(&sb, "sleep 300 > /dev/null 2>&1 &").await;
+    let started = std::time::Instant::now();
+    assert!(
+        sb.shutdown(Duration::from_secs(20)).await,
+        "guest did not power off"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+}

@@ -11,9 +11,7 @@ use sha2::{Digest as _, Sha256};
 use crate::digest::{self, HashingReader};
 use crate::error::{ioe, Error, Result};
 use crate::fsutil::{mkdirs, write_atomic};
-use crate::spec::{
-    self, Compression, ConfigFile, Descriptor, Index, Manifest, RootFs, RuntimeConfig,
-};
+use crate::spec::{self, Compression, ConfigFile, Descriptor, Index, Manifest};
 use crate::ImageConfig;
 
 /// Writes an OCI image layout directory (`oci-layout`, `index.json`, `blobs/sha256/…`).
@@ -168,23 +166,7 @@ impl LayoutWriter {
         os: &str,
         arch: &str,
     ) -> Result<Descriptor> {
-        let none_if_empty = |v: &Vec<String>| if v.is_empty() { None } else { Some(v.clone()) };
-        let cfg = ConfigFile {
-            architecture: arch.into(),
-            os: os.into(),
-            created: None,
-            config: Some(RuntimeConfig {
-                env: none_if_empty(&config.env),
-                entrypoint: none_if_empty(&config.entrypoint),
-                cmd: none_if_empty(&config.cmd),
-                working_dir: config.working_dir.clone(),
-                user: config.user.clone(),
-            }),
-            rootfs: RootFs {
-                kind: "layers".into(),
-                diff_ids: self.diff_ids.clone(),
-            },
-        };
+        let cfg = ConfigFile::new(config, self.diff_ids.clone(), os, arch);
         let cfg_bytes = serde_json::to_vec(&cfg).map_err(|e| Error::InvalidImage(e.to_string()))?;
         let (cd, cs) = self.add_blob(&cfg_bytes)?;
         let manifest = Manifest {

@@ -163,6 +163,29 @@ pub struct ConfigFile {
     pub rootfs: RootFs,
 }
 
+impl ConfigFile {
+    /// The config of an image for `os`/`arch` with `config` and these uncompressed layer digests.
+    pub fn new(config: &crate::ImageConfig, diff_ids: Vec<String>, os: &str, arch: &str) -> Self {
+        let none_if_empty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+        ConfigFile {
+            architecture: arch.into(),
+            os: os.into(),
+            created: None,
+            config: Some(RuntimeConfig {
+                env: none_if_empty(&config.env),
+                entrypoint: none_if_empty(&config.entrypoint),
+                cmd: none_if_empty(&config.cmd),
+                working_dir: config.working_dir.clone(),
+                user: config.user.clone(),
+            }),
+            rootfs: RootFs {
+                kind: "layers".into(),
+                diff_ids,
+            },
+        }
+    }
+}
+
 /// Reads the media type of a manifest-ish document: the HTTP/descriptor type if given,
 /// otherwise the `mediaType` field, otherwise guessed from its shape.
 pub fn manifest_media_type(declared: Option<&str>, body: &[u8]) -> Result<String> {

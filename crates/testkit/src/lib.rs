@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat_image::spec::{ConfigFile, RootFs, RuntimeConfig};
+use moat_image::spec::ConfigFile;
 use moat_image::{Compression, ImageConfig};
 use sha2::{Digest, Sha256};
 
@@ -320,26 +320,11 @@ pub fn write_docker_archive(
     repo_tag: &str,
     form: ArchiveForm,
 ) {
-    let none_if_empty = |v: &Vec<String>| if v.is_empty() { None } else { Some(v.clone()) };
-    let cfg = ConfigFile {
-        architecture: "amd64".into(),
-        os: "linux".into(),
-        created: None,
-        config: Some(RuntimeConfig {
-            env: none_if_empty(&config.env),
-            entrypoint: none_if_empty(&config.entrypoint),
-            cmd: none_if_empty(&config.cmd),
-            working_dir: config.working_dir.clone(),
-            user: config.user.clone(),
-        }),
-        rootfs: RootFs {
-            kind: "layers".into(),
-            diff_ids: layers
-                .iter()
-                .map(|l| format!("sha256:{}", sha(l)))
-                .collect(),
-        },
-    };
+    let diff_ids = layers
+        .iter()
+        .map(|l| format!("sha256:{}", sha(l)))
+        .collect();
+    let cfg = ConfigFile::new(config, diff_ids, "linux", "amd64");
     let cfg_bytes = serde_json::to_vec(&cfg).expect("config json");
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let cfg_name = match form {

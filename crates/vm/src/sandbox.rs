@@ -283,6 +283,24 @@ impl Sandbox {
         Ok(meta)
     }
 
+    /// Asks the guest to end its processes, sync its disk and power off, and waits for QEMU to
+    /// exit; a guest that does not within `deadline` is killed. Returns whether it was clean.
+    pub async fn shutdown(mut self, deadline: Duration) -> bool {
+        let asked = self.agent.shutdown().await;
+        let exited = asked.is_ok()
+            && matches!(
+                tokio::time::timeout(deadline, self.vm.wait_exit()).await,
+                Ok(Ok(status)) if status.success()
+            );
+        // With -no-reboot a guest panic also ends QEMU with status 0: tell them apart.
+        let clean = exited && !self.vm.console_tail(16 * 1024).contains("Kernel panic");
+        if !clean {
+            tracing::warn!(id = self.id, "the guest did not power off; killing it");
+        }
+        self.destroy().await;
+        clean
+    }
+
     /// Stops the VM and removes everything the sandbox wrote.
     pub async fn destroy(mut self) {
         if let Err(e) = self.vm.kill().await {

@@ -73,7 +73,12 @@ fn base_disk() -> PathBuf {
     let p = home().join("test-base.raw");
     if !p.exists() {
         std::fs::create_dir_all(home()).unwrap();
-        let tmp = home().join(format!("test-base.raw.{}", std::process::id()));
+        // Unique per caller: tests run in parallel threads of one process.
+        let tmp = home().join(format!(
+            "test-base.raw.{}.{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         std::fs::write(&tmp, vec![0u8; 1 << 20]).unwrap();
         std::fs::rename(tmp, &p).unwrap();
     }
