@@ -3,7 +3,6 @@
 use moat_image::{ImageStore, ImportOptions, NoProgress, Source};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "takes ~140 s in a debug build (mmdebstrap + gzip + unpack); run with --ignored"]
 async fn builds_and_imports_the_base_image() {
     let out = tempfile::tempdir().unwrap();
     let layout = out.path().join("base");
