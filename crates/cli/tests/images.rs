@@ -293,7 +293,8 @@ fn a_crash_during_the_template_build_leaves_nothing_half_built() {
     let building = loop {
         let found = std::fs::read_dir(&run).unwrap().flatten().find(|e| {
             e.file_name().to_string_lossy().starts_with("template-")
-                && e.path().join("console.log").exists()
+                && !common::qemu_processes(&e.path().join("disk.qcow2").display().to_string())
+                    .is_empty()
         });
         if let Some(e) = found {
             break e.path();

@@ -10,13 +10,14 @@
 //! process. All QEMU processes are therefore forked from one dedicated, never-exiting thread
 //! ("moat-qemu-spawner"), never from tokio's blocking pool whose threads come and go.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream as StdUnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -53,7 +54,7 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// The VM's qcow2 overlay (see [`crate::disk::create_overlay`]).
     pub disk: PathBuf,
-    /// Per-VM directory: `console.log`, `qemu.log` (QEMU's stderr), `qmp.sock`, `agent.sock`.
+    /// Per-VM directory: `qemu.log` (QEMU's stderr), `qmp.sock`, `agent.sock`.
     pub run_dir: PathBuf,
     /// A memory snapshot written by [`Vm::save_memory`] to restore instead of booting.
     pub incoming: Option<PathBuf>,
@@ -74,9 +75,47 @@ pub struct Vm {
 struct Proc {
     child: Child,
     pid: u32,
-    console: PathBuf,
+    console: ConsoleTail,
     stderr_log: PathBuf,
     exited: Option<ExitStatus>,
+}
+
+/// The end of what the guest printed on its serial console, kept in memory. The console is a
+/// socket the host drains, not a file: a hostile guest printing without end must not fill the
+/// host's disk, and only the tail is ever shown (in boot and crash errors).
+#[derive(Debug, Clone, Default)]
+struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
+
+/// Bytes of console kept per VM.
+const CONSOLE_KEEP: usize = 64 * 1024;
+
+impl ConsoleTail {
+    /// Drains `socket` into the tail until QEMU closes it.
+    fn drain(&self, socket: UnixStream) {
+        let tail = self.0.clone();
+        tokio::spawn(async move {
+            let mut socket = socket;
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                        t.extend(&buf[..n]);
+                        let excess = t.len().saturating_sub(CONSOLE_KEEP);
+                        t.drain(..excess);
+                    }
+                }
+            }
+        });
+    }
+
+    fn tail(&self, max_bytes: usize) -> String {
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let skip = t.len().saturating_sub(max_bytes);
+        let bytes: Vec<u8> = t.iter().skip(skip).copied().collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
 }
 
 /// `qemu-system-x86_64 --version`'s first line, e.g. `QEMU emulator version 7.2.22 (...)`.
@@ -161,15 +200,21 @@ fn esc(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 
-/// The full QEMU argument list (without the binary). `qmp_fd`, `agent_fd` and
-/// `incoming_fd` are descriptor numbers QEMU inherits.
-pub fn qemu_args(
-    spec: &VmSpec,
-    qmp_fd: RawFd,
-    agent_fd: RawFd,
-    incoming_fd: Option<RawFd>,
-) -> Vec<String> {
-    let console = spec.run_dir.join("console.log");
+/// Descriptor numbers QEMU inherits.
+#[derive(Debug, Clone, Copy)]
+pub struct QemuFds {
+    /// Listening socket for QMP.
+    pub qmp: RawFd,
+    /// Listening socket for the agent's virtio-serial port.
+    pub agent: RawFd,
+    /// Connected socket that carries the serial console to the host.
+    pub console: RawFd,
+    /// A memory snapshot to restore.
+    pub incoming: Option<RawFd>,
+}
+
+/// The full QEMU argument list (without the binary).
+pub fn qemu_args(spec: &VmSpec, fds: &QemuFds) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "-M".into(),
         "microvm,x-option-roms=off,isa-serial=on,rtc=on".into(),
@@ -194,11 +239,11 @@ pub fn qemu_args(
         "-append".into(),
         kernel_cmdline(),
         "-chardev".into(),
-        format!("file,id=console,path={}", esc(&console)),
+        format!("socket,id=console,fd={}", fds.console),
         "-serial".into(),
         "chardev:console".into(),
         "-chardev".into(),
-        format!("socket,id=qmp,fd={qmp_fd},server=on,wait=off"),
+        format!("socket,id=qmp,fd={},server=on,wait=off", fds.qmp),
         "-mon".into(),
         "chardev=qmp,mode=control".into(),
         // writeback (not unsafe): guest flushes reach the host file, so the overlay is
@@ -213,11 +258,11 @@ pub fn qemu_args(
         "-device".into(),
         "virtio-serial-device".into(),
         "-chardev".into(),
-        format!("socket,id=agent,fd={agent_fd},server=on,wait=off"),
+        format!("socket,id=agent,fd={},server=on,wait=off", fds.agent),
         "-device".into(),
         "virtserialport,chardev=agent,name=agent".into(),
     ]);
-    if let Some(fd) = incoming_fd {
+    if let Some(fd) = fds.incoming {
         a.push("-incoming".into());
         a.push(format!("fd:{fd}"));
     }
@@ -293,8 +338,9 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
         .ctx(|| format!("creating run directory {}", spec.run_dir.display()))?;
     let qmp_sock = spec.run_dir.join("qmp.sock");
     let agent_sock = spec.run_dir.join("agent.sock");
-    let console = spec.run_dir.join("console.log");
     let stderr_log = spec.run_dir.join("qemu.log");
+    let (console_host, console_qemu) =
+        StdUnixStream::pair().ctx(|| "creating the console socket pair".to_string())?;
     let qmp_listener = bind(&qmp_sock)?;
     let agent_listener = bind(&agent_sock)?;
     let incoming = spec
@@ -303,16 +349,17 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
         .map(|p| std::fs::File::open(p).ctx(|| format!("opening snapshot {}", p.display())))
         .transpose()?;
 
-    let keep: Vec<RawFd> = [qmp_listener.as_raw_fd(), agent_listener.as_raw_fd()]
+    let fds = QemuFds {
+        qmp: qmp_listener.as_raw_fd(),
+        agent: agent_listener.as_raw_fd(),
+        console: console_qemu.as_raw_fd(),
+        incoming: incoming.as_ref().map(|f| f.as_raw_fd()),
+    };
+    let keep: Vec<RawFd> = [fds.qmp, fds.agent, fds.console]
         .into_iter()
-        .chain(incoming.as_ref().map(|f| f.as_raw_fd()))
+        .chain(fds.incoming)
         .collect();
-    let args = qemu_args(
-        spec,
-        keep[0],
-        keep[1],
-        incoming.as_ref().map(|f| f.as_raw_fd()),
-    );
+    let args = qemu_args(spec, &fds);
     tracing::debug!(?args, "starting QEMU");
     let stderr =
         std::fs::File::create(&stderr_log).ctx(|| format!("creating {}", stderr_log.display()))?;
@@ -363,7 +410,14 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
         }
     })?;
     // QEMU holds its own copies now.
-    drop((qmp_listener, agent_listener, incoming));
+    drop((qmp_listener, agent_listener, console_qemu, incoming));
+    let console = ConsoleTail::default();
+    console_host
+        .set_nonblocking(true)
+        .ctx(|| "configuring the console socket".to_string())?;
+    console.drain(
+        UnixStream::from_std(console_host).ctx(|| "registering the console socket".to_string())?,
+    );
     let pid = child.id().unwrap_or_default();
     let qmp_stream = connect(&qmp_sock)?;
     let agent = connect(&agent_sock)?;
@@ -673,7 +727,7 @@ impl Proc {
     }
 
     fn console_tail(&self, max_bytes: usize) -> String {
-        file_tail(&self.console, max_bytes)
+        self.console.tail(max_bytes)
     }
 
     fn stderr_tail(&self, max_bytes: usize) -> String {

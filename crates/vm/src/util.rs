@@ -61,11 +61,20 @@ pub(crate) fn run(cmd: &mut Command, tool: &'static str, package: &'static str) 
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The last `max_bytes` of a file, lossily decoded; empty if it cannot be read.
+/// The last `max_bytes` of a file, lossily decoded; empty if it cannot be read. Reads only
+/// the tail, however large the file has grown.
 pub(crate) fn file_tail(path: &Path, max_bytes: usize) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
         return String::new();
     };
-    let start = bytes.len().saturating_sub(max_bytes);
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
+    let len = f.metadata().map_or(0, |m| m.len());
+    let start = len.saturating_sub(max_bytes as u64);
+    let mut bytes = Vec::with_capacity(max_bytes.min(len as usize));
+    if f.seek(SeekFrom::Start(start)).is_err()
+        || f.take(max_bytes as u64).read_to_end(&mut bytes).is_err()
+    {
+        return String::new();
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
