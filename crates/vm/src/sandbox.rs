@@ -54,22 +54,29 @@ impl Runtime {
 
     /// Removes run directories whose owner is gone: a process that owns one holds an exclusive
     /// lock on its `lock` file for as long as it lives, even through `kill -9` (the kernel drops
-    /// the lock with the process).
+    /// the lock with the process). Directories are created complete, lock held, under a
+    /// `.tmp-` name and renamed into place, so a directory without a held lock is garbage; a
+    /// `.tmp-` one only once it is old enough that its creator must be gone.
     fn collect_garbage(&self) {
         let Ok(entries) = std::fs::read_dir(self.run_root()) else {
             return;
         };
         for entry in entries.flatten() {
             let dir = entry.path();
-            match snapshot::try_lock(&dir.join("lock")) {
-                Ok(Some(_lock)) => {
-                    tracing::info!(dir = %dir.display(), "removing run directory of a dead sandbox");
-                    let _ = std::fs::remove_dir_all(&dir);
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                let young = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < Duration::from_secs(60)));
+                if young {
+                    continue;
                 }
-                Ok(None) => {}
-                Err(_) => {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
+            }
+            let lock = dir.join("lock");
+            let dead = !lock.exists() || matches!(snapshot::try_lock(&lock), Ok(Some(_)));
+            if dead {
+                tracing::info!(dir = %dir.display(), "removing run directory of a dead sandbox");
+                let _ = std::fs::remove_dir_all(&dir);
             }
         }
     }
@@ -85,10 +92,35 @@ struct RunDir {
 impl RunDir {
     fn create(rt: &Runtime, id: &str) -> Result<RunDir> {
         let path = rt.run_root().join(id);
-        std::fs::create_dir_all(&path).ctx(|| format!("creating {}", path.display()))?;
-        let lock = snapshot::try_lock(&path.join("lock"))?
-            .ok_or_else(|| Error::InvalidArgument(format!("sandbox {id} exists already")))?;
-        Ok(RunDir { path, _lock: lock })
+        if path.exists() {
+            return Err(Error::InvalidArgument(format!(
+                "sandbox {id} exists already"
+            )));
+        }
+        let tmp = rt
+            .run_root()
+            .join(format!(".tmp-{id}-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        let locked = snapshot::try_lock(&tmp.join("lock")).and_then(|lock| {
+            let lock = lock.ok_or_else(|| {
+                Error::InvalidArgument(format!("{} is locked by another process", tmp.display()))
+            })?;
+            // The lock is on the file, so it moves with the directory.
+            std::fs::rename(&tmp, &path).ctx(|| {
+                format!(
+                    "creating {} (does the sandbox exist already?)",
+                    path.display()
+                )
+            })?;
+            Ok(lock)
+        });
+        match locked {
+            Ok(lock) => Ok(RunDir { path, _lock: lock }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
     }
 }
 
