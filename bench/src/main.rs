@@ -40,6 +40,7 @@ fn req(argv: &[&str]) -> ExecRequest {
         user: None,
         stdin: false,
         timeout_ms: None,
+        pty: None,
     }
 }
 

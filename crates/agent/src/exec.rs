@@ -1,5 +1,5 @@
-//! The `Exec` request: run a process tree in its own session and cgroup, stream its output,
-//! report how it ended.
+//! The `Exec` request: run a process tree in its own session and cgroup (on pipes or on a
+//! pseudo-terminal), stream its output, report how it ended.
 
 use std::fs;
 use std::io;
@@ -12,13 +12,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use moat_protocol::{channel, ErrorKind, Event, ExecRequest, Message, Stream, StreamSender};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use moat_protocol::{
+    channel, ErrorKind, Event, ExecRequest, Message, PtySize, Stream, StreamSender,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::boot::EXEC_CGROUP_ROOT;
+use crate::procs::ProcTable;
+use crate::pty::Pty;
 use crate::reaper::{ExitStatus, Reaper};
 use crate::sys::{check, kill_group, lock};
 use crate::users;
@@ -32,6 +36,8 @@ pub struct Execs {
     next_cgroup: Arc<AtomicU64>,
     /// Exec cgroups still holding background processes; removed once they are empty.
     leftover_cgroups: Arc<Mutex<Vec<PathBuf>>>,
+    /// Processes started with `ProcStart`; shared by all sessions.
+    pub(crate) procs: Arc<Mutex<ProcTable>>,
 }
 
 impl Execs {
@@ -46,12 +52,13 @@ impl Execs {
             reaper,
             next_cgroup: Arc::default(),
             leftover_cgroups,
+            procs: Arc::default(),
         }
     }
 
     pub async fn run(&self, req: ExecRequest, mut stream: Stream) {
         let sender = stream.sender();
-        let running = match self.start(&req) {
+        let running = match self.start(&req, req.stdin) {
             Ok(r) => r,
             Err((kind, message)) => {
                 let _ = sender.msg(&Message::Error { kind, message }).await;
@@ -62,31 +69,41 @@ impl Execs {
         let Running {
             pid,
             mut exit,
-            stdin,
-            stdout,
-            stderr,
+            io,
             cgroup,
         } = running;
         let mut attached = sender.msg(&Message::Started { pid }).await.is_ok();
         let (exited_tx, exited_rx) = watch::channel(false);
-        let out = tokio::spawn(forward(
-            stdout,
-            sender.clone(),
-            channel::STDOUT,
-            exited_rx.clone(),
-        ));
-        let err = tokio::spawn(forward(stderr, sender.clone(), channel::STDERR, exited_rx));
+        let forward_to =
+            |rx, channel| tokio::spawn(forward(rx, sender.clone(), channel, exited_rx.clone()));
+        let (mut stdin, pty, out, err): (Option<Input>, _, _, _) = match io {
+            Io::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => (
+                stdin.map(|s| Box::new(s) as Input),
+                None,
+                forward_to(Box::new(stdout) as Output, channel::STDOUT),
+                Some(forward_to(Box::new(stderr), channel::STDERR)),
+            ),
+            Io::Pty(pty) => {
+                // One merged output: stderr has nothing to say.
+                if attached {
+                    attached = sender.eof(channel::STDERR).await.is_ok();
+                }
+                let out = forward_to(Box::new(pty.clone()), channel::STDOUT);
+                (Some(Box::new(pty.clone())), Some(pty), out, None)
+            }
+        };
 
         let kill_tree = || {
             if cgroup.as_ref().is_none_or(|c| c.kill().is_err()) {
                 let _ = kill_group(pid, libc::SIGKILL);
             }
         };
-        let mut stdin = stdin;
         let mut pending: Option<(Vec<u8>, usize)> = None;
-        let deadline = req
-            .timeout_ms
-            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        let deadline = deadline_after(req.timeout_ms);
         let mut timed_out = false;
         let status = loop {
             tokio::select! {
@@ -100,6 +117,11 @@ impl Execs {
                     Some(Event::Eof { channel: channel::STDIN }) => stdin = None,
                     Some(Event::Msg(Message::Signal { signal })) => {
                         let _ = kill_group(pid, signal);
+                    }
+                    Some(Event::Msg(Message::Resize { rows, cols })) => {
+                        if let Some(pty) = &pty {
+                            let _ = pty.resize(PtySize { rows, cols });
+                        }
                     }
                     Some(Event::Reset(_)) => {
                         kill_tree();
@@ -133,7 +155,10 @@ impl Execs {
         drop(stdin);
         let _ = exited_tx.send(true);
         let _ = out.await;
-        let _ = err.await;
+        if let Some(err) = err {
+            let _ = err.await;
+        }
+        drop(pty);
         if attached {
             let (code, signal) = match status {
                 ExitStatus::Code(c) => (Some(c), None),
@@ -148,6 +173,12 @@ impl Execs {
                 .await;
         }
         stream.close();
+        self.release_cgroup(cgroup);
+    }
+
+    /// Removes an exec's cgroup, or leaves it to the reaper while background processes of the
+    /// tree still live in it.
+    pub(crate) fn release_cgroup(&self, cgroup: Option<ExecCgroup>) {
         if let Some(cg) = cgroup {
             if fs::remove_dir(&cg.dir).is_err() {
                 lock(&self.leftover_cgroups).push(cg.dir);
@@ -155,7 +186,13 @@ impl Execs {
         }
     }
 
-    fn start(&self, req: &ExecRequest) -> Result<Running, (ErrorKind, String)> {
+    /// Starts `req` on pipes, or on a new terminal when it asks for one (which implies input).
+    /// Without `stdin` the process reads `/dev/null`.
+    pub(crate) fn start(
+        &self,
+        req: &ExecRequest,
+        stdin: bool,
+    ) -> Result<Running, (ErrorKind, String)> {
         let Some(argv0) = req.argv.first() else {
             return Err((ErrorKind::InvalidInput, "argv is empty".into()));
         };
@@ -192,18 +229,34 @@ impl Execs {
             cmd.env("HOME", &ident.home);
         }
         let other = |e: io::Error| (ErrorKind::Other, e.to_string());
-        let (stdout_rx, stdout_tx) = pipe_pair().map_err(other)?;
-        let (stderr_rx, stderr_tx) = pipe_pair().map_err(other)?;
-        let stdin = if req.stdin {
-            let (rx, tx) = pipe_pair().map_err(other)?;
-            cmd.stdin(Stdio::from(rx));
-            Some(tx)
-        } else {
-            cmd.stdin(Stdio::null());
-            None
+        let pipes = match req.pty {
+            Some(size) => {
+                if !env.iter().any(|(k, _)| *k == "TERM") {
+                    cmd.env("TERM", "xterm-256color");
+                }
+                let (pty, slave) = Pty::open(size).map_err(other)?;
+                let dup = |fd: &OwnedFd| fd.try_clone().map(Stdio::from).map_err(other);
+                cmd.stdin(dup(&slave)?)
+                    .stdout(dup(&slave)?)
+                    .stderr(Stdio::from(slave));
+                Err(pty)
+            }
+            None => {
+                let (stdout_rx, stdout_tx) = pipe_pair().map_err(other)?;
+                let (stderr_rx, stderr_tx) = pipe_pair().map_err(other)?;
+                let stdin = if stdin {
+                    let (rx, tx) = pipe_pair().map_err(other)?;
+                    cmd.stdin(Stdio::from(rx));
+                    Some(tx)
+                } else {
+                    cmd.stdin(Stdio::null());
+                    None
+                };
+                cmd.stdout(Stdio::from(stdout_tx))
+                    .stderr(Stdio::from(stderr_tx));
+                Ok((stdin, stdout_rx, stderr_rx))
+            }
         };
-        cmd.stdout(Stdio::from(stdout_tx))
-            .stderr(Stdio::from(stderr_tx));
 
         // Without cgroups the tree is still reachable through its process group.
         let cgroup = ExecCgroup::create(self.next_cgroup.fetch_add(1, Ordering::Relaxed)).ok();
@@ -212,6 +265,7 @@ impl Execs {
             uid: ident.uid,
             gid: ident.gid,
             groups: ident.groups.clone(),
+            controlling_tty: req.pty.is_some(),
         };
         // SAFETY: `child_setup` only makes async-signal-safe system calls on data prepared
         // before the fork.
@@ -229,31 +283,52 @@ impl Execs {
         // Close our copies of the child's ends, or we would never see EOF.
         drop(cmd);
         let receiver = |fd: OwnedFd| pipe::Receiver::from_owned_fd(fd).map_err(other);
+        let io = match pipes {
+            Ok((stdin, stdout, stderr)) => Io::Pipes {
+                stdin: stdin
+                    .map(pipe::Sender::from_owned_fd)
+                    .transpose()
+                    .map_err(other)?,
+                stdout: receiver(stdout)?,
+                stderr: receiver(stderr)?,
+            },
+            Err(pty) => Io::Pty(pty),
+        };
         Ok(Running {
             pid: child.id(),
             exit,
-            stdin: stdin
-                .map(pipe::Sender::from_owned_fd)
-                .transpose()
-                .map_err(other)?,
-            stdout: receiver(stdout_rx)?,
-            stderr: receiver(stderr_rx)?,
+            io,
             cgroup,
         })
     }
 }
 
-struct Running {
-    pid: u32,
-    exit: tokio::sync::oneshot::Receiver<ExitStatus>,
-    stdin: Option<pipe::Sender>,
-    stdout: pipe::Receiver,
-    stderr: pipe::Receiver,
-    cgroup: Option<ExecCgroup>,
+pub(crate) struct Running {
+    pub pid: u32,
+    pub exit: tokio::sync::oneshot::Receiver<ExitStatus>,
+    pub io: Io,
+    pub cgroup: Option<ExecCgroup>,
 }
 
+/// The agent's ends of a child's standard streams.
+pub(crate) enum Io {
+    Pipes {
+        stdin: Option<pipe::Sender>,
+        stdout: pipe::Receiver,
+        stderr: pipe::Receiver,
+    },
+    Pty(Pty),
+}
+
+type Input = Box<dyn AsyncWrite + Unpin + Send>;
+type Output = Box<dyn ReadFd>;
+
+/// An output the agent forwards: readable asynchronously, and drainable with raw reads.
+pub(crate) trait ReadFd: AsyncRead + AsRawFd + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsRawFd + Unpin + Send + Sync> ReadFd for T {}
+
 /// A fresh cgroup v2 per exec, so the whole tree can be killed at once with `cgroup.kill`.
-struct ExecCgroup {
+pub(crate) struct ExecCgroup {
     dir: PathBuf,
     /// `cgroup.procs`, opened before the fork; the child writes "0" to it to join.
     procs: fs::File,
@@ -275,7 +350,7 @@ impl ExecCgroup {
         }
     }
 
-    fn kill(&self) -> io::Result<()> {
+    pub fn kill(&self) -> io::Result<()> {
         fs::write(self.dir.join("cgroup.kill"), "1")
     }
 }
@@ -286,6 +361,8 @@ struct ChildSetup {
     uid: u32,
     gid: u32,
     groups: Vec<libc::gid_t>,
+    /// Make stdin (a terminal slave) the controlling terminal of the new session.
+    controlling_tty: bool,
 }
 
 impl ChildSetup {
@@ -295,6 +372,9 @@ impl ChildSetup {
         // child's copy of the address space keeps alive.
         unsafe {
             check(libc::setsid())?;
+            if self.controlling_tty {
+                check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
+            }
             if let Some(fd) = self.cgroup_procs {
                 // Best effort: without the cgroup the process group still reaches the tree.
                 libc::write(fd, b"0".as_ptr().cast(), 1);
@@ -325,7 +405,7 @@ fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 async fn write_stdin(
-    stdin: &mut Option<pipe::Sender>,
+    stdin: &mut Option<Input>,
     pending: &Option<(Vec<u8>, usize)>,
 ) -> io::Result<usize> {
     match (stdin, pending) {
@@ -334,7 +414,12 @@ async fn write_stdin(
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
+/// The deadline of a `timeout_ms`; one too far to represent is no deadline.
+pub(crate) fn deadline_after(timeout_ms: Option<u64>) -> Option<Instant> {
+    timeout_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)))
+}
+
+pub(crate) async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
@@ -346,7 +431,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// processes still hold the pipe open. Whatever they (or a detached exec) write later is read
 /// and discarded, so they never block on a full pipe.
 async fn forward(
-    mut rx: pipe::Receiver,
+    mut rx: Output,
     sender: StreamSender,
     channel: u8,
     mut exited: watch::Receiver<bool>,
@@ -385,7 +470,7 @@ async fn wait_exited(exited: &mut watch::Receiver<bool>) {
 }
 
 /// Forwards what is buffered in the pipe right now; true when the pipe hit EOF.
-async fn drain(rx: &pipe::Receiver, buf: &mut [u8], sender: &StreamSender, channel: u8) -> bool {
+async fn drain(rx: &Output, buf: &mut [u8], sender: &StreamSender, channel: u8) -> bool {
     loop {
         // A raw read: tokio's try_read may report WouldBlock before it has seen readiness.
         // SAFETY: reads into `buf`, which is valid for `buf.len()` bytes.
@@ -404,7 +489,7 @@ async fn drain(rx: &pipe::Receiver, buf: &mut [u8], sender: &StreamSender, chann
     }
 }
 
-async fn discard(mut rx: pipe::Receiver) {
+async fn discard(mut rx: Output) {
     let mut buf = vec![0u8; 16 * 1024];
     while matches!(rx.read(&mut buf).await, Ok(n) if n > 0) {}
 }

@@ -6,6 +6,8 @@ mod control;
 mod exec;
 mod files;
 mod port;
+mod procs;
+mod pty;
 mod reaper;
 mod sys;
 mod users;
@@ -138,6 +140,17 @@ async fn handle(
         Request::Refresh(r) => files::blocking(move || control::refresh(&r))
             .await
             .map(|()| Message::Done),
+        Request::ProcStart(req) => ctx.execs.proc_start(req),
+        Request::ProcList => ctx.execs.proc_list(&stream.sender()).await,
+        Request::ProcKill { id, signal } => ctx.execs.proc_kill(&id, signal),
+        Request::ProcWait { id, timeout_ms } => {
+            match ctx.execs.proc_wait(&id, timeout_ms, &mut stream).await {
+                Some(r) => r,
+                // The host is gone: nobody to answer.
+                None => return stream.close(),
+            }
+        }
+        Request::ProcLogs { id } => ctx.execs.proc_logs(&id, &stream.sender()).await,
     };
     finish(stream, result).await
 }

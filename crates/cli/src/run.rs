@@ -199,6 +199,7 @@ async fn run_inner(home: &Home, accel: Option<&str>, args: &RunArgs, plan: &RunP
         user: plan.user.clone().or_else(|| image.config.user.clone()),
         stdin: args.interactive,
         timeout_ms: plan.timeout_ms,
+        pty: None,
     };
     let code = stream_exec(&sandbox, request).await;
     tracing::debug!("command finished");

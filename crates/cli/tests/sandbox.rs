@@ -35,6 +35,7 @@ fn req(argv: &[&str]) -> ExecRequest {
         user: None,
         stdin: false,
         timeout_ms: None,
+        pty: None,
     }
 }
 

@@ -8,7 +8,7 @@ use crate::frame::{Frame, Kind, SYNC_MAGIC};
 use crate::Error;
 
 /// Version of this protocol. Bumped whenever a message or field is added.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Length of the session nonce in HELLO and HELLO_ACK.
 pub const NONCE_LEN: usize = 16;
 
@@ -70,10 +70,30 @@ pub enum Request {
     Quiesce,
     /// Sync filesystems, end all processes, power off. `Done` just before.
     Shutdown,
+    /// Since version 2. Start a background process that outlives the stream and the session:
+    /// `ProcStarted`, then the stream ends; or `Error`. No stdin and no PTY; its stdout and
+    /// stderr go to bounded rings in the agent ([`PROC_LOG_RING`] bytes each).
+    ProcStart(ExecRequest),
+    /// Since version 2. `Procs` (possibly several messages), then `Done`.
+    ProcList,
+    /// Since version 2. Signal a background process's group (signal 9 kills its whole tree);
+    /// `Done`, or `Error` (`NotFound` for an unknown id).
+    ProcKill { id: String, signal: i32 },
+    /// Since version 2. `Exited` once the process has ended (at once if it already has), or
+    /// `Error` of kind `Timeout` after `timeout_ms`.
+    ProcWait { id: String, timeout_ms: u64 },
+    /// Since version 2. What the output rings hold: DATA on stdout and stderr, EOF on both,
+    /// then `Done`.
+    ProcLogs { id: String },
 }
 
+/// Bytes of stdout (and of stderr) the agent keeps of each background process: the newest.
+pub const PROC_LOG_RING: usize = 1024 * 1024;
+/// Finished background processes the agent remembers; older ones are forgotten.
+pub const PROC_KEEP_FINISHED: usize = 256;
+
 /// What to run and how.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments; `argv[0]` is looked up in the `PATH` of `env` when it has no '/'.
@@ -88,6 +108,43 @@ pub struct ExecRequest {
     pub stdin: bool,
     /// Kill the whole process tree after this long.
     pub timeout_ms: Option<u64>,
+    /// Since version 2: run on a new pseudo-terminal of this size instead of pipes. Input goes
+    /// to [`channel::STDIN`] (whatever `stdin` says), stdout and stderr merge into
+    /// [`channel::STDOUT`]. Left out of the JSON when absent, so the version-1 form is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+}
+
+/// Size of a pseudo-terminal, in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// One background process (in `Procs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcInfo {
+    /// Agent-assigned (`p1`, `p2`, …), never reused within a boot.
+    pub id: String,
+    pub pid: u32,
+    /// The request's argv, possibly shortened by the agent to keep messages small.
+    pub argv: Vec<String>,
+    pub running: bool,
+    pub exit: Option<ProcExit>,
+    pub started_unix_ms: u64,
+}
+
+/// How a background process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Killed because its `timeout_ms` ran out.
+    pub timed_out: bool,
 }
 
 /// Fresh facts the guest cannot know by itself after a restore.
@@ -125,6 +182,13 @@ pub enum Message {
     Done,
     /// Reply to `Quiesce`.
     Quiesced,
+    /// Since version 2. Host → guest during a PTY exec: the terminal's new size (the process
+    /// group in the foreground gets SIGWINCH).
+    Resize { rows: u16, cols: u16 },
+    /// Since version 2. Reply to `ProcStart`.
+    ProcStarted { id: String, pid: u32 },
+    /// Since version 2. Some entries of the background process table, oldest first.
+    Procs { procs: Vec<ProcInfo> },
 }
 
 /// Why a request failed, for mapping to the user's error.
@@ -143,6 +207,8 @@ pub enum ErrorKind {
     CommandNotFound,
     /// Exec: the user does not exist in the image.
     UnknownUser,
+    /// Since version 2: `ProcWait` gave up waiting.
+    Timeout,
     Other,
 }
 
@@ -231,11 +297,12 @@ mod tests {
             user: Some("1000".into()),
             stdin: false,
             timeout_ms: Some(5),
+            pty: None,
         });
-        assert_eq!(
-            serde_json::to_string(&req).unwrap(),
-            r#"{"op":"exec","argv":["true"],"env":["PATH=/bin"],"cwd":null,"user":"1000","stdin":false,"timeout_ms":5}"#
-        );
+        let v1 = r#"{"op":"exec","argv":["true"],"env":["PATH=/bin"],"cwd":null,"user":"1000","stdin":false,"timeout_ms":5}"#;
+        assert_eq!(serde_json::to_string(&req).unwrap(), v1);
+        // A version-1 request still parses.
+        assert_eq!(serde_json::from_str::<Request>(v1).unwrap(), req);
         let msg = Message::Exited {
             code: None,
             signal: Some(9),
@@ -249,6 +316,96 @@ mod tests {
             serde_json::to_string(&Request::Quiesce).unwrap(),
             r#"{"op":"quiesce"}"#
         );
+    }
+
+    /// Freezes the wire form of what version 2 added.
+    #[test]
+    fn wire_form_v2_is_stable() {
+        let exec = ExecRequest {
+            argv: vec!["sh".into()],
+            env: vec![],
+            cwd: None,
+            user: None,
+            stdin: true,
+            timeout_ms: None,
+            pty: Some(PtySize { rows: 24, cols: 80 }),
+        };
+        let cases: Vec<(String, &str)> = vec![
+            (
+                serde_json::to_string(&Request::Exec(exec.clone())).unwrap(),
+                r#"{"op":"exec","argv":["sh"],"env":[],"cwd":null,"user":null,"stdin":true,"timeout_ms":null,"pty":{"rows":24,"cols":80}}"#,
+            ),
+            (
+                serde_json::to_string(&Request::ProcStart(ExecRequest { pty: None, ..exec }))
+                    .unwrap(),
+                r#"{"op":"proc_start","argv":["sh"],"env":[],"cwd":null,"user":null,"stdin":true,"timeout_ms":null}"#,
+            ),
+            (
+                serde_json::to_string(&Request::ProcList).unwrap(),
+                r#"{"op":"proc_list"}"#,
+            ),
+            (
+                serde_json::to_string(&Request::ProcKill {
+                    id: "p1".into(),
+                    signal: 15,
+                })
+                .unwrap(),
+                r#"{"op":"proc_kill","id":"p1","signal":15}"#,
+            ),
+            (
+                serde_json::to_string(&Request::ProcWait {
+                    id: "p1".into(),
+                    timeout_ms: 5,
+                })
+                .unwrap(),
+                r#"{"op":"proc_wait","id":"p1","timeout_ms":5}"#,
+            ),
+            (
+                serde_json::to_string(&Request::ProcLogs { id: "p1".into() }).unwrap(),
+                r#"{"op":"proc_logs","id":"p1"}"#,
+            ),
+            (
+                serde_json::to_string(&Message::Resize { rows: 1, cols: 2 }).unwrap(),
+                r#"{"type":"resize","rows":1,"cols":2}"#,
+            ),
+            (
+                serde_json::to_string(&Message::ProcStarted {
+                    id: "p1".into(),
+                    pid: 7,
+                })
+                .unwrap(),
+                r#"{"type":"proc_started","id":"p1","pid":7}"#,
+            ),
+            (
+                serde_json::to_string(&Message::Procs {
+                    procs: vec![ProcInfo {
+                        id: "p1".into(),
+                        pid: 7,
+                        argv: vec!["sleep".into()],
+                        running: false,
+                        exit: Some(ProcExit {
+                            code: None,
+                            signal: Some(15),
+                            timed_out: false,
+                        }),
+                        started_unix_ms: 9,
+                    }],
+                })
+                .unwrap(),
+                r#"{"type":"procs","procs":[{"id":"p1","pid":7,"argv":["sleep"],"running":false,"exit":{"code":null,"signal":15,"timed_out":false},"started_unix_ms":9}]}"#,
+            ),
+            (
+                serde_json::to_string(&Message::Error {
+                    kind: ErrorKind::Timeout,
+                    message: String::new(),
+                })
+                .unwrap(),
+                r#"{"type":"error","kind":"timeout","message":""}"#,
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, want);
+        }
     }
 
     #[test]
