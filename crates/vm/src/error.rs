@@ -115,6 +115,10 @@ pub enum Error {
     /// An argument is not acceptable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// A VM or sandbox left by an earlier moat cannot be taken over.
+    #[error("cannot adopt {0}")]
+    Adopt(String),
 }
 
 impl Error {

@@ -24,6 +24,8 @@ pub use assets::{Initramfs, Kernel};
 pub use error::{Error, Result};
 pub use qemu::{Vm, VmSpec};
 pub use qmp::Qmp;
+pub use sandbox::{LaunchOptions, SandboxRecord};
 pub use sandbox::{Runtime, Sandbox};
+pub use snapshot::BaseDisk;
 pub use snapshot::SnapshotMeta;
 pub use tier::Tier;

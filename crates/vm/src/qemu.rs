@@ -9,10 +9,15 @@
 //! Caveat: the parent-death signal fires when the *thread* that forked exits, not the
 //! process. All QEMU processes are therefore forked from one dedicated, never-exiting thread
 //! ("moat-qemu-spawner"), never from tokio's blocking pool whose threads come and go.
+//!
+//! A daemon launches its VMs *detached* instead ([`VmSpec::detached`]): no death signal, a
+//! session of their own, so they outlive the daemon, and the next daemon re-adopts them with
+//! [`Vm::adopt`] (they are not its children, so it watches them through a pidfd).
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream as StdUnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -58,6 +63,9 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// A memory snapshot written by [`Vm::save_memory`] to restore instead of booting.
     pub incoming: Option<PathBuf>,
+    /// Let QEMU outlive this process (a daemon's VMs): no parent-death signal, its own
+    /// session, not killed when its `Vm` is [released](Vm::release). Default: attached.
+    pub detached: bool,
 }
 
 /// A running QEMU. Dropping it kills QEMU (SIGKILL) and reaps it before returning.
@@ -68,12 +76,16 @@ pub struct Vm {
     agent: Option<UnixStream>,
     agent_sock: PathBuf,
     qmp_sock: PathBuf,
+    /// Launched detached or adopted: may outlive us.
+    detached: bool,
+    /// [`Vm::release`]d: dropping leaves QEMU and its sockets alone.
+    released: bool,
 }
 
 /// The QEMU process and its logs, separate from `Qmp` so both can be borrowed at once.
 #[derive(Debug)]
 struct Proc {
-    child: Child,
+    process: Process,
     pid: u32,
     console: ConsoleTail,
     stderr_log: PathBuf,
@@ -368,15 +380,23 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(stderr))
-        .process_group(0)
-        .kill_on_drop(true);
+        .kill_on_drop(!spec.detached);
+    if !spec.detached {
+        cmd.process_group(0);
+    }
+    let detached = spec.detached;
     let parent = std::process::id();
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (prctl, getppid, fcntl, _exit) on plain integers; it
-    // allocates nothing and touches no locks.
+    // async-signal-safe functions (setsid, prctl, getppid, fcntl, _exit) on plain integers;
+    // it allocates nothing and touches no locks.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(
+            if detached {
+                // A session of its own: no signal aimed at our terminal or group reaches it.
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,
                 0,
@@ -387,7 +407,7 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
                 return Err(std::io::Error::last_os_error());
             }
             // moat died between fork and prctl: the signal will never come, so go now.
-            if libc::getppid() as u32 != parent {
+            if !detached && libc::getppid() as u32 != parent {
                 libc::_exit(1);
             }
             for &fd in &keep {
@@ -423,7 +443,7 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
     let agent = connect(&agent_sock)?;
 
     let mut proc = Proc {
-        child,
+        process: Process::Child(child),
         pid,
         console,
         stderr_log,
@@ -442,6 +462,8 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
         agent: Some(agent),
         agent_sock,
         qmp_sock,
+        detached: spec.detached,
+        released: false,
     };
     tracing::info!(pid, ms = started.elapsed().as_millis() as u64, accel = %spec.accel.accel, restore = spec.incoming.is_some(), "QEMU started");
 
@@ -457,6 +479,86 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
 }
 
 impl Vm {
+    /// Takes over a detached VM that an earlier (possibly killed) moat launched with
+    /// `run_dir` as its [`VmSpec::run_dir`] and `run_dir/disk.qcow2` as its disk.
+    ///
+    /// Refused unless `pid` is a live QEMU whose command line names that disk, so a reused pid
+    /// is never mistaken for the VM. QEMU is not our child, so it is watched through a pidfd
+    /// (Linux ≥ 5.3) and its exit status is unknown ([`Vm::wait_exit`] reports 0). QMP is
+    /// reconnected on `qmp.sock`; [`Vm::take_agent_stream`] opens a new agent connection.
+    /// The console tail is gone (its socket died with the old owner): [`Vm::console_tail`] is
+    /// empty from now on; QEMU's own stderr (`qemu.log`) is still there.
+    ///
+    /// If QMP does not answer, QEMU is killed: a VM nobody can control must not live on.
+    pub async fn adopt(run_dir: &Path, pid: u32) -> Result<Vm> {
+        let disk = run_dir.join("disk.qcow2");
+        let refuse = |why: &str| Error::Adopt(format!("pid {pid} ({}): {why}", run_dir.display()));
+        // Open the pidfd before checking the command line: if the pid is reused after the
+        // check, the pidfd (bound to the process we checked) reports it exited.
+        let pidfd = PidFd::open(pid).map_err(|e| refuse(&format!("pidfd_open: {e}")))?;
+        if !is_qemu_of(pid, &disk) {
+            return Err(refuse("not a QEMU running this directory's disk"));
+        }
+        if pidfd.has_exited() {
+            return Err(refuse("the process exited"));
+        }
+        let qmp_sock = run_dir.join("qmp.sock");
+        let agent_sock = run_dir.join("agent.sock");
+        let mut proc = Proc {
+            process: Process::Adopted(pidfd),
+            pid,
+            console: ConsoleTail::default(),
+            stderr_log: run_dir.join("qemu.log"),
+            exited: None,
+        };
+        let qmp = async {
+            let stream = connect(&qmp_sock)?;
+            proc.while_alive(
+                "reconnecting to QMP",
+                QMP_READY_TIMEOUT,
+                Qmp::connect(stream),
+            )
+            .await?
+        }
+        .await;
+        let qmp = match qmp {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = proc.kill().await;
+                return Err(e);
+            }
+        };
+        tracing::info!(pid, run_dir = %run_dir.display(), "adopted QEMU");
+        Ok(Vm {
+            proc,
+            qmp,
+            agent: None,
+            agent_sock,
+            qmp_sock,
+            detached: true,
+            released: false,
+        })
+    }
+
+    /// Lets go of a detached VM without stopping it: QEMU keeps running and its sockets stay,
+    /// so another process can [`Vm::adopt`] it. Our QMP and agent connections close. An
+    /// attached VM cannot be released (it dies with us anyway): it is killed and an error
+    /// returned.
+    pub fn release(mut self) -> Result<()> {
+        if !self.detached {
+            return Err(Error::InvalidArgument(
+                "only a VM launched detached (VmSpec::detached) can be released".into(),
+            ));
+        }
+        self.released = true;
+        Ok(())
+    }
+
+    /// Whether QEMU was launched detached or adopted (it may outlive this process).
+    pub fn is_detached(&self) -> bool {
+        self.detached
+    }
+
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.proc.pid
@@ -477,7 +579,8 @@ impl Vm {
         }
     }
 
-    /// The last `max_bytes` of the serial console (kernel messages, panics).
+    /// The last `max_bytes` of the serial console (kernel messages, panics); empty for an
+    /// adopted VM.
     pub fn console_tail(&self, max_bytes: usize) -> String {
         self.proc.console_tail(max_bytes)
     }
@@ -669,7 +772,7 @@ impl Proc {
             return Ok(s);
         }
         let s = self
-            .child
+            .process
             .wait()
             .await
             .ctx(|| format!("waiting for QEMU pid {}", self.pid))?;
@@ -680,7 +783,7 @@ impl Proc {
     /// SIGKILLs QEMU and reaps it.
     async fn kill(&mut self) -> Result<()> {
         if self.exited.is_none() {
-            let _ = self.child.start_kill();
+            self.process.start_kill();
         }
         self.wait_exit().await.map(|_| ())
     }
@@ -698,7 +801,7 @@ impl Proc {
         }
         let r = tokio::select! {
             r = fut => Ok(r),
-            s = self.child.wait() => Err(s),
+            s = self.process.wait() => Err(s),
             () = tokio::time::sleep(timeout) => {
                 return Err(Error::Timeout {
                     what: what.to_string(),
@@ -737,19 +840,228 @@ impl Proc {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
         if self.proc.exited.is_none() {
-            let _ = self.proc.child.start_kill();
+            self.proc.process.start_kill();
             // Reap synchronously (bounded), so no QEMU outlives its Vm even briefly.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                match self.proc.child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
+            self.proc.process.wait_blocking(Duration::from_secs(5));
         }
         let _ = std::fs::remove_file(&self.qmp_sock);
         let _ = std::fs::remove_file(&self.agent_sock);
         crate::cgroup::remove_cpu_limit(self.proc.pid);
+    }
+}
+
+/// The QEMU process: our child, or one adopted from an earlier moat.
+#[derive(Debug)]
+enum Process {
+    Child(Child),
+    /// Not our child (its parent died): watched through a pidfd, reaped by init.
+    Adopted(PidFd),
+}
+
+impl Process {
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self {
+            Process::Child(c) => c.wait().await,
+            Process::Adopted(p) => {
+                p.wait().await?;
+                // Only the parent learns the status; report success rather than invent one.
+                Ok(std::os::unix::process::ExitStatusExt::from_raw(0))
+            }
+        }
+    }
+
+    fn start_kill(&mut self) {
+        match self {
+            Process::Child(c) => {
+                let _ = c.start_kill();
+            }
+            Process::Adopted(p) => {
+                let _ = p.kill();
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit, blocking the thread (used in `Drop`).
+    fn wait_blocking(&mut self, timeout: Duration) {
+        match self {
+            Process::Child(c) => {
+                let deadline = Instant::now() + timeout;
+                while Instant::now() < deadline {
+                    match c.try_wait() {
+                        Ok(Some(_)) | Err(_) => break,
+                        Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            }
+            Process::Adopted(p) => {
+                p.poll(timeout.as_millis() as libc::c_int);
+            }
+        }
+    }
+}
+
+/// A pidfd: a handle on one process that stays valid (and never names another process) after
+/// the pid is reused; readable once the process has exited.
+#[derive(Debug)]
+struct PidFd(tokio::io::unix::AsyncFd<OwnedFd>);
+
+/// A pidfd outside tokio (for synchronous callers such as garbage collection).
+#[derive(Debug)]
+struct SyncPidFd(OwnedFd);
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: pidfd_open(2) takes a pid and flags by value and returns a new descriptor or -1;
+    // no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a descriptor the kernel just created for us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Whether the process behind pidfd `fd` has exited, waiting up to `timeout_ms` (0: just look).
+fn pidfd_poll(fd: RawFd, timeout_ms: libc::c_int) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd on our stack and we pass a count of 1.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    n > 0 && pfd.revents & libc::POLLIN != 0
+}
+
+/// SIGKILLs the process behind pidfd `fd`.
+fn pidfd_kill(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal(2) with a pidfd, a signal number, no siginfo (NULL) and no
+    // flags; it reads no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd,
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl SyncPidFd {
+    fn has_exited(&self) -> bool {
+        pidfd_poll(self.0.as_raw_fd(), 0)
+    }
+
+    fn kill(&self) -> std::io::Result<()> {
+        pidfd_kill(self.0.as_raw_fd())
+    }
+}
+
+impl PidFd {
+    fn open(pid: u32) -> std::io::Result<PidFd> {
+        let fd = pidfd_open(pid)?;
+        // SAFETY: `fd` is a valid descriptor we own; the AsyncFd owns it from here and it is
+        // neither replaced nor closed while registered.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        };
+        Ok(PidFd(registered?))
+    }
+
+    fn open_blocking(pid: u32) -> std::io::Result<SyncPidFd> {
+        pidfd_open(pid).map(SyncPidFd)
+    }
+
+    /// Whether the process has exited, waiting up to `timeout_ms` (0: just look).
+    fn poll(&self, timeout_ms: libc::c_int) -> bool {
+        pidfd_poll(self.0.get_ref().as_raw_fd(), timeout_ms)
+    }
+
+    fn has_exited(&self) -> bool {
+        self.poll(0)
+    }
+
+    async fn wait(&self) -> std::io::Result<()> {
+        // Readiness stays set once the process is gone, so every later wait returns at once.
+        let _ready = self.0.readable().await?;
+        Ok(())
+    }
+
+    fn kill(&self) -> std::io::Result<()> {
+        pidfd_kill(self.0.get_ref().as_raw_fd())
+    }
+}
+
+/// Whether `pid` is a live QEMU whose root drive is `disk`: the guard against pid reuse when
+/// adopting a VM or deciding that a run directory is still in use.
+pub fn is_qemu_of(pid: u32, disk: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|&b| b == 0);
+    let is_qemu = args.next().is_some_and(|a0| {
+        Path::new(std::ffi::OsStr::from_bytes(a0))
+            .file_name()
+            .is_some_and(|n| n.as_bytes().starts_with(b"qemu-system"))
+    });
+    if !is_qemu {
+        return false;
+    }
+    let Ok(want) = std::fs::canonicalize(disk) else {
+        return false;
+    };
+    args.filter_map(|a| a.strip_prefix(b"id=root,file="))
+        .any(|rest| {
+            // The value ends at the first single comma; `,,` is an escaped comma.
+            let mut value = Vec::new();
+            let mut i = 0;
+            while i < rest.len() {
+                if rest[i] == b',' {
+                    if rest.get(i + 1) == Some(&b',') {
+                        value.push(b',');
+                        i += 2;
+                        continue;
+                    }
+                    break;
+                }
+                value.push(rest[i]);
+                i += 1;
+            }
+            std::fs::canonicalize(std::ffi::OsStr::from_bytes(&value)).is_ok_and(|p| p == want)
+        })
+}
+
+/// SIGKILLs every QEMU whose root drive is `disk` (a detached VM whose directory is being
+/// removed). Scans `/proc`, so only called for directories already judged dead.
+pub(crate) fn kill_qemu_of(disk: &Path) {
+    if !disk.exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if !is_qemu_of(pid, disk) {
+            continue;
+        }
+        // Through a pidfd, re-checked after opening it, so a reused pid is never signalled.
+        if let Ok(fd) = PidFd::open_blocking(pid) {
+            if is_qemu_of(pid, disk) && !fd.has_exited() {
+                tracing::warn!(pid, disk = %disk.display(), "killing a QEMU nobody owns");
+                let _ = fd.kill();
+            }
+        }
     }
 }

@@ -1,5 +1,10 @@
 //! A sandbox: one QEMU process, its copy-on-write disk, its run directory and a session with its
 //! agent. Booted from a base disk, or restored from a snapshot (a template is one).
+//!
+//! For a daemon, sandboxes can be *detached* ([`LaunchOptions::detached`]): QEMU outlives its
+//! owner, `run/<id>/sandbox.json` records what taking it over needs, and the next owner finds
+//! it with [`Runtime::orphans`] and takes it over with [`Sandbox::adopt`]. A sandbox can also
+//! be *suspended* to a directory (memory and a flattened disk, no process) and resumed.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -9,9 +14,72 @@ use crate::agent::AgentConn;
 use crate::assets::{Initramfs, Kernel};
 use crate::error::IoContext;
 use crate::qemu::{Vm, VmSpec};
-use crate::snapshot::{self, SnapshotMeta, SNAPSHOT_FORMAT};
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::{self, BaseDisk, SnapshotMeta, SNAPSHOT_FORMAT};
 use crate::tier::Tier;
 use crate::{disk, AccelChoice, Error, Result};
+
+/// How a sandbox's QEMU is started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaunchOptions {
+    /// QEMU outlives this process (see [`crate::VmSpec::detached`]) and `sandbox.json` is
+    /// written so that another process can [`Sandbox::adopt`] it. `moat run` leaves this off:
+    /// its VMs must die with it.
+    pub detached: bool,
+}
+
+/// `run/<id>/sandbox.json`, written atomically when a detached sandbox starts: everything
+/// [`Sandbox::adopt`] needs that the VM cannot tell us.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxRecord {
+    /// Version of this file ([`SandboxRecord::FORMAT`]).
+    pub format: u32,
+    pub id: String,
+    /// QEMU's pid; trusted only after [`crate::qemu::is_qemu_of`] confirms it.
+    pub pid: u32,
+    /// Digest of the image.
+    pub image: String,
+    pub tier: Tier,
+    pub mem_mib: u32,
+    pub cpus: u32,
+    /// The sandbox's own overlay (`run/<id>/disk.qcow2`).
+    pub disk: PathBuf,
+    /// The overlay's direct backing file.
+    pub backing: PathBuf,
+    /// The shared read-only disk a suspend flattens onto (see [`SnapshotMeta::shared_base`]).
+    pub shared_base: BaseDisk,
+    pub created_unix: u64,
+}
+
+impl SandboxRecord {
+    pub const FORMAT: u32 = 1;
+    const FILE: &'static str = "sandbox.json";
+
+    /// Reads `dir/sandbox.json`.
+    pub fn load(dir: &Path) -> Result<SandboxRecord> {
+        let path = dir.join(Self::FILE);
+        let bytes = std::fs::read(&path).ctx(|| format!("reading {}", path.display()))?;
+        let rec: SandboxRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Adopt(format!("{} is malformed: {e}", path.display())))?;
+        if rec.format != Self::FORMAT {
+            return Err(Error::Adopt(format!(
+                "{} has format {}; this moat reads format {}",
+                path.display(),
+                rec.format,
+                Self::FORMAT
+            )));
+        }
+        Ok(rec)
+    }
+
+    fn store(&self, dir: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::InvalidArgument(format!("encoding sandbox.json: {e}")))?;
+        crate::util::write_atomic(&dir.join(Self::FILE), &bytes)
+    }
+}
 
 /// How long a cold boot may take to reach "agent ready". TCG boots take ~3 s here; a guest that
 /// takes 20× longer is broken.
@@ -55,9 +123,13 @@ impl Runtime {
     /// Removes run directories whose owner is gone: a process that owns one holds an exclusive
     /// lock on its `lock` file for as long as it lives, even through `kill -9` (the kernel drops
     /// the lock with the process). Directories are created complete, lock held, under a
-    /// `.tmp-` name and renamed into place, so a directory without a held lock is garbage; a
-    /// `.tmp-` one only once it is old enough that its creator must be gone.
-    fn collect_garbage(&self) {
+    /// `.tmp-` name and renamed into place, so a directory without a held lock is garbage,
+    /// unless a detached QEMU still runs it (its `sandbox.json` pid is a live QEMU of its
+    /// disk): that is an orphan waiting for [`Sandbox::adopt`]. A `.tmp-` directory is garbage
+    /// only once it is old enough that its creator must be gone.
+    ///
+    /// Called by [`Runtime::new`]; a daemon may call it again at any time.
+    pub fn collect_garbage(&self) {
         let Ok(entries) = std::fs::read_dir(self.run_root()) else {
             return;
         };
@@ -72,14 +144,47 @@ impl Runtime {
                     continue;
                 }
             }
-            let lock = dir.join("lock");
-            let dead = !lock.exists() || matches!(snapshot::try_lock(&lock), Ok(Some(_)));
-            if dead {
-                tracing::info!(dir = %dir.display(), "removing run directory of a dead sandbox");
-                let _ = std::fs::remove_dir_all(&dir);
+            if !lock_is_free(&dir) || live_qemu(&dir).is_some() {
+                continue;
             }
+            // A detached QEMU whose owner died before writing sandbox.json cannot be adopted;
+            // it must not run on without its directory.
+            crate::qemu::kill_qemu_of(&dir.join("disk.qcow2"));
+            tracing::info!(dir = %dir.display(), "removing run directory of a dead sandbox");
+            let _ = std::fs::remove_dir_all(&dir);
         }
     }
+
+    /// Ids of detached sandboxes whose owner is gone but whose QEMU still runs: a free lock
+    /// and a live QEMU of the directory's disk. A daemon adopts them with [`Sandbox::adopt`].
+    pub fn orphans(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.run_root()) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<String> = entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .filter(|e| {
+                let dir = e.path();
+                dir.join("lock").exists() && lock_is_free(&dir) && live_qemu(&dir).is_some()
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+/// Whether nobody holds `dir/lock` (a missing lock file counts as free).
+fn lock_is_free(dir: &Path) -> bool {
+    let lock = dir.join("lock");
+    !lock.exists() || matches!(snapshot::try_lock(&lock), Ok(Some(_)))
+}
+
+/// The pid of the detached QEMU running `dir`, if its `sandbox.json` names a live one.
+fn live_qemu(dir: &Path) -> Option<u32> {
+    let rec = SandboxRecord::load(dir).ok()?;
+    crate::qemu::is_qemu_of(rec.pid, &dir.join("disk.qcow2")).then_some(rec.pid)
 }
 
 /// The per-sandbox directory under `MOAT_HOME/run`: removed when the sandbox is dropped.
@@ -87,6 +192,8 @@ impl Runtime {
 struct RunDir {
     path: PathBuf,
     _lock: File,
+    /// Leave the directory in place on drop (the lock is still released).
+    keep: bool,
 }
 
 impl RunDir {
@@ -115,7 +222,11 @@ impl RunDir {
             Ok(lock)
         });
         match locked {
-            Ok(lock) => Ok(RunDir { path, _lock: lock }),
+            Ok(lock) => Ok(RunDir {
+                path,
+                _lock: lock,
+                keep: false,
+            }),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);
                 Err(e)
@@ -124,10 +235,43 @@ impl RunDir {
     }
 }
 
+impl RunDir {
+    /// Takes over the directory of sandbox `id` if its lock is free.
+    fn open(rt: &Runtime, id: &str) -> Result<RunDir> {
+        let path = rt.run_root().join(id);
+        if !path.join("lock").is_file() {
+            return Err(Error::Adopt(format!(
+                "sandbox {id}: no run directory {}",
+                path.display()
+            )));
+        }
+        let lock = snapshot::try_lock(&path.join("lock"))?
+            .ok_or_else(|| Error::Adopt(format!("sandbox {id}: it is owned by a live process")))?;
+        Ok(RunDir {
+            path,
+            _lock: lock,
+            keep: false,
+        })
+    }
+}
+
 impl Drop for RunDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
     }
+}
+
+/// How [`Sandbox::save`] treats the VM and its disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SaveMode {
+    /// Copy the overlay; the VM goes on (a snapshot).
+    Copy,
+    /// Move the overlay; the VM ends (a template).
+    Move,
+    /// Stop QEMU, flatten the overlay onto the shared base and move it (a suspend).
+    Suspend,
 }
 
 /// A running sandbox.
@@ -138,6 +282,10 @@ pub struct Sandbox {
     tier: Tier,
     mem_mib: u32,
     cpus: u32,
+    /// The shared read-only disk a suspend flattens onto.
+    shared_base: BaseDisk,
+    /// The overlay's direct backing file (the shared base, or a suspended disk).
+    backing: PathBuf,
     // Field order matters for Drop: the agent session, then QEMU, then the directory.
     agent: AgentConn,
     vm: Vm,
@@ -154,65 +302,156 @@ impl Sandbox {
         base: &Path,
         tier: Tier,
     ) -> Result<Sandbox> {
+        Self::boot_with(rt, id, image, base, tier, LaunchOptions::default()).await
+    }
+
+    /// [`Sandbox::boot`] with launch options (e.g. detached).
+    pub async fn boot_with(
+        rt: &Runtime,
+        id: &str,
+        image: &str,
+        base: &Path,
+        tier: Tier,
+        opts: LaunchOptions,
+    ) -> Result<Sandbox> {
         let dir = RunDir::create(rt, id)?;
         let disk_path = dir.path.join("disk.qcow2");
         disk::create_overlay(base, "raw", tier.disk_bytes(), &disk_path).await?;
-        let started = Instant::now();
-        let mut vm = crate::qemu::launch(&spec(
-            rt,
-            (tier.mem_mib(), tier.cpus()),
-            &dir.path,
-            &disk_path,
-            None,
-        ))
-        .await?;
-        limit_cpu(&vm, tier)?;
-        let agent = connect_agent(&mut vm, BOOT_TIMEOUT, "booting").await?;
-        tracing::info!(
-            id,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "sandbox booted"
-        );
-        let sb = Sandbox {
-            id: id.to_string(),
+        let base = canonical(base)?;
+        let origin = Origin {
             image: image.to_string(),
             tier,
             mem_mib: tier.mem_mib(),
             cpus: tier.cpus(),
-            agent,
-            vm,
-            dir,
+            shared_base: BaseDisk {
+                path: base.clone(),
+                format: "raw".into(),
+            },
+            backing: base,
         };
-        sb.agent.refresh(Some(&hostname(id))).await?;
-        Ok(sb)
+        Self::start(rt, id, dir, origin, None, opts).await
     }
 
     /// Starts a new VM from a snapshot directory with its own copy-on-write disk on top of the
     /// snapshot's, then gives the guest fresh time and entropy. One snapshot can be restored
     /// any number of times at once.
     pub async fn restore(rt: &Runtime, id: &str, snapshot: &Path) -> Result<Sandbox> {
+        Self::restore_with(rt, id, snapshot, LaunchOptions::default()).await
+    }
+
+    /// [`Sandbox::restore`] with launch options (e.g. detached).
+    pub async fn restore_with(
+        rt: &Runtime,
+        id: &str,
+        snapshot: &Path,
+        opts: LaunchOptions,
+    ) -> Result<Sandbox> {
+        Self::restore_inner(rt, id, snapshot, opts, false).await
+    }
+
+    /// Continues a sandbox [suspended](Sandbox::suspend) to `dir`: a restore of `dir` (a new
+    /// overlay on `dir/disk.qcow2`, processes go on running) that keeps the suspended
+    /// sandbox's shared base, so its next suspend again flattens onto that base. `dir` must
+    /// stay until then (its disk is the new overlay's backing file); its `memory.bin` may be
+    /// deleted at once with [`snapshot::discard_memory`].
+    pub async fn resume(
+        rt: &Runtime,
+        id: &str,
+        dir: &Path,
+        opts: LaunchOptions,
+    ) -> Result<Sandbox> {
+        Self::restore_inner(rt, id, dir, opts, true).await
+    }
+
+    async fn restore_inner(
+        rt: &Runtime,
+        id: &str,
+        snapshot: &Path,
+        opts: LaunchOptions,
+        resume: bool,
+    ) -> Result<Sandbox> {
         let meta = SnapshotMeta::load(snapshot)?;
         meta.check_compatible(rt)?;
+        let snapshot_disk = canonical(&snapshot.join("disk.qcow2"))?;
+        let shared_base = if resume {
+            meta.shared_base.clone().ok_or_else(|| {
+                Error::Snapshot(format!(
+                    "{} is not a suspended sandbox (its meta.json has no shared_base)",
+                    snapshot.display()
+                ))
+            })?
+        } else {
+            BaseDisk {
+                path: snapshot_disk.clone(),
+                format: "qcow2".into(),
+            }
+        };
         let dir = RunDir::create(rt, id)?;
         let disk_path = dir.path.join("disk.qcow2");
         overlay_from_seed(snapshot, meta.tier.disk_bytes(), &disk_path).await?;
-        let started = Instant::now();
-        let memory = snapshot.join("memory.bin");
-        let mut vm = crate::qemu::launch(&spec(
-            rt,
-            (meta.mem_mib, meta.cpus),
-            &dir.path,
-            &disk_path,
-            Some(memory),
-        ))
-        .await?;
-        let agent = connect_agent(&mut vm, RESTORE_TIMEOUT, "restoring").await?;
-        let sb = Sandbox {
-            id: id.to_string(),
+        let origin = Origin {
             image: meta.image.clone(),
             tier: meta.tier,
             mem_mib: meta.mem_mib,
             cpus: meta.cpus,
+            shared_base,
+            backing: snapshot_disk,
+        };
+        Self::start(rt, id, dir, origin, Some(snapshot.join("memory.bin")), opts).await
+    }
+
+    /// Launches QEMU on `dir/disk.qcow2` (booting, or loading `incoming`), records a detached
+    /// sandbox in `sandbox.json` and opens the agent session.
+    async fn start(
+        rt: &Runtime,
+        id: &str,
+        dir: RunDir,
+        origin: Origin,
+        incoming: Option<PathBuf>,
+        opts: LaunchOptions,
+    ) -> Result<Sandbox> {
+        let disk_path = dir.path.join("disk.qcow2");
+        let started = Instant::now();
+        let restoring = incoming.is_some();
+        let mut vm = crate::qemu::launch(&spec(
+            rt,
+            (origin.mem_mib, origin.cpus),
+            &dir.path,
+            &disk_path,
+            incoming,
+            opts.detached,
+        ))
+        .await?;
+        limit_cpu(&vm, origin.tier)?;
+        if opts.detached {
+            SandboxRecord {
+                format: SandboxRecord::FORMAT,
+                id: id.to_string(),
+                pid: vm.pid(),
+                image: origin.image.clone(),
+                tier: origin.tier,
+                mem_mib: origin.mem_mib,
+                cpus: origin.cpus,
+                disk: disk_path.clone(),
+                backing: origin.backing.clone(),
+                shared_base: origin.shared_base.clone(),
+                created_unix: snapshot::unix_now(),
+            }
+            .store(&dir.path)?;
+        }
+        let agent = if restoring {
+            connect_agent(&mut vm, RESTORE_TIMEOUT, "restoring").await?
+        } else {
+            connect_agent(&mut vm, BOOT_TIMEOUT, "booting").await?
+        };
+        let sb = Sandbox {
+            id: id.to_string(),
+            image: origin.image,
+            tier: origin.tier,
+            mem_mib: origin.mem_mib,
+            cpus: origin.cpus,
+            shared_base: origin.shared_base,
+            backing: origin.backing,
             agent,
             vm,
             dir,
@@ -220,10 +459,63 @@ impl Sandbox {
         sb.agent.refresh(Some(&hostname(id))).await?;
         tracing::info!(
             id,
+            restoring,
+            detached = opts.detached,
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "sandbox restored"
+            "sandbox started"
         );
         Ok(sb)
+    }
+
+    /// Takes over the detached sandbox `id` whose owner is gone (see [`Runtime::orphans`]):
+    /// takes its directory's lock, adopts its QEMU ([`Vm::adopt`], which checks the pid is
+    /// really this sandbox's QEMU) and opens a new agent session. The guest's processes keep
+    /// running (a new HELLO starts a new session without touching them); streams of the old
+    /// owner's execs are gone.
+    ///
+    /// Fails without touching anything if the directory is locked (owned by a live process).
+    /// Otherwise a sandbox that cannot be adopted is killed and its directory removed: its
+    /// QEMU is gone, or nobody could control it.
+    pub async fn adopt(rt: &Runtime, id: &str) -> Result<Sandbox> {
+        let mut dir = RunDir::open(rt, id)?;
+        let rec = match SandboxRecord::load(&dir.path) {
+            Ok(rec) => rec,
+            Err(e) => {
+                // Not ours to judge here: garbage collection kills and removes it.
+                dir.keep = true;
+                return Err(e);
+            }
+        };
+        let mut vm = Vm::adopt(&dir.path, rec.pid).await?;
+        let agent = connect_agent(&mut vm, RESTORE_TIMEOUT, "adopting").await?;
+        tracing::info!(id, pid = rec.pid, "sandbox adopted");
+        Ok(Sandbox {
+            id: rec.id,
+            image: rec.image,
+            tier: rec.tier,
+            mem_mib: rec.mem_mib,
+            cpus: rec.cpus,
+            shared_base: rec.shared_base,
+            backing: rec.backing,
+            agent,
+            vm,
+            dir,
+        })
+    }
+
+    /// Lets go of a detached sandbox without stopping it: the agent session and QMP close,
+    /// the directory's lock is released, QEMU and the run directory stay, and the sandbox
+    /// shows up in [`Runtime::orphans`] for the next owner to [`Sandbox::adopt`] (a daemon's
+    /// graceful restart). An attached sandbox cannot be detached: it is destroyed and an
+    /// error returned.
+    pub fn detach(self) -> Result<()> {
+        let Sandbox {
+            agent, vm, mut dir, ..
+        } = self;
+        drop(agent);
+        vm.release()?;
+        dir.keep = true;
+        Ok(())
     }
 
     pub fn id(&self) -> &str {
@@ -248,10 +540,26 @@ impl Sandbox {
         self.vm.pid()
     }
 
+    /// `MOAT_HOME/run/<id>`.
+    pub fn run_dir(&self) -> &Path {
+        &self.dir.path
+    }
+
+    /// Whether QEMU may outlive this process (launched detached, or adopted).
+    pub fn is_detached(&self) -> bool {
+        self.vm.is_detached()
+    }
+
+    /// The shared read-only disk a [suspend](Sandbox::suspend) flattens this sandbox's disk
+    /// onto: the template's or snapshot's disk it was restored from, or the image's rootfs.
+    pub fn shared_base(&self) -> &BaseDisk {
+        &self.shared_base
+    }
+
     /// Saves memory and disk to `dest` (which must not exist), atomically: the directory
     /// appears complete or not at all. The sandbox keeps running afterwards.
     pub async fn snapshot(&mut self, rt: &Runtime, dest: &Path) -> Result<SnapshotMeta> {
-        let meta = self.save(rt, dest, false).await?;
+        let meta = self.save(rt, dest, SaveMode::Copy).await?;
         self.vm.resume().await?;
         Ok(meta)
     }
@@ -259,12 +567,27 @@ impl Sandbox {
     /// Saves a snapshot and ends the sandbox; its disk moves into the snapshot instead of being
     /// copied. Used for templates.
     pub async fn snapshot_and_stop(mut self, rt: &Runtime, dest: &Path) -> Result<SnapshotMeta> {
-        let meta = self.save(rt, dest, true).await?;
+        let meta = self.save(rt, dest, SaveMode::Move).await?;
         self.destroy().await;
         Ok(meta)
     }
 
-    async fn save(&mut self, rt: &Runtime, dest: &Path, move_disk: bool) -> Result<SnapshotMeta> {
+    /// Suspends the sandbox to `dest` (which must not exist) and ends it: afterwards it costs
+    /// no CPU and no RAM, only disk. The guest is quiesced, its memory saved, QEMU stopped,
+    /// and its disk flattened into `dest/disk.qcow2` as one private layer over
+    /// [`Sandbox::shared_base`], so the backing chain stays `disk → shared base → rootfs`
+    /// however many suspend/resume cycles happen. `dest` appears complete or not at all.
+    /// [`Sandbox::resume`] continues it, processes included.
+    ///
+    /// The sandbox is gone even when this fails; the directory of its previous suspend (its
+    /// backing file, if it was resumed) is never modified, so the caller can still resume that.
+    pub async fn suspend(mut self, rt: &Runtime, dest: &Path) -> Result<SnapshotMeta> {
+        let meta = self.save(rt, dest, SaveMode::Suspend).await?;
+        self.destroy().await;
+        Ok(meta)
+    }
+
+    async fn save(&mut self, rt: &Runtime, dest: &Path, mode: SaveMode) -> Result<SnapshotMeta> {
         let parent = dest.parent().ok_or_else(|| {
             Error::InvalidArgument(format!("bad snapshot path {}", dest.display()))
         })?;
@@ -287,10 +610,25 @@ impl Sandbox {
         let memory_bytes = self.vm.save_memory(&memory).await?;
         let disk = tmp.path().join("disk.qcow2");
         let src = self.dir.path.join("disk.qcow2");
-        if move_disk {
-            std::fs::rename(&src, &disk).ctx(|| format!("moving {}", src.display()))?;
-        } else {
-            std::fs::copy(&src, &disk).ctx(|| format!("copying {}", src.display()))?;
+        match mode {
+            SaveMode::Copy => {
+                std::fs::copy(&src, &disk).ctx(|| format!("copying {}", src.display()))?;
+            }
+            SaveMode::Move => {
+                std::fs::rename(&src, &disk).ctx(|| format!("moving {}", src.display()))?;
+            }
+            SaveMode::Suspend => {
+                // The memory is saved: QEMU is no longer needed, and it must let go of the
+                // overlay before qemu-img rewrites it.
+                self.vm.kill().await?;
+                if self.backing != self.shared_base.path {
+                    disk::rebase(&src, &self.shared_base.path, &self.shared_base.format).await?;
+                }
+                if std::fs::rename(&src, &disk).is_err() {
+                    // Another filesystem.
+                    std::fs::copy(&src, &disk).ctx(|| format!("copying {}", src.display()))?;
+                }
+            }
         }
         snapshot::fsync_file(&disk)?;
         let meta = SnapshotMeta {
@@ -306,10 +644,11 @@ impl Sandbox {
             memory_bytes,
             created_unix: snapshot::unix_now(),
             save_ms: started.elapsed().as_millis() as u64,
+            shared_base: (mode == SaveMode::Suspend).then(|| self.shared_base.clone()),
         };
         meta.store(tmp.path())?;
         tmp.persist(dest)?;
-        if !move_disk {
+        if mode == SaveMode::Copy {
             quiet.release().await?;
         }
         Ok(meta)
@@ -365,6 +704,7 @@ fn spec(
     dir: &Path,
     disk: &Path,
     incoming: Option<PathBuf>,
+    detached: bool,
 ) -> VmSpec {
     VmSpec {
         accel: rt.accel.clone(),
@@ -375,7 +715,23 @@ fn spec(
         disk: disk.to_path_buf(),
         run_dir: dir.to_path_buf(),
         incoming,
+        detached,
     }
+}
+
+/// Where a sandbox comes from: what [`Sandbox::start`] records besides the VM.
+struct Origin {
+    image: String,
+    tier: Tier,
+    mem_mib: u32,
+    cpus: u32,
+    shared_base: BaseDisk,
+    backing: PathBuf,
+}
+
+/// The absolute path of an existing disk (qemu-img stores backing paths as given).
+fn canonical(path: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(path).ctx(|| format!("resolving {}", path.display()))
 }
 
 /// Makes a fresh copy-on-write overlay on a snapshot's disk at `dest`. `qemu-img create` costs

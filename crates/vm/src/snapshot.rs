@@ -12,8 +12,16 @@ use crate::tier::Tier;
 use crate::util::{fsync_dir, write_atomic};
 use crate::{Error, Result};
 
-/// Version of the snapshot directory layout and `meta.json`.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Version of the snapshot directory layout and `meta.json`. 2 added `shared_base`.
+pub const SNAPSHOT_FORMAT: u32 = 2;
+
+/// A disk image as qemu-img names it: an absolute path and a format (`raw` or `qcow2`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseDisk {
+    pub path: PathBuf,
+    pub format: String,
+}
 
 /// What `meta.json` records: enough to refuse a restore that could not work.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +43,11 @@ pub struct SnapshotMeta {
     pub created_unix: u64,
     /// How long the save took, for the benchmark and logs.
     pub save_ms: u64,
+    /// Set by a suspend only: the shared read-only disk that `disk.qcow2` is one private layer
+    /// over (the template's disk, or the image's rootfs). A resume keeps it as the base of the
+    /// next suspend, which bounds the backing chain. `None` for snapshots and templates,
+    /// whose `disk.qcow2` itself becomes the base of their restores.
+    pub shared_base: Option<BaseDisk>,
 }
 
 impl SnapshotMeta {
@@ -173,4 +186,20 @@ pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Deletes the memory image of a suspended sandbox once it has been resumed (QEMU has loaded
+/// it by then): the largest file of the directory, and no longer needed. `disk.qcow2` stays,
+/// as the resumed sandbox's backing file, until its next suspend replaces the directory; the
+/// directory cannot be resumed again. Returns the bytes freed. Idempotent.
+pub fn discard_memory(dir: &Path) -> Result<u64> {
+    let memory = dir.join("memory.bin");
+    let bytes = match std::fs::metadata(&memory) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(format!("inspecting {}", memory.display()), e)),
+    };
+    std::fs::remove_file(&memory).ctx(|| format!("removing {}", memory.display()))?;
+    fsync_dir(dir)?;
+    Ok(bytes)
 }

@@ -121,6 +121,7 @@ impl Fixture {
             disk: disk.to_path_buf(),
             run_dir: self.dir.path().join(name),
             incoming,
+            detached: false,
         }
     }
 }

@@ -1,0 +1,148 @@
+//! Suspend and resume: a suspended sandbox is a directory (memory, a flattened disk) and no
+//! process; a resume continues its processes. Real QEMU, the base image's template.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{images, qemu_processes, runtime, unique};
+use moat_protocol::ExecRequest;
+use moat_vm::agent::Output;
+use moat_vm::{snapshot, template, LaunchOptions, Sandbox, Tier};
+
+const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+async fn sh(sb: &Sandbox, script: &str) -> Output {
+    let req = ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec![PATH.into()],
+        ..Default::default()
+    };
+    sb.agent().exec_output(req, 1 << 20).await.expect("exec")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).trim().to_string()
+}
+
+async fn counter(sb: &Sandbox) -> u64 {
+    text(&sh(sb, "cat /run/counter").await.stdout)
+        .parse()
+        .expect("counter")
+}
+
+async fn counter_passes(sb: &Sandbox, than: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter(sb).await <= than {
+        assert!(Instant::now() < deadline, "counter stuck at {than}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The images of `disk`'s backing chain, top first.
+fn backing_chain(disk: &Path) -> Vec<PathBuf> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| PathBuf::from(i["filename"].as_str().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_and_files_survive_three_suspend_resume_cycles() {
+    let rt = runtime();
+    let image = images()
+        .resolve("base")
+        .expect("base image: run `moat setup`");
+    let tpl = template::ensure(&rt, &image.digest, &image.rootfs, Tier::M)
+        .await
+        .expect("template");
+    let id = unique("suspend");
+    let mut sb = Sandbox::restore(&rt, &id, &tpl.dir).await.unwrap();
+    let base = std::fs::canonicalize(tpl.dir.join("disk.qcow2")).unwrap();
+    assert_eq!(sb.shared_base().path, base);
+
+    sh(&sb, "echo 0 > /root/file0").await;
+    let bg = text(
+        &sh(
+            &sb,
+            "(i=0; while true; do i=$((i+1)); echo $i > /run/counter; sleep 0.2; done) \
+             > /dev/null 2>&1 & echo $!",
+        )
+        .await
+        .stdout,
+    );
+    counter_passes(&sb, 0).await;
+
+    let store = tempfile::tempdir_in(common::home()).unwrap();
+    let mut previous: Option<PathBuf> = None;
+    for cycle in 1..=3u32 {
+        sh(&sb, &format!("echo {cycle} > /root/file{cycle}")).await;
+        let before = counter(&sb).await;
+        let dest = store.path().join(format!("suspended-{cycle}"));
+
+        let started = Instant::now();
+        let meta = sb.suspend(&rt, &dest).await.expect("suspend");
+        let suspend_ms = started.elapsed().as_millis();
+
+        // Suspended: a directory and no process.
+        assert!(qemu_processes(&id).is_empty(), "QEMU still running");
+        assert!(!rt.run_root().join(&id).exists());
+        assert_eq!(meta.shared_base.as_ref().unwrap().path, base);
+        let chain = backing_chain(&dest.join("disk.qcow2"));
+        assert!(chain.len() <= 3, "backing chain grew: {chain:?}");
+        assert_eq!(chain[1], base, "{chain:?}");
+        let disk_bytes = std::fs::metadata(dest.join("disk.qcow2")).unwrap().len();
+        // The previous suspend is no longer anyone's backing file.
+        if let Some(p) = previous.take() {
+            std::fs::remove_dir_all(p).unwrap();
+        }
+
+        let started = Instant::now();
+        sb = Sandbox::resume(&rt, &id, &dest, LaunchOptions::default())
+            .await
+            .expect("resume");
+        let resume_ms = started.elapsed().as_millis();
+        let freed = snapshot::discard_memory(&dest).unwrap();
+        assert!(freed > 0);
+        assert_eq!(sb.shared_base().path, base);
+        eprintln!(
+            "cycle {cycle}: suspend {suspend_ms} ms (save {} ms), resume {resume_ms} ms, \
+             memory {} MiB, disk layer {} KiB",
+            meta.save_ms,
+            meta.memory_bytes >> 20,
+            disk_bytes >> 10
+        );
+
+        // Every file, the same background process, and it keeps counting.
+        for i in 0..=cycle {
+            let got = text(&sh(&sb, &format!("cat /root/file{i}")).await.stdout);
+            assert_eq!(got, i.to_string(), "file{i} after cycle {cycle}");
+        }
+        let alive = sh(&sb, &format!("kill -0 {bg} && echo alive")).await;
+        assert_eq!(text(&alive.stdout), "alive");
+        assert!(counter(&sb).await >= before);
+        counter_passes(&sb, before).await;
+        previous = Some(dest);
+    }
+    // A plain snapshot is not a suspended sandbox: resuming it is refused.
+    assert!(
+        Sandbox::resume(&rt, &unique("nope"), &tpl.dir, LaunchOptions::default())
+            .await
+            .is_err()
+    );
+    sb.destroy().await;
+    assert!(qemu_processes(&id).is_empty());
+}
