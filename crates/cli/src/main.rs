@@ -1,10 +1,12 @@
 //! `moat`: the command-line interface. A thin layer over `moat-image` and `moat-vm`: it parses
 //! and validates arguments, wires progress to the terminal and maps results to exit codes.
 
+mod client;
 mod home;
 mod image_cmd;
 mod progress;
 mod run;
+mod serve;
 mod setup;
 
 use std::process::ExitCode;
@@ -44,6 +46,22 @@ enum Command {
     Image(image_cmd::ImageCommand),
     /// Run a command in a fresh sandbox and remove the sandbox afterwards.
     Run(run::RunArgs),
+    /// Run the moat daemon: the REST API on TCP and on MOAT_HOME/moatd.sock.
+    Serve(serve::ServeArgs),
+    /// Manage sandbox groups on a moat daemon (MOAT_URL, MOAT_API_KEY).
+    Group {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: client::GroupCommand,
+    },
+    /// Manage API keys on a moat daemon (admin only).
+    ApiKey {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: client::ApiKeyCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,11 +85,19 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // The client verbs only talk to a daemon: they need no MOAT_HOME.
+        let command = match cli.command {
+            Command::Group { client, command } => return client::group(client, command).await,
+            Command::ApiKey { client, command } => return client::api_key(client, command).await,
+            other => other,
+        };
         let home = home::Home::resolve(cli.home.as_deref())?;
-        match cli.command {
+        match command {
             Command::Setup(args) => setup::run(&home, cli.accel.as_deref(), args).await,
             Command::Image(cmd) => image_cmd::run(&home, cmd).await,
             Command::Run(args) => run::run(&home, cli.accel.as_deref(), args).await,
+            Command::Serve(args) => serve::run(&home, args).await,
+            Command::Group { .. } | Command::ApiKey { .. } => unreachable!("handled above"),
         }
     });
     // Everything the command owned (sandboxes, temporary files) is gone once block_on returns.

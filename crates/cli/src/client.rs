@@ -1,0 +1,602 @@
+//! The CLI verbs that talk to a running daemon (`MOAT_URL`, `MOAT_API_KEY`): `moat group …`
+//! and `moat api-key …`. Tables for people, `--json` for scripts. Input is validated by the
+//! daemon; its error messages are shown as they are.
+
+use std::io::Read;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Map, Value};
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// URL of the moat daemon.
+    #[arg(
+        long,
+        env = "MOAT_URL",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    url: String,
+    /// API key (moat_…).
+    #[arg(long, env = "MOAT_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create or replace a sandbox group (the whole spec: what is not given takes its default).
+    Apply(ApplyArgs),
+    /// List the groups this key may see.
+    Ls,
+    /// Show one group.
+    Show { name: String },
+    /// Delete a group.
+    Rm {
+        name: String,
+        /// Also delete the group's sandboxes.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// JSON file with the spec, optionally with a "name" field ("-" reads stdin). Flags given
+    /// too override the file's fields.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: Option<String>,
+    /// Group name (default: the file's "name").
+    #[arg(long)]
+    name: Option<String>,
+    /// Default image of the group's sandboxes.
+    #[arg(long)]
+    image: Option<String>,
+    /// Tier: xs, s, m, l, xl.
+    #[arg(long)]
+    tier: Option<String>,
+    /// Warm sandboxes kept ready (0–64).
+    #[arg(long, value_name = "N")]
+    pool_size: Option<u32>,
+    /// Seconds without activity before on-idle applies, or "never".
+    #[arg(long, value_name = "SECS|never")]
+    idle_timeout: Option<String>,
+    /// suspend or delete.
+    #[arg(long)]
+    on_idle: Option<String>,
+    /// Seconds a suspended sandbox is kept, or "never".
+    #[arg(long, value_name = "SECS|never")]
+    suspended_ttl: Option<String>,
+    /// Maximum lifetime of a sandbox in seconds, or "never".
+    #[arg(long, value_name = "SECS|never")]
+    max_lifetime: Option<String>,
+    /// Egress when no rule matches: deny or allow.
+    #[arg(long)]
+    egress_default: Option<String>,
+    /// Allow egress to HOST or *.SUFFIX, optionally on ports (HOST:443,8443); repeatable.
+    #[arg(long = "allow", value_name = "HOST[:PORTS]")]
+    allow: Vec<String>,
+    /// A label KEY=VALUE; repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create an API key; its secret is printed once.
+    Create {
+        /// A name for people.
+        #[arg(long)]
+        name: String,
+        /// admin, owner, user or reader.
+        #[arg(long)]
+        role: String,
+        /// A group the key may see; repeatable (none for admin).
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+    },
+    /// List API keys (never their secrets).
+    Ls,
+    /// Delete an API key by id.
+    Rm { id: String },
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: Option<String>,
+}
+
+impl Client {
+    fn new(args: &ClientArgs) -> Result<Client> {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Client {
+            http,
+            base: args.url.trim_end_matches('/').to_string(),
+            key: args.api_key.clone().filter(|k| !k.is_empty()),
+        })
+    }
+
+    /// Sends a request; a 2xx gives its status and JSON body (Null when empty), anything else
+    /// becomes an error carrying the daemon's message.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value)> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach the moat daemon at {} (is `moat serve` running? set MOAT_URL)",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.context("reading the daemon's answer")?;
+        let value: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).with_context(|| {
+                format!("the daemon answered HTTP {status} with a body that is not JSON")
+            })?
+        };
+        if status.is_success() {
+            return Ok((status, value));
+        }
+        let message = value["error"]["message"].as_str().unwrap_or("no message");
+        let hint = if status == StatusCode::UNAUTHORIZED && self.key.is_none() {
+            " (set MOAT_API_KEY)"
+        } else {
+            ""
+        };
+        Err(anyhow!("{message}{hint} (HTTP {})", status.as_u16()))
+    }
+}
+
+pub async fn group(args: ClientArgs, cmd: GroupCommand) -> Result<u8> {
+    let c = Client::new(&args)?;
+    match cmd {
+        GroupCommand::Apply(a) => {
+            let (name, body) = apply_body(&a)?;
+            let (status, g) = c
+                .call(
+                    Method::PUT,
+                    &format!("/v1/sandbox-groups/{name}"),
+                    Some(&body),
+                )
+                .await?;
+            if args.json {
+                print_json(&g)?;
+            } else {
+                let what = if status == StatusCode::CREATED {
+                    "created"
+                } else {
+                    "updated"
+                };
+                println!("group {name} {what}");
+            }
+        }
+        GroupCommand::Ls => {
+            let (_, v) = c.call(Method::GET, "/v1/sandbox-groups", None).await?;
+            if args.json {
+                print_json(&v)?;
+            } else {
+                let rows = v["groups"]
+                    .as_array()
+                    .map(|gs| gs.iter().map(group_row).collect())
+                    .unwrap_or_default();
+                print_table(
+                    &[
+                        "NAME", "IMAGE", "TIER", "POOL", "EGRESS", "LABELS", "UPDATED",
+                    ],
+                    rows,
+                );
+            }
+        }
+        GroupCommand::Show { name } => {
+            let (_, g) = c
+                .call(
+                    Method::GET,
+                    &format!("/v1/sandbox-groups/{}", path_segment(&name)?),
+                    None,
+                )
+                .await?;
+            if args.json {
+                print_json(&g)?;
+            } else {
+                print_group(&g);
+            }
+        }
+        GroupCommand::Rm { name, force } => {
+            let q = if force { "?force=true" } else { "" };
+            c.call(
+                Method::DELETE,
+                &format!("/v1/sandbox-groups/{}{q}", path_segment(&name)?),
+                None,
+            )
+            .await?;
+            if !args.json {
+                println!("group {name} deleted");
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub async fn api_key(args: ClientArgs, cmd: ApiKeyCommand) -> Result<u8> {
+    let c = Client::new(&args)?;
+    match cmd {
+        ApiKeyCommand::Create { name, role, groups } => {
+            let body = json!({"name": name, "role": role, "groups": groups});
+            let (_, k) = c.call(Method::POST, "/v1/api-keys", Some(&body)).await?;
+            if args.json {
+                print_json(&k)?;
+            } else {
+                println!("id:     {}", s(&k["id"]));
+                println!("role:   {}", s(&k["role"]));
+                println!("groups: {}", list(&k["groups"]));
+                println!("key:    {}", s(&k["key"]));
+                eprintln!("The key is shown only this once: store it now.");
+            }
+        }
+        ApiKeyCommand::Ls => {
+            let (_, v) = c.call(Method::GET, "/v1/api-keys", None).await?;
+            if args.json {
+                print_json(&v)?;
+            } else {
+                let rows = v["api_keys"]
+                    .as_array()
+                    .map(|ks| {
+                        ks.iter()
+                            .map(|k| {
+                                vec![
+                                    s(&k["id"]),
+                                    s(&k["name"]),
+                                    s(&k["role"]),
+                                    list(&k["groups"]),
+                                    format!("{}…", s(&k["prefix"])),
+                                    s(&k["created_at"]),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_table(&["ID", "NAME", "ROLE", "GROUPS", "PREFIX", "CREATED"], rows);
+            }
+        }
+        ApiKeyCommand::Rm { id } => {
+            c.call(
+                Method::DELETE,
+                &format!("/v1/api-keys/{}", path_segment(&id)?),
+                None,
+            )
+            .await?;
+            if !args.json {
+                println!("API key {id} deleted");
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// The group name and the PUT body from a file and flags.
+fn apply_body(a: &ApplyArgs) -> Result<(String, Value)> {
+    let mut spec = match &a.file {
+        Some(f) => {
+            let text = if f == "-" {
+                let mut t = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut t)
+                    .context("reading stdin")?;
+                t
+            } else {
+                std::fs::read_to_string(f).with_context(|| format!("reading {f}"))?
+            };
+            match serde_json::from_str(&text).with_context(|| format!("{f} is not valid JSON"))? {
+                Value::Object(m) => m,
+                _ => bail!("{f} must hold a JSON object (the group spec)"),
+            }
+        }
+        None => Map::new(),
+    };
+    let file_name = match spec.remove("name") {
+        Some(Value::String(n)) => Some(n),
+        Some(_) => bail!("\"name\" in the file must be a string"),
+        None => None,
+    };
+    let name = a
+        .name
+        .clone()
+        .or(file_name)
+        .context("give the group's name with --name or as \"name\" in the file")?;
+    let mut set = |path: &[&str], v: Value| {
+        let mut m = &mut spec;
+        for p in &path[..path.len() - 1] {
+            let e = m.entry(p.to_string()).or_insert_with(|| json!({}));
+            if !e.is_object() {
+                *e = json!({});
+            }
+            // Just made sure it is an object.
+            m = match e {
+                Value::Object(o) => o,
+                _ => unreachable!(),
+            };
+        }
+        m.insert(path[path.len() - 1].to_string(), v);
+    };
+    if let Some(v) = &a.image {
+        set(&["image"], json!(v));
+    }
+    if let Some(v) = &a.tier {
+        set(&["tier"], json!(v));
+    }
+    if let Some(v) = a.pool_size {
+        set(&["pool", "size"], json!(v));
+    }
+    if let Some(v) = &a.idle_timeout {
+        set(
+            &["lifecycle", "idle_timeout_s"],
+            secs_or_never("--idle-timeout", v)?,
+        );
+    }
+    if let Some(v) = &a.on_idle {
+        set(&["lifecycle", "on_idle"], json!(v));
+    }
+    if let Some(v) = &a.suspended_ttl {
+        set(
+            &["lifecycle", "suspended_ttl_s"],
+            secs_or_never("--suspended-ttl", v)?,
+        );
+    }
+    if let Some(v) = &a.max_lifetime {
+        set(
+            &["lifecycle", "max_lifetime_s"],
+            secs_or_never("--max-lifetime", v)?,
+        );
+    }
+    if let Some(v) = &a.egress_default {
+        set(&["egress", "default"], json!(v));
+    }
+    if !a.allow.is_empty() {
+        let rules = a
+            .allow
+            .iter()
+            .map(|r| parse_allow(r))
+            .collect::<Result<Vec<_>>>()?;
+        set(&["egress", "rules"], Value::Array(rules));
+    }
+    if !a.labels.is_empty() {
+        let mut labels = Map::new();
+        for l in &a.labels {
+            let (k, v) = l
+                .split_once('=')
+                .with_context(|| format!("invalid --label {l:?}: expected KEY=VALUE"))?;
+            labels.insert(k.to_string(), json!(v));
+        }
+        set(&["labels"], Value::Object(labels));
+    }
+    Ok((path_segment(&name)?, Value::Object(spec)))
+}
+
+fn secs_or_never(flag: &str, v: &str) -> Result<Value> {
+    if v == "never" {
+        return Ok(Value::Null);
+    }
+    v.parse::<u64>()
+        .map(|n| json!(n))
+        .map_err(|_| anyhow!("invalid {flag} {v:?}: expected whole seconds or \"never\""))
+}
+
+/// `HOST` or `HOST:PORT,PORT`.
+fn parse_allow(r: &str) -> Result<Value> {
+    let (host, ports) = match r.rsplit_once(':') {
+        Some((h, p)) => {
+            let ports = p
+                .split(',')
+                .map(|x| x.parse::<u16>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    anyhow!(
+                        "invalid --allow {r:?}: ports must be numbers 1–65535, like host:443,8443"
+                    )
+                })?;
+            (h, ports)
+        }
+        None => (r, Vec::new()),
+    };
+    Ok(json!({"host": host, "ports": ports}))
+}
+
+/// Percent-encodes what would change a URL's structure; the daemon validates the name itself.
+fn path_segment(s: &str) -> Result<String> {
+    // URL parsers resolve "." and ".." segments (even percent-encoded), which would send the
+    // request to another endpoint.
+    if s.is_empty() || s == "." || s == ".." {
+        bail!("invalid name {s:?}");
+    }
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(out)
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn list(v: &Value) -> String {
+    let items: Vec<String> = v
+        .as_array()
+        .map(|a| a.iter().map(s).collect())
+        .unwrap_or_default();
+    if items.is_empty() {
+        "-".to_string()
+    } else {
+        items.join(",")
+    }
+}
+
+fn labels(v: &Value) -> String {
+    let items: Vec<String> = v
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
+        .unwrap_or_default();
+    if items.is_empty() {
+        "-".to_string()
+    } else {
+        items.join(",")
+    }
+}
+
+fn egress(e: &Value) -> String {
+    let rules = e["rules"].as_array().map_or(0, Vec::len);
+    format!("{} +{rules}", s(&e["default"]))
+}
+
+fn group_row(g: &Value) -> Vec<String> {
+    let sp = &g["spec"];
+    vec![
+        s(&g["name"]),
+        s(&sp["image"]),
+        s(&sp["tier"]),
+        s(&sp["pool"]["size"]),
+        egress(&sp["egress"]),
+        labels(&sp["labels"]),
+        s(&g["updated_at"]),
+    ]
+}
+
+fn print_group(g: &Value) {
+    let sp = &g["spec"];
+    let l = &sp["lifecycle"];
+    let secs = |v: &Value| match v {
+        Value::Null => "never".to_string(),
+        v => format!("{}s", s(v)),
+    };
+    let rules: Vec<String> = sp["egress"]["rules"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| {
+                    let ports = list(&r["ports"]);
+                    if ports == "-" {
+                        s(&r["host"])
+                    } else {
+                        format!("{}:{ports}", s(&r["host"]))
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("name:       {}", s(&g["name"]));
+    println!("image:      {}", s(&sp["image"]));
+    println!("tier:       {}", s(&sp["tier"]));
+    println!("pool:       {}", s(&sp["pool"]["size"]));
+    println!(
+        "lifecycle:  idle {} then {}, suspended ttl {}, max lifetime {}",
+        secs(&l["idle_timeout_s"]),
+        s(&l["on_idle"]),
+        secs(&l["suspended_ttl_s"]),
+        secs(&l["max_lifetime_s"])
+    );
+    println!(
+        "egress:     {} by default{}",
+        s(&sp["egress"]["default"]),
+        if rules.is_empty() {
+            String::new()
+        } else {
+            format!("; allow {}", rules.join(" "))
+        }
+    );
+    println!("labels:     {}", labels(&sp["labels"]));
+    println!("created:    {}", s(&g["created_at"]));
+    println!("updated:    {}", s(&g["updated_at"]));
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_rules() {
+        assert_eq!(
+            parse_allow("a.com").unwrap(),
+            json!({"host": "a.com", "ports": []})
+        );
+        assert_eq!(
+            parse_allow("*.a.com:443,80").unwrap(),
+            json!({"host": "*.a.com", "ports": [443, 80]})
+        );
+        assert!(parse_allow("a.com:https").is_err());
+        assert!(parse_allow("a.com:70000").is_err());
+    }
+
+    #[test]
+    fn never_is_null() {
+        assert_eq!(secs_or_never("--x", "never").unwrap(), Value::Null);
+        assert_eq!(secs_or_never("--x", "30").unwrap(), json!(30));
+        assert!(secs_or_never("--x", "-1").is_err());
+    }
+
+    #[test]
+    fn segments_are_escaped() {
+        assert_eq!(path_segment("a-b").unwrap(), "a-b");
+        assert_eq!(path_segment("../x").unwrap(), "..%2Fx");
+        assert!(path_segment("..").is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! moat-server: the daemon behind `moat serve` (moatd). Now: the embedded store, API keys,
+//! sandbox groups, and the HTTP API on TCP and on a Unix socket. Sandboxes, pools and
+//! lifecycle build on this.
+
+pub mod api;
+pub mod error;
+pub mod http;
+pub mod keys;
+pub mod metrics;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use error::{Error, Result};
+use nix::fcntl::{Flock, FlockArg};
+use tokio::net::{TcpListener, UnixListener};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// MOAT_HOME: holds `moatd.db`, `moatd.sock` and `moatd.lock`.
+    pub home: PathBuf,
+    /// TCP address of the API.
+    pub listen: SocketAddr,
+    /// The first admin key, instead of a generated one (MOAT_BOOTSTRAP_KEY). Used only when
+    /// the database has never been bootstrapped.
+    pub bootstrap_key: Option<String>,
+}
+
+pub fn db_path(home: &Path) -> PathBuf {
+    home.join("moatd.db")
+}
+
+pub fn socket_path(home: &Path) -> PathBuf {
+    home.join("moatd.sock")
+}
+
+/// Runs the daemon until `shutdown` completes (then it finishes the requests in flight).
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    std::fs::create_dir_all(&config.home)
+        .map_err(|e| Error::io(format!("creating {}", config.home.display()), e))?;
+    // One daemon per MOAT_HOME: the lock is released by the kernel however the daemon dies,
+    // so a stale socket file left by a kill -9 can then be removed safely.
+    let lock_path = config.home.join("moatd.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        Error::Config(format!(
+            "another moat serve is running with MOAT_HOME {} ({errno})",
+            config.home.display()
+        ))
+    })?;
+
+    let db = db_path(&config.home);
+    let bootstrap = config.bootstrap_key.clone();
+    let (store, generated) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let store = store::Store::open(&db)?;
+        let generated = store.blocking(|c| store::bootstrap(c, bootstrap.as_deref()))?;
+        Ok((store, generated))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("opening the store: {e}")))??;
+    if let Some(key) = generated {
+        eprintln!(
+            "moat serve: created the first admin API key; it is printed once, on stdout, and \
+             only its hash is stored:"
+        );
+        println!("{key}");
+    }
+
+    let state = http::AppState {
+        store,
+        metrics: Arc::new(metrics::Metrics::default()),
+    };
+    let app = http::router(state);
+
+    let tcp = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::io(format!("listening on {}", config.listen), e))?;
+    let local = tcp
+        .local_addr()
+        .map_err(|e| Error::io("reading the listening address", e))?;
+    let sock = socket_path(&config.home);
+    match std::fs::remove_file(&sock) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("removing stale {}", sock.display()), e)),
+    }
+    let unix = UnixListener::bind(&sock)
+        .map_err(|e| Error::io(format!("listening on {}", sock.display()), e))?;
+    // Only this user may connect; requests still need an API key.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("chmod {}", sock.display()), e))?;
+    eprintln!(
+        "moat serve: listening on http://{local} and unix:{}",
+        sock.display()
+    );
+    tracing::info!(%local, socket = %sock.display(), "serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let tcp_server = axum::serve(tcp, app.clone()).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let unix_server = axum::serve(unix, app).with_graceful_shutdown(stopped(stop_rx));
+    let result = tokio::try_join!(
+        async { tcp_server.await.map_err(|e| Error::io("serving TCP", e)) },
+        async {
+            unix_server
+                .await
+                .map_err(|e| Error::io("serving the Unix socket", e))
+        },
+    );
+    let _ = std::fs::remove_file(&sock);
+    result.map(|_| ())
+}
