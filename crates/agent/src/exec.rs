@@ -229,7 +229,7 @@ impl Execs {
             cmd.env("HOME", &ident.home);
         }
         let other = |e: io::Error| (ErrorKind::Other, e.to_string());
-        let pipes = match req.pty {
+        let ends = match req.pty {
             Some(size) => {
                 if !env.iter().any(|(k, _)| *k == "TERM") {
                     cmd.env("TERM", "xterm-256color");
@@ -239,7 +239,7 @@ impl Execs {
                 cmd.stdin(dup(&slave)?)
                     .stdout(dup(&slave)?)
                     .stderr(Stdio::from(slave));
-                Err(pty)
+                ParentEnds::Pty(pty)
             }
             None => {
                 let (stdout_rx, stdout_tx) = pipe_pair().map_err(other)?;
@@ -254,7 +254,11 @@ impl Execs {
                 };
                 cmd.stdout(Stdio::from(stdout_tx))
                     .stderr(Stdio::from(stderr_tx));
-                Ok((stdin, stdout_rx, stderr_rx))
+                ParentEnds::Pipes {
+                    stdin,
+                    stdout: stdout_rx,
+                    stderr: stderr_rx,
+                }
             }
         };
 
@@ -283,8 +287,12 @@ impl Execs {
         // Close our copies of the child's ends, or we would never see EOF.
         drop(cmd);
         let receiver = |fd: OwnedFd| pipe::Receiver::from_owned_fd(fd).map_err(other);
-        let io = match pipes {
-            Ok((stdin, stdout, stderr)) => Io::Pipes {
+        let io = match ends {
+            ParentEnds::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => Io::Pipes {
                 stdin: stdin
                     .map(pipe::Sender::from_owned_fd)
                     .transpose()
@@ -292,7 +300,7 @@ impl Execs {
                 stdout: receiver(stdout)?,
                 stderr: receiver(stderr)?,
             },
-            Err(pty) => Io::Pty(pty),
+            ParentEnds::Pty(pty) => Io::Pty(pty),
         };
         Ok(Running {
             pid: child.id(),
@@ -522,6 +530,16 @@ fn find_program(
             dir => cwd.join(dir).join(argv0),
         })
         .find(|p| is_exec(p))
+}
+
+/// The parent's ends of a new process's stdio, before they become async [`Io`].
+enum ParentEnds {
+    Pty(Pty),
+    Pipes {
+        stdin: Option<OwnedFd>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
 }
 
 #[cfg(test)]
