@@ -96,7 +96,7 @@ fn main() -> ExitCode {
             Command::Setup(args) => setup::run(&home, cli.accel.as_deref(), args).await,
             Command::Image(cmd) => image_cmd::run(&home, cmd).await,
             Command::Run(args) => run::run(&home, cli.accel.as_deref(), args).await,
-            Command::Serve(args) => serve::run(&home, args).await,
+            Command::Serve(args) => serve::run(&home, cli.accel.as_deref(), args).await,
             Command::Group { .. } | Command::ApiKey { .. } => unreachable!("handled above"),
         }
     });

@@ -109,43 +109,15 @@ fn parse_env(e: &str) -> Result<(String, String)> {
     Ok((k.to_string(), v.to_string()))
 }
 
-/// The image's environment with the user's settings on top, and a PATH if neither has one.
-fn merged_env(image: &Image, overrides: &[(String, String)]) -> Vec<String> {
-    let mut env: Vec<(String, String)> = image
-        .config
-        .env
-        .iter()
-        .filter_map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-        })
-        .collect();
-    for (k, v) in overrides {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.clone(), v.clone()));
-    }
-    if !env.iter().any(|(k, _)| k == "PATH") {
-        env.push((
-            "PATH".into(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        ));
-    }
-    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
-}
-
 /// The argv: the image's entrypoint followed by the given command, or by the image's command
 /// when none is given (as `docker run` does).
 fn argv(image: &Image, cmd: &[String]) -> Result<Vec<String>> {
-    let mut argv = image.config.entrypoint.clone();
-    if cmd.is_empty() {
-        argv.extend(image.config.cmd.iter().cloned());
-    } else {
-        argv.extend(cmd.iter().cloned());
+    match image.config.run_argv(cmd) {
+        Some(argv) => Ok(argv),
+        None => {
+            bail!("no command given and the image defines none: use `moat run IMAGE -- CMD [ARG…]`")
+        }
     }
-    if argv.is_empty() {
-        bail!("no command given and the image defines none: use `moat run IMAGE -- CMD [ARG…]`");
-    }
-    Ok(argv)
 }
 
 pub async fn run(home: &Home, accel: Option<&str>, args: RunArgs) -> Result<u8> {
@@ -191,7 +163,7 @@ async fn run_inner(home: &Home, accel: Option<&str>, args: &RunArgs, plan: &RunP
 
     let request = ExecRequest {
         argv: argv.clone(),
-        env: merged_env(&image, &plan.env),
+        env: image.config.merged_env([&plan.env[..]]),
         cwd: plan
             .workdir
             .clone()
@@ -325,7 +297,9 @@ mod tests {
             },
             rootfs: "/nonexistent".into(),
         };
-        let env = merged_env(&image, &[("B".into(), "3".into())]);
+        let env = image
+            .config
+            .merged_env([&[("B".to_string(), "3".to_string())][..]]);
         assert_eq!(env[..2], ["A=1".to_string(), "B=3".to_string()]);
         assert!(env.iter().any(|e| e.starts_with("PATH=")));
         assert_eq!(argv(&image, &[]).unwrap(), vec!["/entry", "default"]);

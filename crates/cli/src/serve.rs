@@ -15,7 +15,7 @@ pub struct ServeArgs {
     listen: SocketAddr,
 }
 
-pub async fn run(home: &Home, args: ServeArgs) -> Result<u8> {
+pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8> {
     // Read here, not as a flag, so the key never shows up in `ps`.
     let bootstrap_key = match std::env::var("MOAT_BOOTSTRAP_KEY") {
         Ok(k) if !k.is_empty() => Some(k),
@@ -29,11 +29,20 @@ pub async fn run(home: &Home, args: ServeArgs) -> Result<u8> {
             _ = int.recv() => {}
         }
     };
+    // Without a kernel or agent the daemon still serves groups and keys; its sandbox routes
+    // say why they cannot work.
+    let h = home.clone();
+    let accel = accel.map(str::to_string);
+    let runtime = tokio::task::spawn_blocking(move || h.runtime(accel.as_deref()))
+        .await
+        .context("starting the VM runtime")?
+        .map_err(|e| format!("{e:#}"));
     moat_server::serve(
         moat_server::Config {
             home: home.root.clone(),
             listen: args.listen,
             bootstrap_key,
+            runtime,
         },
         shutdown,
     )

@@ -323,12 +323,19 @@ async fn groups_crud_idempotence_and_delete_rules() {
         .collect();
     assert_eq!(names, ["team-a", "team-b"]);
 
-    // A group with sandboxes: 409 unless force. (Sandboxes come with the next issue; the row
-    // is written straight into the store, as the sandbox manager will.)
+    // This daemon's home has no kernel: the sandbox routes say so, the rest works.
+    let (st, e) = d
+        .call(k, "POST", &format!("{G}/team-a/sandboxes"), Some(json!({})))
+        .await;
+    assert_eq!(st, 503, "{e}");
+    assert!(msg(&e).contains("cannot run sandboxes"), "{e}");
+
+    // A group with sandboxes: 409 unless force. (This daemon has no VM runtime, so the row is
+    // written straight into the store; tests/daemon_sandboxes.rs does it with real VMs.)
     let db = rusqlite::Connection::open(d.home.path().join("moatd.db")).unwrap();
     db.execute(
-        "INSERT INTO sandboxes (id, group_name, state, spec, created_at, updated_at)
-         VALUES ('sb-1', 'team-a', 'running', '{}', 0, 0)",
+        "INSERT INTO sandboxes (id, group_name, state, image, tier, created_at, updated_at)
+         VALUES ('sb-1', 'team-a', 'failed', 'sha256:00', 'm', 0, 0)",
         [],
     )
     .unwrap();

@@ -80,3 +80,72 @@ pub struct ImageConfig {
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
 }
+
+/// The PATH a command gets when neither the image nor the caller sets one.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+impl ImageConfig {
+    /// The environment of a command in this image: the image's `Env`, then each layer of
+    /// `overrides` on top (a later layer wins per key), and a PATH if none of them has one.
+    /// The one merge both `moat run` and the daemon's exec use.
+    pub fn merged_env<'a>(
+        &self,
+        overrides: impl IntoIterator<Item = &'a [(String, String)]>,
+    ) -> Vec<String> {
+        let mut env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        for layer in overrides {
+            for (k, v) in layer {
+                env.retain(|(ek, _)| ek != k);
+                env.push((k.clone(), v.clone()));
+            }
+        }
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.push(("PATH".into(), DEFAULT_PATH.into()));
+        }
+        env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+    }
+
+    /// The argv of `docker run`-style execution: the entrypoint followed by `cmd`, or by the
+    /// image's own command when `cmd` is empty. `None` when that leaves nothing to run.
+    pub fn run_argv(&self, cmd: &[String]) -> Option<Vec<String>> {
+        let mut argv = self.entrypoint.clone();
+        if cmd.is_empty() {
+            argv.extend(self.cmd.iter().cloned());
+        } else {
+            argv.extend(cmd.iter().cloned());
+        }
+        (!argv.is_empty()).then_some(argv)
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    #[test]
+    fn env_layers_and_argv() {
+        let c = ImageConfig {
+            env: vec!["A=1".into(), "B=2".into(), "C=x=y".into()],
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["default".into()],
+            ..Default::default()
+        };
+        let l1 = [("B".to_string(), "3".to_string())];
+        let l2 = [("B".to_string(), "4".to_string()), ("D".into(), "5".into())];
+        let env = c.merged_env([&l1[..], &l2[..]]);
+        assert_eq!(env[..4], ["A=1", "C=x=y", "B=4", "D=5"]);
+        assert_eq!(env[4], format!("PATH={DEFAULT_PATH}"));
+        let with_path = [("PATH".to_string(), "/x".to_string())];
+        assert_eq!(c.merged_env([&with_path[..]]).last().unwrap(), "PATH=/x");
+        assert_eq!(c.run_argv(&[]).unwrap(), ["/entry", "default"]);
+        assert_eq!(c.run_argv(&["x".into()]).unwrap(), ["/entry", "x"]);
+        assert_eq!(ImageConfig::default().run_argv(&[]), None);
+    }
+}

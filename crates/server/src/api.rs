@@ -16,7 +16,7 @@ pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorDetail {
     /// Stable and machine-readable: bad_request, unauthorized, forbidden, not_found,
@@ -240,6 +240,331 @@ pub struct ApiKeyList {
     pub api_keys: Vec<ApiKey>,
 }
 
+// ---- sandboxes ----
+
+/// Where a sandbox is in its life. `failed` comes with a `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Creating,
+    Running,
+    Suspending,
+    Suspended,
+    Resuming,
+    Deleting,
+    Failed,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Suspending => "suspending",
+            SandboxState::Suspended => "suspended",
+            SandboxState::Resuming => "resuming",
+            SandboxState::Deleting => "deleting",
+            SandboxState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SandboxState> {
+        [
+            SandboxState::Creating,
+            SandboxState::Running,
+            SandboxState::Suspending,
+            SandboxState::Suspended,
+            SandboxState::Resuming,
+            SandboxState::Deleting,
+            SandboxState::Failed,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Xs => "xs",
+            Tier::S => "s",
+            Tier::M => "m",
+            Tier::L => "l",
+            Tier::Xl => "xl",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Tier> {
+        [Tier::Xs, Tier::S, Tier::M, Tier::L, Tier::Xl]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+    }
+}
+
+/// `POST /v1/sandbox-groups/{group}/sandboxes`. Every field is optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CreateSandbox {
+    /// Image name or digest; default: the group's image.
+    pub image: Option<String>,
+    /// Default: the group's tier.
+    pub tier: Option<Tier>,
+    /// Environment of every exec in the sandbox, over the image's (an exec's own `env` wins).
+    pub env: BTreeMap<String, String>,
+    /// Kubernetes-style labels, for `?labels=` selectors.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A sandbox as the API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Sandbox {
+    /// `sb-` and 12 hex digits.
+    pub id: String,
+    pub group: String,
+    pub state: SandboxState,
+    /// Why the sandbox is `failed`; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Manifest digest of the image it runs.
+    pub image: String,
+    pub tier: Tier,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxList {
+    pub sandboxes: Vec<Sandbox>,
+}
+
+/// `POST …/sandboxes/{id}/exec`: exactly one of `argv` and `command`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecRequest {
+    /// Program and arguments, run as given (no image entrypoint, as `docker exec`); `argv[0]`
+    /// is looked up in PATH when it has no '/'.
+    pub argv: Option<Vec<String>>,
+    /// A shell command line, run as `/bin/sh -c COMMAND`.
+    pub command: Option<String>,
+    /// Over the image's and the sandbox's environment.
+    pub env: BTreeMap<String, String>,
+    /// Absolute working directory; default: the image's, else the user's home.
+    pub cwd: Option<String>,
+    /// Name or uid, optionally `:group`; default: the image's user, else root.
+    pub user: Option<String>,
+    /// Given to the process as its standard input (then closed); without it stdin is empty.
+    pub stdin: Option<String>,
+    /// Kill the process and everything it started after this many seconds (0 < t ≤ 604800).
+    pub timeout_s: Option<f64>,
+}
+
+/// How an exec ended, with its whole output.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecResult {
+    /// As a shell reports it: the code, 128+N after signal N, 124 after the timeout, 127 when
+    /// the command does not exist.
+    pub exit_code: i32,
+    /// The signal that ended the process, if one did.
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// Decoded as UTF-8; invalid bytes become U+FFFD.
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The end of a streamed exec: `{"exit": ExecExit}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecExit {
+    pub exit_code: i32,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+}
+
+/// One line of a streamed exec (`Accept: application/x-ndjson`): `{"stdout": "…"}`,
+/// `{"stderr": "…"}` as output is produced, then one `{"exit": {…}}`; `{"error": {…}}` if the
+/// exec broke off.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecEvent {
+    Stdout(String),
+    Stderr(String),
+    Exit(ExecExit),
+    Error(ErrorDetail),
+}
+
+pub const MAX_ENV: usize = 256;
+pub const MAX_ARGV: usize = 4096;
+
+impl CreateSandbox {
+    pub fn validate(&self) -> Result<()> {
+        if let Some(img) = &self.image {
+            validate_image(img)?;
+        }
+        validate_env("env", &self.env)?;
+        validate_labels(&self.labels)
+    }
+}
+
+impl ExecRequest {
+    /// The argv to run. Validates everything else too.
+    pub fn validate(&self) -> Result<Vec<String>> {
+        let argv = match (&self.argv, &self.command) {
+            (Some(_), Some(_)) | (None, None) => {
+                return bad(
+                    "give exactly one of \"argv\" (a list) and \"command\" (a shell \
+                            command line)"
+                        .to_string(),
+                )
+            }
+            (Some(argv), None) => {
+                if argv.is_empty() || argv.len() > MAX_ARGV {
+                    return bad(format!(
+                        "invalid argv: expected 1–{MAX_ARGV} strings, got {}",
+                        argv.len()
+                    ));
+                }
+                if argv[0].is_empty() {
+                    return bad("invalid argv: argv[0] is empty".to_string());
+                }
+                argv.clone()
+            }
+            (None, Some(c)) => {
+                if c.trim().is_empty() {
+                    return bad("invalid command: it is empty".to_string());
+                }
+                vec!["/bin/sh".into(), "-c".into(), c.clone()]
+            }
+        };
+        if let Some(i) = argv.iter().position(|a| a.contains('\0')) {
+            return bad(format!("invalid argv[{i}]: it contains a NUL byte"));
+        }
+        validate_env("env", &self.env)?;
+        if let Some(w) = &self.cwd {
+            if !w.starts_with('/') || w.contains('\0') {
+                return bad(format!(
+                    "invalid cwd {}: it must be an absolute path inside the sandbox",
+                    quote(w)
+                ));
+            }
+        }
+        if let Some(u) = &self.user {
+            let valid = !u.is_empty()
+                && u.len() <= 64
+                && u.split(':').count() <= 2
+                && u.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
+            if !valid {
+                return bad(format!(
+                    "invalid user {}: use a name or uid, optionally followed by :group",
+                    quote(u)
+                ));
+            }
+        }
+        if let Some(t) = self.timeout_s {
+            if !(t.is_finite() && t > 0.0 && t <= 7.0 * DAY as f64) {
+                return bad(format!(
+                    "invalid timeout_s {t}: give a number of seconds above 0, at most {}",
+                    7 * DAY
+                ));
+            }
+        }
+        Ok(argv)
+    }
+
+    pub fn timeout_ms(&self) -> Option<u64> {
+        self.timeout_s.map(|t| (t * 1000.0).ceil() as u64)
+    }
+}
+
+/// Parses a label selector `k=v,k2=v2` (every pair must match; `k=` matches an empty value).
+pub fn parse_selector(s: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let Some((k, v)) = part.split_once('=') else {
+            return bad(format!(
+                "invalid label selector {}: expected key=value[,key=value…]",
+                quote(s)
+            ));
+        };
+        validate_label_key(k)
+            .map_err(|m| Error::BadRequest(format!("invalid selector key {}: {m}", quote(k))))?;
+        validate_label_value(v)
+            .map_err(|m| Error::BadRequest(format!("invalid selector value {}: {m}", quote(v))))?;
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
+fn validate_image(img: &str) -> Result<()> {
+    if img.is_empty()
+        || img.len() > MAX_IMAGE_LEN
+        || img.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return bad(format!(
+            "invalid image {}: expected an image name or digest of 1–{MAX_IMAGE_LEN} \
+             characters without spaces",
+            quote(img)
+        ));
+    }
+    Ok(())
+}
+
+/// Environment keys as a shell allows them; values without NUL.
+fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<()> {
+    if env.len() > MAX_ENV {
+        return bad(format!(
+            "too many {field} variables ({}): at most {MAX_ENV}",
+            env.len()
+        ));
+    }
+    for (k, v) in env {
+        let key_ok = !k.is_empty()
+            && k.len() <= 256
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !key_ok {
+            return bad(format!(
+                "invalid {field} key {}: letters, digits and '_', not starting with a digit",
+                quote(k)
+            ));
+        }
+        if v.contains('\0') {
+            return bad(format!(
+                "invalid {field} value of {k}: it contains a NUL byte"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    if labels.len() > MAX_LABELS {
+        return bad(format!(
+            "too many labels ({}): at most {MAX_LABELS}",
+            labels.len()
+        ));
+    }
+    for (k, v) in labels {
+        validate_label_key(k)
+            .map_err(|m| Error::BadRequest(format!("invalid label key {}: {m}", quote(k))))?;
+        validate_label_value(v).map_err(|m| {
+            Error::BadRequest(format!(
+                "invalid value {} of label {}: {m}",
+                quote(v),
+                quote(k)
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 // ---- validation ----
 
 pub const MAX_LABELS: usize = 64;
@@ -271,17 +596,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
 
 impl GroupSpec {
     pub fn validate(&self) -> Result<()> {
-        let img = &self.image;
-        if img.is_empty()
-            || img.len() > MAX_IMAGE_LEN
-            || img.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            return bad(format!(
-                "invalid image {}: expected an image name or digest of 1–{MAX_IMAGE_LEN} \
-                 characters without spaces",
-                quote(img)
-            ));
-        }
+        validate_image(&self.image)?;
         if self.pool.size > MAX_POOL {
             return bad(format!(
                 "invalid pool.size {}: allowed is 0–{MAX_POOL}",
@@ -314,23 +629,7 @@ impl GroupSpec {
                 ));
             }
         }
-        if self.labels.len() > MAX_LABELS {
-            return bad(format!(
-                "too many labels ({}): at most {MAX_LABELS}",
-                self.labels.len()
-            ));
-        }
-        for (k, v) in &self.labels {
-            validate_label_key(k)
-                .map_err(|m| Error::BadRequest(format!("invalid label key {}: {m}", quote(k))))?;
-            validate_label_value(v).map_err(|m| {
-                Error::BadRequest(format!(
-                    "invalid value {} of label {}: {m}",
-                    quote(v),
-                    quote(k)
-                ))
-            })?;
-        }
+        validate_labels(&self.labels)?;
         Ok(())
     }
 }

@@ -21,11 +21,13 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::api::{
-    self, ApiKey, ApiKeyList, CreateApiKey, CreatedApiKey, ErrorBody, Group, GroupList, GroupSpec,
-    Health, Role,
+    self, ApiKey, ApiKeyList, CreateApiKey, CreateSandbox, CreatedApiKey, ErrorBody, ExecEvent,
+    ExecExit, ExecRequest, ExecResult, Group, GroupList, GroupSpec, Health, Role, Sandbox,
+    SandboxList, SandboxState,
 };
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::sandboxes::Manager;
 use crate::store::{self, Principal, Store};
 
 /// Request bodies above this are refused with 413 before they are read in full.
@@ -35,6 +37,17 @@ pub const MAX_BODY: usize = 1024 * 1024;
 pub struct AppState {
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    /// The sandbox manager, or why this daemon has none (no kernel or agent: the group and
+    /// key routes still work, the sandbox routes answer 503 with the reason).
+    pub sandboxes: std::result::Result<Arc<Manager>, String>,
+}
+
+impl AppState {
+    fn manager(&self) -> Result<&Arc<Manager>> {
+        self.sandboxes
+            .as_ref()
+            .map_err(|why| Error::Unavailable(format!("this daemon cannot run sandboxes: {why}")))
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -46,6 +59,18 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/sandbox-groups/{group}",
             get(get_group).put(put_group).delete(delete_group),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes",
+            get(list_sandboxes).post(create_sandbox),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}",
+            get(get_sandbox).delete(delete_sandbox),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/exec",
+            axum::routing::post(exec_sandbox),
         )
         .route("/v1/api-keys", get(list_keys).post(create_key))
         .route("/v1/api-keys/{id}", axum::routing::delete(delete_key))
@@ -172,6 +197,18 @@ fn require_manage(p: &Principal) -> Result<()> {
     } else {
         Err(Error::Forbidden(format!(
             "a {} key may not change sandbox groups; an owner or admin key may",
+            p.role.as_str()
+        )))
+    }
+}
+
+fn require_use(p: &Principal) -> Result<()> {
+    if p.role >= Role::User {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(format!(
+            "a {} key may only read sandboxes; a user, owner or admin key may create, use and \
+             delete them",
             p.role.as_str()
         )))
     }
@@ -333,11 +370,214 @@ async fn delete_group(
     require_visible(&p, &name)?;
     require_manage(&p)?;
     let q: DeleteGroupQuery = query(&uri)?;
+    if q.force {
+        // The VMs go first; the store then deletes the rows with the group.
+        if let Ok(mgr) = &state.sandboxes {
+            let n = name.clone();
+            let rows = state
+                .store
+                .call(move |c| store::list_sandboxes(c, Some(&n)))
+                .await?;
+            for row in rows {
+                mgr.delete(&row.id).await?;
+            }
+        }
+    }
     state
         .store
         .call(move |c| store::delete_group(c, &name, q.force))
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- sandboxes ----
+
+/// The two path parameters of a sandbox route.
+fn sandbox_params(
+    p: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<(String, String)> {
+    p.map(|Path(v)| v)
+        .map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))
+}
+
+/// The group, if the key may see it (else the same 404 as for a missing group).
+async fn visible_group(state: &AppState, p: &Principal, name: &str) -> Result<Group> {
+    api::validate_name("group name", name)?;
+    require_visible(p, name)?;
+    let n = name.to_string();
+    state
+        .store
+        .call(move |c| store::get_group(c, &n))
+        .await?
+        .ok_or_else(|| no_group(name))
+}
+
+/// The row of sandbox `id` of `group`: 404 for one of another group, as for a missing one.
+async fn visible_sandbox(
+    state: &AppState,
+    p: &Principal,
+    group: &str,
+    id: &str,
+) -> Result<Sandbox> {
+    api::validate_name("group name", group)?;
+    require_visible(p, group)?;
+    let no_sandbox = || {
+        Error::NotFound(format!(
+            "no sandbox {} in group {}",
+            api::quote(id),
+            api::quote(group)
+        ))
+    };
+    if id.len() > 64 {
+        return Err(no_sandbox());
+    }
+    let i = id.to_string();
+    match state.store.call(move |c| store::get_sandbox(c, &i)).await? {
+        Some(sb) if sb.group == group => Ok(sb),
+        _ => Err(no_sandbox()),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name")),
+    request_body = CreateSandbox,
+    responses(
+        (status = 201, description = "Created and running", body = Sandbox),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 500, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+async fn create_sandbox(
+    State(state): State<AppState>,
+    p: Principal,
+    name: std::result::Result<Path<String>, PathRejection>,
+    ApiJson(req): ApiJson<CreateSandbox>,
+) -> Result<(StatusCode, Json<Sandbox>)> {
+    let name = path_param(name)?;
+    let group = visible_group(&state, &p, &name).await?;
+    require_use(&p)?;
+    req.validate()?;
+    let mgr = state.manager()?;
+    let sb = mgr.create(&group, req).await?;
+    Ok((StatusCode::CREATED, Json(sb)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListSandboxesQuery {
+    labels: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/sandboxes", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("labels" = Option<String>, Query,
+            description = "Label selector: key=value[,key=value…]; every pair must match")),
+    responses(
+        (status = 200, body = SandboxList),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn list_sandboxes(
+    State(state): State<AppState>,
+    p: Principal,
+    name: std::result::Result<Path<String>, PathRejection>,
+    uri: Uri,
+) -> Result<Json<SandboxList>> {
+    let name = path_param(name)?;
+    let q: ListSandboxesQuery = query(&uri)?;
+    let selector = api::parse_selector(q.labels.as_deref().unwrap_or(""))?;
+    visible_group(&state, &p, &name).await?;
+    let rows = state
+        .store
+        .call(move |c| store::list_sandboxes(c, Some(&name)))
+        .await?;
+    Ok(Json(SandboxList {
+        sandboxes: rows
+            .into_iter()
+            .filter(|s| crate::sandboxes::matches(&s.labels, &selector))
+            .collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/sandboxes/{id}", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, body = Sandbox),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn get_sandbox(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Sandbox>> {
+    let (group, id) = sandbox_params(params)?;
+    visible_sandbox(&state, &p, &group, &id).await.map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/sandbox-groups/{group}/sandboxes/{id}", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 204, description = "Its VM is destroyed and its row removed"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn delete_sandbox(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<StatusCode> {
+    let (group, id) = sandbox_params(params)?;
+    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    require_use(&p)?;
+    state.manager()?.delete(&row.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/exec", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id")),
+    request_body = ExecRequest,
+    responses(
+        (status = 200, description = "The command ran (whatever its exit code). With \
+            `Accept: application/x-ndjson`, one ExecEvent per line as output is produced.",
+            content(
+                (ExecResult = "application/json"),
+                (ExecEvent = "application/x-ndjson"))),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 413, description = "The request body, or the command's output (16 MiB \
+            each of stdout and stderr), is too large", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn exec_sandbox(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+    headers: axum::http::HeaderMap,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> Result<Response> {
+    let (group, id) = sandbox_params(params)?;
+    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    require_use(&p)?;
+    let argv = req.validate()?;
+    let run = state.manager()?.running(&row).await?;
+    let request = crate::exec::guest_request(&req, argv, &row.env, &run);
+    let streaming = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/x-ndjson"));
+    if streaming {
+        crate::exec::stream(run, request, req.stdin).await
+    } else {
+        let result = crate::exec::collect(run, request, req.stdin).await?;
+        Ok(Json(result).into_response())
+    }
 }
 
 #[utoipa::path(get, path = "/v1/api-keys", tag = "api-keys",
@@ -396,12 +636,14 @@ async fn delete_key(
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "moat", description = "moatd: sandbox groups and API keys. Errors are always \
+    info(title = "moat", description = "moatd: sandbox groups, sandboxes and API keys. Errors are always \
         {\"error\": {\"code\", \"message\"}}."),
     paths(healthz, metrics, openapi, list_groups, get_group, put_group, delete_group,
+        create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, exec_sandbox,
         list_keys, create_key, delete_key),
     components(schemas(ErrorBody, Group, GroupList, GroupSpec, ApiKey, ApiKeyList, CreateApiKey,
-        CreatedApiKey, Health)),
+        CreatedApiKey, Health, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
+        ExecResult, ExecEvent, ExecExit)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -1,12 +1,14 @@
-//! moat-server: the daemon behind `moat serve` (moatd). Now: the embedded store, API keys,
-//! sandbox groups, and the HTTP API on TCP and on a Unix socket. Sandboxes, pools and
-//! lifecycle build on this.
+//! moat-server: the daemon behind `moat serve` (moatd): the embedded store, API keys, sandbox
+//! groups, sandboxes (create, exec, delete; re-adopted after a restart) and the HTTP API on TCP
+//! and on a Unix socket. Suspend/resume, pools and lifecycle build on this.
 
 pub mod api;
 pub mod error;
+pub mod exec;
 pub mod http;
 pub mod keys;
 pub mod metrics;
+pub mod sandboxes;
 pub mod store;
 
 use std::future::Future;
@@ -30,6 +32,10 @@ pub struct Config {
     /// The first admin key, instead of a generated one (MOAT_BOOTSTRAP_KEY). Used only when
     /// the database has never been bootstrapped.
     pub bootstrap_key: Option<String>,
+    /// The VM runtime (its home holds the kernel, images, templates and run directories), or
+    /// why there is none: the daemon then serves groups and keys, and its sandbox routes
+    /// answer 503 with this reason.
+    pub runtime: std::result::Result<moat_vm::Runtime, String>,
 }
 
 pub fn db_path(home: &Path) -> PathBuf {
@@ -80,9 +86,21 @@ pub async fn serve(
         println!("{key}");
     }
 
+    // After the lock: only one daemon may adopt, and destroy, detached VMs.
+    let sandboxes = match config.runtime.clone() {
+        Ok(rt) => Ok(Arc::new(
+            sandboxes::Manager::start(rt, store.clone()).await?,
+        )),
+        Err(why) => {
+            tracing::warn!(reason = why, "serving without sandboxes");
+            eprintln!("moat serve: sandboxes are unavailable: {why}");
+            Err(why)
+        }
+    };
     let state = http::AppState {
         store,
         metrics: Arc::new(metrics::Metrics::default()),
+        sandboxes: sandboxes.clone(),
     };
     let app = http::router(state);
 
@@ -128,5 +146,9 @@ pub async fn serve(
         },
     );
     let _ = std::fs::remove_file(&sock);
+    // A graceful stop leaves the VMs running for the next daemon to adopt.
+    if let Ok(mgr) = &sandboxes {
+        mgr.detach_all().await;
+    }
     result.map(|_| ())
 }

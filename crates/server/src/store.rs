@@ -7,12 +7,17 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use subtle::ConstantTimeEq;
 
-use crate::api::{ApiKey, CreateApiKey, CreatedApiKey, Group, GroupSpec, Role};
+use crate::api::{
+    ApiKey, CreateApiKey, CreatedApiKey, Group, GroupSpec, Role, Sandbox, SandboxState, Tier,
+};
 use crate::error::{Error, Result};
 use crate::keys;
 
 /// Numbered migrations, applied in order, each once. Only ever append to this list.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_sandboxes.sql")),
+];
 
 pub fn latest_version() -> i64 {
     MIGRATIONS.last().map_or(0, |m| m.0)
@@ -462,9 +467,157 @@ pub fn delete_group(conn: &mut Connection, name: &str, force: bool) -> Result<()
     Ok(())
 }
 
+// ---- sandboxes ----
+
+const SANDBOX_COLUMNS: &str =
+    "id, group_name, state, reason, image, tier, env, labels, created_at, updated_at";
+
+fn sandbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Sandbox>> {
+    let id: String = r.get(0)?;
+    let state: String = r.get(2)?;
+    let tier: String = r.get(5)?;
+    let env: String = r.get(6)?;
+    let labels: String = r.get(7)?;
+    let parsed = (|| {
+        Ok(Sandbox {
+            state: SandboxState::parse(&state).ok_or_else(|| {
+                Error::Internal(format!("stored state {state:?} of sandbox {id} is unknown"))
+            })?,
+            tier: Tier::parse(&tier).ok_or_else(|| {
+                Error::Internal(format!("stored tier {tier:?} of sandbox {id} is unknown"))
+            })?,
+            env: serde_json::from_str(&env)
+                .map_err(|e| Error::Internal(format!("stored env of sandbox {id}: {e}")))?,
+            labels: serde_json::from_str(&labels)
+                .map_err(|e| Error::Internal(format!("stored labels of sandbox {id}: {e}")))?,
+            id: id.clone(),
+            group: r.get(1)?,
+            reason: r.get(3)?,
+            image: r.get(4)?,
+            created_at: rfc3339(r.get(8)?),
+            updated_at: rfc3339(r.get(9)?),
+        })
+    })();
+    Ok(parsed)
+}
+
+/// Inserts a new sandbox row (its timestamps are set here).
+pub fn insert_sandbox(conn: &Connection, sb: &Sandbox) -> Result<Sandbox> {
+    let t = now();
+    let json = |v| serde_json::to_string(v).map_err(|e| Error::Internal(e.to_string()));
+    conn.execute(
+        "INSERT INTO sandboxes (id, group_name, state, reason, image, tier, env, labels,
+                                created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+        params![
+            sb.id,
+            sb.group,
+            sb.state.as_str(),
+            sb.reason,
+            sb.image,
+            sb.tier.as_str(),
+            json(&sb.env)?,
+            json(&sb.labels)?,
+            t
+        ],
+    )?;
+    Ok(Sandbox {
+        created_at: rfc3339(t),
+        updated_at: rfc3339(t),
+        ..sb.clone()
+    })
+}
+
+pub fn get_sandbox(conn: &Connection, id: &str) -> Result<Option<Sandbox>> {
+    conn.query_row(
+        &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"),
+        [id],
+        sandbox_from_row,
+    )
+    .optional()?
+    .transpose()
+}
+
+/// The sandboxes of `group`, or of every group.
+pub fn list_sandboxes(conn: &Connection, group: Option<&str>) -> Result<Vec<Sandbox>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE ?1 IS NULL OR group_name = ?1
+         ORDER BY created_at, id"
+    ))?;
+    let rows = stmt.query_map([group], sandbox_from_row)?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row??);
+    }
+    Ok(out)
+}
+
+/// Sets a sandbox's state (and the reason, for `failed`); returns the row, or `None` if it is
+/// gone.
+pub fn set_sandbox_state(
+    conn: &Connection,
+    id: &str,
+    state: SandboxState,
+    reason: Option<&str>,
+) -> Result<Option<Sandbox>> {
+    conn.execute(
+        "UPDATE sandboxes SET state = ?2, reason = ?3, updated_at = ?4 WHERE id = ?1",
+        params![id, state.as_str(), reason, now()],
+    )?;
+    get_sandbox(conn, id)
+}
+
+pub fn delete_sandbox(conn: &Connection, id: &str) -> Result<()> {
+    conn.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn new_row(id: &str, group: &str) -> Sandbox {
+        Sandbox {
+            id: id.into(),
+            group: group.into(),
+            state: SandboxState::Creating,
+            reason: None,
+            image: "sha256:00".into(),
+            tier: Tier::S,
+            env: [("A".to_string(), "1".to_string())].into(),
+            labels: [("app".to_string(), "x".to_string())].into(),
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn sandbox_rows_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir);
+        let mut c = s.conn.lock().unwrap();
+        put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        let row = insert_sandbox(&c, &new_row("sb-1", "g")).unwrap();
+        assert_eq!(get_sandbox(&c, "sb-1").unwrap().unwrap().labels, row.labels);
+        let failed = set_sandbox_state(&c, "sb-1", SandboxState::Failed, Some("gone"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(failed.state, SandboxState::Failed);
+        assert_eq!(failed.reason.as_deref(), Some("gone"));
+        assert_eq!(failed.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(list_sandboxes(&c, Some("g")).unwrap().len(), 1);
+        assert_eq!(list_sandboxes(&c, Some("h")).unwrap().len(), 0);
+        assert_eq!(list_sandboxes(&c, None).unwrap().len(), 1);
+        // the schema refuses states and tiers it does not know
+        assert!(c
+            .execute("UPDATE sandboxes SET state = 'zombie'", [])
+            .is_err());
+        delete_sandbox(&c, "sb-1").unwrap();
+        assert!(get_sandbox(&c, "sb-1").unwrap().is_none());
+        assert!(set_sandbox_state(&c, "sb-1", SandboxState::Running, None)
+            .unwrap()
+            .is_none());
+    }
 
     fn open(dir: &tempfile::TempDir) -> Store {
         Store::open(&dir.path().join("moatd.db")).unwrap()
@@ -514,12 +667,7 @@ mod tests {
         let s = open(&dir);
         let mut c = s.conn.lock().unwrap();
         put_group(&mut c, "g", &GroupSpec::default()).unwrap();
-        c.execute(
-            "INSERT INTO sandboxes (id, group_name, state, spec, created_at, updated_at)
-             VALUES ('s1', 'g', 'running', '{}', 0, 0)",
-            [],
-        )
-        .unwrap();
+        insert_sandbox(&c, &new_row("s1", "g")).unwrap();
         // The foreign key holds even without the check in delete_group.
         assert!(c
             .execute("DELETE FROM sandbox_groups WHERE name = 'g'", [])

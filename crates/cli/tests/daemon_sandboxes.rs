@@ -1,0 +1,636 @@
+//! End-to-end tests of the daemon's sandbox routes: the real `moat serve` booting real VMs.
+//!
+//! Each daemon gets its own MOAT_HOME (its database, socket and `run/` directory, so its
+//! start-up adoption and orphan clean-up only ever see its own VMs) in which `kernels`,
+//! `images`, `templates` and `initramfs` are symlinks to the shared test home, so the kernel,
+//! the base image and its templates are built once per machine (`moat setup`), not per test.
+//! Every JSON response is checked against the daemon's OpenAPI document.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+const ADMIN: &str = "moat_AdminAdminAdminAdminAdminAdminAdminAdmin123";
+const G: &str = "/v1/sandbox-groups";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Daemon {
+    home: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+    starts: usize,
+    http: reqwest::Client,
+    doc: Value,
+}
+
+impl Daemon {
+    async fn start() -> Daemon {
+        let home = tempfile::tempdir().unwrap();
+        let shared = common::home();
+        for name in [
+            "kernels",
+            "images",
+            "templates",
+            "initramfs",
+            "qemu-version.json",
+        ] {
+            if shared.join(name).exists() {
+                std::os::unix::fs::symlink(shared.join(name), home.path().join(name)).unwrap();
+            }
+        }
+        let mut d = Daemon {
+            home,
+            port: free_port(),
+            child: None,
+            starts: 0,
+            http: reqwest::Client::new(),
+            doc: Value::Null,
+        };
+        d.spawn().await;
+        let resp = d
+            .http
+            .get(format!("{}/openapi.json", d.url()))
+            .send()
+            .await
+            .unwrap();
+        d.doc = resp.json().await.unwrap();
+        d
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn stderr(&self, n: usize) -> String {
+        std::fs::read_to_string(self.home.path().join(format!("serve-{n}.err"))).unwrap_or_default()
+    }
+
+    async fn spawn(&mut self) {
+        self.starts += 1;
+        let n = self.starts;
+        let out = |w: &str| std::fs::File::create(self.home.path().join(format!("serve-{n}.{w}")));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .env("MOAT_HOME", self.home.path())
+            .env("MOAT_AGENT", common::agent())
+            .env("MOAT_BOOTSTRAP_KEY", ADMIN)
+            .env("RUST_LOG", "info")
+            .env_remove("MOAT_LISTEN")
+            .stdin(Stdio::null())
+            .stdout(out("out").unwrap())
+            .stderr(out("err").unwrap())
+            .spawn()
+            .expect("moat serve starts");
+        // Start-up adopts VMs (and may restore none): allow for a slow machine.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("moat serve exited ({st}): {}", self.stderr(n));
+            }
+            let ok = self
+                .http
+                .get(format!("{}/healthz", self.url()))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "moat serve never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+            let st = c.wait().unwrap();
+            assert!(st.success(), "moat serve after SIGTERM: {st}");
+        }
+    }
+
+    async fn call(&self, key: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self
+            .http
+            .request(m, format!("{}{path}", self.url()))
+            .bearer_auth(key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        check_response(&self.doc, method, path, status, &value);
+        (status, value)
+    }
+
+    async fn key(&self, role: &str, groups: &[&str]) -> String {
+        let body = json!({"name": role, "role": role, "groups": groups});
+        let (st, k) = self.call(ADMIN, "POST", "/v1/api-keys", Some(body)).await;
+        assert_eq!(st, 201, "{k}");
+        k["key"].as_str().unwrap().to_string()
+    }
+
+    async fn create(&self, key: &str, group: &str, body: Value) -> Value {
+        let t = Instant::now();
+        let (st, sb) = self
+            .call(key, "POST", &format!("{G}/{group}/sandboxes"), Some(body))
+            .await;
+        assert_eq!(st, 201, "{sb}");
+        assert_eq!(sb["state"], "running");
+        eprintln!("create: {:?}", t.elapsed());
+        sb
+    }
+
+    async fn exec(&self, key: &str, group: &str, id: &str, body: Value) -> (u16, Value) {
+        self.call(
+            key,
+            "POST",
+            &format!("{G}/{group}/sandboxes/{id}/exec"),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `sh -c SCRIPT` must succeed; returns its stdout, trimmed.
+    async fn sh(&self, group: &str, id: &str, script: &str) -> String {
+        let (st, r) = self
+            .exec(ADMIN, group, id, json!({"command": script}))
+            .await;
+        assert_eq!(st, 200, "{r}");
+        assert_eq!(r["exit_code"], 0, "{script}: {r}");
+        r["stdout"].as_str().unwrap().trim().to_string()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        // The daemon's VMs are detached: a failed test must not leak them.
+        kill_qemus_of(self.home.path());
+    }
+}
+
+fn kill_qemus_of(home: &Path) {
+    for pid in common::qemu_processes(&home.display().to_string()) {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+}
+
+/// The response must be documented for its route and status, and a JSON body must validate
+/// against the documented schema (as in tests/serve.rs).
+fn check_response(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
+    let path_only = path.split('?').next().unwrap();
+    let (template, item) = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(t, _)| template_matches(t, path_only))
+        .unwrap_or_else(|| panic!("{method} {path} matches no documented route"));
+    let resp = &item[method.to_ascii_lowercase()]["responses"][status.to_string()];
+    assert!(
+        resp.is_object(),
+        "status {status} of {method} {template} is not documented (body {body})"
+    );
+    let schema = &resp["content"]["application/json"]["schema"];
+    if schema.is_null() {
+        assert!(
+            body.is_null(),
+            "{method} {template} {status}: undocumented body {body}"
+        );
+        return;
+    }
+    validate(doc, schema, body, &format!("{method} {template} {status}"));
+}
+
+fn validate(doc: &Value, schema: &Value, body: &Value, what: &str) {
+    let mut root = schema.clone();
+    root["components"] = doc["components"].clone();
+    let validator = jsonschema::validator_for(&root).expect("a valid schema");
+    let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
+    assert!(
+        errors.is_empty(),
+        "{what}: {body} does not match: {errors:?}"
+    );
+}
+
+fn template_matches(template: &str, path: &str) -> bool {
+    let t: Vec<&str> = template.split('/').collect();
+    let p: Vec<&str> = path.split('/').collect();
+    t.len() == p.len()
+        && t.iter()
+            .zip(&p)
+            .all(|(t, p)| (t.starts_with('{') && !p.is_empty()) || t == p)
+}
+
+fn msg(v: &Value) -> String {
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_exec_list_delete_and_roles() {
+    let started = Instant::now();
+    let d = Daemon::start().await;
+    let (st, _) = d
+        .call(
+            ADMIN,
+            "PUT",
+            &format!("{G}/web"),
+            Some(json!({"tier": "s"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    let (st, _) = d
+        .call(ADMIN, "PUT", &format!("{G}/other"), Some(json!({})))
+        .await;
+    assert_eq!(st, 201);
+    let user = d.key("user", &["web"]).await;
+    let reader = d.key("reader", &["web"]).await;
+    let stranger = d.key("owner", &["other"]).await;
+
+    // create: validation first, then roles, then the VM
+    let path = format!("{G}/web/sandboxes");
+    for (body, want) in [
+        (json!({"imgae": "base"}), "unknown field"),
+        (json!({"tier": "huge"}), "xs"),
+        (json!({"env": {"1A": "x"}}), "invalid env key"),
+        (json!({"labels": {"a": "not ok"}}), "label"),
+        (json!({"image": "no-such-image"}), "unknown image"),
+    ] {
+        let (st, e) = d.call(&user, "POST", &path, Some(body.clone())).await;
+        assert_eq!(st, 400, "{body}: {e}");
+        assert!(msg(&e).contains(want), "{body}: {e}");
+    }
+    let (st, e) = d.call(&reader, "POST", &path, Some(json!({}))).await;
+    assert_eq!(st, 403, "{e}");
+    let (st, _) = d.call(&stranger, "POST", &path, Some(json!({}))).await;
+    assert_eq!(st, 404);
+
+    let sb = d
+        .create(
+            &user,
+            "web",
+            json!({"env": {"FOO": "bar"}, "labels": {"app": "a"}}),
+        )
+        .await;
+    let id = sb["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("sb-") && id.len() == 15, "{id}");
+    assert_eq!(sb["tier"], "s", "the group's tier is the default");
+    assert!(sb["image"].as_str().unwrap().starts_with("sha256:"));
+    assert_eq!(common::qemu_processes(&id).len(), 1);
+    let one = format!("{G}/web/sandboxes/{id}");
+
+    // reads: the reader sees it, another group's key does not, as if it did not exist
+    let (st, got) = d.call(&reader, "GET", &one, None).await;
+    assert_eq!((st, &got["state"]), (200, &json!("running")));
+    let (st, e) = d.call(&stranger, "GET", &one, None).await;
+    assert_eq!(st, 404, "{e}");
+    let (st, e) = d
+        .call(ADMIN, "GET", &format!("{G}/other/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(st, 404, "a sandbox is found only under its own group: {e}");
+    for (sel, n) in [("app=a", 1), ("app=b", 0), ("app=a,x=y", 0), ("", 1)] {
+        let (st, l) = d
+            .call(&reader, "GET", &format!("{path}?labels={sel}"), None)
+            .await;
+        assert_eq!(st, 200);
+        assert_eq!(l["sandboxes"].as_array().unwrap().len(), n, "{sel}");
+    }
+    let (st, e) = d
+        .call(&reader, "GET", &format!("{path}?labels=app"), None)
+        .await;
+    assert_eq!(st, 400, "{e}");
+    let (st, e) = d
+        .call(&reader, "GET", &format!("{path}?lables=a=b"), None)
+        .await;
+    assert_eq!(st, 400, "{e}");
+
+    // exec: env layers (image < sandbox < exec), exit codes, stderr, stdin, cwd, user
+    let t = Instant::now();
+    let (st, r) = d
+        .exec(
+            &user,
+            "web",
+            &id,
+            json!({"argv": ["sh", "-c", "echo $FOO; echo err >&2; exit 3"]}),
+        )
+        .await;
+    eprintln!("exec round trip: {:?}", t.elapsed());
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["exit_code"], 3);
+    assert_eq!(r["stdout"], "bar\n");
+    assert_eq!(r["stderr"], "err\n");
+    assert_eq!(r["timed_out"], false);
+    let (_, r) = d
+        .exec(
+            &user,
+            "web",
+            &id,
+            json!({"command": "echo $FOO:$PATH", "env": {"FOO": "baz"}}),
+        )
+        .await;
+    assert!(
+        r["stdout"]
+            .as_str()
+            .unwrap()
+            .starts_with("baz:/usr/local/sbin"),
+        "{r}"
+    );
+    let (_, r) = d
+        .exec(
+            &user,
+            "web",
+            &id,
+            json!({"argv": ["cat"], "stdin": "hello\u{e9}"}),
+        )
+        .await;
+    assert_eq!(r["stdout"], "hello\u{e9}");
+    let (_, r) = d
+        .exec(
+            &user,
+            "web",
+            &id,
+            json!({"command": "pwd; id -u", "cwd": "/tmp", "user": "nobody"}),
+        )
+        .await;
+    assert_eq!(r["stdout"], "/tmp\n65534\n", "{r}");
+    let (_, r) = d
+        .exec(&user, "web", &id, json!({"command": "printf '\\377ok'"}))
+        .await;
+    assert_eq!(r["stdout"], "\u{fffd}ok", "invalid UTF-8 is replaced");
+    let (st, r) = d
+        .exec(&user, "web", &id, json!({"argv": ["no-such-command"]}))
+        .await;
+    assert_eq!((st, &r["exit_code"]), (200, &json!(127)), "{r}");
+    assert!(
+        r["stderr"].as_str().unwrap().contains("no-such-command"),
+        "{r}"
+    );
+    let t = Instant::now();
+    let (_, r) = d
+        .exec(
+            &user,
+            "web",
+            &id,
+            json!({"command": "sleep 30", "timeout_s": 1}),
+        )
+        .await;
+    assert_eq!(
+        (&r["exit_code"], &r["timed_out"]),
+        (&json!(124), &json!(true)),
+        "{r}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // a file written by one exec is there for the next
+    d.sh("web", &id, "echo kept > /root/f").await;
+    assert_eq!(d.sh("web", &id, "cat /root/f").await, "kept");
+
+    for (body, want) in [
+        (json!({}), "exactly one"),
+        (json!({"argv": ["x"], "command": "x"}), "exactly one"),
+        (json!({"argv": []}), "argv"),
+        (json!({"command": "x", "cwd": "tmp"}), "absolute"),
+        (json!({"command": "x", "user": "a b"}), "invalid user"),
+        (json!({"command": "x", "timeout_s": 0}), "timeout_s"),
+        (json!({"command": "x", "env": {"A-B": "x"}}), "env key"),
+        (json!({"command": "x", "stdn": ""}), "unknown field"),
+    ] {
+        let (st, e) = d.exec(&user, "web", &id, body.clone()).await;
+        assert_eq!(st, 400, "{body}: {e}");
+        assert!(msg(&e).contains(want), "{body}: {e}");
+    }
+    let (st, _) = d
+        .exec(&reader, "web", &id, json!({"command": "true"}))
+        .await;
+    assert_eq!(st, 403);
+    let (st, _) = d
+        .exec(&stranger, "web", &id, json!({"command": "true"}))
+        .await;
+    assert_eq!(st, 404);
+
+    // output over the bound: 413, and the process is gone
+    let (st, e) = d
+        .exec(
+            &user,
+            "web",
+            &id,
+            json!({"command": "head -c 17000000 /dev/zero"}),
+        )
+        .await;
+    assert_eq!(st, 413, "{e}");
+    assert!(msg(&e).contains("x-ndjson"), "{e}");
+
+    // streaming: events arrive as produced, each matching the documented ExecEvent
+    let t = Instant::now();
+    let resp = d
+        .http
+        .post(format!("{}{one}/exec", d.url()))
+        .bearer_auth(&user)
+        .header("accept", "application/x-ndjson")
+        .json(&json!({"command": "echo one; sleep 1.5; echo two >&2; echo three; exit 5"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let schema = &d.doc["components"]["schemas"]["ExecEvent"];
+    let mut body = resp.bytes_stream();
+    let (mut buf, mut events, mut first_at) = (Vec::new(), Vec::new(), None);
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk.unwrap());
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let ev: Value = serde_json::from_slice(&line).unwrap();
+            validate(&d.doc, schema, &ev, "an ndjson exec event");
+            first_at.get_or_insert(t.elapsed());
+            events.push(ev);
+        }
+    }
+    assert!(buf.is_empty());
+    assert_eq!(events[0], json!({"stdout": "one\n"}), "{events:?}");
+    assert!(
+        first_at.unwrap() + Duration::from_secs(1) < t.elapsed(),
+        "the first line came only at the end: {first_at:?} of {:?}",
+        t.elapsed()
+    );
+    assert!(events.contains(&json!({"stderr": "two\n"})), "{events:?}");
+    assert!(events.contains(&json!({"stdout": "three\n"})), "{events:?}");
+    assert_eq!(
+        events.last().unwrap(),
+        &json!({"exit": {"exit_code": 5, "signal": null, "timed_out": false}})
+    );
+
+    // delete: only users and up; then the VM is gone and the id unknown
+    let (st, _) = d.call(&reader, "DELETE", &one, None).await;
+    assert_eq!(st, 403);
+    let (st, _) = d.call(&stranger, "DELETE", &one, None).await;
+    assert_eq!(st, 404);
+    let (st, _) = d.call(&user, "DELETE", &one, None).await;
+    assert_eq!(st, 204);
+    assert!(common::qemu_processes(&id).is_empty());
+    let (st, _) = d.call(&user, "GET", &one, None).await;
+    assert_eq!(st, 404);
+    let (st, _) = d.exec(&user, "web", &id, json!({"command": "true"})).await;
+    assert_eq!(st, 404);
+    assert!(!d.home.path().join("run").join(&id).exists());
+
+    // a forced group delete takes its sandboxes' VMs along
+    let sb = d.create(&user, "web", json!({})).await;
+    let id2 = sb["id"].as_str().unwrap().to_string();
+    let (st, e) = d.call(ADMIN, "DELETE", &format!("{G}/web"), None).await;
+    assert_eq!(st, 409, "{e}");
+    let (st, _) = d
+        .call(ADMIN, "DELETE", &format!("{G}/web?force=true"), None)
+        .await;
+    assert_eq!(st, 204);
+    assert!(common::qemu_processes(&id2).is_empty());
+    eprintln!("create_exec_list_delete_and_roles: {:?}", started.elapsed());
+}
+
+/// The background counter an exec leaves running: its value now.
+async fn counter(d: &Daemon, id: &str) -> u64 {
+    d.sh("web", id, "cat /run/counter")
+        .await
+        .parse()
+        .expect("counter")
+}
+
+async fn counter_moves(d: &Daemon, id: &str) {
+    let before = counter(d, id).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter(d, id).await <= before {
+        assert!(Instant::now() < deadline, "counter stuck at {before}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_keep_running_sandboxes() {
+    let started = Instant::now();
+    let mut d = Daemon::start().await;
+    let (st, _) = d
+        .call(
+            ADMIN,
+            "PUT",
+            &format!("{G}/web"),
+            Some(json!({"tier": "s"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    let keep = d.create(ADMIN, "web", json!({})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let lost = d.create(ADMIN, "web", json!({})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stray = d.create(ADMIN, "web", json!({})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.sh("web", &keep, "echo kept > /root/f").await;
+    d.sh(
+        "web",
+        &keep,
+        "(i=0; while true; do i=$((i+1)); echo $i > /run/counter; sleep 0.2; done) \
+         > /dev/null 2>&1 &",
+    )
+    .await;
+    counter_moves(&d, &keep).await;
+
+    // A graceful stop leaves the VMs to the next daemon.
+    d.terminate();
+    assert_eq!(common::qemu_processes(&keep).len(), 1);
+    d.spawn().await;
+    counter_moves(&d, &keep).await;
+
+    // kill -9: the VMs live on. Meanwhile one VM dies and one row goes missing.
+    d.kill9();
+    for id in [&keep, &lost, &stray] {
+        assert_eq!(common::qemu_processes(id).len(), 1, "{id} survives kill -9");
+    }
+    for pid in common::qemu_processes(&lost) {
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+    let db = rusqlite::Connection::open(d.home.path().join("moatd.db")).unwrap();
+    db.execute("DELETE FROM sandboxes WHERE id = ?1", [&stray])
+        .unwrap();
+    drop(db);
+    let t = Instant::now();
+    d.spawn().await;
+    eprintln!("restart with adoption: {:?}", t.elapsed());
+
+    // The kept sandbox: running, its file and background process intact.
+    let (st, sb) = d
+        .call(ADMIN, "GET", &format!("{G}/web/sandboxes/{keep}"), None)
+        .await;
+    assert_eq!((st, &sb["state"]), (200, &json!("running")), "{sb}");
+    assert_eq!(d.sh("web", &keep, "cat /root/f").await, "kept");
+    counter_moves(&d, &keep).await;
+    // The one whose VM died: failed, with a reason, and exec says so.
+    let (_, sb) = d
+        .call(ADMIN, "GET", &format!("{G}/web/sandboxes/{lost}"), None)
+        .await;
+    assert_eq!(sb["state"], "failed", "{sb}");
+    assert!(
+        sb["reason"].as_str().unwrap().contains("VM was gone"),
+        "{sb}"
+    );
+    let (st, e) = d
+        .exec(ADMIN, "web", &lost, json!({"command": "true"}))
+        .await;
+    assert_eq!(st, 409, "{e}");
+    assert!(msg(&e).contains("failed"), "{e}");
+    // A failed sandbox can still be deleted.
+    let (st, _) = d
+        .call(ADMIN, "DELETE", &format!("{G}/web/sandboxes/{lost}"), None)
+        .await;
+    assert_eq!(st, 204);
+    // The VM no row claims was destroyed.
+    assert!(
+        common::qemu_processes(&stray).is_empty(),
+        "the stray VM was destroyed"
+    );
+    assert!(!d.home.path().join("run").join(&stray).exists());
+
+    let (st, _) = d
+        .call(ADMIN, "DELETE", &format!("{G}/web/sandboxes/{keep}"), None)
+        .await;
+    assert_eq!(st, 204);
+    assert!(common::qemu_processes(&keep).is_empty());
+    eprintln!("restarts_keep_running_sandboxes: {:?}", started.elapsed());
+}
