@@ -65,12 +65,7 @@ impl RunArgs {
             }
         }
         if let Some(u) = &self.user {
-            let valid = !u.is_empty()
-                && u.len() <= 64
-                && u.split(':').count() <= 2
-                && u.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
-            if !valid {
+            if !moat_protocol::valid_user_spec(u) {
                 bail!("invalid user {u:?}: use a name or uid, optionally followed by :group");
             }
         }

@@ -147,6 +147,17 @@ pub struct ProcExit {
     pub timed_out: bool,
 }
 
+/// Whether `user` has the form [`ExecRequest::user`] takes: a name or uid, optionally
+/// `:group`. Hosts check the form before sending; the guest resolves it against the image.
+pub fn valid_user_spec(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 64
+        && user.split(':').count() <= 2
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
+}
+
 /// Fresh facts the guest cannot know by itself after a restore.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
