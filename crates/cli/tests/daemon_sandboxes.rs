@@ -8,160 +8,32 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::daemon::{msg, validate, Daemon, ADMIN};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-const ADMIN: &str = "moat_AdminAdminAdminAdminAdminAdminAdminAdmin123";
 const G: &str = "/v1/sandbox-groups";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Sandbox calls on top of the shared daemon fixture.
+trait SandboxApi {
+    async fn create(&self, key: &str, group: &str, body: Value) -> Value;
+    async fn exec(&self, key: &str, group: &str, id: &str, body: Value) -> (u16, Value);
+    async fn sh(&self, group: &str, id: &str, script: &str) -> String;
 }
 
-struct Daemon {
-    home: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-    starts: usize,
-    http: reqwest::Client,
-    doc: Value,
-}
-
-impl Daemon {
-    async fn start() -> Daemon {
-        let home = tempfile::tempdir().unwrap();
-        let shared = common::home();
-        for name in [
-            "kernels",
-            "images",
-            "templates",
-            "initramfs",
-            "qemu-version.json",
-        ] {
-            if shared.join(name).exists() {
-                std::os::unix::fs::symlink(shared.join(name), home.path().join(name)).unwrap();
-            }
-        }
-        let mut d = Daemon {
-            home,
-            port: free_port(),
-            child: None,
-            starts: 0,
-            http: reqwest::Client::new(),
-            doc: Value::Null,
-        };
-        d.spawn().await;
-        let resp = d
-            .http
-            .get(format!("{}/openapi.json", d.url()))
-            .send()
-            .await
-            .unwrap();
-        d.doc = resp.json().await.unwrap();
-        d
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn stderr(&self, n: usize) -> String {
-        std::fs::read_to_string(self.home.path().join(format!("serve-{n}.err"))).unwrap_or_default()
-    }
-
-    async fn spawn(&mut self) {
-        self.starts += 1;
-        let n = self.starts;
-        let out = |w: &str| std::fs::File::create(self.home.path().join(format!("serve-{n}.{w}")));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_moat"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
-            .env("MOAT_HOME", self.home.path())
-            .env("MOAT_AGENT", common::agent())
-            .env("MOAT_BOOTSTRAP_KEY", ADMIN)
-            .env("RUST_LOG", "info")
-            .env_remove("MOAT_LISTEN")
-            .stdin(Stdio::null())
-            .stdout(out("out").unwrap())
-            .stderr(out("err").unwrap())
-            .spawn()
-            .expect("moat serve starts");
-        // Start-up adopts VMs (and may restore none): allow for a slow machine.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("moat serve exited ({st}): {}", self.stderr(n));
-            }
-            let ok = self
-                .http
-                .get(format!("{}/healthz", self.url()))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200);
-            if ok {
-                break;
-            }
-            assert!(Instant::now() < deadline, "moat serve never became ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap(); // SIGKILL
-            c.wait().unwrap();
-        }
-    }
-
-    fn terminate(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-            let st = c.wait().unwrap();
-            assert!(st.success(), "moat serve after SIGTERM: {st}");
-        }
-    }
-
-    async fn call(&self, key: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self
-            .http
-            .request(m, format!("{}{path}", self.url()))
-            .bearer_auth(key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap();
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        check_response(&self.doc, method, path, status, &value);
-        (status, value)
-    }
-
-    async fn key(&self, role: &str, groups: &[&str]) -> String {
-        let body = json!({"name": role, "role": role, "groups": groups});
-        let (st, k) = self.call(ADMIN, "POST", "/v1/api-keys", Some(body)).await;
-        assert_eq!(st, 201, "{k}");
-        k["key"].as_str().unwrap().to_string()
-    }
-
+impl SandboxApi for Daemon {
     async fn create(&self, key: &str, group: &str, body: Value) -> Value {
         let t = Instant::now();
         let (st, sb) = self
-            .call(key, "POST", &format!("{G}/{group}/sandboxes"), Some(body))
+            .call(
+                Some(key),
+                "POST",
+                &format!("{G}/{group}/sandboxes"),
+                Some(body),
+            )
             .await;
         assert_eq!(st, 201, "{sb}");
         assert_eq!(sb["state"], "running");
@@ -171,7 +43,7 @@ impl Daemon {
 
     async fn exec(&self, key: &str, group: &str, id: &str, body: Value) -> (u16, Value) {
         self.call(
-            key,
+            Some(key),
             "POST",
             &format!("{G}/{group}/sandboxes/{id}/exec"),
             Some(body),
@@ -190,80 +62,13 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-        // The daemon's VMs are detached: a failed test must not leak them.
-        kill_qemus_of(self.home.path());
-    }
-}
-
-fn kill_qemus_of(home: &Path) {
-    for pid in common::qemu_processes(&home.display().to_string()) {
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    }
-}
-
-/// The response must be documented for its route and status, and a JSON body must validate
-/// against the documented schema (as in tests/serve.rs).
-fn check_response(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
-    let path_only = path.split('?').next().unwrap();
-    let (template, item) = doc["paths"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .find(|(t, _)| template_matches(t, path_only))
-        .unwrap_or_else(|| panic!("{method} {path} matches no documented route"));
-    let resp = &item[method.to_ascii_lowercase()]["responses"][status.to_string()];
-    assert!(
-        resp.is_object(),
-        "status {status} of {method} {template} is not documented (body {body})"
-    );
-    let schema = &resp["content"]["application/json"]["schema"];
-    if schema.is_null() {
-        assert!(
-            body.is_null(),
-            "{method} {template} {status}: undocumented body {body}"
-        );
-        return;
-    }
-    validate(doc, schema, body, &format!("{method} {template} {status}"));
-}
-
-fn validate(doc: &Value, schema: &Value, body: &Value, what: &str) {
-    let mut root = schema.clone();
-    root["components"] = doc["components"].clone();
-    let validator = jsonschema::validator_for(&root).expect("a valid schema");
-    let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
-    assert!(
-        errors.is_empty(),
-        "{what}: {body} does not match: {errors:?}"
-    );
-}
-
-fn template_matches(template: &str, path: &str) -> bool {
-    let t: Vec<&str> = template.split('/').collect();
-    let p: Vec<&str> = path.split('/').collect();
-    t.len() == p.len()
-        && t.iter()
-            .zip(&p)
-            .all(|(t, p)| (t.starts_with('{') && !p.is_empty()) || t == p)
-}
-
-fn msg(v: &Value) -> String {
-    v["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_exec_list_delete_and_roles() {
     let started = Instant::now();
-    let d = Daemon::start().await;
+    let d = Daemon::start_with_runtime(Some(ADMIN)).await;
     let (st, _) = d
         .call(
-            ADMIN,
+            Some(ADMIN),
             "PUT",
             &format!("{G}/web"),
             Some(json!({"tier": "s"})),
@@ -271,7 +76,7 @@ async fn create_exec_list_delete_and_roles() {
         .await;
     assert_eq!(st, 201);
     let (st, _) = d
-        .call(ADMIN, "PUT", &format!("{G}/other"), Some(json!({})))
+        .call(Some(ADMIN), "PUT", &format!("{G}/other"), Some(json!({})))
         .await;
     assert_eq!(st, 201);
     let user = d.key("user", &["web"]).await;
@@ -287,13 +92,15 @@ async fn create_exec_list_delete_and_roles() {
         (json!({"labels": {"a": "not ok"}}), "label"),
         (json!({"image": "no-such-image"}), "unknown image"),
     ] {
-        let (st, e) = d.call(&user, "POST", &path, Some(body.clone())).await;
+        let (st, e) = d.call(Some(&user), "POST", &path, Some(body.clone())).await;
         assert_eq!(st, 400, "{body}: {e}");
         assert!(msg(&e).contains(want), "{body}: {e}");
     }
-    let (st, e) = d.call(&reader, "POST", &path, Some(json!({}))).await;
+    let (st, e) = d.call(Some(&reader), "POST", &path, Some(json!({}))).await;
     assert_eq!(st, 403, "{e}");
-    let (st, _) = d.call(&stranger, "POST", &path, Some(json!({}))).await;
+    let (st, _) = d
+        .call(Some(&stranger), "POST", &path, Some(json!({})))
+        .await;
     assert_eq!(st, 404);
 
     let sb = d
@@ -311,27 +118,32 @@ async fn create_exec_list_delete_and_roles() {
     let one = format!("{G}/web/sandboxes/{id}");
 
     // reads: the reader sees it, another group's key does not, as if it did not exist
-    let (st, got) = d.call(&reader, "GET", &one, None).await;
+    let (st, got) = d.call(Some(&reader), "GET", &one, None).await;
     assert_eq!((st, &got["state"]), (200, &json!("running")));
-    let (st, e) = d.call(&stranger, "GET", &one, None).await;
+    let (st, e) = d.call(Some(&stranger), "GET", &one, None).await;
     assert_eq!(st, 404, "{e}");
     let (st, e) = d
-        .call(ADMIN, "GET", &format!("{G}/other/sandboxes/{id}"), None)
+        .call(
+            Some(ADMIN),
+            "GET",
+            &format!("{G}/other/sandboxes/{id}"),
+            None,
+        )
         .await;
     assert_eq!(st, 404, "a sandbox is found only under its own group: {e}");
     for (sel, n) in [("app=a", 1), ("app=b", 0), ("app=a,x=y", 0), ("", 1)] {
         let (st, l) = d
-            .call(&reader, "GET", &format!("{path}?labels={sel}"), None)
+            .call(Some(&reader), "GET", &format!("{path}?labels={sel}"), None)
             .await;
         assert_eq!(st, 200);
         assert_eq!(l["sandboxes"].as_array().unwrap().len(), n, "{sel}");
     }
     let (st, e) = d
-        .call(&reader, "GET", &format!("{path}?labels=app"), None)
+        .call(Some(&reader), "GET", &format!("{path}?labels=app"), None)
         .await;
     assert_eq!(st, 400, "{e}");
     let (st, e) = d
-        .call(&reader, "GET", &format!("{path}?lables=a=b"), None)
+        .call(Some(&reader), "GET", &format!("{path}?lables=a=b"), None)
         .await;
     assert_eq!(st, 400, "{e}");
 
@@ -463,7 +275,7 @@ async fn create_exec_list_delete_and_roles() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
-    let schema = &d.doc["components"]["schemas"]["ExecEvent"];
+    let schema = &d.doc.as_ref().unwrap()["components"]["schemas"]["ExecEvent"];
     let mut body = resp.bytes_stream();
     let (mut buf, mut events, mut first_at) = (Vec::new(), Vec::new(), None);
     while let Some(chunk) = body.next().await {
@@ -471,7 +283,7 @@ async fn create_exec_list_delete_and_roles() {
         while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=nl).collect();
             let ev: Value = serde_json::from_slice(&line).unwrap();
-            validate(&d.doc, schema, &ev, "an ndjson exec event");
+            validate(d.doc.as_ref().unwrap(), schema, &ev, "an ndjson exec event");
             first_at.get_or_insert(t.elapsed());
             events.push(ev);
         }
@@ -491,14 +303,14 @@ async fn create_exec_list_delete_and_roles() {
     );
 
     // delete: only users and up; then the VM is gone and the id unknown
-    let (st, _) = d.call(&reader, "DELETE", &one, None).await;
+    let (st, _) = d.call(Some(&reader), "DELETE", &one, None).await;
     assert_eq!(st, 403);
-    let (st, _) = d.call(&stranger, "DELETE", &one, None).await;
+    let (st, _) = d.call(Some(&stranger), "DELETE", &one, None).await;
     assert_eq!(st, 404);
-    let (st, _) = d.call(&user, "DELETE", &one, None).await;
+    let (st, _) = d.call(Some(&user), "DELETE", &one, None).await;
     assert_eq!(st, 204);
     assert!(common::qemu_processes(&id).is_empty());
-    let (st, _) = d.call(&user, "GET", &one, None).await;
+    let (st, _) = d.call(Some(&user), "GET", &one, None).await;
     assert_eq!(st, 404);
     let (st, _) = d.exec(&user, "web", &id, json!({"command": "true"})).await;
     assert_eq!(st, 404);
@@ -507,10 +319,12 @@ async fn create_exec_list_delete_and_roles() {
     // a forced group delete takes its sandboxes' VMs along
     let sb = d.create(&user, "web", json!({})).await;
     let id2 = sb["id"].as_str().unwrap().to_string();
-    let (st, e) = d.call(ADMIN, "DELETE", &format!("{G}/web"), None).await;
+    let (st, e) = d
+        .call(Some(ADMIN), "DELETE", &format!("{G}/web"), None)
+        .await;
     assert_eq!(st, 409, "{e}");
     let (st, _) = d
-        .call(ADMIN, "DELETE", &format!("{G}/web?force=true"), None)
+        .call(Some(ADMIN), "DELETE", &format!("{G}/web?force=true"), None)
         .await;
     assert_eq!(st, 204);
     assert!(common::qemu_processes(&id2).is_empty());
@@ -537,10 +351,10 @@ async fn counter_moves(d: &Daemon, id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_keep_running_sandboxes() {
     let started = Instant::now();
-    let mut d = Daemon::start().await;
+    let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
     let (st, _) = d
         .call(
-            ADMIN,
+            Some(ADMIN),
             "PUT",
             &format!("{G}/web"),
             Some(json!({"tier": "s"})),
@@ -572,7 +386,7 @@ async fn restarts_keep_running_sandboxes() {
     // A graceful stop leaves the VMs to the next daemon.
     d.terminate();
     assert_eq!(common::qemu_processes(&keep).len(), 1);
-    d.spawn().await;
+    d.spawn(Some(ADMIN)).await;
     counter_moves(&d, &keep).await;
 
     // kill -9: the VMs live on. Meanwhile one VM dies and one row goes missing.
@@ -591,19 +405,29 @@ async fn restarts_keep_running_sandboxes() {
         .unwrap();
     drop(db);
     let t = Instant::now();
-    d.spawn().await;
+    d.spawn(Some(ADMIN)).await;
     eprintln!("restart with adoption: {:?}", t.elapsed());
 
     // The kept sandbox: running, its file and background process intact.
     let (st, sb) = d
-        .call(ADMIN, "GET", &format!("{G}/web/sandboxes/{keep}"), None)
+        .call(
+            Some(ADMIN),
+            "GET",
+            &format!("{G}/web/sandboxes/{keep}"),
+            None,
+        )
         .await;
     assert_eq!((st, &sb["state"]), (200, &json!("running")), "{sb}");
     assert_eq!(d.sh("web", &keep, "cat /root/f").await, "kept");
     counter_moves(&d, &keep).await;
     // The one whose VM died: failed, with a reason, and exec says so.
     let (_, sb) = d
-        .call(ADMIN, "GET", &format!("{G}/web/sandboxes/{lost}"), None)
+        .call(
+            Some(ADMIN),
+            "GET",
+            &format!("{G}/web/sandboxes/{lost}"),
+            None,
+        )
         .await;
     assert_eq!(sb["state"], "failed", "{sb}");
     assert!(
@@ -617,7 +441,12 @@ async fn restarts_keep_running_sandboxes() {
     assert!(msg(&e).contains("failed"), "{e}");
     // A failed sandbox can still be deleted.
     let (st, _) = d
-        .call(ADMIN, "DELETE", &format!("{G}/web/sandboxes/{lost}"), None)
+        .call(
+            Some(ADMIN),
+            "DELETE",
+            &format!("{G}/web/sandboxes/{lost}"),
+            None,
+        )
         .await;
     assert_eq!(st, 204);
     // The VM no row claims was destroyed.
@@ -628,7 +457,12 @@ async fn restarts_keep_running_sandboxes() {
     assert!(!d.home.path().join("run").join(&stray).exists());
 
     let (st, _) = d
-        .call(ADMIN, "DELETE", &format!("{G}/web/sandboxes/{keep}"), None)
+        .call(
+            Some(ADMIN),
+            "DELETE",
+            &format!("{G}/web/sandboxes/{keep}"),
+            None,
+        )
         .await;
     assert_eq!(st, 204);
     assert!(common::qemu_processes(&keep).is_empty());

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -22,10 +24,15 @@ pub fn home() -> PathBuf {
     home
 }
 
+/// Where scripts/build.sh puts the static agent.
+pub fn agent_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/x86_64-unknown-linux-gnu/release/moat-agent")
+}
+
 /// The static agent built by scripts/build.sh.
 pub fn agent() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/x86_64-unknown-linux-gnu/release/moat-agent");
+    let p = agent_path();
     assert!(
         p.is_file(),
         "no static agent at {}: run scripts/build.sh",

@@ -1,0 +1,315 @@
+//! The `moat serve` fixture shared by the daemon tests: the real binary on a free loopback port
+//! with its own MOAT_HOME. Every JSON response received through [`Daemon::call`] is checked
+//! against the daemon's own OpenAPI document.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The first admin key of every test daemon.
+pub const ADMIN: &str = "moat_AdminAdminAdminAdminAdminAdminAdminAdmin123";
+
+/// The `moat` binary with none of the client or daemon settings of the environment.
+pub fn moat() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moat"));
+    for v in [
+        "MOAT_URL",
+        "MOAT_API_KEY",
+        "MOAT_BOOTSTRAP_KEY",
+        "MOAT_LISTEN",
+        "RUST_LOG",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `moat serve` on a free loopback port with a MOAT_HOME of its own; killed (and its
+/// detached VMs with it) on drop.
+pub struct Daemon {
+    pub home: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+    pub starts: usize,
+    pub http: reqwest::Client,
+    pub doc: Option<Value>,
+    pub validated: AtomicUsize,
+}
+
+impl Daemon {
+    /// A daemon on a fresh MOAT_HOME whose first admin key is `bootstrap` (generated if None).
+    pub async fn start(bootstrap: Option<&str>) -> Daemon {
+        Daemon::start_in(tempfile::tempdir().unwrap(), bootstrap).await
+    }
+
+    /// A daemon that can run sandboxes: its MOAT_HOME links `kernels`, `images`, `templates`
+    /// and `initramfs` to the shared test home (built once per machine by `moat setup`), while
+    /// its database, socket and `run/` stay its own, so its start-up adoption and orphan
+    /// clean-up only ever see its own VMs.
+    pub async fn start_with_runtime(bootstrap: Option<&str>) -> Daemon {
+        let home = tempfile::tempdir().unwrap();
+        let shared = super::home();
+        for name in [
+            "kernels",
+            "images",
+            "templates",
+            "initramfs",
+            "qemu-version.json",
+        ] {
+            if shared.join(name).exists() {
+                std::os::unix::fs::symlink(shared.join(name), home.path().join(name)).unwrap();
+            }
+        }
+        Daemon::start_in(home, bootstrap).await
+    }
+
+    async fn start_in(home: tempfile::TempDir, bootstrap: Option<&str>) -> Daemon {
+        let mut d = Daemon {
+            home,
+            port: free_port(),
+            child: None,
+            starts: 0,
+            http: reqwest::Client::new(),
+            doc: None,
+            validated: AtomicUsize::new(0),
+        };
+        d.spawn(bootstrap).await;
+        let (status, doc) = d.call(None, "GET", "/openapi.json", None).await;
+        assert_eq!(status, 200);
+        d.doc = Some(doc);
+        d
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn out_path(&self, n: usize, what: &str) -> PathBuf {
+        self.home.path().join(format!("serve-{n}.{what}"))
+    }
+
+    pub fn stdout(&self, n: usize) -> String {
+        std::fs::read_to_string(self.out_path(n, "out")).unwrap_or_default()
+    }
+
+    pub fn stderr(&self, n: usize) -> String {
+        std::fs::read_to_string(self.out_path(n, "err")).unwrap_or_default()
+    }
+
+    pub fn command(&mut self, bootstrap: Option<&str>) -> (Command, usize) {
+        self.starts += 1;
+        let n = self.starts;
+        let mut c = moat();
+        c.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .env("MOAT_HOME", self.home.path())
+            .env("MOAT_AGENT", super::agent_path())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(self.out_path(n, "out")).unwrap())
+            .stderr(std::fs::File::create(self.out_path(n, "err")).unwrap());
+        if let Some(k) = bootstrap {
+            c.env("MOAT_BOOTSTRAP_KEY", k);
+        }
+        (c, n)
+    }
+
+    pub async fn spawn(&mut self, bootstrap: Option<&str>) {
+        let (mut c, n) = self.command(bootstrap);
+        let mut child = c.spawn().expect("moat serve starts");
+        // Start-up adopts VMs: allow for a slow machine.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("moat serve exited ({st}): {}", self.stderr(n));
+            }
+            let ok = self
+                .http
+                .get(format!("{}/healthz", self.url()))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "moat serve never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.child = Some(child);
+    }
+
+    /// Stops the daemon gracefully (its VMs keep running for the next start).
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+            let st = c.wait().unwrap();
+            assert!(st.success(), "moat serve after SIGTERM: {st}");
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+
+    /// One request; checks the answer against the OpenAPI document (once it is loaded).
+    pub async fn call(
+        &self,
+        key: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let raw = body.map(|b| serde_json::to_vec(&b).unwrap());
+        self.call_raw(key, method, path, raw).await
+    }
+
+    pub async fn call_raw(
+        &self,
+        key: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(m, format!("{}{path}", self.url()));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            if b.len() > 1 << 20 {
+                // The daemon answers 413 without reading the body, then closes the connection:
+                // keep it out of the client's pool.
+                req = req.header("connection", "close");
+            }
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string());
+        let bytes = resp.bytes().await.unwrap();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else if ctype.as_deref() == Some("application/json") {
+            serde_json::from_slice(&bytes).unwrap()
+        } else {
+            Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        };
+        if let Some(doc) = &self.doc {
+            check_response(doc, method, path, status, &value);
+            self.validated.fetch_add(1, Ordering::Relaxed);
+        }
+        (status, value)
+    }
+
+    /// Creates a key and returns its secret.
+    pub async fn key(&self, role: &str, groups: &[&str]) -> String {
+        let (st, k) = self
+            .call(
+                Some(ADMIN),
+                "POST",
+                "/v1/api-keys",
+                Some(json!({"name": format!("{role} key"), "role": role, "groups": groups})),
+            )
+            .await;
+        assert_eq!(st, 201, "{k}");
+        k["key"].as_str().unwrap().to_string()
+    }
+
+    pub fn cli(&self, key: &str, args: &[&str]) -> std::process::Output {
+        moat()
+            .args(args)
+            .env("MOAT_URL", self.url())
+            .env("MOAT_API_KEY", key)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The response must be documented for its route (status code), and a JSON body must validate
+/// against the documented schema.
+pub fn check_response(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
+    let path_only = path.split('?').next().unwrap();
+    let Some((template, item)) = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(t, _)| template_matches(t, path_only))
+    else {
+        // Unknown endpoints answer with the error shape; there is no route to document.
+        assert_eq!(status, 404, "{method} {path}");
+        assert!(body["error"]["code"].is_string(), "{body}");
+        return;
+    };
+    let op = &item[method.to_ascii_lowercase()];
+    assert!(
+        op.is_object(),
+        "{method} {template} is not in the OpenAPI document"
+    );
+    let resp = &op["responses"][status.to_string()];
+    assert!(
+        resp.is_object(),
+        "status {status} of {method} {template} is not in the OpenAPI document (body {body})"
+    );
+    let schema = &resp["content"]["application/json"]["schema"];
+    if schema.is_null() {
+        if resp["content"].is_null() {
+            assert!(
+                body.is_null(),
+                "{method} {template} {status}: undocumented body {body}"
+            );
+        }
+        return;
+    }
+    validate(doc, schema, body, &format!("{method} {template} {status}"));
+}
+
+/// `body` must validate against `schema`, a schema of the OpenAPI document `doc`.
+pub fn validate(doc: &Value, schema: &Value, body: &Value, what: &str) {
+    // `$ref`s point into the document's components: give the schema a copy of them.
+    let mut root = schema.clone();
+    root["components"] = doc["components"].clone();
+    let validator = jsonschema::validator_for(&root).expect("a valid schema");
+    let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
+    assert!(
+        errors.is_empty(),
+        "{what}: body {body} does not match the document: {errors:?}"
+    );
+}
+
+pub fn template_matches(template: &str, path: &str) -> bool {
+    let t: Vec<&str> = template.split('/').collect();
+    let p: Vec<&str> = path.split('/').collect();
+    t.len() == p.len()
+        && t.iter()
+            .zip(&p)
+            .all(|(t, p)| (t.starts_with('{') && !p.is_empty()) || t == p)
+}
+
+pub fn msg(v: &Value) -> String {
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
