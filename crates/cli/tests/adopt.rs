@@ -11,35 +11,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{images, qemu_processes, runtime, unique};
-use moat_protocol::ExecRequest;
-use moat_vm::agent::Output;
-use moat_vm::{template, Error, LaunchOptions, Runtime, Sandbox, SandboxRecord, Tier};
+use common::{base_template, qemu_processes, runtime, sh, unique};
+use moat_vm::{Error, LaunchOptions, Sandbox, SandboxRecord};
 
 const OWNER_ENV: &str = "MOAT_ADOPT_OWNER";
-const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-async fn sh(sb: &Sandbox, script: &str) -> Output {
-    let req = ExecRequest {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec![PATH.into()],
-        ..Default::default()
-    };
-    sb.agent().exec_output(req, 1 << 20).await.expect("exec")
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim().to_string()
-}
-
-async fn template_dir(rt: &Runtime) -> std::path::PathBuf {
-    let image = images()
-        .resolve("base")
-        .expect("base image: run `moat setup`");
-    template::ensure(rt, &image.digest, &image.rootfs, Tier::M)
-        .await
-        .expect("template")
-        .dir
 }
 
 /// The counter written by the background process of `owner_process`.
@@ -65,7 +43,7 @@ async fn owner_process() {
         return;
     };
     let rt = runtime();
-    let tpl = template_dir(&rt).await;
+    let tpl = base_template(&rt).await;
     let sb = Sandbox::restore_with(&rt, &id, &tpl, LaunchOptions { detached: true })
         .await
         .expect("restore detached");
@@ -102,7 +80,7 @@ async fn a_detached_sandbox_survives_kill_9_of_its_owner_and_is_adopted() {
         return;
     }
     let rt = runtime();
-    template_dir(&rt).await;
+    base_template(&rt).await;
     let id = unique("adopt");
     let mut owner = std::process::Command::new(std::env::current_exe().unwrap())
         .args([

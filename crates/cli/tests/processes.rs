@@ -5,33 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{images, runtime, unique};
+use common::{req, runtime, sandbox, unique};
 use moat_protocol::{ErrorKind, ExecRequest, ProcInfo, PtySize, PROC_LOG_RING};
 use moat_vm::agent::{AgentConn, Exec, ExecEvent, ExitStatus};
-use moat_vm::{template, Error, Runtime, Sandbox, Tier};
-
-const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// A fresh sandbox restored from the base image's template (tier m, as `moat run` uses).
-async fn sandbox(rt: &Runtime) -> Sandbox {
-    let image = images()
-        .resolve("base")
-        .expect("base image: run `moat setup`");
-    let tpl = template::ensure(rt, &image.digest, &image.rootfs, Tier::M)
-        .await
-        .expect("template");
-    Sandbox::restore(rt, &unique("proc"), &tpl.dir)
-        .await
-        .expect("restore")
-}
-
-fn req(argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        env: vec![PATH.into()],
-        ..ExecRequest::default()
-    }
-}
+use moat_vm::{Error, Sandbox};
 
 fn pty(argv: &[&str], rows: u16, cols: u16) -> ExecRequest {
     ExecRequest {

@@ -5,46 +5,12 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{images, runtime, unique};
-use moat_protocol::{ErrorKind, ExecRequest, FileKind};
-use moat_vm::agent::{ExecEvent, Output};
-use moat_vm::{template, Error, Runtime, Sandbox, Tier};
+use common::{req, runtime, sandbox, sh, unique};
+use moat_protocol::{ErrorKind, FileKind};
+use moat_vm::agent::ExecEvent;
+use moat_vm::{Error, Sandbox, Tier};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncRead;
-
-const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// A fresh sandbox restored from the base image's template (tier m, as `moat run` uses).
-async fn sandbox(rt: &Runtime) -> Sandbox {
-    let image = images()
-        .resolve("base")
-        .expect("base image: run `moat setup`");
-    let tpl = template::ensure(rt, &image.digest, &image.rootfs, Tier::M)
-        .await
-        .expect("template");
-    Sandbox::restore(rt, &unique("test"), &tpl.dir)
-        .await
-        .expect("restore")
-}
-
-fn req(argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        env: vec![PATH.into()],
-        cwd: None,
-        user: None,
-        stdin: false,
-        timeout_ms: None,
-        pty: None,
-    }
-}
-
-async fn sh(sb: &Sandbox, script: &str) -> Output {
-    sb.agent()
-        .exec_output(req(&["sh", "-c", script]), 1 << 20)
-        .await
-        .expect("exec")
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

@@ -6,21 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{images, qemu_processes, runtime, unique};
-use moat_protocol::ExecRequest;
-use moat_vm::agent::Output;
+use common::{images, qemu_processes, runtime, sh, unique};
 use moat_vm::{snapshot, template, LaunchOptions, Sandbox, Tier};
-
-const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-async fn sh(sb: &Sandbox, script: &str) -> Output {
-    let req = ExecRequest {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec![PATH.into()],
-        ..Default::default()
-    };
-    sb.agent().exec_output(req, 1 << 20).await.expect("exec")
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim().to_string()

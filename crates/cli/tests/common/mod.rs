@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use moat_image::ImageStore;
-use moat_vm::Runtime;
+use moat_protocol::ExecRequest;
+use moat_vm::agent::Output;
+use moat_vm::{template, Runtime, Sandbox, Tier};
 
 /// The home the tests share with `scripts/test.sh`, which ran `moat setup` in it.
 pub fn home() -> PathBuf {
@@ -83,4 +85,42 @@ pub fn qemu_processes(needle: &str) -> Vec<u32> {
         }
     }
     pids
+}
+
+/// The PATH of the Debian base image.
+pub const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The base image's template at tier m (as `moat run` uses), built on first use.
+pub async fn base_template(rt: &Runtime) -> PathBuf {
+    let image = images()
+        .resolve("base")
+        .expect("base image: run `moat setup`");
+    template::ensure(rt, &image.digest, &image.rootfs, Tier::M)
+        .await
+        .expect("template")
+        .dir
+}
+
+/// A fresh sandbox restored from the base image's template.
+pub async fn sandbox(rt: &Runtime) -> Sandbox {
+    Sandbox::restore(rt, &unique("test"), &base_template(rt).await)
+        .await
+        .expect("restore")
+}
+
+/// An exec of `argv` with the base image's PATH and nothing else set.
+pub fn req(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![PATH.into()],
+        ..ExecRequest::default()
+    }
+}
+
+/// Runs `sh -c SCRIPT` to completion (at most 1 MiB of each output).
+pub async fn sh(sb: &Sandbox, script: &str) -> Output {
+    sb.agent()
+        .exec_output(req(&["sh", "-c", script]), 1 << 20)
+        .await
+        .expect("exec")
 }
