@@ -20,7 +20,8 @@ pub struct ErrorBody {
 #[serde(deny_unknown_fields)]
 pub struct ErrorDetail {
     /// Stable and machine-readable: bad_request, unauthorized, forbidden, not_found,
-    /// method_not_allowed, conflict, payload_too_large, too_many_requests, unavailable, internal.
+    /// method_not_allowed, conflict, payload_too_large, too_many_requests, unavailable,
+    /// no_space, internal.
     pub code: String,
     /// For people: what was wrong and, for bad input, what is allowed.
     pub message: String,

@@ -24,6 +24,9 @@ pub enum Error {
     PayloadTooLarge(String),
     #[error("{0}")]
     TooManyRequests(String),
+    /// The guest's disk is full (a file upload).
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("{0}")]
     Unavailable(String),
     #[error(
@@ -71,6 +74,7 @@ impl Error {
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Error::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Error::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
+            Error::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
             Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             // SQLITE_BUSY/LOCKED are transient: the client may retry.
             Error::Store(rusqlite::Error::SqliteFailure(e, _))
@@ -94,7 +98,10 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         // Internal details go to the log, not to a client that may not be trusted with them.
-        let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+        let message = if status.is_server_error()
+            && status != StatusCode::SERVICE_UNAVAILABLE
+            && status != StatusCode::INSUFFICIENT_STORAGE
+        {
             tracing::error!(error = %self, "request failed");
             "internal error; see the moat serve log".to_string()
         } else {

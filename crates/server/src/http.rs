@@ -43,7 +43,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    fn manager(&self) -> Result<&Arc<Manager>> {
+    pub(crate) fn manager(&self) -> Result<&Arc<Manager>> {
         self.sandboxes
             .as_ref()
             .map_err(|why| Error::Unavailable(format!("this daemon cannot run sandboxes: {why}")))
@@ -71,6 +71,26 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/sandbox-groups/{group}/sandboxes/{id}/exec",
             axum::routing::post(exec_sandbox),
+        )
+        // Uploads stream to the guest and are not bounded by MAX_BODY.
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/files",
+            get(crate::files::get_file)
+                .put(crate::files::put_file)
+                .delete(crate::files::delete_file)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/files/list",
+            get(crate::files::list_files),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/suspend",
+            axum::routing::post(suspend_sandbox),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/resume",
+            axum::routing::post(resume_sandbox),
         )
         .route("/v1/api-keys", get(list_keys).post(create_key))
         .route("/v1/api-keys/{id}", axum::routing::delete(delete_key))
@@ -169,7 +189,7 @@ fn path_param(p: std::result::Result<Path<String>, PathRejection>) -> Result<Str
         .map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))
 }
 
-fn query<T: DeserializeOwned>(uri: &Uri) -> Result<T> {
+pub(crate) fn query<T: DeserializeOwned>(uri: &Uri) -> Result<T> {
     Query::<T>::try_from_uri(uri)
         .map(|Query(q)| q)
         .map_err(|e| Error::BadRequest(format!("invalid query: {}", e.body_text())))
@@ -202,7 +222,7 @@ fn require_manage(p: &Principal) -> Result<()> {
     }
 }
 
-fn require_use(p: &Principal) -> Result<()> {
+pub(crate) fn require_use(p: &Principal) -> Result<()> {
     if p.role >= Role::User {
         Ok(())
     } else {
@@ -393,7 +413,7 @@ async fn delete_group(
 // ---- sandboxes ----
 
 /// The two path parameters of a sandbox route.
-fn sandbox_params(
+pub(crate) fn sandbox_params(
     p: std::result::Result<Path<(String, String)>, PathRejection>,
 ) -> Result<(String, String)> {
     p.map(|Path(v)| v)
@@ -413,7 +433,7 @@ async fn visible_group(state: &AppState, p: &Principal, name: &str) -> Result<Gr
 }
 
 /// The row of sandbox `id` of `group`: 404 for one of another group, as for a missing one.
-async fn visible_sandbox(
+pub(crate) async fn visible_sandbox(
     state: &AppState,
     p: &Principal,
     group: &str,
@@ -580,6 +600,50 @@ async fn exec_sandbox(
     }
 }
 
+#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/suspend", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "Suspended (or it was already): its VM has ended, its \
+            memory and disk are saved", body = Sandbox),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The sandbox is creating, deleting or failed", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn suspend_sandbox(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Sandbox>> {
+    let (group, id) = sandbox_params(params)?;
+    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    require_use(&p)?;
+    state.manager()?.suspend(&row.id).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/resume", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "Running again (or it already was), processes and files \
+            as they were", body = Sandbox),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The sandbox is creating, deleting or failed", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn resume_sandbox(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Sandbox>> {
+    let (group, id) = sandbox_params(params)?;
+    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    require_use(&p)?;
+    state.manager()?.resume(&row.id).await.map(Json)
+}
+
 #[utoipa::path(get, path = "/v1/api-keys", tag = "api-keys",
     security(("bearer" = [])),
     responses(
@@ -640,10 +704,14 @@ async fn delete_key(
         {\"error\": {\"code\", \"message\"}}."),
     paths(healthz, metrics, openapi, list_groups, get_group, put_group, delete_group,
         create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, exec_sandbox,
+        crate::files::put_file, crate::files::get_file, crate::files::list_files,
+        crate::files::delete_file,
+        suspend_sandbox, resume_sandbox,
         list_keys, create_key, delete_key),
     components(schemas(ErrorBody, Group, GroupList, GroupSpec, ApiKey, ApiKeyList, CreateApiKey,
         CreatedApiKey, Health, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
-        ExecResult, ExecEvent, ExecExit)),
+        ExecResult, ExecEvent, ExecExit, crate::files::FileWritten, crate::files::FileList,
+        crate::files::FileEntry, crate::files::EntryKind)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod error;
 pub mod exec;
+pub mod files;
 pub mod http;
 pub mod keys;
 pub mod metrics;

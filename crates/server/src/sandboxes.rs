@@ -6,13 +6,21 @@
 //! (even `kill -9`) and the next daemon adopts it in [`Manager::start`].
 //!
 //! Concurrency: each sandbox has one `RwLock`. Execs take it shared (many execs on one
-//! sandbox run at once); lifecycle changes (delete, and later suspend/resume) take it
+//! sandbox run at once); lifecycle changes (create, delete, suspend, resume) take it
 //! exclusively, so they are serialised with each other and never pull the VM out from under
 //! a running exec. Lifecycle work runs in spawned tasks: a client that hangs up must not
 //! leave a VM half-created or a row stuck in `creating`/`deleting`.
+//!
+//! Suspend: the VM is saved to `MOAT_HOME/suspended/<id>/<n>/` (n counts up) and ends; the
+//! entry stays with no VM. The newest `<n>` is the one to resume; after a resume it keeps only
+//! its `disk.qcow2`, the new VM's backing file, until the next suspend writes `<n+1>` (see
+//! docs/SNAPSHOTS.md). A directory appears complete or not at all, so after a crash "the newest
+//! `<n>` still has `memory.bin`" means "resumable".
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use moat_image::{ImageConfig, ImageStore};
 use moat_vm::{LaunchOptions, Runtime};
@@ -22,7 +30,8 @@ use crate::api::{self, Sandbox, SandboxState, Tier};
 use crate::error::{Error, Result};
 use crate::store::{self, Store};
 
-/// One live sandbox: its VM (None once deleted) and its image's config, for exec defaults.
+/// One live sandbox: its VM (None while suspended, or once deleted) and its image's config,
+/// for exec defaults.
 pub struct Entry {
     vm: Arc<RwLock<Option<moat_vm::Sandbox>>>,
     config: ImageConfig,
@@ -97,6 +106,7 @@ impl Manager {
                     if has_vm {
                         destroy_orphan(&mgr.rt, &row.id).await;
                     }
+                    mgr.remove_suspend_dirs(&row.id);
                     let id = row.id.clone();
                     mgr.store
                         .call(move |c| store::delete_sandbox(c, &id))
@@ -104,12 +114,27 @@ impl Manager {
                     tracing::info!(id = row.id, state = row.state.as_str(), "rolled back");
                 }
                 SandboxState::Suspending | SandboxState::Resuming => {
+                    mgr.recover_transition(&row, has_vm).await?;
+                }
+                SandboxState::Suspended => {
                     if has_vm {
                         destroy_orphan(&mgr.rt, &row.id).await;
                     }
-                    mgr.fail(&row.id, "interrupted by a daemon restart").await?;
+                    if mgr.resumable(&row.id).is_some() {
+                        mgr.insert_suspended(&row).await;
+                    } else {
+                        mgr.fail(
+                            &row.id,
+                            "its suspend directory was gone when the daemon started",
+                        )
+                        .await?;
+                    }
                 }
-                SandboxState::Suspended | SandboxState::Failed => {}
+                SandboxState::Failed => {
+                    if has_vm {
+                        destroy_orphan(&mgr.rt, &row.id).await;
+                    }
+                }
             }
         }
         for id in orphans {
@@ -144,6 +169,101 @@ impl Manager {
                 .await
             }
         }
+    }
+
+    /// A row left in `suspending` or `resuming` by a crash, decided from what is on disk: a
+    /// complete, unresumed suspend directory wins (the suspend finished, or the resume never
+    /// got going: the VM, if any, is one that a suspend was saving); else a live VM is adopted
+    /// (the suspend never got going, or the resume finished); else the sandbox is lost.
+    async fn recover_transition(&self, row: &Sandbox, has_vm: bool) -> Result<()> {
+        let was = row.state.as_str();
+        if self.resumable(&row.id).is_some() {
+            if has_vm {
+                destroy_orphan(&self.rt, &row.id).await;
+            }
+            self.set_state(&row.id, SandboxState::Suspended).await?;
+            self.insert_suspended(row).await;
+            tracing::info!(id = row.id, was, "recovered as suspended");
+            return Ok(());
+        }
+        if has_vm {
+            if let Ok(sb) = moat_vm::Sandbox::adopt(&self.rt, &row.id).await {
+                self.set_state(&row.id, SandboxState::Running).await?;
+                let config = self.image_config(&row.image).await;
+                self.insert(&row.id, sb, config);
+                tracing::info!(id = row.id, was, "recovered as running");
+                return Ok(());
+            }
+        }
+        self.fail(
+            &row.id,
+            &format!(
+                "the daemon stopped while it was {was}, and neither a complete suspend nor a                  live VM was left"
+            ),
+        )
+        .await
+    }
+
+    async fn set_state(&self, id: &str, state: SandboxState) -> Result<Sandbox> {
+        let i = id.to_string();
+        self.store
+            .call(move |c| store::set_sandbox_state(c, &i, state, None))
+            .await?
+            .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
+    }
+
+    async fn get_row(&self, id: &str) -> Result<Sandbox> {
+        let i = id.to_string();
+        self.store
+            .call(move |c| store::get_sandbox(c, &i))
+            .await?
+            .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
+    }
+
+    /// `MOAT_HOME/suspended/<id>`: the sandbox's suspend directories, `<n>` each.
+    fn suspend_root(&self, id: &str) -> PathBuf {
+        self.rt.home.join("suspended").join(id)
+    }
+
+    /// The numbered suspend directories of `id`, oldest first (`.tmp-` ones, being written
+    /// or left by a crash, are not counted).
+    fn suspend_dirs(&self, id: &str) -> Vec<(u64, PathBuf)> {
+        let mut dirs: Vec<(u64, PathBuf)> = std::fs::read_dir(self.suspend_root(id))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_str()?.parse::<u64>().ok()?;
+                Some((n, e.path()))
+            })
+            .collect();
+        dirs.sort();
+        dirs
+    }
+
+    /// The directory to resume `id` from: the newest, if it still has its memory image.
+    fn resumable(&self, id: &str) -> Option<PathBuf> {
+        let (_, dir) = self.suspend_dirs(id).pop()?;
+        dir.join("memory.bin").exists().then_some(dir)
+    }
+
+    fn remove_suspend_dirs(&self, id: &str) {
+        let root = self.suspend_root(id);
+        if let Err(e) = std::fs::remove_dir_all(&root) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(id, error = %e, "removing {}", root.display());
+            }
+        }
+    }
+
+    /// Registers a suspended sandbox (no VM), so that resume and auto-resume find it.
+    async fn insert_suspended(&self, row: &Sandbox) {
+        let config = self.image_config(&row.image).await;
+        let entry = Arc::new(Entry {
+            vm: Arc::new(RwLock::new(None)),
+            config,
+        });
+        self.lock_live().insert(row.id.clone(), entry);
     }
 
     async fn fail(&self, id: &str, reason: &str) -> Result<()> {
@@ -295,35 +415,154 @@ impl Manager {
                 }
                 mgr.lock_live().remove(&id);
             }
+            mgr.remove_suspend_dirs(&id);
             mgr.store.call(move |c| store::delete_sandbox(c, &id)).await
         })
         .await
         .map_err(|e| Error::Internal(format!("the delete task failed: {e}")))?
     }
 
-    /// A shared hold on the running sandbox `row` (for an exec).
-    pub async fn running(&self, row: &Sandbox) -> Result<Running> {
-        let not_running = || {
-            let why = row
-                .reason
-                .as_deref()
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default();
-            Error::Conflict(format!(
-                "sandbox {} is {}{why}, not running",
-                row.id,
-                row.state.as_str()
-            ))
-        };
-        if row.state != SandboxState::Running {
-            return Err(not_running());
+    /// A shared hold on the running sandbox `row`, resuming it first if it is suspended: the
+    /// one way in for every data-plane route (exec, files), so that all of them resume
+    /// transparently. 409 for a sandbox that is creating, deleting or failed.
+    pub async fn running(self: &Arc<Self>, row: &Sandbox) -> Result<Running> {
+        // Twice at most: a suspend may slip in between our resume and our read lock; after
+        // that the caller gets the 409 rather than a loop.
+        for _ in 0..2 {
+            let current = self
+                .get_row(&row.id)
+                .await
+                .map_err(|_| Error::Conflict(format!("sandbox {} was deleted", row.id)))?;
+            match current.state {
+                SandboxState::Running
+                | SandboxState::Suspending
+                | SandboxState::Suspended
+                | SandboxState::Resuming => {}
+                _ => return Err(not_running(&current)),
+            }
+            let entry = self.entry(&row.id).ok_or_else(|| not_running(&current))?;
+            // Queued behind any suspend or resume in progress (the lock is fair).
+            let guard = entry.vm.clone().read_owned().await;
+            if guard.is_some() {
+                return Ok(Running {
+                    guard,
+                    config: entry.config.clone(),
+                });
+            }
+            drop(guard);
+            self.resume(&row.id).await?;
         }
-        let entry = self.entry(&row.id).ok_or_else(not_running)?;
-        let guard = entry.vm.clone().read_owned().await;
-        Ok(Running {
-            guard,
-            config: entry.config.clone(),
+        Err(Error::Conflict(format!(
+            "sandbox {} was suspended again while it was being resumed; retry",
+            row.id
+        )))
+    }
+
+    /// Suspends a running sandbox into a new `suspended/<id>/<n>/` (the VM ends; only disk
+    /// remains) and then removes the older directories. Suspending a suspended sandbox is a
+    /// no-op; any state other than running is a 409. Runs to the end even if the caller goes.
+    pub async fn suspend(self: &Arc<Self>, id: &str) -> Result<Sandbox> {
+        let mgr = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let row = mgr.get_row(&id).await?;
+            let entry = mgr.entry(&id).ok_or_else(|| conflict("suspend", &row))?;
+            let mut slot = entry.vm.write().await;
+            let row = mgr.get_row(&id).await?;
+            match row.state {
+                SandboxState::Suspended => return Ok(row),
+                SandboxState::Running => {}
+                _ => return Err(conflict("suspend", &row)),
+            }
+            let vm = slot.take().ok_or_else(|| conflict("suspend", &row))?;
+            mgr.set_state(&id, SandboxState::Suspending).await?;
+            let dirs = mgr.suspend_dirs(&id);
+            let next = dirs.last().map_or(1, |(n, _)| n + 1);
+            let dest = mgr.suspend_root(&id).join(next.to_string());
+            let started = Instant::now();
+            match vm.suspend(&mgr.rt, &dest).await {
+                Ok(meta) => {
+                    // The new directory is complete: the older ones (the last resume's backing
+                    // disk among them) are no longer needed.
+                    for (_, old) in dirs {
+                        if let Err(e) = std::fs::remove_dir_all(&old) {
+                            tracing::warn!(id, error = %e, "removing {}", old.display());
+                        }
+                    }
+                    tracing::info!(
+                        id,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        memory_bytes = meta.memory_bytes,
+                        "suspended"
+                    );
+                    mgr.set_state(&id, SandboxState::Suspended).await
+                }
+                Err(e) => {
+                    // The VM is gone either way, and the previous directory (if any) has
+                    // given up its memory image: nothing is left to resume.
+                    let err = vm_error("suspending the sandbox", e);
+                    mgr.lock_live().remove(&id);
+                    mgr.fail(&id, &format!("{err}")).await?;
+                    Err(err)
+                }
+            }
         })
+        .await
+        .map_err(|e| Error::Internal(format!("the suspend task failed: {e}")))?
+    }
+
+    /// Resumes a suspended sandbox from its newest suspend directory (processes, memory and
+    /// files as they were) as a detached VM, then drops that directory's memory image.
+    /// Resuming a running sandbox is a no-op; other states are a 409. A resume that fails
+    /// leaves the sandbox suspended (its directory is untouched), so it can be retried.
+    pub async fn resume(self: &Arc<Self>, id: &str) -> Result<Sandbox> {
+        let mgr = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let row = mgr.get_row(&id).await?;
+            let entry = mgr.entry(&id).ok_or_else(|| conflict("resume", &row))?;
+            let mut slot = entry.vm.write().await;
+            let row = mgr.get_row(&id).await?;
+            match row.state {
+                SandboxState::Running if slot.is_some() => return Ok(row),
+                SandboxState::Suspended if slot.is_none() => {}
+                _ => return Err(conflict("resume", &row)),
+            }
+            let Some(dir) = mgr.resumable(&id) else {
+                mgr.lock_live().remove(&id);
+                let why = "its suspend directory is gone";
+                mgr.fail(&id, why).await?;
+                return Err(Error::Conflict(format!(
+                    "sandbox {id} cannot be resumed: {why}"
+                )));
+            };
+            mgr.set_state(&id, SandboxState::Resuming).await?;
+            let started = Instant::now();
+            let resumed =
+                moat_vm::Sandbox::resume(&mgr.rt, &id, &dir, LaunchOptions { detached: true })
+                    .await;
+            match resumed {
+                Ok(sb) => {
+                    *slot = Some(sb);
+                    // QEMU has loaded it; only disk.qcow2 (the backing file) must stay.
+                    if let Err(e) = moat_vm::snapshot::discard_memory(&dir) {
+                        tracing::warn!(id, error = %e, "discarding the memory image");
+                    }
+                    tracing::info!(
+                        id,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "resumed"
+                    );
+                    mgr.set_state(&id, SandboxState::Running).await
+                }
+                Err(e) => {
+                    mgr.set_state(&id, SandboxState::Suspended).await?;
+                    Err(vm_error("resuming the sandbox", e))
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("the resume task failed: {e}")))?
     }
 
     /// Lets go of every VM without stopping it (a graceful daemon stop): the next daemon
@@ -338,6 +577,32 @@ impl Manager {
             }
         }
     }
+}
+
+/// 409 for a sandbox in a state that does not allow `what`.
+fn conflict(what: &str, row: &Sandbox) -> Error {
+    Error::Conflict(format!(
+        "cannot {what} sandbox {}: it is {}{}",
+        row.id,
+        row.state.as_str(),
+        reason_suffix(row)
+    ))
+}
+
+fn not_running(row: &Sandbox) -> Error {
+    Error::Conflict(format!(
+        "sandbox {} is {}{}, not running",
+        row.id,
+        row.state.as_str(),
+        reason_suffix(row)
+    ))
+}
+
+fn reason_suffix(row: &Sandbox) -> String {
+    row.reason
+        .as_deref()
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default()
 }
 
 /// Takes over a detached VM nobody wants and destroys it (adopt kills what it cannot adopt).

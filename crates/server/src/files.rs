@@ -1,0 +1,475 @@
+//! Files of a sandbox through the API: upload, download, list and delete, all resolved inside
+//! the guest by its agent (so `..` cannot leave the guest's root). Bodies stream both ways:
+//! neither an upload nor a download is ever held whole in the daemon's memory.
+//!
+//! Roles: reading and listing need only visibility of the group (reader and up); writing and
+//! deleting need a user, owner or admin key, as exec does.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::{Stream, StreamExt};
+use moat_protocol::{ErrorKind, FileKind, FileStat};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::api::{self, ErrorBody};
+use crate::error::{Error, Result};
+use crate::http::{query, require_use, sandbox_params, visible_sandbox, AppState};
+use crate::sandboxes::Running;
+use crate::store::{rfc3339, Principal};
+
+/// Longest path accepted (Linux's PATH_MAX, NUL included).
+pub const MAX_PATH: usize = 4095;
+
+/// The answer to an upload.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileWritten {
+    pub path: String,
+    /// The bytes received and written, as counted by the daemon.
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// One entry of a directory listing (symlinks are not followed).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub name: String,
+    pub kind: EntryKind,
+    /// Size in bytes as the guest reports it.
+    pub size: u64,
+    /// Permission bits in octal, e.g. "0644".
+    pub mode: String,
+    /// Modification time, RFC 3339 UTC.
+    pub mtime: String,
+    /// Where a symlink points (symlinks only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link_target: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileList {
+    pub path: String,
+    pub entries: Vec<FileEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathQuery {
+    path: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutQuery {
+    path: String,
+    mode: Option<String>,
+    #[serde(default)]
+    parents: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    path: String,
+    #[serde(default)]
+    recursive: bool,
+}
+
+/// A path the guest will resolve: absolute, without NUL, at most [`MAX_PATH`] bytes.
+fn validate_path(path: &str) -> Result<()> {
+    if !path.starts_with('/') {
+        return Err(Error::BadRequest(format!(
+            "path {} must be absolute (start with '/')",
+            api::quote(path)
+        )));
+    }
+    if path.contains('\0') {
+        return Err(Error::BadRequest("path must not contain NUL".to_string()));
+    }
+    if path.len() > MAX_PATH {
+        return Err(Error::BadRequest(format!(
+            "path is {} bytes long; at most {MAX_PATH} are allowed",
+            path.len()
+        )));
+    }
+    Ok(())
+}
+
+/// "0644" / "644" / "0o644" → 0o644; at most 0o7777.
+fn parse_mode(s: &str) -> Result<u32> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777 && !digits.is_empty())
+        .ok_or_else(|| {
+            Error::BadRequest(format!(
+                "mode {} must be octal permission bits, 0000 to 7777 (e.g. 0644)",
+                api::quote(s)
+            ))
+        })
+}
+
+/// The one mapping of a file operation's failure to an API error. What the guest refused maps
+/// by its kind; anything else (agent gone, protocol) is ours (500, details in the log).
+pub fn file_error(op: &str, path: &str, e: moat_vm::Error) -> Error {
+    let moat_vm::Error::Guest { kind, message } = e else {
+        return Error::Internal(format!("{op} {path}: {e}"));
+    };
+    let m = format!("{op} {}: {message}", api::quote(path));
+    match kind {
+        ErrorKind::NotFound => Error::NotFound(m),
+        ErrorKind::PermissionDenied => Error::Forbidden(m),
+        ErrorKind::AlreadyExists | ErrorKind::DirectoryNotEmpty => Error::Conflict(m),
+        ErrorKind::NoSpace => Error::InsufficientStorage(m),
+        ErrorKind::IsADirectory
+        | ErrorKind::NotADirectory
+        | ErrorKind::InvalidInput
+        | ErrorKind::CommandNotFound
+        | ErrorKind::UnknownUser
+        | ErrorKind::Timeout
+        | ErrorKind::Other => Error::BadRequest(m),
+    }
+}
+
+/// The sandbox's row and a hold on its VM (the manager resumes a suspended one).
+async fn open(
+    state: &AppState,
+    p: &Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+    write: bool,
+) -> Result<(String, Running)> {
+    let (group, id) = sandbox_params(params)?;
+    let row = visible_sandbox(state, p, &group, &id).await?;
+    if write {
+        require_use(p)?;
+    }
+    let run = state.manager()?.running(&row).await?;
+    Ok((format!("/v1/sandbox-groups/{group}/sandboxes/{id}"), run))
+}
+
+/// The request body as an `AsyncRead`. A body that breaks off is a read error, never an end
+/// of file: the guest must not commit a truncated upload.
+struct BodyReader<S> {
+    stream: S,
+    chunk: Bytes,
+}
+
+impl<S, E> tokio::io::AsyncRead for BodyReader<S>
+where
+    S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while self.chunk.is_empty() {
+            match self.stream.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(b))) => self.chunk = b,
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Err(std::io::Error::other(format!(
+                        "the request body broke off: {e}"
+                    ))))
+                }
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let n = self.chunk.len().min(buf.remaining());
+        let part = self.chunk.split_to(n);
+        buf.put_slice(&part);
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[utoipa::path(put, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/files", tag = "files",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id"),
+        ("path" = String, Query, description = "Absolute path in the guest"),
+        ("mode" = Option<String>, Query, description = "Octal permission bits (default: those of the file replaced, else 0644)"),
+        ("parents" = Option<bool>, Query, description = "Create missing parent directories")),
+    request_body(content = String, content_type = "application/octet-stream",
+        description = "The file's bytes, streamed; any size the guest's disk can hold"),
+    responses(
+        (status = 201, description = "Created", body = FileWritten),
+        (status = 200, description = "Replaced (atomically)", body = FileWritten),
+        (status = 400, description = "Bad path or mode, or the path is a directory", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "A reader key, or the guest refused", body = ErrorBody),
+        (status = 404, description = "No such sandbox, or a parent directory is missing \
+            (use parents=true)", body = ErrorBody),
+        (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 507, description = "The guest's disk is full", body = ErrorBody)))]
+pub(crate) async fn put_file(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+    uri: Uri,
+    body: Body,
+) -> Result<Response> {
+    let q: PutQuery = query(&uri)?;
+    validate_path(&q.path)?;
+    let mode = q.mode.as_deref().map(parse_mode).transpose()?;
+    let (_, run) = open(&state, &p, params, true).await?;
+    let agent = run.sandbox()?.agent();
+    // Only to tell 201 from 200; the write itself replaces whatever is there atomically.
+    let existed = agent.stat(&q.path).await.is_ok();
+    let reader = BodyReader {
+        stream: body.into_data_stream(),
+        chunk: Bytes::new(),
+    };
+    let size = agent
+        .write_file(&q.path, mode, q.parents, reader)
+        .await
+        .map_err(|e| file_error("writing", &q.path, e))?;
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(FileWritten { path: q.path, size })).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/files", tag = "files",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id"),
+        ("path" = String, Query, description = "Absolute path of a file in the guest")),
+    responses(
+        (status = 200, description = "The file's bytes, streamed with chunked encoding (the \
+            guest's reported size is not trusted); a guest error mid-way breaks the transfer.",
+            body = String, content_type = "application/octet-stream"),
+        (status = 400, description = "Bad path, or the path is a directory", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "No such sandbox or file", body = ErrorBody),
+        (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn get_file(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+    uri: Uri,
+) -> Result<Response> {
+    let q: PathQuery = query(&uri)?;
+    validate_path(&q.path)?;
+    let (base, run) = open(&state, &p, params, false).await?;
+    let reader = run
+        .sandbox()?
+        .agent()
+        .read_file(&q.path)
+        .await
+        .map_err(|e| match e {
+            moat_vm::Error::Guest {
+                kind: ErrorKind::IsADirectory,
+                ..
+            } => Error::BadRequest(format!(
+                "{} is a directory; list it with GET {base}/files/list?path=…",
+                api::quote(&q.path)
+            )),
+            e => file_error("reading", &q.path, e),
+        })?;
+    let stat = reader.stat().clone();
+    if stat.kind == FileKind::Dir {
+        return Err(Error::BadRequest(format!(
+            "{} is a directory; list it with GET {base}/files/list?path=…",
+            api::quote(&q.path)
+        )));
+    }
+    // Chunked, with no Content-Length: the size the guest reports is neither trusted nor
+    // needed (`/proc` files report 0, a growing file more). A guest error mid-way ends the
+    // body with an error, which the client sees as a broken transfer, never as a whole file.
+    let path = q.path;
+    let body =
+        futures_util::stream::unfold((reader, run, false), move |(mut reader, run, done)| {
+            let path = path.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                match reader.chunk().await {
+                    Ok(Some(data)) => Some((Ok(Bytes::from(data)), (reader, run, false))),
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::warn!(path, error = %e, "file download broke off");
+                        Some((
+                            Err(std::io::Error::other(e.to_string())),
+                            (reader, run, true),
+                        ))
+                    }
+                }
+            }
+        });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream".to_string())],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/files/list", tag = "files",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id"),
+        ("path" = String, Query, description = "Absolute path of a directory in the guest")),
+    responses(
+        (status = 200, description = "The directory's entries, sorted by name", body = FileList),
+        (status = 400, description = "Bad path, or not a directory", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "No such sandbox or directory", body = ErrorBody),
+        (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn list_files(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+    uri: Uri,
+) -> Result<Json<FileList>> {
+    let q: PathQuery = query(&uri)?;
+    validate_path(&q.path)?;
+    let (_, run) = open(&state, &p, params, false).await?;
+    let mut entries: Vec<FileEntry> = run
+        .sandbox()?
+        .agent()
+        .list(&q.path)
+        .await
+        .map_err(|e| file_error("listing", &q.path, e))?
+        .into_iter()
+        .map(|e| entry(e.name, &e.stat))
+        .collect();
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(FileList {
+        path: q.path,
+        entries,
+    }))
+}
+
+fn entry(name: String, st: &FileStat) -> FileEntry {
+    FileEntry {
+        name,
+        kind: match st.kind {
+            FileKind::File => EntryKind::File,
+            FileKind::Dir => EntryKind::Dir,
+            FileKind::Symlink => EntryKind::Symlink,
+            FileKind::Other => EntryKind::Other,
+        },
+        size: st.size,
+        mode: format!("{:04o}", st.mode & 0o7777),
+        mtime: rfc3339(st.mtime_ns.div_euclid(1_000_000_000)),
+        link_target: st.link_target.clone(),
+    }
+}
+
+#[utoipa::path(delete, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/files", tag = "files",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id"),
+        ("path" = String, Query, description = "Absolute path in the guest"),
+        ("recursive" = Option<bool>, Query, description = "Also a non-empty directory, \
+            with everything in it (symlinks are removed, never followed)")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, description = "A reader key, or the guest refused", body = ErrorBody),
+        (status = 404, description = "No such sandbox or path", body = ErrorBody),
+        (status = 409, description = "A non-empty directory without recursive=true, or \
+            the sandbox is not running", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn delete_file(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+    uri: Uri,
+) -> Result<StatusCode> {
+    let q: DeleteQuery = query(&uri)?;
+    validate_path(&q.path)?;
+    if q.path.trim_end_matches('/').is_empty() {
+        return Err(Error::BadRequest(
+            "refusing to delete the guest's root directory".to_string(),
+        ));
+    }
+    let (_, run) = open(&state, &p, params, true).await?;
+    run.sandbox()?
+        .agent()
+        .remove(&q.path, q.recursive)
+        .await
+        .map_err(|e| file_error("deleting", &q.path, e))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_modes() {
+        assert!(validate_path("/a/../b").is_ok());
+        assert!(validate_path("a").is_err());
+        assert!(validate_path("/a\0b").is_err());
+        assert!(validate_path(&format!("/{}", "a".repeat(MAX_PATH))).is_err());
+        assert_eq!(parse_mode("0644").ok(), Some(0o644));
+        assert_eq!(parse_mode("0o4755").ok(), Some(0o4755));
+        assert!(parse_mode("0888").is_err());
+        assert!(parse_mode("17777").is_err());
+        assert!(parse_mode("").is_err());
+    }
+
+    #[test]
+    fn guest_kinds_map_to_statuses() {
+        let st = |kind| {
+            file_error(
+                "x",
+                "/p",
+                moat_vm::Error::Guest {
+                    kind,
+                    message: "m".into(),
+                },
+            )
+            .status_and_code()
+            .0
+            .as_u16()
+        };
+        assert_eq!(st(ErrorKind::NotFound), 404);
+        assert_eq!(st(ErrorKind::PermissionDenied), 403);
+        assert_eq!(st(ErrorKind::IsADirectory), 400);
+        assert_eq!(st(ErrorKind::NotADirectory), 400);
+        assert_eq!(st(ErrorKind::InvalidInput), 400);
+        assert_eq!(st(ErrorKind::AlreadyExists), 409);
+        assert_eq!(st(ErrorKind::DirectoryNotEmpty), 409);
+        assert_eq!(st(ErrorKind::NoSpace), 507);
+    }
+
+    #[tokio::test]
+    async fn body_reader_errors_instead_of_eof() {
+        use tokio::io::AsyncReadExt;
+        let parts: Vec<std::result::Result<Bytes, String>> =
+            vec![Ok(Bytes::from_static(b"abc")), Err("gone".into())];
+        let mut r = BodyReader {
+            stream: futures_util::stream::iter(parts),
+            chunk: Bytes::new(),
+        };
+        let mut out = Vec::new();
+        assert!(r.read_to_end(&mut out).await.is_err());
+        assert_eq!(out, b"abc");
+    }
+}
