@@ -72,7 +72,7 @@ async fn start(
     }
 }
 
-fn exit(status: moat_vm::agent::ExitStatus) -> ExecExit {
+pub(crate) fn exit(status: moat_vm::agent::ExitStatus) -> ExecExit {
     ExecExit {
         exit_code: status.shell_code(),
         signal: status.signal,

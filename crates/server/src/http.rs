@@ -85,6 +85,22 @@ pub fn router(state: AppState) -> Router {
             get(crate::files::list_files),
         )
         .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/processes",
+            get(crate::procs::list_processes).post(crate::procs::start_process),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/processes/{pid_id}/kill",
+            axum::routing::post(crate::procs::kill_process),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/processes/{pid_id}/wait",
+            axum::routing::post(crate::procs::wait_process),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/processes/{pid_id}/logs",
+            get(crate::procs::process_logs),
+        )
+        .route(
             "/v1/sandbox-groups/{group}/sandboxes/{id}/suspend",
             axum::routing::post(suspend_sandbox),
         )
@@ -706,12 +722,16 @@ async fn delete_key(
         create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, exec_sandbox,
         crate::files::put_file, crate::files::get_file, crate::files::list_files,
         crate::files::delete_file,
+        crate::procs::start_process, crate::procs::list_processes, crate::procs::kill_process,
+        crate::procs::wait_process, crate::procs::process_logs,
         suspend_sandbox, resume_sandbox,
         list_keys, create_key, delete_key),
     components(schemas(ErrorBody, Group, GroupList, GroupSpec, ApiKey, ApiKeyList, CreateApiKey,
         CreatedApiKey, Health, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
         ExecResult, ExecEvent, ExecExit, crate::files::FileWritten, crate::files::FileList,
-        crate::files::FileEntry, crate::files::EntryKind)),
+        crate::files::FileEntry, crate::files::EntryKind, crate::procs::StartProcess,
+        crate::procs::ProcessStarted, crate::procs::Process, crate::procs::ProcessExit,
+        crate::procs::ProcessList, crate::procs::ProcessLogs, crate::procs::KillProcess)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -9,6 +9,7 @@ pub mod files;
 pub mod http;
 pub mod keys;
 pub mod metrics;
+pub mod procs;
 pub mod sandboxes;
 pub mod store;
 

@@ -1,0 +1,397 @@
+//! Background processes of a sandbox through the API: start, list, kill, wait and logs. The
+//! guest's agent keeps the processes and their output (the newest 1 MiB of each stream), so
+//! they outlive the request that started them, a daemon restart and a suspend.
+//!
+//! Roles: starting and killing need a user, owner or admin key, as exec does; listing, logs
+//! and waiting change nothing and need only visibility of the group (reader and up).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, Uri};
+use axum::Json;
+use moat_protocol::ErrorKind;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::api::{self, ErrorBody, ExecExit, ExecRequest};
+use crate::error::{Error, Result};
+use crate::http::{query, require_use, visible_sandbox, ApiJson, AppState};
+use crate::sandboxes::{vm_error, Running};
+use crate::store::{rfc3339, Principal};
+
+/// The longest a wait may block, in seconds.
+pub const MAX_WAIT_S: f64 = 300.0;
+/// How long a wait blocks without `timeout_s`.
+pub const DEFAULT_WAIT_S: f64 = 30.0;
+
+/// `POST …/sandboxes/{id}/processes`: exactly one of `argv` and `command`. Validated and
+/// merged with the image's and the sandbox's settings exactly as an exec (without stdin).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct StartProcess {
+    /// Program and arguments, run as given; `argv[0]` is looked up in PATH when it has no '/'.
+    pub argv: Option<Vec<String>>,
+    /// A shell command line, run as `/bin/sh -c COMMAND`.
+    pub command: Option<String>,
+    /// Over the image's and the sandbox's environment.
+    pub env: BTreeMap<String, String>,
+    /// Absolute working directory; default: the image's, else the user's home.
+    pub cwd: Option<String>,
+    /// Name or uid, optionally `:group`; default: the image's user, else root.
+    pub user: Option<String>,
+    /// Kill the process and everything it started after this many seconds (0 < t ≤ 604800).
+    pub timeout_s: Option<f64>,
+}
+
+impl From<StartProcess> for ExecRequest {
+    fn from(s: StartProcess) -> ExecRequest {
+        ExecRequest {
+            argv: s.argv,
+            command: s.command,
+            env: s.env,
+            cwd: s.cwd,
+            user: s.user,
+            stdin: None,
+            timeout_s: s.timeout_s,
+        }
+    }
+}
+
+/// A started background process.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessStarted {
+    /// The sandbox's id for it (`p1`, `p2`, …), never reused while the sandbox lives.
+    pub id: String,
+    /// Its pid in the guest (informational).
+    pub pid: u32,
+}
+
+/// How a background process ended.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessExit {
+    /// The exit code, when it exited by itself.
+    pub code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    /// Killed because its `timeout_s` ran out.
+    pub timed_out: bool,
+}
+
+/// One background process.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Process {
+    pub id: String,
+    pub pid: u32,
+    /// As started (the guest may shorten very long ones).
+    pub argv: Vec<String>,
+    pub running: bool,
+    /// How it ended; null while it runs.
+    pub exit: Option<ProcessExit>,
+    /// RFC 3339 UTC.
+    pub started_at: String,
+}
+
+/// The sandbox's background processes: the running ones and the newest finished ones, oldest
+/// first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessList {
+    pub processes: Vec<Process>,
+}
+
+/// What the guest kept of a process's output: the newest 1 MiB of each stream.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessLogs {
+    /// Decoded as UTF-8; invalid bytes (or a character cut by the ring) become U+FFFD.
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// `POST …/processes/{pid_id}/kill`; the body may be omitted.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct KillProcess {
+    /// The signal to send to the process's group (1–64); default 15 (SIGTERM). 9 kills
+    /// everything it started.
+    pub signal: Option<i32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    timeout_s: Option<f64>,
+}
+
+type Params3 = std::result::Result<Path<(String, String, String)>, PathRejection>;
+type Params2 = std::result::Result<Path<(String, String)>, PathRejection>;
+
+/// The sandbox's row and a hold on its VM (the manager resumes a suspended one).
+async fn open(
+    state: &AppState,
+    p: &Principal,
+    group: &str,
+    id: &str,
+    use_: bool,
+) -> Result<Running> {
+    let row = visible_sandbox(state, p, group, id).await?;
+    if use_ {
+        require_use(p)?;
+    }
+    state.manager()?.running(&row).await
+}
+
+/// The sandbox and the process id of a `…/processes/{pid_id}/…` path; an id the guest could
+/// never have given is the same 404 as an unknown one.
+fn proc_params(params: Params3) -> Result<(String, String, String)> {
+    let Path((group, id, proc)) =
+        params.map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))?;
+    let digits = proc.strip_prefix('p').unwrap_or("");
+    if !(1..=20).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(no_proc(&proc, &id));
+    }
+    Ok((group, id, proc))
+}
+
+fn no_proc(proc: &str, sandbox: &str) -> Error {
+    Error::NotFound(format!(
+        "no process {} in sandbox {}",
+        api::quote(proc),
+        api::quote(sandbox)
+    ))
+}
+
+/// The one mapping of a process operation's failure: an unknown process is 404, a wait that
+/// ran out 409, anything else the guest refused 400, the rest ours (500).
+fn proc_error(op: &str, proc: &str, sandbox: &str, e: moat_vm::Error) -> Error {
+    match e {
+        moat_vm::Error::Guest {
+            kind: ErrorKind::NotFound,
+            ..
+        } => no_proc(proc, sandbox),
+        moat_vm::Error::Guest {
+            kind: ErrorKind::Timeout,
+            ..
+        } => Error::Conflict(format!(
+            "process {} is still running; wait again or kill it",
+            api::quote(proc)
+        )),
+        e => vm_error(op, e),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/processes", tag = "processes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id")),
+    request_body = StartProcess,
+    responses(
+        (status = 201, description = "Started; it runs until it ends, is killed or times out",
+            body = ProcessStarted),
+        (status = 400, description = "Bad request, or the command or user does not exist",
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "A reader key", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn start_process(
+    State(state): State<AppState>,
+    p: Principal,
+    params: Params2,
+    ApiJson(req): ApiJson<StartProcess>,
+) -> Result<(StatusCode, Json<ProcessStarted>)> {
+    let (group, id) = crate::http::sandbox_params(params)?;
+    let req = ExecRequest::from(req);
+    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    require_use(&p)?;
+    let argv = req.validate()?;
+    let run = state.manager()?.running(&row).await?;
+    let request = crate::exec::guest_request(&req, argv, &row.env, &run);
+    let started = run
+        .sandbox()?
+        .agent()
+        .proc_start(request)
+        .await
+        .map_err(|e| vm_error("start", e))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ProcessStarted {
+            id: started.id,
+            pid: started.pid,
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/processes", tag = "processes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, body = ProcessList),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn list_processes(
+    State(state): State<AppState>,
+    p: Principal,
+    params: Params2,
+) -> Result<Json<ProcessList>> {
+    let (group, id) = crate::http::sandbox_params(params)?;
+    let run = open(&state, &p, &group, &id, false).await?;
+    let procs = run
+        .sandbox()?
+        .agent()
+        .proc_list()
+        .await
+        .map_err(|e| vm_error("list processes", e))?;
+    let processes = procs
+        .into_iter()
+        .map(|i| Process {
+            id: i.id,
+            pid: i.pid,
+            argv: i.argv,
+            running: i.running,
+            exit: i.exit.map(|e| ProcessExit {
+                code: e.code,
+                signal: e.signal,
+                timed_out: e.timed_out,
+            }),
+            started_at: rfc3339(i64::try_from(i.started_unix_ms / 1000).unwrap_or(i64::MAX)),
+        })
+        .collect();
+    Ok(Json(ProcessList { processes }))
+}
+
+#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/processes/{pid_id}/kill", tag = "processes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id"),
+        ("pid_id" = String, Path, description = "Process id (`p1`, …)")),
+    request_body(content = KillProcess, description = "Optional; default signal 15"),
+    responses(
+        (status = 204, description = "Signalled (a process that already ended is left as it is)"),
+        (status = 400, description = "Bad body or signal", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "A reader key", body = ErrorBody),
+        (status = 404, description = "No such sandbox or process", body = ErrorBody),
+        (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn kill_process(
+    State(state): State<AppState>,
+    p: Principal,
+    params: Params3,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<StatusCode> {
+    let (group, id, proc) = proc_params(params)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Error::PayloadTooLarge(format!(
+                "the request body is larger than the limit of {} bytes",
+                crate::http::MAX_BODY
+            ))
+        } else {
+            Error::BadRequest(format!("cannot read the request body: {}", e.body_text()))
+        }
+    })?;
+    let req: KillProcess = if body.iter().all(u8::is_ascii_whitespace) {
+        KillProcess::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))?
+    };
+    let signal = req.signal.unwrap_or(15);
+    if !(1..=64).contains(&signal) {
+        return Err(Error::BadRequest(format!(
+            "invalid signal {signal}: give a signal number from 1 to 64"
+        )));
+    }
+    let run = open(&state, &p, &group, &id, true).await?;
+    run.sandbox()?
+        .agent()
+        .proc_kill(&proc, signal)
+        .await
+        .map_err(|e| proc_error("kill", &proc, &id, e))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/processes/{pid_id}/wait", tag = "processes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id"),
+        ("pid_id" = String, Path, description = "Process id (`p1`, …)"),
+        ("timeout_s" = Option<f64>, Query, description = "How long to wait, 0 to 300 seconds \
+            (default 30); 0 only looks")),
+    responses(
+        (status = 200, description = "It has ended. `exit_code` as a shell reports it: the \
+            code, 128+N after signal N, 124 after its timeout", body = ExecExit),
+        (status = 400, description = "Bad timeout_s", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "No such sandbox or process", body = ErrorBody),
+        (status = 409, description = "Still running after timeout_s, or the sandbox is not \
+            running", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn wait_process(
+    State(state): State<AppState>,
+    p: Principal,
+    params: Params3,
+    uri: Uri,
+) -> Result<Json<ExecExit>> {
+    let (group, id, proc) = proc_params(params)?;
+    let q: WaitQuery = query(&uri)?;
+    let t = q.timeout_s.unwrap_or(DEFAULT_WAIT_S);
+    if !(t.is_finite() && (0.0..=MAX_WAIT_S).contains(&t)) {
+        return Err(Error::BadRequest(format!(
+            "invalid timeout_s {t}: give a number of seconds from 0 to {MAX_WAIT_S}"
+        )));
+    }
+    let run = open(&state, &p, &group, &id, false).await?;
+    let status = run
+        .sandbox()?
+        .agent()
+        .proc_wait(&proc, Duration::from_secs_f64(t))
+        .await
+        .map_err(|e| proc_error("wait", &proc, &id, e))?;
+    Ok(Json(crate::exec::exit(status)))
+}
+
+#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/processes/{pid_id}/logs", tag = "processes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id"),
+        ("pid_id" = String, Path, description = "Process id (`p1`, …)")),
+    responses(
+        (status = 200, description = "The newest 1 MiB of each of its streams", body = ProcessLogs),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, description = "No such sandbox or process", body = ErrorBody),
+        (status = 409, description = "The sandbox is not running", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn process_logs(
+    State(state): State<AppState>,
+    p: Principal,
+    params: Params3,
+) -> Result<Json<ProcessLogs>> {
+    let (group, id, proc) = proc_params(params)?;
+    let run = open(&state, &p, &group, &id, false).await?;
+    let logs = run
+        .sandbox()?
+        .agent()
+        .proc_logs(&proc)
+        .await
+        .map_err(|e| proc_error("logs", &proc, &id, e))?;
+    Ok(Json(ProcessLogs {
+        stdout: String::from_utf8_lossy(&logs.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&logs.stderr).into_owned(),
+    }))
+}
