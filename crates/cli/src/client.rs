@@ -24,7 +24,7 @@ pub struct ClientArgs {
     api_key: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 // Parsed once per process: the size of the largest variant does not matter.
@@ -107,16 +107,18 @@ pub enum ApiKeyCommand {
     Rm { id: String },
 }
 
-struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
     key: Option<String>,
 }
 
 impl Client {
-    fn new(args: &ClientArgs) -> Result<Client> {
+    pub(crate) fn new(args: &ClientArgs) -> Result<Client> {
+        // No overall timeout on the client: streamed execs and file transfers take as long as
+        // they take. Plain calls get one each (see `call`).
         let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(60))
+            .connect_timeout(std::time::Duration::from_secs(10))
             .build()
             .context("building the HTTP client")?;
         Ok(Client {
@@ -126,28 +128,54 @@ impl Client {
         })
     }
 
-    /// Sends a request; a 2xx gives its status and JSON body (Null when empty), anything else
-    /// becomes an error carrying the daemon's message.
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<(StatusCode, Value)> {
-        let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url);
-        if let Some(k) = &self.key {
-            req = req.bearer_auth(k);
+    /// A request to `path` (under the daemon's URL) with the key set.
+    pub(crate) fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        match &self.key {
+            Some(k) => req.bearer_auth(k),
+            None => req,
         }
-        if let Some(b) = body {
-            req = req.json(b);
-        }
+    }
+
+    /// Sends a request built by [`Client::request`]; a non-2xx answer becomes an error carrying
+    /// the daemon's message.
+    pub(crate) async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         let resp = req.send().await.with_context(|| {
             format!(
                 "cannot reach the moat daemon at {} (is `moat serve` running? set MOAT_URL)",
                 self.base
             )
         })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let bytes = resp.bytes().await.context("reading the daemon's answer")?;
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let message = value["error"]["message"].as_str().unwrap_or("no message");
+        let hint = if status == StatusCode::UNAUTHORIZED && self.key.is_none() {
+            " (set MOAT_API_KEY)"
+        } else {
+            ""
+        };
+        Err(anyhow!("{message}{hint} (HTTP {})", status.as_u16()))
+    }
+
+    /// Sends a request; a 2xx gives its status and JSON body (Null when empty), anything else
+    /// becomes an error carrying the daemon's message.
+    pub(crate) async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value)> {
+        let mut req = self
+            .request(method, path)
+            .timeout(std::time::Duration::from_secs(600));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = self.send(req).await?;
         let status = resp.status();
         let bytes = resp.bytes().await.context("reading the daemon's answer")?;
         let value: Value = if bytes.is_empty() {
@@ -157,16 +185,7 @@ impl Client {
                 format!("the daemon answered HTTP {status} with a body that is not JSON")
             })?
         };
-        if status.is_success() {
-            return Ok((status, value));
-        }
-        let message = value["error"]["message"].as_str().unwrap_or("no message");
-        let hint = if status == StatusCode::UNAUTHORIZED && self.key.is_none() {
-            " (set MOAT_API_KEY)"
-        } else {
-            ""
-        };
-        Err(anyhow!("{message}{hint} (HTTP {})", status.as_u16()))
+        Ok((status, value))
     }
 }
 
@@ -425,7 +444,7 @@ fn parse_allow(r: &str) -> Result<Value> {
 }
 
 /// Percent-encodes what would change a URL's structure; the daemon validates the name itself.
-fn path_segment(s: &str) -> Result<String> {
+pub(crate) fn path_segment(s: &str) -> Result<String> {
     // URL parsers resolve "." and ".." segments (even percent-encoded), which would send the
     // request to another endpoint.
     if s.is_empty() || s == "." || s == ".." {
@@ -442,7 +461,7 @@ fn path_segment(s: &str) -> Result<String> {
     Ok(out)
 }
 
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".to_string(),
@@ -462,7 +481,7 @@ fn list(v: &Value) -> String {
     }
 }
 
-fn labels(v: &Value) -> String {
+pub(crate) fn labels(v: &Value) -> String {
     let items: Vec<String> = v
         .as_object()
         .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
@@ -539,12 +558,12 @@ fn print_group(g: &Value) {
     println!("updated:    {}", s(&g["updated_at"]));
 }
 
-fn print_json(v: &Value) -> Result<()> {
+pub(crate) fn print_json(v: &Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {

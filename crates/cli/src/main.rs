@@ -6,6 +6,7 @@ mod home;
 mod image_cmd;
 mod progress;
 mod run;
+mod sandbox_cmd;
 mod serve;
 mod setup;
 
@@ -55,6 +56,14 @@ enum Command {
         #[command(subcommand)]
         command: client::GroupCommand,
     },
+    /// Manage sandboxes on a moat daemon: create, exec, cp, suspend, resume (MOAT_URL,
+    /// MOAT_API_KEY).
+    Sandbox {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: sandbox_cmd::SandboxCommand,
+    },
     /// Manage API keys on a moat daemon (admin only).
     ApiKey {
         #[command(flatten)]
@@ -89,6 +98,7 @@ fn main() -> ExitCode {
         let command = match cli.command {
             Command::Group { client, command } => return client::group(client, command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
+            Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
             other => other,
         };
         let home = home::Home::resolve(cli.home.as_deref())?;
@@ -97,7 +107,9 @@ fn main() -> ExitCode {
             Command::Image(cmd) => image_cmd::run(&home, cmd).await,
             Command::Run(args) => run::run(&home, cli.accel.as_deref(), args).await,
             Command::Serve(args) => serve::run(&home, cli.accel.as_deref(), args).await,
-            Command::Group { .. } | Command::ApiKey { .. } => unreachable!("handled above"),
+            Command::Group { .. } | Command::ApiKey { .. } | Command::Sandbox { .. } => {
+                unreachable!("handled above")
+            }
         }
     });
     // Everything the command owned (sandboxes, temporary files) is gone once block_on returns.

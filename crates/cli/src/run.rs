@@ -60,24 +60,12 @@ impl RunArgs {
             .map(|e| parse_env(e))
             .collect::<Result<Vec<_>>>()?;
         if let Some(w) = &self.workdir {
-            if !w.starts_with('/') || w.contains('\0') {
-                bail!("invalid workdir {w:?}: it must be an absolute path inside the sandbox");
-            }
+            check_workdir(w)?;
         }
         if let Some(u) = &self.user {
-            if !moat_protocol::valid_user_spec(u) {
-                bail!("invalid user {u:?}: use a name or uid, optionally followed by :group");
-            }
+            check_user(u)?;
         }
-        let timeout_ms = match self.timeout {
-            None => None,
-            Some(t) if t.is_finite() && t > 0.0 && t <= 7.0 * 86400.0 => {
-                Some((t * 1000.0).ceil() as u64)
-            }
-            Some(t) => {
-                bail!("invalid timeout {t}: give a number of seconds above 0, at most 604800")
-            }
-        };
+        let timeout_ms = self.timeout.map(timeout_ms).transpose()?;
         Ok(RunPlan {
             tier,
             env,
@@ -88,7 +76,33 @@ impl RunArgs {
     }
 }
 
-fn parse_env(e: &str) -> Result<(String, String)> {
+/// A working directory inside the sandbox: absolute, without NUL.
+pub(crate) fn check_workdir(w: &str) -> Result<()> {
+    if !w.starts_with('/') || w.contains('\0') {
+        bail!("invalid workdir {w:?}: it must be an absolute path inside the sandbox");
+    }
+    Ok(())
+}
+
+/// A user spec: a name or uid, optionally `:group`.
+pub(crate) fn check_user(u: &str) -> Result<()> {
+    if !moat_protocol::valid_user_spec(u) {
+        bail!("invalid user {u:?}: use a name or uid, optionally followed by :group");
+    }
+    Ok(())
+}
+
+/// A `--timeout` in seconds, as milliseconds (0 < t ≤ 7 days).
+pub(crate) fn timeout_ms(t: f64) -> Result<u64> {
+    if t.is_finite() && t > 0.0 && t <= 7.0 * 86400.0 {
+        Ok((t * 1000.0).ceil() as u64)
+    } else {
+        bail!("invalid timeout {t}: give a number of seconds above 0, at most 604800")
+    }
+}
+
+/// A `-e KEY=VALUE`.
+pub(crate) fn parse_env(e: &str) -> Result<(String, String)> {
     let Some((k, v)) = e.split_once('=') else {
         bail!("invalid env {e:?}: expected KEY=VALUE");
     };

@@ -1,0 +1,529 @@
+//! `moat sandbox …`: sandboxes on a running daemon (`MOAT_URL`, `MOAT_API_KEY`). Exec output
+//! is streamed as it is produced (the NDJSON form of the exec route) and the command's exit
+//! code becomes ours; `cp` streams files both ways without holding them in memory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+use moat_vm::Tier;
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::client::{labels, path_segment, print_json, print_table, s, Client, ClientArgs};
+use crate::run::{check_user, check_workdir, parse_env, timeout_ms};
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Create a sandbox in GROUP and print its id.
+    Create {
+        group: String,
+        /// Image name or digest (default: the group's).
+        #[arg(long)]
+        image: Option<String>,
+        /// Tier: xs, s, m, l, xl (default: the group's).
+        #[arg(long)]
+        tier: Option<String>,
+        /// An environment variable given to every exec (KEY=VALUE); repeatable.
+        #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// A label (KEY=VALUE); repeatable.
+        #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+    /// List the sandboxes of GROUP.
+    Ls {
+        group: String,
+        /// Only sandboxes with this label (KEY=VALUE); repeatable, all must match.
+        #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+    /// Show one sandbox.
+    Show { group: String, id: String },
+    /// Delete a sandbox (its VM and its suspended state).
+    Rm { group: String, id: String },
+    /// Run a command in a sandbox, streaming its output; exits with the command's exit code.
+    Exec(ExecArgs),
+    /// Copy a file into or out of a sandbox: one side is GROUP/ID:/PATH, the other a local
+    /// path ("-" for stdin or stdout).
+    Cp {
+        #[arg(value_name = "SRC")]
+        src: String,
+        #[arg(value_name = "DST")]
+        dst: String,
+    },
+    /// Suspend a sandbox: its memory and disk go to disk and its VM ends.
+    Suspend { group: String, id: String },
+    /// Resume a suspended sandbox (any exec or file request also does).
+    Resume { group: String, id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    group: String,
+    id: String,
+    /// Set an environment variable (KEY=VALUE); repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the sandbox (absolute).
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// User to run as: a name or uid, optionally with `:group`.
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Kill the command and everything it started after this many seconds (exit code 124).
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
+    timeout: Option<f64>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+impl ExecArgs {
+    /// The exec route's request body, validated as `moat run` validates its flags.
+    fn body(&self) -> Result<Value> {
+        let env = env_map(&self.env)?;
+        if let Some(w) = &self.workdir {
+            check_workdir(w)?;
+        }
+        if let Some(u) = &self.user {
+            check_user(u)?;
+        }
+        if let Some(t) = self.timeout {
+            timeout_ms(t)?;
+        }
+        let mut body = json!({"argv": self.cmd, "env": env});
+        if let Some(w) = &self.workdir {
+            body["cwd"] = json!(w);
+        }
+        if let Some(u) = &self.user {
+            body["user"] = json!(u);
+        }
+        if let Some(t) = self.timeout {
+            body["timeout_s"] = json!(t);
+        }
+        Ok(body)
+    }
+}
+
+fn env_map(env: &[String]) -> Result<Map<String, Value>> {
+    env.iter()
+        .map(|e| parse_env(e).map(|(k, v)| (k, Value::String(v))))
+        .collect()
+}
+
+fn label_pairs(flag_values: &[String]) -> Result<Vec<(String, String)>> {
+    flag_values
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("invalid --label {l:?}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn sandbox_path(group: &str, id: &str) -> Result<String> {
+    Ok(format!(
+        "/v1/sandbox-groups/{}/sandboxes/{}",
+        path_segment(group)?,
+        path_segment(id)?
+    ))
+}
+
+pub async fn run(args: ClientArgs, cmd: SandboxCommand) -> Result<u8> {
+    let c = Client::new(&args)?;
+    let json_out = args.json;
+    match cmd {
+        SandboxCommand::Create {
+            group,
+            image,
+            tier,
+            env,
+            labels,
+        } => {
+            let mut body = json!({
+                "env": env_map(&env)?,
+                "labels": label_pairs(&labels)?.into_iter().map(|(k, v)| (k, Value::String(v))).collect::<Map<_, _>>(),
+            });
+            if let Some(i) = image {
+                body["image"] = json!(i);
+            }
+            if let Some(t) = tier {
+                // The same tier names as `moat run --tier`.
+                t.parse::<Tier>()?;
+                body["tier"] = json!(t);
+            }
+            let path = format!("/v1/sandbox-groups/{}/sandboxes", path_segment(&group)?);
+            let (_, sb) = c.call(Method::POST, &path, Some(&body)).await?;
+            if json_out {
+                print_json(&sb)?;
+            } else {
+                println!("{}", s(&sb["id"]));
+            }
+        }
+        SandboxCommand::Ls { group, labels } => {
+            let mut path = format!("/v1/sandbox-groups/{}/sandboxes", path_segment(&group)?);
+            let pairs = label_pairs(&labels)?;
+            if !pairs.is_empty() {
+                let sel: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                path.push_str(&format!("?labels={}", query_value(&sel.join(","))));
+            }
+            let (_, v) = c.call(Method::GET, &path, None).await?;
+            if json_out {
+                print_json(&v)?;
+            } else {
+                let rows = v["sandboxes"]
+                    .as_array()
+                    .map(|sbs| {
+                        sbs.iter()
+                            .map(|sb| {
+                                vec![
+                                    s(&sb["id"]),
+                                    s(&sb["state"]),
+                                    short_digest(&s(&sb["image"])),
+                                    s(&sb["tier"]),
+                                    s(&sb["created_at"]),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_table(&["ID", "STATE", "IMAGE", "TIER", "CREATED"], rows);
+            }
+        }
+        SandboxCommand::Show { group, id } => {
+            let (_, sb) = c
+                .call(Method::GET, &sandbox_path(&group, &id)?, None)
+                .await?;
+            if json_out {
+                print_json(&sb)?;
+            } else {
+                print_sandbox(&sb);
+            }
+        }
+        SandboxCommand::Rm { group, id } => {
+            c.call(Method::DELETE, &sandbox_path(&group, &id)?, None)
+                .await?;
+            if !json_out {
+                println!("sandbox {id} deleted");
+            }
+        }
+        SandboxCommand::Suspend { group, id } => {
+            return state_change(&c, json_out, &group, &id, "suspend").await;
+        }
+        SandboxCommand::Resume { group, id } => {
+            return state_change(&c, json_out, &group, &id, "resume").await;
+        }
+        SandboxCommand::Exec(a) => return exec(&c, &a).await,
+        SandboxCommand::Cp { src, dst } => return cp(&c, json_out, &src, &dst).await,
+    }
+    Ok(0)
+}
+
+async fn state_change(c: &Client, json_out: bool, group: &str, id: &str, verb: &str) -> Result<u8> {
+    let path = format!("{}/{verb}", sandbox_path(group, id)?);
+    let (_, sb) = c.call(Method::POST, &path, None).await?;
+    if json_out {
+        print_json(&sb)?;
+    } else {
+        println!("sandbox {id} {}", s(&sb["state"]));
+    }
+    Ok(0)
+}
+
+/// Streams the exec's NDJSON events to our stdout and stderr; the command's exit code is ours.
+async fn exec(c: &Client, a: &ExecArgs) -> Result<u8> {
+    let body = a.body()?;
+    let path = format!("{}/exec", sandbox_path(&a.group, &a.id)?);
+    let req = c
+        .request(Method::POST, &path)
+        .header(reqwest::header::ACCEPT, "application/x-ndjson")
+        .json(&body);
+    let resp = c.send(req).await?;
+    let mut stream = resp.bytes_stream();
+    let mut out = tokio::io::stdout();
+    let mut err = tokio::io::stderr();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("the exec stream broke off")?;
+        buf.extend_from_slice(&chunk);
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let line = &line[..line.len() - 1];
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let event: Value = serde_json::from_slice(line).with_context(|| {
+                format!(
+                    "the daemon sent an exec event that is not JSON: {:?}",
+                    String::from_utf8_lossy(line)
+                )
+            })?;
+            if let Some(d) = event["stdout"].as_str() {
+                // A closed stdout (say, `| head`) must not stop the command's accounting.
+                let _ = out.write_all(d.as_bytes()).await;
+                let _ = out.flush().await;
+            } else if let Some(d) = event["stderr"].as_str() {
+                let _ = err.write_all(d.as_bytes()).await;
+                let _ = err.flush().await;
+            } else if event["exit"].is_object() {
+                let exit = &event["exit"];
+                if exit["timed_out"].as_bool() == Some(true) {
+                    eprintln!("moat: command timed out; killed it and everything it started");
+                }
+                let code = exit["exit_code"]
+                    .as_i64()
+                    .context("the exec's exit event has no exit_code")?;
+                return Ok(u8::try_from(code).unwrap_or(255));
+            } else if event["error"].is_object() {
+                let message = event["error"]["message"].as_str().unwrap_or("no message");
+                bail!("the exec broke off: {message}");
+            }
+        }
+    }
+    bail!("the exec stream ended without the command's exit status")
+}
+
+/// One side of `moat sandbox cp`.
+#[derive(Debug, PartialEq)]
+enum Place {
+    Local(String),
+    Remote {
+        group: String,
+        id: String,
+        path: String,
+    },
+}
+
+/// `GROUP/ID:/PATH` is in a sandbox; anything else is local (write `./a/b:/c` for a local file
+/// whose name looks like that).
+fn place(arg: &str) -> Place {
+    if let Some((head, path)) = arg.split_once(':') {
+        if let Some((group, id)) = head.split_once('/') {
+            if path.starts_with('/') && !group.is_empty() && !id.is_empty() && !id.contains('/') {
+                return Place::Remote {
+                    group: group.to_string(),
+                    id: id.to_string(),
+                    path: path.to_string(),
+                };
+            }
+        }
+    }
+    Place::Local(arg.to_string())
+}
+
+fn files_url(group: &str, id: &str, path: &str, extra: &str) -> Result<String> {
+    Ok(format!(
+        "{}/files?path={}{extra}",
+        sandbox_path(group, id)?,
+        query_value(path)
+    ))
+}
+
+async fn cp(c: &Client, json_out: bool, src: &str, dst: &str) -> Result<u8> {
+    match (place(src), place(dst)) {
+        (Place::Local(local), Place::Remote { group, id, path }) => {
+            upload(c, json_out, &local, &group, &id, &path).await
+        }
+        (Place::Remote { group, id, path }, Place::Local(local)) => {
+            download(c, json_out, &group, &id, &path, &local).await
+        }
+        (Place::Local(_), Place::Local(_)) => {
+            bail!("neither {src:?} nor {dst:?} is in a sandbox: write one side as GROUP/ID:/PATH")
+        }
+        (Place::Remote { .. }, Place::Remote { .. }) => {
+            bail!("both sides are in sandboxes: copy through a local file")
+        }
+    }
+}
+
+/// The base name of `path`, for a destination that is a directory.
+fn base_name(path: &str) -> Result<String> {
+    Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .with_context(|| format!("{path:?} names no file"))
+}
+
+async fn upload(
+    c: &Client,
+    json_out: bool,
+    local: &str,
+    group: &str,
+    id: &str,
+    path: &str,
+) -> Result<u8> {
+    let (reader, mode, name): (Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>, _, _) =
+        if local == "-" {
+            (Box::new(tokio::io::stdin()), None, None)
+        } else {
+            let file = tokio::fs::File::open(local)
+                .await
+                .with_context(|| format!("cannot open {local}"))?;
+            let meta = file.metadata().await?;
+            if meta.is_dir() {
+                bail!("{local} is a directory: cp copies one file");
+            }
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o7777;
+            (Box::new(file), Some(mode), Some(base_name(local)?))
+        };
+    let mut path = path.to_string();
+    if path.ends_with('/') {
+        match name {
+            Some(n) => path.push_str(&n),
+            None => bail!("give the file's name in the sandbox: {path} ends with '/'"),
+        }
+    }
+    let extra = mode.map(|m| format!("&mode={m:o}")).unwrap_or_default();
+    let body =
+        reqwest::Body::wrap_stream(futures_util::stream::unfold(reader, |mut r| async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            match r.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(buf), r))
+                }
+                Err(e) => Some((Err(e), r)),
+            }
+        }));
+    let req = c
+        .request(Method::PUT, &files_url(group, id, &path, &extra)?)
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+        .body(body);
+    let resp = c.send(req).await?;
+    let v: Value = resp.json().await.context("reading the daemon's answer")?;
+    if json_out {
+        print_json(&v)?;
+    } else {
+        println!(
+            "copied {} bytes to {group}/{id}:{}",
+            s(&v["size"]),
+            s(&v["path"])
+        );
+    }
+    Ok(0)
+}
+
+async fn download(
+    c: &Client,
+    json_out: bool,
+    group: &str,
+    id: &str,
+    path: &str,
+    local: &str,
+) -> Result<u8> {
+    let req = c.request(Method::GET, &files_url(group, id, path, "")?);
+    let resp = c.send(req).await?;
+    let mut stream = resp.bytes_stream();
+    if local == "-" {
+        let mut out = tokio::io::stdout();
+        while let Some(chunk) = stream.next().await {
+            out.write_all(&chunk.context("the download broke off")?)
+                .await?;
+        }
+        out.flush().await?;
+        return Ok(0);
+    }
+    let mut target = PathBuf::from(local);
+    if target.is_dir() {
+        target.push(base_name(path)?);
+    }
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    // Written next to the target and renamed once complete: a transfer that breaks off leaves
+    // no partial file behind.
+    let tmp = tempfile::Builder::new()
+        .prefix(".moat-cp-")
+        .tempfile_in(&dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    let mut file = tokio::fs::File::from_std(tmp.as_file().try_clone()?);
+    let mut size: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("the download broke off")?;
+        size += chunk.len() as u64;
+        file.write_all(&chunk)
+            .await
+            .with_context(|| format!("writing {}", target.display()))?;
+    }
+    file.flush().await?;
+    drop(file);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))?;
+    }
+    tmp.persist(&target)
+        .map_err(|e| anyhow!("cannot write {}: {}", target.display(), e.error))?;
+    if json_out {
+        print_json(&json!({"path": target.display().to_string(), "size": size}))?;
+    } else {
+        println!("copied {size} bytes to {}", target.display());
+    }
+    Ok(0)
+}
+
+/// Percent-encodes a query value.
+fn query_value(v: &str) -> String {
+    let mut out = String::new();
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn short_digest(d: &str) -> String {
+    match d.strip_prefix("sha256:") {
+        Some(hex) if hex.len() > 12 => format!("sha256:{}", &hex[..12]),
+        _ => d.to_string(),
+    }
+}
+
+fn print_sandbox(sb: &Value) {
+    println!("id:       {}", s(&sb["id"]));
+    println!("group:    {}", s(&sb["group"]));
+    println!("state:    {}", s(&sb["state"]));
+    if !sb["reason"].is_null() {
+        println!("reason:   {}", s(&sb["reason"]));
+    }
+    println!("image:    {}", s(&sb["image"]));
+    println!("tier:     {}", s(&sb["tier"]));
+    println!("env:      {}", labels(&sb["env"]));
+    println!("labels:   {}", labels(&sb["labels"]));
+    println!("created:  {}", s(&sb["created_at"]));
+    println!("updated:  {}", s(&sb["updated_at"]));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places() {
+        assert_eq!(
+            place("web/sb-1:/root/a"),
+            Place::Remote {
+                group: "web".into(),
+                id: "sb-1".into(),
+                path: "/root/a".into()
+            }
+        );
+        assert_eq!(place("./web/sb-1:/x"), Place::Local("./web/sb-1:/x".into()));
+        assert_eq!(place("web/sb-1:rel"), Place::Local("web/sb-1:rel".into()));
+        assert_eq!(place("file.txt"), Place::Local("file.txt".into()));
+    }
+
+    #[test]
+    fn query_values_are_escaped() {
+        assert_eq!(query_value("/a b&c=d"), "/a%20b%26c%3Dd");
+    }
+}
