@@ -287,17 +287,22 @@ fn a_crash_during_the_template_build_leaves_nothing_half_built() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // The build's VM has a run directory while it boots: crash moat then.
-    let run = common::home().join("run");
+    // Crash moat while its template VM boots. Other tests build templates at the same time,
+    // so find *this* moat's QEMU (its child) and the run directory of its disk.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let building = loop {
-        let found = std::fs::read_dir(&run).unwrap().flatten().find(|e| {
-            e.file_name().to_string_lossy().starts_with("template-")
-                && !common::qemu_processes(&e.path().join("disk.qcow2").display().to_string())
-                    .is_empty()
-        });
-        if let Some(e) = found {
-            break e.path();
+        if let Some(disk) = common::qemu_children(child.id())
+            .iter()
+            .find_map(|cmd| cmd.split("id=root,file=").nth(1))
+            .and_then(|rest| rest.split([',', ' ']).next())
+        {
+            let dir = std::path::Path::new(disk).parent().unwrap().to_path_buf();
+            assert!(dir
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("template-"));
+            break dir;
         }
         assert!(
             std::time::Instant::now() < deadline,

@@ -69,6 +69,29 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Command lines of the QEMU processes whose parent is `ppid`.
+pub fn qemu_children(ppid: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let parent = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        if parent != Some(ppid) {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.starts_with("qemu-system") {
+            found.push(cmd);
+        }
+    }
+    found
+}
+
 /// QEMU processes whose command line mentions `needle`.
 pub fn qemu_processes(needle: &str) -> Vec<u32> {
     let mut pids = Vec::new();
