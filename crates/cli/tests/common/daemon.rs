@@ -244,6 +244,11 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        // The daemon's VMs are detached and outlive it: a test must not leave them behind.
+        for pid in super::qemu_processes(&self.home.path().display().to_string()) {
+            // SAFETY: kill(2) with a pid we just read from /proc; at worst the process is gone.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     }
 }
 
