@@ -11,29 +11,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{base_template, qemu_processes, runtime, sh, unique};
+use common::{base_template, counter, counter_passes, qemu_processes, runtime, sh, unique};
 use moat_vm::{Error, LaunchOptions, Sandbox, SandboxRecord};
 
 const OWNER_ENV: &str = "MOAT_ADOPT_OWNER";
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim().to_string()
-}
-
-/// The counter written by the background process of `owner_process`.
-async fn counter(sb: &Sandbox) -> u64 {
-    text(&sh(sb, "cat /run/counter").await.stdout)
-        .parse()
-        .expect("counter")
-}
-
-/// Waits until the counter passes `than`: the background process is alive and running.
-async fn counter_passes(sb: &Sandbox, than: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while counter(sb).await <= than {
-        assert!(Instant::now() < deadline, "counter stuck at {than}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// The owner (only when re-executed by the test below).

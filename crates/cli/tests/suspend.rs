@@ -4,27 +4,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{images, qemu_processes, runtime, sh, unique};
+use common::{counter, counter_passes, images, qemu_processes, runtime, sh, unique};
 use moat_vm::{snapshot, template, LaunchOptions, Sandbox, Tier};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim().to_string()
-}
-
-async fn counter(sb: &Sandbox) -> u64 {
-    text(&sh(sb, "cat /run/counter").await.stdout)
-        .parse()
-        .expect("counter")
-}
-
-async fn counter_passes(sb: &Sandbox, than: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while counter(sb).await <= than {
-        assert!(Instant::now() < deadline, "counter stuck at {than}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// The images of `disk`'s backing chain, top first.

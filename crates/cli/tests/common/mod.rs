@@ -147,3 +147,23 @@ pub async fn sh(sb: &Sandbox, script: &str) -> Output {
         .await
         .expect("exec")
 }
+
+/// The value a test's background counter process last wrote to `/run/counter`.
+pub async fn counter(sb: &Sandbox) -> u64 {
+    String::from_utf8_lossy(&sh(sb, "cat /run/counter").await.stdout)
+        .trim()
+        .parse()
+        .expect("counter")
+}
+
+/// Waits until the counter passes `than`: the background process is alive and running.
+pub async fn counter_passes(sb: &Sandbox, than: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while counter(sb).await <= than {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "counter stuck at {than}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
