@@ -66,6 +66,17 @@ pub async fn run(home: &Home, accel: Option<&str>, args: SetupArgs) -> Result<u8
         rt.accel.accel.as_str(),
         rt.accel.reason
     );
+    let collected = {
+        let rt = rt.clone();
+        tokio::task::spawn_blocking(move || moat_vm::template::collect(&rt)).await??
+    };
+    if collected.removed > 0 {
+        eprintln!(
+            "removed {} superseded template(s), {} MiB",
+            collected.removed,
+            collected.freed_bytes >> 20
+        );
+    }
 
     Ok(0)
 }

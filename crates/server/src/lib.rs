@@ -90,9 +90,13 @@ pub async fn serve(
 
     // After the lock: only one daemon may adopt, and destroy, detached VMs.
     let sandboxes = match config.runtime.clone() {
-        Ok(rt) => Ok(Arc::new(
-            sandboxes::Manager::start(rt, store.clone()).await?,
-        )),
+        Ok(rt) => {
+            let mgr = sandboxes::Manager::start(rt.clone(), store.clone()).await?;
+            // After adoption, so the disks of every live and suspended sandbox are in place
+            // and keep their templates.
+            collect_templates(rt);
+            Ok(Arc::new(mgr))
+        }
         Err(why) => {
             tracing::warn!(reason = why, "serving without sandboxes");
             eprintln!("moat serve: sandboxes are unavailable: {why}");
@@ -153,4 +157,20 @@ pub async fn serve(
         mgr.detach_all().await;
     }
     result.map(|_| ())
+}
+
+/// Removes superseded templates in the background (see `moat_vm::template::collect`).
+fn collect_templates(rt: moat_vm::Runtime) {
+    tokio::task::spawn_blocking(move || match moat_vm::template::collect(&rt) {
+        Ok(c) if c.removed > 0 => {
+            tracing::info!(
+                removed = c.removed,
+                freed_mib = c.freed_bytes >> 20,
+                kept_in_use = c.kept_in_use,
+                "collected superseded templates"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "collecting superseded templates"),
+    });
 }

@@ -1,7 +1,8 @@
 //! Copy-on-write disks: every VM writes to its own qcow2 overlay on top of a shared,
 //! read-only base, so the host stores only the blocks a sandbox actually wrote.
 
-use std::path::Path;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
 
 use crate::error::IoContext;
 use crate::{Error, Result};
@@ -51,6 +52,52 @@ pub async fn rebase(path: &Path, backing: &Path, backing_format: &str) -> Result
     qemu_img(cmd).await
 }
 
+/// The backing file named in the header of the qcow2 image at `path` (resolved against its
+/// directory, as QEMU does), or None for a raw file or a qcow2 without one. Headers are read
+/// directly: they are written by QEMU on the host, and a process per file would make a scan
+/// of every sandbox's disk slow.
+pub fn backing_file(path: &Path) -> Result<Option<PathBuf>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
+    let mut header = [0u8; 20];
+    if f.read_exact(&mut header).is_err() || &header[..4] != b"QFI\xfb" {
+        return Ok(None);
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
+    let size = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes"));
+    // QEMU itself refuses backing names longer than 1023 bytes.
+    if offset == 0 || size == 0 || size > 1023 {
+        return Ok(None);
+    }
+    let mut name = vec![0u8; size as usize];
+    f.seek(SeekFrom::Start(offset))
+        .and_then(|_| f.read_exact(&mut name))
+        .ctx(|| format!("reading the backing file name of {}", path.display()))?;
+    let name = PathBuf::from(std::ffi::OsString::from_vec(name));
+    Ok(Some(match path.parent() {
+        Some(dir) if name.is_relative() => dir.join(name),
+        _ => name,
+    }))
+}
+
+/// Every file below `path` in its backing chain (not `path` itself), nearest first. Stops
+/// after a missing file and at a loop.
+pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>> {
+    let mut chain: Vec<PathBuf> = Vec::new();
+    let mut current = path.to_path_buf();
+    while let Some(next) = backing_file(&current)? {
+        if next == path || chain.contains(&next) {
+            break;
+        }
+        chain.push(next.clone());
+        if !next.exists() {
+            break;
+        }
+        current = next;
+    }
+    Ok(chain)
+}
+
 async fn qemu_img(mut cmd: tokio::process::Command) -> Result<()> {
     let out = cmd.output().await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -98,6 +145,29 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("does it exist"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn backing_chain_reads_qcow2_headers() {
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n);
+        std::fs::write(p("base.raw"), vec![1u8; 1 << 20]).unwrap();
+        create_overlay(&p("base.raw"), "raw", 0, &p("a.qcow2"))
+            .await
+            .unwrap();
+        create_overlay(&p("a.qcow2"), "qcow2", 0, &p("b.qcow2"))
+            .await
+            .unwrap();
+        let base = std::fs::canonicalize(p("base.raw")).unwrap();
+        let a = std::fs::canonicalize(p("a.qcow2")).unwrap();
+        assert_eq!(backing_chain(&p("b.qcow2")).unwrap(), vec![a, base]);
+        assert_eq!(
+            backing_chain(&p("base.raw")).unwrap(),
+            Vec::<PathBuf>::new()
+        );
+        // A missing middle layer still names itself, and the walk stops there.
+        std::fs::remove_file(p("a.qcow2")).unwrap();
+        assert_eq!(backing_chain(&p("b.qcow2")).unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -137,3 +137,182 @@ pub fn remove_for_image(home: &Path, image_digest: &str) -> Result<usize> {
     }
     Ok(removed)
 }
+
+/// What [`collect`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Collected {
+    pub removed: usize,
+    pub freed_bytes: u64,
+    /// Superseded templates kept because a sandbox's disk still has them as its backing.
+    pub kept_in_use: usize,
+}
+
+/// Removes the templates this runtime can no longer restore (built by another agent, kernel,
+/// QEMU or snapshot format: their key is not the one this runtime computes for their image
+/// and tier), except those still in the backing chain of a disk elsewhere in MOAT_HOME (a
+/// running or suspended sandbox, a snapshot). Without it every agent upgrade leaves a
+/// template per image and tier behind for good.
+pub fn collect(rt: &Runtime) -> Result<Collected> {
+    collect_in(&rt.home, |dir_key, meta| {
+        dir_key == key(rt, &meta.image, meta.tier)
+    })
+}
+
+fn collect_in(home: &Path, current: impl Fn(&str, &SnapshotMeta) -> bool) -> Result<Collected> {
+    let root = templates_root(home);
+    let mut done = Collected::default();
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(done);
+    };
+    let used = backing_dirs_in_use(home)?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let dir = e.path();
+        if name.starts_with('.') || !dir.is_dir() {
+            continue;
+        }
+        // No meta.json: a crashed build, removed by the next build of that key.
+        let Ok(meta) = SnapshotMeta::load(&dir) else {
+            continue;
+        };
+        if current(&name, &meta) {
+            continue;
+        }
+        if used.contains(&std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone())) {
+            done.kept_in_use += 1;
+            continue;
+        }
+        // A template being built or removed by someone else holds its lock: leave it.
+        let lock_path = root.join(format!("{name}.lock"));
+        let Some(_lock) = snapshot::try_lock(&lock_path)? else {
+            continue;
+        };
+        let bytes = tree_bytes(&dir);
+        std::fs::remove_dir_all(&dir)
+            .map_err(|err| crate::Error::io(format!("removing {}", dir.display()), err))?;
+        // Nobody builds a superseded key, so nobody can be waiting on this lock file.
+        let _ = std::fs::remove_file(&lock_path);
+        tracing::info!(
+            key = &name[..name.len().min(12)],
+            bytes,
+            "removed a superseded template"
+        );
+        done.removed += 1;
+        done.freed_bytes += bytes;
+    }
+    Ok(done)
+}
+
+/// The directories holding a file that some qcow2 disk under `home` (outside the templates
+/// and the image store) has in its backing chain.
+fn backing_dirs_in_use(home: &Path) -> Result<std::collections::HashSet<PathBuf>> {
+    let mut used = std::collections::HashSet::new();
+    let mut stack = vec![(home.to_path_buf(), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                let skip =
+                    depth == 0 && matches!(e.file_name().to_str(), Some("templates" | "images"));
+                if !skip && depth < 4 {
+                    stack.push((path, depth + 1));
+                }
+            } else if ft.is_file() && path.extension().is_some_and(|x| x == "qcow2") {
+                for backing in crate::disk::backing_chain(&path)? {
+                    if let Some(parent) = backing.parent() {
+                        used.insert(
+                            std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf()),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(used)
+}
+
+fn tree_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => tree_bytes(&e.path()),
+            // Allocated bytes: disks and memory images are sparse.
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::create_overlay;
+
+    fn template(root: &Path, key: &str, initramfs: &str, base: &Path) -> PathBuf {
+        let dir = root.join(key);
+        std::fs::create_dir_all(&dir).unwrap();
+        let meta = SnapshotMeta {
+            format: SNAPSHOT_FORMAT,
+            image: "sha256:aa".into(),
+            tier: Tier::S,
+            mem_mib: 512,
+            cpus: 1,
+            accel: "tcg".into(),
+            kernel_version: "k".into(),
+            initramfs_sha256: initramfs.into(),
+            qemu_version: "q".into(),
+            memory_bytes: 0,
+            created_unix: 0,
+            save_ms: 0,
+            shared_base: None,
+        };
+        meta.store(&dir).unwrap();
+        std::fs::copy(base, dir.join("disk.qcow2")).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn collect_removes_superseded_templates_nobody_uses() {
+        let home = tempfile::tempdir().unwrap();
+        let root = templates_root(home.path());
+        std::fs::create_dir_all(&root).unwrap();
+        let raw = home.path().join("base.raw");
+        std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+        let base = home.path().join("base.qcow2");
+        create_overlay(&raw, "raw", 0, &base).await.unwrap();
+        let old = template(&root, "old", "agent-1", &base);
+        let used = template(&root, "used", "agent-1", &base);
+        let cur = template(&root, "cur", "agent-2", &base);
+        // A sandbox suspended over the `used` template.
+        let sus = home.path().join("suspended/sb-1/3");
+        std::fs::create_dir_all(&sus).unwrap();
+        create_overlay(
+            &used.join("disk.qcow2"),
+            "qcow2",
+            0,
+            &sus.join("disk.qcow2"),
+        )
+        .await
+        .unwrap();
+
+        let is_current = |_: &str, m: &SnapshotMeta| m.initramfs_sha256 == "agent-2";
+        let done = collect_in(home.path(), is_current).unwrap();
+        assert_eq!(done.removed, 1);
+        assert_eq!(done.kept_in_use, 1);
+        assert!(done.freed_bytes > 0);
+        assert!(!old.exists() && used.exists() && cur.exists());
+
+        // Once that sandbox is gone, its template goes too.
+        std::fs::remove_dir_all(home.path().join("suspended")).unwrap();
+        let done = collect_in(home.path(), is_current).unwrap();
+        assert_eq!((done.removed, done.kept_in_use), (1, 0));
+        assert!(!used.exists() && cur.exists());
+    }
+}
