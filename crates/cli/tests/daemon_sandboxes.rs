@@ -120,6 +120,12 @@ async fn create_exec_list_delete_and_roles() {
     // reads: the reader sees it, another group's key does not, as if it did not exist
     let (st, got) = d.call(Some(&reader), "GET", &one, None).await;
     assert_eq!((st, &got["state"]), (200, &json!("running")));
+    // env often carries credentials: a reader sees the names only
+    assert_eq!(got["env"], json!({"FOO": "<redacted>"}));
+    let (_, l) = d.call(Some(&reader), "GET", &path, None).await;
+    assert_eq!(l["sandboxes"][0]["env"], json!({"FOO": "<redacted>"}));
+    let (_, got) = d.call(Some(&user), "GET", &one, None).await;
+    assert_eq!(got["env"], json!({"FOO": "bar"}));
     let (st, e) = d.call(Some(&stranger), "GET", &one, None).await;
     assert_eq!(st, 404, "{e}");
     let (st, e) = d

@@ -532,6 +532,7 @@ async fn list_sandboxes(
         sandboxes: rows
             .into_iter()
             .filter(|s| crate::sandboxes::matches(&s.labels, &selector))
+            .map(|s| shown_to(&p, s))
             .collect(),
     }))
 }
@@ -550,7 +551,19 @@ async fn get_sandbox(
     params: std::result::Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Sandbox>> {
     let (group, id) = sandbox_params(params)?;
-    visible_sandbox(&state, &p, &group, &id).await.map(Json)
+    let sb = visible_sandbox(&state, &p, &group, &id).await?;
+    Ok(Json(shown_to(&p, sb)))
+}
+
+/// A sandbox as `p` may see it: `env` often carries credentials, so a reader gets the
+/// variables' names only.
+fn shown_to(p: &Principal, mut sb: Sandbox) -> Sandbox {
+    if p.role == Role::Reader {
+        for v in sb.env.values_mut() {
+            *v = "<redacted>".to_string();
+        }
+    }
+    sb
 }
 
 #[utoipa::path(delete, path = "/v1/sandbox-groups/{group}/sandboxes/{id}", tag = "sandboxes",
