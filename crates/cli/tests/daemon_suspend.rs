@@ -259,3 +259,61 @@ async fn suspended_sandboxes_survive_kill9_and_conflicts_are_409() {
         .await;
     assert_eq!(st, 204, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_suspend_loses_nothing() {
+    let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    setup(&d).await;
+    let id = create(&d).await;
+    sh(&d, &id, "echo kept > /root/f").await;
+    // ~300 MB of non-zero memory makes the save take long enough to be interrupted.
+    sh(&d, &id, "yes | head -c 300000000 > /dev/shm/big").await;
+    sh(&d, &id, COUNTER).await;
+    counter_moves(&d, &id, 0).await;
+    let before = counter(&d, &id).await;
+
+    let suspend = {
+        let (url, path) = (d.url(), format!("{G}/web/sandboxes/{id}/suspend"));
+        tokio::spawn(async move {
+            // The daemon dies under this request: its result does not matter.
+            let _ = reqwest::Client::new()
+                .post(format!("{url}{path}"))
+                .bearer_auth(ADMIN)
+                .send()
+                .await;
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(&d, &id).await != "suspending" {
+        assert!(Instant::now() < deadline, "the suspend never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    d.kill9();
+    let _ = suspend.await;
+    d.spawn(Some(ADMIN)).await;
+
+    // Either the suspend was complete (suspended) or it is undone (running); never lost.
+    let now = state(&d, &id).await;
+    let log = d.stderr(2);
+    eprintln!(
+        "after kill -9 mid-suspend: {now} (an abandoned save was cancelled: {})",
+        log.contains("cancelling the migration")
+    );
+    match now.as_str() {
+        Some("running") => assert_eq!(common::qemu_processes(&id).len(), 1),
+        Some("suspended") => assert!(common::qemu_processes(&id).is_empty()),
+        other => panic!("lost the sandbox: {other:?}"),
+    }
+    let leftovers: Vec<_> = suspend_dirs(&d, &id)
+        .into_iter()
+        .filter(|(n, _)| n.starts_with(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(sh(&d, &id, "cat /root/f").await, "kept");
+    assert_eq!(sh(&d, &id, "wc -c < /dev/shm/big").await, "300000000");
+    counter_moves(&d, &id, before).await;
+    // And it still suspends and resumes normally.
+    let (st, sb, _) = lifecycle(&d, &id, "suspend").await;
+    assert_eq!((st, &sb["state"]), (200, &json!("suspended")), "{sb}");
+    assert_eq!(sh(&d, &id, "cat /root/f").await, "kept");
+}

@@ -98,6 +98,7 @@ impl Manager {
         let mut orphans: HashSet<String> = mgr.rt.orphans().into_iter().collect();
         for row in rows {
             let has_vm = orphans.remove(&row.id);
+            mgr.remove_partial_suspends(&row.id);
             match row.state {
                 SandboxState::Running => mgr.readopt(&row, has_vm).await?,
                 // Nobody was told these exist (create) or are gone (delete) for certain:
@@ -245,6 +246,22 @@ impl Manager {
     fn resumable(&self, id: &str) -> Option<PathBuf> {
         let (_, dir) = self.suspend_dirs(id).pop()?;
         dir.join("memory.bin").exists().then_some(dir)
+    }
+
+    /// Removes what suspends of `id` interrupted by a crash left behind (`.tmp-*`, never
+    /// complete, never resumed from).
+    fn remove_partial_suspends(&self, id: &str) {
+        for e in std::fs::read_dir(self.suspend_root(id))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                    tracing::warn!(id, error = %err, "removing {}", e.path().display());
+                }
+            }
+        }
     }
 
     fn remove_suspend_dirs(&self, id: &str) {

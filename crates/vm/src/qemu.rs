@@ -763,6 +763,46 @@ impl Vm {
     pub async fn resume(&mut self) -> Result<()> {
         self.qmp.execute("cont", None).await.map(|_| ())
     }
+
+    /// Makes an adopted VM run again if its previous owner died half-way through a save: a
+    /// migration still going is cancelled (its file is incomplete and nobody will finish it),
+    /// and a VM paused for the save (or left in `postmigrate`) is continued. Returns whether
+    /// anything had to be done.
+    pub async fn ensure_running(&mut self) -> Result<bool> {
+        let deadline = Instant::now() + SAVE_TIMEOUT;
+        let mut cancelled = false;
+        loop {
+            let mig = self.qmp.execute("query-migrate", None).await?;
+            let status = mig["status"].as_str().unwrap_or_default();
+            if !matches!(
+                status,
+                "setup" | "active" | "pre-switchover" | "device" | "cancelling" | "wait-unplug"
+            ) {
+                break;
+            }
+            if !cancelled {
+                tracing::warn!(status, "cancelling the migration of a dead owner");
+                self.qmp.execute("migrate_cancel", None).await?;
+                cancelled = true;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: "cancelling an abandoned memory save".into(),
+                    secs: SAVE_TIMEOUT.as_secs_f64(),
+                    console_tail: self.console_tail(ERROR_TAIL),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let status = self.qmp.execute("query-status", None).await?;
+        let state = status["status"].as_str().unwrap_or_default().to_string();
+        if state == "running" {
+            return Ok(cancelled);
+        }
+        tracing::warn!(state, "continuing a VM its previous owner left paused");
+        self.resume().await?;
+        Ok(true)
+    }
 }
 
 impl Proc {

@@ -487,6 +487,9 @@ impl Sandbox {
             }
         };
         let mut vm = Vm::adopt(&dir.path, rec.pid).await?;
+        // A previous owner that died mid-suspend or mid-snapshot left it paused; the agent's
+        // quiesce ends with that owner's session.
+        vm.ensure_running().await?;
         let agent = connect_agent(&mut vm, RESTORE_TIMEOUT, "adopting").await?;
         tracing::info!(id, pid = rec.pid, "sandbox adopted");
         Ok(Sandbox {
@@ -573,10 +576,11 @@ impl Sandbox {
     }
 
     /// Suspends the sandbox to `dest` (which must not exist) and ends it: afterwards it costs
-    /// no CPU and no RAM, only disk. The guest is quiesced, its memory saved, QEMU stopped,
-    /// and its disk flattened into `dest/disk.qcow2` as one private layer over
+    /// no CPU and no RAM, only disk. The guest is quiesced, its memory saved, its disk copied
+    /// and flattened into `dest/disk.qcow2` as one private layer over
     /// [`Sandbox::shared_base`], so the backing chain stays `disk → shared base → rootfs`
-    /// however many suspend/resume cycles happen. `dest` appears complete or not at all.
+    /// however many suspend/resume cycles happen, and only then is QEMU stopped. `dest`
+    /// appears complete or not at all.
     /// [`Sandbox::resume`] continues it, processes included.
     ///
     /// The sandbox is gone even when this fails; the directory of its previous suspend (its
@@ -618,15 +622,12 @@ impl Sandbox {
                 std::fs::rename(&src, &disk).ctx(|| format!("moving {}", src.display()))?;
             }
             SaveMode::Suspend => {
-                // The memory is saved: QEMU is no longer needed, and it must let go of the
-                // overlay before qemu-img rewrites it.
-                self.vm.kill().await?;
+                // A copy, not a move: QEMU (paused, its disk flushed by the save) stays
+                // alive until the directory is complete, so an owner that dies before then
+                // leaves a VM the next one adopts and continues, never a lost sandbox.
+                std::fs::copy(&src, &disk).ctx(|| format!("copying {}", src.display()))?;
                 if self.backing != self.shared_base.path {
-                    disk::rebase(&src, &self.shared_base.path, &self.shared_base.format).await?;
-                }
-                if std::fs::rename(&src, &disk).is_err() {
-                    // Another filesystem.
-                    std::fs::copy(&src, &disk).ctx(|| format!("copying {}", src.display()))?;
+                    disk::rebase(&disk, &self.shared_base.path, &self.shared_base.format).await?;
                 }
             }
         }
