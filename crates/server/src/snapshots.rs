@@ -238,6 +238,11 @@ pub(crate) async fn recover(home: &Path, store: &Store) -> Result<()> {
         .flatten()
         .flatten();
     for g in groups {
+        if g.file_name().to_string_lossy().starts_with(".tmp-") {
+            // A force-deleted group's directory, renamed away before its removal finished.
+            remove_tree(&g.path());
+            continue;
+        }
         for e in std::fs::read_dir(g.path()).into_iter().flatten().flatten() {
             if !keep.contains(&e.path()) {
                 tracing::info!(dir = %e.path().display(), "removing an unfinished snapshot");
