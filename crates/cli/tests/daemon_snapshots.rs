@@ -308,6 +308,10 @@ async fn snapshot_routes_validate_scope_and_conflicts() {
             .call(Some(ADMIN), m, &format!("{G}/web/snapshots/nope"), None)
             .await;
         assert_eq!(st, 404, "{m}: {e}");
+        let (st, e) = d
+            .call(Some(ADMIN), m, &format!("{G}/web/snapshots/Nope"), None)
+            .await;
+        assert_eq!(st, 400, "{m}: {e}");
     }
 
     // Forks: what the request may not say.

@@ -415,9 +415,7 @@ pub(crate) async fn visible_snapshot(
     name: &str,
 ) -> Result<Snapshot> {
     visible_group(state, p, group).await?;
-    if api::validate_name("snapshot name", name).is_err() {
-        return Err(no_snapshot(group, name));
-    }
+    api::validate_name("snapshot name", name)?;
     let (g, n) = (group.to_string(), name.to_string());
     state
         .store
