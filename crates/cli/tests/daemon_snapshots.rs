@@ -639,3 +639,45 @@ async fn snapshots_survive_kill_9_and_leftovers_are_removed() {
     let f = fork["id"].as_str().unwrap();
     assert_eq!(sh(&d, "web", f, "cat /root/d").await, "durable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_that_fails_leaves_nothing_behind() {
+    let d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    group(&d, "web").await;
+    let id = new_sandbox(&d, "web").await;
+    let (st, snap) = snapshot(&d, ADMIN, "web", &id, "broken").await;
+    assert_eq!(st, 201, "{snap}");
+    // A memory image cut in half: every restore of it fails.
+    let memory = d.home.path().join("snapshots/web/broken/memory.bin");
+    let len = std::fs::metadata(&memory).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (st, e) = create(&d, "web", json!({"from_snapshot": "broken", "count": 3})).await;
+    assert_eq!(st, 500, "{e}");
+    let (_, list) = d
+        .call(Some(ADMIN), "GET", &format!("{G}/web/sandboxes"), None)
+        .await;
+    assert_eq!(ids(&list), vec![id.clone()]);
+    let suspended: Vec<_> = std::fs::read_dir(d.home.path().join("suspended"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(suspended.is_empty(), "{suspended:?}");
+    let run: Vec<_> = std::fs::read_dir(d.home.path().join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != &id)
+        .collect();
+    assert!(run.is_empty(), "{run:?}");
+    assert_eq!(
+        common::qemu_processes(&d.home.path().display().to_string()).len(),
+        1
+    );
+}
