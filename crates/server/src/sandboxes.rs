@@ -11,7 +11,8 @@
 //! a running exec. Lifecycle work runs in spawned tasks: a client that hangs up must not
 //! leave a VM half-created or a row stuck in `creating`/`deleting`.
 //!
-//! Suspend: the VM is saved to `MOAT_HOME/suspended/<id>/<n>/` (n counts up) and ends; the
+//! Suspend: the VM is saved to `MOAT_HOME/suspended/<id>/<n>/` (n counts up; a fork of a
+//! snapshot starts as if resumed from `<0>`, see `Manager::start_fork`) and ends; the
 //! entry stays with no VM. The newest `<n>` is the one to resume; after a resume it keeps only
 //! its `disk.qcow2`, the new VM's backing file, until the next suspend writes `<n+1>` (see
 //! docs/SNAPSHOTS.md). A directory appears complete or not at all, so after a crash "the newest
@@ -266,7 +267,7 @@ impl Manager {
     }
 
     /// `MOAT_HOME/suspended/<id>`: the sandbox's suspend directories, `<n>` each.
-    pub(crate) fn suspend_root(&self, id: &str) -> PathBuf {
+    fn suspend_root(&self, id: &str) -> PathBuf {
         self.rt.home.join("suspended").join(id)
     }
 
