@@ -64,6 +64,14 @@ enum Command {
         #[command(subcommand)]
         command: sandbox_cmd::SandboxCommand,
     },
+    /// List, show and delete the snapshots of a group on a moat daemon (take one with
+    /// `moat sandbox snapshot`, fork one with `moat sandbox create --from-snapshot`).
+    Snapshot {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: sandbox_cmd::SnapshotCommand,
+    },
     /// Manage API keys on a moat daemon (admin only).
     ApiKey {
         #[command(flatten)]
@@ -99,6 +107,9 @@ fn main() -> ExitCode {
             Command::Group { client, command } => return client::group(client, command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
+            Command::Snapshot { client, command } => {
+                return sandbox_cmd::snapshot(client, command).await
+            }
             other => other,
         };
         let home = home::Home::resolve(cli.home.as_deref())?;
@@ -107,7 +118,10 @@ fn main() -> ExitCode {
             Command::Image(cmd) => image_cmd::run(&home, cmd).await,
             Command::Run(args) => run::run(&home, cli.accel.as_deref(), args).await,
             Command::Serve(args) => serve::run(&home, cli.accel.as_deref(), args).await,
-            Command::Group { .. } | Command::ApiKey { .. } | Command::Sandbox { .. } => {
+            Command::Group { .. }
+            | Command::ApiKey { .. }
+            | Command::Sandbox { .. }
+            | Command::Snapshot { .. } => {
                 unreachable!("handled above")
             }
         }

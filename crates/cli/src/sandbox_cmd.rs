@@ -17,15 +17,22 @@ use crate::run::{check_user, check_workdir, parse_env, timeout_ms};
 
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
-    /// Create a sandbox in GROUP and print its id.
+    /// Create a sandbox in GROUP and print its id (a fork of a snapshot with --from-snapshot;
+    /// with --count, N forks and one id per line).
     Create {
         group: String,
         /// Image name or digest (default: the group's).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "from_snapshot")]
         image: Option<String>,
         /// Tier: xs, s, m, l, xl (default: the group's).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "from_snapshot")]
         tier: Option<String>,
+        /// Fork this snapshot of GROUP: processes, memory and files as they were.
+        #[arg(long, value_name = "NAME")]
+        from_snapshot: Option<String>,
+        /// How many forks (1–16); all are created or none.
+        #[arg(long, value_name = "N", requires = "from_snapshot")]
+        count: Option<u32>,
         /// An environment variable given to every exec (KEY=VALUE); repeatable.
         #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
@@ -58,6 +65,23 @@ pub enum SandboxCommand {
     Suspend { group: String, id: String },
     /// Resume a suspended sandbox (any exec or file request also does).
     Resume { group: String, id: String },
+    /// Take snapshot NAME of a sandbox (memory and disk; the sandbox runs on). Fork it with
+    /// `moat sandbox create GROUP --from-snapshot NAME`; list it with `moat snapshot ls`.
+    Snapshot {
+        group: String,
+        id: String,
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// List the snapshots of GROUP.
+    Ls { group: String },
+    /// Show one snapshot.
+    Show { group: String, name: String },
+    /// Delete a snapshot (sandboxes forked from it are not affected).
+    Rm { group: String, name: String },
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +165,8 @@ pub async fn run(args: ClientArgs, cmd: SandboxCommand) -> Result<u8> {
             group,
             image,
             tier,
+            from_snapshot,
+            count,
             env,
             labels,
         } => {
@@ -156,10 +182,20 @@ pub async fn run(args: ClientArgs, cmd: SandboxCommand) -> Result<u8> {
                 t.parse::<Tier>()?;
                 body["tier"] = json!(t);
             }
+            if let Some(f) = from_snapshot {
+                body["from_snapshot"] = json!(f);
+            }
+            if let Some(n) = count {
+                body["count"] = json!(n);
+            }
             let path = format!("/v1/sandbox-groups/{}/sandboxes", path_segment(&group)?);
             let (_, sb) = c.call(Method::POST, &path, Some(&body)).await?;
             if json_out {
                 print_json(&sb)?;
+            } else if let Some(forks) = sb["sandboxes"].as_array() {
+                for f in forks {
+                    println!("{}", s(&f["id"]));
+                }
             } else {
                 println!("{}", s(&sb["id"]));
             }
@@ -216,6 +252,20 @@ pub async fn run(args: ClientArgs, cmd: SandboxCommand) -> Result<u8> {
         }
         SandboxCommand::Resume { group, id } => {
             return state_change(&c, json_out, &group, &id, "resume").await;
+        }
+        SandboxCommand::Snapshot { group, id, name } => {
+            let path = format!("{}/snapshots", sandbox_path(&group, &id)?);
+            let (_, snap) = c
+                .call(Method::POST, &path, Some(&json!({ "name": name })))
+                .await?;
+            if json_out {
+                print_json(&snap)?;
+            } else {
+                println!(
+                    "snapshot {name} of {id} taken ({})",
+                    human_bytes(snap["size_bytes"].as_u64().unwrap_or(0))
+                );
+            }
         }
         SandboxCommand::Exec(a) => return exec(&c, &a).await,
         SandboxCommand::Cp { src, dst } => return cp(&c, json_out, &src, &dst).await,
@@ -486,6 +536,85 @@ fn short_digest(d: &str) -> String {
         Some(hex) if hex.len() > 12 => format!("sha256:{}", &hex[..12]),
         _ => d.to_string(),
     }
+}
+
+fn snapshot_path(group: &str, name: Option<&str>) -> Result<String> {
+    let mut p = format!("/v1/sandbox-groups/{}/snapshots", path_segment(group)?);
+    if let Some(n) = name {
+        p.push('/');
+        p.push_str(&path_segment(n)?);
+    }
+    Ok(p)
+}
+
+fn human_bytes(n: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    format!("{:.1} MiB", n as f64 / MIB)
+}
+
+/// `moat snapshot ls|show|rm`.
+pub async fn snapshot(args: ClientArgs, cmd: SnapshotCommand) -> Result<u8> {
+    let c = Client::new(&args)?;
+    let json_out = args.json;
+    match cmd {
+        SnapshotCommand::Ls { group } => {
+            let (_, v) = c
+                .call(Method::GET, &snapshot_path(&group, None)?, None)
+                .await?;
+            if json_out {
+                print_json(&v)?;
+            } else {
+                let rows = v["snapshots"]
+                    .as_array()
+                    .map(|list| {
+                        list.iter()
+                            .map(|sn| {
+                                vec![
+                                    s(&sn["name"]),
+                                    s(&sn["sandbox"]),
+                                    short_digest(&s(&sn["image"])),
+                                    s(&sn["tier"]),
+                                    human_bytes(sn["size_bytes"].as_u64().unwrap_or(0)),
+                                    s(&sn["created_at"]),
+                                ]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_table(
+                    &["NAME", "SANDBOX", "IMAGE", "TIER", "SIZE", "CREATED"],
+                    rows,
+                );
+            }
+        }
+        SnapshotCommand::Show { group, name } => {
+            let (_, sn) = c
+                .call(Method::GET, &snapshot_path(&group, Some(&name))?, None)
+                .await?;
+            if json_out {
+                print_json(&sn)?;
+            } else {
+                println!("name:     {}", s(&sn["name"]));
+                println!("group:    {}", s(&sn["group"]));
+                println!("sandbox:  {}", s(&sn["sandbox"]));
+                println!("image:    {}", s(&sn["image"]));
+                println!("tier:     {}", s(&sn["tier"]));
+                println!(
+                    "size:     {}",
+                    human_bytes(sn["size_bytes"].as_u64().unwrap_or(0))
+                );
+                println!("created:  {}", s(&sn["created_at"]));
+            }
+        }
+        SnapshotCommand::Rm { group, name } => {
+            c.call(Method::DELETE, &snapshot_path(&group, Some(&name))?, None)
+                .await?;
+            if !json_out {
+                println!("snapshot {name} deleted");
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn print_sandbox(sb: &Value) {

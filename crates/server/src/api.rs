@@ -314,7 +314,20 @@ pub struct CreateSandbox {
     pub env: BTreeMap<String, String>,
     /// Kubernetes-style labels, for `?labels=` selectors.
     pub labels: BTreeMap<String, String>,
+    /// Fork a snapshot of this group instead of starting the image: processes, memory and
+    /// files as they were, with fresh entropy, clock and hostname. Excludes `image` and
+    /// `tier` (the snapshot's are used).
+    pub from_snapshot: Option<String>,
+    /// With `from_snapshot`: how many forks, 1–16; the answer is then `{"sandboxes": […]}`.
+    /// Either all of them are created or none.
+    #[schema(minimum = 1, maximum = 16)]
+    pub count: Option<u32>,
 }
+
+/// The most forks one create makes. Restores share the host's CPUs (each fork's QEMU loads a
+/// ~100 MiB memory image; on a 2-core TCG host about 0.3 s of CPU each), so a larger burst
+/// belongs in several requests or a warm pool.
+pub const MAX_FORKS: u32 = 16;
 
 /// A sandbox as the API returns it.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -407,6 +420,31 @@ impl CreateSandbox {
     pub fn validate(&self) -> Result<()> {
         if let Some(img) = &self.image {
             validate_image(img)?;
+        }
+        match (&self.from_snapshot, self.count) {
+            (Some(name), count) => {
+                validate_name("snapshot name", name)?;
+                if self.image.is_some() || self.tier.is_some() {
+                    return Err(Error::BadRequest(
+                        "from_snapshot excludes image and tier: a fork runs the snapshot's \
+                         image and tier"
+                            .to_string(),
+                    ));
+                }
+                if let Some(n) = count {
+                    if !(1..=MAX_FORKS).contains(&n) {
+                        return Err(Error::BadRequest(format!(
+                            "count must be 1–{MAX_FORKS}, got {n}"
+                        )));
+                    }
+                }
+            }
+            (None, Some(_)) => {
+                return Err(Error::BadRequest(
+                    "count is only allowed with from_snapshot (an N-way fork)".to_string(),
+                ))
+            }
+            (None, None) => {}
         }
         validate_env("env", &self.env)?;
         validate_labels(&self.labels)
@@ -903,4 +941,45 @@ mod tests {
         let q = quote(&"x".repeat(10_000));
         assert!(q.len() < 100);
     }
+}
+
+/// `POST …/sandboxes/{id}/snapshots`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// Unique in the group: 1–63 of [a-z0-9-], not starting or ending with '-'.
+    #[schema(example = "after-setup")]
+    pub name: String,
+}
+
+/// A named snapshot of a sandbox (memory and disk), scoped to a group. It does not depend on
+/// its source sandbox: deleting that leaves the snapshot intact.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    pub name: String,
+    pub group: String,
+    /// Id of the sandbox it was taken from (which may since have been deleted).
+    pub sandbox: String,
+    /// Manifest digest of the image.
+    pub image: String,
+    pub tier: Tier,
+    /// Bytes it takes on the host (memory image and disk layer).
+    pub size_bytes: u64,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// The answer to a create: one sandbox, or (with `count`) the list of forks.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Created {
+    One(Sandbox),
+    Many(SandboxList),
 }

@@ -80,13 +80,22 @@ pub(crate) fn exit(status: moat_vm::agent::ExitStatus) -> ExecExit {
     }
 }
 
-/// Runs the exec to its end and returns its whole output (at most [`MAX_OUTPUT`] each).
+/// Runs the exec to its end and returns its whole output (at most [`MAX_OUTPUT`] each); a
+/// delete of the sandbox ends it with a 409.
 pub async fn collect(
     run: Running,
     request: moat_protocol::ExecRequest,
     stdin: Option<String>,
 ) -> Result<ExecResult> {
-    let mut exec = match start(&run, request, stdin).await? {
+    run.unless_deleted(collect_on(&run, request, stdin)).await
+}
+
+async fn collect_on(
+    run: &Running,
+    request: moat_protocol::ExecRequest,
+    stdin: Option<String>,
+) -> Result<ExecResult> {
+    let mut exec = match start(run, request, stdin).await? {
         Start::Started(e) => e,
         Start::NotFound(m) => {
             return Ok(ExecResult {
@@ -127,7 +136,8 @@ pub async fn collect(
 }
 
 /// Streams the exec as NDJSON lines ([`api::ExecEvent`]) as output arrives. The exec (and the
-/// hold on the sandbox) lives in a task that ends when the process does or the client goes.
+/// hold on the sandbox) lives in a task that ends when the process does, the client goes, or
+/// the sandbox is deleted (then the last line is an `error` with code `conflict`).
 pub async fn stream(
     run: Running,
     request: moat_protocol::ExecRequest,
@@ -136,7 +146,6 @@ pub async fn stream(
     let started = start(&run, request, stdin).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
-        let _run = run;
         let send = |ev: api::ExecEvent| {
             let tx = tx.clone();
             async move {
@@ -160,7 +169,20 @@ pub async fn stream(
         };
         let (mut out, mut err) = (Utf8Stream::default(), Utf8Stream::default());
         loop {
-            let ev = match exec.next().await {
+            let next = tokio::select! {
+                ev = exec.next() => ev,
+                () = run.deleted() => {
+                    let e = crate::sandboxes::deleted_error();
+                    let (_, code) = e.status_and_code();
+                    let _ = send(api::ExecEvent::Error(ErrorDetail {
+                        code: code.to_string(),
+                        message: e.to_string(),
+                    }))
+                    .await;
+                    return;
+                }
+            };
+            let ev = match next {
                 Ok(ExecEvent::Stdout(d)) => api::ExecEvent::Stdout(out.push(&d)),
                 Ok(ExecEvent::Stderr(d)) => api::ExecEvent::Stderr(err.push(&d)),
                 Ok(ExecEvent::Exit(status)) => {

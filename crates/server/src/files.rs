@@ -239,10 +239,14 @@ pub(crate) async fn put_file(
         stream: body.into_data_stream(),
         chunk: Bytes::new(),
     };
-    let size = agent
-        .write_file(&q.path, mode, q.parents, reader)
-        .await
-        .map_err(|e| file_error("writing", &q.path, e))?;
+    let size = run
+        .unless_deleted(async {
+            agent
+                .write_file(&q.path, mode, q.parents, reader)
+                .await
+                .map_err(|e| file_error("writing", &q.path, e))
+        })
+        .await?;
     let status = if existed {
         StatusCode::OK
     } else {
@@ -307,7 +311,17 @@ pub(crate) async fn get_file(
                 if done {
                     return None;
                 }
-                match reader.chunk().await {
+                let chunk = tokio::select! {
+                    c = reader.chunk() => c,
+                    // The transfer breaks off: a client never sees a cut file as whole.
+                    () = run.deleted() => {
+                        return Some((
+                            Err(std::io::Error::other(crate::sandboxes::deleted_error())),
+                            (reader, run, true),
+                        ))
+                    }
+                };
+                match chunk {
                     Ok(Some(data)) => Some((Ok(Bytes::from(data)), (reader, run, false))),
                     Ok(None) => None,
                     Err(e) => {

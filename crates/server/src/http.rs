@@ -21,9 +21,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::api::{
-    self, ApiKey, ApiKeyList, CreateApiKey, CreateSandbox, CreatedApiKey, ErrorBody, ExecEvent,
-    ExecExit, ExecRequest, ExecResult, Group, GroupList, GroupSpec, Health, Role, Sandbox,
-    SandboxList, SandboxState,
+    self, ApiKey, ApiKeyList, CreateApiKey, CreateSandbox, Created, CreatedApiKey, ErrorBody,
+    ExecEvent, ExecExit, ExecRequest, ExecResult, Group, GroupList, GroupSpec, Health, Role,
+    Sandbox, SandboxList, SandboxState,
 };
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -107,6 +107,18 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/sandbox-groups/{group}/sandboxes/{id}/resume",
             axum::routing::post(resume_sandbox),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/snapshots",
+            axum::routing::post(crate::snapshots::create_snapshot),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/snapshots",
+            get(crate::snapshots::list_snapshots),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/snapshots/{name}",
+            get(crate::snapshots::get_snapshot).delete(crate::snapshots::delete_snapshot),
         )
         .route("/v1/api-keys", get(list_keys).post(create_key))
         .route("/v1/api-keys/{id}", axum::routing::delete(delete_key))
@@ -388,12 +400,13 @@ struct DeleteGroupQuery {
 #[utoipa::path(delete, path = "/v1/sandbox-groups/{group}", tag = "groups",
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name"),
-        ("force" = Option<bool>, Query, description = "Also delete the group's sandboxes")),
+        ("force" = Option<bool>, Query, description = "Also delete the group's sandboxes and \
+            snapshots")),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, description = "The group still has sandboxes", body = ErrorBody),
+        (status = 409, description = "The group still has sandboxes or snapshots", body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 async fn delete_group(
     State(state): State<AppState>,
@@ -419,10 +432,17 @@ async fn delete_group(
             }
         }
     }
+    let n = name.clone();
     state
         .store
-        .call(move |c| store::delete_group(c, &name, q.force))
+        .call(move |c| store::delete_group(c, &n, q.force))
         .await?;
+    if let Ok(mgr) = &state.sandboxes {
+        let home = mgr.runtime().home.clone();
+        tokio::task::spawn_blocking(move || crate::snapshots::remove_group_dirs(&home, &name))
+            .await
+            .map_err(|e| Error::Internal(format!("removing the group's snapshots: {e}")))?;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -437,7 +457,7 @@ pub(crate) fn sandbox_params(
 }
 
 /// The group, if the key may see it (else the same 404 as for a missing group).
-async fn visible_group(state: &AppState, p: &Principal, name: &str) -> Result<Group> {
+pub(crate) async fn visible_group(state: &AppState, p: &Principal, name: &str) -> Result<Group> {
     api::validate_name("group name", name)?;
     require_visible(p, name)?;
     let n = name.to_string();
@@ -479,9 +499,11 @@ pub(crate) async fn visible_sandbox(
     params(("group" = String, Path, description = "Group name")),
     request_body = CreateSandbox,
     responses(
-        (status = 201, description = "Created and running", body = Sandbox),
+        (status = 201, description = "Created and running: one Sandbox, or with `count` \
+            `{\"sandboxes\": [Sandbox, …]}`", body = Created),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, description = "No such group, or no such snapshot in it", body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 500, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 async fn create_sandbox(
@@ -489,14 +511,27 @@ async fn create_sandbox(
     p: Principal,
     name: std::result::Result<Path<String>, PathRejection>,
     ApiJson(req): ApiJson<CreateSandbox>,
-) -> Result<(StatusCode, Json<Sandbox>)> {
+) -> Result<(StatusCode, Json<Created>)> {
     let name = path_param(name)?;
     let group = visible_group(&state, &p, &name).await?;
     require_use(&p)?;
     req.validate()?;
     let mgr = state.manager()?;
-    let sb = mgr.create(&group, req).await?;
-    Ok((StatusCode::CREATED, Json(sb)))
+    let Some(from) = req.from_snapshot.clone() else {
+        let sb = mgr.create(&group, req).await?;
+        return Ok((StatusCode::CREATED, Json(Created::One(sb))));
+    };
+    let snap = crate::snapshots::visible_snapshot(&state, &p, &name, &from).await?;
+    let dir = crate::snapshots::dir(&mgr.runtime().home, &name, &from);
+    let many = req.count.is_some();
+    let mut forks = mgr.fork(&group, &snap, dir, req).await?;
+    let body = match forks.pop() {
+        Some(one) if !many => Created::One(one),
+        last => Created::Many(SandboxList {
+            sandboxes: forks.into_iter().chain(last).collect(),
+        }),
+    };
+    Ok((StatusCode::CREATED, Json(body)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -738,13 +773,16 @@ async fn delete_key(
         crate::procs::start_process, crate::procs::list_processes, crate::procs::kill_process,
         crate::procs::wait_process, crate::procs::process_logs,
         suspend_sandbox, resume_sandbox,
+        crate::snapshots::create_snapshot, crate::snapshots::list_snapshots,
+        crate::snapshots::get_snapshot, crate::snapshots::delete_snapshot,
         list_keys, create_key, delete_key),
     components(schemas(ErrorBody, Group, GroupList, GroupSpec, ApiKey, ApiKeyList, CreateApiKey,
         CreatedApiKey, Health, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
         ExecResult, ExecEvent, ExecExit, crate::files::FileWritten, crate::files::FileList,
         crate::files::FileEntry, crate::files::EntryKind, crate::procs::StartProcess,
         crate::procs::ProcessStarted, crate::procs::Process, crate::procs::ProcessExit,
-        crate::procs::ProcessList, crate::procs::ProcessLogs, crate::procs::KillProcess)),
+        crate::procs::ProcessList, crate::procs::ProcessLogs, crate::procs::KillProcess,
+        Created, api::CreateSnapshot, api::Snapshot, api::SnapshotList)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

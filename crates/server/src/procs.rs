@@ -357,11 +357,14 @@ pub(crate) async fn wait_process(
     }
     let run = open(&state, &p, &group, &id, false).await?;
     let status = run
-        .sandbox()?
-        .agent()
-        .proc_wait(&proc, Duration::from_secs_f64(t))
-        .await
-        .map_err(|e| proc_error("wait", &proc, &id, e))?;
+        .unless_deleted(async {
+            run.sandbox()?
+                .agent()
+                .proc_wait(&proc, Duration::from_secs_f64(t))
+                .await
+                .map_err(|e| proc_error("wait", &proc, &id, e))
+        })
+        .await?;
     Ok(Json(crate::exec::exit(status)))
 }
 

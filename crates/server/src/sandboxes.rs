@@ -11,7 +11,8 @@
 //! a running exec. Lifecycle work runs in spawned tasks: a client that hangs up must not
 //! leave a VM half-created or a row stuck in `creating`/`deleting`.
 //!
-//! Suspend: the VM is saved to `MOAT_HOME/suspended/<id>/<n>/` (n counts up) and ends; the
+//! Suspend: the VM is saved to `MOAT_HOME/suspended/<id>/<n>/` (n counts up; a fork of a
+//! snapshot starts as if resumed from `<0>`, see `Manager::start_fork`) and ends; the
 //! entry stays with no VM. The newest `<n>` is the one to resume; after a resume it keeps only
 //! its `disk.qcow2`, the new VM's backing file, until the next suspend writes `<n+1>` (see
 //! docs/SNAPSHOTS.md). A directory appears complete or not at all, so after a crash "the newest
@@ -22,9 +23,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use moat_image::{ImageConfig, ImageStore};
+use moat_image::{Image, ImageConfig, ImageStore};
 use moat_vm::{LaunchOptions, Runtime};
-use tokio::sync::{OwnedRwLockReadGuard, RwLock};
+use tokio::sync::{watch, OwnedRwLockReadGuard, RwLock};
 
 use crate::api::{self, Sandbox, SandboxState, Tier};
 use crate::error::{Error, Result};
@@ -33,22 +34,66 @@ use crate::store::{self, Store};
 /// One live sandbox: its VM (None while suspended, or once deleted) and its image's config,
 /// for exec defaults.
 pub struct Entry {
-    vm: Arc<RwLock<Option<moat_vm::Sandbox>>>,
+    pub(crate) vm: Arc<RwLock<Option<moat_vm::Sandbox>>>,
     config: ImageConfig,
+    /// Becomes true when a delete begins. A delete needs the write lock, which waits for every
+    /// [`Running`]; holders watch this and let go at once instead of running to their end.
+    deleted: watch::Sender<bool>,
+}
+
+impl Entry {
+    fn new(vm: Arc<RwLock<Option<moat_vm::Sandbox>>>, config: ImageConfig) -> Arc<Entry> {
+        Arc::new(Entry {
+            vm,
+            config,
+            deleted: watch::channel(false).0,
+        })
+    }
 }
 
 /// A shared hold on a running sandbox for the duration of an exec.
 pub struct Running {
     guard: OwnedRwLockReadGuard<Option<moat_vm::Sandbox>>,
     pub config: ImageConfig,
+    deleted: watch::Receiver<bool>,
 }
 
 impl Running {
     pub fn sandbox(&self) -> Result<&moat_vm::Sandbox> {
-        self.guard
-            .as_ref()
-            .ok_or_else(|| Error::Conflict("the sandbox was deleted".to_string()))
+        self.guard.as_ref().ok_or_else(deleted_error)
     }
+
+    /// Resolves once a delete of the sandbox has begun: the holder must then drop this hold
+    /// (the delete is waiting for it).
+    pub async fn deleted(&self) {
+        let mut rx = self.deleted.clone();
+        // An error means the entry itself is gone: so is the sandbox.
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// `fut`, unless the sandbox is deleted first: then `fut` is dropped (which ends the exec
+    /// or transfer in the guest) and the answer is a 409 saying so.
+    pub async fn unless_deleted<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        tokio::select! {
+            r = fut => r,
+            () = self.deleted() => Err(deleted_error()),
+        }
+    }
+}
+
+pub(crate) fn deleted_error() -> Error {
+    Error::Conflict("the sandbox was deleted while this request was running".to_string())
+}
+
+/// What a new sandbox starts from.
+enum Source {
+    /// The image's template (built on first use).
+    Image(Image),
+    /// A complete snapshot directory (`snapshots/<group>/<name>`): a fork.
+    Snapshot(PathBuf),
 }
 
 pub struct Manager {
@@ -86,6 +131,7 @@ impl Manager {
     /// `running` row (a row whose VM is gone becomes `failed`), finishes interrupted deletes,
     /// rolls back interrupted creates, and destroys detached VMs that no row claims.
     pub async fn start(rt: Runtime, store: Store) -> Result<Manager> {
+        crate::snapshots::recover(&rt.home, &store).await?;
         let images = ImageStore::open(&rt.home.join("images"))
             .map_err(|e| Error::Config(format!("opening the image store: {e}")))?;
         let mgr = Manager {
@@ -213,7 +259,7 @@ impl Manager {
             .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
     }
 
-    async fn get_row(&self, id: &str) -> Result<Sandbox> {
+    pub(crate) async fn get_row(&self, id: &str) -> Result<Sandbox> {
         let i = id.to_string();
         self.store
             .call(move |c| store::get_sandbox(c, &i))
@@ -276,10 +322,7 @@ impl Manager {
     /// Registers a suspended sandbox (no VM), so that resume and auto-resume find it.
     async fn insert_suspended(&self, row: &Sandbox) {
         let config = self.image_config(&row.image).await;
-        let entry = Arc::new(Entry {
-            vm: Arc::new(RwLock::new(None)),
-            config,
-        });
+        let entry = Entry::new(Arc::new(RwLock::new(None)), config);
         self.lock_live().insert(row.id.clone(), entry);
     }
 
@@ -306,10 +349,7 @@ impl Manager {
     }
 
     fn insert(&self, id: &str, vm: moat_vm::Sandbox, config: ImageConfig) {
-        let entry = Arc::new(Entry {
-            vm: Arc::new(RwLock::new(Some(vm))),
-            config,
-        });
+        let entry = Entry::new(Arc::new(RwLock::new(Some(vm))), config);
         self.lock_live().insert(id.to_string(), entry);
     }
 
@@ -317,8 +357,16 @@ impl Manager {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn entry(&self, id: &str) -> Option<Arc<Entry>> {
+    pub(crate) fn entry(&self, id: &str) -> Option<Arc<Entry>> {
         self.lock_live().get(id).cloned()
+    }
+
+    pub(crate) fn runtime(&self) -> &Runtime {
+        &self.rt
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Creates and starts a sandbox in `group` (a restore of the image's template, launched
@@ -333,34 +381,103 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| group.spec.image.clone());
         let tier = req.tier.unwrap_or(group.spec.tier);
+        let image = self.resolve_image(&image_ref).await.map_err(|e| match e {
+            Some(e) => Error::Internal(format!("resolving image {image_ref}: {e}")),
+            None => Error::BadRequest(format!(
+                "unknown image {}: import it first (`moat image import`), or see `moat image ls`",
+                api::quote(&image_ref)
+            )),
+        })?;
+        let row = self.new_row(group, &image.digest, tier, &req);
+        let config = image.config.clone();
+        self.launch(row, config, Source::Image(image)).await
+    }
+
+    /// The image `r` (a name or digest): `Err(None)` if there is no such image.
+    pub(crate) async fn resolve_image(
+        &self,
+        r: &str,
+    ) -> std::result::Result<Image, Option<String>> {
         let images = self.images.clone();
-        let r = image_ref.clone();
-        let image = tokio::task::spawn_blocking(move || images.resolve(&r))
+        let r = r.to_string();
+        tokio::task::spawn_blocking(move || images.resolve(&r))
             .await
-            .map_err(|e| Error::Internal(format!("resolving the image: {e}")))?
-            .map_err(|e| {
-                if e.is_not_found() {
-                    Error::BadRequest(format!(
-                        "unknown image {}: import it first (`moat image import`), or see \
-                         `moat image ls`",
-                        api::quote(&image_ref)
-                    ))
-                } else {
-                    Error::Internal(format!("resolving image {image_ref}: {e}"))
-                }
-            })?;
-        let row = Sandbox {
+            .map_err(|e| Some(e.to_string()))?
+            .map_err(|e| (!e.is_not_found()).then(|| e.to_string()))
+    }
+
+    fn new_row(
+        &self,
+        group: &api::Group,
+        image: &str,
+        tier: Tier,
+        req: &api::CreateSandbox,
+    ) -> Sandbox {
+        Sandbox {
             id: new_id(),
             group: group.name.clone(),
             state: SandboxState::Creating,
             reason: None,
-            image: image.digest.clone(),
+            image: image.to_string(),
             tier,
-            env: req.env,
-            labels: req.labels,
+            env: req.env.clone(),
+            labels: req.labels.clone(),
             created_at: String::new(),
             updated_at: String::new(),
-        };
+        }
+    }
+
+    /// Forks snapshot `dir` of `group` `count` times (see [`Source::Snapshot`]): all of them
+    /// start, or none is left (the ones that did are deleted again and the first error is
+    /// returned). Runs to the end even if the caller goes away.
+    pub(crate) async fn fork(
+        self: &Arc<Self>,
+        group: &api::Group,
+        snap: &api::Snapshot,
+        dir: PathBuf,
+        req: api::CreateSandbox,
+    ) -> Result<Vec<Sandbox>> {
+        let config = self.image_config(&snap.image).await;
+        let rows: Vec<Sandbox> = (0..req.count.unwrap_or(1))
+            .map(|_| self.new_row(group, &snap.image, snap.tier, &req))
+            .collect();
+        let mgr = self.clone();
+        tokio::spawn(async move {
+            let started = futures_util::future::join_all(
+                rows.into_iter()
+                    .map(|row| mgr.launch(row, config.clone(), Source::Snapshot(dir.clone()))),
+            )
+            .await;
+            let mut failure = None;
+            let mut forks = Vec::new();
+            for r in started {
+                match r {
+                    Ok(sb) => forks.push(sb),
+                    Err(e) => failure = failure.or(Some(e)),
+                }
+            }
+            let Some(e) = failure else {
+                return Ok(forks);
+            };
+            for sb in forks {
+                if let Err(de) = mgr.delete(&sb.id).await {
+                    tracing::warn!(id = sb.id, error = %de, "rolling back a fork");
+                }
+            }
+            Err(e)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("the fork task failed: {e}")))?
+    }
+
+    /// Inserts `row` (state creating) and starts its VM from `source`, detached; the row
+    /// becomes running, or is removed again if the start fails.
+    async fn launch(
+        self: &Arc<Self>,
+        row: Sandbox,
+        config: ImageConfig,
+        source: Source,
+    ) -> Result<Sandbox> {
         let r = row.clone();
         self.store
             .call(move |c| store::insert_sandbox(c, &r))
@@ -372,26 +489,21 @@ impl Manager {
             // comes meanwhile waits for it.
             let vm = Arc::new(RwLock::new(None));
             let mut slot = vm.clone().write_owned().await;
-            mgr.lock_live().insert(
-                id.clone(),
-                Arc::new(Entry {
-                    vm,
-                    config: image.config.clone(),
-                }),
-            );
-            let started = async {
-                let t = vm_tier(tier);
-                let tpl =
-                    moat_vm::template::ensure(&mgr.rt, &image.digest, &image.rootfs, t).await?;
-                moat_vm::Sandbox::restore_with(
-                    &mgr.rt,
-                    &id,
-                    &tpl.dir,
-                    LaunchOptions { detached: true },
-                )
-                .await
-            }
-            .await;
+            mgr.lock_live().insert(id.clone(), Entry::new(vm, config));
+            let opts = LaunchOptions { detached: true };
+            let started = match source {
+                Source::Image(image) => {
+                    async {
+                        let t = vm_tier(row.tier);
+                        let tpl =
+                            moat_vm::template::ensure(&mgr.rt, &image.digest, &image.rootfs, t)
+                                .await?;
+                        moat_vm::Sandbox::restore_with(&mgr.rt, &id, &tpl.dir, opts).await
+                    }
+                    .await
+                }
+                Source::Snapshot(snap) => mgr.start_fork(&id, &snap).await,
+            };
             match started {
                 Ok(sb) => {
                     *slot = Some(sb);
@@ -404,6 +516,7 @@ impl Manager {
                 }
                 Err(e) => {
                     mgr.lock_live().remove(&id);
+                    mgr.remove_suspend_dirs(&id);
                     let i = id.clone();
                     mgr.store
                         .call(move |c| store::delete_sandbox(c, &i))
@@ -416,7 +529,36 @@ impl Manager {
         .map_err(|e| Error::Internal(format!("the create task failed: {e}")))?
     }
 
-    /// Destroys the sandbox's VM and removes its row. Waits for running execs to end.
+    /// Starts a fork of snapshot `snap` as a *resume* of a private copy of it: the copy is
+    /// the fork's first suspend directory (`suspended/<id>/0/`, memory image hard-linked,
+    /// disk layer copied), so the fork never reads the snapshot's files after it started
+    /// (deleting the snapshot cannot break it) and the rest of its life (suspend, resume,
+    /// adopt, delete) is that of any resumed sandbox. The snapshot's disk layer lies over the
+    /// image's rootfs (its `shared_base`), so the fork's chain is
+    /// `run/<id>/disk.qcow2 → suspended/<id>/0/disk.qcow2 → rootfs`.
+    async fn start_fork(
+        &self,
+        id: &str,
+        snap: &std::path::Path,
+    ) -> moat_vm::Result<moat_vm::Sandbox> {
+        let root = self.suspend_root(id);
+        let (snap_dir, root_dir) = (snap.to_path_buf(), root.clone());
+        let dir = tokio::task::spawn_blocking(move || {
+            crate::snapshots::copy_for_fork(&snap_dir, &root_dir)
+        })
+        .await
+        .map_err(|e| moat_vm::Error::Snapshot(format!("copying the snapshot: {e}")))?
+        .map_err(|e| moat_vm::Error::Snapshot(format!("copying the snapshot: {e}")))?;
+        let sb =
+            moat_vm::Sandbox::resume(&self.rt, id, &dir, LaunchOptions { detached: true }).await?;
+        if let Err(e) = moat_vm::snapshot::discard_memory(&dir) {
+            tracing::warn!(id, error = %e, "discarding the fork's memory image link");
+        }
+        Ok(sb)
+    }
+
+    /// Destroys the sandbox's VM and removes its row. Execs and file transfers in flight are
+    /// told to end (see [`Running::deleted`]) and the VM goes as soon as they let go.
     pub async fn delete(self: &Arc<Self>, id: &str) -> Result<()> {
         let mgr = self.clone();
         let id = id.to_string();
@@ -426,6 +568,8 @@ impl Manager {
                 .call(move |c| store::set_sandbox_state(c, &i, SandboxState::Deleting, None))
                 .await?;
             if let Some(entry) = mgr.entry(&id) {
+                // Execs and transfers in flight end now instead of the delete waiting for them.
+                entry.deleted.send_replace(true);
                 let vm = entry.vm.write().await.take();
                 if let Some(vm) = vm {
                     vm.destroy().await;
@@ -464,6 +608,7 @@ impl Manager {
                 return Ok(Running {
                     guard,
                     config: entry.config.clone(),
+                    deleted: entry.deleted.subscribe(),
                 });
             }
             drop(guard);
@@ -597,7 +742,7 @@ impl Manager {
 }
 
 /// 409 for a sandbox in a state that does not allow `what`.
-fn conflict(what: &str, row: &Sandbox) -> Error {
+pub(crate) fn conflict(what: &str, row: &Sandbox) -> Error {
     Error::Conflict(format!(
         "cannot {what} sandbox {}: it is {}{}",
         row.id,

@@ -17,6 +17,7 @@ use crate::keys;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_sandboxes.sql")),
+    (3, include_str!("migrations/0003_snapshots.sql")),
 ];
 
 pub fn latest_version() -> i64 {
@@ -436,8 +437,8 @@ pub fn put_group(conn: &mut Connection, name: &str, spec: &GroupSpec) -> Result<
     Ok((g, created))
 }
 
-/// Deletes a group; refused while it has sandboxes unless `force`, which deletes their rows too
-/// (stopping their VMs is the sandbox manager's job, added with sandboxes).
+/// Deletes a group; refused while it has sandboxes or snapshots unless `force`, which deletes
+/// their rows too (stopping the VMs and removing snapshot directories is the caller's job).
 pub fn delete_group(conn: &mut Connection, name: &str, force: bool) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let exists: bool = tx.query_row(
@@ -459,8 +460,20 @@ pub fn delete_group(conn: &mut Connection, name: &str, force: bool) -> Result<()
              with ?force=true to delete them too"
         )));
     }
+    let snapshots: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM snapshots WHERE group_name = ?1",
+        [name],
+        |r| r.get(0),
+    )?;
+    if snapshots > 0 && !force {
+        return Err(Error::Conflict(format!(
+            "sandbox group {name:?} still has {snapshots} snapshot(s): delete them first, or \
+             delete with ?force=true to delete them too"
+        )));
+    }
     if force {
         tx.execute("DELETE FROM sandboxes WHERE group_name = ?1", [name])?;
+        tx.execute("DELETE FROM snapshots WHERE group_name = ?1", [name])?;
     }
     tx.execute("DELETE FROM sandbox_groups WHERE name = ?1", [name])?;
     tx.commit()?;

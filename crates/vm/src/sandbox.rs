@@ -562,8 +562,12 @@ impl Sandbox {
     /// Saves memory and disk to `dest` (which must not exist), atomically: the directory
     /// appears complete or not at all. The sandbox keeps running afterwards.
     pub async fn snapshot(&mut self, rt: &Runtime, dest: &Path) -> Result<SnapshotMeta> {
-        let meta = self.save(rt, dest, SaveMode::Copy).await?;
-        self.vm.resume().await?;
+        let saved = self.save(rt, dest, SaveMode::Copy).await;
+        // Also after a failed save (say, the host's disk is full): the VM may be stopped, and
+        // it must go on running (the agent's quiesce ended when its stream was dropped).
+        let resumed = self.vm.resume().await;
+        let meta = saved?;
+        resumed?;
         Ok(meta)
     }
 

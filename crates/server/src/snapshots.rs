@@ -1,0 +1,527 @@
+//! Named snapshots of sandboxes, scoped to a group, and the routes that manage them. A fork
+//! (`from_snapshot` on create) is [`Manager::fork`].
+//!
+//! On disk a snapshot is `MOAT_HOME/snapshots/<group>/<name>/` = {`meta.json`, `memory.bin`,
+//! `disk.qcow2`}: a moat_vm snapshot whose disk layer is flattened onto the image's read-only
+//! rootfs (recorded as its `shared_base`), so it depends on nothing but the image — not on the
+//! source sandbox, its suspend directories, a template, or another snapshot. It is built under
+//! `.tmp-<name>-<random>` beside its final place and renamed there when complete (everything
+//! fsynced), so after a crash it exists complete or not at all.
+//!
+//! The store row is `creating` while the directory is written (it holds the name) and `ready`
+//! after; [`recover`] reconciles both at the daemon's start.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::Json;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::api::{self, CreateSnapshot, ErrorBody, Snapshot, SnapshotList, Tier};
+use crate::error::{Error, Result};
+use crate::http::{require_use, visible_group, visible_sandbox, ApiJson, AppState};
+use crate::sandboxes::{conflict, vm_error, Manager};
+use crate::store::{self, Principal, Store};
+
+/// `MOAT_HOME/snapshots`.
+fn root(home: &Path) -> PathBuf {
+    home.join("snapshots")
+}
+
+/// `MOAT_HOME/snapshots/<group>/<name>`.
+pub(crate) fn dir(home: &Path, group: &str, name: &str) -> PathBuf {
+    root(home).join(group).join(name)
+}
+
+fn no_snapshot(group: &str, name: &str) -> Error {
+    Error::NotFound(format!(
+        "no snapshot {} in group {}",
+        api::quote(name),
+        api::quote(group)
+    ))
+}
+
+// ---- store ----
+
+fn snapshot_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Snapshot>> {
+    let tier: String = r.get(4)?;
+    let size: i64 = r.get(5)?;
+    let name: String = r.get(1)?;
+    Ok(Ok(Snapshot {
+        tier: match Tier::parse(&tier) {
+            Some(t) => t,
+            None => {
+                return Ok(Err(Error::Internal(format!(
+                    "stored tier {tier:?} of snapshot {name} is unknown"
+                ))))
+            }
+        },
+        group: r.get(0)?,
+        name,
+        sandbox: r.get(2)?,
+        image: r.get(3)?,
+        size_bytes: u64::try_from(size).unwrap_or(0),
+        created_at: store::rfc3339(r.get(6)?),
+    }))
+}
+
+const COLUMNS: &str = "group_name, name, sandbox, image, tier, size_bytes, created_at";
+
+fn get_ready(c: &Connection, group: &str, name: &str) -> Result<Option<Snapshot>> {
+    c.query_row(
+        &format!(
+            "SELECT {COLUMNS} FROM snapshots WHERE group_name = ?1 AND name = ?2 \
+             AND state = 'ready'"
+        ),
+        [group, name],
+        snapshot_from_row,
+    )
+    .optional()?
+    .transpose()
+}
+
+/// The ready snapshots of `group`, or of every group.
+fn list_ready(c: &Connection, group: Option<&str>) -> Result<Vec<Snapshot>> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM snapshots WHERE state = 'ready' \
+         AND (?1 IS NULL OR group_name = ?1) ORDER BY created_at, name"
+    ))?;
+    let rows = stmt.query_map([group], snapshot_from_row)?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row??);
+    }
+    Ok(out)
+}
+
+/// Claims `name` in `group` with a `creating` row: 409 if the name is taken.
+fn claim(c: &Connection, s: &Snapshot) -> Result<()> {
+    let inserted = c.execute(
+        "INSERT INTO snapshots (group_name, name, state, sandbox, image, tier, created_at)
+         VALUES (?1, ?2, 'creating', ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        params![
+            s.group,
+            s.name,
+            s.sandbox,
+            s.image,
+            s.tier.as_str(),
+            store::now()
+        ],
+    )?;
+    if inserted == 0 {
+        return Err(Error::Conflict(format!(
+            "snapshot {} exists already in group {} (or is being taken): choose another \
+             name, or delete it first",
+            api::quote(&s.name),
+            api::quote(&s.group)
+        )));
+    }
+    Ok(())
+}
+
+/// Marks the claimed row ready; `None` if it is gone (its group was force-deleted meanwhile).
+fn set_ready(c: &Connection, group: &str, name: &str, size: u64) -> Result<Option<Snapshot>> {
+    let n = c.execute(
+        "UPDATE snapshots SET state = 'ready', size_bytes = ?3
+         WHERE group_name = ?1 AND name = ?2 AND state = 'creating'",
+        params![group, name, i64::try_from(size).unwrap_or(i64::MAX)],
+    )?;
+    if n == 0 {
+        return Ok(None);
+    }
+    get_ready(c, group, name)
+}
+
+fn delete_row(c: &Connection, group: &str, name: &str) -> Result<()> {
+    c.execute(
+        "DELETE FROM snapshots WHERE group_name = ?1 AND name = ?2",
+        [group, name],
+    )?;
+    Ok(())
+}
+
+// ---- files ----
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |e| Error::io(what, e)
+}
+
+fn fsync(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io(format!("fsyncing {}", path.display())))
+}
+
+/// Removes a directory tree by first renaming it to a `.tmp-` name beside it (atomic), so a
+/// crash half-way leaves something [`recover`] removes, never a half snapshot under its name.
+fn remove_tree(path: &Path) {
+    let Some(parent) = path.parent() else { return };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let trash = parent.join(format!(
+        ".tmp-rm-{}-{:016x}",
+        name.unwrap_or_default(),
+        rand::random::<u64>()
+    ));
+    let target = match std::fs::rename(path, &trash) {
+        Ok(()) => trash,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(_) => path.to_path_buf(),
+    };
+    if let Err(e) = std::fs::remove_dir_all(&target) {
+        tracing::warn!(error = %e, "removing {}", target.display());
+    }
+}
+
+/// The bytes a snapshot directory takes on the host.
+fn du(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// Copies snapshot `snap` into `root/0/` (see `Manager::start_fork`): `memory.bin` hard-linked
+/// (QEMU only reads it, and the fork unlinks its name once loaded), `disk.qcow2` copied (the
+/// fork's backing file, which must not change under it), `meta.json` copied; built under a
+/// `.tmp-` name and renamed, so the suspend-directory rules of the manager hold.
+pub(crate) fn copy_for_fork(snap: &Path, root: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).map_err(io(format!("creating {}", root.display())))?;
+    let tmp = root.join(format!(".tmp-0-{:016x}", rand::random::<u64>()));
+    let dest = root.join("0");
+    let made = (|| {
+        std::fs::create_dir(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+        let memory = snap.join("memory.bin");
+        if std::fs::hard_link(&memory, tmp.join("memory.bin")).is_err() {
+            std::fs::copy(&memory, tmp.join("memory.bin"))
+                .map_err(io(format!("copying {}", memory.display())))?;
+        }
+        for f in ["disk.qcow2", "meta.json"] {
+            std::fs::copy(snap.join(f), tmp.join(f))
+                .map_err(io(format!("copying {}", snap.join(f).display())))?;
+            fsync(&tmp.join(f))?;
+        }
+        fsync(&tmp)?;
+        std::fs::rename(&tmp, &dest).map_err(io(format!("creating {}", dest.display())))?;
+        fsync(root)
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    made.map(|()| dest)
+}
+
+/// At the daemon's start: `creating` rows (a crash while a snapshot was taken) are removed,
+/// and so is every directory under `snapshots/` that no `ready` row claims (leftovers of those
+/// and of interrupted deletes); a `ready` row whose directory is gone is removed with a warning.
+pub(crate) async fn recover(home: &Path, store: &Store) -> Result<()> {
+    let home = home.to_path_buf();
+    let ready = store
+        .call(|c| {
+            c.execute("DELETE FROM snapshots WHERE state = 'creating'", [])?;
+            list_ready(c, None)
+        })
+        .await?;
+    let keep: std::collections::HashSet<PathBuf> = ready
+        .iter()
+        .map(|s| dir(&home, &s.group, &s.name))
+        .collect();
+    let groups = std::fs::read_dir(root(&home))
+        .into_iter()
+        .flatten()
+        .flatten();
+    for g in groups {
+        if g.file_name().to_string_lossy().starts_with(".tmp-") {
+            // A force-deleted group's directory, renamed away before its removal finished.
+            remove_tree(&g.path());
+            continue;
+        }
+        for e in std::fs::read_dir(g.path()).into_iter().flatten().flatten() {
+            if !keep.contains(&e.path()) {
+                tracing::info!(dir = %e.path().display(), "removing an unfinished snapshot");
+                remove_tree(&e.path());
+            }
+        }
+    }
+    for s in ready {
+        if !dir(&home, &s.group, &s.name).join("meta.json").is_file() {
+            tracing::warn!(
+                group = s.group,
+                name = s.name,
+                "snapshot directory is gone; forgetting it"
+            );
+            store
+                .call(move |c| delete_row(c, &s.group, &s.name))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+// ---- the manager's part ----
+
+impl Manager {
+    /// Takes snapshot `name` of sandbox `row`: memory and disk, processes included. A
+    /// suspended sandbox is resumed first (as an exec would); the sandbox keeps running.
+    /// Waits for execs and transfers in flight on it (the VM is paused while its memory is
+    /// saved, under the sandbox's write lock). Runs to the end even if the caller goes away.
+    pub(crate) async fn snapshot(
+        self: &Arc<Self>,
+        row: &api::Sandbox,
+        name: &str,
+    ) -> Result<Snapshot> {
+        let claim_row = Snapshot {
+            name: name.to_string(),
+            group: row.group.clone(),
+            sandbox: row.id.clone(),
+            image: row.image.clone(),
+            tier: row.tier,
+            size_bytes: 0,
+            created_at: String::new(),
+        };
+        let mgr = self.clone();
+        tokio::spawn(async move {
+            let s = claim_row.clone();
+            mgr.store().call(move |c| claim(c, &s)).await?;
+            let made = mgr.take_snapshot(&claim_row).await;
+            let (group, name) = (claim_row.group.clone(), claim_row.name.clone());
+            let final_dir = dir(&mgr.runtime().home, &group, &name);
+            match made {
+                Ok(size) => {
+                    let (g, n) = (group.clone(), name.clone());
+                    let ready = mgr.store().call(move |c| set_ready(c, &g, &n, size)).await;
+                    match ready {
+                        Ok(Some(snap)) => Ok(snap),
+                        Ok(None) => {
+                            remove_tree(&final_dir);
+                            Err(Error::Conflict(format!(
+                                "group {} was deleted while the snapshot was taken",
+                                api::quote(&group)
+                            )))
+                        }
+                        Err(e) => {
+                            remove_tree(&final_dir);
+                            Err(e)
+                        }
+                    }
+                }
+                Err(e) => {
+                    mgr.store()
+                        .call(move |c| delete_row(c, &group, &name))
+                        .await?;
+                    Err(e)
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("the snapshot task failed: {e}")))?
+    }
+
+    /// Writes the snapshot's directory; returns its size.
+    async fn take_snapshot(self: &Arc<Self>, s: &Snapshot) -> Result<u64> {
+        let home = self.runtime().home.clone();
+        let group_dir = root(&home).join(&s.group);
+        let staging = group_dir.join(format!(".tmp-{}-{:016x}", s.name, rand::random::<u64>()));
+        std::fs::create_dir_all(&staging).map_err(io(format!("creating {}", staging.display())))?;
+        let made = self.write_snapshot(s, &staging).await;
+        let result = made.and_then(|built| {
+            let dest = dir(&home, &s.group, &s.name);
+            std::fs::rename(&built, &dest).map_err(io(format!("creating {}", dest.display())))?;
+            fsync(&group_dir)?;
+            Ok(du(&dest))
+        });
+        let _ = std::fs::remove_dir_all(&staging);
+        result
+    }
+
+    /// Saves the VM into `staging/s` and flattens its disk onto the image's rootfs; returns
+    /// `staging/s`, complete and fsynced.
+    async fn write_snapshot(self: &Arc<Self>, s: &Snapshot, staging: &Path) -> Result<PathBuf> {
+        let image = self.resolve_image(&s.image).await.map_err(|e| {
+            Error::Conflict(format!(
+                "the sandbox's image {} is not available ({}): a snapshot is kept over the \
+                 image's disk",
+                s.image,
+                e.unwrap_or_else(|| "it was removed".to_string())
+            ))
+        })?;
+        let built = staging.join("s");
+        // Twice at most, as in `running`: a suspend may slip in between the resume and the lock.
+        for _ in 0..2 {
+            let row = self.get_row(&s.sandbox).await?;
+            match row.state {
+                api::SandboxState::Suspended => {
+                    self.resume(&s.sandbox).await?;
+                    continue;
+                }
+                api::SandboxState::Running => {}
+                _ => return Err(conflict("snapshot", &row)),
+            }
+            let entry = self
+                .entry(&s.sandbox)
+                .ok_or_else(|| conflict("snapshot", &row))?;
+            let mut slot = entry.vm.write().await;
+            let Some(vm) = slot.as_mut() else {
+                continue;
+            };
+            let mut meta = vm
+                .snapshot(self.runtime(), &built)
+                .await
+                .map_err(|e| vm_error("taking the snapshot", e))?;
+            // The VM runs on; a read hold keeps a suspend or delete from removing the files
+            // the copied layer's backing chain still reads until it is flattened.
+            let _hold = slot.downgrade();
+            let disk = built.join("disk.qcow2");
+            moat_vm::disk::rebase(&disk, &image.rootfs, "raw")
+                .await
+                .map_err(|e| vm_error("flattening the snapshot's disk", e))?;
+            fsync(&disk)?;
+            let rootfs = std::fs::canonicalize(&image.rootfs)
+                .map_err(io(format!("resolving {}", image.rootfs.display())))?;
+            // A fork resumes a copy of this directory, and a resume needs to know the layer's
+            // base (it becomes the fork's base for its suspends).
+            meta.shared_base = Some(moat_vm::BaseDisk {
+                path: rootfs,
+                format: "raw".to_string(),
+            });
+            meta.store(&built)
+                .map_err(|e| vm_error("writing the snapshot's metadata", e))?;
+            fsync(&built)?;
+            return Ok(built);
+        }
+        Err(Error::Conflict(format!(
+            "sandbox {} was suspended again while it was being resumed for the snapshot; retry",
+            s.sandbox
+        )))
+    }
+}
+
+// ---- routes ----
+
+type GroupParams = std::result::Result<UrlPath<(String, String)>, PathRejection>;
+
+/// The ready snapshot `name` of `group`, if the key may see the group.
+pub(crate) async fn visible_snapshot(
+    state: &AppState,
+    p: &Principal,
+    group: &str,
+    name: &str,
+) -> Result<Snapshot> {
+    visible_group(state, p, group).await?;
+    api::validate_name("snapshot name", name)?;
+    let (g, n) = (group.to_string(), name.to_string());
+    state
+        .store
+        .call(move |c| get_ready(c, &g, &n))
+        .await?
+        .ok_or_else(|| no_snapshot(group, name))
+}
+
+#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/snapshots", tag = "snapshots",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id")),
+    request_body = CreateSnapshot,
+    responses(
+        (status = 201, description = "Taken; the sandbox runs on (a suspended one is resumed \
+            first)", body = Snapshot),
+        (status = 400, description = "Bad name", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "A reader key", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "The name is taken in the group, or the sandbox is not \
+            running or suspended", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn create_snapshot(
+    State(state): State<AppState>,
+    p: Principal,
+    params: GroupParams,
+    ApiJson(req): ApiJson<CreateSnapshot>,
+) -> Result<(StatusCode, Json<Snapshot>)> {
+    let (group, id) = crate::http::sandbox_params(params)?;
+    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    require_use(&p)?;
+    api::validate_name("snapshot name", &req.name)?;
+    let snap = state.manager()?.snapshot(&row, &req.name).await?;
+    Ok((StatusCode::CREATED, Json(snap)))
+}
+
+#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/snapshots", tag = "snapshots",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name")),
+    responses(
+        (status = 200, description = "The group's snapshots, oldest first", body = SnapshotList),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn list_snapshots(
+    State(state): State<AppState>,
+    p: Principal,
+    group: std::result::Result<UrlPath<String>, PathRejection>,
+) -> Result<Json<SnapshotList>> {
+    let group = group
+        .map(|UrlPath(g)| g)
+        .map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))?;
+    visible_group(&state, &p, &group).await?;
+    let snapshots = state
+        .store
+        .call(move |c| list_ready(c, Some(&group)))
+        .await?;
+    Ok(Json(SnapshotList { snapshots }))
+}
+
+#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/snapshots/{name}", tag = "snapshots",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("name" = String, Path, description = "Snapshot name")),
+    responses(
+        (status = 200, body = Snapshot),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn get_snapshot(
+    State(state): State<AppState>,
+    p: Principal,
+    params: GroupParams,
+) -> Result<Json<Snapshot>> {
+    let (group, name) = crate::http::sandbox_params(params)?;
+    visible_snapshot(&state, &p, &group, &name).await.map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/sandbox-groups/{group}/snapshots/{name}", tag = "snapshots",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("name" = String, Path, description = "Snapshot name")),
+    responses(
+        (status = 204, description = "Deleted; its forks are not affected"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, description = "A reader key", body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn delete_snapshot(
+    State(state): State<AppState>,
+    p: Principal,
+    params: GroupParams,
+) -> Result<StatusCode> {
+    let (group, name) = crate::http::sandbox_params(params)?;
+    let snap = visible_snapshot(&state, &p, &group, &name).await?;
+    require_use(&p)?;
+    let home = state.manager()?.runtime().home.clone();
+    let (g, n) = (snap.group.clone(), snap.name.clone());
+    state.store.call(move |c| delete_row(c, &g, &n)).await?;
+    // The row is gone first: a crash now leaves a directory that the next start removes.
+    tokio::task::spawn_blocking(move || remove_tree(&dir(&home, &snap.group, &snap.name)))
+        .await
+        .map_err(|e| Error::Internal(format!("removing the snapshot: {e}")))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes the snapshot directories of a deleted group (its rows went with it).
+pub(crate) fn remove_group_dirs(home: &Path, group: &str) {
+    remove_tree(&root(home).join(group));
+}
