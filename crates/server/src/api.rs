@@ -35,17 +35,7 @@ pub struct Health {
     pub version: String,
 }
 
-/// Resource tier of a sandbox: xs 0.25 vCPU/512 MiB, s 1/1 GiB, m 1/2 GiB, l 2/4 GiB, xl 4/8 GiB.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Tier {
-    Xs,
-    S,
-    #[default]
-    M,
-    L,
-    Xl,
-}
+pub use moat_vm::Tier;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -281,24 +271,6 @@ impl SandboxState {
         ]
         .into_iter()
         .find(|st| st.as_str() == s)
-    }
-}
-
-impl Tier {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Xs => "xs",
-            Tier::S => "s",
-            Tier::M => "m",
-            Tier::L => "l",
-            Tier::Xl => "xl",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Tier> {
-        [Tier::Xs, Tier::S, Tier::M, Tier::L, Tier::Xl]
-            .into_iter()
-            .find(|t| t.as_str() == s)
     }
 }
 

@@ -116,16 +116,6 @@ fn new_id() -> String {
     format!("sb-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
-fn vm_tier(t: Tier) -> moat_vm::Tier {
-    match t {
-        Tier::Xs => moat_vm::Tier::Xs,
-        Tier::S => moat_vm::Tier::S,
-        Tier::M => moat_vm::Tier::M,
-        Tier::L => moat_vm::Tier::L,
-        Tier::Xl => moat_vm::Tier::Xl,
-    }
-}
-
 impl Manager {
     /// Takes over after a (re)start, before any request is served: adopts the VM of every
     /// `running` row (a row whose VM is gone becomes `failed`), finishes interrupted deletes,
@@ -494,10 +484,13 @@ impl Manager {
             let started = match source {
                 Source::Image(image) => {
                     async {
-                        let t = vm_tier(row.tier);
-                        let tpl =
-                            moat_vm::template::ensure(&mgr.rt, &image.digest, &image.rootfs, t)
-                                .await?;
+                        let tpl = moat_vm::template::ensure(
+                            &mgr.rt,
+                            &image.digest,
+                            &image.rootfs,
+                            row.tier,
+                        )
+                        .await?;
                         moat_vm::Sandbox::restore_with(&mgr.rt, &id, &tpl.dir, opts).await
                     }
                     .await

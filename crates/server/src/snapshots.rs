@@ -51,7 +51,7 @@ fn snapshot_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Snapshot>
     let size: i64 = r.get(5)?;
     let name: String = r.get(1)?;
     Ok(Ok(Snapshot {
-        tier: match Tier::parse(&tier) {
+        tier: match tier.parse::<Tier>().ok() {
             Some(t) => t,
             None => {
                 return Ok(Err(Error::Internal(format!(

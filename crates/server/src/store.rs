@@ -496,7 +496,7 @@ fn sandbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Sandbox>> 
             state: SandboxState::parse(&state).ok_or_else(|| {
                 Error::Internal(format!("stored state {state:?} of sandbox {id} is unknown"))
             })?,
-            tier: Tier::parse(&tier).ok_or_else(|| {
+            tier: tier.parse::<Tier>().ok().ok_or_else(|| {
                 Error::Internal(format!("stored tier {tier:?} of sandbox {id} is unknown"))
             })?,
             env: serde_json::from_str(&env)

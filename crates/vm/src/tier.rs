@@ -7,9 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-/// A sandbox size. The guest sees the tier's memory and a root disk of the tier's size; the
-/// host stores only the blocks the guest writes.
+/// Resource tier of a sandbox: xs 0.25 vCPU/512 MiB, s 1/1 GiB, m 1/2 GiB, l 2/4 GiB, xl 4/8 GiB.
+/// The guest sees the tier's memory and a root disk of the tier's size; the host stores only
+/// the blocks the guest writes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     Xs,
