@@ -176,18 +176,6 @@ fn remove_tree(path: &Path) {
     }
 }
 
-/// The bytes a snapshot directory takes on the host.
-fn du(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(path)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.blocks() * 512)
-        .sum()
-}
-
 /// Copies snapshot `snap` into `root/0/` (see `Manager::start_fork`): `memory.bin` hard-linked
 /// (QEMU only reads it, and the fork unlinks its name once loaded), `disk.qcow2` copied (the
 /// fork's backing file, which must not change under it), `meta.json` copied; built under a
@@ -335,7 +323,7 @@ impl Manager {
             let dest = dir(&home, &s.group, &s.name);
             std::fs::rename(&built, &dest).map_err(io(format!("creating {}", dest.display())))?;
             fsync(&group_dir)?;
-            Ok(du(&dest))
+            Ok(moat_vm::snapshot::allocated_bytes(&dest))
         });
         let _ = std::fs::remove_dir_all(&staging);
         result

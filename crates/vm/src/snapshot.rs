@@ -203,3 +203,19 @@ pub fn discard_memory(dir: &Path) -> Result<u64> {
     fsync_dir(dir)?;
     Ok(bytes)
 }
+
+/// The bytes the tree at `dir` takes on the host: allocated blocks, since disks and memory
+/// images are sparse.
+pub fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => allocated_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}

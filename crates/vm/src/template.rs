@@ -187,7 +187,7 @@ fn collect_in(home: &Path, current: impl Fn(&str, &SnapshotMeta) -> bool) -> Res
         let Some(_lock) = snapshot::try_lock(&lock_path)? else {
             continue;
         };
-        let bytes = tree_bytes(&dir);
+        let bytes = snapshot::allocated_bytes(&dir);
         std::fs::remove_dir_all(&dir)
             .map_err(|err| crate::Error::io(format!("removing {}", dir.display()), err))?;
         // Nobody builds a superseded key, so nobody can be waiting on this lock file.
@@ -233,21 +233,6 @@ fn backing_dirs_in_use(home: &Path) -> Result<std::collections::HashSet<PathBuf>
         }
     }
     Ok(used)
-}
-
-fn tree_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => tree_bytes(&e.path()),
-            // Allocated bytes: disks and memory images are sparse.
-            Ok(m) => m.blocks() * 512,
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 #[cfg(test)]
