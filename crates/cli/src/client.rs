@@ -128,6 +128,25 @@ impl Client {
         })
     }
 
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub(crate) fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The WebSocket URL of `path` under the daemon's URL (ws:// for http://).
+    pub(crate) fn ws_url(&self, path: &str) -> Result<String> {
+        match self.base.strip_prefix("http://") {
+            Some(rest) => Ok(format!("ws://{rest}{path}")),
+            None => bail!(
+                "the shell needs an http:// MOAT_URL (this CLI has no TLS WebSocket), got {}",
+                self.base
+            ),
+        }
+    }
+
     /// A request to `path` (under the daemon's URL) with the key set.
     pub(crate) fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
         let req = self.http.request(method, format!("{}{path}", self.base));

@@ -9,6 +9,7 @@ mod run;
 mod sandbox_cmd;
 mod serve;
 mod setup;
+mod shell_cmd;
 
 use std::process::ExitCode;
 

@@ -58,6 +58,9 @@ pub enum SandboxCommand {
     Suspend { group: String, id: String },
     /// Resume a suspended sandbox (any exec or file request also does).
     Resume { group: String, id: String },
+    /// An interactive terminal in a sandbox (the login shell, or CMD); exits with its exit
+    /// code. Without a terminal on stdin, stdin's bytes are typed into it.
+    Shell(crate::shell_cmd::ShellArgs),
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +79,10 @@ pub struct ExecArgs {
     /// Kill the command and everything it started after this many seconds (exit code 124).
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     timeout: Option<f64>,
+    /// Send this process's stdin to the command: read to its end first (UTF-8 text, at most
+    /// 512 KiB), then the command runs. For a live, unbounded stream use `moat sandbox shell`.
+    #[arg(short = 'i', long = "interactive")]
+    interactive: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -104,8 +111,34 @@ impl ExecArgs {
         if let Some(t) = self.timeout {
             body["timeout_s"] = json!(t);
         }
+        if self.interactive {
+            body["stdin"] = json!(read_stdin()?);
+        }
         Ok(body)
     }
+}
+
+/// The most `exec -i` reads from stdin: the exec request carries it in its JSON body, which
+/// the daemon caps at 1 MiB.
+const MAX_EXEC_STDIN: u64 = 512 * 1024;
+
+fn read_stdin() -> Result<String> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .take(MAX_EXEC_STDIN + 1)
+        .read_to_end(&mut buf)
+        .context("reading stdin")?;
+    if buf.len() as u64 > MAX_EXEC_STDIN {
+        bail!(
+            "stdin is larger than {} KiB, the most `exec -i` sends; pipe it through `moat \
+             sandbox shell` or copy it in with `moat sandbox cp`",
+            MAX_EXEC_STDIN / 1024
+        );
+    }
+    String::from_utf8(buf).map_err(|_| {
+        anyhow!("stdin is not UTF-8 text, which `exec -i` needs; copy binary input in with `moat sandbox cp`")
+    })
 }
 
 fn env_map(env: &[String]) -> Result<Map<String, Value>> {
@@ -125,7 +158,7 @@ fn label_pairs(flag_values: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn sandbox_path(group: &str, id: &str) -> Result<String> {
+pub(crate) fn sandbox_path(group: &str, id: &str) -> Result<String> {
     Ok(format!(
         "/v1/sandbox-groups/{}/sandboxes/{}",
         path_segment(group)?,
@@ -218,6 +251,7 @@ pub async fn run(args: ClientArgs, cmd: SandboxCommand) -> Result<u8> {
             return state_change(&c, json_out, &group, &id, "resume").await;
         }
         SandboxCommand::Exec(a) => return exec(&c, &a).await,
+        SandboxCommand::Shell(a) => return crate::shell_cmd::shell(&c, &a).await,
         SandboxCommand::Cp { src, dst } => return cp(&c, json_out, &src, &dst).await,
     }
     Ok(0)
@@ -469,7 +503,7 @@ async fn download(
 }
 
 /// Percent-encodes a query value.
-fn query_value(v: &str) -> String {
+pub(crate) fn query_value(v: &str) -> String {
     let mut out = String::new();
     for b in v.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {

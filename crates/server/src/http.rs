@@ -101,6 +101,10 @@ pub fn router(state: AppState) -> Router {
             get(crate::procs::process_logs),
         )
         .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/shell",
+            get(crate::shell::shell),
+        )
+        .route(
             "/v1/sandbox-groups/{group}/sandboxes/{id}/suspend",
             axum::routing::post(suspend_sandbox),
         )
@@ -724,14 +728,15 @@ async fn delete_key(
         crate::files::delete_file,
         crate::procs::start_process, crate::procs::list_processes, crate::procs::kill_process,
         crate::procs::wait_process, crate::procs::process_logs,
-        suspend_sandbox, resume_sandbox,
+        suspend_sandbox, resume_sandbox, crate::shell::shell,
         list_keys, create_key, delete_key),
     components(schemas(ErrorBody, Group, GroupList, GroupSpec, ApiKey, ApiKeyList, CreateApiKey,
         CreatedApiKey, Health, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
         ExecResult, ExecEvent, ExecExit, crate::files::FileWritten, crate::files::FileList,
         crate::files::FileEntry, crate::files::EntryKind, crate::procs::StartProcess,
         crate::procs::ProcessStarted, crate::procs::Process, crate::procs::ProcessExit,
-        crate::procs::ProcessList, crate::procs::ProcessLogs, crate::procs::KillProcess)),
+        crate::procs::ProcessList, crate::procs::ProcessLogs, crate::procs::KillProcess,
+        crate::shell::ShellExit)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

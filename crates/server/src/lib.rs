@@ -11,6 +11,7 @@ pub mod keys;
 pub mod metrics;
 pub mod procs;
 pub mod sandboxes;
+pub mod shell;
 pub mod store;
 
 use std::future::Future;
