@@ -113,6 +113,23 @@ pub(crate) struct Client {
     key: Option<String>,
 }
 
+impl ClientArgs {
+    /// Whether the environment names a daemon (MOAT_URL or MOAT_API_KEY set and not empty):
+    /// then `moat image` goes through it instead of the local store.
+    pub(crate) fn daemon_from_env() -> Option<ClientArgs> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let (url, key) = (var("MOAT_URL"), var("MOAT_API_KEY"));
+        if url.is_none() && key.is_none() {
+            return None;
+        }
+        Some(ClientArgs {
+            url: url.unwrap_or_else(|| "http://127.0.0.1:7070".to_string()),
+            api_key: key,
+            json: false,
+        })
+    }
+}
+
 impl Client {
     pub(crate) fn new(args: &ClientArgs) -> Result<Client> {
         // No overall timeout on the client: streamed execs and file transfers take as long as

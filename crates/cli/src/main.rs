@@ -43,7 +43,8 @@ struct Cli {
 enum Command {
     /// Install what moat needs under MOAT_HOME: the guest kernel, the initramfs, the base image.
     Setup(setup::SetupArgs),
-    /// Manage images.
+    /// Manage images: in the local store, or through the daemon when MOAT_URL or MOAT_API_KEY
+    /// is set.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
     /// Run a command in a fresh sandbox and remove the sandbox afterwards.
@@ -100,6 +101,10 @@ fn main() -> ExitCode {
             Command::Group { client, command } => return client::group(client, command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
+            Command::Image(cmd) => match client::ClientArgs::daemon_from_env() {
+                Some(args) => return image_cmd::remote(args, cmd).await,
+                None => Command::Image(cmd),
+            },
             other => other,
         };
         let home = home::Home::resolve(cli.home.as_deref())?;

@@ -40,6 +40,8 @@ pub struct AppState {
     /// The sandbox manager, or why this daemon has none (no kernel or agent: the group and
     /// key routes still work, the sandbox routes answer 503 with the reason).
     pub sandboxes: std::result::Result<Arc<Manager>, String>,
+    /// Image imports in progress.
+    pub operations: Arc<crate::images::Operations>,
 }
 
 impl AppState {
@@ -112,6 +114,15 @@ pub fn router(state: AppState) -> Router {
             "/v1/sandbox-groups/{group}/sandboxes/{id}/resume",
             axum::routing::post(resume_sandbox),
         )
+        .route(
+            "/v1/images",
+            get(crate::images::list_images).post(crate::images::import_image),
+        )
+        .route(
+            "/v1/images/{name}",
+            get(crate::images::get_image).delete(crate::images::delete_image),
+        )
+        .route("/v1/operations/{id}", get(crate::images::get_operation))
         .route("/v1/api-keys", get(list_keys).post(create_key))
         .route("/v1/api-keys/{id}", axum::routing::delete(delete_key))
         .fallback(not_found)
@@ -729,6 +740,8 @@ async fn delete_key(
         crate::procs::start_process, crate::procs::list_processes, crate::procs::kill_process,
         crate::procs::wait_process, crate::procs::process_logs,
         suspend_sandbox, resume_sandbox, crate::shell::shell,
+        crate::images::import_image, crate::images::get_operation, crate::images::list_images,
+        crate::images::get_image, crate::images::delete_image,
         list_keys, create_key, delete_key),
     components(schemas(ErrorBody, Group, GroupList, GroupSpec, ApiKey, ApiKeyList, CreateApiKey,
         CreatedApiKey, Health, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
@@ -736,7 +749,9 @@ async fn delete_key(
         crate::files::FileEntry, crate::files::EntryKind, crate::procs::StartProcess,
         crate::procs::ProcessStarted, crate::procs::Process, crate::procs::ProcessExit,
         crate::procs::ProcessList, crate::procs::ProcessLogs, crate::procs::KillProcess,
-        crate::shell::ShellExit)),
+        crate::shell::ShellExit, crate::images::ImportImage, crate::images::Image,
+        crate::images::ImageList, crate::images::Operation, crate::images::OperationState,
+        crate::images::OperationProgress)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -17,6 +17,7 @@ use crate::keys;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_sandboxes.sql")),
+    (5, include_str!("migrations/0005_operations.sql")),
 ];
 
 pub fn latest_version() -> i64 {
