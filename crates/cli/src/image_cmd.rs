@@ -18,6 +18,8 @@ use crate::progress::Bars;
 pub enum ImageCommand {
     /// Import an image: from a registry (`host[:port]/repo:tag` or `…@sha256:…`), an OCI layout
     /// (`oci:DIR`) or a `docker save` archive (`docker-archive:FILE`). Prints the digest.
+    /// With MOAT_URL or MOAT_API_KEY set, the daemon imports it (an admin key; paths are on the
+    /// daemon's host) and this waits for the operation.
     Import {
         source: String,
         /// Name to give the image (default: the reference or the archive's tag).
@@ -33,7 +35,8 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove an image by name or digest, with its templates.
+    /// Remove an image by name or digest, with its templates (by name only through the daemon,
+    /// which refuses while a sandbox or a group uses it).
     Rm { image: String },
 }
 
