@@ -378,3 +378,150 @@ async fn shell_resumes_suspended_sandboxes_and_checks_access() {
     assert_eq!(exit.unwrap()["exit_code"], 0);
     assert_eq!(suspend.await.unwrap(), 200);
 }
+
+/// What a terminal's master side has read so far, filled by a thread.
+struct Screen(std::sync::Arc<std::sync::Mutex<String>>);
+
+impl Screen {
+    fn start(master: std::fs::File) -> Screen {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let b = buf.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut master = master;
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = master.read(&mut chunk) {
+                if n == 0 {
+                    return;
+                }
+                b.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        });
+        Screen(buf)
+    }
+
+    /// Waits until `needle` appears after byte `from`; returns where it ends.
+    fn wait_for(&self, needle: &str, from: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            {
+                let s = self.0.lock().unwrap();
+                if let Some(i) = s.get(from..).and_then(|t| t.find(needle)) {
+                    return from + i + needle.len();
+                }
+                assert!(Instant::now() < deadline, "no {needle:?} in {s:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn set_size(fd: &std::os::fd::OwnedFd, cols: u16, rows: u16) {
+    use std::os::fd::AsRawFd;
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer; fd is an open terminal.
+    assert_eq!(
+        unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
+}
+
+/// `moat sandbox shell` on a real terminal (a pty whose slave is its controlling terminal):
+/// raw mode while it runs and the original mode after, on a normal exit and on SIGTERM;
+/// a window size change reaches the remote terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_shell_on_a_terminal() {
+    use nix::sys::termios::{tcgetattr, LocalFlags};
+    use std::os::unix::process::CommandExt;
+
+    let d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    let id = setup(&d).await;
+    let spawn = || {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        set_size(&pty.master, 80, 24);
+        let before = tcgetattr(&pty.slave).unwrap();
+        let mut c = moat();
+        c.args(["sandbox", "shell", "web", &id])
+            .env("MOAT_URL", d.url())
+            .env("MOAT_API_KEY", ADMIN)
+            .env("TERM", "vt100")
+            .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+            .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+            .stderr(Stdio::from(pty.slave.try_clone().unwrap()));
+        // SAFETY: only async-signal-safe calls between fork and exec: a new session whose
+        // controlling terminal is the pty (stdin), as a terminal emulator sets up a shell.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = c.spawn().unwrap();
+        let screen = Screen::start(std::fs::File::from(pty.master.try_clone().unwrap()));
+        (child, pty, before, screen)
+    };
+
+    let (mut child, pty, before, screen) = spawn();
+    let mut master = std::fs::File::from(pty.master.try_clone().unwrap());
+    master.write_all(b"stty size; echo $TERM\r").unwrap();
+    let at = screen.wait_for("24 80", 0);
+    screen.wait_for("vt100", at);
+    // Raw while it runs: no echo, no line editing on our side.
+    let raw = tcgetattr(&pty.slave).unwrap();
+    assert!(!raw.local_flags.contains(LocalFlags::ICANON));
+    assert!(!raw.local_flags.contains(LocalFlags::ECHO));
+    // The kernel sends SIGWINCH to the terminal's foreground process group: moat.
+    set_size(&pty.master, 100, 30);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut from = at;
+    loop {
+        master.write_all(b"stty size\r").unwrap();
+        let end = screen.wait_for("\n", from);
+        let text = screen.0.lock().unwrap().clone();
+        if text[from..].contains("30 100") {
+            break;
+        }
+        from = end;
+        assert!(
+            Instant::now() < deadline,
+            "the resize never arrived: {text:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    master.write_all(b"exit 4\r").unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(4));
+    let after = tcgetattr(&pty.slave).unwrap();
+    assert_eq!(after.local_flags, before.local_flags);
+    assert_eq!(after.input_flags, before.input_flags);
+    assert_eq!(after.output_flags, before.output_flags);
+
+    // SIGTERM ends it through the same path: the mode is restored, the exit is 128+15.
+    let (mut child, pty, before, screen) = spawn();
+    let mut master = std::fs::File::from(pty.master.try_clone().unwrap());
+    master.write_all(b"echo re\"\"ady\r").unwrap();
+    screen.wait_for("ready", 0);
+    assert!(!tcgetattr(&pty.slave)
+        .unwrap()
+        .local_flags
+        .contains(LocalFlags::ICANON));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+    assert_eq!(
+        tcgetattr(&pty.slave).unwrap().local_flags,
+        before.local_flags
+    );
+}
