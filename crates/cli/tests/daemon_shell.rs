@@ -427,10 +427,8 @@ fn set_size(fd: &std::os::fd::OwnedFd, cols: u16, rows: u16) {
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ reads one winsize from the pointer; fd is an open terminal.
-    assert_eq!(
-        unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-        0
-    );
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    assert_eq!(r, 0);
 }
 
 /// `moat sandbox shell` on a real terminal (a pty whose slave is its controlling terminal):
