@@ -523,3 +523,53 @@ async fn cli_shell_on_a_terminal() {
         before.local_flags
     );
 }
+
+/// A command that never reads its terminal while the client floods it with input still gets
+/// all its output to the client and its exit back: input is queued (bounded) apart from the
+/// output path, not written inline with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_flood_does_not_stall_output() {
+    let d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    let id = setup(&d).await;
+    // 6 MB of output (three times the protocol's flow-control window), after a pause in which
+    // the input piles up unread.
+    let ws = connect(
+        &d,
+        ADMIN,
+        &id,
+        "cols=80&rows=24&command=sleep%201%3B%20head%20-c%206000000%20%2Fdev%2Fzero%20%7C%20tr%20%27%5C0%27%20x",
+    )
+    .await
+    .unwrap();
+    let (mut tx, mut rx) = ws.split();
+    let flood = tokio::spawn(async move {
+        let line = [b"y".repeat(63), b"\n".to_vec()].concat();
+        let chunk: Vec<u8> = line.repeat(1024); // 64 KiB
+        for _ in 0..128 {
+            if tx
+                .send(Message::Binary(chunk.clone().into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut xs = 0usize;
+    let exit = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = tokio::time::timeout(left, rx.next())
+            .await
+            .unwrap_or_else(|_| panic!("stalled after {xs} bytes of output"));
+        match m {
+            Some(Ok(Message::Binary(b))) => xs += b.iter().filter(|&&c| c == b'x').count(),
+            Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(&t).unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?} after {xs} bytes"),
+        }
+    };
+    flood.abort();
+    assert_eq!(exit["exit_code"], 0, "{exit}");
+    assert_eq!(xs, 6_000_000);
+}
