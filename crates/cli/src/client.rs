@@ -117,16 +117,18 @@ impl ClientArgs {
     /// Whether the environment names a daemon (MOAT_URL or MOAT_API_KEY set and not empty):
     /// then `moat image` goes through it instead of the local store.
     pub(crate) fn daemon_from_env() -> Option<ClientArgs> {
+        let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty());
+        (set("MOAT_URL") || set("MOAT_API_KEY")).then(ClientArgs::from_env)
+    }
+
+    /// The daemon that MOAT_URL (default http://127.0.0.1:7070) and MOAT_API_KEY name.
+    pub(crate) fn from_env() -> ClientArgs {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let (url, key) = (var("MOAT_URL"), var("MOAT_API_KEY"));
-        if url.is_none() && key.is_none() {
-            return None;
-        }
-        Some(ClientArgs {
-            url: url.unwrap_or_else(|| "http://127.0.0.1:7070".to_string()),
-            api_key: key,
+        ClientArgs {
+            url: var("MOAT_URL").unwrap_or_else(|| "http://127.0.0.1:7070".to_string()),
+            api_key: var("MOAT_API_KEY"),
             json: false,
-        })
+        }
     }
 }
 

@@ -101,6 +101,9 @@ fn main() -> ExitCode {
             Command::Group { client, command } => return client::group(client, command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
+            Command::Run(args) if args.group.is_some() => {
+                return sandbox_cmd::run_in_group(client::ClientArgs::from_env(), &args).await
+            }
             Command::Image(cmd) => match client::ClientArgs::daemon_from_env() {
                 Some(args) => return image_cmd::remote(args, cmd).await,
                 None => Command::Image(cmd),

@@ -268,14 +268,69 @@ async fn state_change(c: &Client, json_out: bool, group: &str, id: &str, verb: &
     Ok(0)
 }
 
-/// Streams the exec's NDJSON events to our stdout and stderr; the command's exit code is ours.
+/// `moat run --group G`: a sandbox of G created for the command and deleted after it, also
+/// after a failure, Ctrl-C or SIGTERM (a signal during the create is handled once it is done,
+/// so the sandbox is still deleted).
+pub async fn run_in_group(args: ClientArgs, run: &crate::run::RunArgs) -> Result<u8> {
+    let group = run.group.clone().context("no --group")?;
+    if run.cmd.is_empty() {
+        bail!("give the command: moat run --group GROUP [IMAGE] -- CMD [ARG…]");
+    }
+    let mut exec_args = ExecArgs {
+        group: group.clone(),
+        id: String::new(),
+        env: run.env.clone(),
+        workdir: run.workdir.clone(),
+        user: run.user.clone(),
+        timeout: run.timeout,
+        interactive: run.interactive,
+        cmd: run.cmd.clone(),
+    };
+    // Everything is checked (and stdin read) before a sandbox exists.
+    let body = exec_args.body()?;
+    let mut create = json!({});
+    if let Some(i) = &run.image {
+        create["image"] = json!(i);
+    }
+    if let Some(t) = &run.tier {
+        t.parse::<Tier>()?;
+        create["tier"] = json!(t);
+    }
+    let c = Client::new(&args)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let path = format!("/v1/sandbox-groups/{}/sandboxes", path_segment(&group)?);
+    let (_, sb) = c.call(Method::POST, &path, Some(&create)).await?;
+    exec_args.id = sb["id"]
+        .as_str()
+        .context("the daemon's sandbox has no id")?
+        .to_string();
+    let code = tokio::select! {
+        r = stream_exec(&c, &exec_args, &body) => r,
+        _ = sigint.recv() => Ok(130),
+        _ = sigterm.recv() => Ok(143),
+    };
+    let deleted = c
+        .call(Method::DELETE, &sandbox_path(&group, &exec_args.id)?, None)
+        .await;
+    if let Err(e) = deleted {
+        eprintln!("moat: deleting sandbox {}: {e}", exec_args.id);
+    }
+    code
+}
+
 async fn exec(c: &Client, a: &ExecArgs) -> Result<u8> {
     let body = a.body()?;
+    stream_exec(c, a, &body).await
+}
+
+/// Streams the exec's NDJSON events to our stdout and stderr; the command's exit code is ours.
+async fn stream_exec(c: &Client, a: &ExecArgs, body: &Value) -> Result<u8> {
     let path = format!("{}/exec", sandbox_path(&a.group, &a.id)?);
     let req = c
         .request(Method::POST, &path)
         .header(reqwest::header::ACCEPT, "application/x-ndjson")
-        .json(&body);
+        .json(body);
     let resp = c.send(req).await?;
     let mut stream = resp.bytes_stream();
     let mut out = tokio::io::stdout();

@@ -573,3 +573,86 @@ async fn input_flood_does_not_stall_output() {
     assert_eq!(exit["exit_code"], 0, "{exit}");
     assert_eq!(xs, 6_000_000);
 }
+
+async fn sandbox_count(d: &Daemon) -> usize {
+    let (st, v) = d
+        .call(Some(ADMIN), "GET", &format!("{G}/web/sandboxes"), None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    v["sandboxes"].as_array().unwrap().len()
+}
+
+/// `moat run --group`: a sandbox made for the command, its output streamed, its exit code
+/// returned, and the sandbox deleted after it, also after SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moat_run_through_the_daemon() {
+    let d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    setup(&d).await;
+    assert_eq!(sandbox_count(&d).await, 1);
+    let o = cli_with_stdin(
+        &d,
+        &[
+            "run",
+            "--group",
+            "web",
+            "-i",
+            "-e",
+            "A=b",
+            "--",
+            "sh",
+            "-c",
+            "echo $A; cat; exit 3",
+        ],
+        b"piped",
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "b\npiped");
+    assert_eq!(sandbox_count(&d).await, 1);
+
+    let o = cli_with_stdin(&d, &["run", "--group", "web"], b"");
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("give the command"));
+
+    let mut child = moat()
+        .args([
+            "run",
+            "--group",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 100",
+        ])
+        .env("MOAT_URL", d.url())
+        .env("MOAT_API_KEY", ADMIN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "started\n");
+    assert_eq!(sandbox_count(&d).await, 2);
+    let t = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+    // The daemon ends a streamed exec whose client left even while it is silent, so the delete
+    // does not wait for `sleep 100`.
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(sandbox_count(&d).await, 1, "the run's sandbox is left");
+}

@@ -161,7 +161,13 @@ pub async fn stream(
         };
         let (mut out, mut err) = (Utf8Stream::default(), Utf8Stream::default());
         loop {
-            let ev = match exec.next().await {
+            // A client that went away ends the exec even while the command is silent: its
+            // hold on the sandbox would otherwise keep a delete or suspend waiting.
+            let next = tokio::select! {
+                ev = exec.next() => ev,
+                _ = tx.closed() => return,
+            };
+            let ev = match next {
                 Ok(ExecEvent::Stdout(d)) => api::ExecEvent::Stdout(out.push(&d)),
                 Ok(ExecEvent::Stderr(d)) => api::ExecEvent::Stderr(err.push(&d)),
                 Ok(ExecEvent::Exit(status)) => {
