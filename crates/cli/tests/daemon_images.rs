@@ -79,6 +79,7 @@ async fn images_import_list_use_and_delete() {
     let name = unique("img");
 
     // Import; a second import of the same name meanwhile is refused.
+    let t = Instant::now();
     let op = import(
         &d,
         json!({"source": reference, "name": name, "plain_http": true}),
@@ -95,6 +96,7 @@ async fn images_import_list_use_and_delete() {
     assert_eq!(st, 409, "{v}");
     assert!(msg(&v).contains("already running"), "{v}");
     let op = wait_op(&d, op["id"].as_str().unwrap()).await;
+    eprintln!("image import through the daemon: {:?}", t.elapsed());
     assert_eq!(op["state"], "succeeded", "{op}");
     assert_eq!(op["progress"]["phase"], "done", "{op}");
     assert_eq!(op["result"]["name"], name.as_str());

@@ -128,9 +128,12 @@ async fn shell_session_resize_exit_and_disconnect() {
     let id = setup(&d).await;
 
     // The login shell on an 80x24 terminal; resize; the exit code comes back.
+    let t = Instant::now();
     let mut ws = connect(&d, ADMIN, &id, "cols=80&rows=24").await.unwrap();
+    eprintln!("shell: upgraded after {:?}", t.elapsed());
     send(&mut ws, "stty size\n").await;
     read_until(&mut ws, "24 80").await;
+    eprintln!("shell: first command's output after {:?}", t.elapsed());
     ws.send(Message::Text(
         json!({"type": "resize", "cols": 132, "rows": 43})
             .to_string()
@@ -342,9 +345,14 @@ async fn shell_resumes_suspended_sandboxes_and_checks_access() {
         )
         .await;
     assert_eq!((st, &sb["state"]), (200, &json!("suspended")), "{sb}");
+    let t = Instant::now();
     let mut ws = connect(&d, ADMIN, &id, "cols=80&rows=24&command=cat%20/root/f")
         .await
         .unwrap();
+    eprintln!(
+        "shell: upgraded on a suspended sandbox after {:?}",
+        t.elapsed()
+    );
     let (out, exit) = read_until(&mut ws, "no such output").await;
     assert!(out.contains("kept"), "{out:?}");
     assert_eq!(exit.unwrap()["exit_code"], 0);
@@ -541,6 +549,7 @@ async fn input_flood_does_not_stall_output() {
     )
     .await
     .unwrap();
+    let t = Instant::now();
     let (mut tx, mut rx) = ws.split();
     let flood = tokio::spawn(async move {
         let line = [b"y".repeat(63), b"\n".to_vec()].concat();
@@ -570,6 +579,10 @@ async fn input_flood_does_not_stall_output() {
         }
     };
     flood.abort();
+    eprintln!(
+        "shell: 6 MB of output in {:?} (1 s of it a sleep)",
+        t.elapsed()
+    );
     assert_eq!(exit["exit_code"], 0, "{exit}");
     assert_eq!(xs, 6_000_000);
 }

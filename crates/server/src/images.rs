@@ -28,6 +28,9 @@ use crate::store::{self, rfc3339, Principal, Store};
 /// Longest `source` accepted.
 pub const MAX_SOURCE: usize = 1024;
 
+/// Finished operations kept in the store (the oldest go first); running ones are always kept.
+pub const KEEP_OPERATIONS: i64 = 1000;
+
 /// `POST /v1/images`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -285,6 +288,32 @@ fn op_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Operation> {
     })
 }
 
+/// Records a new running import, and forgets the oldest finished operations beyond
+/// [`KEEP_OPERATIONS`].
+fn insert_op(
+    conn: &mut Connection,
+    id: &str,
+    name: &str,
+    request: &str,
+) -> Result<Option<Operation>> {
+    let tx = conn.transaction()?;
+    let now = store::now();
+    tx.execute(
+        "INSERT INTO operations (id, kind, state, target, request, phase, created_at,
+             updated_at) VALUES (?1, 'image-import', 'running', ?2, ?3, 'queued', ?4, ?4)",
+        params![id, name, request, now],
+    )?;
+    tx.execute(
+        "DELETE FROM operations WHERE state != 'running' AND id NOT IN
+             (SELECT id FROM operations WHERE state != 'running'
+              ORDER BY created_at DESC, rowid DESC LIMIT ?1)",
+        [KEEP_OPERATIONS],
+    )?;
+    let op = get_op(&tx, id)?;
+    tx.commit()?;
+    Ok(op)
+}
+
 fn get_op(conn: &Connection, id: &str) -> Result<Option<Operation>> {
     Ok(conn
         .query_row(
@@ -377,15 +406,7 @@ pub(crate) async fn import_image(
     let request = serde_json::to_string(&req).unwrap_or_default();
     let inserted = state
         .store
-        .call(move |c| {
-            let now = store::now();
-            c.execute(
-                "INSERT INTO operations (id, kind, state, target, request, phase, created_at,
-                     updated_at) VALUES (?1, 'image-import', 'running', ?2, ?3, 'queued', ?4, ?4)",
-                params![i, n, request, now],
-            )?;
-            get_op(c, &i)
-        })
+        .call(move |c| insert_op(c, &i, &n, &request))
         .await;
     let op = match inserted {
         Ok(Some(op)) => op,
@@ -655,6 +676,51 @@ mod tests {
             name: name.map(str::to_string),
             plain_http: false,
         }
+    }
+
+    #[test]
+    fn old_operations_are_pruned_and_interrupted_ones_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("moatd.db")).unwrap();
+        store
+            .blocking(|c| {
+                let n = KEEP_OPERATIONS + 5;
+                for i in 0..n {
+                    let id = format!("op-{i}");
+                    insert_op(c, &id, "img", "{}")?;
+                    if i > 0 {
+                        // All but the first end, so the first stays running.
+                        let p = OperationProgress::default();
+                        let e = ErrorDetail {
+                            code: "import_failed".into(),
+                            message: "x".into(),
+                        };
+                        finish_op(c, &id, &p, Err(&e))?;
+                    }
+                }
+                let count = |state: &str| -> i64 {
+                    c.query_row(
+                        "SELECT COUNT(*) FROM operations WHERE state = ?1",
+                        [state],
+                        |r| r.get(0),
+                    )
+                    .unwrap()
+                };
+                // The last insert pruned down to KEEP finished ones before its own ended.
+                assert_eq!(count("failed"), KEEP_OPERATIONS + 1);
+                assert_eq!(count("running"), 1);
+                assert!(
+                    get_op(c, "op-1")?.is_none(),
+                    "the oldest finished one is kept"
+                );
+                assert!(get_op(c, &format!("op-{}", n - 1))?.is_some());
+                assert_eq!(Operations::recover(c)?, 1);
+                let op = get_op(c, "op-0")?.unwrap();
+                assert_eq!(op.state, OperationState::Failed);
+                assert_eq!(op.error.unwrap().code, "interrupted");
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]
