@@ -113,6 +113,25 @@ pub(crate) struct Client {
     key: Option<String>,
 }
 
+impl ClientArgs {
+    /// Whether the environment names a daemon (MOAT_URL or MOAT_API_KEY set and not empty):
+    /// then `moat image` goes through it instead of the local store.
+    pub(crate) fn daemon_from_env() -> Option<ClientArgs> {
+        let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty());
+        (set("MOAT_URL") || set("MOAT_API_KEY")).then(ClientArgs::from_env)
+    }
+
+    /// The daemon that MOAT_URL (default http://127.0.0.1:7070) and MOAT_API_KEY name.
+    pub(crate) fn from_env() -> ClientArgs {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        ClientArgs {
+            url: var("MOAT_URL").unwrap_or_else(|| "http://127.0.0.1:7070".to_string()),
+            api_key: var("MOAT_API_KEY"),
+            json: false,
+        }
+    }
+}
+
 impl Client {
     pub(crate) fn new(args: &ClientArgs) -> Result<Client> {
         // No overall timeout on the client: streamed execs and file transfers take as long as
@@ -126,6 +145,25 @@ impl Client {
             base: args.url.trim_end_matches('/').to_string(),
             key: args.api_key.clone().filter(|k| !k.is_empty()),
         })
+    }
+
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub(crate) fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The WebSocket URL of `path` under the daemon's URL (ws:// for http://).
+    pub(crate) fn ws_url(&self, path: &str) -> Result<String> {
+        match self.base.strip_prefix("http://") {
+            Some(rest) => Ok(format!("ws://{rest}{path}")),
+            None => bail!(
+                "the shell needs an http:// MOAT_URL (this CLI has no TLS WebSocket), got {}",
+                self.base
+            ),
+        }
     }
 
     /// A request to `path` (under the daemon's URL) with the key set.

@@ -9,6 +9,7 @@ mod run;
 mod sandbox_cmd;
 mod serve;
 mod setup;
+mod shell_cmd;
 
 use std::process::ExitCode;
 
@@ -42,7 +43,8 @@ struct Cli {
 enum Command {
     /// Install what moat needs under MOAT_HOME: the guest kernel, the initramfs, the base image.
     Setup(setup::SetupArgs),
-    /// Manage images.
+    /// Manage images: in the local store, or through the daemon when MOAT_URL or MOAT_API_KEY
+    /// is set.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
     /// Run a command in a fresh sandbox and remove the sandbox afterwards.
@@ -110,6 +112,13 @@ fn main() -> ExitCode {
             Command::Snapshot { client, command } => {
                 return sandbox_cmd::snapshot(client, command).await
             }
+            Command::Run(args) if args.group.is_some() => {
+                return sandbox_cmd::run_in_group(client::ClientArgs::from_env(), &args).await
+            }
+            Command::Image(cmd) => match client::ClientArgs::daemon_from_env() {
+                Some(args) => return image_cmd::remote(args, cmd).await,
+                None => Command::Image(cmd),
+            },
             other => other,
         };
         let home = home::Home::resolve(cli.home.as_deref())?;

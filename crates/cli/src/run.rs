@@ -16,29 +16,34 @@ use crate::setup::BASE_IMAGE;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Image name or digest (default: the base image).
-    image: Option<String>,
+    /// Image name or digest (default: the base image; with --group, the group's).
+    pub(crate) image: Option<String>,
     /// Set an environment variable (KEY=VALUE); repeatable.
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
-    env: Vec<String>,
+    pub(crate) env: Vec<String>,
     /// Working directory inside the sandbox (absolute).
     #[arg(short = 'w', long = "workdir", value_name = "DIR")]
-    workdir: Option<String>,
+    pub(crate) workdir: Option<String>,
     /// User to run as: a name or uid from the image, optionally with `:group`.
     #[arg(short = 'u', long = "user")]
-    user: Option<String>,
-    /// Forward this process's stdin to the command.
+    pub(crate) user: Option<String>,
+    /// Forward this process's stdin to the command (with --group: read whole first, as
+    /// `moat sandbox exec -i`).
     #[arg(short = 'i', long = "interactive")]
-    interactive: bool,
+    pub(crate) interactive: bool,
     /// Kill the command and everything it started after this many seconds (exit code 124).
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
-    timeout: Option<f64>,
-    /// Resource tier: xs, s, m (default), l, xl.
-    #[arg(long, default_value = "m")]
-    tier: String,
+    pub(crate) timeout: Option<f64>,
+    /// Resource tier: xs, s, m, l, xl (default m; with --group, the group's).
+    #[arg(long)]
+    pub(crate) tier: Option<String>,
+    /// Run through the moat daemon (MOAT_URL, MOAT_API_KEY) in a sandbox of this group,
+    /// created for the command and deleted after it. CMD is then required.
+    #[arg(long, value_name = "GROUP")]
+    pub(crate) group: Option<String>,
     /// The command and its arguments (default: the image's entrypoint and command).
     #[arg(last = true)]
-    cmd: Vec<String>,
+    pub(crate) cmd: Vec<String>,
 }
 
 /// Validated form of [`RunArgs`].
@@ -53,7 +58,7 @@ struct RunPlan {
 
 impl RunArgs {
     fn plan(&self) -> Result<RunPlan> {
-        let tier: Tier = self.tier.parse()?;
+        let tier: Tier = self.tier.as_deref().unwrap_or("m").parse()?;
         let env = self
             .env
             .iter()

@@ -65,6 +65,9 @@ pub enum SandboxCommand {
     Suspend { group: String, id: String },
     /// Resume a suspended sandbox (any exec or file request also does).
     Resume { group: String, id: String },
+    /// An interactive terminal in a sandbox (the login shell, or CMD); exits with its exit
+    /// code. Without a terminal on stdin, stdin's bytes are typed into it.
+    Shell(crate::shell_cmd::ShellArgs),
     /// Take snapshot NAME of a sandbox (memory and disk; the sandbox runs on). Fork it with
     /// `moat sandbox create GROUP --from-snapshot NAME`; list it with `moat snapshot ls`.
     Snapshot {
@@ -100,6 +103,10 @@ pub struct ExecArgs {
     /// Kill the command and everything it started after this many seconds (exit code 124).
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     timeout: Option<f64>,
+    /// Send this process's stdin to the command: read to its end first (UTF-8 text, at most
+    /// 512 KiB), then the command runs. For a live, unbounded stream use `moat sandbox shell`.
+    #[arg(short = 'i', long = "interactive")]
+    interactive: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -128,8 +135,34 @@ impl ExecArgs {
         if let Some(t) = self.timeout {
             body["timeout_s"] = json!(t);
         }
+        if self.interactive {
+            body["stdin"] = json!(read_stdin()?);
+        }
         Ok(body)
     }
+}
+
+/// The most `exec -i` reads from stdin: the exec request carries it in its JSON body, which
+/// the daemon caps at 1 MiB.
+const MAX_EXEC_STDIN: u64 = 512 * 1024;
+
+fn read_stdin() -> Result<String> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .take(MAX_EXEC_STDIN + 1)
+        .read_to_end(&mut buf)
+        .context("reading stdin")?;
+    if buf.len() as u64 > MAX_EXEC_STDIN {
+        bail!(
+            "stdin is larger than {} KiB, the most `exec -i` sends; pipe it through `moat \
+             sandbox shell` or copy it in with `moat sandbox cp`",
+            MAX_EXEC_STDIN / 1024
+        );
+    }
+    String::from_utf8(buf).map_err(|_| {
+        anyhow!("stdin is not UTF-8 text, which `exec -i` needs; copy binary input in with `moat sandbox cp`")
+    })
 }
 
 fn env_map(env: &[String]) -> Result<Map<String, Value>> {
@@ -149,7 +182,7 @@ fn label_pairs(flag_values: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn sandbox_path(group: &str, id: &str) -> Result<String> {
+pub(crate) fn sandbox_path(group: &str, id: &str) -> Result<String> {
     Ok(format!(
         "/v1/sandbox-groups/{}/sandboxes/{}",
         path_segment(group)?,
@@ -268,6 +301,7 @@ pub async fn run(args: ClientArgs, cmd: SandboxCommand) -> Result<u8> {
             }
         }
         SandboxCommand::Exec(a) => return exec(&c, &a).await,
+        SandboxCommand::Shell(a) => return crate::shell_cmd::shell(&c, &a).await,
         SandboxCommand::Cp { src, dst } => return cp(&c, json_out, &src, &dst).await,
     }
     Ok(0)
@@ -284,14 +318,69 @@ async fn state_change(c: &Client, json_out: bool, group: &str, id: &str, verb: &
     Ok(0)
 }
 
-/// Streams the exec's NDJSON events to our stdout and stderr; the command's exit code is ours.
+/// `moat run --group G`: a sandbox of G created for the command and deleted after it, also
+/// after a failure, Ctrl-C or SIGTERM (a signal during the create is handled once it is done,
+/// so the sandbox is still deleted).
+pub async fn run_in_group(args: ClientArgs, run: &crate::run::RunArgs) -> Result<u8> {
+    let group = run.group.clone().context("no --group")?;
+    if run.cmd.is_empty() {
+        bail!("give the command: moat run --group GROUP [IMAGE] -- CMD [ARG…]");
+    }
+    let mut exec_args = ExecArgs {
+        group: group.clone(),
+        id: String::new(),
+        env: run.env.clone(),
+        workdir: run.workdir.clone(),
+        user: run.user.clone(),
+        timeout: run.timeout,
+        interactive: run.interactive,
+        cmd: run.cmd.clone(),
+    };
+    // Everything is checked (and stdin read) before a sandbox exists.
+    let body = exec_args.body()?;
+    let mut create = json!({});
+    if let Some(i) = &run.image {
+        create["image"] = json!(i);
+    }
+    if let Some(t) = &run.tier {
+        t.parse::<Tier>()?;
+        create["tier"] = json!(t);
+    }
+    let c = Client::new(&args)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let path = format!("/v1/sandbox-groups/{}/sandboxes", path_segment(&group)?);
+    let (_, sb) = c.call(Method::POST, &path, Some(&create)).await?;
+    exec_args.id = sb["id"]
+        .as_str()
+        .context("the daemon's sandbox has no id")?
+        .to_string();
+    let code = tokio::select! {
+        r = stream_exec(&c, &exec_args, &body) => r,
+        _ = sigint.recv() => Ok(130),
+        _ = sigterm.recv() => Ok(143),
+    };
+    let deleted = c
+        .call(Method::DELETE, &sandbox_path(&group, &exec_args.id)?, None)
+        .await;
+    if let Err(e) = deleted {
+        eprintln!("moat: deleting sandbox {}: {e}", exec_args.id);
+    }
+    code
+}
+
 async fn exec(c: &Client, a: &ExecArgs) -> Result<u8> {
     let body = a.body()?;
+    stream_exec(c, a, &body).await
+}
+
+/// Streams the exec's NDJSON events to our stdout and stderr; the command's exit code is ours.
+async fn stream_exec(c: &Client, a: &ExecArgs, body: &Value) -> Result<u8> {
     let path = format!("{}/exec", sandbox_path(&a.group, &a.id)?);
     let req = c
         .request(Method::POST, &path)
         .header(reqwest::header::ACCEPT, "application/x-ndjson")
-        .json(&body);
+        .json(body);
     let resp = c.send(req).await?;
     let mut stream = resp.bytes_stream();
     let mut out = tokio::io::stdout();
@@ -519,7 +608,7 @@ async fn download(
 }
 
 /// Percent-encodes a query value.
-fn query_value(v: &str) -> String {
+pub(crate) fn query_value(v: &str) -> String {
     let mut out = String::new();
     for b in v.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {

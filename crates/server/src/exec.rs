@@ -39,19 +39,20 @@ pub fn guest_request(
 
 /// How an exec that could not start ends: a missing command is an exit of 127 with the
 /// message on stderr, as in a shell and in `moat run`; anything else is an error.
-enum Start {
+pub(crate) enum Start {
     Started(Exec),
     NotFound(String),
 }
 
-async fn start(
+pub(crate) async fn start(
     run: &Running,
     request: moat_protocol::ExecRequest,
     stdin: Option<String>,
 ) -> Result<Start> {
     match run.sandbox()?.agent().exec(request).await {
         Ok(mut exec) => {
-            if let (Some(input), Some(tx)) = (stdin, exec.take_stdin()) {
+            // Taken only when there is input: a PTY exec's caller writes its own.
+            if let Some((input, tx)) = stdin.and_then(|i| exec.take_stdin().map(|tx| (i, tx))) {
                 // A task: a process that does not read its stdin must not block its output.
                 tokio::spawn(async move {
                     for chunk in input.as_bytes().chunks(64 * 1024) {
@@ -169,8 +170,11 @@ pub async fn stream(
         };
         let (mut out, mut err) = (Utf8Stream::default(), Utf8Stream::default());
         loop {
+            // A client that went away ends the exec even while the command is silent: its
+            // hold on the sandbox would otherwise keep a delete or suspend waiting.
             let next = tokio::select! {
                 ev = exec.next() => ev,
+                _ = tx.closed() => return,
                 () = run.deleted() => {
                     let e = crate::sandboxes::deleted_error();
                     let (_, code) = e.status_and_code();

@@ -40,6 +40,8 @@ pub struct AppState {
     /// The sandbox manager, or why this daemon has none (no kernel or agent: the group and
     /// key routes still work, the sandbox routes answer 503 with the reason).
     pub sandboxes: std::result::Result<Arc<Manager>, String>,
+    /// Image imports in progress.
+    pub operations: Arc<crate::images::Operations>,
 }
 
 impl AppState {
@@ -101,6 +103,10 @@ pub fn router(state: AppState) -> Router {
             get(crate::procs::process_logs),
         )
         .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/shell",
+            get(crate::shell::shell),
+        )
+        .route(
             "/v1/sandbox-groups/{group}/sandboxes/{id}/suspend",
             axum::routing::post(suspend_sandbox),
         )
@@ -120,6 +126,15 @@ pub fn router(state: AppState) -> Router {
             "/v1/sandbox-groups/{group}/snapshots/{name}",
             get(crate::snapshots::get_snapshot).delete(crate::snapshots::delete_snapshot),
         )
+        .route(
+            "/v1/images",
+            get(crate::images::list_images).post(crate::images::import_image),
+        )
+        .route(
+            "/v1/images/{name}",
+            get(crate::images::get_image).delete(crate::images::delete_image),
+        )
+        .route("/v1/operations/{id}", get(crate::images::get_operation))
         .route("/v1/api-keys", get(list_keys).post(create_key))
         .route("/v1/api-keys/{id}", axum::routing::delete(delete_key))
         .fallback(not_found)
@@ -775,6 +790,9 @@ async fn delete_key(
         suspend_sandbox, resume_sandbox,
         crate::snapshots::create_snapshot, crate::snapshots::list_snapshots,
         crate::snapshots::get_snapshot, crate::snapshots::delete_snapshot,
+        crate::shell::shell,
+        crate::images::import_image, crate::images::get_operation, crate::images::list_images,
+        crate::images::get_image, crate::images::delete_image,
         list_keys, create_key, delete_key),
     components(schemas(ErrorBody, Group, GroupList, GroupSpec, ApiKey, ApiKeyList, CreateApiKey,
         CreatedApiKey, Health, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
@@ -782,7 +800,10 @@ async fn delete_key(
         crate::files::FileEntry, crate::files::EntryKind, crate::procs::StartProcess,
         crate::procs::ProcessStarted, crate::procs::Process, crate::procs::ProcessExit,
         crate::procs::ProcessList, crate::procs::ProcessLogs, crate::procs::KillProcess,
-        Created, api::CreateSnapshot, api::Snapshot, api::SnapshotList)),
+        Created, api::CreateSnapshot, api::Snapshot, api::SnapshotList,
+        crate::shell::ShellExit, crate::images::ImportImage, crate::images::Image,
+        crate::images::ImageList, crate::images::Operation, crate::images::OperationState,
+        crate::images::OperationProgress)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

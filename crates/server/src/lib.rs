@@ -7,10 +7,12 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod http;
+pub mod images;
 pub mod keys;
 pub mod metrics;
 pub mod procs;
 pub mod sandboxes;
+pub mod shell;
 pub mod snapshots;
 pub mod store;
 
@@ -77,6 +79,13 @@ pub async fn serve(
     let (store, generated) = tokio::task::spawn_blocking(move || -> Result<_> {
         let store = store::Store::open(&db)?;
         let generated = store.blocking(|c| store::bootstrap(c, bootstrap.as_deref()))?;
+        let interrupted = store.blocking(|c| images::Operations::recover(c))?;
+        if interrupted > 0 {
+            tracing::warn!(
+                interrupted,
+                "image imports interrupted by a restart marked failed"
+            );
+        }
         Ok((store, generated))
     })
     .await
@@ -108,6 +117,7 @@ pub async fn serve(
         store,
         metrics: Arc::new(metrics::Metrics::default()),
         sandboxes: sandboxes.clone(),
+        operations: Arc::new(images::Operations::default()),
     };
     let app = http::router(state);
 

@@ -343,6 +343,16 @@ impl Manager {
         self.lock_live().insert(id.to_string(), entry);
     }
 
+    /// The daemon's image store (the runtime's `images/`).
+    pub fn images(&self) -> &ImageStore {
+        &self.images
+    }
+
+    /// MOAT_HOME of the runtime (its templates live there).
+    pub fn runtime_home(&self) -> PathBuf {
+        self.rt.home.clone()
+    }
+
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -84,7 +84,7 @@ fn get_ready(c: &Connection, group: &str, name: &str) -> Result<Option<Snapshot>
 }
 
 /// The ready snapshots of `group`, or of every group.
-fn list_ready(c: &Connection, group: Option<&str>) -> Result<Vec<Snapshot>> {
+pub(crate) fn list_ready(c: &Connection, group: Option<&str>) -> Result<Vec<Snapshot>> {
     let mut stmt = c.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM snapshots WHERE state = 'ready' \
          AND (?1 IS NULL OR group_name = ?1) ORDER BY created_at, name"

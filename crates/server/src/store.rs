@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_sandboxes.sql")),
     (3, include_str!("migrations/0003_snapshots.sql")),
+    (5, include_str!("migrations/0005_operations.sql")),
 ];
 
 pub fn latest_version() -> i64 {

@@ -728,6 +728,12 @@ impl Stdin {
     pub async fn close(&self) -> Result<(), Error> {
         Ok(self.tx.eof(channel::STDIN).await?)
     }
+
+    /// Resizes the terminal of a PTY exec, in order with the input written before it (a task
+    /// that owns the input side need not share the [`Exec`]).
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), Error> {
+        Ok(self.tx.msg(&Message::Resize { rows, cols }).await?)
+    }
 }
 
 /// A file being read from the guest.
