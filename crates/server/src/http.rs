@@ -655,6 +655,7 @@ async fn delete_sandbox(
                 (ExecEvent = "application/x-ndjson"))),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 413, description = "The request body, or the command's output (16 MiB \
             each of stdout and stderr), is too large", body = ErrorBody),
@@ -719,6 +720,7 @@ async fn suspend_sandbox(
             as they were", body = Sandbox),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 429, description = "The host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is creating, deleting or failed", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn resume_sandbox(
