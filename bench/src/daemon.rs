@@ -294,6 +294,9 @@ async fn run(d: &Daemon, tier: &str, rounds: usize) -> Result<Value> {
         Some(json!({"tier": "s"})),
     )
     .await?;
+    // Its template first (a cold boot if it is missing), outside the timing.
+    let (_, id) = d.create_and_exec("nopool").await?;
+    d.delete("nopool", &id).await?;
     let t = Instant::now();
     let made = futures_util::future::join_all((0..n).map(|_| d.create_and_exec("nopool"))).await;
     let total = super::ms(t.elapsed());

@@ -52,6 +52,8 @@ const TICK: Duration = Duration::from_millis(500);
 const PROBE_EVERY_MS: i64 = 1000;
 /// After a refill fails (no room, a broken image), how long before the pool tries again.
 const REFILL_BACKOFF: Duration = Duration::from_secs(5);
+/// After a hand-over, how long before the pool refills (the reaper's next tick after that).
+const REFILL_AFTER_HAND_OVER: Duration = Duration::from_secs(1);
 
 /// One live sandbox: its VM (None while suspended, or once deleted), its image's config, for
 /// exec defaults, and its activity, for the idle timer.
@@ -511,7 +513,9 @@ impl Manager {
                     let handed = tokio::spawn(async move { mgr.hand_over(pvm, r, config).await })
                         .await
                         .map_err(|e| Error::Internal(format!("the hand-over task failed: {e}")))?;
-                    self.refill(&group.name);
+                    // The refill waits a moment: a restore takes the CPU for a few hundred ms
+                    // (TCG), and the new sandbox's first requests come first.
+                    self.back_off_for(&group.name, REFILL_AFTER_HAND_OVER);
                     if let Some(sb) = handed {
                         self.metrics.count(metrics::POOL_HITS, &g);
                         self.metrics
@@ -923,10 +927,15 @@ impl Manager {
     }
 
     fn back_off(&self, group: &str) {
-        self.pool_backoff
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(group.to_string(), Instant::now() + REFILL_BACKOFF);
+        self.back_off_for(group, REFILL_BACKOFF);
+    }
+
+    /// No refill of `group` starts for `d` (a later deadline already set stays).
+    fn back_off_for(&self, group: &str, d: Duration) {
+        let until = Instant::now() + d;
+        let mut b = self.pool_backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let e = b.entry(group.to_string()).or_insert(until);
+        *e = (*e).max(until);
     }
 
     fn backing_off(&self, group: &str) -> bool {
@@ -1080,13 +1089,16 @@ impl Manager {
             .collect();
         let timers = self.store.call(|c| store::list_timers(c)).await?;
         let now = now_ms();
+        // Stored times are whole seconds, rounded down: taken as the end of their second, a
+        // timer fires up to a second late but never early.
+        let end_ms = |secs: i64| secs * 1000 + 999;
         for t in timers {
             let Some(spec) = groups.get(&t.group) else {
                 continue;
             };
             let l = &spec.lifecycle;
             if let Some(max) = l.max_lifetime_s {
-                let over = now - t.created_at * 1000 >= max as i64 * 1000;
+                let over = now - end_ms(t.created_at) >= max as i64 * 1000;
                 if over
                     && matches!(
                         t.state,
@@ -1100,7 +1112,7 @@ impl Manager {
             match t.state {
                 SandboxState::Suspended => {
                     if let Some(ttl) = l.suspended_ttl_s {
-                        if now - t.updated_at * 1000 >= ttl as i64 * 1000 {
+                        if now - end_ms(t.updated_at) >= ttl as i64 * 1000 {
                             self.act(&t.id, Act::Delete("its suspended_ttl_s passed"));
                         }
                     }
@@ -1116,7 +1128,7 @@ impl Manager {
                     if a.active.load(Ordering::SeqCst) > 0 {
                         continue;
                     }
-                    let stored_last_ms = (t.last_activity_at.unwrap_or(0).max(t.updated_at)) * 1000;
+                    let stored_last_ms = end_ms(t.last_activity_at.unwrap_or(0).max(t.updated_at));
                     let last = a.last_ms.load(Ordering::SeqCst).max(stored_last_ms);
                     let idle_ms = idle as i64 * 1000;
                     let due = now - last >= idle_ms;
