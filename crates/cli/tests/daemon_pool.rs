@@ -50,6 +50,19 @@ fn qemus(d: &Daemon) -> Vec<u32> {
     v
 }
 
+/// Waits until the daemon has `n` QEMUs (a VM leaves the pool before its QEMU is gone).
+async fn wait_qemus(d: &Daemon, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while qemus(d).len() != n {
+        assert!(
+            Instant::now() < deadline,
+            "{} QEMUs, want {n}",
+            qemus(d).len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn create(d: &Daemon, group: &str, body: Value) -> (Value, Duration) {
     let t = Instant::now();
     let (st, sb) = d
@@ -123,7 +136,7 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
 
     // The pool refills to 2 in the background: 2 sandboxes + 2 pool VMs.
     pool_ready(&d, "web", 2).await;
-    assert_eq!(qemus(&d).len(), 4);
+    wait_qemus(&d, 4).await;
 
     // Three creates at once: two hand-overs, one template restore (a miss).
     let creates = (0..3).map(|_| create(&d, "web", json!({})));
@@ -168,10 +181,10 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
     // Shrink, grow, then delete the group: the pool follows.
     put_group(&d, "web", json!({"tier": "s", "pool": {"size": 1}})).await;
     pool_ready(&d, "web", 1).await;
-    assert_eq!(qemus(&d).len(), 3);
+    wait_qemus(&d, 3).await;
     put_group(&d, "web", json!({"tier": "s", "pool": {"size": 0}})).await;
     pool_ready(&d, "web", 0).await;
-    assert_eq!(qemus(&d).len(), 2);
+    wait_qemus(&d, 2).await;
     put_group(&d, "web", json!({"tier": "s", "pool": {"size": 1}})).await;
     pool_ready(&d, "web", 1).await;
     let (st, _) = d
@@ -213,5 +226,5 @@ async fn pool_survives_kill9() {
     );
     assert_eq!(sh(&d, "web", id, "echo ok").await, "ok");
     pool_ready(&d, "web", 2).await;
-    assert_eq!(qemus(&d).len(), 3);
+    wait_qemus(&d, 3).await;
 }
