@@ -259,3 +259,45 @@ async fn capacity_refuses_overcommit_and_counts_suspended_as_free() {
         assert!(text.contains(needle), "{needle} not in:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timers_survive_a_kill9() {
+    let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    put_group(
+        &d,
+        "idle",
+        json!({"tier": "s", "lifecycle": {"idle_timeout_s": 3}}),
+    )
+    .await;
+    let id = create(&d, "idle").await;
+    let (st, _) = exec(&d, "idle", &id, "true").await;
+    assert_eq!(st, 200);
+    // The activity time reaches the store within a reaper tick.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, sb) = d
+            .call(
+                Some(ADMIN),
+                "GET",
+                &format!("{G}/idle/sandboxes/{id}"),
+                None,
+            )
+            .await;
+        if sb["last_activity_at"].is_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no last_activity_at: {sb}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Down for longer than the idle timeout: the next daemon suspends it at once, instead of
+    // starting the idle clock again.
+    d.kill9();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    d.spawn(Some(ADMIN)).await;
+    let took = wait_state(&d, "idle", &id, "suspended", Duration::from_secs(10)).await;
+    eprintln!("suspended {took:?} after the restart");
+    assert!(
+        took < Duration::from_secs(2),
+        "the idle clock restarted: {took:?}"
+    );
+}
