@@ -202,7 +202,7 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pool_survives_kill9() {
+async fn pool_survives_kill9_and_restarts() {
     let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
     put_group(&d, "web", json!({"tier": "s", "pool": {"size": 2}})).await;
     pool_ready(&d, "web", 2).await;
@@ -227,4 +227,12 @@ async fn pool_survives_kill9() {
     assert_eq!(sh(&d, "web", id, "echo ok").await, "ok");
     pool_ready(&d, "web", 2).await;
     wait_qemus(&d, 3).await;
+
+    // A graceful stop leaves the pool VMs to the next daemon too.
+    let before = qemus(&d);
+    d.terminate();
+    d.spawn(Some(ADMIN)).await;
+    pool_ready(&d, "web", 2).await;
+    assert_eq!(qemus(&d), before);
+    assert_eq!(sh(&d, "web", id, "echo ok").await, "ok");
 }
