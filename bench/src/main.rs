@@ -4,6 +4,8 @@
 //! machine, accelerator and QEMU version are part of the output, because absolute times only
 //! mean something next to them.
 
+mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -206,7 +208,13 @@ async fn main() -> Result<()> {
 
     let gvisor = time_gvisor(rounds)?;
 
-    let report = json!({
+    let daemon = daemon::measure(&moat, &home, &agent, tier.as_str(), rounds).await?;
+    let cold = median(boots.clone());
+    let hit = daemon["daemon_create_to_first_exec_pool_hit_ms"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+
+    let mut report = json!({
         "machine": {
             "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
             "cpu_model": cpu_model(),
@@ -231,7 +239,12 @@ async fn main() -> Result<()> {
         "idle_host_rss_mb": (rss_kb as f64 / 1024.0).round(),
         "idle_host_cpu_pct": (idle_cpu_pct * 100.0).round() / 100.0,
         "rounds": rounds,
+        // The goal: a pool hit at least 50× faster than a cold boot.
+        "pool_hit_speedup_over_cold_boot": (cold / hit * 10.0).round() / 10.0,
     });
+    if let (Some(r), Some(d)) = (report.as_object_mut(), daemon.as_object()) {
+        r.extend(d.clone());
+    }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

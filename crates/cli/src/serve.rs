@@ -13,6 +13,13 @@ pub struct ServeArgs {
     /// TCP address of the API (it also listens on MOAT_HOME/moatd.sock).
     #[arg(long, env = "MOAT_LISTEN", default_value = moat_server::DEFAULT_LISTEN, value_name = "ADDR")]
     listen: SocketAddr,
+    /// Memory all sandbox VMs together may have, in MiB (running, starting and warm-pool VMs
+    /// count their tier's memory; suspended ones none). Default: the host's MemTotal less 1 GiB.
+    #[arg(long, env = "MOAT_MAX_MEMORY_MIB", value_name = "MIB")]
+    max_memory_mib: Option<u64>,
+    /// vCPUs allowed per host CPU, over all sandbox VMs (a fractional tier counts its share).
+    #[arg(long, env = "MOAT_CPU_OVERCOMMIT", default_value_t = moat_server::DEFAULT_CPU_OVERCOMMIT, value_name = "RATIO")]
+    cpu_overcommit: f64,
 }
 
 pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8> {
@@ -43,6 +50,8 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
             listen: args.listen,
             bootstrap_key,
             runtime,
+            max_memory_mib: args.max_memory_mib,
+            cpu_overcommit: args.cpu_overcommit,
         },
         shutdown,
     )

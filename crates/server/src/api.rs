@@ -94,12 +94,14 @@ pub struct PoolSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LifecycleSpec {
-    /// Seconds without activity before `on_idle` applies (10 s – 7 days; default 300).
+    /// Seconds without exec, file or shell activity and without a running background
+    /// process before `on_idle` applies (1 s – 7 days; default 300).
     pub idle_timeout_s: Option<u64>,
     pub on_idle: OnIdle,
-    /// Seconds a suspended sandbox is kept before it is deleted (60 s – 90 days; default 7 days).
+    /// Seconds a suspended sandbox is kept before it is deleted (1 s – 90 days; default 7 days).
     pub suspended_ttl_s: Option<u64>,
-    /// Upper bound on a sandbox's whole life (60 s – 365 days; default none).
+    /// Upper bound on a sandbox's whole life, after which it is deleted (1 s – 365 days;
+    /// default none).
     pub max_lifetime_s: Option<u64>,
 }
 
@@ -259,18 +261,18 @@ impl SandboxState {
         }
     }
 
+    pub const ALL: [SandboxState; 7] = [
+        SandboxState::Creating,
+        SandboxState::Running,
+        SandboxState::Suspending,
+        SandboxState::Suspended,
+        SandboxState::Resuming,
+        SandboxState::Deleting,
+        SandboxState::Failed,
+    ];
+
     pub fn parse(s: &str) -> Option<SandboxState> {
-        [
-            SandboxState::Creating,
-            SandboxState::Running,
-            SandboxState::Suspending,
-            SandboxState::Suspended,
-            SandboxState::Resuming,
-            SandboxState::Deleting,
-            SandboxState::Failed,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
+        SandboxState::ALL.into_iter().find(|st| st.as_str() == s)
     }
 }
 
@@ -320,6 +322,11 @@ pub struct Sandbox {
     /// RFC 3339, UTC.
     pub created_at: String,
     pub updated_at: String,
+    /// The end of the last exec, file or shell request (RFC 3339, UTC; recorded within a
+    /// second or so); absent if there was none yet. The idle timer counts from this, or from
+    /// the last resume or the creation if later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_at: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -610,9 +617,11 @@ impl GroupSpec {
             ));
         }
         let l = &self.lifecycle;
-        check_range("lifecycle.idle_timeout_s", l.idle_timeout_s, 10, 7 * DAY)?;
-        check_range("lifecycle.suspended_ttl_s", l.suspended_ttl_s, 60, 90 * DAY)?;
-        check_range("lifecycle.max_lifetime_s", l.max_lifetime_s, 60, 365 * DAY)?;
+        // From 1 s: timers are honoured to within a second, and short ones are how tests and
+        // throw-away sandboxes use them.
+        check_range("lifecycle.idle_timeout_s", l.idle_timeout_s, 1, 7 * DAY)?;
+        check_range("lifecycle.suspended_ttl_s", l.suspended_ttl_s, 1, 90 * DAY)?;
+        check_range("lifecycle.max_lifetime_s", l.max_lifetime_s, 1, 365 * DAY)?;
         if self.egress.rules.len() > MAX_EGRESS_RULES {
             return bad(format!(
                 "too many egress.rules ({}): at most {MAX_EGRESS_RULES}",
@@ -869,7 +878,7 @@ mod tests {
         s.pool.size = 65;
         assert!(s.validate().unwrap_err().to_string().contains("0–64"));
         let mut s = GroupSpec::default();
-        s.lifecycle.idle_timeout_s = Some(1);
+        s.lifecycle.idle_timeout_s = Some(0);
         assert!(s
             .validate()
             .unwrap_err()

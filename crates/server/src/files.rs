@@ -218,6 +218,7 @@ where
         (status = 403, description = "A reader key, or the guest refused", body = ErrorBody),
         (status = 404, description = "No such sandbox, or a parent directory is missing \
             (use parents=true)", body = ErrorBody),
+        (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody),
         (status = 507, description = "The guest's disk is full", body = ErrorBody)))]
@@ -267,6 +268,7 @@ pub(crate) async fn put_file(
         (status = 400, description = "Bad path, or the path is a directory", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No such sandbox or file", body = ErrorBody),
+        (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn get_file(
@@ -351,6 +353,7 @@ pub(crate) async fn get_file(
         (status = 400, description = "Bad path, or not a directory", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No such sandbox or directory", body = ErrorBody),
+        (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn list_files(
@@ -406,6 +409,7 @@ fn entry(name: String, st: &FileStat) -> FileEntry {
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key, or the guest refused", body = ErrorBody),
         (status = 404, description = "No such sandbox or path", body = ErrorBody),
+        (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "A non-empty directory without recursive=true, or \
             the sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]

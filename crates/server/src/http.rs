@@ -303,22 +303,79 @@ async fn healthz() -> Json<Health> {
     responses((status = 200, description = "Prometheus text exposition format", body = String,
         content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(state): State<AppState>) -> Result<Response> {
-    let (groups, keys) = state
+    let (groups, keys, by_state) = state
         .store
         .call(|c| {
             let g: i64 = c.query_row("SELECT COUNT(*) FROM sandbox_groups", [], |r| r.get(0))?;
             let k: i64 = c.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
-            Ok((g, k))
+            let mut stmt =
+                c.prepare_cached("SELECT state, COUNT(*) FROM sandboxes GROUP BY state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let by_state = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((g, k, by_state))
         })
         .await?;
-    let text = state.metrics.render(&[
+    let one = |v: i64| vec![(vec![], v as f64)];
+    // Every state, zero included, so that a dashboard's series exist from the start.
+    let states = SandboxState::ALL
+        .iter()
+        .map(|s| {
+            let n = by_state
+                .iter()
+                .find(|(name, _)| name == s.as_str())
+                .map_or(0, |(_, n)| *n);
+            (vec![("state", s.as_str().to_string())], n as f64)
+        })
+        .collect();
+    let mut gauges: Vec<crate::metrics::Gauge<'_>> = vec![
         (
             "moat_sandbox_groups",
             "Sandbox groups in the store.",
-            groups,
+            one(groups),
         ),
-        ("moat_api_keys", "API keys in the store.", keys),
-    ]);
+        ("moat_api_keys", "API keys in the store.", one(keys)),
+        ("moat_sandboxes", "Sandboxes by state.", states),
+    ];
+    if let Ok(mgr) = &state.sandboxes {
+        let pools = mgr
+            .pool_ready()
+            .into_iter()
+            .map(|(g, n)| (vec![("group", g)], n as f64))
+            .collect();
+        gauges.push((
+            "moat_pool_ready",
+            "Ready VMs in each group's warm pool.",
+            pools,
+        ));
+        let u = mgr.usage();
+        gauges.push((
+            "moat_memory_mib",
+            "Memory held by running, starting and pooled VMs (used), and the daemon's limit.",
+            vec![
+                (vec![("kind", "used".to_string())], u.memory_mib as f64),
+                (
+                    vec![("kind", "limit".to_string())],
+                    u.limits.memory_mib as f64,
+                ),
+            ],
+        ));
+        gauges.push((
+            "moat_vcpus",
+            "vCPUs held by running, starting and pooled VMs (used), and the daemon's limit \
+             (host CPUs × the overcommit ratio).",
+            vec![
+                (
+                    vec![("kind", "used".to_string())],
+                    u.millicpus as f64 / 1000.0,
+                ),
+                (
+                    vec![("kind", "limit".to_string())],
+                    u.limits.millicpus as f64 / 1000.0,
+                ),
+            ],
+        ));
+    }
+    let text = state.metrics.render(&gauges);
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -397,6 +454,10 @@ async fn put_group(
         .store
         .call(move |c| store::put_group(c, &name, &spec))
         .await?;
+    // The pool grows, shrinks or is rebuilt for a new image or tier in the background.
+    if let Ok(mgr) = &state.sandboxes {
+        mgr.refill(&group.name);
+    }
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -452,7 +513,9 @@ async fn delete_group(
         .store
         .call(move |c| store::delete_group(c, &n, q.force))
         .await?;
+    // Its pool's rows went with it; its VMs and its snapshots go now.
     if let Ok(mgr) = &state.sandboxes {
+        mgr.drain_pool(&name).await;
         let home = mgr.runtime().home.clone();
         tokio::task::spawn_blocking(move || crate::snapshots::remove_group_dirs(&home, &name))
             .await
@@ -519,8 +582,10 @@ pub(crate) async fn visible_sandbox(
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
         (status = 404, description = "No such group, or no such snapshot in it", body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 500, body = ErrorBody),
-        (status = 503, body = ErrorBody)))]
+        (status = 413, body = ErrorBody),
+        (status = 429, description = "The host has no room for it (memory or vCPUs); the \
+            message says what it needs and what is free", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn create_sandbox(
     State(state): State<AppState>,
     p: Principal,
@@ -650,6 +715,7 @@ async fn delete_sandbox(
                 (ExecEvent = "application/x-ndjson"))),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 413, description = "The request body, or the command's output (16 MiB \
             each of stdout and stderr), is too large", body = ErrorBody),
@@ -665,6 +731,7 @@ async fn exec_sandbox(
     let row = visible_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let argv = req.validate()?;
+    let t0 = Instant::now();
     let run = state.manager()?.running(&row).await?;
     let request = crate::exec::guest_request(&req, argv, &row.env, &run);
     let streaming = headers
@@ -675,6 +742,9 @@ async fn exec_sandbox(
         crate::exec::stream(run, request, req.stdin).await
     } else {
         let result = crate::exec::collect(run, request, req.stdin).await?;
+        state
+            .metrics
+            .observe_op(crate::metrics::EXEC, &[], t0.elapsed());
         Ok(Json(result).into_response())
     }
 }
@@ -710,6 +780,7 @@ async fn suspend_sandbox(
             as they were", body = Sandbox),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 429, description = "The host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is creating, deleting or failed", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn resume_sandbox(

@@ -1,8 +1,9 @@
 //! moat-server: the daemon behind `moat serve` (moatd): the embedded store, API keys, sandbox
 //! groups, sandboxes (create, exec, delete; re-adopted after a restart) and the HTTP API on TCP
-//! and on a Unix socket. Suspend/resume, pools and lifecycle build on this.
+//! and on a Unix socket, suspend/resume, warm pools, lifecycle timers and capacity checks.
 
 pub mod api;
+pub mod capacity;
 pub mod error;
 pub mod exec;
 pub mod files;
@@ -41,7 +42,15 @@ pub struct Config {
     /// why there is none: the daemon then serves groups and keys, and its sandbox routes
     /// answer 503 with this reason.
     pub runtime: std::result::Result<moat_vm::Runtime, String>,
+    /// Memory all sandbox VMs together may have, MiB (`--max-memory-mib`); default the host's
+    /// MemTotal less 1 GiB.
+    pub max_memory_mib: Option<u64>,
+    /// vCPUs allowed per host CPU (`--cpu-overcommit`).
+    pub cpu_overcommit: f64,
 }
+
+/// The default of [`Config::cpu_overcommit`].
+pub const DEFAULT_CPU_OVERCOMMIT: f64 = 4.0;
 
 pub fn db_path(home: &Path) -> PathBuf {
     home.join("moatd.db")
@@ -98,14 +107,25 @@ pub async fn serve(
         println!("{key}");
     }
 
+    let limits = capacity::Limits::from_host(config.max_memory_mib, config.cpu_overcommit)?;
+    tracing::info!(
+        memory_mib = limits.memory_mib,
+        vcpus = limits.millicpus as f64 / 1000.0,
+        "capacity"
+    );
+    let metrics = Arc::new(metrics::Metrics::default());
     // After the lock: only one daemon may adopt, and destroy, detached VMs.
     let sandboxes = match config.runtime.clone() {
         Ok(rt) => {
-            let mgr = sandboxes::Manager::start(rt.clone(), store.clone()).await?;
+            let mgr = Arc::new(
+                sandboxes::Manager::start(rt.clone(), store.clone(), metrics.clone(), limits)
+                    .await?,
+            );
+            mgr.spawn_reaper();
             // After adoption, so the disks of every live and suspended sandbox are in place
             // and keep their templates.
             collect_templates(rt);
-            Ok(Arc::new(mgr))
+            Ok(mgr)
         }
         Err(why) => {
             tracing::warn!(reason = why, "serving without sandboxes");
@@ -115,7 +135,7 @@ pub async fn serve(
     };
     let state = http::AppState {
         store,
-        metrics: Arc::new(metrics::Metrics::default()),
+        metrics,
         sandboxes: sandboxes.clone(),
         operations: Arc::new(images::Operations::default()),
     };

@@ -200,6 +200,7 @@ fn proc_error(op: &str, proc: &str, sandbox: &str, e: moat_vm::Error) -> Error {
         (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key", body = ErrorBody),
         (status = 404, body = ErrorBody),
+        (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -239,6 +240,7 @@ pub(crate) async fn start_process(
         (status = 200, body = ProcessList),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn list_processes(
@@ -284,6 +286,7 @@ pub(crate) async fn list_processes(
         (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key", body = ErrorBody),
         (status = 404, description = "No such sandbox or process", body = ErrorBody),
+        (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -338,6 +341,7 @@ pub(crate) async fn kill_process(
         (status = 400, description = "Bad timeout_s", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No such sandbox or process", body = ErrorBody),
+        (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "Still running after timeout_s, or the sandbox is not \
             running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -378,6 +382,7 @@ pub(crate) async fn wait_process(
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
         (status = 404, description = "No such sandbox or process", body = ErrorBody),
+        (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn process_logs(

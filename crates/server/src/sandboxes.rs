@@ -17,28 +17,54 @@
 //! its `disk.qcow2`, the new VM's backing file, until the next suspend writes `<n+1>` (see
 //! docs/SNAPSHOTS.md). A directory appears complete or not at all, so after a crash "the newest
 //! `<n>` still has `memory.bin`" means "resumable".
+//!
+//! Warm pools: a group with `pool.size = N` keeps N restored VMs of its default image and tier
+//! (`pools`), each with a `pool_members` row under the id it will have as a sandbox, so that
+//! the next daemon re-adopts them. A create that matches hands one over (the row moves to
+//! `sandboxes` in one transaction) and the pool is refilled in the background.
+//!
+//! Lifecycle: every data-plane request holds a [`Running`], which counts as activity while it
+//! lives and records the time when it ends; one reaper task applies the groups' timers every
+//! [`TICK`] (idle → suspend or delete, suspended TTL, maximum lifetime) and keeps pools full.
+//!
+//! Capacity: every VM that exists holds its tier's memory and vCPUs in [`Capacity`] until it
+//! ends or is suspended; creates, resumes and refills that do not fit are refused (429).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use moat_image::{Image, ImageConfig, ImageStore};
 use moat_vm::{LaunchOptions, Runtime};
 use tokio::sync::{watch, OwnedRwLockReadGuard, RwLock};
 
-use crate::api::{self, Sandbox, SandboxState, Tier};
+use crate::api::{self, OnIdle, Sandbox, SandboxState, Tier};
+use crate::capacity::{Capacity, Limits, Usage};
 use crate::error::{Error, Result};
+use crate::metrics::{self, Metrics};
 use crate::store::{self, Store};
 
-/// One live sandbox: its VM (None while suspended, or once deleted) and its image's config,
-/// for exec defaults.
+/// How often the reaper applies lifecycle timers and tops up pools.
+const TICK: Duration = Duration::from_millis(500);
+/// While background processes run in an otherwise idle sandbox, how often the reaper asks the
+/// agent whether they still do (the idle clock starts when they are seen gone).
+const PROBE_EVERY_MS: i64 = 1000;
+/// After a refill fails (no room, a broken image), how long before the pool tries again.
+const REFILL_BACKOFF: Duration = Duration::from_secs(5);
+/// After a hand-over, how long before the pool refills (the reaper's next tick after that).
+const REFILL_AFTER_HAND_OVER: Duration = Duration::from_secs(1);
+
+/// One live sandbox: its VM (None while suspended, or once deleted), its image's config, for
+/// exec defaults, and its activity, for the idle timer.
 pub struct Entry {
     pub(crate) vm: Arc<RwLock<Option<moat_vm::Sandbox>>>,
     config: ImageConfig,
     /// Becomes true when a delete begins. A delete needs the write lock, which waits for every
     /// [`Running`]; holders watch this and let go at once instead of running to their end.
     deleted: watch::Sender<bool>,
+    activity: Arc<Activity>,
 }
 
 impl Entry {
@@ -47,15 +73,64 @@ impl Entry {
             vm,
             config,
             deleted: watch::channel(false).0,
+            activity: Arc::default(),
         })
     }
 }
 
-/// A shared hold on a running sandbox for the duration of an exec.
+/// What the idle timer needs to know, updated without locks by every data-plane request.
+#[derive(Default)]
+struct Activity {
+    /// Requests in flight (including ones waiting for the sandbox's lock).
+    active: AtomicU32,
+    /// When the last one ended, Unix milliseconds (0: none since the daemon started).
+    last_ms: AtomicI64,
+    /// `last_ms` changed since it was last written to the store.
+    dirty: AtomicBool,
+    /// Background processes were running when the reaper last looked.
+    procs: AtomicBool,
+    /// When the reaper looks at them next, Unix milliseconds.
+    next_probe_ms: AtomicI64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms.store(now_ms(), Ordering::SeqCst);
+        self.dirty.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Counts as activity while it lives; records the time it ends.
+struct ActiveHold(Arc<Activity>);
+
+impl ActiveHold {
+    fn new(a: Arc<Activity>) -> ActiveHold {
+        a.active.fetch_add(1, Ordering::SeqCst);
+        ActiveHold(a)
+    }
+}
+
+impl Drop for ActiveHold {
+    fn drop(&mut self) {
+        // The time first: the reaper reads `active == 0` and then the time.
+        self.0.touch();
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A shared hold on a running sandbox for the duration of an exec (or a file or process
+/// request): the VM stays while it lives, and it counts as activity for the idle timer.
 pub struct Running {
     guard: OwnedRwLockReadGuard<Option<moat_vm::Sandbox>>,
     pub config: ImageConfig,
     deleted: watch::Receiver<bool>,
+    _active: ActiveHold,
 }
 
 impl Running {
@@ -101,6 +176,37 @@ pub struct Manager {
     images: ImageStore,
     store: Store,
     live: Mutex<HashMap<String, Arc<Entry>>>,
+    metrics: Arc<Metrics>,
+    cap: Capacity,
+    /// Ready VMs of each group's warm pool.
+    pools: Mutex<HashMap<String, Vec<PoolVm>>>,
+    /// One refill at a time per group.
+    pool_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Groups whose last refill failed, and until when they wait.
+    pool_backoff: Mutex<HashMap<String, Instant>>,
+    /// Sandboxes the reaper is acting on (so a slow suspend is not started twice).
+    acting: Mutex<HashSet<String>>,
+    stopping: AtomicBool,
+}
+
+/// A ready VM in a warm pool; `id` is the id it gets as a sandbox.
+struct PoolVm {
+    id: String,
+    /// Manifest digest.
+    image: String,
+    tier: Tier,
+    vm: moat_vm::Sandbox,
+}
+
+/// What the reaper does to a sandbox.
+enum Act {
+    Delete(&'static str),
+    /// The idle timer is due (or background processes need a look): `idle_ms` and what to do.
+    Idle {
+        idle_ms: i64,
+        on_idle: OnIdle,
+        stored_last_ms: i64,
+    },
 }
 
 /// A moat_vm error as an API error: what the guest refused is the caller's to fix (400); the
@@ -120,7 +226,13 @@ impl Manager {
     /// Takes over after a (re)start, before any request is served: adopts the VM of every
     /// `running` row (a row whose VM is gone becomes `failed`), finishes interrupted deletes,
     /// rolls back interrupted creates, and destroys detached VMs that no row claims.
-    pub async fn start(rt: Runtime, store: Store) -> Result<Manager> {
+    /// Pool members whose VM is alive are re-adopted into their pools; the rest are dropped.
+    pub async fn start(
+        rt: Runtime,
+        store: Store,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Result<Manager> {
         crate::snapshots::recover(&rt.home, &store).await?;
         let images = ImageStore::open(&rt.home.join("images"))
             .map_err(|e| Error::Config(format!("opening the image store: {e}")))?;
@@ -129,9 +241,49 @@ impl Manager {
             images,
             store,
             live: Mutex::new(HashMap::new()),
+            metrics,
+            cap: Capacity::new(limits),
+            pools: Mutex::new(HashMap::new()),
+            pool_locks: Mutex::new(HashMap::new()),
+            pool_backoff: Mutex::new(HashMap::new()),
+            acting: Mutex::new(HashSet::new()),
+            stopping: AtomicBool::new(false),
         };
         let rows = mgr.store.call(|c| store::list_sandboxes(c, None)).await?;
         let mut orphans: HashSet<String> = mgr.rt.orphans().into_iter().collect();
+        let members = mgr.store.call(|c| store::list_pool_members(c)).await?;
+        for m in members {
+            let adopted = if orphans.remove(&m.id) {
+                match moat_vm::Sandbox::adopt(&mgr.rt, &m.id).await {
+                    Ok(vm) => Some(vm),
+                    Err(e) => {
+                        tracing::warn!(id = m.id, error = %e, "adopting a pool member");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            match adopted {
+                Some(vm) => {
+                    mgr.cap.force(&m.id, m.tier);
+                    tracing::info!(id = m.id, group = m.group, "re-adopted a pool member");
+                    mgr.lock_pools().entry(m.group).or_default().push(PoolVm {
+                        id: m.id,
+                        image: m.image,
+                        tier: m.tier,
+                        vm,
+                    });
+                }
+                None => {
+                    // Its refill was interrupted, or its VM died: the pool makes another.
+                    let id = m.id.clone();
+                    mgr.store
+                        .call(move |c| store::delete_pool_member(c, &id))
+                        .await?;
+                }
+            }
+        }
         for row in rows {
             let has_vm = orphans.remove(&row.id);
             mgr.remove_partial_suspends(&row.id);
@@ -193,6 +345,7 @@ impl Manager {
         }
         match moat_vm::Sandbox::adopt(&self.rt, &row.id).await {
             Ok(sb) => {
+                self.cap.force(&row.id, row.tier);
                 let config = self.image_config(&row.image).await;
                 self.insert(&row.id, sb, config);
                 tracing::info!(id = row.id, "re-adopted");
@@ -225,6 +378,7 @@ impl Manager {
         }
         if has_vm {
             if let Ok(sb) = moat_vm::Sandbox::adopt(&self.rt, &row.id).await {
+                self.cap.force(&row.id, row.tier);
                 self.set_state(&row.id, SandboxState::Running).await?;
                 let config = self.image_config(&row.image).await;
                 self.insert(&row.id, sb, config);
@@ -369,13 +523,15 @@ impl Manager {
         &self.store
     }
 
-    /// Creates and starts a sandbox in `group` (a restore of the image's template, launched
-    /// detached). Runs to the end even if the caller goes away.
+    /// Creates and starts a sandbox in `group`: a VM of the group's warm pool if the request
+    /// asks for the group's image and tier and one is ready, else a restore of the image's
+    /// template (launched detached). Runs to the end even if the caller goes away.
     pub async fn create(
         self: &Arc<Self>,
         group: &api::Group,
         req: api::CreateSandbox,
     ) -> Result<Sandbox> {
+        let t0 = Instant::now();
         let image_ref = req
             .image
             .clone()
@@ -388,9 +544,37 @@ impl Manager {
                 api::quote(&image_ref)
             )),
         })?;
-        let row = self.new_row(group, &image.digest, tier, &req);
+        let mut row = self.new_row(group, &image.digest, tier, &req);
+        if group.spec.pool.size > 0 {
+            let g = [("group", group.name.as_str())];
+            if tier == group.spec.tier {
+                if let Some(pvm) = self.take_pooled(&group.name, &image.digest, tier) {
+                    row.id = pvm.id.clone();
+                    let mgr = self.clone();
+                    let config = image.config.clone();
+                    let r = row.clone();
+                    let handed = tokio::spawn(async move { mgr.hand_over(pvm, r, config).await })
+                        .await
+                        .map_err(|e| Error::Internal(format!("the hand-over task failed: {e}")))?;
+                    // The refill waits a moment: a restore takes the CPU for a few hundred ms
+                    // (TCG), and the new sandbox's first requests come first.
+                    self.back_off_for(&group.name, REFILL_AFTER_HAND_OVER);
+                    if let Some(sb) = handed {
+                        self.metrics.count(metrics::POOL_HITS, &g);
+                        self.metrics
+                            .observe_op(metrics::CREATE, &[("pool", "hit")], t0.elapsed());
+                        return Ok(sb);
+                    }
+                    row.id = new_id();
+                }
+            }
+            self.metrics.count(metrics::POOL_MISSES, &g);
+        }
         let config = image.config.clone();
-        self.launch(row, config, Source::Image(image)).await
+        let created = self.launch(row, config, Source::Image(image)).await?;
+        self.metrics
+            .observe_op(metrics::CREATE, &[("pool", "miss")], t0.elapsed());
+        Ok(created)
     }
 
     /// The image `r` (a name or digest): `Err(None)` if there is no such image.
@@ -424,6 +608,7 @@ impl Manager {
             labels: req.labels.clone(),
             created_at: String::new(),
             updated_at: String::new(),
+            last_activity_at: None,
         }
     }
 
@@ -470,18 +655,25 @@ impl Manager {
         .map_err(|e| Error::Internal(format!("the fork task failed: {e}")))?
     }
 
-    /// Inserts `row` (state creating) and starts its VM from `source`, detached; the row
-    /// becomes running, or is removed again if the start fails.
+    /// Reserves room for `row` (429 if the host has none), inserts it (state creating) and
+    /// starts its VM from `source`, detached; the row becomes running, or is removed again
+    /// (and the room given back) if the start fails.
     async fn launch(
         self: &Arc<Self>,
         row: Sandbox,
         config: ImageConfig,
         source: Source,
     ) -> Result<Sandbox> {
+        self.cap.reserve(
+            &row.id,
+            row.tier,
+            &format!("a new tier {} sandbox", row.tier.as_str()),
+        )?;
         let r = row.clone();
-        self.store
-            .call(move |c| store::insert_sandbox(c, &r))
-            .await?;
+        if let Err(e) = self.store.call(move |c| store::insert_sandbox(c, &r)).await {
+            self.cap.release(&row.id);
+            return Err(e);
+        }
         let mgr = self.clone();
         tokio::spawn(async move {
             let id = row.id.clone();
@@ -518,6 +710,7 @@ impl Manager {
                         .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
                 }
                 Err(e) => {
+                    mgr.cap.release(&id);
                     mgr.lock_live().remove(&id);
                     mgr.remove_suspend_dirs(&id);
                     let i = id.clone();
@@ -577,6 +770,7 @@ impl Manager {
                 if let Some(vm) = vm {
                     vm.destroy().await;
                 }
+                mgr.cap.release(&id);
                 mgr.lock_live().remove(&id);
             }
             mgr.remove_suspend_dirs(&id);
@@ -605,6 +799,8 @@ impl Manager {
                 _ => return Err(not_running(&current)),
             }
             let entry = self.entry(&row.id).ok_or_else(|| not_running(&current))?;
+            // Active from now on: the reaper must not suspend it while we wait for the lock.
+            let active = ActiveHold::new(entry.activity.clone());
             // Queued behind any suspend or resume in progress (the lock is fair).
             let guard = entry.vm.clone().read_owned().await;
             if guard.is_some() {
@@ -612,6 +808,7 @@ impl Manager {
                     guard,
                     config: entry.config.clone(),
                     deleted: entry.deleted.subscribe(),
+                    _active: active,
                 });
             }
             drop(guard);
@@ -627,6 +824,16 @@ impl Manager {
     /// remains) and then removes the older directories. Suspending a suspended sandbox is a
     /// no-op; any state other than running is a 409. Runs to the end even if the caller goes.
     pub async fn suspend(self: &Arc<Self>, id: &str) -> Result<Sandbox> {
+        self.suspend_inner(id, None).await
+    }
+
+    /// [`Manager::suspend`]; with `idle_since_ms`, only if there was no activity after that
+    /// time (the reaper decided at that time that the sandbox was idle).
+    async fn suspend_inner(
+        self: &Arc<Self>,
+        id: &str,
+        idle_since_ms: Option<i64>,
+    ) -> Result<Sandbox> {
         let mgr = self.clone();
         let id = id.to_string();
         tokio::spawn(async move {
@@ -639,14 +846,24 @@ impl Manager {
                 SandboxState::Running => {}
                 _ => return Err(conflict("suspend", &row)),
             }
+            if let Some(since) = idle_since_ms {
+                let a = &entry.activity;
+                if a.active.load(Ordering::SeqCst) > 0 || a.last_ms.load(Ordering::SeqCst) > since {
+                    return Ok(row);
+                }
+            }
             let vm = slot.take().ok_or_else(|| conflict("suspend", &row))?;
             mgr.set_state(&id, SandboxState::Suspending).await?;
             let dirs = mgr.suspend_dirs(&id);
             let next = dirs.last().map_or(1, |(n, _)| n + 1);
             let dest = mgr.suspend_root(&id).join(next.to_string());
             let started = Instant::now();
-            match vm.suspend(&mgr.rt, &dest).await {
+            let suspended = vm.suspend(&mgr.rt, &dest).await;
+            mgr.cap.release(&id);
+            match suspended {
                 Ok(meta) => {
+                    mgr.metrics
+                        .observe_op(metrics::SUSPEND, &[], started.elapsed());
                     // The new directory is complete: the older ones (the last resume's backing
                     // disk among them) are no longer needed.
                     for (_, old) in dirs {
@@ -701,13 +918,20 @@ impl Manager {
                     "sandbox {id} cannot be resumed: {why}"
                 )));
             };
-            mgr.set_state(&id, SandboxState::Resuming).await?;
+            mgr.cap
+                .reserve(&id, row.tier, &format!("resuming sandbox {id}"))?;
+            if let Err(e) = mgr.set_state(&id, SandboxState::Resuming).await {
+                mgr.cap.release(&id);
+                return Err(e);
+            }
             let started = Instant::now();
             let resumed =
                 moat_vm::Sandbox::resume(&mgr.rt, &id, &dir, LaunchOptions { detached: true })
                     .await;
             match resumed {
                 Ok(sb) => {
+                    mgr.metrics
+                        .observe_op(metrics::RESUME, &[], started.elapsed());
                     *slot = Some(sb);
                     // QEMU has loaded it; only disk.qcow2 (the backing file) must stay.
                     if let Err(e) = moat_vm::snapshot::discard_memory(&dir) {
@@ -721,6 +945,7 @@ impl Manager {
                     mgr.set_state(&id, SandboxState::Running).await
                 }
                 Err(e) => {
+                    mgr.cap.release(&id);
                     mgr.set_state(&id, SandboxState::Suspended).await?;
                     Err(vm_error("resuming the sandbox", e))
                 }
@@ -733,6 +958,19 @@ impl Manager {
     /// Lets go of every VM without stopping it (a graceful daemon stop): the next daemon
     /// adopts them.
     pub async fn detach_all(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // A refill in progress finishes first (its VM then has its row and is detached too).
+        let locks: Vec<_> = self.lock_pool_locks().values().cloned().collect();
+        let mut _held = Vec::new();
+        for l in locks {
+            _held.push(l.lock_owned().await);
+        }
+        let pooled: Vec<PoolVm> = self.lock_pools().drain().flat_map(|(_, v)| v).collect();
+        for m in pooled {
+            if let Err(e) = m.vm.detach() {
+                tracing::warn!(id = m.id, error = %e, "detaching a pool member");
+            }
+        }
         let entries: Vec<(String, Arc<Entry>)> = self.lock_live().drain().collect();
         for (id, entry) in entries {
             if let Some(vm) = entry.vm.write().await.take() {
@@ -742,6 +980,475 @@ impl Manager {
             }
         }
     }
+}
+
+// ---- warm pools ----
+impl Manager {
+    fn lock_pools(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<PoolVm>>> {
+        self.pools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_pool_locks(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.pool_locks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ready VMs per group (for metrics).
+    pub fn pool_ready(&self) -> Vec<(String, usize)> {
+        let mut v: Vec<(String, usize)> = self
+            .lock_pools()
+            .iter()
+            .map(|(g, m)| (g.clone(), m.len()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// What the VMs hold of the host (for metrics).
+    pub fn usage(&self) -> Usage {
+        self.cap.usage()
+    }
+
+    fn take_pooled(&self, group: &str, image: &str, tier: Tier) -> Option<PoolVm> {
+        let mut pools = self.lock_pools();
+        let v = pools.get_mut(group)?;
+        let i = v.iter().position(|m| m.image == image && m.tier == tier)?;
+        Some(v.remove(i))
+    }
+
+    /// Makes pool VM `pvm` the sandbox `row` (state running, the request's env and labels).
+    /// Its hostname is already its id and its entropy its own (the restore refreshed both);
+    /// the clock and entropy are refreshed again, as it may have waited long in the pool.
+    /// `None` if the VM is broken (it is destroyed; the caller restores the template instead).
+    async fn hand_over(&self, pvm: PoolVm, row: Sandbox, config: ImageConfig) -> Option<Sandbox> {
+        let id = pvm.id.clone();
+        if let Err(e) = pvm.vm.agent().refresh(None).await {
+            tracing::warn!(id, error = %e, "a pool member did not answer; destroying it");
+            self.destroy_pooled(pvm).await;
+            return None;
+        }
+        let row = Sandbox {
+            state: SandboxState::Running,
+            ..row
+        };
+        match self.store.call(move |c| store::hand_over(c, &row)).await {
+            Ok(row) => {
+                self.insert(&id, pvm.vm, config);
+                tracing::info!(id, group = row.group, "handed over from the pool");
+                Some(row)
+            }
+            Err(e) => {
+                tracing::error!(id, error = %e, "handing over a pool member");
+                self.destroy_pooled(pvm).await;
+                None
+            }
+        }
+    }
+
+    async fn destroy_pooled(&self, m: PoolVm) {
+        let id = m.id.clone();
+        if let Err(e) = self
+            .store
+            .call(move |c| store::delete_pool_member(c, &id))
+            .await
+        {
+            tracing::warn!(id = m.id, error = %e, "removing a pool member's row");
+        }
+        m.vm.destroy().await;
+        self.cap.release(&m.id);
+    }
+
+    /// Destroys the pool of a deleted group.
+    pub async fn drain_pool(&self, group: &str) {
+        let members = self.lock_pools().remove(group).unwrap_or_default();
+        for m in members {
+            self.destroy_pooled(m).await;
+        }
+    }
+
+    /// Brings `group`'s pool to its spec in the background (grow, shrink, replace VMs of an
+    /// old image or tier, or destroy it if the group is gone). A no-op while a refill of the
+    /// group runs: that one re-reads the spec after every VM.
+    pub fn refill(self: &Arc<Self>, group: &str) {
+        let lock = self
+            .lock_pool_locks()
+            .entry(group.to_string())
+            .or_default()
+            .clone();
+        let Ok(held) = lock.try_lock_owned() else {
+            return;
+        };
+        let mgr = self.clone();
+        let group = group.to_string();
+        tokio::spawn(async move {
+            let _held = held;
+            if let Err(e) = mgr.reconcile(&group).await {
+                tracing::warn!(group, error = %e, "refilling the warm pool");
+                mgr.back_off(&group);
+            }
+        });
+    }
+
+    fn back_off(&self, group: &str) {
+        self.back_off_for(group, REFILL_BACKOFF);
+    }
+
+    /// No refill of `group` starts for `d` (a later deadline already set stays).
+    fn back_off_for(&self, group: &str, d: Duration) {
+        let until = Instant::now() + d;
+        let mut b = self.pool_backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let e = b.entry(group.to_string()).or_insert(until);
+        *e = (*e).max(until);
+    }
+
+    fn backing_off(&self, group: &str) -> bool {
+        self.pool_backoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(group)
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
+    async fn reconcile(self: &Arc<Self>, group: &str) -> Result<()> {
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let g = group.to_string();
+            let Some(spec) = self
+                .store
+                .call(move |c| store::get_group(c, &g))
+                .await?
+                .map(|g| g.spec)
+            else {
+                self.drain_pool(group).await;
+                return Ok(());
+            };
+            let target = spec.pool.size as usize;
+            let image = if target > 0 {
+                let images = self.images.clone();
+                let r = spec.image.clone();
+                let resolved = tokio::task::spawn_blocking(move || images.resolve(&r))
+                    .await
+                    .map_err(|e| Error::Internal(format!("resolving the image: {e}")))?
+                    .map_err(|e| {
+                        Error::Internal(format!("resolving the pool's image {}: {e}", spec.image))
+                    })?;
+                Some(resolved)
+            } else {
+                None
+            };
+            let (stale, have) = {
+                let mut pools = self.lock_pools();
+                let v = pools.entry(group.to_string()).or_default();
+                let (keep, mut stale): (Vec<PoolVm>, Vec<PoolVm>) = v.drain(..).partition(|m| {
+                    image
+                        .as_ref()
+                        .is_some_and(|i| i.digest == m.image && m.tier == spec.tier)
+                });
+                *v = keep;
+                while v.len() > target {
+                    stale.extend(v.pop());
+                }
+                (stale, v.len())
+            };
+            for m in stale {
+                tracing::info!(id = m.id, group, "removing a VM from the pool");
+                self.destroy_pooled(m).await;
+            }
+            let Some(image) = image.filter(|_| have < target) else {
+                return Ok(());
+            };
+            if self.backing_off(group) {
+                return Ok(());
+            }
+            let member = store::PoolMember {
+                id: new_id(),
+                group: group.to_string(),
+                image: image.digest.clone(),
+                tier: spec.tier,
+            };
+            self.cap.reserve(
+                &member.id,
+                spec.tier,
+                &format!("a warm-pool VM of group {group}"),
+            )?;
+            let m = member.clone();
+            if let Err(e) = self
+                .store
+                .call(move |c| store::insert_pool_member(c, &m))
+                .await
+            {
+                self.cap.release(&member.id);
+                return Err(e);
+            }
+            let restored = async {
+                let tpl =
+                    moat_vm::template::ensure(&self.rt, &image.digest, &image.rootfs, spec.tier)
+                        .await?;
+                moat_vm::Sandbox::restore_with(
+                    &self.rt,
+                    &member.id,
+                    &tpl.dir,
+                    LaunchOptions { detached: true },
+                )
+                .await
+            }
+            .await;
+            let restored = match restored {
+                Ok(vm) => warm_up(&vm, &image.config).await.map(|_| vm),
+                Err(e) => Err(e),
+            };
+            match restored {
+                Ok(vm) => {
+                    self.lock_pools()
+                        .entry(group.to_string())
+                        .or_default()
+                        .push(PoolVm {
+                            id: member.id,
+                            image: member.image,
+                            tier: member.tier,
+                            vm,
+                        });
+                }
+                Err(e) => {
+                    self.cap.release(&member.id);
+                    let id = member.id.clone();
+                    self.store
+                        .call(move |c| store::delete_pool_member(c, &id))
+                        .await?;
+                    return Err(vm_error("restoring a warm-pool VM", e));
+                }
+            }
+        }
+    }
+}
+
+// ---- lifecycle timers ----
+impl Manager {
+    /// Starts the reaper: every [`TICK`] it applies the groups' lifecycle timers, writes
+    /// activity times to the store and tops up warm pools.
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let mgr = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if mgr.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Err(e) = mgr.reap().await {
+                    tracing::warn!(error = %e, "applying lifecycle timers");
+                }
+            }
+        });
+    }
+
+    async fn reap(self: &Arc<Self>) -> Result<()> {
+        self.flush_activity().await?;
+        let groups: HashMap<String, api::GroupSpec> = self
+            .store
+            .call(|c| store::list_groups(c))
+            .await?
+            .into_iter()
+            .map(|g| (g.name, g.spec))
+            .collect();
+        let timers = self.store.call(|c| store::list_timers(c)).await?;
+        let now = now_ms();
+        // Stored times are whole seconds, rounded down: taken as the end of their second, a
+        // timer fires up to a second late but never early.
+        let end_ms = |secs: i64| secs * 1000 + 999;
+        for t in timers {
+            let Some(spec) = groups.get(&t.group) else {
+                continue;
+            };
+            let l = &spec.lifecycle;
+            if let Some(max) = l.max_lifetime_s {
+                let over = now - end_ms(t.created_at) >= max as i64 * 1000;
+                if over
+                    && matches!(
+                        t.state,
+                        SandboxState::Running | SandboxState::Suspended | SandboxState::Failed
+                    )
+                {
+                    self.act(&t.id, Act::Delete("its max_lifetime_s passed"));
+                    continue;
+                }
+            }
+            match t.state {
+                SandboxState::Suspended => {
+                    if let Some(ttl) = l.suspended_ttl_s {
+                        if now - end_ms(t.updated_at) >= ttl as i64 * 1000 {
+                            self.act(&t.id, Act::Delete("its suspended_ttl_s passed"));
+                        }
+                    }
+                }
+                SandboxState::Running => {
+                    let Some(idle) = l.idle_timeout_s else {
+                        continue;
+                    };
+                    let Some(entry) = self.entry(&t.id) else {
+                        continue;
+                    };
+                    let a = &entry.activity;
+                    if a.active.load(Ordering::SeqCst) > 0 {
+                        continue;
+                    }
+                    let stored_last_ms = end_ms(t.last_activity_at.unwrap_or(0).max(t.updated_at));
+                    let last = a.last_ms.load(Ordering::SeqCst).max(stored_last_ms);
+                    let idle_ms = idle as i64 * 1000;
+                    let due = now - last >= idle_ms;
+                    let probe = a.procs.load(Ordering::SeqCst)
+                        && now >= a.next_probe_ms.load(Ordering::SeqCst);
+                    if due || probe {
+                        self.act(
+                            &t.id,
+                            Act::Idle {
+                                idle_ms,
+                                on_idle: l.on_idle,
+                                stored_last_ms,
+                            },
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Pools below or above their size (after hand-overs, failed refills, spec changes,
+        // deleted groups).
+        let ready: HashMap<String, usize> = self.pool_ready().into_iter().collect();
+        let mut names: Vec<&String> = groups.keys().chain(ready.keys()).collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            let want = groups.get(name).map_or(0, |s| s.pool.size as usize);
+            if ready.get(name).copied().unwrap_or(0) != want && !self.backing_off(name) {
+                self.refill(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the activity times that changed to the store, so that idle timers survive a
+    /// restart.
+    async fn flush_activity(&self) -> Result<()> {
+        let seen: Vec<(String, i64)> = self
+            .lock_live()
+            .iter()
+            .filter(|(_, e)| e.activity.dirty.swap(false, Ordering::SeqCst))
+            .map(|(id, e)| (id.clone(), e.activity.last_ms.load(Ordering::SeqCst) / 1000))
+            .collect();
+        if seen.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .call(move |c| store::record_activity(c, &seen))
+            .await
+    }
+
+    /// Runs `act` on `id` in the background, unless the reaper is already acting on it.
+    fn act(self: &Arc<Self>, id: &str, act: Act) {
+        if !self
+            .acting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string())
+        {
+            return;
+        }
+        let mgr = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let result = match act {
+                Act::Delete(why) => {
+                    tracing::info!(id, why, "deleting");
+                    mgr.delete(&id).await.map(|_| ())
+                }
+                Act::Idle {
+                    idle_ms,
+                    on_idle,
+                    stored_last_ms,
+                } => mgr.on_idle(&id, idle_ms, on_idle, stored_last_ms).await,
+            };
+            if let Err(e) = result {
+                tracing::warn!(id, error = %e, "applying a lifecycle timer");
+            }
+            mgr.acting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        });
+    }
+
+    /// The idle timer of `id` is due, or its background processes need a look: a running
+    /// background process counts as activity; else the sandbox is suspended or deleted.
+    async fn on_idle(
+        self: &Arc<Self>,
+        id: &str,
+        idle_ms: i64,
+        on_idle: OnIdle,
+        stored_last_ms: i64,
+    ) -> Result<()> {
+        let Some(entry) = self.entry(id) else {
+            return Ok(());
+        };
+        let a = &entry.activity;
+        let procs = {
+            // Not behind a suspend or delete in progress: they decide the matter.
+            let Ok(guard) = entry.vm.try_read() else {
+                return Ok(());
+            };
+            let Some(vm) = guard.as_ref() else {
+                return Ok(());
+            };
+            vm.agent().proc_list().await
+        };
+        let now = now_ms();
+        match procs {
+            Ok(list) if list.iter().any(|p| p.running) => {
+                a.touch();
+                a.procs.store(true, Ordering::SeqCst);
+                a.next_probe_ms
+                    .store(now + PROBE_EVERY_MS, Ordering::SeqCst);
+                return Ok(());
+            }
+            Ok(_) => a.procs.store(false, Ordering::SeqCst),
+            // An agent that cannot list its processes has none we could know of.
+            Err(e) => tracing::warn!(id, error = %e, "listing background processes"),
+        }
+        let last = a.last_ms.load(Ordering::SeqCst).max(stored_last_ms);
+        if now - last < idle_ms {
+            return Ok(());
+        }
+        match on_idle {
+            OnIdle::Suspend => {
+                tracing::info!(id, idle_ms, "suspending an idle sandbox");
+                self.suspend_inner(id, Some(now)).await.map(|_| ())
+            }
+            OnIdle::Delete => {
+                tracing::info!(id, idle_ms, "deleting an idle sandbox");
+                self.delete(id).await
+            }
+        }
+    }
+}
+
+/// Runs `true` in a new pool VM: the first exec in a restored guest loads the exec path (the
+/// agent's, the dynamic loader, libc) from disk, about 150 ms under TCG; a pool VM pays that
+/// before it is handed over rather than in its user's first exec.
+async fn warm_up(vm: &moat_vm::Sandbox, config: &ImageConfig) -> moat_vm::Result<()> {
+    let req = moat_protocol::ExecRequest {
+        argv: vec!["true".to_string()],
+        env: config.merged_env([]),
+        cwd: None,
+        user: None,
+        stdin: false,
+        timeout_ms: Some(30_000),
+        pty: None,
+    };
+    vm.agent().exec_output(req, 1024).await.map(|_| ())
 }
 
 /// 409 for a sandbox in a state that does not allow `what`.

@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_sandboxes.sql")),
     (3, include_str!("migrations/0003_snapshots.sql")),
+    (4, include_str!("migrations/0004_pools_lifecycle.sql")),
     (5, include_str!("migrations/0005_operations.sql")),
 ];
 
@@ -483,8 +484,8 @@ pub fn delete_group(conn: &mut Connection, name: &str, force: bool) -> Result<()
 
 // ---- sandboxes ----
 
-const SANDBOX_COLUMNS: &str =
-    "id, group_name, state, reason, image, tier, env, labels, created_at, updated_at";
+const SANDBOX_COLUMNS: &str = "id, group_name, state, reason, image, tier, env, labels, \
+                               created_at, updated_at, last_activity_at";
 
 fn sandbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Sandbox>> {
     let id: String = r.get(0)?;
@@ -510,6 +511,7 @@ fn sandbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Sandbox>> 
             image: r.get(4)?,
             created_at: rfc3339(r.get(8)?),
             updated_at: rfc3339(r.get(9)?),
+            last_activity_at: r.get::<_, Option<i64>>(10)?.map(rfc3339),
         })
     })();
     Ok(parsed)
@@ -586,6 +588,134 @@ pub fn delete_sandbox(conn: &Connection, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// What the lifecycle timers need of a sandbox, times in Unix seconds.
+#[derive(Debug, Clone)]
+pub struct Timers {
+    pub id: String,
+    pub group: String,
+    pub state: SandboxState,
+    pub created_at: i64,
+    /// The last state change (a resume restarts the idle clock; a suspend starts the TTL).
+    pub updated_at: i64,
+    pub last_activity_at: Option<i64>,
+}
+
+pub fn list_timers(conn: &Connection) -> Result<Vec<Timers>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, group_name, state, created_at, updated_at, last_activity_at FROM sandboxes",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, Option<i64>>(5)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, group, state, created_at, updated_at, last_activity_at) = row?;
+        let state = SandboxState::parse(&state).ok_or_else(|| {
+            Error::Internal(format!("stored state {state:?} of sandbox {id} is unknown"))
+        })?;
+        out.push(Timers {
+            id,
+            group,
+            state,
+            created_at,
+            updated_at,
+            last_activity_at,
+        });
+    }
+    Ok(out)
+}
+
+/// Records the last activity of sandboxes (Unix seconds), in one transaction.
+pub fn record_activity(conn: &mut Connection, seen: &[(String, i64)]) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for (id, at) in seen {
+        tx.execute(
+            "UPDATE sandboxes SET last_activity_at = ?2 WHERE id = ?1",
+            params![id, at],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+// ---- warm pools ----
+
+/// A ready VM of a group's warm pool (not a sandbox until a create takes it).
+#[derive(Debug, Clone)]
+pub struct PoolMember {
+    pub id: String,
+    pub group: String,
+    /// Manifest digest.
+    pub image: String,
+    pub tier: Tier,
+}
+
+pub fn insert_pool_member(conn: &Connection, m: &PoolMember) -> Result<()> {
+    conn.execute(
+        "INSERT INTO pool_members (id, group_name, image, tier, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![m.id, m.group, m.image, m.tier.as_str(), now()],
+    )?;
+    Ok(())
+}
+
+pub fn delete_pool_member(conn: &Connection, id: &str) -> Result<()> {
+    conn.execute("DELETE FROM pool_members WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+pub fn list_pool_members(conn: &Connection) -> Result<Vec<PoolMember>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT id, group_name, image, tier FROM pool_members ORDER BY id")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, group, image, tier) = row?;
+        let tier = tier.parse::<Tier>().ok().ok_or_else(|| {
+            Error::Internal(format!(
+                "stored tier {tier:?} of pool member {id} is unknown"
+            ))
+        })?;
+        out.push(PoolMember {
+            id,
+            group,
+            image,
+            tier,
+        });
+    }
+    Ok(out)
+}
+
+/// Turns pool member `sb.id` into the sandbox `sb` (state `running`) in one transaction, so
+/// that after a crash the VM belongs to exactly one of the two tables.
+pub fn hand_over(conn: &mut Connection, sb: &Sandbox) -> Result<Sandbox> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let n = tx.execute("DELETE FROM pool_members WHERE id = ?1", [&sb.id])?;
+    if n != 1 {
+        return Err(Error::Internal(format!(
+            "pool member {} vanished from the store",
+            sb.id
+        )));
+    }
+    let row = insert_sandbox(&tx, sb)?;
+    tx.commit()?;
+    Ok(row)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,6 +732,7 @@ mod tests {
             labels: [("app".to_string(), "x".to_string())].into(),
             created_at: String::new(),
             updated_at: String::new(),
+            last_activity_at: None,
         }
     }
 

@@ -45,12 +45,14 @@ pub struct Daemon {
     pub http: reqwest::Client,
     pub doc: Option<Value>,
     pub validated: AtomicUsize,
+    /// Extra `moat serve` arguments, on every start.
+    pub args: Vec<String>,
 }
 
 impl Daemon {
     /// A daemon on a fresh MOAT_HOME whose first admin key is `bootstrap` (generated if None).
     pub async fn start(bootstrap: Option<&str>) -> Daemon {
-        Daemon::start_in(tempfile::tempdir().unwrap(), bootstrap).await
+        Daemon::start_in(tempfile::tempdir().unwrap(), bootstrap, &[]).await
     }
 
     /// A daemon that can run sandboxes: its MOAT_HOME links `kernels`, `images`, `templates`
@@ -58,6 +60,11 @@ impl Daemon {
     /// its database, socket and `run/` stay its own, so its start-up adoption and orphan
     /// clean-up only ever see its own VMs.
     pub async fn start_with_runtime(bootstrap: Option<&str>) -> Daemon {
+        Daemon::start_with_runtime_args(bootstrap, &[]).await
+    }
+
+    /// [`Daemon::start_with_runtime`] with extra `moat serve` arguments.
+    pub async fn start_with_runtime_args(bootstrap: Option<&str>, args: &[&str]) -> Daemon {
         let home = tempfile::tempdir().unwrap();
         let shared = super::home();
         for name in [
@@ -71,10 +78,10 @@ impl Daemon {
                 std::os::unix::fs::symlink(shared.join(name), home.path().join(name)).unwrap();
             }
         }
-        Daemon::start_in(home, bootstrap).await
+        Daemon::start_in(home, bootstrap, args).await
     }
 
-    async fn start_in(home: tempfile::TempDir, bootstrap: Option<&str>) -> Daemon {
+    async fn start_in(home: tempfile::TempDir, bootstrap: Option<&str>, args: &[&str]) -> Daemon {
         let mut d = Daemon {
             home,
             port: free_port(),
@@ -83,6 +90,7 @@ impl Daemon {
             http: reqwest::Client::new(),
             doc: None,
             validated: AtomicUsize::new(0),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         d.spawn(bootstrap).await;
         let (status, doc) = d.call(None, "GET", "/openapi.json", None).await;
@@ -112,6 +120,7 @@ impl Daemon {
         let n = self.starts;
         let mut c = moat();
         c.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(&self.args)
             .env("MOAT_HOME", self.home.path())
             .env("MOAT_AGENT", super::agent_path())
             .stdin(Stdio::null())

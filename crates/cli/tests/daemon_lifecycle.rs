@@ -1,0 +1,303 @@
+//! Lifecycle timers and capacity checks through the daemon: real `moat serve`, real VMs, short
+//! timers. Every JSON response is checked against the daemon's OpenAPI document.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::daemon::{msg, Daemon, ADMIN};
+use serde_json::{json, Value};
+
+const G: &str = "/v1/sandbox-groups";
+
+async fn put_group(d: &Daemon, group: &str, spec: Value) {
+    let (st, g) = d
+        .call(Some(ADMIN), "PUT", &format!("{G}/{group}"), Some(spec))
+        .await;
+    assert_eq!(st, 201, "{g}");
+}
+
+async fn create(d: &Daemon, group: &str) -> String {
+    let (st, sb) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/{group}/sandboxes"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 201, "{sb}");
+    sb["id"].as_str().unwrap().to_string()
+}
+
+/// The sandbox's state, or "gone" once it is deleted.
+async fn state(d: &Daemon, group: &str, id: &str) -> String {
+    let (st, sb) = d
+        .call(
+            Some(ADMIN),
+            "GET",
+            &format!("{G}/{group}/sandboxes/{id}"),
+            None,
+        )
+        .await;
+    match st {
+        200 => sb["state"].as_str().unwrap().to_string(),
+        404 => "gone".to_string(),
+        _ => panic!("{st} {sb}"),
+    }
+}
+
+async fn exec(d: &Daemon, group: &str, id: &str, script: &str) -> (u16, Value) {
+    d.call(
+        Some(ADMIN),
+        "POST",
+        &format!("{G}/{group}/sandboxes/{id}/exec"),
+        Some(json!({"command": script})),
+    )
+    .await
+}
+
+/// Polls until the sandbox is in `want`; returns how long that took.
+async fn wait_state(d: &Daemon, group: &str, id: &str, want: &str, within: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let s = state(d, group, id).await;
+        if s == want {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "{id} is still {s} after {within:?}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sandboxes_are_suspended_unless_active() {
+    let d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    put_group(
+        &d,
+        "idle",
+        json!({"tier": "s", "lifecycle": {"idle_timeout_s": 2}}),
+    )
+    .await;
+    let id = create(&d, "idle").await;
+
+    // Activity every second for 4 s keeps it running.
+    for _ in 0..4 {
+        let (st, r) = exec(&d, "idle", &id, "true").await;
+        assert_eq!(st, 200, "{r}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(state(&d, "idle", &id).await, "running");
+    let (_, sb) = d
+        .call(
+            Some(ADMIN),
+            "GET",
+            &format!("{G}/idle/sandboxes/{id}"),
+            None,
+        )
+        .await;
+    assert!(sb["last_activity_at"].is_string(), "{sb}");
+
+    // Then idle: suspended 2 s (give or take the reaper's tick) after the last exec.
+    let (st, _) = exec(&d, "idle", &id, "true").await;
+    assert_eq!(st, 200);
+    let took = wait_state(&d, "idle", &id, "suspended", Duration::from_secs(8)).await;
+    eprintln!("idle → suspended after {took:?}");
+    assert!(took >= Duration::from_millis(1500), "too early: {took:?}");
+    assert!(common::qemu_processes(&id).is_empty());
+
+    // A background process counts as activity for as long as it runs.
+    let (st, r) = exec(&d, "idle", &id, "echo back").await;
+    assert_eq!((st, r["stdout"].as_str()), (200, Some("back\n")), "{r}");
+    let (st, p) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/idle/sandboxes/{id}/processes"),
+            Some(json!({"command": "sleep 5"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{p}");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(4500) {
+        assert_eq!(
+            state(&d, "idle", &id).await,
+            "running",
+            "suspended while a background process ran ({:?})",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let took = wait_state(&d, "idle", &id, "suspended", Duration::from_secs(10)).await;
+    eprintln!(
+        "process ended → suspended after {:?}",
+        took + Duration::from_millis(4500)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_delete_suspended_ttl_and_max_lifetime() {
+    let d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    put_group(
+        &d,
+        "del",
+        json!({"tier": "s", "lifecycle": {"idle_timeout_s": 2, "on_idle": "delete"}}),
+    )
+    .await;
+    put_group(
+        &d,
+        "ttl",
+        json!({"tier": "s", "lifecycle": {"idle_timeout_s": 1, "suspended_ttl_s": 2}}),
+    )
+    .await;
+    put_group(
+        &d,
+        "max",
+        json!({"tier": "s", "lifecycle": {"idle_timeout_s": null, "max_lifetime_s": 3}}),
+    )
+    .await;
+    let del = create(&d, "del").await;
+    let ttl = create(&d, "ttl").await;
+    let max = create(&d, "max").await;
+    let t0 = Instant::now();
+
+    // max_lifetime_s bounds a sandbox however busy it is.
+    while state(&d, "max", &max).await != "gone" {
+        let _ = exec(&d, "max", &max, "true").await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(8),
+            "max_lifetime_s ignored"
+        );
+    }
+    let took = t0.elapsed();
+    eprintln!("max_lifetime_s 3 → deleted after {took:?}");
+    assert!(took >= Duration::from_secs(2), "too early: {took:?}");
+
+    wait_state(&d, "del", &del, "gone", Duration::from_secs(8)).await;
+    // Suspended after 1 s idle, deleted 2 s later (with its suspend directory).
+    wait_state(&d, "ttl", &ttl, "gone", Duration::from_secs(10)).await;
+    assert!(!d.home.path().join("suspended").join(&ttl).exists());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !common::qemu_processes(&d.home.path().display().to_string()).is_empty() {
+        assert!(Instant::now() < deadline, "VMs left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_refuses_overcommit_and_counts_suspended_as_free() {
+    // Room for one tier s sandbox (1024 MiB), not two.
+    let d = Daemon::start_with_runtime_args(Some(ADMIN), &["--max-memory-mib", "1536"]).await;
+    put_group(&d, "cap", json!({"tier": "s"})).await;
+    let a = create(&d, "cap").await;
+    let (st, e) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/cap/sandboxes"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 429, "{e}");
+    assert_eq!(e["error"]["code"], "too_many_requests");
+    let m = msg(&e);
+    assert!(
+        m.contains("needs 1024 MiB") && m.contains("512 of") && m.contains("1536 MiB"),
+        "{m}"
+    );
+
+    // A suspended sandbox holds no memory: now there is room.
+    let (st, sb) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/cap/sandboxes/{a}/suspend"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{sb}");
+    let b = create(&d, "cap").await;
+
+    // And resuming `a` (explicitly or by an exec) would overcommit.
+    let (st, e) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/cap/sandboxes/{a}/resume"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 429, "{e}");
+    assert!(msg(&e).contains(&format!("resuming sandbox {a}")), "{e}");
+    let (st, e) = exec(&d, "cap", &a, "true").await;
+    assert_eq!(st, 429, "{e}");
+    assert_eq!(state(&d, "cap", &a).await, "suspended");
+
+    let (st, _) = d
+        .call(
+            Some(ADMIN),
+            "DELETE",
+            &format!("{G}/cap/sandboxes/{b}"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 204);
+    let (st, r) = exec(&d, "cap", &a, "echo up").await;
+    assert_eq!((st, r["stdout"].as_str()), (200, Some("up\n")), "{r}");
+
+    let (_, text) = d.call(None, "GET", "/metrics", None).await;
+    let text = text.as_str().unwrap();
+    for needle in [
+        "moat_sandbox_suspend_duration_seconds_count 1",
+        "moat_sandbox_resume_duration_seconds_count 1",
+        "moat_memory_mib{kind=\"limit\"} 1536",
+        "moat_memory_mib{kind=\"used\"} 1024",
+    ] {
+        assert!(text.contains(needle), "{needle} not in:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timers_survive_a_kill9() {
+    let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    put_group(
+        &d,
+        "idle",
+        json!({"tier": "s", "lifecycle": {"idle_timeout_s": 3}}),
+    )
+    .await;
+    let id = create(&d, "idle").await;
+    let (st, _) = exec(&d, "idle", &id, "true").await;
+    assert_eq!(st, 200);
+    // The activity time reaches the store within a reaper tick.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, sb) = d
+            .call(
+                Some(ADMIN),
+                "GET",
+                &format!("{G}/idle/sandboxes/{id}"),
+                None,
+            )
+            .await;
+        if sb["last_activity_at"].is_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no last_activity_at: {sb}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Down for longer than the idle timeout: the next daemon suspends it at once, instead of
+    // starting the idle clock again.
+    d.kill9();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    d.spawn(Some(ADMIN)).await;
+    let took = wait_state(&d, "idle", &id, "suspended", Duration::from_secs(10)).await;
+    eprintln!("suspended {took:?} after the restart");
+    assert!(
+        took < Duration::from_secs(2),
+        "the idle clock restarted: {took:?}"
+    );
+}

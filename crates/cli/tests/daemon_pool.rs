@@ -1,0 +1,238 @@
+//! Warm pools through the daemon: real `moat serve`, real VMs. Every JSON response is checked
+//! against the daemon's OpenAPI document (the fixture does it).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::daemon::{Daemon, ADMIN};
+use serde_json::{json, Value};
+
+const G: &str = "/v1/sandbox-groups";
+
+async fn put_group(d: &Daemon, group: &str, spec: Value) {
+    let (st, g) = d
+        .call(Some(ADMIN), "PUT", &format!("{G}/{group}"), Some(spec))
+        .await;
+    assert!(st == 200 || st == 201, "{g}");
+}
+
+/// The value of the metric line `series` (name and labels exactly), if present.
+async fn metric(d: &Daemon, series: &str) -> Option<f64> {
+    let (st, text) = d.call(None, "GET", "/metrics", None).await;
+    assert_eq!(st, 200);
+    text.as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until the group's pool has `n` ready VMs.
+async fn pool_ready(d: &Daemon, group: &str, n: usize) {
+    let series = format!("moat_pool_ready{{group=\"{group}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let got = metric(d, &series).await.unwrap_or(0.0) as usize;
+        if got == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool {group} stuck at {got}, want {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn qemus(d: &Daemon) -> Vec<u32> {
+    let mut v = common::qemu_processes(&d.home.path().display().to_string());
+    v.sort();
+    v
+}
+
+/// Waits until the daemon has `n` QEMUs (a VM leaves the pool before its QEMU is gone).
+async fn wait_qemus(d: &Daemon, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while qemus(d).len() != n {
+        assert!(
+            Instant::now() < deadline,
+            "{} QEMUs, want {n}",
+            qemus(d).len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn create(d: &Daemon, group: &str, body: Value) -> (Value, Duration) {
+    let t = Instant::now();
+    let (st, sb) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/{group}/sandboxes"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(st, 201, "{sb}");
+    (sb, t.elapsed())
+}
+
+async fn sh(d: &Daemon, group: &str, id: &str, script: &str) -> String {
+    let (st, r) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/{group}/sandboxes/{id}/exec"),
+            Some(json!({"command": script})),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["exit_code"], 0, "{script}: {r}");
+    r["stdout"].as_str().unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_hands_over_refills_resizes_and_stays_hidden() {
+    let d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    put_group(&d, "web", json!({"tier": "s", "pool": {"size": 2}})).await;
+    pool_ready(&d, "web", 2).await;
+    assert_eq!(qemus(&d).len(), 2, "two pool VMs");
+
+    // Pool members are not sandboxes.
+    let (_, l) = d
+        .call(Some(ADMIN), "GET", &format!("{G}/web/sandboxes"), None)
+        .await;
+    assert_eq!(l["sandboxes"], json!([]), "{l}");
+
+    // A create is a hand-over: the request's env and labels, its own hostname and entropy.
+    let (a, took) = create(
+        &d,
+        "web",
+        json!({"env": {"X": "from-request"}, "labels": {"app": "a"}}),
+    )
+    .await;
+    eprintln!("pool hit: {took:?}");
+    assert_eq!(a["state"], "running", "{a}");
+    assert_eq!(a["labels"]["app"], "a");
+    let a_id = a["id"].as_str().unwrap();
+    assert_eq!(sh(&d, "web", a_id, "echo $X").await, "from-request");
+    assert_eq!(sh(&d, "web", a_id, "hostname").await, a_id);
+    assert_eq!(
+        metric(&d, "moat_pool_hits_total{group=\"web\"}").await,
+        Some(1.0)
+    );
+    let (b, _) = create(&d, "web", json!({})).await;
+    let b_id = b["id"].as_str().unwrap();
+    let rand = "head -c 16 /dev/urandom | od -An -tx1";
+    assert_ne!(
+        sh(&d, "web", a_id, rand).await,
+        sh(&d, "web", b_id, rand).await,
+        "siblings from one pool share their entropy"
+    );
+    let (_, l) = d
+        .call(Some(ADMIN), "GET", &format!("{G}/web/sandboxes"), None)
+        .await;
+    assert_eq!(l["sandboxes"].as_array().unwrap().len(), 2, "{l}");
+
+    // The pool refills to 2 in the background: 2 sandboxes + 2 pool VMs.
+    pool_ready(&d, "web", 2).await;
+    wait_qemus(&d, 4).await;
+
+    // Three creates at once: two hand-overs, one template restore (a miss).
+    let creates = (0..3).map(|_| create(&d, "web", json!({})));
+    let made = futures_util::future::join_all(creates).await;
+    assert_eq!(made.len(), 3);
+    assert_eq!(
+        metric(&d, "moat_pool_hits_total{group=\"web\"}").await,
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(&d, "moat_pool_misses_total{group=\"web\"}").await,
+        Some(1.0)
+    );
+    for (sb, _) in &made {
+        let id = sb["id"].as_str().unwrap();
+        let (st, _) = d
+            .call(
+                Some(ADMIN),
+                "DELETE",
+                &format!("{G}/web/sandboxes/{id}"),
+                None,
+            )
+            .await;
+        assert_eq!(st, 204);
+    }
+    pool_ready(&d, "web", 2).await;
+
+    // Metrics: hit and miss latencies, sandboxes by state, exec latency.
+    let (_, text) = d.call(None, "GET", "/metrics", None).await;
+    let text = text.as_str().unwrap();
+    for needle in [
+        "moat_sandbox_create_duration_seconds_count{pool=\"hit\"} 4",
+        "moat_sandbox_create_duration_seconds_count{pool=\"miss\"} 1",
+        "moat_sandboxes{state=\"running\"} 2",
+        "moat_sandboxes{state=\"suspended\"} 0",
+        "# TYPE moat_exec_duration_seconds histogram",
+        "moat_memory_mib{kind=\"used\"} 4096",
+    ] {
+        assert!(text.contains(needle), "{needle} not in:\n{text}");
+    }
+
+    // Shrink, grow, then delete the group: the pool follows.
+    put_group(&d, "web", json!({"tier": "s", "pool": {"size": 1}})).await;
+    pool_ready(&d, "web", 1).await;
+    wait_qemus(&d, 3).await;
+    put_group(&d, "web", json!({"tier": "s", "pool": {"size": 0}})).await;
+    pool_ready(&d, "web", 0).await;
+    wait_qemus(&d, 2).await;
+    put_group(&d, "web", json!({"tier": "s", "pool": {"size": 1}})).await;
+    pool_ready(&d, "web", 1).await;
+    let (st, _) = d
+        .call(Some(ADMIN), "DELETE", &format!("{G}/web?force=true"), None)
+        .await;
+    assert_eq!(st, 204);
+    assert!(qemus(&d).is_empty(), "VMs left: {:?}", qemus(&d));
+    assert!(
+        std::fs::read_dir(d.home.path().join("run"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with("sb-")),
+        "run directories left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_survives_kill9_and_restarts() {
+    let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    put_group(&d, "web", json!({"tier": "s", "pool": {"size": 2}})).await;
+    pool_ready(&d, "web", 2).await;
+    let before = qemus(&d);
+    assert_eq!(before.len(), 2);
+
+    d.kill9();
+    d.spawn(Some(ADMIN)).await;
+    pool_ready(&d, "web", 2).await;
+    // The same VMs, re-adopted: none destroyed, none leaked.
+    assert_eq!(qemus(&d), before);
+    let (_, l) = d
+        .call(Some(ADMIN), "GET", &format!("{G}/web/sandboxes"), None)
+        .await;
+    assert_eq!(l["sandboxes"], json!([]), "{l}");
+    let (sb, _) = create(&d, "web", json!({})).await;
+    let id = sb["id"].as_str().unwrap();
+    assert_eq!(
+        metric(&d, "moat_pool_hits_total{group=\"web\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(sh(&d, "web", id, "echo ok").await, "ok");
+    pool_ready(&d, "web", 2).await;
+    wait_qemus(&d, 3).await;
+
+    // A graceful stop leaves the pool VMs to the next daemon too.
+    let before = qemus(&d);
+    d.terminate();
+    d.spawn(Some(ADMIN)).await;
+    pool_ready(&d, "web", 2).await;
+    assert_eq!(qemus(&d), before);
+    assert_eq!(sh(&d, "web", id, "echo ok").await, "ok");
+}
