@@ -68,6 +68,10 @@ fn text(o: &Output) -> String {
     )
 }
 
+const NEED_PYTHON: &str = "python3 -m venv: the SDK tests need python3 (3.9 or newer) with its \
+    venv module; run scripts/install-deps.sh (Debian: apt-get install python3-venv), or point \
+    MOAT_PYTHON at another python";
+
 /// The venv's python, with the SDK installed (editable, so source changes need no
 /// reinstall) and its test extras. Created once per target directory.
 fn venv_python() -> PathBuf {
@@ -89,15 +93,8 @@ fn venv_python() -> PathBuf {
     let python3 = std::env::var_os("MOAT_PYTHON").unwrap_or_else(|| "python3".into());
     let mut c = Command::new(&python3);
     c.args(["-m", "venv", "--clear"]).arg(&venv);
-    let o = run(c, "python3 -m venv", Duration::from_secs(120));
-    assert!(
-        o.status.success(),
-        "the SDK tests need python3 (3.9 or newer) with its venv module: run \
-         scripts/install-deps.sh (Debian: apt-get install python3-venv), or set MOAT_PYTHON. \
-         `{} -m venv` said:\n{}",
-        python3.to_string_lossy(),
-        text(&o)
-    );
+    let o = run(c, NEED_PYTHON, Duration::from_secs(120));
+    assert!(o.status.success(), "{NEED_PYTHON}; it said:\n{}", text(&o));
     let mut c = Command::new(&python);
     c.args([
         "-m",
@@ -143,7 +140,7 @@ async fn pytest_suite_against_a_real_daemon() {
     .env("MOAT_TEST_REQUIRE_DAEMON", "1")
     .env("PYTHONDONTWRITEBYTECODE", "1")
     .env_remove("MOAT_HOME");
-    let o = tokio::task::spawn_blocking(move || run(c, "pytest", Duration::from_secs(900)))
+    let o = tokio::task::spawn_blocking(move || run(c, "pytest", Duration::from_secs(600)))
         .await
         .unwrap();
     let out = text(&o);

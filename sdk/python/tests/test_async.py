@@ -29,7 +29,14 @@ def test_async_client(url: str, admin_key: str, group: str) -> None:
                 async for ev in sb.exec_stream(["sh", "-c", "echo a; echo b >&2; exit 4"]):
                     events.append(ev)
                 assert events[-1] == moat.ExecExit(4)
-                assert "".join(e.data for e in events if isinstance(e, moat.ExecOutput) and e.stream == "stdout") == "a\n"
+                assert (
+                    "".join(
+                        e.data
+                        for e in events
+                        if isinstance(e, moat.ExecOutput) and e.stream == "stdout"
+                    )
+                    == "a\n"
+                )
 
                 data = os.urandom(200_000)
                 assert (await sb.files.write("/root/x", data)).created

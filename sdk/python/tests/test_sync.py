@@ -27,7 +27,13 @@ def test_lifecycle_suspend_auto_resume_and_context_manager(client: moat.Client, 
         assert sb.info.tier == "s"
 
         r = sb.exec("echo hi; echo oops >&2; exit 3")
-        assert (r.exit_code, r.stdout, r.stderr, r.timed_out, r.ok) == (3, "hi\n", "oops\n", False, False)
+        assert (r.exit_code, r.stdout, r.stderr, r.timed_out, r.ok) == (
+            3,
+            "hi\n",
+            "oops\n",
+            False,
+            False,
+        )
 
         data = os.urandom(100_000)
         written = sb.files.write("/root/data.bin", data)
@@ -37,8 +43,13 @@ def test_lifecycle_suspend_auto_resume_and_context_manager(client: moat.Client, 
         assert names["data.bin"].kind == "file" and names["data.bin"].size == len(data)
 
         # A background process that counts; it must survive the suspend.
-        p = sb.processes.start("i=0; while true; do i=$((i+1)); echo $i > /run/count; sleep 0.1; done")
-        eventually(lambda: sb.exec("cat /run/count").stdout.strip() not in ("", "0"), "the counter to start")
+        p = sb.processes.start(
+            "i=0; while true; do i=$((i+1)); echo $i > /run/count; sleep 0.1; done"
+        )
+        eventually(
+            lambda: sb.exec("cat /run/count").stdout.strip() not in ("", "0"),
+            "the counter to start",
+        )
 
         assert sb.suspend().state == "suspended"
         assert sb.refresh().state == "suspended"
@@ -51,7 +62,10 @@ def test_lifecycle_suspend_auto_resume_and_context_manager(client: moat.Client, 
         running = {i.id: i for i in sb.processes.list()}
         assert running[p.id].running and running[p.id].exit is None
         before = int(sb.exec("cat /run/count").stdout)
-        eventually(lambda: int(sb.exec("cat /run/count").stdout) > before, "the counter to move on after resume")
+        eventually(
+            lambda: int(sb.exec("cat /run/count").stdout) > before,
+            "the counter to move on after resume",
+        )
 
         assert sb.suspend().state == "suspended"
         assert sb.resume().state == "running"
@@ -120,12 +134,16 @@ def test_leaving_an_exec_stream_early_kills_the_command(sb: moat.Sandbox) -> Non
             assert ev == moat.ExecOutput("stdout", "started\n")
             break
     pid = sb.files.read("/tmp/streamed.pid").decode().strip()
-    eventually(lambda: sb.exec(f"kill -0 {pid}").exit_code != 0, "the streamed command to be killed")
+    eventually(
+        lambda: sb.exec(f"kill -0 {pid}").exit_code != 0, "the streamed command to be killed"
+    )
     assert stream.exit is None
 
 
 def test_files(sb: moat.Sandbox) -> None:
-    assert sb.files.write("/root/t/a/b.sh", "#!/bin/sh\necho ran\n", mode=0o755, parents=True).created
+    assert sb.files.write(
+        "/root/t/a/b.sh", "#!/bin/sh\necho ran\n", mode=0o755, parents=True
+    ).created
     assert sb.exec("/root/t/a/b.sh").stdout == "ran\n"
     again = sb.files.write("/root/t/a/b.sh", b"#!/bin/sh\necho again\n")
     assert not again.created
@@ -149,7 +167,11 @@ def test_files(sb: moat.Sandbox) -> None:
 
 def test_get_and_list_by_labels(client: moat.Client, group: str, sb: moat.Sandbox) -> None:
     got = client.sandboxes.get(group, sb.id)
-    assert got.id == sb.id and got.info.labels == {"sdk": "sync"} and got.info.env == {"FROM_SANDBOX": "sb"}
+    assert (
+        got.id == sb.id
+        and got.info.labels == {"sdk": "sync"}
+        and got.info.env == {"FROM_SANDBOX": "sb"}
+    )
     assert [s.id for s in client.sandboxes.list(group, labels={"sdk": "sync"})] == [sb.id]
     assert client.sandboxes.list(group, labels={"sdk": "none"}) == []
     assert sb.id in [s.id for s in client.sandboxes.list(group)]
@@ -182,7 +204,10 @@ def test_groups_and_api_keys(client: moat.Client, group: str, sb: moat.Sandbox) 
     assert g.spec["pool"] == {"size": 0}  # defaults filled in
     assert group in [x.name for x in client.groups.list()]
     # Applying the same spec again changes nothing.
-    assert client.groups.apply(group, {"tier": "s", "labels": {"suite": "sdk"}}).updated_at == g.updated_at
+    assert (
+        client.groups.apply(group, {"tier": "s", "labels": {"suite": "sdk"}}).updated_at
+        == g.updated_at
+    )
 
     other = client.groups.apply("sdk-empty")
     assert other.spec["tier"] == "m"

@@ -63,7 +63,9 @@ def test_label_selector() -> None:
 
 
 def test_path_segments_are_escaped() -> None:
-    assert b.sandbox_path("g", "../../api-keys") == "/v1/sandbox-groups/g/sandboxes/..%2F..%2Fapi-keys"
+    assert (
+        b.sandbox_path("g", "../../api-keys") == "/v1/sandbox-groups/g/sandboxes/..%2F..%2Fapi-keys"
+    )
 
 
 def test_file_content_is_streamed_in_chunks() -> None:
@@ -110,7 +112,9 @@ def test_error_bodies_not_from_the_daemon() -> None:
 def test_stream_frames() -> None:
     assert b.parse_frame('{"stdout":"a"}') == moat.ExecOutput("stdout", "a")
     assert b.parse_frame('{"stderr":"b"}') == moat.ExecOutput("stderr", "b")
-    assert b.parse_frame('{"exit":{"exit_code":137,"signal":9,"timed_out":false}}') == moat.ExecExit(137, 9)
+    assert b.parse_frame(
+        '{"exit":{"exit_code":137,"signal":9,"timed_out":false}}'
+    ) == moat.ExecExit(137, 9)
     with pytest.raises(moat.InternalError) as e:
         b.parse_frame('{"error":{"code":"internal","message":"broke off"}}')
     assert (e.value.status, e.value.message) == (None, "broke off")
@@ -174,7 +178,13 @@ def test_stream_that_ends_without_an_exit(server: Tuple[str, List[Answer]]) -> N
     url, answers = server
     answers.append((200, "application/json", json.dumps(SANDBOX).encode()))
     answers.append((200, "application/x-ndjson", b'{"stdout":"a"}\n'))
-    answers.append((200, "application/x-ndjson", b'{"stdout":"a"}\n{"error":{"code":"internal","message":"gone"}}\n'))
+    answers.append(
+        (
+            200,
+            "application/x-ndjson",
+            b'{"stdout":"a"}\n{"error":{"code":"internal","message":"gone"}}\n',
+        )
+    )
     with moat.Client(url, "k") as c:
         sb = c.sandboxes.get("g", "sb-000000000001")
         got = []
@@ -189,7 +199,9 @@ def test_stream_that_ends_without_an_exit(server: Tuple[str, List[Answer]]) -> N
 def test_error_status_of_a_stream(server: Tuple[str, List[Answer]]) -> None:
     url, answers = server
     answers.append((200, "application/json", json.dumps(SANDBOX).encode()))
-    answers.append((409, "application/json", b'{"error":{"code":"conflict","message":"it is failed"}}'))
+    answers.append(
+        (409, "application/json", b'{"error":{"code":"conflict","message":"it is failed"}}')
+    )
     with moat.Client(url, "k") as c:
         sb = c.sandboxes.get("g", "sb-000000000001")
         with pytest.raises(moat.Conflict, match="it is failed"):
@@ -201,7 +213,11 @@ def test_async_stream(server: Tuple[str, List[Answer]]) -> None:
     url, answers = server
     answers.append((200, "application/json", json.dumps(SANDBOX).encode()))
     answers.append(
-        (200, "application/x-ndjson", b'{"stdout":"a"}\n\n{"exit":{"exit_code":0,"signal":null,"timed_out":false}}\n')
+        (
+            200,
+            "application/x-ndjson",
+            b'{"stdout":"a"}\n\n{"exit":{"exit_code":0,"signal":null,"timed_out":false}}\n',
+        )
     )
 
     async def main() -> List[moat.ExecEvent]:

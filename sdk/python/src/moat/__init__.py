@@ -1,10 +1,10 @@
 """Python SDK of moat: sandboxes in microVMs, through the moat daemon's REST API.
 
-    from moat import Client
+from moat import Client
 
-    client = Client()  # MOAT_URL, MOAT_API_KEY
-    with client.sandboxes.create("web") as sb:
-        print(sb.exec("echo hi").stdout)
+client = Client()  # MOAT_URL, MOAT_API_KEY
+with client.sandboxes.create("web") as sb:
+    print(sb.exec("echo hi").stdout)
 """
 
 from ._async import (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 from types import TracebackType
 from typing import (
     Any,
@@ -16,8 +17,6 @@ from typing import (
     TypeVar,
     Union,
 )
-
-import collections.abc
 
 import httpx
 

@@ -127,8 +127,12 @@ def transport_error(ep: Endpoint, e: httpx.TransportError) -> ConnectionFailed:
             f"cannot reach the moat daemon at {ep.url} (is `moat serve` running? set MOAT_URL): {e}",
         )
     if isinstance(e, httpx.TimeoutException):
-        return ConnectionFailed(None, "timeout", f"the moat daemon at {ep.url} did not answer in time: {e}")
-    return ConnectionFailed(None, "broken", f"the connection to the moat daemon at {ep.url} broke off: {e}")
+        return ConnectionFailed(
+            None, "timeout", f"the moat daemon at {ep.url} did not answer in time: {e}"
+        )
+    return ConnectionFailed(
+        None, "broken", f"the connection to the moat daemon at {ep.url} broke off: {e}"
+    )
 
 
 def json_body(resp: httpx.Response) -> Any:
@@ -246,7 +250,9 @@ def key_delete(key_id: str) -> Op[None]:
 def labels_param(labels: Mapping[str, str]) -> str:
     for k, v in labels.items():
         if "," in k or "=" in k or "," in v:
-            raise ValueError(f"label {k}={v} cannot be part of a selector: no ',' or '=' in keys, no ',' in values")
+            raise ValueError(
+                f"label {k}={v} cannot be part of a selector: no ',' or '=' in keys, no ',' in values"
+            )
     return ",".join(f"{k}={v}" for k, v in labels.items())
 
 
@@ -350,7 +356,9 @@ def exec_timeout(timeout: Optional[float]) -> httpx.Timeout:
     return long_timeout(None if timeout is None else float(timeout) + EXEC_SLACK)
 
 
-def exec_collect(group: str, sandbox_id: str, body: Dict[str, Any], timeout: Optional[float]) -> Op[ExecResult]:
+def exec_collect(
+    group: str, sandbox_id: str, body: Dict[str, Any], timeout: Optional[float]
+) -> Op[ExecResult]:
     return Op(
         "POST",
         f"{sandbox_path(group, sandbox_id)}/exec",
@@ -360,7 +368,9 @@ def exec_collect(group: str, sandbox_id: str, body: Dict[str, Any], timeout: Opt
     )
 
 
-def exec_stream(group: str, sandbox_id: str, body: Dict[str, Any], timeout: Optional[float]) -> Op[None]:
+def exec_stream(
+    group: str, sandbox_id: str, body: Dict[str, Any], timeout: Optional[float]
+) -> Op[None]:
     return Op(
         "POST",
         f"{sandbox_path(group, sandbox_id)}/exec",
@@ -377,7 +387,9 @@ def parse_frame(line: str) -> ExecEvent:
     try:
         d = json.loads(line)
     except ValueError:
-        raise MoatError(None, "bad_stream", f"the daemon sent a line that is not JSON: {line[:200]!r}") from None
+        raise MoatError(
+            None, "bad_stream", f"the daemon sent a line that is not JSON: {line[:200]!r}"
+        ) from None
     if isinstance(d, dict):
         if "stdout" in d:
             return ExecOutput("stdout", str(d["stdout"]))
@@ -424,7 +436,11 @@ def file_write(
 
 def file_read(group: str, sandbox_id: str, path: str) -> Op[bytes]:
     return Op(
-        "GET", files_path(group, sandbox_id), lambda r: r.content, params={"path": path}, timeout=long_timeout(None)
+        "GET",
+        files_path(group, sandbox_id),
+        lambda r: r.content,
+        params={"path": path},
+        timeout=long_timeout(None),
     )
 
 
@@ -467,7 +483,12 @@ def sync_content(data: FileData) -> Union[bytes, Iterable[bytes]]:
 
 
 def proc_start(group: str, sandbox_id: str, body: Dict[str, Any]) -> Op[Dict[str, Any]]:
-    return Op("POST", f"{sandbox_path(group, sandbox_id)}/processes", lambda r: dict(json_body(r)), json=body)
+    return Op(
+        "POST",
+        f"{sandbox_path(group, sandbox_id)}/processes",
+        lambda r: dict(json_body(r)),
+        json=body,
+    )
 
 
 def proc_list(group: str, sandbox_id: str) -> Op[List[ProcessInfo]]:
@@ -479,7 +500,9 @@ def proc_list(group: str, sandbox_id: str) -> Op[List[ProcessInfo]]:
 
 
 def proc_kill(group: str, sandbox_id: str, proc_id: str, signal: int) -> Op[None]:
-    return Op("POST", f"{proc_path(group, sandbox_id, proc_id)}/kill", _none, json={"signal": signal})
+    return Op(
+        "POST", f"{proc_path(group, sandbox_id, proc_id)}/kill", _none, json={"signal": signal}
+    )
 
 
 def proc_wait(group: str, sandbox_id: str, proc_id: str, timeout: float) -> Op[ExecExit]:
