@@ -17,6 +17,7 @@ from ._async import (
     AsyncProcesses,
     AsyncSandbox,
     AsyncSandboxes,
+    AsyncSnapshots,
 )
 from ._base import DEFAULT_URL, Command, FileData, __version__
 from ._client import (
@@ -29,6 +30,7 @@ from ._client import (
     Processes,
     Sandbox,
     Sandboxes,
+    Snapshots,
 )
 from ._errors import (
     BadRequest,
@@ -86,6 +88,7 @@ __all__ = [
     "AsyncProcesses",
     "AsyncSandbox",
     "AsyncSandboxes",
+    "AsyncSnapshots",
     "BadRequest",
     "CapacityError",
     "Client",
@@ -129,6 +132,7 @@ __all__ = [
     "SandboxState",
     "Sandboxes",
     "Snapshot",
+    "Snapshots",
     "Tier",
     "TooManyRequests",
     "Unauthorized",

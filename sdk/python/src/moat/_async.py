@@ -68,6 +68,7 @@ class AsyncClient:
         self.groups = AsyncGroups(self)
         self.sandboxes = AsyncSandboxes(self)
         self.api_keys = AsyncApiKeys(self)
+        self.snapshots = AsyncSnapshots(self)
 
     @property
     def url(self) -> str:
@@ -160,6 +161,18 @@ class AsyncSandboxes:
         info = await self._c._run(b.sandbox_create(group, image, tier, env, labels))
         return AsyncSandbox(self._c, info)
 
+    async def fork(
+        self,
+        group: str,
+        snapshot: str,
+        count: int = 1,
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        labels: Optional[Mapping[str, str]] = None,
+    ) -> List[AsyncSandbox]:
+        infos = await self._c._run(b.sandbox_fork(group, snapshot, count, env, labels))
+        return [AsyncSandbox(self._c, i) for i in infos]
+
     async def get(self, group: str, sandbox_id: str) -> AsyncSandbox:
         return AsyncSandbox(self._c, await self._c._run(b.sandbox_get(group, sandbox_id)))
 
@@ -167,6 +180,20 @@ class AsyncSandboxes:
         self, group: str, *, labels: Optional[Mapping[str, str]] = None
     ) -> List[AsyncSandbox]:
         return [AsyncSandbox(self._c, i) for i in await self._c._run(b.sandbox_list(group, labels))]
+
+
+class AsyncSnapshots:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def get(self, group: str, name: str) -> Snapshot:
+        return await self._c._run(b.snapshot_get(group, name))
+
+    async def list(self, group: str) -> List[Snapshot]:
+        return await self._c._run(b.snapshot_list(group))
+
+    async def delete(self, group: str, name: str) -> None:
+        await self._c._run(b.snapshot_delete(group, name))
 
 
 class AsyncSandbox:

@@ -304,8 +304,48 @@ def snapshot_create(group: str, sandbox_id: str, name: str) -> Op[Snapshot]:
     return Op(
         "POST",
         f"{sandbox_path(group, sandbox_id)}/snapshots",
-        lambda r: parse_snapshot(json_body(r), group),
+        lambda r: parse_snapshot(json_body(r)),
         json={"name": name},
+    )
+
+
+def snapshot_path(group: str, name: str) -> str:
+    return f"{group_path(group)}/snapshots/{seg(name)}"
+
+
+def snapshot_get(group: str, name: str) -> Op[Snapshot]:
+    return Op("GET", snapshot_path(group, name), lambda r: parse_snapshot(json_body(r)))
+
+
+def snapshot_list(group: str) -> Op[List[Snapshot]]:
+    return Op(
+        "GET",
+        f"{group_path(group)}/snapshots",
+        lambda r: [parse_snapshot(s) for s in json_body(r)["snapshots"]],
+    )
+
+
+def snapshot_delete(group: str, name: str) -> Op[None]:
+    return Op("DELETE", snapshot_path(group, name), _none)
+
+
+def sandbox_fork(
+    group: str,
+    snapshot: str,
+    count: int,
+    env: Optional[Mapping[str, str]],
+    labels: Optional[Mapping[str, str]],
+) -> Op[List[SandboxInfo]]:
+    body: Dict[str, Any] = {"from_snapshot": snapshot, "count": count}
+    if env:
+        body["env"] = dict(env)
+    if labels:
+        body["labels"] = dict(labels)
+    return Op(
+        "POST",
+        f"{group_path(group)}/sandboxes",
+        lambda r: [parse_sandbox(s) for s in json_body(r)["sandboxes"]],
+        json=body,
     )
 
 

@@ -61,6 +61,7 @@ class Client:
         self.groups = Groups(self)
         self.sandboxes = Sandboxes(self)
         self.api_keys = ApiKeys(self)
+        self.snapshots = Snapshots(self)
 
     @property
     def url(self) -> str:
@@ -158,12 +159,44 @@ class Sandboxes:
         """A new running sandbox; image and tier default to the group's."""
         return Sandbox(self._c, self._c._run(b.sandbox_create(group, image, tier, env, labels)))
 
+    def fork(
+        self,
+        group: str,
+        snapshot: str,
+        count: int = 1,
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        labels: Optional[Mapping[str, str]] = None,
+    ) -> List[Sandbox]:
+        """``count`` (1–16) new sandboxes from the group's snapshot ``snapshot``: processes,
+        memory and files as they were, with fresh entropy, clock and hostname. All or none."""
+        infos = self._c._run(b.sandbox_fork(group, snapshot, count, env, labels))
+        return [Sandbox(self._c, i) for i in infos]
+
     def get(self, group: str, sandbox_id: str) -> Sandbox:
         return Sandbox(self._c, self._c._run(b.sandbox_get(group, sandbox_id)))
 
     def list(self, group: str, *, labels: Optional[Mapping[str, str]] = None) -> List[Sandbox]:
         """The group's sandboxes; with ``labels``, those that have every one of them."""
         return [Sandbox(self._c, i) for i in self._c._run(b.sandbox_list(group, labels))]
+
+
+class Snapshots:
+    """A group's named snapshots (taken with ``Sandbox.snapshot``, used by
+    ``sandboxes.fork``)."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def get(self, group: str, name: str) -> Snapshot:
+        return self._c._run(b.snapshot_get(group, name))
+
+    def list(self, group: str) -> List[Snapshot]:
+        return self._c._run(b.snapshot_list(group))
+
+    def delete(self, group: str, name: str) -> None:
+        """Its forks are not affected."""
+        self._c._run(b.snapshot_delete(group, name))
 
 
 class Sandbox:
@@ -240,7 +273,8 @@ class Sandbox:
         return self.info
 
     def snapshot(self, name: str) -> Snapshot:
-        """A named snapshot of the running sandbox, for new sandboxes to start from."""
+        """A named snapshot of the sandbox (unique in its group), for ``sandboxes.fork``; the
+        sandbox runs on (a suspended one is resumed first)."""
         return self._c._run(b.snapshot_create(self.group, self.id, name))
 
     def delete(self) -> None:

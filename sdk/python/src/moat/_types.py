@@ -183,9 +183,17 @@ class ProcessLogs:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """A named snapshot (memory and disk) of a sandbox, scoped to its group."""
+
     name: str
     group: str
-    created_at: Optional[str] = None
+    sandbox: str
+    """Id of the sandbox it was taken from (which may since have been deleted)."""
+    image: str
+    tier: Tier
+    size_bytes: int
+    """Bytes it takes on the host."""
+    created_at: str
     raw: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The whole object the daemon answered (fields this SDK does not name yet included)."""
 
@@ -296,10 +304,14 @@ def parse_process(d: Mapping[str, Any]) -> ProcessInfo:
     )
 
 
-def parse_snapshot(d: Mapping[str, Any], group: str) -> Snapshot:
+def parse_snapshot(d: Mapping[str, Any]) -> Snapshot:
     return Snapshot(
         name=str(d["name"]),
-        group=str(d.get("group", group)),
-        created_at=d.get("created_at"),
+        group=str(d["group"]),
+        sandbox=str(d["sandbox"]),
+        image=str(d["image"]),
+        tier=d["tier"],
+        size_bytes=int(d["size_bytes"]),
+        created_at=str(d["created_at"]),
         raw=dict(d),
     )
