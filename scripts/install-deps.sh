@@ -28,6 +28,12 @@ have docker-registry || need+=(docker-registry)
 if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then need+=(busybox-static); fi
 have htpasswd || need+=(apache2-utils)
 have dpkg-deb || need+=(dpkg)
+# The Python SDK's tests (crates/cli/tests/sdk_python.rs) make a virtualenv: Debian splits
+# venv and ensurepip into python3-venv.
+have python3 || need+=(python3)
+_venv_probe=$(mktemp -d)
+python3 -m venv "$_venv_probe/v" >/dev/null 2>&1 || need+=(python3-venv)
+rm -rf "$_venv_probe"
 
 if [ ${#need[@]} -gt 0 ]; then
   apt_update_once

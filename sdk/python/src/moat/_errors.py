@@ -1,0 +1,132 @@
+"""Typed exceptions for the daemon's `{"error": {"code", "message"}}` answers."""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, Optional, Type
+
+
+class MoatError(Exception):
+    """Any error the daemon answered (or failing to reach it).
+
+    ``status`` is the HTTP status (``None`` when there was no answer, or when an error arrived
+    inside a streamed exec), ``code`` the daemon's stable machine-readable code
+    (``bad_request``, ``not_found``, …) and ``message`` its explanation for people.
+    """
+
+    def __init__(self, status: Optional[int], code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        where = f"{self.status} " if self.status is not None else ""
+        return f"{where}{self.code}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status!r}, code={self.code!r}, message={self.message!r})"
+
+
+class BadRequest(MoatError):
+    """400: the request was invalid; the message says what was wrong and what is allowed."""
+
+
+class Unauthorized(MoatError):
+    """401: no API key, or one the daemon does not know."""
+
+
+class Forbidden(MoatError):
+    """403: the key's role does not allow this (e.g. a reader creating a sandbox)."""
+
+
+class NotFound(MoatError):
+    """404: no such group, sandbox, file or process, or one the key cannot see."""
+
+
+class MethodNotAllowed(MoatError):
+    """405."""
+
+
+class Conflict(MoatError):
+    """409: the resource is in a state that does not allow this (or a wait ran out)."""
+
+
+class PayloadTooLarge(MoatError):
+    """413: the request body or an exec's collected output is too large."""
+
+
+class TooManyRequests(MoatError):
+    """429: the host is full; retry later."""
+
+
+CapacityError = TooManyRequests
+
+
+class InternalError(MoatError):
+    """500: the daemon failed; the details are in its log."""
+
+
+class Unavailable(MoatError):
+    """503: the daemon cannot do this now (store busy, no VM runtime); retry."""
+
+
+class NoSpace(MoatError):
+    """507: the sandbox's disk is full."""
+
+
+class ConnectionFailed(MoatError):
+    """The daemon could not be reached, or the connection broke off (``status`` is None)."""
+
+
+_BY_STATUS: Dict[int, Type[MoatError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    405: MethodNotAllowed,
+    409: Conflict,
+    413: PayloadTooLarge,
+    429: TooManyRequests,
+    500: InternalError,
+    503: Unavailable,
+    507: NoSpace,
+}
+
+_BY_CODE: Dict[str, Type[MoatError]] = {
+    "bad_request": BadRequest,
+    "unauthorized": Unauthorized,
+    "forbidden": Forbidden,
+    "not_found": NotFound,
+    "method_not_allowed": MethodNotAllowed,
+    "conflict": Conflict,
+    "payload_too_large": PayloadTooLarge,
+    "too_many_requests": TooManyRequests,
+    "internal": InternalError,
+    "unavailable": Unavailable,
+    "no_space": NoSpace,
+}
+
+
+def error_from_response(status: int, body: bytes) -> MoatError:
+    """The exception for an error answer. A body that is not the daemon's error shape (a proxy
+    in between, say) still gives an exception of the status's class, with the body as message."""
+    code, message = f"http_{status}", ""
+    try:
+        detail = json.loads(body)["error"]
+        code, message = str(detail["code"]), str(detail["message"])
+    except (ValueError, KeyError, TypeError):
+        message = body[:500].decode("utf-8", "replace").strip() or f"HTTP status {status}"
+    cls = _BY_STATUS.get(status) or _BY_CODE.get(code)
+    if cls is None:
+        cls = InternalError if status >= 500 else MoatError
+    return cls(status, code, message)
+
+
+def error_from_frame(detail: object) -> MoatError:
+    """The exception for an ``{"error": {...}}`` line of a streamed exec (no status of its own)."""
+    if isinstance(detail, dict):
+        code, message = str(detail.get("code", "internal")), str(detail.get("message", ""))
+    else:
+        code, message = "internal", f"malformed error frame: {detail!r}"
+    return _BY_CODE.get(code, MoatError)(None, code, message)

@@ -1,0 +1,317 @@
+"""The API's objects as Python types, and their parsing from the daemon's JSON.
+
+Requests use TypedDicts (plain dicts that a type checker understands); answers are frozen
+dataclasses. Parsing ignores fields it does not know, so a newer daemon does not break an
+older SDK.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Mapping, Optional, TypedDict, Union
+
+Tier = Literal["xs", "s", "m", "l", "xl"]
+Role = Literal["reader", "user", "owner", "admin"]
+SandboxState = Literal[
+    "creating", "running", "suspending", "suspended", "resuming", "deleting", "failed"
+]
+FileKind = Literal["file", "dir", "symlink", "other"]
+
+
+class PoolSpec(TypedDict, total=False):
+    size: int
+
+
+class LifecycleSpec(TypedDict, total=False):
+    idle_timeout_s: Optional[int]
+    on_idle: Literal["suspend", "delete"]
+    suspended_ttl_s: Optional[int]
+    max_lifetime_s: Optional[int]
+
+
+class EgressRule(TypedDict, total=False):
+    host: str
+    ports: List[int]
+
+
+class EgressSpec(TypedDict, total=False):
+    default: Literal["deny", "allow"]
+    rules: List[EgressRule]
+
+
+class GroupSpec(TypedDict, total=False):
+    """A group's settings; every field is optional (see docs/API.md, "GroupSpec")."""
+
+    image: str
+    tier: Tier
+    pool: PoolSpec
+    lifecycle: LifecycleSpec
+    egress: EgressSpec
+    labels: Dict[str, str]
+
+
+@dataclass(frozen=True)
+class Health:
+    status: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    spec: GroupSpec
+    """The stored spec, every default filled in."""
+    created_at: str
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    role: Role
+    groups: List[str]
+    prefix: str
+    """The key's first characters (``moat_`` + 8), to recognise it."""
+    created_at: str
+
+
+@dataclass(frozen=True)
+class CreatedApiKey(ApiKey):
+    key: str
+    """The secret: shown only in the answer to the create."""
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    id: str
+    group: str
+    state: SandboxState
+    image: str
+    """Manifest digest of the image it runs."""
+    tier: Tier
+    env: Dict[str, str]
+    labels: Dict[str, str]
+    created_at: str
+    updated_at: str
+    reason: Optional[str] = None
+    """Why the sandbox is ``failed``."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How an exec ended, with its whole output (UTF-8; invalid bytes become U+FFFD)."""
+
+    exit_code: int
+    """As a shell reports it: the code, 128+N after signal N, 124 after the timeout, 127 when
+    the command does not exist."""
+    stdout: str
+    stderr: str
+    signal: Optional[int] = None
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class ExecExit:
+    """The last event of a streamed exec (and the answer of a process wait)."""
+
+    exit_code: int
+    signal: Optional[int] = None
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
+class ExecOutput:
+    """A piece of a streamed exec's output, as the process wrote it."""
+
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+ExecEvent = Union[ExecOutput, ExecExit]
+
+
+@dataclass(frozen=True)
+class FileWritten:
+    path: str
+    size: int
+    """Bytes the daemon received and wrote."""
+    created: bool
+    """True when there was no file at ``path`` before (201), False when one was replaced."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    kind: FileKind
+    size: int
+    mode: str
+    """Permission bits in octal, e.g. ``"0644"``."""
+    mtime: str
+    link_target: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ProcessExit:
+    code: Optional[int]
+    """The exit code, when it exited by itself."""
+    signal: Optional[int]
+    timed_out: bool
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    id: str
+    pid: int
+    argv: List[str]
+    running: bool
+    exit: Optional[ProcessExit]
+    started_at: str
+
+
+@dataclass(frozen=True)
+class ProcessLogs:
+    """The newest 1 MiB of each stream, as the guest kept it."""
+
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A named snapshot (memory and disk) of a sandbox, scoped to its group."""
+
+    name: str
+    group: str
+    sandbox: str
+    """Id of the sandbox it was taken from (which may since have been deleted)."""
+    image: str
+    tier: Tier
+    size_bytes: int
+    """Bytes it takes on the host."""
+    created_at: str
+    raw: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The whole object the daemon answered (fields this SDK does not name yet included)."""
+
+
+# ---- parsing ----
+
+
+def _opt_int(v: Any) -> Optional[int]:
+    return None if v is None else int(v)
+
+
+def parse_health(d: Mapping[str, Any]) -> Health:
+    return Health(status=str(d["status"]), version=str(d["version"]))
+
+
+def parse_group(d: Mapping[str, Any]) -> Group:
+    return Group(
+        name=str(d["name"]),
+        spec=d["spec"],
+        created_at=str(d["created_at"]),
+        updated_at=str(d["updated_at"]),
+    )
+
+
+def parse_api_key(d: Mapping[str, Any]) -> ApiKey:
+    return ApiKey(
+        id=str(d["id"]),
+        name=str(d["name"]),
+        role=d["role"],
+        groups=[str(g) for g in d["groups"]],
+        prefix=str(d["prefix"]),
+        created_at=str(d["created_at"]),
+    )
+
+
+def parse_created_api_key(d: Mapping[str, Any]) -> CreatedApiKey:
+    k = parse_api_key(d)
+    return CreatedApiKey(
+        id=k.id,
+        name=k.name,
+        role=k.role,
+        groups=k.groups,
+        prefix=k.prefix,
+        created_at=k.created_at,
+        key=str(d["key"]),
+    )
+
+
+def parse_sandbox(d: Mapping[str, Any]) -> SandboxInfo:
+    return SandboxInfo(
+        id=str(d["id"]),
+        group=str(d["group"]),
+        state=d["state"],
+        image=str(d["image"]),
+        tier=d["tier"],
+        env=dict(d.get("env") or {}),
+        labels=dict(d.get("labels") or {}),
+        created_at=str(d["created_at"]),
+        updated_at=str(d["updated_at"]),
+        reason=d.get("reason"),
+    )
+
+
+def parse_exec_result(d: Mapping[str, Any]) -> ExecResult:
+    return ExecResult(
+        exit_code=int(d["exit_code"]),
+        stdout=str(d["stdout"]),
+        stderr=str(d["stderr"]),
+        signal=_opt_int(d.get("signal")),
+        timed_out=bool(d.get("timed_out", False)),
+    )
+
+
+def parse_exec_exit(d: Mapping[str, Any]) -> ExecExit:
+    return ExecExit(
+        exit_code=int(d["exit_code"]),
+        signal=_opt_int(d.get("signal")),
+        timed_out=bool(d.get("timed_out", False)),
+    )
+
+
+def parse_file_entry(d: Mapping[str, Any]) -> FileEntry:
+    return FileEntry(
+        name=str(d["name"]),
+        kind=d["kind"],
+        size=int(d["size"]),
+        mode=str(d["mode"]),
+        mtime=str(d["mtime"]),
+        link_target=d.get("link_target"),
+    )
+
+
+def parse_process(d: Mapping[str, Any]) -> ProcessInfo:
+    e = d.get("exit")
+    return ProcessInfo(
+        id=str(d["id"]),
+        pid=int(d["pid"]),
+        argv=[str(a) for a in d["argv"]],
+        running=bool(d["running"]),
+        exit=None
+        if e is None
+        else ProcessExit(
+            code=_opt_int(e.get("code")),
+            signal=_opt_int(e.get("signal")),
+            timed_out=bool(e.get("timed_out", False)),
+        ),
+        started_at=str(d["started_at"]),
+    )
+
+
+def parse_snapshot(d: Mapping[str, Any]) -> Snapshot:
+    return Snapshot(
+        name=str(d["name"]),
+        group=str(d["group"]),
+        sandbox=str(d["sandbox"]),
+        image=str(d["image"]),
+        tier=d["tier"],
+        size_bytes=int(d["size_bytes"]),
+        created_at=str(d["created_at"]),
+        raw=dict(d),
+    )

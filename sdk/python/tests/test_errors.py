@@ -1,0 +1,55 @@
+"""Typed errors from a real daemon: the status, the code and the daemon's own message."""
+
+from __future__ import annotations
+
+import pytest
+
+import moat
+
+
+def test_not_found(client: moat.Client, group: str) -> None:
+    with pytest.raises(moat.NotFound) as e:
+        client.sandboxes.get(group, "sb-000000000000")
+    assert (e.value.status, e.value.code) == (404, "not_found")
+    assert "sb-000000000000" in e.value.message
+    with pytest.raises(moat.NotFound):
+        client.groups.get("no-such-group")
+
+
+def test_bad_request_carries_the_daemons_message(client: moat.Client, group: str) -> None:
+    with pytest.raises(moat.BadRequest) as e:
+        client.groups.apply("Not_A_Name")
+    assert (e.value.status, e.value.code) == (400, "bad_request")
+    assert "invalid group name" in e.value.message and "lowercase letters" in e.value.message
+    with pytest.raises(moat.BadRequest) as e:
+        client.sandboxes.create(group, labels={"bad key!": "v"})
+    assert "invalid label key" in e.value.message
+    assert str(e.value).startswith("400 bad_request: invalid label key")
+
+
+def test_forbidden_for_a_reader_key(client: moat.Client, group: str) -> None:
+    k = client.api_keys.create("sdk reader", "reader", [group])
+    try:
+        with moat.Client(client.url, k.key) as reader:
+            with pytest.raises(moat.Forbidden) as e:
+                reader.sandboxes.create(group)
+            assert (e.value.status, e.value.code) == (403, "forbidden")
+            # A reader sees the group, but not the others.
+            reader.groups.get(group)
+            with pytest.raises(moat.NotFound):
+                reader.groups.get("other-group")
+            with pytest.raises(moat.Forbidden):
+                reader.api_keys.list()
+    finally:
+        client.api_keys.delete(k.id)
+
+
+def test_unauthorized(url: str) -> None:
+    with moat.Client(url, "moat_" + "x" * 43) as c:
+        with pytest.raises(moat.Unauthorized) as e:
+            c.groups.list()
+        assert (e.value.status, e.value.code) == (401, "unauthorized")
+        assert c.health().status == "ok"  # needs no key
+    with moat.Client(url, "") as anonymous:
+        with pytest.raises(moat.Unauthorized):
+            anonymous.groups.list()
