@@ -96,6 +96,8 @@ class SandboxInfo:
     updated_at: str
     reason: Optional[str] = None
     """Why the sandbox is ``failed``."""
+    last_activity_at: Optional[str] = None
+    """The end of its last exec, file transfer or shell, for the idle timer."""
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,7 @@ def parse_sandbox(d: Mapping[str, Any]) -> SandboxInfo:
         created_at=str(d["created_at"]),
         updated_at=str(d["updated_at"]),
         reason=d.get("reason"),
+        last_activity_at=d.get("last_activity_at"),
     )
 
 
