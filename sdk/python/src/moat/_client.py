@@ -257,8 +257,7 @@ class Sandbox:
     ) -> ExecStream:
         """Like ``exec``, but yields ``ExecOutput`` pieces as the command writes them, then
         one ``ExecExit``. Use it in a ``with`` block to stop early: leaving it closes the
-        connection, which kills the command (once it next writes output: give a silent
-        command a ``timeout``)."""
+        connection, which kills the command."""
         body = b.exec_body(cmd, env, cwd, user, stdin, timeout)
         return ExecStream(self._c, b.exec_stream(self.group, self.id, body, timeout))
 
