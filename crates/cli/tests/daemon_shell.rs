@@ -76,6 +76,20 @@ async fn read_until(ws: &mut Ws, needle: &str) -> (String, Option<Value>) {
     }
 }
 
+/// "alive\n" while the process whose pid a shell wrote to /run/sh.pid runs, "" after.
+async fn shell_alive(d: &Daemon, id: &str) -> Value {
+    let (st, r) = d
+        .exec(
+            ADMIN,
+            "web",
+            id,
+            json!({"command": "kill -0 $(cat /run/sh.pid) 2>/dev/null && echo alive"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    r["stdout"].clone()
+}
+
 /// `moat …` against the daemon with `input` on a pipe as stdin.
 fn cli_with_stdin(d: &Daemon, args: &[&str], input: &[u8]) -> Output {
     let mut child = moat()
@@ -173,28 +187,11 @@ async fn shell_session_resize_exit_and_disconnect() {
     .await
     .unwrap();
     read_until(&mut ws, "ready").await;
-    let (st, alive) = d
-        .exec(
-            ADMIN,
-            "web",
-            &id,
-            json!({"command": "kill -0 $(cat /run/sh.pid) && echo alive"}),
-        )
-        .await;
-    assert_eq!((st, &alive["stdout"]), (200, &json!("alive\n")), "{alive}");
+    assert_eq!(shell_alive(&d, &id).await, "alive\n");
     drop(ws);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (st, r) = d
-            .exec(
-                ADMIN,
-                "web",
-                &id,
-                json!({"command": "kill -0 $(cat /run/sh.pid) 2>/dev/null && echo alive"}),
-            )
-            .await;
-        assert_eq!(st, 200, "{r}");
-        if r["stdout"] == "" {
+        if shell_alive(&d, &id).await == "" {
             break;
         }
         assert!(
