@@ -19,7 +19,7 @@ pub const G: &str = "/v1/sandbox-groups";
 /// [`Daemon::counter`]): it shows that a sandbox's processes live on.
 pub const COUNTER: &str =
     "(i=0; while true; do i=$((i+1)); echo $i > /run/counter; sleep 0.2; done) \
-                           > /dev/null 2>&1 &";
+     > /dev/null 2>&1 &";
 
 /// The `moat` binary with none of the client or daemon settings of the environment.
 pub fn moat() -> Command {
