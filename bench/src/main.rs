@@ -34,18 +34,6 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
-fn req(argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        env: vec![PATH.into()],
-        cwd: None,
-        user: None,
-        stdin: false,
-        timeout_ms: None,
-        pty: None,
-    }
-}
-
 fn id(prefix: &str) -> String {
     format!("bench-{prefix}-{:08x}", rand::random::<u32>())
 }
@@ -150,7 +138,9 @@ async fn main() -> Result<()> {
     // In one running sandbox: exec round trip, the guest's own process start, files, snapshot.
     let mut sb = Sandbox::restore(&rt, &id("run"), &tpl.dir).await?;
     // Let the restored guest settle before measuring its idle cost.
-    sb.agent().exec_output(req(&["true"]), 1024).await?;
+    sb.agent()
+        .exec_output(ExecRequest::new(&["true"], &[PATH]), 1024)
+        .await?;
     // Idle cost, then a snapshot of the idle sandbox.
     let pid = sb.qemu_pid();
     let (_, t0) = proc_usage(pid)?;
@@ -165,22 +155,29 @@ async fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&snap_parent);
 
     let agent_conn = sb.agent();
-    agent_conn.exec_output(req(&["true"]), 1024).await?;
+    agent_conn
+        .exec_output(ExecRequest::new(&["true"], &[PATH]), 1024)
+        .await?;
     let mut rtts = Vec::new();
     for _ in 0..rounds * 4 {
         let t = Instant::now();
-        agent_conn.exec_output(req(&["true"]), 1024).await?;
+        agent_conn
+            .exec_output(ExecRequest::new(&["true"], &[PATH]), 1024)
+            .await?;
         rtts.push(ms(t.elapsed()));
     }
     let spawns = 50;
     let t = Instant::now();
     let out = agent_conn
         .exec_output(
-            req(&[
-                "sh",
-                "-c",
-                &format!("i=0; while [ $i -lt {spawns} ]; do /bin/true; i=$((i+1)); done"),
-            ]),
+            ExecRequest::new(
+                &[
+                    "sh",
+                    "-c",
+                    &format!("i=0; while [ $i -lt {spawns} ]; do /bin/true; i=$((i+1)); done"),
+                ],
+                &[PATH],
+            ),
             1024,
         )
         .await?;

@@ -42,15 +42,7 @@ fn code(o: &Output) -> i32 {
 #[tokio::test(flavor = "multi_thread")]
 async fn sandbox_verbs_end_to_end() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    let (st, g) = d
-        .call(
-            Some(ADMIN),
-            "PUT",
-            "/v1/sandbox-groups/web",
-            Some(json!({"tier": "s"})),
-        )
-        .await;
-    assert_eq!(st, 201, "{g}");
+    d.put_group("web", json!({"tier": "s"}), 201).await;
 
     // create: the id alone on stdout.
     let id = ok(

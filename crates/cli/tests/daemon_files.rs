@@ -6,12 +6,11 @@ mod common;
 
 use std::time::Instant;
 
-use common::daemon::{check_response, msg, Daemon, ADMIN};
+use common::daemon::{check_response, msg, Daemon, ADMIN, G};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-const G: &str = "/v1/sandbox-groups";
 const MB: usize = 1 << 20;
 
 /// `len` pseudo-random bytes (xorshift), so that nothing compresses or dedups them.
@@ -129,49 +128,18 @@ impl Sb<'_> {
         let doc = self.d.doc.as_ref().unwrap();
         check_response(doc, method, &format!("{}/{what}", self.base), st, v);
     }
-
-    async fn sh(&self, script: &str) -> String {
-        let (st, r) = self
-            .d
-            .call(
-                Some(ADMIN),
-                "POST",
-                &format!("{}/exec", self.base),
-                Some(json!({ "command": script })),
-            )
-            .await;
-        assert_eq!(st, 200, "{r}");
-        assert_eq!(r["exit_code"], 0, "{script}: {r}");
-        r["stdout"].as_str().unwrap().trim().to_string()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_through_the_daemon() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
     for g in ["web", "other"] {
-        let (st, _) = d
-            .call(
-                Some(ADMIN),
-                "PUT",
-                &format!("{G}/{g}"),
-                Some(json!({"tier": "s"})),
-            )
-            .await;
-        assert_eq!(st, 201);
+        d.put_group(g, json!({"tier": "s"}), 201).await;
     }
     let user = d.key("user", &["web"]).await;
     let reader = d.key("reader", &["web"]).await;
     let stranger = d.key("owner", &["other"]).await;
-    let (st, sb) = d
-        .call(
-            Some(&user),
-            "POST",
-            &format!("{G}/web/sandboxes"),
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(st, 201, "{sb}");
+    let sb = d.create(&user, "web", json!({})).await;
     let id = sb["id"].as_str().unwrap();
     let s = Sb {
         d: &d,
@@ -191,7 +159,7 @@ async fn files_through_the_daemon() {
     assert_eq!(w, json!({"path": "/root/big.bin", "size": 50 * MB}));
     drop(big);
     assert_eq!(
-        s.sh("sha256sum /root/big.bin").await,
+        d.sh("web", id, "sha256sum /root/big.bin").await,
         format!("{want}  /root/big.bin")
     );
     let t = Instant::now();
@@ -229,7 +197,7 @@ async fn files_through_the_daemon() {
         )
         .await;
     assert_eq!(st, 201, "{e}");
-    assert_eq!(s.sh("/root/a/b/c.sh").await, "hi");
+    assert_eq!(d.sh("web", id, "/root/a/b/c.sh").await, "hi");
     let (st, e) = s.put(&user, "path=/root/empty", Vec::new()).await;
     assert_eq!((st, &e["size"]), (201, &json!(0)), "{e}");
     let (st, _, bytes) = s.get(&user, "/root/empty").await;
@@ -238,7 +206,7 @@ async fn files_through_the_daemon() {
     let (st, _, bytes) = s.get(&user, "/proc/self/status").await;
     assert_eq!(st, 200);
     assert!(String::from_utf8_lossy(&bytes).contains("Name:"));
-    s.sh("ln -s /root/a/b/c.sh /root/link").await;
+    d.sh("web", id, "ln -s /root/a/b/c.sh /root/link").await;
     let (st, l) = s.call(&reader, "GET", "files/list", "path=/root").await;
     assert_eq!(st, 200, "{l}");
     assert_eq!(l["path"], "/root");
@@ -303,9 +271,9 @@ async fn files_through_the_daemon() {
         )
         .await;
     assert_eq!(st, 201, "{e}");
-    assert_eq!(s.sh(&format!("cat /{marker}")).await, "in");
+    assert_eq!(d.sh("web", id, &format!("cat /{marker}")).await, "in");
     assert!(!std::path::Path::new(&format!("/{marker}")).exists());
-    let guest_hostname = s.sh("cat /etc/hostname").await;
+    let guest_hostname = d.sh("web", id, "cat /etc/hostname").await;
     let (st, _, bytes) = s.get(&reader, "/../../etc/hostname").await;
     assert_eq!(st, 200);
     assert_eq!(String::from_utf8_lossy(&bytes).trim(), guest_hostname);
@@ -367,10 +335,17 @@ async fn files_through_the_daemon() {
         .call(&user, "DELETE", "files", "path=/root/a&recursive=true")
         .await;
     assert_eq!(st, 204, "{e}");
-    assert_eq!(s.sh("test -e /root/a || echo gone").await, "gone");
     assert_eq!(
-        s.sh("test -e /root/link -o -L /root/link && echo link")
-            .await,
+        d.sh("web", id, "test -e /root/a || echo gone").await,
+        "gone"
+    );
+    assert_eq!(
+        d.sh(
+            "web",
+            id,
+            "test -e /root/link -o -L /root/link && echo link"
+        )
+        .await,
         "link",
         "a dangling symlink stays"
     );

@@ -6,13 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::daemon::{msg, Daemon, ADMIN};
+use common::daemon::{msg, Daemon, ADMIN, G};
 use common::unique;
 use moat_image::{Compression, Reference};
 use moat_testkit::{busybox_layer, test_config, write_oci_layout, LayerBuilder, Registry};
 use serde_json::{json, Value};
-
-const G: &str = "/v1/sandbox-groups";
 
 /// An image of its own (a marker layer makes its digest unique to this run) pushed to `reg`:
 /// its reference and digest.
@@ -122,15 +120,8 @@ async fn images_import_list_use_and_delete() {
     assert_eq!((st, &img["digest"]), (200, &json!(digest)), "{img}");
 
     // A group whose default is the image keeps it.
-    let (st, g) = d
-        .call(
-            Some(ADMIN),
-            "PUT",
-            &format!("{G}/web"),
-            Some(json!({"tier": "s", "image": name})),
-        )
+    d.put_group("web", json!({"tier": "s", "image": name}), 201)
         .await;
-    assert_eq!(st, 201, "{g}");
     let (st, v) = d
         .call(Some(ADMIN), "DELETE", &format!("/v1/images/{name}"), None)
         .await;
@@ -138,35 +129,14 @@ async fn images_import_list_use_and_delete() {
     assert!(msg(&v).contains("web"), "{v}");
 
     // So does a sandbox made from it (after the group moves on).
-    let (st, sb) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/web/sandboxes"),
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(st, 201, "{sb}");
+    let sb = d.create(ADMIN, "web", json!({})).await;
     let id = sb["id"].as_str().unwrap().to_string();
     assert_eq!(sb["image"], digest.as_str());
     let (st, r) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/web/sandboxes/{id}/exec"),
-            Some(json!({"argv": ["cat", "/marker"]})),
-        )
+        .exec(ADMIN, "web", &id, json!({"argv": ["cat", "/marker"]}))
         .await;
     assert_eq!((st, &r["stdout"]), (200, &json!(marker)), "{r}");
-    let (st, g) = d
-        .call(
-            Some(ADMIN),
-            "PUT",
-            &format!("{G}/web"),
-            Some(json!({"tier": "s"})),
-        )
-        .await;
-    assert_eq!(st, 200, "{g}");
+    d.put_group("web", json!({"tier": "s"}), 200).await;
     let (st, v) = d
         .call(Some(ADMIN), "DELETE", &format!("/v1/images/{name}"), None)
         .await;
@@ -189,15 +159,7 @@ async fn images_import_list_use_and_delete() {
         )
         .await;
     assert_eq!(st, 201, "{v}");
-    let (st, _) = d
-        .call(
-            Some(ADMIN),
-            "DELETE",
-            &format!("{G}/web/sandboxes/{id}"),
-            None,
-        )
-        .await;
-    assert_eq!(st, 204);
+    d.delete("web", &id).await;
     let (st, v) = d
         .call(Some(ADMIN), "DELETE", &format!("/v1/images/{name}"), None)
         .await;

@@ -5,63 +5,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::daemon::{msg, Daemon, ADMIN};
-use serde_json::{json, Value};
-
-const G: &str = "/v1/sandbox-groups";
-
-async fn put_group(d: &Daemon, group: &str, spec: Value) {
-    let (st, g) = d
-        .call(Some(ADMIN), "PUT", &format!("{G}/{group}"), Some(spec))
-        .await;
-    assert_eq!(st, 201, "{g}");
-}
-
-async fn create(d: &Daemon, group: &str) -> String {
-    let (st, sb) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/{group}/sandboxes"),
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(st, 201, "{sb}");
-    sb["id"].as_str().unwrap().to_string()
-}
-
-/// The sandbox's state, or "gone" once it is deleted.
-async fn state(d: &Daemon, group: &str, id: &str) -> String {
-    let (st, sb) = d
-        .call(
-            Some(ADMIN),
-            "GET",
-            &format!("{G}/{group}/sandboxes/{id}"),
-            None,
-        )
-        .await;
-    match st {
-        200 => sb["state"].as_str().unwrap().to_string(),
-        404 => "gone".to_string(),
-        _ => panic!("{st} {sb}"),
-    }
-}
-
-async fn exec(d: &Daemon, group: &str, id: &str, script: &str) -> (u16, Value) {
-    d.call(
-        Some(ADMIN),
-        "POST",
-        &format!("{G}/{group}/sandboxes/{id}/exec"),
-        Some(json!({"command": script})),
-    )
-    .await
-}
+use common::daemon::{msg, Daemon, ADMIN, G};
+use serde_json::json;
 
 /// Polls until the sandbox is in `want`; returns how long that took.
 async fn wait_state(d: &Daemon, group: &str, id: &str, want: &str, within: Duration) -> Duration {
     let t = Instant::now();
     loop {
-        let s = state(d, group, id).await;
+        let s = d.state(group, id).await;
         if s == want {
             return t.elapsed();
         }
@@ -76,41 +27,34 @@ async fn wait_state(d: &Daemon, group: &str, id: &str, want: &str, within: Durat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sandboxes_are_suspended_unless_active() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    put_group(
-        &d,
+    d.put_group(
         "idle",
         json!({"tier": "s", "lifecycle": {"idle_timeout_s": 2}}),
+        201,
     )
     .await;
-    let id = create(&d, "idle").await;
+    let id = d.new_sandbox("idle").await;
 
     // Activity every second for 4 s keeps it running.
     for _ in 0..4 {
-        let (st, r) = exec(&d, "idle", &id, "true").await;
-        assert_eq!(st, 200, "{r}");
+        d.sh("idle", &id, "true").await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    assert_eq!(state(&d, "idle", &id).await, "running");
-    let (_, sb) = d
-        .call(
-            Some(ADMIN),
-            "GET",
-            &format!("{G}/idle/sandboxes/{id}"),
-            None,
-        )
-        .await;
+    assert_eq!(d.state("idle", &id).await, "running");
+    let sb = d.get("idle", &id).await.expect("the sandbox");
     assert!(sb["last_activity_at"].is_string(), "{sb}");
 
     // Then idle: suspended 2 s (give or take the reaper's tick) after the last exec.
-    let (st, _) = exec(&d, "idle", &id, "true").await;
-    assert_eq!(st, 200);
+    d.sh("idle", &id, "true").await;
     let took = wait_state(&d, "idle", &id, "suspended", Duration::from_secs(8)).await;
     eprintln!("idle → suspended after {took:?}");
     assert!(took >= Duration::from_millis(1500), "too early: {took:?}");
     assert!(common::qemu_processes(&id).is_empty());
 
     // A background process counts as activity for as long as it runs.
-    let (st, r) = exec(&d, "idle", &id, "echo back").await;
+    let (st, r) = d
+        .exec(ADMIN, "idle", &id, json!({"command": "echo back"}))
+        .await;
     assert_eq!((st, r["stdout"].as_str()), (200, Some("back\n")), "{r}");
     let (st, p) = d
         .call(
@@ -124,7 +68,7 @@ async fn idle_sandboxes_are_suspended_unless_active() {
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(4500) {
         assert_eq!(
-            state(&d, "idle", &id).await,
+            d.state("idle", &id).await,
             "running",
             "suspended while a background process ran ({:?})",
             started.elapsed()
@@ -141,32 +85,32 @@ async fn idle_sandboxes_are_suspended_unless_active() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_delete_suspended_ttl_and_max_lifetime() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    put_group(
-        &d,
+    d.put_group(
         "del",
         json!({"tier": "s", "lifecycle": {"idle_timeout_s": 2, "on_idle": "delete"}}),
+        201,
     )
     .await;
-    put_group(
-        &d,
+    d.put_group(
         "ttl",
         json!({"tier": "s", "lifecycle": {"idle_timeout_s": 1, "suspended_ttl_s": 2}}),
+        201,
     )
     .await;
-    put_group(
-        &d,
+    d.put_group(
         "max",
         json!({"tier": "s", "lifecycle": {"idle_timeout_s": null, "max_lifetime_s": 3}}),
+        201,
     )
     .await;
-    let del = create(&d, "del").await;
-    let ttl = create(&d, "ttl").await;
-    let max = create(&d, "max").await;
+    let del = d.new_sandbox("del").await;
+    let ttl = d.new_sandbox("ttl").await;
+    let max = d.new_sandbox("max").await;
     let t0 = Instant::now();
 
     // max_lifetime_s bounds a sandbox however busy it is.
-    while state(&d, "max", &max).await != "gone" {
-        let _ = exec(&d, "max", &max, "true").await;
+    while d.state("max", &max).await != "gone" {
+        let _ = d.exec(ADMIN, "max", &max, json!({"command": "true"})).await;
         assert!(
             t0.elapsed() < Duration::from_secs(8),
             "max_lifetime_s ignored"
@@ -191,8 +135,8 @@ async fn idle_delete_suspended_ttl_and_max_lifetime() {
 async fn capacity_refuses_overcommit_and_counts_suspended_as_free() {
     // Room for one tier s sandbox (1024 MiB), not two.
     let d = Daemon::start_with_runtime_args(Some(ADMIN), &["--max-memory-mib", "1536"]).await;
-    put_group(&d, "cap", json!({"tier": "s"})).await;
-    let a = create(&d, "cap").await;
+    d.put_group("cap", json!({"tier": "s"}), 201).await;
+    let a = d.new_sandbox("cap").await;
     let (st, e) = d
         .call(
             Some(ADMIN),
@@ -210,42 +154,22 @@ async fn capacity_refuses_overcommit_and_counts_suspended_as_free() {
     );
 
     // A suspended sandbox holds no memory: now there is room.
-    let (st, sb) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/cap/sandboxes/{a}/suspend"),
-            None,
-        )
-        .await;
+    let (st, sb, _) = d.lifecycle("cap", &a, "suspend").await;
     assert_eq!(st, 200, "{sb}");
-    let b = create(&d, "cap").await;
+    let b = d.new_sandbox("cap").await;
 
     // And resuming `a` (explicitly or by an exec) would overcommit.
-    let (st, e) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/cap/sandboxes/{a}/resume"),
-            None,
-        )
-        .await;
+    let (st, e, _) = d.lifecycle("cap", &a, "resume").await;
     assert_eq!(st, 429, "{e}");
     assert!(msg(&e).contains(&format!("resuming sandbox {a}")), "{e}");
-    let (st, e) = exec(&d, "cap", &a, "true").await;
+    let (st, e) = d.exec(ADMIN, "cap", &a, json!({"command": "true"})).await;
     assert_eq!(st, 429, "{e}");
-    assert_eq!(state(&d, "cap", &a).await, "suspended");
+    assert_eq!(d.state("cap", &a).await, "suspended");
 
-    let (st, _) = d
-        .call(
-            Some(ADMIN),
-            "DELETE",
-            &format!("{G}/cap/sandboxes/{b}"),
-            None,
-        )
+    d.delete("cap", &b).await;
+    let (st, r) = d
+        .exec(ADMIN, "cap", &a, json!({"command": "echo up"}))
         .await;
-    assert_eq!(st, 204);
-    let (st, r) = exec(&d, "cap", &a, "echo up").await;
     assert_eq!((st, r["stdout"].as_str()), (200, Some("up\n")), "{r}");
 
     let (_, text) = d.call(None, "GET", "/metrics", None).await;
@@ -263,26 +187,18 @@ async fn capacity_refuses_overcommit_and_counts_suspended_as_free() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timers_survive_a_kill9() {
     let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    put_group(
-        &d,
+    d.put_group(
         "idle",
         json!({"tier": "s", "lifecycle": {"idle_timeout_s": 3}}),
+        201,
     )
     .await;
-    let id = create(&d, "idle").await;
-    let (st, _) = exec(&d, "idle", &id, "true").await;
-    assert_eq!(st, 200);
+    let id = d.new_sandbox("idle").await;
+    d.sh("idle", &id, "true").await;
     // The activity time reaches the store within a reaper tick.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (_, sb) = d
-            .call(
-                Some(ADMIN),
-                "GET",
-                &format!("{G}/idle/sandboxes/{id}"),
-                None,
-            )
-            .await;
+        let sb = d.get("idle", &id).await.expect("the sandbox");
         if sb["last_activity_at"].is_string() {
             break;
         }

@@ -5,17 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::daemon::{Daemon, ADMIN};
-use serde_json::{json, Value};
-
-const G: &str = "/v1/sandbox-groups";
-
-async fn put_group(d: &Daemon, group: &str, spec: Value) {
-    let (st, g) = d
-        .call(Some(ADMIN), "PUT", &format!("{G}/{group}"), Some(spec))
-        .await;
-    assert!(st == 200 || st == 201, "{g}");
-}
+use common::daemon::{Daemon, ADMIN, G};
+use serde_json::json;
 
 /// The value of the metric line `series` (name and labels exactly), if present.
 async fn metric(d: &Daemon, series: &str) -> Option<f64> {
@@ -63,38 +54,11 @@ async fn wait_qemus(d: &Daemon, n: usize) {
     }
 }
 
-async fn create(d: &Daemon, group: &str, body: Value) -> (Value, Duration) {
-    let t = Instant::now();
-    let (st, sb) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/{group}/sandboxes"),
-            Some(body),
-        )
-        .await;
-    assert_eq!(st, 201, "{sb}");
-    (sb, t.elapsed())
-}
-
-async fn sh(d: &Daemon, group: &str, id: &str, script: &str) -> String {
-    let (st, r) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/{group}/sandboxes/{id}/exec"),
-            Some(json!({"command": script})),
-        )
-        .await;
-    assert_eq!(st, 200, "{r}");
-    assert_eq!(r["exit_code"], 0, "{script}: {r}");
-    r["stdout"].as_str().unwrap().trim().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_hands_over_refills_resizes_and_stays_hidden() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    put_group(&d, "web", json!({"tier": "s", "pool": {"size": 2}})).await;
+    d.put_group("web", json!({"tier": "s", "pool": {"size": 2}}), 201)
+        .await;
     pool_ready(&d, "web", 2).await;
     assert_eq!(qemus(&d).len(), 2, "two pool VMs");
 
@@ -105,28 +69,27 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
     assert_eq!(l["sandboxes"], json!([]), "{l}");
 
     // A create is a hand-over: the request's env and labels, its own hostname and entropy.
-    let (a, took) = create(
-        &d,
-        "web",
-        json!({"env": {"X": "from-request"}, "labels": {"app": "a"}}),
-    )
-    .await;
-    eprintln!("pool hit: {took:?}");
-    assert_eq!(a["state"], "running", "{a}");
+    let a = d
+        .create(
+            ADMIN,
+            "web",
+            json!({"env": {"X": "from-request"}, "labels": {"app": "a"}}),
+        )
+        .await;
     assert_eq!(a["labels"]["app"], "a");
     let a_id = a["id"].as_str().unwrap();
-    assert_eq!(sh(&d, "web", a_id, "echo $X").await, "from-request");
-    assert_eq!(sh(&d, "web", a_id, "hostname").await, a_id);
+    assert_eq!(d.sh("web", a_id, "echo $X").await, "from-request");
+    assert_eq!(d.sh("web", a_id, "hostname").await, a_id);
     assert_eq!(
         metric(&d, "moat_pool_hits_total{group=\"web\"}").await,
         Some(1.0)
     );
-    let (b, _) = create(&d, "web", json!({})).await;
+    let b = d.create(ADMIN, "web", json!({})).await;
     let b_id = b["id"].as_str().unwrap();
     let rand = "head -c 16 /dev/urandom | od -An -tx1";
     assert_ne!(
-        sh(&d, "web", a_id, rand).await,
-        sh(&d, "web", b_id, rand).await,
+        d.sh("web", a_id, rand).await,
+        d.sh("web", b_id, rand).await,
         "siblings from one pool share their entropy"
     );
     let (_, l) = d
@@ -139,7 +102,7 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
     wait_qemus(&d, 4).await;
 
     // Three creates at once: two hand-overs, one template restore (a miss).
-    let creates = (0..3).map(|_| create(&d, "web", json!({})));
+    let creates = (0..3).map(|_| d.create(ADMIN, "web", json!({})));
     let made = futures_util::future::join_all(creates).await;
     assert_eq!(made.len(), 3);
     assert_eq!(
@@ -150,17 +113,8 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
         metric(&d, "moat_pool_misses_total{group=\"web\"}").await,
         Some(1.0)
     );
-    for (sb, _) in &made {
-        let id = sb["id"].as_str().unwrap();
-        let (st, _) = d
-            .call(
-                Some(ADMIN),
-                "DELETE",
-                &format!("{G}/web/sandboxes/{id}"),
-                None,
-            )
-            .await;
-        assert_eq!(st, 204);
+    for sb in &made {
+        d.delete("web", sb["id"].as_str().unwrap()).await;
     }
     pool_ready(&d, "web", 2).await;
 
@@ -179,13 +133,16 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
     }
 
     // Shrink, grow, then delete the group: the pool follows.
-    put_group(&d, "web", json!({"tier": "s", "pool": {"size": 1}})).await;
+    d.put_group("web", json!({"tier": "s", "pool": {"size": 1}}), 200)
+        .await;
     pool_ready(&d, "web", 1).await;
     wait_qemus(&d, 3).await;
-    put_group(&d, "web", json!({"tier": "s", "pool": {"size": 0}})).await;
+    d.put_group("web", json!({"tier": "s", "pool": {"size": 0}}), 200)
+        .await;
     pool_ready(&d, "web", 0).await;
     wait_qemus(&d, 2).await;
-    put_group(&d, "web", json!({"tier": "s", "pool": {"size": 1}})).await;
+    d.put_group("web", json!({"tier": "s", "pool": {"size": 1}}), 200)
+        .await;
     pool_ready(&d, "web", 1).await;
     let (st, _) = d
         .call(Some(ADMIN), "DELETE", &format!("{G}/web?force=true"), None)
@@ -204,7 +161,8 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_survives_kill9_and_restarts() {
     let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    put_group(&d, "web", json!({"tier": "s", "pool": {"size": 2}})).await;
+    d.put_group("web", json!({"tier": "s", "pool": {"size": 2}}), 201)
+        .await;
     pool_ready(&d, "web", 2).await;
     let before = qemus(&d);
     assert_eq!(before.len(), 2);
@@ -218,13 +176,13 @@ async fn pool_survives_kill9_and_restarts() {
         .call(Some(ADMIN), "GET", &format!("{G}/web/sandboxes"), None)
         .await;
     assert_eq!(l["sandboxes"], json!([]), "{l}");
-    let (sb, _) = create(&d, "web", json!({})).await;
+    let sb = d.create(ADMIN, "web", json!({})).await;
     let id = sb["id"].as_str().unwrap();
     assert_eq!(
         metric(&d, "moat_pool_hits_total{group=\"web\"}").await,
         Some(1.0)
     );
-    assert_eq!(sh(&d, "web", id, "echo ok").await, "ok");
+    assert_eq!(d.sh("web", id, "echo ok").await, "ok");
     pool_ready(&d, "web", 2).await;
     wait_qemus(&d, 3).await;
 
@@ -234,5 +192,5 @@ async fn pool_survives_kill9_and_restarts() {
     d.spawn(Some(ADMIN)).await;
     pool_ready(&d, "web", 2).await;
     assert_eq!(qemus(&d), before);
-    assert_eq!(sh(&d, "web", id, "echo ok").await, "ok");
+    assert_eq!(d.sh("web", id, "echo ok").await, "ok");
 }

@@ -3,75 +3,47 @@
 
 mod common;
 
-use common::daemon::{msg, Daemon, ADMIN};
-use serde_json::{json, Value};
-
-const G: &str = "/v1/sandbox-groups";
-
-async fn call(
-    d: &Daemon,
-    key: &str,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    d.call(Some(key), method, path, body).await
-}
+use common::daemon::{msg, Daemon, ADMIN, G};
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_through_the_daemon() {
     let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
     for g in ["web", "other"] {
-        let (st, _) = call(
-            &d,
-            ADMIN,
-            "PUT",
-            &format!("{G}/{g}"),
-            Some(json!({"tier": "s"})),
-        )
-        .await;
-        assert_eq!(st, 201);
+        d.put_group(g, json!({"tier": "s"}), 201).await;
     }
     let user = d.key("user", &["web"]).await;
     let reader = d.key("reader", &["web"]).await;
     let stranger = d.key("owner", &["other"]).await;
-    let (st, sb) = call(
-        &d,
-        &user,
-        "POST",
-        &format!("{G}/web/sandboxes"),
-        Some(json!({"env": {"SB": "sb"}})),
-    )
-    .await;
-    assert_eq!(st, 201, "{sb}");
+    let sb = d.create(&user, "web", json!({"env": {"SB": "sb"}})).await;
     let id = sb["id"].as_str().unwrap().to_string();
     let base = format!("{G}/web/sandboxes/{id}/processes");
 
     // Start: env merged as exec merges it (sandbox < request).
-    let (st, p1) = call(
-        &d,
-        &user,
-        "POST",
-        &base,
-        Some(json!({"command": "echo out $SB $X; echo err >&2; sleep 1", "env": {"X": "x"}})),
-    )
-    .await;
+    let (st, p1) = d
+        .call(
+            Some(&user),
+            "POST",
+            &base,
+            Some(json!({"command": "echo out $SB $X; echo err >&2; sleep 1", "env": {"X": "x"}})),
+        )
+        .await;
     assert_eq!(st, 201, "{p1}");
     let p1 = p1["id"].as_str().unwrap().to_string();
-    let (st, p2) = call(
-        &d,
-        &user,
-        "POST",
-        &base,
-        Some(json!({"argv": ["sleep", "600"]})),
-    )
-    .await;
+    let (st, p2) = d
+        .call(
+            Some(&user),
+            "POST",
+            &base,
+            Some(json!({"argv": ["sleep", "600"]})),
+        )
+        .await;
     assert_eq!(st, 201, "{p2}");
     assert!(p2["pid"].as_u64().unwrap() > 1, "{p2}");
     let p2 = p2["id"].as_str().unwrap().to_string();
 
     // List: both, the sleeper running.
-    let (st, l) = call(&d, &reader, "GET", &base, None).await;
+    let (st, l) = d.call(Some(&reader), "GET", &base, None).await;
     assert_eq!(st, 200, "{l}");
     let procs = l["processes"].as_array().unwrap();
     let sleeper = procs.iter().find(|p| p["id"] == json!(p2)).unwrap();
@@ -84,48 +56,59 @@ async fn processes_through_the_daemon() {
     );
 
     // Wait → exit 0 (a reader may wait), then its logs.
-    let (st, w) = call(
-        &d,
-        &reader,
-        "POST",
-        &format!("{base}/{p1}/wait?timeout_s=30"),
-        None,
-    )
-    .await;
+    let (st, w) = d
+        .call(
+            Some(&reader),
+            "POST",
+            &format!("{base}/{p1}/wait?timeout_s=30"),
+            None,
+        )
+        .await;
     assert_eq!(st, 200, "{w}");
     assert_eq!(
         w,
         json!({"exit_code": 0, "signal": null, "timed_out": false})
     );
-    let (st, logs) = call(&d, &reader, "GET", &format!("{base}/{p1}/logs"), None).await;
+    let (st, logs) = d
+        .call(Some(&reader), "GET", &format!("{base}/{p1}/logs"), None)
+        .await;
     assert_eq!(st, 200, "{logs}");
     assert_eq!(logs, json!({"stdout": "out sb x\n", "stderr": "err\n"}));
 
     // A wait that runs out: 409; a bad timeout: 400.
-    let (st, e) = call(
-        &d,
-        &user,
-        "POST",
-        &format!("{base}/{p2}/wait?timeout_s=0.2"),
-        None,
-    )
-    .await;
+    let (st, e) = d
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{base}/{p2}/wait?timeout_s=0.2"),
+            None,
+        )
+        .await;
     assert_eq!(st, 409, "{e}");
     assert!(msg(&e).contains("still running"), "{e}");
-    let (st, _) = call(
-        &d,
-        &user,
-        "POST",
-        &format!("{base}/{p2}/wait?timeout_s=301"),
-        None,
-    )
-    .await;
+    let (st, _) = d
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{base}/{p2}/wait?timeout_s=301"),
+            None,
+        )
+        .await;
     assert_eq!(st, 400);
 
     // Readers may not start or kill; strangers see nothing.
-    let (st, e) = call(&d, &reader, "POST", &base, Some(json!({"argv": ["true"]}))).await;
+    let (st, e) = d
+        .call(
+            Some(&reader),
+            "POST",
+            &base,
+            Some(json!({"argv": ["true"]})),
+        )
+        .await;
     assert_eq!(st, 403, "{e}");
-    let (st, _) = call(&d, &reader, "POST", &format!("{base}/{p2}/kill"), None).await;
+    let (st, _) = d
+        .call(Some(&reader), "POST", &format!("{base}/{p2}/kill"), None)
+        .await;
     assert_eq!(st, 403);
     for (m, path) in [
         ("GET", base.clone()),
@@ -133,58 +116,43 @@ async fn processes_through_the_daemon() {
         ("POST", format!("{base}/{p2}/kill")),
         ("POST", format!("{base}/{p2}/wait?timeout_s=0")),
     ] {
-        let (st, e) = call(&d, &stranger, m, &path, None).await;
+        let (st, e) = d.call(Some(&stranger), m, &path, None).await;
         assert_eq!(st, 404, "{m} {path}: {e}");
     }
 
     // Unknown and malformed process ids: 404. Bad requests: 400.
     for bad in ["p999", "x1", "p"] {
-        let (st, e) = call(&d, &user, "GET", &format!("{base}/{bad}/logs"), None).await;
+        let (st, e) = d
+            .call(Some(&user), "GET", &format!("{base}/{bad}/logs"), None)
+            .await;
         assert_eq!(st, 404, "{bad}: {e}");
-        let (st, _) = call(
-            &d,
-            &user,
-            "POST",
-            &format!("{base}/{bad}/wait?timeout_s=0"),
-            None,
-        )
-        .await;
+        let (st, _) = d
+            .call(
+                Some(&user),
+                "POST",
+                &format!("{base}/{bad}/wait?timeout_s=0"),
+                None,
+            )
+            .await;
         assert_eq!(st, 404, "{bad}");
-        let (st, _) = call(&d, &user, "POST", &format!("{base}/{bad}/kill"), None).await;
+        let (st, _) = d
+            .call(Some(&user), "POST", &format!("{base}/{bad}/kill"), None)
+            .await;
         assert_eq!(st, 404, "{bad}");
     }
-    let (st, _) = call(
-        &d,
-        &user,
-        "POST",
-        &base,
-        Some(json!({"argv": ["x"], "command": "x"})),
-    )
-    .await;
-    assert_eq!(st, 400);
-    let (st, _) = call(
-        &d,
-        &user,
-        "POST",
-        &base,
-        Some(json!({"argv": ["x"], "stdin": "x"})),
-    )
-    .await;
-    assert_eq!(st, 400);
-    let (st, _) = call(
-        &d,
-        &user,
-        "POST",
-        &format!("{base}/{p2}/kill"),
-        Some(json!({"signal": 0})),
-    )
-    .await;
-    assert_eq!(st, 400);
+    for (path, body) in [
+        (base.clone(), json!({"argv": ["x"], "command": "x"})),
+        (base.clone(), json!({"argv": ["x"], "stdin": "x"})),
+        (format!("{base}/{p2}/kill"), json!({"signal": 0})),
+    ] {
+        let (st, _) = d.call(Some(&user), "POST", &path, Some(body.clone())).await;
+        assert_eq!(st, 400, "{path} {body}");
+    }
 
     // The sleeper survives a daemon kill -9: the VM and its agent keep it.
     d.kill9();
     d.spawn(Some(ADMIN)).await;
-    let (st, l) = call(&d, &user, "GET", &base, None).await;
+    let (st, l) = d.call(Some(&user), "GET", &base, None).await;
     assert_eq!(st, 200, "{l}");
     let sleeper = l["processes"]
         .as_array()
@@ -195,22 +163,24 @@ async fn processes_through_the_daemon() {
     assert_eq!(sleeper.unwrap()["running"], json!(true), "{l}");
 
     // Kill (default SIGTERM) → signal 15.
-    let (st, k) = call(&d, &user, "POST", &format!("{base}/{p2}/kill"), None).await;
+    let (st, k) = d
+        .call(Some(&user), "POST", &format!("{base}/{p2}/kill"), None)
+        .await;
     assert_eq!(st, 204, "{k}");
-    let (st, w) = call(
-        &d,
-        &user,
-        "POST",
-        &format!("{base}/{p2}/wait?timeout_s=10"),
-        None,
-    )
-    .await;
+    let (st, w) = d
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{base}/{p2}/wait?timeout_s=10"),
+            None,
+        )
+        .await;
     assert_eq!(st, 200, "{w}");
     assert_eq!(
         w,
         json!({"exit_code": 143, "signal": 15, "timed_out": false})
     );
-    let (st, l) = call(&d, &reader, "GET", &base, None).await;
+    let (st, l) = d.call(Some(&reader), "GET", &base, None).await;
     assert_eq!(st, 200);
     let sleeper = l["processes"]
         .as_array()
@@ -226,23 +196,23 @@ async fn processes_through_the_daemon() {
         "{l}"
     );
     // Killing a finished process changes nothing.
-    let (st, _) = call(
-        &d,
-        &user,
-        "POST",
-        &format!("{base}/{p2}/kill"),
-        Some(json!({"signal": 9})),
-    )
-    .await;
+    let (st, _) = d
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{base}/{p2}/kill"),
+            Some(json!({"signal": 9})),
+        )
+        .await;
     assert_eq!(st, 204);
 
-    let (st, _) = call(
-        &d,
-        &user,
-        "DELETE",
-        &format!("{G}/web/sandboxes/{id}"),
-        None,
-    )
-    .await;
+    let (st, _) = d
+        .call(
+            Some(&user),
+            "DELETE",
+            &format!("{G}/web/sandboxes/{id}"),
+            None,
+        )
+        .await;
     assert_eq!(st, 204);
 }

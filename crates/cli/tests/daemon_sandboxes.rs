@@ -11,74 +11,16 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::daemon::{msg, validate, Daemon, ADMIN};
+use common::daemon::{msg, validate, Daemon, ADMIN, COUNTER, G};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-
-const G: &str = "/v1/sandbox-groups";
-
-/// Sandbox calls on top of the shared daemon fixture.
-trait SandboxApi {
-    async fn create(&self, key: &str, group: &str, body: Value) -> Value;
-    async fn exec(&self, key: &str, group: &str, id: &str, body: Value) -> (u16, Value);
-    async fn sh(&self, group: &str, id: &str, script: &str) -> String;
-}
-
-impl SandboxApi for Daemon {
-    async fn create(&self, key: &str, group: &str, body: Value) -> Value {
-        let t = Instant::now();
-        let (st, sb) = self
-            .call(
-                Some(key),
-                "POST",
-                &format!("{G}/{group}/sandboxes"),
-                Some(body),
-            )
-            .await;
-        assert_eq!(st, 201, "{sb}");
-        assert_eq!(sb["state"], "running");
-        eprintln!("create: {:?}", t.elapsed());
-        sb
-    }
-
-    async fn exec(&self, key: &str, group: &str, id: &str, body: Value) -> (u16, Value) {
-        self.call(
-            Some(key),
-            "POST",
-            &format!("{G}/{group}/sandboxes/{id}/exec"),
-            Some(body),
-        )
-        .await
-    }
-
-    /// `sh -c SCRIPT` must succeed; returns its stdout, trimmed.
-    async fn sh(&self, group: &str, id: &str, script: &str) -> String {
-        let (st, r) = self
-            .exec(ADMIN, group, id, json!({"command": script}))
-            .await;
-        assert_eq!(st, 200, "{r}");
-        assert_eq!(r["exit_code"], 0, "{script}: {r}");
-        r["stdout"].as_str().unwrap().trim().to_string()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_exec_list_delete_and_roles() {
     let started = Instant::now();
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    let (st, _) = d
-        .call(
-            Some(ADMIN),
-            "PUT",
-            &format!("{G}/web"),
-            Some(json!({"tier": "s"})),
-        )
-        .await;
-    assert_eq!(st, 201);
-    let (st, _) = d
-        .call(Some(ADMIN), "PUT", &format!("{G}/other"), Some(json!({})))
-        .await;
-    assert_eq!(st, 201);
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    d.put_group("other", json!({}), 201).await;
     let user = d.key("user", &["web"]).await;
     let reader = d.key("reader", &["web"]).await;
     let stranger = d.key("owner", &["other"]).await;
@@ -337,63 +279,25 @@ async fn create_exec_list_delete_and_roles() {
     eprintln!("create_exec_list_delete_and_roles: {:?}", started.elapsed());
 }
 
-/// The background counter an exec leaves running: its value now.
-async fn counter(d: &Daemon, id: &str) -> u64 {
-    d.sh("web", id, "cat /run/counter")
-        .await
-        .parse()
-        .expect("counter")
-}
-
-async fn counter_moves(d: &Daemon, id: &str) {
-    let before = counter(d, id).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while counter(d, id).await <= before {
-        assert!(Instant::now() < deadline, "counter stuck at {before}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_keep_running_sandboxes() {
     let started = Instant::now();
     let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    let (st, _) = d
-        .call(
-            Some(ADMIN),
-            "PUT",
-            &format!("{G}/web"),
-            Some(json!({"tier": "s"})),
-        )
-        .await;
-    assert_eq!(st, 201);
-    let keep = d.create(ADMIN, "web", json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let lost = d.create(ADMIN, "web", json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let stray = d.create(ADMIN, "web", json!({})).await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    let keep = d.new_sandbox("web").await;
+    let lost = d.new_sandbox("web").await;
+    let stray = d.new_sandbox("web").await;
     d.sh("web", &keep, "echo kept > /root/f").await;
-    d.sh(
-        "web",
-        &keep,
-        "(i=0; while true; do i=$((i+1)); echo $i > /run/counter; sleep 0.2; done) \
-         > /dev/null 2>&1 &",
-    )
-    .await;
-    counter_moves(&d, &keep).await;
+    d.sh("web", &keep, COUNTER).await;
+    d.counter_moves("web", &keep, d.counter("web", &keep).await)
+        .await;
 
     // A graceful stop leaves the VMs to the next daemon.
     d.terminate();
     assert_eq!(common::qemu_processes(&keep).len(), 1);
     d.spawn(Some(ADMIN)).await;
-    counter_moves(&d, &keep).await;
+    d.counter_moves("web", &keep, d.counter("web", &keep).await)
+        .await;
 
     // kill -9: the VMs live on. Meanwhile one VM dies and one row goes missing.
     d.kill9();
@@ -415,26 +319,12 @@ async fn restarts_keep_running_sandboxes() {
     eprintln!("restart with adoption: {:?}", t.elapsed());
 
     // The kept sandbox: running, its file and background process intact.
-    let (st, sb) = d
-        .call(
-            Some(ADMIN),
-            "GET",
-            &format!("{G}/web/sandboxes/{keep}"),
-            None,
-        )
-        .await;
-    assert_eq!((st, &sb["state"]), (200, &json!("running")), "{sb}");
+    assert_eq!(d.state("web", &keep).await, "running");
     assert_eq!(d.sh("web", &keep, "cat /root/f").await, "kept");
-    counter_moves(&d, &keep).await;
-    // The one whose VM died: failed, with a reason, and exec says so.
-    let (_, sb) = d
-        .call(
-            Some(ADMIN),
-            "GET",
-            &format!("{G}/web/sandboxes/{lost}"),
-            None,
-        )
+    d.counter_moves("web", &keep, d.counter("web", &keep).await)
         .await;
+    // The one whose VM died: failed, with a reason, and exec says so.
+    let sb = d.get("web", &lost).await.expect("the failed sandbox");
     assert_eq!(sb["state"], "failed", "{sb}");
     assert!(
         sb["reason"].as_str().unwrap().contains("VM was gone"),
@@ -446,15 +336,7 @@ async fn restarts_keep_running_sandboxes() {
     assert_eq!(st, 409, "{e}");
     assert!(msg(&e).contains("failed"), "{e}");
     // A failed sandbox can still be deleted.
-    let (st, _) = d
-        .call(
-            Some(ADMIN),
-            "DELETE",
-            &format!("{G}/web/sandboxes/{lost}"),
-            None,
-        )
-        .await;
-    assert_eq!(st, 204);
+    d.delete("web", &lost).await;
     // The VM no row claims was destroyed.
     assert!(
         common::qemu_processes(&stray).is_empty(),
@@ -462,15 +344,7 @@ async fn restarts_keep_running_sandboxes() {
     );
     assert!(!d.home.path().join("run").join(&stray).exists());
 
-    let (st, _) = d
-        .call(
-            Some(ADMIN),
-            "DELETE",
-            &format!("{G}/web/sandboxes/{keep}"),
-            None,
-        )
-        .await;
-    assert_eq!(st, 204);
+    d.delete("web", &keep).await;
     assert!(common::qemu_processes(&keep).is_empty());
     eprintln!("restarts_keep_running_sandboxes: {:?}", started.elapsed());
 }

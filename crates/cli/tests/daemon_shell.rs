@@ -7,39 +7,21 @@ use std::io::Write;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::daemon::{moat, msg, Daemon, ADMIN};
+use common::daemon::{moat, msg, Daemon, ADMIN, G};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-const G: &str = "/v1/sandbox-groups";
-
 type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// Groups web and other, and a sandbox in web: its id.
 async fn setup(d: &Daemon) -> String {
     for g in ["web", "other"] {
-        let (st, v) = d
-            .call(
-                Some(ADMIN),
-                "PUT",
-                &format!("{G}/{g}"),
-                Some(json!({"tier": "s"})),
-            )
-            .await;
-        assert_eq!(st, 201, "{v}");
+        d.put_group(g, json!({"tier": "s"}), 201).await;
     }
-    let (st, sb) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/web/sandboxes"),
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(st, 201, "{sb}");
-    sb["id"].as_str().unwrap().to_string()
+    d.new_sandbox("web").await
 }
 
 /// Opens the shell route with `query`; the HTTP status on refusal.
@@ -94,17 +76,18 @@ async fn read_until(ws: &mut Ws, needle: &str) -> (String, Option<Value>) {
     }
 }
 
-async fn exec(d: &Daemon, id: &str, script: &str) -> Value {
+/// "alive\n" while the process whose pid a shell wrote to /run/sh.pid runs, "" after.
+async fn shell_alive(d: &Daemon, id: &str) -> Value {
     let (st, r) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/web/sandboxes/{id}/exec"),
-            Some(json!({"command": script})),
+        .exec(
+            ADMIN,
+            "web",
+            id,
+            json!({"command": "kill -0 $(cat /run/sh.pid) 2>/dev/null && echo alive"}),
         )
         .await;
     assert_eq!(st, 200, "{r}");
-    r
+    r["stdout"].clone()
 }
 
 /// `moat …` against the daemon with `input` on a pipe as stdin.
@@ -204,18 +187,11 @@ async fn shell_session_resize_exit_and_disconnect() {
     .await
     .unwrap();
     read_until(&mut ws, "ready").await;
-    let alive = exec(&d, &id, "kill -0 $(cat /run/sh.pid) && echo alive").await;
-    assert_eq!(alive["stdout"], "alive\n", "{alive}");
+    assert_eq!(shell_alive(&d, &id).await, "alive\n");
     drop(ws);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let r = exec(
-            &d,
-            &id,
-            "kill -0 $(cat /run/sh.pid) 2>/dev/null && echo alive",
-        )
-        .await;
-        if r["stdout"] == "" {
+        if shell_alive(&d, &id).await == "" {
             break;
         }
         assert!(
@@ -335,15 +311,8 @@ async fn shell_resumes_suspended_sandboxes_and_checks_access() {
     );
 
     // A shell on a suspended sandbox resumes it, with its files as they were.
-    exec(&d, &id, "echo kept > /root/f").await;
-    let (st, sb) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/web/sandboxes/{id}/suspend"),
-            None,
-        )
-        .await;
+    d.sh("web", &id, "echo kept > /root/f").await;
+    let (st, sb, _) = d.lifecycle("web", &id, "suspend").await;
     assert_eq!((st, &sb["state"]), (200, &json!("suspended")), "{sb}");
     let t = Instant::now();
     let mut ws = connect(&d, ADMIN, &id, "cols=80&rows=24&command=cat%20/root/f")
@@ -356,10 +325,7 @@ async fn shell_resumes_suspended_sandboxes_and_checks_access() {
     let (out, exit) = read_until(&mut ws, "no such output").await;
     assert!(out.contains("kept"), "{out:?}");
     assert_eq!(exit.unwrap()["exit_code"], 0);
-    let (_, sb) = d
-        .call(Some(ADMIN), "GET", &format!("{G}/web/sandboxes/{id}"), None)
-        .await;
-    assert_eq!(sb["state"], "running", "{sb}");
+    assert_eq!(d.state("web", &id).await, "running");
 
     // A suspend waits for an open shell to end (the shell holds the sandbox).
     let mut ws = connect(&d, ADMIN, &id, "cols=80&rows=24").await.unwrap();
@@ -397,15 +363,7 @@ async fn shell_resumes_suspended_sandboxes_and_checks_access() {
     .expect("shell");
     read_until(&mut ws, "ready").await;
     let t = Instant::now();
-    let (st, v) = d
-        .call(
-            Some(ADMIN),
-            "DELETE",
-            &format!("{G}/web/sandboxes/{id}"),
-            None,
-        )
-        .await;
-    assert_eq!(st, 204, "{v}");
+    d.delete("web", &id).await;
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "delete waited {:?}",

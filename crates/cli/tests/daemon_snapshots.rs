@@ -7,24 +7,11 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::daemon::{msg, validate, Daemon, ADMIN};
+use common::daemon::{msg, validate, Daemon, ADMIN, COUNTER, G};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-const G: &str = "/v1/sandbox-groups";
-
-async fn group(d: &Daemon, name: &str) {
-    let (st, g) = d
-        .call(
-            Some(ADMIN),
-            "PUT",
-            &format!("{G}/{name}"),
-            Some(json!({"tier": "s"})),
-        )
-        .await;
-    assert_eq!(st, 201, "{g}");
-}
-
+/// `POST …/sandboxes` as is: a fork of `count` answers a list, and refusals are the point.
 async fn create(d: &Daemon, group: &str, body: Value) -> (u16, Value) {
     d.call(
         Some(ADMIN),
@@ -35,12 +22,6 @@ async fn create(d: &Daemon, group: &str, body: Value) -> (u16, Value) {
     .await
 }
 
-async fn new_sandbox(d: &Daemon, group: &str) -> String {
-    let (st, sb) = create(d, group, json!({})).await;
-    assert_eq!(st, 201, "{sb}");
-    sb["id"].as_str().unwrap().to_string()
-}
-
 async fn snapshot(d: &Daemon, key: &str, group: &str, id: &str, name: &str) -> (u16, Value) {
     d.call(
         Some(key),
@@ -49,45 +30,6 @@ async fn snapshot(d: &Daemon, key: &str, group: &str, id: &str, name: &str) -> (
         Some(json!({ "name": name })),
     )
     .await
-}
-
-async fn exec(d: &Daemon, group: &str, id: &str, script: &str) -> (u16, Value) {
-    d.call(
-        Some(ADMIN),
-        "POST",
-        &format!("{G}/{group}/sandboxes/{id}/exec"),
-        Some(json!({ "command": script })),
-    )
-    .await
-}
-
-async fn sh(d: &Daemon, group: &str, id: &str, script: &str) -> String {
-    let (st, r) = exec(d, group, id, script).await;
-    assert_eq!(st, 200, "{r}");
-    assert_eq!(r["exit_code"], 0, "{script}: {r}");
-    r["stdout"].as_str().unwrap().trim().to_string()
-}
-
-const COUNTER: &str = "(i=0; while true; do i=$((i+1)); echo $i > /run/counter; sleep 0.2; done) \
-                       > /dev/null 2>&1 &";
-
-async fn counter(d: &Daemon, group: &str, id: &str) -> u64 {
-    sh(d, group, id, "cat /run/counter")
-        .await
-        .parse()
-        .expect("counter")
-}
-
-/// The background counter is alive: it moves past `after`.
-async fn counter_moves(d: &Daemon, group: &str, id: &str, after: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while counter(d, group, id).await <= after {
-        assert!(
-            Instant::now() < deadline,
-            "counter of {id} stuck at {after}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn ids(list: &Value) -> Vec<String> {
@@ -102,16 +44,11 @@ fn ids(list: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_forks_into_three_with_its_processes_and_files_and_fresh_entropy() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    group(&d, "web").await;
-    let src = new_sandbox(&d, "web").await;
-    sh(
-        &d,
-        "web",
-        &src,
-        &format!("echo kept > /root/note; {COUNTER}"),
-    )
-    .await;
-    counter_moves(&d, "web", &src, 1).await;
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    let src = d.new_sandbox("web").await;
+    d.sh("web", &src, &format!("echo kept > /root/note; {COUNTER}"))
+        .await;
+    d.counter_moves("web", &src, 1).await;
 
     let (st, snap) = snapshot(&d, ADMIN, "web", &src, "s1").await;
     assert_eq!(st, 201, "{snap}");
@@ -149,20 +86,10 @@ async fn a_snapshot_forks_into_three_with_its_processes_and_files_and_fresh_entr
     );
 
     // The source runs on.
-    assert_eq!(sh(&d, "web", &src, "cat /root/note").await, "kept");
-    let c = counter(&d, "web", &src).await;
-    counter_moves(&d, "web", &src, c).await;
-    assert_eq!(
-        d.call(
-            Some(ADMIN),
-            "GET",
-            &format!("{G}/web/sandboxes/{src}"),
-            None
-        )
-        .await
-        .1["state"],
-        "running"
-    );
+    assert_eq!(d.sh("web", &src, "cat /root/note").await, "kept");
+    let c = d.counter("web", &src).await;
+    d.counter_moves("web", &src, c).await;
+    assert_eq!(d.state("web", &src).await, "running");
 
     let t = Instant::now();
     let (st, forks) = create(&d, "web", json!({"from_snapshot": "s1", "count": 3})).await;
@@ -177,13 +104,16 @@ async fn a_snapshot_forks_into_three_with_its_processes_and_files_and_fresh_entr
     }
     let (mut uuids, mut random, mut hosts) = (HashSet::new(), HashSet::new(), HashSet::new());
     for id in &fork_ids {
-        assert_eq!(sh(&d, "web", id, "cat /root/note").await, "kept");
+        assert_eq!(d.sh("web", id, "cat /root/note").await, "kept");
         // The counter process came along and goes on counting.
-        let c = counter(&d, "web", id).await;
-        counter_moves(&d, "web", id, c).await;
-        uuids.insert(sh(&d, "web", id, "cat /proc/sys/kernel/random/uuid").await);
-        random.insert(sh(&d, "web", id, "head -c 16 /dev/urandom | od -An -tx1").await);
-        let h = sh(&d, "web", id, "hostname").await;
+        let c = d.counter("web", id).await;
+        d.counter_moves("web", id, c).await;
+        uuids.insert(d.sh("web", id, "cat /proc/sys/kernel/random/uuid").await);
+        random.insert(
+            d.sh("web", id, "head -c 16 /dev/urandom | od -An -tx1")
+                .await,
+        );
+        let h = d.sh("web", id, "hostname").await;
         assert_eq!(&h, id);
         hosts.insert(h);
     }
@@ -192,24 +122,15 @@ async fn a_snapshot_forks_into_three_with_its_processes_and_files_and_fresh_entr
     assert_eq!(hosts.len(), 3, "{hosts:?}");
 
     // The snapshot does not depend on its source...
-    let (st, _) = d
-        .call(
-            Some(ADMIN),
-            "DELETE",
-            &format!("{G}/web/sandboxes/{src}"),
-            None,
-        )
-        .await;
-    assert_eq!(st, 204);
+    d.delete("web", &src).await;
     assert!(!d.home.path().join("suspended").join(&src).exists());
-    let (st, one) = create(&d, "web", json!({"from_snapshot": "s1"})).await;
-    assert_eq!(st, 201, "{one}");
+    let one = d.create(ADMIN, "web", json!({"from_snapshot": "s1"})).await;
     assert!(
         one["sandboxes"].is_null(),
         "without count, one Sandbox: {one}"
     );
     let one_id = one["id"].as_str().unwrap().to_string();
-    assert_eq!(sh(&d, "web", &one_id, "cat /root/note").await, "kept");
+    assert_eq!(d.sh("web", &one_id, "cat /root/note").await, "kept");
 
     // ...and the forks do not depend on the snapshot: deleted, they run, suspend and resume.
     let (st, _) = d
@@ -223,48 +144,31 @@ async fn a_snapshot_forks_into_three_with_its_processes_and_files_and_fresh_entr
     assert_eq!(st, 204);
     assert!(!dir.exists());
     let f = &fork_ids[0];
-    sh(&d, "web", f, "echo more >> /root/note").await;
+    d.sh("web", f, "echo more >> /root/note").await;
     for verb in ["suspend", "resume"] {
-        let (st, v) = d
-            .call(
-                Some(ADMIN),
-                "POST",
-                &format!("{G}/web/sandboxes/{f}/{verb}"),
-                None,
-            )
-            .await;
+        let (st, v, _) = d.lifecycle("web", f, verb).await;
         assert_eq!(st, 200, "{verb}: {v}");
     }
-    assert_eq!(sh(&d, "web", f, "cat /root/note").await, "kept\nmore");
-    let c = counter(&d, "web", f).await;
-    counter_moves(&d, "web", f, c).await;
-    assert_eq!(sh(&d, "web", &one_id, "cat /root/note").await, "kept");
+    assert_eq!(d.sh("web", f, "cat /root/note").await, "kept\nmore");
+    let c = d.counter("web", f).await;
+    d.counter_moves("web", f, c).await;
+    assert_eq!(d.sh("web", &one_id, "cat /root/note").await, "kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_routes_validate_scope_and_conflicts() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    group(&d, "web").await;
-    group(&d, "other").await;
-    let id = new_sandbox(&d, "web").await;
-    sh(&d, "web", &id, "echo v1 > /root/v").await;
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    d.put_group("other", json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox("web").await;
+    d.sh("web", &id, "echo v1 > /root/v").await;
 
     // A suspended sandbox is resumed for the snapshot and runs on afterwards.
-    let (st, v) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/web/sandboxes/{id}/suspend"),
-            None,
-        )
-        .await;
+    let (st, v, _) = d.lifecycle("web", &id, "suspend").await;
     assert_eq!(st, 200, "{v}");
     let (st, snap) = snapshot(&d, ADMIN, "web", &id, "base-1").await;
     assert_eq!(st, 201, "{snap}");
-    let (_, row) = d
-        .call(Some(ADMIN), "GET", &format!("{G}/web/sandboxes/{id}"), None)
-        .await;
-    assert_eq!(row["state"], "running", "{row}");
+    assert_eq!(d.state("web", &id).await, "running");
 
     // Bad names, duplicates, unknown fields.
     for bad in ["Bad", "-x", "a/b", "", &"x".repeat(64)] {
@@ -366,15 +270,7 @@ async fn snapshot_routes_validate_scope_and_conflicts() {
     assert_eq!(st, 403, "{e}");
 
     // A group with snapshots is not deleted without force; with force they go too.
-    let (st, _) = d
-        .call(
-            Some(ADMIN),
-            "DELETE",
-            &format!("{G}/web/sandboxes/{id}"),
-            None,
-        )
-        .await;
-    assert_eq!(st, 204);
+    d.delete("web", &id).await;
     let (st, e) = d
         .call(Some(ADMIN), "DELETE", &format!("{G}/web"), None)
         .await;
@@ -385,7 +281,7 @@ async fn snapshot_routes_validate_scope_and_conflicts() {
         .await;
     assert_eq!(st, 204, "{e}");
     assert!(!d.home.path().join("snapshots/web").exists());
-    group(&d, "web").await;
+    d.put_group("web", json!({"tier": "s"}), 201).await;
     let (st, list) = d
         .call(Some(ADMIN), "GET", &format!("{G}/web/snapshots"), None)
         .await;
@@ -432,7 +328,14 @@ async fn stream_exec(
 async fn wait_flag(d: &Daemon, group: &str, id: &str, flag: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (st, r) = exec(d, group, id, &format!("test -e /run/{flag}")).await;
+        let (st, r) = d
+            .exec(
+                ADMIN,
+                group,
+                id,
+                json!({ "command": format!("test -e /run/{flag}") }),
+            )
+            .await;
         assert_eq!(st, 200, "{r}");
         if r["exit_code"] == 0 {
             return;
@@ -445,12 +348,17 @@ async fn wait_flag(d: &Daemon, group: &str, id: &str, flag: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_ends_running_execs_promptly() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    group(&d, "web").await;
-    group(&d, "other").await;
-    let id = new_sandbox(&d, "web").await;
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    d.put_group("other", json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox("web").await;
     let sb = format!("{G}/web/sandboxes/{id}");
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let collected = exec(&d, "web", &id, "touch /run/json-started; sleep 600");
+    let collected = d.exec(
+        ADMIN,
+        "web",
+        &id,
+        json!({"command": "touch /run/json-started; sleep 600"}),
+    );
     let exec_path = format!("{sb}/exec");
     let streamed = stream_exec(&d, &exec_path, "echo started; sleep 600", tx);
     let delete = async {
@@ -483,8 +391,13 @@ async fn a_delete_ends_running_execs_promptly() {
     assert_eq!(st, 404);
 
     // A forced group delete does the same.
-    let id = new_sandbox(&d, "other").await;
-    let collected = exec(&d, "other", &id, "touch /run/started; sleep 600");
+    let id = d.new_sandbox("other").await;
+    let collected = d.exec(
+        ADMIN,
+        "other",
+        &id,
+        json!({"command": "touch /run/started; sleep 600"}),
+    );
     let delete = async {
         wait_flag(&d, "other", &id, "started").await;
         let t = Instant::now();
@@ -511,9 +424,9 @@ async fn a_delete_ends_running_execs_promptly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_takes_lists_forks_and_removes_snapshots() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    group(&d, "web").await;
-    let id = new_sandbox(&d, "web").await;
-    sh(&d, "web", &id, "echo from-cli > /root/f").await;
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox("web").await;
+    d.sh("web", &id, "echo from-cli > /root/f").await;
     let run = |args: &[&str]| {
         let out = d.cli(ADMIN, args);
         assert!(
@@ -551,7 +464,7 @@ async fn cli_takes_lists_forks_and_removes_snapshots() {
     assert_eq!(forks.len(), 2, "{out}");
     for f in &forks {
         assert!(f.starts_with("sb-"), "{out}");
-        assert_eq!(sh(&d, "web", f, "cat /root/f").await, "from-cli");
+        assert_eq!(d.sh("web", f, "cat /root/f").await, "from-cli");
     }
     // Bad input is refused before anything is sent.
     let out = d.cli(
@@ -600,9 +513,9 @@ async fn cli_takes_lists_forks_and_removes_snapshots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_survive_kill_9_and_leftovers_are_removed() {
     let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    group(&d, "web").await;
-    let id = new_sandbox(&d, "web").await;
-    sh(&d, "web", &id, "echo durable > /root/d").await;
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox("web").await;
+    d.sh("web", &id, "echo durable > /root/d").await;
     let t = Instant::now();
     let (st, snap) = snapshot(&d, ADMIN, "web", &id, "keep").await;
     assert_eq!(st, 201, "{snap}");
@@ -634,17 +547,18 @@ async fn snapshots_survive_kill_9_and_leftovers_are_removed() {
         .call(Some(ADMIN), "GET", &format!("{G}/web/snapshots/keep"), None)
         .await;
     assert_eq!((st, &got), (200, &snap));
-    let (st, fork) = create(&d, "web", json!({"from_snapshot": "keep"})).await;
-    assert_eq!(st, 201, "{fork}");
+    let fork = d
+        .create(ADMIN, "web", json!({"from_snapshot": "keep"}))
+        .await;
     let f = fork["id"].as_str().unwrap();
-    assert_eq!(sh(&d, "web", f, "cat /root/d").await, "durable");
+    assert_eq!(d.sh("web", f, "cat /root/d").await, "durable");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_that_fails_leaves_nothing_behind() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    group(&d, "web").await;
-    let id = new_sandbox(&d, "web").await;
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox("web").await;
     let (st, snap) = snapshot(&d, ADMIN, "web", &id, "broken").await;
     assert_eq!(st, 201, "{snap}");
     // A memory image cut in half: every restore of it fails.

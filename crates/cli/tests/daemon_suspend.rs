@@ -5,93 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::daemon::{msg, Daemon, ADMIN};
-use serde_json::{json, Value};
-
-const G: &str = "/v1/sandbox-groups";
-
-async fn setup(d: &Daemon) {
-    let (st, g) = d
-        .call(
-            Some(ADMIN),
-            "PUT",
-            &format!("{G}/web"),
-            Some(json!({"tier": "s"})),
-        )
-        .await;
-    assert_eq!(st, 201, "{g}");
-}
-
-async fn create(d: &Daemon) -> String {
-    let (st, sb) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/web/sandboxes"),
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(st, 201, "{sb}");
-    sb["id"].as_str().unwrap().to_string()
-}
-
-/// `POST …/{id}/{verb}` (suspend or resume): status, body, and how long it took.
-async fn lifecycle(d: &Daemon, id: &str, verb: &str) -> (u16, Value, Duration) {
-    let t = Instant::now();
-    let (st, v) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/web/sandboxes/{id}/{verb}"),
-            None,
-        )
-        .await;
-    (st, v, t.elapsed())
-}
-
-async fn state(d: &Daemon, id: &str) -> Value {
-    let (st, sb) = d
-        .call(Some(ADMIN), "GET", &format!("{G}/web/sandboxes/{id}"), None)
-        .await;
-    assert_eq!(st, 200, "{sb}");
-    sb["state"].clone()
-}
-
-async fn exec(d: &Daemon, id: &str, script: &str) -> (u16, Value) {
-    d.call(
-        Some(ADMIN),
-        "POST",
-        &format!("{G}/web/sandboxes/{id}/exec"),
-        Some(json!({"command": script})),
-    )
-    .await
-}
-
-async fn sh(d: &Daemon, id: &str, script: &str) -> String {
-    let (st, r) = exec(d, id, script).await;
-    assert_eq!(st, 200, "{r}");
-    assert_eq!(r["exit_code"], 0, "{script}: {r}");
-    r["stdout"].as_str().unwrap().trim().to_string()
-}
-
-const COUNTER: &str = "(i=0; while true; do i=$((i+1)); echo $i > /run/counter; sleep 0.2; done) \
-                       > /dev/null 2>&1 &";
-
-async fn counter(d: &Daemon, id: &str) -> u64 {
-    sh(d, id, "cat /run/counter")
-        .await
-        .parse()
-        .expect("counter")
-}
-
-/// The counter is alive: it moves past `after`.
-async fn counter_moves(d: &Daemon, id: &str, after: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while counter(d, id).await <= after {
-        assert!(Instant::now() < deadline, "counter stuck at {after}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use common::daemon::{msg, Daemon, ADMIN, COUNTER, G};
+use serde_json::json;
 
 /// The numbered suspend directories of `id`, and whether each still has its memory image.
 fn suspend_dirs(d: &Daemon, id: &str) -> Vec<(String, bool)> {
@@ -114,15 +29,15 @@ fn suspend_dirs(d: &Daemon, id: &str) -> Vec<(String, bool)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspend_resume_keeps_state_and_auto_resumes() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    setup(&d).await;
-    let id = create(&d).await;
-    sh(&d, &id, "echo kept > /root/f").await;
-    sh(&d, &id, COUNTER).await;
-    counter_moves(&d, &id, 0).await;
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox("web").await;
+    d.sh("web", &id, "echo kept > /root/f").await;
+    d.sh("web", &id, COUNTER).await;
+    d.counter_moves("web", &id, 0).await;
 
     // Suspend: no QEMU left, one complete directory.
-    let before = counter(&d, &id).await;
-    let (st, sb, took) = lifecycle(&d, &id, "suspend").await;
+    let before = d.counter("web", &id).await;
+    let (st, sb, took) = d.lifecycle("web", &id, "suspend").await;
     assert_eq!((st, &sb["state"]), (200, &json!("suspended")), "{sb}");
     eprintln!("suspend: {took:?}");
     assert!(
@@ -132,54 +47,47 @@ async fn suspend_resume_keeps_state_and_auto_resumes() {
     assert_eq!(suspend_dirs(&d, &id), vec![("1".to_string(), true)]);
 
     // Suspend again: a no-op, still 200.
-    let (st, sb, _) = lifecycle(&d, &id, "suspend").await;
+    let (st, sb, _) = d.lifecycle("web", &id, "suspend").await;
     assert_eq!((st, &sb["state"]), (200, &json!("suspended")), "{sb}");
 
     // Resume: the file and the counter are there, and the counter goes on.
-    let (st, sb, took) = lifecycle(&d, &id, "resume").await;
+    let (st, sb, took) = d.lifecycle("web", &id, "resume").await;
     assert_eq!((st, &sb["state"]), (200, &json!("running")), "{sb}");
     eprintln!("resume: {took:?}");
     assert_eq!(common::qemu_processes(&id).len(), 1);
-    assert_eq!(sh(&d, &id, "cat /root/f").await, "kept");
-    let after = counter(&d, &id).await;
+    assert_eq!(d.sh("web", &id, "cat /root/f").await, "kept");
+    let after = d.counter("web", &id).await;
     assert!(after >= before, "counter went back: {before} -> {after}");
-    counter_moves(&d, &id, after).await;
+    d.counter_moves("web", &id, after).await;
     // The memory image is gone; the disk stays as the VM's backing file.
     assert_eq!(suspend_dirs(&d, &id), vec![("1".to_string(), false)]);
 
     // Resume again: a no-op.
-    let (st, sb, _) = lifecycle(&d, &id, "resume").await;
+    let (st, sb, _) = d.lifecycle("web", &id, "resume").await;
     assert_eq!((st, &sb["state"]), (200, &json!("running")), "{sb}");
 
     // A second cycle replaces directory 1 with 2; an exec resumes transparently.
-    sh(&d, &id, "echo second >> /root/f").await;
-    let (st, sb, took) = lifecycle(&d, &id, "suspend").await;
+    d.sh("web", &id, "echo second >> /root/f").await;
+    let (st, sb, took) = d.lifecycle("web", &id, "suspend").await;
     assert_eq!((st, &sb["state"]), (200, &json!("suspended")), "{sb}");
     eprintln!("suspend (2nd): {took:?}");
     assert_eq!(suspend_dirs(&d, &id), vec![("2".to_string(), true)]);
     assert!(common::qemu_processes(&id).is_empty());
     let t = Instant::now();
-    assert_eq!(sh(&d, &id, "cat /root/f").await, "kept\nsecond");
+    assert_eq!(d.sh("web", &id, "cat /root/f").await, "kept\nsecond");
     eprintln!("exec with auto-resume: {:?}", t.elapsed());
-    assert_eq!(state(&d, &id).await, "running");
-    counter_moves(&d, &id, counter(&d, &id).await).await;
+    assert_eq!(d.state("web", &id).await, "running");
+    d.counter_moves("web", &id, d.counter("web", &id).await)
+        .await;
 
     // Delete removes the suspend directories too.
-    let (st, _, _) = lifecycle(&d, &id, "suspend").await;
+    let (st, _, _) = d.lifecycle("web", &id, "suspend").await;
     assert_eq!(st, 200);
-    let (st, v) = d
-        .call(
-            Some(ADMIN),
-            "DELETE",
-            &format!("{G}/web/sandboxes/{id}"),
-            None,
-        )
-        .await;
-    assert_eq!(st, 204, "{v}");
+    d.delete("web", &id).await;
     assert!(!d.home.path().join("suspended").join(&id).exists());
 
     // A reader may not suspend.
-    let id2 = create(&d).await;
+    let id2 = d.new_sandbox("web").await;
     let reader = d.key("reader", &["web"]).await;
     let (st, v) = d
         .call(
@@ -196,15 +104,15 @@ async fn suspend_resume_keeps_state_and_auto_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspended_sandboxes_survive_kill9_and_conflicts_are_409() {
     let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    setup(&d).await;
-    let keep = create(&d).await;
-    let lost = create(&d).await;
-    sh(&d, &keep, "echo kept > /root/f").await;
-    sh(&d, &keep, COUNTER).await;
-    counter_moves(&d, &keep, 0).await;
-    let before = counter(&d, &keep).await;
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    let keep = d.new_sandbox("web").await;
+    let lost = d.new_sandbox("web").await;
+    d.sh("web", &keep, "echo kept > /root/f").await;
+    d.sh("web", &keep, COUNTER).await;
+    d.counter_moves("web", &keep, 0).await;
+    let before = d.counter("web", &keep).await;
     for id in [&keep, &lost] {
-        let (st, sb, _) = lifecycle(&d, id, "suspend").await;
+        let (st, sb, _) = d.lifecycle("web", id, "suspend").await;
         assert_eq!((st, &sb["state"]), (200, &json!("suspended")), "{sb}");
     }
 
@@ -213,30 +121,23 @@ async fn suspended_sandboxes_survive_kill9_and_conflicts_are_409() {
     std::fs::remove_dir_all(d.home.path().join("suspended").join(&lost)).unwrap();
     d.spawn(Some(ADMIN)).await;
 
-    assert_eq!(state(&d, &keep).await, "suspended");
-    let (st, sb, took) = lifecycle(&d, &keep, "resume").await;
+    assert_eq!(d.state("web", &keep).await, "suspended");
+    let (st, sb, took) = d.lifecycle("web", &keep, "resume").await;
     assert_eq!((st, &sb["state"]), (200, &json!("running")), "{sb}");
     eprintln!("resume after kill -9: {took:?}");
-    assert_eq!(sh(&d, &keep, "cat /root/f").await, "kept");
-    assert!(counter(&d, &keep).await >= before);
-    counter_moves(&d, &keep, before).await;
+    assert_eq!(d.sh("web", &keep, "cat /root/f").await, "kept");
+    assert!(d.counter("web", &keep).await >= before);
+    d.counter_moves("web", &keep, before).await;
 
     // The one without its directory is failed, with a reason; every verb is a clear 409.
-    let (st, sb) = d
-        .call(
-            Some(ADMIN),
-            "GET",
-            &format!("{G}/web/sandboxes/{lost}"),
-            None,
-        )
-        .await;
-    assert_eq!((st, &sb["state"]), (200, &json!("failed")), "{sb}");
+    let sb = d.get("web", &lost).await.expect("the failed sandbox");
+    assert_eq!(sb["state"], "failed", "{sb}");
     assert!(
         sb["reason"].as_str().unwrap().contains("suspend directory"),
         "{sb}"
     );
     for verb in ["suspend", "resume"] {
-        let (st, v, _) = lifecycle(&d, &lost, verb).await;
+        let (st, v, _) = d.lifecycle("web", &lost, verb).await;
         assert_eq!(st, 409, "{verb}: {v}");
         assert_eq!(v["error"]["code"], "conflict");
         let m = msg(&v);
@@ -245,32 +146,27 @@ async fn suspended_sandboxes_survive_kill9_and_conflicts_are_409() {
             "{m}"
         );
     }
-    let (st, v) = exec(&d, &lost, "true").await;
+    let (st, v) = d
+        .exec(ADMIN, "web", &lost, json!({"command": "true"}))
+        .await;
     assert_eq!(st, 409, "{v}");
     assert!(msg(&v).contains("is failed"), "{v}");
     // A failed sandbox can still be deleted.
-    let (st, v) = d
-        .call(
-            Some(ADMIN),
-            "DELETE",
-            &format!("{G}/web/sandboxes/{lost}"),
-            None,
-        )
-        .await;
-    assert_eq!(st, 204, "{v}");
+    d.delete("web", &lost).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_killed_mid_suspend_loses_nothing() {
     let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
-    setup(&d).await;
-    let id = create(&d).await;
-    sh(&d, &id, "echo kept > /root/f").await;
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox("web").await;
+    d.sh("web", &id, "echo kept > /root/f").await;
     // ~300 MB of non-zero memory makes the save take long enough to be interrupted.
-    sh(&d, &id, "yes | head -c 300000000 > /dev/shm/big").await;
-    sh(&d, &id, COUNTER).await;
-    counter_moves(&d, &id, 0).await;
-    let before = counter(&d, &id).await;
+    d.sh("web", &id, "yes | head -c 300000000 > /dev/shm/big")
+        .await;
+    d.sh("web", &id, COUNTER).await;
+    d.counter_moves("web", &id, 0).await;
+    let before = d.counter("web", &id).await;
 
     let suspend = {
         let (url, path) = (d.url(), format!("{G}/web/sandboxes/{id}/suspend"));
@@ -284,7 +180,7 @@ async fn a_daemon_killed_mid_suspend_loses_nothing() {
         })
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while state(&d, &id).await != "suspending" {
+    while d.state("web", &id).await != "suspending" {
         assert!(Instant::now() < deadline, "the suspend never started");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -293,15 +189,15 @@ async fn a_daemon_killed_mid_suspend_loses_nothing() {
     d.spawn(Some(ADMIN)).await;
 
     // Either the suspend was complete (suspended) or it is undone (running); never lost.
-    let now = state(&d, &id).await;
+    let now = d.state("web", &id).await;
     let log = d.stderr(2);
     eprintln!(
         "after kill -9 mid-suspend: {now} (an abandoned save was cancelled: {})",
         log.contains("cancelling the migration")
     );
     match now.as_str() {
-        Some("running") => assert_eq!(common::qemu_processes(&id).len(), 1),
-        Some("suspended") => assert!(common::qemu_processes(&id).is_empty()),
+        "running" => assert_eq!(common::qemu_processes(&id).len(), 1),
+        "suspended" => assert!(common::qemu_processes(&id).is_empty()),
         other => panic!("lost the sandbox: {other:?}"),
     }
     let leftovers: Vec<_> = suspend_dirs(&d, &id)
@@ -309,11 +205,11 @@ async fn a_daemon_killed_mid_suspend_loses_nothing() {
         .filter(|(n, _)| n.starts_with(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    assert_eq!(sh(&d, &id, "cat /root/f").await, "kept");
-    assert_eq!(sh(&d, &id, "wc -c < /dev/shm/big").await, "300000000");
-    counter_moves(&d, &id, before).await;
+    assert_eq!(d.sh("web", &id, "cat /root/f").await, "kept");
+    assert_eq!(d.sh("web", &id, "wc -c < /dev/shm/big").await, "300000000");
+    d.counter_moves("web", &id, before).await;
     // And it still suspends and resumes normally.
-    let (st, sb, _) = lifecycle(&d, &id, "suspend").await;
+    let (st, sb, _) = d.lifecycle("web", &id, "suspend").await;
     assert_eq!((st, &sb["state"]), (200, &json!("suspended")), "{sb}");
-    assert_eq!(sh(&d, &id, "cat /root/f").await, "kept");
+    assert_eq!(d.sh("web", &id, "cat /root/f").await, "kept");
 }

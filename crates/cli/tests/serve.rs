@@ -6,10 +6,8 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
-use common::daemon::{check_response, free_port, moat, msg, Daemon, ADMIN};
+use common::daemon::{check_response, free_port, moat, msg, Daemon, ADMIN, G};
 use serde_json::{json, Value};
-
-const G: &str = "/v1/sandbox-groups";
 
 #[tokio::test]
 async fn groups_crud_idempotence_and_delete_rules() {

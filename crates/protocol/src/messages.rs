@@ -115,6 +115,18 @@ pub struct ExecRequest {
     pub pty: Option<PtySize>,
 }
 
+impl ExecRequest {
+    /// `argv` with the whole environment `env`; everything else as by default: root in its home
+    /// directory, stdin `/dev/null`, no timeout, pipes.
+    pub fn new(argv: &[&str], env: &[&str]) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|s| s.to_string()).collect(),
+            ..ExecRequest::default()
+        }
+    }
+}
+
 /// Size of a pseudo-terminal, in character cells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -847,15 +847,7 @@ mod tests {
     }
 
     fn exec_request() -> ExecRequest {
-        ExecRequest {
-            argv: vec!["true".into()],
-            env: vec![],
-            cwd: None,
-            user: None,
-            stdin: false,
-            timeout_ms: None,
-            pty: None,
-        }
+        ExecRequest::new(&["true"], &[])
     }
 
     #[tokio::test]

@@ -12,6 +12,15 @@ use serde_json::{json, Value};
 /// The first admin key of every test daemon.
 pub const ADMIN: &str = "moat_AdminAdminAdminAdminAdminAdminAdminAdmin123";
 
+/// The sandbox groups route.
+pub const G: &str = "/v1/sandbox-groups";
+
+/// A background process that counts in `/run/counter` five times a second (see
+/// [`Daemon::counter`]): it shows that a sandbox's processes live on.
+pub const COUNTER: &str =
+    "(i=0; while true; do i=$((i+1)); echo $i > /run/counter; sleep 0.2; done) \
+     > /dev/null 2>&1 &";
+
 /// The `moat` binary with none of the client or daemon settings of the environment.
 pub fn moat() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_moat"));
@@ -238,6 +247,129 @@ impl Daemon {
             .await;
         assert_eq!(st, 201, "{k}");
         k["key"].as_str().unwrap().to_string()
+    }
+
+    /// `PUT` a group as the admin; `want` is 201 for a new group, 200 for a changed one.
+    pub async fn put_group(&self, group: &str, spec: Value, want: u16) {
+        let (st, g) = self
+            .call(Some(ADMIN), "PUT", &format!("{G}/{group}"), Some(spec))
+            .await;
+        assert_eq!(st, want, "{g}");
+    }
+
+    /// Creates a sandbox; it must be made (201) and running. Returns the sandbox.
+    pub async fn create(&self, key: &str, group: &str, body: Value) -> Value {
+        let t = Instant::now();
+        let (st, sb) = self
+            .call(
+                Some(key),
+                "POST",
+                &format!("{G}/{group}/sandboxes"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(st, 201, "{sb}");
+        assert_eq!(sb["state"], "running", "{sb}");
+        eprintln!("create: {:?}", t.elapsed());
+        sb
+    }
+
+    /// The id of a new sandbox with the group's defaults, made by the admin.
+    pub async fn new_sandbox(&self, group: &str) -> String {
+        let sb = self.create(ADMIN, group, json!({})).await;
+        sb["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn exec(&self, key: &str, group: &str, id: &str, body: Value) -> (u16, Value) {
+        self.call(
+            Some(key),
+            "POST",
+            &format!("{G}/{group}/sandboxes/{id}/exec"),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `sh -c SCRIPT` as the admin must succeed; returns its stdout, trimmed.
+    pub async fn sh(&self, group: &str, id: &str, script: &str) -> String {
+        let (st, r) = self
+            .exec(ADMIN, group, id, json!({ "command": script }))
+            .await;
+        assert_eq!(st, 200, "{r}");
+        assert_eq!(r["exit_code"], 0, "{script}: {r}");
+        r["stdout"].as_str().unwrap().trim().to_string()
+    }
+
+    /// The sandbox as the admin sees it, or None once it is deleted.
+    pub async fn get(&self, group: &str, id: &str) -> Option<Value> {
+        let (st, sb) = self
+            .call(
+                Some(ADMIN),
+                "GET",
+                &format!("{G}/{group}/sandboxes/{id}"),
+                None,
+            )
+            .await;
+        match st {
+            200 => Some(sb),
+            404 => None,
+            _ => panic!("{st} {sb}"),
+        }
+    }
+
+    /// The sandbox's state, or "gone" once it is deleted.
+    pub async fn state(&self, group: &str, id: &str) -> String {
+        match self.get(group, id).await {
+            Some(sb) => sb["state"].as_str().unwrap().to_string(),
+            None => "gone".to_string(),
+        }
+    }
+
+    /// `POST …/{id}/{verb}` (suspend or resume) as the admin: status, body, and how long it took.
+    pub async fn lifecycle(&self, group: &str, id: &str, verb: &str) -> (u16, Value, Duration) {
+        let t = Instant::now();
+        let (st, v) = self
+            .call(
+                Some(ADMIN),
+                "POST",
+                &format!("{G}/{group}/sandboxes/{id}/{verb}"),
+                None,
+            )
+            .await;
+        (st, v, t.elapsed())
+    }
+
+    /// Deletes a sandbox as the admin; it must go (204).
+    pub async fn delete(&self, group: &str, id: &str) {
+        let (st, v) = self
+            .call(
+                Some(ADMIN),
+                "DELETE",
+                &format!("{G}/{group}/sandboxes/{id}"),
+                None,
+            )
+            .await;
+        assert_eq!(st, 204, "{v}");
+    }
+
+    /// The value the sandbox's [`COUNTER`] last wrote.
+    pub async fn counter(&self, group: &str, id: &str) -> u64 {
+        self.sh(group, id, "cat /run/counter")
+            .await
+            .parse()
+            .expect("counter")
+    }
+
+    /// The sandbox's [`COUNTER`] is alive: it moves past `after`.
+    pub async fn counter_moves(&self, group: &str, id: &str, after: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.counter(group, id).await <= after {
+            assert!(
+                Instant::now() < deadline,
+                "counter of {id} stuck at {after}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     pub fn cli(&self, key: &str, args: &[&str]) -> std::process::Output {

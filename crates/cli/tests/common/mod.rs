@@ -133,11 +133,7 @@ pub async fn sandbox(rt: &Runtime) -> Sandbox {
 
 /// An exec of `argv` with the base image's PATH and nothing else set.
 pub fn req(argv: &[&str]) -> ExecRequest {
-    ExecRequest {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        env: vec![PATH.into()],
-        ..ExecRequest::default()
-    }
+    ExecRequest::new(argv, &[PATH])
 }
 
 /// Runs `sh -c SCRIPT` to completion (at most 1 MiB of each output).
