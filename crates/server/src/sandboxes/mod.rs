@@ -278,7 +278,8 @@ impl Manager {
         self.fail(
             &row.id,
             &format!(
-                "the daemon stopped while it was {was}, and neither a complete suspend nor a                  live VM was left"
+                "the daemon stopped while it was {was}, and neither a complete suspend nor a \
+                 live VM was left"
             ),
         )
         .await
