@@ -8,22 +8,12 @@ use std::time::{Duration, Instant};
 use common::daemon::{Daemon, ADMIN, G};
 use serde_json::json;
 
-/// The value of the metric line `series` (name and labels exactly), if present.
-async fn metric(d: &Daemon, series: &str) -> Option<f64> {
-    let (st, text) = d.call(None, "GET", "/metrics", None).await;
-    assert_eq!(st, 200);
-    text.as_str()
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// Waits until the group's pool has `n` ready VMs.
 async fn pool_ready(d: &Daemon, group: &str, n: usize) {
     let series = format!("moat_pool_ready{{group=\"{group}\"}}");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let got = metric(d, &series).await.unwrap_or(0.0) as usize;
+        let got = d.metric(&series).await.unwrap_or(0.0) as usize;
         if got == n {
             return;
         }
@@ -81,7 +71,7 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
     assert_eq!(d.sh("web", a_id, "echo $X").await, "from-request");
     assert_eq!(d.sh("web", a_id, "hostname").await, a_id);
     assert_eq!(
-        metric(&d, "moat_pool_hits_total{group=\"web\"}").await,
+        d.metric("moat_pool_hits_total{group=\"web\"}").await,
         Some(1.0)
     );
     let b = d.create(ADMIN, "web", json!({})).await;
@@ -106,11 +96,11 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
     let made = futures_util::future::join_all(creates).await;
     assert_eq!(made.len(), 3);
     assert_eq!(
-        metric(&d, "moat_pool_hits_total{group=\"web\"}").await,
+        d.metric("moat_pool_hits_total{group=\"web\"}").await,
         Some(4.0)
     );
     assert_eq!(
-        metric(&d, "moat_pool_misses_total{group=\"web\"}").await,
+        d.metric("moat_pool_misses_total{group=\"web\"}").await,
         Some(1.0)
     );
     for sb in &made {
@@ -179,7 +169,7 @@ async fn pool_survives_kill9_and_restarts() {
     let sb = d.create(ADMIN, "web", json!({})).await;
     let id = sb["id"].as_str().unwrap();
     assert_eq!(
-        metric(&d, "moat_pool_hits_total{group=\"web\"}").await,
+        d.metric("moat_pool_hits_total{group=\"web\"}").await,
         Some(1.0)
     );
     assert_eq!(d.sh("web", id, "echo ok").await, "ok");

@@ -211,6 +211,10 @@ async fn create_exec_list_delete_and_roles() {
     assert!(msg(&e).contains("x-ndjson"), "{e}");
 
     // streaming: events arrive as produced, each matching the documented ExecEvent
+    let execs_timed = d
+        .metric("moat_exec_duration_seconds_count")
+        .await
+        .unwrap_or(0.0);
     let t = Instant::now();
     let resp = d
         .http
@@ -248,6 +252,13 @@ async fn create_exec_list_delete_and_roles() {
     assert_eq!(
         events.last().unwrap(),
         &json!({"exit": {"exit_code": 5, "signal": null, "timed_out": false}})
+    );
+    // a streamed exec is timed too, once its command has exited
+    assert_eq!(
+        d.metric("moat_exec_duration_seconds_count")
+            .await
+            .unwrap_or(0.0),
+        execs_timed + 1.0
     );
 
     // delete: only users and up; then the VM is gone and the id unknown

@@ -139,10 +139,13 @@ async fn collect_on(
 /// Streams the exec as NDJSON lines ([`api::ExecEvent`]) as output arrives. The exec (and the
 /// hold on the sandbox) lives in a task that ends when the process does, the client goes, or
 /// the sandbox is deleted (then the last line is an `error` with code `conflict`).
+/// `exited` runs when the command's exit is known (not when the client or the sandbox goes
+/// first), for the exec-duration metric.
 pub async fn stream(
     run: Running,
     request: moat_protocol::ExecRequest,
     stdin: Option<String>,
+    exited: impl FnOnce() + Send + 'static,
 ) -> Result<Response> {
     let started = start(&run, request, stdin).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
@@ -190,6 +193,7 @@ pub async fn stream(
                 Ok(ExecEvent::Stdout(d)) => api::ExecEvent::Stdout(out.push(&d)),
                 Ok(ExecEvent::Stderr(d)) => api::ExecEvent::Stderr(err.push(&d)),
                 Ok(ExecEvent::Exit(status)) => {
+                    exited();
                     for (s, mk) in [
                         (
                             out.finish(),

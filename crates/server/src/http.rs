@@ -739,7 +739,11 @@ async fn exec_sandbox(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/x-ndjson"));
     if streaming {
-        crate::exec::stream(run, request, req.stdin).await
+        let metrics = state.metrics.clone();
+        crate::exec::stream(run, request, req.stdin, move || {
+            metrics.observe_op(crate::metrics::EXEC, &[], t0.elapsed())
+        })
+        .await
     } else {
         let result = crate::exec::collect(run, request, req.stdin).await?;
         state

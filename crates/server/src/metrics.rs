@@ -27,7 +27,7 @@ pub const CREATE: (&str, &str) = (
 );
 pub const EXEC: (&str, &str) = (
     "moat_exec_duration_seconds",
-    "Time to run a (non-streamed) exec, from request to answer.",
+    "Time to run an exec (collected or streamed), from request to the command's exit.",
 );
 pub const SUSPEND: (&str, &str) = (
     "moat_sandbox_suspend_duration_seconds",

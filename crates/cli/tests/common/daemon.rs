@@ -317,6 +317,16 @@ impl Daemon {
         }
     }
 
+    /// The value of one `/metrics` series (name and labels exactly as exposed), if present.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let (st, text) = self.call(None, "GET", "/metrics", None).await;
+        assert_eq!(st, 200);
+        text.as_str()
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// The sandbox's state, or "gone" once it is deleted.
     pub async fn state(&self, group: &str, id: &str) -> String {
         match self.get(group, id).await {

@@ -282,6 +282,11 @@ impl Manager {
                 self.suspend_inner(id, Some(now)).await.map(|_| ())
             }
             OnIdle::Delete => {
+                // A request may have come while the agent listed its processes: it wins. (One
+                // arriving after this check finds the sandbox deleting: a 409.)
+                if a.active.load(Ordering::SeqCst) > 0 || a.last_ms.load(Ordering::SeqCst) > now {
+                    return Ok(());
+                }
                 tracing::info!(id, idle_ms, "deleting an idle sandbox");
                 self.delete(id).await
             }
