@@ -333,3 +333,33 @@ fn a_crash_during_the_template_build_leaves_nothing_half_built() {
     );
     rm(&name);
 }
+
+#[test]
+fn an_image_under_a_running_sandbox_is_not_removed() {
+    use std::io::BufRead;
+    let (_dir, name) = fresh_image();
+    let mut run = moat()
+        .args(["run", &name, "--", "sh", "-c", "echo up; exec sleep 120"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(run.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert_eq!(first, "up\n");
+
+    let o = moat().args(["image", "rm", &name]).output().unwrap();
+    assert!(!o.status.success());
+    let err = text(&o).1;
+    assert!(err.contains("still under the disk of a sandbox"), "{err}");
+
+    // Once the sandbox is gone, the image goes.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    run.wait().unwrap();
+    rm(&name);
+}

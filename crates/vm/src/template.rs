@@ -203,9 +203,11 @@ fn collect_in(home: &Path, current: impl Fn(&str, &SnapshotMeta) -> bool) -> Res
     Ok(done)
 }
 
-/// The directories holding a file that some qcow2 disk under `home` (outside the templates
-/// and the image store) has in its backing chain.
-fn backing_dirs_in_use(home: &Path) -> Result<std::collections::HashSet<PathBuf>> {
+/// The directories (canonical) holding a file that some qcow2 disk under `home` — a running
+/// sandbox's overlay, a suspend directory, a snapshot; not the templates or the image store
+/// themselves — has in its backing chain: an image or template directory in this set must
+/// not be removed.
+pub fn backing_dirs_in_use(home: &Path) -> Result<std::collections::HashSet<PathBuf>> {
     let mut used = std::collections::HashSet::new();
     let mut stack = vec![(home.to_path_buf(), 0)];
     while let Some((dir, depth)) = stack.pop() {
