@@ -595,3 +595,34 @@ async fn a_fork_that_fails_leaves_nothing_behind() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_of_which_one_fails_rolls_the_others_back() {
+    // Room for the source and two forks (tier s: 1 GiB each): the third fork is refused.
+    let d = Daemon::start_with_runtime_args(Some(ADMIN), &["--max-memory-mib", "3072"]).await;
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox("web").await;
+    let (st, snap) = snapshot(&d, ADMIN, "web", &id, "three").await;
+    assert_eq!(st, 201, "{snap}");
+    let (st, e) = create(&d, "web", json!({"from_snapshot": "three", "count": 3})).await;
+    assert_eq!(st, 429, "{e}");
+    // The two that started are gone again, with their files and VMs.
+    let (_, list) = d
+        .call(Some(ADMIN), "GET", &format!("{G}/web/sandboxes"), None)
+        .await;
+    assert_eq!(ids(&list), vec![id.clone()]);
+    let suspended: Vec<_> = std::fs::read_dir(d.home.path().join("suspended"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(suspended.is_empty(), "{suspended:?}");
+    assert_eq!(
+        common::qemu_processes(&d.home.path().display().to_string()).len(),
+        1
+    );
+    // And the room they took is free again: two forks fit.
+    let (st, v) = create(&d, "web", json!({"from_snapshot": "three", "count": 2})).await;
+    assert_eq!(st, 201, "{v}");
+}
