@@ -574,7 +574,11 @@ fn print_group(g: &Value) {
     println!("name:       {}", s(&g["name"]));
     println!("image:      {}", s(&sp["image"]));
     println!("tier:       {}", s(&sp["tier"]));
-    println!("pool:       {}", s(&sp["pool"]["size"]));
+    println!(
+        "pool:       {} ({} ready)",
+        s(&sp["pool"]["size"]),
+        s(&g["status"]["pool_ready"])
+    );
     println!(
         "lifecycle:  idle {} then {}, suspended ttl {}, max lifetime {}",
         secs(&l["idle_timeout_s"]),

@@ -51,6 +51,9 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
         .await;
     pool_ready(&d, "web", 2).await;
     assert_eq!(qemus(&d).len(), 2, "two pool VMs");
+    // The group says so too.
+    let (st, g) = d.call(Some(ADMIN), "GET", &format!("{G}/web"), None).await;
+    assert_eq!((st, &g["status"]), (200, &json!({"pool_ready": 2})), "{g}");
 
     // Pool members are not sandboxes.
     let (_, l) = d
@@ -130,6 +133,8 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
     d.put_group("web", json!({"tier": "s", "pool": {"size": 0}}), 200)
         .await;
     pool_ready(&d, "web", 0).await;
+    let (_, l) = d.call(Some(ADMIN), "GET", G, None).await;
+    assert_eq!(l["groups"][0]["status"], json!({"pool_ready": 0}), "{l}");
     wait_qemus(&d, 2).await;
     d.put_group("web", json!({"tier": "s", "pool": {"size": 1}}), 200)
         .await;

@@ -148,6 +148,17 @@ pub struct Group {
     /// RFC 3339, UTC.
     pub created_at: String,
     pub updated_at: String,
+    #[serde(default)]
+    pub status: GroupStatus,
+}
+
+/// What the group has right now: read from the daemon when it answers, not stored.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupStatus {
+    /// Ready VMs in the group's warm pool: `spec.pool.size` once it is full, fewer while it
+    /// refills after hand-overs.
+    pub pool_ready: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

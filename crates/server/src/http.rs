@@ -400,8 +400,20 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 async fn list_groups(State(state): State<AppState>, p: Principal) -> Result<Json<GroupList>> {
     let groups = state.store.call(|c| store::list_groups(c)).await?;
     Ok(Json(GroupList {
-        groups: groups.into_iter().filter(|g| p.sees(&g.name)).collect(),
+        groups: groups
+            .into_iter()
+            .filter(|g| p.sees(&g.name))
+            .map(|g| with_status(&state, g))
+            .collect(),
     }))
+}
+
+/// `group` with its live status filled in.
+fn with_status(state: &AppState, mut group: Group) -> Group {
+    if let Ok(mgr) = &state.sandboxes {
+        group.status.pool_ready = mgr.pool_ready_in(&group.name) as u32;
+    }
+    group
 }
 
 #[utoipa::path(get, path = "/v1/sandbox-groups/{group}", tag = "groups",
@@ -425,7 +437,7 @@ async fn get_group(
         .store
         .call(move |c| store::get_group(c, &n))
         .await?
-        .map(Json)
+        .map(|g| Json(with_status(&state, g)))
         .ok_or_else(|| no_group(&name))
 }
 
@@ -463,7 +475,7 @@ async fn put_group(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(group)).into_response())
+    Ok((status, Json(with_status(&state, group))).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -869,7 +881,7 @@ async fn delete_key(
         crate::images::import_image, crate::images::get_operation, crate::images::list_images,
         crate::images::get_image, crate::images::delete_image,
         list_keys, create_key, delete_key),
-    components(schemas(ErrorBody, Group, GroupList, GroupSpec, ApiKey, ApiKeyList, CreateApiKey,
+    components(schemas(ErrorBody, Group, api::GroupStatus, GroupList, GroupSpec, ApiKey, ApiKeyList, CreateApiKey,
         CreatedApiKey, Health, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
         ExecResult, ExecEvent, ExecExit, crate::files::FileWritten, crate::files::FileList,
         crate::files::FileEntry, crate::files::EntryKind, crate::procs::StartProcess,

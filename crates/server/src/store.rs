@@ -8,7 +8,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use subtle::ConstantTimeEq;
 
 use crate::api::{
-    ApiKey, CreateApiKey, CreatedApiKey, Group, GroupSpec, Role, Sandbox, SandboxState, Tier,
+    ApiKey, CreateApiKey, CreatedApiKey, Group, GroupSpec, GroupStatus, Role, Sandbox,
+    SandboxState, Tier,
 };
 use crate::error::{Error, Result};
 use crate::keys;
@@ -368,6 +369,7 @@ fn group_from_parts(parts: (String, String, i64, i64)) -> Result<Group> {
         spec,
         created_at: rfc3339(created),
         updated_at: rfc3339(updated),
+        status: GroupStatus::default(),
     })
 }
 

@@ -24,6 +24,7 @@ RESPONSES = {
     "FileEntry": moat.FileEntry,
     "FileWritten": moat.FileWritten,
     "Group": moat.Group,
+    "GroupStatus": moat.GroupStatus,
     "Health": moat.Health,
     "Process": moat.ProcessInfo,
     "ProcessExit": moat.ProcessExit,

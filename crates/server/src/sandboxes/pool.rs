@@ -113,6 +113,11 @@ impl Manager {
         v
     }
 
+    /// Ready VMs in `group`'s pool.
+    pub fn pool_ready_in(&self, group: &str) -> usize {
+        self.lock_pools().get(group).map_or(0, Vec::len)
+    }
+
     pub(super) fn take_pooled(&self, group: &str, image: &str, tier: Tier) -> Option<PoolVm> {
         let mut pools = self.lock_pools();
         let v = pools.get_mut(group)?;

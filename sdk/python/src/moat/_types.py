@@ -57,12 +57,20 @@ class Health:
 
 
 @dataclass(frozen=True)
+class GroupStatus:
+    pool_ready: int
+    """Ready VMs in the group's warm pool right now (fewer than ``pool.size`` while it refills)."""
+
+
+@dataclass(frozen=True)
 class Group:
     name: str
     spec: GroupSpec
     """The stored spec, every default filled in."""
     created_at: str
     updated_at: str
+    status: GroupStatus
+    """Read from the daemon when it answered, not stored."""
 
 
 @dataclass(frozen=True)
@@ -217,6 +225,7 @@ def parse_group(d: Mapping[str, Any]) -> Group:
         spec=d["spec"],
         created_at=str(d["created_at"]),
         updated_at=str(d["updated_at"]),
+        status=GroupStatus(pool_ready=int((d.get("status") or {}).get("pool_ready", 0))),
     )
 
 
