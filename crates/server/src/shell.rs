@@ -36,6 +36,8 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Input messages queued for the guest before the server stops reading from the client:
 /// at most `INPUT_QUEUE × MAX_MESSAGE` bytes are buffered per session.
 const INPUT_QUEUE: usize = 16;
+/// How long the server waits for the client's close frame after its own.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What runs when the request names no command: bash as a login shell where the image has it,
 /// else `sh -l`.
@@ -178,6 +180,7 @@ pub(crate) async fn shell(
             match started {
                 Start::Started(exec) => session(socket, run, exec, &sandbox).await,
                 Start::NotFound(m) => {
+                    drop(run);
                     let mut socket = socket;
                     let _ = socket
                         .send(Message::Binary(format!("{m}\r\n").into_bytes().into()))
@@ -266,24 +269,56 @@ async fn session(mut socket: WebSocket, run: Running, mut exec: Exec, sandbox: &
         }
     };
     writer.abort();
+    // The guest's processes end with the exec, and the sandbox is let go, before the closing
+    // handshake, which may wait on the client.
+    drop(exec);
+    drop(run);
     match outcome {
         Some(Ok(status)) => {
             let e = crate::exec::exit(status);
             finish(&mut socket, e.exit_code, e.signal).await;
         }
-        Some(Err((code, why))) => {
-            // The exec is dropped below, which kills the guest's processes.
-            let _ = socket
-                .send(Message::Close(Some(CloseFrame {
-                    code,
-                    reason: truncate(&why).into(),
-                })))
-                .await;
-        }
+        Some(Err((code, why))) => close(&mut socket, code, &why).await,
         None => tracing::debug!(sandbox, "shell client left; its processes are killed"),
     }
-    drop(exec);
-    drop(run);
+}
+
+/// Sends the exit message and a normal close.
+async fn finish(socket: &mut WebSocket, exit_code: i32, signal: Option<i32>) {
+    let exit = ShellExit {
+        kind: "exit".to_string(),
+        exit_code,
+        signal,
+    };
+    let text = serde_json::to_string(&exit).unwrap_or_default();
+    if socket.send(Message::Text(text.into())).await.is_ok() {
+        close(socket, close_code::NORMAL, "").await;
+    }
+}
+
+/// Sends a close frame and waits for the client's.
+async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: truncate(reason).into(),
+    };
+    if socket.send(Message::Close(Some(frame))).await.is_ok() {
+        await_close(socket).await;
+    }
+}
+
+/// Waits a little for the client's answer to our close frame, discarding the input it still
+/// sends meanwhile: a TCP connection closed with unread input is reset by the kernel, and the
+/// reset can destroy the end of the output (the exit message) before the client reads it.
+async fn await_close(socket: &mut WebSocket) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 /// A close reason must fit in a control frame (125 bytes, 2 of them the code).
@@ -296,23 +331,6 @@ fn truncate(s: &str) -> String {
         out.push(c);
     }
     out
-}
-
-async fn finish(socket: &mut WebSocket, exit_code: i32, signal: Option<i32>) {
-    let exit = ShellExit {
-        kind: "exit".to_string(),
-        exit_code,
-        signal,
-    };
-    let text = serde_json::to_string(&exit).unwrap_or_default();
-    if socket.send(Message::Text(text.into())).await.is_ok() {
-        let _ = socket
-            .send(Message::Close(Some(CloseFrame {
-                code: close_code::NORMAL,
-                reason: "".into(),
-            })))
-            .await;
-    }
 }
 
 #[cfg(test)]
