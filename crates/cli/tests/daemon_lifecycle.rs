@@ -212,8 +212,9 @@ async fn idle_timers_survive_a_kill9() {
     d.spawn(Some(ADMIN)).await;
     let took = wait_state(&d, "idle", &id, "suspended", Duration::from_secs(10)).await;
     eprintln!("suspended {took:?} after the restart");
+    // A restarted clock would need the whole 3 s again.
     assert!(
-        took < Duration::from_secs(2),
+        took < Duration::from_millis(2500),
         "the idle clock restarted: {took:?}"
     );
 }
