@@ -21,7 +21,7 @@ use utoipa::ToSchema;
 
 use crate::api::{self, ErrorBody};
 use crate::error::{Error, Result};
-use crate::http::{query, require_use, sandbox_params, visible_sandbox, AppState};
+use crate::http::{query, running_sandbox, sandbox_params, AppState};
 use crate::sandboxes::Running;
 use crate::store::{rfc3339, Principal};
 
@@ -157,11 +157,7 @@ async fn open(
     write: bool,
 ) -> Result<(String, Running)> {
     let (group, id) = sandbox_params(params)?;
-    let row = visible_sandbox(state, p, &group, &id).await?;
-    if write {
-        require_use(p)?;
-    }
-    let run = state.manager()?.running(&row).await?;
+    let run = running_sandbox(state, p, &group, &id, write).await?;
     Ok((format!("/v1/sandbox-groups/{group}/sandboxes/{id}"), run))
 }
 

@@ -584,6 +584,23 @@ pub(crate) async fn visible_sandbox(
     }
 }
 
+/// A hold on sandbox `id` of `group` for a data-plane route (files, processes): visibility
+/// first, then the role (`use_`: the route changes something, so readers are refused), then
+/// the manager's `running`, which resumes a suspended sandbox.
+pub(crate) async fn running_sandbox(
+    state: &AppState,
+    p: &Principal,
+    group: &str,
+    id: &str,
+    use_: bool,
+) -> Result<crate::sandboxes::Running> {
+    let row = visible_sandbox(state, p, group, id).await?;
+    if use_ {
+        require_use(p)?;
+    }
+    state.manager()?.running(&row).await
+}
+
 #[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes", tag = "sandboxes",
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name")),

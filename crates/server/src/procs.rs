@@ -19,8 +19,8 @@ use utoipa::ToSchema;
 
 use crate::api::{self, ErrorBody, ExecExit, ExecRequest};
 use crate::error::{Error, Result};
-use crate::http::{query, require_use, visible_sandbox, ApiJson, AppState};
-use crate::sandboxes::{vm_error, Running};
+use crate::http::{query, require_use, running_sandbox, visible_sandbox, ApiJson, AppState};
+use crate::sandboxes::vm_error;
 use crate::store::{rfc3339, Principal};
 
 /// The longest a wait may block, in seconds.
@@ -133,21 +133,6 @@ struct WaitQuery {
 type Params3 = std::result::Result<Path<(String, String, String)>, PathRejection>;
 type Params2 = std::result::Result<Path<(String, String)>, PathRejection>;
 
-/// The sandbox's row and a hold on its VM (the manager resumes a suspended one).
-async fn open(
-    state: &AppState,
-    p: &Principal,
-    group: &str,
-    id: &str,
-    use_: bool,
-) -> Result<Running> {
-    let row = visible_sandbox(state, p, group, id).await?;
-    if use_ {
-        require_use(p)?;
-    }
-    state.manager()?.running(&row).await
-}
-
 /// The sandbox and the process id of a `…/processes/{pid_id}/…` path; an id the guest could
 /// never have given is the same 404 as an unknown one.
 fn proc_params(params: Params3) -> Result<(String, String, String)> {
@@ -249,7 +234,7 @@ pub(crate) async fn list_processes(
     params: Params2,
 ) -> Result<Json<ProcessList>> {
     let (group, id) = crate::http::sandbox_params(params)?;
-    let run = open(&state, &p, &group, &id, false).await?;
+    let run = running_sandbox(&state, &p, &group, &id, false).await?;
     let procs = run
         .sandbox()?
         .agent()
@@ -319,7 +304,7 @@ pub(crate) async fn kill_process(
             "invalid signal {signal}: give a signal number from 1 to 64"
         )));
     }
-    let run = open(&state, &p, &group, &id, true).await?;
+    let run = running_sandbox(&state, &p, &group, &id, true).await?;
     run.sandbox()?
         .agent()
         .proc_kill(&proc, signal)
@@ -359,7 +344,7 @@ pub(crate) async fn wait_process(
             "invalid timeout_s {t}: give a number of seconds from 0 to {MAX_WAIT_S}"
         )));
     }
-    let run = open(&state, &p, &group, &id, false).await?;
+    let run = running_sandbox(&state, &p, &group, &id, false).await?;
     let status = run
         .unless_deleted(async {
             run.sandbox()?
@@ -391,7 +376,7 @@ pub(crate) async fn process_logs(
     params: Params3,
 ) -> Result<Json<ProcessLogs>> {
     let (group, id, proc) = proc_params(params)?;
-    let run = open(&state, &p, &group, &id, false).await?;
+    let run = running_sandbox(&state, &p, &group, &id, false).await?;
     let logs = run
         .sandbox()?
         .agent()
