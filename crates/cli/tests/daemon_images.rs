@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{msg, Daemon, ADMIN, G};
 use common::unique;
-use moat_image::{Compression, Reference};
+use moat_image::Compression;
 use moat_testkit::{busybox_layer, test_config, write_oci_layout, LayerBuilder, Registry};
 use serde_json::{json, Value};
 
@@ -30,18 +30,7 @@ async fn push_image(reg: &Registry, marker: &str) -> (String, String) {
         &test_config(),
         Some("v1"),
     );
-    let reference = format!("{}/e2e/{marker}:v1", reg.addr());
-    let digest = moat_image::push_layout(
-        &layout,
-        &Reference::parse(&reference).unwrap(),
-        &moat_image::ImportOptions {
-            plain_http: true,
-            docker_config: None,
-        },
-    )
-    .await
-    .unwrap();
-    (reference, digest)
+    reg.push(&layout, &format!("e2e/{marker}:v1")).await
 }
 
 /// Polls the operation until it is no longer running.

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 
 use common::{moat, unique};
-use moat_image::{Compression, ImageConfig, Reference};
+use moat_image::{Compression, ImageConfig};
 use moat_testkit::{
     busybox_layer, write_docker_archive, write_oci_layout, ArchiveForm, LayerBuilder, Registry,
 };
@@ -96,17 +96,7 @@ async fn registry_oci_layout_and_docker_archive() {
 
     // A real registry on loopback, fed by our own push.
     let reg = Registry::start(None);
-    let reference = format!("{}/e2e/whiteouts:v1", reg.addr());
-    let pushed = moat_image::push_layout(
-        &layout,
-        &Reference::parse(&reference).unwrap(),
-        &moat_image::ImportOptions {
-            plain_http: true,
-            docker_config: None,
-        },
-    )
-    .await
-    .unwrap();
+    let (reference, pushed) = reg.push(&layout, "e2e/whiteouts:v1").await;
     assert_eq!(pushed, digest);
     let from_registry = import_and_check(&reference, &["--plain-http"], &digest);
     // Without --plain-http the registry is spoken to over HTTPS, which it does not serve.

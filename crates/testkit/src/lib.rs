@@ -119,6 +119,23 @@ impl Registry {
     pub fn addr(&self) -> String {
         self.addr.to_string()
     }
+
+    /// Pushes the OCI layout at `layout` as `repo:tag` (plain HTTP, no credentials: a registry
+    /// started without auth); returns the full reference and the manifest digest.
+    pub async fn push(&self, layout: &Path, repo_tag: &str) -> (String, String) {
+        let reference = format!("{}/{repo_tag}", self.addr);
+        let digest = moat_image::push_layout(
+            layout,
+            &moat_image::Reference::parse(&reference).expect("a valid reference"),
+            &moat_image::ImportOptions {
+                plain_http: true,
+                docker_config: None,
+            },
+        )
+        .await
+        .expect("push to the test registry");
+        (reference, digest)
+    }
 }
 
 impl Drop for Registry {
