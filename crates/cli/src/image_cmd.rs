@@ -87,8 +87,14 @@ pub async fn run(home: &Home, cmd: ImageCommand) -> Result<u8> {
             }
         }
         ImageCommand::Rm { image } => {
-            refuse_if_in_use(&store, &home.root, &image).await?;
-            let removed = store.remove(&image)?;
+            // A disk that a sandbox or snapshot still lies over stays, whoever made them
+            // (`moat run` or the daemon): removing it would break them for good.
+            let used = {
+                let home = home.root.clone();
+                tokio::task::spawn_blocking(move || moat_vm::template::DisksInUse::scan(&home))
+                    .await??
+            };
+            let removed = store.remove_unless(&image, |img| Ok(used.why_kept(&img.rootfs)))?;
             // Templates of a digest that is no longer cached can never be used again.
             if store.resolve(&removed.digest).is_err() {
                 moat_vm::template::remove_for_image(&home.root, &removed.digest)?;
@@ -233,35 +239,6 @@ fn ago(t: SystemTime) -> String {
         3600..=86399 => format!("{} hours ago", secs / 3600),
         _ => format!("{} days ago", secs / 86400),
     }
-}
-
-/// Refuses to remove the last name of an image whose disk still lies under a sandbox's or a
-/// snapshot's disk (running, suspended, forked: whoever created it, `moat run` or the daemon):
-/// removing it would break them for good.
-async fn refuse_if_in_use(store: &ImageStore, home: &std::path::Path, image: &str) -> Result<()> {
-    let img = store.resolve(image)?;
-    let by_name = img.name.as_deref() == Some(image);
-    let other_names = store
-        .list()?
-        .iter()
-        .any(|i| i.digest == img.digest && i.name.is_some() && i.name.as_deref() != Some(image));
-    if by_name && other_names {
-        return Ok(());
-    }
-    let Some(dir) = img.rootfs.parent() else {
-        return Ok(());
-    };
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let home = home.to_path_buf();
-    let used = tokio::task::spawn_blocking(move || moat_vm::template::backing_dirs_in_use(&home))
-        .await??;
-    if used.contains(&dir) {
-        bail!(
-            "image {image} is still under the disk of a sandbox or a snapshot (running, \
-             suspended or forked); delete those first (`moat sandbox ls`, `moat snapshot ls`)"
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -163,6 +163,32 @@ async fn images_import_list_use_and_delete() {
         )
         .await;
     assert_eq!(st, 204);
+    // A sandbox the store does not know (a `moat run` on this home) keeps it too: its disk
+    // lies over the image's.
+    let mut run = common::moat()
+        .env("MOAT_HOME", d.home.path())
+        .args(["run", &name, "--", "sh", "-c", "echo up; exec sleep 120"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(run.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "up\n");
+    let (st, v) = d
+        .call(Some(ADMIN), "DELETE", &format!("/v1/images/{name}"), None)
+        .await;
+    assert_eq!(st, 409, "{v}");
+    assert!(msg(&v).contains("still under the disk of a sandbox"), "{v}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    run.wait().unwrap();
     let (st, v) = d
         .call(Some(ADMIN), "DELETE", &format!("/v1/images/{name}"), None)
         .await;

@@ -18,6 +18,9 @@ pub enum Error {
     #[error("not found: {what}")]
     NotFound { what: String },
 
+    #[error("image {image} is in use: {why}")]
+    InUse { image: String, why: String },
+
     #[error("{prefix:?} is ambiguous: it matches {candidates:?}; use more digest characters")]
     Ambiguous {
         prefix: String,
@@ -106,6 +109,10 @@ impl Error {
     /// True for "nothing of that name/reference exists" errors.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::NotFound { .. })
+    }
+
+    pub fn is_in_use(&self) -> bool {
+        matches!(self, Error::InUse { .. })
     }
 }
 

@@ -536,10 +536,33 @@ impl ImageStore {
     /// Removes a name; the cached disk is deleted when no name refers to it any more. Given a
     /// digest, all its names and the disk are removed. Returns what was resolved.
     pub fn remove(&self, name_or_digest: &str) -> Result<Image> {
+        self.remove_unless(name_or_digest, |_| Ok(None))
+    }
+
+    /// [`ImageStore::remove`], except that when the removal would delete the disk, `keep` is
+    /// asked first (under the digest's lock) whether something still needs it: `Some(why)`
+    /// removes nothing and answers [`Error::InUse`].
+    pub fn remove_unless(
+        &self,
+        name_or_digest: &str,
+        keep: impl FnOnce(&Image) -> Result<Option<String>>,
+    ) -> Result<Image> {
         let img = self.resolve(name_or_digest)?;
         let _lock = lock_file(&self.lock_path(&img.digest))?;
         let by_name = img.name.as_deref() == Some(name_or_digest);
-        for (n, d) in self.names()? {
+        let names = self.names()?;
+        let drops_disk = !names
+            .iter()
+            .any(|(n, d)| *d == img.digest && by_name && n != name_or_digest);
+        if drops_disk {
+            if let Some(why) = keep(&img)? {
+                return Err(Error::InUse {
+                    image: name_or_digest.to_string(),
+                    why,
+                });
+            }
+        }
+        for (n, d) in names {
             if d == img.digest && (!by_name || n == name_or_digest) {
                 let p = self.root.join("names").join(name_file(&n));
                 fs::remove_file(&p).map_err(ioe("removing", &p))?;

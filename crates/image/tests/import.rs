@@ -111,12 +111,23 @@ async fn registry_anonymous_by_tag_digest_and_not_found() {
         .is_not_found());
     assert!(store.resolve("nothing-here").unwrap_err().is_not_found());
 
-    // Remove: the disk stays while a name refers to it.
-    store.remove("bb").unwrap();
-    assert_eq!(entries(home.path()), 1);
+    // Remove: the disk stays while a name refers to it (and `keep` is not asked then).
     store
-        .remove(&format!("{}/test/busybox:v1", reg.addr()))
+        .remove_unless("bb", |_| panic!("asked about a disk that stays"))
         .unwrap();
+    assert_eq!(entries(home.path()), 1);
+    // The last name: `keep` may refuse, and then nothing is removed.
+    let last = format!("{}/test/busybox:v1", reg.addr());
+    let err = store
+        .remove_unless(&last, |_| Ok(Some("a sandbox needs it".to_string())))
+        .unwrap_err();
+    assert!(
+        err.is_in_use() && err.to_string().contains("a sandbox needs it"),
+        "{err}"
+    );
+    assert_eq!(entries(home.path()), 1);
+    store.resolve(&last).unwrap();
+    store.remove(&last).unwrap();
     assert_eq!(entries(home.path()), 0);
     assert!(store.list().unwrap().is_empty());
 }

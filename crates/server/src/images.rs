@@ -664,9 +664,19 @@ pub(crate) async fn delete_image(
     let home = mgr.runtime_home();
     let n = name.clone();
     tokio::task::spawn_blocking(move || -> Result<()> {
+        // The store knows the daemon's sandboxes and snapshots; the disks also know those of
+        // `moat run` and the suspended and forked ones.
+        let used = moat_vm::template::DisksInUse::scan(&home)
+            .map_err(|e| Error::Internal(format!("reading which disks are in use: {e}")))?;
         let removed = images
-            .remove(&n)
-            .map_err(|e| Error::Internal(format!("removing image {n}: {e}")))?;
+            .remove_unless(&n, |img| Ok(used.why_kept(&img.rootfs)))
+            .map_err(|e| {
+                if e.is_in_use() {
+                    Error::Conflict(e.to_string())
+                } else {
+                    Error::Internal(format!("removing image {n}: {e}"))
+                }
+            })?;
         // Templates of a digest that is no longer cached can never be used again.
         if images.resolve(&removed.digest).is_err() {
             moat_vm::template::remove_for_image(&home, &removed.digest)

@@ -164,7 +164,7 @@ fn collect_in(home: &Path, current: impl Fn(&str, &SnapshotMeta) -> bool) -> Res
     let Ok(entries) = std::fs::read_dir(&root) else {
         return Ok(done);
     };
-    let used = backing_dirs_in_use(home)?;
+    let used = DisksInUse::scan(home)?;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let dir = e.path();
@@ -178,7 +178,7 @@ fn collect_in(home: &Path, current: impl Fn(&str, &SnapshotMeta) -> bool) -> Res
         if current(&name, &meta) {
             continue;
         }
-        if used.contains(&std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone())) {
+        if used.holds(&dir) {
             done.kept_in_use += 1;
             continue;
         }
@@ -203,11 +203,35 @@ fn collect_in(home: &Path, current: impl Fn(&str, &SnapshotMeta) -> bool) -> Res
     Ok(done)
 }
 
-/// The directories (canonical) holding a file that some qcow2 disk under `home` — a running
+/// The directories holding a file that some qcow2 disk under a MOAT_HOME — a running
 /// sandbox's overlay, a suspend directory, a snapshot; not the templates or the image store
-/// themselves — has in its backing chain: an image or template directory in this set must
-/// not be removed.
-pub fn backing_dirs_in_use(home: &Path) -> Result<std::collections::HashSet<PathBuf>> {
+/// themselves — has in its backing chain: an image or template directory among them must not
+/// be removed.
+pub struct DisksInUse(std::collections::HashSet<PathBuf>);
+
+impl DisksInUse {
+    /// Reads the backing chains of every such disk under `home` (qcow2 headers only).
+    pub fn scan(home: &Path) -> Result<DisksInUse> {
+        backing_dirs_in_use(home).map(DisksInUse)
+    }
+
+    /// Whether a disk in use backs onto a file in `dir`.
+    pub fn holds(&self, dir: &Path) -> bool {
+        self.0
+            .contains(&std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()))
+    }
+
+    /// Why the base disk `disk` (an image's rootfs) must stay, if a disk in use lies over it.
+    pub fn why_kept(&self, disk: &Path) -> Option<String> {
+        disk.parent().filter(|dir| self.holds(dir)).map(|_| {
+            "it is still under the disk of a sandbox or a snapshot (running, suspended or \
+             forked); delete those first"
+                .to_string()
+        })
+    }
+}
+
+fn backing_dirs_in_use(home: &Path) -> Result<std::collections::HashSet<PathBuf>> {
     let mut used = std::collections::HashSet::new();
     let mut stack = vec![(home.to_path_buf(), 0)];
     while let Some((dir, depth)) = stack.pop() {
