@@ -4,6 +4,8 @@
 //! smoltcp and opens a host connection only when the group's egress policy allows it.
 //! docs/NETWORK.md describes the packet path and the policy semantics.
 
+pub mod audit;
+pub mod dns;
 pub mod floor;
 pub mod hosts;
 pub mod policy;

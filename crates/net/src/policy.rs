@@ -247,6 +247,8 @@ impl Policy {
         // A deny rule without ports closes its protocol for this name; one with ports leaves
         // the other ports open, so it does not stop the answer.
         let mut closed = [false, false];
+        // The first deny rule that closed a protocol: what the audit names if nothing opens.
+        let mut closer = None;
         let slot = |p: Protocol| p as usize;
         for (i, r) in self.rules.iter().enumerate() {
             if !r.target.matches_name(name) || closed[slot(r.protocol)] {
@@ -266,6 +268,7 @@ impl Policy {
                 }
                 Action::Deny if r.ports.is_empty() => {
                     closed[slot(r.protocol)] = true;
+                    closer.get_or_insert(i);
                     if closed == [true, true] {
                         return Decision {
                             allow: false,
@@ -282,6 +285,11 @@ impl Policy {
                 allow: true,
                 rule: None,
                 reason: "default allow".into(),
+            },
+            Action::Deny if closer.is_some() => Decision {
+                allow: false,
+                rule: closer,
+                reason: "rule".into(),
             },
             Action::Deny => Decision::deny("no rule allows this name (default deny)"),
         }
@@ -548,6 +556,12 @@ mod tests {
         ]}));
         let d = p.decide_name("evil.example.com", 443, Protocol::Tcp);
         assert_eq!((d.allow, d.rule), (false, Some(0)));
+        let d = p.decide_dns("evil.example.com");
+        assert_eq!(
+            (d.allow, d.rule),
+            (false, Some(0)),
+            "the audit names the deny rule"
+        );
         let d = p.decide_name("good.example.com", 443, Protocol::Tcp);
         assert_eq!((d.allow, d.rule), (true, Some(1)));
         assert!(!p.decide_dns("evil.example.com").allow);
