@@ -28,6 +28,9 @@ have docker-registry || need+=(docker-registry)
 if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then need+=(busybox-static); fi
 have htpasswd || need+=(apache2-utils)
 have dpkg-deb || need+=(dpkg)
+# moat-net's tests put a real guest in a network namespace (ip netns, a TAP) and run curl there.
+have ip || need+=(iproute2)
+have curl || need+=(curl)
 # The Python SDK's tests (crates/cli/tests/sdk_python.rs) make a virtualenv: Debian splits
 # venv and ensurepip into python3-venv.
 have python3 || need+=(python3)

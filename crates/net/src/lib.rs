@@ -5,10 +5,13 @@
 //! docs/NETWORK.md describes the packet path and the policy semantics.
 
 pub mod audit;
+mod device;
 pub mod dns;
 pub mod floor;
 pub mod hosts;
+pub mod peek;
 pub mod policy;
+pub mod stack;
 
 pub use floor::Floor;
 pub use hosts::HostsFile;

@@ -1,0 +1,944 @@
+//! The per-sandbox stack: the guest's only router. smoltcp plays the gateway on the guest's
+//! link; every frame is classified before smoltcp sees it, so that a TCP flow exists in smoltcp
+//! only once the policy allowed it, DNS (UDP or TCP, to any address) goes to moat's resolver,
+//! and everything else (IPv6, fragments, spoofed sources, UDP without a rule, ICMP beyond the
+//! gateway) is dropped. An allowed flow is terminated here and spliced to a new host
+//! connection that a task of its own opens, after the first-bytes check on 443 (TLS SNI) and
+//! 80 (HTTP Host) where the destination is a name.
+//!
+//! One loop owns the interface and the sockets; flow tasks talk to it through one event
+//! channel. Host-to-guest bytes are bounded per flow by a semaphore of credits (returned as
+//! smoltcp takes the bytes), guest-to-host bytes by a bounded channel per flow (smoltcp's
+//! window closes while it is full), so a slow side holds the other back instead of filling
+//! memory.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::socket::tcp;
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, HardwareAddress, IpAddress,
+    IpCidr, IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket, TcpRepr, UdpPacket,
+    UdpRepr,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::audit::{Audit, Event, Kind, Verdict};
+use crate::device::{put_frame, take_frame, Device};
+use crate::dns::{is_synthetic, Resolver};
+use crate::peek::{self, Peek};
+use crate::{Error, Policy, Protocol, Result};
+
+/// The guest's side of the link: a /30 in CGNAT space, which is in the floor, so these
+/// addresses never clash with a real destination.
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(100, 127, 255, 2);
+pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(100, 127, 255, 1);
+pub const PREFIX_LEN: u8 = 30;
+/// The gateway's MAC (locally administered). The guest's is whatever it uses.
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x01];
+pub const MTU: u16 = 1500;
+
+/// Per-flow socket buffers: large enough that one flow's window is not the bottleneck.
+const TCP_BUFFER: usize = 256 * 1024;
+/// Bytes moved per channel message.
+const CHUNK: usize = 64 * 1024;
+/// Host bytes a flow may have read ahead of smoltcp.
+const CREDITS: usize = 256 * 1024;
+/// How long a flow on 443/80 may take to send its ClientHello or request head.
+const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Per-sandbox caps. Exceeding one refuses the flow or query and is audited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_flows: usize,
+    pub new_flows_per_s: u32,
+    pub dns_qps: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_flows: 256,
+            new_flows_per_s: 100,
+            dns_qps: 50,
+        }
+    }
+}
+
+/// A token bucket with a burst of one second's worth.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(per_s: u32) -> Bucket {
+        Bucket {
+            rate: f64::from(per_s),
+            tokens: f64::from(per_s),
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What flow tasks share with the loop.
+struct Shared {
+    resolver: Arc<Resolver>,
+    policy: RwLock<Arc<Policy>>,
+    audit: Audit,
+    dns: Mutex<Bucket>,
+    events: mpsc::UnboundedSender<Ev>,
+}
+
+impl Shared {
+    fn policy(&self) -> Arc<Policy> {
+        self.policy.read().expect("policy lock").clone()
+    }
+
+    fn dns_allowed(&self, name_hint: &str) -> bool {
+        if self.dns.lock().expect("dns bucket").take() {
+            return true;
+        }
+        let mut e = Event::new(Kind::Dns, Verdict::Deny, "limit: DNS queries per second");
+        e.name = (!name_hint.is_empty()).then(|| name_hint.to_string());
+        self.audit.emit(e);
+        false
+    }
+}
+
+/// Messages from tasks to the loop.
+enum Ev {
+    Connected {
+        flow: u64,
+        addr: SocketAddrV4,
+    },
+    Data {
+        flow: u64,
+        data: Bytes,
+    },
+    HostEof {
+        flow: u64,
+    },
+    /// The task is done with the flow abnormally: refused after its first bytes (`deny`), or
+    /// its host side failed. `reset` aborts the guest's side instead of closing it.
+    End {
+        flow: u64,
+        reason: String,
+        deny: bool,
+        reset: bool,
+    },
+    /// The task took guest bytes off its channel: there may be room for more.
+    Drained,
+    /// A finished frame for the guest (DNS over UDP answers).
+    Frame(Vec<u8>),
+}
+
+#[derive(Debug, Clone)]
+enum Dest {
+    Name(String),
+    Addr(Ipv4Addr),
+}
+
+struct Flow {
+    handle: SocketHandle,
+    key: (u16, Ipv4Addr, u16),
+    name: Option<String>,
+    dst: Ipv4Addr,
+    port: u16,
+    /// DNS over TCP: answered here, audited per query, not as a flow.
+    internal: bool,
+    rule: Option<usize>,
+    reason: String,
+    denied: bool,
+    to_host: Option<mpsc::Sender<Bytes>>,
+    pending: VecDeque<Bytes>,
+    host_eof: bool,
+    fin_sent: bool,
+    credits: Arc<Semaphore>,
+    task: JoinHandle<()>,
+    started: Instant,
+    sent: u64,
+    received: u64,
+    dialed: Option<SocketAddrV4>,
+}
+
+struct Stack {
+    iface: Interface,
+    device: Device,
+    sockets: SocketSet<'static>,
+    epoch: Instant,
+    guest_mac: Option<EthernetAddress>,
+    flows: HashMap<u64, Flow>,
+    keys: HashSet<(u16, Ipv4Addr, u16)>,
+    next_id: u64,
+    limits: Limits,
+    new_flows: Bucket,
+    shared: Arc<Shared>,
+}
+
+/// Runs the stack on `guest` (the stream-netdev socket) until QEMU closes it. `policy` is
+/// watched: a new value applies to the next decision, and live flows it denies are reset.
+pub async fn serve<S>(
+    guest: S,
+    resolver: Arc<Resolver>,
+    mut policy: watch::Receiver<Arc<Policy>>,
+    audit: Audit,
+    limits: Limits,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite,
+{
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        resolver,
+        policy: RwLock::new(policy.borrow_and_update().clone()),
+        audit,
+        dns: Mutex::new(Bucket::new(limits.dns_qps)),
+        events: events_tx,
+    });
+    let mut st = Stack::new(shared, limits);
+    let (mut rd, mut wr) = tokio::io::split(guest);
+    let mut inbuf = BytesMut::with_capacity(256 * 1024);
+    let mut policy_open = true;
+    let io = |e: std::io::Error| Error::Io {
+        context: "the guest's network socket".into(),
+        source: e,
+    };
+    loop {
+        st.run();
+        if !st.device.tx.is_empty() {
+            wr.write_all(&st.device.tx).await.map_err(io)?;
+            st.device.tx.clear();
+        }
+        let delay = st.delay();
+        tokio::select! {
+            r = rd.read_buf(&mut inbuf) => {
+                if r.map_err(io)? == 0 {
+                    st.shutdown();
+                    return Ok(());
+                }
+                while let Some(frame) = take_frame(&mut inbuf).map_err(|m| Error::Io {
+                    context: m,
+                    source: std::io::ErrorKind::InvalidData.into(),
+                })? {
+                    st.frame(frame);
+                }
+                if inbuf.capacity() - inbuf.len() < 64 * 1024 {
+                    inbuf.reserve(256 * 1024);
+                }
+            }
+            Some(ev) = events.recv() => {
+                st.event(ev);
+                while let Ok(ev) = events.try_recv() {
+                    st.event(ev);
+                }
+            }
+            r = policy.changed(), if policy_open => match r {
+                Ok(()) => {
+                    let p = policy.borrow_and_update().clone();
+                    st.set_policy(p);
+                }
+                Err(_) => policy_open = false,
+            },
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+impl Stack {
+    fn new(shared: Arc<Shared>, limits: Limits) -> Stack {
+        let mut device = Device::default();
+        let epoch = Instant::now();
+        let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
+        let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::ZERO);
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::Ipv4(GATEWAY_IP), PREFIX_LEN))
+                .expect("one address fits");
+        });
+        // Accept flows to any destination: the classifier decided which ones get a socket.
+        iface.set_any_ip(true);
+        Stack {
+            iface,
+            device,
+            sockets: SocketSet::new(Vec::new()),
+            epoch,
+            guest_mac: None,
+            flows: HashMap::new(),
+            keys: HashSet::new(),
+            next_id: 0,
+            limits,
+            new_flows: Bucket::new(limits.new_flows_per_s),
+            shared,
+        }
+    }
+
+    fn now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    fn poll(&mut self) {
+        let now = self.now();
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+    }
+
+    fn delay(&mut self) -> Duration {
+        let now = self.now();
+        self.iface
+            .poll_delay(now, &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(Duration::from_secs(1))
+    }
+
+    /// Polls and moves bytes between sockets and flows until nothing changes.
+    fn run(&mut self) {
+        for _ in 0..64 {
+            self.poll();
+            if !self.service() {
+                break;
+            }
+        }
+    }
+
+    /// One frame from the guest.
+    fn frame(&mut self, frame: Bytes) {
+        let Ok(eth) = EthernetFrame::new_checked(&frame[..]) else {
+            return;
+        };
+        match eth.ethertype() {
+            EthernetProtocol::Arp => self.device.rx.push_back(frame),
+            EthernetProtocol::Ipv4 => self.ipv4(frame),
+            // IPv6 and everything else: sandboxes have none.
+            _ => {}
+        }
+    }
+
+    fn ipv4(&mut self, frame: Bytes) {
+        let eth = EthernetFrame::new_unchecked(&frame[..]);
+        let src_mac = eth.src_addr();
+        let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            return;
+        };
+        if ip.src_addr() != GUEST_IP
+            || !ip.verify_checksum()
+            || ip.more_frags()
+            || ip.frag_offset() != 0
+        {
+            return;
+        }
+        self.guest_mac = Some(src_mac);
+        let dst = ip.dst_addr();
+        match ip.next_header() {
+            // Ping the gateway, nothing else.
+            IpProtocol::Icmp if dst == GATEWAY_IP => self.device.rx.push_back(frame),
+            IpProtocol::Udp => {
+                let Ok(udp) = UdpPacket::new_checked(ip.payload()) else {
+                    return;
+                };
+                if !udp.verify_checksum(&GUEST_IP.into(), &dst.into()) {
+                    return;
+                }
+                if udp.dst_port() == 53 {
+                    self.dns_udp(
+                        src_mac,
+                        dst,
+                        udp.src_port(),
+                        Bytes::copy_from_slice(udp.payload()),
+                    );
+                } else {
+                    self.udp_denied(dst, udp.dst_port());
+                }
+            }
+            IpProtocol::Tcp => {
+                let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+                    return;
+                };
+                let Ok(repr) = TcpRepr::parse(
+                    &tcp,
+                    &GUEST_IP.into(),
+                    &dst.into(),
+                    &ChecksumCapabilities::default(),
+                ) else {
+                    return;
+                };
+                let key = (repr.src_port, dst, repr.dst_port);
+                if repr.control == smoltcp::wire::TcpControl::Syn
+                    && repr.ack_number.is_none()
+                    && !self.keys.contains(&key)
+                {
+                    self.syn(key, frame);
+                } else {
+                    self.device.rx.push_back(frame);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A new TCP flow: decide now; only an allowed one gets a listening socket, so smoltcp
+    /// answers the others' SYN with a reset.
+    fn syn(&mut self, key: (u16, Ipv4Addr, u16), frame: Bytes) {
+        let (_, dst, port) = key;
+        let internal = port == 53;
+        let (dest, decision) = if internal {
+            (
+                Dest::Addr(dst),
+                crate::Decision {
+                    allow: true,
+                    rule: None,
+                    reason: "DNS".into(),
+                },
+            )
+        } else {
+            self.decide(dst, port)
+        };
+        let name = match &dest {
+            Dest::Name(n) => Some(n.clone()),
+            Dest::Addr(_) => None,
+        };
+        let refuse = if !decision.allow {
+            Some((decision.rule, decision.reason.clone()))
+        } else if self.flows.len() >= self.limits.max_flows {
+            Some((
+                None,
+                format!("limit: {} concurrent flows", self.limits.max_flows),
+            ))
+        } else if !self.new_flows.take() {
+            Some((
+                None,
+                format!(
+                    "limit: {} new flows per second",
+                    self.limits.new_flows_per_s
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((rule, reason)) = refuse {
+            let mut e = Event::new(Kind::Tcp, Verdict::Deny, reason);
+            e.rule = rule;
+            e.name = name;
+            e.address = Some(dst.to_string());
+            e.port = Some(port);
+            self.shared.audit.emit(e);
+            self.device.rx.push_back(frame);
+            return;
+        }
+        // Earlier frames first, so this SYN is the one the new listener takes.
+        self.poll();
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        );
+        sock.set_nagle_enabled(false);
+        sock.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
+        if sock
+            .listen(IpListenEndpoint {
+                addr: Some(IpAddress::Ipv4(dst)),
+                port,
+            })
+            .is_err()
+        {
+            return;
+        }
+        let handle = self.sockets.add(sock);
+        self.device.rx.push_back(frame);
+        self.poll();
+        if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Listen {
+            // smoltcp did not take the SYN: no flow.
+            self.sockets.remove(handle);
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let (to_host, from_guest) = mpsc::channel(8);
+        let credits = Arc::new(Semaphore::new(CREDITS));
+        let shared = self.shared.clone();
+        let task = if internal {
+            tokio::spawn(dns_tcp(id, shared, from_guest))
+        } else {
+            tokio::spawn(splice(id, shared, dest, port, from_guest, credits.clone()))
+        };
+        self.keys.insert(key);
+        self.flows.insert(
+            id,
+            Flow {
+                handle,
+                key,
+                name,
+                dst,
+                port,
+                internal,
+                rule: decision.rule,
+                reason: decision.reason,
+                denied: false,
+                to_host: Some(to_host),
+                pending: VecDeque::new(),
+                host_eof: false,
+                fin_sent: false,
+                credits,
+                task,
+                started: Instant::now(),
+                sent: 0,
+                received: 0,
+                dialed: None,
+            },
+        );
+    }
+
+    /// The policy's decision for a TCP connection to `dst:port`.
+    fn decide(&self, dst: Ipv4Addr, port: u16) -> (Dest, crate::Decision) {
+        let policy = self.shared.policy();
+        if is_synthetic(dst) {
+            return match self.shared.resolver.name_of(dst) {
+                Some(n) => {
+                    let d = policy.decide_name(&n, port, Protocol::Tcp);
+                    (Dest::Name(n), d)
+                }
+                None => (
+                    Dest::Addr(dst),
+                    crate::Decision::deny("an address moat's DNS never handed out"),
+                ),
+            };
+        }
+        let d = policy.decide_addr(self.shared.resolver.floor(), dst, port, Protocol::Tcp);
+        (Dest::Addr(dst), d)
+    }
+
+    fn udp_denied(&mut self, dst: Ipv4Addr, port: u16) {
+        let name = is_synthetic(dst)
+            .then(|| self.shared.resolver.name_of(dst))
+            .flatten();
+        let mut e = Event::new(Kind::Udp, Verdict::Deny, "only DNS is relayed over UDP");
+        e.name = name;
+        e.address = Some(dst.to_string());
+        e.port = Some(port);
+        self.shared.audit.emit(e);
+    }
+
+    /// DNS over UDP to any address: answered by moat, from the address the guest asked.
+    fn dns_udp(&mut self, guest_mac: EthernetAddress, dst: Ipv4Addr, sport: u16, query: Bytes) {
+        if !self.shared.dns_allowed("") {
+            return;
+        }
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let policy = shared.policy();
+            let Some((answer, event)) = shared.resolver.answer(&policy, &query).await else {
+                return;
+            };
+            shared.audit.emit(event);
+            let frame = udp_frame(guest_mac, (dst, 53), (GUEST_IP, sport), &answer);
+            let _ = shared.events.send(Ev::Frame(frame));
+        });
+    }
+
+    fn event(&mut self, ev: Ev) {
+        match ev {
+            Ev::Frame(f) => put_frame(&mut self.device.tx, &f),
+            Ev::Drained => {}
+            Ev::Connected { flow, addr } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    f.dialed = Some(addr);
+                }
+            }
+            Ev::Data { flow, data } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    f.pending.push_back(data);
+                }
+            }
+            Ev::HostEof { flow } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    f.host_eof = true;
+                }
+            }
+            Ev::End {
+                flow,
+                reason,
+                deny,
+                reset,
+            } => {
+                if let Some(f) = self.flows.get_mut(&flow) {
+                    f.reason = reason;
+                    f.denied |= deny;
+                    f.host_eof = true;
+                    f.to_host = None;
+                    if reset {
+                        f.pending.clear();
+                        self.sockets.get_mut::<tcp::Socket>(f.handle).abort();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves bytes between smoltcp and the flow tasks; ends finished flows. True if anything
+    /// moved (smoltcp has something to send).
+    fn service(&mut self) -> bool {
+        let mut progress = false;
+        let mut done = Vec::new();
+        for (&id, f) in self.flows.iter_mut() {
+            let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
+            // Guest to host.
+            if let Some(tx) = &f.to_host {
+                while sock.can_recv() {
+                    let Ok(permit) = tx.try_reserve() else { break };
+                    let data = sock
+                        .recv(|b| {
+                            let n = b.len().min(CHUNK);
+                            (n, Bytes::copy_from_slice(&b[..n]))
+                        })
+                        .unwrap_or_default();
+                    f.sent += data.len() as u64;
+                    permit.send(data);
+                    progress = true;
+                }
+                let guest_fin = matches!(
+                    sock.state(),
+                    tcp::State::CloseWait
+                        | tcp::State::LastAck
+                        | tcp::State::Closing
+                        | tcp::State::TimeWait
+                        | tcp::State::Closed
+                );
+                if guest_fin && !sock.can_recv() {
+                    f.to_host = None;
+                }
+            }
+            // Host to guest.
+            while let Some(front) = f.pending.front_mut() {
+                let n = sock.send_slice(front).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                f.received += n as u64;
+                f.credits.add_permits(n);
+                front.advance(n);
+                if front.is_empty() {
+                    f.pending.pop_front();
+                }
+                progress = true;
+            }
+            if f.host_eof && f.pending.is_empty() && !f.fin_sent {
+                sock.close();
+                f.fin_sent = true;
+                progress = true;
+            }
+            if matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                done.push(id);
+            }
+        }
+        for id in done {
+            self.finish(id);
+        }
+        progress
+    }
+
+    fn finish(&mut self, id: u64) {
+        let Some(f) = self.flows.remove(&id) else {
+            return;
+        };
+        f.task.abort();
+        self.sockets.remove(f.handle);
+        self.keys.remove(&f.key);
+        if f.internal {
+            return;
+        }
+        let verdict = if f.denied {
+            Verdict::Deny
+        } else {
+            Verdict::Allow
+        };
+        let mut e = Event::new(Kind::Tcp, verdict, f.reason);
+        e.rule = f.rule;
+        e.name = f.name;
+        e.address = Some(
+            f.dialed
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|| f.dst.to_string()),
+        );
+        e.port = Some(f.port);
+        e.bytes_sent = f.sent;
+        e.bytes_received = f.received;
+        e.duration_ms = f.started.elapsed().as_millis() as u64;
+        self.shared.audit.emit(e);
+    }
+
+    /// A new policy: later decisions use it, and live flows it denies are reset now.
+    fn set_policy(&mut self, policy: Arc<Policy>) {
+        *self.shared.policy.write().expect("policy lock") = policy;
+        let ids: Vec<u64> = self.flows.keys().copied().collect();
+        for id in ids {
+            let f = &self.flows[&id];
+            if f.internal {
+                continue;
+            }
+            let (_, d) = self.decide(f.dst, f.port);
+            if d.allow {
+                continue;
+            }
+            let f = self.flows.get_mut(&id).expect("listed above");
+            f.denied = true;
+            f.rule = d.rule;
+            f.reason = format!("policy update: {}", d.reason);
+            f.task.abort();
+            f.to_host = None;
+            f.pending.clear();
+            self.sockets.get_mut::<tcp::Socket>(f.handle).abort();
+        }
+    }
+
+    /// QEMU went away: record the flows that were still open.
+    fn shutdown(&mut self) {
+        let ids: Vec<u64> = self.flows.keys().copied().collect();
+        for id in ids {
+            self.finish(id);
+        }
+    }
+}
+
+/// An Ethernet/IPv4/UDP frame from `src` to the guest.
+fn udp_frame(
+    guest_mac: EthernetAddress,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let caps = ChecksumCapabilities::default();
+    let udp_len = 8 + payload.len();
+    let ip = Ipv4Repr {
+        src_addr: src.0,
+        dst_addr: dst.0,
+        next_header: IpProtocol::Udp,
+        payload_len: udp_len,
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; 14 + ip.buffer_len() + udp_len];
+    let mut eth = EthernetFrame::new_unchecked(&mut buf[..]);
+    EthernetRepr {
+        src_addr: EthernetAddress(GATEWAY_MAC),
+        dst_addr: guest_mac,
+        ethertype: EthernetProtocol::Ipv4,
+    }
+    .emit(&mut eth);
+    let mut ipp = Ipv4Packet::new_unchecked(eth.payload_mut());
+    ip.emit(&mut ipp, &caps);
+    let mut udp = UdpPacket::new_unchecked(ipp.payload_mut());
+    UdpRepr {
+        src_port: src.1,
+        dst_port: dst.1,
+    }
+    .emit(
+        &mut udp,
+        &src.0.into(),
+        &dst.0.into(),
+        payload.len(),
+        |b| b.copy_from_slice(payload),
+        &caps,
+    );
+    buf
+}
+
+/// DNS over TCP (RFC 7766: 2-byte length, then the message), answered like UDP queries.
+async fn dns_tcp(id: u64, shared: Arc<Shared>, mut from_guest: mpsc::Receiver<Bytes>) {
+    let mut buf = BytesMut::new();
+    while let Some(b) = from_guest.recv().await {
+        let _ = shared.events.send(Ev::Drained);
+        buf.extend_from_slice(&b);
+        while buf.len() >= 2 {
+            let len = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+            if buf.len() < 2 + len {
+                break;
+            }
+            buf.advance(2);
+            let query = buf.split_to(len);
+            if !shared.dns_allowed("") {
+                continue;
+            }
+            let policy = shared.policy();
+            let Some((answer, event)) = shared.resolver.answer(&policy, &query).await else {
+                let _ = shared.events.send(Ev::End {
+                    flow: id,
+                    reason: "malformed DNS".into(),
+                    deny: false,
+                    reset: true,
+                });
+                return;
+            };
+            shared.audit.emit(event);
+            let mut out = Vec::with_capacity(2 + answer.len());
+            out.extend_from_slice(&(answer.len() as u16).to_be_bytes());
+            out.extend_from_slice(&answer);
+            let _ = shared.events.send(Ev::Data {
+                flow: id,
+                data: out.into(),
+            });
+        }
+    }
+    let _ = shared.events.send(Ev::HostEof { flow: id });
+}
+
+/// The first-bytes check of a flow to a name on 443 or 80.
+#[derive(Debug, Clone, Copy)]
+enum Check {
+    Sni,
+    Host,
+}
+
+impl Check {
+    fn peek(self, first: &[u8]) -> Peek {
+        match self {
+            Check::Sni => peek::client_hello_sni(first),
+            Check::Host => peek::http_host(first),
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Check::Sni => "TLS server name",
+            Check::Host => "HTTP Host",
+        }
+    }
+
+    /// What the guest gets before the close: a TLS alert, or an HTTP 403 with the reason.
+    fn refusal(self, why: &str) -> Vec<u8> {
+        match self {
+            Check::Sni => peek::TLS_ACCESS_DENIED.to_vec(),
+            Check::Host => peek::http_forbidden(why),
+        }
+    }
+}
+
+/// One allowed flow's host side: the first-bytes check where it applies, the dial, then
+/// bytes both ways until both sides are done.
+async fn splice(
+    id: u64,
+    shared: Arc<Shared>,
+    dest: Dest,
+    port: u16,
+    mut from_guest: mpsc::Receiver<Bytes>,
+    credits: Arc<Semaphore>,
+) {
+    let ev = shared.events.clone();
+    let end = |reason: String, deny: bool, reset: bool| {
+        let _ = ev.send(Ev::End {
+            flow: id,
+            reason,
+            deny,
+            reset,
+        });
+    };
+    let mut first = Vec::new();
+    let check = match (&dest, port) {
+        (Dest::Name(name), 443) => Some((name, Check::Sni)),
+        (Dest::Name(name), 80) => Some((name, Check::Host)),
+        _ => None,
+    };
+    if let Some((name, check)) = check {
+        loop {
+            let why = match check.peek(&first) {
+                Peek::Name(n) if n == *name => break,
+                Peek::Name(n) => format!("{} {n} is not {name}", check.what()),
+                Peek::Bad(why) => why,
+                Peek::More => match tokio::time::timeout(PEEK_TIMEOUT, from_guest.recv()).await {
+                    Ok(Some(b)) => {
+                        let _ = ev.send(Ev::Drained);
+                        first.extend_from_slice(&b);
+                        continue;
+                    }
+                    Ok(None) => return end("closed before its first request".into(), false, false),
+                    Err(_) => "no request within 10 s".into(),
+                },
+            };
+            let _ = ev.send(Ev::Data {
+                flow: id,
+                data: check.refusal(&why).into(),
+            });
+            return end(why, true, false);
+        }
+    }
+    // A name's addresses were checked against the floor when resolved (the hosts file's are
+    // the operator's exception for that name); a raw address was checked at SYN time.
+    let addrs = match &dest {
+        Dest::Addr(a) => vec![*a],
+        Dest::Name(n) => match shared.resolver.targets(n).await {
+            Ok(t) => t.addrs,
+            Err(e) => return end(e.reason(), true, true),
+        },
+    };
+    let mut stream = None;
+    let mut last_err = String::from("no address");
+    for a in addrs {
+        let sa = SocketAddrV4::new(a, port);
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(SocketAddr::V4(sa))).await {
+            Ok(Ok(s)) => {
+                stream = Some((s, sa));
+                break;
+            }
+            Ok(Err(e)) => last_err = format!("connect {sa}: {e}"),
+            Err(_) => last_err = format!("connect {sa}: timed out"),
+        }
+    }
+    let Some((stream, sa)) = stream else {
+        return end(last_err, false, true);
+    };
+    let _ = stream.set_nodelay(true);
+    let _ = ev.send(Ev::Connected { flow: id, addr: sa });
+    let (mut hr, mut hw) = stream.into_split();
+    let up = async {
+        if !first.is_empty() {
+            hw.write_all(&first).await?;
+        }
+        while let Some(b) = from_guest.recv().await {
+            let _ = ev.send(Ev::Drained);
+            hw.write_all(&b).await?;
+        }
+        hw.shutdown().await
+    };
+    let down = async {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = hr.read(&mut buf).await?;
+            if n == 0 {
+                let _ = ev.send(Ev::HostEof { flow: id });
+                return Ok::<(), std::io::Error>(());
+            }
+            credits
+                .acquire_many(n as u32)
+                .await
+                .map_err(|_| std::io::Error::other("flow closed"))?
+                .forget();
+            let _ = ev.send(Ev::Data {
+                flow: id,
+                data: Bytes::copy_from_slice(&buf[..n]),
+            });
+        }
+    };
+    let (u, d) = tokio::join!(up, down);
+    if let Err(e) = u.and(d) {
+        end(format!("host connection: {e}"), false, true);
+    }
+}
