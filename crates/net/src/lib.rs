@@ -5,6 +5,7 @@
 //! docs/NETWORK.md describes the packet path and the policy semantics.
 
 pub mod audit;
+pub mod control;
 mod device;
 pub mod dns;
 pub mod floor;
@@ -13,6 +14,7 @@ pub mod peek;
 pub mod policy;
 pub mod stack;
 
+pub use control::run;
 pub use floor::Floor;
 pub use hosts::HostsFile;
 pub use policy::{Action, Decision, EgressRule, EgressSpec, Policy, Protocol};

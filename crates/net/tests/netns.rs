@@ -1,14 +1,16 @@
 //! The stack with a real guest: a network namespace whose TAP device's frames are relayed in
 //! QEMU's stream framing to the stack, so the Linux kernel, `curl` and Python in that namespace
-//! are the guest. The stack itself, its test servers and its test upstream resolver run in a
-//! second namespace (their "host"), so servers can listen on 80/443 and nothing touches the
-//! machine's own network. Needs root (`ip netns`), `ip`, `curl` and `python3`.
+//! are the guest. The stack runs through its process entry (`moat_net::run`) and is driven
+//! over its control socket as the daemon will drive it; it, its test servers and its test
+//! upstream resolver run in a second namespace (their "host"), and a third one behind a veth
+//! plays a public server, so nothing touches the machine's own network. Needs root
+//! (`ip netns`), `ip`, `curl` and `python3`.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,13 +19,10 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::{RData, Record};
-use moat_net::audit::{Audit, Event, Kind, Verdict};
-use moat_net::dns::Resolver;
+use moat_net::audit::{Event, Kind, Verdict};
+use moat_net::control::Reply;
 use moat_net::peek::{client_hello_sni, Peek};
-use moat_net::stack::{self, Limits};
-use moat_net::{EgressSpec, Floor, HostsFile, Policy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -117,62 +116,113 @@ struct Seen {
 struct Net {
     guest: String,
     seen: Arc<Mutex<Seen>>,
-    policy: watch::Sender<Arc<Policy>>,
+    control_path: std::path::PathBuf,
+    control: Mutex<Option<Control>>,
+    _dir: tempfile::TempDir,
     _cleanup: Cleanup,
 }
 
-/// Removes both namespaces, however the test ends.
-struct Cleanup(String, String);
-
-const HOSTS: &str = "127.0.0.1 api.test x.api2.test blocked.api2.test\n";
-/// A public-looking address of the host namespace, reached through a CIDR rule.
-const CIDR_SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-
-fn policy(v: serde_json::Value) -> Arc<Policy> {
-    Arc::new(Policy::new(serde_json::from_value::<EgressSpec>(v).unwrap()).unwrap())
+/// The daemon's end of the control channel: requests out, replies in (audit events go to
+/// `Seen`, everything else to `replies`).
+struct Control {
+    tx: UnixStream,
+    replies: std::sync::mpsc::Receiver<Reply>,
 }
 
-fn default_policy() -> Arc<Policy> {
-    policy(serde_json::json!({"rules": [
+/// Removes the namespaces, however the test ends.
+struct Cleanup(Vec<String>);
+
+const HOSTS: &str = "127.0.0.1 api.test x.api2.test blocked.api2.test\n";
+/// A public-looking server: another namespace behind a veth, reached through a CIDR rule.
+const CIDR_SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// The host namespace's own address on that link: in the floor.
+const HOST_OWN: &str = "198.51.100.2";
+
+fn default_policy() -> serde_json::Value {
+    serde_json::json!({"rules": [
         {"host": "blocked.api2.test", "action": "deny"},
         {"host": "*.api2.test"},
         {"host": "api.test"},
         {"host": "rebind.test"},
         {"host": "private.test"},
         {"cidr": "198.51.100.0/24", "ports": [7000]},
-    ]}))
+    ]})
+}
+
+/// Runs `f` on a thread of its own inside namespace `ns`, on a runtime of its own.
+fn in_ns<F, Fut>(ns: &str, f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let ns = ns.to_string();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        enter(&ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let fut = f();
+            ready_tx.send(()).unwrap();
+            fut.await;
+            std::future::pending::<()>().await;
+        });
+    });
+    ready_rx.recv().unwrap();
 }
 
 impl Net {
     fn new() -> Net {
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", std::process::id());
-        let (guest, host) = (format!("mng-{id}"), format!("mnh-{id}"));
-        let cleanup = Cleanup(guest.clone(), host.clone());
-        sh(&["ip", "netns", "add", &guest]);
-        sh(&["ip", "netns", "add", &host]);
+        let (guest, host, server) = (
+            format!("mng-{id}"),
+            format!("mnh-{id}"),
+            format!("mns-{id}"),
+        );
+        let cleanup = Cleanup(vec![guest.clone(), host.clone(), server.clone()]);
+        for ns in &cleanup.0 {
+            sh(&["ip", "netns", "add", ns]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
         std::fs::create_dir_all(format!("/etc/netns/{guest}")).unwrap();
         std::fs::write(
             format!("/etc/netns/{guest}/resolv.conf"),
             "nameserver 100.127.255.1\n",
         )
         .unwrap();
-        sh(&["ip", "-n", &host, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip", "-n", &host, "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns",
+            &server,
+        ]);
         sh(&[
             "ip",
             "-n",
             &host,
             "addr",
             "add",
-            "198.51.100.1/32",
+            &format!("{HOST_OWN}/24"),
             "dev",
-            "lo",
+            "v0",
         ]);
+        sh(&["ip", "-n", &host, "link", "set", "v0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &server,
+            "addr",
+            "add",
+            "198.51.100.1/24",
+            "dev",
+            "v1",
+        ]);
+        sh(&["ip", "-n", &server, "link", "set", "v1", "up"]);
         sh(&[
             "ip", "-n", &guest, "tuntap", "add", "dev", "tap0", "mode", "tap",
         ]);
         let tap = open_tap(&guest);
-        sh(&["ip", "-n", &guest, "link", "set", "lo", "up"]);
         sh(&[
             "ip",
             "-n",
@@ -198,51 +248,101 @@ impl Net {
         relay(tap, ours);
 
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let (policy_tx, policy_rx) = watch::channel(default_policy());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (s, hostns) = (seen.clone(), host.clone());
+        let s = seen.clone();
+        in_ns(&host, move || async move {
+            start_servers(s.clone(), Ipv4Addr::LOCALHOST, &[80, 443, 5432]).await;
+            // Its own address, to show the floor stops it even under a CIDR rule.
+            start_servers(s.clone(), HOST_OWN.parse().unwrap(), &[7000]).await;
+            start_upstream(s).await;
+        });
+        let s = seen.clone();
+        in_ns(&server, move || async move {
+            start_servers(s, CIDR_SERVER, &[7000]).await;
+        });
+
+        // The stack, through its process entry, in the host namespace.
+        let dir = tempfile::tempdir().unwrap();
+        let control_path = dir.path().join("control.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&control_path).unwrap();
+        let hostns = host.clone();
         std::thread::spawn(move || {
             enter(&hostns);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                start_servers(s.clone()).await;
-                let upstream = start_upstream(s.clone()).await;
-                // The floor as the host namespace has it, less the CIDR server's address (a
-                // stand-in for a public server).
-                let floor = Floor::new(vec!["127.0.0.1".parse().unwrap()]);
-                let resolver = Arc::new(Resolver::new(
-                    Some(upstream),
-                    HostsFile::parse(HOSTS).unwrap(),
-                    floor,
-                ));
-                let (audit, mut events) = Audit::channel(1024);
-                let s2 = s.clone();
-                tokio::spawn(async move {
-                    while let Some(e) = events.recv().await {
-                        s2.lock().unwrap().events.push(e);
-                    }
-                });
-                theirs.set_nonblocking(true).unwrap();
-                let sock = tokio::net::UnixStream::from_std(theirs).unwrap();
-                ready_tx.send(()).unwrap();
-                let limits = Limits {
-                    max_flows: 64,
-                    new_flows_per_s: 1000,
-                    dns_qps: 1000,
-                };
-                let _ = stack::serve(sock, resolver, policy_rx, audit, limits).await;
-            });
+            moat_net::run(OwnedFd::from(theirs), OwnedFd::from(listener)).unwrap();
         });
-        ready_rx.recv().unwrap();
-        Net {
+        let net = Net {
             guest,
             seen,
-            policy: policy_tx,
+            control_path,
+            control: Mutex::new(None),
+            _dir: dir,
             _cleanup: cleanup,
+        };
+        let hello = net.connect();
+        assert_eq!(
+            hello,
+            Reply::Hello {
+                version: 1,
+                started: false,
+                dropped: 0
+            }
+        );
+        let start = serde_json::json!({
+            "v": 1, "type": "start", "egress": default_policy(), "hosts": HOSTS,
+            "resolver": "127.0.0.1:53", "limits": {"max_flows": 64, "new_flows_per_s": 1000, "dns_qps": 1000},
+        });
+        assert_eq!(net.request(start), Reply::Ok);
+        net
+    }
+
+    /// Connects to the control socket as a daemon would; returns its hello.
+    fn connect(&self) -> Reply {
+        let tx = UnixStream::connect(&self.control_path).unwrap();
+        let rx = std::io::BufReader::new(tx.try_clone().unwrap());
+        let (reply_tx, replies) = std::sync::mpsc::channel();
+        let seen = self.seen.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in rx.lines() {
+                let Ok(line) = line else { break };
+                match moat_net::control::decode::<Reply>(&line).unwrap() {
+                    Reply::Audit { event } => seen.lock().unwrap().events.push(event),
+                    other => {
+                        if reply_tx.send(other).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        *self.control.lock().unwrap() = Some(Control { tx, replies });
+        self.reply()
+    }
+
+    /// Drops the control connection, as a daemon that dies does.
+    fn disconnect(&self) {
+        *self.control.lock().unwrap() = None;
+    }
+
+    fn reply(&self) -> Reply {
+        let c = self.control.lock().unwrap();
+        c.as_ref()
+            .unwrap()
+            .replies
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+    }
+
+    fn request(&self, msg: serde_json::Value) -> Reply {
+        {
+            let mut c = self.control.lock().unwrap();
+            let tx = &mut c.as_mut().unwrap().tx;
+            tx.write_all(format!("{msg}\n").as_bytes()).unwrap();
         }
+        self.reply()
+    }
+
+    fn set_policy(&self, egress: serde_json::Value) -> Reply {
+        self.request(serde_json::json!({"v": 1, "type": "policy", "egress": egress}))
     }
 
     /// Runs a command in the guest namespace.
@@ -338,21 +438,17 @@ print(r[3] & 15, struct.unpack('>H', r[6:8])[0])
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.1]).status();
-        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.0));
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
+        }
     }
 }
 
-/// Test servers in the host namespace: HTTP on 127.0.0.1:80, a recorder on 443 that answers
-/// nothing TLS, a server-first banner on 5432 and on the CIDR address's 7000.
-async fn start_servers(seen: Arc<Mutex<Seen>>) {
-    for (addr, port) in [
-        (Ipv4Addr::LOCALHOST, 80u16),
-        (Ipv4Addr::LOCALHOST, 443),
-        (Ipv4Addr::LOCALHOST, 5432),
-        (CIDR_SERVER, 7000),
-    ] {
+/// Test servers: HTTP on 80, a recorder on 443 that answers nothing TLS, a server-first
+/// banner then echo on 5432 and 7000.
+async fn start_servers(seen: Arc<Mutex<Seen>>, addr: Ipv4Addr, ports: &[u16]) {
+    for &port in ports {
         let l = tokio::net::TcpListener::bind((addr, port)).await.unwrap();
         let seen = seen.clone();
         tokio::spawn(async move {
@@ -424,9 +520,8 @@ async fn start_servers(seen: Arc<Mutex<Seen>>) {
 }
 
 /// The host's upstream resolver: rebind.test answers into the floor, private.test too.
-async fn start_upstream(seen: Arc<Mutex<Seen>>) -> std::net::SocketAddr {
+async fn start_upstream(seen: Arc<Mutex<Seen>>) {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:53").await.unwrap();
-    let addr = sock.local_addr().unwrap();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
         loop {
@@ -458,7 +553,6 @@ async fn start_upstream(seen: Arc<Mutex<Seen>>) -> std::net::SocketAddr {
             let _ = sock.send_to(&resp.to_vec().unwrap(), from).await;
         }
     });
-    addr
 }
 
 #[test]
@@ -690,11 +784,15 @@ fn a_policy_update_applies_at_once_and_closes_flows_it_denies() {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(20));
     }
-    net.policy
-        .send(policy(
-            serde_json::json!({"rules": [{"host": "*.api2.test"}]}),
-        ))
-        .unwrap();
+    let bad = net.set_policy(serde_json::json!({"rules": [{"host": "*.com"}]}));
+    assert!(
+        matches!(&bad, Reply::Error { message } if message.contains("public suffix")),
+        "{bad:?}"
+    );
+    assert_eq!(
+        net.set_policy(serde_json::json!({"rules": [{"host": "*.api2.test"}]})),
+        Reply::Ok
+    );
     let out = child.join().unwrap();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "HELLO");
@@ -712,4 +810,62 @@ fn a_policy_update_applies_at_once_and_closes_flows_it_denies() {
     // New lookups follow the new policy.
     let (ok, _) = net.curl(&["http://api.test/"]);
     assert!(!ok);
+}
+
+#[test]
+fn the_hosts_own_address_is_in_the_floor_even_under_a_cidr_rule() {
+    let net = Net::new();
+    let (ok, out) = net.curl(&[&format!("http://{HOST_OWN}:7000/")]);
+    assert!(!ok && out.contains("Couldn't connect to server"), "{out}");
+    let e = net.event("host own address", |e| {
+        e.address.as_deref() == Some(HOST_OWN)
+    });
+    assert!(e.reason.contains("the host's own address"), "{e:?}");
+    assert!(net.server_saw(7000).is_empty());
+}
+
+#[test]
+fn the_control_channel_survives_a_daemon_restart() {
+    let net = Net::new();
+    net.disconnect();
+    // Decisions made while no daemon listens wait for the next one.
+    assert_eq!(
+        net.dig("100.127.255.1", "while-away.test", 1, false),
+        (3, 0)
+    );
+    let hello = net.connect();
+    assert_eq!(
+        hello,
+        Reply::Hello {
+            version: 1,
+            started: true,
+            dropped: 0
+        }
+    );
+    net.event("queued", |e| e.name.as_deref() == Some("while-away.test"));
+    let again = net.request(serde_json::json!({"v": 1, "type": "start", "egress": {}}));
+    assert!(
+        matches!(again, Reply::Error { ref message } if message == "already started"),
+        "{again:?}"
+    );
+    let junk = net.request(serde_json::json!({"v": 9, "type": "policy"}));
+    assert!(
+        matches!(junk, Reply::Error { ref message } if message.contains("version 9")),
+        "{junk:?}"
+    );
+    // The new connection still steers the policy.
+    assert_eq!(
+        net.set_policy(serde_json::json!({"rules": [{"host": "while-away.test"}]})),
+        Reply::Ok
+    );
+    assert!(net.upstream_asked().is_empty());
+    net.dig("100.127.255.1", "while-away.test", 1, false);
+    assert_eq!(
+        net.upstream_asked(),
+        vec!["while-away.test"],
+        "allowed now, so asked upstream"
+    );
+    net.event("allowed after update", |e| {
+        e.name.as_deref() == Some("while-away.test") && e.reason == "no such name upstream"
+    });
 }

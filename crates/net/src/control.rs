@@ -1,0 +1,407 @@
+//! The control channel between the daemon and one sandbox's stack, and the stack's process
+//! entry. The channel is a listening Unix socket the stack inherits (like QEMU's QMP socket),
+//! so a daemon that restarts can connect again; while no daemon is connected the stack goes on
+//! with the policy it has, and audit events wait in a bounded queue.
+//!
+//! Protocol (version 1): JSON, one object per line, each with `"v": 1` and a `"type"`. Message
+//! types and fields are only ever added; a peer ignores fields it does not know and answers
+//! an unknown type with an error.
+//!
+//! stack → daemon: `hello {version, started, dropped}` on every connection; `ok` or
+//! `error {message}` after each request; `audit {event}` for every decision.
+//! daemon → stack: `start {egress, hosts?, resolver?, limits?}` once, first (nothing is
+//! forwarded before it); `policy {egress}` at any time after, applied to the next decision
+//! and to live flows (those it denies are reset).
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::audit::{Audit, Event};
+use crate::dns::Resolver;
+use crate::stack::{self, Limits};
+use crate::{EgressSpec, Error, Floor, HostsFile, Policy, Result};
+
+pub const VERSION: u32 = 1;
+/// Audit events kept while no daemon reads them.
+const AUDIT_QUEUE: usize = 4096;
+/// A control line longer than this is refused (a policy of 256 rules fits many times over).
+const MAX_LINE: usize = 1 << 20;
+
+/// Limits as the daemon sends them; absent fields keep the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_flows: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flows_per_s: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_qps: Option<u32>,
+}
+
+impl LimitsSpec {
+    fn limits(&self) -> Result<Limits> {
+        let d = Limits::default();
+        let l = Limits {
+            max_flows: self.max_flows.unwrap_or(d.max_flows),
+            new_flows_per_s: self.new_flows_per_s.unwrap_or(d.new_flows_per_s),
+            dns_qps: self.dns_qps.unwrap_or(d.dns_qps),
+        };
+        if l.max_flows == 0 || l.new_flows_per_s == 0 || l.dns_qps == 0 {
+            return Err(Error::Invalid {
+                field: "limits".into(),
+                message: "every limit is at least 1".into(),
+            });
+        }
+        Ok(l)
+    }
+}
+
+/// Daemon → stack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    Start {
+        egress: EgressSpec,
+        /// hosts(5) text of the operator's egress hosts file.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hosts: Option<String>,
+        /// The upstream resolver (`ip:port`); absent: the host's own (/etc/resolv.conf).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resolver: Option<SocketAddr>,
+        #[serde(default)]
+        limits: LimitsSpec,
+    },
+    Policy {
+        egress: EgressSpec,
+    },
+}
+
+/// Stack → daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Hello {
+        version: u32,
+        /// False until a `start` was accepted.
+        started: bool,
+        /// Audit events lost so far because no daemon read them in time.
+        dropped: u64,
+    },
+    Ok,
+    Error {
+        message: String,
+    },
+    Audit {
+        event: Event,
+    },
+}
+
+/// One line on the wire: the message and its version.
+#[derive(Debug, Serialize, Deserialize)]
+struct Line<T> {
+    v: u32,
+    #[serde(flatten)]
+    msg: T,
+}
+
+/// Encodes one message as a line (with its newline).
+pub fn encode<T: Serialize>(msg: &T) -> String {
+    let mut s = serde_json::to_string(&Line { v: VERSION, msg }).expect("messages serialise");
+    s.push('\n');
+    s
+}
+
+/// Decodes one line; the error says what was wrong.
+pub fn decode<T: for<'de> Deserialize<'de>>(line: &str) -> std::result::Result<T, String> {
+    let raw: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    match raw.get("v").and_then(|v| v.as_u64()) {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => return Err(format!("protocol version {v}: this stack speaks {VERSION}")),
+        None => return Err("missing \"v\"".into()),
+    }
+    let line: Line<T> = serde_json::from_value(raw).map_err(|e| e.to_string())?;
+    Ok(line.msg)
+}
+
+/// The upstream resolver of this host: the first `nameserver` of /etc/resolv.conf.
+pub fn system_resolver() -> Option<SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    text.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        (w.next() == Some("nameserver"))
+            .then(|| w.next()?.parse::<std::net::IpAddr>().ok())
+            .flatten()
+            .map(|ip| SocketAddr::new(ip, 53))
+    })
+}
+
+/// The stack process: serves the guest's stream-netdev socket `guest` with the policy the
+/// daemon sends on the listening control socket `control`, until QEMU closes `guest`. Blocks;
+/// runs its own single-threaded runtime.
+pub fn run(guest: OwnedFd, control: OwnedFd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Io {
+            context: "starting the stack's runtime".into(),
+            source: e,
+        })?;
+    rt.block_on(run_async(guest, control))
+}
+
+struct Conn {
+    lines: Lines<BufReader<OwnedReadHalf>>,
+    tx: OwnedWriteHalf,
+}
+
+impl Conn {
+    async fn send(&mut self, r: &Reply) -> std::io::Result<()> {
+        self.tx.write_all(encode(r).as_bytes()).await
+    }
+}
+
+fn io(context: &str) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        context: context.to_string(),
+        source,
+    }
+}
+
+async fn accept(l: &UnixListener, started: bool, audit: &Audit) -> Result<Conn> {
+    let (s, _) = l
+        .accept()
+        .await
+        .map_err(io("accepting a control connection"))?;
+    let (rx, tx) = UnixStream::into_split(s);
+    let mut c = Conn {
+        lines: BufReader::new(rx).lines(),
+        tx,
+    };
+    let hello = Reply::Hello {
+        version: VERSION,
+        started,
+        dropped: audit.dropped(),
+    };
+    // A daemon that is gone already is noticed at the next read.
+    let _ = c.send(&hello).await;
+    Ok(c)
+}
+
+/// Reads the next request; `None` when the connection ended. A line that is not a request
+/// is answered with an error and skipped.
+async fn next_request(c: &mut Conn) -> Option<Request> {
+    loop {
+        let line = c.lines.next_line().await.ok()??;
+        if line.len() > MAX_LINE {
+            let _ = c
+                .send(&Reply::Error {
+                    message: "line too long".into(),
+                })
+                .await;
+            return None;
+        }
+        match decode::<Request>(&line) {
+            Ok(r) => return Some(r),
+            Err(message) => {
+                let _ = c.send(&Reply::Error { message }).await;
+            }
+        }
+    }
+}
+
+async fn run_async(guest: OwnedFd, control: OwnedFd) -> Result<()> {
+    let listener = std::os::unix::net::UnixListener::from(control);
+    listener
+        .set_nonblocking(true)
+        .map_err(io("the control socket"))?;
+    let listener = UnixListener::from_std(listener).map_err(io("the control socket"))?;
+    let guest = std::os::unix::net::UnixStream::from(guest);
+    guest
+        .set_nonblocking(true)
+        .map_err(io("the guest socket"))?;
+    let guest = UnixStream::from_std(guest).map_err(io("the guest socket"))?;
+    let (audit, mut events) = Audit::channel(AUDIT_QUEUE);
+
+    // Nothing is served before the daemon's `start`.
+    let mut conn = accept(&listener, false, &audit).await?;
+    let (policy, resolver, limits) = loop {
+        match next_request(&mut conn).await {
+            None => conn = accept(&listener, false, &audit).await?,
+            Some(Request::Policy { .. }) => {
+                let _ = conn
+                    .send(&Reply::Error {
+                        message: "send start first".into(),
+                    })
+                    .await;
+            }
+            Some(Request::Start {
+                egress,
+                hosts,
+                resolver,
+                limits,
+            }) => match start(egress, hosts, resolver, limits) {
+                Ok(s) => {
+                    let _ = conn.send(&Reply::Ok).await;
+                    break s;
+                }
+                Err(e) => {
+                    let _ = conn
+                        .send(&Reply::Error {
+                            message: e.to_string(),
+                        })
+                        .await;
+                }
+            },
+        }
+    };
+    let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+    let serve = stack::serve(guest, Arc::new(resolver), policy_rx, audit.clone(), limits);
+    tokio::pin!(serve);
+    let mut conn = Some(conn);
+    loop {
+        tokio::select! {
+            r = &mut serve => return r,
+            c = listener.accept() => {
+                // A new daemon replaces the old connection.
+                if let Ok((s, _)) = c {
+                    let (rx, tx) = s.into_split();
+                    let mut c = Conn { lines: BufReader::new(rx).lines(), tx };
+                    let _ = c.send(&Reply::Hello { version: VERSION, started: true, dropped: audit.dropped() }).await;
+                    conn = Some(c);
+                }
+            }
+            req = async { next_request(conn.as_mut().expect("guarded")).await }, if conn.is_some() => {
+                let c = conn.as_mut().expect("guarded");
+                let reply = match req {
+                    None => { conn = None; continue; }
+                    Some(Request::Start { .. }) => Reply::Error { message: "already started".into() },
+                    Some(Request::Policy { egress }) => match Policy::new(egress) {
+                        Ok(p) => { policy_tx.send_replace(Arc::new(p)); Reply::Ok }
+                        Err(e) => Reply::Error { message: e.to_string() },
+                    },
+                };
+                if c.send(&reply).await.is_err() {
+                    conn = None;
+                }
+            }
+            Some(event) = events.recv(), if conn.is_some() => {
+                let c = conn.as_mut().expect("guarded");
+                if c.send(&Reply::Audit { event }).await.is_err() {
+                    conn = None;
+                }
+            }
+        }
+    }
+}
+
+fn start(
+    egress: EgressSpec,
+    hosts: Option<String>,
+    resolver: Option<SocketAddr>,
+    limits: LimitsSpec,
+) -> Result<(Policy, Resolver, Limits)> {
+    let policy = Policy::new(egress)?;
+    let hosts = match hosts {
+        Some(text) => HostsFile::parse(&text).map_err(|(line, message)| Error::HostsFile {
+            path: "hosts".into(),
+            line,
+            message,
+        })?,
+        None => HostsFile::default(),
+    };
+    let limits = limits.limits()?;
+    let floor = Floor::with_host_addrs()?;
+    let upstream = resolver.or_else(system_resolver);
+    Ok((policy, Resolver::new(upstream, hosts, floor), limits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn wire_shapes_are_stable() {
+        assert_eq!(
+            encode(&Reply::Hello {
+                version: 1,
+                started: false,
+                dropped: 0
+            }),
+            "{\"v\":1,\"type\":\"hello\",\"version\":1,\"started\":false,\"dropped\":0}\n"
+        );
+        assert_eq!(encode(&Reply::Ok), "{\"v\":1,\"type\":\"ok\"}\n");
+        let r: Request = decode(
+            &json!({"v": 1, "type": "policy", "egress": {"rules": [{"host": "a.com"}]}})
+                .to_string(),
+        )
+        .unwrap();
+        assert!(matches!(r, Request::Policy { egress } if egress.rules.len() == 1));
+        let r: Request =
+            decode(&json!({"v": 1, "type": "start", "egress": {}}).to_string()).unwrap();
+        assert_eq!(
+            r,
+            Request::Start {
+                egress: EgressSpec::default(),
+                hosts: None,
+                resolver: None,
+                limits: LimitsSpec::default()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_lines_say_why() {
+        let e = |l: &str| decode::<Request>(l).unwrap_err();
+        assert!(e("{").starts_with("not JSON"));
+        assert!(e(r#"{"type":"policy","egress":{}}"#).contains("\"v\""));
+        assert!(e(r#"{"v":2,"type":"policy","egress":{}}"#).contains("version 2"));
+        assert!(e(r#"{"v":1,"type":"reboot"}"#).contains("reboot"));
+        assert!(e(r#"{"v":1,"type":"policy","egress":{"default":"maybe"}}"#).contains("maybe"));
+    }
+
+    #[test]
+    fn limits_default_and_refuse_zero() {
+        assert_eq!(LimitsSpec::default().limits().unwrap(), Limits::default());
+        let l = LimitsSpec {
+            dns_qps: Some(5),
+            ..Default::default()
+        }
+        .limits()
+        .unwrap();
+        assert_eq!(l.dns_qps, 5);
+        assert!(LimitsSpec {
+            max_flows: Some(0),
+            ..Default::default()
+        }
+        .limits()
+        .is_err());
+    }
+
+    #[test]
+    fn start_validates_everything_it_gets() {
+        let bad_policy: EgressSpec =
+            serde_json::from_value(json!({"rules": [{"host": "*"}]})).unwrap();
+        assert!(start(bad_policy, None, None, LimitsSpec::default())
+            .unwrap_err()
+            .to_string()
+            .contains("egress.rules[0].host"));
+        let e = start(
+            EgressSpec::default(),
+            Some("127.0.0.1 ok.test\nnope\n".into()),
+            None,
+            LimitsSpec::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains(":2:"), "{e}");
+    }
+}
