@@ -153,8 +153,10 @@ enum Ev {
     },
     /// The task took guest bytes off its channel: there may be room for more.
     Drained,
-    /// A finished frame for the guest (DNS over UDP answers).
+    /// A finished frame for the guest (DNS and relayed UDP answers).
     Frame(Vec<u8>),
+    /// A UDP relay ended (idle, or its host socket failed).
+    UdpDone((u16, Ipv4Addr, u16)),
 }
 
 #[derive(Debug, Clone)]
@@ -186,6 +188,12 @@ struct Flow {
     dialed: Option<SocketAddrV4>,
 }
 
+/// A relayed UDP conversation: datagrams from the guest go to its task.
+struct UdpFlow {
+    tx: mpsc::Sender<Bytes>,
+    task: JoinHandle<()>,
+}
+
 struct Stack {
     iface: Interface,
     device: Device,
@@ -193,6 +201,7 @@ struct Stack {
     epoch: Instant,
     guest_mac: Option<EthernetAddress>,
     flows: HashMap<u64, Flow>,
+    udp: HashMap<(u16, Ipv4Addr, u16), UdpFlow>,
     keys: HashSet<(u16, Ipv4Addr, u16)>,
     next_id: u64,
     limits: Limits,
@@ -288,6 +297,7 @@ impl Stack {
             epoch,
             guest_mac: None,
             flows: HashMap::new(),
+            udp: HashMap::new(),
             keys: HashSet::new(),
             next_id: 0,
             limits,
@@ -369,7 +379,8 @@ impl Stack {
                         Bytes::copy_from_slice(udp.payload()),
                     );
                 } else {
-                    self.udp_denied(dst, udp.dst_port());
+                    let key = (udp.src_port(), dst, udp.dst_port());
+                    self.udp(src_mac, key, Bytes::copy_from_slice(udp.payload()));
                 }
             }
             IpProtocol::Tcp => {
@@ -413,7 +424,7 @@ impl Stack {
                 },
             )
         } else {
-            self.decide(dst, port)
+            self.decide(dst, port, Protocol::Tcp)
         };
         let name = match &dest {
             Dest::Name(n) => Some(n.clone()),
@@ -509,13 +520,13 @@ impl Stack {
         );
     }
 
-    /// The policy's decision for a TCP connection to `dst:port`.
-    fn decide(&self, dst: Ipv4Addr, port: u16) -> (Dest, crate::Decision) {
+    /// The policy's decision for a flow to `dst:port`.
+    fn decide(&self, dst: Ipv4Addr, port: u16, protocol: Protocol) -> (Dest, crate::Decision) {
         let policy = self.shared.policy();
         if is_synthetic(dst) {
             return match self.shared.resolver.name_of(dst) {
                 Some(n) => {
-                    let d = policy.decide_name(&n, port, Protocol::Tcp);
+                    let d = policy.decide_name(&n, port, protocol);
                     (Dest::Name(n), d)
                 }
                 None => (
@@ -524,19 +535,55 @@ impl Stack {
                 ),
             };
         }
-        let d = policy.decide_addr(self.shared.resolver.floor(), dst, port, Protocol::Tcp);
+        let d = policy.decide_addr(self.shared.resolver.floor(), dst, port, protocol);
         (Dest::Addr(dst), d)
     }
 
-    fn udp_denied(&mut self, dst: Ipv4Addr, port: u16) {
-        let name = is_synthetic(dst)
-            .then(|| self.shared.resolver.name_of(dst))
-            .flatten();
-        let mut e = Event::new(Kind::Udp, Verdict::Deny, "only DNS is relayed over UDP");
-        e.name = name;
-        e.address = Some(dst.to_string());
-        e.port = Some(port);
-        self.shared.audit.emit(e);
+    /// A UDP datagram other than DNS: relayed only when a rule allows UDP to its
+    /// destination, through a host socket per (guest port, destination) that lives until it
+    /// has been idle for a minute.
+    fn udp(&mut self, guest_mac: EthernetAddress, key: (u16, Ipv4Addr, u16), payload: Bytes) {
+        if let Some(f) = self.udp.get(&key) {
+            // A full queue drops the datagram, as a congested link would.
+            let _ = f.tx.try_send(payload);
+            return;
+        }
+        let (_, dst, port) = key;
+        let (dest, d) = self.decide(dst, port, Protocol::Udp);
+        let refuse = if !d.allow {
+            Some((d.rule, d.reason.clone()))
+        } else if self.flows.len() + self.udp.len() >= self.limits.max_flows {
+            Some((
+                None,
+                format!("limit: {} concurrent flows", self.limits.max_flows),
+            ))
+        } else if !self.new_flows.take() {
+            Some((
+                None,
+                format!(
+                    "limit: {} new flows per second",
+                    self.limits.new_flows_per_s
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((rule, reason)) = refuse {
+            let mut e = Event::new(Kind::Udp, Verdict::Deny, reason);
+            e.rule = rule;
+            e.name = match dest {
+                Dest::Name(n) => Some(n),
+                Dest::Addr(_) => None,
+            };
+            e.address = Some(dst.to_string());
+            e.port = Some(port);
+            self.shared.audit.emit(e);
+            return;
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let _ = tx.try_send(payload);
+        let task = tokio::spawn(udp_relay(self.shared.clone(), guest_mac, key, dest, d, rx));
+        self.udp.insert(key, UdpFlow { tx, task });
     }
 
     /// DNS over UDP to any address: answered by moat, from the address the guest asked.
@@ -560,6 +607,9 @@ impl Stack {
         match ev {
             Ev::Frame(f) => put_frame(&mut self.device.tx, &f),
             Ev::Drained => {}
+            Ev::UdpDone(key) => {
+                self.udp.remove(&key);
+            }
             Ev::Connected { flow, addr } => {
                 if let Some(f) = self.flows.get_mut(&flow) {
                     f.dialed = Some(addr);
@@ -696,7 +746,7 @@ impl Stack {
             if f.internal {
                 continue;
             }
-            let (_, d) = self.decide(f.dst, f.port);
+            let (_, d) = self.decide(f.dst, f.port, Protocol::Tcp);
             if d.allow {
                 continue;
             }
@@ -708,6 +758,29 @@ impl Stack {
             f.to_host = None;
             f.pending.clear();
             self.sockets.get_mut::<tcp::Socket>(f.handle).abort();
+        }
+        let keys: Vec<_> = self.udp.keys().copied().collect();
+        for key in keys {
+            let (dest, d) = self.decide(key.1, key.2, Protocol::Udp);
+            if d.allow {
+                continue;
+            }
+            if let Some(f) = self.udp.remove(&key) {
+                f.task.abort();
+                let mut e = Event::new(
+                    Kind::Udp,
+                    Verdict::Deny,
+                    format!("policy update: {}", d.reason),
+                );
+                e.rule = d.rule;
+                e.name = match dest {
+                    Dest::Name(n) => Some(n),
+                    Dest::Addr(_) => None,
+                };
+                e.address = Some(key.1.to_string());
+                e.port = Some(key.2);
+                self.shared.audit.emit(e);
+            }
         }
     }
 
@@ -760,6 +833,84 @@ fn udp_frame(
         &caps,
     );
     buf
+}
+
+/// How long a UDP relay lives without traffic either way.
+const UDP_IDLE: Duration = Duration::from_secs(60);
+
+/// One allowed UDP conversation: a host socket connected to the destination; datagrams both
+/// ways until it is idle; audited when it ends.
+async fn udp_relay(
+    shared: Arc<Shared>,
+    guest_mac: EthernetAddress,
+    key: (u16, Ipv4Addr, u16),
+    dest: Dest,
+    decision: crate::Decision,
+    mut from_guest: mpsc::Receiver<Bytes>,
+) {
+    let (sport, dst, port) = key;
+    let started = Instant::now();
+    let mut e = Event::from_decision(Kind::Udp, &decision);
+    e.address = Some(dst.to_string());
+    e.port = Some(port);
+    let target = match &dest {
+        Dest::Addr(a) => Ok(*a),
+        Dest::Name(n) => {
+            e.name = Some(n.clone());
+            shared
+                .resolver
+                .targets(n)
+                .await
+                .map(|t| t.addrs[0])
+                .map_err(|err| err.reason())
+        }
+    };
+    let (mut sent, mut received) = (0u64, 0u64);
+    let result: std::result::Result<(), String> = async {
+        let target = target?;
+        e.address = Some(target.to_string());
+        let sock = tokio::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .await
+            .map_err(|err| err.to_string())?;
+        sock.connect((target, port))
+            .await
+            .map_err(|err| err.to_string())?;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            tokio::select! {
+                d = from_guest.recv() => match d {
+                    Some(d) => {
+                        sent += d.len() as u64;
+                        // A datagram the host refuses is lost, as on any network.
+                        let _ = sock.send(&d).await;
+                    }
+                    None => return Ok(()),
+                },
+                r = sock.recv(&mut buf) => {
+                    // ICMP errors from the destination show up here; the guest gets nothing.
+                    let Ok(n) = r else { continue };
+                    // Keep answers within the guest's MTU.
+                    if n > usize::from(MTU) - 28 {
+                        continue;
+                    }
+                    received += n as u64;
+                    let frame = udp_frame(guest_mac, (dst, port), (GUEST_IP, sport), &buf[..n]);
+                    let _ = shared.events.send(Ev::Frame(frame));
+                }
+                _ = tokio::time::sleep(UDP_IDLE) => return Ok(()),
+            }
+        }
+    }
+    .await;
+    if let Err(why) = result {
+        e.verdict = Verdict::Deny;
+        e.reason = why;
+    }
+    e.bytes_sent = sent;
+    e.bytes_received = received;
+    e.duration_ms = started.elapsed().as_millis() as u64;
+    shared.audit.emit(e);
+    let _ = shared.events.send(Ev::UdpDone(key));
 }
 
 /// DNS over TCP (RFC 7766: 2-byte length, then the message), answered like UDP queries.

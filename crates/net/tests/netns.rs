@@ -146,6 +146,8 @@ fn default_policy() -> serde_json::Value {
         {"host": "rebind.test"},
         {"host": "private.test"},
         {"cidr": "198.51.100.0/24", "ports": [7000]},
+        {"host": "api.test", "protocol": "udp", "ports": [7001]},
+        {"cidr": "198.51.100.0/24", "protocol": "udp", "ports": [7001]},
     ]})
 }
 
@@ -254,10 +256,12 @@ impl Net {
             // Its own address, to show the floor stops it even under a CIDR rule.
             start_servers(s.clone(), HOST_OWN.parse().unwrap(), &[7000]).await;
             start_upstream(s).await;
+            udp_echo(Ipv4Addr::LOCALHOST, 7001).await;
         });
         let s = seen.clone();
         in_ns(&server, move || async move {
             start_servers(s, CIDR_SERVER, &[7000]).await;
+            udp_echo(CIDR_SERVER, 7001).await;
         });
 
         // The stack, through its process entry, in the host namespace.
@@ -517,6 +521,18 @@ async fn start_servers(seen: Arc<Mutex<Seen>>, addr: Ipv4Addr, ports: &[u16]) {
             }
         });
     }
+}
+
+/// Echoes UDP datagrams.
+async fn udp_echo(addr: Ipv4Addr, port: u16) {
+    let sock = tokio::net::UdpSocket::bind((addr, port)).await.unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+            let _ = sock.send_to(&buf[..n], from).await;
+        }
+    });
 }
 
 /// The host's upstream resolver: rebind.test answers into the floor, private.test too.
@@ -868,4 +884,37 @@ fn the_control_channel_survives_a_daemon_restart() {
     net.event("allowed after update", |e| {
         e.name.as_deref() == Some("while-away.test") && e.reason == "no such name upstream"
     });
+}
+
+#[test]
+fn udp_is_relayed_only_where_a_rule_allows_it() {
+    let net = Net::new();
+    let echo = |host: &str, port: u16| {
+        net.python(&format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.settimeout(2)\n\
+             s.sendto(b'ping', ('{host}', {port}))\n\
+             try:\n    print(s.recv(100).decode())\n\
+             except socket.timeout:\n    print('timeout')"
+        ))
+    };
+    assert_eq!(echo("api.test", 7001), "ping", "by name");
+    assert_eq!(echo("198.51.100.1", 7001), "ping", "by CIDR rule");
+    assert_eq!(echo("api.test", 7002), "timeout", "no rule for this port");
+    let e = net.event("udp deny", |e| e.kind == Kind::Udp && e.port == Some(7002));
+    assert_eq!(
+        (e.verdict, e.name.as_deref()),
+        (Verdict::Deny, Some("api.test"))
+    );
+    // Tightening the policy ends the live relays.
+    assert_eq!(
+        net.set_policy(serde_json::json!({"rules": [{"host": "api.test"}]})),
+        Reply::Ok
+    );
+    let e = net.event("udp policy update", |e| {
+        e.kind == Kind::Udp && e.port == Some(7001)
+    });
+    assert!(e.reason.starts_with("policy update"), "{e:?}");
+    assert_eq!(echo("api.test", 7001), "timeout");
 }
