@@ -31,8 +31,6 @@ use crate::{EgressSpec, Error, Floor, HostsFile, Policy, Result};
 pub const VERSION: u32 = 1;
 /// Audit events kept while no daemon reads them.
 const AUDIT_QUEUE: usize = 4096;
-/// A control line longer than this is refused (a policy of 256 rules fits many times over).
-const MAX_LINE: usize = 1 << 20;
 
 /// Limits as the daemon sends them; absent fields keep the defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -196,24 +194,18 @@ async fn accept(l: &UnixListener, started: bool, audit: &Audit) -> Result<Conn> 
     Ok(c)
 }
 
-/// Reads the next request; `None` when the connection ended. A line that is not a request
-/// is answered with an error and skipped.
-async fn next_request(c: &mut Conn) -> Option<Request> {
-    loop {
-        let line = c.lines.next_line().await.ok()??;
-        if line.len() > MAX_LINE {
-            let _ = c
-                .send(&Reply::Error {
-                    message: "line too long".into(),
-                })
-                .await;
-            return None;
-        }
-        match decode::<Request>(&line) {
-            Ok(r) => return Some(r),
-            Err(message) => {
-                let _ = c.send(&Reply::Error { message }).await;
-            }
+/// The next line; `None` when the connection ended. Only reads, so it is safe to cancel.
+async fn next_line(c: &mut Conn) -> Option<String> {
+    c.lines.next_line().await.ok().flatten()
+}
+
+/// The request on `line`, or the error already answered for it.
+async fn request(c: &mut Conn, line: &str) -> Option<Request> {
+    match decode::<Request>(line) {
+        Ok(r) => Some(r),
+        Err(message) => {
+            let _ = c.send(&Reply::Error { message }).await;
+            None
         }
     }
 }
@@ -234,8 +226,12 @@ async fn run_async(guest: OwnedFd, control: OwnedFd) -> Result<()> {
     // Nothing is served before the daemon's `start`.
     let mut conn = accept(&listener, false, &audit).await?;
     let (policy, resolver, limits) = loop {
-        match next_request(&mut conn).await {
-            None => conn = accept(&listener, false, &audit).await?,
+        let Some(line) = next_line(&mut conn).await else {
+            conn = accept(&listener, false, &audit).await?;
+            continue;
+        };
+        match request(&mut conn, &line).await {
+            None => {}
             Some(Request::Policy { .. }) => {
                 let _ = conn
                     .send(&Reply::Error {
@@ -279,10 +275,14 @@ async fn run_async(guest: OwnedFd, control: OwnedFd) -> Result<()> {
                     conn = Some(c);
                 }
             }
-            req = async { next_request(conn.as_mut().expect("guarded")).await }, if conn.is_some() => {
+            line = async { next_line(conn.as_mut().expect("guarded")).await }, if conn.is_some() => {
                 let c = conn.as_mut().expect("guarded");
-                let reply = match req {
-                    None => { conn = None; continue; }
+                let Some(line) = line else {
+                    conn = None;
+                    continue;
+                };
+                let reply = match request(c, &line).await {
+                    None => continue,
                     Some(Request::Start { .. }) => Reply::Error { message: "already started".into() },
                     Some(Request::Policy { egress }) => match Policy::new(egress) {
                         Ok(p) => { policy_tx.send_replace(Arc::new(p)); Reply::Ok }
