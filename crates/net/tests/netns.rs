@@ -177,6 +177,12 @@ where
 
 impl Net {
     fn new() -> Net {
+        Net::with_limits(
+            serde_json::json!({"max_flows": 64, "new_flows_per_s": 1000, "dns_qps": 1000}),
+        )
+    }
+
+    fn with_limits(limits: serde_json::Value) -> Net {
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", std::process::id());
         let (guest, host, server) = (
@@ -292,7 +298,7 @@ impl Net {
         );
         let start = serde_json::json!({
             "v": 1, "type": "start", "egress": default_policy(), "hosts": HOSTS,
-            "resolver": "127.0.0.1:53", "limits": {"max_flows": 64, "new_flows_per_s": 1000, "dns_qps": 1000},
+            "resolver": "127.0.0.1:53", "limits": limits,
         });
         assert_eq!(net.request(start), Reply::Ok);
         net
@@ -917,4 +923,41 @@ fn udp_is_relayed_only_where_a_rule_allows_it() {
     });
     assert!(e.reason.starts_with("policy update"), "{e:?}");
     assert_eq!(echo("api.test", 7001), "timeout");
+}
+
+#[test]
+fn limits_refuse_and_audit_without_stopping_the_stack() {
+    let net = Net::with_limits(
+        serde_json::json!({"max_flows": 2, "new_flows_per_s": 1000, "dns_qps": 10}),
+    );
+    // Two flows held open; the third is refused at once.
+    let out = net.python(
+        "import socket, time\n\
+         ip = socket.gethostbyname('api.test')\n\
+         held = [socket.create_connection((ip, 5432), timeout=5) for _ in range(2)]\n\
+         t = time.time()\n\
+         try:\n    socket.create_connection((ip, 5432), timeout=5)\n    print('connected')\n\
+         except ConnectionRefusedError:\n    print('refused', round(time.time() - t, 1))",
+    );
+    assert_eq!(out, "refused 0.0");
+    net.event("flow limit", |e| e.reason == "limit: 2 concurrent flows");
+    // A burst of 40 queries: about a second's worth (10) is answered, the rest is not.
+    let out = net.python(
+        "import socket, struct\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(1)\n\
+         q = struct.pack('>HHHHHH', 1, 0x0100, 1, 0, 0, 0) + b'\\x03api\\x04test\\x00' + struct.pack('>HH', 1, 1)\n\
+         for i in range(40):\n    s.sendto(q, ('100.127.255.1', 53))\n\
+         n = 0\n\
+         try:\n    while True:\n        s.recv(512)\n        n += 1\n\
+         except socket.timeout:\n    pass\n\
+         print(n)",
+    );
+    let answered: u32 = out.parse().unwrap();
+    assert!((5..=15).contains(&answered), "answered {answered} of 40");
+    net.event("dns limit", |e| e.reason == "limit: DNS queries per second");
+    // The stack still works once the burst is over.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (ok, out) = net.curl(&["http://api.test/"]);
+    assert!(ok, "{out}");
 }
