@@ -387,6 +387,44 @@ mod tests {
         .is_err());
     }
 
+    /// The process entry serves nothing before `start`, answers on the control socket, and
+    /// returns when QEMU closes its end.
+    #[test]
+    fn run_ends_when_the_guest_socket_closes() {
+        use std::io::{BufRead, BufReader, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (qemu, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        let stack = std::thread::spawn(move || run(OwnedFd::from(guest), OwnedFd::from(listener)));
+        let mut c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let mut lines = BufReader::new(c.try_clone().unwrap()).lines();
+        let hello: Reply = decode(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(
+            hello,
+            Reply::Hello {
+                version: 1,
+                started: false,
+                dropped: 0
+            }
+        );
+        c.write_all(b"{\"v\":1,\"type\":\"policy\",\"egress\":{}}\n")
+            .unwrap();
+        let r: Reply = decode(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(
+            r,
+            Reply::Error {
+                message: "send start first".into()
+            }
+        );
+        c.write_all(b"{\"v\":1,\"type\":\"start\",\"egress\":{},\"resolver\":\"127.0.0.1:9\"}\n")
+            .unwrap();
+        let r: Reply = decode(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(r, Reply::Ok);
+        drop(qemu);
+        stack.join().unwrap().unwrap();
+    }
+
     #[test]
     fn start_validates_everything_it_gets() {
         let bad_policy: EgressSpec =
