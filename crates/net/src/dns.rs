@@ -577,6 +577,48 @@ mod tests {
         assert!(ev.reason.contains("did not answer"), "{}", ev.reason);
     }
 
+    /// Mutated queries (bit flips, truncations, junk tails) never panic the engine, every
+    /// answer is a well-formed response to the same id, and nothing but the one allowed name
+    /// ever gets an address.
+    #[tokio::test]
+    async fn mutated_queries_are_handled() {
+        let hosts = HostsFile::parse("127.0.0.1 a.example.com\n").unwrap();
+        let r = Resolver::new(None, hosts, Floor::new(vec![]));
+        let p = policy(json!({"rules": [{"host": "a.example.com"}]}));
+        let seeds = [
+            query("a.example.com.", RecordType::A),
+            query("b.example.com.", RecordType::TXT),
+            query("a.example.com.", RecordType::AAAA),
+        ];
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rand = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..20_000 {
+            let mut q = seeds[i % seeds.len()].clone();
+            match rand() % 3 {
+                0 => q.truncate((rand() as usize) % (q.len() + 1)),
+                1 => {
+                    let at = (rand() as usize) % q.len();
+                    q[at] ^= 1 << (rand() % 8);
+                }
+                _ => q.extend((0..rand() % 64).map(|_| rand() as u8)),
+            }
+            let Some((bytes, _)) = r.answer(&p, &q).await else {
+                continue;
+            };
+            let m = Message::from_vec(&bytes).expect("answers parse");
+            assert_eq!(m.metadata.message_type, MessageType::Response);
+            assert_eq!(&bytes[..2], &q[..2], "same id");
+            for a in a_records(&m) {
+                assert_eq!(r.name_of(a).as_deref(), Some("a.example.com"));
+            }
+        }
+    }
+
     #[tokio::test]
     async fn garbage_is_not_answered_and_odd_queries_are_refused() {
         let r = Resolver::new(None, HostsFile::default(), Floor::new(vec![]));
