@@ -1085,8 +1085,9 @@ async fn splice(
             });
         }
     };
-    let (u, d) = tokio::join!(up, down);
-    if let Err(e) = u.and(d) {
+    // The first failure either way resets the guest's side at once; a clean end of one
+    // direction waits for the other.
+    if let Err(e) = tokio::try_join!(up, down) {
         end(format!("host connection: {e}"), false, true);
     }
 }

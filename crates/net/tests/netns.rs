@@ -258,7 +258,7 @@ impl Net {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let s = seen.clone();
         in_ns(&host, move || async move {
-            start_servers(s.clone(), Ipv4Addr::LOCALHOST, &[80, 443, 5432]).await;
+            start_servers(s.clone(), Ipv4Addr::LOCALHOST, &[80, 443, 5432, 5433]).await;
             // Its own address, to show the floor stops it even under a CIDR rule.
             start_servers(s.clone(), HOST_OWN.parse().unwrap(), &[7000]).await;
             start_upstream(s).await;
@@ -456,7 +456,7 @@ impl Drop for Cleanup {
 }
 
 /// Test servers: HTTP on 80, a recorder on 443 that answers nothing TLS, a server-first
-/// banner then echo on 5432 and 7000.
+/// banner then echo on 5432 and 7000, a reset on 5433.
 async fn start_servers(seen: Arc<Mutex<Seen>>, addr: Ipv4Addr, ports: &[u16]) {
     for &port in ports {
         let l = tokio::net::TcpListener::bind((addr, port)).await.unwrap();
@@ -466,6 +466,12 @@ async fn start_servers(seen: Arc<Mutex<Seen>>, addr: Ipv4Addr, ports: &[u16]) {
                 let (mut s, _) = l.accept().await.unwrap();
                 let seen = seen.clone();
                 tokio::spawn(async move {
+                    if port == 5433 {
+                        // Resets every connection after a moment, as a crashing server does.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        s.set_zero_linger().unwrap();
+                        return;
+                    }
                     if port == 5432 || port == 7000 {
                         // Server speaks first, then echoes.
                         s.write_all(b"HELLO\n").await.unwrap();
@@ -960,4 +966,25 @@ fn limits_refuse_and_audit_without_stopping_the_stack() {
     std::thread::sleep(Duration::from_millis(1100));
     let (ok, out) = net.curl(&["http://api.test/"]);
     assert!(ok, "{out}");
+}
+
+#[test]
+fn a_host_side_reset_reaches_the_guest_at_once() {
+    let net = Net::new();
+    let out = net.python(
+        "import socket, time\n\
+         s = socket.create_connection(('api.test', 5433), timeout=10)\n\
+         t = time.time()\n\
+         try:\n    r = s.recv(10)\n    print('eof' if r == b'' else r)\n\
+         except ConnectionResetError:\n    print('reset')\n\
+         print(round(time.time() - t, 1))",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "reset", "{out}");
+    let waited: f64 = lines[1].parse().unwrap();
+    assert!(waited < 2.0, "{out}");
+    let e = net.event("host reset", |e| {
+        e.kind == Kind::Tcp && e.port == Some(5433)
+    });
+    assert!(e.reason.starts_with("host connection:"), "{e:?}");
 }
