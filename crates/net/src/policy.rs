@@ -13,6 +13,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::floor::{self, Floor};
 use crate::{Error, Result};
@@ -20,15 +21,17 @@ use crate::{Error, Result};
 pub const MAX_RULES: usize = 256;
 pub const MAX_PORTS: usize = 64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(as = EgressAction)]
 pub enum Action {
     Allow,
     Deny,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(as = EgressProtocol)]
 pub enum Protocol {
     #[default]
     Tcp,
@@ -53,7 +56,7 @@ fn allow() -> Action {
 }
 
 /// The group's `egress` spec as stored and returned by the API.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EgressSpec {
     /// What happens to a connection or name no rule matches.
@@ -73,15 +76,18 @@ impl Default for EgressSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One rule: a host pattern or a network, optional ports and protocol, allow or deny.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EgressRule {
     /// An exact lowercase host name, or `*.suffix` for the names under suffix (not suffix
     /// itself). Exactly one of `host` and `cidr`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "*.pypi.org")]
     pub host: Option<String>,
     /// An IPv4 network (`203.0.113.0/24`, or one address) for connections to raw addresses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "203.0.113.0/24")]
     pub cidr: Option<String>,
     /// Ports 1–65535 (at most 64); empty means every port.
     #[serde(default)]
@@ -532,6 +538,22 @@ mod tests {
         assert_eq!(
             serde_json::to_value(r).unwrap(),
             json!({"host": "a.com", "ports": [], "protocol": "tcp", "action": "allow"})
+        );
+    }
+
+    #[test]
+    fn openapi_schema_names_every_field() {
+        use utoipa::{PartialSchema, ToSchema};
+        assert_eq!(EgressRule::name(), "EgressRule");
+        assert_eq!(Action::name(), "EgressAction");
+        let rule = serde_json::to_value(EgressRule::schema()).unwrap();
+        for field in ["host", "cidr", "ports", "protocol", "action"] {
+            assert!(rule["properties"].get(field).is_some(), "{field}: {rule}");
+        }
+        let spec = serde_json::to_value(EgressSpec::schema()).unwrap();
+        assert!(
+            spec["properties"].get("default").is_some()
+                && spec["properties"].get("rules").is_some()
         );
     }
 
