@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use tokio::net::UdpSocket;
 
@@ -271,6 +271,11 @@ async fn query_upstream(
     let mut msg = Message::query();
     msg.metadata.recursion_desired = true;
     msg.add_query(Query::query(qname, RecordType::A));
+    // EDNS0 with the DNS-flag-day payload size, so a long address list is not truncated to
+    // 512 bytes (there is no TCP retry).
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    msg.set_edns(edns);
     let bytes = msg.to_vec().map_err(|e| fail(e.to_string()))?;
     let bind: SocketAddr = if server.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
@@ -379,6 +384,15 @@ mod tests {
                             }
                         }
                         None => resp.metadata.response_code = ResponseCode::NXDomain,
+                    }
+                    // Like a real server: without EDNS an answer over 512 bytes is truncated.
+                    let limit = req
+                        .edns
+                        .as_ref()
+                        .map_or(512, |e| usize::from(e.max_payload()));
+                    if resp.to_vec().unwrap().len() > limit {
+                        resp.answers.clear();
+                        resp.metadata.truncation = true;
                     }
                     sock.send_to(&resp.to_vec().unwrap(), from).await.unwrap();
                 }
@@ -532,6 +546,16 @@ mod tests {
         let (m, ev) = ask(&r, &p, "nope.example.com.", RecordType::A).await;
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
         assert_eq!(ev.reason, "no such name upstream");
+    }
+
+    #[tokio::test]
+    async fn a_long_address_list_is_not_truncated() {
+        let many: Vec<String> = (1..=60).map(|i| format!("93.184.216.{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let up = TestUpstream::start(&[("cdn.example.com", &many)]).await;
+        let r = Resolver::new(Some(up.addr), HostsFile::default(), Floor::new(vec![]));
+        let t = r.targets("cdn.example.com").await.unwrap();
+        assert_eq!(t.addrs.len(), 60);
     }
 
     #[tokio::test]
