@@ -174,6 +174,181 @@ pub fn http_forbidden(reason: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Follows the requests of one plain-HTTP/1 connection, so that every request's host is
+/// checked, not only the first: request heads are parsed with [`http_host`], bodies skipped by
+/// `Content-Length` or chunked framing. After a request that asks for an `Upgrade`
+/// (WebSocket) the rest of the connection is no longer HTTP and is not checked. Anything it
+/// cannot follow is an error (fail closed).
+#[derive(Debug)]
+pub struct HttpRequests {
+    name: String,
+    buf: Vec<u8>,
+    state: Body,
+    requests: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    /// Expecting a request head.
+    Head,
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers,
+    Tunnel,
+}
+
+/// Longest chunk-size or trailer line accepted.
+const MAX_LINE: usize = 4096;
+
+impl HttpRequests {
+    /// For a connection whose requests must all be for `name`.
+    pub fn new(name: &str) -> HttpRequests {
+        HttpRequests {
+            name: name.to_string(),
+            buf: Vec::new(),
+            state: Body::Head,
+            requests: 0,
+        }
+    }
+
+    /// Takes the next bytes from the client; `Err` says why the connection must end.
+    pub fn feed(&mut self, data: &[u8]) -> Result<(), String> {
+        if self.state == Body::Tunnel {
+            return Ok(());
+        }
+        self.buf.extend_from_slice(data);
+        let mut pos = 0;
+        let r = self.step(&mut pos);
+        self.buf.drain(..pos);
+        r
+    }
+
+    fn step(&mut self, pos: &mut usize) -> Result<(), String> {
+        loop {
+            let rest = &self.buf[*pos..];
+            match self.state {
+                Body::Tunnel => return Ok(()),
+                Body::Head => {
+                    let head_len = match head_length(rest) {
+                        None if rest.len() >= MAX_PEEK => {
+                            return Err("no complete HTTP request head in 16 KiB".into())
+                        }
+                        None => return Ok(()),
+                        Some(n) => n,
+                    };
+                    self.requests += 1;
+                    let head = &rest[..head_len];
+                    match http_host(head) {
+                        Peek::Name(n) if n == self.name => {}
+                        Peek::Name(n) => {
+                            return Err(format!(
+                                "HTTP Host {n} is not {} (request {})",
+                                self.name, self.requests
+                            ))
+                        }
+                        Peek::Bad(why) => return Err(format!("{why} (request {})", self.requests)),
+                        Peek::More => return Err("unparsable HTTP request head".into()),
+                    }
+                    self.state = body_of(head)?;
+                    *pos += head_len;
+                }
+                Body::Length(n) | Body::ChunkData(n) => {
+                    let k = n.min(rest.len() as u64);
+                    *pos += k as usize;
+                    let left = n - k;
+                    self.state = match (self.state, left) {
+                        (Body::Length(_), 0) => Body::Head,
+                        (Body::Length(_), l) => Body::Length(l),
+                        (_, 0) => Body::ChunkEnd,
+                        (_, l) => Body::ChunkData(l),
+                    };
+                    if left > 0 {
+                        return Ok(());
+                    }
+                }
+                Body::ChunkEnd => {
+                    if rest.len() < 2 {
+                        return Ok(());
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err("malformed chunked body".into());
+                    }
+                    *pos += 2;
+                    self.state = Body::ChunkSize;
+                }
+                Body::ChunkSize | Body::Trailers => {
+                    let Some(end) = rest.windows(2).position(|w| w == b"\r\n") else {
+                        if rest.len() > MAX_LINE {
+                            return Err("malformed chunked body".into());
+                        }
+                        return Ok(());
+                    };
+                    let line = &rest[..end];
+                    *pos += end + 2;
+                    self.state = if self.state == Body::Trailers {
+                        if line.is_empty() {
+                            Body::Head
+                        } else {
+                            Body::Trailers
+                        }
+                    } else {
+                        let digits = line.split(|b| *b == b';').next().unwrap_or(b"");
+                        let size = std::str::from_utf8(digits)
+                            .ok()
+                            .and_then(|d| u64::from_str_radix(d.trim(), 16).ok())
+                            .ok_or("malformed chunk size")?;
+                        if size == 0 {
+                            Body::Trailers
+                        } else {
+                            Body::ChunkData(size)
+                        }
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Length of the request head at the start of `buf` (through the blank line), if complete.
+fn head_length(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// What follows a (valid) request head.
+fn body_of(head: &[u8]) -> Result<Body, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).map_err(|e| e.to_string())?;
+    let value = |name: &str| -> Vec<String> {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+            .collect()
+    };
+    if !value("upgrade").is_empty() {
+        return Ok(Body::Tunnel);
+    }
+    if let Some(te) = value("transfer-encoding").last() {
+        return if te.rsplit(',').next().map(str::trim) == Some("chunked") {
+            Ok(Body::ChunkSize)
+        } else {
+            Err(format!("unsupported Transfer-Encoding {te}"))
+        };
+    }
+    let lengths = value("content-length");
+    match lengths.as_slice() {
+        [] => Ok(Body::Head),
+        [one] => one
+            .parse::<u64>()
+            .map(|n| if n == 0 { Body::Head } else { Body::Length(n) })
+            .map_err(|_| format!("bad Content-Length {one}")),
+        _ => Err("more than one Content-Length".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,5 +477,68 @@ mod tests {
         let r = String::from_utf8(http_forbidden("Host evil.test is not api.test")).unwrap();
         assert!(r.starts_with("HTTP/1.1 403 Forbidden\r\n"));
         assert!(r.contains("\r\nX-Moat-Deny: Host evil.test is not api.test\r\n"));
+    }
+
+    fn feed_all(name: &str, data: &[u8], split: usize) -> Result<(), String> {
+        let mut h = HttpRequests::new(name);
+        for part in data.chunks(split.max(1)) {
+            h.feed(part)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn every_request_of_a_connection_is_checked() {
+        let good = b"POST /a HTTP/1.1\r\nHost: api.test\r\nContent-Length: 5\r\n\r\nhello\
+GET /b HTTP/1.1\r\nHost: api.test:80\r\n\r\n\
+POST /c HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+5;ext=1\r\nGET /\r\n3\r\nxyz\r\n0\r\nX-Trailer: 1\r\n\r\n\
+GET /d HTTP/1.1\r\nHost: api.test\r\n\r\n";
+        // However the bytes are split, the same verdict.
+        for split in [1, 2, 3, 7, 64, good.len()] {
+            feed_all("api.test", good, split).unwrap_or_else(|e| panic!("split {split}: {e}"));
+        }
+        let mut evil = good.to_vec();
+        evil.extend_from_slice(b"GET /e HTTP/1.1\r\nHost: evil.test\r\n\r\n");
+        for split in [1, 5, evil.len()] {
+            let e = feed_all("api.test", &evil, split).unwrap_err();
+            assert_eq!(e, "HTTP Host evil.test is not api.test (request 5)");
+        }
+    }
+
+    #[test]
+    fn a_body_that_looks_like_a_request_is_not_one() {
+        // The body carries a request head for another host: it is body, not a request.
+        let body = b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+        let mut r = format!(
+            "POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        feed_all("api.test", &r, 3).unwrap();
+        // The request after the body is checked.
+        r.extend_from_slice(b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n");
+        assert!(feed_all("api.test", &r, 3).is_err());
+    }
+
+    #[test]
+    fn framing_it_cannot_follow_is_refused() {
+        for bad in [
+            &b"POST / HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: gzip\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            b"POST / HTTP/1.1\r\nHost: api.test\r\nContent-Length: x\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"POST / HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab\r\n",
+        ] {
+            assert!(feed_all("api.test", bad, 4).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn an_upgrade_ends_the_checks() {
+        let mut r = b"GET /ws HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n".to_vec();
+        r.extend_from_slice(&[0x81, 0x05, b'h', b'e', b'l', b'l', b'o']);
+        feed_all("api.test", &r, 5).unwrap();
     }
 }

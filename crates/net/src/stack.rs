@@ -1056,15 +1056,27 @@ async fn splice(
     let _ = stream.set_nodelay(true);
     let _ = ev.send(Ev::Connected { flow: id, addr: sa });
     let (mut hr, mut hw) = stream.into_split();
+    // Plain HTTP to a name: every later request on the connection is checked too.
+    let mut requests = match check {
+        Some((name, Check::Host)) => Some(peek::HttpRequests::new(name)),
+        _ => None,
+    };
     let up = async {
-        if !first.is_empty() {
-            hw.write_all(&first).await?;
+        let mut next = Some(Bytes::from(first));
+        loop {
+            let Some(b) = next.take() else { break };
+            if let Some(r) = requests.as_mut() {
+                r.feed(&b).map_err(Stop::Denied)?;
+            }
+            if !b.is_empty() {
+                hw.write_all(&b).await?;
+            }
+            next = from_guest.recv().await;
+            if next.is_some() {
+                let _ = ev.send(Ev::Drained);
+            }
         }
-        while let Some(b) = from_guest.recv().await {
-            let _ = ev.send(Ev::Drained);
-            hw.write_all(&b).await?;
-        }
-        hw.shutdown().await
+        hw.shutdown().await.map_err(Stop::Io)
     };
     let down = async {
         let mut buf = vec![0u8; CHUNK];
@@ -1072,12 +1084,12 @@ async fn splice(
             let n = hr.read(&mut buf).await?;
             if n == 0 {
                 let _ = ev.send(Ev::HostEof { flow: id });
-                return Ok::<(), std::io::Error>(());
+                return Ok::<(), Stop>(());
             }
             credits
                 .acquire_many(n as u32)
                 .await
-                .map_err(|_| std::io::Error::other("flow closed"))?
+                .map_err(|_| Stop::Io(std::io::Error::other("flow closed")))?
                 .forget();
             let _ = ev.send(Ev::Data {
                 flow: id,
@@ -1087,8 +1099,23 @@ async fn splice(
     };
     // The first failure either way resets the guest's side at once; a clean end of one
     // direction waits for the other.
-    if let Err(e) = tokio::try_join!(up, down) {
-        end(format!("host connection: {e}"), false, true);
+    match tokio::try_join!(up, down) {
+        Ok(_) => {}
+        Err(Stop::Denied(why)) => end(why, true, true),
+        Err(Stop::Io(e)) => end(format!("host connection: {e}"), false, true),
+    }
+}
+
+/// Why a spliced flow stopped early.
+enum Stop {
+    /// A later request broke the rules (plain HTTP to another host).
+    Denied(String),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for Stop {
+    fn from(e: std::io::Error) -> Stop {
+        Stop::Io(e)
     }
 }
 

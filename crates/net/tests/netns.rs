@@ -988,3 +988,27 @@ fn a_host_side_reset_reaches_the_guest_at_once() {
     });
     assert!(e.reason.starts_with("host connection:"), "{e:?}");
 }
+
+#[test]
+fn every_plain_http_request_on_a_connection_is_checked() {
+    let net = Net::new();
+    let out = net.python(
+        "import socket\n\
+         s = socket.create_connection(('api.test', 80), timeout=5)\n\
+         s.sendall(b'GET /1 HTTP/1.1\\r\\nHost: api.test\\r\\n\\r\\nGET /2 HTTP/1.1\\r\\nHost: evil.test\\r\\n\\r\\n')\n\
+         try:\n    r = s.recv(100)\n    print('eof' if r == b'' else r)\n\
+         except ConnectionResetError:\n    print('reset')",
+    );
+    assert_eq!(out, "reset");
+    let e = net.event("second request", |e| {
+        e.kind == Kind::Tcp && e.port == Some(80)
+    });
+    assert_eq!(e.verdict, Verdict::Deny);
+    assert_eq!(e.reason, "HTTP Host evil.test is not api.test (request 2)");
+    let saw = net.server_saw(80);
+    assert!(
+        saw.iter()
+            .all(|r| !String::from_utf8_lossy(r).contains("evil.test")),
+        "the server never saw the second request: {saw:?}"
+    );
+}
