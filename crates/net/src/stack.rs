@@ -1202,6 +1202,37 @@ mod tests {
         buf
     }
 
+    fn ping(dst: Ipv4Addr) -> Vec<u8> {
+        let caps = ChecksumCapabilities::default();
+        let icmp = smoltcp::wire::Icmpv4Repr::EchoRequest {
+            ident: 7,
+            seq_no: 1,
+            data: b"moat",
+        };
+        let ip = Ipv4Repr {
+            src_addr: GUEST_IP,
+            dst_addr: dst,
+            next_header: IpProtocol::Icmp,
+            payload_len: icmp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0u8; 14 + ip.buffer_len() + icmp.buffer_len()];
+        let mut eth = EthernetFrame::new_unchecked(&mut buf[..]);
+        EthernetRepr {
+            src_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
+            dst_addr: EthernetAddress(GATEWAY_MAC),
+            ethertype: EthernetProtocol::Ipv4,
+        }
+        .emit(&mut eth);
+        let mut ipp = Ipv4Packet::new_unchecked(eth.payload_mut());
+        ip.emit(&mut ipp, &caps);
+        icmp.emit(
+            &mut smoltcp::wire::Icmpv4Packet::new_unchecked(ipp.payload_mut()),
+            &caps,
+        );
+        buf
+    }
+
     /// Frames out of the device, unframed.
     fn sent(st: &mut Stack) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
@@ -1234,6 +1265,31 @@ mod tests {
         assert!(st.flows.is_empty() && st.sockets.iter().count() == 0);
         let e = events.try_recv().unwrap();
         assert_eq!((e.kind, e.verdict), (Kind::Tcp, Verdict::Deny));
+    }
+
+    #[tokio::test]
+    async fn only_the_gateway_answers_ping() {
+        let (mut st, _events) = stack();
+        // The guest's MAC is learnt from its ARP request first.
+        st.frame(arp_request().into());
+        st.run();
+        sent(&mut st);
+        st.frame(ping(GATEWAY_IP).into());
+        st.run();
+        let out = sent(&mut st);
+        assert_eq!(out.len(), 1, "an echo reply");
+        let eth = EthernetFrame::new_checked(&out[0][..]).unwrap();
+        let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+        assert_eq!(
+            (ip.src_addr(), ip.next_header()),
+            (GATEWAY_IP, IpProtocol::Icmp)
+        );
+        st.frame(ping(Ipv4Addr::new(8, 8, 8, 8)).into());
+        st.run();
+        assert!(
+            sent(&mut st).is_empty(),
+            "no answer for anything past the gateway"
+        );
     }
 
     /// Mutated and random frames (truncations, bit flips, garbage) never panic the stack and
