@@ -787,6 +787,7 @@ fn dns_is_answered_locally_whatever_the_resolver_type_or_transport() {
 fn a_policy_update_applies_at_once_and_closes_flows_it_denies() {
     let net = Net::new();
     let guest = net.guest.clone();
+    let synthetic = net.python("import socket\nprint(socket.gethostbyname('api.test'))");
     // A long-lived flow to api.test:5432.
     let child = std::thread::spawn(move || {
         let out = Command::new("ip")
@@ -835,9 +836,15 @@ fn a_policy_update_applies_at_once_and_closes_flows_it_denies() {
     });
     assert_eq!(e.verdict, Verdict::Deny);
     assert!(e.reason.starts_with("policy update"), "{e:?}");
-    // New lookups follow the new policy.
-    let (ok, _) = net.curl(&["http://api.test/"]);
-    assert!(!ok);
+    // New lookups follow the new policy, and so does the address the guest already has.
+    let (ok, out) = net.curl(&["http://api.test/"]);
+    assert!(!ok && out.contains("resolve"), "{out}");
+    let out = net.python(&format!(
+        "import socket\n\
+         try:\n    socket.create_connection(('{synthetic}', 5432), timeout=5)\n    print('connected')\n\
+         except ConnectionRefusedError:\n    print('refused')"
+    ));
+    assert_eq!(out, "refused");
 }
 
 #[test]
