@@ -1,6 +1,6 @@
-//! The host side of the agent channel: one session per VM ([`session`]), and typed requests on
-//! top of its multiplexer, one file per feature named like the guest's (`crates/agent/src/`)
-//! and the daemon's routes: [`exec`], [`files`], [`procs`].
+//! The host side of the agent channel: one session per VM (`session.rs`), and typed requests
+//! on top of its multiplexer, one file per feature named like the guest's (`crates/agent/src/`)
+//! and the daemon's routes: `exec.rs`, `files.rs`, `procs.rs`.
 //!
 //! Everything that comes from the guest is hostile input. Frames are bounded by the decoder,
 //! messages strictly typed by the protocol crate, and every request that should answer quickly
