@@ -28,7 +28,7 @@ use crate::api::{
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::sandboxes::Manager;
-use crate::store::{self, Principal, Store};
+use crate::store::{Principal, Store};
 
 /// Request bodies above this are refused with 413 before they are read in full.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -198,7 +198,7 @@ impl FromRequestParts<AppState> for Principal {
             .to_string();
         state
             .store
-            .call(move |c| store::authenticate(c, &key))
+            .authenticate(&key)
             .await?
             .ok_or_else(|| Error::Unauthorized("invalid or deleted API key".to_string()))
     }
@@ -303,18 +303,8 @@ async fn healthz() -> Json<Health> {
     responses((status = 200, description = "Prometheus text exposition format", body = String,
         content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(state): State<AppState>) -> Result<Response> {
-    let (groups, keys, by_state) = state
-        .store
-        .call(|c| {
-            let g: i64 = c.query_row("SELECT COUNT(*) FROM sandbox_groups", [], |r| r.get(0))?;
-            let k: i64 = c.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
-            let mut stmt =
-                c.prepare_cached("SELECT state, COUNT(*) FROM sandboxes GROUP BY state")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            let by_state = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok((g, k, by_state))
-        })
-        .await?;
+    let counts = state.store.counts().await?;
+    let (groups, keys, by_state) = (counts.groups, counts.api_keys, counts.sandboxes_by_state);
     let one = |v: i64| vec![(vec![], v as f64)];
     // Every state, zero included, so that a dashboard's series exist from the start.
     let states = SandboxState::ALL
@@ -398,7 +388,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
         (status = 200, description = "The groups this key may see", body = GroupList),
         (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn list_groups(State(state): State<AppState>, p: Principal) -> Result<Json<GroupList>> {
-    let groups = state.store.call(|c| store::list_groups(c)).await?;
+    let groups = state.store.list_groups().await?;
     Ok(Json(GroupList {
         groups: groups
             .into_iter()
@@ -432,10 +422,9 @@ async fn get_group(
     let name = path_param(name)?;
     api::validate_name("group name", &name)?;
     require_visible(&p, &name)?;
-    let n = name.clone();
     state
         .store
-        .call(move |c| store::get_group(c, &n))
+        .get_group(&name)
         .await?
         .map(|g| Json(with_status(&state, g)))
         .ok_or_else(|| no_group(&name))
@@ -462,10 +451,7 @@ async fn put_group(
     require_visible(&p, &name)?;
     require_manage(&p)?;
     spec.validate()?;
-    let (group, created) = state
-        .store
-        .call(move |c| store::put_group(c, &name, &spec))
-        .await?;
+    let (group, created) = state.store.put_group(&name, &spec).await?;
     // The pool grows, shrinks or is rebuilt for a new image or tier in the background.
     if let Ok(mgr) = &state.sandboxes {
         mgr.refill(&group.name);
@@ -510,21 +496,13 @@ async fn delete_group(
     if q.force {
         // The VMs go first; the store then deletes the rows with the group.
         if let Ok(mgr) = &state.sandboxes {
-            let n = name.clone();
-            let rows = state
-                .store
-                .call(move |c| store::list_sandboxes(c, Some(&n)))
-                .await?;
+            let rows = state.store.list_sandboxes(Some(&name)).await?;
             for row in rows {
                 mgr.delete(&row.id).await?;
             }
         }
     }
-    let n = name.clone();
-    state
-        .store
-        .call(move |c| store::delete_group(c, &n, q.force))
-        .await?;
+    state.store.delete_group(&name, q.force).await?;
     // Its pool's rows went with it; its VMs and its snapshots go now.
     if let Ok(mgr) = &state.sandboxes {
         mgr.drain_pool(&name).await;
@@ -550,10 +528,9 @@ pub(crate) fn sandbox_params(
 pub(crate) async fn visible_group(state: &AppState, p: &Principal, name: &str) -> Result<Group> {
     api::validate_name("group name", name)?;
     require_visible(p, name)?;
-    let n = name.to_string();
     state
         .store
-        .call(move |c| store::get_group(c, &n))
+        .get_group(name)
         .await?
         .ok_or_else(|| no_group(name))
 }
@@ -577,8 +554,7 @@ pub(crate) async fn visible_sandbox(
     if id.len() > 64 {
         return Err(no_sandbox());
     }
-    let i = id.to_string();
-    match state.store.call(move |c| store::get_sandbox(c, &i)).await? {
+    match state.store.get_sandbox(id).await? {
         Some(sb) if sb.group == group => Ok(sb),
         _ => Err(no_sandbox()),
     }
@@ -668,10 +644,7 @@ async fn list_sandboxes(
     let q: ListSandboxesQuery = query(&uri)?;
     let selector = api::parse_selector(q.labels.as_deref().unwrap_or(""))?;
     visible_group(&state, &p, &name).await?;
-    let rows = state
-        .store
-        .call(move |c| store::list_sandboxes(c, Some(&name)))
-        .await?;
+    let rows = state.store.list_sandboxes(Some(&name)).await?;
     Ok(Json(SandboxList {
         sandboxes: rows
             .into_iter()
@@ -835,7 +808,7 @@ async fn resume_sandbox(
         (status = 503, body = ErrorBody)))]
 async fn list_keys(State(state): State<AppState>, p: Principal) -> Result<Json<ApiKeyList>> {
     require_admin(&p)?;
-    let api_keys = state.store.call(|c| store::list_keys(c)).await?;
+    let api_keys = state.store.list_keys().await?;
     Ok(Json(ApiKeyList { api_keys }))
 }
 
@@ -854,10 +827,7 @@ async fn create_key(
 ) -> Result<(StatusCode, Json<CreatedApiKey>)> {
     require_admin(&p)?;
     req.validate()?;
-    let created = state
-        .store
-        .call(move |c| store::create_key(c, &req))
-        .await?;
+    let created = state.store.create_key(&req).await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
@@ -877,7 +847,7 @@ async fn delete_key(
 ) -> Result<StatusCode> {
     let id = path_param(id)?;
     require_admin(&p)?;
-    state.store.call(move |c| store::delete_key(c, &id)).await?;
+    state.store.delete_key(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

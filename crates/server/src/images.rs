@@ -16,20 +16,16 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use moat_image::{ImageStore, ImportOptions, Source};
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::api::{self, ErrorBody, ErrorDetail, Role};
 use crate::error::{Error, Result};
 use crate::http::{ApiJson, AppState};
-use crate::store::{self, rfc3339, Principal, Store};
+use crate::store::{rfc3339, Principal, Store};
 
 /// Longest `source` accepted.
 pub const MAX_SOURCE: usize = 1024;
-
-/// Finished operations kept in the store (the oldest go first); running ones are always kept.
-pub const KEEP_OPERATIONS: i64 = 1000;
 
 /// `POST /v1/images`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -76,7 +72,7 @@ pub enum OperationState {
 }
 
 impl OperationState {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             OperationState::Running => "running",
             OperationState::Succeeded => "succeeded",
@@ -127,20 +123,6 @@ struct Live {
 }
 
 impl Operations {
-    /// Marks the operations a previous daemon left running as failed. Called once at start.
-    pub fn recover(conn: &Connection) -> Result<usize> {
-        let error = serde_json::to_string(&ErrorDetail {
-            code: "interrupted".to_string(),
-            message: "the daemon stopped before the import finished; start it again".to_string(),
-        })
-        .unwrap_or_default();
-        Ok(conn.execute(
-            "UPDATE operations SET state = 'failed', phase = 'failed', error = ?1,
-                 updated_at = ?2 WHERE state = 'running'",
-            params![error, store::now()],
-        )?)
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -261,101 +243,6 @@ fn new_op_id() -> String {
     format!("op-{:016x}", rand::random::<u64>())
 }
 
-const OP_COLUMNS: &str = "id, kind, state, phase, bytes_done, bytes_total, error, result, \
-                          created_at, updated_at";
-
-fn op_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Operation> {
-    let state: String = r.get(2)?;
-    let error: Option<String> = r.get(6)?;
-    let result: Option<String> = r.get(7)?;
-    Ok(Operation {
-        id: r.get(0)?,
-        kind: r.get(1)?,
-        state: match state.as_str() {
-            "running" => OperationState::Running,
-            "succeeded" => OperationState::Succeeded,
-            _ => OperationState::Failed,
-        },
-        progress: OperationProgress {
-            phase: r.get(3)?,
-            bytes_done: r.get::<_, i64>(4)?.max(0) as u64,
-            bytes_total: r.get::<_, Option<i64>>(5)?.map(|b| b.max(0) as u64),
-        },
-        error: error.and_then(|e| serde_json::from_str(&e).ok()),
-        result: result.and_then(|e| serde_json::from_str(&e).ok()),
-        created_at: rfc3339(r.get(8)?),
-        updated_at: rfc3339(r.get(9)?),
-    })
-}
-
-/// Records a new running import, and forgets the oldest finished operations beyond
-/// [`KEEP_OPERATIONS`].
-fn insert_op(
-    conn: &mut Connection,
-    id: &str,
-    name: &str,
-    request: &str,
-) -> Result<Option<Operation>> {
-    let tx = conn.transaction()?;
-    let now = store::now();
-    tx.execute(
-        "INSERT INTO operations (id, kind, state, target, request, phase, created_at,
-             updated_at) VALUES (?1, 'image-import', 'running', ?2, ?3, 'queued', ?4, ?4)",
-        params![id, name, request, now],
-    )?;
-    tx.execute(
-        "DELETE FROM operations WHERE state != 'running' AND id NOT IN
-             (SELECT id FROM operations WHERE state != 'running'
-              ORDER BY created_at DESC, rowid DESC LIMIT ?1)",
-        [KEEP_OPERATIONS],
-    )?;
-    let op = get_op(&tx, id)?;
-    tx.commit()?;
-    Ok(op)
-}
-
-fn get_op(conn: &Connection, id: &str) -> Result<Option<Operation>> {
-    Ok(conn
-        .query_row(
-            &format!("SELECT {OP_COLUMNS} FROM operations WHERE id = ?1"),
-            [id],
-            op_from_row,
-        )
-        .optional()?)
-}
-
-/// Ends an operation: its final state, progress, error or result.
-fn finish_op(
-    conn: &Connection,
-    id: &str,
-    progress: &OperationProgress,
-    outcome: std::result::Result<&Image, &ErrorDetail>,
-) -> Result<()> {
-    let (state, error, result) = match outcome {
-        Ok(img) => (
-            OperationState::Succeeded,
-            None,
-            serde_json::to_string(img).ok(),
-        ),
-        Err(e) => (OperationState::Failed, serde_json::to_string(e).ok(), None),
-    };
-    conn.execute(
-        "UPDATE operations SET state = ?2, phase = ?3, bytes_done = ?4, bytes_total = ?5,
-             error = ?6, result = ?7, updated_at = ?8 WHERE id = ?1",
-        params![
-            id,
-            state.as_str(),
-            progress.phase,
-            progress.bytes_done as i64,
-            progress.bytes_total.map(|b| b as i64),
-            error,
-            result,
-            store::now()
-        ],
-    )?;
-    Ok(())
-}
-
 /// The image store of the daemon's runtime (503 without one).
 fn image_store(state: &AppState) -> Result<ImageStore> {
     Ok(state.manager()?.images().clone())
@@ -402,12 +289,8 @@ pub(crate) async fn import_image(
             },
         );
     }
-    let (i, n) = (id.clone(), name.clone());
     let request = serde_json::to_string(&req).unwrap_or_default();
-    let inserted = state
-        .store
-        .call(move |c| insert_op(c, &i, &n, &request))
-        .await;
+    let inserted = state.store.insert_operation(&id, &name, &request).await;
     let op = match inserted {
         Ok(Some(op)) => op,
         other => {
@@ -469,11 +352,7 @@ async fn run_import(
         ),
         Err(e) => tracing::warn!(id, name, error = e.message, "image import failed"),
     }
-    let i = id.clone();
-    if let Err(e) = store
-        .call(move |c| finish_op(c, &i, &last, outcome.as_ref()))
-        .await
-    {
+    if let Err(e) = store.finish_operation(&id, last, outcome).await {
         tracing::error!(id, error = %e, "recording the end of an import");
     }
     ops.lock().remove(&id);
@@ -500,12 +379,7 @@ pub(crate) async fn get_operation(
     if id.len() > 64 {
         return Err(missing());
     }
-    let i = id.clone();
-    let mut op = state
-        .store
-        .call(move |c| get_op(c, &i))
-        .await?
-        .ok_or_else(missing)?;
+    let mut op = state.store.get_operation(&id).await?.ok_or_else(missing)?;
     if op.state == OperationState::Running {
         if let Some(live) = state.operations.lock().get(&id) {
             op.progress = live
@@ -613,30 +487,8 @@ pub(crate) async fn delete_image(
     let mgr = state.manager()?;
     let images = mgr.images().clone();
     let img = named(&images, &name).await?;
-    let (n, digest) = (name.clone(), img.digest.clone());
-    let users = state
-        .store
-        .call(move |c| {
-            let sandboxes: Vec<String> = store::list_sandboxes(c, None)?
-                .into_iter()
-                .filter(|s| s.image == digest)
-                .map(|s| s.id)
-                .collect();
-            let groups: Vec<String> = store::list_groups(c)?
-                .into_iter()
-                .filter(|g| g.spec.image == n || g.spec.image == digest)
-                .map(|g| g.name)
-                .collect();
-            // A snapshot's disk is a layer over the image's rootfs.
-            let snapshots: Vec<String> = crate::snapshots::list_ready(c, None)?
-                .into_iter()
-                .filter(|s| s.image == digest)
-                .map(|s| format!("{}/{}", s.group, s.name))
-                .collect();
-            Ok((sandboxes, groups, snapshots))
-        })
-        .await?;
-    match users {
+    let users = state.store.image_users(&name, &img.digest).await?;
+    match (users.sandboxes, users.groups, users.snapshots) {
         (s, _, _) if !s.is_empty() => {
             return Err(Error::Conflict(format!(
                 "image {} is used by {} sandbox(es) ({}); delete them first",
@@ -699,51 +551,6 @@ mod tests {
             name: name.map(str::to_string),
             plain_http: false,
         }
-    }
-
-    #[test]
-    fn old_operations_are_pruned_and_interrupted_ones_failed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("moatd.db")).unwrap();
-        store
-            .blocking(|c| {
-                let n = KEEP_OPERATIONS + 5;
-                for i in 0..n {
-                    let id = format!("op-{i}");
-                    insert_op(c, &id, "img", "{}")?;
-                    if i > 0 {
-                        // All but the first end, so the first stays running.
-                        let p = OperationProgress::default();
-                        let e = ErrorDetail {
-                            code: "import_failed".into(),
-                            message: "x".into(),
-                        };
-                        finish_op(c, &id, &p, Err(&e))?;
-                    }
-                }
-                let count = |state: &str| -> i64 {
-                    c.query_row(
-                        "SELECT COUNT(*) FROM operations WHERE state = ?1",
-                        [state],
-                        |r| r.get(0),
-                    )
-                    .unwrap()
-                };
-                // The last insert pruned down to KEEP finished ones before its own ended.
-                assert_eq!(count("failed"), KEEP_OPERATIONS + 1);
-                assert_eq!(count("running"), 1);
-                assert!(
-                    get_op(c, "op-1")?.is_none(),
-                    "the oldest finished one is kept"
-                );
-                assert!(get_op(c, &format!("op-{}", n - 1))?.is_some());
-                assert_eq!(Operations::recover(c)?, 1);
-                let op = get_op(c, "op-0")?.unwrap();
-                assert_eq!(op.state, OperationState::Failed);
-                assert_eq!(op.error.unwrap().code, "interrupted");
-                Ok(())
-            })
-            .unwrap();
     }
 
     #[test]

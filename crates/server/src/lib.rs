@@ -87,8 +87,8 @@ pub async fn serve(
     let bootstrap = config.bootstrap_key.clone();
     let (store, generated) = tokio::task::spawn_blocking(move || -> Result<_> {
         let store = store::Store::open(&db)?;
-        let generated = store.blocking(|c| store::bootstrap(c, bootstrap.as_deref()))?;
-        let interrupted = store.blocking(|c| images::Operations::recover(c))?;
+        let generated = store.bootstrap(bootstrap.as_deref())?;
+        let interrupted = store.fail_interrupted_operations()?;
         if interrupted > 0 {
             tracing::warn!(
                 interrupted,

@@ -18,13 +18,12 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::Json;
-use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::api::{self, CreateSnapshot, ErrorBody, Snapshot, SnapshotList, Tier};
+use crate::api::{self, CreateSnapshot, ErrorBody, Snapshot, SnapshotList};
 use crate::error::{Error, Result};
 use crate::http::{require_use, visible_group, visible_sandbox, ApiJson, AppState};
 use crate::sandboxes::{conflict, vm_error, Manager};
-use crate::store::{self, Principal, Store};
+use crate::store::{Principal, Store};
 
 /// `MOAT_HOME/snapshots`.
 fn root(home: &Path) -> PathBuf {
@@ -42,105 +41,6 @@ fn no_snapshot(group: &str, name: &str) -> Error {
         api::quote(name),
         api::quote(group)
     ))
-}
-
-// ---- store ----
-
-fn snapshot_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Snapshot>> {
-    let tier: String = r.get(4)?;
-    let size: i64 = r.get(5)?;
-    let name: String = r.get(1)?;
-    Ok(Ok(Snapshot {
-        tier: match tier.parse::<Tier>().ok() {
-            Some(t) => t,
-            None => {
-                return Ok(Err(Error::Internal(format!(
-                    "stored tier {tier:?} of snapshot {name} is unknown"
-                ))))
-            }
-        },
-        group: r.get(0)?,
-        name,
-        sandbox: r.get(2)?,
-        image: r.get(3)?,
-        size_bytes: u64::try_from(size).unwrap_or(0),
-        created_at: store::rfc3339(r.get(6)?),
-    }))
-}
-
-const COLUMNS: &str = "group_name, name, sandbox, image, tier, size_bytes, created_at";
-
-fn get_ready(c: &Connection, group: &str, name: &str) -> Result<Option<Snapshot>> {
-    c.query_row(
-        &format!(
-            "SELECT {COLUMNS} FROM snapshots WHERE group_name = ?1 AND name = ?2 \
-             AND state = 'ready'"
-        ),
-        [group, name],
-        snapshot_from_row,
-    )
-    .optional()?
-    .transpose()
-}
-
-/// The ready snapshots of `group`, or of every group.
-pub(crate) fn list_ready(c: &Connection, group: Option<&str>) -> Result<Vec<Snapshot>> {
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM snapshots WHERE state = 'ready' \
-         AND (?1 IS NULL OR group_name = ?1) ORDER BY created_at, name"
-    ))?;
-    let rows = stmt.query_map([group], snapshot_from_row)?;
-    let mut out = Vec::new();
-    for row in rows {
-        out.push(row??);
-    }
-    Ok(out)
-}
-
-/// Claims `name` in `group` with a `creating` row: 409 if the name is taken.
-fn claim(c: &Connection, s: &Snapshot) -> Result<()> {
-    let inserted = c.execute(
-        "INSERT INTO snapshots (group_name, name, state, sandbox, image, tier, created_at)
-         VALUES (?1, ?2, 'creating', ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
-        params![
-            s.group,
-            s.name,
-            s.sandbox,
-            s.image,
-            s.tier.as_str(),
-            store::now()
-        ],
-    )?;
-    if inserted == 0 {
-        return Err(Error::Conflict(format!(
-            "snapshot {} exists already in group {} (or is being taken): choose another \
-             name, or delete it first",
-            api::quote(&s.name),
-            api::quote(&s.group)
-        )));
-    }
-    Ok(())
-}
-
-/// Marks the claimed row ready; `None` if it is gone (its group was force-deleted meanwhile).
-fn set_ready(c: &Connection, group: &str, name: &str, size: u64) -> Result<Option<Snapshot>> {
-    let n = c.execute(
-        "UPDATE snapshots SET state = 'ready', size_bytes = ?3
-         WHERE group_name = ?1 AND name = ?2 AND state = 'creating'",
-        params![group, name, i64::try_from(size).unwrap_or(i64::MAX)],
-    )?;
-    if n == 0 {
-        return Ok(None);
-    }
-    get_ready(c, group, name)
-}
-
-fn delete_row(c: &Connection, group: &str, name: &str) -> Result<()> {
-    c.execute(
-        "DELETE FROM snapshots WHERE group_name = ?1 AND name = ?2",
-        [group, name],
-    )?;
-    Ok(())
 }
 
 // ---- files ----
@@ -211,12 +111,7 @@ pub(crate) fn copy_for_fork(snap: &Path, root: &Path) -> Result<PathBuf> {
 /// and of interrupted deletes); a `ready` row whose directory is gone is removed with a warning.
 pub(crate) async fn recover(home: &Path, store: &Store) -> Result<()> {
     let home = home.to_path_buf();
-    let ready = store
-        .call(|c| {
-            c.execute("DELETE FROM snapshots WHERE state = 'creating'", [])?;
-            list_ready(c, None)
-        })
-        .await?;
+    let ready = store.recover_snapshots().await?;
     let keep: std::collections::HashSet<PathBuf> = ready
         .iter()
         .map(|s| dir(&home, &s.group, &s.name))
@@ -245,9 +140,7 @@ pub(crate) async fn recover(home: &Path, store: &Store) -> Result<()> {
                 name = s.name,
                 "snapshot directory is gone; forgetting it"
             );
-            store
-                .call(move |c| delete_row(c, &s.group, &s.name))
-                .await?;
+            store.delete_snapshot(&s.group, &s.name).await?;
         }
     }
     Ok(())
@@ -276,15 +169,13 @@ impl Manager {
         };
         let mgr = self.clone();
         tokio::spawn(async move {
-            let s = claim_row.clone();
-            mgr.store().call(move |c| claim(c, &s)).await?;
+            mgr.store().claim_snapshot(&claim_row).await?;
             let made = mgr.take_snapshot(&claim_row).await;
             let (group, name) = (claim_row.group.clone(), claim_row.name.clone());
             let final_dir = dir(&mgr.runtime().home, &group, &name);
             match made {
                 Ok(size) => {
-                    let (g, n) = (group.clone(), name.clone());
-                    let ready = mgr.store().call(move |c| set_ready(c, &g, &n, size)).await;
+                    let ready = mgr.store().snapshot_ready(&group, &name, size).await;
                     match ready {
                         Ok(Some(snap)) => Ok(snap),
                         Ok(None) => {
@@ -301,9 +192,7 @@ impl Manager {
                     }
                 }
                 Err(e) => {
-                    mgr.store()
-                        .call(move |c| delete_row(c, &group, &name))
-                        .await?;
+                    mgr.store().delete_snapshot(&group, &name).await?;
                     Err(e)
                 }
             }
@@ -404,10 +293,9 @@ pub(crate) async fn visible_snapshot(
 ) -> Result<Snapshot> {
     visible_group(state, p, group).await?;
     api::validate_name("snapshot name", name)?;
-    let (g, n) = (group.to_string(), name.to_string());
     state
         .store
-        .call(move |c| get_ready(c, &g, &n))
+        .get_snapshot(group, name)
         .await?
         .ok_or_else(|| no_snapshot(group, name))
 }
@@ -458,10 +346,7 @@ pub(crate) async fn list_snapshots(
         .map(|UrlPath(g)| g)
         .map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))?;
     visible_group(&state, &p, &group).await?;
-    let snapshots = state
-        .store
-        .call(move |c| list_ready(c, Some(&group)))
-        .await?;
+    let snapshots = state.store.list_snapshots(Some(&group)).await?;
     Ok(Json(SnapshotList { snapshots }))
 }
 
@@ -500,8 +385,7 @@ pub(crate) async fn delete_snapshot(
     let snap = visible_snapshot(&state, &p, &group, &name).await?;
     require_use(&p)?;
     let home = state.manager()?.runtime().home.clone();
-    let (g, n) = (snap.group.clone(), snap.name.clone());
-    state.store.call(move |c| delete_row(c, &g, &n)).await?;
+    state.store.delete_snapshot(&snap.group, &snap.name).await?;
     // The row is gone first: a crash now leaves a directory that the next start removes.
     tokio::task::spawn_blocking(move || remove_tree(&dir(&home, &snap.group, &snap.name)))
         .await

@@ -34,7 +34,7 @@ use crate::api::{self, Sandbox, SandboxState, Tier};
 use crate::capacity::{Capacity, Limits, Usage};
 use crate::error::{Error, Result};
 use crate::metrics::{self, Metrics};
-use crate::store::{self, Store};
+use crate::store::Store;
 
 use lifecycle::{ActiveHold, Activity};
 use pool::{PoolVm, REFILL_AFTER_HAND_OVER};
@@ -170,7 +170,7 @@ impl Manager {
             acting: Mutex::new(HashSet::new()),
             stopping: AtomicBool::new(false),
         };
-        let rows = mgr.store.call(|c| store::list_sandboxes(c, None)).await?;
+        let rows = mgr.store.list_sandboxes(None).await?;
         let mut orphans: HashSet<String> = mgr.rt.orphans().into_iter().collect();
         mgr.readopt_pool(&mut orphans).await?;
         for row in rows {
@@ -185,10 +185,7 @@ impl Manager {
                         destroy_orphan(&mgr.rt, &row.id).await;
                     }
                     mgr.remove_suspend_dirs(&row.id);
-                    let id = row.id.clone();
-                    mgr.store
-                        .call(move |c| store::delete_sandbox(c, &id))
-                        .await?;
+                    mgr.store.delete_sandbox(&row.id).await?;
                     tracing::info!(id = row.id, state = row.state.as_str(), "rolled back");
                 }
                 SandboxState::Suspending | SandboxState::Resuming => {
@@ -286,29 +283,25 @@ impl Manager {
     }
 
     async fn set_state(&self, id: &str, state: SandboxState) -> Result<Sandbox> {
-        let i = id.to_string();
         self.store
-            .call(move |c| store::set_sandbox_state(c, &i, state, None))
+            .set_sandbox_state(id, state, None)
             .await?
             .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
     }
 
     pub(crate) async fn get_row(&self, id: &str) -> Result<Sandbox> {
-        let i = id.to_string();
         self.store
-            .call(move |c| store::get_sandbox(c, &i))
+            .get_sandbox(id)
             .await?
             .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
     }
 
     async fn fail(&self, id: &str, reason: &str) -> Result<()> {
         tracing::warn!(id, reason, "sandbox failed");
-        let (id, reason) = (id.to_string(), reason.to_string());
         self.store
-            .call(move |c| {
-                store::set_sandbox_state(c, &id, SandboxState::Failed, Some(&reason)).map(|_| ())
-            })
+            .set_sandbox_state(id, SandboxState::Failed, Some(reason))
             .await
+            .map(|_| ())
     }
 
     /// The config of an image by digest; an image removed since is treated as empty (the
@@ -505,8 +498,7 @@ impl Manager {
             row.tier,
             &format!("a new tier {} sandbox", row.tier.as_str()),
         )?;
-        let r = row.clone();
-        if let Err(e) = self.store.call(move |c| store::insert_sandbox(c, &r)).await {
+        if let Err(e) = self.store.insert_sandbox(&row).await {
             self.cap.release(&row.id);
             return Err(e);
         }
@@ -539,9 +531,8 @@ impl Manager {
                 Ok(sb) => {
                     *slot = Some(sb);
                     drop(slot);
-                    let i = id.clone();
                     mgr.store
-                        .call(move |c| store::set_sandbox_state(c, &i, SandboxState::Running, None))
+                        .set_sandbox_state(&id, SandboxState::Running, None)
                         .await?
                         .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
                 }
@@ -549,10 +540,7 @@ impl Manager {
                     mgr.cap.release(&id);
                     mgr.lock_live().remove(&id);
                     mgr.remove_suspend_dirs(&id);
-                    let i = id.clone();
-                    mgr.store
-                        .call(move |c| store::delete_sandbox(c, &i))
-                        .await?;
+                    mgr.store.delete_sandbox(&id).await?;
                     Err(vm_error("starting the sandbox", e))
                 }
             }
@@ -595,9 +583,8 @@ impl Manager {
         let mgr = self.clone();
         let id = id.to_string();
         tokio::spawn(async move {
-            let i = id.clone();
             mgr.store
-                .call(move |c| store::set_sandbox_state(c, &i, SandboxState::Deleting, None))
+                .set_sandbox_state(&id, SandboxState::Deleting, None)
                 .await?;
             if let Some(entry) = mgr.entry(&id) {
                 // Execs and transfers in flight end now instead of the delete waiting for them.
@@ -610,7 +597,7 @@ impl Manager {
                 mgr.lock_live().remove(&id);
             }
             mgr.remove_suspend_dirs(&id);
-            mgr.store.call(move |c| store::delete_sandbox(c, &id)).await
+            mgr.store.delete_sandbox(&id).await
         })
         .await
         .map_err(|e| Error::Internal(format!("the delete task failed: {e}")))?
