@@ -15,60 +15,14 @@ use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::{Stream, StreamExt};
-use moat_protocol::{ErrorKind, FileKind, FileStat};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use moat_protocol::{ErrorKind, FileKind};
+use serde::Deserialize;
 
-use crate::api::{self, ErrorBody};
+use crate::api::{self, entry, ErrorBody, FileEntry, FileList, FileWritten, MAX_PATH};
 use crate::error::{Error, Result};
 use crate::http::{query, running_sandbox, sandbox_params, AppState};
 use crate::sandboxes::Running;
-use crate::store::{rfc3339, Principal};
-
-/// Longest path accepted (Linux's PATH_MAX, NUL included).
-pub const MAX_PATH: usize = 4095;
-
-/// The answer to an upload.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FileWritten {
-    pub path: String,
-    /// The bytes received and written, as counted by the daemon.
-    pub size: u64,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum EntryKind {
-    File,
-    Dir,
-    Symlink,
-    Other,
-}
-
-/// One entry of a directory listing (symlinks are not followed).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FileEntry {
-    pub name: String,
-    pub kind: EntryKind,
-    /// Size in bytes as the guest reports it.
-    pub size: u64,
-    /// Permission bits in octal, e.g. "0644".
-    pub mode: String,
-    /// Modification time, RFC 3339 UTC.
-    pub mtime: String,
-    /// Where a symlink points (symlinks only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub link_target: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FileList {
-    pub path: String,
-    pub entries: Vec<FileEntry>,
-}
+use crate::store::Principal;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -375,22 +329,6 @@ pub(crate) async fn list_files(
         path: q.path,
         entries,
     }))
-}
-
-fn entry(name: String, st: &FileStat) -> FileEntry {
-    FileEntry {
-        name,
-        kind: match st.kind {
-            FileKind::File => EntryKind::File,
-            FileKind::Dir => EntryKind::Dir,
-            FileKind::Symlink => EntryKind::Symlink,
-            FileKind::Other => EntryKind::Other,
-        },
-        size: st.size,
-        mode: format!("{:04o}", st.mode & 0o7777),
-        mtime: rfc3339(st.mtime_ns.div_euclid(1_000_000_000)),
-        link_target: st.link_target.clone(),
-    }
 }
 
 #[utoipa::path(delete, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/files", tag = "files",

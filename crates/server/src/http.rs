@@ -870,14 +870,14 @@ async fn delete_key(
         list_keys, create_key, delete_key),
     components(schemas(ErrorBody, Group, api::GroupStatus, GroupList, GroupSpec, ApiKey, ApiKeyList, CreateApiKey,
         CreatedApiKey, Health, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
-        ExecResult, ExecEvent, ExecExit, crate::files::FileWritten, crate::files::FileList,
-        crate::files::FileEntry, crate::files::EntryKind, crate::procs::StartProcess,
-        crate::procs::ProcessStarted, crate::procs::Process, crate::procs::ProcessExit,
-        crate::procs::ProcessList, crate::procs::ProcessLogs, crate::procs::KillProcess,
+        ExecResult, ExecEvent, ExecExit, api::FileWritten, api::FileList,
+        api::FileEntry, api::EntryKind, api::StartProcess,
+        api::ProcessStarted, api::Process, api::ProcessExit,
+        api::ProcessList, api::ProcessLogs, api::KillProcess,
         Created, api::CreateSnapshot, api::Snapshot, api::SnapshotList,
-        crate::shell::ShellExit, crate::images::ImportImage, crate::images::Image,
-        crate::images::ImageList, crate::images::Operation, crate::images::OperationState,
-        crate::images::OperationProgress)),
+        api::ShellExit, api::ImportImage, api::Image,
+        api::ImageList, api::Operation, api::OperationState,
+        api::OperationProgress)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

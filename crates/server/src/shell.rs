@@ -16,11 +16,10 @@ use axum::extract::{Path, State};
 use axum::http::Uri;
 use axum::response::Response;
 use moat_vm::agent::{Exec, ExecEvent};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::mpsc;
-use utoipa::ToSchema;
 
-use crate::api::{self, ErrorBody, ExecRequest};
+use crate::api::{self, ErrorBody, ExecRequest, ShellExit};
 use crate::error::{Error, Result};
 use crate::exec::{start, Start};
 use crate::http::{query, require_use, sandbox_params, visible_sandbox, AppState};
@@ -59,18 +58,6 @@ pub(crate) struct ShellQuery {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum Control {
     Resize { cols: u16, rows: u16 },
-}
-
-/// The server's last message: how the command ended (as `exit_code` in exec).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ShellExit {
-    /// Always "exit".
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// As a shell reports it: the code, 128+N after signal N, 127 when the command does not
-    /// exist.
-    pub exit_code: i32,
-    pub signal: Option<i32>,
 }
 
 fn cells(what: &str, v: Option<&str>) -> Result<u16> {

@@ -3,8 +3,8 @@
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{now, rfc3339, Store};
-use crate::api::{Group, GroupSpec, GroupStatus};
+use super::{now, Store};
+use crate::api::{rfc3339, Group, GroupSpec, GroupStatus};
 use crate::error::{Error, Result};
 
 impl Store {

@@ -4,8 +4,8 @@
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use subtle::ConstantTimeEq;
 
-use super::{now, rfc3339, Store};
-use crate::api::{ApiKey, CreateApiKey, CreatedApiKey, Role};
+use super::{now, Store};
+use crate::api::{rfc3339, ApiKey, CreateApiKey, CreatedApiKey, Role};
 use crate::error::{Error, Result};
 use crate::keys;
 

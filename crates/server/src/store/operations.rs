@@ -3,10 +3,9 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{now, rfc3339, Store};
-use crate::api::ErrorDetail;
+use super::{now, Store};
+use crate::api::{rfc3339, ErrorDetail, Image, Operation, OperationProgress, OperationState};
 use crate::error::Result;
-use crate::images::{Image, Operation, OperationProgress, OperationState};
 
 /// Finished operations kept in the store (the oldest go first); running ones are always kept.
 pub const KEEP_OPERATIONS: i64 = 1000;

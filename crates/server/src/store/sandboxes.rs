@@ -3,8 +3,8 @@
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{now, rfc3339, Store};
-use crate::api::{Sandbox, SandboxState, Tier};
+use super::{now, Store};
+use crate::api::{rfc3339, Sandbox, SandboxState, Tier};
 use crate::error::{Error, Result};
 
 impl Store {

@@ -3,8 +3,8 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{now, rfc3339, Store};
-use crate::api::{quote, Snapshot, Tier};
+use super::{now, Store};
+use crate::api::{quote, rfc3339, Snapshot, Tier};
 use crate::error::{Error, Result};
 
 impl Store {
