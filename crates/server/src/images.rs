@@ -1,6 +1,6 @@
-//! Images through the API: imports run as long-running operations (`POST /v1/images` answers
-//! 202 with an [`Operation`] to poll), listing, and deletion refused while something uses the
-//! image.
+//! Image operations of the daemon: imports run as long-running operations (`POST /v1/images`
+//! answers 202 with an [`Operation`] to poll), and removal refused while something uses the
+//! image. The routes are `http/routes/images.rs`.
 //!
 //! Images are host-wide (every group's sandboxes share the store), so only admin keys import
 //! and delete them; any key may list them. An operation's row is written when it starts and
@@ -11,19 +11,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::Json;
 use moat_image::{ImageStore, ImportOptions, Source};
 
 use crate::api::{
-    self, check_name, image_of, ErrorBody, ErrorDetail, Image, ImageList, ImportImage, Operation,
-    OperationProgress, OperationState, Role,
+    self, check_name, image_of, ErrorDetail, ImportImage, Operation, OperationProgress,
 };
 use crate::error::{Error, Result};
-use crate::http::{ApiJson, AppState};
-use crate::store::{Principal, Store};
+use crate::store::Store;
 
 /// The imports in progress: their image names (one import per name at a time) and progress.
 #[derive(Default)]
@@ -42,11 +36,78 @@ impl Operations {
     }
 
     /// The running import of `name`, if there is one.
-    fn importing(&self, name: &str) -> Option<String> {
+    pub(crate) fn importing(&self, name: &str) -> Option<String> {
         self.lock()
             .iter()
             .find(|(_, l)| l.name == name)
             .map(|(id, _)| id.clone())
+    }
+
+    /// The progress of running import `id`, if it runs in this daemon.
+    pub(crate) fn progress(&self, id: &str) -> Option<OperationProgress> {
+        self.lock().get(id).map(|live| {
+            live.progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
+    }
+
+    /// Starts an import of `source` as `name`: claims the name (a conflict while another
+    /// import of it runs), records the operation and runs the import in the background.
+    pub(crate) async fn start_import(
+        self: &Arc<Self>,
+        store: &Store,
+        images: ImageStore,
+        req: &ImportImage,
+        source: Source,
+        name: String,
+    ) -> Result<Operation> {
+        let id = new_op_id();
+        let progress = Arc::new(Mutex::new(OperationProgress {
+            phase: "queued".to_string(),
+            ..OperationProgress::default()
+        }));
+        {
+            // Checked and claimed under one lock: two imports of one name never both start.
+            let mut live = self.lock();
+            if let Some((other, _)) = live.iter().find(|(_, l)| l.name == name) {
+                return Err(Error::Conflict(format!(
+                    "an import of image {} is already running (operation {other}); wait for it",
+                    api::quote(&name)
+                )));
+            }
+            live.insert(
+                id.clone(),
+                Live {
+                    name: name.clone(),
+                    progress: progress.clone(),
+                },
+            );
+        }
+        let request = serde_json::to_string(&req).unwrap_or_default();
+        let inserted = store.insert_operation(&id, &name, &request).await;
+        let op = match inserted {
+            Ok(Some(op)) => op,
+            other => {
+                self.lock().remove(&id);
+                return Err(other
+                    .err()
+                    .unwrap_or_else(|| Error::Internal("the operation row vanished".to_string())));
+            }
+        };
+        let (store, ops) = (store.clone(), self.clone());
+        tokio::spawn(run_import(
+            store,
+            ops,
+            images,
+            id,
+            source,
+            name,
+            req.plain_http,
+            progress,
+        ));
+        Ok(op)
     }
 }
 
@@ -74,90 +135,8 @@ impl moat_image::Progress for Tracker {
     }
 }
 
-fn require_admin(p: &Principal, what: &str) -> Result<()> {
-    if p.role == Role::Admin {
-        Ok(())
-    } else {
-        Err(Error::Forbidden(format!(
-            "only an admin key may {what} (images are shared by every group); this one is {}",
-            p.role.as_str()
-        )))
-    }
-}
-
 fn new_op_id() -> String {
     format!("op-{:016x}", rand::random::<u64>())
-}
-
-/// The image store of the daemon's runtime (503 without one).
-fn image_store(state: &AppState) -> Result<ImageStore> {
-    Ok(state.manager()?.images().clone())
-}
-
-#[utoipa::path(post, path = "/v1/images", tag = "images",
-    security(("bearer" = [])),
-    request_body = ImportImage,
-    responses(
-        (status = 202, description = "The import started; poll GET /v1/operations/{id}",
-            body = Operation),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, description = "Not an admin key", body = ErrorBody),
-        (status = 409, description = "An import of this name is already running",
-            body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn import_image(
-    State(state): State<AppState>,
-    p: Principal,
-    ApiJson(req): ApiJson<ImportImage>,
-) -> Result<(StatusCode, Json<Operation>)> {
-    require_admin(&p, "import images")?;
-    let (source, name) = req.validate()?;
-    let images = image_store(&state)?;
-    let id = new_op_id();
-    let progress = Arc::new(Mutex::new(OperationProgress {
-        phase: "queued".to_string(),
-        ..OperationProgress::default()
-    }));
-    {
-        // Checked and claimed under one lock: two imports of one name never both start.
-        let mut live = state.operations.lock();
-        if let Some((other, _)) = live.iter().find(|(_, l)| l.name == name) {
-            return Err(Error::Conflict(format!(
-                "an import of image {} is already running (operation {other}); wait for it",
-                api::quote(&name)
-            )));
-        }
-        live.insert(
-            id.clone(),
-            Live {
-                name: name.clone(),
-                progress: progress.clone(),
-            },
-        );
-    }
-    let request = serde_json::to_string(&req).unwrap_or_default();
-    let inserted = state.store.insert_operation(&id, &name, &request).await;
-    let op = match inserted {
-        Ok(Some(op)) => op,
-        other => {
-            state.operations.lock().remove(&id);
-            return Err(other
-                .err()
-                .unwrap_or_else(|| Error::Internal("the operation row vanished".to_string())));
-        }
-    };
-    let (store, ops) = (state.store.clone(), state.operations.clone());
-    tokio::spawn(run_import(
-        store,
-        ops,
-        images,
-        id,
-        source,
-        name,
-        req.plain_http,
-        progress,
-    ));
-    Ok((StatusCode::ACCEPTED, Json(op)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -204,65 +183,8 @@ async fn run_import(
     ops.lock().remove(&id);
 }
 
-#[utoipa::path(get, path = "/v1/operations/{id}", tag = "images",
-    security(("bearer" = [])),
-    params(("id" = String, Path, description = "Operation id")),
-    responses(
-        (status = 200, body = Operation),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 503, body = ErrorBody)))]
-pub(crate) async fn get_operation(
-    State(state): State<AppState>,
-    p: Principal,
-    id: std::result::Result<Path<String>, PathRejection>,
-) -> Result<Json<Operation>> {
-    let id = id
-        .map(|Path(s)| s)
-        .map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))?;
-    require_admin(&p, "see image operations")?;
-    let missing = || Error::NotFound(format!("no operation {}", api::quote(&id)));
-    if id.len() > 64 {
-        return Err(missing());
-    }
-    let mut op = state.store.get_operation(&id).await?.ok_or_else(missing)?;
-    if op.state == OperationState::Running {
-        if let Some(live) = state.operations.lock().get(&id) {
-            op.progress = live
-                .progress
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-        }
-    }
-    Ok(Json(op))
-}
-
-#[utoipa::path(get, path = "/v1/images", tag = "images",
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Every named image", body = ImageList),
-        (status = 401, body = ErrorBody), (status = 500, body = ErrorBody),
-        (status = 503, body = ErrorBody)))]
-pub(crate) async fn list_images(
-    State(state): State<AppState>,
-    _p: Principal,
-) -> Result<Json<ImageList>> {
-    let images = image_store(&state)?;
-    let list = tokio::task::spawn_blocking(move || images.list())
-        .await
-        .map_err(|e| Error::Internal(format!("listing images: {e}")))?
-        .map_err(|e| Error::Internal(format!("listing images: {e}")))?;
-    Ok(Json(ImageList {
-        images: list
-            .iter()
-            .filter_map(|i| i.name.as_deref().map(|n| image_of(i, n)))
-            .collect(),
-    }))
-}
-
 /// The image named exactly `name` (not a digest prefix).
-async fn named(images: &ImageStore, name: &str) -> Result<moat_image::Image> {
+pub(crate) async fn named(images: &ImageStore, name: &str) -> Result<moat_image::Image> {
     check_name(name)?;
     let (images, n) = (images.clone(), name.to_string());
     let found = tokio::task::spawn_blocking(move || images.resolve(&n))
@@ -283,84 +205,11 @@ fn no_image(name: &str) -> Error {
     ))
 }
 
-fn name_param(p: std::result::Result<Path<String>, PathRejection>) -> Result<String> {
-    p.map(|Path(s)| s)
-        .map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))
-}
-
-#[utoipa::path(get, path = "/v1/images/{name}", tag = "images",
-    security(("bearer" = [])),
-    params(("name" = String, Path, description = "Image name ('/' percent-encoded as %2F)")),
-    responses(
-        (status = 200, body = Image),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn get_image(
-    State(state): State<AppState>,
-    _p: Principal,
-    name: std::result::Result<Path<String>, PathRejection>,
-) -> Result<Json<Image>> {
-    let name = name_param(name)?;
-    let img = named(&image_store(&state)?, &name).await?;
-    Ok(Json(image_of(&img, &name)))
-}
-
-#[utoipa::path(delete, path = "/v1/images/{name}", tag = "images",
-    security(("bearer" = [])),
-    params(("name" = String, Path, description = "Image name ('/' percent-encoded as %2F)")),
-    responses(
-        (status = 204, description = "The name is removed, and the image's disk and templates \
-            with it when no other name refers to them"),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, description = "A sandbox, a snapshot or a group's default uses the image, \
-            or it is being imported", body = ErrorBody),
-        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn delete_image(
-    State(state): State<AppState>,
-    p: Principal,
-    name: std::result::Result<Path<String>, PathRejection>,
-) -> Result<StatusCode> {
-    let name = name_param(name)?;
-    check_name(&name)?;
-    require_admin(&p, "delete images")?;
-    if let Some(op) = state.operations.importing(&name) {
-        return Err(Error::Conflict(format!(
-            "image {} is being imported (operation {op}); wait for it to end",
-            api::quote(&name)
-        )));
-    }
-    let mgr = state.manager()?;
-    let images = mgr.images().clone();
-    let img = named(&images, &name).await?;
-    let users = state.store.image_users(&name, &img.digest).await?;
-    match (users.sandboxes, users.groups, users.snapshots) {
-        (s, _, _) if !s.is_empty() => {
-            return Err(Error::Conflict(format!(
-                "image {} is used by {} sandbox(es) ({}); delete them first",
-                api::quote(&name),
-                s.len(),
-                s.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
-            )))
-        }
-        (_, g, _) if !g.is_empty() => {
-            return Err(Error::Conflict(format!(
-                "image {} is the default image of group(s) {}; change their image first",
-                api::quote(&name),
-                g.join(", ")
-            )))
-        }
-        (_, _, snaps) if !snaps.is_empty() => {
-            return Err(Error::Conflict(format!(
-                "image {} is under snapshot(s) {}; delete them first",
-                api::quote(&name),
-                snaps.join(", ")
-            )))
-        }
-        _ => {}
-    }
-    let home = mgr.runtime_home();
-    let n = name.clone();
+/// Removes the name `name` from the image store, refused while a disk still uses the image
+/// (sandboxes of `moat run`, suspended and forked ones); the image's templates go with its
+/// last name.
+pub(crate) async fn remove(images: ImageStore, home: std::path::PathBuf, name: &str) -> Result<()> {
+    let n = name.to_string();
     tokio::task::spawn_blocking(move || -> Result<()> {
         // The store knows the daemon's sandboxes and snapshots; the disks also know those of
         // `moat run` and the suspended and forked ones.
@@ -383,6 +232,5 @@ pub(crate) async fn delete_image(
         Ok(())
     })
     .await
-    .map_err(|e| Error::Internal(format!("removing an image: {e}")))??;
-    Ok(StatusCode::NO_CONTENT)
+    .map_err(|e| Error::Internal(format!("removing an image: {e}")))?
 }

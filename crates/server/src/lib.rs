@@ -6,14 +6,11 @@ pub mod api;
 pub mod capacity;
 pub mod error;
 pub mod exec;
-pub mod files;
 pub mod http;
 pub mod images;
 pub mod keys;
 pub mod metrics;
-pub mod procs;
 pub mod sandboxes;
-pub mod shell;
 pub mod snapshots;
 pub mod store;
 

@@ -1,4 +1,5 @@
-//! Named snapshots of sandboxes, scoped to a group, and the routes that manage them. A fork
+//! Named snapshots of sandboxes, scoped to a group: taking, keeping and removing them (the
+//! routes are `http/routes/snapshots.rs`). A fork
 //! (`from_snapshot` on create) is [`Manager::fork`].
 //!
 //! On disk a snapshot is `MOAT_HOME/snapshots/<group>/<name>/` = {`meta.json`, `memory.bin`,
@@ -14,16 +15,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
-use axum::Json;
-
-use crate::api::{self, CreateSnapshot, ErrorBody, Snapshot, SnapshotList};
+use crate::api::{self, Snapshot};
 use crate::error::{Error, Result};
-use crate::http::{require_use, visible_group, visible_sandbox, ApiJson, AppState};
 use crate::sandboxes::{conflict, vm_error, Manager};
-use crate::store::{Principal, Store};
+use crate::store::Store;
 
 /// `MOAT_HOME/snapshots`.
 fn root(home: &Path) -> PathBuf {
@@ -33,14 +28,6 @@ fn root(home: &Path) -> PathBuf {
 /// `MOAT_HOME/snapshots/<group>/<name>`.
 pub(crate) fn dir(home: &Path, group: &str, name: &str) -> PathBuf {
     root(home).join(group).join(name)
-}
-
-fn no_snapshot(group: &str, name: &str) -> Error {
-    Error::NotFound(format!(
-        "no snapshot {} in group {}",
-        api::quote(name),
-        api::quote(group)
-    ))
 }
 
 // ---- files ----
@@ -280,117 +267,12 @@ impl Manager {
     }
 }
 
-// ---- routes ----
-
-type GroupParams = std::result::Result<UrlPath<(String, String)>, PathRejection>;
-
-/// The ready snapshot `name` of `group`, if the key may see the group.
-pub(crate) async fn visible_snapshot(
-    state: &AppState,
-    p: &Principal,
-    group: &str,
-    name: &str,
-) -> Result<Snapshot> {
-    visible_group(state, p, group).await?;
-    api::validate_name("snapshot name", name)?;
-    state
-        .store
-        .get_snapshot(group, name)
-        .await?
-        .ok_or_else(|| no_snapshot(group, name))
-}
-
-#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/snapshots", tag = "snapshots",
-    security(("bearer" = [])),
-    params(("group" = String, Path, description = "Group name"),
-        ("id" = String, Path, description = "Sandbox id")),
-    request_body = CreateSnapshot,
-    responses(
-        (status = 201, description = "Taken; the sandbox runs on (a suspended one is resumed \
-            first)", body = Snapshot),
-        (status = 400, description = "Bad name", body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, description = "A reader key", body = ErrorBody),
-        (status = 404, body = ErrorBody),
-        (status = 409, description = "The name is taken in the group, or the sandbox is not \
-            running or suspended", body = ErrorBody),
-        (status = 413, body = ErrorBody),
-        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn create_snapshot(
-    State(state): State<AppState>,
-    p: Principal,
-    params: GroupParams,
-    ApiJson(req): ApiJson<CreateSnapshot>,
-) -> Result<(StatusCode, Json<Snapshot>)> {
-    let (group, id) = crate::http::sandbox_params(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
-    require_use(&p)?;
-    api::validate_name("snapshot name", &req.name)?;
-    let snap = state.manager()?.snapshot(&row, &req.name).await?;
-    Ok((StatusCode::CREATED, Json(snap)))
-}
-
-#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/snapshots", tag = "snapshots",
-    security(("bearer" = [])),
-    params(("group" = String, Path, description = "Group name")),
-    responses(
-        (status = 200, description = "The group's snapshots, oldest first", body = SnapshotList),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn list_snapshots(
-    State(state): State<AppState>,
-    p: Principal,
-    group: std::result::Result<UrlPath<String>, PathRejection>,
-) -> Result<Json<SnapshotList>> {
-    let group = group
-        .map(|UrlPath(g)| g)
-        .map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))?;
-    visible_group(&state, &p, &group).await?;
-    let snapshots = state.store.list_snapshots(Some(&group)).await?;
-    Ok(Json(SnapshotList { snapshots }))
-}
-
-#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/snapshots/{name}", tag = "snapshots",
-    security(("bearer" = [])),
-    params(("group" = String, Path, description = "Group name"),
-        ("name" = String, Path, description = "Snapshot name")),
-    responses(
-        (status = 200, body = Snapshot),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn get_snapshot(
-    State(state): State<AppState>,
-    p: Principal,
-    params: GroupParams,
-) -> Result<Json<Snapshot>> {
-    let (group, name) = crate::http::sandbox_params(params)?;
-    visible_snapshot(&state, &p, &group, &name).await.map(Json)
-}
-
-#[utoipa::path(delete, path = "/v1/sandbox-groups/{group}/snapshots/{name}", tag = "snapshots",
-    security(("bearer" = [])),
-    params(("group" = String, Path, description = "Group name"),
-        ("name" = String, Path, description = "Snapshot name")),
-    responses(
-        (status = 204, description = "Deleted; its forks are not affected"),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, description = "A reader key", body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn delete_snapshot(
-    State(state): State<AppState>,
-    p: Principal,
-    params: GroupParams,
-) -> Result<StatusCode> {
-    let (group, name) = crate::http::sandbox_params(params)?;
-    let snap = visible_snapshot(&state, &p, &group, &name).await?;
-    require_use(&p)?;
-    let home = state.manager()?.runtime().home.clone();
-    state.store.delete_snapshot(&snap.group, &snap.name).await?;
-    // The row is gone first: a crash now leaves a directory that the next start removes.
-    tokio::task::spawn_blocking(move || remove_tree(&dir(&home, &snap.group, &snap.name)))
+/// Removes snapshot `name` of `group` from disk (its row is already gone).
+pub(crate) async fn remove(home: PathBuf, group: &str, name: &str) -> Result<()> {
+    let path = dir(&home, group, name);
+    tokio::task::spawn_blocking(move || remove_tree(&path))
         .await
-        .map_err(|e| Error::Internal(format!("removing the snapshot: {e}")))?;
-    Ok(StatusCode::NO_CONTENT)
+        .map_err(|e| Error::Internal(format!("removing the snapshot: {e}")))
 }
 
 /// Removes the snapshot directories of a deleted group (its rows went with it).

@@ -11,18 +11,63 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use moat_protocol::ErrorKind;
 use serde::Deserialize;
+use utoipa::OpenApi;
 
 use crate::api::{
     self, rfc3339, ErrorBody, ExecExit, ExecRequest, KillProcess, Process, ProcessExit,
     ProcessList, ProcessLogs, ProcessStarted, StartProcess, DEFAULT_WAIT_S, MAX_WAIT_S,
 };
 use crate::error::{Error, Result};
-use crate::http::{query, require_use, running_sandbox, visible_sandbox, ApiJson, AppState};
+use crate::http::access::{require_use, running_sandbox, visible_sandbox};
+use crate::http::extract::{path_param, query, ApiJson, MAX_BODY};
+use crate::http::state::AppState;
 use crate::sandboxes::vm_error;
 use crate::store::Principal;
+
+pub(in crate::http) fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/processes",
+            get(list_processes).post(start_process),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/processes/{pid_id}/kill",
+            post(kill_process),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/processes/{pid_id}/wait",
+            post(wait_process),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/processes/{pid_id}/logs",
+            get(process_logs),
+        )
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        start_process,
+        list_processes,
+        kill_process,
+        wait_process,
+        process_logs
+    ),
+    components(schemas(
+        StartProcess,
+        ProcessStarted,
+        Process,
+        ProcessExit,
+        ProcessList,
+        ProcessLogs,
+        KillProcess
+    ))
+)]
+pub(in crate::http) struct Doc;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,8 +81,7 @@ type Params2 = std::result::Result<Path<(String, String)>, PathRejection>;
 /// The sandbox and the process id of a `…/processes/{pid_id}/…` path; an id the guest could
 /// never have given is the same 404 as an unknown one.
 fn proc_params(params: Params3) -> Result<(String, String, String)> {
-    let Path((group, id, proc)) =
-        params.map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))?;
+    let (group, id, proc) = path_param(params)?;
     let digits = proc.strip_prefix('p').unwrap_or("");
     if !(1..=20).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(no_proc(&proc, &id));
@@ -89,13 +133,13 @@ fn proc_error(op: &str, proc: &str, sandbox: &str, e: moat_vm::Error) -> Error {
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn start_process(
+async fn start_process(
     State(state): State<AppState>,
     p: Principal,
     params: Params2,
     ApiJson(req): ApiJson<StartProcess>,
 ) -> Result<(StatusCode, Json<ProcessStarted>)> {
-    let (group, id) = crate::http::sandbox_params(params)?;
+    let (group, id) = path_param(params)?;
     let req = ExecRequest::from(req);
     let row = visible_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
@@ -128,12 +172,12 @@ pub(crate) async fn start_process(
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn list_processes(
+async fn list_processes(
     State(state): State<AppState>,
     p: Principal,
     params: Params2,
 ) -> Result<Json<ProcessList>> {
-    let (group, id) = crate::http::sandbox_params(params)?;
+    let (group, id) = path_param(params)?;
     let run = running_sandbox(&state, &p, &group, &id, false).await?;
     let procs = run
         .sandbox()?
@@ -175,7 +219,7 @@ pub(crate) async fn list_processes(
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn kill_process(
+async fn kill_process(
     State(state): State<AppState>,
     p: Principal,
     params: Params3,
@@ -186,7 +230,7 @@ pub(crate) async fn kill_process(
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Error::PayloadTooLarge(format!(
                 "the request body is larger than the limit of {} bytes",
-                crate::http::MAX_BODY
+                MAX_BODY
             ))
         } else {
             Error::BadRequest(format!("cannot read the request body: {}", e.body_text()))
@@ -230,7 +274,7 @@ pub(crate) async fn kill_process(
         (status = 409, description = "Still running after timeout_s, or the sandbox is not \
             running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn wait_process(
+async fn wait_process(
     State(state): State<AppState>,
     p: Principal,
     params: Params3,
@@ -270,7 +314,7 @@ pub(crate) async fn wait_process(
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn process_logs(
+async fn process_logs(
     State(state): State<AppState>,
     p: Principal,
     params: Params3,
