@@ -194,7 +194,7 @@ pub(crate) async fn named(images: &ImageStore, name: &str) -> Result<moat_image:
         Ok(img) if img.name.as_deref() == Some(name) => Ok(img),
         Ok(_) => Err(no_image(name)),
         Err(e) if e.is_not_found() => Err(no_image(name)),
-        Err(e) => Err(Error::Internal(format!("resolving image {name}: {e}"))),
+        Err(e) => Err(Error::image(format!("resolving image {name}"))(e)),
     }
 }
 
@@ -214,20 +214,14 @@ pub(crate) async fn remove(images: ImageStore, home: std::path::PathBuf, name: &
         // The store knows the daemon's sandboxes and snapshots; the disks also know those of
         // `moat run` and the suspended and forked ones.
         let used = moat_vm::template::DisksInUse::scan(&home)
-            .map_err(|e| Error::Internal(format!("reading which disks are in use: {e}")))?;
+            .map_err(Error::vm("reading which disks are in use"))?;
         let removed = images
             .remove_unless(&n, |img| Ok(used.why_kept(&img.rootfs)))
-            .map_err(|e| {
-                if e.is_in_use() {
-                    Error::Conflict(e.to_string())
-                } else {
-                    Error::Internal(format!("removing image {n}: {e}"))
-                }
-            })?;
+            .map_err(Error::image(format!("removing image {n}")))?;
         // Templates of a digest that is no longer cached can never be used again.
         if images.resolve(&removed.digest).is_err() {
             moat_vm::template::remove_for_image(&home, &removed.digest)
-                .map_err(|e| Error::Internal(format!("removing the templates of {n}: {e}")))?;
+                .map_err(Error::vm(&format!("removing the templates of {n}")))?;
         }
         Ok(())
     })

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use crate::api::{self, Snapshot};
 use crate::error::{Error, Result};
-use crate::sandboxes::{conflict, vm_error, Manager};
+use crate::sandboxes::{conflict, Manager};
 use crate::store::Store;
 
 /// `MOAT_HOME/snapshots`.
@@ -238,14 +238,14 @@ impl Manager {
             let mut meta = vm
                 .snapshot(self.runtime(), &built)
                 .await
-                .map_err(|e| vm_error("taking the snapshot", e))?;
+                .map_err(Error::vm("taking the snapshot"))?;
             // The VM runs on; a read hold keeps a suspend or delete from removing the files
             // the copied layer's backing chain still reads until it is flattened.
             let _hold = slot.downgrade();
             let disk = built.join("disk.qcow2");
             moat_vm::disk::rebase(&disk, &image.rootfs, "raw")
                 .await
-                .map_err(|e| vm_error("flattening the snapshot's disk", e))?;
+                .map_err(Error::vm("flattening the snapshot's disk"))?;
             fsync(&disk)?;
             let rootfs = std::fs::canonicalize(&image.rootfs)
                 .map_err(io(format!("resolving {}", image.rootfs.display())))?;
@@ -256,7 +256,7 @@ impl Manager {
                 format: "raw".to_string(),
             });
             meta.store(&built)
-                .map_err(|e| vm_error("writing the snapshot's metadata", e))?;
+                .map_err(Error::vm("writing the snapshot's metadata"))?;
             fsync(&built)?;
             return Ok(built);
         }

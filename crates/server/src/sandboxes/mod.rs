@@ -130,15 +130,6 @@ pub struct Manager {
     stopping: AtomicBool,
 }
 
-/// A moat_vm error as an API error: what the guest refused is the caller's to fix (400); the
-/// rest is ours (500, details in the log).
-pub fn vm_error(what: &str, e: moat_vm::Error) -> Error {
-    match e {
-        moat_vm::Error::Guest { message, .. } => Error::BadRequest(format!("{what}: {message}")),
-        e => Error::Internal(format!("{what}: {e}")),
-    }
-}
-
 fn new_id() -> String {
     format!("sb-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
@@ -541,7 +532,7 @@ impl Manager {
                     mgr.lock_live().remove(&id);
                     mgr.remove_suspend_dirs(&id);
                     mgr.store.delete_sandbox(&id).await?;
-                    Err(vm_error("starting the sandbox", e))
+                    Err(Error::vm("starting the sandbox")(e))
                 }
             }
         })

@@ -16,7 +16,7 @@ use moat_image::ImageConfig;
 use moat_vm::LaunchOptions;
 use tokio::sync::OwnedMutexGuard;
 
-use super::{new_id, vm_error, Manager};
+use super::{new_id, Manager};
 use crate::api::{Sandbox, SandboxState, Tier};
 use crate::error::{Error, Result};
 use crate::store;
@@ -309,7 +309,7 @@ impl Manager {
                 Err(e) => {
                     self.cap.release(&member.id);
                     self.store.delete_pool_member(&member.id).await?;
-                    return Err(vm_error("restoring a warm-pool VM", e));
+                    return Err(Error::vm("restoring a warm-pool VM")(e));
                 }
             }
         }

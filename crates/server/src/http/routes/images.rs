@@ -110,7 +110,7 @@ async fn list_images(State(state): State<AppState>, _p: Principal) -> Result<Jso
     let list = tokio::task::spawn_blocking(move || images.list())
         .await
         .map_err(|e| Error::Internal(format!("listing images: {e}")))?
-        .map_err(|e| Error::Internal(format!("listing images: {e}")))?;
+        .map_err(Error::image("listing images"))?;
     Ok(Json(ImageList {
         images: list
             .iter()

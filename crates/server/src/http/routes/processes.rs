@@ -25,7 +25,6 @@ use crate::error::{Error, Result};
 use crate::http::access::{require_use, running_sandbox, visible_sandbox};
 use crate::http::extract::{path_param, query, ApiJson, MAX_BODY};
 use crate::http::state::AppState;
-use crate::sandboxes::vm_error;
 use crate::store::Principal;
 
 pub(in crate::http) fn router() -> Router<AppState> {
@@ -112,7 +111,7 @@ fn proc_error(op: &str, proc: &str, sandbox: &str, e: moat_vm::Error) -> Error {
             "process {} is still running; wait again or kill it",
             api::quote(proc)
         )),
-        e => vm_error(op, e),
+        e => Error::vm(op)(e),
     }
 }
 
@@ -151,7 +150,7 @@ async fn start_process(
         .agent()
         .proc_start(request)
         .await
-        .map_err(|e| vm_error("start", e))?;
+        .map_err(Error::vm("start"))?;
     Ok((
         StatusCode::CREATED,
         Json(ProcessStarted {
@@ -184,7 +183,7 @@ async fn list_processes(
         .agent()
         .proc_list()
         .await
-        .map_err(|e| vm_error("list processes", e))?;
+        .map_err(Error::vm("list processes"))?;
     let processes = procs
         .into_iter()
         .map(|i| Process {
