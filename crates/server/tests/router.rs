@@ -46,20 +46,17 @@ impl App {
         }
     }
 
-    /// Sends a request (`body` as given, not necessarily JSON); returns the status and the
-    /// JSON body (`null` when empty), after checking both against the OpenAPI document.
-    async fn raw(
-        &self,
-        key: Option<&str>,
-        method: &str,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> (u16, Value) {
-        let mut req = Request::builder().method(method).uri(path);
-        if let Some(k) = key {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
-        }
-        let req = req.body(body.map_or_else(Body::empty, Body::from)).unwrap();
+    /// A request with an optional JSON body; see [`App::send`].
+    async fn call(&self, k: Option<&str>, m: &str, path: &str, b: Option<Value>) -> (u16, Value) {
+        let body = b.map(|b| b.to_string().into_bytes());
+        self.send(request(k, m, path, body)).await
+    }
+
+    /// Sends `req`; returns the status and the JSON body (`null` when empty), after checking
+    /// both against the OpenAPI document.
+    async fn send(&self, req: Request<Body>) -> (u16, Value) {
+        let (method, path) = (req.method().to_string(), req.uri().to_string());
+        let (method, path) = (method.as_str(), path.as_str());
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status().as_u16();
         if status == 401 {
@@ -98,17 +95,6 @@ impl App {
         (status, value)
     }
 
-    async fn call(
-        &self,
-        key: Option<&str>,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let body = body.map(|b| serde_json::to_vec(&b).unwrap());
-        self.raw(key, method, path, body).await
-    }
-
     /// A new key of `role` that sees `groups`.
     async fn key(&self, role: &str, groups: &[&str]) -> String {
         let (st, k) = self
@@ -122,6 +108,15 @@ impl App {
         assert_eq!(st, 201, "{k}");
         k["key"].as_str().unwrap().to_string()
     }
+}
+
+/// A request with `key` as its Bearer token, if any, and `body` as given (not necessarily JSON).
+fn request(key: Option<&str>, method: &str, path: &str, body: Option<Vec<u8>>) -> Request<Body> {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(k) = key {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    req.body(body.map_or_else(Body::empty, Body::from)).unwrap()
 }
 
 fn msg(v: &Value) -> &str {
@@ -328,8 +323,9 @@ async fn error_shapes_400_404_405_413() {
             assert!(msg(&e).contains(n), "{body}: {e} lacks {n:?}");
         }
     }
+    let bad_json = Some(b"{not json".to_vec());
     let (st, e) = app
-        .raw(k, "PUT", &format!("{G}/ok"), Some(b"{not json".to_vec()))
+        .send(request(k, "PUT", &format!("{G}/ok"), bad_json))
         .await;
     assert_eq!(st, 400, "{e}");
     let (st, e) = app
@@ -388,7 +384,7 @@ async fn every_documented_operation_is_served_as_documented() {
             operations += 1;
             let m = method.to_ascii_uppercase();
             let body = matches!(method, "put" | "post").then(|| json!({}));
-            // `raw` checks the status and body against the document.
+            // `send` checks the status and body against the document.
             let (st, e) = app.call(Some(ADMIN), &m, &path, body).await;
             assert_ne!(st, 405, "{m} {template}: {e}");
             assert!(
