@@ -20,6 +20,9 @@ pub enum Error {
     MethodNotAllowed(String),
     #[error("{0}")]
     Conflict(String),
+    /// The sandbox's row went away under a lifecycle change (a delete won the race).
+    #[error("sandbox {0} was deleted")]
+    SandboxGone(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -63,6 +66,13 @@ pub enum Error {
         #[source]
         source: moat_image::Error,
     },
+    /// A task the daemon spawned failed (it panicked, or the runtime is shutting down).
+    #[error("{what}: {source}")]
+    Task {
+        what: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -104,6 +114,14 @@ impl Error {
         move |source| Error::Image { context, source }
     }
 
+    /// `.map_err(Error::task("the create task failed"))` on the join of a spawned task.
+    pub(crate) fn task(what: &str) -> impl FnOnce(tokio::task::JoinError) -> Error + '_ {
+        move |source| Error::Task {
+            what: what.to_string(),
+            source,
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {
             context: context.into(),
@@ -119,7 +137,7 @@ impl Error {
             Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Error::Conflict(_) | Error::SandboxGone(_) => (StatusCode::CONFLICT, "conflict"),
             Error::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Error::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Error::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
@@ -153,6 +171,7 @@ impl Error {
             | Error::Store(_)
             | Error::Io { .. }
             | Error::Vm { .. }
+            | Error::Task { .. }
             | Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

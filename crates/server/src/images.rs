@@ -189,7 +189,7 @@ pub(crate) async fn named(images: &ImageStore, name: &str) -> Result<moat_image:
     let (images, n) = (images.clone(), name.to_string());
     let found = tokio::task::spawn_blocking(move || images.resolve(&n))
         .await
-        .map_err(|e| Error::Internal(format!("resolving an image: {e}")))?;
+        .map_err(Error::task("resolving an image"))?;
     match found {
         Ok(img) if img.name.as_deref() == Some(name) => Ok(img),
         Ok(_) => Err(no_image(name)),
@@ -226,5 +226,5 @@ pub(crate) async fn remove(images: ImageStore, home: std::path::PathBuf, name: &
         Ok(())
     })
     .await
-    .map_err(|e| Error::Internal(format!("removing an image: {e}")))?
+    .map_err(Error::task("removing an image"))?
 }

@@ -95,7 +95,7 @@ pub async fn serve(
         Ok((store, generated))
     })
     .await
-    .map_err(|e| Error::Internal(format!("opening the store: {e}")))??;
+    .map_err(Error::task("opening the store"))??;
     if let Some(key) = generated {
         eprintln!(
             "moat serve: created the first admin API key; it is printed once, on stdout, and \

@@ -185,7 +185,7 @@ impl Manager {
             }
         })
         .await
-        .map_err(|e| Error::Internal(format!("the snapshot task failed: {e}")))?
+        .map_err(Error::task("the snapshot task failed"))?
     }
 
     /// Writes the snapshot's directory; returns its size.
@@ -272,7 +272,7 @@ pub(crate) async fn remove(home: PathBuf, group: &str, name: &str) -> Result<()>
     let path = dir(&home, group, name);
     tokio::task::spawn_blocking(move || remove_tree(&path))
         .await
-        .map_err(|e| Error::Internal(format!("removing the snapshot: {e}")))
+        .map_err(Error::task("removing the snapshot"))
 }
 
 /// Removes the snapshot directories of a deleted group (its rows went with it).

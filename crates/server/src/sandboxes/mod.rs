@@ -277,14 +277,14 @@ impl Manager {
         self.store
             .set_sandbox_state(id, state, None)
             .await?
-            .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
+            .ok_or_else(|| Error::SandboxGone(id.to_string()))
     }
 
     pub(crate) async fn get_row(&self, id: &str) -> Result<Sandbox> {
         self.store
             .get_sandbox(id)
             .await?
-            .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
+            .ok_or_else(|| Error::SandboxGone(id.to_string()))
     }
 
     async fn fail(&self, id: &str, reason: &str) -> Result<()> {
@@ -375,7 +375,7 @@ impl Manager {
                     let r = row.clone();
                     let handed = tokio::spawn(async move { mgr.hand_over(pvm, r, config).await })
                         .await
-                        .map_err(|e| Error::Internal(format!("the hand-over task failed: {e}")))?;
+                        .map_err(Error::task("the hand-over task failed"))?;
                     // The refill waits a moment: a restore takes the CPU for a few hundred ms
                     // (TCG), and the new sandbox's first requests come first.
                     self.back_off_for(&group.name, REFILL_AFTER_HAND_OVER);
@@ -472,7 +472,7 @@ impl Manager {
             Err(e)
         })
         .await
-        .map_err(|e| Error::Internal(format!("the fork task failed: {e}")))?
+        .map_err(Error::task("the fork task failed"))?
     }
 
     /// Reserves room for `row` (429 if the host has none), inserts it (state creating) and
@@ -525,7 +525,7 @@ impl Manager {
                     mgr.store
                         .set_sandbox_state(&id, SandboxState::Running, None)
                         .await?
-                        .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
+                        .ok_or_else(|| Error::SandboxGone(id.to_string()))
                 }
                 Err(e) => {
                     mgr.cap.release(&id);
@@ -537,7 +537,7 @@ impl Manager {
             }
         })
         .await
-        .map_err(|e| Error::Internal(format!("the create task failed: {e}")))?
+        .map_err(Error::task("the create task failed"))?
     }
 
     /// Starts a fork of snapshot `snap` as a *resume* of a private copy of it: the copy is
@@ -591,7 +591,7 @@ impl Manager {
             mgr.store.delete_sandbox(&id).await
         })
         .await
-        .map_err(|e| Error::Internal(format!("the delete task failed: {e}")))?
+        .map_err(Error::task("the delete task failed"))?
     }
 
     /// A shared hold on the running sandbox `row`, resuming it first if it is suspended: the
@@ -604,7 +604,7 @@ impl Manager {
             let current = self
                 .get_row(&row.id)
                 .await
-                .map_err(|_| Error::Conflict(format!("sandbox {} was deleted", row.id)))?;
+                .map_err(|_| Error::SandboxGone(row.id.clone()))?;
             match current.state {
                 SandboxState::Running
                 | SandboxState::Suspending

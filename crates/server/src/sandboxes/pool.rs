@@ -230,7 +230,7 @@ impl Manager {
                 let r = spec.image.clone();
                 let resolved = tokio::task::spawn_blocking(move || images.resolve(&r))
                     .await
-                    .map_err(|e| Error::Internal(format!("resolving the image: {e}")))?
+                    .map_err(Error::task("resolving the image"))?
                     .map_err(|e| {
                         Error::Internal(format!("resolving the pool's image {}: {e}", spec.image))
                     })?;

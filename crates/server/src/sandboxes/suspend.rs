@@ -154,7 +154,7 @@ impl Manager {
             }
         })
         .await
-        .map_err(|e| Error::Internal(format!("the suspend task failed: {e}")))?
+        .map_err(Error::task("the suspend task failed"))?
     }
 
     /// Resumes a suspended sandbox from its newest suspend directory (processes, memory and
@@ -216,6 +216,6 @@ impl Manager {
             }
         })
         .await
-        .map_err(|e| Error::Internal(format!("the resume task failed: {e}")))?
+        .map_err(Error::task("the resume task failed"))?
     }
 }

@@ -94,7 +94,7 @@ impl Store {
             f(&mut guard)
         })
         .await
-        .map_err(|e| Error::Internal(format!("store task failed: {e}")))?
+        .map_err(Error::task("store task failed"))?
     }
 }
 

@@ -159,7 +159,7 @@ async fn delete_group(
         let home = mgr.runtime().home.clone();
         tokio::task::spawn_blocking(move || crate::snapshots::remove_group_dirs(&home, &name))
             .await
-            .map_err(|e| Error::Internal(format!("removing the group's snapshots: {e}")))?;
+            .map_err(Error::task("removing the group's snapshots"))?;
     }
     Ok(StatusCode::NO_CONTENT)
 }

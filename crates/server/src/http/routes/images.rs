@@ -109,7 +109,7 @@ async fn list_images(State(state): State<AppState>, _p: Principal) -> Result<Jso
     let images = image_store(&state)?;
     let list = tokio::task::spawn_blocking(move || images.list())
         .await
-        .map_err(|e| Error::Internal(format!("listing images: {e}")))?
+        .map_err(Error::task("listing images"))?
         .map_err(Error::image("listing images"))?;
     Ok(Json(ImageList {
         images: list
