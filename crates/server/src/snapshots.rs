@@ -1,6 +1,6 @@
 //! Named snapshots of sandboxes, scoped to a group: taking, keeping and removing them (the
-//! routes are `http/routes/snapshots.rs`). A fork
-//! (`from_snapshot` on create) is [`Manager::fork`].
+//! routes are `http/routes/snapshots.rs`). A fork (`from_snapshot` on create) is
+//! [`Manager::fork`].
 //!
 //! On disk a snapshot is `MOAT_HOME/snapshots/<group>/<name>/` = {`meta.json`, `memory.bin`,
 //! `disk.qcow2`}: a moat_vm snapshot whose disk layer is flattened onto the image's read-only
