@@ -1,0 +1,29 @@
+//! `AppState`: what every handler gets: the store, the metrics, the sandbox manager (or why
+//! there is none) and the image operations in progress.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::images::Operations;
+use crate::metrics::Metrics;
+use crate::sandboxes::Manager;
+use crate::store::Store;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    /// The sandbox manager, or why this daemon has none (no kernel or agent: the group and
+    /// key routes still work, the sandbox routes answer 503 with the reason).
+    pub sandboxes: std::result::Result<Arc<Manager>, String>,
+    /// Image imports in progress.
+    pub operations: Arc<Operations>,
+}
+
+impl AppState {
+    pub(crate) fn manager(&self) -> Result<&Arc<Manager>> {
+        self.sandboxes
+            .as_ref()
+            .map_err(|why| Error::Unavailable(format!("this daemon cannot run sandboxes: {why}")))
+    }
+}
