@@ -17,13 +17,15 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::audit::{Audit, Event};
+use crate::device::take_frame;
 use crate::dns::Resolver;
 use crate::stack::{self, Limits};
 use crate::{EgressSpec, Error, Floor, HostsFile, Policy, Result};
@@ -130,6 +132,73 @@ pub fn decode<T: for<'de> Deserialize<'de>>(line: &str) -> std::result::Result<T
     Ok(line.msg)
 }
 
+/// The daemon's end of the control channel: requests out, their answers back, audit events
+/// in between handed to the caller.
+pub struct Client {
+    lines: Lines<BufReader<OwnedReadHalf>>,
+    tx: OwnedWriteHalf,
+}
+
+impl Client {
+    /// Connects to a stack's control socket and reads its `hello`.
+    pub async fn connect(path: &std::path::Path) -> Result<(Client, Reply)> {
+        let context = format!("the network stack's control socket {}", path.display());
+        let s = UnixStream::connect(path).await.map_err(io(&context))?;
+        let (rx, tx) = s.into_split();
+        let mut c = Client {
+            lines: BufReader::new(rx).lines(),
+            tx,
+        };
+        match c.next().await? {
+            Some(hello @ Reply::Hello { .. }) => Ok((c, hello)),
+            other => Err(Error::Control(format!(
+                "expected hello from the network stack, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends `req` and waits for its answer; audit events that come first go to `on_audit`.
+    pub async fn request(&mut self, req: &Request, mut on_audit: impl FnMut(Event)) -> Result<()> {
+        self.tx
+            .write_all(encode(req).as_bytes())
+            .await
+            .map_err(io("writing to the network stack"))?;
+        loop {
+            match self.next().await? {
+                Some(Reply::Ok) => return Ok(()),
+                Some(Reply::Error { message }) => return Err(Error::Control(message)),
+                Some(Reply::Audit { event }) => on_audit(event),
+                Some(Reply::Hello { .. }) => {}
+                None => {
+                    return Err(Error::Control(
+                        "the network stack closed the control connection".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The next audit event; `None` when the stack is gone.
+    pub async fn next_event(&mut self) -> Result<Option<Event>> {
+        loop {
+            match self.next().await? {
+                Some(Reply::Audit { event }) => return Ok(Some(event)),
+                Some(_) => {}
+                None => return Ok(None),
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<Reply>> {
+        let line = self
+            .lines
+            .next_line()
+            .await
+            .map_err(io("reading from the network stack"))?;
+        line.map(|l| decode(&l).map_err(Error::Control)).transpose()
+    }
+}
+
 /// The upstream resolver of this host: the first `nameserver` of /etc/resolv.conf.
 pub fn system_resolver() -> Option<SocketAddr> {
     let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
@@ -223,14 +292,36 @@ async fn run_async(guest: OwnedFd, control: OwnedFd) -> Result<()> {
     let guest = UnixStream::from_std(guest).map_err(io("the guest socket"))?;
     let (audit, mut events) = Audit::channel(AUDIT_QUEUE);
 
-    // Nothing is served before the daemon's `start`.
-    let mut conn = accept(&listener, false, &audit).await?;
+    // Nothing is served before the daemon's `start`: the guest's frames are read and dropped
+    // (so QEMU never stalls on a full socket), and a VM that ends first ends the stack.
+    let (mut guest_rx, guest_tx) = guest.into_split();
+    let mut early = BytesMut::with_capacity(64 * 1024);
+    let mut conn: Option<Conn> = None;
     let (policy, resolver, limits) = loop {
-        let Some(line) = next_line(&mut conn).await else {
-            conn = accept(&listener, false, &audit).await?;
+        let line = tokio::select! {
+            r = guest_rx.read_buf(&mut early) => {
+                if r.map_err(io("the guest socket"))? == 0 {
+                    return Ok(());
+                }
+                while take_frame(&mut early)
+                    .map_err(|m| Error::Io { context: m, source: std::io::ErrorKind::InvalidData.into() })?
+                    .is_some()
+                {}
+                early.reserve(64 * 1024);
+                continue;
+            }
+            c = accept(&listener, false, &audit), if conn.is_none() => {
+                conn = Some(c?);
+                continue;
+            }
+            line = async { next_line(conn.as_mut().expect("guarded")).await }, if conn.is_some() => line,
+        };
+        let Some(line) = line else {
+            conn = None;
             continue;
         };
-        match request(&mut conn, &line).await {
+        let conn = conn.as_mut().expect("a line came from it");
+        match request(conn, &line).await {
             None => {}
             Some(Request::Policy { .. }) => {
                 let _ = conn
@@ -260,9 +351,10 @@ async fn run_async(guest: OwnedFd, control: OwnedFd) -> Result<()> {
         }
     };
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+    // The bytes of a frame that was half read when `start` came go first.
+    let guest = tokio::io::join(std::io::Cursor::new(early).chain(guest_rx), guest_tx);
     let serve = stack::serve(guest, Arc::new(resolver), policy_rx, audit.clone(), limits);
     tokio::pin!(serve);
-    let mut conn = Some(conn);
     loop {
         tokio::select! {
             r = &mut serve => return r,
@@ -421,6 +513,66 @@ mod tests {
             .unwrap();
         let r: Reply = decode(&lines.next().unwrap().unwrap()).unwrap();
         assert_eq!(r, Reply::Ok);
+        drop(qemu);
+        stack.join().unwrap().unwrap();
+    }
+
+    /// Before `start` the guest's frames are dropped without stalling QEMU (more than a
+    /// socket buffer of them), a frame cut in half by `start` is still read whole (the stack
+    /// answers the ARP request it holds), and a VM that ends before `start` ends the stack.
+    #[test]
+    fn frames_before_start_are_dropped_and_framing_survives_start() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (mut qemu, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        let stack = std::thread::spawn(move || run(OwnedFd::from(guest), OwnedFd::from(listener)));
+        let mut arp = vec![0xff; 6];
+        arp.extend([0x02, 0x6d, 0x6f, 0x61, 0x74, 0x02, 0x08, 0x06]);
+        arp.extend([0, 1, 8, 0, 6, 4, 0, 1, 0x02, 0x6d, 0x6f, 0x61, 0x74, 0x02]);
+        arp.extend(stack::GUEST_IP.octets());
+        arp.extend([0; 6]);
+        arp.extend(stack::GATEWAY_IP.octets());
+        let mut framed = Vec::new();
+        crate::device::put_frame(&mut framed, &arp);
+        // 4 MiB of frames: far more than the socket buffers hold.
+        for _ in 0..(4 << 20) / framed.len() {
+            qemu.write_all(&framed).unwrap();
+        }
+        qemu.write_all(&framed[..10]).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (mut c, hello) = Client::connect(&path).await.unwrap();
+            assert!(matches!(hello, Reply::Hello { started: false, .. }));
+            let start = Request::Start {
+                egress: EgressSpec::default(),
+                hosts: None,
+                resolver: Some("127.0.0.1:9".parse().unwrap()),
+                limits: LimitsSpec::default(),
+            };
+            c.request(&start, |_| {}).await.unwrap();
+            let e = c.request(&start, |_| {}).await.unwrap_err();
+            assert!(e.to_string().contains("already started"), "{e}");
+        });
+        qemu.write_all(&framed[10..]).unwrap();
+        let mut len = [0u8; 4];
+        qemu.read_exact(&mut len).unwrap();
+        let mut reply = vec![0; u32::from_be_bytes(len) as usize];
+        qemu.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[12..14], &[0x08, 0x06], "an ARP frame");
+        assert_eq!(&reply[20..22], &[0, 2], "an ARP reply");
+        assert_eq!(&reply[28..32], &stack::GATEWAY_IP.octets());
+        drop(qemu);
+        stack.join().unwrap().unwrap();
+
+        let path = dir.path().join("control2.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (qemu, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        let stack = std::thread::spawn(move || run(OwnedFd::from(guest), OwnedFd::from(listener)));
         drop(qemu);
         stack.join().unwrap().unwrap();
     }

@@ -30,6 +30,9 @@ pub enum Error {
         line: usize,
         message: String,
     },
+    /// The network stack refused a request or broke the control protocol.
+    #[error("network stack: {0}")]
+    Control(String),
     #[error("{context}")]
     Io {
         context: String,
