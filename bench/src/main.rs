@@ -103,7 +103,7 @@ async fn main() -> Result<()> {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
-    let rt = Runtime::new(&home, &agent, None)?;
+    let rt = Runtime::new(&home, &agent, &moat, None)?;
     let image = ImageStore::open(&home.join("images"))?.resolve("base")?;
     let tier = Tier::M;
 

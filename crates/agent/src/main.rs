@@ -5,6 +5,7 @@ mod boot;
 mod control;
 mod exec;
 mod files;
+mod net;
 mod port;
 mod procs;
 mod pty;
@@ -151,6 +152,9 @@ async fn handle(
             }
         }
         Request::ProcLogs { id } => ctx.execs.proc_logs(&id, &stream.sender()).await,
+        Request::Network(c) => files::blocking(move || net::configure(&c))
+            .await
+            .map(|()| Message::Done),
     };
     finish(stream, result).await
 }

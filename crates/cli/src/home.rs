@@ -72,6 +72,8 @@ impl Home {
 
     pub fn runtime(&self, accel: Option<&str>) -> Result<moat_vm::Runtime> {
         let agent = self.agent_binary()?;
-        Ok(moat_vm::Runtime::new(&self.root, &agent, accel)?)
+        // Each sandbox's network stack is this binary's hidden `net-stack` command.
+        let moat = std::env::current_exe().context("locating the moat executable")?;
+        Ok(moat_vm::Runtime::new(&self.root, &agent, &moat, accel)?)
     }
 }

@@ -74,6 +74,9 @@ enum Command {
         #[command(subcommand)]
         command: sandbox_cmd::SnapshotCommand,
     },
+    /// One sandbox's network stack (started by moat beside each VM, never by hand).
+    #[command(hide = true)]
+    NetStack(NetStackArgs),
     /// Manage API keys on a moat daemon (admin only).
     ApiKey {
         #[command(flatten)]
@@ -81,6 +84,45 @@ enum Command {
         #[command(subcommand)]
         command: client::ApiKeyCommand,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct NetStackArgs {
+    /// Inherited stream socket to QEMU's `-netdev stream` (the guest NIC's link).
+    #[arg(long)]
+    guest_fd: i32,
+    /// Inherited listening Unix socket for the control channel.
+    #[arg(long)]
+    control_fd: i32,
+}
+
+/// `moat net-stack`: runs `moat_net::run` on the two descriptors moat-vm handed down. A
+/// process of its own because it parses hostile frames.
+fn net_stack(args: &NetStackArgs) -> ExitCode {
+    let take = |fd: i32, what: &str| -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        // Only inherited sockets are taken: a wrong number must not adopt some other file.
+        if fd < 3 || nix::sys::socket::getsockname::<nix::sys::socket::UnixAddr>(fd).is_err() {
+            eprintln!("moat net-stack: --{what} {fd} is not an inherited Unix socket");
+            return None;
+        }
+        // SAFETY: the descriptor was inherited for this purpose (moat-vm's netstack.rs) and
+        // nothing else in this process owns it.
+        Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    };
+    let (Some(guest), Some(control)) = (
+        take(args.guest_fd, "guest-fd"),
+        take(args.control_fd, "control-fd"),
+    ) else {
+        return ExitCode::from(EXIT_MOAT_ERROR);
+    };
+    match moat_net::run(guest, control) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moat net-stack: {e}");
+            ExitCode::from(EXIT_MOAT_ERROR)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -93,6 +135,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    // The stack runs its own single-threaded runtime and needs nothing else of moat's.
+    if let Command::NetStack(args) = &cli.command {
+        return net_stack(args);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -128,6 +174,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run::run(&home, cli.accel.as_deref(), args).await,
             Command::Serve(args) => serve::run(&home, cli.accel.as_deref(), args).await,
             Command::Group { .. }
+            | Command::NetStack(_)
             | Command::ApiKey { .. }
             | Command::Sandbox { .. }
             | Command::Snapshot { .. } => {

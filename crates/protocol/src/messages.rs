@@ -8,7 +8,7 @@ use crate::frame::{Frame, Kind, SYNC_MAGIC};
 use crate::Error;
 
 /// Version of this protocol. Bumped whenever a message or field is added.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Length of the session nonce in HELLO and HELLO_ACK.
 pub const NONCE_LEN: usize = 16;
 
@@ -85,6 +85,10 @@ pub enum Request {
     /// Since version 2. What the output rings hold: DATA on stdout and stderr, EOF on both,
     /// then `Done`.
     ProcLogs { id: String },
+    /// Since version 3. Configure the guest's network interface: address, default route,
+    /// MTU, resolver, IPv6 off. Idempotent; the host sends it at boot and after every
+    /// restore. `Done` or `Error`.
+    Network(NetworkConfig),
 }
 
 /// Bytes of stdout (and of stderr) the agent keeps of each background process: the newest.
@@ -168,6 +172,20 @@ pub fn valid_user_spec(user: &str) -> bool {
         && user
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
+}
+
+/// The guest's link to the host's network stack (crates/net). Addresses are dotted IPv4.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The interface; `None` means the first one that is not loopback.
+    pub interface: Option<String>,
+    pub address: String,
+    pub prefix_len: u8,
+    pub gateway: String,
+    pub mtu: u16,
+    /// Written to `/etc/resolv.conf` (1–3).
+    pub nameservers: Vec<String>,
 }
 
 /// Fresh facts the guest cannot know by itself after a restore.
@@ -429,6 +447,22 @@ mod tests {
         for (got, want) in cases {
             assert_eq!(got, want);
         }
+    }
+
+    /// Freezes the wire form of what version 3 added.
+    #[test]
+    fn wire_form_v3_is_stable() {
+        let net = Request::Network(NetworkConfig {
+            interface: None,
+            address: "100.127.255.2".into(),
+            prefix_len: 30,
+            gateway: "100.127.255.1".into(),
+            mtu: 1500,
+            nameservers: vec!["100.127.255.1".into()],
+        });
+        let want = r#"{"op":"network","interface":null,"address":"100.127.255.2","prefix_len":30,"gateway":"100.127.255.1","mtu":1500,"nameservers":["100.127.255.1"]}"#;
+        assert_eq!(serde_json::to_string(&net).unwrap(), want);
+        assert_eq!(serde_json::from_str::<Request>(want).unwrap(), net);
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub const INITRAMFS_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
     "virtio_console",
+    // eth0, served by the sandbox's own network stack (crates/net).
+    "failover",
+    "net_failover",
+    "virtio_net",
 ];
 
 /// Modules kept in the kernel directory for later use (erofs root, overlay root, balloon) but

@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod cpio;
 pub mod disk;
 mod error;
+pub mod netstack;
 pub mod qemu;
 pub mod qmp;
 mod sandbox;

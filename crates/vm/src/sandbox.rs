@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::agent::AgentConn;
 use crate::assets::{Initramfs, Kernel};
 use crate::error::IoContext;
+use crate::netstack::{self, NetStack};
 use crate::qemu::{Vm, VmSpec};
 use serde::{Deserialize, Serialize};
 
@@ -95,12 +96,21 @@ pub struct Runtime {
     pub kernel: Kernel,
     pub initramfs: Initramfs,
     pub qemu_version: String,
+    /// The program run as each sandbox's network stack, as `<net_stack> net-stack` (the
+    /// `moat` binary; see [`crate::netstack`]).
+    pub net_stack: PathBuf,
 }
 
 impl Runtime {
     /// Finds the installed kernel, builds (or reuses) the initramfs for `agent_bin`, detects the
-    /// accelerator and removes run directories that crashed processes left behind.
-    pub fn new(home: &Path, agent_bin: &Path, accel_override: Option<&str>) -> Result<Runtime> {
+    /// accelerator and removes run directories that crashed processes left behind. Sandboxes'
+    /// network stacks are run as `net_stack net-stack` (the `moat` binary).
+    pub fn new(
+        home: &Path,
+        agent_bin: &Path,
+        net_stack: &Path,
+        accel_override: Option<&str>,
+    ) -> Result<Runtime> {
         let kernel = crate::assets::installed_kernel(home)?;
         let initramfs = crate::assets::build_initramfs(&kernel, agent_bin, home)?;
         let accel = crate::accel::detect(accel_override)?;
@@ -111,6 +121,7 @@ impl Runtime {
             kernel,
             initramfs,
             qemu_version,
+            net_stack: net_stack.to_path_buf(),
         };
         rt.collect_garbage();
         Ok(rt)
@@ -286,9 +297,11 @@ pub struct Sandbox {
     shared_base: BaseDisk,
     /// The overlay's direct backing file (the shared base, or a suspended disk).
     backing: PathBuf,
-    // Field order matters for Drop: the agent session, then QEMU, then the directory.
+    // Field order matters for Drop: the agent session, then QEMU, then its network stack,
+    // then the directory.
     agent: AgentConn,
     vm: Vm,
+    _net: NetStack,
     dir: RunDir,
 }
 
@@ -422,6 +435,11 @@ impl Sandbox {
             opts.detached,
         ))
         .await?;
+        // Every VM, a restore or a fork included, gets a NIC and a stack of its own.
+        let guest = vm
+            .take_net_socket()
+            .ok_or_else(|| Error::InvalidArgument("a new VM has no network link".into()))?;
+        let net = netstack::start(&rt.net_stack, guest, &dir.path, opts.detached).await?;
         limit_cpu(&vm, origin.tier)?;
         if opts.detached {
             SandboxRecord {
@@ -454,9 +472,12 @@ impl Sandbox {
             backing: origin.backing,
             agent,
             vm,
+            _net: net,
             dir,
         };
         sb.agent.refresh(Some(&hostname(id))).await?;
+        // Again after a restore: the saved guest may predate this configuration.
+        sb.agent.configure_network(netstack::guest_config()).await?;
         tracing::info!(
             id,
             restoring,
@@ -502,6 +523,7 @@ impl Sandbox {
             backing: rec.backing,
             agent,
             vm,
+            _net: NetStack::adopted(),
             dir,
         })
     }
@@ -546,6 +568,12 @@ impl Sandbox {
     /// `MOAT_HOME/run/<id>`.
     pub fn run_dir(&self) -> &Path {
         &self.dir.path
+    }
+
+    /// The control socket of the sandbox's network stack ([`moat_net::control`]): nothing
+    /// reaches the network until a `start` is sent there.
+    pub fn net_control_path(&self) -> PathBuf {
+        self.dir.path.join(netstack::CONTROL_SOCKET)
     }
 
     /// Whether QEMU may outlive this process (launched detached, or adopted).

@@ -12,8 +12,9 @@ use crate::tier::Tier;
 use crate::util::{fsync_dir, write_atomic};
 use crate::{Error, Result};
 
-/// Version of the snapshot directory layout and `meta.json`. 2 added `shared_base`.
-pub const SNAPSHOT_FORMAT: u32 = 2;
+/// Version of the snapshot directory layout and `meta.json`. 2 added `shared_base`; 3: the VM
+/// has a NIC (a saved VM restores only with the same devices).
+pub const SNAPSHOT_FORMAT: u32 = 3;
 
 /// A disk image as qemu-img names it: an absolute path and a format (`raw` or `qcow2`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,7 +44,13 @@ pub fn agent() -> PathBuf {
 }
 
 pub fn runtime() -> Runtime {
-    Runtime::new(&home(), &agent(), None).expect("runtime")
+    Runtime::new(
+        &home(),
+        &agent(),
+        Path::new(env!("CARGO_BIN_EXE_moat")),
+        None,
+    )
+    .expect("runtime")
 }
 
 pub fn images() -> ImageStore {

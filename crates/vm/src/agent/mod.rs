@@ -44,6 +44,7 @@ fn op_name(r: &Request) -> &'static str {
         Request::ProcKill { .. } => "proc kill",
         Request::ProcWait { .. } => "proc wait",
         Request::ProcLogs { .. } => "proc logs",
+        Request::Network(_) => "network",
     }
 }
 

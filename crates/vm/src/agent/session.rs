@@ -6,8 +6,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moat_protocol::{
-    channel, Decoder, Frame, Hello, HelloAck, Kind, Message, Mux, Refresh, Request, Role, Stream,
-    NONCE_LEN, PROTOCOL_VERSION,
+    channel, Decoder, Frame, Hello, HelloAck, Kind, Message, Mux, NetworkConfig, Refresh, Request,
+    Role, Stream, NONCE_LEN, PROTOCOL_VERSION,
 };
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -186,6 +186,12 @@ impl AgentConn {
             hostname: hostname.map(str::to_string),
         }))
         .await
+    }
+
+    /// Configures the guest's network interface (idempotent). Done after every boot and
+    /// restore.
+    pub async fn configure_network(&self, config: NetworkConfig) -> Result<(), Error> {
+        self.expect_done(Request::Network(config)).await
     }
 
     /// Asks the agent to stop writing, so that no frame is half-written when memory is saved.

@@ -1,7 +1,7 @@
 //! QEMU's argument list, built from a [`VmSpec`] and the descriptor numbers QEMU inherits, and
 //! the guest kernel's command line. Pure apart from reading the host's TSC frequency (which
-//! [`qemu_args`] passes in), so the security-relevant strings (`-sandbox`, `-nodefaults`, no
-//! NIC, the `-drive` options) are pinned by the golden tests below.
+//! [`qemu_args`] passes in), so the security-relevant strings (`-sandbox`, `-nodefaults`, the
+//! one NIC on a stream socket, the `-drive` options) are pinned by the golden tests below.
 
 use std::os::fd::RawFd;
 use std::path::Path;
@@ -34,6 +34,10 @@ fn esc(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 
+/// The guest NIC's MAC address: the same in every VM, as each VM has a link of its own (to
+/// its own network stack), and a template restored many times must keep its device state.
+pub const GUEST_MAC: &str = "02:6d:6f:61:74:02";
+
 /// Descriptor numbers QEMU inherits.
 #[derive(Debug, Clone, Copy)]
 pub struct QemuFds {
@@ -43,6 +47,8 @@ pub struct QemuFds {
     pub agent: RawFd,
     /// Connected socket that carries the serial console to the host.
     pub console: RawFd,
+    /// Connected stream socket to the sandbox's network stack: the NIC's only link.
+    pub net: RawFd,
     /// A memory snapshot to restore.
     pub incoming: Option<RawFd>,
 }
@@ -100,6 +106,12 @@ fn argv(spec: &VmSpec, fds: &QemuFds, cmdline: String) -> Vec<String> {
         format!("socket,id=agent,fd={},server=on,wait=off", fds.agent),
         "-device".into(),
         "virtserialport,chardev=agent,name=agent".into(),
+        // The NIC's frames go only to the sandbox's own network stack (crates/net), which
+        // decides every flow; QEMU never opens a host network device.
+        "-netdev".into(),
+        format!("stream,id=net0,addr.type=fd,addr.str={}", fds.net),
+        "-device".into(),
+        format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}"),
     ]);
     if let Some(fd) = fds.incoming {
         a.push("-incoming".into());
@@ -132,7 +144,7 @@ mod tests {
 
     /// A VM of `tier` as the runtime builds it (whole vCPUs: the share rounded up; an xs
     /// sandbox's quarter CPU is a cgroup quota around QEMU, not a QEMU argument), booted or
-    /// restored from a template's memory snapshot on descriptor 6.
+    /// restored from a template's memory snapshot on descriptor 7.
     fn case(accel: Accel, tier: Tier, restore: bool, disk: &str) -> Vec<String> {
         let spec = VmSpec {
             accel: AccelChoice {
@@ -152,7 +164,8 @@ mod tests {
             qmp: 3,
             agent: 4,
             console: 5,
-            incoming: restore.then_some(6),
+            net: 6,
+            incoming: restore.then_some(7),
         };
         argv(&spec, &fds, CMDLINE.to_string())
     }
@@ -198,8 +211,9 @@ mod tests {
     }
 
     /// In every combination: the seccomp sandbox, no default or user-config devices, exactly
-    /// the disk, the serial bus and the agent port as devices (no network device of any kind),
-    /// and one qcow2 drive with writeback caching.
+    /// the disk, the serial bus, the agent port and one virtio NIC as devices, the NIC's only
+    /// backend a stream netdev on the inherited socket (no tap, user-mode or other host
+    /// network backend), and one qcow2 drive with writeback caching.
     #[test]
     fn every_combination_is_confined() {
         for (name, args) in all_cases() {
@@ -217,15 +231,18 @@ mod tests {
                 [
                     "virtio-blk-device,drive=root",
                     "virtio-serial-device",
-                    "virtserialport,chardev=agent,name=agent"
+                    "virtserialport,chardev=agent,name=agent",
+                    "virtio-net-device,netdev=net0,mac=02:6d:6f:61:74:02",
                 ],
                 "{name}"
             );
+            assert_eq!(
+                values("-netdev"),
+                ["stream,id=net0,addr.type=fd,addr.str=6"],
+                "{name}"
+            );
             for a in &args {
-                assert!(
-                    !["-net", "-nic", "-netdev"].contains(&a.as_str()) && !a.contains("-net-"),
-                    "{name}: {a}"
-                );
+                assert!(!["-net", "-nic"].contains(&a.as_str()), "{name}: {a}");
             }
             assert_eq!(
                 values("-drive"),

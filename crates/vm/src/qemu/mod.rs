@@ -5,7 +5,8 @@
 //! teardown. Split by concern beside it: `args.rs` builds QEMU's argument list (pure, with a
 //! golden test: its `-sandbox` and `-drive` strings matter for security), `spawn.rs` starts
 //! the binary from one long-lived thread with the descriptors it inherits, `pidfd.rs` watches
-//! a QEMU that is not our child, and `procfs.rs` reads `/proc` (the host's TSC frequency, and
+//! a QEMU that is not our child (the spawner also starts each sandbox's network stack, see
+//! `crate::netstack`), and `procfs.rs` reads `/proc` (the host's TSC frequency, and
 //! which processes are QEMUs of a given disk).
 //!
 //! The QMP and agent sockets are created and bound here and handed to QEMU as inherited
@@ -24,7 +25,7 @@ mod spawn;
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -40,7 +41,9 @@ use crate::qmp::Qmp;
 use crate::util::file_tail;
 use crate::{Error, Result};
 use pidfd::{PidFd, Process};
-use spawn::{bind, connect};
+pub(crate) use spawn::bind;
+use spawn::connect;
+pub(crate) use spawn::spawn_child;
 
 pub use args::{kernel_cmdline, qemu_args, QemuFds};
 pub(crate) use procfs::kill_qemu_of;
@@ -86,6 +89,8 @@ pub struct Vm {
     proc: Proc,
     qmp: Qmp,
     agent: Option<UnixStream>,
+    /// The host's end of the NIC's link, until [`Vm::take_net_socket`].
+    net: Option<OwnedFd>,
     agent_sock: PathBuf,
     qmp_sock: PathBuf,
     /// Launched detached or adopted: may outlive us.
@@ -154,6 +159,8 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
     let stderr_log = spec.run_dir.join("qemu.log");
     let (console_host, console_qemu) =
         StdUnixStream::pair().ctx(|| "creating the console socket pair".to_string())?;
+    let (net_host, net_qemu) =
+        StdUnixStream::pair().ctx(|| "creating the network socket pair".to_string())?;
     let qmp_listener = bind(&qmp_sock)?;
     let agent_listener = bind(&agent_sock)?;
     let incoming = spec
@@ -166,9 +173,10 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
         qmp: qmp_listener.as_raw_fd(),
         agent: agent_listener.as_raw_fd(),
         console: console_qemu.as_raw_fd(),
+        net: net_qemu.as_raw_fd(),
         incoming: incoming.as_ref().map(|f| f.as_raw_fd()),
     };
-    let keep: Vec<RawFd> = [fds.qmp, fds.agent, fds.console]
+    let keep: Vec<RawFd> = [fds.qmp, fds.agent, fds.console, fds.net]
         .into_iter()
         .chain(fds.incoming)
         .collect();
@@ -176,9 +184,26 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
     tracing::debug!(?args, "starting QEMU");
     let stderr =
         std::fs::File::create(&stderr_log).ctx(|| format!("creating {}", stderr_log.display()))?;
-    let child = spawn::spawn(&args, stderr, keep, spec.detached).await?;
+    let child = spawn_child(Path::new(QEMU_BIN), &args, stderr, keep, spec.detached)
+        .await
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::ToolMissing {
+                    tool: QEMU_BIN,
+                    package: "qemu-system-x86",
+                }
+            } else {
+                Error::io(format!("starting {QEMU_BIN}"), e)
+            }
+        })?;
     // QEMU holds its own copies now.
-    drop((qmp_listener, agent_listener, console_qemu, incoming));
+    drop((
+        qmp_listener,
+        agent_listener,
+        console_qemu,
+        net_qemu,
+        incoming,
+    ));
     let console = ConsoleTail::default();
     console_host
         .set_nonblocking(true)
@@ -208,6 +233,7 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
         proc,
         qmp,
         agent: Some(agent),
+        net: Some(net_host.into()),
         agent_sock,
         qmp_sock,
         detached: spec.detached,
@@ -281,6 +307,7 @@ impl Vm {
             proc,
             qmp,
             agent: None,
+            net: None,
             agent_sock,
             qmp_sock,
             detached: true,
@@ -325,6 +352,13 @@ impl Vm {
             Some(s) => Ok(s),
             None => connect(&self.agent_sock),
         }
+    }
+
+    /// The host's end of the guest NIC's link (QEMU's stream netdev framing), for the
+    /// sandbox's network stack; `None` after the first call and for an adopted VM (its
+    /// stack outlived the previous owner and still holds it).
+    pub fn take_net_socket(&mut self) -> Option<OwnedFd> {
+        self.net.take()
     }
 
     /// The last `max_bytes` of the serial console (kernel messages, panics); empty for an

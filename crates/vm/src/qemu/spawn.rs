@@ -109,7 +109,7 @@ async fn spawn_on_spawner(mut cmd: Command) -> std::io::Result<Child> {
 }
 
 /// Binds a listening Unix socket at `path`, replacing a stale socket file.
-pub(super) fn bind(path: &Path) -> Result<UnixListener> {
+pub(crate) fn bind(path: &Path) -> Result<UnixListener> {
     if path.as_os_str().len() >= 108 {
         return Err(Error::InvalidArgument(format!(
             "socket path {} is longer than the 107 bytes Unix sockets allow: use a shorter run/home directory",
@@ -129,16 +129,18 @@ pub(super) fn connect(path: &Path) -> Result<UnixStream> {
     UnixStream::from_std(s).ctx(|| format!("registering {}", path.display()))
 }
 
-/// Starts QEMU with `args` on the spawner thread, its stderr going to `stderr`. It inherits
-/// the descriptors in `keep` (all others are close-on-exec); attached, it runs in its own
-/// process group and dies with us, `detached` in a session of its own.
-pub(super) async fn spawn(
+/// Starts `program` (QEMU, or the sandbox's network stack) with `args` on the spawner thread,
+/// its stderr going to `stderr`. It inherits the descriptors in `keep` (all others are
+/// close-on-exec); attached, it runs in its own process group and dies with us, `detached` in
+/// a session of its own.
+pub(crate) async fn spawn_child(
+    program: &Path,
     args: &[String],
     stderr: File,
     keep: Vec<RawFd>,
     detached: bool,
-) -> Result<Child> {
-    let mut cmd = Command::new(QEMU_BIN);
+) -> std::io::Result<Child> {
+    let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -181,14 +183,5 @@ pub(super) async fn spawn(
             Ok(())
         });
     }
-    spawn_on_spawner(cmd).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::ToolMissing {
-                tool: QEMU_BIN,
-                package: "qemu-system-x86",
-            }
-        } else {
-            Error::io(format!("starting {QEMU_BIN}"), e)
-        }
-    })
+    spawn_on_spawner(cmd).await
 }

@@ -1,0 +1,82 @@
+//! Each sandbox's network stack: a process of its own (`moat net-stack`, running
+//! `moat_net::run`) on the host's end of the guest NIC's link, started beside QEMU with the
+//! same lifecycle (attached: dies with us; detached: outlives us with its VM). It parses
+//! hostile frames, so a crash costs one sandbox its network, never moat. It ends by itself
+//! when QEMU closes the link; its policy comes later, over its control socket
+//! (`run/<id>/net.sock`, see [`moat_net::control`]), and until then it serves nothing.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+use moat_net::stack::{GATEWAY_IP, GUEST_IP, MTU, PREFIX_LEN};
+use moat_protocol::NetworkConfig;
+use tokio::process::Child;
+
+use crate::error::IoContext;
+use crate::qemu::{bind, spawn_child};
+use crate::{Error, Result};
+
+/// The control socket's name in the run directory.
+pub const CONTROL_SOCKET: &str = "net.sock";
+/// The stack's stderr in the run directory.
+const LOG: &str = "net.log";
+
+/// The running stack of one sandbox: our child, or `None` for an adopted sandbox (its stack
+/// is the previous owner's child and ends with its VM).
+#[derive(Debug)]
+pub(crate) struct NetStack {
+    _child: Option<Child>,
+}
+
+impl NetStack {
+    pub(crate) fn adopted() -> NetStack {
+        NetStack { _child: None }
+    }
+}
+
+/// Starts `program net-stack` on `guest` (the host's end of the NIC's link), with its control
+/// socket bound at `run_dir/net.sock`. Attached, it is killed when the returned handle drops.
+pub(crate) async fn start(
+    program: &Path,
+    guest: OwnedFd,
+    run_dir: &Path,
+    detached: bool,
+) -> Result<NetStack> {
+    let control = bind(&run_dir.join(CONTROL_SOCKET))?;
+    let log = run_dir.join(LOG);
+    let stderr = std::fs::File::create(&log).ctx(|| format!("creating {}", log.display()))?;
+    let args = vec![
+        "net-stack".to_string(),
+        "--guest-fd".into(),
+        guest.as_raw_fd().to_string(),
+        "--control-fd".into(),
+        control.as_raw_fd().to_string(),
+    ];
+    let keep = vec![guest.as_raw_fd(), control.as_raw_fd()];
+    let child = spawn_child(program, &args, stderr, keep, detached)
+        .await
+        .map_err(|e| {
+            Error::io(
+                format!("starting the network stack {} net-stack", program.display()),
+                e,
+            )
+        })?;
+    // The stack holds the only host end now: when QEMU closes the link, the stack sees it.
+    drop((guest, control));
+    Ok(NetStack {
+        _child: Some(child),
+    })
+}
+
+/// What the agent sets up in the guest: eth0 on the link to the stack, which is its gateway
+/// and its resolver.
+pub(crate) fn guest_config() -> NetworkConfig {
+    NetworkConfig {
+        interface: None,
+        address: GUEST_IP.to_string(),
+        prefix_len: PREFIX_LEN,
+        gateway: GATEWAY_IP.to_string(),
+        mtu: MTU,
+        nameservers: vec![GATEWAY_IP.to_string()],
+    }
+}
