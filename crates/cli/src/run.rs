@@ -1,9 +1,10 @@
 //! `moat run`: a command in a fresh sandbox, its output streamed, its exit code returned, and
 //! the sandbox gone afterwards, whatever happens (Ctrl-C and SIGTERM included).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use moat_image::{Image, ImageStore};
+use moat_net::{Action, EgressRule, EgressSpec, Policy, Protocol};
 use moat_protocol::{ErrorKind, ExecRequest};
 use moat_vm::agent::ExecEvent;
 use moat_vm::{Sandbox, Tier};
@@ -41,6 +42,23 @@ pub struct RunArgs {
     /// created for the command and deleted after it. CMD is then required.
     #[arg(long, value_name = "GROUP")]
     pub(crate) group: Option<String>,
+    /// Let the sandbox reach HOST (an exact name, or `*.suffix` for the names under it), on
+    /// PORT or on every port; repeatable. Without any --allow or --allow-cidr the sandbox
+    /// reaches nothing (its DNS answers every name with NXDOMAIN).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub(crate) allow: Vec<String>,
+    /// Let the sandbox reach raw addresses in CIDR (IPv4), on PORT or on every port;
+    /// repeatable. Private, loopback and link-local ranges stay closed whatever is allowed.
+    #[arg(long, value_name = "CIDR[:PORT]")]
+    pub(crate) allow_cidr: Vec<String>,
+    /// A hosts(5) file: its names are answered from it instead of DNS, and its addresses are
+    /// reachable for those names even in private ranges (how a local service is reached).
+    /// The names must still be allowed with --allow.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) egress_hosts: Option<std::path::PathBuf>,
+    /// The DNS resolver the host asks for allowed names (default: the host's own).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub(crate) egress_resolver: Option<std::net::SocketAddr>,
     /// The command and its arguments (default: the image's entrypoint and command).
     #[arg(last = true)]
     pub(crate) cmd: Vec<String>,
@@ -54,9 +72,76 @@ struct RunPlan {
     workdir: Option<String>,
     user: Option<String>,
     timeout_ms: Option<u64>,
+    net: NetPlan,
+}
+
+/// The sandbox's egress, from the flags: what the network stack's `start` carries.
+#[derive(Debug)]
+struct NetPlan {
+    egress: EgressSpec,
+    hosts: Option<String>,
+    resolver: Option<std::net::SocketAddr>,
 }
 
 impl RunArgs {
+    /// Whether any egress flag was given.
+    pub(crate) fn has_egress_flags(&self) -> bool {
+        !self.allow.is_empty()
+            || !self.allow_cidr.is_empty()
+            || self.egress_hosts.is_some()
+            || self.egress_resolver.is_some()
+    }
+
+    /// The egress policy of the flags, in their order (--allow first), validated as a group
+    /// policy is; an error names the flag.
+    fn net_plan(&self) -> Result<NetPlan> {
+        let mut rules = Vec::new();
+        let mut flags = Vec::new();
+        for a in &self.allow {
+            let (host, ports) = split_port(a, "--allow", "HOST[:PORT]")?;
+            rules.push(rule(Some(host), None, ports));
+            flags.push(format!("--allow {a}"));
+        }
+        for a in &self.allow_cidr {
+            let (cidr, ports) = split_port(a, "--allow-cidr", "CIDR[:PORT]")?;
+            rules.push(rule(None, Some(cidr), ports));
+            flags.push(format!("--allow-cidr {a}"));
+        }
+        let egress = EgressSpec {
+            default: Action::Deny,
+            rules,
+        };
+        if let Err(e) = Policy::new(egress.clone()) {
+            match e {
+                moat_net::Error::Invalid { field, message } => {
+                    // `egress.rules[N].…`: the N-th rule came from the N-th flag.
+                    let flag = field
+                        .split_once("rules[")
+                        .and_then(|(_, f)| f.split(']').next()?.parse::<usize>().ok())
+                        .and_then(|i| flags.get(i));
+                    match flag {
+                        Some(flag) => bail!("invalid {flag}: {message}"),
+                        None => bail!("invalid egress policy ({field}): {message}"),
+                    }
+                }
+                e => return Err(e.into()),
+            }
+        }
+        let hosts = match &self.egress_hosts {
+            Some(path) => {
+                // Parsed here for a clear error; the stack parses the text again.
+                moat_net::HostsFile::load(path)?;
+                Some(std::fs::read_to_string(path)?)
+            }
+            None => None,
+        };
+        Ok(NetPlan {
+            egress,
+            hosts,
+            resolver: self.egress_resolver,
+        })
+    }
+
     fn plan(&self) -> Result<RunPlan> {
         let tier: Tier = self.tier.as_deref().unwrap_or("m").parse()?;
         let env = self
@@ -77,7 +162,29 @@ impl RunArgs {
             workdir: self.workdir.clone(),
             user: self.user.clone(),
             timeout_ms,
+            net: self.net_plan()?,
         })
+    }
+}
+
+/// `X` or `X:PORT` (the last colon: IPv4 and names have none of their own).
+fn split_port(a: &str, flag: &str, form: &str) -> Result<(String, Vec<u16>)> {
+    match a.rsplit_once(':') {
+        None => Ok((a.to_string(), Vec::new())),
+        Some((x, p)) => match p.parse::<u16>() {
+            Ok(port) if port > 0 && !x.is_empty() => Ok((x.to_string(), vec![port])),
+            _ => bail!("invalid {flag} {a:?}: expected {form} with PORT 1–65535"),
+        },
+    }
+}
+
+fn rule(host: Option<String>, cidr: Option<String>, ports: Vec<u16>) -> EgressRule {
+    EgressRule {
+        host,
+        cidr,
+        ports,
+        protocol: Protocol::Tcp,
+        action: Action::Allow,
     }
 }
 
@@ -174,6 +281,7 @@ async fn run_inner(home: &Home, accel: Option<&str>, args: &RunArgs, plan: &RunP
     let template = template?;
     let id = format!("run-{}-{:08x}", std::process::id(), rand::random::<u32>());
     let sandbox = Sandbox::restore(&rt, &id, &template.dir).await?;
+    start_network(&sandbox, &plan.net).await?;
 
     let request = ExecRequest {
         argv: argv.clone(),
@@ -202,6 +310,44 @@ async fn run_inner(home: &Home, accel: Option<&str>, args: &RunArgs, plan: &RunP
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Gives the sandbox's network stack its policy. Its decisions are logged (`-v` shows them)
+/// for as long as the sandbox lives.
+async fn start_network(sandbox: &Sandbox, net: &NetPlan) -> Result<()> {
+    let (mut control, _hello) = moat_net::control::Client::connect(&sandbox.net_control_path())
+        .await
+        .context("connecting to the sandbox's network stack")?;
+    let start = moat_net::control::Request::Start {
+        egress: net.egress.clone(),
+        hosts: net.hosts.clone(),
+        resolver: net.resolver,
+        limits: Default::default(),
+    };
+    control
+        .request(&start, log_egress)
+        .await
+        .context("starting the sandbox's network")?;
+    // Ends when the stack does, with the sandbox.
+    tokio::spawn(async move {
+        while let Ok(Some(event)) = control.next_event().await {
+            log_egress(event);
+        }
+    });
+    Ok(())
+}
+
+fn log_egress(e: moat_net::audit::Event) {
+    tracing::info!(
+        target: "moat::egress",
+        kind = ?e.kind,
+        name = e.name.as_deref().unwrap_or(""),
+        address = e.address.as_deref().unwrap_or(""),
+        port = e.port.unwrap_or(0),
+        verdict = ?e.verdict,
+        reason = %e.reason,
+        "egress"
+    );
 }
 
 /// Runs the exec, copying output to our stdout/stderr as it comes and stdin to the process.
@@ -293,6 +439,71 @@ mod tests {
         assert_eq!(p.env, vec![("A".into(), "b=c".into())]);
         assert_eq!(p.timeout_ms, Some(1500));
         assert_eq!(p.tier, Tier::Xs);
+    }
+
+    #[test]
+    fn egress_flags_become_a_validated_policy() {
+        let p = args(&[
+            "--allow",
+            "pypi.org:443",
+            "--allow",
+            "*.example.com",
+            "--allow-cidr",
+            "203.0.113.0/24:5432",
+            "--",
+            "true",
+        ])
+        .plan()
+        .unwrap();
+        let rules: Vec<_> = p
+            .net
+            .egress
+            .rules
+            .iter()
+            .map(|r| (r.host.as_deref(), r.cidr.as_deref(), r.ports.clone()))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                (Some("pypi.org"), None, vec![443]),
+                (Some("*.example.com"), None, vec![]),
+                (None, Some("203.0.113.0/24"), vec![5432]),
+            ]
+        );
+        assert_eq!(p.net.egress.default, Action::Deny);
+        let none = args(&["--", "true"]).plan().unwrap();
+        assert!(none.net.egress.rules.is_empty());
+
+        let err = |extra: &[&str]| args(extra).plan().unwrap_err().to_string();
+        let e = err(&["--allow", "ok.test", "--allow", "*", "--", "true"]);
+        assert!(e.starts_with("invalid --allow *:"), "{e}");
+        let e = err(&["--allow", "*.com", "--", "true"]);
+        assert!(
+            e.contains("--allow *.com") && e.contains("public suffix"),
+            "{e}"
+        );
+        let e = err(&["--allow", "Upper.Test", "--", "true"]);
+        assert!(e.contains("--allow Upper.Test"), "{e}");
+        let e = err(&["--allow", "a.test:0", "--", "true"]);
+        assert!(e.contains("PORT 1–65535"), "{e}");
+        let e = err(&["--allow", "a.test:http", "--", "true"]);
+        assert!(e.contains("HOST[:PORT]"), "{e}");
+        let e = err(&["--allow-cidr", "10.0.0.0/8", "--", "true"]);
+        assert!(e.contains("--allow-cidr 10.0.0.0/8"), "{e}");
+        let e = err(&["--allow-cidr", "203.0.113.1/24", "--", "true"]);
+        assert!(e.contains("--allow-cidr 203.0.113.1/24"), "{e}");
+        let e = err(&["--egress-hosts", "/nonexistent/hosts", "--", "true"]);
+        assert!(e.contains("/nonexistent/hosts"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 ok.test\nnot-an-address x.test\n").unwrap();
+        let e = err(&["--egress-hosts", hosts.to_str().unwrap(), "--", "true"]);
+        assert!(e.contains(":2:"), "{e}");
+        std::fs::write(&hosts, "127.0.0.1 ok.test\n").unwrap();
+        let p = args(&["--egress-hosts", hosts.to_str().unwrap(), "--", "true"])
+            .plan()
+            .unwrap();
+        assert_eq!(p.net.hosts.as_deref(), Some("127.0.0.1 ok.test\n"));
     }
 
     #[test]

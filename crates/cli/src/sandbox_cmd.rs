@@ -326,6 +326,12 @@ pub async fn run_in_group(args: ClientArgs, run: &crate::run::RunArgs) -> Result
     if run.cmd.is_empty() {
         bail!("give the command: moat run --group GROUP [IMAGE] -- CMD [ARG…]");
     }
+    if run.has_egress_flags() {
+        bail!(
+            "--allow, --allow-cidr, --egress-hosts and --egress-resolver are for a local \
+             sandbox; with --group the group's egress policy applies"
+        );
+    }
     let mut exec_args = ExecArgs {
         group: group.clone(),
         id: String::new(),
