@@ -482,18 +482,21 @@ mod tests {
             e.contains("--allow *.com") && e.contains("public suffix"),
             "{e}"
         );
-        let e = err(&["--allow", "Upper.Test", "--", "true"]);
-        assert!(e.contains("--allow Upper.Test"), "{e}");
-        let e = err(&["--allow", "a.test:0", "--", "true"]);
-        assert!(e.contains("PORT 1–65535"), "{e}");
-        let e = err(&["--allow", "a.test:http", "--", "true"]);
-        assert!(e.contains("HOST[:PORT]"), "{e}");
-        let e = err(&["--allow-cidr", "10.0.0.0/8", "--", "true"]);
-        assert!(e.contains("--allow-cidr 10.0.0.0/8"), "{e}");
-        let e = err(&["--allow-cidr", "203.0.113.1/24", "--", "true"]);
-        assert!(e.contains("--allow-cidr 203.0.113.1/24"), "{e}");
-        let e = err(&["--egress-hosts", "/nonexistent/hosts", "--", "true"]);
-        assert!(e.contains("/nonexistent/hosts"), "{e}");
+        for (flag, value, says) in [
+            ("--allow", "Upper.Test", "--allow Upper.Test"),
+            ("--allow", "a.test:0", "PORT 1–65535"),
+            ("--allow", "a.test:http", "HOST[:PORT]"),
+            ("--allow-cidr", "10.0.0.0/8", "--allow-cidr 10.0.0.0/8"),
+            (
+                "--allow-cidr",
+                "203.0.113.1/24",
+                "--allow-cidr 203.0.113.1/24",
+            ),
+            ("--egress-hosts", "/nonexistent/hosts", "/nonexistent/hosts"),
+        ] {
+            let e = err(&[flag, value, "--", "true"]);
+            assert!(e.contains(says), "{flag} {value}: {e}");
+        }
         let dir = tempfile::tempdir().unwrap();
         let hosts = dir.path().join("hosts");
         std::fs::write(&hosts, "127.0.0.1 ok.test\nnot-an-address x.test\n").unwrap();

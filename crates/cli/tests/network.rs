@@ -135,26 +135,34 @@ fn hosts_file(dir: &Path) -> std::path::PathBuf {
     p
 }
 
-#[test]
-fn moat_run_allows_exactly_what_its_flags_say() {
-    let srv = server("hello from the host");
-    let dir = tempfile::tempdir().unwrap();
-    let hosts = hosts_file(dir.path());
+/// `moat run FLAGS --egress-hosts HOSTS -- python3 -c SCRIPT PORT`, which must succeed; its
+/// stdout.
+fn moat_run(flags: &[&str], hosts: &Path, script: &str, port: u16) -> String {
     let out = moat()
-        .args(["run", "--allow"])
-        .arg(format!("web.test:{}", srv.port))
+        .arg("run")
+        .args(flags)
         .arg("--egress-hosts")
-        .arg(&hosts)
-        .args(["--", "python3", "-c", PROBE])
-        .arg(srv.port.to_string())
+        .arg(hosts)
+        .args(["--", "python3", "-c", script])
+        .arg(port.to_string())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn moat_run_allows_exactly_what_its_flags_say() {
+    let srv = server("hello from the host");
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hosts_file(dir.path());
+    let allow = format!("web.test:{}", srv.port);
+    let stdout = moat_run(&["--allow", &allow], &hosts, PROBE, srv.port);
     check_policy(&stdout);
     // Only the allowed request reached a server.
     assert_eq!(*srv.seen.lock().unwrap(), ["GET / HTTP/1.1"]);
@@ -178,20 +186,7 @@ try:
 except Exception as e:
     print("refused", type(e).__name__)
 "#;
-    let out = moat()
-        .arg("run")
-        .arg("--egress-hosts")
-        .arg(&hosts)
-        .args(["--", "python3", "-c", script])
-        .arg(srv.port.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = moat_run(&[], &hosts, script, srv.port);
     assert!(stdout.contains("operstate up\n"), "{stdout}");
     assert!(stdout.contains("address 100.127.255.2\n"), "{stdout}");
     assert!(
