@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use common::{base_template, moat, req, runtime, unique};
+use common::{base_template, children, moat, req, runtime, unique};
 use moat_net::control::{Client, LimitsSpec, Request};
 use moat_vm::{Sandbox, Tier};
 
@@ -293,4 +293,55 @@ async fn suspend_resume_and_fork_keep_the_network() {
     start_net(&sb, srv.port).await;
     check_policy(&run_probe(&sb, srv.port).await);
     sb.destroy().await;
+}
+
+/// Whether process `pid` is gone (or a zombie, which runs nothing).
+fn gone(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).map_or(true, |c| c.is_empty())
+}
+
+/// Polls `f` for up to 20 s.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The stack is a process of its own beside QEMU and dies with its sandbox: when `moat run`
+/// is killed with SIGKILL (no cleanup code runs), and when a sandbox is destroyed.
+#[test]
+fn the_stack_dies_with_its_sandbox() {
+    let mut run = moat().args(["run", "--", "sleep", "600"]).spawn().unwrap();
+    let stacks = || -> Vec<(u32, String)> {
+        children(run.id())
+            .into_iter()
+            .filter(|(_, c)| c.contains(" net-stack --guest-fd "))
+            .collect()
+    };
+    eventually("moat run started no network stack", || stacks().len() == 1);
+    let (stack, _) = stacks()[0].clone();
+    let qemu = common::qemu_children(run.id());
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    eventually("the stack outlived moat run", || gone(stack));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let rt_vm = runtime();
+        let tpl = base_template(&rt_vm).await;
+        let sb = Sandbox::restore(&rt_vm, &unique("net-die"), &tpl)
+            .await
+            .unwrap();
+        let me = std::process::id();
+        let stack = children(me)
+            .into_iter()
+            .find(|(_, c)| c.contains(" net-stack --guest-fd "))
+            .expect("the sandbox's stack is our child")
+            .0;
+        sb.destroy().await;
+        eventually("the stack outlived its sandbox", || gone(stack));
+    });
 }

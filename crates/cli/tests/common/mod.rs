@@ -77,6 +77,16 @@ pub fn unique(prefix: &str) -> String {
 
 /// Command lines of the QEMU processes whose parent is `ppid`.
 pub fn qemu_children(ppid: u32) -> Vec<String> {
+    children(ppid)
+        .into_iter()
+        .map(|(_, cmd)| cmd)
+        .filter(|cmd| cmd.starts_with("qemu-system"))
+        .collect()
+}
+
+/// Pids and command lines (arguments joined by spaces) of the live processes whose parent is
+/// `ppid` (a zombie has an empty command line and is left out).
+pub fn children(ppid: u32) -> Vec<(u32, String)> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
@@ -91,8 +101,9 @@ pub fn qemu_children(ppid: u32) -> Vec<String> {
         }
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.starts_with("qemu-system") {
-            found.push(cmd);
+        let pid = e.file_name().to_string_lossy().parse::<u32>();
+        if let (Ok(pid), false) = (pid, cmd.is_empty()) {
+            found.push((pid, cmd));
         }
     }
     found
