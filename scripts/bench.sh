@@ -2,9 +2,8 @@
 # Prints the benchmark's JSON figures for this machine (release build, real VMs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
-# The peer we compare with: gVisor's runsc, from Debian.
-command -v runsc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq runsc >/dev/null
+# --bench: also gVisor's runsc, the peer we compare with.
+scripts/install-deps.sh --bench
 scripts/build.sh release
 cargo build --release -p moat-bench
 export MOAT_HOME=${MOAT_HOME:-$HOME/.moat}
