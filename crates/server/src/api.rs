@@ -33,6 +33,8 @@ pub struct Health {
     /// Always "ok" when the daemon answers.
     pub status: String,
     pub version: String,
+    /// Whether sandboxes can run yet: a daemon on a fresh MOAT_HOME prepares them first.
+    pub sandboxes: crate::readiness::SandboxesHealth,
 }
 
 pub use moat_vm::Tier;

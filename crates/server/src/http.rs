@@ -37,18 +37,16 @@ pub const MAX_BODY: usize = 1024 * 1024;
 pub struct AppState {
     pub store: Store,
     pub metrics: Arc<Metrics>,
-    /// The sandbox manager, or why this daemon has none (no kernel or agent: the group and
-    /// key routes still work, the sandbox routes answer 503 with the reason).
-    pub sandboxes: std::result::Result<Arc<Manager>, String>,
+    /// The sandbox manager, or why this daemon has none yet (being prepared, failed, no
+    /// agent): the group and key routes still work, the sandbox routes answer 503 with why.
+    pub sandboxes: Arc<crate::readiness::Sandboxes>,
     /// Image imports in progress.
     pub operations: Arc<crate::images::Operations>,
 }
 
 impl AppState {
-    pub(crate) fn manager(&self) -> Result<&Arc<Manager>> {
-        self.sandboxes
-            .as_ref()
-            .map_err(|why| Error::Unavailable(format!("this daemon cannot run sandboxes: {why}")))
+    pub(crate) fn manager(&self) -> Result<Arc<Manager>> {
+        self.sandboxes.manager()
     }
 }
 
@@ -291,11 +289,13 @@ fn require_admin(p: &Principal) -> Result<()> {
 // ---- handlers ----
 
 #[utoipa::path(get, path = "/healthz", tag = "system",
-    responses((status = 200, description = "The daemon answers", body = Health)))]
-async fn healthz() -> Json<Health> {
+    responses((status = 200, description = "The daemon answers; `sandboxes` says whether \
+        sandboxes can run yet", body = Health)))]
+async fn healthz(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok".to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        sandboxes: state.sandboxes.health(),
     })
 }
 
@@ -336,7 +336,7 @@ async fn metrics(State(state): State<AppState>) -> Result<Response> {
         ("moat_api_keys", "API keys in the store.", one(keys)),
         ("moat_sandboxes", "Sandboxes by state.", states),
     ];
-    if let Ok(mgr) = &state.sandboxes {
+    if let Some(mgr) = state.sandboxes.ready() {
         let pools = mgr
             .pool_ready()
             .into_iter()
@@ -410,7 +410,7 @@ async fn list_groups(State(state): State<AppState>, p: Principal) -> Result<Json
 
 /// `group` with its live status filled in.
 fn with_status(state: &AppState, mut group: Group) -> Group {
-    if let Ok(mgr) = &state.sandboxes {
+    if let Some(mgr) = state.sandboxes.ready() {
         group.status.pool_ready = mgr.pool_ready_in(&group.name) as u32;
     }
     group
@@ -467,7 +467,7 @@ async fn put_group(
         .call(move |c| store::put_group(c, &name, &spec))
         .await?;
     // The pool grows, shrinks or is rebuilt for a new image or tier in the background.
-    if let Ok(mgr) = &state.sandboxes {
+    if let Some(mgr) = state.sandboxes.ready() {
         mgr.refill(&group.name);
     }
     let status = if created {
@@ -509,7 +509,7 @@ async fn delete_group(
     let q: DeleteGroupQuery = query(&uri)?;
     if q.force {
         // The VMs go first; the store then deletes the rows with the group.
-        if let Ok(mgr) = &state.sandboxes {
+        if let Some(mgr) = state.sandboxes.ready() {
             let n = name.clone();
             let rows = state
                 .store
@@ -526,7 +526,7 @@ async fn delete_group(
         .call(move |c| store::delete_group(c, &n, q.force))
         .await?;
     // Its pool's rows went with it; its VMs and its snapshots go now.
-    if let Ok(mgr) = &state.sandboxes {
+    if let Some(mgr) = state.sandboxes.ready() {
         mgr.drain_pool(&name).await;
         let home = mgr.runtime().home.clone();
         tokio::task::spawn_blocking(move || crate::snapshots::remove_group_dirs(&home, &name))
@@ -899,7 +899,8 @@ async fn delete_key(
         crate::images::get_image, crate::images::delete_image,
         list_keys, create_key, delete_key),
     components(schemas(ErrorBody, Group, api::GroupStatus, GroupList, GroupSpec, ApiKey, ApiKeyList, CreateApiKey,
-        CreatedApiKey, Health, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
+        CreatedApiKey, Health, crate::readiness::SandboxesHealth,
+        crate::readiness::SandboxesState, crate::prepare::Step, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
         ExecResult, ExecEvent, ExecExit, crate::files::FileWritten, crate::files::FileList,
         crate::files::FileEntry, crate::files::EntryKind, crate::procs::StartProcess,
         crate::procs::ProcessStarted, crate::procs::Process, crate::procs::ProcessExit,
