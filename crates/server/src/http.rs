@@ -899,8 +899,7 @@ async fn delete_key(
         crate::images::get_image, crate::images::delete_image,
         list_keys, create_key, delete_key),
     components(schemas(ErrorBody, Group, api::GroupStatus, GroupList, GroupSpec, ApiKey, ApiKeyList, CreateApiKey,
-        CreatedApiKey, Health, crate::readiness::SandboxesHealth,
-        crate::readiness::SandboxesState, crate::prepare::Step, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
+        CreatedApiKey, Health, Sandbox, SandboxList, SandboxState, CreateSandbox, ExecRequest,
         ExecResult, ExecEvent, ExecExit, crate::files::FileWritten, crate::files::FileList,
         crate::files::FileEntry, crate::files::EntryKind, crate::procs::StartProcess,
         crate::procs::ProcessStarted, crate::procs::Process, crate::procs::ProcessExit,
@@ -908,7 +907,8 @@ async fn delete_key(
         Created, api::CreateSnapshot, api::Snapshot, api::SnapshotList,
         crate::shell::ShellExit, crate::images::ImportImage, crate::images::Image,
         crate::images::ImageList, crate::images::Operation, crate::images::OperationState,
-        crate::images::OperationProgress)),
+        crate::images::OperationProgress, crate::readiness::SandboxesHealth,
+        crate::readiness::SandboxesState, crate::prepare::Step)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -18,6 +18,7 @@ pub const BASE_IMAGE: &str = "base";
 /// One step of the preparation, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = SetupStep)]
 pub enum Step {
     /// Debian's cloud kernel, downloaded with `apt-get download` (skipped when installed).
     Kernel,
@@ -120,11 +121,12 @@ pub fn ready_runtime(
     agent: &Path,
     accel: Option<&str>,
 ) -> std::result::Result<Runtime, String> {
+    let rt = Runtime::new(home, agent, accel).map_err(|e| e.to_string())?;
     let store = ImageStore::open(&home.join("images")).map_err(|e| e.to_string())?;
     store
         .resolve(BASE_IMAGE)
-        .map_err(|e| format!("no base image: {e}"))?;
-    Runtime::new(home, agent, accel).map_err(|e| e.to_string())
+        .map_err(|e| format!("the base image is missing: {e}"))?;
+    Ok(rt)
 }
 
 /// Builds and imports the base image unless it is there; says which.

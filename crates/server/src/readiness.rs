@@ -224,11 +224,14 @@ pub async fn start(s: Start) -> Result<Arc<Sandboxes>> {
     match ready {
         Ok(rt) => Ok(Sandboxes::new(State::Ready(start_manager(rt, &s).await?))),
         Err(why) if !s.setup => Ok(unavailable(format!(
-            "{why} (this daemon was started with --no-setup: run `moat setup`, then restart it)"
+            "{why}; then restart this daemon (it was started with --no-setup, so it does not \
+             prepare sandboxes itself)"
         ))),
         Err(why) => {
             tracing::info!(missing = why, "preparing sandboxes in the background");
-            eprintln!("moat serve: sandboxes need {why}; preparing them in the background");
+            eprintln!(
+                "moat serve: sandboxes are not ready ({why}); preparing them in the background"
+            );
             let slot = Sandboxes::new(State::Preparing {
                 step: Step::Kernel,
                 attempt: 1,
