@@ -104,18 +104,17 @@ impl Sandboxes {
     /// The manager, or the 503 that says why there is none yet and when to ask again.
     pub fn manager(&self) -> Result<Arc<Manager>> {
         let state = self.read();
-        let message = describe(&state);
         match &*state {
             State::Ready(mgr) => Ok(mgr.clone()),
             State::Preparing { .. } => Err(Error::NotReady {
-                message,
+                message: describe(&state),
                 retry_after_s: RETRY_WHILE_PREPARING_S,
             }),
             State::Failed { retry_at, .. } => Err(Error::NotReady {
-                message,
+                message: describe(&state),
                 retry_after_s: seconds_until(*retry_at),
             }),
-            State::Unavailable(_) => Err(Error::Unavailable(message)),
+            State::Unavailable(_) => Err(Error::Unavailable(describe(&state))),
         }
     }
 
@@ -215,12 +214,11 @@ pub async fn start(s: Start) -> Result<Arc<Sandboxes>> {
         Ok(a) => a.clone(),
         Err(why) => return Ok(unavailable(why.clone())),
     };
-    let (home, accel) = (s.home.clone(), s.accel.clone());
-    let ready = tokio::task::spawn_blocking(move || {
-        prepare::ready_runtime(&home, &agent, accel.as_deref())
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("checking the guest assets: {e}")))?;
+    let (home, a, accel) = (s.home.clone(), agent.clone(), s.accel.clone());
+    let ready =
+        tokio::task::spawn_blocking(move || prepare::ready_runtime(&home, &a, accel.as_deref()))
+            .await
+            .map_err(|e| Error::Internal(format!("checking the guest assets: {e}")))?;
     match ready {
         Ok(rt) => Ok(Sandboxes::new(State::Ready(start_manager(rt, &s).await?))),
         Err(why) if !s.setup => Ok(unavailable(format!(
@@ -236,7 +234,7 @@ pub async fn start(s: Start) -> Result<Arc<Sandboxes>> {
                 step: Step::Kernel,
                 attempt: 1,
             });
-            tokio::spawn(prepare_until_ready(slot.clone(), s));
+            tokio::spawn(prepare_until_ready(slot.clone(), agent, s));
             Ok(slot)
         }
     }
@@ -277,8 +275,7 @@ fn collect_templates(rt: moat_vm::Runtime) {
 }
 
 /// Runs the preparation until it succeeds, waiting longer after each failure.
-async fn prepare_until_ready(slot: Arc<Sandboxes>, s: Start) {
-    let Ok(agent) = &s.agent else { return };
+async fn prepare_until_ready(slot: Arc<Sandboxes>, agent: PathBuf, s: Start) {
     let mut delay = FIRST_RETRY;
     for attempt in 1.. {
         let report = Report {
@@ -288,7 +285,7 @@ async fn prepare_until_ready(slot: Arc<Sandboxes>, s: Start) {
         let result = async {
             let rt = prepare::prepare(
                 &s.home,
-                agent,
+                &agent,
                 s.accel.as_deref(),
                 prepare::Options::default(),
                 &report,
