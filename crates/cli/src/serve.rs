@@ -20,9 +20,9 @@ pub struct ServeArgs {
     /// vCPUs allowed per host CPU, over all sandbox VMs (a fractional tier counts its share).
     #[arg(long, env = "MOAT_CPU_OVERCOMMIT", default_value_t = moat_server::DEFAULT_CPU_OVERCOMMIT, value_name = "RATIO")]
     cpu_overcommit: f64,
-    /// Do not prepare a MOAT_HOME that lacks the guest kernel, base image or initramfs (by
-    /// default the daemon does what `moat setup` does, in the background): its sandbox routes
-    /// then answer 503 until `moat setup` and a restart.
+    /// Do not prepare a MOAT_HOME that lacks the guest kernel or initramfs (by default the
+    /// daemon does what `moat setup` does, in the background): its sandbox routes then answer
+    /// 503 until `moat setup` and a restart.
     #[arg(long)]
     no_setup: bool,
 }

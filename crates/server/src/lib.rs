@@ -45,8 +45,9 @@ pub struct Config {
     pub agent: std::result::Result<PathBuf, String>,
     /// The accelerator to force (`--accel`/`MOAT_ACCEL`), else detected.
     pub accel: Option<String>,
-    /// Prepare what sandboxes need and the home lacks (guest kernel, base image, initramfs) in
-    /// the background at start, as `moat setup` does; `moat serve --no-setup` turns it off.
+    /// When the home lacks the guest kernel or initramfs, prepare what is missing (the base
+    /// image too) in the background at start, as `moat setup` does; `moat serve --no-setup`
+    /// turns it off.
     pub setup: bool,
     /// Memory all sandbox VMs together may have, MiB (`--max-memory-mib`); default the host's
     /// MemTotal less 1 GiB.

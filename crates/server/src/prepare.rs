@@ -114,21 +114,6 @@ pub async fn prepare(
     Ok(rt)
 }
 
-/// Whether `home` has everything [`prepare`] installs, without touching the network: the
-/// runtime if so, else why not.
-pub fn ready_runtime(
-    home: &Path,
-    agent: &Path,
-    accel: Option<&str>,
-) -> std::result::Result<Runtime, String> {
-    let rt = Runtime::new(home, agent, accel).map_err(|e| e.to_string())?;
-    let store = ImageStore::open(&home.join("images")).map_err(|e| e.to_string())?;
-    store
-        .resolve(BASE_IMAGE)
-        .map_err(|e| format!("the base image is missing: {e}"))?;
-    Ok(rt)
-}
-
 /// Builds and imports the base image unless it is there; says which.
 async fn base_image(
     home: &Path,

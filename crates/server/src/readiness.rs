@@ -1,6 +1,6 @@
 //! Whether the daemon can run sandboxes yet. A daemon that starts on a MOAT_HOME without the
-//! guest kernel, base image or initramfs prepares them itself, in the background and once, with
-//! the same code as `moat setup` (`prepare`): meanwhile the sandbox routes answer 503 with the
+//! guest kernel or initramfs prepares what is missing (the base image too) itself, in the
+//! background and once, with the same code as `moat setup` (`prepare`): meanwhile the sandbox routes answer 503 with the
 //! step and a `Retry-After`, `/healthz` shows the progress, and the sandbox manager takes over
 //! when it is done, without a restart. A failed preparation is reported (log, `/healthz`, the
 //! 503's message) and tried again after a delay that doubles up to [`MAX_RETRY`].
@@ -208,17 +208,21 @@ pub struct Start {
 }
 
 /// Sandboxes as this daemon starts them: ready at once (after adopting the VMs of an earlier
-/// daemon) when the home has its assets; else being prepared in the background, or unavailable.
+/// daemon) when the runtime's assets are there; else being prepared in the background (all of
+/// `moat setup`, the base image included), or unavailable.
 pub async fn start(s: Start) -> Result<Arc<Sandboxes>> {
     let agent = match &s.agent {
         Ok(a) => a.clone(),
         Err(why) => return Ok(unavailable(why.clone())),
     };
     let (home, a, accel) = (s.home.clone(), agent.clone(), s.accel.clone());
-    let ready =
-        tokio::task::spawn_blocking(move || prepare::ready_runtime(&home, &a, accel.as_deref()))
-            .await
-            .map_err(|e| Error::Internal(format!("checking the guest assets: {e}")))?;
+    // The runtime's assets (kernel, initramfs) decide; a missing base image alone does not:
+    // its owner may have removed it and use other images.
+    let ready = tokio::task::spawn_blocking(move || {
+        moat_vm::Runtime::new(&home, &a, accel.as_deref()).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("checking the guest assets: {e}")))?;
     match ready {
         Ok(rt) => Ok(Sandboxes::new(State::Ready(start_manager(rt, &s).await?))),
         Err(why) if !s.setup => Ok(unavailable(format!(
