@@ -354,3 +354,77 @@ impl prepare::Progress for Report<'_> {
         eprintln!("moat serve: {outcome}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(s: &Sandboxes) -> (u16, Option<u64>, String) {
+        let e = s.manager().err().expect("no manager yet");
+        let retry = match &e {
+            Error::NotReady { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        };
+        (e.status_and_code().0.as_u16(), retry, e.to_string())
+    }
+
+    #[test]
+    fn each_state_has_its_503_and_its_health() {
+        let s = Sandboxes::new(State::Preparing {
+            step: Step::BaseImage,
+            attempt: 2,
+        });
+        let (status, retry, msg) = refusal(&s);
+        assert_eq!((status, retry), (503, Some(RETRY_WHILE_PREPARING_S)));
+        assert!(
+            msg.contains("step 2 of 3") && msg.contains("mmdebstrap"),
+            "{msg}"
+        );
+        let h = s.health();
+        assert_eq!(h.state, SandboxesState::Preparing);
+        assert_eq!(
+            (h.step, h.steps_done, h.attempt),
+            (Some(Step::BaseImage), 1, 2)
+        );
+        assert_eq!(h.message, msg);
+
+        // The manager itself failed to start: no step, every step done.
+        s.set(State::Failed {
+            step: None,
+            reason: "the store is locked".into(),
+            attempt: 3,
+            retry_at: Instant::now() + Duration::from_secs(40),
+        });
+        let (status, retry, msg) = refusal(&s);
+        assert_eq!(status, 503);
+        assert!(matches!(retry, Some(39..=40)), "{retry:?}");
+        assert!(
+            msg.contains("the store is locked") && msg.contains("attempt 3"),
+            "{msg}"
+        );
+        let h = s.health();
+        assert_eq!(h.state, SandboxesState::Failed);
+        assert_eq!((h.step, h.steps_done, h.steps_total), (None, 3, 3));
+        assert!(matches!(h.retry_after_s, Some(39..=40)), "{h:?}");
+
+        // A retry time already past still asks the client to wait a second, never zero.
+        s.set(State::Failed {
+            step: Some(Step::Kernel),
+            reason: "apt-get failed".into(),
+            attempt: 1,
+            retry_at: Instant::now(),
+        });
+        assert_eq!(refusal(&s).1, Some(1));
+        assert_eq!(s.health().steps_done, 0);
+
+        let s = Sandboxes::unavailable("no static guest agent found".into());
+        let (status, retry, msg) = refusal(&s);
+        assert_eq!((status, retry), (503, None));
+        assert!(
+            msg.contains("cannot run sandboxes: no static guest agent"),
+            "{msg}"
+        );
+        assert_eq!(s.health().state, SandboxesState::Unavailable);
+        assert!(s.ready().is_none());
+    }
+}
