@@ -42,7 +42,7 @@ impl prepare::Progress for Spinners {
         self.0.spinner(step.describe());
     }
 
-    fn done(&self, _step: Step, outcome: &str) {
+    fn done(&self, outcome: &str) {
         self.0.finish();
         eprintln!("{outcome}");
     }

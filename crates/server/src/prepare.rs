@@ -52,8 +52,8 @@ impl Step {
 pub trait Progress: Send + Sync {
     /// `step` starts.
     fn start(&self, step: Step);
-    /// `step` finished; `outcome` says what it installed or found, for people.
-    fn done(&self, step: Step, outcome: &str);
+    /// The step last started finished; `outcome` says what it installed or found, for people.
+    fn done(&self, outcome: &str);
 }
 
 /// What to prepare beyond what is missing.
@@ -76,20 +76,17 @@ pub async fn prepare(
     progress.start(Step::Kernel);
     let root = home.to_path_buf();
     let kernel = blocking(Step::Kernel, move || moat_vm::assets::install_kernel(&root)).await?;
-    progress.done(
-        Step::Kernel,
-        &format!(
-            "guest kernel {} in {}",
-            kernel.version,
-            kernel.vmlinuz.display()
-        ),
-    );
+    progress.done(&format!(
+        "guest kernel {} in {}",
+        kernel.version,
+        kernel.vmlinuz.display()
+    ));
 
     progress.start(Step::BaseImage);
     let outcome = base_image(home, options)
         .await
         .map_err(|e| failed(Step::BaseImage, e))?;
-    progress.done(Step::BaseImage, &outcome);
+    progress.done(&outcome);
 
     progress.start(Step::Initramfs);
     let (root, agent, accel) = (
@@ -101,16 +98,13 @@ pub async fn prepare(
         Runtime::new(&root, &agent, accel.as_deref())
     })
     .await?;
-    progress.done(
-        Step::Initramfs,
-        &format!(
-            "initramfs {} (agent {}); accelerator {} ({})",
-            rt.initramfs.path.display(),
-            &rt.initramfs.sha256[..12],
-            rt.accel.accel.as_str(),
-            rt.accel.reason
-        ),
-    );
+    progress.done(&format!(
+        "initramfs {} (agent {}); accelerator {} ({})",
+        rt.initramfs.path.display(),
+        &rt.initramfs.sha256[..12],
+        rt.accel.accel.as_str(),
+        rt.accel.reason
+    ));
     Ok(rt)
 }
 

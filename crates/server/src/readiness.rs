@@ -349,7 +349,7 @@ impl prepare::Progress for Report<'_> {
         );
     }
 
-    fn done(&self, _step: Step, outcome: &str) {
+    fn done(&self, outcome: &str) {
         tracing::info!("{outcome}");
         eprintln!("moat serve: {outcome}");
     }
