@@ -39,11 +39,13 @@ impl Step {
     /// What the step does, for people.
     pub fn describe(self) -> &'static str {
         match self {
-            Step::Kernel => "installing the guest kernel (Debian's linux-image-cloud-amd64)",
-            Step::BaseImage => {
-                "building the base image with mmdebstrap (Debian bookworm + python3)"
+            Step::Kernel => {
+                "installing the guest kernel (Debian's linux-image-cloud-amd64) if missing"
             }
-            Step::Initramfs => "building the initramfs and detecting the accelerator",
+            Step::BaseImage => {
+                "building the base image with mmdebstrap (Debian bookworm + python3) if missing"
+            }
+            Step::Initramfs => "building the initramfs if missing and detecting the accelerator",
         }
     }
 }
