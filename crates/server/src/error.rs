@@ -20,6 +20,9 @@ pub enum Error {
     MethodNotAllowed(String),
     #[error("{0}")]
     Conflict(String),
+    /// The sandbox's row went away under a lifecycle change (a delete won the race).
+    #[error("sandbox {0} was deleted")]
+    SandboxGone(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -59,13 +62,76 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A moat_vm call failed while the daemon was doing `context` ("starting the sandbox").
+    #[error("{context}: {source}")]
+    Vm {
+        context: String,
+        #[source]
+        source: moat_vm::Error,
+    },
+    /// An image store call failed; `context` (what the daemon was doing) is kept for the log.
+    #[error("{source}")]
+    Image {
+        context: String,
+        #[source]
+        source: moat_image::Error,
+    },
+    /// A task the daemon spawned failed (it panicked, or the runtime is shutting down).
+    #[error("{what}: {source}")]
+    Task {
+        what: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<moat_vm::Error> for Error {
+    fn from(source: moat_vm::Error) -> Error {
+        Error::Vm {
+            context: "the sandbox's VM".to_string(),
+            source,
+        }
+    }
+}
+
+impl From<moat_image::Error> for Error {
+    fn from(source: moat_image::Error) -> Error {
+        Error::Image {
+            context: String::new(),
+            source,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// `.map_err(Error::vm("taking the snapshot"))`: a moat_vm error with what the daemon was
+    /// doing.
+    pub(crate) fn vm(context: &str) -> impl FnOnce(moat_vm::Error) -> Error + '_ {
+        move |source| Error::Vm {
+            context: context.to_string(),
+            source,
+        }
+    }
+
+    /// `.map_err(Error::image("removing image x"))`: a moat_image error with what the daemon
+    /// was doing (for the log; the client sees the error itself).
+    pub(crate) fn image(context: impl Into<String>) -> impl FnOnce(moat_image::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Image { context, source }
+    }
+
+    /// `.map_err(Error::task("the create task failed"))` on the join of a spawned task.
+    pub(crate) fn task(what: &str) -> impl FnOnce(tokio::task::JoinError) -> Error + '_ {
+        move |source| Error::Task {
+            what: what.to_string(),
+            source,
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {
             context: context.into(),
@@ -81,13 +147,28 @@ impl Error {
             Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Error::Conflict(_) | Error::SandboxGone(_) => (StatusCode::CONFLICT, "conflict"),
             Error::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Error::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Error::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
             Error::Unavailable(_) | Error::NotReady { .. } | Error::Prepare { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
+            // What the guest refused is the caller's to fix; the rest of the VM's failures are
+            // ours (details in the log).
+            Error::Vm {
+                source: moat_vm::Error::Guest { .. },
+                ..
+            } => (StatusCode::BAD_REQUEST, "bad_request"),
+            Error::Image { source, .. } => match source {
+                moat_image::Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+                moat_image::Error::InUse { .. } => (StatusCode::CONFLICT, "conflict"),
+                moat_image::Error::InvalidName { .. }
+                | moat_image::Error::InvalidReference { .. } => {
+                    (StatusCode::BAD_REQUEST, "bad_request")
+                }
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
             // SQLITE_BUSY/LOCKED are transient: the client may retry.
             Error::Store(rusqlite::Error::SqliteFailure(e, _))
                 if matches!(
@@ -101,6 +182,8 @@ impl Error {
             | Error::Config(_)
             | Error::Store(_)
             | Error::Io { .. }
+            | Error::Vm { .. }
+            | Error::Task { .. }
             | Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -114,7 +197,12 @@ impl IntoResponse for Error {
             && status != StatusCode::SERVICE_UNAVAILABLE
             && status != StatusCode::INSUFFICIENT_STORAGE
         {
-            tracing::error!(error = %self, "request failed");
+            match &self {
+                Error::Image { context, source } => {
+                    tracing::error!(error = %source, context, "request failed")
+                }
+                e => tracing::error!(error = %e, "request failed"),
+            }
             "internal error; see the moat serve log".to_string()
         } else {
             self.to_string()
@@ -141,5 +229,42 @@ impl IntoResponse for Error {
             );
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_errors_map_to_statuses_here() {
+        let guest = moat_vm::Error::Guest {
+            kind: moat_protocol::ErrorKind::InvalidInput,
+            message: "no such user".to_string(),
+        };
+        let e = Error::vm("exec")(guest);
+        assert_eq!(e.status_and_code().0, StatusCode::BAD_REQUEST);
+        assert_eq!(e.to_string(), "exec: no such user");
+        let e = Error::from(moat_vm::Error::AgentGone);
+        assert_eq!(e.status_and_code().0, StatusCode::INTERNAL_SERVER_ERROR);
+
+        let in_use = moat_image::Error::InUse {
+            image: "base".to_string(),
+            why: "a disk uses it".to_string(),
+        };
+        let shown = in_use.to_string();
+        let e = Error::image("removing image base")(in_use);
+        assert_eq!(e.status_and_code(), (StatusCode::CONFLICT, "conflict"));
+        assert_eq!(
+            e.to_string(),
+            shown,
+            "the client sees the image error itself"
+        );
+        let e = Error::from(moat_image::Error::NotFound {
+            what: "image x".to_string(),
+        });
+        assert_eq!(e.status_and_code().0, StatusCode::NOT_FOUND);
+        let e = Error::from(moat_image::Error::InvalidImage("bad".to_string()));
+        assert_eq!(e.status_and_code().0, StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

@@ -9,7 +9,7 @@ use moat_vm::agent::{Exec, ExecEvent};
 
 use crate::api::{self, ErrorDetail, ExecExit, ExecResult};
 use crate::error::{Error, Result};
-use crate::sandboxes::{vm_error, Running};
+use crate::sandboxes::Running;
 
 /// The most of stdout (and of stderr) a collected exec returns; beyond it, stream.
 pub const MAX_OUTPUT: usize = 16 * 1024 * 1024;
@@ -69,7 +69,7 @@ pub(crate) async fn start(
             kind: ErrorKind::CommandNotFound,
             message,
         }) => Ok(Start::NotFound(message)),
-        Err(e) => Err(vm_error("exec", e)),
+        Err(e) => Err(Error::vm("exec")(e)),
     }
 }
 
@@ -110,7 +110,7 @@ async fn collect_on(
     };
     let (mut out, mut err) = (Vec::new(), Vec::new());
     loop {
-        let ev = exec.next().await.map_err(|e| vm_error("exec", e))?;
+        let ev = exec.next().await.map_err(Error::vm("exec"))?;
         let (buf, name, data) = match ev {
             ExecEvent::Stdout(d) => (&mut out, "stdout", d),
             ExecEvent::Stderr(d) => (&mut err, "stderr", d),
@@ -209,7 +209,7 @@ pub async fn stream(
                     return;
                 }
                 Err(e) => {
-                    let e = vm_error("exec", e);
+                    let e = Error::vm("exec")(e);
                     tracing::warn!(error = %e, "streamed exec broke off");
                     let (_, code) = e.status_and_code();
                     let _ = send(api::ExecEvent::Error(ErrorDetail {

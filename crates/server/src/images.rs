@@ -1,6 +1,6 @@
-//! Images through the API: imports run as long-running operations (`POST /v1/images` answers
-//! 202 with an [`Operation`] to poll), listing, and deletion refused while something uses the
-//! image.
+//! Image operations of the daemon: imports run as long-running operations (`POST /v1/images`
+//! answers 202 with an [`Operation`] to poll), and removal refused while something uses the
+//! image. The routes are `http/routes/images.rs`.
 //!
 //! Images are host-wide (every group's sandboxes share the store), so only admin keys import
 //! and delete them; any key may list them. An operation's row is written when it starts and
@@ -11,109 +11,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::Json;
 use moat_image::{ImageStore, ImportOptions, Source};
-use rusqlite::{params, Connection, OptionalExtension};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
-use crate::api::{self, ErrorBody, ErrorDetail, Role};
+use crate::api::{
+    self, check_name, image_of, ErrorDetail, ImportImage, Operation, OperationProgress,
+};
 use crate::error::{Error, Result};
-use crate::http::{ApiJson, AppState};
-use crate::store::{self, rfc3339, Principal, Store};
-
-/// Longest `source` accepted.
-pub const MAX_SOURCE: usize = 1024;
-
-/// Finished operations kept in the store (the oldest go first); running ones are always kept.
-pub const KEEP_OPERATIONS: i64 = 1000;
-
-/// `POST /v1/images`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ImportImage {
-    /// As `moat image import`: a registry reference (`host[:port]/repo:tag` or `…@sha256:…`),
-    /// `oci:/ABS/DIR[:tag]` (an OCI layout on the daemon's host) or
-    /// `docker-archive:/ABS/FILE` (a `docker save` tarball on the daemon's host).
-    pub source: String,
-    /// The local name: 1–128 of `A-Za-z0-9._-/:`, starting and ending with a letter or
-    /// digit. Default for a registry source: its `repo:tag`; required for the others.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Talk plain HTTP to the registry (a registry on loopback).
-    #[serde(default)]
-    pub plain_http: bool,
-}
-
-/// An image in the daemon's store.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Image {
-    pub name: String,
-    /// Manifest digest, `sha256:<hex>`.
-    pub digest: String,
-    /// Size of its root disk.
-    pub size_bytes: u64,
-    /// When it was imported (RFC 3339, UTC).
-    pub created_at: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ImageList {
-    pub images: Vec<Image>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum OperationState {
-    Running,
-    Succeeded,
-    Failed,
-}
-
-impl OperationState {
-    fn as_str(self) -> &'static str {
-        match self {
-            OperationState::Running => "running",
-            OperationState::Succeeded => "succeeded",
-            OperationState::Failed => "failed",
-        }
-    }
-}
-
-/// Progress of the current phase (bytes restart at 0 with each phase).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct OperationProgress {
-    /// What the import is doing: resolving, a layer download, building the disk…; "done" or
-    /// "failed" at the end.
-    pub phase: String,
-    pub bytes_done: u64,
-    /// When the phase's size is known.
-    pub bytes_total: Option<u64>,
-}
-
-/// A long-running operation: poll `GET /v1/operations/{id}` until `state` is not running.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Operation {
-    /// op-<16 hex>
-    pub id: String,
-    /// "image-import"
-    pub kind: String,
-    pub state: OperationState,
-    pub progress: OperationProgress,
-    /// Why it failed (`code` is import_failed or interrupted).
-    pub error: Option<ErrorDetail>,
-    /// The image, once it succeeded.
-    pub result: Option<Image>,
-    pub created_at: String,
-    pub updated_at: String,
-}
+use crate::store::Store;
 
 /// The imports in progress: their image names (one import per name at a time) and progress.
 #[derive(Default)]
@@ -127,30 +31,83 @@ struct Live {
 }
 
 impl Operations {
-    /// Marks the operations a previous daemon left running as failed. Called once at start.
-    pub fn recover(conn: &Connection) -> Result<usize> {
-        let error = serde_json::to_string(&ErrorDetail {
-            code: "interrupted".to_string(),
-            message: "the daemon stopped before the import finished; start it again".to_string(),
-        })
-        .unwrap_or_default();
-        Ok(conn.execute(
-            "UPDATE operations SET state = 'failed', phase = 'failed', error = ?1,
-                 updated_at = ?2 WHERE state = 'running'",
-            params![error, store::now()],
-        )?)
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The running import of `name`, if there is one.
-    fn importing(&self, name: &str) -> Option<String> {
+    pub(crate) fn importing(&self, name: &str) -> Option<String> {
         self.lock()
             .iter()
             .find(|(_, l)| l.name == name)
             .map(|(id, _)| id.clone())
+    }
+
+    /// The progress of running import `id`, if it runs in this daemon.
+    pub(crate) fn progress(&self, id: &str) -> Option<OperationProgress> {
+        self.lock().get(id).map(|live| {
+            live.progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
+    }
+
+    /// Starts an import of `source` as `name`: claims the name (a conflict while another
+    /// import of it runs), records the operation and runs the import in the background.
+    pub(crate) async fn start_import(
+        self: &Arc<Self>,
+        store: &Store,
+        images: ImageStore,
+        req: &ImportImage,
+        source: Source,
+        name: String,
+    ) -> Result<Operation> {
+        let id = new_op_id();
+        let progress = Arc::new(Mutex::new(OperationProgress {
+            phase: "queued".to_string(),
+            ..OperationProgress::default()
+        }));
+        {
+            // Checked and claimed under one lock: two imports of one name never both start.
+            let mut live = self.lock();
+            if let Some((other, _)) = live.iter().find(|(_, l)| l.name == name) {
+                return Err(Error::Conflict(format!(
+                    "an import of image {} is already running (operation {other}); wait for it",
+                    api::quote(&name)
+                )));
+            }
+            live.insert(
+                id.clone(),
+                Live {
+                    name: name.clone(),
+                    progress: progress.clone(),
+                },
+            );
+        }
+        let request = serde_json::to_string(&req).unwrap_or_default();
+        let inserted = store.insert_operation(&id, &name, &request).await;
+        let op = match inserted {
+            Ok(Some(op)) => op,
+            other => {
+                self.lock().remove(&id);
+                return Err(other
+                    .err()
+                    .unwrap_or_else(|| Error::Internal("the operation row vanished".to_string())));
+            }
+        };
+        let (store, ops) = (store.clone(), self.clone());
+        tokio::spawn(run_import(
+            store,
+            ops,
+            images,
+            id,
+            source,
+            name,
+            req.plain_http,
+            progress,
+        ));
+        Ok(op)
     }
 }
 
@@ -178,257 +135,8 @@ impl moat_image::Progress for Tracker {
     }
 }
 
-fn image_of(i: &moat_image::Image, name: &str) -> Image {
-    let created = i
-        .created
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .map(|d| rfc3339(d.as_secs() as i64));
-    Image {
-        name: name.to_string(),
-        digest: i.digest.clone(),
-        size_bytes: i.size,
-        created_at: created,
-    }
-}
-
-fn bad(msg: String) -> Error {
-    Error::BadRequest(msg)
-}
-
-impl ImportImage {
-    /// The parsed source and the name to import under.
-    fn validate(&self) -> Result<(Source, String)> {
-        let s = &self.source;
-        if s.is_empty() || s.len() > MAX_SOURCE || s.chars().any(|c| c.is_control()) {
-            return Err(bad(format!(
-                "invalid source {}: expected 1–{MAX_SOURCE} characters without control \
-                 characters: a registry reference (host[:port]/repo:tag), \
-                 oci:/ABSOLUTE/DIR[:tag] or docker-archive:/ABSOLUTE/FILE",
-                api::quote(s)
-            )));
-        }
-        let source = Source::parse(s).map_err(|e| bad(format!("invalid source: {e}")))?;
-        let default = match &source {
-            Source::Registry(r) => r.name_with_tag(),
-            Source::OciLayout(p) | Source::DockerArchive(p) => {
-                if !p.is_absolute() {
-                    return Err(bad(format!(
-                        "invalid source {}: the path must be absolute (it is on the daemon's \
-                         host, whose working directory is not yours)",
-                        api::quote(s)
-                    )));
-                }
-                None
-            }
-        };
-        let name =
-            match (&self.name, default) {
-                (Some(n), _) => n.clone(),
-                (None, Some(d)) => d,
-                (None, None) => return Err(bad(
-                    "give a \"name\": oci: and docker-archive: sources have no name the daemon \
-                     can use"
-                        .to_string(),
-                )),
-            };
-        check_name(&name)?;
-        Ok((source, name))
-    }
-}
-
-fn check_name(name: &str) -> Result<()> {
-    moat_image::validate_name(name).map_err(|e| {
-        bad(format!(
-            "{e}; image names are 1–128 of A-Z a-z 0-9 . _ - / :, starting and ending with a \
-             letter or digit"
-        ))
-    })
-}
-
-fn require_admin(p: &Principal, what: &str) -> Result<()> {
-    if p.role == Role::Admin {
-        Ok(())
-    } else {
-        Err(Error::Forbidden(format!(
-            "only an admin key may {what} (images are shared by every group); this one is {}",
-            p.role.as_str()
-        )))
-    }
-}
-
 fn new_op_id() -> String {
     format!("op-{:016x}", rand::random::<u64>())
-}
-
-const OP_COLUMNS: &str = "id, kind, state, phase, bytes_done, bytes_total, error, result, \
-                          created_at, updated_at";
-
-fn op_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Operation> {
-    let state: String = r.get(2)?;
-    let error: Option<String> = r.get(6)?;
-    let result: Option<String> = r.get(7)?;
-    Ok(Operation {
-        id: r.get(0)?,
-        kind: r.get(1)?,
-        state: match state.as_str() {
-            "running" => OperationState::Running,
-            "succeeded" => OperationState::Succeeded,
-            _ => OperationState::Failed,
-        },
-        progress: OperationProgress {
-            phase: r.get(3)?,
-            bytes_done: r.get::<_, i64>(4)?.max(0) as u64,
-            bytes_total: r.get::<_, Option<i64>>(5)?.map(|b| b.max(0) as u64),
-        },
-        error: error.and_then(|e| serde_json::from_str(&e).ok()),
-        result: result.and_then(|e| serde_json::from_str(&e).ok()),
-        created_at: rfc3339(r.get(8)?),
-        updated_at: rfc3339(r.get(9)?),
-    })
-}
-
-/// Records a new running import, and forgets the oldest finished operations beyond
-/// [`KEEP_OPERATIONS`].
-fn insert_op(
-    conn: &mut Connection,
-    id: &str,
-    name: &str,
-    request: &str,
-) -> Result<Option<Operation>> {
-    let tx = conn.transaction()?;
-    let now = store::now();
-    tx.execute(
-        "INSERT INTO operations (id, kind, state, target, request, phase, created_at,
-             updated_at) VALUES (?1, 'image-import', 'running', ?2, ?3, 'queued', ?4, ?4)",
-        params![id, name, request, now],
-    )?;
-    tx.execute(
-        "DELETE FROM operations WHERE state != 'running' AND id NOT IN
-             (SELECT id FROM operations WHERE state != 'running'
-              ORDER BY created_at DESC, rowid DESC LIMIT ?1)",
-        [KEEP_OPERATIONS],
-    )?;
-    let op = get_op(&tx, id)?;
-    tx.commit()?;
-    Ok(op)
-}
-
-fn get_op(conn: &Connection, id: &str) -> Result<Option<Operation>> {
-    Ok(conn
-        .query_row(
-            &format!("SELECT {OP_COLUMNS} FROM operations WHERE id = ?1"),
-            [id],
-            op_from_row,
-        )
-        .optional()?)
-}
-
-/// Ends an operation: its final state, progress, error or result.
-fn finish_op(
-    conn: &Connection,
-    id: &str,
-    progress: &OperationProgress,
-    outcome: std::result::Result<&Image, &ErrorDetail>,
-) -> Result<()> {
-    let (state, error, result) = match outcome {
-        Ok(img) => (
-            OperationState::Succeeded,
-            None,
-            serde_json::to_string(img).ok(),
-        ),
-        Err(e) => (OperationState::Failed, serde_json::to_string(e).ok(), None),
-    };
-    conn.execute(
-        "UPDATE operations SET state = ?2, phase = ?3, bytes_done = ?4, bytes_total = ?5,
-             error = ?6, result = ?7, updated_at = ?8 WHERE id = ?1",
-        params![
-            id,
-            state.as_str(),
-            progress.phase,
-            progress.bytes_done as i64,
-            progress.bytes_total.map(|b| b as i64),
-            error,
-            result,
-            store::now()
-        ],
-    )?;
-    Ok(())
-}
-
-/// The image store of the daemon's runtime (503 without one).
-fn image_store(state: &AppState) -> Result<ImageStore> {
-    Ok(state.manager()?.images().clone())
-}
-
-#[utoipa::path(post, path = "/v1/images", tag = "images",
-    security(("bearer" = [])),
-    request_body = ImportImage,
-    responses(
-        (status = 202, description = "The import started; poll GET /v1/operations/{id}",
-            body = Operation),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, description = "Not an admin key", body = ErrorBody),
-        (status = 409, description = "An import of this name is already running",
-            body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn import_image(
-    State(state): State<AppState>,
-    p: Principal,
-    ApiJson(req): ApiJson<ImportImage>,
-) -> Result<(StatusCode, Json<Operation>)> {
-    require_admin(&p, "import images")?;
-    let (source, name) = req.validate()?;
-    let images = image_store(&state)?;
-    let id = new_op_id();
-    let progress = Arc::new(Mutex::new(OperationProgress {
-        phase: "queued".to_string(),
-        ..OperationProgress::default()
-    }));
-    {
-        // Checked and claimed under one lock: two imports of one name never both start.
-        let mut live = state.operations.lock();
-        if let Some((other, _)) = live.iter().find(|(_, l)| l.name == name) {
-            return Err(Error::Conflict(format!(
-                "an import of image {} is already running (operation {other}); wait for it",
-                api::quote(&name)
-            )));
-        }
-        live.insert(
-            id.clone(),
-            Live {
-                name: name.clone(),
-                progress: progress.clone(),
-            },
-        );
-    }
-    let (i, n) = (id.clone(), name.clone());
-    let request = serde_json::to_string(&req).unwrap_or_default();
-    let inserted = state
-        .store
-        .call(move |c| insert_op(c, &i, &n, &request))
-        .await;
-    let op = match inserted {
-        Ok(Some(op)) => op,
-        other => {
-            state.operations.lock().remove(&id);
-            return Err(other
-                .err()
-                .unwrap_or_else(|| Error::Internal("the operation row vanished".to_string())));
-        }
-    };
-    let (store, ops) = (state.store.clone(), state.operations.clone());
-    tokio::spawn(run_import(
-        store,
-        ops,
-        images,
-        id,
-        source,
-        name,
-        req.plain_http,
-        progress,
-    ));
-    Ok((StatusCode::ACCEPTED, Json(op)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -469,90 +177,24 @@ async fn run_import(
         ),
         Err(e) => tracing::warn!(id, name, error = e.message, "image import failed"),
     }
-    let i = id.clone();
-    if let Err(e) = store
-        .call(move |c| finish_op(c, &i, &last, outcome.as_ref()))
-        .await
-    {
+    if let Err(e) = store.finish_operation(&id, last, outcome).await {
         tracing::error!(id, error = %e, "recording the end of an import");
     }
     ops.lock().remove(&id);
 }
 
-#[utoipa::path(get, path = "/v1/operations/{id}", tag = "images",
-    security(("bearer" = [])),
-    params(("id" = String, Path, description = "Operation id")),
-    responses(
-        (status = 200, body = Operation),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 503, body = ErrorBody)))]
-pub(crate) async fn get_operation(
-    State(state): State<AppState>,
-    p: Principal,
-    id: std::result::Result<Path<String>, PathRejection>,
-) -> Result<Json<Operation>> {
-    let id = id
-        .map(|Path(s)| s)
-        .map_err(|e| bad(format!("invalid path: {}", e.body_text())))?;
-    require_admin(&p, "see image operations")?;
-    let missing = || Error::NotFound(format!("no operation {}", api::quote(&id)));
-    if id.len() > 64 {
-        return Err(missing());
-    }
-    let i = id.clone();
-    let mut op = state
-        .store
-        .call(move |c| get_op(c, &i))
-        .await?
-        .ok_or_else(missing)?;
-    if op.state == OperationState::Running {
-        if let Some(live) = state.operations.lock().get(&id) {
-            op.progress = live
-                .progress
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-        }
-    }
-    Ok(Json(op))
-}
-
-#[utoipa::path(get, path = "/v1/images", tag = "images",
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Every named image", body = ImageList),
-        (status = 401, body = ErrorBody), (status = 500, body = ErrorBody),
-        (status = 503, body = ErrorBody)))]
-pub(crate) async fn list_images(
-    State(state): State<AppState>,
-    _p: Principal,
-) -> Result<Json<ImageList>> {
-    let images = image_store(&state)?;
-    let list = tokio::task::spawn_blocking(move || images.list())
-        .await
-        .map_err(|e| Error::Internal(format!("listing images: {e}")))?
-        .map_err(|e| Error::Internal(format!("listing images: {e}")))?;
-    Ok(Json(ImageList {
-        images: list
-            .iter()
-            .filter_map(|i| i.name.as_deref().map(|n| image_of(i, n)))
-            .collect(),
-    }))
-}
-
 /// The image named exactly `name` (not a digest prefix).
-async fn named(images: &ImageStore, name: &str) -> Result<moat_image::Image> {
+pub(crate) async fn named(images: &ImageStore, name: &str) -> Result<moat_image::Image> {
     check_name(name)?;
     let (images, n) = (images.clone(), name.to_string());
     let found = tokio::task::spawn_blocking(move || images.resolve(&n))
         .await
-        .map_err(|e| Error::Internal(format!("resolving an image: {e}")))?;
+        .map_err(Error::task("resolving an image"))?;
     match found {
         Ok(img) if img.name.as_deref() == Some(name) => Ok(img),
         Ok(_) => Err(no_image(name)),
         Err(e) if e.is_not_found() => Err(no_image(name)),
-        Err(e) => Err(Error::Internal(format!("resolving image {name}: {e}"))),
+        Err(e) => Err(Error::image(format!("resolving image {name}"))(e)),
     }
 }
 
@@ -563,203 +205,26 @@ fn no_image(name: &str) -> Error {
     ))
 }
 
-fn name_param(p: std::result::Result<Path<String>, PathRejection>) -> Result<String> {
-    p.map(|Path(s)| s)
-        .map_err(|e| bad(format!("invalid path: {}", e.body_text())))
-}
-
-#[utoipa::path(get, path = "/v1/images/{name}", tag = "images",
-    security(("bearer" = [])),
-    params(("name" = String, Path, description = "Image name ('/' percent-encoded as %2F)")),
-    responses(
-        (status = 200, body = Image),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn get_image(
-    State(state): State<AppState>,
-    _p: Principal,
-    name: std::result::Result<Path<String>, PathRejection>,
-) -> Result<Json<Image>> {
-    let name = name_param(name)?;
-    let img = named(&image_store(&state)?, &name).await?;
-    Ok(Json(image_of(&img, &name)))
-}
-
-#[utoipa::path(delete, path = "/v1/images/{name}", tag = "images",
-    security(("bearer" = [])),
-    params(("name" = String, Path, description = "Image name ('/' percent-encoded as %2F)")),
-    responses(
-        (status = 204, description = "The name is removed, and the image's disk and templates \
-            with it when no other name refers to them"),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, description = "A sandbox, a snapshot or a group's default uses the image, \
-            or it is being imported", body = ErrorBody),
-        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn delete_image(
-    State(state): State<AppState>,
-    p: Principal,
-    name: std::result::Result<Path<String>, PathRejection>,
-) -> Result<StatusCode> {
-    let name = name_param(name)?;
-    check_name(&name)?;
-    require_admin(&p, "delete images")?;
-    if let Some(op) = state.operations.importing(&name) {
-        return Err(Error::Conflict(format!(
-            "image {} is being imported (operation {op}); wait for it to end",
-            api::quote(&name)
-        )));
-    }
-    let mgr = state.manager()?;
-    let images = mgr.images().clone();
-    let img = named(&images, &name).await?;
-    let (n, digest) = (name.clone(), img.digest.clone());
-    let users = state
-        .store
-        .call(move |c| {
-            let sandboxes: Vec<String> = store::list_sandboxes(c, None)?
-                .into_iter()
-                .filter(|s| s.image == digest)
-                .map(|s| s.id)
-                .collect();
-            let groups: Vec<String> = store::list_groups(c)?
-                .into_iter()
-                .filter(|g| g.spec.image == n || g.spec.image == digest)
-                .map(|g| g.name)
-                .collect();
-            // A snapshot's disk is a layer over the image's rootfs.
-            let snapshots: Vec<String> = crate::snapshots::list_ready(c, None)?
-                .into_iter()
-                .filter(|s| s.image == digest)
-                .map(|s| format!("{}/{}", s.group, s.name))
-                .collect();
-            Ok((sandboxes, groups, snapshots))
-        })
-        .await?;
-    match users {
-        (s, _, _) if !s.is_empty() => {
-            return Err(Error::Conflict(format!(
-                "image {} is used by {} sandbox(es) ({}); delete them first",
-                api::quote(&name),
-                s.len(),
-                s.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
-            )))
-        }
-        (_, g, _) if !g.is_empty() => {
-            return Err(Error::Conflict(format!(
-                "image {} is the default image of group(s) {}; change their image first",
-                api::quote(&name),
-                g.join(", ")
-            )))
-        }
-        (_, _, snaps) if !snaps.is_empty() => {
-            return Err(Error::Conflict(format!(
-                "image {} is under snapshot(s) {}; delete them first",
-                api::quote(&name),
-                snaps.join(", ")
-            )))
-        }
-        _ => {}
-    }
-    let home = mgr.runtime_home();
-    let n = name.clone();
+/// Removes the name `name` from the image store, refused while a disk still uses the image
+/// (sandboxes of `moat run`, suspended and forked ones); the image's templates go with its
+/// last name.
+pub(crate) async fn remove(images: ImageStore, home: std::path::PathBuf, name: &str) -> Result<()> {
+    let n = name.to_string();
     tokio::task::spawn_blocking(move || -> Result<()> {
         // The store knows the daemon's sandboxes and snapshots; the disks also know those of
         // `moat run` and the suspended and forked ones.
         let used = moat_vm::template::DisksInUse::scan(&home)
-            .map_err(|e| Error::Internal(format!("reading which disks are in use: {e}")))?;
+            .map_err(Error::vm("reading which disks are in use"))?;
         let removed = images
             .remove_unless(&n, |img| Ok(used.why_kept(&img.rootfs)))
-            .map_err(|e| {
-                if e.is_in_use() {
-                    Error::Conflict(e.to_string())
-                } else {
-                    Error::Internal(format!("removing image {n}: {e}"))
-                }
-            })?;
+            .map_err(Error::image(format!("removing image {n}")))?;
         // Templates of a digest that is no longer cached can never be used again.
         if images.resolve(&removed.digest).is_err() {
             moat_vm::template::remove_for_image(&home, &removed.digest)
-                .map_err(|e| Error::Internal(format!("removing the templates of {n}: {e}")))?;
+                .map_err(Error::vm(&format!("removing the templates of {n}")))?;
         }
         Ok(())
     })
     .await
-    .map_err(|e| Error::Internal(format!("removing an image: {e}")))??;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn req(source: &str, name: Option<&str>) -> ImportImage {
-        ImportImage {
-            source: source.to_string(),
-            name: name.map(str::to_string),
-            plain_http: false,
-        }
-    }
-
-    #[test]
-    fn old_operations_are_pruned_and_interrupted_ones_failed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("moatd.db")).unwrap();
-        store
-            .blocking(|c| {
-                let n = KEEP_OPERATIONS + 5;
-                for i in 0..n {
-                    let id = format!("op-{i}");
-                    insert_op(c, &id, "img", "{}")?;
-                    if i > 0 {
-                        // All but the first end, so the first stays running.
-                        let p = OperationProgress::default();
-                        let e = ErrorDetail {
-                            code: "import_failed".into(),
-                            message: "x".into(),
-                        };
-                        finish_op(c, &id, &p, Err(&e))?;
-                    }
-                }
-                let count = |state: &str| -> i64 {
-                    c.query_row(
-                        "SELECT COUNT(*) FROM operations WHERE state = ?1",
-                        [state],
-                        |r| r.get(0),
-                    )
-                    .unwrap()
-                };
-                // The last insert pruned down to KEEP finished ones before its own ended.
-                assert_eq!(count("failed"), KEEP_OPERATIONS + 1);
-                assert_eq!(count("running"), 1);
-                assert!(
-                    get_op(c, "op-1")?.is_none(),
-                    "the oldest finished one is kept"
-                );
-                assert!(get_op(c, &format!("op-{}", n - 1))?.is_some());
-                assert_eq!(Operations::recover(c)?, 1);
-                let op = get_op(c, "op-0")?.unwrap();
-                assert_eq!(op.state, OperationState::Failed);
-                assert_eq!(op.error.unwrap().code, "interrupted");
-                Ok(())
-            })
-            .unwrap();
-    }
-
-    #[test]
-    fn sources_and_names() {
-        let (_, n) = req("127.0.0.1:5000/app:v1", None).validate().unwrap();
-        assert_eq!(n, "127.0.0.1:5000/app:v1");
-        assert!(req("oci:/x", Some("a")).validate().is_ok());
-        assert!(req("oci:rel/x", Some("a")).validate().is_err());
-        assert!(req("docker-archive:/x.tar", None).validate().is_err());
-        assert!(req("", Some("a")).validate().is_err());
-        assert!(req("UPPER CASE", Some("a")).validate().is_err());
-        assert!(req("127.0.0.1:5000/app:v1", Some("-bad"))
-            .validate()
-            .is_err());
-        assert!(req("127.0.0.1:5000/app:v1", Some("a/../b"))
-            .validate()
-            .is_err());
-    }
+    .map_err(Error::task("removing an image"))?
 }

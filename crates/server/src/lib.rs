@@ -6,16 +6,13 @@ pub mod api;
 pub mod capacity;
 pub mod error;
 pub mod exec;
-pub mod files;
 pub mod http;
 pub mod images;
 pub mod keys;
 pub mod metrics;
 pub mod prepare;
-pub mod procs;
 pub mod readiness;
 pub mod sandboxes;
-pub mod shell;
 pub mod snapshots;
 pub mod store;
 
@@ -94,8 +91,8 @@ pub async fn serve(
     let bootstrap = config.bootstrap_key.clone();
     let (store, generated) = tokio::task::spawn_blocking(move || -> Result<_> {
         let store = store::Store::open(&db)?;
-        let generated = store.blocking(|c| store::bootstrap(c, bootstrap.as_deref()))?;
-        let interrupted = store.blocking(|c| images::Operations::recover(c))?;
+        let generated = store.bootstrap(bootstrap.as_deref())?;
+        let interrupted = store.fail_interrupted_operations()?;
         if interrupted > 0 {
             tracing::warn!(
                 interrupted,
@@ -105,7 +102,7 @@ pub async fn serve(
         Ok((store, generated))
     })
     .await
-    .map_err(|e| Error::Internal(format!("opening the store: {e}")))??;
+    .map_err(Error::task("opening the store"))??;
     if let Some(key) = generated {
         eprintln!(
             "moat serve: created the first admin API key; it is printed once, on stdout, and \

@@ -1,5 +1,6 @@
-//! Named snapshots of sandboxes, scoped to a group, and the routes that manage them. A fork
-//! (`from_snapshot` on create) is [`Manager::fork`].
+//! Named snapshots of sandboxes, scoped to a group: taking, keeping and removing them (the
+//! routes are `http/routes/snapshots.rs`). A fork (`from_snapshot` on create) is
+//! [`Manager::fork`].
 //!
 //! On disk a snapshot is `MOAT_HOME/snapshots/<group>/<name>/` = {`meta.json`, `memory.bin`,
 //! `disk.qcow2`}: a moat_vm snapshot whose disk layer is flattened onto the image's read-only
@@ -14,17 +15,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
-use axum::Json;
-use rusqlite::{params, Connection, OptionalExtension};
-
-use crate::api::{self, CreateSnapshot, ErrorBody, Snapshot, SnapshotList, Tier};
+use crate::api::{self, Snapshot};
 use crate::error::{Error, Result};
-use crate::http::{require_use, visible_group, visible_sandbox, ApiJson, AppState};
-use crate::sandboxes::{conflict, vm_error, Manager};
-use crate::store::{self, Principal, Store};
+use crate::sandboxes::{conflict, Manager};
+use crate::store::Store;
 
 /// `MOAT_HOME/snapshots`.
 fn root(home: &Path) -> PathBuf {
@@ -34,113 +28,6 @@ fn root(home: &Path) -> PathBuf {
 /// `MOAT_HOME/snapshots/<group>/<name>`.
 pub(crate) fn dir(home: &Path, group: &str, name: &str) -> PathBuf {
     root(home).join(group).join(name)
-}
-
-fn no_snapshot(group: &str, name: &str) -> Error {
-    Error::NotFound(format!(
-        "no snapshot {} in group {}",
-        api::quote(name),
-        api::quote(group)
-    ))
-}
-
-// ---- store ----
-
-fn snapshot_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Snapshot>> {
-    let tier: String = r.get(4)?;
-    let size: i64 = r.get(5)?;
-    let name: String = r.get(1)?;
-    Ok(Ok(Snapshot {
-        tier: match tier.parse::<Tier>().ok() {
-            Some(t) => t,
-            None => {
-                return Ok(Err(Error::Internal(format!(
-                    "stored tier {tier:?} of snapshot {name} is unknown"
-                ))))
-            }
-        },
-        group: r.get(0)?,
-        name,
-        sandbox: r.get(2)?,
-        image: r.get(3)?,
-        size_bytes: u64::try_from(size).unwrap_or(0),
-        created_at: store::rfc3339(r.get(6)?),
-    }))
-}
-
-const COLUMNS: &str = "group_name, name, sandbox, image, tier, size_bytes, created_at";
-
-fn get_ready(c: &Connection, group: &str, name: &str) -> Result<Option<Snapshot>> {
-    c.query_row(
-        &format!(
-            "SELECT {COLUMNS} FROM snapshots WHERE group_name = ?1 AND name = ?2 \
-             AND state = 'ready'"
-        ),
-        [group, name],
-        snapshot_from_row,
-    )
-    .optional()?
-    .transpose()
-}
-
-/// The ready snapshots of `group`, or of every group.
-pub(crate) fn list_ready(c: &Connection, group: Option<&str>) -> Result<Vec<Snapshot>> {
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM snapshots WHERE state = 'ready' \
-         AND (?1 IS NULL OR group_name = ?1) ORDER BY created_at, name"
-    ))?;
-    let rows = stmt.query_map([group], snapshot_from_row)?;
-    let mut out = Vec::new();
-    for row in rows {
-        out.push(row??);
-    }
-    Ok(out)
-}
-
-/// Claims `name` in `group` with a `creating` row: 409 if the name is taken.
-fn claim(c: &Connection, s: &Snapshot) -> Result<()> {
-    let inserted = c.execute(
-        "INSERT INTO snapshots (group_name, name, state, sandbox, image, tier, created_at)
-         VALUES (?1, ?2, 'creating', ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
-        params![
-            s.group,
-            s.name,
-            s.sandbox,
-            s.image,
-            s.tier.as_str(),
-            store::now()
-        ],
-    )?;
-    if inserted == 0 {
-        return Err(Error::Conflict(format!(
-            "snapshot {} exists already in group {} (or is being taken): choose another \
-             name, or delete it first",
-            api::quote(&s.name),
-            api::quote(&s.group)
-        )));
-    }
-    Ok(())
-}
-
-/// Marks the claimed row ready; `None` if it is gone (its group was force-deleted meanwhile).
-fn set_ready(c: &Connection, group: &str, name: &str, size: u64) -> Result<Option<Snapshot>> {
-    let n = c.execute(
-        "UPDATE snapshots SET state = 'ready', size_bytes = ?3
-         WHERE group_name = ?1 AND name = ?2 AND state = 'creating'",
-        params![group, name, i64::try_from(size).unwrap_or(i64::MAX)],
-    )?;
-    if n == 0 {
-        return Ok(None);
-    }
-    get_ready(c, group, name)
-}
-
-fn delete_row(c: &Connection, group: &str, name: &str) -> Result<()> {
-    c.execute(
-        "DELETE FROM snapshots WHERE group_name = ?1 AND name = ?2",
-        [group, name],
-    )?;
-    Ok(())
 }
 
 // ---- files ----
@@ -211,12 +98,7 @@ pub(crate) fn copy_for_fork(snap: &Path, root: &Path) -> Result<PathBuf> {
 /// and of interrupted deletes); a `ready` row whose directory is gone is removed with a warning.
 pub(crate) async fn recover(home: &Path, store: &Store) -> Result<()> {
     let home = home.to_path_buf();
-    let ready = store
-        .call(|c| {
-            c.execute("DELETE FROM snapshots WHERE state = 'creating'", [])?;
-            list_ready(c, None)
-        })
-        .await?;
+    let ready = store.recover_snapshots().await?;
     let keep: std::collections::HashSet<PathBuf> = ready
         .iter()
         .map(|s| dir(&home, &s.group, &s.name))
@@ -245,9 +127,7 @@ pub(crate) async fn recover(home: &Path, store: &Store) -> Result<()> {
                 name = s.name,
                 "snapshot directory is gone; forgetting it"
             );
-            store
-                .call(move |c| delete_row(c, &s.group, &s.name))
-                .await?;
+            store.delete_snapshot(&s.group, &s.name).await?;
         }
     }
     Ok(())
@@ -276,15 +156,13 @@ impl Manager {
         };
         let mgr = self.clone();
         tokio::spawn(async move {
-            let s = claim_row.clone();
-            mgr.store().call(move |c| claim(c, &s)).await?;
+            mgr.store().claim_snapshot(&claim_row).await?;
             let made = mgr.take_snapshot(&claim_row).await;
             let (group, name) = (claim_row.group.clone(), claim_row.name.clone());
             let final_dir = dir(&mgr.runtime().home, &group, &name);
             match made {
                 Ok(size) => {
-                    let (g, n) = (group.clone(), name.clone());
-                    let ready = mgr.store().call(move |c| set_ready(c, &g, &n, size)).await;
+                    let ready = mgr.store().snapshot_ready(&group, &name, size).await;
                     match ready {
                         Ok(Some(snap)) => Ok(snap),
                         Ok(None) => {
@@ -301,15 +179,13 @@ impl Manager {
                     }
                 }
                 Err(e) => {
-                    mgr.store()
-                        .call(move |c| delete_row(c, &group, &name))
-                        .await?;
+                    mgr.store().delete_snapshot(&group, &name).await?;
                     Err(e)
                 }
             }
         })
         .await
-        .map_err(|e| Error::Internal(format!("the snapshot task failed: {e}")))?
+        .map_err(Error::task("the snapshot task failed"))?
     }
 
     /// Writes the snapshot's directory; returns its size.
@@ -362,14 +238,14 @@ impl Manager {
             let mut meta = vm
                 .snapshot(self.runtime(), &built)
                 .await
-                .map_err(|e| vm_error("taking the snapshot", e))?;
+                .map_err(Error::vm("taking the snapshot"))?;
             // The VM runs on; a read hold keeps a suspend or delete from removing the files
             // the copied layer's backing chain still reads until it is flattened.
             let _hold = slot.downgrade();
             let disk = built.join("disk.qcow2");
             moat_vm::disk::rebase(&disk, &image.rootfs, "raw")
                 .await
-                .map_err(|e| vm_error("flattening the snapshot's disk", e))?;
+                .map_err(Error::vm("flattening the snapshot's disk"))?;
             fsync(&disk)?;
             let rootfs = std::fs::canonicalize(&image.rootfs)
                 .map_err(io(format!("resolving {}", image.rootfs.display())))?;
@@ -380,7 +256,7 @@ impl Manager {
                 format: "raw".to_string(),
             });
             meta.store(&built)
-                .map_err(|e| vm_error("writing the snapshot's metadata", e))?;
+                .map_err(Error::vm("writing the snapshot's metadata"))?;
             fsync(&built)?;
             return Ok(built);
         }
@@ -391,122 +267,12 @@ impl Manager {
     }
 }
 
-// ---- routes ----
-
-type GroupParams = std::result::Result<UrlPath<(String, String)>, PathRejection>;
-
-/// The ready snapshot `name` of `group`, if the key may see the group.
-pub(crate) async fn visible_snapshot(
-    state: &AppState,
-    p: &Principal,
-    group: &str,
-    name: &str,
-) -> Result<Snapshot> {
-    visible_group(state, p, group).await?;
-    api::validate_name("snapshot name", name)?;
-    let (g, n) = (group.to_string(), name.to_string());
-    state
-        .store
-        .call(move |c| get_ready(c, &g, &n))
-        .await?
-        .ok_or_else(|| no_snapshot(group, name))
-}
-
-#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/snapshots", tag = "snapshots",
-    security(("bearer" = [])),
-    params(("group" = String, Path, description = "Group name"),
-        ("id" = String, Path, description = "Sandbox id")),
-    request_body = CreateSnapshot,
-    responses(
-        (status = 201, description = "Taken; the sandbox runs on (a suspended one is resumed \
-            first)", body = Snapshot),
-        (status = 400, description = "Bad name", body = ErrorBody),
-        (status = 401, body = ErrorBody),
-        (status = 403, description = "A reader key", body = ErrorBody),
-        (status = 404, body = ErrorBody),
-        (status = 409, description = "The name is taken in the group, or the sandbox is not \
-            running or suspended", body = ErrorBody),
-        (status = 413, body = ErrorBody),
-        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn create_snapshot(
-    State(state): State<AppState>,
-    p: Principal,
-    params: GroupParams,
-    ApiJson(req): ApiJson<CreateSnapshot>,
-) -> Result<(StatusCode, Json<Snapshot>)> {
-    let (group, id) = crate::http::sandbox_params(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
-    require_use(&p)?;
-    api::validate_name("snapshot name", &req.name)?;
-    let snap = state.manager()?.snapshot(&row, &req.name).await?;
-    Ok((StatusCode::CREATED, Json(snap)))
-}
-
-#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/snapshots", tag = "snapshots",
-    security(("bearer" = [])),
-    params(("group" = String, Path, description = "Group name")),
-    responses(
-        (status = 200, description = "The group's snapshots, oldest first", body = SnapshotList),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn list_snapshots(
-    State(state): State<AppState>,
-    p: Principal,
-    group: std::result::Result<UrlPath<String>, PathRejection>,
-) -> Result<Json<SnapshotList>> {
-    let group = group
-        .map(|UrlPath(g)| g)
-        .map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))?;
-    visible_group(&state, &p, &group).await?;
-    let snapshots = state
-        .store
-        .call(move |c| list_ready(c, Some(&group)))
-        .await?;
-    Ok(Json(SnapshotList { snapshots }))
-}
-
-#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/snapshots/{name}", tag = "snapshots",
-    security(("bearer" = [])),
-    params(("group" = String, Path, description = "Group name"),
-        ("name" = String, Path, description = "Snapshot name")),
-    responses(
-        (status = 200, body = Snapshot),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn get_snapshot(
-    State(state): State<AppState>,
-    p: Principal,
-    params: GroupParams,
-) -> Result<Json<Snapshot>> {
-    let (group, name) = crate::http::sandbox_params(params)?;
-    visible_snapshot(&state, &p, &group, &name).await.map(Json)
-}
-
-#[utoipa::path(delete, path = "/v1/sandbox-groups/{group}/snapshots/{name}", tag = "snapshots",
-    security(("bearer" = [])),
-    params(("group" = String, Path, description = "Group name"),
-        ("name" = String, Path, description = "Snapshot name")),
-    responses(
-        (status = 204, description = "Deleted; its forks are not affected"),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, description = "A reader key", body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn delete_snapshot(
-    State(state): State<AppState>,
-    p: Principal,
-    params: GroupParams,
-) -> Result<StatusCode> {
-    let (group, name) = crate::http::sandbox_params(params)?;
-    let snap = visible_snapshot(&state, &p, &group, &name).await?;
-    require_use(&p)?;
-    let home = state.manager()?.runtime().home.clone();
-    let (g, n) = (snap.group.clone(), snap.name.clone());
-    state.store.call(move |c| delete_row(c, &g, &n)).await?;
-    // The row is gone first: a crash now leaves a directory that the next start removes.
-    tokio::task::spawn_blocking(move || remove_tree(&dir(&home, &snap.group, &snap.name)))
+/// Removes snapshot `name` of `group` from disk (its row is already gone).
+pub(crate) async fn remove(home: PathBuf, group: &str, name: &str) -> Result<()> {
+    let path = dir(&home, group, name);
+    tokio::task::spawn_blocking(move || remove_tree(&path))
         .await
-        .map_err(|e| Error::Internal(format!("removing the snapshot: {e}")))?;
-    Ok(StatusCode::NO_CONTENT)
+        .map_err(Error::task("removing the snapshot"))
 }
 
 /// Removes the snapshot directories of a deleted group (its rows went with it).

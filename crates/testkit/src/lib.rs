@@ -2,6 +2,8 @@
 //! and image builders (OCI layouts and `docker save` archives). Missing host tools make the
 //! fixtures panic with the package to install: nothing is skipped silently.
 
+pub mod openapi;
+
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

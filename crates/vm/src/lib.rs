@@ -2,7 +2,11 @@
 //! QEMU `microvm` processes with memory snapshots, copy-on-write disks and CPU quotas; on top of
 //! them sandboxes (a VM plus a session with its agent), snapshots and templates.
 //!
-//! Everything here runs real QEMU; only the QMP protocol tests use a fake peer.
+//! The two largest parts are directories split by concern: `qemu/` (the `Vm` handle, the pure
+//! argument builder, spawning, pidfds, `/proc`) and `agent/` (the session, then `exec`, `files`
+//! and `procs`, named like the guest agent's files and the daemon's routes).
+//!
+//! Everything here runs real QEMU; only the QMP protocol and agent session tests use a fake peer.
 
 pub mod accel;
 pub mod agent;

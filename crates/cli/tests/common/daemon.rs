@@ -2,6 +2,9 @@
 //! with its own MOAT_HOME. Every JSON response received through [`Daemon::call`] is checked
 //! against the daemon's own OpenAPI document.
 
+// Each test binary compiles this module and uses a part of it.
+#[allow(unused_imports)]
+pub use moat_testkit::openapi::{check_response, validate};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -426,66 +429,6 @@ impl Drop for Daemon {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
     }
-}
-
-/// The response must be documented for its route (status code), and a JSON body must validate
-/// against the documented schema.
-pub fn check_response(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
-    let path_only = path.split('?').next().unwrap();
-    let Some((template, item)) = doc["paths"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .find(|(t, _)| template_matches(t, path_only))
-    else {
-        // Unknown endpoints answer with the error shape; there is no route to document.
-        assert_eq!(status, 404, "{method} {path}");
-        assert!(body["error"]["code"].is_string(), "{body}");
-        return;
-    };
-    let op = &item[method.to_ascii_lowercase()];
-    assert!(
-        op.is_object(),
-        "{method} {template} is not in the OpenAPI document"
-    );
-    let resp = &op["responses"][status.to_string()];
-    assert!(
-        resp.is_object(),
-        "status {status} of {method} {template} is not in the OpenAPI document (body {body})"
-    );
-    let schema = &resp["content"]["application/json"]["schema"];
-    if schema.is_null() {
-        if resp["content"].is_null() {
-            assert!(
-                body.is_null(),
-                "{method} {template} {status}: undocumented body {body}"
-            );
-        }
-        return;
-    }
-    validate(doc, schema, body, &format!("{method} {template} {status}"));
-}
-
-/// `body` must validate against `schema`, a schema of the OpenAPI document `doc`.
-pub fn validate(doc: &Value, schema: &Value, body: &Value, what: &str) {
-    // `$ref`s point into the document's components: give the schema a copy of them.
-    let mut root = schema.clone();
-    root["components"] = doc["components"].clone();
-    let validator = jsonschema::validator_for(&root).expect("a valid schema");
-    let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
-    assert!(
-        errors.is_empty(),
-        "{what}: body {body} does not match the document: {errors:?}"
-    );
-}
-
-pub fn template_matches(template: &str, path: &str) -> bool {
-    let t: Vec<&str> = template.split('/').collect();
-    let p: Vec<&str> = path.split('/').collect();
-    t.len() == p.len()
-        && t.iter()
-            .zip(&p)
-            .all(|(t, p)| (t.starts_with('{') && !p.is_empty()) || t == p)
 }
 
 pub fn msg(v: &Value) -> String {

@@ -15,7 +15,6 @@ use std::time::Duration;
 use super::Manager;
 use crate::api::{self, OnIdle, SandboxState};
 use crate::error::Result;
-use crate::store;
 
 /// How often the reaper applies lifecycle timers and tops up pools.
 const TICK: Duration = Duration::from_millis(500);
@@ -104,12 +103,12 @@ impl Manager {
         self.flush_activity().await?;
         let groups: HashMap<String, api::GroupSpec> = self
             .store
-            .call(|c| store::list_groups(c))
+            .list_groups()
             .await?
             .into_iter()
             .map(|g| (g.name, g.spec))
             .collect();
-        let timers = self.store.call(|c| store::list_timers(c)).await?;
+        let timers = self.store.list_timers().await?;
         let now = now_ms();
         // Stored times are whole seconds, rounded down: taken as the end of their second, a
         // timer fires up to a second late but never early.
@@ -197,9 +196,7 @@ impl Manager {
         if seen.is_empty() {
             return Ok(());
         }
-        self.store
-            .call(move |c| store::record_activity(c, &seen))
-            .await
+        self.store.record_activity(seen).await
     }
 
     /// Runs `act` on `id` in the background, unless the reaper is already acting on it.

@@ -34,7 +34,7 @@ use crate::api::{self, Sandbox, SandboxState, Tier};
 use crate::capacity::{Capacity, Limits, Usage};
 use crate::error::{Error, Result};
 use crate::metrics::{self, Metrics};
-use crate::store::{self, Store};
+use crate::store::Store;
 
 use lifecycle::{ActiveHold, Activity};
 use pool::{PoolVm, REFILL_AFTER_HAND_OVER};
@@ -130,15 +130,6 @@ pub struct Manager {
     stopping: AtomicBool,
 }
 
-/// A moat_vm error as an API error: what the guest refused is the caller's to fix (400); the
-/// rest is ours (500, details in the log).
-pub fn vm_error(what: &str, e: moat_vm::Error) -> Error {
-    match e {
-        moat_vm::Error::Guest { message, .. } => Error::BadRequest(format!("{what}: {message}")),
-        e => Error::Internal(format!("{what}: {e}")),
-    }
-}
-
 fn new_id() -> String {
     format!("sb-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
@@ -170,7 +161,7 @@ impl Manager {
             acting: Mutex::new(HashSet::new()),
             stopping: AtomicBool::new(false),
         };
-        let rows = mgr.store.call(|c| store::list_sandboxes(c, None)).await?;
+        let rows = mgr.store.list_sandboxes(None).await?;
         let mut orphans: HashSet<String> = mgr.rt.orphans().into_iter().collect();
         mgr.readopt_pool(&mut orphans).await?;
         for row in rows {
@@ -185,10 +176,7 @@ impl Manager {
                         destroy_orphan(&mgr.rt, &row.id).await;
                     }
                     mgr.remove_suspend_dirs(&row.id);
-                    let id = row.id.clone();
-                    mgr.store
-                        .call(move |c| store::delete_sandbox(c, &id))
-                        .await?;
+                    mgr.store.delete_sandbox(&row.id).await?;
                     tracing::info!(id = row.id, state = row.state.as_str(), "rolled back");
                 }
                 SandboxState::Suspending | SandboxState::Resuming => {
@@ -286,29 +274,25 @@ impl Manager {
     }
 
     async fn set_state(&self, id: &str, state: SandboxState) -> Result<Sandbox> {
-        let i = id.to_string();
         self.store
-            .call(move |c| store::set_sandbox_state(c, &i, state, None))
+            .set_sandbox_state(id, state, None)
             .await?
-            .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
+            .ok_or_else(|| Error::SandboxGone(id.to_string()))
     }
 
     pub(crate) async fn get_row(&self, id: &str) -> Result<Sandbox> {
-        let i = id.to_string();
         self.store
-            .call(move |c| store::get_sandbox(c, &i))
+            .get_sandbox(id)
             .await?
-            .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
+            .ok_or_else(|| Error::SandboxGone(id.to_string()))
     }
 
     async fn fail(&self, id: &str, reason: &str) -> Result<()> {
         tracing::warn!(id, reason, "sandbox failed");
-        let (id, reason) = (id.to_string(), reason.to_string());
         self.store
-            .call(move |c| {
-                store::set_sandbox_state(c, &id, SandboxState::Failed, Some(&reason)).map(|_| ())
-            })
+            .set_sandbox_state(id, SandboxState::Failed, Some(reason))
             .await
+            .map(|_| ())
     }
 
     /// The config of an image by digest; an image removed since is treated as empty (the
@@ -391,7 +375,7 @@ impl Manager {
                     let r = row.clone();
                     let handed = tokio::spawn(async move { mgr.hand_over(pvm, r, config).await })
                         .await
-                        .map_err(|e| Error::Internal(format!("the hand-over task failed: {e}")))?;
+                        .map_err(Error::task("the hand-over task failed"))?;
                     // The refill waits a moment: a restore takes the CPU for a few hundred ms
                     // (TCG), and the new sandbox's first requests come first.
                     self.back_off_for(&group.name, REFILL_AFTER_HAND_OVER);
@@ -488,7 +472,7 @@ impl Manager {
             Err(e)
         })
         .await
-        .map_err(|e| Error::Internal(format!("the fork task failed: {e}")))?
+        .map_err(Error::task("the fork task failed"))?
     }
 
     /// Reserves room for `row` (429 if the host has none), inserts it (state creating) and
@@ -505,8 +489,7 @@ impl Manager {
             row.tier,
             &format!("a new tier {} sandbox", row.tier.as_str()),
         )?;
-        let r = row.clone();
-        if let Err(e) = self.store.call(move |c| store::insert_sandbox(c, &r)).await {
+        if let Err(e) = self.store.insert_sandbox(&row).await {
             self.cap.release(&row.id);
             return Err(e);
         }
@@ -539,26 +522,22 @@ impl Manager {
                 Ok(sb) => {
                     *slot = Some(sb);
                     drop(slot);
-                    let i = id.clone();
                     mgr.store
-                        .call(move |c| store::set_sandbox_state(c, &i, SandboxState::Running, None))
+                        .set_sandbox_state(&id, SandboxState::Running, None)
                         .await?
-                        .ok_or_else(|| Error::Conflict(format!("sandbox {id} was deleted")))
+                        .ok_or_else(|| Error::SandboxGone(id.to_string()))
                 }
                 Err(e) => {
                     mgr.cap.release(&id);
                     mgr.lock_live().remove(&id);
                     mgr.remove_suspend_dirs(&id);
-                    let i = id.clone();
-                    mgr.store
-                        .call(move |c| store::delete_sandbox(c, &i))
-                        .await?;
-                    Err(vm_error("starting the sandbox", e))
+                    mgr.store.delete_sandbox(&id).await?;
+                    Err(Error::vm("starting the sandbox")(e))
                 }
             }
         })
         .await
-        .map_err(|e| Error::Internal(format!("the create task failed: {e}")))?
+        .map_err(Error::task("the create task failed"))?
     }
 
     /// Starts a fork of snapshot `snap` as a *resume* of a private copy of it: the copy is
@@ -595,9 +574,8 @@ impl Manager {
         let mgr = self.clone();
         let id = id.to_string();
         tokio::spawn(async move {
-            let i = id.clone();
             mgr.store
-                .call(move |c| store::set_sandbox_state(c, &i, SandboxState::Deleting, None))
+                .set_sandbox_state(&id, SandboxState::Deleting, None)
                 .await?;
             if let Some(entry) = mgr.entry(&id) {
                 // Execs and transfers in flight end now instead of the delete waiting for them.
@@ -610,10 +588,10 @@ impl Manager {
                 mgr.lock_live().remove(&id);
             }
             mgr.remove_suspend_dirs(&id);
-            mgr.store.call(move |c| store::delete_sandbox(c, &id)).await
+            mgr.store.delete_sandbox(&id).await
         })
         .await
-        .map_err(|e| Error::Internal(format!("the delete task failed: {e}")))?
+        .map_err(Error::task("the delete task failed"))?
     }
 
     /// A shared hold on the running sandbox `row`, resuming it first if it is suspended: the
@@ -626,7 +604,7 @@ impl Manager {
             let current = self
                 .get_row(&row.id)
                 .await
-                .map_err(|_| Error::Conflict(format!("sandbox {} was deleted", row.id)))?;
+                .map_err(|_| Error::SandboxGone(row.id.clone()))?;
             match current.state {
                 SandboxState::Running
                 | SandboxState::Suspending

@@ -16,7 +16,7 @@ use moat_image::ImageConfig;
 use moat_vm::LaunchOptions;
 use tokio::sync::OwnedMutexGuard;
 
-use super::{new_id, vm_error, Manager};
+use super::{new_id, Manager};
 use crate::api::{Sandbox, SandboxState, Tier};
 use crate::error::{Error, Result};
 use crate::store;
@@ -49,7 +49,7 @@ impl Manager {
     /// Re-adopts the pool members whose VM is alive (taking them out of `orphans`) and drops
     /// the rows of the rest.
     pub(super) async fn readopt_pool(&self, orphans: &mut HashSet<String>) -> Result<()> {
-        let members = self.store.call(|c| store::list_pool_members(c)).await?;
+        let members = self.store.list_pool_members().await?;
         for m in members {
             let adopted = if orphans.remove(&m.id) {
                 match moat_vm::Sandbox::adopt(&self.rt, &m.id).await {
@@ -75,10 +75,7 @@ impl Manager {
                 }
                 None => {
                     // Its refill was interrupted, or its VM died: the pool makes another.
-                    let id = m.id.clone();
-                    self.store
-                        .call(move |c| store::delete_pool_member(c, &id))
-                        .await?;
+                    self.store.delete_pool_member(&m.id).await?;
                 }
             }
         }
@@ -145,7 +142,7 @@ impl Manager {
             state: SandboxState::Running,
             ..row
         };
-        match self.store.call(move |c| store::hand_over(c, &row)).await {
+        match self.store.hand_over(&row).await {
             Ok(row) => {
                 self.insert(&id, pvm.vm, config);
                 tracing::info!(id, group = row.group, "handed over from the pool");
@@ -160,12 +157,7 @@ impl Manager {
     }
 
     async fn destroy_pooled(&self, m: PoolVm) {
-        let id = m.id.clone();
-        if let Err(e) = self
-            .store
-            .call(move |c| store::delete_pool_member(c, &id))
-            .await
-        {
+        if let Err(e) = self.store.delete_pool_member(&m.id).await {
             tracing::warn!(id = m.id, error = %e, "removing a pool member's row");
         }
         m.vm.destroy().await;
@@ -228,13 +220,7 @@ impl Manager {
             if self.stopping.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            let g = group.to_string();
-            let Some(spec) = self
-                .store
-                .call(move |c| store::get_group(c, &g))
-                .await?
-                .map(|g| g.spec)
-            else {
+            let Some(spec) = self.store.get_group(group).await?.map(|g| g.spec) else {
                 self.drain_pool(group).await;
                 return Ok(());
             };
@@ -244,7 +230,7 @@ impl Manager {
                 let r = spec.image.clone();
                 let resolved = tokio::task::spawn_blocking(move || images.resolve(&r))
                     .await
-                    .map_err(|e| Error::Internal(format!("resolving the image: {e}")))?
+                    .map_err(Error::task("resolving the image"))?
                     .map_err(|e| {
                         Error::Internal(format!("resolving the pool's image {}: {e}", spec.image))
                     })?;
@@ -287,12 +273,7 @@ impl Manager {
                 spec.tier,
                 &format!("a warm-pool VM of group {group}"),
             )?;
-            let m = member.clone();
-            if let Err(e) = self
-                .store
-                .call(move |c| store::insert_pool_member(c, &m))
-                .await
-            {
+            if let Err(e) = self.store.insert_pool_member(&member).await {
                 self.cap.release(&member.id);
                 return Err(e);
             }
@@ -327,11 +308,8 @@ impl Manager {
                 }
                 Err(e) => {
                     self.cap.release(&member.id);
-                    let id = member.id.clone();
-                    self.store
-                        .call(move |c| store::delete_pool_member(c, &id))
-                        .await?;
-                    return Err(vm_error("restoring a warm-pool VM", e));
+                    self.store.delete_pool_member(&member.id).await?;
+                    return Err(Error::vm("restoring a warm-pool VM")(e));
                 }
             }
         }

@@ -19,7 +19,7 @@ use std::time::Instant;
 use moat_vm::LaunchOptions;
 use tokio::sync::RwLock;
 
-use super::{conflict, vm_error, Entry, Manager};
+use super::{conflict, Entry, Manager};
 use crate::api::{Sandbox, SandboxState};
 use crate::error::{Error, Result};
 use crate::metrics;
@@ -146,7 +146,7 @@ impl Manager {
                 Err(e) => {
                     // The VM is gone either way, and the previous directory (if any) has
                     // given up its memory image: nothing is left to resume.
-                    let err = vm_error("suspending the sandbox", e);
+                    let err = Error::vm("suspending the sandbox")(e);
                     mgr.lock_live().remove(&id);
                     mgr.fail(&id, &format!("{err}")).await?;
                     Err(err)
@@ -154,7 +154,7 @@ impl Manager {
             }
         })
         .await
-        .map_err(|e| Error::Internal(format!("the suspend task failed: {e}")))?
+        .map_err(Error::task("the suspend task failed"))?
     }
 
     /// Resumes a suspended sandbox from its newest suspend directory (processes, memory and
@@ -211,11 +211,11 @@ impl Manager {
                 Err(e) => {
                     mgr.cap.release(&id);
                     mgr.set_state(&id, SandboxState::Suspended).await?;
-                    Err(vm_error("resuming the sandbox", e))
+                    Err(Error::vm("resuming the sandbox")(e))
                 }
             }
         })
         .await
-        .map_err(|e| Error::Internal(format!("the resume task failed: {e}")))?
+        .map_err(Error::task("the resume task failed"))?
     }
 }

@@ -1,39 +1,51 @@
 //! One QEMU `microvm` process per sandbox: launch (cold boot or restore from a memory
 //! snapshot), QMP control, the agent channel, memory snapshots, and reliable cleanup.
 //!
+//! This file is the VM handle ([`Vm`]) and its life: [`launch`], [`Vm::adopt`], snapshots and
+//! teardown. Split by concern beside it: `args.rs` builds QEMU's argument list (pure, with a
+//! golden test: its `-sandbox` and `-drive` strings matter for security), `spawn.rs` starts
+//! the binary from one long-lived thread with the descriptors it inherits, `pidfd.rs` watches
+//! a QEMU that is not our child, and `procfs.rs` reads `/proc` (the host's TSC frequency, and
+//! which processes are QEMUs of a given disk).
+//!
 //! The QMP and agent sockets are created and bound here and handed to QEMU as inherited
 //! listening descriptors, so they exist before QEMU starts and nobody polls for socket files.
 //! QEMU runs in its own process group (a terminal Ctrl-C reaches only moat, which then cleans
 //! up) with `PR_SET_PDEATHSIG(SIGKILL)`, so it dies with moat even on `kill -9`.
 //!
-//! Caveat: the parent-death signal fires when the *thread* that forked exits, not the
-//! process. All QEMU processes are therefore forked from one dedicated, never-exiting thread
-//! ("moat-qemu-spawner"), never from tokio's blocking pool whose threads come and go.
-//!
 //! A daemon launches its VMs *detached* instead ([`VmSpec::detached`]): no death signal, a
 //! session of their own, so they outlive the daemon, and the next daemon re-adopts them with
 //! [`Vm::adopt`] (they are not its children, so it watches them through a pidfd).
 
+mod args;
+mod pidfd;
+mod procfs;
+mod spawn;
+
 use std::collections::VecDeque;
 use std::future::Future;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::{UnixListener, UnixStream as StdUnixStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
 
 use crate::accel::AccelChoice;
 use crate::error::IoContext;
 use crate::qmp::Qmp;
 use crate::util::file_tail;
 use crate::{Error, Result};
+use pidfd::{PidFd, Process};
+use spawn::{bind, connect};
+
+pub use args::{kernel_cmdline, qemu_args, QemuFds};
+pub(crate) use procfs::kill_qemu_of;
+pub use procfs::{host_tsc_khz, is_qemu_of};
+pub use spawn::{qemu_version, qemu_version_cached};
 
 /// The QEMU binary we run.
 pub const QEMU_BIN: &str = "qemu-system-x86_64";
@@ -130,217 +142,6 @@ impl ConsoleTail {
     }
 }
 
-/// `qemu-system-x86_64 --version`'s first line, e.g. `QEMU emulator version 7.2.22 (...)`.
-/// Part of every snapshot's compatibility key.
-pub fn qemu_version() -> Result<String> {
-    let out = crate::util::run(
-        std::process::Command::new(QEMU_BIN).arg("--version"),
-        QEMU_BIN,
-        "qemu-system-x86",
-    )?;
-    Ok(out.lines().next().unwrap_or_default().trim().to_string())
-}
-
-/// [`qemu_version`], remembered in the file `cache` for as long as the QEMU binary on PATH is
-/// the same file (path, size, mtime, inode): asking QEMU costs ~80 ms, a fifth of a warm
-/// `moat run`, and the answer only changes when QEMU is reinstalled.
-pub fn qemu_version_cached(cache: &Path) -> Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let binary = std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(QEMU_BIN))
-        .find(|p| p.is_file())
-        .ok_or(Error::ToolMissing {
-            tool: QEMU_BIN,
-            package: "qemu-system-x86",
-        })?;
-    let md = std::fs::metadata(&binary).ctx(|| format!("inspecting {}", binary.display()))?;
-    let identity = format!(
-        "{}|{}|{}.{}|{}",
-        binary.display(),
-        md.len(),
-        md.mtime(),
-        md.mtime_nsec(),
-        md.ino()
-    );
-    if let Ok(bytes) = std::fs::read(cache) {
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-            if v["binary"] == identity.as_str() {
-                if let Some(version) = v["version"].as_str() {
-                    return Ok(version.to_string());
-                }
-            }
-        }
-    }
-    let version = qemu_version()?;
-    let record = serde_json::json!({ "binary": identity, "version": version });
-    crate::util::write_atomic(cache, record.to_string().as_bytes())?;
-    Ok(version)
-}
-
-/// The host TSC frequency in kHz from `/proc/cpuinfo`'s "cpu MHz". Under TCG the guest
-/// TSC is the host TSC, and handing the kernel its frequency (`tsc_early_khz`) avoids the
-/// PIT calibration that intermittently fails under TCG and hangs the boot.
-pub fn host_tsc_khz() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
-}
-
-/// The kernel command line.
-pub fn kernel_cmdline() -> String {
-    let mut s = String::from("console=ttyS0 quiet panic=-1 init_on_free=1");
-    match host_tsc_khz() {
-        Some(khz) => s.push_str(&format!(" tsc_early_khz={khz}")),
-        None => tracing::warn!("no \"cpu MHz\" in /proc/cpuinfo: booting without tsc_early_khz"),
-    }
-    // The RTC is needed for the wall clock, but its driver probe costs ~1 s under TCG.
-    s.push_str(" initcall_blacklist=cmos_init");
-    s
-}
-
-/// QEMU option values use `,` as separator; a literal comma is written `,,`.
-fn esc(p: &Path) -> String {
-    p.to_string_lossy().replace(',', ",,")
-}
-
-/// Descriptor numbers QEMU inherits.
-#[derive(Debug, Clone, Copy)]
-pub struct QemuFds {
-    /// Listening socket for QMP.
-    pub qmp: RawFd,
-    /// Listening socket for the agent's virtio-serial port.
-    pub agent: RawFd,
-    /// Connected socket that carries the serial console to the host.
-    pub console: RawFd,
-    /// A memory snapshot to restore.
-    pub incoming: Option<RawFd>,
-}
-
-/// The full QEMU argument list (without the binary).
-pub fn qemu_args(spec: &VmSpec, fds: &QemuFds) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "-M".into(),
-        "microvm,x-option-roms=off,isa-serial=on,rtc=on".into(),
-    ];
-    a.extend(spec.accel.accel.qemu_args().iter().map(|s| s.to_string()));
-    a.extend([
-        "-m".to_string(),
-        spec.mem_mib.to_string(),
-        "-smp".into(),
-        spec.cpus.to_string(),
-        "-nodefaults".into(),
-        "-no-user-config".into(),
-        "-display".into(),
-        "none".into(),
-        "-no-reboot".into(),
-        "-sandbox".into(),
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
-        "-kernel".into(),
-        spec.kernel.to_string_lossy().into_owned(),
-        "-initrd".into(),
-        spec.initramfs.to_string_lossy().into_owned(),
-        "-append".into(),
-        kernel_cmdline(),
-        "-chardev".into(),
-        format!("socket,id=console,fd={}", fds.console),
-        "-serial".into(),
-        "chardev:console".into(),
-        "-chardev".into(),
-        format!("socket,id=qmp,fd={},server=on,wait=off", fds.qmp),
-        "-mon".into(),
-        "chardev=qmp,mode=control".into(),
-        // writeback (not unsafe): guest flushes reach the host file, so the overlay is
-        // consistent when `stop`/migration flush it for a snapshot.
-        "-drive".into(),
-        format!(
-            "id=root,file={},format=qcow2,if=none,cache=writeback",
-            esc(&spec.disk)
-        ),
-        "-device".into(),
-        "virtio-blk-device,drive=root".into(),
-        "-device".into(),
-        "virtio-serial-device".into(),
-        "-chardev".into(),
-        format!("socket,id=agent,fd={},server=on,wait=off", fds.agent),
-        "-device".into(),
-        "virtserialport,chardev=agent,name=agent".into(),
-    ]);
-    if let Some(fd) = fds.incoming {
-        a.push("-incoming".into());
-        a.push(format!("fd:{fd}"));
-    }
-    a
-}
-
-type SpawnJob = Box<dyn FnOnce() + Send>;
-
-/// The long-lived thread all QEMUs are forked from (see the module docs for why).
-fn spawner() -> Result<std::sync::MutexGuard<'static, mpsc::Sender<SpawnJob>>> {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
-    let m = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnJob>();
-        let spawned = std::thread::Builder::new()
-            .name("moat-qemu-spawner".into())
-            .spawn(move || {
-                for job in rx {
-                    job();
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!("cannot start the QEMU spawner thread: {e}");
-        }
-        Mutex::new(tx)
-    });
-    m.lock()
-        .map_err(|_| Error::InvalidArgument("QEMU spawner lock poisoned".into()))
-}
-
-/// Spawns `cmd` on the spawner thread, inside the caller's tokio runtime.
-async fn spawn_on_spawner(mut cmd: Command) -> std::io::Result<Child> {
-    let handle = tokio::runtime::Handle::current();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let job: SpawnJob = Box::new(move || {
-        let _guard = handle.enter();
-        let _ = tx.send(cmd.spawn());
-    });
-    spawner()
-        .map_err(|e| std::io::Error::other(e.to_string()))?
-        .send(job)
-        .map_err(|_| std::io::Error::other("QEMU spawner thread is gone"))?;
-    rx.await
-        .map_err(|_| std::io::Error::other("QEMU spawner thread dropped the request"))?
-}
-
-/// Binds a listening Unix socket at `path`, replacing a stale socket file.
-fn bind(path: &Path) -> Result<UnixListener> {
-    if path.as_os_str().len() >= 108 {
-        return Err(Error::InvalidArgument(format!(
-            "socket path {} is longer than the 107 bytes Unix sockets allow: use a shorter run/home directory",
-            path.display()
-        )));
-    }
-    let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).ctx(|| format!("binding {}", path.display()))
-}
-
-/// Connects to one of our own listening sockets. The listener is already in the listen
-/// state, so this completes at once (queued in the backlog until QEMU accepts).
-fn connect(path: &Path) -> Result<UnixStream> {
-    let s = StdUnixStream::connect(path).ctx(|| format!("connecting to {}", path.display()))?;
-    s.set_nonblocking(true)
-        .ctx(|| format!("configuring {}", path.display()))?;
-    UnixStream::from_std(s).ctx(|| format!("registering {}", path.display()))
-}
-
 /// Starts QEMU for `spec` and returns once QMP answers. A cold boot returns while the guest
 /// is still booting (wait for the agent yourself, e.g. with [`Vm::while_alive`]); a restore
 /// returns with the guest running again (`cont` done).
@@ -375,60 +176,7 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
     tracing::debug!(?args, "starting QEMU");
     let stderr =
         std::fs::File::create(&stderr_log).ctx(|| format!("creating {}", stderr_log.display()))?;
-    let mut cmd = Command::new(QEMU_BIN);
-    cmd.args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(stderr))
-        .kill_on_drop(!spec.detached);
-    if !spec.detached {
-        cmd.process_group(0);
-    }
-    let detached = spec.detached;
-    let parent = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (setsid, prctl, getppid, fcntl, _exit) on plain integers;
-    // it allocates nothing and touches no locks.
-    unsafe {
-        cmd.pre_exec(move || {
-            if detached {
-                // A session of its own: no signal aimed at our terminal or group reaches it.
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // moat died between fork and prctl: the signal will never come, so go now.
-            if !detached && libc::getppid() as u32 != parent {
-                libc::_exit(1);
-            }
-            for &fd in &keep {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let child = spawn_on_spawner(cmd).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::ToolMissing {
-                tool: QEMU_BIN,
-                package: "qemu-system-x86",
-            }
-        } else {
-            Error::io(format!("starting {QEMU_BIN}"), e)
-        }
-    })?;
+    let child = spawn::spawn(&args, stderr, keep, spec.detached).await?;
     // QEMU holds its own copies now.
     drop((qmp_listener, agent_listener, console_qemu, incoming));
     let console = ConsoleTail::default();
@@ -891,217 +639,5 @@ impl Drop for Vm {
         let _ = std::fs::remove_file(&self.qmp_sock);
         let _ = std::fs::remove_file(&self.agent_sock);
         crate::cgroup::remove_cpu_limit(self.proc.pid);
-    }
-}
-
-/// The QEMU process: our child, or one adopted from an earlier moat.
-#[derive(Debug)]
-enum Process {
-    Child(Child),
-    /// Not our child (its parent died): watched through a pidfd, reaped by init.
-    Adopted(PidFd),
-}
-
-impl Process {
-    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        match self {
-            Process::Child(c) => c.wait().await,
-            Process::Adopted(p) => {
-                p.wait().await?;
-                // Only the parent learns the status; report success rather than invent one.
-                Ok(std::os::unix::process::ExitStatusExt::from_raw(0))
-            }
-        }
-    }
-
-    fn start_kill(&mut self) {
-        match self {
-            Process::Child(c) => {
-                let _ = c.start_kill();
-            }
-            Process::Adopted(p) => {
-                let _ = p.kill();
-            }
-        }
-    }
-
-    /// Waits up to `timeout` for the process to exit, blocking the thread (used in `Drop`).
-    fn wait_blocking(&mut self, timeout: Duration) {
-        match self {
-            Process::Child(c) => {
-                let deadline = Instant::now() + timeout;
-                while Instant::now() < deadline {
-                    match c.try_wait() {
-                        Ok(Some(_)) | Err(_) => break,
-                        Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-                    }
-                }
-            }
-            Process::Adopted(p) => {
-                p.poll(timeout.as_millis() as libc::c_int);
-            }
-        }
-    }
-}
-
-/// A pidfd: a handle on one process that stays valid (and never names another process) after
-/// the pid is reused; readable once the process has exited.
-#[derive(Debug)]
-struct PidFd(tokio::io::unix::AsyncFd<OwnedFd>);
-
-/// A pidfd outside tokio (for synchronous callers such as garbage collection).
-#[derive(Debug)]
-struct SyncPidFd(OwnedFd);
-
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
-    // SAFETY: pidfd_open(2) takes a pid and flags by value and returns a new descriptor or -1;
-    // no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a descriptor the kernel just created for us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// Whether the process behind pidfd `fd` has exited, waiting up to `timeout_ms` (0: just look).
-fn pidfd_poll(fd: RawFd, timeout_ms: libc::c_int) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is a valid pollfd on our stack and we pass a count of 1.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    n > 0 && pfd.revents & libc::POLLIN != 0
-}
-
-/// SIGKILLs the process behind pidfd `fd`.
-fn pidfd_kill(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: pidfd_send_signal(2) with a pidfd, a signal number, no siginfo (NULL) and no
-    // flags; it reads no memory of ours.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd,
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-impl SyncPidFd {
-    fn has_exited(&self) -> bool {
-        pidfd_poll(self.0.as_raw_fd(), 0)
-    }
-
-    fn kill(&self) -> std::io::Result<()> {
-        pidfd_kill(self.0.as_raw_fd())
-    }
-}
-
-impl PidFd {
-    fn open(pid: u32) -> std::io::Result<PidFd> {
-        let fd = pidfd_open(pid)?;
-        // SAFETY: `fd` is a valid descriptor we own; the AsyncFd owns it from here and it is
-        // neither replaced nor closed while registered.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-        };
-        Ok(PidFd(registered?))
-    }
-
-    fn open_blocking(pid: u32) -> std::io::Result<SyncPidFd> {
-        pidfd_open(pid).map(SyncPidFd)
-    }
-
-    /// Whether the process has exited, waiting up to `timeout_ms` (0: just look).
-    fn poll(&self, timeout_ms: libc::c_int) -> bool {
-        pidfd_poll(self.0.get_ref().as_raw_fd(), timeout_ms)
-    }
-
-    fn has_exited(&self) -> bool {
-        self.poll(0)
-    }
-
-    async fn wait(&self) -> std::io::Result<()> {
-        // Readiness stays set once the process is gone, so every later wait returns at once.
-        let _ready = self.0.readable().await?;
-        Ok(())
-    }
-
-    fn kill(&self) -> std::io::Result<()> {
-        pidfd_kill(self.0.get_ref().as_raw_fd())
-    }
-}
-
-/// Whether `pid` is a live QEMU whose root drive is `disk`: the guard against pid reuse when
-/// adopting a VM or deciding that a run directory is still in use.
-pub fn is_qemu_of(pid: u32, disk: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let mut args = cmdline.split(|&b| b == 0);
-    let is_qemu = args.next().is_some_and(|a0| {
-        Path::new(std::ffi::OsStr::from_bytes(a0))
-            .file_name()
-            .is_some_and(|n| n.as_bytes().starts_with(b"qemu-system"))
-    });
-    if !is_qemu {
-        return false;
-    }
-    let Ok(want) = std::fs::canonicalize(disk) else {
-        return false;
-    };
-    args.filter_map(|a| a.strip_prefix(b"id=root,file="))
-        .any(|rest| {
-            // The value ends at the first single comma; `,,` is an escaped comma.
-            let mut value = Vec::new();
-            let mut i = 0;
-            while i < rest.len() {
-                if rest[i] == b',' {
-                    if rest.get(i + 1) == Some(&b',') {
-                        value.push(b',');
-                        i += 2;
-                        continue;
-                    }
-                    break;
-                }
-                value.push(rest[i]);
-                i += 1;
-            }
-            std::fs::canonicalize(std::ffi::OsStr::from_bytes(&value)).is_ok_and(|p| p == want)
-        })
-}
-
-/// SIGKILLs every QEMU whose root drive is `disk` (a detached VM whose directory is being
-/// removed). Scans `/proc`, so only called for directories already judged dead.
-pub(crate) fn kill_qemu_of(disk: &Path) {
-    if !disk.exists() {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if !is_qemu_of(pid, disk) {
-            continue;
-        }
-        // Through a pidfd, re-checked after opening it, so a reused pid is never signalled.
-        if let Ok(fd) = PidFd::open_blocking(pid) {
-            if is_qemu_of(pid, disk) && !fd.has_exited() {
-                tracing::warn!(pid, disk = %disk.display(), "killing a QEMU nobody owns");
-                let _ = fd.kill();
-            }
-        }
     }
 }

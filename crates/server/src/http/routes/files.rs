@@ -10,65 +10,47 @@ use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::get;
+use axum::{Json, Router};
 use futures_util::{Stream, StreamExt};
-use moat_protocol::{ErrorKind, FileKind, FileStat};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use moat_protocol::{ErrorKind, FileKind};
+use serde::Deserialize;
+use utoipa::OpenApi;
 
-use crate::api::{self, ErrorBody};
+use crate::api::{self, entry, ErrorBody, FileEntry, FileList, FileWritten, MAX_PATH};
 use crate::error::{Error, Result};
-use crate::http::{query, running_sandbox, sandbox_params, AppState};
+use crate::http::access::running_sandbox;
+use crate::http::extract::{path_param, query};
+use crate::http::state::AppState;
 use crate::sandboxes::Running;
-use crate::store::{rfc3339, Principal};
+use crate::store::Principal;
 
-/// Longest path accepted (Linux's PATH_MAX, NUL included).
-pub const MAX_PATH: usize = 4095;
-
-/// The answer to an upload.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FileWritten {
-    pub path: String,
-    /// The bytes received and written, as counted by the daemon.
-    pub size: u64,
+pub(in crate::http) fn router() -> Router<AppState> {
+    Router::new()
+        // Uploads stream to the guest and are not bounded by MAX_BODY.
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/files",
+            get(get_file)
+                .put(put_file)
+                .delete(delete_file)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/files/list",
+            get(list_files),
+        )
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum EntryKind {
-    File,
-    Dir,
-    Symlink,
-    Other,
-}
-
-/// One entry of a directory listing (symlinks are not followed).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FileEntry {
-    pub name: String,
-    pub kind: EntryKind,
-    /// Size in bytes as the guest reports it.
-    pub size: u64,
-    /// Permission bits in octal, e.g. "0644".
-    pub mode: String,
-    /// Modification time, RFC 3339 UTC.
-    pub mtime: String,
-    /// Where a symlink points (symlinks only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub link_target: Option<String>,
-}
-
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FileList {
-    pub path: String,
-    pub entries: Vec<FileEntry>,
-}
+#[derive(OpenApi)]
+#[openapi(
+    paths(put_file, get_file, list_files, delete_file),
+    components(schemas(FileWritten, FileList, FileEntry, api::EntryKind))
+)]
+pub(in crate::http) struct Doc;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,7 +138,7 @@ async fn open(
     params: std::result::Result<Path<(String, String)>, PathRejection>,
     write: bool,
 ) -> Result<(String, Running)> {
-    let (group, id) = sandbox_params(params)?;
+    let (group, id) = path_param(params)?;
     let run = running_sandbox(state, p, &group, &id, write).await?;
     Ok((format!("/v1/sandbox-groups/{group}/sandboxes/{id}"), run))
 }
@@ -218,7 +200,7 @@ where
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody),
         (status = 507, description = "The guest's disk is full", body = ErrorBody)))]
-pub(crate) async fn put_file(
+async fn put_file(
     State(state): State<AppState>,
     p: Principal,
     params: std::result::Result<Path<(String, String)>, PathRejection>,
@@ -267,7 +249,7 @@ pub(crate) async fn put_file(
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn get_file(
+async fn get_file(
     State(state): State<AppState>,
     p: Principal,
     params: std::result::Result<Path<(String, String)>, PathRejection>,
@@ -352,7 +334,7 @@ pub(crate) async fn get_file(
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn list_files(
+async fn list_files(
     State(state): State<AppState>,
     p: Principal,
     params: std::result::Result<Path<(String, String)>, PathRejection>,
@@ -377,22 +359,6 @@ pub(crate) async fn list_files(
     }))
 }
 
-fn entry(name: String, st: &FileStat) -> FileEntry {
-    FileEntry {
-        name,
-        kind: match st.kind {
-            FileKind::File => EntryKind::File,
-            FileKind::Dir => EntryKind::Dir,
-            FileKind::Symlink => EntryKind::Symlink,
-            FileKind::Other => EntryKind::Other,
-        },
-        size: st.size,
-        mode: format!("{:04o}", st.mode & 0o7777),
-        mtime: rfc3339(st.mtime_ns.div_euclid(1_000_000_000)),
-        link_target: st.link_target.clone(),
-    }
-}
-
 #[utoipa::path(delete, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/files", tag = "files",
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name"),
@@ -409,7 +375,7 @@ fn entry(name: String, st: &FileStat) -> FileEntry {
         (status = 409, description = "A non-empty directory without recursive=true, or \
             the sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn delete_file(
+async fn delete_file(
     State(state): State<AppState>,
     p: Principal,
     params: std::result::Result<Path<(String, String)>, PathRejection>,

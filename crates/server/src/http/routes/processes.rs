@@ -5,124 +5,68 @@
 //! Roles: starting and killing need a user, owner or admin key, as exec does; listing, logs
 //! and waiting change nothing and need only visibility of the group (reader and up).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use moat_protocol::ErrorKind;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use serde::Deserialize;
+use utoipa::OpenApi;
 
-use crate::api::{self, ErrorBody, ExecExit, ExecRequest};
+use crate::api::{
+    self, rfc3339, ErrorBody, ExecExit, ExecRequest, KillProcess, Process, ProcessExit,
+    ProcessList, ProcessLogs, ProcessStarted, StartProcess, DEFAULT_WAIT_S, MAX_WAIT_S,
+};
 use crate::error::{Error, Result};
-use crate::http::{query, require_use, running_sandbox, visible_sandbox, ApiJson, AppState};
-use crate::sandboxes::vm_error;
-use crate::store::{rfc3339, Principal};
+use crate::http::access::{require_use, running_sandbox, visible_sandbox};
+use crate::http::extract::{path_param, query, ApiJson, MAX_BODY};
+use crate::http::state::AppState;
+use crate::store::Principal;
 
-/// The longest a wait may block, in seconds.
-pub const MAX_WAIT_S: f64 = 300.0;
-/// How long a wait blocks without `timeout_s`.
-pub const DEFAULT_WAIT_S: f64 = 30.0;
-
-/// `POST …/sandboxes/{id}/processes`: exactly one of `argv` and `command`. Validated and
-/// merged with the image's and the sandbox's settings exactly as an exec (without stdin).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct StartProcess {
-    /// Program and arguments, run as given; `argv[0]` is looked up in PATH when it has no '/'.
-    pub argv: Option<Vec<String>>,
-    /// A shell command line, run as `/bin/sh -c COMMAND`.
-    pub command: Option<String>,
-    /// Over the image's and the sandbox's environment.
-    pub env: BTreeMap<String, String>,
-    /// Absolute working directory; default: the image's, else the user's home.
-    pub cwd: Option<String>,
-    /// Name or uid, optionally `:group`; default: the image's user, else root.
-    pub user: Option<String>,
-    /// Kill the process and everything it started after this many seconds (0 < t ≤ 604800).
-    pub timeout_s: Option<f64>,
+pub(in crate::http) fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/processes",
+            get(list_processes).post(start_process),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/processes/{pid_id}/kill",
+            post(kill_process),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/processes/{pid_id}/wait",
+            post(wait_process),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/processes/{pid_id}/logs",
+            get(process_logs),
+        )
 }
 
-impl From<StartProcess> for ExecRequest {
-    fn from(s: StartProcess) -> ExecRequest {
-        ExecRequest {
-            argv: s.argv,
-            command: s.command,
-            env: s.env,
-            cwd: s.cwd,
-            user: s.user,
-            stdin: None,
-            timeout_s: s.timeout_s,
-        }
-    }
-}
-
-/// A started background process.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessStarted {
-    /// The sandbox's id for it (`p1`, `p2`, …), never reused while the sandbox lives.
-    pub id: String,
-    /// Its pid in the guest (informational).
-    pub pid: u32,
-}
-
-/// How a background process ended.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessExit {
-    /// The exit code, when it exited by itself.
-    pub code: Option<i32>,
-    /// The signal that ended it, if one did.
-    pub signal: Option<i32>,
-    /// Killed because its `timeout_s` ran out.
-    pub timed_out: bool,
-}
-
-/// One background process.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Process {
-    pub id: String,
-    pub pid: u32,
-    /// As started (the guest may shorten very long ones).
-    pub argv: Vec<String>,
-    pub running: bool,
-    /// How it ended; null while it runs.
-    pub exit: Option<ProcessExit>,
-    /// RFC 3339 UTC.
-    pub started_at: String,
-}
-
-/// The sandbox's background processes: the running ones and the newest finished ones, oldest
-/// first.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessList {
-    pub processes: Vec<Process>,
-}
-
-/// What the guest kept of a process's output: the newest 1 MiB of each stream.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessLogs {
-    /// Decoded as UTF-8; invalid bytes (or a character cut by the ring) become U+FFFD.
-    pub stdout: String,
-    pub stderr: String,
-}
-
-/// `POST …/processes/{pid_id}/kill`; the body may be omitted.
-#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct KillProcess {
-    /// The signal to send to the process's group (1–64); default 15 (SIGTERM). 9 kills
-    /// everything it started.
-    pub signal: Option<i32>,
-}
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        start_process,
+        list_processes,
+        kill_process,
+        wait_process,
+        process_logs
+    ),
+    components(schemas(
+        StartProcess,
+        ProcessStarted,
+        Process,
+        ProcessExit,
+        ProcessList,
+        ProcessLogs,
+        KillProcess
+    ))
+)]
+pub(in crate::http) struct Doc;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,8 +80,7 @@ type Params2 = std::result::Result<Path<(String, String)>, PathRejection>;
 /// The sandbox and the process id of a `…/processes/{pid_id}/…` path; an id the guest could
 /// never have given is the same 404 as an unknown one.
 fn proc_params(params: Params3) -> Result<(String, String, String)> {
-    let Path((group, id, proc)) =
-        params.map_err(|e| Error::BadRequest(format!("invalid path: {}", e.body_text())))?;
+    let (group, id, proc) = path_param(params)?;
     let digits = proc.strip_prefix('p').unwrap_or("");
     if !(1..=20).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(no_proc(&proc, &id));
@@ -168,7 +111,7 @@ fn proc_error(op: &str, proc: &str, sandbox: &str, e: moat_vm::Error) -> Error {
             "process {} is still running; wait again or kill it",
             api::quote(proc)
         )),
-        e => vm_error(op, e),
+        e => Error::vm(op)(e),
     }
 }
 
@@ -189,13 +132,13 @@ fn proc_error(op: &str, proc: &str, sandbox: &str, e: moat_vm::Error) -> Error {
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn start_process(
+async fn start_process(
     State(state): State<AppState>,
     p: Principal,
     params: Params2,
     ApiJson(req): ApiJson<StartProcess>,
 ) -> Result<(StatusCode, Json<ProcessStarted>)> {
-    let (group, id) = crate::http::sandbox_params(params)?;
+    let (group, id) = path_param(params)?;
     let req = ExecRequest::from(req);
     let row = visible_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
@@ -207,7 +150,7 @@ pub(crate) async fn start_process(
         .agent()
         .proc_start(request)
         .await
-        .map_err(|e| vm_error("start", e))?;
+        .map_err(Error::vm("start"))?;
     Ok((
         StatusCode::CREATED,
         Json(ProcessStarted {
@@ -228,19 +171,19 @@ pub(crate) async fn start_process(
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn list_processes(
+async fn list_processes(
     State(state): State<AppState>,
     p: Principal,
     params: Params2,
 ) -> Result<Json<ProcessList>> {
-    let (group, id) = crate::http::sandbox_params(params)?;
+    let (group, id) = path_param(params)?;
     let run = running_sandbox(&state, &p, &group, &id, false).await?;
     let procs = run
         .sandbox()?
         .agent()
         .proc_list()
         .await
-        .map_err(|e| vm_error("list processes", e))?;
+        .map_err(Error::vm("list processes"))?;
     let processes = procs
         .into_iter()
         .map(|i| Process {
@@ -275,7 +218,7 @@ pub(crate) async fn list_processes(
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 413, body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn kill_process(
+async fn kill_process(
     State(state): State<AppState>,
     p: Principal,
     params: Params3,
@@ -286,7 +229,7 @@ pub(crate) async fn kill_process(
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Error::PayloadTooLarge(format!(
                 "the request body is larger than the limit of {} bytes",
-                crate::http::MAX_BODY
+                MAX_BODY
             ))
         } else {
             Error::BadRequest(format!("cannot read the request body: {}", e.body_text()))
@@ -330,7 +273,7 @@ pub(crate) async fn kill_process(
         (status = 409, description = "Still running after timeout_s, or the sandbox is not \
             running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn wait_process(
+async fn wait_process(
     State(state): State<AppState>,
     p: Principal,
     params: Params3,
@@ -370,7 +313,7 @@ pub(crate) async fn wait_process(
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn process_logs(
+async fn process_logs(
     State(state): State<AppState>,
     p: Principal,
     params: Params3,

@@ -15,17 +15,32 @@ use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpg
 use axum::extract::{Path, State};
 use axum::http::Uri;
 use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
 use moat_vm::agent::{Exec, ExecEvent};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::mpsc;
-use utoipa::ToSchema;
+use utoipa::OpenApi;
 
-use crate::api::{self, ErrorBody, ExecRequest};
+use crate::api::{self, ErrorBody, ExecRequest, ShellExit};
 use crate::error::{Error, Result};
 use crate::exec::{start, Start};
-use crate::http::{query, require_use, sandbox_params, visible_sandbox, AppState};
+use crate::http::access::{require_use, visible_sandbox};
+use crate::http::extract::{path_param, query};
+use crate::http::state::AppState;
 use crate::sandboxes::Running;
 use crate::store::Principal;
+
+pub(in crate::http) fn router() -> Router<AppState> {
+    Router::new().route(
+        "/v1/sandbox-groups/{group}/sandboxes/{id}/shell",
+        get(shell),
+    )
+}
+
+#[derive(OpenApi)]
+#[openapi(paths(shell), components(schemas(ShellExit)))]
+pub(in crate::http) struct Doc;
 
 /// Terminal sizes allowed, in character cells, for both dimensions.
 pub const MAX_CELLS: u16 = 1000;
@@ -59,18 +74,6 @@ pub(crate) struct ShellQuery {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum Control {
     Resize { cols: u16, rows: u16 },
-}
-
-/// The server's last message: how the command ended (as `exit_code` in exec).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ShellExit {
-    /// Always "exit".
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// As a shell reports it: the code, 128+N after signal N, 127 when the command does not
-    /// exist.
-    pub exit_code: i32,
-    pub signal: Option<i32>,
 }
 
 fn cells(what: &str, v: Option<&str>) -> Result<u16> {
@@ -138,14 +141,14 @@ fn check_term(t: &str) -> Result<()> {
         (status = 409, description = "The sandbox is not running (and cannot be resumed)",
             body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn shell(
+async fn shell(
     State(state): State<AppState>,
     p: Principal,
     params: std::result::Result<Path<(String, String)>, PathRejection>,
     uri: Uri,
     ws: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response> {
-    let (group, id) = sandbox_params(params)?;
+    let (group, id) = path_param(params)?;
     let row = visible_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let q: ShellQuery = query(&uri)?;

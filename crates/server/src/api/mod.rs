@@ -1,0 +1,284 @@
+//! The types of the HTTP API (requests and responses) and their validation, one file per
+//! resource, each with its validation beside its types and its tests at its end. The OpenAPI
+//! document is generated from these, so they are the single description of the wire format.
+//! Requests reject unknown fields: a typo must fail loudly, not be silently ignored.
+//!
+//! This file holds the error body and the checks that several resources share (names,
+//! images, environments, labels, quoting).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::{Error, Result};
+
+mod exec;
+mod files;
+mod groups;
+mod images;
+mod keys;
+mod processes;
+mod sandboxes;
+mod shell;
+mod snapshots;
+mod system;
+
+pub use exec::*;
+pub use files::*;
+pub use groups::*;
+pub use images::*;
+pub use keys::*;
+pub use moat_vm::Tier;
+pub use processes::*;
+pub use sandboxes::*;
+pub use shell::*;
+pub use snapshots::*;
+pub use system::*;
+
+/// `{"error": {"code", "message"}}`: the body of every error response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable: bad_request, unauthorized, forbidden, not_found,
+    /// method_not_allowed, conflict, payload_too_large, too_many_requests, unavailable,
+    /// no_space, internal.
+    pub code: String,
+    /// For people: what was wrong and, for bad input, what is allowed.
+    pub message: String,
+}
+
+pub(crate) const DAY: u64 = 86_400;
+
+pub const MAX_ENV: usize = 256;
+pub const MAX_LABELS: usize = 64;
+pub const MAX_IMAGE_LEN: usize = 512;
+
+/// Group names: lowercase letters, digits and '-', 1–63 chars, not starting or ending with '-'
+/// (a DNS label, so a name can later appear in host names and paths without escaping).
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadRequest(format!(
+            "invalid {what} {}: allowed are 1–63 lowercase letters, digits and '-', not \
+             starting or ending with '-'",
+            quote(name)
+        )))
+    }
+}
+
+pub(crate) fn validate_image(img: &str) -> Result<()> {
+    if img.is_empty()
+        || img.len() > MAX_IMAGE_LEN
+        || img.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return bad(format!(
+            "invalid image {}: expected an image name or digest of 1–{MAX_IMAGE_LEN} \
+             characters without spaces",
+            quote(img)
+        ));
+    }
+    Ok(())
+}
+
+/// Environment keys as a shell allows them; values without NUL.
+pub(crate) fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<()> {
+    if env.len() > MAX_ENV {
+        return bad(format!(
+            "too many {field} variables ({}): at most {MAX_ENV}",
+            env.len()
+        ));
+    }
+    for (k, v) in env {
+        let key_ok = !k.is_empty()
+            && k.len() <= 256
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !key_ok {
+            return bad(format!(
+                "invalid {field} key {}: letters, digits and '_', not starting with a digit",
+                quote(k)
+            ));
+        }
+        if v.contains('\0') {
+            return bad(format!(
+                "invalid {field} value of {k}: it contains a NUL byte"
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    if labels.len() > MAX_LABELS {
+        return bad(format!(
+            "too many labels ({}): at most {MAX_LABELS}",
+            labels.len()
+        ));
+    }
+    for (k, v) in labels {
+        validate_label_key(k)
+            .map_err(|m| Error::BadRequest(format!("invalid label key {}: {m}", quote(k))))?;
+        validate_label_value(v).map_err(|m| {
+            Error::BadRequest(format!(
+                "invalid value {} of label {}: {m}",
+                quote(v),
+                quote(k)
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+pub(crate) fn bad<T>(m: String) -> Result<T> {
+    Err(Error::BadRequest(m))
+}
+
+/// Unix seconds → RFC 3339 UTC (`2024-01-02T03:04:05Z`).
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// A user-supplied string shown in an error message, quoted and cut so that a huge or
+/// multi-line value cannot flood the message.
+pub fn quote(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.chars().count() > MAX {
+        let cut: String = s.chars().take(MAX).collect();
+        format!("{:?}…", cut)
+    } else {
+        format!("{s:?}")
+    }
+}
+
+/// Kubernetes label keys: an optional DNS-subdomain prefix and '/', then a name of ≤ 63
+/// characters, alphanumeric at both ends, with '-', '_' and '.' inside.
+pub fn validate_label_key(k: &str) -> std::result::Result<(), String> {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    if let Some(p) = prefix {
+        let ok = !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if !ok {
+            return Err(
+                "the prefix before '/' must be a lowercase DNS subdomain of at most 253 \
+                        characters"
+                    .to_string(),
+            );
+        }
+    }
+    if name.is_empty() || !label_name_ok(name) {
+        return Err(
+            "expected [prefix/]name, name 1–63 characters of letters, digits, '-', '_' \
+                    and '.', starting and ending with a letter or digit"
+                .to_string(),
+        );
+    }
+    Ok(())
+}
+
+pub fn validate_label_value(v: &str) -> std::result::Result<(), String> {
+    if v.is_empty() || label_name_ok(v) {
+        Ok(())
+    } else {
+        Err(
+            "expected at most 63 characters of letters, digits, '-', '_' and '.', starting and \
+             ending with a letter or digit (or empty)"
+                .to_string(),
+        )
+    }
+}
+
+fn label_name_ok(s: &str) -> bool {
+    let b = s.as_bytes();
+    s.len() <= 63
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "team-a", "a1", &"x".repeat(63)] {
+            validate_name("group name", ok).unwrap();
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "é", &"x".repeat(64)] {
+            let e = validate_name("group name", bad).unwrap_err().to_string();
+            assert!(e.contains("lowercase letters"), "{e}");
+        }
+    }
+
+    #[test]
+    fn labels() {
+        for ok in ["app", "app.kubernetes.io/name", "a_b-c.d", "x/Y"] {
+            validate_label_key(ok).unwrap();
+        }
+        for bad in ["", "/a", "a/", "-a", "a-", "A/b", "a/b/c", &"x".repeat(64)] {
+            assert!(validate_label_key(bad).is_err(), "{bad}");
+        }
+        for ok in ["", "v1", "a.b_c-d"] {
+            validate_label_value(ok).unwrap();
+        }
+        for bad in ["-v", "v ", "ü", &"x".repeat(64)] {
+            assert!(validate_label_value(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rfc3339_formats() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn quoting_is_bounded() {
+        let q = quote(&"x".repeat(10_000));
+        assert!(q.len() < 100);
+    }
+}

@@ -1,0 +1,175 @@
+//! Sandboxes: their states, the create request (an image, or forks of a snapshot) and the
+//! sandbox as returned, and label selectors.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{
+    bad, quote, validate_env, validate_image, validate_label_key, validate_label_value,
+    validate_labels, validate_name, Tier,
+};
+use crate::error::{Error, Result};
+
+/// Where a sandbox is in its life. `failed` comes with a `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Creating,
+    Running,
+    Suspending,
+    Suspended,
+    Resuming,
+    Deleting,
+    Failed,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Suspending => "suspending",
+            SandboxState::Suspended => "suspended",
+            SandboxState::Resuming => "resuming",
+            SandboxState::Deleting => "deleting",
+            SandboxState::Failed => "failed",
+        }
+    }
+
+    pub const ALL: [SandboxState; 7] = [
+        SandboxState::Creating,
+        SandboxState::Running,
+        SandboxState::Suspending,
+        SandboxState::Suspended,
+        SandboxState::Resuming,
+        SandboxState::Deleting,
+        SandboxState::Failed,
+    ];
+
+    pub fn parse(s: &str) -> Option<SandboxState> {
+        SandboxState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// `POST /v1/sandbox-groups/{group}/sandboxes`. Every field is optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CreateSandbox {
+    /// Image name or digest; default: the group's image.
+    pub image: Option<String>,
+    /// Default: the group's tier.
+    pub tier: Option<Tier>,
+    /// Environment of every exec in the sandbox, over the image's (an exec's own `env` wins).
+    pub env: BTreeMap<String, String>,
+    /// Kubernetes-style labels, for `?labels=` selectors.
+    pub labels: BTreeMap<String, String>,
+    /// Fork a snapshot of this group instead of starting the image: processes, memory and
+    /// files as they were, with fresh entropy, clock and hostname. Excludes `image` and
+    /// `tier` (the snapshot's are used).
+    pub from_snapshot: Option<String>,
+    /// With `from_snapshot`: how many forks, 1–16; the answer is then `{"sandboxes": […]}`.
+    /// Either all of them are created or none.
+    #[schema(minimum = 1, maximum = 16)]
+    pub count: Option<u32>,
+}
+
+/// The most forks one create makes. Restores share the host's CPUs (each fork's QEMU loads a
+/// ~100 MiB memory image; on a 2-core TCG host about 0.3 s of CPU each), so a larger burst
+/// belongs in several requests or a warm pool.
+pub const MAX_FORKS: u32 = 16;
+
+/// A sandbox as the API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Sandbox {
+    /// `sb-` and 12 hex digits.
+    pub id: String,
+    pub group: String,
+    pub state: SandboxState,
+    /// Why the sandbox is `failed`; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Manifest digest of the image it runs.
+    pub image: String,
+    pub tier: Tier,
+    pub env: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub updated_at: String,
+    /// The end of the last exec, file or shell request (RFC 3339, UTC; recorded within a
+    /// second or so); absent if there was none yet. The idle timer counts from this, or from
+    /// the last resume or the creation if later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxList {
+    pub sandboxes: Vec<Sandbox>,
+}
+
+/// The answer to a create: one sandbox, or (with `count`) the list of forks.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Created {
+    One(Sandbox),
+    Many(SandboxList),
+}
+
+impl CreateSandbox {
+    pub fn validate(&self) -> Result<()> {
+        if let Some(img) = &self.image {
+            validate_image(img)?;
+        }
+        match (&self.from_snapshot, self.count) {
+            (Some(name), count) => {
+                validate_name("snapshot name", name)?;
+                if self.image.is_some() || self.tier.is_some() {
+                    return Err(Error::BadRequest(
+                        "from_snapshot excludes image and tier: a fork runs the snapshot's \
+                         image and tier"
+                            .to_string(),
+                    ));
+                }
+                if let Some(n) = count {
+                    if !(1..=MAX_FORKS).contains(&n) {
+                        return Err(Error::BadRequest(format!(
+                            "count must be 1–{MAX_FORKS}, got {n}"
+                        )));
+                    }
+                }
+            }
+            (None, Some(_)) => {
+                return Err(Error::BadRequest(
+                    "count is only allowed with from_snapshot (an N-way fork)".to_string(),
+                ))
+            }
+            (None, None) => {}
+        }
+        validate_env("env", &self.env)?;
+        validate_labels(&self.labels)
+    }
+}
+
+/// Parses a label selector `k=v,k2=v2` (every pair must match; `k=` matches an empty value).
+pub fn parse_selector(s: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let Some((k, v)) = part.split_once('=') else {
+            return bad(format!(
+                "invalid label selector {}: expected key=value[,key=value…]",
+                quote(s)
+            ));
+        };
+        validate_label_key(k)
+            .map_err(|m| Error::BadRequest(format!("invalid selector key {}: {m}", quote(k))))?;
+        validate_label_value(v)
+            .map_err(|m| Error::BadRequest(format!("invalid selector value {}: {m}", quote(v))))?;
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}

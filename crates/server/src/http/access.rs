@@ -1,0 +1,157 @@
+//! Who may see and do what: a key sees only its groups (anything else is a 404, the same as
+//! for what does not exist), and its role decides what it may change.
+
+use crate::api::{self, Group, Role, Sandbox, Snapshot};
+use crate::error::{Error, Result};
+use crate::sandboxes::Running;
+use crate::store::Principal;
+
+use super::state::AppState;
+
+/// The same answer for "does not exist" and "exists but is not yours", so that a key learns
+/// nothing about groups outside its scope.
+pub(crate) fn no_group(name: &str) -> Error {
+    Error::NotFound(format!("no sandbox group {}", api::quote(name)))
+}
+
+pub(crate) fn require_visible(p: &Principal, name: &str) -> Result<()> {
+    if p.sees(name) {
+        Ok(())
+    } else {
+        Err(no_group(name))
+    }
+}
+
+pub(crate) fn require_manage(p: &Principal) -> Result<()> {
+    if p.role >= Role::Owner {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(format!(
+            "a {} key may not change sandbox groups; an owner or admin key may",
+            p.role.as_str()
+        )))
+    }
+}
+
+pub(crate) fn require_use(p: &Principal) -> Result<()> {
+    if p.role >= Role::User {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(format!(
+            "a {} key may only read sandboxes; a user, owner or admin key may create, use and \
+             delete them",
+            p.role.as_str()
+        )))
+    }
+}
+
+pub(crate) fn require_admin(p: &Principal) -> Result<()> {
+    if p.role == Role::Admin {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(format!(
+            "only an admin key may manage API keys (this one is {})",
+            p.role.as_str()
+        )))
+    }
+}
+
+/// The group, if the key may see it (else the same 404 as for a missing group).
+pub(crate) async fn visible_group(state: &AppState, p: &Principal, name: &str) -> Result<Group> {
+    api::validate_name("group name", name)?;
+    require_visible(p, name)?;
+    state
+        .store
+        .get_group(name)
+        .await?
+        .ok_or_else(|| no_group(name))
+}
+
+/// The row of sandbox `id` of `group`: 404 for one of another group, as for a missing one.
+pub(crate) async fn visible_sandbox(
+    state: &AppState,
+    p: &Principal,
+    group: &str,
+    id: &str,
+) -> Result<Sandbox> {
+    api::validate_name("group name", group)?;
+    require_visible(p, group)?;
+    let no_sandbox = || {
+        Error::NotFound(format!(
+            "no sandbox {} in group {}",
+            api::quote(id),
+            api::quote(group)
+        ))
+    };
+    if id.len() > 64 {
+        return Err(no_sandbox());
+    }
+    match state.store.get_sandbox(id).await? {
+        Some(sb) if sb.group == group => Ok(sb),
+        _ => Err(no_sandbox()),
+    }
+}
+
+/// A hold on sandbox `id` of `group` for a data-plane route (files, processes): visibility
+/// first, then the role (`use_`: the route changes something, so readers are refused), then
+/// the manager's `running`, which resumes a suspended sandbox.
+pub(crate) async fn running_sandbox(
+    state: &AppState,
+    p: &Principal,
+    group: &str,
+    id: &str,
+    use_: bool,
+) -> Result<Running> {
+    let row = visible_sandbox(state, p, group, id).await?;
+    if use_ {
+        require_use(p)?;
+    }
+    state.manager()?.running(&row).await
+}
+
+/// A sandbox as `p` may see it: `env` often carries credentials, so a reader gets the
+/// variables' names only.
+pub(crate) fn shown_to(p: &Principal, mut sb: Sandbox) -> Sandbox {
+    if p.role == Role::Reader {
+        for v in sb.env.values_mut() {
+            *v = "<redacted>".to_string();
+        }
+    }
+    sb
+}
+
+pub(crate) fn no_snapshot(group: &str, name: &str) -> Error {
+    Error::NotFound(format!(
+        "no snapshot {} in group {}",
+        api::quote(name),
+        api::quote(group)
+    ))
+}
+
+/// The ready snapshot `name` of `group`, if the key may see the group.
+pub(crate) async fn visible_snapshot(
+    state: &AppState,
+    p: &Principal,
+    group: &str,
+    name: &str,
+) -> Result<Snapshot> {
+    visible_group(state, p, group).await?;
+    api::validate_name("snapshot name", name)?;
+    state
+        .store
+        .get_snapshot(group, name)
+        .await?
+        .ok_or_else(|| no_snapshot(group, name))
+}
+
+/// Images are shared by every group: only an admin key may change them.
+pub(crate) fn require_image_admin(p: &Principal, what: &str) -> Result<()> {
+    if p.role == Role::Admin {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(format!(
+            "only an admin key may {what} (images are shared by every group); this one is {}",
+            p.role.as_str()
+        )))
+    }
+}

@@ -1,0 +1,135 @@
+//! The HTTP API: the router and the OpenAPI document, assembled from one module per resource.
+//!
+//! - `state`: [`AppState`], what every handler gets;
+//! - `extract`: the caller's principal, JSON bodies, path and query parameters;
+//! - `access`: which key may see and do what;
+//! - `routes/<resource>.rs`: the handlers of one resource, its route table and its part of
+//!   the OpenAPI document (`Doc`), so that adding an endpoint touches that one file.
+//!
+//! Route modules import from `state`, `extract` and `access` (and from `api`, `store`,
+//! `error` and the daemon's logic), never from each other or from this file.
+
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::Uri;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::api::{self, ErrorBody};
+use crate::error::Error;
+
+pub mod access;
+pub mod extract;
+mod routes;
+pub mod state;
+
+pub use extract::{ApiJson, MAX_BODY};
+pub use state::AppState;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .merge(routes::system::router())
+        .merge(routes::groups::router())
+        .merge(routes::sandboxes::router())
+        .merge(routes::exec::router())
+        .merge(routes::files::router())
+        .merge(routes::processes::router())
+        .merge(routes::shell::router())
+        .merge(routes::snapshots::router())
+        .merge(routes::images::router())
+        .merge(routes::keys::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// The whole OpenAPI document: this file's part (info, security, the error body and
+/// `/openapi.json`) and every route module's `Doc`.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    for part in [
+        routes::system::Doc::openapi(),
+        routes::groups::Doc::openapi(),
+        routes::sandboxes::Doc::openapi(),
+        routes::exec::Doc::openapi(),
+        routes::files::Doc::openapi(),
+        routes::processes::Doc::openapi(),
+        routes::shell::Doc::openapi(),
+        routes::snapshots::Doc::openapi(),
+        routes::images::Doc::openapi(),
+        routes::keys::Doc::openapi(),
+    ] {
+        doc.merge(part);
+    }
+    doc
+}
+
+async fn not_found(uri: Uri) -> Error {
+    Error::NotFound(format!(
+        "no such endpoint {}; see /openapi.json",
+        api::quote(uri.path())
+    ))
+}
+
+async fn method_not_allowed(req: Request) -> Error {
+    Error::MethodNotAllowed(format!(
+        "{} is not allowed on {}; see /openapi.json",
+        req.method(),
+        api::quote(req.uri().path())
+    ))
+}
+
+/// Counts every request by route template and status, and times it.
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_string(), |m| m.as_str().to_string());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .observe(&route, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "system",
+    responses((status = 200, description = "This document (OpenAPI 3.1)")))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi_document())
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "moat", description = "moatd: sandbox groups, sandboxes and API keys. Errors are always \
+        {\"error\": {\"code\", \"message\"}}."),
+    paths(openapi),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API key: moat_ + 43 base62 characters"))
+                    .build(),
+            ),
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! `/v1/sandbox-groups[/{group}]`: list, read, create or update (PUT) and delete groups.
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use utoipa::OpenApi;
+
+use crate::api::{self, ErrorBody, Group, GroupList, GroupSpec};
+use crate::error::{Error, Result};
+use crate::http::access::{no_group, require_manage, require_visible};
+use crate::http::extract::{path_param, query, ApiJson};
+use crate::http::state::AppState;
+use crate::store::Principal;
+
+pub(in crate::http) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/sandbox-groups", get(list_groups))
+        .route(
+            "/v1/sandbox-groups/{group}",
+            get(get_group).put(put_group).delete(delete_group),
+        )
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    paths(list_groups, get_group, put_group, delete_group),
+    components(schemas(Group, api::GroupStatus, GroupList, GroupSpec))
+)]
+pub(in crate::http) struct Doc;
+
+#[utoipa::path(get, path = "/v1/sandbox-groups", tag = "groups",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The groups this key may see", body = GroupList),
+        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn list_groups(State(state): State<AppState>, p: Principal) -> Result<Json<GroupList>> {
+    let groups = state.store.list_groups().await?;
+    Ok(Json(GroupList {
+        groups: groups
+            .into_iter()
+            .filter(|g| p.sees(&g.name))
+            .map(|g| with_status(&state, g))
+            .collect(),
+    }))
+}
+
+/// `group` with its live status filled in.
+fn with_status(state: &AppState, mut group: Group) -> Group {
+    if let Some(mgr) = state.sandboxes.ready() {
+        group.status.pool_ready = mgr.pool_ready_in(&group.name) as u32;
+    }
+    group
+}
+
+#[utoipa::path(get, path = "/v1/sandbox-groups/{group}", tag = "groups",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name")),
+    responses(
+        (status = 200, body = Group),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, description = "No such group, or not visible to this key", body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+async fn get_group(
+    State(state): State<AppState>,
+    p: Principal,
+    name: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Json<Group>> {
+    let name = path_param(name)?;
+    api::validate_name("group name", &name)?;
+    require_visible(&p, &name)?;
+    state
+        .store
+        .get_group(&name)
+        .await?
+        .map(|g| Json(with_status(&state, g)))
+        .ok_or_else(|| no_group(&name))
+}
+
+#[utoipa::path(put, path = "/v1/sandbox-groups/{group}", tag = "groups",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name: 1–63 of [a-z0-9-], not starting or ending with '-'")),
+    request_body = GroupSpec,
+    responses(
+        (status = 201, description = "Created", body = Group),
+        (status = 200, description = "Updated (or unchanged)", body = Group),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn put_group(
+    State(state): State<AppState>,
+    p: Principal,
+    name: std::result::Result<Path<String>, PathRejection>,
+    ApiJson(spec): ApiJson<GroupSpec>,
+) -> Result<Response> {
+    let name = path_param(name)?;
+    api::validate_name("group name", &name)?;
+    require_visible(&p, &name)?;
+    require_manage(&p)?;
+    spec.validate()?;
+    let (group, created) = state.store.put_group(&name, &spec).await?;
+    // The pool grows, shrinks or is rebuilt for a new image or tier in the background.
+    if let Some(mgr) = state.sandboxes.ready() {
+        mgr.refill(&group.name);
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(with_status(&state, group))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteGroupQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/sandbox-groups/{group}", tag = "groups",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("force" = Option<bool>, Query, description = "Also delete the group's sandboxes and \
+            snapshots")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The group still has sandboxes or snapshots", body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+async fn delete_group(
+    State(state): State<AppState>,
+    p: Principal,
+    name: std::result::Result<Path<String>, PathRejection>,
+    uri: Uri,
+) -> Result<StatusCode> {
+    let name = path_param(name)?;
+    api::validate_name("group name", &name)?;
+    require_visible(&p, &name)?;
+    require_manage(&p)?;
+    let q: DeleteGroupQuery = query(&uri)?;
+    if q.force {
+        // The VMs go first; the store then deletes the rows with the group.
+        if let Some(mgr) = state.sandboxes.ready() {
+            let rows = state.store.list_sandboxes(Some(&name)).await?;
+            for row in rows {
+                mgr.delete(&row.id).await?;
+            }
+        }
+    }
+    state.store.delete_group(&name, q.force).await?;
+    // Its pool's rows went with it; its VMs and its snapshots go now.
+    if let Some(mgr) = state.sandboxes.ready() {
+        mgr.drain_pool(&name).await;
+        let home = mgr.runtime().home.clone();
+        tokio::task::spawn_blocking(move || crate::snapshots::remove_group_dirs(&home, &name))
+            .await
+            .map_err(Error::task("removing the group's snapshots"))?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,13 @@
+//! One module per API resource: its handlers, its route table (`router`) and its part of the
+//! OpenAPI document (`Doc`); `http/mod.rs` merges them.
+
+pub(super) mod exec;
+pub(super) mod files;
+pub(super) mod groups;
+pub(super) mod images;
+pub(super) mod keys;
+pub(super) mod processes;
+pub(super) mod sandboxes;
+pub(super) mod shell;
+pub(super) mod snapshots;
+pub(super) mod system;

@@ -1,0 +1,214 @@
+//! `/v1/sandbox-groups/{group}/sandboxes[/{id}]`: create (from the image or as forks of a
+//! snapshot), list, read and delete sandboxes, and suspend and resume them.
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, Uri};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use utoipa::OpenApi;
+
+use crate::api::{self, CreateSandbox, Created, ErrorBody, Sandbox, SandboxList};
+use crate::error::Result;
+use crate::http::access::{
+    require_use, shown_to, visible_group, visible_sandbox, visible_snapshot,
+};
+use crate::http::extract::{path_param, query, ApiJson};
+use crate::http::state::AppState;
+use crate::store::Principal;
+
+pub(in crate::http) fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes",
+            get(list_sandboxes).post(create_sandbox),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}",
+            get(get_sandbox).delete(delete_sandbox),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/suspend",
+            post(suspend_sandbox),
+        )
+        .route(
+            "/v1/sandbox-groups/{group}/sandboxes/{id}/resume",
+            post(resume_sandbox),
+        )
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        create_sandbox,
+        list_sandboxes,
+        get_sandbox,
+        delete_sandbox,
+        suspend_sandbox,
+        resume_sandbox
+    ),
+    components(schemas(Sandbox, SandboxList, api::SandboxState, CreateSandbox, Created))
+)]
+pub(in crate::http) struct Doc;
+
+#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name")),
+    request_body = CreateSandbox,
+    responses(
+        (status = 201, description = "Created and running: one Sandbox, or with `count` \
+            `{\"sandboxes\": [Sandbox, …]}`", body = Created),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, description = "No such group, or no such snapshot in it", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 429, description = "The host has no room for it (memory or vCPUs); the \
+            message says what it needs and what is free", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn create_sandbox(
+    State(state): State<AppState>,
+    p: Principal,
+    name: std::result::Result<Path<String>, PathRejection>,
+    ApiJson(req): ApiJson<CreateSandbox>,
+) -> Result<(StatusCode, Json<Created>)> {
+    let name = path_param(name)?;
+    let group = visible_group(&state, &p, &name).await?;
+    require_use(&p)?;
+    req.validate()?;
+    let mgr = state.manager()?;
+    let Some(from) = req.from_snapshot.clone() else {
+        let sb = mgr.create(&group, req).await?;
+        return Ok((StatusCode::CREATED, Json(Created::One(sb))));
+    };
+    let snap = visible_snapshot(&state, &p, &name, &from).await?;
+    let dir = crate::snapshots::dir(&mgr.runtime().home, &name, &from);
+    let many = req.count.is_some();
+    let mut forks = mgr.fork(&group, &snap, dir, req).await?;
+    let body = match forks.pop() {
+        Some(one) if !many => Created::One(one),
+        last => Created::Many(SandboxList {
+            sandboxes: forks.into_iter().chain(last).collect(),
+        }),
+    };
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListSandboxesQuery {
+    labels: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/sandboxes", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("labels" = Option<String>, Query,
+            description = "Label selector: key=value[,key=value…]; every pair must match")),
+    responses(
+        (status = 200, body = SandboxList),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn list_sandboxes(
+    State(state): State<AppState>,
+    p: Principal,
+    name: std::result::Result<Path<String>, PathRejection>,
+    uri: Uri,
+) -> Result<Json<SandboxList>> {
+    let name = path_param(name)?;
+    let q: ListSandboxesQuery = query(&uri)?;
+    let selector = api::parse_selector(q.labels.as_deref().unwrap_or(""))?;
+    visible_group(&state, &p, &name).await?;
+    let rows = state.store.list_sandboxes(Some(&name)).await?;
+    Ok(Json(SandboxList {
+        sandboxes: rows
+            .into_iter()
+            .filter(|s| crate::sandboxes::matches(&s.labels, &selector))
+            .map(|s| shown_to(&p, s))
+            .collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/sandbox-groups/{group}/sandboxes/{id}", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, body = Sandbox),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn get_sandbox(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Sandbox>> {
+    let (group, id) = path_param(params)?;
+    let sb = visible_sandbox(&state, &p, &group, &id).await?;
+    Ok(Json(shown_to(&p, sb)))
+}
+
+#[utoipa::path(delete, path = "/v1/sandbox-groups/{group}/sandboxes/{id}", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 204, description = "Its VM is destroyed and its row removed"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn delete_sandbox(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<StatusCode> {
+    let (group, id) = path_param(params)?;
+    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    require_use(&p)?;
+    state.manager()?.delete(&row.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/suspend", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "Suspended (or it was already): its VM has ended, its \
+            memory and disk are saved", body = Sandbox),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The sandbox is creating, deleting or failed", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn suspend_sandbox(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Sandbox>> {
+    let (group, id) = path_param(params)?;
+    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    require_use(&p)?;
+    state.manager()?.suspend(&row.id).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/resume", tag = "sandboxes",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name"),
+        ("id" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "Running again (or it already was), processes and files \
+            as they were", body = Sandbox),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 429, description = "The host has no room to resume it", body = ErrorBody),
+        (status = 409, description = "The sandbox is creating, deleting or failed", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn resume_sandbox(
+    State(state): State<AppState>,
+    p: Principal,
+    params: std::result::Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Sandbox>> {
+    let (group, id) = path_param(params)?;
+    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    require_use(&p)?;
+    state.manager()?.resume(&row.id).await.map(Json)
+}

@@ -1,0 +1,28 @@
+//! `AppState`: what every handler gets: the store, the metrics, the sandbox manager (or why
+//! there is none) and the image operations in progress.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::images::Operations;
+use crate::metrics::Metrics;
+use crate::readiness::Sandboxes;
+use crate::sandboxes::Manager;
+use crate::store::Store;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    /// The sandbox manager, or why this daemon has none yet (being prepared, failed, no
+    /// agent): the group and key routes still work, the sandbox routes answer 503 with why.
+    pub sandboxes: Arc<Sandboxes>,
+    /// Image imports in progress.
+    pub operations: Arc<Operations>,
+}
+
+impl AppState {
+    pub(crate) fn manager(&self) -> Result<Arc<Manager>> {
+        self.sandboxes.manager()
+    }
+}

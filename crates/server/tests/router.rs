@@ -1,0 +1,399 @@
+//! The daemon's router in-process, without a VM runtime or a spawned `moat serve`: an
+//! `AppState` over a store in a temporary directory, requests through `oneshot`. Covers what
+//! needs no VM: authentication, the API-key permission matrix, the error shapes (400, 401, 403,
+//! 404, 405, 413, 503) and that every route of the OpenAPI document is served. Every response
+//! is checked against the generated OpenAPI document.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, Request};
+use axum::Router;
+use moat_server::http::{router, AppState, MAX_BODY};
+use moat_server::images::Operations;
+use moat_server::metrics::Metrics;
+use moat_server::store::Store;
+use moat_testkit::openapi::check_response;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const ADMIN: &str = "moat_AdminAdminAdminAdminAdminAdminAdminAdmin123";
+const G: &str = "/v1/sandbox-groups";
+
+/// A router over a fresh store whose bootstrap key is [`ADMIN`], and its OpenAPI document.
+struct App {
+    router: Router,
+    doc: Value,
+    _home: tempfile::TempDir,
+}
+
+impl App {
+    fn new() -> App {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::open(&home.path().join("moatd.db")).unwrap();
+        assert!(store.bootstrap(Some(ADMIN)).unwrap().is_none());
+        let state = AppState {
+            store,
+            metrics: Arc::new(Metrics::default()),
+            sandboxes: moat_server::readiness::Sandboxes::unavailable(
+                "no VM runtime in the router tests".to_string(),
+            ),
+            operations: Arc::new(Operations::default()),
+        };
+        let doc = serde_json::to_value(moat_server::http::openapi_document()).unwrap();
+        App {
+            router: router(state),
+            doc,
+            _home: home,
+        }
+    }
+
+    /// A request with an optional JSON body; see [`App::send`].
+    async fn call(&self, k: Option<&str>, m: &str, path: &str, b: Option<Value>) -> (u16, Value) {
+        let body = b.map(|b| b.to_string().into_bytes());
+        self.send(request(k, m, path, body)).await
+    }
+
+    /// Sends `req`; returns the status and the JSON body (`null` when empty), after checking
+    /// both against the OpenAPI document.
+    async fn send(&self, req: Request<Body>) -> (u16, Value) {
+        let (method, path) = (req.method().to_string(), req.uri().to_string());
+        let (method, path) = (method.as_str(), path.as_str());
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        if status == 401 {
+            assert_eq!(
+                resp.headers().get(header::WWW_AUTHENTICATE).unwrap(),
+                "Bearer"
+            );
+        }
+        let json = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|t| t.as_bytes().starts_with(b"application/json"));
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else if !json {
+            // `/metrics` is text; the document gives it no JSON schema.
+            Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("{method} {path}: body is not JSON ({e}): {bytes:?}"))
+        };
+        if status >= 400 {
+            assert!(
+                value["error"]["code"].is_string() && value["error"]["message"].is_string(),
+                "{method} {path} {status}: not the error shape: {value}"
+            );
+        }
+        // A 405 has no operation to be documented under, and the document does not describe
+        // itself; everything else must be as documented.
+        if status != 405 && path != "/openapi.json" {
+            check_response(&self.doc, method, path, status, &value);
+        }
+        (status, value)
+    }
+
+    /// A new key of `role` that sees `groups`.
+    async fn key(&self, role: &str, groups: &[&str]) -> String {
+        let (st, k) = self
+            .call(
+                Some(ADMIN),
+                "POST",
+                "/v1/api-keys",
+                Some(json!({"name": role, "role": role, "groups": groups})),
+            )
+            .await;
+        assert_eq!(st, 201, "{k}");
+        k["key"].as_str().unwrap().to_string()
+    }
+}
+
+/// A request with `key` as its Bearer token, if any, and `body` as given (not necessarily JSON).
+fn request(key: Option<&str>, method: &str, path: &str, body: Option<Vec<u8>>) -> Request<Body> {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(k) = key {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    req.body(body.map_or_else(Body::empty, Body::from)).unwrap()
+}
+
+fn msg(v: &Value) -> &str {
+    v["error"]["message"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn missing_malformed_and_unknown_keys_get_401() {
+    let app = App::new();
+    let (st, e) = app.call(None, "GET", G, None).await;
+    assert_eq!(st, 401);
+    assert_eq!(e["error"]["code"], "unauthorized");
+    assert!(msg(&e).contains("Authorization: Bearer"), "{e}");
+    for bad in [
+        "nope",
+        "moat_short",
+        "moat_AdminAdminAdminAdminAdminAdminAdminAdmin124",
+    ] {
+        let (st, e) = app.call(Some(bad), "GET", G, None).await;
+        assert_eq!(st, 401, "{bad}");
+        assert!(msg(&e).contains("invalid or deleted API key"), "{e}");
+    }
+    // Not a bearer token at all.
+    let req = Request::get(G)
+        .header(header::AUTHORIZATION, format!("Basic {ADMIN}"))
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    // Only the health check, the metrics and the document itself are open.
+    for open in ["/healthz", "/metrics", "/openapi.json"] {
+        let req = Request::get(open).body(Body::empty()).unwrap();
+        let resp = app.router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{open}");
+    }
+}
+
+#[tokio::test]
+async fn permission_matrix_of_roles_over_groups_keys_and_sandboxes() {
+    let app = App::new();
+    for g in ["team-a", "team-b"] {
+        let (st, _) = app
+            .call(Some(ADMIN), "PUT", &format!("{G}/{g}"), Some(json!({})))
+            .await;
+        assert_eq!(st, 201);
+    }
+    let mut keys = vec![("admin", ADMIN.to_string())];
+    for role in ["owner", "user", "reader"] {
+        keys.push((role, app.key(role, &["team-a"]).await));
+    }
+    for (role, key) in &keys {
+        let k = Some(key.as_str());
+        let admin = *role == "admin";
+        let manages = matches!(*role, "admin" | "owner");
+        let uses = *role != "reader";
+
+        // groups: its own is readable; changing it needs owner or admin
+        let (st, _) = app.call(k, "GET", &format!("{G}/team-a"), None).await;
+        assert_eq!(st, 200, "{role}");
+        let (st, list) = app.call(k, "GET", G, None).await;
+        assert_eq!(st, 200);
+        let seen = list["groups"].as_array().unwrap().len();
+        assert_eq!(seen, if admin { 2 } else { 1 }, "{role}: {list}");
+        let (st, e) = app
+            .call(k, "PUT", &format!("{G}/team-a"), Some(json!({"tier": "l"})))
+            .await;
+        assert_eq!(st, if manages { 200 } else { 403 }, "{role}: {e}");
+        if !manages {
+            assert!(msg(&e).contains("owner or admin"), "{e}");
+        }
+
+        // another group: invisible to a scoped key, 404 whatever the route, exactly as for a
+        // group that does not exist
+        if !admin {
+            for (m, path, body) in [
+                ("GET", format!("{G}/team-b"), None),
+                ("PUT", format!("{G}/team-b"), Some(json!({}))),
+                ("DELETE", format!("{G}/team-b"), None),
+                ("GET", format!("{G}/team-b/sandboxes"), None),
+                ("POST", format!("{G}/team-b/sandboxes"), Some(json!({}))),
+                ("GET", format!("{G}/team-b/sandboxes/sb-1"), None),
+                ("GET", format!("{G}/team-b/snapshots"), None),
+            ] {
+                let (st, e) = app.call(k, m, &path, body.clone()).await;
+                assert_eq!(st, 404, "{role} {m} {path}: {e}");
+                let missing = path.replace("team-b", "no-such");
+                let (_, e2) = app.call(k, m, &missing, body).await;
+                assert_eq!(
+                    msg(&e).replace("team-b", "X"),
+                    msg(&e2).replace("no-such", "X"),
+                    "{role} {m} {path}: a hidden group answers like a missing one"
+                );
+            }
+        }
+
+        // sandboxes: listing needs visibility only; creating needs a user key or better (and
+        // then this daemon, which has no VM runtime, answers 503)
+        let (st, list) = app
+            .call(k, "GET", &format!("{G}/team-a/sandboxes"), None)
+            .await;
+        assert_eq!(st, 200, "{role}: {list}");
+        let (st, e) = app
+            .call(k, "POST", &format!("{G}/team-a/sandboxes"), Some(json!({})))
+            .await;
+        if uses {
+            assert_eq!(st, 503, "{role}: {e}");
+            assert!(msg(&e).contains("cannot run sandboxes"), "{e}");
+        } else {
+            assert_eq!(st, 403, "{role}: {e}");
+            assert!(msg(&e).contains("may only read sandboxes"), "{e}");
+        }
+        let (st, _) = app
+            .call(k, "GET", &format!("{G}/team-a/sandboxes/sb-0"), None)
+            .await;
+        assert_eq!(st, 404, "{role}");
+
+        // API keys and image imports: admin only
+        let (st, e) = app.call(k, "GET", "/v1/api-keys", None).await;
+        assert_eq!(st, if admin { 200 } else { 403 }, "{role}: {e}");
+        let (st, e) = app
+            .call(
+                k,
+                "POST",
+                "/v1/api-keys",
+                Some(json!({"name": "x", "role": "reader", "groups": ["team-a"]})),
+            )
+            .await;
+        assert_eq!(st, if admin { 201 } else { 403 }, "{role}: {e}");
+        let (st, e) = app
+            .call(
+                k,
+                "POST",
+                "/v1/images",
+                Some(json!({"source": "127.0.0.1:5000/a:b"})),
+            )
+            .await;
+        assert_eq!(st, if admin { 503 } else { 403 }, "{role}: {e}");
+    }
+
+    // A deleted key stops working at once; the last admin key cannot go.
+    let (_, list) = app.call(Some(ADMIN), "GET", "/v1/api-keys", None).await;
+    let list = list["api_keys"].as_array().unwrap().clone();
+    assert!(list.iter().all(|k| k.get("key").is_none()), "no secrets");
+    let id_of = |role: &str| {
+        list.iter().find(|k| k["role"] == role).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let user_key = &keys.iter().find(|(r, _)| *r == "user").unwrap().1;
+    let (st, _) = app
+        .call(
+            Some(ADMIN),
+            "DELETE",
+            &format!("/v1/api-keys/{}", id_of("user")),
+            None,
+        )
+        .await;
+    assert_eq!(st, 204);
+    let (st, _) = app.call(Some(user_key), "GET", G, None).await;
+    assert_eq!(st, 401);
+    let (st, e) = app
+        .call(
+            Some(ADMIN),
+            "DELETE",
+            &format!("/v1/api-keys/{}", id_of("admin")),
+            None,
+        )
+        .await;
+    assert_eq!(st, 409, "{e}");
+    assert!(msg(&e).contains("last admin key"), "{e}");
+}
+
+#[tokio::test]
+async fn error_shapes_400_404_405_413() {
+    let app = App::new();
+    let k = Some(ADMIN);
+    let cases: Vec<(&str, Value, &[&str])> = vec![
+        (
+            "ok",
+            json!({"imgae": "x"}),
+            &["unknown field `imgae`", "`image`"],
+        ),
+        (
+            "Bad_Name",
+            json!({}),
+            &["lowercase letters, digits and '-'"],
+        ),
+        (
+            "ok",
+            json!({"tier": "huge"}),
+            &["unknown variant `huge`", "`xl`"],
+        ),
+        ("ok", json!({"pool": {"size": 65}}), &["0–64"]),
+        ("ok", json!([1, 2]), &["invalid request body"]),
+    ];
+    for (name, body, needles) in cases {
+        let (st, e) = app
+            .call(k, "PUT", &format!("{G}/{name}"), Some(body.clone()))
+            .await;
+        assert_eq!(st, 400, "{body}: {e}");
+        assert_eq!(e["error"]["code"], "bad_request");
+        for n in needles {
+            assert!(msg(&e).contains(n), "{body}: {e} lacks {n:?}");
+        }
+    }
+    let bad_json = Some(b"{not json".to_vec());
+    let (st, e) = app
+        .send(request(k, "PUT", &format!("{G}/ok"), bad_json))
+        .await;
+    assert_eq!(st, 400, "{e}");
+    let (st, e) = app
+        .call(k, "GET", &format!("{G}/ok/sandboxes?labels=a"), None)
+        .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(msg(&e).contains("invalid label selector"), "{e}");
+    let (st, e) = app.call(k, "DELETE", &format!("{G}/ok?nuke=1"), None).await;
+    assert_eq!(st, 400, "{e}");
+    assert!(msg(&e).contains("invalid query"), "{e}");
+
+    let (st, e) = app.call(k, "GET", "/v1/nothing", None).await;
+    assert_eq!(st, 404);
+    assert_eq!(e["error"]["code"], "not_found");
+    assert!(msg(&e).contains("no such endpoint"), "{e}");
+    let (st, e) = app.call(k, "GET", "/v1/api-keys/key-0", None).await;
+    assert_eq!(st, 405, "{e}");
+    assert_eq!(e["error"]["code"], "method_not_allowed");
+    assert!(msg(&e).contains("GET is not allowed on"), "{e}");
+    let (st, e) = app.call(k, "DELETE", "/v1/api-keys/key-0", None).await;
+    assert_eq!(st, 404, "{e}");
+
+    // A body over the limit is refused for its size, before it is parsed.
+    let huge = json!({"labels": {"k": "v".repeat(MAX_BODY)}});
+    let (st, e) = app.call(k, "PUT", &format!("{G}/ok"), Some(huge)).await;
+    assert_eq!(st, 413, "{e}");
+    assert_eq!(e["error"]["code"], "payload_too_large");
+    assert!(msg(&e).contains(&format!("{MAX_BODY} bytes")), "{e}");
+    // Nothing was created by any of this.
+    let (_, list) = app.call(k, "GET", G, None).await;
+    assert_eq!(list["groups"], json!([]));
+}
+
+/// Every operation of the document is routed (nothing it lists answers "no such endpoint"
+/// or 405), and each answer, here without a VM runtime, is one the document describes.
+#[tokio::test]
+async fn every_documented_operation_is_served_as_documented() {
+    let app = App::new();
+    let (st, _) = app
+        .call(Some(ADMIN), "PUT", &format!("{G}/g"), Some(json!({})))
+        .await;
+    assert_eq!(st, 201);
+    let paths = app.doc["paths"].as_object().unwrap().clone();
+    assert!(paths.len() >= 20, "{}", paths.len());
+    let mut operations = 0;
+    for (template, item) in &paths {
+        let path = template
+            .replace("{group}", "g")
+            .replace("{id}", "sb-0")
+            .replace("{pid_id}", "p1")
+            .replace("{name}", "n");
+        for method in ["get", "put", "post", "delete"] {
+            if item[method].is_null() {
+                continue;
+            }
+            operations += 1;
+            let m = method.to_ascii_uppercase();
+            let body = matches!(method, "put" | "post").then(|| json!({}));
+            // `send` checks the status and body against the document.
+            let (st, e) = app.call(Some(ADMIN), &m, &path, body).await;
+            assert_ne!(st, 405, "{m} {template}: {e}");
+            assert!(
+                !msg(&e).contains("no such endpoint"),
+                "{m} {template} is documented but not routed: {e}"
+            );
+        }
+    }
+    assert!(operations >= 30, "{operations}");
+}

@@ -1,0 +1,89 @@
+//! What moat reads from `/proc`: the host's TSC frequency for the guest kernel, and which
+//! processes are QEMUs of a given disk (the guard against pid reuse, and the scan that kills
+//! QEMUs nobody owns).
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use super::pidfd::PidFd;
+
+/// The host TSC frequency in kHz from `/proc/cpuinfo`'s "cpu MHz". Under TCG the guest
+/// TSC is the host TSC, and handing the kernel its frequency (`tsc_early_khz`) avoids the
+/// PIT calibration that intermittently fails under TCG and hangs the boot.
+pub fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+/// Whether `pid` is a live QEMU whose root drive is `disk`: the guard against pid reuse when
+/// adopting a VM or deciding that a run directory is still in use.
+pub fn is_qemu_of(pid: u32, disk: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|&b| b == 0);
+    let is_qemu = args.next().is_some_and(|a0| {
+        Path::new(std::ffi::OsStr::from_bytes(a0))
+            .file_name()
+            .is_some_and(|n| n.as_bytes().starts_with(b"qemu-system"))
+    });
+    if !is_qemu {
+        return false;
+    }
+    let Ok(want) = std::fs::canonicalize(disk) else {
+        return false;
+    };
+    args.filter_map(|a| a.strip_prefix(b"id=root,file="))
+        .any(|rest| {
+            // The value ends at the first single comma; `,,` is an escaped comma.
+            let mut value = Vec::new();
+            let mut i = 0;
+            while i < rest.len() {
+                if rest[i] == b',' {
+                    if rest.get(i + 1) == Some(&b',') {
+                        value.push(b',');
+                        i += 2;
+                        continue;
+                    }
+                    break;
+                }
+                value.push(rest[i]);
+                i += 1;
+            }
+            std::fs::canonicalize(std::ffi::OsStr::from_bytes(&value)).is_ok_and(|p| p == want)
+        })
+}
+
+/// SIGKILLs every QEMU whose root drive is `disk` (a detached VM whose directory is being
+/// removed). Scans `/proc`, so only called for directories already judged dead.
+pub(crate) fn kill_qemu_of(disk: &Path) {
+    if !disk.exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if !is_qemu_of(pid, disk) {
+            continue;
+        }
+        // Through a pidfd, re-checked after opening it, so a reused pid is never signalled.
+        if let Ok(fd) = PidFd::open_blocking(pid) {
+            if is_qemu_of(pid, disk) && !fd.has_exited() {
+                tracing::warn!(pid, disk = %disk.display(), "killing a QEMU nobody owns");
+                let _ = fd.kill();
+            }
+        }
+    }
+}
