@@ -3,10 +3,11 @@
 //! under the policy. It has no bound of its own on time or on the stack: callers facing hostile
 //! input go through `bounded` (see `worker`), which runs this where a crash cannot spread.
 
-use crate::command::{self, Arg};
+use crate::command::{self, Arg, Stdin};
 use crate::decision::{Decision, Finding, Loc, Rule};
 use crate::policy::{is_env_name, CommandVerdict, Family, Mode, Policy};
 use crate::request::CheckRequest;
+use crate::{python, shell};
 
 /// The most bytes of code (a shell string, Python source, code on stdin, all of argv) analysed
 /// at once; more is refused (`input.too-large`), never truncated, so what is checked is always
@@ -32,21 +33,21 @@ pub fn check(policy: &Policy, request: &CheckRequest) -> Decision {
         return an.decide();
     }
     an.limits(request);
+    let stdin = match &request.stdin {
+        Some(code) => Stdin::Known(code.clone()),
+        None => Stdin::Empty,
+    };
     if let Some(argv) = &request.argv {
         let total: usize = argv.iter().map(|a| a.len() + 1).sum();
-        if an.fits(total, &argv.join(" ")) {
-            let args: Vec<Arg> = argv
-                .iter()
-                .map(|a| Arg::literal(a, &argv.join(" ")))
-                .collect();
-            command::resolve(&mut an, &args);
+        let line = argv.join(" ");
+        if an.fits(total, &line) {
+            let args: Vec<Arg> = argv.iter().map(|a| Arg::literal(a, &line)).collect();
+            command::resolve(&mut an, &args, stdin, 0);
         }
-    } else {
-        an.finding(
-            Rule::RequestInvalid,
-            "shell and Python analysis are not in this build yet",
-            Loc::request(""),
-        );
+    } else if let Some(code) = request.command.as_ref().or(request.shell.as_ref()) {
+        shell::analyse(&mut an, code, stdin, 0);
+    } else if let Some(code) = &request.python {
+        python::analyse(&mut an, code, 0);
     }
     an.decide()
 }
@@ -155,6 +156,18 @@ impl<'p> Analysis<'p> {
         }
     }
 
+    /// A change of PATH under an allow list: bare names would then be looked up where the
+    /// caller chose, so they no longer name the allowed programs.
+    pub fn path_change(&mut self, name: &str, loc: &Loc) {
+        if name == "PATH" && self.policy.commands.allow.is_some() {
+            self.finding(
+                Rule::CommandUnresolved,
+                "PATH is changed, so command names may not be the programs commands.allow means",
+                loc.clone(),
+            );
+        }
+    }
+
     /// A command that switches user (`sudo`, `doas`): it escapes `limits.users`.
     pub fn user_switch(&mut self, program: &str, loc: &Loc) {
         if self.policy.limits.users.is_some() {
@@ -192,6 +205,7 @@ impl<'p> Analysis<'p> {
                 );
             } else {
                 self.env_name(name, &Loc::request(name));
+                self.path_change(name, &Loc::request(name));
             }
         }
         if let Some(users) = &limits.users {

@@ -144,6 +144,16 @@ impl Loc {
         }
     }
 
+    /// 1-based `line` and `column` as a parser reports them, with that line as the snippet.
+    pub fn line_col(source: &str, line: usize, column: usize) -> Loc {
+        let text = source.lines().nth(line.saturating_sub(1)).unwrap_or("");
+        Loc {
+            line: Some(u32::try_from(line).unwrap_or(u32::MAX)),
+            column: Some(u32::try_from(column).unwrap_or(u32::MAX)),
+            snippet: clip(text.trim_end(), SNIPPET_CHARS),
+        }
+    }
+
     /// A finding about the request, with a snippet of what was asked.
     pub fn request(snippet: &str) -> Loc {
         Loc {

@@ -9,7 +9,9 @@ mod command;
 mod decision;
 mod error;
 mod policy;
+mod python;
 mod request;
+mod shell;
 
 pub use check::{check, MAX_CODE_BYTES, MAX_FINDINGS, MAX_NESTING};
 pub use decision::{Decision, Finding, Rule};
