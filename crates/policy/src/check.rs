@@ -125,13 +125,14 @@ impl<'p> Analysis<'p> {
     }
 
     /// Python code that can do what any of `families` names; a finding when the policy denies
-    /// one of them, reported under the first denied family in `Family::ALL` order.
+    /// one of them, reported under the first denied one in the order given (its main family
+    /// first).
     pub fn python(&mut self, families: &[Family], message: &str, loc: Loc) {
-        if let Some(family) = Family::ALL
-            .into_iter()
-            .find(|f| families.contains(f) && self.policy.python.deny.contains(f))
+        if let Some(family) = families
+            .iter()
+            .find(|f| self.policy.python.deny.contains(f))
         {
-            self.finding(Rule::for_family(family), message, loc);
+            self.finding(Rule::for_family(*family), message, loc);
         }
     }
 

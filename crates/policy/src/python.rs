@@ -185,6 +185,9 @@ const CODE_RUNNERS: &[&str] = &[
     "code.InteractiveInterpreter.runsource",
 ];
 
+/// Code that could do anything, with running code as its main family.
+const CODE_ANY: [Family; 5] = [DynamicCode, Process, Native, Network, Reflection];
+
 /// Calls that produce text at run time from something unreadable (decoding, decompressing).
 const DECODERS: &[&str] = &[
     "b64decode",
@@ -618,8 +621,8 @@ impl Checker<'_, '_, '_> {
     }
 
     /// Special calls: importers and getattr with computed names, code runners, format-string
-    /// and attrgetter reflection.
-    fn call(&mut self, c: &ast::ExprCall) {
+    /// and attrgetter reflection. True when the callee itself has been reported.
+    fn call(&mut self, c: &ast::ExprCall) -> bool {
         let args = &c.arguments.args;
         if let Expr::Attribute(a) = c.func.as_ref() {
             if a.attr.as_str() == "format" {
@@ -635,7 +638,7 @@ impl Checker<'_, '_, '_> {
             }
         }
         let Some(func) = self.names.resolve(&c.func) else {
-            return;
+            return false;
         };
         let q = func.qname.as_str();
         let hint = |e: &Expr| {
@@ -666,7 +669,12 @@ impl Checker<'_, '_, '_> {
                     }
                     Some(_) => {}
                     None => {
-                        let on_module = args.first().and_then(|o| self.names.resolve(o));
+                        // A module (imported, or builtins itself), not an unknown object whose
+                        // name fell back to `builtins.NAME`.
+                        let on_module = args
+                            .first()
+                            .and_then(|o| self.names.resolve(o))
+                            .filter(|r| r.qname == "builtins" || !r.qname.starts_with("builtins."));
                         let what = q.trim_start_matches("builtins.");
                         match on_module {
                             Some(m) => self.report(
@@ -700,10 +708,11 @@ impl Checker<'_, '_, '_> {
                         "{name} of code the analyser cannot see{}; it could do anything",
                         hint(arg)
                     );
-                    self.report(&Family::ALL, &message, c);
+                    self.report(&CODE_ANY, &message, c);
                 }
-                _ => {}
+                _ => return false,
             }
+            return true;
         } else if matches!(q, "operator.attrgetter" | "operator.methodcaller") {
             for arg in args.iter() {
                 match fold(arg) {
@@ -716,6 +725,7 @@ impl Checker<'_, '_, '_> {
                 }
             }
         }
+        false
     }
 }
 
@@ -802,8 +812,8 @@ impl<'a> Visitor<'a> for Checker<'_, '_, '_> {
         };
         match expr {
             Expr::Call(c) => {
-                self.call(c);
-                if !reported {
+                let callee_reported = self.call(c);
+                if !reported && !callee_reported {
                     self.visit_expr(&c.func);
                 }
                 for arg in c.arguments.args.iter() {
