@@ -12,9 +12,11 @@ mod policy;
 mod python;
 mod request;
 mod shell;
+pub mod worker;
 
 pub use check::{check, MAX_CODE_BYTES, MAX_FINDINGS, MAX_NESTING};
 pub use decision::{Decision, Finding, Rule};
 pub use error::Error;
 pub use policy::{Commands, Family, Limits, Mode, Policy, PythonPolicy, Tests, MAX_TIMEOUT_S};
 pub use request::CheckRequest;
+pub use worker::{check_in_worker, Bounds};
