@@ -548,7 +548,7 @@ fn python_invocation(an: &mut Analysis, program: &str, rest: &[Arg], stdin: &Std
                     let loc = value.map_or(&arg.loc, |a| &a.loc);
                     match (c, text) {
                         ('c', Some(code)) => python::analyse(an, &code, depth + 1),
-                        ('m', Some(module)) => python::analyse_module(an, &module, loc, depth + 1),
+                        ('m', Some(module)) => python::analyse_module(an, &module, loc),
                         (_, None) if value.is_some() => {
                             an.finding(
                                 Rule::ShellDynamic,

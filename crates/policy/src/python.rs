@@ -279,7 +279,7 @@ pub(crate) fn analyse_stdin(an: &mut Analysis, code: &str, _stdin: Stdin, depth:
 }
 
 /// `python -m MODULE`: judged as `import MODULE`.
-pub(crate) fn analyse_module(an: &mut Analysis, module: &str, loc: &Loc, depth: usize) {
+pub(crate) fn analyse_module(an: &mut Analysis, module: &str, loc: &Loc) {
     let valid = !module.is_empty()
         && module
             .split('.')
@@ -299,7 +299,6 @@ pub(crate) fn analyse_module(an: &mut Analysis, module: &str, loc: &Loc, depth: 
             loc.clone(),
         );
     }
-    let _ = depth;
 }
 
 fn describe(families: &[Family]) -> String {
