@@ -4,6 +4,7 @@
 mod client;
 mod home;
 mod image_cmd;
+mod policy_cmd;
 mod progress;
 mod run;
 mod sandbox_cmd;
@@ -74,6 +75,9 @@ enum Command {
         #[command(subcommand)]
         command: sandbox_cmd::SnapshotCommand,
     },
+    /// Check commands and code against a group's policy offline (`moat policy check`).
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
     /// Manage API keys on a moat daemon (admin only).
     ApiKey {
         #[command(flatten)]
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         let command = match cli.command {
             Command::Group { client, command } => return client::group(client, command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
+            Command::Policy(command) => return Ok(policy_cmd::run(command)),
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
             Command::Snapshot { client, command } => {
                 return sandbox_cmd::snapshot(client, command).await
@@ -130,7 +135,8 @@ fn main() -> ExitCode {
             Command::Group { .. }
             | Command::ApiKey { .. }
             | Command::Sandbox { .. }
-            | Command::Snapshot { .. } => {
+            | Command::Snapshot { .. }
+            | Command::Policy(_) => {
                 unreachable!("handled above")
             }
         }
