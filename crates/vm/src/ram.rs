@@ -338,30 +338,25 @@ mod tests {
         eperm(f.write_all_at(&[7u8; PAGE], PAGE as u64));
         eperm(f.set_len(PAGE as u64));
         eperm(f.set_len(2 * ram.len() as u64));
-        // SAFETY: a fresh mapping of a file we own; checked and unmapped below.
-        let shared_map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ram.len(),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
+        let map = |flags| {
+            // SAFETY: a new mapping of a file we own, at an address the kernel picks.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    ram.len(),
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                    f.as_raw_fd(),
+                    0,
+                )
+            }
         };
-        assert_eq!(shared_map, libc::MAP_FAILED);
+        assert_eq!(map(libc::MAP_SHARED), libc::MAP_FAILED);
         // A private writable mapping (a clone) works, and its writes stay its own.
-        // SAFETY: as above; the pointer is used only within the mapping's length.
+        let p = map(libc::MAP_PRIVATE);
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: `p` is a live private mapping of `ram.len()` bytes, unmapped right after.
         unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                ram.len(),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
-                f.as_raw_fd(),
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED);
             std::ptr::write_bytes(p as *mut u8, 0xee, ram.len());
             libc::munmap(p, ram.len());
         }

@@ -318,7 +318,7 @@ impl Sandbox {
         tier: Tier,
         opts: LaunchOptions,
     ) -> Result<Sandbox> {
-        Self::boot_inner(rt, id, image, base, tier, opts, GuestRam::Private).await
+        Self::boot_inner(rt, id, (image, base, tier), opts, GuestRam::Private).await
     }
 
     /// Boots the VM a template is made of: its RAM is a fresh memfd mapped shared, which
@@ -333,15 +333,14 @@ impl Sandbox {
     ) -> Result<Sandbox> {
         let memfd = crate::ram::source(key, u64::from(tier.mem_mib()) << 20)?;
         let ram = GuestRam::TemplateSource(Arc::new(memfd));
-        Self::boot_inner(rt, id, image, base, tier, LaunchOptions::default(), ram).await
+        let opts = LaunchOptions::default();
+        Self::boot_inner(rt, id, (image, base, tier), opts, ram).await
     }
 
     async fn boot_inner(
         rt: &Runtime,
         id: &str,
-        image: &str,
-        base: &Path,
-        tier: Tier,
+        (image, base, tier): (&str, &Path, Tier),
         opts: LaunchOptions,
         ram: GuestRam,
     ) -> Result<Sandbox> {
