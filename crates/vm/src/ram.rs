@@ -123,20 +123,35 @@ fn copy_nonzero(src: &File, dst: &File, len: u64) -> Result<u64> {
             let n = ((end - pos) as usize).min(CHUNK);
             src.read_exact_at(&mut buf[..n], pos)
                 .ctx(|| "reading guest RAM".to_string())?;
+            // Each run of non-zero pages is one write: a write per page costs more than the
+            // copy itself.
+            let mut run: Option<usize> = None;
             for (i, page) in buf[..n].chunks(PAGE).enumerate() {
                 // A slice comparison is a memcmp: fast even in debug builds.
-                if page != &ZERO_PAGE[..page.len()] {
-                    let at = pos + (i * PAGE) as u64;
-                    dst.write_all_at(page, at)
-                        .ctx(|| "writing guest RAM".to_string())?;
-                    copied += page.len() as u64;
+                let zero = page == &ZERO_PAGE[..page.len()];
+                match (zero, run) {
+                    (false, None) => run = Some(i * PAGE),
+                    (true, Some(from)) => {
+                        copied += write_run(dst, &buf[from..i * PAGE], pos + from as u64)?;
+                        run = None;
+                    }
+                    _ => {}
                 }
+            }
+            if let Some(from) = run {
+                copied += write_run(dst, &buf[from..n], pos + from as u64)?;
             }
             pos += n as u64;
         }
         offset = end;
     }
     Ok(copied)
+}
+
+fn write_run(dst: &File, bytes: &[u8], at: u64) -> Result<u64> {
+    dst.write_all_at(bytes, at)
+        .ctx(|| "writing guest RAM".to_string())?;
+    Ok(bytes.len() as u64)
 }
 
 /// Stores the non-zero pages of the template RAM `src` (`bytes` long) as the sparse file
