@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Prints the benchmark's JSON figures for this machine (release build, real VMs).
+# `scripts/bench.sh density` measures only host memory, idle CPU and restore time per sandbox
+# with and without shared template RAM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # --bench: also gVisor's runsc, the peer we compare with.
@@ -10,4 +12,4 @@ export MOAT_HOME=${MOAT_HOME:-$HOME/.moat}
 export MOAT_AGENT=$PWD/target/x86_64-unknown-linux-gnu/release/moat-agent
 export MOAT_BIN=$PWD/target/release/moat
 target/release/moat setup >&2
-exec target/release/moat-bench
+exec target/release/moat-bench "$@"

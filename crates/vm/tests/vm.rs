@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use moat_vm::assets::{self, Kernel};
 use moat_vm::qemu::{self, Vm, VmSpec};
-use moat_vm::{accel, disk, Error};
+use moat_vm::{accel, disk, Error, GuestRam, Incoming};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
@@ -120,7 +120,11 @@ impl Fixture {
             initramfs: self.initramfs.clone(),
             disk: disk.to_path_buf(),
             run_dir: self.dir.path().join(name),
-            incoming,
+            incoming: incoming.map(|path| Incoming {
+                path,
+                ignore_shared: true,
+            }),
+            ram: GuestRam::Private,
             detached: false,
         }
     }
