@@ -27,6 +27,20 @@ fn moat(dir: &Path, args: &[&str]) -> Output {
         .expect("moat runs")
 }
 
+/// `moat policy check --policy policy.yaml --user sandbox ARGS…` in `dir`.
+fn check_as_sandbox(dir: &Path, args: &[&str]) -> Output {
+    let mut all = vec![
+        "policy",
+        "check",
+        "--policy",
+        "policy.yaml",
+        "--user",
+        "sandbox",
+    ];
+    all.extend_from_slice(args);
+    moat(dir, &all)
+}
+
 fn setup() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("policy.yaml"), POLICY_YAML).unwrap();
@@ -52,19 +66,7 @@ fn text(b: &[u8]) -> String {
 fn allowed_refused_and_bad_input_have_their_exit_codes() {
     let dir = setup();
     let d = dir.path();
-    let ok = moat(
-        d,
-        &[
-            "policy",
-            "check",
-            "--policy",
-            "policy.yaml",
-            "--user",
-            "sandbox",
-            "--python",
-            "ok.py",
-        ],
-    );
+    let ok = check_as_sandbox(d, &["--python", "ok.py"]);
     assert_eq!(
         ok.status.code(),
         Some(0),
@@ -78,40 +80,14 @@ fn allowed_refused_and_bad_input_have_their_exit_codes() {
         text(&ok.stdout)
     );
 
-    let bad = moat(
-        d,
-        &[
-            "policy",
-            "check",
-            "--policy",
-            "policy.yaml",
-            "--user",
-            "sandbox",
-            "--python",
-            "bad.py",
-        ],
-    );
+    let bad = check_as_sandbox(d, &["--python", "bad.py"]);
     assert_eq!(bad.status.code(), Some(1), "{}", text(&bad.stderr));
     let out = text(&bad.stdout);
     assert!(out.starts_with("refused"), "{out}");
     assert!(out.contains("python.process at 3:1"), "{out}");
     assert!(out.contains("getattr(os, name)('id')"), "{out}");
 
-    let cmd = moat(
-        d,
-        &[
-            "policy",
-            "check",
-            "--policy",
-            "policy.yaml",
-            "--user",
-            "sandbox",
-            "--",
-            "env",
-            "curl",
-            "x",
-        ],
-    );
+    let cmd = check_as_sandbox(d, &["--", "env", "curl", "x"]);
     assert_eq!(cmd.status.code(), Some(1));
     assert!(
         text(&cmd.stdout).contains("command.denied"),
@@ -212,20 +188,7 @@ fn a_bad_policy_is_bad_input_with_every_problem_named() {
 fn json_and_sarif_carry_the_findings() {
     let dir = setup();
     let d = dir.path();
-    let o = moat(
-        d,
-        &[
-            "policy",
-            "check",
-            "--policy",
-            "policy.yaml",
-            "--user",
-            "sandbox",
-            "--shell",
-            "bad.sh",
-            "--json",
-        ],
-    );
+    let o = check_as_sandbox(d, &["--shell", "bad.sh", "--json"]);
     assert_eq!(o.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["allowed"], false);
@@ -242,20 +205,7 @@ fn json_and_sarif_carry_the_findings() {
     );
     assert_eq!(v["findings"][0]["line"], 2);
 
-    let o = moat(
-        d,
-        &[
-            "policy",
-            "check",
-            "--policy",
-            "policy.yaml",
-            "--user",
-            "sandbox",
-            "--python",
-            "bad.py",
-            "--sarif",
-        ],
-    );
+    let o = check_as_sandbox(d, &["--python", "bad.py", "--sarif"]);
     assert_eq!(o.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["version"], "2.1.0");
@@ -309,20 +259,7 @@ fn hostile_input_is_refused_by_the_worker_not_crashed_on() {
     let dir = setup();
     let d = dir.path();
     std::fs::write(d.join("deep.py"), "[".repeat(200_000)).unwrap();
-    let o = moat(
-        d,
-        &[
-            "policy",
-            "check",
-            "--policy",
-            "policy.yaml",
-            "--user",
-            "sandbox",
-            "--python",
-            "deep.py",
-            "--json",
-        ],
-    );
+    let o = check_as_sandbox(d, &["--python", "deep.py", "--json"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["findings"][0]["rule"], "python.unparseable", "{v}");
