@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Prints the benchmark's JSON figures for this machine (release build, real VMs).
+# `scripts/bench.sh density` measures only host memory, idle CPU and restore time per sandbox
+# with and without shared template RAM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
-# The peer we compare with: gVisor's runsc, from Debian.
-command -v runsc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq runsc >/dev/null
+# --bench: also gVisor's runsc, the peer we compare with.
+scripts/install-deps.sh --bench
 scripts/build.sh release
 cargo build --release -p moat-bench
 export MOAT_HOME=${MOAT_HOME:-$HOME/.moat}
 export MOAT_AGENT=$PWD/target/x86_64-unknown-linux-gnu/release/moat-agent
 export MOAT_BIN=$PWD/target/release/moat
 target/release/moat setup >&2
-exec target/release/moat-bench
+exec target/release/moat-bench "$@"

@@ -1,48 +1,123 @@
 #!/usr/bin/env bash
-# Installs the host packages moat needs, only those that are missing. Idempotent; needs root.
+# Installs the host packages moat and its tests need, only those that are missing, then checks
+# that every one of them is there: a missing tool fails here, naming its Debian package, before
+# any build starts. Idempotent; installing needs root.
+#
+#   scripts/install-deps.sh            install what is missing, then check
+#   scripts/install-deps.sh --check    only check (installs nothing)
+#   scripts/install-deps.sh --bench    also what scripts/bench.sh needs
+#
+# THE TABLE below is the one list of host commands that moat, its tests and its scripts run. A
+# command a fresh Debian bookworm machine lacks must be here; a new one goes here, nowhere else.
 set -euo pipefail
 
-need=()
-have() { command -v "$1" >/dev/null 2>&1; }
+# command             Debian package    set    who runs it
+TABLE='
+qemu-system-x86_64    qemu-system-x86   all    crates/vm/src/qemu/: every sandbox VM
+qemu-img              qemu-utils        all    crates/vm/src/disk.rs: overlay disks; tests read them back
+qemu-io               qemu-utils        all    crates/vm/src/disk.rs tests: write into qcow2 layers
+mkfs.ext4             e2fsprogs         all    crates/image/src/disk.rs: an image becomes a base disk
+debugfs               e2fsprogs         all    crates/image/tests: read files back from a base disk
+mmdebstrap            mmdebstrap        all    crates/image/src/base.rs: moat setup builds the base image
+apt-cache             apt               all    crates/vm/src/assets.rs: finds the guest kernel package
+apt-get               apt               all    crates/vm/src/assets.rs: downloads the guest kernel
+dpkg-deb              dpkg              all    crates/vm/src/assets.rs: unpacks the guest kernel
+busybox               busybox-static    all    crates/testkit, crates/vm/tests: a static busybox goes into test guests
+docker-registry       docker-registry   all    crates/testkit: a real OCI registry on loopback
+htpasswd              apache2-utils     all    crates/testkit: the registry with Basic auth
+python3               python3           all    crates/cli/tests/sdk_python.rs: the Python SDK tests
+venv                  python3-venv      all    crates/cli/tests/sdk_python.rs: python3 -m venv for the SDK tests
+sh                    dash              all    crates/testkit, crates/vm/src/cgroup.rs tests
+kill                  procps            all    crates/cli/tests: kill -9 of a daemon or a QEMU
+mount                 mount             all    crates/cli/tests/cli.rs: a small tmpfs (a full disk)
+umount                mount             all    crates/cli/tests/cli.rs: unmounts it
+ip                    iproute2          all    crates/net/tests: a real guest in a network namespace behind a TAP
+curl                  curl              all    crates/net/tests: the HTTP client in that guest
+ldd                   libc-bin          all    this script: is /bin/busybox static?
+runsc                 runsc             bench  bench/src/main.rs: gVisor, the peer the benchmark compares with
+'
 
-export DEBIAN_FRONTEND=noninteractive
-apt_update_once() {
-  if [ -z "${_moat_apt_updated:-}" ]; then
-    apt-get update -qq
-    _moat_apt_updated=1
-  fi
+mode=install
+sets=all
+for arg in "$@"; do
+  case $arg in
+    --check) mode=check ;;
+    --bench) sets="all bench" ;;
+    *) echo "usage: $0 [--check] [--bench]" >&2; exit 2 ;;
+  esac
+done
+
+# Whether `what` (a command of the table) is usable. Two need more than `command -v`.
+present() {
+  case $1 in
+    # Test images carry the host's busybox into guests, which have no libc: it must be static.
+    busybox) [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 ;;
+    # Debian splits venv and ensurepip out of python3.
+    venv)
+      local probe ok=1
+      probe=$(mktemp -d)
+      python3 -m venv "$probe/v" >/dev/null 2>&1 || ok=0
+      rm -rf "$probe"
+      [ $ok = 1 ]
+      ;;
+    *) command -v "$1" >/dev/null 2>&1 ;;
+  esac
 }
 
-# QEMU first and on its own: on machines that carry a newer qemu-utils from backports, apt
-# replaces it with the matching 7.2 one only when qemu-system-x86 is installed alone.
-if ! have qemu-system-x86_64; then
-  apt_update_once
-  apt-get install -y -qq qemu-system-x86 >/dev/null
-fi
-have qemu-img || need+=(qemu-utils)
-have mkfs.ext4 || need+=(e2fsprogs)
-have debugfs || need+=(e2fsprogs)
-have mmdebstrap || need+=(mmdebstrap)
-have docker-registry || need+=(docker-registry)
-# Test images carry the host's busybox into guests, so it must be the static build.
-if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then need+=(busybox-static); fi
-have htpasswd || need+=(apache2-utils)
-have dpkg-deb || need+=(dpkg)
-# moat-net's tests put a real guest in a network namespace (ip netns, a TAP) and run curl there.
-have ip || need+=(iproute2)
-have curl || need+=(curl)
-# The Python SDK's tests (crates/cli/tests/sdk_python.rs) make a virtualenv: Debian splits
-# venv and ensurepip into python3-venv.
-have python3 || need+=(python3)
-_venv_probe=$(mktemp -d)
-python3 -m venv "$_venv_probe/v" >/dev/null 2>&1 || need+=(python3-venv)
-rm -rf "$_venv_probe"
+# The table's rows of the chosen sets, as "command package".
+rows() {
+  local cmd pkg set why
+  while read -r cmd pkg set why; do
+    [ -n "$cmd" ] || continue
+    case " $sets " in *" $set "*) echo "$cmd $pkg" ;; esac
+  done <<<"$TABLE"
+}
 
-if [ ${#need[@]} -gt 0 ]; then
-  apt_update_once
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Each probe runs once per phase: what the install phase found present is not probed again.
+declare -A absent=()
+while read -r cmd pkg; do
+  present "$cmd" || absent[$cmd]=$pkg
+done < <(rows)
+
+if [ $mode = install ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  updated=
+  apt_update_once() {
+    if [ -z "$updated" ]; then
+      apt-get update -qq
+      updated=1
+    fi
+  }
+  # QEMU first and on its own: on machines that carry a newer qemu-utils from backports, apt
+  # replaces it with the matching 7.2 one only when qemu-system-x86 is installed alone.
+  if [ -n "${absent[qemu-system-x86_64]:-}" ]; then
+    apt_update_once
+    apt-get install -y -qq qemu-system-x86 >/dev/null
+  fi
+  need=()
+  for pkg in "${absent[@]}"; do
+    case " ${need[*]} " in *" $pkg "*) ;; *) need+=("$pkg") ;; esac
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    apt_update_once
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+  # `moat setup` (and the daemon's first start) download the guest kernel with apt-get
+  # download, which needs package lists.
+  if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    apt_update_once
+  fi
 fi
-# `moat setup` downloads the guest kernel with apt-get download, which needs package lists.
-if ! ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
-  apt_update_once
+
+# The check: every command of the table is there now, whatever installed it.
+missing=0
+for cmd in $(rows | cut -d' ' -f1); do
+  if [ -n "${absent[$cmd]:-}" ] && { [ $mode = check ] || ! present "$cmd"; }; then
+    echo "missing: $cmd (Debian package ${absent[$cmd]})" >&2
+    missing=1
+  fi
+done
+if [ $missing = 1 ]; then
+  echo "moat needs the packages above: run scripts/install-deps.sh as root (apt-get install <package>)" >&2
+  exit 1
 fi

@@ -1,10 +1,12 @@
 //! `moat-bench`: measures the runtime on this machine and prints one JSON object.
 //!
-//! Run with `scripts/bench.sh` (release build). Figures are medians over several runs; the
+//! Run with `scripts/bench.sh` (release build); `scripts/bench.sh density` measures only the
+//! density figures (`density.rs`). Figures are medians over several runs; the
 //! machine, accelerator and QEMU version are part of the output, because absolute times only
 //! mean something next to them.
 
 mod daemon;
+mod density;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -106,6 +108,19 @@ async fn main() -> Result<()> {
     let rt = Runtime::new(&home, &agent, &moat, None)?;
     let image = ImageStore::open(&home.join("images"))?.resolve("base")?;
     let tier = Tier::M;
+    let clones: usize = std::env::var("MOAT_BENCH_CLONES")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(4);
+    if std::env::args().nth(1).as_deref() == Some("density") {
+        let tpl = template::ensure(&rt, &image.digest, &image.rootfs, tier).await?;
+        let report = json!({
+            "machine": machine(&rt, tier),
+            "density": density::measure(&rt, &tpl.dir, clones, rounds).await?,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
 
     // Cold boot to agent ready, from the base disk.
     let mut boots = Vec::new();
@@ -203,6 +218,7 @@ async fn main() -> Result<()> {
     agent_conn.remove("/root/bench.bin", false).await?;
     sb.destroy().await;
 
+    let density = density::measure(&rt, &tpl.dir, clones, rounds).await?;
     let gvisor = time_gvisor(rounds)?;
 
     let daemon = daemon::measure(&moat, &home, &agent, tier.as_str(), rounds).await?;
@@ -212,15 +228,8 @@ async fn main() -> Result<()> {
         .unwrap_or(f64::NAN);
 
     let mut report = json!({
-        "machine": {
-            "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
-            "cpu_model": cpu_model(),
-            "accel": rt.accel.accel.as_str(),
-            "accel_reason": rt.accel.reason,
-            "qemu": rt.qemu_version,
-            "kernel": rt.kernel.version,
-            "tier": tier.as_str(),
-        },
+        "machine": machine(&rt, tier),
+        "density": density,
         "cold_boot_to_ready_ms": median(boots),
         "template_restore_to_ready_ms": median(restores),
         "moat_run_true_cold_ms": run_cold,
@@ -244,6 +253,19 @@ async fn main() -> Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// What the figures were measured on.
+fn machine(rt: &Runtime, tier: Tier) -> serde_json::Value {
+    json!({
+        "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "cpu_model": cpu_model(),
+        "accel": rt.accel.accel.as_str(),
+        "accel_reason": rt.accel.reason,
+        "qemu": rt.qemu_version,
+        "kernel": rt.kernel.version,
+        "tier": tier.as_str(),
+    })
 }
 
 fn cpu_model() -> String {

@@ -4,6 +4,7 @@
 mod client;
 mod home;
 mod image_cmd;
+mod policy_cmd;
 mod progress;
 mod run;
 mod sandbox_cmd;
@@ -77,6 +78,9 @@ enum Command {
     /// One sandbox's network stack (started by moat beside each VM, never by hand).
     #[command(hide = true)]
     NetStack(NetStackArgs),
+    /// Check commands and code against a group's policy offline (`moat policy check`).
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
     /// Manage API keys on a moat daemon (admin only).
     ApiKey {
         #[command(flatten)]
@@ -154,6 +158,7 @@ fn main() -> ExitCode {
         let command = match cli.command {
             Command::Group { client, command } => return client::group(client, command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
+            Command::Policy(command) => return Ok(policy_cmd::run(command)),
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
             Command::Snapshot { client, command } => {
                 return sandbox_cmd::snapshot(client, command).await
@@ -177,7 +182,8 @@ fn main() -> ExitCode {
             | Command::NetStack(_)
             | Command::ApiKey { .. }
             | Command::Sandbox { .. }
-            | Command::Snapshot { .. } => {
+            | Command::Snapshot { .. }
+            | Command::Policy(_) => {
                 unreachable!("handled above")
             }
         }

@@ -13,7 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::home::Home;
 use crate::progress::Bars;
-use crate::setup::BASE_IMAGE;
+use moat_server::prepare::BASE_IMAGE;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {

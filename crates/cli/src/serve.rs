@@ -20,6 +20,11 @@ pub struct ServeArgs {
     /// vCPUs allowed per host CPU, over all sandbox VMs (a fractional tier counts its share).
     #[arg(long, env = "MOAT_CPU_OVERCOMMIT", default_value_t = moat_server::DEFAULT_CPU_OVERCOMMIT, value_name = "RATIO")]
     cpu_overcommit: f64,
+    /// Do not prepare a MOAT_HOME that lacks the guest kernel or initramfs (by default the
+    /// daemon does what `moat setup` does, in the background): its sandbox routes then answer
+    /// 503 until `moat setup` and a restart.
+    #[arg(long)]
+    no_setup: bool,
 }
 
 pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8> {
@@ -36,20 +41,17 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
             _ = int.recv() => {}
         }
     };
-    // Without a kernel or agent the daemon still serves groups and keys; its sandbox routes
-    // say why they cannot work.
-    let h = home.clone();
-    let accel = accel.map(str::to_string);
-    let runtime = tokio::task::spawn_blocking(move || h.runtime(accel.as_deref()))
-        .await
-        .context("starting the VM runtime")?
-        .map_err(|e| format!("{e:#}"));
+    // Without an agent the daemon still serves groups and keys; its sandbox routes say why
+    // they cannot work.
+    let agent = home.agent_binary().map_err(|e| format!("{e:#}"));
     moat_server::serve(
         moat_server::Config {
             home: home.root.clone(),
             listen: args.listen,
             bootstrap_key,
-            runtime,
+            agent,
+            accel: accel.map(str::to_string),
+            setup: !args.no_setup,
             max_memory_mib: args.max_memory_mib,
             cpu_overcommit: args.cpu_overcommit,
         },

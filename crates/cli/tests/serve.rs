@@ -62,12 +62,18 @@ async fn groups_crud_idempotence_and_delete_rules() {
         .collect();
     assert_eq!(names, ["team-a", "team-b"]);
 
-    // This daemon's home has no kernel: the sandbox routes say so, the rest works.
+    // This daemon's home has no kernel and it may not prepare one (--no-setup): the sandbox
+    // routes say so, the rest works.
     let (st, e) = d
         .call(k, "POST", &format!("{G}/team-a/sandboxes"), Some(json!({})))
         .await;
     assert_eq!(st, 503, "{e}");
-    assert!(msg(&e).contains("cannot run sandboxes"), "{e}");
+    assert!(
+        msg(&e).contains("cannot run sandboxes") && msg(&e).contains("--no-setup"),
+        "{e}"
+    );
+    let (_, h) = d.call(None, "GET", "/healthz", None).await;
+    assert_eq!(h["sandboxes"]["state"], "unavailable", "{h}");
 
     // A group with sandboxes: 409 unless force. (This daemon has no VM runtime, so the row is
     // written straight into the store; tests/daemon_sandboxes.rs does it with real VMs.)
@@ -675,12 +681,32 @@ async fn the_openapi_check_catches_mismatches() {
         let doc = doc.clone();
         std::panic::catch_unwind(move || check_response(&doc, method, path, status, &body)).is_err()
     };
+    let sandboxes = json!({"state": "preparing", "message": "m", "step": "base_image",
+        "steps_done": 1, "steps_total": 3, "attempt": 1});
     assert!(!fails(
+        "GET",
+        "/healthz",
+        200,
+        json!({"status": "ok", "version": "1", "sandboxes": sandboxes})
+    ));
+    assert!(fails(
         "GET",
         "/healthz",
         200,
         json!({"status": "ok", "version": "1"})
     ));
+    let mut unknown_step = sandboxes.clone();
+    unknown_step["step"] = json!("coffee");
+    let mut extra = sandboxes.clone();
+    extra["eta_s"] = json!(3);
+    for bad in [unknown_step, extra] {
+        assert!(fails(
+            "GET",
+            "/healthz",
+            200,
+            json!({"status": "ok", "version": "1", "sandboxes": bad})
+        ));
+    }
     assert!(fails(
         "GET",
         "/healthz",

@@ -32,6 +32,16 @@ pub enum Error {
     InsufficientStorage(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Sandboxes are being prepared, or their preparation failed and is retried: a 503 with
+    /// `Retry-After`.
+    #[error("{message}")]
+    NotReady { message: String, retry_after_s: u64 },
+    /// Preparing MOAT_HOME (`moat setup`, or a daemon's first start) failed at `step`.
+    #[error("{}: {message}", .step.describe())]
+    Prepare {
+        step: crate::prepare::Step,
+        message: String,
+    },
     #[error(
         "the database {path} has schema version {found}, but this moat knows only up to \
          version {known}: it was written by a newer moat; run that version or use another \
@@ -141,7 +151,9 @@ impl Error {
             Error::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Error::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Error::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
-            Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Error::Unavailable(_) | Error::NotReady { .. } | Error::Prepare { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
             // What the guest refused is the caller's to fix; the rest of the VM's failures are
             // ours (details in the log).
             Error::Vm {
@@ -201,7 +213,15 @@ impl IntoResponse for Error {
                 message,
             },
         });
+        let retry_after = match &self {
+            Error::NotReady { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        };
         let mut resp = (status, body).into_response();
+        if let Some(s) = retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(s));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

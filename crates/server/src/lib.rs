@@ -10,6 +10,8 @@ pub mod http;
 pub mod images;
 pub mod keys;
 pub mod metrics;
+pub mod prepare;
+pub mod readiness;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod store;
@@ -35,10 +37,15 @@ pub struct Config {
     /// The first admin key, instead of a generated one (MOAT_BOOTSTRAP_KEY). Used only when
     /// the database has never been bootstrapped.
     pub bootstrap_key: Option<String>,
-    /// The VM runtime (its home holds the kernel, images, templates and run directories), or
-    /// why there is none: the daemon then serves groups and keys, and its sandbox routes
-    /// answer 503 with this reason.
-    pub runtime: std::result::Result<moat_vm::Runtime, String>,
+    /// The static guest agent, or why there is none: the daemon then serves groups and keys,
+    /// and its sandbox routes answer 503 with this reason.
+    pub agent: std::result::Result<PathBuf, String>,
+    /// The accelerator to force (`--accel`/`MOAT_ACCEL`), else detected.
+    pub accel: Option<String>,
+    /// When the home lacks the guest kernel or initramfs, prepare what is missing (the base
+    /// image too) in the background at start, as `moat setup` does; `moat serve --no-setup`
+    /// turns it off.
+    pub setup: bool,
     /// Memory all sandbox VMs together may have, MiB (`--max-memory-mib`); default the host's
     /// MemTotal less 1 GiB.
     pub max_memory_mib: Option<u64>,
@@ -112,24 +119,16 @@ pub async fn serve(
     );
     let metrics = Arc::new(metrics::Metrics::default());
     // After the lock: only one daemon may adopt, and destroy, detached VMs.
-    let sandboxes = match config.runtime.clone() {
-        Ok(rt) => {
-            let mgr = Arc::new(
-                sandboxes::Manager::start(rt.clone(), store.clone(), metrics.clone(), limits)
-                    .await?,
-            );
-            mgr.spawn_reaper();
-            // After adoption, so the disks of every live and suspended sandbox are in place
-            // and keep their templates.
-            collect_templates(rt);
-            Ok(mgr)
-        }
-        Err(why) => {
-            tracing::warn!(reason = why, "serving without sandboxes");
-            eprintln!("moat serve: sandboxes are unavailable: {why}");
-            Err(why)
-        }
-    };
+    let sandboxes = readiness::start(readiness::Start {
+        home: config.home.clone(),
+        agent: config.agent.clone(),
+        accel: config.accel.clone(),
+        setup: config.setup,
+        store: store.clone(),
+        metrics: metrics.clone(),
+        limits,
+    })
+    .await?;
     let state = http::AppState {
         store,
         metrics,
@@ -181,24 +180,8 @@ pub async fn serve(
     );
     let _ = std::fs::remove_file(&sock);
     // A graceful stop leaves the VMs running for the next daemon to adopt.
-    if let Ok(mgr) = &sandboxes {
+    if let Some(mgr) = sandboxes.ready() {
         mgr.detach_all().await;
     }
     result.map(|_| ())
-}
-
-/// Removes superseded templates in the background (see `moat_vm::template::collect`).
-fn collect_templates(rt: moat_vm::Runtime) {
-    tokio::task::spawn_blocking(move || match moat_vm::template::collect(&rt) {
-        Ok(c) if c.removed > 0 => {
-            tracing::info!(
-                removed = c.removed,
-                freed_mib = c.freed_bytes >> 20,
-                kept_in_use = c.kept_in_use,
-                "collected superseded templates"
-            )
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "collecting superseded templates"),
-    });
 }

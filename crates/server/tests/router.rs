@@ -35,7 +35,9 @@ impl App {
         let state = AppState {
             store,
             metrics: Arc::new(Metrics::default()),
-            sandboxes: Err("no VM runtime in the router tests".to_string()),
+            sandboxes: moat_server::readiness::Sandboxes::unavailable(
+                "no VM runtime in the router tests".to_string(),
+            ),
             operations: Arc::new(Operations::default()),
         };
         let doc = serde_json::to_value(moat_server::http::openapi_document()).unwrap();

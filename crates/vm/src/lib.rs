@@ -1,6 +1,7 @@
 //! moat's microVM runtime: accelerator detection, guest kernel/initramfs assets, a QMP client,
 //! QEMU `microvm` processes with memory snapshots, copy-on-write disks and CPU quotas; on top of
-//! them sandboxes (a VM plus a session with its agent), snapshots and templates.
+//! them sandboxes (a VM plus a session with its agent), snapshots and templates, whose RAM every
+//! restore shares copy-on-write (`ram`).
 //!
 //! The two largest parts are directories split by concern: `qemu/` (the `Vm` handle, the pure
 //! argument builder, spawning, pidfds, `/proc`) and `agent/` (the session, then `exec`, `files`
@@ -18,6 +19,7 @@ mod error;
 pub mod netstack;
 pub mod qemu;
 pub mod qmp;
+pub mod ram;
 mod sandbox;
 pub mod snapshot;
 pub mod template;
@@ -27,7 +29,7 @@ mod util;
 pub use accel::{Accel, AccelChoice};
 pub use assets::{Initramfs, Kernel};
 pub use error::{Error, Result};
-pub use qemu::{Vm, VmSpec};
+pub use qemu::{GuestRam, Incoming, Vm, VmSpec};
 pub use qmp::Qmp;
 pub use sandbox::{LaunchOptions, SandboxRecord};
 pub use sandbox::{Runtime, Sandbox};

@@ -7,14 +7,16 @@
 //! be *suspended* to a directory (memory and a flattened disk, no process) and resumed.
 
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::agent::AgentConn;
 use crate::assets::{Initramfs, Kernel};
 use crate::error::IoContext;
 use crate::netstack::{self, NetStack};
-use crate::qemu::{Vm, VmSpec};
+use crate::qemu::{GuestRam, Incoming, Vm, VmSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::snapshot::{self, BaseDisk, SnapshotMeta, SNAPSHOT_FORMAT};
@@ -297,6 +299,8 @@ pub struct Sandbox {
     shared_base: BaseDisk,
     /// The overlay's direct backing file (the shared base, or a suspended disk).
     backing: PathBuf,
+    /// The RAM memfd of a template being built, which [`Sandbox::snapshot_and_stop`] stores.
+    ram_source: Option<Arc<OwnedFd>>,
     // Field order matters for Drop: the agent session, then QEMU, then its network stack,
     // then the directory.
     agent: AgentConn,
@@ -327,6 +331,32 @@ impl Sandbox {
         tier: Tier,
         opts: LaunchOptions,
     ) -> Result<Sandbox> {
+        Self::boot_inner(rt, id, (image, base, tier), opts, GuestRam::Private).await
+    }
+
+    /// Boots the VM a template is made of: its RAM is a fresh memfd mapped shared, which
+    /// [`Sandbox::snapshot_and_stop`] stores as the template's `memory.ram` (see [`crate::ram`]).
+    pub(crate) async fn boot_template(
+        rt: &Runtime,
+        id: &str,
+        image: &str,
+        base: &Path,
+        tier: Tier,
+        key: &str,
+    ) -> Result<Sandbox> {
+        let memfd = crate::ram::source(key, u64::from(tier.mem_mib()) << 20)?;
+        let ram = GuestRam::TemplateSource(Arc::new(memfd));
+        let opts = LaunchOptions::default();
+        Self::boot_inner(rt, id, (image, base, tier), opts, ram).await
+    }
+
+    async fn boot_inner(
+        rt: &Runtime,
+        id: &str,
+        (image, base, tier): (&str, &Path, Tier),
+        opts: LaunchOptions,
+        ram: GuestRam,
+    ) -> Result<Sandbox> {
         let dir = RunDir::create(rt, id)?;
         let disk_path = dir.path.join("disk.qcow2");
         disk::create_overlay(base, "raw", tier.disk_bytes(), &disk_path).await?;
@@ -341,6 +371,7 @@ impl Sandbox {
                 format: "raw".into(),
             },
             backing: base,
+            ram,
         };
         Self::start(rt, id, dir, origin, None, opts).await
     }
@@ -399,6 +430,16 @@ impl Sandbox {
                 format: "qcow2".into(),
             }
         };
+        // A template's RAM is mapped copy-on-write from the one sealed copy of this process;
+        // any other image holds all of the guest's RAM and is loaded into private memory.
+        let ram = if meta.shared_ram_bytes.is_some() {
+            GuestRam::TemplateClone {
+                ram: crate::ram::load(snapshot).await?,
+                readonly: crate::qemu::has_readonly_rom(&rt.qemu_version),
+            }
+        } else {
+            GuestRam::Private
+        };
         let dir = RunDir::create(rt, id)?;
         let disk_path = dir.path.join("disk.qcow2");
         overlay_from_seed(snapshot, meta.tier.disk_bytes(), &disk_path).await?;
@@ -409,8 +450,13 @@ impl Sandbox {
             cpus: meta.cpus,
             shared_base,
             backing: snapshot_disk,
+            ram,
         };
-        Self::start(rt, id, dir, origin, Some(snapshot.join("memory.bin")), opts).await
+        let incoming = Incoming {
+            path: snapshot.join("memory.bin"),
+            ignore_shared: meta.format >= 3,
+        };
+        Self::start(rt, id, dir, origin, Some(incoming), opts).await
     }
 
     /// Launches QEMU on `dir/disk.qcow2` (booting, or loading `incoming`), records a detached
@@ -420,18 +466,22 @@ impl Sandbox {
         id: &str,
         dir: RunDir,
         origin: Origin,
-        incoming: Option<PathBuf>,
+        incoming: Option<Incoming>,
         opts: LaunchOptions,
     ) -> Result<Sandbox> {
         let disk_path = dir.path.join("disk.qcow2");
         let started = Instant::now();
         let restoring = incoming.is_some();
+        let ram_source = match &origin.ram {
+            GuestRam::TemplateSource(fd) => Some(fd.clone()),
+            _ => None,
+        };
         let mut vm = crate::qemu::launch(&spec(
             rt,
             (origin.mem_mib, origin.cpus),
             &dir.path,
             &disk_path,
-            incoming,
+            (incoming, origin.ram),
             opts.detached,
         ))
         .await?;
@@ -470,6 +520,7 @@ impl Sandbox {
             cpus: origin.cpus,
             shared_base: origin.shared_base,
             backing: origin.backing,
+            ram_source,
             agent,
             vm,
             _net: net,
@@ -521,6 +572,7 @@ impl Sandbox {
             cpus: rec.cpus,
             shared_base: rec.shared_base,
             backing: rec.backing,
+            ram_source: None,
             agent,
             vm,
             _net: NetStack::adopted(),
@@ -640,10 +692,31 @@ impl Sandbox {
             .unwrap_or_default();
         let tmp = snapshot::TempDir::new_in(parent, &format!(".tmp-{name}"))?;
         let started = Instant::now();
+        if self.ram_source.is_some() && mode != SaveMode::Move {
+            // Its RAM is mapped shared: it must never run again once it is a template.
+            return Err(Error::InvalidArgument(
+                "a template's VM can only be saved as a template".into(),
+            ));
+        }
         // No frame may be half-way through the channel when memory is saved.
         let quiet = self.agent.quiesce().await?;
         let memory = tmp.path().join("memory.bin");
         let memory_bytes = self.vm.save_memory(&memory).await?;
+        // The stream left the shared RAM out (x-ignore-shared); it is in the memfd.
+        let shared_ram_bytes = match &self.ram_source {
+            Some(fd) => {
+                let (fd, size) = (fd.clone(), u64::from(self.mem_mib) << 20);
+                let dest = tmp.path().join(crate::ram::RAM_FILE);
+                Some(
+                    tokio::task::spawn_blocking(move || crate::ram::store(&fd, size, &dest))
+                        .await
+                        .map_err(|e| {
+                            Error::io("storing template RAM", std::io::Error::other(e))
+                        })??,
+                )
+            }
+            None => None,
+        };
         let disk = tmp.path().join("disk.qcow2");
         let src = self.dir.path.join("disk.qcow2");
         match mode {
@@ -678,6 +751,7 @@ impl Sandbox {
             created_unix: snapshot::unix_now(),
             save_ms: started.elapsed().as_millis() as u64,
             shared_base: (mode == SaveMode::Suspend).then(|| self.shared_base.clone()),
+            shared_ram_bytes,
         };
         meta.store(tmp.path())?;
         tmp.persist(dest)?;
@@ -736,7 +810,7 @@ fn spec(
     (mem_mib, cpus): (u32, u32),
     dir: &Path,
     disk: &Path,
-    incoming: Option<PathBuf>,
+    (incoming, ram): (Option<Incoming>, GuestRam),
     detached: bool,
 ) -> VmSpec {
     VmSpec {
@@ -748,6 +822,7 @@ fn spec(
         disk: disk.to_path_buf(),
         run_dir: dir.to_path_buf(),
         incoming,
+        ram,
         detached,
     }
 }
@@ -760,6 +835,7 @@ struct Origin {
     cpus: u32,
     shared_base: BaseDisk,
     backing: PathBuf,
+    ram: GuestRam,
 }
 
 /// The absolute path of an existing disk (qemu-img stores backing paths as given).

@@ -12,9 +12,13 @@ use crate::tier::Tier;
 use crate::util::{fsync_dir, write_atomic};
 use crate::{Error, Result};
 
-/// Version of the snapshot directory layout and `meta.json`. 2 added `shared_base`; 3: the VM
-/// has a NIC (a saved VM restores only with the same devices).
-pub const SNAPSHOT_FORMAT: u32 = 3;
+/// Version of the snapshot directory layout and `meta.json`. 2 added `shared_base`; 3 names
+/// the RAM backend, saves with `x-ignore-shared` and gives templates `memory.ram` (see
+/// `shared_ram_bytes`); 4: the VM has a NIC.
+pub const SNAPSHOT_FORMAT: u32 = 4;
+/// The oldest format this moat restores: a saved VM restores only with the same devices, and
+/// format 4 added the NIC.
+pub const OLDEST_FORMAT: u32 = 4;
 
 /// A disk image as qemu-img names it: an absolute path and a format (`raw` or `qcow2`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +53,11 @@ pub struct SnapshotMeta {
     /// next suspend, which bounds the backing chain. `None` for snapshots and templates,
     /// whose `disk.qcow2` itself becomes the base of their restores.
     pub shared_base: Option<BaseDisk>,
+    /// Set for templates (format ≥ 3): the guest's RAM is the sparse file `memory.ram`, of
+    /// which this many bytes are stored (non-zero pages), and `memory.bin` holds only the
+    /// device state. Restores map it copy-on-write ([`crate::ram`]).
+    #[serde(default)]
+    pub shared_ram_bytes: Option<u64>,
 }
 
 impl SnapshotMeta {
@@ -60,9 +69,11 @@ impl SnapshotMeta {
         let format = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
             .and_then(|v| v.get("format").and_then(|f| f.as_u64()));
-        if format != Some(u64::from(SNAPSHOT_FORMAT)) {
+        if !format
+            .is_some_and(|f| (u64::from(OLDEST_FORMAT)..=u64::from(SNAPSHOT_FORMAT)).contains(&f))
+        {
             return Err(Error::Snapshot(format!(
-                "{} has format {}; this moat reads format {SNAPSHOT_FORMAT}",
+                "{} has format {}; this moat reads formats {OLDEST_FORMAT} to {SNAPSHOT_FORMAT}",
                 path.display(),
                 format.map_or("unknown".into(), |f| f.to_string())
             )));

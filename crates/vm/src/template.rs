@@ -80,7 +80,7 @@ pub async fn ensure(
     remove_stale(&root, &key);
     let started = Instant::now();
     let id = format!("template-{}-{:08x}", &key[..12], rand::random::<u32>());
-    let sandbox = Sandbox::boot(rt, &id, image_digest, rootfs, tier).await?;
+    let sandbox = Sandbox::boot_template(rt, &id, image_digest, rootfs, tier, &key).await?;
     let meta = sandbox.snapshot_and_stop(rt, &dir).await?;
     tracing::info!(
         image = image_digest,
@@ -109,6 +109,7 @@ fn remove_stale(root: &Path, key: &str) {
 /// Removes the template of `image_digest` at `tier` on this runtime, so the next run is cold.
 pub fn remove_for_tier(rt: &Runtime, image_digest: &str, tier: Tier) -> Result<()> {
     let dir = templates_root(&rt.home).join(key(rt, image_digest, tier));
+    crate::ram::forget(&dir);
     match std::fs::remove_dir_all(&dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(crate::Error::io(format!("removing {}", dir.display()), e))
@@ -130,6 +131,7 @@ pub fn remove_for_image(home: &Path, image_digest: &str) -> Result<usize> {
             continue;
         };
         if meta.image == image_digest {
+            crate::ram::forget(&path);
             std::fs::remove_dir_all(&path)
                 .map_err(|err| crate::Error::io(format!("removing {}", path.display()), err))?;
             removed += 1;
@@ -143,14 +145,15 @@ pub fn remove_for_image(home: &Path, image_digest: &str) -> Result<usize> {
 pub struct Collected {
     pub removed: usize,
     pub freed_bytes: u64,
-    /// Superseded templates kept because a sandbox's disk still has them as its backing.
+    /// Superseded templates kept because a sandbox's disk still has them as its backing, or
+    /// a QEMU still maps their RAM.
     pub kept_in_use: usize,
 }
 
 /// Removes the templates this runtime can no longer restore (built by another agent, kernel,
 /// QEMU or snapshot format: their key is not the one this runtime computes for their image
 /// and tier), except those still in the backing chain of a disk elsewhere in MOAT_HOME (a
-/// running or suspended sandbox, a snapshot). Without it every agent upgrade leaves a
+/// running or suspended sandbox, a snapshot) or whose RAM a QEMU still maps. Without it every agent upgrade leaves a
 /// template per image and tier behind for good.
 pub fn collect(rt: &Runtime) -> Result<Collected> {
     collect_in(&rt.home, |dir_key, meta| {
@@ -178,7 +181,7 @@ fn collect_in(home: &Path, current: impl Fn(&str, &SnapshotMeta) -> bool) -> Res
         if current(&name, &meta) {
             continue;
         }
-        if used.holds(&dir) {
+        if used.holds(&dir) || crate::ram::mapped_by_a_qemu(&name) {
             done.kept_in_use += 1;
             continue;
         }
@@ -188,6 +191,7 @@ fn collect_in(home: &Path, current: impl Fn(&str, &SnapshotMeta) -> bool) -> Res
             continue;
         };
         let bytes = snapshot::allocated_bytes(&dir);
+        crate::ram::forget(&dir);
         std::fs::remove_dir_all(&dir)
             .map_err(|err| crate::Error::io(format!("removing {}", dir.display()), err))?;
         // Nobody builds a superseded key, so nobody can be waiting on this lock file.
@@ -283,6 +287,7 @@ mod tests {
             created_unix: 0,
             save_ms: 0,
             shared_base: None,
+            shared_ram_bytes: None,
         };
         meta.store(&dir).unwrap();
         std::fs::copy(base, dir.join("disk.qcow2")).unwrap();

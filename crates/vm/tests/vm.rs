@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use moat_vm::assets::{self, Kernel};
 use moat_vm::qemu::{self, Vm, VmSpec};
-use moat_vm::{accel, disk, Error};
+use moat_vm::{accel, disk, Error, GuestRam, Incoming};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
@@ -120,7 +120,11 @@ impl Fixture {
             initramfs: self.initramfs.clone(),
             disk: disk.to_path_buf(),
             run_dir: self.dir.path().join(name),
-            incoming,
+            incoming: incoming.map(|path| Incoming {
+                path,
+                ignore_shared: true,
+            }),
+            ram: GuestRam::Private,
             detached: false,
         }
     }
@@ -200,34 +204,66 @@ fn kernel_install_and_initramfs() {
         mtime,
         "rebuilt"
     );
-    let list = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("gzip -dc {} | cpio -tv --quiet", a.path.display()))
-        .output()
-        .unwrap();
-    let list = String::from_utf8_lossy(&list.stdout);
+    let list = initramfs_entries(&a.path);
+    let names: Vec<&str> = list.iter().map(|e| e.name.as_str()).collect();
     for want in [
         "modules/00-virtio_ring.ko",
         "modules/04-virtio_console.ko",
         "newroot",
         "dev/console",
     ] {
-        assert!(list.contains(want), "{want} missing in\n{list}");
+        assert!(names.contains(&want), "{want} missing in {names:?}");
     }
-    assert!(
-        list.lines()
-            .any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with(" init")),
-        "{list}"
+    let init = list.iter().find(|e| e.name == "init").expect("no /init");
+    assert_eq!(
+        init.mode, 0o100755,
+        "/init must be a regular executable file"
     );
-    assert!(
-        list.lines()
-            .any(|l| l.starts_with("crw-------") && l.contains("5,") && l.ends_with("dev/console")),
-        "{list}"
+    assert_eq!(
+        init.size,
+        std::fs::metadata("/bin/busybox").unwrap().len(),
+        "/init is the agent given"
+    );
+    let console = list.iter().find(|e| e.name == "dev/console").unwrap();
+    assert_eq!(
+        (console.mode, console.rdev),
+        (0o020600, (5, 1)),
+        "/dev/console must be the character device 5,1"
     );
 
     let e = assets::build_initramfs(&k, Path::new("/bin/true"), ihome.path()).unwrap_err();
     assert!(matches!(e, Error::BadAgent { .. }));
     assert!(e.to_string().contains("crt-static"), "{e}");
+}
+
+/// One entry of a newc archive, as an independent reader (the `cpio` crate) sees it.
+struct CpioEntry {
+    name: String,
+    mode: u32,
+    rdev: (u32, u32),
+    size: u64,
+}
+
+/// The entries of the gzip'd newc archive at `path`, read in-process: the test needs no
+/// host `cpio` or `gzip`.
+fn initramfs_entries(path: &Path) -> Vec<CpioEntry> {
+    let file = std::fs::File::open(path).unwrap();
+    let mut rest = std::io::BufReader::new(flate2::read::GzDecoder::new(file));
+    let mut out = Vec::new();
+    loop {
+        let r = cpio::NewcReader::new(rest).unwrap();
+        let e = r.entry();
+        if e.is_trailer() {
+            return out;
+        }
+        out.push(CpioEntry {
+            name: e.name().to_string(),
+            mode: e.mode(),
+            rdev: (e.rdev_major(), e.rdev_minor()),
+            size: e.file_size().into(),
+        });
+        rest = r.finish().unwrap();
+    }
 }
 
 #[test]

@@ -26,6 +26,7 @@ RESPONSES = {
     "Group": moat.Group,
     "GroupStatus": moat.GroupStatus,
     "Health": moat.Health,
+    "SandboxesHealth": moat.SandboxesHealth,
     "Process": moat.ProcessInfo,
     "ProcessExit": moat.ProcessExit,
     "ProcessLogs": moat.ProcessLogs,
@@ -44,6 +45,8 @@ ENUMS = {
     "Role": moat.Role,
     "SandboxState": moat.SandboxState,
     "EntryKind": moat.FileKind,
+    "SandboxesState": moat.SandboxesState,
+    "SetupStep": moat.SetupStep,
 }
 
 # Request fields that a method takes under another name.

@@ -59,12 +59,31 @@ pub struct Daemon {
     pub validated: AtomicUsize,
     /// Extra `moat serve` arguments, on every start.
     pub args: Vec<String>,
+    /// The guest agent (MOAT_AGENT) of every start.
+    pub agent: PathBuf,
+}
+
+/// A new MOAT_HOME with links to the entries `names` of the shared test home (built once per
+/// machine by `moat setup`); its database, socket and `run/` stay its own, so a daemon's
+/// start-up adoption and orphan clean-up only ever see its own VMs.
+fn linked_home(names: &[&str]) -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let shared = super::home();
+    for name in names {
+        if shared.join(name).exists() {
+            std::os::unix::fs::symlink(shared.join(name), home.path().join(name)).unwrap();
+        }
+    }
+    home
 }
 
 impl Daemon {
     /// A daemon on a fresh MOAT_HOME whose first admin key is `bootstrap` (generated if None).
+    /// It serves groups and keys only: `--no-setup` keeps it from preparing sandboxes (which
+    /// tests/daemon_setup.rs covers).
     pub async fn start(bootstrap: Option<&str>) -> Daemon {
-        Daemon::start_in(tempfile::tempdir().unwrap(), bootstrap, &[]).await
+        let home = tempfile::tempdir().unwrap();
+        Daemon::start_in(home, super::agent_path(), bootstrap, &["--no-setup"]).await
     }
 
     /// A daemon that can run sandboxes: its MOAT_HOME links `kernels`, `images`, `templates`
@@ -77,23 +96,28 @@ impl Daemon {
 
     /// [`Daemon::start_with_runtime`] with extra `moat serve` arguments.
     pub async fn start_with_runtime_args(bootstrap: Option<&str>, args: &[&str]) -> Daemon {
-        let home = tempfile::tempdir().unwrap();
-        let shared = super::home();
-        for name in [
+        let home = linked_home(&[
             "kernels",
             "images",
             "templates",
             "initramfs",
             "qemu-version.json",
-        ] {
-            if shared.join(name).exists() {
-                std::os::unix::fs::symlink(shared.join(name), home.path().join(name)).unwrap();
-            }
-        }
-        Daemon::start_in(home, bootstrap, args).await
+        ]);
+        Daemon::start_in(home, super::agent_path(), bootstrap, args).await
     }
 
-    async fn start_in(home: tempfile::TempDir, bootstrap: Option<&str>, args: &[&str]) -> Daemon {
+    /// A daemon on a MOAT_HOME that has only the entries `names` of the shared test home
+    /// (linked), with `agent` as its guest agent: it prepares the rest itself.
+    pub async fn start_partial(names: &[&str], agent: PathBuf, bootstrap: Option<&str>) -> Daemon {
+        Daemon::start_in(linked_home(names), agent, bootstrap, &[]).await
+    }
+
+    async fn start_in(
+        home: tempfile::TempDir,
+        agent: PathBuf,
+        bootstrap: Option<&str>,
+        args: &[&str],
+    ) -> Daemon {
         let mut d = Daemon {
             home,
             port: free_port(),
@@ -103,6 +127,7 @@ impl Daemon {
             doc: None,
             validated: AtomicUsize::new(0),
             args: args.iter().map(|a| a.to_string()).collect(),
+            agent,
         };
         d.spawn(bootstrap).await;
         let (status, doc) = d.call(None, "GET", "/openapi.json", None).await;
@@ -134,7 +159,7 @@ impl Daemon {
         c.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
             .args(&self.args)
             .env("MOAT_HOME", self.home.path())
-            .env("MOAT_AGENT", super::agent_path())
+            .env("MOAT_AGENT", &self.agent)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(self.out_path(n, "out")).unwrap())
             .stderr(std::fs::File::create(self.out_path(n, "err")).unwrap());

@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::images::Operations;
 use crate::metrics::Metrics;
+use crate::readiness::Sandboxes;
 use crate::sandboxes::Manager;
 use crate::store::Store;
 
@@ -13,17 +14,15 @@ use crate::store::Store;
 pub struct AppState {
     pub store: Store,
     pub metrics: Arc<Metrics>,
-    /// The sandbox manager, or why this daemon has none (no kernel or agent: the group and
-    /// key routes still work, the sandbox routes answer 503 with the reason).
-    pub sandboxes: std::result::Result<Arc<Manager>, String>,
+    /// The sandbox manager, or why this daemon has none yet (being prepared, failed, no
+    /// agent): the group and key routes still work, the sandbox routes answer 503 with why.
+    pub sandboxes: Arc<Sandboxes>,
     /// Image imports in progress.
     pub operations: Arc<Operations>,
 }
 
 impl AppState {
-    pub(crate) fn manager(&self) -> Result<&Arc<Manager>> {
-        self.sandboxes
-            .as_ref()
-            .map_err(|why| Error::Unavailable(format!("this daemon cannot run sandboxes: {why}")))
+    pub(crate) fn manager(&self) -> Result<Arc<Manager>> {
+        self.sandboxes.manager()
     }
 }

@@ -7,7 +7,11 @@ use std::os::fd::RawFd;
 use std::path::Path;
 
 use super::procfs::host_tsc_khz;
-use super::VmSpec;
+use super::{GuestRam, VmSpec};
+
+/// The id of the RAM backend: QEMU's own name for microvm's default RAM (the name memory
+/// images saved before moat named the backend carry).
+pub const RAM_ID: &str = "microvm.ram";
 
 /// The kernel command line.
 pub fn kernel_cmdline() -> String {
@@ -51,6 +55,29 @@ pub struct QemuFds {
     pub net: RawFd,
     /// A memory snapshot to restore.
     pub incoming: Option<RawFd>,
+    /// The memfd holding template RAM (see [`GuestRam`]).
+    pub ram: Option<RawFd>,
+}
+
+/// The `-object` of the RAM backend.
+fn ram_backend(spec: &VmSpec, fds: &QemuFds) -> String {
+    let size = format!("id={RAM_ID},size={}M", spec.mem_mib);
+    let file = |fd: Option<RawFd>| format!("mem-path=/proc/self/fd/{}", fd.unwrap_or(-1));
+    match &spec.ram {
+        GuestRam::Private => format!("memory-backend-ram,{size}"),
+        GuestRam::TemplateSource(_) => {
+            format!("memory-backend-file,{size},{},share=on", file(fds.ram))
+        }
+        GuestRam::TemplateClone { readonly, .. } => format!(
+            "memory-backend-file,{size},{},share=off{}",
+            file(fds.ram),
+            if *readonly {
+                ",readonly=on,rom=off"
+            } else {
+                ""
+            }
+        ),
+    }
 }
 
 /// The full QEMU argument list (without the binary).
@@ -62,7 +89,9 @@ pub fn qemu_args(spec: &VmSpec, fds: &QemuFds) -> Vec<String> {
 fn argv(spec: &VmSpec, fds: &QemuFds, cmdline: String) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "-M".into(),
-        "microvm,x-option-roms=off,isa-serial=on,rtc=on".into(),
+        format!("microvm,x-option-roms=off,isa-serial=on,rtc=on,memory-backend={RAM_ID}"),
+        "-object".into(),
+        ram_backend(spec, fds),
     ];
     a.extend(spec.accel.accel.qemu_args().iter().map(|s| s.to_string()));
     a.extend([
@@ -77,12 +106,22 @@ fn argv(spec: &VmSpec, fds: &QemuFds, cmdline: String) -> Vec<String> {
         "-no-reboot".into(),
         "-sandbox".into(),
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
-        "-kernel".into(),
-        spec.kernel.to_string_lossy().into_owned(),
-        "-initrd".into(),
-        spec.initramfs.to_string_lossy().into_owned(),
-        "-append".into(),
-        cmdline,
+    ]);
+    // Only a boot reads the kernel, initramfs and command line (through fw_cfg, which the
+    // migration stream does not carry). QEMU keeps a copy of each for the VM's whole life,
+    // ~15 MiB of private memory per sandbox; a restored guest never reboots (`-no-reboot`,
+    // `panic=-1`), so restores go without.
+    if fds.incoming.is_none() {
+        a.extend([
+            "-kernel".into(),
+            spec.kernel.to_string_lossy().into_owned(),
+            "-initrd".into(),
+            spec.initramfs.to_string_lossy().into_owned(),
+            "-append".into(),
+            cmdline,
+        ]);
+    }
+    a.extend([
         "-chardev".into(),
         format!("socket,id=console,fd={}", fds.console),
         "-serial".into(),
@@ -113,9 +152,11 @@ fn argv(spec: &VmSpec, fds: &QemuFds, cmdline: String) -> Vec<String> {
         "-device".into(),
         format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}"),
     ]);
-    if let Some(fd) = fds.incoming {
+    // The image itself (inherited descriptor `fds.incoming`) is named over QMP once the
+    // migration capabilities are set: see `Vm::start_restore`.
+    if fds.incoming.is_some() {
         a.push("-incoming".into());
-        a.push(format!("fd:{fd}"));
+        a.push("defer".into());
     }
     a
 }
@@ -142,10 +183,52 @@ mod tests {
     const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
     const DISK: &str = "/home/u/.moat/run/sb1/disk.qcow2";
 
+    /// How the VM of a case starts.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Start {
+        /// A sandbox's cold boot.
+        Boot,
+        /// A template's cold boot, its RAM in a memfd mapped shared.
+        Template,
+        /// A restore of a full memory image (a snapshot or a suspended sandbox).
+        Restore,
+        /// A restore from a template, its RAM the template's sealed memfd mapped privately.
+        Clone,
+        /// [`Start::Clone`] on QEMU ≥ 8.2.
+        CloneReadonly,
+    }
+
+    const STARTS: [Start; 5] = [
+        Start::Boot,
+        Start::Template,
+        Start::Restore,
+        Start::Clone,
+        Start::CloneReadonly,
+    ];
+
+    /// A sealed template RAM of one page (only its descriptor number matters here).
+    fn shared_ram() -> std::sync::Arc<crate::ram::SharedRam> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(crate::ram::RAM_FILE);
+        std::fs::write(&file, [1u8; 4096]).unwrap();
+        std::sync::Arc::new(crate::ram::load_sealed(&file, "test").unwrap())
+    }
+
     /// A VM of `tier` as the runtime builds it (whole vCPUs: the share rounded up; an xs
-    /// sandbox's quarter CPU is a cgroup quota around QEMU, not a QEMU argument), booted or
-    /// restored from a template's memory snapshot on descriptor 7.
-    fn case(accel: Accel, tier: Tier, restore: bool, disk: &str) -> Vec<String> {
+    /// sandbox's quarter CPU is a cgroup quota around QEMU, not a QEMU argument), started as
+    /// `start` says; the network link is on descriptor 6, a memory image on 7, template RAM on 8.
+    fn case(accel: Accel, tier: Tier, start: Start, disk: &str) -> Vec<String> {
+        let restore = matches!(start, Start::Restore | Start::Clone | Start::CloneReadonly);
+        let ram = match start {
+            Start::Boot | Start::Restore => GuestRam::Private,
+            Start::Template => GuestRam::TemplateSource(std::sync::Arc::new(
+                std::fs::File::open("/dev/null").unwrap().into(),
+            )),
+            Start::Clone | Start::CloneReadonly => GuestRam::TemplateClone {
+                ram: shared_ram(),
+                readonly: start == Start::CloneReadonly,
+            },
+        };
         let spec = VmSpec {
             accel: AccelChoice {
                 accel,
@@ -157,7 +240,11 @@ mod tests {
             initramfs: "/home/u/.moat/initramfs/abc.cpio.gz".into(),
             disk: PathBuf::from(disk),
             run_dir: "/home/u/.moat/run/sb1".into(),
-            incoming: restore.then(|| "/home/u/.moat/templates/t1/memory".into()),
+            incoming: restore.then(|| crate::qemu::Incoming {
+                path: "/home/u/.moat/templates/t1/memory.bin".into(),
+                ignore_shared: true,
+            }),
+            ram,
             detached: false,
         };
         let fds = QemuFds {
@@ -166,19 +253,20 @@ mod tests {
             console: 5,
             net: 6,
             incoming: restore.then_some(7),
+            ram: matches!(start, Start::Template | Start::Clone | Start::CloneReadonly)
+                .then_some(8),
         };
         argv(&spec, &fds, CMDLINE.to_string())
     }
 
-    /// Every combination, each with its name.
-    fn all_cases() -> Vec<(String, Vec<String>)> {
+    /// Every combination, each with its name and how it starts.
+    fn all_cases() -> Vec<(String, Start, Vec<String>)> {
         let mut cases = Vec::new();
         for accel in [Accel::Tcg, Accel::Kvm] {
             for tier in Tier::ALL {
-                for restore in [false, true] {
-                    let start = if restore { "restore" } else { "boot" };
-                    let name = format!("{accel} {tier} {start}");
-                    cases.push((name, case(accel, tier, restore, DISK)));
+                for start in STARTS {
+                    let name = format!("{accel} {tier} {start:?}").to_lowercase();
+                    cases.push((name, start, case(accel, tier, start, DISK)));
                 }
             }
         }
@@ -188,7 +276,7 @@ mod tests {
     #[test]
     fn argument_lists_match_the_golden_file() {
         let mut got = String::new();
-        for (name, args) in all_cases() {
+        for (name, _, args) in all_cases() {
             got.push_str(&format!("# {name}\n"));
             for a in args {
                 got.push_str(&a);
@@ -216,7 +304,7 @@ mod tests {
     /// network backend), and one qcow2 drive with writeback caching.
     #[test]
     fn every_combination_is_confined() {
-        for (name, args) in all_cases() {
+        for (name, _, args) in all_cases() {
             let values = |opt: &str| -> Vec<&str> {
                 args.windows(2)
                     .filter(|w| w[0] == opt)
@@ -259,13 +347,72 @@ mod tests {
     #[test]
     fn commas_in_the_disk_path_are_escaped() {
         let disk = "/tmp/x,file=/etc/shadow,format=raw,cache=unsafe/disk.qcow2";
-        let args = case(Accel::Tcg, Tier::M, false, disk);
+        let args = case(Accel::Tcg, Tier::M, Start::Boot, disk);
         let i = args.iter().position(|a| a == "-drive").unwrap();
         assert_eq!(
             args[i + 1],
             "id=root,file=/tmp/x,,file=/etc/shadow,,format=raw,,cache=unsafe/disk.qcow2,\
              format=qcow2,if=none,cache=writeback"
         );
+    }
+
+    /// Template RAM is never discarded into: no balloon, free page reporting or virtio-mem
+    /// device exists at all (`every_combination_is_confined` pins the device list), and only
+    /// the template being built maps it shared; clones map it privately, read-only where QEMU
+    /// can. Every other VM's RAM is anonymous. Only boots carry kernel, initramfs and command
+    /// line.
+    #[test]
+    fn template_ram_is_mapped_as_each_start_needs() {
+        for (name, start, args) in all_cases() {
+            let objects: Vec<&str> = args
+                .windows(2)
+                .filter(|w| w[0] == "-object")
+                .map(|w| w[1].as_str())
+                .collect();
+            assert_eq!(objects.len(), 1, "{name}");
+            let ram = objects[0];
+            assert!(ram.contains(&format!("id={RAM_ID},")), "{name}: {ram}");
+            let want = match start {
+                Start::Boot | Start::Restore => "memory-backend-ram,",
+                Start::Template => "memory-backend-file,",
+                Start::Clone | Start::CloneReadonly => "memory-backend-file,",
+            };
+            assert!(ram.starts_with(want), "{name}: {ram}");
+            assert_eq!(ram.contains("share=on"), start == Start::Template, "{name}");
+            assert_eq!(
+                ram.contains("share=off"),
+                matches!(start, Start::Clone | Start::CloneReadonly),
+                "{name}"
+            );
+            assert_eq!(
+                ram.ends_with(",readonly=on,rom=off"),
+                start == Start::CloneReadonly,
+                "{name}"
+            );
+            for a in &args {
+                assert!(
+                    !a.contains("balloon") && !a.contains("virtio-mem") && !a.contains("postcopy"),
+                    "{name}: {a}"
+                );
+            }
+            // Restores leave out the boot payload QEMU would keep a copy of.
+            let boots = matches!(start, Start::Boot | Start::Template);
+            for opt in ["-kernel", "-initrd", "-append"] {
+                assert_eq!(args.iter().any(|a| a == opt), boots, "{name}: {opt}");
+            }
+        }
+    }
+
+    #[test]
+    fn readonly_rom_from_qemu_8_2() {
+        use crate::qemu::has_readonly_rom;
+        assert!(!has_readonly_rom(
+            "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"
+        ));
+        assert!(!has_readonly_rom("QEMU emulator version 8.1.5"));
+        assert!(has_readonly_rom("QEMU emulator version 8.2.0"));
+        assert!(has_readonly_rom("QEMU emulator version 10.0.2 (v10.0.2)"));
+        assert!(!has_readonly_rom("garbage"));
     }
 
     #[test]

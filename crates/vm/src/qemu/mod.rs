@@ -45,7 +45,7 @@ pub(crate) use spawn::bind;
 use spawn::connect;
 pub(crate) use spawn::spawn_child;
 
-pub use args::{kernel_cmdline, qemu_args, QemuFds};
+pub use args::{kernel_cmdline, qemu_args, QemuFds, RAM_ID};
 pub(crate) use procfs::kill_qemu_of;
 pub use procfs::{host_tsc_khz, is_qemu_of};
 pub use spawn::{qemu_version, qemu_version_cached};
@@ -76,11 +76,54 @@ pub struct VmSpec {
     pub disk: PathBuf,
     /// Per-VM directory: `qemu.log` (QEMU's stderr), `qmp.sock`, `agent.sock`.
     pub run_dir: PathBuf,
+    /// Where the guest's RAM lives.
+    pub ram: GuestRam,
     /// A memory snapshot written by [`Vm::save_memory`] to restore instead of booting.
-    pub incoming: Option<PathBuf>,
+    pub incoming: Option<Incoming>,
     /// Let QEMU outlive this process (a daemon's VMs): no parent-death signal, its own
     /// session, not killed when its `Vm` is [released](Vm::release). Default: attached.
     pub detached: bool,
+}
+
+/// Where a VM's guest RAM lives. Every kind is the RAM block `microvm.ram` (QEMU's own name for
+/// microvm's RAM), so a memory image saved from any of them restores into any other.
+#[derive(Debug, Clone)]
+pub enum GuestRam {
+    /// Anonymous memory of this QEMU alone: cold boots of sandboxes, and restores of full
+    /// memory images (snapshots, suspended sandboxes).
+    Private,
+    /// A template being built: the memfd, mapped shared, so that a save skips the RAM
+    /// (`x-ignore-shared`) and the host reads it from the memfd. Such a VM must never run
+    /// again after its save: clones would see its writes.
+    TemplateSource(Arc<OwnedFd>),
+    /// A clone of a template: its sealed RAM (see [`crate::ram`]), mapped privately
+    /// (copy-on-write). `readonly` adds `readonly=on,rom=off` (QEMU ≥ 8.2, see
+    /// [`has_readonly_rom`]), which opens it read-only.
+    TemplateClone {
+        ram: Arc<crate::ram::SharedRam>,
+        readonly: bool,
+    },
+}
+
+/// A memory image to load.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub path: PathBuf,
+    /// The image was saved with `x-ignore-shared` (snapshot format ≥ 3); QEMU refuses to load
+    /// it unless the capability is set on this side too, and refuses the opposite as well.
+    pub ignore_shared: bool,
+}
+
+/// Whether QEMU `version` (as [`qemu_version`] reports it) has `memory-backend-file`'s
+/// `readonly=on,rom=off` (read-only file, writable private mapping): 8.2 and later.
+pub fn has_readonly_rom(version: &str) -> bool {
+    let number = version
+        .split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+        .unwrap_or_default();
+    let mut parts = number.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (8, 2)
 }
 
 /// A running QEMU. Dropping it kills QEMU (SIGKILL) and reaps it before returning.
@@ -166,7 +209,9 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
     let incoming = spec
         .incoming
         .as_ref()
-        .map(|p| std::fs::File::open(p).ctx(|| format!("opening snapshot {}", p.display())))
+        .map(|i| {
+            std::fs::File::open(&i.path).ctx(|| format!("opening snapshot {}", i.path.display()))
+        })
         .transpose()?;
 
     let fds = QemuFds {
@@ -175,10 +220,16 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
         console: console_qemu.as_raw_fd(),
         net: net_qemu.as_raw_fd(),
         incoming: incoming.as_ref().map(|f| f.as_raw_fd()),
+        ram: match &spec.ram {
+            GuestRam::Private => None,
+            GuestRam::TemplateSource(fd) => Some(fd.as_raw_fd()),
+            GuestRam::TemplateClone { ram, .. } => Some(ram.fd().as_raw_fd()),
+        },
     };
     let keep: Vec<RawFd> = [fds.qmp, fds.agent, fds.console, fds.net]
         .into_iter()
         .chain(fds.incoming)
+        .chain(fds.ram)
         .collect();
     let args = qemu_args(spec, &fds);
     tracing::debug!(?args, "starting QEMU");
@@ -239,9 +290,10 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
         detached: spec.detached,
         released: false,
     };
-    tracing::info!(pid, ms = started.elapsed().as_millis() as u64, accel = %spec.accel.accel, restore = spec.incoming.is_some(), "QEMU started");
+    tracing::info!(pid, ms = started.elapsed().as_millis() as u64, accel = %spec.accel.accel, restore = spec.incoming.is_some(), template_ram = matches!(spec.ram, GuestRam::TemplateClone { .. }), "QEMU started");
 
-    if spec.incoming.is_some() {
+    if let (Some(incoming), Some(fd)) = (&spec.incoming, fds.incoming) {
+        vm.start_restore(incoming, fd).await?;
         vm.finish_restore().await?;
         tracing::info!(
             pid,
@@ -422,6 +474,31 @@ impl Vm {
         Ok(s["status"].as_str().unwrap_or_default().to_string())
     }
 
+    /// Starts loading the memory image QEMU inherited as `fd` (it waits for this, started
+    /// with `-incoming defer`: QEMU 7.2 can set `x-ignore-shared` only through QMP).
+    async fn start_restore(&mut self, incoming: &Incoming, fd: RawFd) -> Result<()> {
+        if incoming.ignore_shared {
+            self.set_ignore_shared().await?;
+        }
+        self.qmp
+            .execute(
+                "migrate-incoming",
+                Some(json!({ "uri": format!("fd:{fd}") })),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Leaves shared RAM (a template's) out of migration streams, and expects it left out of
+    /// incoming ones.
+    async fn set_ignore_shared(&mut self) -> Result<()> {
+        let caps = json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+        self.qmp
+            .execute("migrate-set-capabilities", Some(caps))
+            .await
+            .map(|_| ())
+    }
+
     /// Waits for the incoming migration to finish, then starts the guest. The source was
     /// paused when saved, so QEMU does not autostart; we `cont` explicitly.
     async fn finish_restore(&mut self) -> Result<()> {
@@ -482,6 +559,8 @@ impl Vm {
     pub async fn save_memory(&mut self, path: &Path) -> Result<u64> {
         let started = Instant::now();
         self.qmp.execute("stop", None).await?;
+        // Format 3 images: a template's shared RAM stays out of the stream, private RAM is in.
+        self.set_ignore_shared().await?;
         // The default cap of 128 MiB/s makes a ~100 MB save take ~0.7 s instead of ~0.12 s.
         self.qmp
             .execute(

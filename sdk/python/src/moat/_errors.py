@@ -68,7 +68,8 @@ class InternalError(MoatError):
 
 
 class Unavailable(MoatError):
-    """503: the daemon cannot do this now (store busy, no VM runtime); retry."""
+    """503: the daemon cannot do this now (store busy, sandboxes being prepared, no VM runtime);
+    retry."""
 
 
 class NoSpace(MoatError):

@@ -16,6 +16,8 @@ SandboxState = Literal[
     "creating", "running", "suspending", "suspended", "resuming", "deleting", "failed"
 ]
 FileKind = Literal["file", "dir", "symlink", "other"]
+SandboxesState = Literal["ready", "preparing", "failed", "unavailable"]
+SetupStep = Literal["kernel", "base_image", "initramfs"]
 
 
 class PoolSpec(TypedDict, total=False):
@@ -51,9 +53,27 @@ class GroupSpec(TypedDict, total=False):
 
 
 @dataclass(frozen=True)
+class SandboxesHealth:
+    """Whether the daemon can run sandboxes yet: one on a fresh MOAT_HOME prepares them first."""
+
+    state: SandboxesState
+    message: str
+    """What the daemon is doing, or what went wrong and what to do."""
+    step: Optional[SetupStep]
+    """The preparation step running (``preparing``) or that failed (``failed``)."""
+    steps_done: int
+    steps_total: int
+    attempt: int
+    retry_after_s: Optional[int]
+    """Seconds until the next attempt (``failed``)."""
+
+
+@dataclass(frozen=True)
 class Health:
     status: str
     version: str
+    sandboxes: Optional[SandboxesHealth]
+    """None from a daemon older than this part of ``/healthz``."""
 
 
 @dataclass(frozen=True)
@@ -216,7 +236,22 @@ def _opt_int(v: Any) -> Optional[int]:
 
 
 def parse_health(d: Mapping[str, Any]) -> Health:
-    return Health(status=str(d["status"]), version=str(d["version"]))
+    sb = d.get("sandboxes")
+    return Health(
+        status=str(d["status"]),
+        version=str(d["version"]),
+        sandboxes=None
+        if sb is None
+        else SandboxesHealth(
+            state=sb["state"],
+            message=str(sb["message"]),
+            step=sb.get("step"),
+            steps_done=int(sb["steps_done"]),
+            steps_total=int(sb["steps_total"]),
+            attempt=int(sb["attempt"]),
+            retry_after_s=_opt_int(sb.get("retry_after_s")),
+        ),
+    )
 
 
 def parse_group(d: Mapping[str, Any]) -> Group:

@@ -50,7 +50,7 @@ async fn list_groups(State(state): State<AppState>, p: Principal) -> Result<Json
 
 /// `group` with its live status filled in.
 fn with_status(state: &AppState, mut group: Group) -> Group {
-    if let Ok(mgr) = &state.sandboxes {
+    if let Some(mgr) = state.sandboxes.ready() {
         group.status.pool_ready = mgr.pool_ready_in(&group.name) as u32;
     }
     group
@@ -103,7 +103,7 @@ async fn put_group(
     spec.validate()?;
     let (group, created) = state.store.put_group(&name, &spec).await?;
     // The pool grows, shrinks or is rebuilt for a new image or tier in the background.
-    if let Ok(mgr) = &state.sandboxes {
+    if let Some(mgr) = state.sandboxes.ready() {
         mgr.refill(&group.name);
     }
     let status = if created {
@@ -145,7 +145,7 @@ async fn delete_group(
     let q: DeleteGroupQuery = query(&uri)?;
     if q.force {
         // The VMs go first; the store then deletes the rows with the group.
-        if let Ok(mgr) = &state.sandboxes {
+        if let Some(mgr) = state.sandboxes.ready() {
             let rows = state.store.list_sandboxes(Some(&name)).await?;
             for row in rows {
                 mgr.delete(&row.id).await?;
@@ -154,7 +154,7 @@ async fn delete_group(
     }
     state.store.delete_group(&name, q.force).await?;
     // Its pool's rows went with it; its VMs and its snapshots go now.
-    if let Ok(mgr) = &state.sandboxes {
+    if let Some(mgr) = state.sandboxes.ready() {
         mgr.drain_pool(&name).await;
         let home = mgr.runtime().home.clone();
         tokio::task::spawn_blocking(move || crate::snapshots::remove_group_dirs(&home, &name))

@@ -8,9 +8,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use utoipa::OpenApi;
 
-use crate::api::{Health, SandboxState};
+use crate::api::{Health, SandboxState, SandboxesHealth, SandboxesState};
 use crate::error::Result;
 use crate::http::state::AppState;
+use crate::prepare::Step;
 
 pub(in crate::http) fn router() -> Router<AppState> {
     Router::new()
@@ -19,15 +20,20 @@ pub(in crate::http) fn router() -> Router<AppState> {
 }
 
 #[derive(OpenApi)]
-#[openapi(paths(healthz, metrics), components(schemas(Health)))]
+#[openapi(
+    paths(healthz, metrics),
+    components(schemas(Health, SandboxesHealth, SandboxesState, Step))
+)]
 pub(in crate::http) struct Doc;
 
 #[utoipa::path(get, path = "/healthz", tag = "system",
-    responses((status = 200, description = "The daemon answers", body = Health)))]
-async fn healthz() -> Json<Health> {
+    responses((status = 200, description = "The daemon answers; `sandboxes` says whether \
+        sandboxes can run yet", body = Health)))]
+async fn healthz(State(state): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok".to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        sandboxes: state.sandboxes.health(),
     })
 }
 
@@ -58,7 +64,7 @@ async fn metrics(State(state): State<AppState>) -> Result<Response> {
         ("moat_api_keys", "API keys in the store.", one(keys)),
         ("moat_sandboxes", "Sandboxes by state.", states),
     ];
-    if let Ok(mgr) = &state.sandboxes {
+    if let Some(mgr) = state.sandboxes.ready() {
         let pools = mgr
             .pool_ready()
             .into_iter()

@@ -1,0 +1,1 @@
+cat data.csv | grep -v '^#' | sort | head -n 20

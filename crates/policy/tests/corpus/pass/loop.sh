@@ -1,0 +1,3 @@
+for f in *.csv; do
+  echo "$f: $(wc -l < "$f")"
+done

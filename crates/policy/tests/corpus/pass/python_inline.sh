@@ -1,0 +1,1 @@
+python3 -c 'import json, sys; print(json.dumps(sys.argv))' a b

@@ -1,0 +1,3 @@
+# expect: python.reflection
+import operator
+operator.attrgetter('__class__')(1)

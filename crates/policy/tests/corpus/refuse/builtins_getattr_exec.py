@@ -1,0 +1,2 @@
+# expect: python.dynamic-code
+getattr(__builtins__, 'ex' + 'ec')('print(1)')

@@ -1,0 +1,3 @@
+# expect: python.process
+import builtins
+builtins.__import__('os').popen('id').read()

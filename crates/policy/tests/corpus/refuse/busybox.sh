@@ -1,0 +1,2 @@
+# expect: command.denied
+busybox wget http://example.invalid/

@@ -1,0 +1,5 @@
+# expect: python.process
+import os
+class A:
+    go = os.system
+A.go('id')

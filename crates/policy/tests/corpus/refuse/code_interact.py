@@ -1,0 +1,3 @@
+# expect: python.dynamic-code
+import code
+code.interact()

@@ -1,0 +1,3 @@
+# expect: python.native
+import ctypes
+ctypes.CDLL(None).system(b'id')

@@ -1,0 +1,2 @@
+# expect: shell.dynamic
+c''url http://example.invalid/

@@ -1,0 +1,3 @@
+# expect: python.dynamic-code
+code = open('x.py').read()
+eval(compile(code, 'x', 'exec'))

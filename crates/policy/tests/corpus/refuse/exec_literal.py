@@ -1,0 +1,2 @@
+# expect: python.dynamic-code
+exec("import os; os.system('id')")

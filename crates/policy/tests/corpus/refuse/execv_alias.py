@@ -1,0 +1,4 @@
+# expect: python.process
+import os
+f = os.execv
+f('/bin/sh', ['sh'])

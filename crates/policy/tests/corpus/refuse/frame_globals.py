@@ -1,0 +1,3 @@
+# expect: python.reflection
+import sys
+sys._getframe().f_globals['x'] = 1

@@ -1,0 +1,3 @@
+# expect: python.process
+from os import system as s
+s('id')

@@ -1,0 +1,3 @@
+# expect: python.process
+from subprocess import Popen, PIPE
+Popen(['id'], stdout=PIPE)

@@ -1,0 +1,4 @@
+# expect: python.process
+import os
+name = input()
+getattr(os, name)('id')

@@ -1,0 +1,4 @@
+# expect: python.process
+import os
+f = getattr(os, ''.join(['sy', 'st', 'em']))
+f('id')

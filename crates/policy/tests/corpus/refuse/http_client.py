@@ -1,0 +1,3 @@
+# expect: python.network
+import http.client
+c = http.client.HTTPConnection('example.invalid')

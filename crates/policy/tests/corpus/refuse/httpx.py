@@ -1,0 +1,3 @@
+# expect: python.network
+import httpx
+httpx.get('http://example.invalid/')

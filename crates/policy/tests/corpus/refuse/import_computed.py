@@ -1,0 +1,3 @@
+# expect: python.process
+m = __import__('o' + chr(115))
+m.system('id')

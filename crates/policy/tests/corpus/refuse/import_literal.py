@@ -1,0 +1,2 @@
+# expect: python.process
+__import__('subprocess').run(['id'])

@@ -1,0 +1,3 @@
+# expect: python.process
+from importlib import import_module as im
+im('os').popen('id')

@@ -1,0 +1,3 @@
+# expect: python.dynamic-code
+import marshal
+c = marshal.loads(data)

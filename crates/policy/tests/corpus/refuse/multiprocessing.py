@@ -1,0 +1,3 @@
+# expect: python.process
+from multiprocessing import Process
+Process(target=print).start()

@@ -1,0 +1,3 @@
+# expect: python.process
+import os as o
+o.system('id')

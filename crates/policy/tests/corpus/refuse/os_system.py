@@ -1,0 +1,3 @@
+# expect: python.process
+import os
+os.system('id')

@@ -1,0 +1,3 @@
+# expect: python.dynamic-code
+import pdb
+pdb.run('print(1)')

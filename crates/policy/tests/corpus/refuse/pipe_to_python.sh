@@ -1,0 +1,2 @@
+# expect: shell.dynamic
+cat payload.txt | python3

@@ -1,0 +1,3 @@
+# expect: python.process
+import pty
+pty.spawn('/bin/sh')

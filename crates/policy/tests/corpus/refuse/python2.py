@@ -1,0 +1,2 @@
+# expect: python.unparseable
+print 'hello'

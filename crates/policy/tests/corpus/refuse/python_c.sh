@@ -1,0 +1,2 @@
+# expect: python.process
+python3 -c 'import os;os.system("id")'

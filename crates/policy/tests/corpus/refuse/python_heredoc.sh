@@ -1,0 +1,5 @@
+# expect: python.native
+python3 <<'EOF'
+import ctypes
+ctypes.CDLL(None)
+EOF

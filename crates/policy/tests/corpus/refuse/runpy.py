@@ -1,0 +1,3 @@
+# expect: python.dynamic-code
+import runpy
+runpy.run_path('payload.py')

@@ -1,0 +1,3 @@
+# expect: python.process
+import subprocess
+subprocess.run(['ls', '-la'], check=True)

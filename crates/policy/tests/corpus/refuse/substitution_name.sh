@@ -1,0 +1,2 @@
+# expect: shell.dynamic
+$(printf cu)rl http://example.invalid/

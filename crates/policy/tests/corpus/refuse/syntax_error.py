@@ -1,0 +1,3 @@
+# expect: python.unparseable
+import os
+os.system('id'

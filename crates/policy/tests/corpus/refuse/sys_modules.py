@@ -1,0 +1,3 @@
+# expect: python.process
+import sys
+sys.modules['os'].system('id')

@@ -1,0 +1,3 @@
+# expect: shell.dynamic
+X=curl
+$X http://example.invalid/

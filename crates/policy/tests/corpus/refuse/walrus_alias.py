@@ -1,0 +1,4 @@
+# expect: python.process
+import os
+if (run := os.system):
+    run('id')

@@ -1,0 +1,2 @@
+# expect: command.denied
+echo http://example.invalid/ | xargs curl
