@@ -38,7 +38,7 @@ impl Home {
         if let Some(p) = std::env::var_os("MOAT_AGENT") {
             return Ok(PathBuf::from(p));
         }
-        let exe = std::env::current_exe().context("locating the moat executable")?;
+        let exe = moat_executable()?;
         let dir = exe
             .parent()
             .context("the moat executable has no directory")?;
@@ -72,8 +72,16 @@ impl Home {
 
     pub fn runtime(&self, accel: Option<&str>) -> Result<moat_vm::Runtime> {
         let agent = self.agent_binary()?;
-        // Each sandbox's network stack is this binary's hidden `net-stack` command.
-        let moat = std::env::current_exe().context("locating the moat executable")?;
-        Ok(moat_vm::Runtime::new(&self.root, &agent, &moat, accel)?)
+        Ok(moat_vm::Runtime::new(
+            &self.root,
+            &agent,
+            &moat_executable()?,
+            accel,
+        )?)
     }
+}
+
+/// This `moat` executable: its hidden `net-stack` command is each sandbox's network stack.
+pub fn moat_executable() -> Result<PathBuf> {
+    std::env::current_exe().context("locating the moat executable")
 }

@@ -22,7 +22,8 @@ pub async fn run(home: &Home, accel: Option<&str>, args: SetupArgs) -> Result<u8
     let options = prepare::Options {
         rebuild_base: args.rebuild_base,
     };
-    let rt = prepare::prepare(&home.root, &agent, accel, options, &bars).await?;
+    let moat = crate::home::moat_executable()?;
+    let rt = prepare::prepare(&home.root, &agent, &moat, accel, options, &bars).await?;
     let collected = tokio::task::spawn_blocking(move || moat_vm::template::collect(&rt)).await??;
     if collected.removed > 0 {
         eprintln!(

@@ -40,6 +40,8 @@ pub struct Config {
     /// The static guest agent, or why there is none: the daemon then serves groups and keys,
     /// and its sandbox routes answer 503 with this reason.
     pub agent: std::result::Result<PathBuf, String>,
+    /// The `moat` executable, whose hidden `net-stack` command is each sandbox's network stack.
+    pub net_stack: PathBuf,
     /// The accelerator to force (`--accel`/`MOAT_ACCEL`), else detected.
     pub accel: Option<String>,
     /// When the home lacks the guest kernel or initramfs, prepare what is missing (the base
@@ -122,6 +124,7 @@ pub async fn serve(
     let sandboxes = readiness::start(readiness::Start {
         home: config.home.clone(),
         agent: config.agent.clone(),
+        net_stack: config.net_stack.clone(),
         accel: config.accel.clone(),
         setup: config.setup,
         store: store.clone(),

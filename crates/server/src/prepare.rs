@@ -71,6 +71,7 @@ pub struct Options {
 pub async fn prepare(
     home: &Path,
     agent: &Path,
+    net_stack: &Path,
     accel: Option<&str>,
     options: Options,
     progress: &dyn Progress,
@@ -91,13 +92,14 @@ pub async fn prepare(
     progress.done(&outcome);
 
     progress.start(Step::Initramfs);
-    let (root, agent, accel) = (
+    let (root, agent, net_stack, accel) = (
         home.to_path_buf(),
         agent.to_path_buf(),
+        net_stack.to_path_buf(),
         accel.map(str::to_string),
     );
     let rt = blocking(Step::Initramfs, move || {
-        Runtime::new(&root, &agent, accel.as_deref())
+        Runtime::new(&root, &agent, &net_stack, accel.as_deref())
     })
     .await?;
     progress.done(&format!(

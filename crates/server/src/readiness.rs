@@ -162,6 +162,8 @@ pub struct Start {
     pub home: PathBuf,
     /// The static guest agent, or why there is none.
     pub agent: std::result::Result<PathBuf, String>,
+    /// The `moat` executable that runs each sandbox's network stack.
+    pub net_stack: PathBuf,
     pub accel: Option<String>,
     /// Prepare what is missing (else sandboxes stay unavailable until a restart after
     /// `moat setup`).
@@ -179,11 +181,16 @@ pub async fn start(s: Start) -> Result<Arc<Sandboxes>> {
         Ok(a) => a.clone(),
         Err(why) => return Ok(unavailable(why.clone())),
     };
-    let (home, a, accel) = (s.home.clone(), agent.clone(), s.accel.clone());
+    let (home, a, net, accel) = (
+        s.home.clone(),
+        agent.clone(),
+        s.net_stack.clone(),
+        s.accel.clone(),
+    );
     // The runtime's assets (kernel, initramfs) decide; a missing base image alone does not:
     // its owner may have removed it and use other images.
     let ready = tokio::task::spawn_blocking(move || {
-        moat_vm::Runtime::new(&home, &a, accel.as_deref()).map_err(|e| e.to_string())
+        moat_vm::Runtime::new(&home, &a, &net, accel.as_deref()).map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| Error::Internal(format!("checking the guest assets: {e}")))?;
@@ -254,6 +261,7 @@ async fn prepare_until_ready(slot: Arc<Sandboxes>, agent: PathBuf, s: Start) {
             let rt = prepare::prepare(
                 &s.home,
                 &agent,
+                &s.net_stack,
                 s.accel.as_deref(),
                 prepare::Options::default(),
                 &report,
