@@ -427,24 +427,7 @@ impl Stack {
             Dest::Name(n) => Some(n.clone()),
             Dest::Addr(_) => None,
         };
-        let refuse = if !decision.allow {
-            Some((decision.rule, decision.reason.clone()))
-        } else if self.flows.len() >= self.limits.max_flows {
-            Some((
-                None,
-                format!("limit: {} concurrent flows", self.limits.max_flows),
-            ))
-        } else if !self.new_flows.take() {
-            Some((
-                None,
-                format!(
-                    "limit: {} new flows per second",
-                    self.limits.new_flows_per_s
-                ),
-            ))
-        } else {
-            None
-        };
+        let refuse = self.refusal(&decision);
         if let Some((rule, reason)) = refuse {
             let mut e = Event::new(Kind::Tcp, Verdict::Deny, reason);
             e.rule = rule;
@@ -518,6 +501,30 @@ impl Stack {
     }
 
     /// The policy's decision for a flow to `dst:port`.
+    /// Why a new TCP flow or UDP relay is refused (the rule that denied it, the reason), if it
+    /// is: the policy's decision first, then the per-sandbox limits, which count TCP flows and
+    /// UDP relays together.
+    fn refusal(&mut self, decision: &crate::Decision) -> Option<(Option<usize>, String)> {
+        if !decision.allow {
+            Some((decision.rule, decision.reason.clone()))
+        } else if self.flows.len() + self.udp.len() >= self.limits.max_flows {
+            Some((
+                None,
+                format!("limit: {} concurrent flows", self.limits.max_flows),
+            ))
+        } else if !self.new_flows.take() {
+            Some((
+                None,
+                format!(
+                    "limit: {} new flows per second",
+                    self.limits.new_flows_per_s
+                ),
+            ))
+        } else {
+            None
+        }
+    }
+
     fn decide(&self, dst: Ipv4Addr, port: u16, protocol: Protocol) -> (Dest, crate::Decision) {
         let policy = self.shared.policy();
         if is_synthetic(dst) {
@@ -547,24 +554,7 @@ impl Stack {
         }
         let (_, dst, port) = key;
         let (dest, d) = self.decide(dst, port, Protocol::Udp);
-        let refuse = if !d.allow {
-            Some((d.rule, d.reason.clone()))
-        } else if self.flows.len() + self.udp.len() >= self.limits.max_flows {
-            Some((
-                None,
-                format!("limit: {} concurrent flows", self.limits.max_flows),
-            ))
-        } else if !self.new_flows.take() {
-            Some((
-                None,
-                format!(
-                    "limit: {} new flows per second",
-                    self.limits.new_flows_per_s
-                ),
-            ))
-        } else {
-            None
-        };
+        let refuse = self.refusal(&d);
         if let Some((rule, reason)) = refuse {
             let mut e = Event::new(Kind::Udp, Verdict::Deny, reason);
             e.rule = rule;
