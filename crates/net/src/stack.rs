@@ -1150,14 +1150,27 @@ mod tests {
             timestamp: None,
             payload: &[],
         };
+        ipv4_frame(dst, IpProtocol::Tcp, tcp.buffer_len(), |payload| {
+            let mut t = TcpPacket::new_unchecked(payload);
+            tcp.emit(&mut t, &GUEST_IP.into(), &dst.into(), &caps);
+        })
+    }
+
+    /// An IPv4 frame from the guest to the gateway's MAC; `emit` writes its `len`-byte payload.
+    fn ipv4_frame(
+        dst: Ipv4Addr,
+        protocol: IpProtocol,
+        len: usize,
+        emit: impl FnOnce(&mut [u8]),
+    ) -> Vec<u8> {
         let ip = Ipv4Repr {
             src_addr: GUEST_IP,
             dst_addr: dst,
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
+            next_header: protocol,
+            payload_len: len,
             hop_limit: 64,
         };
-        let mut buf = vec![0u8; 14 + ip.buffer_len() + tcp.buffer_len()];
+        let mut buf = vec![0u8; 14 + ip.buffer_len() + len];
         let mut eth = EthernetFrame::new_unchecked(&mut buf[..]);
         EthernetRepr {
             src_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
@@ -1166,9 +1179,8 @@ mod tests {
         }
         .emit(&mut eth);
         let mut ipp = Ipv4Packet::new_unchecked(eth.payload_mut());
-        ip.emit(&mut ipp, &caps);
-        let mut t = TcpPacket::new_unchecked(ipp.payload_mut());
-        tcp.emit(&mut t, &GUEST_IP.into(), &dst.into(), &caps);
+        ip.emit(&mut ipp, &ChecksumCapabilities::default());
+        emit(ipp.payload_mut());
         buf
     }
 
@@ -1199,28 +1211,12 @@ mod tests {
             seq_no: 1,
             data: b"moat",
         };
-        let ip = Ipv4Repr {
-            src_addr: GUEST_IP,
-            dst_addr: dst,
-            next_header: IpProtocol::Icmp,
-            payload_len: icmp.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut buf = vec![0u8; 14 + ip.buffer_len() + icmp.buffer_len()];
-        let mut eth = EthernetFrame::new_unchecked(&mut buf[..]);
-        EthernetRepr {
-            src_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
-            dst_addr: EthernetAddress(GATEWAY_MAC),
-            ethertype: EthernetProtocol::Ipv4,
-        }
-        .emit(&mut eth);
-        let mut ipp = Ipv4Packet::new_unchecked(eth.payload_mut());
-        ip.emit(&mut ipp, &caps);
-        icmp.emit(
-            &mut smoltcp::wire::Icmpv4Packet::new_unchecked(ipp.payload_mut()),
-            &caps,
-        );
-        buf
+        ipv4_frame(dst, IpProtocol::Icmp, icmp.buffer_len(), |payload| {
+            icmp.emit(
+                &mut smoltcp::wire::Icmpv4Packet::new_unchecked(payload),
+                &caps,
+            );
+        })
     }
 
     /// Frames out of the device, unframed.
