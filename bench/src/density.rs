@@ -1,5 +1,7 @@
-//! Density figures (issue 10): host memory per idle sandbox and restore-to-ready, with template
-//! RAM shared copy-on-write and without it, measured in the same run on the same template.
+//! Density figures (issue 10): host memory and CPU per idle sandbox and restore-to-ready, with
+//! template RAM shared copy-on-write and without it, measured in the same run on the same
+//! template; and the same idle guests parked (vCPUs stopped): their CPU, and the first exec
+//! that has to continue one.
 //!
 //! "Shared" restores the template itself (its sealed RAM mapped privately by every clone).
 //! "Private" restores a full memory image of the same idle guest (a snapshot of a clone taken
@@ -40,7 +42,7 @@ async fn measure_kind(
         restores.push(ms(t.elapsed()));
         sb.destroy().await;
     }
-    let mut running = Vec::new();
+    let mut running: Vec<Sandbox> = Vec::new();
     for _ in 0..clones {
         let sb = Sandbox::restore(rt, &id(kind), snapshot).await?;
         sb.agent()
@@ -71,11 +73,37 @@ async fn measure_kind(
         let (_, t1) = proc_usage(pid)?;
         cpu.push((t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0);
     }
+    // The same guests parked (vCPUs stopped): their idle CPU, then how long the first exec
+    // takes when it has to continue one.
+    for sb in running.iter_mut() {
+        sb.park().await?;
+    }
+    let ticks0: Vec<u64> = running
+        .iter()
+        .map(|sb| proc_usage(sb.qemu_pid()).map(|u| u.1))
+        .collect::<Result<_>>()?;
+    tokio::time::sleep(window).await;
+    let mut parked_cpu = Vec::new();
+    for (sb, t0) in running.iter().zip(ticks0) {
+        let (_, t1) = proc_usage(sb.qemu_pid())?;
+        parked_cpu.push((t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0);
+    }
+    let mut unpark_exec = Vec::new();
+    for sb in running.iter_mut() {
+        let t = Instant::now();
+        sb.unpark().await?;
+        sb.agent()
+            .exec_output(ExecRequest::new(&["true"], &[PATH]), 1024)
+            .await?;
+        unpark_exec.push(ms(t.elapsed()));
+    }
     for sb in running {
         sb.destroy().await;
     }
     Ok(json!({
         "restore_to_ready_ms": median(restores),
+        "parked_cpu_pct": median(parked_cpu),
+        "unpark_to_first_exec_ms": median(unpark_exec),
         "idle_pss_mib": median(pss),
         "idle_private_mib": median(private),
         "idle_rss_mib": median(rss),

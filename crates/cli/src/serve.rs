@@ -20,6 +20,11 @@ pub struct ServeArgs {
     /// vCPUs allowed per host CPU, over all sandbox VMs (a fractional tier counts its share).
     #[arg(long, env = "MOAT_CPU_OVERCOMMIT", default_value_t = moat_server::DEFAULT_CPU_OVERCOMMIT, value_name = "RATIO")]
     cpu_overcommit: f64,
+    /// Seconds a sandbox must be idle (no request, no background process, its VM quiet) before
+    /// its vCPUs are stopped; the next request continues it in milliseconds. Warm-pool VMs
+    /// are parked once ready. 0 turns parking off.
+    #[arg(long, env = "MOAT_PARK_AFTER", default_value_t = moat_server::DEFAULT_PARK_AFTER_S, value_name = "SECS")]
+    park_after: u64,
     /// Do not prepare a MOAT_HOME that lacks the guest kernel or initramfs (by default the
     /// daemon does what `moat setup` does, in the background): its sandbox routes then answer
     /// 503 until `moat setup` and a restart.
@@ -55,6 +60,8 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
             setup: !args.no_setup,
             max_memory_mib: args.max_memory_mib,
             cpu_overcommit: args.cpu_overcommit,
+            park_after: (args.park_after > 0)
+                .then(|| std::time::Duration::from_secs(args.park_after)),
         },
         shutdown,
     )

@@ -1,6 +1,7 @@
 //! What the host can hold: every VM that exists (running, being created or resumed, or ready
 //! in a warm pool) holds its tier's memory and vCPUs here, under its id, until it ends or is
-//! suspended. Memory is never overcommitted; vCPUs may be, by a ratio.
+//! suspended. Memory is never overcommitted; vCPUs may be, by a ratio. A parked VM (vCPUs
+//! stopped while idle) keeps its memory but holds no CPU share until it is unparked.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -61,13 +62,45 @@ fn cost(tier: Tier) -> (u64, u64) {
 
 pub struct Capacity {
     limits: Limits,
-    held: Mutex<HashMap<String, (u64, u64)>>,
+    held: Mutex<HashMap<String, Held>>,
+}
+
+/// What one VM holds.
+#[derive(Clone, Copy)]
+struct Held {
+    mem: u64,
+    cpu: u64,
+    parked: bool,
+}
+
+impl Held {
+    fn new(tier: Tier) -> Held {
+        let (mem, cpu) = cost(tier);
+        Held {
+            mem,
+            cpu,
+            parked: false,
+        }
+    }
+
+    /// Memory and the CPU share it holds now.
+    fn used(&self) -> (u64, u64) {
+        (self.mem, if self.parked { 0 } else { self.cpu })
+    }
+}
+
+/// Sums of [`Held::used`].
+fn total<'a>(held: impl Iterator<Item = &'a Held>) -> (u64, u64) {
+    held.map(Held::used)
+        .fold((0, 0), |(m, c), (m2, c2)| (m + m2, c + c2))
 }
 
 /// Use of the host, for metrics.
 pub struct Usage {
     pub memory_mib: u64,
     pub millicpus: u64,
+    /// VMs parked now.
+    pub parked: usize,
     pub limits: Limits,
 }
 
@@ -79,7 +112,7 @@ impl Capacity {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, u64)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -91,9 +124,7 @@ impl Capacity {
             return Ok(());
         }
         let (mem, cpu) = cost(tier);
-        let (used_mem, used_cpu) = held
-            .values()
-            .fold((0, 0), |(m, c), (m2, c2)| (m + m2, c + c2));
+        let (used_mem, used_cpu) = total(held.values());
         let vms = held.len();
         let l = self.limits;
         if used_mem + mem > l.memory_mib {
@@ -118,13 +149,27 @@ impl Capacity {
                 l.millicpus as f64 / 1000.0
             )));
         }
-        held.insert(id.to_string(), (mem, cpu));
+        held.insert(id.to_string(), Held::new(tier));
         Ok(())
     }
 
     /// Holds room for a VM that exists already (adopted at start), even past the limits.
     pub fn force(&self, id: &str, tier: Tier) {
-        self.lock().insert(id.to_string(), cost(tier));
+        self.lock().insert(id.to_string(), Held::new(tier));
+    }
+
+    /// Marks `id` parked (it gives back its CPU share, keeps its memory) or running again (it
+    /// takes its share back even past the limit: its user is waiting, and CPU, unlike memory,
+    /// is only shared more thinly when overcommitted). Nothing if `id` holds nothing.
+    pub fn set_parked(&self, id: &str, parked: bool) {
+        if let Some(h) = self.lock().get_mut(id) {
+            h.parked = parked;
+        }
+    }
+
+    /// Whether `id` is parked.
+    pub fn is_parked(&self, id: &str) -> bool {
+        self.lock().get(id).is_some_and(|h| h.parked)
     }
 
     /// Gives back what `id` held (nothing if it held nothing).
@@ -133,13 +178,12 @@ impl Capacity {
     }
 
     pub fn usage(&self) -> Usage {
-        let (memory_mib, millicpus) = self
-            .lock()
-            .values()
-            .fold((0, 0), |(m, c), (m2, c2)| (m + m2, c + c2));
+        let held = self.lock();
+        let (memory_mib, millicpus) = total(held.values());
         Usage {
             memory_mib,
             millicpus,
+            parked: held.values().filter(|h| h.parked).count(),
             limits: self.limits,
         }
     }
@@ -148,6 +192,28 @@ impl Capacity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parked_vm_holds_memory_but_no_cpu_share() {
+        let c = Capacity::new(Limits {
+            memory_mib: 100_000,
+            millicpus: 500,
+        });
+        c.reserve("a", Tier::Xs, "a create").unwrap();
+        c.reserve("b", Tier::Xs, "a create").unwrap();
+        let e = c.reserve("c", Tier::Xs, "a create").unwrap_err();
+        assert!(e.to_string().contains("vCPUs"), "{e}");
+        c.set_parked("a", true);
+        assert!(c.is_parked("a") && !c.is_parked("b"));
+        let u = c.usage();
+        assert_eq!((u.millicpus, u.parked), (250, 1));
+        assert_eq!(u.memory_mib, 2 * u64::from(Tier::Xs.mem_mib()));
+        c.reserve("c", Tier::Xs, "a create").unwrap();
+        // Unparking takes the share back past the limit rather than fail a waiting request.
+        c.set_parked("a", false);
+        assert_eq!(c.usage().millicpus, 750);
+        assert!(c.reserve("d", Tier::Xs, "a create").is_err());
+    }
 
     #[test]
     fn refuses_what_would_overcommit_memory_and_frees_on_release() {

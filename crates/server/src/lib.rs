@@ -53,7 +53,14 @@ pub struct Config {
     pub max_memory_mib: Option<u64>,
     /// vCPUs allowed per host CPU (`--cpu-overcommit`).
     pub cpu_overcommit: f64,
+    /// How long a sandbox must be idle (no request, no background process, its QEMU quiet)
+    /// before its vCPUs are stopped until the next request (`--park-after`); `None` turns
+    /// parking off, for warm-pool VMs too.
+    pub park_after: Option<std::time::Duration>,
 }
+
+/// The default of [`Config::park_after`], seconds.
+pub const DEFAULT_PARK_AFTER_S: u64 = 10;
 
 /// The default of [`Config::cpu_overcommit`].
 pub const DEFAULT_CPU_OVERCOMMIT: f64 = 4.0;
@@ -130,6 +137,7 @@ pub async fn serve(
         store: store.clone(),
         metrics: metrics.clone(),
         limits,
+        park_after: config.park_after,
     })
     .await?;
     let state = http::AppState {

@@ -37,6 +37,11 @@ pub const RESUME: (&str, &str) = (
     "moat_sandbox_resume_duration_seconds",
     "Time to resume a suspended sandbox.",
 );
+pub const UNPARK: (&str, &str) = (
+    "moat_sandbox_unpark_duration_seconds",
+    "Time to continue a parked (idle, vCPUs stopped) sandbox or warm-pool VM before a request, \
+     clock refresh included.",
+);
 /// The counters: (name, help).
 pub const POOL_HITS: (&str, &str) = (
     "moat_pool_hits_total",

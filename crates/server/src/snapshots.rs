@@ -235,6 +235,7 @@ impl Manager {
             let Some(vm) = slot.as_mut() else {
                 continue;
             };
+            self.unpark(&s.sandbox, vm).await?;
             let mut meta = vm
                 .snapshot(self.runtime(), &built)
                 .await

@@ -301,6 +301,8 @@ pub struct Sandbox {
     backing: PathBuf,
     /// The RAM memfd of a template being built, which [`Sandbox::snapshot_and_stop`] stores.
     ram_source: Option<Arc<OwnedFd>>,
+    /// Paused by [`Sandbox::park`]: its vCPUs are stopped and its agent cannot answer.
+    parked: bool,
     // Field order matters for Drop: the agent session, then QEMU, then its network stack,
     // then the directory.
     agent: AgentConn,
@@ -521,6 +523,7 @@ impl Sandbox {
             shared_base: origin.shared_base,
             backing: origin.backing,
             ram_source,
+            parked: false,
             agent,
             vm,
             _net: net,
@@ -561,8 +564,12 @@ impl Sandbox {
         let mut vm = Vm::adopt(&dir.path, rec.pid).await?;
         // A previous owner that died mid-suspend or mid-snapshot left it paused; the agent's
         // quiesce ends with that owner's session.
-        vm.ensure_running().await?;
+        let continued = vm.ensure_running().await?;
         let agent = connect_agent(&mut vm, RESTORE_TIMEOUT, "adopting").await?;
+        if continued {
+            // It may have been parked for long: its wall clock stood still meanwhile.
+            agent.refresh(None).await?;
+        }
         tracing::info!(id, pid = rec.pid, "sandbox adopted");
         Ok(Sandbox {
             id: rec.id,
@@ -573,6 +580,7 @@ impl Sandbox {
             shared_base: rec.shared_base,
             backing: rec.backing,
             ram_source: None,
+            parked: false,
             agent,
             vm,
             _net: NetStack::adopted(),
@@ -617,6 +625,11 @@ impl Sandbox {
         self.vm.pid()
     }
 
+    /// The CPU time its QEMU has used so far (vCPUs and devices); `None` if QEMU is gone.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        crate::qemu::cpu_time(self.vm.pid())
+    }
+
     /// `MOAT_HOME/run/<id>`.
     pub fn run_dir(&self) -> &Path {
         &self.dir.path
@@ -639,9 +652,38 @@ impl Sandbox {
         &self.shared_base
     }
 
+    /// Parks the sandbox: its vCPUs stop (QMP `stop`), so an idle sandbox costs no host CPU
+    /// at all, while its memory, disk, devices and network stack stay as they are. Execs
+    /// cannot run until [`Sandbox::unpark`]; everything here that needs the guest unparks
+    /// it first. Idempotent.
+    pub async fn park(&mut self) -> Result<()> {
+        if !self.parked {
+            self.vm.pause().await?;
+            self.parked = true;
+        }
+        Ok(())
+    }
+
+    /// Continues a parked sandbox and sets its wall clock, which stood still while it was
+    /// parked (a stopped VM's virtual clock does not run). Idempotent.
+    pub async fn unpark(&mut self) -> Result<()> {
+        if self.parked {
+            self.vm.resume().await?;
+            self.parked = false;
+            self.agent.refresh(None).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the sandbox is [parked](Sandbox::park).
+    pub fn is_parked(&self) -> bool {
+        self.parked
+    }
+
     /// Saves memory and disk to `dest` (which must not exist), atomically: the directory
     /// appears complete or not at all. The sandbox keeps running afterwards.
     pub async fn snapshot(&mut self, rt: &Runtime, dest: &Path) -> Result<SnapshotMeta> {
+        self.unpark().await?;
         let saved = self.save(rt, dest, SaveMode::Copy).await;
         // Also after a failed save (say, the host's disk is full): the VM may be stopped, and
         // it must go on running (the agent's quiesce ended when its stream was dropped).
@@ -670,6 +712,7 @@ impl Sandbox {
     /// The sandbox is gone even when this fails; the directory of its previous suspend (its
     /// backing file, if it was resumed) is never modified, so the caller can still resume that.
     pub async fn suspend(mut self, rt: &Runtime, dest: &Path) -> Result<SnapshotMeta> {
+        self.unpark().await?;
         let meta = self.save(rt, dest, SaveMode::Suspend).await?;
         self.destroy().await;
         Ok(meta)
@@ -764,8 +807,8 @@ impl Sandbox {
     /// Asks the guest to end its processes, sync its disk and power off, and waits for QEMU to
     /// exit; a guest that does not within `deadline` is killed. Returns whether it was clean.
     pub async fn shutdown(mut self, deadline: Duration) -> bool {
-        let asked = self.agent.shutdown().await;
-        let exited = asked.is_ok()
+        let asked = self.unpark().await.is_ok() && self.agent.shutdown().await.is_ok();
+        let exited = asked
             && matches!(
                 tokio::time::timeout(deadline, self.vm.wait_exit()).await,
                 Ok(Ok(status)) if status.success()

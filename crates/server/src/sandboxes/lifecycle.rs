@@ -1,7 +1,15 @@
 //! Lifecycle: every data-plane request holds a [`Running`](super::Running), which counts as
 //! activity while it lives and records the time when it ends; one reaper task applies the
-//! groups' timers every [`TICK`] (idle → suspend or delete, suspended TTL, maximum lifetime)
-//! and keeps pools full.
+//! groups' timers every [`TICK`] (idle → park; idle → suspend or delete, suspended TTL,
+//! maximum lifetime) and keeps pools full.
+//!
+//! Parking stops an idle sandbox's vCPUs (see `moat_vm::Sandbox::park`): under TCG an idle
+//! guest's timer ticks alone cost a few % of a host CPU each, which on a host of thousands of
+//! sandboxes is all of it. A sandbox is parked when no request has touched it for the
+//! daemon's `park_after`, no background process runs in it, and its QEMU used less than
+//! [`QUIET_CPU`] of a CPU since the reaper's last look; the next request continues it
+//! ([`Manager::running`](super::Manager::running)). Work a user started with `&` in an exec
+//! does not keep a sandbox awake: background processes are the way to say "this is working".
 //!
 //! Activity is counted without locks on every request and read by the reaper alone, so the
 //! counters and the timers that read them live together here; what the timers do (suspend,
@@ -14,13 +22,17 @@ use std::time::Duration;
 
 use super::Manager;
 use crate::api::{self, OnIdle, SandboxState};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// How often the reaper applies lifecycle timers and tops up pools.
 const TICK: Duration = Duration::from_millis(500);
 /// While background processes run in an otherwise idle sandbox, how often the reaper asks the
 /// agent whether they still do (the idle clock starts when they are seen gone).
 const PROBE_EVERY_MS: i64 = 1000;
+/// The most CPU (a fraction of one host CPU, measured between two reaper looks) a sandbox's
+/// QEMU may use and still count as quiet enough to park. An idle TCG guest uses a few %; a
+/// guest computing uses a whole vCPU.
+const QUIET_CPU: f64 = 0.15;
 
 /// What the idle timer needs to know, updated without locks by every data-plane request.
 #[derive(Default)]
@@ -35,6 +47,8 @@ pub(super) struct Activity {
     procs: AtomicBool,
     /// When the reaper looks at them next, Unix milliseconds.
     next_probe_ms: AtomicI64,
+    /// The QEMU's CPU time when the reaper last considered parking it, and when that was.
+    cpu_seen: std::sync::Mutex<Option<(std::time::Instant, Duration)>>,
 }
 
 impl Activity {
@@ -71,6 +85,8 @@ fn now_ms() -> i64 {
 /// What the reaper does to a sandbox.
 enum Act {
     Delete(&'static str),
+    /// Idle for the daemon's `park_after`: park it if it is quiet.
+    Park,
     /// The idle timer is due (or background processes need a look): `idle_ms` and what to do.
     Idle {
         idle_ms: i64,
@@ -139,9 +155,6 @@ impl Manager {
                     }
                 }
                 SandboxState::Running => {
-                    let Some(idle) = l.idle_timeout_s else {
-                        continue;
-                    };
                     let Some(entry) = self.entry(&t.id) else {
                         continue;
                     };
@@ -151,6 +164,17 @@ impl Manager {
                     }
                     let stored_last_ms = end_ms(t.last_activity_at.unwrap_or(0).max(t.updated_at));
                     let last = a.last_ms.load(Ordering::SeqCst).max(stored_last_ms);
+                    if let Some(after) = self.park_after {
+                        if now - last >= after.as_millis() as i64
+                            && now >= a.next_probe_ms.load(Ordering::SeqCst)
+                            && !self.cap.is_parked(&t.id)
+                        {
+                            self.act(&t.id, Act::Park);
+                        }
+                    }
+                    let Some(idle) = l.idle_timeout_s else {
+                        continue;
+                    };
                     let idle_ms = idle as i64 * 1000;
                     let due = now - last >= idle_ms;
                     let probe = a.procs.load(Ordering::SeqCst)
@@ -217,6 +241,7 @@ impl Manager {
                     tracing::info!(id, why, "deleting");
                     mgr.delete(&id).await.map(|_| ())
                 }
+                Act::Park => mgr.park(&id).await,
                 Act::Idle {
                     idle_ms,
                     on_idle,
@@ -254,7 +279,12 @@ impl Manager {
             let Some(vm) = guard.as_ref() else {
                 return Ok(());
             };
-            vm.agent().proc_list().await
+            if vm.is_parked() {
+                // Parked only with no background process running, and nothing ran since.
+                Ok(Vec::new())
+            } else {
+                vm.agent().proc_list().await
+            }
         };
         let now = now_ms();
         match procs {
@@ -288,5 +318,66 @@ impl Manager {
                 self.delete(id).await
             }
         }
+    }
+
+    /// Parks `id` if it is still idle and quiet: nothing holds it, no background process runs,
+    /// and its QEMU used less than [`QUIET_CPU`] since the last look (the first look only
+    /// takes the measure).
+    async fn park(&self, id: &str) -> Result<()> {
+        let Some(entry) = self.entry(id) else {
+            return Ok(());
+        };
+        let a = &entry.activity;
+        // Not behind a request, suspend or delete: they decide the matter.
+        let Ok(mut slot) = entry.vm.try_write() else {
+            return Ok(());
+        };
+        let Some(vm) = slot.as_mut() else {
+            return Ok(());
+        };
+        if a.active.load(Ordering::SeqCst) > 0 || vm.is_parked() {
+            return Ok(());
+        }
+        let Some(cpu) = vm.cpu_time() else {
+            return Ok(());
+        };
+        let now = std::time::Instant::now();
+        let before = a
+            .cpu_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace((now, cpu));
+        // Only a measure from the reaper's previous look counts: an older one may span a
+        // time the sandbox was parked, which would make a busy guest look quiet.
+        let quiet = before.is_some_and(|(at, used)| {
+            let wall = now.duration_since(at);
+            wall > Duration::ZERO
+                && wall <= 3 * TICK
+                && cpu.saturating_sub(used).as_secs_f64() / wall.as_secs_f64() < QUIET_CPU
+        });
+        if !quiet {
+            tracing::debug!(id, ?before, ?cpu, "not quiet enough to park");
+            return Ok(());
+        }
+        match vm.agent().proc_list().await {
+            Ok(list) if list.iter().any(|p| p.running) => {
+                a.procs.store(true, Ordering::SeqCst);
+                a.next_probe_ms
+                    .store(now_ms() + PROBE_EVERY_MS, Ordering::SeqCst);
+                return Ok(());
+            }
+            Ok(_) => a.procs.store(false, Ordering::SeqCst),
+            // Parking a sandbox whose agent does not answer would hide why.
+            Err(e) => {
+                tracing::warn!(id, error = %e, "listing background processes before parking");
+                return Ok(());
+            }
+        }
+        vm.park()
+            .await
+            .map_err(Error::vm("parking an idle sandbox"))?;
+        self.cap.set_parked(id, true);
+        tracing::debug!(id, "parked");
+        Ok(())
     }
 }

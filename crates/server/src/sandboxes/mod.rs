@@ -127,6 +127,9 @@ pub struct Manager {
     pool_backoff: Mutex<HashMap<String, Instant>>,
     /// Sandboxes the reaper is acting on (so a slow suspend is not started twice).
     acting: Mutex<HashSet<String>>,
+    /// How long a running sandbox must be idle before it is parked; `None`: never (warm-pool
+    /// VMs are then not parked either).
+    park_after: Option<std::time::Duration>,
     stopping: AtomicBool,
 }
 
@@ -144,6 +147,7 @@ impl Manager {
         store: Store,
         metrics: Arc<Metrics>,
         limits: Limits,
+        park_after: Option<std::time::Duration>,
     ) -> Result<Manager> {
         crate::snapshots::recover(&rt.home, &store).await?;
         let images = ImageStore::open(&rt.home.join("images"))
@@ -159,6 +163,7 @@ impl Manager {
             pool_locks: Mutex::new(HashMap::new()),
             pool_backoff: Mutex::new(HashMap::new()),
             acting: Mutex::new(HashSet::new()),
+            park_after,
             stopping: AtomicBool::new(false),
         };
         let rows = mgr.store.list_sandboxes(None).await?;
@@ -616,7 +621,15 @@ impl Manager {
             // Active from now on: the reaper must not suspend it while we wait for the lock.
             let active = ActiveHold::new(entry.activity.clone());
             // Queued behind any suspend or resume in progress (the lock is fair).
-            let guard = entry.vm.clone().read_owned().await;
+            let mut guard = entry.vm.clone().read_owned().await;
+            if guard.as_ref().is_some_and(moat_vm::Sandbox::is_parked) {
+                drop(guard);
+                let mut slot = entry.vm.clone().write_owned().await;
+                if let Some(vm) = slot.as_mut() {
+                    self.unpark(&row.id, vm).await?;
+                }
+                guard = slot.downgrade();
+            }
             if guard.is_some() {
                 return Ok(Running {
                     guard,
@@ -632,6 +645,22 @@ impl Manager {
             "sandbox {} was suspended again while it was being resumed; retry",
             row.id
         )))
+    }
+
+    /// Continues `vm` (sandbox `id`) if it is parked; the caller holds its write lock.
+    pub(crate) async fn unpark(&self, id: &str, vm: &mut moat_vm::Sandbox) -> Result<()> {
+        if !vm.is_parked() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        vm.unpark()
+            .await
+            .map_err(Error::vm("continuing a parked sandbox"))?;
+        self.cap.set_parked(id, false);
+        self.metrics
+            .observe_op(metrics::UNPARK, &[], started.elapsed());
+        tracing::debug!(id, ms = started.elapsed().as_millis() as u64, "unparked");
+        Ok(())
     }
 
     /// Lets go of every VM without stopping it (a graceful daemon stop): the next daemon

@@ -3,6 +3,9 @@
 //! so that the next daemon re-adopts them. A create that matches hands one over (the row moves
 //! to `sandboxes` in one transaction) and the pool is refilled in the background.
 //!
+//! A pool VM is parked (vCPUs stopped) as soon as it is ready, unless parking is off: waiting
+//! in a pool is the purest idleness there is. The hand-over continues it.
+//!
 //! Pool VMs are not sandboxes until handed over (no entry, no row in `sandboxes`), so
 //! everything that knows about them, from adoption at start-up to detaching at a stop, is
 //! here; the rest of the manager sees only hand-overs and refills.
@@ -19,6 +22,7 @@ use tokio::sync::OwnedMutexGuard;
 use super::{new_id, Manager};
 use crate::api::{Sandbox, SandboxState, Tier};
 use crate::error::{Error, Result};
+use crate::metrics;
 use crate::store;
 
 /// After a refill fails (no room, a broken image), how long before the pool tries again.
@@ -63,8 +67,9 @@ impl Manager {
                 None
             };
             match adopted {
-                Some(vm) => {
+                Some(mut vm) => {
                     self.cap.force(&m.id, m.tier);
+                    self.park_pooled(&m.id, &mut vm).await;
                     tracing::info!(id = m.id, group = m.group, "re-adopted a pool member");
                     self.lock_pools().entry(m.group).or_default().push(PoolVm {
                         id: m.id,
@@ -128,12 +133,23 @@ impl Manager {
     /// `None` if the VM is broken (it is destroyed; the caller restores the template instead).
     pub(super) async fn hand_over(
         &self,
-        pvm: PoolVm,
+        mut pvm: PoolVm,
         row: Sandbox,
         config: ImageConfig,
     ) -> Option<Sandbox> {
         let id = pvm.id.clone();
-        if let Err(e) = pvm.vm.agent().refresh(None).await {
+        let started = std::time::Instant::now();
+        let ready = if pvm.vm.is_parked() {
+            // Continuing it refreshes the clock and entropy.
+            let r = pvm.vm.unpark().await;
+            self.cap.set_parked(&id, false);
+            self.metrics
+                .observe_op(metrics::UNPARK, &[], started.elapsed());
+            r
+        } else {
+            pvm.vm.agent().refresh(None).await
+        };
+        if let Err(e) = ready {
             tracing::warn!(id, error = %e, "a pool member did not answer; destroying it");
             self.destroy_pooled(pvm).await;
             return None;
@@ -153,6 +169,18 @@ impl Manager {
                 self.destroy_pooled(pvm).await;
                 None
             }
+        }
+    }
+
+    /// Parks a ready pool VM, unless parking is off. One that cannot be parked stays running:
+    /// it costs CPU, but it still serves.
+    async fn park_pooled(&self, id: &str, vm: &mut moat_vm::Sandbox) {
+        if self.park_after.is_none() {
+            return;
+        }
+        match vm.park().await {
+            Ok(()) => self.cap.set_parked(id, true),
+            Err(e) => tracing::warn!(id, error = %e, "parking a pool VM"),
         }
     }
 
@@ -295,7 +323,8 @@ impl Manager {
                 Err(e) => Err(e),
             };
             match restored {
-                Ok(vm) => {
+                Ok(mut vm) => {
+                    self.park_pooled(&member.id, &mut vm).await;
                     self.lock_pools()
                         .entry(group.to_string())
                         .or_default()

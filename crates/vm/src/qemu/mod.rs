@@ -47,7 +47,7 @@ pub(crate) use spawn::spawn_child;
 
 pub use args::{kernel_cmdline, qemu_args, QemuFds, RAM_ID};
 pub(crate) use procfs::kill_qemu_of;
-pub use procfs::{host_tsc_khz, is_qemu_of};
+pub use procfs::{cpu_time, host_tsc_khz, is_qemu_of};
 pub use spawn::{qemu_version, qemu_version_cached};
 
 /// The QEMU binary we run.
@@ -619,7 +619,13 @@ impl Vm {
         Ok(len)
     }
 
-    /// Continues a paused VM (after [`Vm::save_memory`] or `stop`). After a save this also
+    /// Stops the vCPUs (QMP `stop`); devices, memory and QEMU's own loop stay. [`Vm::resume`]
+    /// continues.
+    pub async fn pause(&mut self) -> Result<()> {
+        self.qmp.execute("stop", None).await.map(|_| ())
+    }
+
+    /// Continues a paused VM (after [`Vm::save_memory`], [`Vm::pause`] or `stop`). After a save this also
     /// re-activates the disk images, so the overlay must no longer be used as a clone base.
     pub async fn resume(&mut self) -> Result<()> {
         self.qmp.execute("cont", None).await.map(|_| ())

@@ -1,6 +1,6 @@
-//! What moat reads from `/proc`: the host's TSC frequency for the guest kernel, and which
+//! What moat reads from `/proc`: the host's TSC frequency for the guest kernel, which
 //! processes are QEMUs of a given disk (the guard against pid reuse, and the scan that kills
-//! QEMUs nobody owns).
+//! QEMUs nobody owns), and how much CPU a QEMU has used (whether an idle sandbox is quiet).
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -21,6 +21,24 @@ pub fn host_tsc_khz() -> Option<u64> {
         .parse()
         .ok()?;
     (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+/// The CPU time (user and system, all threads) process `pid` has used, from
+/// `/proc/<pid>/stat`; `None` if it is gone.
+pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf only reads its integer argument.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0)?;
+    Some(std::time::Duration::from_millis(
+        (utime + stime) * 1000 / hz,
+    ))
 }
 
 /// Whether `pid` is a live QEMU whose root drive is `disk`: the guard against pid reuse when
@@ -85,5 +103,27 @@ pub(crate) fn kill_qemu_of(disk: &Path) {
                 let _ = fd.kill();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_grows_with_work_and_is_none_for_a_missing_process() {
+        let me = std::process::id();
+        let before = cpu_time(me).expect("our own stat");
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let after = cpu_time(me).unwrap();
+        assert!(
+            after >= before + std::time::Duration::from_millis(50),
+            "{before:?} → {after:?}"
+        );
+        assert_eq!(cpu_time(u32::MAX), None);
     }
 }

@@ -89,8 +89,8 @@ async fn metrics(State(state): State<AppState>) -> Result<Response> {
         ));
         gauges.push((
             "moat_vcpus",
-            "vCPUs held by running, starting and pooled VMs (used), and the daemon's limit \
-             (host CPUs × the overcommit ratio).",
+            "vCPUs held by running, starting and pooled VMs (used; a parked VM holds none), and \
+             the daemon's limit (host CPUs × the overcommit ratio).",
             vec![
                 (
                     vec![("kind", "used".to_string())],
@@ -101,6 +101,12 @@ async fn metrics(State(state): State<AppState>) -> Result<Response> {
                     u.limits.millicpus as f64 / 1000.0,
                 ),
             ],
+        ));
+        gauges.push((
+            "moat_vms_parked",
+            "Sandboxes and warm-pool VMs parked now: idle, vCPUs stopped, continued on the next \
+             request.",
+            vec![(vec![], u.parked as f64)],
         ));
     }
     let text = state.metrics.render(&gauges);
