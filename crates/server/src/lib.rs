@@ -53,6 +53,10 @@ pub struct Config {
     pub max_memory_mib: Option<u64>,
     /// vCPUs allowed per host CPU (`--cpu-overcommit`).
     pub cpu_overcommit: f64,
+    /// Egress: the hosts file and resolver every sandbox's network stack gets, and how many
+    /// audit events the store keeps (`--egress-hosts`, `--egress-resolver`,
+    /// `--egress-audit-retention`).
+    pub net: sandboxes::NetConfig,
 }
 
 /// The default of [`Config::cpu_overcommit`].
@@ -130,6 +134,7 @@ pub async fn serve(
         store: store.clone(),
         metrics: metrics.clone(),
         limits,
+        net: config.net.clone(),
     })
     .await?;
     let state = http::AppState {

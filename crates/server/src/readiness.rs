@@ -171,6 +171,8 @@ pub struct Start {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// The egress settings every sandbox's network stack starts with.
+    pub net: crate::sandboxes::NetConfig,
 }
 
 /// Sandboxes as this daemon starts them: ready at once (after adopting the VMs of an earlier
@@ -224,8 +226,14 @@ fn unavailable(why: String) -> Arc<Sandboxes> {
 /// The manager over `rt`: it adopts the VMs of an earlier daemon, then reaps idle sandboxes;
 /// superseded templates are collected in the background.
 async fn start_manager(rt: moat_vm::Runtime, s: &Start) -> Result<Arc<Manager>> {
-    let mgr =
-        Arc::new(Manager::start(rt.clone(), s.store.clone(), s.metrics.clone(), s.limits).await?);
+    let mgr = Manager::start(
+        rt.clone(),
+        s.store.clone(),
+        s.metrics.clone(),
+        s.limits,
+        s.net.clone(),
+    )
+    .await?;
     mgr.spawn_reaper();
     // After adoption, so the disks of every live and suspended sandbox are in place and keep
     // their templates.
