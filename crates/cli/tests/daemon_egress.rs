@@ -268,6 +268,14 @@ fn stack_pid(d: &Daemon, id: &str) -> i32 {
     panic!("no network stack writes {}", log.display());
 }
 
+fn kill(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
 #[tokio::test]
 async fn network_survives_restarts_and_pools_and_a_dead_stack_fails_its_sandbox() {
     let port = server("hello again");
@@ -315,13 +323,24 @@ async fn network_survives_restarts_and_pools_and_a_dead_stack_fails_its_sandbox(
         "the update reached the adopted stack: {r}"
     );
 
+    // A stack that dies while no daemon watches: the next daemon fails its sandbox at start.
+    let e = d.new_sandbox("pooled").await;
+    d.kill9();
+    kill(stack_pid(&d, &e));
+    d.spawn(None).await;
+    let sb = d.get("pooled", &e).await.unwrap();
+    assert_eq!(sb["state"], "failed", "{sb}");
+    assert!(
+        sb["reason"]
+            .as_str()
+            .unwrap()
+            .contains("network stack was gone when the daemon started"),
+        "{sb}"
+    );
+    assert_eq!(d.state("pooled", &c).await, "running");
+
     // The stack dies under a live VM: the sandbox is failed with the reason, not left offline.
-    let pid = stack_pid(&d, &c);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill(stack_pid(&d, &c));
     let deadline = Instant::now() + Duration::from_secs(20);
     let sb = loop {
         let sb = d.get("pooled", &c).await.unwrap();
