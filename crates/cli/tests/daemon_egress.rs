@@ -185,6 +185,51 @@ async fn groups_policy_is_enforced_audited_and_updated_live() {
         "{text}"
     );
 
+    // --follow prints what comes after it started, one JSON object a line with --json.
+    let mut follow = common::daemon::moat()
+        .args([
+            "sandbox", "egress", "net", &a, "--follow", "--limit", "1", "--json",
+        ])
+        .env("MOAT_URL", d.url())
+        .env("MOAT_API_KEY", ADMIN)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first: Value =
+        serde_json::from_str(&rx.recv_timeout(Duration::from_secs(20)).unwrap()).unwrap();
+    assert!(first["id"].is_u64(), "{first}");
+    let r = fetch(&d, "net", &a, "followed.test", port).await;
+    assert!(r.starts_with("ERR"), "{r}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("--follow printed the new denial");
+        let e: Value = serde_json::from_str(&line).unwrap();
+        assert!(
+            e["id"].as_u64() > first["id"].as_u64(),
+            "only newer events: {e}"
+        );
+        if is(&e, "dns", "followed.test", "deny") {
+            break;
+        }
+    }
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+
     // A live PUT without the rule: the next connection fails, and that is audited.
     let before = audit(&d, &sb_audit).await.last().unwrap()["id"].clone();
     d.put_group("net", json!({"tier": "s"}), 200).await;
