@@ -84,6 +84,7 @@ pub struct SandboxEgressQuery {
     /// newest `limit` events.
     pub after: Option<u64>,
     /// Events at most, 1–1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -93,6 +94,7 @@ pub struct SandboxEgressQuery {
 #[into_params(parameter_in = Query)]
 pub struct GroupEgressQuery {
     /// Only events of this sandbox (`sb-` and 12 hex digits; deleted sandboxes included).
+    #[param(pattern = "^sb-[0-9a-f]{12}$")]
     pub sandbox: Option<String>,
     /// Only events with this verdict.
     pub verdict: Option<EgressVerdict>,
@@ -101,6 +103,7 @@ pub struct GroupEgressQuery {
     /// Only events after this `id`, the oldest first; without it, the newest `limit` events.
     pub after: Option<u64>,
     /// Events at most, 1–1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
