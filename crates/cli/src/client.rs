@@ -536,6 +536,24 @@ fn egress(e: &Value) -> String {
     format!("{} +{rules}", s(&e["default"]))
 }
 
+/// One rule as `allow *.pypi.org:443`, `deny 203.0.113.0/24 udp`.
+fn egress_rule(r: &Value) -> String {
+    let target = if r["host"].is_string() {
+        s(&r["host"])
+    } else {
+        s(&r["cidr"])
+    };
+    let ports = list(&r["ports"]);
+    let mut out = format!("{} {target}", s(&r["action"]));
+    if ports != "-" {
+        out.push_str(&format!(":{ports}"));
+    }
+    if r["protocol"] == "udp" {
+        out.push_str(" udp");
+    }
+    out
+}
+
 fn group_row(g: &Value) -> Vec<String> {
     let sp = &g["spec"];
     vec![
@@ -558,18 +576,7 @@ fn print_group(g: &Value) {
     };
     let rules: Vec<String> = sp["egress"]["rules"]
         .as_array()
-        .map(|rs| {
-            rs.iter()
-                .map(|r| {
-                    let ports = list(&r["ports"]);
-                    if ports == "-" {
-                        s(&r["host"])
-                    } else {
-                        format!("{}:{ports}", s(&r["host"]))
-                    }
-                })
-                .collect()
-        })
+        .map(|rs| rs.iter().map(egress_rule).collect())
         .unwrap_or_default();
     println!("name:       {}", s(&g["name"]));
     println!("image:      {}", s(&sp["image"]));
@@ -592,7 +599,7 @@ fn print_group(g: &Value) {
         if rules.is_empty() {
             String::new()
         } else {
-            format!("; allow {}", rules.join(" "))
+            format!("; rules: {}", rules.join(", "))
         }
     );
     println!("labels:     {}", labels(&sp["labels"]));

@@ -75,6 +75,21 @@ pub enum SandboxCommand {
         id: String,
         name: String,
     },
+    /// The egress audit of a sandbox: every DNS answer and connection its network stack
+    /// decided, oldest first (with --json, one JSON object per line).
+    Egress {
+        group: String,
+        id: String,
+        /// Only allowed or only denied events.
+        #[arg(long, value_parser = ["allow", "deny"])]
+        verdict: Option<String>,
+        /// The newest N events (1–1000; default 100).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// Keep printing new events as they come, until interrupted.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -300,11 +315,87 @@ pub async fn run(args: ClientArgs, cmd: SandboxCommand) -> Result<u8> {
                 );
             }
         }
+        SandboxCommand::Egress {
+            group,
+            id,
+            verdict,
+            limit,
+            follow,
+        } => return egress(&c, json_out, &group, &id, verdict, limit, follow).await,
         SandboxCommand::Exec(a) => return exec(&c, &a).await,
         SandboxCommand::Shell(a) => return crate::shell_cmd::shell(&c, &a).await,
         SandboxCommand::Cp { src, dst } => return cp(&c, json_out, &src, &dst).await,
     }
     Ok(0)
+}
+
+/// How often `moat sandbox egress --follow` asks for new events.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn egress(
+    c: &Client,
+    json_out: bool,
+    group: &str,
+    id: &str,
+    verdict: Option<String>,
+    limit: Option<u32>,
+    follow: bool,
+) -> Result<u8> {
+    let base = format!("{}/egress", sandbox_path(group, id)?);
+    let mut filter = String::new();
+    if let Some(v) = &verdict {
+        filter.push_str(&format!("&verdict={v}"));
+    }
+    let mut query = format!("?limit={}{filter}", limit.unwrap_or(100));
+    let mut last = 0;
+    loop {
+        let (_, v) = c.call(Method::GET, &format!("{base}{query}"), None).await?;
+        let items = v["items"].as_array().cloned().unwrap_or_default();
+        for e in &items {
+            if json_out {
+                println!("{e}");
+            } else {
+                println!("{}", egress_line(e));
+            }
+        }
+        if let Some(id) = items.last().and_then(|e| e["id"].as_u64()) {
+            last = id;
+        }
+        if !follow {
+            return Ok(0);
+        }
+        // From now on: everything after the newest event seen, oldest first.
+        query = format!("?limit=1000{filter}&after={last}");
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+/// `2026-11-30T15:04:05.123Z deny dns evil.test - rule=- no rule allows this name (…)`.
+fn egress_line(e: &Value) -> String {
+    let address = match (&e["address"], &e["port"]) {
+        (Value::String(a), Value::Number(p)) => format!("{a}:{p}"),
+        (Value::String(a), _) => a.clone(),
+        (_, Value::Number(p)) => format!(":{p}"),
+        _ => "-".to_string(),
+    };
+    let mut line = format!(
+        "{} {:<5} {:<3} {} {address} rule={} {}",
+        s(&e["time"]),
+        s(&e["verdict"]),
+        s(&e["kind"]),
+        s(&e["name"]),
+        s(&e["rule"]),
+        s(&e["reason"]),
+    );
+    let (sent, received) = (e["bytes_sent"].as_u64(), e["bytes_received"].as_u64());
+    if sent.unwrap_or(0) + received.unwrap_or(0) > 0 {
+        line.push_str(&format!(
+            " (sent {}, received {})",
+            human_bytes(sent.unwrap_or(0)),
+            human_bytes(received.unwrap_or(0))
+        ));
+    }
+    line
 }
 
 async fn state_change(c: &Client, json_out: bool, group: &str, id: &str, verb: &str) -> Result<u8> {

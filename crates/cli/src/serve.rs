@@ -30,6 +30,17 @@ pub struct ServeArgs {
     /// 503 until `moat setup` and a restart.
     #[arg(long)]
     no_setup: bool,
+    /// A hosts(5) file for every sandbox's network: its names are answered from it instead of
+    /// DNS, and its addresses are reachable for those names even in private ranges (how a
+    /// local service is reached). A group's egress rules must still allow the names.
+    #[arg(long, env = "MOAT_EGRESS_HOSTS", value_name = "FILE")]
+    egress_hosts: Option<std::path::PathBuf>,
+    /// The DNS resolver the host asks for the names groups allow (default: the host's own).
+    #[arg(long, env = "MOAT_EGRESS_RESOLVER", value_name = "ADDR:PORT")]
+    egress_resolver: Option<SocketAddr>,
+    /// Egress audit events kept in the store, over all groups; the oldest go first.
+    #[arg(long, env = "MOAT_EGRESS_AUDIT_RETENTION", default_value_t = moat_server::sandboxes::DEFAULT_AUDIT_RETENTION, value_name = "EVENTS")]
+    egress_audit_retention: u64,
 }
 
 pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8> {
@@ -49,6 +60,20 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
     // Without an agent the daemon still serves groups and keys; its sandbox routes say why
     // they cannot work.
     let agent = home.agent_binary().map_err(|e| format!("{e:#}"));
+    let hosts = match &args.egress_hosts {
+        Some(path) => {
+            // Parsed here for a clear error at start; each stack parses the text again.
+            moat_net::HostsFile::load(path).context("--egress-hosts")?;
+            Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --egress-hosts {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    if args.egress_audit_retention == 0 {
+        anyhow::bail!("--egress-audit-retention must be at least 1");
+    }
     moat_server::serve(
         moat_server::Config {
             home: home.root.clone(),
@@ -62,6 +87,11 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
             cpu_overcommit: args.cpu_overcommit,
             park_after: (args.park_after > 0)
                 .then(|| std::time::Duration::from_secs(args.park_after)),
+            net: moat_server::sandboxes::NetConfig {
+                hosts,
+                resolver: args.egress_resolver,
+                audit_retention: args.egress_audit_retention,
+            },
         },
         shutdown,
     )

@@ -62,8 +62,9 @@ pub struct EgressSpec {
     /// What happens to a connection or name no rule matches.
     #[serde(default = "deny")]
     pub default: Action,
-    /// Tried in order; the first that matches decides.
+    /// Tried in order; the first that matches decides (at most 256).
     #[serde(default)]
+    #[schema(max_items = 256)]
     pub rules: Vec<EgressRule>,
 }
 
@@ -91,6 +92,7 @@ pub struct EgressRule {
     pub cidr: Option<String>,
     /// Ports 1–65535 (at most 64); empty means every port.
     #[serde(default)]
+    #[schema(max_items = 64)]
     pub ports: Vec<u16>,
     #[serde(default)]
     pub protocol: Protocol,
@@ -555,6 +557,11 @@ mod tests {
             spec["properties"].get("default").is_some()
                 && spec["properties"].get("rules").is_some()
         );
+        // As strict as validation where a schema can say it.
+        assert_eq!(spec["properties"]["rules"]["maxItems"], MAX_RULES);
+        assert_eq!(rule["properties"]["ports"]["maxItems"], MAX_PORTS);
+        assert_eq!(spec["additionalProperties"], false);
+        assert_eq!(rule["additionalProperties"], false);
     }
 
     #[test]

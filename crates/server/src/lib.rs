@@ -57,6 +57,10 @@ pub struct Config {
     /// before its vCPUs are stopped until the next request (`--park-after`); `None` turns
     /// parking off, for warm-pool VMs too.
     pub park_after: Option<std::time::Duration>,
+    /// Egress: the hosts file and resolver every sandbox's network stack gets, and how many
+    /// audit events the store keeps (`--egress-hosts`, `--egress-resolver`,
+    /// `--egress-audit-retention`).
+    pub net: sandboxes::NetConfig,
 }
 
 /// The default of [`Config::park_after`], seconds.
@@ -138,6 +142,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         limits,
         park_after: config.park_after,
+        net: config.net.clone(),
     })
     .await?;
     let state = http::AppState {

@@ -52,6 +52,24 @@ pub const POOL_MISSES: (&str, &str) = (
     "Creates in a group with a warm pool that the pool could not serve (it was empty, or the \
      request asked for another image or tier).",
 );
+pub const EGRESS_CONNECTIONS: (&str, &str) = (
+    "moat_egress_connections_total",
+    "Connections (TCP flows and UDP relays) from sandboxes that their network stack decided, \
+     by group and verdict.",
+);
+pub const EGRESS_DNS: (&str, &str) = (
+    "moat_egress_dns_queries_total",
+    "DNS queries from sandboxes that their network stack answered, by group and verdict \
+     (deny: NXDOMAIN).",
+);
+pub const EGRESS_BYTES_SENT: (&str, &str) = (
+    "moat_egress_bytes_sent_total",
+    "Bytes sandboxes sent through allowed connections (counted when each ends), by group.",
+);
+pub const EGRESS_BYTES_RECEIVED: (&str, &str) = (
+    "moat_egress_bytes_received_total",
+    "Bytes sandboxes received through allowed connections (counted when each ends), by group.",
+);
 
 #[derive(Default)]
 pub struct Metrics {
@@ -125,9 +143,14 @@ impl Metrics {
 
     /// Adds one to counter `c` (one of the constants above) with `labels`.
     pub fn count(&self, c: (&'static str, &'static str), labels: &[(&str, &str)]) {
+        self.add(c, labels, 1);
+    }
+
+    /// Adds `n` to counter `c` (one of the constants above) with `labels`.
+    pub fn add(&self, c: (&'static str, &'static str), labels: &[(&str, &str)], n: u64) {
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         m.helps.insert(c.0, c.1);
-        *m.counters.entry((c.0, render_labels(labels))).or_default() += 1;
+        *m.counters.entry((c.0, render_labels(labels))).or_default() += n;
     }
 
     /// The text exposition format (version 0.0.4). `gauges` are read at scrape time.

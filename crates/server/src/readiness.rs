@@ -173,6 +173,8 @@ pub struct Start {
     pub limits: Limits,
     /// See [`crate::Config::park_after`].
     pub park_after: Option<std::time::Duration>,
+    /// The egress settings every sandbox's network stack starts with.
+    pub net: crate::sandboxes::NetConfig,
 }
 
 /// Sandboxes as this daemon starts them: ready at once (after adopting the VMs of an earlier
@@ -226,16 +228,15 @@ fn unavailable(why: String) -> Arc<Sandboxes> {
 /// The manager over `rt`: it adopts the VMs of an earlier daemon, then reaps idle sandboxes;
 /// superseded templates are collected in the background.
 async fn start_manager(rt: moat_vm::Runtime, s: &Start) -> Result<Arc<Manager>> {
-    let mgr = Arc::new(
-        Manager::start(
-            rt.clone(),
-            s.store.clone(),
-            s.metrics.clone(),
-            s.limits,
-            s.park_after,
-        )
-        .await?,
-    );
+    let mgr = Manager::start(
+        rt.clone(),
+        s.store.clone(),
+        s.metrics.clone(),
+        s.limits,
+        s.park_after,
+        s.net.clone(),
+    )
+    .await?;
     mgr.spawn_reaper();
     // After adoption, so the disks of every live and suspended sandbox are in place and keep
     // their templates.

@@ -24,6 +24,7 @@ const G: &str = "/v1/sandbox-groups";
 struct App {
     router: Router,
     doc: Value,
+    store: Store,
     _home: tempfile::TempDir,
 }
 
@@ -33,7 +34,7 @@ impl App {
         let store = Store::open(&home.path().join("moatd.db")).unwrap();
         assert!(store.bootstrap(Some(ADMIN)).unwrap().is_none());
         let state = AppState {
-            store,
+            store: store.clone(),
             metrics: Arc::new(Metrics::default()),
             sandboxes: moat_server::readiness::Sandboxes::unavailable(
                 "no VM runtime in the router tests".to_string(),
@@ -44,6 +45,7 @@ impl App {
         App {
             router: router(state),
             doc,
+            store,
             _home: home,
         }
     }
@@ -363,6 +365,97 @@ async fn error_shapes_400_404_405_413() {
 
 /// Every operation of the document is routed (nothing it lists answers "no such endpoint"
 /// or 405), and each answer, here without a VM runtime, is one the document describes.
+#[tokio::test]
+async fn egress_audit_routes_filter_validate_and_hide_other_groups() {
+    use moat_net::audit::{Event, Kind, Verdict};
+    let app = App::new();
+    for g in ["g", "h"] {
+        let (st, _) = app
+            .call(Some(ADMIN), "PUT", &format!("{G}/{g}"), Some(json!({})))
+            .await;
+        assert_eq!(st, 201);
+    }
+    let record = |group: &str, kind, verdict, name: &str| {
+        let mut event = Event::new(kind, verdict, "no rule allows this name (default deny)");
+        event.name = Some(name.to_string());
+        moat_server::sandboxes::AuditRecord {
+            group: group.to_string(),
+            sandbox: "sb-0123456789ab".to_string(),
+            event,
+        }
+    };
+    app.store
+        .insert_egress_events(
+            vec![
+                record("g", Kind::Dns, Verdict::Deny, "evil.test"),
+                record("g", Kind::Tcp, Verdict::Allow, "web.test"),
+                record("h", Kind::Dns, Verdict::Deny, "other-group.test"),
+            ],
+            100,
+        )
+        .await
+        .unwrap();
+    let (st, v) = app
+        .call(Some(ADMIN), "GET", &format!("{G}/g/egress"), None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{v}");
+    assert_eq!(items[0]["name"], "evil.test");
+    assert_eq!(items[0]["sandbox"], "sb-0123456789ab");
+    assert_eq!(
+        (items[0]["kind"].clone(), items[0]["port"].clone()),
+        (json!("dns"), Value::Null)
+    );
+    let (st, v) = app
+        .call(
+            Some(ADMIN),
+            "GET",
+            &format!("{G}/g/egress?verdict=allow&sandbox=sb-0123456789ab&limit=10"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(v["items"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["items"][0]["name"], "web.test");
+    for (query, want) in [
+        ("limit=0", "1–1000"),
+        ("since=yesterday", "RFC 3339"),
+        ("sandbox=x", "sb- and 12 hex"),
+        ("verdict=maybe", "allow"),
+        ("bogus=1", "bogus"),
+    ] {
+        let (st, e) = app
+            .call(Some(ADMIN), "GET", &format!("{G}/g/egress?{query}"), None)
+            .await;
+        assert_eq!(st, 400, "{query}: {e}");
+        assert!(msg(&e).contains(want), "{query}: {e}");
+    }
+    // A key that sees only h: g's audit does not exist for it.
+    let reader = app.key("reader", &["h"]).await;
+    let (st, _) = app
+        .call(Some(&reader), "GET", &format!("{G}/g/egress"), None)
+        .await;
+    assert_eq!(st, 404);
+    let (st, v) = app
+        .call(Some(&reader), "GET", &format!("{G}/h/egress"), None)
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(v["items"][0]["name"], "other-group.test");
+    let (st, _) = app
+        .call(
+            Some(ADMIN),
+            "GET",
+            &format!("{G}/g/sandboxes/sb-0123456789ab/egress"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        st, 404,
+        "no such sandbox: its events are in the group's audit"
+    );
+}
+
 #[tokio::test]
 async fn every_documented_operation_is_served_as_documented() {
     let app = App::new();

@@ -30,6 +30,7 @@ RESPONSES = {
     "Process": moat.ProcessInfo,
     "ProcessExit": moat.ProcessExit,
     "ProcessLogs": moat.ProcessLogs,
+    "EgressEvent": moat.EgressEvent,
 }
 
 SPECS = {

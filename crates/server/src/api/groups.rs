@@ -1,16 +1,18 @@
-//! Sandbox groups: a group's spec (image, tier, warm pool, lifecycle timers, egress rules,
-//! labels) with its defaults and bounds, and the group as returned.
+//! Sandbox groups: a group's spec (image, tier, warm pool, lifecycle timers, egress policy,
+//! labels) with its defaults and bounds, and the group as returned. The egress policy is
+//! `moat_net::EgressSpec` itself, validated by `moat_net::Policy`: the daemon stores, checks
+//! and sends to each sandbox's network stack one type, by one set of rules.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{bad, quote, validate_image, validate_labels, Tier, DAY};
+use super::{bad, validate_image, validate_labels, Tier, DAY};
 use crate::error::{Error, Result};
 
-pub const MAX_EGRESS_RULES: usize = 256;
-pub const MAX_PORTS: usize = 64;
+pub use moat_net::{EgressRule, EgressSpec};
+
 pub const MAX_POOL: u32 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
@@ -19,14 +21,6 @@ pub enum OnIdle {
     #[default]
     Suspend,
     Delete,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum EgressDefault {
-    #[default]
-    Deny,
-    Allow,
 }
 
 /// A sandbox group's settings. Every field is optional in a request; the stored and returned
@@ -92,27 +86,6 @@ impl Default for LifecycleSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct EgressSpec {
-    /// What happens to a connection no rule allows.
-    pub default: EgressDefault,
-    /// Allowed destinations (at most 256 rules).
-    pub rules: Vec<EgressRule>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct EgressRule {
-    /// An exact host name (`api.example.com`) or a suffix pattern (`*.example.com`, which
-    /// matches sub-domains, not `example.com` itself). Lowercase.
-    #[schema(example = "*.pypi.org")]
-    pub host: String,
-    /// Allowed ports, 1–65535 (at most 64); empty means every port.
-    #[serde(default)]
-    pub ports: Vec<u16>,
-}
-
 /// A sandbox group as the API returns it.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -156,28 +129,7 @@ impl GroupSpec {
         check_range("lifecycle.idle_timeout_s", l.idle_timeout_s, 1, 7 * DAY)?;
         check_range("lifecycle.suspended_ttl_s", l.suspended_ttl_s, 1, 90 * DAY)?;
         check_range("lifecycle.max_lifetime_s", l.max_lifetime_s, 1, 365 * DAY)?;
-        if self.egress.rules.len() > MAX_EGRESS_RULES {
-            return bad(format!(
-                "too many egress.rules ({}): at most {MAX_EGRESS_RULES}",
-                self.egress.rules.len()
-            ));
-        }
-        for (i, rule) in self.egress.rules.iter().enumerate() {
-            validate_host_pattern(&rule.host)
-                .map_err(|m| Error::BadRequest(format!("invalid egress.rules[{i}].host: {m}")))?;
-            if rule.ports.len() > MAX_PORTS {
-                return bad(format!(
-                    "too many egress.rules[{i}].ports ({}): at most {MAX_PORTS}",
-                    rule.ports.len()
-                ));
-            }
-            if rule.ports.contains(&0) {
-                return bad(format!(
-                    "invalid egress.rules[{i}].ports: port 0; allowed are 1–65535 (an empty \
-                     list allows every port)"
-                ));
-            }
-        }
+        validate_egress(&self.egress)?;
         validate_labels(&self.labels)?;
         Ok(())
     }
@@ -192,27 +144,12 @@ fn check_range(field: &str, v: Option<u64>, min: u64, max: u64) -> Result<()> {
     }
 }
 
-/// `exact.host.name` or `*.suffix`: lowercase DNS labels, ≤ 253 characters in all.
-pub fn validate_host_pattern(p: &str) -> std::result::Result<(), String> {
-    let allowed = "expected an exact host name (\"api.example.com\") or \"*.\" and a domain \
-                   (\"*.example.com\"): lowercase letters, digits, '-' and '.'";
-    let name = p.strip_prefix("*.").unwrap_or(p);
-    if name.is_empty() || name.len() > 253 {
-        return Err(format!("{}: {allowed}", quote(p)));
-    }
-    for label in name.split('.') {
-        let ok = !label.is_empty()
-            && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !label.starts_with('-')
-            && !label.ends_with('-');
-        if !ok {
-            return Err(format!("{}: {allowed}", quote(p)));
-        }
-    }
-    Ok(())
+/// The egress policy, by the rules the network stack applies (`moat_net::Policy`): the error
+/// names the field (`egress.rules[2].host`) and what is allowed.
+pub fn validate_egress(spec: &EgressSpec) -> Result<()> {
+    moat_net::Policy::new(spec.clone())
+        .map(|_| ())
+        .map_err(|e| Error::BadRequest(e.to_string()))
 }
 
 #[cfg(test)]
@@ -220,33 +157,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_patterns() {
-        for ok in [
-            "example.com",
-            "*.example.com",
-            "localhost",
-            "a-1.b2.io",
-            "*.io",
+    fn egress_is_checked_by_the_network_stacks_rules() {
+        let bad = |egress: serde_json::Value| {
+            serde_json::from_value::<GroupSpec>(serde_json::json!({ "egress": egress }))
+                .map_err(|e| e.to_string())
+                .and_then(|s| s.validate().map_err(|e| e.to_string()))
+                .unwrap_err()
+        };
+        for (egress, want) in [
+            (
+                serde_json::json!({"rules": [{"host": "*"}]}),
+                "egress.rules[0].host",
+            ),
+            (
+                serde_json::json!({"rules": [{"host": "*.com"}]}),
+                "public suffix",
+            ),
+            (
+                serde_json::json!({"rules": [{"host": "a.com", "ports": [0]}]}),
+                "port 0",
+            ),
+            (
+                serde_json::json!({"rules": [{"cidr": "10.0.0.0/8"}]}),
+                "floor",
+            ),
+            (
+                serde_json::json!({"rules": [{"host": "*.a.com"}, {"host": "b.a.com"}]}),
+                "never match",
+            ),
+            (
+                serde_json::json!({"rules": [{"host": "a.com", "port": 1}]}),
+                "unknown field",
+            ),
+            (serde_json::json!({"default": "maybe"}), "maybe"),
         ] {
-            validate_host_pattern(ok).unwrap();
+            let e = bad(egress.clone());
+            assert!(e.contains(want), "{egress}: {e}");
         }
-        for bad in [
-            "",
-            "*",
-            "*.",
-            "**.a.com",
-            "a.*.com",
-            "*a.com",
-            "Example.com",
-            "a..b",
-            "-a.com",
-            "a.com.",
-            "a b.com",
-            "a.com:443",
-            "http://a.com",
-        ] {
-            assert!(validate_host_pattern(bad).is_err(), "{bad}");
-        }
+        // The first stored shape (`{"host", "ports"}`) reads back with its meaning.
+        let s: GroupSpec = serde_json::from_value(serde_json::json!({"egress": {
+            "default": "deny", "rules": [{"host": "*.pypi.org", "ports": [443]}]}}))
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.egress.rules[0].host.as_deref(), Some("*.pypi.org"));
+        assert_eq!(s.egress.rules[0].action, moat_net::Action::Allow);
+        let s: GroupSpec = serde_json::from_value(serde_json::json!({"egress": {
+            "default": "allow", "rules": [
+                {"cidr": "203.0.113.0/24", "ports": [5432], "action": "deny"},
+                {"host": "ntp.example.com", "protocol": "udp", "ports": [123]}]}}))
+        .unwrap();
+        s.validate().unwrap();
     }
 
     #[test]
@@ -283,12 +243,6 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("idle_timeout_s"));
-        let mut s = GroupSpec::default();
-        s.egress.rules.push(EgressRule {
-            host: "x.com".into(),
-            ports: vec![0],
-        });
-        assert!(s.validate().unwrap_err().to_string().contains("port 0"));
         let mut s = GroupSpec::default();
         s.labels.insert("ok".into(), "bad value".into());
         assert!(s.validate().unwrap_err().to_string().contains("label"));

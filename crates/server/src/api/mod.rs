@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 
 use crate::error::{Error, Result};
 
+mod egress;
 mod exec;
 mod files;
 mod groups;
@@ -24,6 +25,7 @@ mod shell;
 mod snapshots;
 mod system;
 
+pub use egress::*;
 pub use exec::*;
 pub use files::*;
 pub use groups::*;

@@ -18,7 +18,8 @@
 //! and recovery), create, launch and fork, delete, [`Manager::running`] and the store and
 //! error helpers. Each concern with state or rules of its own is an `impl Manager` in a
 //! submodule, so that it can be read whole: `suspend` (suspend, resume, suspend directories),
-//! `pool` (warm pools) and `lifecycle` (activity and the reaper's timers).
+//! `pool` (warm pools), `lifecycle` (activity and the reaper's timers) and `network` (each
+//! sandbox's link to its network stack: egress policy, audit, a stack that dies).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -37,9 +38,13 @@ use crate::metrics::{self, Metrics};
 use crate::store::Store;
 
 use lifecycle::{ActiveHold, Activity};
+use network::Link;
 use pool::{PoolVm, REFILL_AFTER_HAND_OVER};
 
+pub use network::{AuditRecord, NetConfig, DEFAULT_AUDIT_RETENTION};
+
 mod lifecycle;
+mod network;
 mod pool;
 mod suspend;
 
@@ -48,8 +53,9 @@ mod suspend;
 pub struct Entry {
     pub(crate) vm: Arc<RwLock<Option<moat_vm::Sandbox>>>,
     config: ImageConfig,
-    /// Becomes true when a delete begins. A delete needs the write lock, which waits for every
-    /// [`Running`]; holders watch this and let go at once instead of running to their end.
+    /// Becomes true when a delete begins (or the sandbox fails). A delete needs the write lock,
+    /// which waits for every [`Running`]; holders watch this and let go at once instead of
+    /// running to their end.
     deleted: watch::Sender<bool>,
     activity: Arc<Activity>,
 }
@@ -101,7 +107,9 @@ impl Running {
 }
 
 pub(crate) fn deleted_error() -> Error {
-    Error::Conflict("the sandbox was deleted while this request was running".to_string())
+    Error::Conflict(
+        "the sandbox was deleted, or failed, while this request was running".to_string(),
+    )
 }
 
 /// What a new sandbox starts from.
@@ -131,6 +139,12 @@ pub struct Manager {
     /// VMs are then not parked either).
     park_after: Option<std::time::Duration>,
     stopping: AtomicBool,
+    /// The daemon's egress settings, for every stack's `start`.
+    net: NetConfig,
+    /// Each running sandbox's link to its network stack.
+    links: Mutex<HashMap<String, Link>>,
+    /// Egress audit events on their way to the store.
+    audit: tokio::sync::mpsc::Sender<AuditRecord>,
 }
 
 fn new_id() -> String {
@@ -142,20 +156,25 @@ impl Manager {
     /// `running` row (a row whose VM is gone becomes `failed`), finishes interrupted deletes,
     /// rolls back interrupted creates, and destroys detached VMs that no row claims.
     /// Pool members whose VM is alive are re-adopted into their pools; the rest are dropped.
+    /// Then every adopted sandbox's network stack gets its group's current policy; one whose
+    /// stack is gone is failed.
     pub async fn start(
         rt: Runtime,
         store: Store,
         metrics: Arc<Metrics>,
         limits: Limits,
         park_after: Option<std::time::Duration>,
-    ) -> Result<Manager> {
+        net: NetConfig,
+    ) -> Result<Arc<Manager>> {
         crate::snapshots::recover(&rt.home, &store).await?;
         let images = ImageStore::open(&rt.home.join("images"))
             .map_err(|e| Error::Config(format!("opening the image store: {e}")))?;
+        let audit = network::audit_writer(store.clone(), net.audit_retention);
         let mgr = Manager {
             rt,
             images,
             store,
+            audit,
             live: Mutex::new(HashMap::new()),
             metrics,
             cap: Capacity::new(limits),
@@ -165,15 +184,22 @@ impl Manager {
             acting: Mutex::new(HashSet::new()),
             park_after,
             stopping: AtomicBool::new(false),
+            net,
+            links: Mutex::new(HashMap::new()),
         };
         let rows = mgr.store.list_sandboxes(None).await?;
+        let mut adopted = Vec::new();
         let mut orphans: HashSet<String> = mgr.rt.orphans().into_iter().collect();
         mgr.readopt_pool(&mut orphans).await?;
         for row in rows {
             let has_vm = orphans.remove(&row.id);
             mgr.remove_partial_suspends(&row.id);
             match row.state {
-                SandboxState::Running => mgr.readopt(&row, has_vm).await?,
+                SandboxState::Running => {
+                    if mgr.readopt(&row, has_vm).await? {
+                        adopted.push(row);
+                    }
+                }
                 // Nobody was told these exist (create) or are gone (delete) for certain:
                 // roll the create back, finish the delete.
                 SandboxState::Creating | SandboxState::Deleting => {
@@ -185,7 +211,9 @@ impl Manager {
                     tracing::info!(id = row.id, state = row.state.as_str(), "rolled back");
                 }
                 SandboxState::Suspending | SandboxState::Resuming => {
-                    mgr.recover_transition(&row, has_vm).await?;
+                    if mgr.recover_transition(&row, has_vm).await? {
+                        adopted.push(row);
+                    }
                 }
                 SandboxState::Suspended => {
                     if has_vm {
@@ -212,10 +240,40 @@ impl Manager {
             tracing::warn!(id, "destroying a detached sandbox the store does not know");
             destroy_orphan(&mgr.rt, &id).await;
         }
+        let mgr = Arc::new(mgr);
+        for row in adopted {
+            mgr.reconnect_network(&row).await?;
+        }
         Ok(mgr)
     }
 
-    async fn readopt(&self, row: &Sandbox, has_vm: bool) -> Result<()> {
+    /// Links adopted sandbox `row` to its network stack; a sandbox whose stack died while no
+    /// daemon watched is failed and its VM destroyed.
+    async fn reconnect_network(self: &Arc<Self>, row: &Sandbox) -> Result<()> {
+        let Some(entry) = self.entry(&row.id) else {
+            return Ok(());
+        };
+        let mut slot = entry.vm.write().await;
+        let Some(sb) = slot.as_ref() else {
+            return Ok(());
+        };
+        let Err(e) = self.connect_network(&row.id, &row.group, sb).await else {
+            return Ok(());
+        };
+        if let Some(vm) = slot.take() {
+            vm.destroy().await;
+        }
+        self.cap.release(&row.id);
+        self.lock_live().remove(&row.id);
+        self.fail(
+            &row.id,
+            &format!("its network stack was gone when the daemon started ({e})"),
+        )
+        .await
+    }
+
+    /// Adopts the VM of running sandbox `row`; true if it was (its network is linked later).
+    async fn readopt(&self, row: &Sandbox, has_vm: bool) -> Result<bool> {
         if !has_vm {
             return self
                 .fail(
@@ -223,7 +281,8 @@ impl Manager {
                     "its VM was gone when the daemon started (QEMU exited, or the host \
                      restarted)",
                 )
-                .await;
+                .await
+                .map(|()| false);
         }
         match moat_vm::Sandbox::adopt(&self.rt, &row.id).await {
             Ok(sb) => {
@@ -231,23 +290,24 @@ impl Manager {
                 let config = self.image_config(&row.image).await;
                 self.insert(&row.id, sb, config);
                 tracing::info!(id = row.id, "re-adopted");
-                Ok(())
+                Ok(true)
             }
-            Err(e) => {
-                self.fail(
+            Err(e) => self
+                .fail(
                     &row.id,
                     &format!("adopting its VM after a restart failed: {e}"),
                 )
                 .await
-            }
+                .map(|()| false),
         }
     }
 
     /// A row left in `suspending` or `resuming` by a crash, decided from what is on disk: a
     /// complete, unresumed suspend directory wins (the suspend finished, or the resume never
     /// got going: the VM, if any, is one that a suspend was saving); else a live VM is adopted
-    /// (the suspend never got going, or the resume finished); else the sandbox is lost.
-    async fn recover_transition(&self, row: &Sandbox, has_vm: bool) -> Result<()> {
+    /// (the suspend never got going, or the resume finished); else the sandbox is lost. True if
+    /// it is running again (its network is linked later).
+    async fn recover_transition(&self, row: &Sandbox, has_vm: bool) -> Result<bool> {
         let was = row.state.as_str();
         if self.resumable(&row.id).is_some() {
             if has_vm {
@@ -256,7 +316,7 @@ impl Manager {
             self.set_state(&row.id, SandboxState::Suspended).await?;
             self.insert_suspended(row).await;
             tracing::info!(id = row.id, was, "recovered as suspended");
-            return Ok(());
+            return Ok(false);
         }
         if has_vm {
             if let Ok(sb) = moat_vm::Sandbox::adopt(&self.rt, &row.id).await {
@@ -265,7 +325,7 @@ impl Manager {
                 let config = self.image_config(&row.image).await;
                 self.insert(&row.id, sb, config);
                 tracing::info!(id = row.id, was, "recovered as running");
-                return Ok(());
+                return Ok(true);
             }
         }
         self.fail(
@@ -276,6 +336,7 @@ impl Manager {
             ),
         )
         .await
+        .map(|()| false)
     }
 
     async fn set_state(&self, id: &str, state: SandboxState) -> Result<Sandbox> {
@@ -522,6 +583,18 @@ impl Manager {
                     .await
                 }
                 Source::Snapshot(snap) => mgr.start_fork(&id, &snap).await,
+            }
+            .map_err(Error::vm("starting the sandbox"));
+            // Running only with its network: the policy is in force before anyone hears of it.
+            let started = match started {
+                Ok(sb) => match mgr.connect_network(&id, &row.group, &sb).await {
+                    Ok(()) => Ok(sb),
+                    Err(e) => {
+                        sb.destroy().await;
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e),
             };
             match started {
                 Ok(sb) => {
@@ -537,7 +610,7 @@ impl Manager {
                     mgr.lock_live().remove(&id);
                     mgr.remove_suspend_dirs(&id);
                     mgr.store.delete_sandbox(&id).await?;
-                    Err(Error::vm("starting the sandbox")(e))
+                    Err(e)
                 }
             }
         })
@@ -586,6 +659,7 @@ impl Manager {
                 // Execs and transfers in flight end now instead of the delete waiting for them.
                 entry.deleted.send_replace(true);
                 let vm = entry.vm.write().await.take();
+                mgr.release_network(&id);
                 if let Some(vm) = vm {
                     vm.destroy().await;
                 }
@@ -672,6 +746,7 @@ impl Manager {
         let entries: Vec<(String, Arc<Entry>)> = self.lock_live().drain().collect();
         for (id, entry) in entries {
             if let Some(vm) = entry.vm.write().await.take() {
+                self.release_network(&id);
                 if let Err(e) = vm.detach() {
                     tracing::warn!(id, error = %e, "detaching");
                 }

@@ -132,7 +132,7 @@ impl Manager {
     /// the clock and entropy are refreshed again, as it may have waited long in the pool.
     /// `None` if the VM is broken (it is destroyed; the caller restores the template instead).
     pub(super) async fn hand_over(
-        &self,
+        self: &Arc<Self>,
         mut pvm: PoolVm,
         row: Sandbox,
         config: ImageConfig,
@@ -158,6 +158,12 @@ impl Manager {
             state: SandboxState::Running,
             ..row
         };
+        // A pool VM's stack was never started: it gets its policy as it becomes a sandbox.
+        if let Err(e) = self.connect_network(&id, &row.group, &pvm.vm).await {
+            tracing::warn!(id, error = %e, "a pool member's network did not start; destroying it");
+            self.destroy_pooled(pvm).await;
+            return None;
+        }
         match self.store.hand_over(&row).await {
             Ok(row) => {
                 self.insert(&id, pvm.vm, config);
@@ -166,6 +172,7 @@ impl Manager {
             }
             Err(e) => {
                 tracing::error!(id, error = %e, "handing over a pool member");
+                self.release_network(&id);
                 self.destroy_pooled(pvm).await;
                 None
             }

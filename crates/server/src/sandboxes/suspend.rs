@@ -117,6 +117,8 @@ impl Manager {
                 }
             }
             let vm = slot.take().ok_or_else(|| conflict("suspend", &row))?;
+            // The VM and its stack end here; a resume links the new ones.
+            mgr.release_network(&id);
             mgr.set_state(&id, SandboxState::Suspending).await?;
             let dirs = mgr.suspend_dirs(&id);
             let next = dirs.last().map_or(1, |(n, _)| n + 1);
@@ -191,7 +193,19 @@ impl Manager {
             let started = Instant::now();
             let resumed =
                 moat_vm::Sandbox::resume(&mgr.rt, &id, &dir, LaunchOptions { detached: true })
-                    .await;
+                    .await
+                    .map_err(Error::vm("resuming the sandbox"));
+            // With its group's policy as it is now, before it counts as running.
+            let resumed = match resumed {
+                Ok(sb) => match mgr.connect_network(&id, &row.group, &sb).await {
+                    Ok(()) => Ok(sb),
+                    Err(e) => {
+                        sb.destroy().await;
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e),
+            };
             match resumed {
                 Ok(sb) => {
                     mgr.metrics
@@ -211,7 +225,7 @@ impl Manager {
                 Err(e) => {
                     mgr.cap.release(&id);
                     mgr.set_state(&id, SandboxState::Suspended).await?;
-                    Err(Error::vm("resuming the sandbox")(e))
+                    Err(e)
                 }
             }
         })

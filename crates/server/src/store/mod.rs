@@ -3,7 +3,7 @@
 //! never on the executor.
 //!
 //! All of the daemon's SQL lives under this module, one file per table: `keys`, `groups`,
-//! `sandboxes`, `pool`, `snapshots`, `operations`. The rest of the daemon calls `Store`
+//! `sandboxes`, `pool`, `snapshots`, `operations`, `egress`. The rest of the daemon calls `Store`
 //! methods that take and return API types, never a connection or a row, so that a second
 //! backend (PostgreSQL) can implement the same methods. This file holds the connection,
 //! the migrations, the time helpers and the queries that span tables.
@@ -15,6 +15,7 @@ use rusqlite::{params, Connection, TransactionBehavior};
 
 use crate::error::{Error, Result};
 
+mod egress;
 mod groups;
 mod keys;
 mod operations;
@@ -33,6 +34,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/0003_snapshots.sql")),
     (4, include_str!("migrations/0004_pools_lifecycle.sql")),
     (5, include_str!("migrations/0005_operations.sql")),
+    (6, include_str!("migrations/0006_egress.sql")),
 ];
 
 pub fn latest_version() -> i64 {

@@ -51,6 +51,7 @@ from ._errors import (
 from ._types import (
     ApiKey,
     CreatedApiKey,
+    EgressEvent,
     EgressRule,
     EgressSpec,
     ExecEvent,
@@ -100,6 +101,7 @@ __all__ = [
     "Conflict",
     "ConnectionFailed",
     "CreatedApiKey",
+    "EgressEvent",
     "EgressRule",
     "EgressSpec",
     "ExecEvent",

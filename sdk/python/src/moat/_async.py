@@ -10,6 +10,7 @@ from typing import (
     AsyncIterator,
     Dict,
     List,
+    Literal,
     Mapping,
     Optional,
     Sequence,
@@ -25,6 +26,7 @@ from ._errors import NotFound, error_from_response
 from ._types import (
     ApiKey,
     CreatedApiKey,
+    EgressEvent,
     ExecEvent,
     ExecExit,
     ExecResult,
@@ -129,6 +131,20 @@ class AsyncGroups:
 
     async def delete(self, name: str, *, force: bool = False) -> None:
         await self._c._run(b.group_delete(name, force))
+
+    async def egress(
+        self,
+        name: str,
+        *,
+        sandbox: Optional[str] = None,
+        verdict: Optional[Literal["allow", "deny"]] = None,
+        since: Optional[str] = None,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+    ) -> List[EgressEvent]:
+        return await self._c._run(
+            b.egress_list(f"{b.group_path(name)}/egress", sandbox, verdict, since, after, limit)
+        )
 
 
 class AsyncApiKeys:
@@ -261,6 +277,17 @@ class AsyncSandbox:
 
     async def snapshot(self, name: str) -> Snapshot:
         return await self._c._run(b.snapshot_create(self.group, self.id, name))
+
+    async def egress(
+        self,
+        *,
+        verdict: Optional[Literal["allow", "deny"]] = None,
+        since: Optional[str] = None,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+    ) -> List[EgressEvent]:
+        path = f"{b.sandbox_path(self.group, self.id)}/egress"
+        return await self._c._run(b.egress_list(path, None, verdict, since, after, limit))
 
     async def delete(self) -> None:
         await self._c._run(b.sandbox_delete(self.group, self.id))

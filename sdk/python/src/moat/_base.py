@@ -30,6 +30,7 @@ from ._errors import ConnectionFailed, MoatError, error_from_frame
 from ._types import (
     ApiKey,
     CreatedApiKey,
+    EgressEvent,
     ExecEvent,
     ExecExit,
     ExecOutput,
@@ -47,6 +48,7 @@ from ._types import (
     Tier,
     parse_api_key,
     parse_created_api_key,
+    parse_egress_event,
     parse_exec_exit,
     parse_exec_result,
     parse_file_entry,
@@ -287,6 +289,33 @@ def sandbox_list(group: str, labels: Optional[Mapping[str, str]]) -> Op[List[San
         f"{group_path(group)}/sandboxes",
         lambda r: [parse_sandbox(s) for s in json_body(r)["sandboxes"]],
         params={"labels": labels_param(labels)} if labels else None,
+    )
+
+
+def egress_list(
+    path: str,
+    sandbox: Optional[str] = None,
+    verdict: Optional[str] = None,
+    since: Optional[str] = None,
+    after: Optional[int] = None,
+    limit: Optional[int] = None,
+) -> Op[List[EgressEvent]]:
+    """The audit events at ``path`` (a group's or a sandbox's ``/egress``), oldest first."""
+    params: Dict[str, Any] = {}
+    for k, v in (
+        ("sandbox", sandbox),
+        ("verdict", verdict),
+        ("since", since),
+        ("after", after),
+        ("limit", limit),
+    ):
+        if v is not None:
+            params[k] = v
+    return Op(
+        "GET",
+        path,
+        lambda r: [parse_egress_event(e) for e in json_body(r)["items"]],
+        params=params or None,
     )
 
 

@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Type, TypeVar, Union
+from typing import (
+    Any,
+    Dict,
+    Iterator,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Type,
+    TypeVar,
+    Union,
+)
 
 import httpx
 
@@ -12,6 +24,7 @@ from ._errors import NotFound, error_from_response
 from ._types import (
     ApiKey,
     CreatedApiKey,
+    EgressEvent,
     ExecEvent,
     ExecExit,
     ExecResult,
@@ -126,6 +139,23 @@ class Groups:
     def delete(self, name: str, *, force: bool = False) -> None:
         """Refused (Conflict) while the group has sandboxes, unless ``force``, which deletes them."""
         self._c._run(b.group_delete(name, force))
+
+    def egress(
+        self,
+        name: str,
+        *,
+        sandbox: Optional[str] = None,
+        verdict: Optional[Literal["allow", "deny"]] = None,
+        since: Optional[str] = None,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+    ) -> List[EgressEvent]:
+        """The group's egress audit, oldest first: the newest ``limit`` events (default 100),
+        or with ``after`` (an event's ``id``) the oldest ones after it. ``since`` is an RFC 3339
+        UTC time; ``sandbox`` includes deleted sandboxes."""
+        return self._c._run(
+            b.egress_list(f"{b.group_path(name)}/egress", sandbox, verdict, since, after, limit)
+        )
 
 
 class ApiKeys:
@@ -275,6 +305,18 @@ class Sandbox:
         """A named snapshot of the sandbox (unique in its group), for ``sandboxes.fork``; the
         sandbox runs on (a suspended one is resumed first)."""
         return self._c._run(b.snapshot_create(self.group, self.id, name))
+
+    def egress(
+        self,
+        *,
+        verdict: Optional[Literal["allow", "deny"]] = None,
+        since: Optional[str] = None,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+    ) -> List[EgressEvent]:
+        """This sandbox's egress audit (see ``Groups.egress``)."""
+        path = f"{b.sandbox_path(self.group, self.id)}/egress"
+        return self._c._run(b.egress_list(path, None, verdict, since, after, limit))
 
     def delete(self) -> None:
         self._c._run(b.sandbox_delete(self.group, self.id))

@@ -32,11 +32,18 @@ class LifecycleSpec(TypedDict, total=False):
 
 
 class EgressRule(TypedDict, total=False):
+    """One rule: exactly one of ``host`` (a name, or ``*.suffix``) and ``cidr`` (IPv4)."""
+
     host: str
+    cidr: str
     ports: List[int]
+    protocol: Literal["tcp", "udp"]
+    action: Literal["allow", "deny"]
 
 
 class EgressSpec(TypedDict, total=False):
+    """A group's egress policy: the first rule that matches decides, else ``default``."""
+
     default: Literal["deny", "allow"]
     rules: List[EgressRule]
 
@@ -228,6 +235,29 @@ class Snapshot:
     """The whole object the daemon answered (fields this SDK does not name yet included)."""
 
 
+@dataclass(frozen=True)
+class EgressEvent:
+    """One decision of a sandbox's network stack: a DNS answer, or a connection (recorded when
+    it ends, with its bytes)."""
+
+    id: int
+    """Increases with every stored event: pass it as ``after`` to follow the audit."""
+    time: str
+    sandbox: str
+    kind: Literal["dns", "tcp", "udp"]
+    name: Optional[str]
+    address: Optional[str]
+    port: Optional[int]
+    verdict: Literal["allow", "deny"]
+    rule: Optional[int]
+    """Index of the deciding rule in the group's ``egress.rules`` (None: the default, or a
+    check outside the rules such as the floor)."""
+    reason: str
+    bytes_sent: int
+    bytes_received: int
+    duration_ms: int
+
+
 # ---- parsing ----
 
 
@@ -301,6 +331,24 @@ def parse_sandbox(d: Mapping[str, Any]) -> SandboxInfo:
         updated_at=str(d["updated_at"]),
         reason=d.get("reason"),
         last_activity_at=d.get("last_activity_at"),
+    )
+
+
+def parse_egress_event(d: Mapping[str, Any]) -> EgressEvent:
+    return EgressEvent(
+        id=int(d["id"]),
+        time=str(d["time"]),
+        sandbox=str(d["sandbox"]),
+        kind=d["kind"],
+        name=d.get("name"),
+        address=d.get("address"),
+        port=_opt_int(d.get("port")),
+        verdict=d["verdict"],
+        rule=_opt_int(d.get("rule")),
+        reason=str(d["reason"]),
+        bytes_sent=int(d["bytes_sent"]),
+        bytes_received=int(d["bytes_received"]),
+        duration_ms=int(d["duration_ms"]),
     )
 
 

@@ -86,7 +86,8 @@ async fn get_group(
     request_body = GroupSpec,
     responses(
         (status = 201, description = "Created", body = Group),
-        (status = 200, description = "Updated (or unchanged)", body = Group),
+        (status = 200, description = "Updated (or unchanged); the group's running sandboxes \
+            apply its egress policy before this answer", body = Group),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -102,9 +103,11 @@ async fn put_group(
     require_manage(&p)?;
     spec.validate()?;
     let (group, created) = state.store.put_group(&name, &spec).await?;
-    // The pool grows, shrinks or is rebuilt for a new image or tier in the background.
+    // The pool grows, shrinks or is rebuilt for a new image or tier in the background; the
+    // running sandboxes' stacks have the new egress policy before the answer.
     if let Some(mgr) = state.sandboxes.ready() {
         mgr.refill(&group.name);
+        mgr.update_egress(&group.name).await;
     }
     let status = if created {
         StatusCode::CREATED
