@@ -37,6 +37,10 @@ pub const RESUME: (&str, &str) = (
     "moat_sandbox_resume_duration_seconds",
     "Time to resume a suspended sandbox.",
 );
+pub const POLICY_CHECK: (&str, &str) = (
+    "moat_policy_check_duration_seconds",
+    "Time to check a request against its group's policy (analysis in a worker process).",
+);
 /// The counters: (name, help).
 pub const POOL_HITS: (&str, &str) = (
     "moat_pool_hits_total",
@@ -46,6 +50,12 @@ pub const POOL_MISSES: (&str, &str) = (
     "moat_pool_misses_total",
     "Creates in a group with a warm pool that the pool could not serve (it was empty, or the \
      request asked for another image or tier).",
+);
+
+pub const POLICY_DECISIONS: (&str, &str) = (
+    "moat_policy_decisions_total",
+    "Decisions under group policies, by group, verdict (allow, deny, audit) and rule (one \
+     count per distinct rule of a decision; none when nothing was found).",
 );
 
 #[derive(Default)]

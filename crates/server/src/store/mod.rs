@@ -3,7 +3,7 @@
 //! never on the executor.
 //!
 //! All of the daemon's SQL lives under this module, one file per table: `keys`, `groups`,
-//! `sandboxes`, `pool`, `snapshots`, `operations`. The rest of the daemon calls `Store`
+//! `sandboxes`, `pool`, `snapshots`, `operations`, `policy`. The rest of the daemon calls `Store`
 //! methods that take and return API types, never a connection or a row, so that a second
 //! backend (PostgreSQL) can implement the same methods. This file holds the connection,
 //! the migrations, the time helpers and the queries that span tables.
@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 mod groups;
 mod keys;
 mod operations;
+mod policy;
 mod pool;
 mod sandboxes;
 mod snapshots;
@@ -33,6 +34,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/0003_snapshots.sql")),
     (4, include_str!("migrations/0004_pools_lifecycle.sql")),
     (5, include_str!("migrations/0005_operations.sql")),
+    (7, include_str!("migrations/0007_policy.sql")),
 ];
 
 pub fn latest_version() -> i64 {
