@@ -181,7 +181,7 @@ pub async fn stream(
                 () = run.deleted() => {
                     let e = crate::sandboxes::deleted_error();
                     let (_, code) = e.status_and_code();
-                    let _ = send(api::ExecEvent::Error(ErrorDetail::new(code.to_string(), e.to_string())))
+                    let _ = send(api::ExecEvent::Error(ErrorDetail::new(code, e.to_string())))
                     .await;
                     return;
                 }
@@ -210,8 +210,8 @@ pub async fn stream(
                     tracing::warn!(error = %e, "streamed exec broke off");
                     let (_, code) = e.status_and_code();
                     let _ = send(api::ExecEvent::Error(ErrorDetail::new(
-                        code.to_string(),
-                        "the exec broke off; see the moat serve log".to_string(),
+                        code,
+                        "the exec broke off; see the moat serve log",
                     )))
                     .await;
                     return;

@@ -49,8 +49,8 @@ impl Store {
 /// Marks the operations a previous daemon left running as failed. Called once at start.
 pub(super) fn recover(conn: &Connection) -> Result<usize> {
     let error = serde_json::to_string(&ErrorDetail::new(
-        "interrupted".to_string(),
-        "the daemon stopped before the import finished; start it again".to_string(),
+        "interrupted",
+        "the daemon stopped before the import finished; start it again",
     ))
     .unwrap_or_default();
     Ok(conn.execute(
@@ -172,7 +172,7 @@ mod tests {
                     if i > 0 {
                         // All but the first end, so the first stays running.
                         let p = OperationProgress::default();
-                        let e = ErrorDetail::new("import_failed".into(), "x".into());
+                        let e = ErrorDetail::new("import_failed", "x");
                         finish_op(c, &id, &p, Err(&e))?;
                     }
                 }
