@@ -78,9 +78,14 @@ enum Command {
     /// One sandbox's network stack (started by moat beside each VM, never by hand).
     #[command(hide = true)]
     NetStack(NetStackArgs),
-    /// Check commands and code against a group's policy offline (`moat policy check`).
-    #[command(subcommand)]
-    Policy(policy_cmd::PolicyCommand),
+    /// A group's policy on a moat daemon (show, apply, check, decisions, verify-log), and the
+    /// offline checker (`moat policy check --policy FILE`).
+    Policy {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: policy_cmd::PolicyCommand,
+    },
     /// Manage API keys on a moat daemon (admin only).
     ApiKey {
         #[command(flatten)]
@@ -133,7 +138,12 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { EXIT_MOAT_ERROR } else { 0 };
+            let code = match (e.use_stderr(), policy_invocation(std::env::args().skip(1))) {
+                (false, _) => 0,
+                // `moat policy check` is a CI tool: 2 is bad input there, as usage errors are.
+                (true, true) => policy_cmd::EXIT_BAD_INPUT,
+                (true, false) => EXIT_MOAT_ERROR,
+            };
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -142,6 +152,14 @@ fn main() -> ExitCode {
     // The stack runs its own single-threaded runtime and needs nothing else of moat's.
     if let Command::NetStack(args) = &cli.command {
         return net_stack(args);
+    }
+    // One analysis per process, started for every check: no async runtime to build.
+    if let Command::Policy {
+        command: policy_cmd::PolicyCommand::Worker,
+        ..
+    } = &cli.command
+    {
+        return ExitCode::from(policy_cmd::worker());
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -158,7 +176,7 @@ fn main() -> ExitCode {
         let command = match cli.command {
             Command::Group { client, command } => return client::group(client, command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
-            Command::Policy(command) => return Ok(policy_cmd::run(command)),
+            Command::Policy { client, command } => return policy_cmd::run(client, command).await,
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
             Command::Snapshot { client, command } => {
                 return sandbox_cmd::snapshot(client, command).await
@@ -183,7 +201,7 @@ fn main() -> ExitCode {
             | Command::ApiKey { .. }
             | Command::Sandbox { .. }
             | Command::Snapshot { .. }
-            | Command::Policy(_) => {
+            | Command::Policy { .. } => {
                 unreachable!("handled above")
             }
         }
@@ -197,6 +215,22 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_MOAT_ERROR)
         }
     }
+}
+
+/// Whether the command line is a `moat policy …` one: its first word that is neither a global
+/// option nor an option's value is `policy`.
+fn policy_invocation(args: impl Iterator<Item = String>) -> bool {
+    let mut args = args;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--home" | "--accel" => {
+                args.next();
+            }
+            a if a.starts_with('-') => {}
+            a => return a == "policy",
+        }
+    }
+    false
 }
 
 /// The whole error chain on one line, each cause once.
@@ -225,4 +259,20 @@ fn init_logging(verbose: u8) {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_command_lines_are_recognised_past_global_options() {
+        let is = |line: &str| policy_invocation(line.split(' ').map(str::to_string));
+        assert!(is("policy check"));
+        assert!(is("--home /h -v policy show g"));
+        assert!(is("--accel=tcg policy"));
+        assert!(!is("--home policy run"));
+        assert!(!is("run -- policy"));
+        assert!(!is("-v"));
+    }
 }

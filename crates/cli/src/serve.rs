@@ -81,6 +81,7 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
             bootstrap_key,
             agent,
             net_stack: crate::home::moat_executable()?,
+            policy_worker: crate::home::moat_executable()?,
             accel: accel.map(str::to_string),
             setup: !args.no_setup,
             max_memory_mib: args.max_memory_mib,

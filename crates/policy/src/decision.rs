@@ -9,6 +9,7 @@ use crate::policy::{Family, Mode};
 
 /// Every rule a finding can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Rule {
     #[serde(rename = "command.denied")]
     CommandDenied,
@@ -178,6 +179,7 @@ pub(crate) fn clip(text: &str, max_chars: usize) -> String {
 
 /// One reason a request is (or, in audit mode, would be) refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Finding {
     pub rule: Rule,
@@ -201,6 +203,7 @@ impl Finding {
 
 /// The result of checking one request against one policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Decision {
     /// Whether the request may run: false only in `enforce` mode with findings.

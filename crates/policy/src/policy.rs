@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::decision::Decision;
 use crate::error::Error;
 use crate::request::CheckRequest;
 
@@ -15,6 +16,7 @@ pub const MAX_TIMEOUT_S: f64 = 604_800.0;
 
 /// What a policy does with its findings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Refuse a request that has findings.
@@ -44,6 +46,7 @@ impl fmt::Display for Mode {
 
 /// A family of Python findings that `python.deny` can refuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum Family {
     /// Every way to start a process.
@@ -82,6 +85,7 @@ impl Family {
 /// `commands`: which executables may run. Names match by basename; an entry with a '/' is an
 /// absolute path (see `Policy::command_verdict`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Commands {
     /// When present, only these run (an empty list allows nothing).
@@ -94,6 +98,7 @@ pub struct Commands {
 
 /// `python`: which families of findings in Python code are refused.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PythonPolicy {
     #[serde(default)]
@@ -102,6 +107,7 @@ pub struct PythonPolicy {
 
 /// `limits`: bounds on the request itself.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// A request must name a timeout no longer than this.
@@ -122,6 +128,7 @@ pub struct Limits {
 /// `tests`: example requests the policy must allow and must refuse; a policy that contradicts
 /// its own examples is not accepted.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Tests {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -132,6 +139,7 @@ pub struct Tests {
 
 /// A group's policy, as stored and as written by hand.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     #[serde(default)]
@@ -142,6 +150,10 @@ pub struct Policy {
     pub python: PythonPolicy,
     #[serde(default)]
     pub limits: Limits,
+    /// Also check files uploaded to a sandbox whose names end in `.py` (as Python) or `.sh`
+    /// (as a shell script), before they are written.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub scan_uploads: bool,
     #[serde(default)]
     pub tests: Tests,
 }
@@ -178,8 +190,19 @@ impl Policy {
         Ok(policy)
     }
 
-    /// Every problem with this policy, including examples in `tests` it contradicts.
+    /// Every problem with this policy, including examples in `tests` it contradicts (checked
+    /// in this process: for policies from trusted hands; the daemon uses
+    /// [`Policy::validate_with`] to run the examples in the bounded worker).
     pub fn validate(&self) -> Result<(), Error> {
+        self.validate_with(crate::check::check)
+    }
+
+    /// Every problem with this policy; its `tests` examples are decided by `check` (given the
+    /// policy in `enforce` mode and one example).
+    pub fn validate_with(
+        &self,
+        check: impl FnMut(&Policy, &CheckRequest) -> Decision,
+    ) -> Result<(), Error> {
         let mut problems = Vec::new();
         let allow = self.commands.allow.as_deref().unwrap_or_default();
         for (list, names) in [
@@ -234,7 +257,7 @@ impl Policy {
         if !problems.is_empty() {
             return Err(Error::InvalidPolicy(problems));
         }
-        let failures = self.failing_examples();
+        let failures = self.failing_examples(check);
         if !failures.is_empty() {
             return Err(Error::ExamplesFail(failures));
         }
@@ -243,14 +266,17 @@ impl Policy {
 
     /// The examples in `tests` this policy does not decide as they say, each with why. They are
     /// decided as in `enforce`, whatever `mode` is, since they say what enforcing would do.
-    fn failing_examples(&self) -> Vec<String> {
+    fn failing_examples(
+        &self,
+        mut check: impl FnMut(&Policy, &CheckRequest) -> Decision,
+    ) -> Vec<String> {
         let enforced = Policy {
             mode: Mode::Enforce,
             ..self.clone()
         };
         let mut failures = Vec::new();
         for (i, example) in self.tests.allow.iter().enumerate() {
-            let decision = crate::check::check(&enforced, example);
+            let decision = check(&enforced, example);
             if !decision.allowed {
                 let why: Vec<String> = decision
                     .findings
@@ -265,7 +291,7 @@ impl Policy {
             }
         }
         for (i, example) in self.tests.deny.iter().enumerate() {
-            if crate::check::check(&enforced, example).allowed {
+            if check(&enforced, example).allowed {
                 failures.push(format!(
                     "tests.deny[{i}] ({}) is allowed",
                     example.summary()

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// One request to check. Exactly one of `argv`, `command`, `python` and `shell` says what runs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
     /// A program and its arguments, as an exec's `argv`.

@@ -73,15 +73,21 @@ pub fn check_in_worker(
     }
     match run_worker(program, args, policy, request, bounds) {
         Ok(decision) => decision,
-        Err(why) => Decision::from_findings(
-            policy.mode,
-            vec![Finding::new(
-                Rule::AnalysisFailed,
-                format!("the analysis did not finish, so nothing was checked: {why}"),
-                Loc::request(&request.summary()),
-            )],
-        ),
+        Err(why) => analysis_failed(policy.mode, request, &why),
     }
+}
+
+/// The decision when the analysis could not run (for callers that lose a worker some other
+/// way, such as a task that could not be joined): an `analysis.failed` finding saying why.
+pub fn analysis_failed(mode: Mode, request: &CheckRequest, why: &str) -> Decision {
+    Decision::from_findings(
+        mode,
+        vec![Finding::new(
+            Rule::AnalysisFailed,
+            format!("the analysis did not finish, so nothing was checked: {why}"),
+            Loc::request(&request.summary()),
+        )],
+    )
 }
 
 fn run_worker(

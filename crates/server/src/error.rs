@@ -14,6 +14,14 @@ pub enum Error {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The group's policy refused the request (docs/POLICY.md): a 403 whose body also carries
+    /// the findings and the policy's version.
+    #[error("{message}")]
+    PolicyDenied {
+        message: String,
+        findings: Vec<moat_policy::Finding>,
+        policy_version: u64,
+    },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -145,6 +153,7 @@ impl Error {
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Error::PolicyDenied { .. } => (StatusCode::FORBIDDEN, "policy_denied"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Error::Conflict(_) | Error::SandboxGone(_) => (StatusCode::CONFLICT, "conflict"),
@@ -207,12 +216,18 @@ impl IntoResponse for Error {
         } else {
             self.to_string()
         };
-        let body = Json(ErrorBody {
-            error: ErrorDetail {
-                code: code.to_string(),
-                message,
-            },
-        });
+        let mut detail = ErrorDetail::new(code, message);
+        if let Error::PolicyDenied {
+            findings,
+            policy_version,
+            ..
+        } = self
+        {
+            detail.findings = Some(findings);
+            detail.policy_version = Some(policy_version);
+            return (status, Json(ErrorBody { error: detail })).into_response();
+        }
+        let body = Json(ErrorBody { error: detail });
         let retry_after = match &self {
             Error::NotReady { retry_after_s, .. } => Some(*retry_after_s),
             _ => None,

@@ -181,10 +181,7 @@ pub async fn stream(
                 () = run.deleted() => {
                     let e = crate::sandboxes::deleted_error();
                     let (_, code) = e.status_and_code();
-                    let _ = send(api::ExecEvent::Error(ErrorDetail {
-                        code: code.to_string(),
-                        message: e.to_string(),
-                    }))
+                    let _ = send(api::ExecEvent::Error(ErrorDetail::new(code, e.to_string())))
                     .await;
                     return;
                 }
@@ -212,10 +209,10 @@ pub async fn stream(
                     let e = Error::vm("exec")(e);
                     tracing::warn!(error = %e, "streamed exec broke off");
                     let (_, code) = e.status_and_code();
-                    let _ = send(api::ExecEvent::Error(ErrorDetail {
-                        code: code.to_string(),
-                        message: "the exec broke off; see the moat serve log".to_string(),
-                    }))
+                    let _ = send(api::ExecEvent::Error(ErrorDetail::new(
+                        code,
+                        "the exec broke off; see the moat serve log",
+                    )))
                     .await;
                     return;
                 }

@@ -161,10 +161,7 @@ async fn run_import(
         .import(&source, Some(&name), &opts, &tracker)
         .await
         .map(|img| image_of(&img, &name))
-        .map_err(|e| ErrorDetail {
-            code: "import_failed".to_string(),
-            message: e.to_string(),
-        });
+        .map_err(|e| ErrorDetail::new("import_failed", e.to_string()));
     let mut last = tracker.lock().clone();
     last.phase = if outcome.is_ok() { "done" } else { "failed" }.to_string();
     match &outcome {

@@ -1,6 +1,7 @@
 //! moat-server: the daemon behind `moat serve` (moatd): the embedded store, API keys, sandbox
 //! groups, sandboxes (create, exec, delete; re-adopted after a restart) and the HTTP API on TCP
-//! and on a Unix socket, suspend/resume, warm pools, lifecycle timers and capacity checks.
+//! and on a Unix socket, suspend/resume, warm pools, lifecycle timers, capacity checks and the
+//! group policies checked before anything runs.
 
 pub mod api;
 pub mod capacity;
@@ -10,6 +11,7 @@ pub mod http;
 pub mod images;
 pub mod keys;
 pub mod metrics;
+pub mod policy;
 pub mod prepare;
 pub mod readiness;
 pub mod sandboxes;
@@ -42,6 +44,9 @@ pub struct Config {
     pub agent: std::result::Result<PathBuf, String>,
     /// The `moat` executable, whose hidden `net-stack` command is each sandbox's network stack.
     pub net_stack: PathBuf,
+    /// The `moat` executable, whose hidden `policy worker` command analyses requests against
+    /// group policies (one process per check).
+    pub policy_worker: PathBuf,
     /// The accelerator to force (`--accel`/`MOAT_ACCEL`), else detected.
     pub accel: Option<String>,
     /// When the home lacks the guest kernel or initramfs, prepare what is missing (the base
@@ -150,6 +155,7 @@ pub async fn serve(
         metrics,
         sandboxes: sandboxes.clone(),
         operations: Arc::new(images::Operations::default()),
+        policy: Arc::new(policy::Gate::new(config.policy_worker.clone())),
     };
     let app = http::router(state);
 

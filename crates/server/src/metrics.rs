@@ -42,6 +42,10 @@ pub const UNPARK: (&str, &str) = (
     "Time to continue a parked (idle, vCPUs stopped) sandbox or warm-pool VM before a request, \
      clock refresh included.",
 );
+pub const POLICY_CHECK: (&str, &str) = (
+    "moat_policy_check_duration_seconds",
+    "Time to check a request against its group's policy (analysis in a worker process).",
+);
 /// The counters: (name, help).
 pub const POOL_HITS: (&str, &str) = (
     "moat_pool_hits_total",
@@ -69,6 +73,12 @@ pub const EGRESS_BYTES_SENT: (&str, &str) = (
 pub const EGRESS_BYTES_RECEIVED: (&str, &str) = (
     "moat_egress_bytes_received_total",
     "Bytes sandboxes received through allowed connections (counted when each ends), by group.",
+);
+
+pub const POLICY_DECISIONS: (&str, &str) = (
+    "moat_policy_decisions_total",
+    "Decisions under group policies, by group, verdict (allow, deny, audit) and rule (one \
+     count per distinct rule of a decision; none when nothing was found).",
 );
 
 #[derive(Default)]

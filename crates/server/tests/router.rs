@@ -12,6 +12,7 @@ use axum::Router;
 use moat_server::http::{router, AppState, MAX_BODY};
 use moat_server::images::Operations;
 use moat_server::metrics::Metrics;
+use moat_server::policy::Gate;
 use moat_server::store::Store;
 use moat_testkit::openapi::check_response;
 use serde_json::{json, Value};
@@ -19,6 +20,7 @@ use tower::ServiceExt;
 
 const ADMIN: &str = "moat_AdminAdminAdminAdminAdminAdminAdminAdmin123";
 const G: &str = "/v1/sandbox-groups";
+const NO_WORKER: &str = "/nonexistent/moat";
 
 /// A router over a fresh store whose bootstrap key is [`ADMIN`], and its OpenAPI document.
 struct App {
@@ -40,6 +42,10 @@ impl App {
                 "no VM runtime in the router tests".to_string(),
             ),
             operations: Arc::new(Operations::default()),
+            // No `moat` binary here: every analysis fails, which the policy tests use to show
+            // that the gate fails closed (the real worker is exercised by
+            // crates/cli/tests/daemon_policy.rs).
+            policy: Arc::new(Gate::new(NO_WORKER.into())),
         };
         let doc = serde_json::to_value(moat_server::http::openapi_document()).unwrap();
         App {
@@ -489,4 +495,182 @@ async fn every_documented_operation_is_served_as_documented() {
         }
     }
     assert!(operations >= 30, "{operations}");
+}
+
+/// Policies through the API, with no analysis worker to be had: versions and roles, a policy
+/// whose `tests` cannot be decided is refused, and the dry run and an exec fail closed
+/// (`analysis.failed`), the exec refused before anything asks for its sandbox's VM.
+#[tokio::test]
+async fn policies_versions_roles_and_failing_closed_without_a_worker() {
+    let app = App::new();
+    let k = Some(ADMIN);
+    let pol = format!("{G}/g/policy");
+    assert_eq!(
+        app.call(k, "PUT", &format!("{G}/g"), Some(json!({})))
+            .await
+            .0,
+        201
+    );
+    let (st, v) = app.call(k, "GET", &pol, None).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (v["version"].as_u64(), v["policy"]["mode"].as_str()),
+        (Some(0), Some("off"))
+    );
+    assert!(v["sha256"].is_null());
+
+    let enforce = json!({"mode": "enforce", "commands": {"deny": ["curl"]}});
+    let (st, v) = app.call(k, "PUT", &pol, Some(enforce.clone())).await;
+    assert_eq!((st, v["version"].as_u64()), (201, Some(1)), "{v}");
+    let (st, v) = app.call(k, "PUT", &pol, Some(enforce.clone())).await;
+    assert_eq!(
+        (st, v["version"].as_u64()),
+        (200, Some(1)),
+        "unchanged: {v}"
+    );
+    for (body, needle) in [
+        (json!({"mode": "enforce", "comands": {}}), "comands"),
+        (json!({"commands": {"allow": ["bin/ls"]}}), "relative path"),
+        (json!({"mode": "strict"}), "strict"),
+        // Examples are decided in the worker; without one they cannot hold.
+        (
+            json!({"mode": "enforce", "tests": {"allow": [{"argv": ["ls"]}]}}),
+            "tests.allow[0]",
+        ),
+    ] {
+        let (st, e) = app.call(k, "PUT", &pol, Some(body.clone())).await;
+        assert_eq!(st, 400, "{body}: {e}");
+        assert!(msg(&e).contains(needle), "{body}: {e}");
+    }
+    let (_, versions) = app.call(k, "GET", &format!("{pol}/versions"), None).await;
+    assert_eq!(versions["items"].as_array().unwrap().len(), 1, "{versions}");
+
+    // Roles: a user key reads the policy and dry-runs, but neither applies one nor reads
+    // decisions; a key of another group sees nothing.
+    let user = app.key("user", &["g"]).await;
+    let u = Some(user.as_str());
+    assert_eq!(app.call(u, "GET", &pol, None).await.0, 200);
+    assert_eq!(app.call(u, "PUT", &pol, Some(json!({}))).await.0, 403);
+    assert_eq!(
+        app.call(u, "GET", &format!("{pol}/decisions"), None)
+            .await
+            .0,
+        403
+    );
+    let other = app.key("owner", &["h"]).await;
+    assert_eq!(app.call(Some(&other), "GET", &pol, None).await.0, 404);
+
+    let (st, d) = app
+        .call(
+            u,
+            "POST",
+            &format!("{pol}/check"),
+            Some(json!({"argv": ["ls"]})),
+        )
+        .await;
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["allowed"], false, "{d}");
+    assert_eq!(d["policy_version"], 1);
+    assert_eq!(d["findings"][0]["rule"], "analysis.failed", "{d}");
+    assert!(
+        d["findings"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains(NO_WORKER),
+        "{d}"
+    );
+    let (st, e) = app
+        .call(u, "POST", &format!("{pol}/check"), Some(json!({})))
+        .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(
+        msg(&e).contains("exactly one of argv, command, python and shell"),
+        "{e}"
+    );
+
+    // An exec in a sandbox of the group: refused by the gate (403, with findings and the
+    // version) although this daemon has no VM runtime at all, so nothing reached a sandbox.
+    let sb = moat_server::api::Sandbox {
+        id: "sb-000000000001".into(),
+        group: "g".into(),
+        state: moat_server::api::SandboxState::Running,
+        reason: None,
+        image: "sha256:0".into(),
+        tier: Default::default(),
+        env: Default::default(),
+        labels: Default::default(),
+        created_at: String::new(),
+        updated_at: String::new(),
+        last_activity_at: None,
+    };
+    app.store.insert_sandbox(&sb).await.unwrap();
+    let exec = format!("{G}/g/sandboxes/{}/exec", sb.id);
+    let (st, e) = app
+        .call(
+            u,
+            "POST",
+            &exec,
+            Some(json!({"argv": ["ls"], "env": {"TOKEN": "s3cret"}})),
+        )
+        .await;
+    assert_eq!(st, 403, "{e}");
+    assert_eq!(e["error"]["code"], "policy_denied");
+    assert_eq!(e["error"]["policy_version"], 1);
+    assert_eq!(e["error"]["findings"][0]["rule"], "analysis.failed", "{e}");
+    let procs = format!("{G}/g/sandboxes/{}/processes", sb.id);
+    let (st, e) = app
+        .call(u, "POST", &procs, Some(json!({"command": "sleep 1"})))
+        .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (403, Some("policy_denied")),
+        "{e}"
+    );
+
+    // Both refusals are in the log, chained, with the secret redacted; dry runs are not.
+    let (st, log) = app.call(k, "GET", &format!("{pol}/decisions"), None).await;
+    assert_eq!(st, 200, "{log}");
+    let items: Vec<moat_server::api::LogEntry> =
+        serde_json::from_value(log["items"].clone()).unwrap();
+    assert_eq!(items.len(), 2, "{log}");
+    assert_eq!(
+        (items[0].route.as_str(), items[1].route.as_str()),
+        ("exec", "process")
+    );
+    assert_eq!(items[0].request.env["TOKEN"], "<redacted>");
+    assert!(moat_policy::log::verify("g", &items).problems.is_empty());
+    let (st, e) = app
+        .call(k, "GET", &format!("{pol}/decisions?verdict=maybe"), None)
+        .await;
+    assert_eq!(st, 400, "{e}");
+    let (_, none) = app
+        .call(k, "GET", &format!("{pol}/decisions?verdict=allow"), None)
+        .await;
+    assert_eq!(none["items"], json!([]));
+
+    // scan_uploads: a .py upload is checked (and refused, the worker being absent) before the
+    // sandbox is touched; other files are not checked (and then need the VM: 503).
+    let scan = json!({"mode": "enforce", "scan_uploads": true});
+    assert_eq!(app.call(k, "PUT", &pol, Some(scan)).await.0, 201);
+    let files = format!("{G}/g/sandboxes/{}/files", sb.id);
+    let up = |path: &str| {
+        let body = Some(b"print(1)\n".to_vec());
+        request(u, "PUT", &format!("{files}?path={path}"), body)
+    };
+    let (st, e) = app.send(up("/tmp/job.py")).await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (403, Some("policy_denied")),
+        "{e}"
+    );
+    let (st, e) = app.send(up("/tmp/data.txt")).await;
+    assert_eq!(st, 503, "{e}");
+
+    // With the policy off, the gate does not run at all (the exec then needs a VM: 503).
+    let (st, _) = app.call(k, "PUT", &pol, Some(json!({"mode": "off"}))).await;
+    assert_eq!(st, 201);
+    let (st, e) = app
+        .call(u, "POST", &exec, Some(json!({"argv": ["ls"]})))
+        .await;
+    assert_eq!(st, 503, "{e}");
 }

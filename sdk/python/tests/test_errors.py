@@ -53,3 +53,31 @@ def test_unauthorized(url: str) -> None:
     with moat.Client(url, "") as anonymous:
         with pytest.raises(moat.Unauthorized):
             anonymous.groups.list()
+
+
+def test_policy_denied_from_a_real_sandbox(client: moat.Client, group: str) -> None:
+    """A group policy refuses an exec before it reaches the VM: PolicyDenied with the rule, and
+    the side effect of the refused command is absent; the dry run and the log agree."""
+    client.groups.apply("sdk-policy", {"tier": "s"})
+    try:
+        applied = client.groups.policy.apply(
+            "sdk-policy",
+            {"mode": "enforce", "commands": {"deny": ["touch"]}},
+        )
+        # Versions go on across a deletion of the group, so a rerun has a higher one.
+        version = applied["version"]
+        check = client.groups.policy.check("sdk-policy", {"command": "touch /tmp/x"})
+        assert check["allowed"] is False and check["findings"][0]["rule"] == "command.denied"
+        with client.sandboxes.create("sdk-policy") as sb:
+            with pytest.raises(moat.PolicyDenied) as e:
+                sb.exec("echo hi > /tmp/seen; touch /tmp/refused")
+            assert (e.value.status, e.value.code) == (403, "policy_denied")
+            assert e.value.policy_version == version
+            assert [f.rule for f in e.value.findings] == ["command.denied"]
+            assert "touch" in e.value.findings[0].snippet
+            ls = sb.exec(["ls", "/tmp"])
+            assert "seen" not in ls.stdout and "refused" not in ls.stdout
+        log = client.groups.policy.decisions("sdk-policy", verdict="deny")
+        assert [d["route"] for d in log["items"]][-1:] == ["exec"]
+    finally:
+        client.groups.delete("sdk-policy", force=True)

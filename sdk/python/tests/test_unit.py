@@ -109,6 +109,36 @@ def test_error_bodies_not_from_the_daemon() -> None:
     assert moat.CapacityError is moat.TooManyRequests
 
 
+def test_policy_denied_carries_findings_and_version() -> None:
+    body = {
+        "error": {
+            "code": "policy_denied",
+            "message": "refused by the policy of group \"g\" (version 3): command.denied: …",
+            "findings": [
+                {
+                    "rule": "command.denied",
+                    "message": "curl is in commands.deny",
+                    "line": 1,
+                    "column": 1,
+                    "snippet": "curl x",
+                },
+                {"rule": "limits.user", "message": "no user", "line": None, "column": None,
+                 "snippet": ""},
+            ],
+            "policy_version": 3,
+        }
+    }
+    e = error_from_response(403, json.dumps(body).encode())
+    assert type(e) is moat.PolicyDenied and isinstance(e, moat.Forbidden)
+    assert (e.status, e.code, e.policy_version) == (403, "policy_denied", 3)
+    assert e.findings[0] == moat.PolicyFinding("command.denied", "curl is in commands.deny", 1, 1,
+                                               "curl x")
+    assert e.findings[1].line is None
+    # A plain 403 stays Forbidden.
+    plain = error_from_response(403, json.dumps({"error": {"code": "forbidden", "message": "m"}}).encode())
+    assert type(plain) is moat.Forbidden
+
+
 def test_stream_frames() -> None:
     assert b.parse_frame('{"stdout":"a"}') == moat.ExecOutput("stdout", "a")
     assert b.parse_frame('{"stderr":"b"}') == moat.ExecOutput("stderr", "b")

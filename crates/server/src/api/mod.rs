@@ -19,6 +19,7 @@ mod files;
 mod groups;
 mod images;
 mod keys;
+mod policy;
 mod processes;
 mod sandboxes;
 mod shell;
@@ -32,6 +33,7 @@ pub use groups::*;
 pub use images::*;
 pub use keys::*;
 pub use moat_vm::Tier;
+pub use policy::*;
 pub use processes::*;
 pub use sandboxes::*;
 pub use shell::*;
@@ -48,12 +50,29 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorDetail {
-    /// Stable and machine-readable: bad_request, unauthorized, forbidden, not_found,
-    /// method_not_allowed, conflict, payload_too_large, too_many_requests, unavailable,
-    /// no_space, internal.
+    /// Stable and machine-readable: bad_request, unauthorized, forbidden, policy_denied,
+    /// not_found, method_not_allowed, conflict, payload_too_large, too_many_requests,
+    /// unavailable, no_space, internal.
     pub code: String,
     /// For people: what was wrong and, for bad input, what is allowed.
     pub message: String,
+    /// `policy_denied` only: why the group's policy refused the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub findings: Option<Vec<moat_policy::Finding>>,
+    /// `policy_denied` only: the version of the policy that refused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<u64>,
+}
+
+impl ErrorDetail {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> ErrorDetail {
+        ErrorDetail {
+            code: code.into(),
+            message: message.into(),
+            findings: None,
+            policy_version: None,
+        }
+    }
 }
 
 pub(crate) const DAY: u64 = 86_400;

@@ -155,3 +155,26 @@ pub(crate) fn require_image_admin(p: &Principal, what: &str) -> Result<()> {
         )))
     }
 }
+
+/// The policy gate for a request that starts something in sandbox `row`, or uploads code to it
+/// (`route`: `exec`, `process`, `shell` or `upload`): checked, recorded, and refused with 403 `policy_denied` when the
+/// group's policy enforces a finding. Call it after the role checks and the request's own
+/// validation, and before anything reaches the sandbox.
+pub(crate) async fn require_policy(
+    state: &AppState,
+    p: &Principal,
+    row: &Sandbox,
+    route: &'static str,
+    request: moat_policy::CheckRequest,
+) -> Result<()> {
+    let asked = crate::policy::Asked {
+        group: &row.group,
+        sandbox: &row.id,
+        route,
+        key: &p.key_id,
+    };
+    state
+        .policy
+        .enforce(&state.store, &state.metrics, asked, request)
+        .await
+}

@@ -45,6 +45,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::egress::router())
         .merge(routes::images::router())
         .merge(routes::keys::router())
+        .merge(routes::policy::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -68,6 +69,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
         routes::egress::Doc::openapi(),
         routes::images::Doc::openapi(),
         routes::keys::Doc::openapi(),
+        routes::policy::Doc::openapi(),
     ] {
         doc.merge(part);
     }

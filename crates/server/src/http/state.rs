@@ -1,11 +1,12 @@
 //! `AppState`: what every handler gets: the store, the metrics, the sandbox manager (or why
-//! there is none) and the image operations in progress.
+//! there is none), the image operations in progress and the policy gate.
 
 use std::sync::Arc;
 
 use crate::error::Result;
 use crate::images::Operations;
 use crate::metrics::Metrics;
+use crate::policy::Gate;
 use crate::readiness::Sandboxes;
 use crate::sandboxes::Manager;
 use crate::store::Store;
@@ -19,6 +20,8 @@ pub struct AppState {
     pub sandboxes: Arc<Sandboxes>,
     /// Image imports in progress.
     pub operations: Arc<Operations>,
+    /// The policy gate: how requests are checked against group policies.
+    pub policy: Arc<Gate>,
 }
 
 impl AppState {

@@ -3,7 +3,7 @@
 //! never on the executor.
 //!
 //! All of the daemon's SQL lives under this module, one file per table: `keys`, `groups`,
-//! `sandboxes`, `pool`, `snapshots`, `operations`, `egress`. The rest of the daemon calls `Store`
+//! `sandboxes`, `pool`, `snapshots`, `operations`, `egress`, `policy`. The rest of the daemon calls `Store`
 //! methods that take and return API types, never a connection or a row, so that a second
 //! backend (PostgreSQL) can implement the same methods. This file holds the connection,
 //! the migrations, the time helpers and the queries that span tables.
@@ -19,6 +19,7 @@ mod egress;
 mod groups;
 mod keys;
 mod operations;
+mod policy;
 mod pool;
 mod sandboxes;
 mod snapshots;
@@ -35,6 +36,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("migrations/0004_pools_lifecycle.sql")),
     (5, include_str!("migrations/0005_operations.sql")),
     (6, include_str!("migrations/0006_egress.sql")),
+    (7, include_str!("migrations/0007_policy.sql")),
 ];
 
 pub fn latest_version() -> i64 {

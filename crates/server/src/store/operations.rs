@@ -48,10 +48,10 @@ impl Store {
 
 /// Marks the operations a previous daemon left running as failed. Called once at start.
 pub(super) fn recover(conn: &Connection) -> Result<usize> {
-    let error = serde_json::to_string(&ErrorDetail {
-        code: "interrupted".to_string(),
-        message: "the daemon stopped before the import finished; start it again".to_string(),
-    })
+    let error = serde_json::to_string(&ErrorDetail::new(
+        "interrupted",
+        "the daemon stopped before the import finished; start it again",
+    ))
     .unwrap_or_default();
     Ok(conn.execute(
         "UPDATE operations SET state = 'failed', phase = 'failed', error = ?1,
@@ -172,10 +172,7 @@ mod tests {
                     if i > 0 {
                         // All but the first end, so the first stays running.
                         let p = OperationProgress::default();
-                        let e = ErrorDetail {
-                            code: "import_failed".into(),
-                            message: "x".into(),
-                        };
+                        let e = ErrorDetail::new("import_failed", "x");
                         finish_op(c, &id, &p, Err(&e))?;
                     }
                 }

@@ -119,6 +119,7 @@ class AsyncClient:
 class AsyncGroups:
     def __init__(self, client: AsyncClient) -> None:
         self._c = client
+        self.policy = AsyncPolicies(client)
 
     async def apply(self, name: str, spec: Optional[GroupSpec] = None) -> Group:
         return await self._c._run(b.group_apply(name, spec))
@@ -145,6 +146,41 @@ class AsyncGroups:
         return await self._c._run(
             b.egress_list(f"{b.group_path(name)}/egress", sandbox, verdict, since, after, limit)
         )
+
+
+class AsyncPolicies:
+    """A group's policy; as :class:`moat.Policies`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def get(self, group: str) -> Dict[str, Any]:
+        return await self._c._run(b.policy_get(group))
+
+    async def apply(self, group: str, policy: Mapping[str, Any]) -> Dict[str, Any]:
+        return await self._c._run(b.policy_apply(group, policy))
+
+    async def versions(self, group: str) -> List[Dict[str, Any]]:
+        return await self._c._run(b.policy_versions(group))
+
+    async def check(self, group: str, request: Mapping[str, Any]) -> Dict[str, Any]:
+        return await self._c._run(b.policy_check(group, request))
+
+    async def decisions(
+        self,
+        group: str,
+        *,
+        verdict: Optional[str] = None,
+        since: Optional[int] = None,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        return await self._c._run(b.policy_decisions(group, verdict, since, after, limit))
+
+    async def replay(
+        self, group: str, policy: Mapping[str, Any], *, limit: Optional[int] = None
+    ) -> Dict[str, Any]:
+        return await self._c._run(b.policy_replay(group, policy, limit))
 
 
 class AsyncApiKeys:

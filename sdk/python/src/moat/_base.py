@@ -232,6 +232,58 @@ def group_delete(name: str, force: bool) -> Op[None]:
     )
 
 
+def _json(r: httpx.Response) -> Dict[str, Any]:
+    body: Dict[str, Any] = json_body(r)
+    return body
+
+
+def policy_get(group: str) -> Op[Dict[str, Any]]:
+    return Op("GET", f"{group_path(group)}/policy", _json)
+
+
+def policy_apply(group: str, policy: Mapping[str, Any]) -> Op[Dict[str, Any]]:
+    return Op("PUT", f"{group_path(group)}/policy", _json, json=dict(policy))
+
+
+def policy_versions(group: str) -> Op[List[Dict[str, Any]]]:
+    return Op("GET", f"{group_path(group)}/policy/versions", lambda r: json_body(r)["items"])
+
+
+def policy_check(group: str, request: Mapping[str, Any]) -> Op[Dict[str, Any]]:
+    return Op("POST", f"{group_path(group)}/policy/check", _json, json=dict(request))
+
+
+def policy_decisions(
+    group: str,
+    verdict: Optional[str],
+    since: Optional[int],
+    after: Optional[int],
+    limit: Optional[int],
+) -> Op[Dict[str, Any]]:
+    params = {
+        k: str(v)
+        for k, v in (("verdict", verdict), ("since", since), ("after", after), ("limit", limit))
+        if v is not None
+    }
+    return Op("GET", f"{group_path(group)}/policy/decisions", _json, params=params or None)
+
+
+def policy_replay(
+    group: str, policy: Mapping[str, Any], limit: Optional[int]
+) -> Op[Dict[str, Any]]:
+    body: Dict[str, Any] = {"policy": dict(policy)}
+    if limit is not None:
+        body["limit"] = limit
+    # Each recorded request is checked again in a worker process.
+    return Op(
+        "POST",
+        f"{group_path(group)}/policy/replay",
+        _json,
+        json=body,
+        timeout=long_timeout(DEFAULT_TIMEOUT),
+    )
+
+
 def key_create(name: str, role: Role, groups: Sequence[str]) -> Op[CreatedApiKey]:
     return Op(
         "POST",

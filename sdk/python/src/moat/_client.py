@@ -125,6 +125,7 @@ class Client:
 class Groups:
     def __init__(self, client: Client) -> None:
         self._c = client
+        self.policy = Policies(client)
 
     def apply(self, name: str, spec: Optional[GroupSpec] = None) -> Group:
         """Creates the group or replaces its whole spec (idempotent)."""
@@ -156,6 +157,49 @@ class Groups:
         return self._c._run(
             b.egress_list(f"{b.group_path(name)}/egress", sandbox, verdict, since, after, limit)
         )
+
+
+class Policies:
+    """A group's policy (docs/POLICY.md): the answers are the API's JSON objects."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def get(self, group: str) -> Dict[str, Any]:
+        """The policy in force: ``{"group", "version", "policy", "sha256", "author",
+        "created_at"}`` (version 0: none was ever applied, so it is off)."""
+        return self._c._run(b.policy_get(group))
+
+    def apply(self, group: str, policy: Mapping[str, Any]) -> Dict[str, Any]:
+        """Applies ``policy`` (the policy object) as the group's new version (owner or admin);
+        BadRequest lists every problem, including examples in its ``tests`` it contradicts."""
+        return self._c._run(b.policy_apply(group, policy))
+
+    def versions(self, group: str) -> List[Dict[str, Any]]:
+        return self._c._run(b.policy_versions(group))
+
+    def check(self, group: str, request: Mapping[str, Any]) -> Dict[str, Any]:
+        """Dry run: ``{"allowed", "mode", "findings", "policy_version"}`` for an exec request
+        (``argv`` or ``command``, …) or ``{"python": CODE}`` / ``{"shell": CODE}``."""
+        return self._c._run(b.policy_check(group, request))
+
+    def decisions(
+        self,
+        group: str,
+        *,
+        verdict: Optional[str] = None,
+        since: Optional[int] = None,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """A page of the hash-chained decisions log: ``{"items", "next"}`` (owner or admin)."""
+        return self._c._run(b.policy_decisions(group, verdict, since, after, limit))
+
+    def replay(
+        self, group: str, policy: Mapping[str, Any], *, limit: Optional[int] = None
+    ) -> Dict[str, Any]:
+        """Which of the newest recorded requests ``policy`` would decide differently."""
+        return self._c._run(b.policy_replay(group, policy, limit))
 
 
 class ApiKeys:

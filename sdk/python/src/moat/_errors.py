@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Dict, Optional, Type
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Type
 
 
 class MoatError(Exception):
@@ -38,6 +39,46 @@ class Unauthorized(MoatError):
 
 class Forbidden(MoatError):
     """403: the key's role does not allow this (e.g. a reader creating a sandbox)."""
+
+
+@dataclass(frozen=True)
+class PolicyFinding:
+    """One reason a group's policy refused a request: a stable rule id (``command.denied``,
+    ``python.process``, … see docs/POLICY.md), a message, and where in the code it is (1-based
+    line and column, or None for findings about the request itself) with that line."""
+
+    rule: str
+    message: str
+    line: Optional[int]
+    column: Optional[int]
+    snippet: str
+
+
+class PolicyDenied(Forbidden):
+    """403 ``policy_denied``: the group's policy refused the request before it reached the
+    sandbox. ``findings`` say why; ``policy_version`` is the version that decided."""
+
+    def __init__(
+        self,
+        status: Optional[int],
+        code: str,
+        message: str,
+        findings: List[PolicyFinding],
+        policy_version: Optional[int],
+    ) -> None:
+        super().__init__(status, code, message)
+        self.findings = findings
+        self.policy_version = policy_version
+
+
+def parse_finding(d: Dict[str, Any]) -> PolicyFinding:
+    return PolicyFinding(
+        rule=str(d["rule"]),
+        message=str(d["message"]),
+        line=d.get("line"),
+        column=d.get("column"),
+        snippet=str(d.get("snippet", "")),
+    )
 
 
 class NotFound(MoatError):
@@ -113,11 +154,21 @@ def error_from_response(status: int, body: bytes) -> MoatError:
     """The exception for an error answer. A body that is not the daemon's error shape (a proxy
     in between, say) still gives an exception of the status's class, with the body as message."""
     code, message = f"http_{status}", ""
+    detail: Any = None
     try:
         detail = json.loads(body)["error"]
         code, message = str(detail["code"]), str(detail["message"])
     except (ValueError, KeyError, TypeError):
         message = body[:500].decode("utf-8", "replace").strip() or f"HTTP status {status}"
+    if code == "policy_denied" and isinstance(detail, dict):
+        try:
+            findings = [parse_finding(f) for f in detail.get("findings") or []]
+        except (KeyError, TypeError):
+            findings = []
+        version = detail.get("policy_version")
+        return PolicyDenied(
+            status, code, message, findings, version if isinstance(version, int) else None
+        )
     cls = _BY_STATUS.get(status) or _BY_CODE.get(code)
     if cls is None:
         cls = InternalError if status >= 500 else MoatError

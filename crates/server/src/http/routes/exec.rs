@@ -13,7 +13,7 @@ use utoipa::OpenApi;
 
 use crate::api::{ErrorBody, ExecEvent, ExecExit, ExecRequest, ExecResult};
 use crate::error::Result;
-use crate::http::access::{require_use, visible_sandbox};
+use crate::http::access::{require_policy, require_use, visible_sandbox};
 use crate::http::extract::{path_param, ApiJson};
 use crate::http::state::AppState;
 use crate::store::Principal;
@@ -44,7 +44,9 @@ pub(in crate::http) struct Doc;
                 (ExecResult = "application/json"),
                 (ExecEvent = "application/x-ndjson"))),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 403, description = "A reader key, or the group's policy refused the request \
+            (code policy_denied, with findings and policy_version)", body = ErrorBody),
+        (status = 404, body = ErrorBody),
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
         (status = 413, description = "The request body, or the command's output (16 MiB \
@@ -61,6 +63,7 @@ async fn exec_sandbox(
     let row = visible_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let argv = req.validate()?;
+    require_policy(&state, &p, &row, "exec", req.policy_request()).await?;
     let t0 = Instant::now();
     let run = state.manager()?.running(&row).await?;
     let request = crate::exec::guest_request(&req, argv, &row.env, &run);

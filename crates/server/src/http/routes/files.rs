@@ -23,7 +23,7 @@ use utoipa::OpenApi;
 
 use crate::api::{self, entry, ErrorBody, FileEntry, FileList, FileWritten, MAX_PATH};
 use crate::error::{Error, Result};
-use crate::http::access::running_sandbox;
+use crate::http::access::{require_policy, require_use, running_sandbox, visible_sandbox};
 use crate::http::extract::{path_param, query};
 use crate::http::state::AppState;
 use crate::sandboxes::Running;
@@ -193,7 +193,8 @@ where
         (status = 200, description = "Replaced (atomically)", body = FileWritten),
         (status = 400, description = "Bad path or mode, or the path is a directory", body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, description = "A reader key, or the guest refused", body = ErrorBody),
+        (status = 403, description = "A reader key, the guest refused, or the group's policy \
+            (scan_uploads) refused a .py or .sh file (code policy_denied)", body = ErrorBody),
         (status = 404, description = "No such sandbox, or a parent directory is missing \
             (use parents=true)", body = ErrorBody),
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
@@ -210,7 +211,11 @@ async fn put_file(
     let q: PutQuery = query(&uri)?;
     validate_path(&q.path)?;
     let mode = q.mode.as_deref().map(parse_mode).transpose()?;
-    let (_, run) = open(&state, &p, params, true).await?;
+    let (group, id) = path_param(params)?;
+    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    require_use(&p)?;
+    let body = scan_upload(&state, &p, &row, &q.path, body).await?;
+    let run = state.manager()?.running(&row).await?;
     let agent = run.sandbox()?.agent();
     // Only to tell 201 from 200; the write itself replaces whatever is there atomically.
     let existed = agent.stat(&q.path).await.is_ok();
@@ -232,6 +237,59 @@ async fn put_file(
         StatusCode::CREATED
     };
     Ok((status, Json(FileWritten { path: q.path, size })).into_response())
+}
+
+/// The policy's `scan_uploads`: a `.py` or `.sh` upload is read (at most one chunk past the
+/// analysis limit, which the check then refuses as `input.too-large`) and checked as code
+/// before the sandbox is touched; the body then goes on to the guest unchanged.
+async fn scan_upload(
+    state: &AppState,
+    p: &Principal,
+    row: &api::Sandbox,
+    path: &str,
+    body: Body,
+) -> Result<Body> {
+    let python = path.ends_with(".py");
+    if !python && !path.ends_with(".sh") {
+        return Ok(body);
+    }
+    let scans = state
+        .store
+        .get_policy(&row.group)
+        .await?
+        .is_some_and(|v| v.policy.mode != api::Mode::Off && v.policy.scan_uploads);
+    if !scans {
+        return Ok(body);
+    }
+    let mut stream = body.into_data_stream();
+    let mut head = Vec::new();
+    while head.len() <= moat_policy::MAX_CODE_BYTES {
+        match stream.next().await {
+            Some(Ok(chunk)) => head.extend_from_slice(&chunk),
+            Some(Err(e)) => {
+                return Err(Error::BadRequest(format!(
+                    "the request body broke off: {e}"
+                )))
+            }
+            None => break,
+        }
+    }
+    // Bytes that are not UTF-8 are not valid source: they stay visible to the parser as U+FFFD.
+    let code = String::from_utf8_lossy(&head).into_owned();
+    let request = if python {
+        api::CheckRequest {
+            python: Some(code),
+            ..Default::default()
+        }
+    } else {
+        api::CheckRequest {
+            shell: Some(code),
+            ..Default::default()
+        }
+    };
+    require_policy(state, p, row, "upload", request).await?;
+    let head = futures_util::stream::once(async move { Ok(Bytes::from(head)) });
+    Ok(Body::from_stream(head.chain(stream)))
 }
 
 #[utoipa::path(get, path = "/v1/sandbox-groups/{group}/sandboxes/{id}/files", tag = "files",
@@ -369,7 +427,8 @@ async fn list_files(
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, description = "A reader key, or the guest refused", body = ErrorBody),
+        (status = 403, description = "A reader key, the guest refused, or the group's policy \
+            (scan_uploads) refused a .py or .sh file (code policy_denied)", body = ErrorBody),
         (status = 404, description = "No such sandbox or path", body = ErrorBody),
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "A non-empty directory without recursive=true, or \

@@ -22,7 +22,7 @@ use crate::api::{
     ProcessList, ProcessLogs, ProcessStarted, StartProcess, DEFAULT_WAIT_S, MAX_WAIT_S,
 };
 use crate::error::{Error, Result};
-use crate::http::access::{require_use, running_sandbox, visible_sandbox};
+use crate::http::access::{require_policy, require_use, running_sandbox, visible_sandbox};
 use crate::http::extract::{path_param, query, ApiJson, MAX_BODY};
 use crate::http::state::AppState;
 use crate::store::Principal;
@@ -126,7 +126,8 @@ fn proc_error(op: &str, proc: &str, sandbox: &str, e: moat_vm::Error) -> Error {
         (status = 400, description = "Bad request, or the command or user does not exist",
             body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, description = "A reader key", body = ErrorBody),
+        (status = 403, description = "A reader key, or the group's policy refused the request \
+            (code policy_denied, with findings and policy_version)", body = ErrorBody),
         (status = 404, body = ErrorBody),
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
@@ -143,6 +144,7 @@ async fn start_process(
     let row = visible_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let argv = req.validate()?;
+    require_policy(&state, &p, &row, "process", req.policy_request()).await?;
     let run = state.manager()?.running(&row).await?;
     let request = crate::exec::guest_request(&req, argv, &row.env, &run);
     let started = run

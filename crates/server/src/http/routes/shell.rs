@@ -25,7 +25,7 @@ use utoipa::OpenApi;
 use crate::api::{self, ErrorBody, ExecRequest, ShellExit};
 use crate::error::{Error, Result};
 use crate::exec::{start, Start};
-use crate::http::access::{require_use, visible_sandbox};
+use crate::http::access::{require_policy, require_use, visible_sandbox};
 use crate::http::extract::{path_param, query};
 use crate::http::state::AppState;
 use crate::sandboxes::Running;
@@ -137,7 +137,9 @@ fn check_term(t: &str) -> Result<()> {
             and a normal close. Closing the socket kills the command."),
         (status = 400, description = "Bad query, or not a WebSocket upgrade", body = ErrorBody),
         (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 403, description = "A reader key, or the group's policy refused the command \
+            (code policy_denied, with findings and policy_version)", body = ErrorBody),
+        (status = 404, body = ErrorBody),
         (status = 409, description = "The sandbox is not running (and cannot be resumed)",
             body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
@@ -171,6 +173,11 @@ async fn shell(
             e.body_text()
         ))
     })?;
+    // Before the upgrade, so a refusal is an ordinary JSON error. TERM is the daemon's (from
+    // `term`, checked above), not an environment the caller sets.
+    let mut checked = req.policy_request();
+    checked.env.remove("TERM");
+    require_policy(&state, &p, &row, "shell", checked).await?;
     let run = state.manager()?.running(&row).await?;
     let mut request = crate::exec::guest_request(&req, argv, &row.env, &run);
     request.pty = Some(moat_protocol::PtySize { rows, cols });

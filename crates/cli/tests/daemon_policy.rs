@@ -1,0 +1,534 @@
+//! Governance end to end, with the real `moat policy worker` behind a real `moat serve`:
+//! policies applied and checked through the CLI and the API (examples decided in the worker),
+//! the offline and daemon checkers' exit codes, and, against a real sandbox, the policy
+//! corpus of crates/policy in `enforce` (refused before the VM; the side effect absent) and
+//! `audit` (run, recorded), processes and shells refused before they start, and the
+//! decisions log verified by `moat policy verify-log`, then tampered with and caught.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::daemon::{moat, msg, Daemon, ADMIN, G};
+use serde_json::{json, Value};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited")
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        text(&o.stdout),
+        text(&o.stderr)
+    )
+}
+
+fn corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy/tests/corpus")
+}
+
+/// The corpus files of `dir` (`refuse` or `pass`), sorted: (name, text).
+fn files(dir: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = std::fs::read_dir(corpus().join(dir))
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The exec that runs corpus file `name`: Python with `python3 -c`, shell as a command line.
+/// `marker` is a file the request creates when it runs (the shell files first `touch` it; the
+/// Python files create it at their end).
+fn exec_body(name: &str, code: &str, marker: &str) -> Value {
+    if name.ends_with(".py") {
+        json!({"argv": ["python3", "-c", format!("{code}\nopen({marker:?}, 'w').close()\n")],
+               "timeout_s": 60})
+    } else {
+        json!({"command": format!("touch {marker}; {code}"), "timeout_s": 60})
+    }
+}
+
+/// The corpus policy (every Python family denied, an allow list of tools, network tools
+/// denied) with `touch` allowed for the markers, in `mode`.
+fn corpus_policy(mode: &str) -> Value {
+    let text = std::fs::read_to_string(corpus().join("policy.yaml")).unwrap();
+    let mut p = moat_policy::Policy::parse(&text).unwrap();
+    p.commands.allow.as_mut().unwrap().push("touch".into());
+    let mut v = serde_json::to_value(&p).unwrap();
+    v["mode"] = json!(mode);
+    v
+}
+
+/// Policies applied, shown and checked through the CLI and the API, with no VM: examples and
+/// checks run in the real worker; exit codes as documented.
+#[tokio::test(flavor = "multi_thread")]
+async fn policies_through_the_cli_and_the_api() {
+    let d = Daemon::start(Some(ADMIN)).await;
+    d.put_group("gov", json!({}), 201).await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p.display().to_string()
+    };
+
+    let out = d.cli(ADMIN, &["policy", "show", "gov"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    assert!(
+        text(&out.stdout).contains("no policy was ever applied (off)"),
+        "{}",
+        show(&out)
+    );
+
+    let good = write(
+        "good.yaml",
+        "mode: enforce\ncommands:\n  deny: [curl]\npython:\n  deny: [process]\ntests:\n  \
+         allow:\n    - argv: [ls]\n  deny:\n    - argv: [curl, x]\n    - python: \"import os; \
+         os.system('id')\"\n",
+    );
+    let out = d.cli(ADMIN, &["policy", "apply", "gov", "-f", &good]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    assert!(
+        text(&out.stdout).contains("applied: version 1"),
+        "{}",
+        show(&out)
+    );
+    let out = d.cli(ADMIN, &["policy", "apply", "gov", "-f", &good]);
+    assert!(
+        text(&out.stdout).contains("unchanged: version 1"),
+        "{}",
+        show(&out)
+    );
+    // The daemon decides the examples itself, in its worker: a policy PUT directly through
+    // the API that contradicts its examples is refused with the failing one.
+    let (st, e) = d
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/gov/policy"),
+            Some(json!({"mode": "enforce", "commands": {"deny": ["curl"]},
+                        "tests": {"allow": [{"command": "ls | curl x"}]}})),
+        )
+        .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(
+        msg(&e).contains("tests.allow[0]") && msg(&e).contains("command.denied"),
+        "{e}"
+    );
+
+    // The daemon's dry run, through the CLI: 1 refused, 0 allowed, with the version.
+    let out = d.cli(
+        ADMIN,
+        &["policy", "check", "gov", "--", "/usr/bin/curl", "x"],
+    );
+    assert_eq!(code(&out), 1, "{}", show(&out));
+    assert!(text(&out.stdout).contains("refused by policy (mode enforce, version 1)"));
+    assert!(
+        text(&out.stdout).contains("command.denied"),
+        "{}",
+        show(&out)
+    );
+    let out = d.cli(ADMIN, &["policy", "check", "gov", "--", "ls", "-l"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    let job = write(
+        "job.py",
+        "import json\nimport os\nos.posix_spawn('/bin/id', ['id'], {})\n",
+    );
+    let out = d.cli(
+        ADMIN,
+        &["policy", "check", "gov", "--json", "--python", &job],
+    );
+    assert_eq!(code(&out), 1, "{}", show(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["policy_version"], 1);
+    assert_eq!(v["findings"][0]["rule"], "python.process", "{v}");
+    assert_eq!(
+        (
+            v["findings"][0]["line"].as_u64(),
+            v["findings"][0]["column"].as_u64()
+        ),
+        (Some(3), Some(1))
+    );
+
+    // Hostile input the parser cannot take is contained in the worker: a refusal, and the
+    // daemon answers on.
+    let (st, v) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/gov/policy/check"),
+            Some(json!({"python": "[".repeat(200_000)})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["allowed"], false, "{v}");
+    let (st, _) = d.call(None, "GET", "/healthz", None).await;
+    assert_eq!(st, 200);
+
+    // Exit 2: bad input, including every usage error of `moat policy`; other commands keep 125.
+    for args in [
+        vec!["policy", "check", "gov"],
+        vec!["policy", "check"],
+        vec!["policy", "check", "gov", "--bogus"],
+        vec!["policy", "nosuch"],
+        vec!["policy", "check", "gov", "--policy", &good, "--", "ls"],
+    ] {
+        let out = d.cli(ADMIN, &args);
+        assert_eq!(code(&out), 2, "{args:?}: {}", show(&out));
+    }
+    let out = moat().args(["run", "--bogus"]).output().unwrap();
+    assert_eq!(code(&out), 125, "{}", show(&out));
+
+    // Versions are kept; a user key may not apply or read decisions.
+    let out = d.cli(
+        ADMIN,
+        &[
+            "policy",
+            "apply",
+            "gov",
+            "-f",
+            &write("audit.yaml", "mode: audit\n"),
+        ],
+    );
+    assert!(
+        text(&out.stdout).contains("applied: version 2"),
+        "{}",
+        show(&out)
+    );
+    let (_, versions) = d
+        .call(
+            Some(ADMIN),
+            "GET",
+            &format!("{G}/gov/policy/versions"),
+            None,
+        )
+        .await;
+    assert_eq!(versions["items"].as_array().unwrap().len(), 2);
+    let user = d.key("user", &["gov"]).await;
+    let out = d.cli(&user, &["policy", "apply", "gov", "-f", &good]);
+    assert_eq!(code(&out), 125, "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("owner or admin"),
+        "{}",
+        show(&out)
+    );
+    let out = d.cli(&user, &["policy", "decisions", "gov"]);
+    assert_eq!(code(&out), 125, "{}", show(&out));
+}
+
+/// The corpus through a real sandbox. Enforce: all 64 refused snippets are refused before the
+/// VM (a 403 naming the corpus's rule) and none of their markers exists afterwards; a
+/// stdlib-only dozen of the passing ones are allowed and run. Audit: a dozen refused ones run and are
+/// recorded as `audit`. (Not all 112 in the VM: every exec there is a Python start under TCG;
+/// the analysis of all of them is crates/policy/tests/corpus.rs.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
+    let d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    d.put_group("gov", json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox("gov").await;
+    let (st, v) = d
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/gov/policy"),
+            Some(corpus_policy("enforce")),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+
+    let refuse = files("refuse");
+    assert!(refuse.len() >= 40);
+    let mut gated = 0;
+    for (i, (name, code)) in refuse.iter().enumerate() {
+        let expect = code
+            .lines()
+            .next()
+            .unwrap()
+            .strip_prefix("# expect: ")
+            .unwrap();
+        let (st, e) = d
+            .exec(
+                ADMIN,
+                "gov",
+                &id,
+                exec_body(name, code, &format!("/tmp/refused-{i}")),
+            )
+            .await;
+        gated += 1;
+        assert_eq!(st, 403, "{name}: {e}");
+        assert_eq!(e["error"]["code"], "policy_denied", "{name}: {e}");
+        assert_eq!(e["error"]["policy_version"], 1);
+        let rules: Vec<&str> = e["error"]["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["rule"].as_str().unwrap())
+            .collect();
+        assert!(
+            rules.contains(&expect),
+            "{name}: want {expect}, got {rules:?}"
+        );
+    }
+    // Nothing refused reached the VM.
+    let left = d.sh("gov", &id, "ls /tmp").await;
+    assert!(
+        !left.contains("refused-"),
+        "side effects of refused requests: {left}"
+    );
+    gated += 1;
+
+    let stdlib = [
+        "collections_counter.py",
+        "comprehensions.py",
+        "csv_module.py",
+        "dataclass.py",
+        "json_roundtrip.py",
+        "regex.py",
+        "statistics.py",
+        "string_formatting.py",
+        "grep_sort.sh",
+        "list_files.sh",
+        "loop.sh",
+        "mkdir_cd.sh",
+    ];
+    let pass = files("pass");
+    for name in stdlib {
+        let (_, code) = pass.iter().find(|(n, _)| n == name).expect(name);
+        let (st, r) = d
+            .exec(
+                ADMIN,
+                "gov",
+                &id,
+                exec_body(name, code, &format!("/tmp/passed-{name}")),
+            )
+            .await;
+        gated += 1;
+        // Allowed and run (some of these scripts expect input files the sandbox lacks, so
+        // their exit code is theirs, not the gate's).
+        assert_eq!(st, 200, "{name}: {r}");
+        assert!(r["exit_code"].is_i64(), "{name}: {r}");
+    }
+    let ran = d.sh("gov", &id, "ls /tmp").await;
+    gated += 1;
+    for name in stdlib.iter().filter(|n| n.ends_with(".sh")) {
+        assert!(
+            ran.contains(&format!("passed-{name}")),
+            "{name} did not run: {ran}"
+        );
+    }
+
+    // Uploads of code are checked too (scan_uploads), before anything is written.
+    let mut scanning = corpus_policy("enforce");
+    scanning["scan_uploads"] = json!(true);
+    let (st, v) = d
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/gov/policy"),
+            Some(scanning),
+        )
+        .await;
+    assert_eq!((st, v["version"].as_u64()), (201, Some(2)), "{v}");
+    let files = format!("{G}/gov/sandboxes/{id}/files");
+    let (st, e) = d
+        .call_raw(
+            Some(ADMIN),
+            "PUT",
+            &format!("{files}?path=/tmp/evil.py"),
+            Some(b"import ctypes\nctypes.CDLL(None)\n".to_vec()),
+        )
+        .await;
+    gated += 1;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (403, Some("policy_denied")),
+        "{e}"
+    );
+    assert_eq!(e["error"]["findings"][0]["rule"], "python.native", "{e}");
+    let (st, v) = d
+        .call_raw(
+            Some(ADMIN),
+            "PUT",
+            &format!("{files}?path=/tmp/fine.py"),
+            Some(b"print(sum(range(10)))\n".to_vec()),
+        )
+        .await;
+    gated += 1;
+    assert_eq!(st, 201, "{v}");
+    let left = d.sh("gov", &id, "ls /tmp").await;
+    gated += 1;
+    assert!(
+        left.contains("fine.py") && !left.contains("evil.py"),
+        "{left}"
+    );
+
+    // Background processes and shells are gated too, before they start.
+    let (st, e) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/gov/sandboxes/{id}/processes"),
+            Some(json!({"command": "sleep 1; curl -s x"})),
+        )
+        .await;
+    gated += 1;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (403, Some("policy_denied")),
+        "{e}"
+    );
+    let out = d.cli(ADMIN, &["sandbox", "shell", "gov", &id, "--", "wget", "x"]);
+    gated += 1;
+    assert_ne!(code(&out), 0, "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("command.denied"),
+        "{}",
+        show(&out)
+    );
+
+    // Audit: the same snippets run (their shell markers appear) and are recorded as audit.
+    let (st, v) = d
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/gov/policy"),
+            Some(corpus_policy("audit")),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    // Snippets that end quickly when run (no interactive pty, no connection left hanging).
+    let audited: Vec<&(String, String)> = [
+        "asyncio_subprocess.py",
+        "callback.py",
+        "curl_env.sh",
+        "curl_plain.sh",
+        "eval_compile.py",
+        "fork.py",
+        "fullwidth.py",
+        "httpx.py",
+        "marshal_loads.py",
+        "os_system.py",
+        "runpy.py",
+        "substitution_name.sh",
+    ]
+    .iter()
+    .map(|n| refuse.iter().find(|(name, _)| name == n).expect(n))
+    .collect();
+    for (i, (name, code)) in audited.iter().enumerate() {
+        let (st, r) = d
+            .exec(
+                ADMIN,
+                "gov",
+                &id,
+                exec_body(name, code, &format!("/tmp/audited-{i}")),
+            )
+            .await;
+        gated += 1;
+        assert_eq!(st, 200, "{name}: audit mode never refuses: {r}");
+    }
+    let ran = d.sh("gov", &id, "ls /tmp").await;
+    gated += 1;
+    for (i, (name, _)) in audited.iter().enumerate() {
+        if name.ends_with(".sh") {
+            assert!(
+                ran.contains(&format!("audited-{i}")),
+                "{name} did not run: {ran}"
+            );
+        }
+    }
+
+    // The log: every gated request, in order, chained; the CLI verifies it.
+    let (_, page) = d
+        .call(
+            Some(ADMIN),
+            "GET",
+            &format!("{G}/gov/policy/decisions?verdict=audit&limit=1000"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        page["items"].as_array().unwrap().len(),
+        audited.len(),
+        "{page}"
+    );
+    let out = d.cli(ADMIN, &["policy", "decisions", "gov", "--verdict", "deny"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    assert!(
+        text(&out.stdout).contains("command.denied"),
+        "{}",
+        show(&out)
+    );
+    let out = d.cli(ADMIN, &["policy", "verify-log", "gov"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    assert!(
+        text(&out.stdout).starts_with(&format!("intact: {gated} entries")),
+        "{}",
+        show(&out)
+    );
+    let metric = d
+        .metric(
+            "moat_policy_decisions_total{group=\"gov\",verdict=\"deny\",rule=\"command.denied\"}",
+        )
+        .await;
+    assert!(metric.is_some_and(|n| n >= 1.0), "{metric:?}");
+
+    // Tampering behind the daemon's back: one entry edited, one removed.
+    {
+        let db = rusqlite::Connection::open(d.home.path().join("moatd.db")).unwrap();
+        let e = db
+            .execute(
+                "DELETE FROM policy_decisions WHERE group_name = 'gov' AND n = 5",
+                [],
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("append-only"), "{e}");
+        db.execute_batch(
+            "DROP TRIGGER policy_decisions_no_update; DROP TRIGGER policy_decisions_no_delete;",
+        )
+        .unwrap();
+        let entry: String = db
+            .query_row(
+                "SELECT entry FROM policy_decisions WHERE group_name = 'gov' AND n = 3",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let edited = entry.replace("\"allowed\":false", "\"allowed\":true");
+        assert_ne!(entry, edited);
+        db.execute(
+            "UPDATE policy_decisions SET entry = ?1 WHERE group_name = 'gov' AND n = 3",
+            [&edited],
+        )
+        .unwrap();
+        db.execute(
+            "DELETE FROM policy_decisions WHERE group_name = 'gov' AND n = 5",
+            [],
+        )
+        .unwrap();
+    }
+    let out = d.cli(ADMIN, &["policy", "verify-log", "gov"]);
+    assert_eq!(code(&out), 1, "{}", show(&out));
+    let report = text(&out.stdout);
+    assert!(report.starts_with("BROKEN"), "{report}");
+    assert!(
+        report.contains("entry 3: its content does not match its hash"),
+        "{report}"
+    );
+    assert!(report.contains("entry 5 is missing"), "{report}");
+    assert!(
+        report.contains("entry 6: its prev_hash does not match"),
+        "{report}"
+    );
+}
