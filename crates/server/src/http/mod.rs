@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::processes::router())
         .merge(routes::shell::router())
         .merge(routes::snapshots::router())
+        .merge(routes::ports::router())
         .merge(routes::images::router())
         .merge(routes::keys::router())
         .fallback(not_found)
@@ -64,6 +65,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
         routes::processes::Doc::openapi(),
         routes::shell::Doc::openapi(),
         routes::snapshots::Doc::openapi(),
+        routes::ports::Doc::openapi(),
         routes::images::Doc::openapi(),
         routes::keys::Doc::openapi(),
     ] {

@@ -19,6 +19,7 @@ mod groups;
 mod keys;
 mod operations;
 mod pool;
+mod ports;
 mod sandboxes;
 mod snapshots;
 
@@ -33,6 +34,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/0003_snapshots.sql")),
     (4, include_str!("migrations/0004_pools_lifecycle.sql")),
     (5, include_str!("migrations/0005_operations.sql")),
+    (8, include_str!("migrations/0008_ports.sql")),
 ];
 
 pub fn latest_version() -> i64 {

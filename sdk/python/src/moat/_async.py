@@ -33,6 +33,7 @@ from ._types import (
     Group,
     GroupSpec,
     Health,
+    Port,
     ProcessInfo,
     ProcessLogs,
     Role,
@@ -261,6 +262,19 @@ class AsyncSandbox:
 
     async def snapshot(self, name: str) -> Snapshot:
         return await self._c._run(b.snapshot_create(self.group, self.id, name))
+
+    async def expose_port(self, port: int) -> Port:
+        """Exposes the guest's TCP ``port`` (1-65535) through the daemon: HTTP and WebSocket
+        requests under the returned ``url`` reach it, with this client's API key."""
+        return await self._c._run(b.port_expose(self.group, self.id, port, self._c.url))
+
+    async def ports(self) -> List[Port]:
+        """The exposed ports, lowest first."""
+        return await self._c._run(b.port_list(self.group, self.id, self._c.url))
+
+    async def close_port(self, port: int) -> None:
+        """Closes an exposed port (``NotFound`` if it is not exposed)."""
+        await self._c._run(b.port_close(self.group, self.id, port))
 
     async def delete(self) -> None:
         await self._c._run(b.sandbox_delete(self.group, self.id))

@@ -20,6 +20,7 @@ from ._types import (
     Group,
     GroupSpec,
     Health,
+    Port,
     ProcessInfo,
     ProcessLogs,
     Role,
@@ -275,6 +276,19 @@ class Sandbox:
         """A named snapshot of the sandbox (unique in its group), for ``sandboxes.fork``; the
         sandbox runs on (a suspended one is resumed first)."""
         return self._c._run(b.snapshot_create(self.group, self.id, name))
+
+    def expose_port(self, port: int) -> Port:
+        """Exposes the guest's TCP ``port`` (1-65535) through the daemon: HTTP and WebSocket
+        requests under the returned ``url`` reach it, with this client's API key."""
+        return self._c._run(b.port_expose(self.group, self.id, port, self._c.url))
+
+    def ports(self) -> List[Port]:
+        """The exposed ports, lowest first."""
+        return self._c._run(b.port_list(self.group, self.id, self._c.url))
+
+    def close_port(self, port: int) -> None:
+        """Closes an exposed port (``NotFound`` if it is not exposed)."""
+        self._c._run(b.port_close(self.group, self.id, port))
 
     def delete(self) -> None:
         self._c._run(b.sandbox_delete(self.group, self.id))
