@@ -233,7 +233,8 @@ async fn connect(run: &Running, port: u16) -> Result<UnixStream> {
         (status = 101, description = "A WebSocket (or other upgrade) the guest accepted; \
             bytes flow both ways until either side closes"),
         (status = 200, description = "Whatever the guest's server answers (any status, \
-            headers and body), passed through; the daemon's own errors are the ones below"),
+            headers and body), passed through; the daemon's own errors are the ones below",
+            content_type = "*/*", body = String),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key", body = ErrorBody),
         (status = 404, description = "No such sandbox, or the port is not exposed",
@@ -262,7 +263,8 @@ async fn proxy_path(
         ("port" = u16, Path, description = "An exposed guest port")),
     responses(
         (status = 101, description = "A WebSocket (or other upgrade) the guest accepted"),
-        (status = 200, description = "The guest's answer for `/`, passed through"),
+        (status = 200, description = "The guest's answer for `/`, passed through",
+            content_type = "*/*", body = String),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key", body = ErrorBody),
         (status = 404, description = "No such sandbox, or the port is not exposed",
