@@ -5,7 +5,8 @@
 //! operator hosts file. The same transfers are then done directly on loopback, in the same run.
 //! Prints one JSON object. Needs root (`ip netns`).
 //!
-//! `moat-bench-net --stack` is the child: the stack on fds 3 (guest) and 4 (control).
+//! `moat-bench-net --stack` is the child: the stack on fds 3 (guest), 4 (control) and 5
+//! (ports).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -24,10 +25,16 @@ const ROUNDS: usize = 200;
 
 fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some("--stack") {
-        // SAFETY: the parent put the guest socket on fd 3 and the control listener on fd 4
-        // (dup2 in pre_exec) and nothing else owns them.
-        let (guest, control) = unsafe { (OwnedFd::from_raw_fd(3), OwnedFd::from_raw_fd(4)) };
-        moat_net::run(guest, control)?;
+        // SAFETY: the parent put the guest socket on fd 3, the control listener on fd 4 and the
+        // port listener on fd 5 (dup2 in pre_exec) and nothing else owns them.
+        let (guest, control, ports) = unsafe {
+            (
+                OwnedFd::from_raw_fd(3),
+                OwnedFd::from_raw_fd(4),
+                OwnedFd::from_raw_fd(5),
+            )
+        };
+        moat_net::run(guest, control, ports)?;
         return Ok(());
     }
     let ns = format!("moat-bench-{}", std::process::id());
@@ -71,7 +78,8 @@ fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let control_path = dir.path().join("control.sock");
     let listener = UnixListener::bind(&control_path)?;
-    let mut stack = spawn_stack(theirs, listener)?;
+    let ports = UnixListener::bind(dir.path().join("ports.sock"))?;
+    let mut stack = spawn_stack(theirs, listener, ports)?;
     let control = UnixStream::connect(&control_path)?;
     let mut replies = BufReader::new(control.try_clone()?).lines();
     let hello = replies.next().context("no hello")??;
@@ -211,14 +219,14 @@ fn relay(tap: File, sock: UnixStream) -> Result<()> {
     Ok(())
 }
 
-fn spawn_stack(guest: UnixStream, control: UnixListener) -> Result<Child> {
-    let (g, c) = (guest.as_raw_fd(), control.as_raw_fd());
+fn spawn_stack(guest: UnixStream, control: UnixListener, ports: UnixListener) -> Result<Child> {
+    let (g, c, p) = (guest.as_raw_fd(), control.as_raw_fd(), ports.as_raw_fd());
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("--stack");
     // SAFETY: only async-signal-safe calls (dup2) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(g, 3) < 0 || libc::dup2(c, 4) < 0 {
+            if libc::dup2(g, 3) < 0 || libc::dup2(c, 4) < 0 || libc::dup2(p, 5) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

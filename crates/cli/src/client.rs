@@ -107,6 +107,7 @@ pub enum ApiKeyCommand {
     Rm { id: String },
 }
 
+#[derive(Clone)]
 pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
@@ -178,17 +179,48 @@ impl Client {
     /// Sends a request built by [`Client::request`]; a non-2xx answer becomes an error carrying
     /// the daemon's message.
     pub(crate) async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = req.send().await.with_context(|| {
+        let resp = self.reach(req).await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(self.failure(resp).await)
+    }
+
+    /// Sends an HTTP upgrade to `protocol` built by [`Client::request`]; the upgraded
+    /// connection, or an error carrying the daemon's message.
+    pub(crate) async fn upgrade(
+        &self,
+        req: reqwest::RequestBuilder,
+        protocol: &str,
+    ) -> Result<reqwest::Upgraded> {
+        let req = req
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, protocol);
+        let resp = self.reach(req).await?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(self.failure(resp).await);
+        }
+        resp.upgrade()
+            .await
+            .context("the daemon's upgraded connection")
+    }
+
+    async fn reach(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        req.send().await.with_context(|| {
             format!(
                 "cannot reach the moat daemon at {} (is `moat serve` running? set MOAT_URL)",
                 self.base
             )
-        })?;
+        })
+    }
+
+    /// The daemon's error answer as an error: its message and status.
+    async fn failure(&self, resp: reqwest::Response) -> anyhow::Error {
         let status = resp.status();
-        if status.is_success() {
-            return Ok(resp);
-        }
-        let bytes = resp.bytes().await.context("reading the daemon's answer")?;
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return anyhow!("reading the daemon's answer: {e}"),
+        };
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let message = value["error"]["message"].as_str().unwrap_or("no message");
         let hint = if status == StatusCode::UNAUTHORIZED && self.key.is_none() {
@@ -196,11 +228,9 @@ impl Client {
         } else {
             ""
         };
-        Err(anyhow!("{message}{hint} (HTTP {})", status.as_u16()))
+        anyhow!("{message}{hint} (HTTP {})", status.as_u16())
     }
 
-    /// Sends a request; a 2xx gives its status and JSON body (Null when empty), anything else
-    /// becomes an error carrying the daemon's message.
     pub(crate) async fn call(
         &self,
         method: Method,

@@ -5,6 +5,7 @@ mod client;
 mod home;
 mod image_cmd;
 mod policy_cmd;
+mod port_forward;
 mod progress;
 mod run;
 mod sandbox_cmd;
@@ -103,9 +104,12 @@ struct NetStackArgs {
     /// Inherited listening Unix socket for the control channel.
     #[arg(long)]
     control_fd: i32,
+    /// Inherited listening Unix socket for connections to the guest's ports.
+    #[arg(long)]
+    ports_fd: i32,
 }
 
-/// `moat net-stack`: runs `moat_net::run` on the two descriptors moat-vm handed down. A
+/// `moat net-stack`: runs `moat_net::run` on the three descriptors moat-vm handed down. A
 /// process of its own because it parses hostile frames.
 fn net_stack(args: &NetStackArgs) -> ExitCode {
     let take = |fd: i32, what: &str| -> Option<std::os::fd::OwnedFd> {
@@ -119,13 +123,14 @@ fn net_stack(args: &NetStackArgs) -> ExitCode {
         // nothing else in this process owns it.
         Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
     };
-    let (Some(guest), Some(control)) = (
+    let (Some(guest), Some(control), Some(ports)) = (
         take(args.guest_fd, "guest-fd"),
         take(args.control_fd, "control-fd"),
+        take(args.ports_fd, "ports-fd"),
     ) else {
         return ExitCode::from(EXIT_MOAT_ERROR);
     };
-    match moat_net::run(guest, control) {
+    match moat_net::run(guest, control, ports) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("moat net-stack: {e}");

@@ -68,6 +68,9 @@ pub enum SandboxCommand {
     /// An interactive terminal in a sandbox (the login shell, or CMD); exits with its exit
     /// code. Without a terminal on stdin, stdin's bytes are typed into it.
     Shell(crate::shell_cmd::ShellArgs),
+    /// Forward a local TCP port to PORT in a sandbox (any port; it need not be exposed),
+    /// through the daemon, until interrupted.
+    PortForward(crate::port_forward::PortForwardArgs),
     /// Take snapshot NAME of a sandbox (memory and disk; the sandbox runs on). Fork it with
     /// `moat sandbox create GROUP --from-snapshot NAME`; list it with `moat snapshot ls`.
     Snapshot {
@@ -324,6 +327,7 @@ pub async fn run(args: ClientArgs, cmd: SandboxCommand) -> Result<u8> {
         } => return egress(&c, json_out, &group, &id, verdict, limit, follow).await,
         SandboxCommand::Exec(a) => return exec(&c, &a).await,
         SandboxCommand::Shell(a) => return crate::shell_cmd::shell(&c, &a).await,
+        SandboxCommand::PortForward(a) => return crate::port_forward::port_forward(&c, &a).await,
         SandboxCommand::Cp { src, dst } => return cp(&c, json_out, &src, &dst).await,
     }
     Ok(0)

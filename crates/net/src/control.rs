@@ -212,9 +212,10 @@ pub fn system_resolver() -> Option<SocketAddr> {
 }
 
 /// The stack process: serves the guest's stream-netdev socket `guest` with the policy the
-/// daemon sends on the listening control socket `control`, until QEMU closes `guest`. Blocks;
-/// runs its own single-threaded runtime.
-pub fn run(guest: OwnedFd, control: OwnedFd) -> Result<()> {
+/// daemon sends on the listening control socket `control`, and connections to the guest's
+/// ports asked for on the listening socket `ports` (`ingress.rs`), until QEMU closes `guest`.
+/// Blocks; runs its own single-threaded runtime.
+pub fn run(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -222,7 +223,7 @@ pub fn run(guest: OwnedFd, control: OwnedFd) -> Result<()> {
             context: "starting the stack's runtime".into(),
             source: e,
         })?;
-    rt.block_on(run_async(guest, control))
+    rt.block_on(run_async(guest, control, ports))
 }
 
 struct Conn {
@@ -279,12 +280,15 @@ async fn request(c: &mut Conn, line: &str) -> Option<Request> {
     }
 }
 
-async fn run_async(guest: OwnedFd, control: OwnedFd) -> Result<()> {
-    let listener = std::os::unix::net::UnixListener::from(control);
-    listener
-        .set_nonblocking(true)
-        .map_err(io("the control socket"))?;
-    let listener = UnixListener::from_std(listener).map_err(io("the control socket"))?;
+fn listening(fd: OwnedFd, what: &str) -> Result<UnixListener> {
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener.set_nonblocking(true).map_err(io(what))?;
+    UnixListener::from_std(listener).map_err(io(what))
+}
+
+async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<()> {
+    let listener = listening(control, "the control socket")?;
+    let (inbound_started, inbound) = crate::ingress::channel(listening(ports, "the port socket")?);
     let guest = std::os::unix::net::UnixStream::from(guest);
     guest
         .set_nonblocking(true)
@@ -351,9 +355,17 @@ async fn run_async(guest: OwnedFd, control: OwnedFd) -> Result<()> {
         }
     };
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+    inbound_started.send_replace(true);
     // The bytes of a frame that was half read when `start` came go first.
     let guest = tokio::io::join(std::io::Cursor::new(early).chain(guest_rx), guest_tx);
-    let serve = stack::serve(guest, Arc::new(resolver), policy_rx, audit.clone(), limits);
+    let serve = stack::serve(
+        guest,
+        Arc::new(resolver),
+        policy_rx,
+        audit.clone(),
+        limits,
+        inbound,
+    );
     tokio::pin!(serve);
     loop {
         tokio::select! {
@@ -420,6 +432,14 @@ fn start(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A listening port socket in `dir` for a stack under test.
+    fn ports_socket(dir: &std::path::Path) -> OwnedFd {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("ports-{n}.sock"));
+        OwnedFd::from(std::os::unix::net::UnixListener::bind(path).unwrap())
+    }
 
     #[test]
     fn wire_shapes_are_stable() {
@@ -488,7 +508,9 @@ mod tests {
         let path = dir.path().join("control.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let (qemu, guest) = std::os::unix::net::UnixStream::pair().unwrap();
-        let stack = std::thread::spawn(move || run(OwnedFd::from(guest), OwnedFd::from(listener)));
+        let ports = ports_socket(dir.path());
+        let stack =
+            std::thread::spawn(move || run(OwnedFd::from(guest), OwnedFd::from(listener), ports));
         let mut c = std::os::unix::net::UnixStream::connect(&path).unwrap();
         let mut lines = BufReader::new(c.try_clone().unwrap()).lines();
         let hello: Reply = decode(&lines.next().unwrap().unwrap()).unwrap();
@@ -527,7 +549,9 @@ mod tests {
         let path = dir.path().join("control.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let (mut qemu, guest) = std::os::unix::net::UnixStream::pair().unwrap();
-        let stack = std::thread::spawn(move || run(OwnedFd::from(guest), OwnedFd::from(listener)));
+        let ports = ports_socket(dir.path());
+        let stack =
+            std::thread::spawn(move || run(OwnedFd::from(guest), OwnedFd::from(listener), ports));
         let mut arp = vec![0xff; 6];
         arp.extend([0x02, 0x6d, 0x6f, 0x61, 0x74, 0x02, 0x08, 0x06]);
         arp.extend([0, 1, 8, 0, 6, 4, 0, 1, 0x02, 0x6d, 0x6f, 0x61, 0x74, 0x02]);
@@ -572,7 +596,9 @@ mod tests {
         let path = dir.path().join("control2.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let (qemu, guest) = std::os::unix::net::UnixStream::pair().unwrap();
-        let stack = std::thread::spawn(move || run(OwnedFd::from(guest), OwnedFd::from(listener)));
+        let ports = ports_socket(dir.path());
+        let stack =
+            std::thread::spawn(move || run(OwnedFd::from(guest), OwnedFd::from(listener), ports));
         drop(qemu);
         stack.join().unwrap().unwrap();
     }

@@ -10,6 +10,7 @@ mod device;
 pub mod dns;
 pub mod floor;
 pub mod hosts;
+pub mod ingress;
 pub mod peek;
 pub mod policy;
 pub mod stack;

@@ -6,6 +6,11 @@
 //! connection that a task of its own opens, after the first-bytes check on 443 (TLS SNI) and
 //! 80 (HTTP Host) where the destination is a name.
 //!
+//! The same loop opens inbound connections (host → guest port) for the daemon's port
+//! exposure: a TCP connection from the gateway's address to the guest, spliced to the Unix
+//! stream the request came on (`ingress.rs`), so the host kernel never routes a guest packet
+//! either way.
+//!
 //! One loop owns the interface and the sockets; flow tasks talk to it through one event
 //! channel. Host-to-guest bytes are bounded per flow by a semaphore of credits (returned as
 //! smoltcp takes the bytes), guest-to-host bytes by a bounded channel per flow (smoltcp's
@@ -27,7 +32,7 @@ use smoltcp::wire::{
     UdpRepr,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -55,6 +60,26 @@ const CREDITS: usize = 256 * 1024;
 /// How long a flow on 443/80 may take to send its ClientHello or request head.
 const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The gateway's ports for inbound connections: the dynamic range, which no guest-initiated
+/// flow uses on the gateway (those to its address are denied by the floor, DNS aside).
+const INBOUND_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
+
+/// A request for an inbound connection to the guest's `port`; `stream` is the requester's
+/// end, answered with `ok` (then bytes both ways) or `error` (`ingress.rs`).
+#[derive(Debug)]
+pub struct Inbound {
+    pub port: u16,
+    pub stream: UnixStream,
+}
+
+/// An inbound connection the guest has not accepted yet.
+struct Connecting {
+    handle: SocketHandle,
+    key: (u16, Ipv4Addr, u16),
+    port: u16,
+    stream: UnixStream,
+    deadline: Instant,
+}
 
 /// Per-sandbox caps. Exceeding one refuses the flow or query and is audited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +196,9 @@ struct Flow {
     name: Option<String>,
     dst: Ipv4Addr,
     port: u16,
-    /// DNS over TCP: answered here, audited per query, not as a flow.
+    /// Not an egress flow: DNS over TCP (answered here, audited per query) or an inbound
+    /// connection (authorised by the daemon). Policy updates leave it alone and it is not
+    /// audited as a flow.
     internal: bool,
     rule: Option<usize>,
     reason: String,
@@ -202,6 +229,8 @@ struct Stack {
     flows: HashMap<u64, Flow>,
     udp: HashMap<(u16, Ipv4Addr, u16), UdpFlow>,
     keys: HashSet<(u16, Ipv4Addr, u16)>,
+    connecting: Vec<Connecting>,
+    next_inbound_port: u16,
     next_id: u64,
     limits: Limits,
     new_flows: Bucket,
@@ -210,12 +239,14 @@ struct Stack {
 
 /// Runs the stack on `guest` (the stream-netdev socket) until QEMU closes it. `policy` is
 /// watched: a new value applies to the next decision, and live flows it denies are reset.
+/// `inbound` brings requests for connections to the guest's ports.
 pub async fn serve<S>(
     guest: S,
     resolver: Arc<Resolver>,
     mut policy: watch::Receiver<Arc<Policy>>,
     audit: Audit,
     limits: Limits,
+    mut inbound: mpsc::Receiver<Inbound>,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite,
@@ -232,6 +263,7 @@ where
     let (mut rd, mut wr) = tokio::io::split(guest);
     let mut inbuf = BytesMut::with_capacity(256 * 1024);
     let mut policy_open = true;
+    let mut inbound_open = true;
     let io = |e: std::io::Error| Error::Io {
         context: "the guest's network socket".into(),
         source: e,
@@ -272,6 +304,10 @@ where
                 }
                 Err(_) => policy_open = false,
             },
+            r = inbound.recv(), if inbound_open => match r {
+                Some(req) => st.inbound(req),
+                None => inbound_open = false,
+            },
             _ = tokio::time::sleep(delay) => {}
         }
     }
@@ -297,6 +333,8 @@ impl Stack {
             flows: HashMap::new(),
             udp: HashMap::new(),
             keys: HashSet::new(),
+            connecting: Vec::new(),
+            next_inbound_port: *INBOUND_PORTS.start(),
             next_id: 0,
             limits,
             new_flows: Bucket::new(limits.new_flows_per_s),
@@ -315,10 +353,17 @@ impl Stack {
 
     fn delay(&mut self) -> Duration {
         let now = self.now();
-        self.iface
+        let d = self
+            .iface
             .poll_delay(now, &self.sockets)
             .map(|d| Duration::from_micros(d.total_micros()))
-            .unwrap_or(Duration::from_secs(1))
+            .unwrap_or(Duration::from_secs(1));
+        // Inbound connections waiting for the guest have deadlines of their own.
+        if self.connecting.is_empty() {
+            d
+        } else {
+            d.min(Duration::from_millis(100))
+        }
     }
 
     /// Polls and moves bytes between sockets and flows until nothing changes.
@@ -500,6 +545,144 @@ impl Stack {
         );
     }
 
+    /// A request for a connection to the guest's `port`: a socket from the gateway's address
+    /// connects to the guest; the flow starts when the guest accepts (`connected`).
+    pub(crate) fn inbound(&mut self, req: Inbound) {
+        let Inbound { port, stream } = req;
+        if port == 0 {
+            return refuse(stream, "port 0: a guest port is 1-65535".into());
+        }
+        if self.flows.len() + self.udp.len() + self.connecting.len() >= self.limits.max_flows {
+            return refuse(
+                stream,
+                format!("limit: {} concurrent flows", self.limits.max_flows),
+            );
+        }
+        let Some(local) = self.inbound_port(port) else {
+            return refuse(stream, "no free gateway port for the connection".into());
+        };
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        );
+        sock.set_nagle_enabled(false);
+        sock.set_timeout(Some(smoltcp::time::Duration::from_secs(120)));
+        if let Err(e) = sock.connect(
+            self.iface.context(),
+            (IpAddress::Ipv4(GUEST_IP), port),
+            (IpAddress::Ipv4(GATEWAY_IP), local),
+        ) {
+            return refuse(stream, format!("connecting to guest port {port}: {e}"));
+        }
+        let key = (port, GATEWAY_IP, local);
+        let handle = self.sockets.add(sock);
+        self.keys.insert(key);
+        self.connecting.push(Connecting {
+            handle,
+            key,
+            port,
+            stream,
+            deadline: Instant::now() + CONNECT_TIMEOUT,
+        });
+    }
+
+    /// A gateway port for a connection to the guest's `port` that no flow uses.
+    fn inbound_port(&mut self, port: u16) -> Option<u16> {
+        let span = INBOUND_PORTS.end() - INBOUND_PORTS.start();
+        for _ in 0..=span {
+            let p = self.next_inbound_port;
+            self.next_inbound_port = if p == *INBOUND_PORTS.end() {
+                *INBOUND_PORTS.start()
+            } else {
+                p + 1
+            };
+            if !self.keys.contains(&(port, GATEWAY_IP, p)) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Inbound connections the guest accepted become flows; those it refused (a reset: nothing
+    /// listens) or left unanswered past their deadline are answered with an error. True if
+    /// any changed.
+    fn connected(&mut self) -> bool {
+        let now = Instant::now();
+        let mut changed = false;
+        let mut i = 0;
+        while i < self.connecting.len() {
+            let c = &self.connecting[i];
+            let state = self.sockets.get::<tcp::Socket>(c.handle).state();
+            let outcome = match state {
+                tcp::State::SynSent if now < c.deadline => None,
+                tcp::State::SynSent => Some(Err(format!(
+                    "the sandbox did not answer on port {} within {} s",
+                    c.port,
+                    CONNECT_TIMEOUT.as_secs()
+                ))),
+                tcp::State::Closed => Some(Err(format!(
+                    "nothing listens on port {} in the sandbox (connection refused)",
+                    c.port
+                ))),
+                _ => Some(Ok(())),
+            };
+            let Some(outcome) = outcome else {
+                i += 1;
+                continue;
+            };
+            changed = true;
+            let c = self.connecting.swap_remove(i);
+            match outcome {
+                Ok(()) => self.accepted(c),
+                Err(why) => {
+                    self.sockets.get_mut::<tcp::Socket>(c.handle).abort();
+                    self.sockets.remove(c.handle);
+                    self.keys.remove(&c.key);
+                    refuse(c.stream, why);
+                }
+            }
+        }
+        changed
+    }
+
+    fn accepted(&mut self, c: Connecting) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (to_host, from_guest) = mpsc::channel(8);
+        let credits = Arc::new(Semaphore::new(CREDITS));
+        let task = tokio::spawn(inbound_flow(
+            id,
+            self.shared.clone(),
+            c.stream,
+            from_guest,
+            credits.clone(),
+        ));
+        self.flows.insert(
+            id,
+            Flow {
+                handle: c.handle,
+                key: c.key,
+                name: None,
+                dst: GUEST_IP,
+                port: c.port,
+                internal: true,
+                rule: None,
+                reason: "inbound".into(),
+                denied: false,
+                to_host: Some(to_host),
+                pending: VecDeque::new(),
+                host_eof: false,
+                fin_sent: false,
+                credits,
+                task,
+                started: Instant::now(),
+                sent: 0,
+                received: 0,
+                dialed: None,
+            },
+        );
+    }
+
     /// The policy's decision for a flow to `dst:port`.
     /// Why a new TCP flow or UDP relay is refused (the rule that denied it, the reason), if it
     /// is: the policy's decision first, then the per-sandbox limits, which count TCP flows and
@@ -635,7 +818,7 @@ impl Stack {
     /// Moves bytes between smoltcp and the flow tasks; ends finished flows. True if anything
     /// moved (smoltcp has something to send).
     fn service(&mut self) -> bool {
-        let mut progress = false;
+        let mut progress = self.connected();
         let mut done = Vec::new();
         for (&id, f) in self.flows.iter_mut() {
             let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
@@ -771,8 +954,10 @@ impl Stack {
         }
     }
 
-    /// QEMU went away: record the flows that were still open.
+    /// QEMU went away: record the flows that were still open; requesters of inbound
+    /// connections still waiting see their stream close.
     fn shutdown(&mut self) {
+        self.connecting.clear();
         let ids: Vec<u64> = self.flows.keys().copied().collect();
         for id in ids {
             self.finish(id);
@@ -1045,14 +1230,34 @@ async fn splice(
     };
     let _ = stream.set_nodelay(true);
     let _ = ev.send(Ev::Connected { flow: id, addr: sa });
-    let (mut hr, mut hw) = stream.into_split();
     // Plain HTTP to a name: every later request on the connection is checked too.
-    let mut requests = match check {
+    let requests = match check {
         Some((name, Check::Host)) => Some(peek::HttpRequests::new(name)),
         _ => None,
     };
+    match pipe(id, &ev, stream, first.into(), from_guest, credits, requests).await {
+        Ok(()) => {}
+        Err(Stop::Denied(why)) => end(why, true, true),
+        Err(Stop::Io(e)) => end(format!("host connection: {e}"), false, true),
+    }
+}
+
+/// Bytes both ways between a flow's guest side and `stream` (its host connection, or the
+/// requester of an inbound one), `first` going first, every guest byte fed to `requests`
+/// where plain HTTP is checked. Half-closes are forwarded; the first failure either way ends
+/// it at once, a clean end of one direction waits for the other.
+async fn pipe<S: AsyncRead + AsyncWrite>(
+    id: u64,
+    ev: &mpsc::UnboundedSender<Ev>,
+    stream: S,
+    first: Bytes,
+    mut from_guest: mpsc::Receiver<Bytes>,
+    credits: Arc<Semaphore>,
+    mut requests: Option<peek::HttpRequests>,
+) -> std::result::Result<(), Stop> {
+    let (mut hr, mut hw) = tokio::io::split(stream);
     let up = async {
-        let mut next = Some(Bytes::from(first));
+        let mut next = Some(first);
         loop {
             let Some(b) = next.take() else { break };
             if let Some(r) = requests.as_mut() {
@@ -1087,13 +1292,41 @@ async fn splice(
             });
         }
     };
-    // The first failure either way resets the guest's side at once; a clean end of one
-    // direction waits for the other.
-    match tokio::try_join!(up, down) {
-        Ok(_) => {}
-        Err(Stop::Denied(why)) => end(why, true, true),
-        Err(Stop::Io(e)) => end(format!("host connection: {e}"), false, true),
+    tokio::try_join!(up, down).map(|_| ())
+}
+
+/// An inbound connection the guest accepted: the requester hears `ok`, then bytes flow.
+async fn inbound_flow(
+    id: u64,
+    shared: Arc<Shared>,
+    mut stream: UnixStream,
+    from_guest: mpsc::Receiver<Bytes>,
+    credits: Arc<Semaphore>,
+) {
+    let ev = &shared.events;
+    let result = match crate::ingress::answer(&mut stream, Ok(())).await {
+        Ok(()) => pipe(id, ev, stream, Bytes::new(), from_guest, credits, None).await,
+        Err(e) => Err(Stop::Io(e)),
+    };
+    if let Err(e) = result {
+        let reason = match e {
+            Stop::Denied(why) => why,
+            Stop::Io(e) => format!("requester: {e}"),
+        };
+        let _ = ev.send(Ev::End {
+            flow: id,
+            reason,
+            deny: false,
+            reset: true,
+        });
     }
+}
+
+/// Answers a requester whose inbound connection cannot be made.
+fn refuse(mut stream: UnixStream, why: String) {
+    tokio::spawn(async move {
+        let _ = crate::ingress::answer(&mut stream, Err(why)).await;
+    });
 }
 
 /// Why a spliced flow stopped early.

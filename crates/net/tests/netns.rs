@@ -117,6 +117,7 @@ struct Net {
     guest: String,
     seen: Arc<Mutex<Seen>>,
     control_path: std::path::PathBuf,
+    ports_path: std::path::PathBuf,
     control: Mutex<Option<Control>>,
     _dir: tempfile::TempDir,
     _cleanup: Cleanup,
@@ -274,15 +275,23 @@ impl Net {
         let dir = tempfile::tempdir().unwrap();
         let control_path = dir.path().join("control.sock");
         let listener = std::os::unix::net::UnixListener::bind(&control_path).unwrap();
+        let ports_path = dir.path().join("ports.sock");
+        let ports = std::os::unix::net::UnixListener::bind(&ports_path).unwrap();
         let hostns = host.clone();
         std::thread::spawn(move || {
             enter(&hostns);
-            moat_net::run(OwnedFd::from(theirs), OwnedFd::from(listener)).unwrap();
+            moat_net::run(
+                OwnedFd::from(theirs),
+                OwnedFd::from(listener),
+                OwnedFd::from(ports),
+            )
+            .unwrap();
         });
         let net = Net {
             guest,
             seen,
             control_path,
+            ports_path,
             control: Mutex::new(None),
             _dir: dir,
             _cleanup: cleanup,
@@ -1018,4 +1027,92 @@ fn every_plain_http_request_on_a_connection_is_checked() {
             .all(|r| !String::from_utf8_lossy(r).contains("evil.test")),
         "the server never saw the second request: {saw:?}"
     );
+}
+
+/// Inbound connections (the daemon's port exposure): the stack connects from the gateway's
+/// address to the guest's port and the requester's Unix stream carries the bytes both ways,
+/// half-closes included; a port where nothing listens is refused at once with the reason.
+#[test]
+fn inbound_connections_reach_the_guests_port_through_the_stack() {
+    let net = Net::new();
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &net.guest, "python3", "-c"])
+        .arg(
+            "import socket\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('0.0.0.0', 8080))\n\
+             s.listen()\n\
+             print('ready', flush=True)\n\
+             while True:\n\
+             \x20   c, a = s.accept()\n\
+             \x20   c.sendall(('from %s\\n' % a[0]).encode())\n\
+             \x20   n = 0\n\
+             \x20   while True:\n\
+             \x20       d = c.recv(65536)\n\
+             \x20       if not d: break\n\
+             \x20       n += len(d)\n\
+             \x20   c.sendall(b'got %d bytes' % n)\n\
+             \x20   c.close()\n",
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = [0u8; 6];
+    server
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut ready)
+        .unwrap();
+    assert_eq!(&ready, b"ready\n");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for _ in 0..3 {
+            let mut s = moat_net::ingress::connect(&net.ports_path, 8080)
+                .await
+                .unwrap();
+            // Server-first: the guest speaks before the requester does, and sees the gateway.
+            let mut hello = [0u8; 19];
+            s.read_exact(&mut hello).await.unwrap();
+            assert_eq!(&hello, b"from 100.127.255.1\n");
+            s.write_all(&vec![7u8; 3 << 20]).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut rest = String::new();
+            s.read_to_string(&mut rest).await.unwrap();
+            assert_eq!(rest, format!("got {} bytes", 3 << 20));
+        }
+        let t0 = Instant::now();
+        let e = moat_net::ingress::connect(&net.ports_path, 8081)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("nothing listens on port 8081"),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(2), "refused at once");
+        let e = moat_net::ingress::connect(&net.ports_path, 0)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("port 0"), "{e}");
+    });
+    // Inbound connections are not egress: no audit event, and the guest's own connection to
+    // the gateway's port stays denied.
+    assert!(
+        net.seen
+            .lock()
+            .unwrap()
+            .events
+            .iter()
+            .all(|e| e.port != Some(8080)),
+        "{:#?}",
+        net.seen.lock().unwrap().events
+    );
+    let (ok, _) = net.curl(&["http://100.127.255.1:49152/"]);
+    assert!(!ok);
+    let _ = server.kill();
+    let _ = server.wait();
 }

@@ -40,6 +40,10 @@ pub enum Error {
     InsufficientStorage(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A sandbox's port could not be reached (nothing listens, no answer, its network is not
+    /// running): the message says which.
+    #[error("{0}")]
+    BadGateway(String),
     /// Sandboxes are being prepared, or their preparation failed and is retried: a 503 with
     /// `Retry-After`.
     #[error("{message}")]
@@ -160,6 +164,7 @@ impl Error {
             Error::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Error::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Error::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
+            Error::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             Error::Unavailable(_) | Error::NotReady { .. } | Error::Prepare { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
@@ -204,6 +209,7 @@ impl IntoResponse for Error {
         // Internal details go to the log, not to a client that may not be trusted with them.
         let message = if status.is_server_error()
             && status != StatusCode::SERVICE_UNAVAILABLE
+            && status != StatusCode::BAD_GATEWAY
             && status != StatusCode::INSUFFICIENT_STORAGE
         {
             match &self {

@@ -25,6 +25,7 @@ const NO_WORKER: &str = "/nonexistent/moat";
 /// A router over a fresh store whose bootstrap key is [`ADMIN`], and its OpenAPI document.
 struct App {
     router: Router,
+    store: Store,
     doc: Value,
     store: Store,
     _home: tempfile::TempDir,
@@ -50,6 +51,7 @@ impl App {
         let doc = serde_json::to_value(moat_server::http::openapi_document()).unwrap();
         App {
             router: router(state),
+            store,
             doc,
             store,
             _home: home,
@@ -477,7 +479,9 @@ async fn every_documented_operation_is_served_as_documented() {
             .replace("{group}", "g")
             .replace("{id}", "sb-0")
             .replace("{pid_id}", "p1")
-            .replace("{name}", "n");
+            .replace("{name}", "n")
+            .replace("{port}", "8080")
+            .replace("{path}", "a/b");
         for method in ["get", "put", "post", "delete"] {
             if item[method].is_null() {
                 continue;
@@ -673,4 +677,149 @@ async fn policies_versions_roles_and_failing_closed_without_a_worker() {
         .call(u, "POST", &exec, Some(json!({"argv": ["ls"]})))
         .await;
     assert_eq!(st, 503, "{e}");
+}
+
+/// Exposed ports without a VM: validation, duplicates, the cap, roles and groups, and the
+/// proxy's and port-forward's refusals before any connection to a guest.
+#[tokio::test]
+async fn ports_are_validated_and_scoped_to_the_sandboxes_group() {
+    let app = App::new();
+    for g in ["g", "other"] {
+        let (st, _) = app
+            .call(Some(ADMIN), "PUT", &format!("{G}/{g}"), Some(json!({})))
+            .await;
+        assert_eq!(st, 201);
+    }
+    let row = moat_server::api::Sandbox {
+        id: "sb-0123456789ab".into(),
+        group: "g".into(),
+        state: moat_server::api::SandboxState::Running,
+        reason: None,
+        image: "sha256:00".into(),
+        tier: moat_server::api::Tier::S,
+        env: Default::default(),
+        labels: Default::default(),
+        created_at: String::new(),
+        updated_at: String::new(),
+        last_activity_at: None,
+    };
+    app.store.insert_sandbox(&row).await.unwrap();
+    let ports = format!("{G}/g/sandboxes/sb-0123456789ab/ports");
+    let a = Some(ADMIN);
+
+    let (st, p) = app
+        .call(a, "POST", &ports, Some(json!({"port": 8080})))
+        .await;
+    assert_eq!(st, 201, "{p}");
+    assert_eq!(p["url"], format!("{ports}/8080/"));
+    let (st, e) = app
+        .call(a, "POST", &ports, Some(json!({"port": 8080})))
+        .await;
+    assert_eq!(st, 409);
+    assert!(msg(&e).contains("already exposed"), "{e}");
+    for bad in [
+        json!({"port": 0}),
+        json!({"port": 70000}),
+        json!({"port": "80"}),
+        json!({}),
+    ] {
+        let (st, e) = app.call(a, "POST", &ports, Some(bad.clone())).await;
+        assert_eq!(st, 400, "{bad}: {e}");
+    }
+    let (st, e) = app.call(a, "GET", &format!("{ports}/http"), None).await;
+    assert_eq!((st, msg(&e).contains("1 to 65535")), (400, true), "{e}");
+    let (st, e) = app.call(a, "GET", &format!("{ports}/9"), None).await;
+    assert_eq!((st, msg(&e).contains("not exposed")), (404, true), "{e}");
+    let (st, p) = app.call(a, "GET", &format!("{ports}/8080"), None).await;
+    assert_eq!((st, p["port"].as_u64()), (200, Some(8080)));
+
+    // A reader may list, not expose; a key of another group sees nothing, proxy included.
+    let reader = app.key("reader", &["g"]).await;
+    let (st, l) = app.call(Some(&reader), "GET", &ports, None).await;
+    assert_eq!((st, l["ports"].as_array().unwrap().len()), (200, 1));
+    let (st, _) = app
+        .call(Some(&reader), "POST", &ports, Some(json!({"port": 81})))
+        .await;
+    assert_eq!(st, 403);
+    let (st, _) = app
+        .call(Some(&reader), "GET", &format!("{ports}/8080/x"), None)
+        .await;
+    assert_eq!(st, 403);
+    let stranger = app.key("owner", &["other"]).await;
+    for (m, path) in [
+        ("GET", ports.clone()),
+        ("GET", format!("{ports}/8080/")),
+        ("POST", format!("{ports}/8080/upload")),
+        ("DELETE", format!("{ports}/8080")),
+        (
+            "GET",
+            format!("{G}/g/sandboxes/sb-0123456789ab/port-forward/22"),
+        ),
+    ] {
+        let (st, _) = app.call(Some(&stranger), m, &path, None).await;
+        assert_eq!(st, 404, "{m} {path}");
+        let (st, _) = app.call(None, m, &path, None).await;
+        assert_eq!(st, 401, "{m} {path}");
+    }
+    // The same sandbox id under another group is not found either.
+    let (st, _) = app
+        .call(
+            a,
+            "GET",
+            &format!("{G}/other/sandboxes/sb-0123456789ab/ports"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 404);
+
+    // The proxy: a port not exposed is a 404; an exposed one needs the VM runtime (503 here).
+    let (st, e) = app.call(a, "GET", &format!("{ports}/9/"), None).await;
+    assert_eq!((st, msg(&e).contains("not exposed")), (404, true), "{e}");
+    let (st, _) = app
+        .call(a, "GET", &format!("{ports}/8080/a/b?c=d"), None)
+        .await;
+    assert_eq!(st, 503);
+    let (st, e) = app
+        .call(
+            a,
+            "GET",
+            &format!("{G}/g/sandboxes/sb-0123456789ab/port-forward/22"),
+            None,
+        )
+        .await;
+    assert_eq!((st, msg(&e).contains("moat-tcp")), (400, true), "{e}");
+    let (st, _) = app
+        .call(
+            a,
+            "GET",
+            &format!("{G}/g/sandboxes/sb-0123456789ab/port-forward/0"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 400);
+
+    // At most 64 ports; closing one makes room, closing it twice is a 404.
+    for port in 1..64 {
+        let (st, _) = app
+            .call(a, "POST", &ports, Some(json!({"port": port})))
+            .await;
+        assert_eq!(st, 201);
+    }
+    let (st, e) = app
+        .call(a, "POST", &ports, Some(json!({"port": 9999})))
+        .await;
+    assert_eq!((st, msg(&e).contains("64 ports")), (409, true), "{e}");
+    let (st, _) = app.call(a, "DELETE", &format!("{ports}/8080"), None).await;
+    assert_eq!(st, 204);
+    let (st, _) = app.call(a, "DELETE", &format!("{ports}/8080"), None).await;
+    assert_eq!(st, 404);
+    let (st, _) = app
+        .call(a, "POST", &ports, Some(json!({"port": 9999})))
+        .await;
+    assert_eq!(st, 201);
+    // Deleting the sandbox's row takes its ports with it.
+    app.store.delete_sandbox("sb-0123456789ab").await.unwrap();
+    app.store.insert_sandbox(&row).await.unwrap();
+    let (_, l) = app.call(a, "GET", &ports, None).await;
+    assert_eq!(l["ports"], json!([]));
 }

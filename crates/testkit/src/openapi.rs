@@ -57,7 +57,16 @@ pub fn validate(doc: &Value, schema: &Value, body: &Value, what: &str) {
 
 pub fn template_matches(template: &str, path: &str) -> bool {
     let t: Vec<&str> = template.split('/').collect();
-    let p: Vec<&str> = path.split('/').collect();
+    let mut p: Vec<&str> = path.split('/').collect();
+    // A last `{path}` takes the rest of the path, any number of segments (the port proxy).
+    if t.last() == Some(&"{path}") && p.len() > t.len() {
+        let rest = p.split_off(t.len() - 1);
+        p.push(if rest.iter().all(|s| s.is_empty()) {
+            ""
+        } else {
+            "rest"
+        });
+    }
     t.len() == p.len()
         && t.iter()
             .zip(&p)

@@ -4,6 +4,8 @@
 //! hostile frames, so a crash costs one sandbox its network, never moat. It ends by itself
 //! when QEMU closes the link; its policy comes later, over its control socket
 //! (`run/<id>/net.sock`, see [`moat_net::control`]), and until then it serves nothing.
+//! Connections to the guest's ports are asked for on its port socket (`run/<id>/ports.sock`,
+//! see [`moat_net::ingress`]).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -18,6 +20,8 @@ use crate::{Error, Result};
 
 /// The control socket's name in the run directory.
 pub const CONTROL_SOCKET: &str = "net.sock";
+/// The port socket's name in the run directory (connections to the guest's ports).
+pub const PORTS_SOCKET: &str = "ports.sock";
 /// The stack's stderr in the run directory.
 const LOG: &str = "net.log";
 
@@ -35,7 +39,7 @@ impl NetStack {
 }
 
 /// Starts `program net-stack` on `guest` (the host's end of the NIC's link), with its control
-/// socket bound at `run_dir/net.sock`. Attached, it is killed when the returned handle drops.
+/// socket bound at `run_dir/net.sock` and its port socket at `run_dir/ports.sock`. Attached, it is killed when the returned handle drops.
 pub(crate) async fn start(
     program: &Path,
     guest: OwnedFd,
@@ -43,6 +47,7 @@ pub(crate) async fn start(
     detached: bool,
 ) -> Result<NetStack> {
     let control = bind(&run_dir.join(CONTROL_SOCKET))?;
+    let ports = bind(&run_dir.join(PORTS_SOCKET))?;
     let log = run_dir.join(LOG);
     let stderr = std::fs::File::create(&log).ctx(|| format!("creating {}", log.display()))?;
     let args = vec![
@@ -51,8 +56,10 @@ pub(crate) async fn start(
         guest.as_raw_fd().to_string(),
         "--control-fd".into(),
         control.as_raw_fd().to_string(),
+        "--ports-fd".into(),
+        ports.as_raw_fd().to_string(),
     ];
-    let keep = vec![guest.as_raw_fd(), control.as_raw_fd()];
+    let keep = vec![guest.as_raw_fd(), control.as_raw_fd(), ports.as_raw_fd()];
     let child = spawn_child(program, &args, stderr, keep, detached)
         .await
         .map_err(|e| {
@@ -62,7 +69,7 @@ pub(crate) async fn start(
             )
         })?;
     // The stack holds the only host end now: when QEMU closes the link, the stack sees it.
-    drop((guest, control));
+    drop((guest, control, ports));
     Ok(NetStack {
         _child: Some(child),
     })

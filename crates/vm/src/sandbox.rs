@@ -641,6 +641,12 @@ impl Sandbox {
         self.dir.path.join(netstack::CONTROL_SOCKET)
     }
 
+    /// The port socket of the sandbox's network stack ([`moat_net::ingress`]): how the host
+    /// opens a connection to a port in the guest.
+    pub fn net_ports_path(&self) -> PathBuf {
+        self.dir.path.join(netstack::PORTS_SOCKET)
+    }
+
     /// Whether QEMU may outlive this process (launched detached, or adopted).
     pub fn is_detached(&self) -> bool {
         self.vm.is_detached()

@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::shell::router())
         .merge(routes::snapshots::router())
         .merge(routes::egress::router())
+        .merge(routes::ports::router())
         .merge(routes::images::router())
         .merge(routes::keys::router())
         .merge(routes::policy::router())
@@ -67,6 +68,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
         routes::shell::Doc::openapi(),
         routes::snapshots::Doc::openapi(),
         routes::egress::Doc::openapi(),
+        routes::ports::Doc::openapi(),
         routes::images::Doc::openapi(),
         routes::keys::Doc::openapi(),
         routes::policy::Doc::openapi(),

@@ -21,6 +21,7 @@ mod keys;
 mod operations;
 mod policy;
 mod pool;
+mod ports;
 mod sandboxes;
 mod snapshots;
 
@@ -37,6 +38,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("migrations/0005_operations.sql")),
     (6, include_str!("migrations/0006_egress.sql")),
     (7, include_str!("migrations/0007_policy.sql")),
+    (8, include_str!("migrations/0008_ports.sql")),
 ];
 
 pub fn latest_version() -> i64 {

@@ -35,6 +35,7 @@ from ._types import (
     Group,
     GroupSpec,
     Health,
+    Port,
     ProcessInfo,
     ProcessLogs,
     Role,
@@ -324,6 +325,19 @@ class AsyncSandbox:
     ) -> List[EgressEvent]:
         path = f"{b.sandbox_path(self.group, self.id)}/egress"
         return await self._c._run(b.egress_list(path, None, verdict, since, after, limit))
+
+    async def expose_port(self, port: int) -> Port:
+        """Exposes the guest's TCP ``port`` (1-65535) through the daemon: HTTP and WebSocket
+        requests under the returned ``url`` reach it, with this client's API key."""
+        return await self._c._run(b.port_expose(self.group, self.id, port, self._c.url))
+
+    async def ports(self) -> List[Port]:
+        """The exposed ports, lowest first."""
+        return await self._c._run(b.port_list(self.group, self.id, self._c.url))
+
+    async def close_port(self, port: int) -> None:
+        """Closes an exposed port (``NotFound`` if it is not exposed)."""
+        await self._c._run(b.port_close(self.group, self.id, port))
 
     async def delete(self) -> None:
         await self._c._run(b.sandbox_delete(self.group, self.id))

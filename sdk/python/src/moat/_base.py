@@ -40,6 +40,7 @@ from ._types import (
     Group,
     GroupSpec,
     Health,
+    Port,
     ProcessInfo,
     ProcessLogs,
     Role,
@@ -54,6 +55,7 @@ from ._types import (
     parse_file_entry,
     parse_group,
     parse_health,
+    parse_port,
     parse_process,
     parse_sandbox,
     parse_snapshot,
@@ -388,6 +390,27 @@ def snapshot_create(group: str, sandbox_id: str, name: str) -> Op[Snapshot]:
         lambda r: parse_snapshot(json_body(r)),
         json={"name": name},
     )
+
+
+def port_expose(group: str, sandbox_id: str, port: int, base_url: str) -> Op[Port]:
+    return Op(
+        "POST",
+        f"{sandbox_path(group, sandbox_id)}/ports",
+        lambda r: parse_port(json_body(r), base_url),
+        json={"port": port},
+    )
+
+
+def port_list(group: str, sandbox_id: str, base_url: str) -> Op[List[Port]]:
+    return Op(
+        "GET",
+        f"{sandbox_path(group, sandbox_id)}/ports",
+        lambda r: [parse_port(p, base_url) for p in json_body(r)["ports"]],
+    )
+
+
+def port_close(group: str, sandbox_id: str, port: int) -> Op[None]:
+    return Op("DELETE", f"{sandbox_path(group, sandbox_id)}/ports/{int(port)}", _none)
 
 
 def snapshot_path(group: str, name: str) -> str:

@@ -33,6 +33,7 @@ from ._types import (
     Group,
     GroupSpec,
     Health,
+    Port,
     ProcessInfo,
     ProcessLogs,
     Role,
@@ -361,6 +362,19 @@ class Sandbox:
         """This sandbox's egress audit (see ``Groups.egress``)."""
         path = f"{b.sandbox_path(self.group, self.id)}/egress"
         return self._c._run(b.egress_list(path, None, verdict, since, after, limit))
+
+    def expose_port(self, port: int) -> Port:
+        """Exposes the guest's TCP ``port`` (1-65535) through the daemon: HTTP and WebSocket
+        requests under the returned ``url`` reach it, with this client's API key."""
+        return self._c._run(b.port_expose(self.group, self.id, port, self._c.url))
+
+    def ports(self) -> List[Port]:
+        """The exposed ports, lowest first."""
+        return self._c._run(b.port_list(self.group, self.id, self._c.url))
+
+    def close_port(self, port: int) -> None:
+        """Closes an exposed port (``NotFound`` if it is not exposed)."""
+        self._c._run(b.port_close(self.group, self.id, port))
 
     def delete(self) -> None:
         self._c._run(b.sandbox_delete(self.group, self.id))

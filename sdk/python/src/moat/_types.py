@@ -258,6 +258,20 @@ class EgressEvent:
     duration_ms: int
 
 
+@dataclass(frozen=True)
+class Port:
+    """A port of a sandbox exposed through the daemon: HTTP and WebSocket requests under
+    ``url`` (with the same API key) reach it."""
+
+    port: int
+    url: str
+    """The proxy's absolute URL on the daemon (the API gives its path); a request to
+    ``url + "a/b?q"`` reaches the guest as ``/a/b?q``."""
+    created_at: str
+    raw: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The whole object the daemon answered (fields this SDK does not name yet included)."""
+
+
 # ---- parsing ----
 
 
@@ -407,6 +421,15 @@ def parse_snapshot(d: Mapping[str, Any]) -> Snapshot:
         image=str(d["image"]),
         tier=d["tier"],
         size_bytes=int(d["size_bytes"]),
+        created_at=str(d["created_at"]),
+        raw=dict(d),
+    )
+
+
+def parse_port(d: Mapping[str, Any], base_url: str) -> Port:
+    return Port(
+        port=int(d["port"]),
+        url=base_url.rstrip("/") + str(d["url"]),
         created_at=str(d["created_at"]),
         raw=dict(d),
     )

@@ -8,6 +8,7 @@ pub(super) mod groups;
 pub(super) mod images;
 pub(super) mod keys;
 pub(super) mod policy;
+pub(super) mod ports;
 pub(super) mod processes;
 pub(super) mod sandboxes;
 pub(super) mod shell;
