@@ -27,7 +27,6 @@ struct App {
     router: Router,
     store: Store,
     doc: Value,
-    store: Store,
     _home: tempfile::TempDir,
 }
 
@@ -53,7 +52,6 @@ impl App {
             router: router(state),
             store,
             doc,
-            store,
             _home: home,
         }
     }
