@@ -60,6 +60,8 @@ const CREDITS: usize = 256 * 1024;
 /// How long a flow on 443/80 may take to send its ClientHello or request head.
 const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a finished flow's task may take to write the guest's last bytes to the host.
+const FLUSH_GRACE: Duration = Duration::from_secs(5);
 /// The gateway's ports for inbound connections: the dynamic range, which no guest-initiated
 /// flow uses on the gateway (those to its address are denied by the floor, DNS aside).
 const INBOUND_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
@@ -878,10 +880,19 @@ impl Stack {
     }
 
     fn finish(&mut self, id: u64) {
-        let Some(f) = self.flows.remove(&id) else {
+        let Some(mut f) = self.flows.remove(&id) else {
             return;
         };
-        f.task.abort();
+        // The guest's last bytes and its FIN can end the socket in the same poll that queued
+        // them for the task: the task gets a moment to write them out (its channel is closed,
+        // so it ends by itself once they are written), then it is stopped.
+        f.to_host = None;
+        let mut task = f.task;
+        tokio::spawn(async move {
+            if tokio::time::timeout(FLUSH_GRACE, &mut task).await.is_err() {
+                task.abort();
+            }
+        });
         self.sockets.remove(f.handle);
         self.keys.remove(&f.key);
         if f.internal {
