@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{moat, msg, Daemon, ADMIN, G};
 use futures_util::{SinkExt, StreamExt};
-use moat_net::control::{Client, LimitsSpec, Reply, Request};
+use moat_net::control::{Client, Reply};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -91,21 +91,15 @@ threading.Thread(target=tcp, daemon=True).start()
 S(('0.0.0.0', 8080), H).serve_forever()
 "#;
 
-/// Starts the sandbox's network stack with a default-deny policy, as the daemon's egress
-/// wiring does when it lands; a stack already started is left as it is.
-async fn start_net(d: &Daemon, id: &str) {
+/// The daemon started the sandbox's network stack before it reported the sandbox running:
+/// inbound connections need a started stack.
+async fn assert_net_started(d: &Daemon, id: &str) {
     let path = d.home.path().join("run").join(id).join("net.sock");
-    let (mut c, hello) = Client::connect(&path).await.unwrap();
-    if matches!(hello, Reply::Hello { started: true, .. }) {
-        return;
-    }
-    let start = Request::Start {
-        egress: Default::default(),
-        hosts: None,
-        resolver: Some("127.0.0.1:9".parse().unwrap()),
-        limits: LimitsSpec::default(),
-    };
-    c.request(&start, |_| {}).await.unwrap();
+    let (_c, hello) = Client::connect(&path).await.unwrap();
+    assert!(
+        matches!(hello, Reply::Hello { started: true, .. }),
+        "the stack of {id} was not started: {hello:?}"
+    );
 }
 
 /// Starts the guest's servers as a background process.
@@ -149,7 +143,7 @@ async fn a_guest_port_is_reached_through_the_daemon_only_with_access() {
         d.put_group(g, json!({"tier": "s"}), 201).await;
     }
     let id = d.new_sandbox("web").await;
-    start_net(&d, &id).await;
+    assert_net_started(&d, &id).await;
     let ports = format!("{G}/web/sandboxes/{id}/ports");
 
     // Not exposed yet: 404; exposed before anything listens: 502 saying so.
@@ -299,7 +293,7 @@ async fn an_exposed_port_survives_suspend_and_resume() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
     d.put_group("web", json!({"tier": "s"}), 201).await;
     let id = d.new_sandbox("web").await;
-    start_net(&d, &id).await;
+    assert_net_started(&d, &id).await;
     let ports = format!("{G}/web/sandboxes/{id}/ports");
     let (st, p) = d
         .call(Some(ADMIN), "POST", &ports, Some(json!({"port": 8080})))
@@ -317,7 +311,7 @@ async fn an_exposed_port_survives_suspend_and_resume() {
     let (st, sb, _) = d.lifecycle("web", &id, "resume").await;
     assert_eq!((st, &sb["state"]), (200, &json!("running")), "{sb}");
     // A resume has a new stack.
-    start_net(&d, &id).await;
+    assert_net_started(&d, &id).await;
     let (st, body) = d
         .call(Some(ADMIN), "GET", &format!("{url}after"), None)
         .await;
