@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{moat, msg, Daemon, ADMIN, G};
 use futures_util::{SinkExt, StreamExt};
-use moat_net::control::{Client, Reply};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -91,17 +90,6 @@ threading.Thread(target=tcp, daemon=True).start()
 S(('0.0.0.0', 8080), H).serve_forever()
 "#;
 
-/// The daemon started the sandbox's network stack before it reported the sandbox running:
-/// inbound connections need a started stack.
-async fn assert_net_started(d: &Daemon, id: &str) {
-    let path = d.home.path().join("run").join(id).join("net.sock");
-    let (_c, hello) = Client::connect(&path).await.unwrap();
-    assert!(
-        matches!(hello, Reply::Hello { started: true, .. }),
-        "the stack of {id} was not started: {hello:?}"
-    );
-}
-
 /// Starts the guest's servers as a background process.
 async fn start_servers(d: &Daemon, id: &str) {
     let (st, f) = d
@@ -143,7 +131,6 @@ async fn a_guest_port_is_reached_through_the_daemon_only_with_access() {
         d.put_group(g, json!({"tier": "s"}), 201).await;
     }
     let id = d.new_sandbox("web").await;
-    assert_net_started(&d, &id).await;
     let ports = format!("{G}/web/sandboxes/{id}/ports");
 
     // Not exposed yet: 404; exposed before anything listens: 502 saying so.
@@ -293,7 +280,6 @@ async fn an_exposed_port_survives_suspend_and_resume() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
     d.put_group("web", json!({"tier": "s"}), 201).await;
     let id = d.new_sandbox("web").await;
-    assert_net_started(&d, &id).await;
     let ports = format!("{G}/web/sandboxes/{id}/ports");
     let (st, p) = d
         .call(Some(ADMIN), "POST", &ports, Some(json!({"port": 8080})))
@@ -310,8 +296,6 @@ async fn an_exposed_port_survives_suspend_and_resume() {
     assert_eq!((st, l["ports"][0]["port"].clone()), (200, json!(8080)));
     let (st, sb, _) = d.lifecycle("web", &id, "resume").await;
     assert_eq!((st, &sb["state"]), (200, &json!("running")), "{sb}");
-    // A resume has a new stack.
-    assert_net_started(&d, &id).await;
     let (st, body) = d
         .call(Some(ADMIN), "GET", &format!("{url}after"), None)
         .await;
