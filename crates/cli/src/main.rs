@@ -4,6 +4,7 @@
 mod client;
 mod home;
 mod image_cmd;
+mod mcp_cmd;
 mod policy_cmd;
 mod progress;
 mod run;
@@ -78,6 +79,8 @@ enum Command {
     /// One sandbox's network stack (started by moat beside each VM, never by hand).
     #[command(hide = true)]
     NetStack(NetStackArgs),
+    /// Serve MCP on stdin/stdout: sandboxes as tools for an agent (MOAT_URL, MOAT_API_KEY).
+    Mcp(mcp_cmd::McpArgs),
     /// Check commands and code against a group's policy offline (`moat policy check`).
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -159,6 +162,7 @@ fn main() -> ExitCode {
             Command::Group { client, command } => return client::group(client, command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
             Command::Policy(command) => return Ok(policy_cmd::run(command)),
+            Command::Mcp(args) => return mcp_cmd::run(args).await,
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
             Command::Snapshot { client, command } => {
                 return sandbox_cmd::snapshot(client, command).await
@@ -183,6 +187,7 @@ fn main() -> ExitCode {
             | Command::ApiKey { .. }
             | Command::Sandbox { .. }
             | Command::Snapshot { .. }
+            | Command::Mcp(_)
             | Command::Policy(_) => {
                 unreachable!("handled above")
             }

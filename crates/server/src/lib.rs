@@ -137,7 +137,9 @@ pub async fn serve(
         metrics,
         sandboxes: sandboxes.clone(),
         operations: Arc::new(images::Operations::default()),
+        stopping: moat_mcp::CancellationToken::new(),
     };
+    let stopping = state.stopping.clone();
     let app = http::router(state);
 
     let tcp = TcpListener::bind(config.listen)
@@ -166,6 +168,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
+        stopping.cancel();
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -39,6 +39,7 @@ impl App {
                 "no VM runtime in the router tests".to_string(),
             ),
             operations: Arc::new(Operations::default()),
+            stopping: Default::default(),
         };
         let doc = serde_json::to_value(moat_server::http::openapi_document()).unwrap();
         App {

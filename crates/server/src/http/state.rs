@@ -19,6 +19,9 @@ pub struct AppState {
     pub sandboxes: Arc<Sandboxes>,
     /// Image imports in progress.
     pub operations: Arc<Operations>,
+    /// Cancelled when the daemon stops: long-lived connections (MCP sessions) end then, so
+    /// that the graceful shutdown does not wait for them.
+    pub stopping: moat_mcp::CancellationToken,
 }
 
 impl AppState {

@@ -6,6 +6,7 @@ pub(super) mod files;
 pub(super) mod groups;
 pub(super) mod images;
 pub(super) mod keys;
+pub(super) mod mcp;
 pub(super) mod processes;
 pub(super) mod sandboxes;
 pub(super) mod shell;
