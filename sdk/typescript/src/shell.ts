@@ -61,10 +61,15 @@ export class Shell implements AsyncIterable<Uint8Array> {
     });
     return new Promise((resolve, reject) => {
       // Refusals come before the upgrade, as ordinary JSON errors.
-      ws.on("unexpected-response", (_req, res) => {
+      ws.on("unexpected-response", (req, res) => {
         let body = "";
         res.on("data", (c: Buffer) => (body += c.toString("utf8")));
-        res.on("end", () => reject(errorFromResponse(res.statusCode ?? 500, body)));
+        res.on("end", () => {
+          // With this listener, ending the refused request is ours to do (ws's contract).
+          req.destroy();
+          ws.terminate();
+          reject(errorFromResponse(res.statusCode ?? 500, body));
+        });
       });
       ws.once("error", (e: Error) =>
         reject(new ConnectionFailed(null, "connection_failed", `cannot open the shell at ${url}: ${e.message}`)),
