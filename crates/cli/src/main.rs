@@ -4,6 +4,7 @@
 mod client;
 mod home;
 mod image_cmd;
+mod mcp_cmd;
 mod policy_cmd;
 mod port_forward;
 mod progress;
@@ -87,6 +88,8 @@ enum Command {
         #[command(subcommand)]
         command: policy_cmd::PolicyCommand,
     },
+    /// Serve MCP on stdin/stdout: sandboxes as tools for an agent (MOAT_URL, MOAT_API_KEY).
+    Mcp(mcp_cmd::McpArgs),
     /// Manage API keys on a moat daemon (admin only).
     ApiKey {
         #[command(flatten)]
@@ -182,6 +185,7 @@ fn main() -> ExitCode {
             Command::Group { client, command } => return client::group(client, command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
             Command::Policy { client, command } => return policy_cmd::run(client, command).await,
+            Command::Mcp(args) => return mcp_cmd::run(args).await,
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
             Command::Snapshot { client, command } => {
                 return sandbox_cmd::snapshot(client, command).await
@@ -206,6 +210,7 @@ fn main() -> ExitCode {
             | Command::ApiKey { .. }
             | Command::Sandbox { .. }
             | Command::Snapshot { .. }
+            | Command::Mcp(_)
             | Command::Policy { .. } => {
                 unreachable!("handled above")
             }

@@ -156,7 +156,9 @@ pub async fn serve(
         sandboxes: sandboxes.clone(),
         operations: Arc::new(images::Operations::default()),
         policy: Arc::new(policy::Gate::new(config.policy_worker.clone())),
+        stopping: moat_mcp::CancellationToken::new(),
     };
+    let stopping = state.stopping.clone();
     let app = http::router(state);
 
     let tcp = TcpListener::bind(config.listen)
@@ -185,6 +187,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
+        stopping.cancel();
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

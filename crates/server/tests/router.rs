@@ -46,6 +46,7 @@ impl App {
             // that the gate fails closed (the real worker is exercised by
             // crates/cli/tests/daemon_policy.rs).
             policy: Arc::new(Gate::new(NO_WORKER.into())),
+            stopping: Default::default(),
         };
         let doc = serde_json::to_value(moat_server::http::openapi_document()).unwrap();
         App {

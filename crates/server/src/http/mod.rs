@@ -32,7 +32,7 @@ pub use extract::{ApiJson, MAX_BODY};
 pub use state::AppState;
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/openapi.json", get(openapi))
         .merge(routes::system::router())
         .merge(routes::groups::router())
@@ -51,7 +51,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), track))
-        .with_state(state)
+        .with_state(state.clone());
+    routes::mcp::mount(api, state)
 }
 
 /// The whole OpenAPI document: this file's part (info, security, the error body and

@@ -22,6 +22,9 @@ pub struct AppState {
     pub operations: Arc<Operations>,
     /// The policy gate: how requests are checked against group policies.
     pub policy: Arc<Gate>,
+    /// Cancelled when the daemon stops: long-lived connections (MCP sessions) end then, so
+    /// that the graceful shutdown does not wait for them.
+    pub stopping: moat_mcp::CancellationToken,
 }
 
 impl AppState {

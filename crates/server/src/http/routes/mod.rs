@@ -7,6 +7,7 @@ pub(super) mod files;
 pub(super) mod groups;
 pub(super) mod images;
 pub(super) mod keys;
+pub(super) mod mcp;
 pub(super) mod policy;
 pub(super) mod ports;
 pub(super) mod processes;
