@@ -822,3 +822,22 @@ async fn ports_are_validated_and_scoped_to_the_sandboxes_group() {
     let (_, l) = app.call(a, "GET", &ports, None).await;
     assert_eq!(l["ports"], json!([]));
 }
+
+/// OpenAPI requires every `operationId` to be unique; client generators (the TypeScript SDK's
+/// openapi-typescript) refuse the document otherwise. The port proxy serves seven methods
+/// from one handler.
+#[test]
+fn every_operation_id_is_unique() {
+    let doc = serde_json::to_value(moat_server::http::openapi_document()).unwrap();
+    let mut ids = std::collections::HashMap::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if let Some(id) = op["operationId"].as_str() {
+                if let Some(other) = ids.insert(id.to_string(), format!("{method} {path}")) {
+                    panic!("operationId {id} of {method} {path} is also that of {other}");
+                }
+            }
+        }
+    }
+    assert!(ids.contains_key("proxy_root_post"), "{ids:?}");
+}

@@ -162,6 +162,102 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/sandbox-groups/{group}/egress": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["group_egress"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/policy": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["get_policy"];
+        put: operations["put_policy"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/policy/check": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["check"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/policy/decisions": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_decisions"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/policy/replay": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["replay"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/policy/versions": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_versions"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/sandbox-groups/{group}/sandboxes": {
         parameters: {
             query?: never;
@@ -189,6 +285,22 @@ export interface paths {
         put?: never;
         post?: never;
         delete: operations["delete_sandbox"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/sandboxes/{id}/egress": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["sandbox_egress"];
+        put?: never;
+        post?: never;
+        delete?: never;
         options?: never;
         head?: never;
         patch?: never;
@@ -240,6 +352,93 @@ export interface paths {
         options?: never;
         head?: never;
         patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/sandboxes/{id}/port-forward/{port}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["port_forward"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/sandboxes/{id}/ports": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_ports"];
+        put?: never;
+        post: operations["expose_port"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/sandboxes/{id}/ports/{port}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["get_port"];
+        put?: never;
+        post?: never;
+        delete: operations["close_port"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/sandboxes/{id}/ports/{port}/": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["proxy_root_get"];
+        put: operations["proxy_root_put"];
+        post: operations["proxy_root_post"];
+        delete: operations["proxy_root_delete"];
+        options: operations["proxy_root_options"];
+        head: operations["proxy_root_head"];
+        patch: operations["proxy_root_patch"];
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/sandboxes/{id}/ports/{port}/{path}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The `{*path}` route's extra parameter is ignored here: the raw path is what is forwarded. */
+        get: operations["proxy_path_get"];
+        /** The `{*path}` route's extra parameter is ignored here: the raw path is what is forwarded. */
+        put: operations["proxy_path_put"];
+        /** The `{*path}` route's extra parameter is ignored here: the raw path is what is forwarded. */
+        post: operations["proxy_path_post"];
+        /** The `{*path}` route's extra parameter is ignored here: the raw path is what is forwarded. */
+        delete: operations["proxy_path_delete"];
+        /** The `{*path}` route's extra parameter is ignored here: the raw path is what is forwarded. */
+        options: operations["proxy_path_options"];
+        /** The `{*path}` route's extra parameter is ignored here: the raw path is what is forwarded. */
+        head: operations["proxy_path_head"];
+        /** The `{*path}` route's extra parameter is ignored here: the raw path is what is forwarded. */
+        patch: operations["proxy_path_patch"];
         trace?: never;
     };
     "/v1/sandbox-groups/{group}/sandboxes/{id}/processes": {
@@ -419,6 +618,41 @@ export interface components {
         ApiKeyList: {
             api_keys: components["schemas"]["ApiKey"][];
         };
+        /** @description One request to check. Exactly one of `argv`, `command`, `python` and `shell` says what runs. */
+        CheckRequest: {
+            /** @description A program and its arguments, as an exec's `argv`. */
+            argv?: string[] | null;
+            /** @description A shell command line, as an exec's `command` (run as `/bin/sh -c COMMAND`). */
+            command?: string | null;
+            /** @description Accepted so an exec body can be checked as it is; no rule reads it yet. */
+            cwd?: string | null;
+            /** @description The environment the request sets (only the names are checked). */
+            env?: {
+                [key: string]: string;
+            };
+            /** @description Python source, as a script would hold it. */
+            python?: string | null;
+            /** @description A shell script. */
+            shell?: string | null;
+            /**
+             * @description Standard input: when the program is an interpreter reading its code from stdin, this is
+             *     the code, and it is analysed.
+             */
+            stdin?: string | null;
+            /** Format: double */
+            timeout_s?: number | null;
+            user?: string | null;
+        };
+        /**
+         * @description `commands`: which executables may run. Names match by basename; an entry with a '/' is an
+         *     absolute path (see `Policy::command_verdict`).
+         */
+        Commands: {
+            /** @description When present, only these run (an empty list allows nothing). */
+            allow?: string[] | null;
+            /** @description Never run, whatever `allow` says. */
+            deny?: string[];
+        };
         CreateApiKey: {
             /**
              * @description Groups the key may see; required (non-empty) unless the role is admin, which sees all
@@ -488,27 +722,102 @@ export interface components {
             prefix: string;
             role: components["schemas"]["Role"];
         };
-        /** @enum {string} */
-        EgressDefault: "deny" | "allow";
-        EgressRule: {
+        /** @description The result of checking one request against one policy. */
+        Decision: {
+            /** @description Whether the request may run: false only in `enforce` mode with findings. */
+            allowed: boolean;
+            /** @description Why it is refused (in `audit` mode: why it would be). Empty when nothing was found. */
+            findings: components["schemas"]["Finding"][];
+            mode: components["schemas"]["Mode"];
+        };
+        /** @description A page of the decisions log, oldest first. */
+        DecisionList: {
+            items: components["schemas"]["LogEntry"][];
             /**
-             * @description An exact host name (`api.example.com`) or a suffix pattern (`*.example.com`, which
-             *     matches sub-domains, not `example.com` itself). Lowercase.
+             * Format: int64
+             * @description Pass as `after` for the next page; null on the last page.
+             */
+            next?: number | null;
+        };
+        /** @enum {string} */
+        EgressAction: "allow" | "deny";
+        /** @description One decision on the record. */
+        EgressEvent: {
+            /** @description The destination address the guest used (DNS: the address moat answered). */
+            address?: string | null;
+            /**
+             * Format: int64
+             * @description Host to guest.
+             */
+            bytes_received: number;
+            /**
+             * Format: int64
+             * @description Guest to host.
+             */
+            bytes_sent: number;
+            /** Format: int64 */
+            duration_ms: number;
+            /**
+             * Format: int64
+             * @description Increases with every event the daemon stores: `after` in a query continues from it.
+             */
+            id: number;
+            kind: components["schemas"]["EgressKind"];
+            /** @description The host name the guest asked for or connected to (by moat's DNS answer). */
+            name?: string | null;
+            /** Format: int32 */
+            port?: number | null;
+            /**
+             * @description Why, for a person: `rule`, `no rule matched (default deny)`, `floor: …`, `policy
+             *     update: …`, `limit: …`.
+             */
+            reason: string;
+            /**
+             * Format: int32
+             * @description The index in the group's `egress.rules` of the rule that decided; null for the default
+             *     and for checks outside the rules (the floor, TLS SNI or HTTP Host, limits).
+             */
+            rule?: number | null;
+            sandbox: string;
+            /** @description RFC 3339, UTC, milliseconds: when the stack decided (a connection: when it ended). */
+            time: string;
+            verdict: components["schemas"]["EgressVerdict"];
+        };
+        /** @description A page of audit events, oldest first. */
+        EgressEvents: {
+            items: components["schemas"]["EgressEvent"][];
+        };
+        /** @enum {string} */
+        EgressKind: "dns" | "tcp" | "udp";
+        /** @enum {string} */
+        EgressProtocol: "tcp" | "udp";
+        /** @description One rule: a host pattern or a network, optional ports and protocol, allow or deny. */
+        EgressRule: {
+            action?: components["schemas"]["EgressAction"];
+            /**
+             * @description An IPv4 network (`203.0.113.0/24`, or one address) for connections to raw addresses.
+             * @example 203.0.113.0/24
+             */
+            cidr?: string | null;
+            /**
+             * @description An exact lowercase host name, or `*.suffix` for the names under suffix (not suffix
+             *     itself). Exactly one of `host` and `cidr`.
              * @example *.pypi.org
              */
-            host: string;
-            /** @description Allowed ports, 1–65535 (at most 64); empty means every port. */
+            host?: string | null;
+            /** @description Ports 1–65535 (at most 64); empty means every port. */
             ports?: number[];
+            protocol?: components["schemas"]["EgressProtocol"];
         };
+        /** @description The group's `egress` spec as stored and returned by the API. */
         EgressSpec: {
-            /** @default deny */
-            default: components["schemas"]["EgressDefault"];
-            /**
-             * @description Allowed destinations (at most 256 rules).
-             * @default []
-             */
-            rules: components["schemas"]["EgressRule"][];
+            /** @description What happens to a connection or name no rule matches. */
+            default?: components["schemas"]["EgressAction"];
+            /** @description Tried in order; the first that matches decides (at most 256). */
+            rules?: components["schemas"]["EgressRule"][];
         };
+        /** @enum {string} */
+        EgressVerdict: "allow" | "deny";
         /** @enum {string} */
         EntryKind: "file" | "dir" | "symlink" | "other";
         /** @description `{"error": {"code", "message"}}`: the body of every error response. */
@@ -517,13 +826,20 @@ export interface components {
         };
         ErrorDetail: {
             /**
-             * @description Stable and machine-readable: bad_request, unauthorized, forbidden, not_found,
-             *     method_not_allowed, conflict, payload_too_large, too_many_requests, unavailable,
-             *     no_space, internal.
+             * @description Stable and machine-readable: bad_request, unauthorized, forbidden, policy_denied,
+             *     not_found, method_not_allowed, conflict, payload_too_large, too_many_requests,
+             *     unavailable, no_space, internal.
              */
             code: string;
+            /** @description `policy_denied` only: why the group's policy refused the request. */
+            findings?: components["schemas"]["Finding"][] | null;
             /** @description For people: what was wrong and, for bad input, what is allowed. */
             message: string;
+            /**
+             * Format: int64
+             * @description `policy_denied` only: the version of the policy that refused it.
+             */
+            policy_version?: number | null;
         };
         /**
          * @description One line of a streamed exec (`Accept: application/x-ndjson`): `{"stdout": "…"}`,
@@ -607,6 +923,20 @@ export interface components {
             stdout: string;
             timed_out: boolean;
         };
+        /** @description `POST …/sandboxes/{id}/ports`. */
+        ExposePort: {
+            /**
+             * Format: int32
+             * @description A TCP port in the guest, 1–65535.
+             * @example 8080
+             */
+            port: number;
+        };
+        /**
+         * @description A family of Python findings that `python.deny` can refuse.
+         * @enum {string}
+         */
+        Family: "process" | "dynamic-code" | "native" | "network" | "reflection";
         /** @description One entry of a directory listing (symlinks are not followed). */
         FileEntry: {
             kind: components["schemas"]["EntryKind"];
@@ -635,6 +965,16 @@ export interface components {
              * @description The bytes received and written, as counted by the daemon.
              */
             size: number;
+        };
+        /** @description One reason a request is (or, in audit mode, would be) refused. */
+        Finding: {
+            /** Format: int32 */
+            column?: number | null;
+            /** Format: int32 */
+            line?: number | null;
+            message: string;
+            rule: components["schemas"]["Rule"];
+            snippet: string;
         };
         /** @description A sandbox group as the API returns it. */
         Group: {
@@ -774,6 +1114,63 @@ export interface components {
              */
             suspended_ttl_s: number | null;
         };
+        /** @description `limits`: bounds on the request itself. */
+        Limits: {
+            /**
+             * @description The only environment variable names a request may set (others are refused, not
+             *     stripped).
+             */
+            env?: string[] | null;
+            /**
+             * Format: int64
+             * @description The most standard input a request may send.
+             */
+            max_stdin_bytes?: number | null;
+            /**
+             * Format: double
+             * @description A request must name a timeout no longer than this.
+             */
+            max_timeout_s?: number | null;
+            /** @description The only users a request may run as; the request must name one. */
+            users?: string[] | null;
+        };
+        /** @description One decision of the log. */
+        LogEntry: {
+            /** @description When it was decided (RFC 3339, UTC). */
+            at: string;
+            decision: components["schemas"]["Decision"];
+            group: string;
+            /** @description SHA-256 (hex) of this entry written as JSON with `hash` empty; see [`LogEntry::digest`]. */
+            hash: string;
+            /** @description Who asked: the id of the API key. */
+            key: string;
+            /**
+             * Format: int64
+             * @description Position in the group's log, from 1, without gaps.
+             */
+            n: number;
+            /**
+             * Format: int64
+             * @description The policy version that decided.
+             */
+            policy_version: number;
+            /** @description The `hash` of the group's previous entry ([`GENESIS`] for the first). */
+            prev_hash: string;
+            /**
+             * @description What was asked, as checked; environment values are replaced by `<redacted>` (only the
+             *     names are checked, and values often are secrets).
+             */
+            request: components["schemas"]["CheckRequest"];
+            /** @description What was asked: `exec`, `process`, `shell` or `upload` (a scanned file). */
+            route: string;
+            sandbox?: string | null;
+            verdict: components["schemas"]["Verdict"];
+        };
+        /**
+         * @description What a policy does with its findings.
+         * @enum {string}
+         */
+        Mode: "enforce" | "audit" | "off";
         /** @enum {string} */
         OnIdle: "suspend" | "delete";
         /** @description A long-running operation: poll `GET /v1/operations/{id}` until `state` is not running. */
@@ -806,6 +1203,55 @@ export interface components {
         };
         /** @enum {string} */
         OperationState: "running" | "succeeded" | "failed";
+        /** @description A group's policy, as stored and as written by hand. */
+        Policy: {
+            commands?: components["schemas"]["Commands"];
+            limits?: components["schemas"]["Limits"];
+            mode?: components["schemas"]["Mode"];
+            python?: components["schemas"]["PythonPolicy"];
+            /**
+             * @description Also check files uploaded to a sandbox whose names end in `.py` (as Python) or `.sh`
+             *     (as a shell script), before they are written.
+             */
+            scan_uploads?: boolean;
+            tests?: components["schemas"]["Tests"];
+        };
+        /**
+         * @description The answer of a dry run (`POST …/policy/check`): what the group's policy in force decides
+         *     about the request. Nothing runs and nothing is recorded.
+         */
+        PolicyCheck: {
+            /** @description Whether the request would run: false only in `enforce` mode with findings. */
+            allowed: boolean;
+            /** @description Why it would be refused (in `audit` mode: why `enforce` would refuse it). */
+            findings: components["schemas"]["Finding"][];
+            mode: components["schemas"]["Mode"];
+            /** Format: int64 */
+            policy_version: number;
+        };
+        /**
+         * @description A version of a group's policy. A group that never had one answers version 0: an empty
+         *     policy, whose mode is `off`.
+         */
+        PolicyVersion: {
+            /** @description Id of the API key that applied it; null for version 0. */
+            author?: string | null;
+            /** @description RFC 3339, UTC; null for version 0. */
+            created_at?: string | null;
+            group: string;
+            policy: components["schemas"]["Policy"];
+            /** @description SHA-256 (hex) of the policy as stored (JSON); null for version 0. */
+            sha256?: string | null;
+            /**
+             * Format: int64
+             * @description 1, 2, …: every change makes a new version; 0 means no policy was ever applied.
+             */
+            version: number;
+        };
+        PolicyVersionList: {
+            /** @description Oldest first. */
+            items: components["schemas"]["PolicyVersion"][];
+        };
         PoolSpec: {
             /**
              * Format: int32
@@ -813,6 +1259,26 @@ export interface components {
              * @default 0
              */
             size: number;
+        };
+        /**
+         * @description A port of a sandbox reachable through the daemon: HTTP and WebSocket requests under `url`
+         *     are proxied to it, with the same API key.
+         */
+        Port: {
+            /** @description RFC 3339, UTC. */
+            created_at: string;
+            /** Format: int32 */
+            port: number;
+            /**
+             * @description The proxy's path on this daemon, `/v1/sandbox-groups/{group}/sandboxes/{id}/ports/{port}/`
+             *     (append it to the daemon's address); a request to `url` + `a/b?q` reaches the guest as
+             *     `/a/b?q`.
+             * @example /v1/sandbox-groups/dev/sandboxes/sb-0123456789ab/ports/8080/
+             */
+            url: string;
+        };
+        PortList: {
+            ports: components["schemas"]["Port"][];
         };
         /** @description One background process. */
         Process: {
@@ -864,12 +1330,57 @@ export interface components {
              */
             pid: number;
         };
+        /** @description `python`: which families of findings in Python code are refused. */
+        PythonPolicy: {
+            deny?: components["schemas"]["Family"][];
+        };
+        /**
+         * @description A recorded request the candidate decides differently. Both sides are compared as
+         *     `enforce` would decide (refused when there are findings), whatever the modes.
+         */
+        ReplayChange: {
+            at: string;
+            /** @description The candidate's findings (empty when it would now run). */
+            findings: components["schemas"]["Finding"][];
+            /**
+             * Format: int64
+             * @description The entry's number in the decisions log.
+             */
+            n: number;
+            now_refused: boolean;
+            request: components["schemas"]["CheckRequest"];
+            /** @description Whether the recorded decision refused it, or would have in `enforce` mode. */
+            was_refused: boolean;
+        };
+        /** @description `POST …/policy/replay`: a candidate policy, checked against the newest recorded requests. */
+        ReplayRequest: {
+            /**
+             * Format: int32
+             * @description How many of the newest decisions to replay, 1–500 (default 100).
+             */
+            limit?: number | null;
+            policy: components["schemas"]["Policy"];
+        };
+        ReplayResult: {
+            /** @description Those the candidate decides differently, oldest first. */
+            changed: components["schemas"]["ReplayChange"][];
+            /**
+             * Format: int64
+             * @description Recorded requests checked again.
+             */
+            checked: number;
+        };
         /**
          * @description `admin` manages everything, including API keys; `owner` manages its groups; `user` uses
          *     sandboxes in its groups; `reader` reads its groups.
          * @enum {string}
          */
         Role: "reader" | "user" | "owner" | "admin";
+        /**
+         * @description Every rule a finding can name.
+         * @enum {string}
+         */
+        Rule: "command.denied" | "command.not-allowed" | "command.unresolved" | "shell.dynamic" | "shell.unparseable" | "python.process" | "python.dynamic-code" | "python.native" | "python.network" | "python.reflection" | "python.unparseable" | "limits.timeout" | "limits.env" | "limits.user" | "limits.stdin" | "input.too-large" | "input.too-complex" | "request.invalid" | "analysis.failed";
         /** @description A sandbox as the API returns it. */
         Sandbox: {
             /** @description RFC 3339, UTC. */
@@ -1015,12 +1526,25 @@ export interface components {
             user: string | null;
         };
         /**
+         * @description `tests`: example requests the policy must allow and must refuse; a policy that contradicts
+         *     its own examples is not accepted.
+         */
+        Tests: {
+            allow?: components["schemas"]["CheckRequest"][];
+            deny?: components["schemas"]["CheckRequest"][];
+        };
+        /**
          * @description Resource tier of a sandbox: xs 0.25 vCPU/512 MiB, s 1/1 GiB, m 1/2 GiB, l 2/4 GiB, xl 4/8 GiB.
          *     The guest sees the tier's memory and a root disk of the tier's size; the host stores only
          *     the blocks the guest writes.
          * @enum {string}
          */
         Tier: "xs" | "s" | "m" | "l" | "xl";
+        /**
+         * @description How a decision turned out, as the decisions query filters it.
+         * @enum {string}
+         */
+        Verdict: "allow" | "deny" | "audit";
     };
     responses: never;
     parameters: never;
@@ -1684,7 +2208,7 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Updated (or unchanged) */
+            /** @description Updated (or unchanged); the group's running sandboxes apply its egress policy before this answer */
             200: {
                 headers: {
                     [name: string]: unknown;
@@ -1808,6 +2332,478 @@ export interface operations {
             };
             /** @description The group still has sandboxes or snapshots */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    group_egress: {
+        parameters: {
+            query?: {
+                /** @description Only events of this sandbox (`sb-` and 12 hex digits; deleted sandboxes included). */
+                sandbox?: string;
+                /** @description Only events with this verdict. */
+                verdict?: components["schemas"]["EgressVerdict"];
+                /** @description Only events at or after this time (RFC 3339, UTC). */
+                since?: string;
+                /** @description Only events after this `id`, the oldest first; without it, the newest `limit` events. */
+                after?: number;
+                /** @description Events at most, 1–1000 (default 100). */
+                limit?: number;
+            };
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The group's audit events, oldest first */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EgressEvents"];
+                };
+            };
+            /** @description A bad query parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    get_policy: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The policy in force (version 0: none was ever applied, so it is off) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PolicyVersion"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    put_policy: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["Policy"];
+            };
+        };
+        responses: {
+            /** @description The same as the policy in force: no new version */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PolicyVersion"];
+                };
+            };
+            /** @description Applied as a new version */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PolicyVersion"];
+                };
+            };
+            /** @description Not a valid policy, or it contradicts its own `tests` (the message lists every problem and failing example) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an owner or admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    check: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+            };
+            cookie?: never;
+        };
+        /** @description An exec request (argv or command, env, user, cwd, stdin, timeout_s), or {"python": CODE} or {"shell": CODE} */
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CheckRequest"];
+            };
+        };
+        responses: {
+            /** @description What the policy in force decides; nothing runs and nothing is recorded */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PolicyCheck"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_decisions: {
+        parameters: {
+            query?: {
+                /** @description allow, deny or audit (ran in audit mode with findings) */
+                verdict?: string;
+                /** @description Only decisions at or after this time, unix seconds */
+                since?: number;
+                /** @description Only entries numbered above this (the previous page's next) */
+                after?: number;
+                /** @description 1–1000, default 100 */
+                limit?: number;
+            };
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A page of the group's hash-chained decisions log, oldest first; `moat policy verify-log` checks the chain */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DecisionList"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an owner or admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    replay: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ReplayRequest"];
+            };
+        };
+        responses: {
+            /** @description The newest recorded requests checked again under the candidate (as `enforce` would decide); those it decides differently */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ReplayResult"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an owner or admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_versions: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Every version ever applied under this group name, oldest first */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PolicyVersionList"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2102,6 +3098,72 @@ export interface operations {
             };
         };
     };
+    sandbox_egress: {
+        parameters: {
+            query?: {
+                /** @description Only events with this verdict. */
+                verdict?: components["schemas"]["EgressVerdict"];
+                /**
+                 * @description Only events at or after this time (RFC 3339, UTC: `2026-11-30T15:04:05Z`, fractions
+                 *     allowed).
+                 */
+                since?: string;
+                /**
+                 * @description Only events after this `id`, the oldest first (to follow the audit); without it, the
+                 *     newest `limit` events.
+                 */
+                after?: number;
+                /** @description Events at most, 1–1000 (default 100). */
+                limit?: number;
+            };
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The sandbox's audit events, oldest first */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EgressEvents"];
+                };
+            };
+            /** @description A bad query parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox (a deleted one's events are in the group's audit) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     exec_sandbox: {
         parameters: {
             query?: never;
@@ -2146,6 +3208,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A reader key, or the group's policy refused the request (code policy_denied, with findings and policy_version) */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -2364,7 +3427,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description A reader key, or the guest refused */
+            /** @description A reader key, the guest refused, or the group's policy (scan_uploads) refused a .py or .sh file (code policy_denied) */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -2469,7 +3532,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description A reader key, or the guest refused */
+            /** @description A reader key, the guest refused, or the group's policy (scan_uploads) refused a .py or .sh file (code policy_denied) */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -2602,6 +3665,1692 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    port_forward: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description Any guest port, 1–65535 (it need not be exposed) */
+                port: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Switching to `moat-tcp`: from here the connection carries the bytes of one TCP connection to the guest's port, both ways; a half-close is passed on. Send `Connection: Upgrade` and `Upgrade: moat-tcp`. */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Bad port, or not a `moat-tcp` upgrade */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached: nothing listens, or no answer within 5 s */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_ports: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The sandbox's exposed ports, lowest first */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PortList"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    expose_port: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ExposePort"];
+            };
+        };
+        responses: {
+            /** @description Exposed: requests under `url` reach the guest's port (whether or not anything listens there yet) */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Port"];
+                };
+            };
+            /** @description Bad port (1–65535) or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Already exposed, or the sandbox exposes 64 ports already */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    get_port: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description Guest port, 1–65535 */
+                port: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Port"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    close_port: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description Guest port, 1–65535 */
+                port: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Closed: new requests under its url get a 404; requests and WebSockets already proxied run to their end */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_root_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description The guest's answer for `/`, passed through */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_root_put: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description The guest's answer for `/`, passed through */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_root_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description The guest's answer for `/`, passed through */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_root_delete: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description The guest's answer for `/`, passed through */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_root_options: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description The guest's answer for `/`, passed through */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_root_head: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description The guest's answer for `/`, passed through */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_root_patch: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description The guest's answer for `/`, passed through */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_path_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+                /** @description The rest of the path, any number of segments, as the guest gets it (with the query) */
+                path: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted; bytes flow both ways until either side closes */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Whatever the guest's server answers (any status, headers and body), passed through; the daemon's own errors are the ones below */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_path_put: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+                /** @description The rest of the path, any number of segments, as the guest gets it (with the query) */
+                path: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted; bytes flow both ways until either side closes */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Whatever the guest's server answers (any status, headers and body), passed through; the daemon's own errors are the ones below */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_path_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+                /** @description The rest of the path, any number of segments, as the guest gets it (with the query) */
+                path: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted; bytes flow both ways until either side closes */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Whatever the guest's server answers (any status, headers and body), passed through; the daemon's own errors are the ones below */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_path_delete: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+                /** @description The rest of the path, any number of segments, as the guest gets it (with the query) */
+                path: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted; bytes flow both ways until either side closes */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Whatever the guest's server answers (any status, headers and body), passed through; the daemon's own errors are the ones below */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_path_options: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+                /** @description The rest of the path, any number of segments, as the guest gets it (with the query) */
+                path: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted; bytes flow both ways until either side closes */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Whatever the guest's server answers (any status, headers and body), passed through; the daemon's own errors are the ones below */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_path_head: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+                /** @description The rest of the path, any number of segments, as the guest gets it (with the query) */
+                path: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted; bytes flow both ways until either side closes */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Whatever the guest's server answers (any status, headers and body), passed through; the daemon's own errors are the ones below */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    proxy_path_patch: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+                /** @description An exposed guest port */
+                port: number;
+                /** @description The rest of the path, any number of segments, as the guest gets it (with the query) */
+                path: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A WebSocket (or other upgrade) the guest accepted; bytes flow both ways until either side closes */
+            101: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Whatever the guest's server answers (any status, headers and body), passed through; the daemon's own errors are the ones below */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "*/*": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A reader key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such sandbox, or the port is not exposed */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running (and cannot be resumed) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2753,7 +5502,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description A reader key */
+            /** @description A reader key, or the group's policy refused the request (code policy_denied, with findings and policy_version) */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -3255,6 +6004,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A reader key, or the group's policy refused the command (code policy_denied, with findings and policy_version) */
             403: {
                 headers: {
                     [name: string]: unknown;

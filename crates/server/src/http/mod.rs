@@ -76,7 +76,65 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
     ] {
         doc.merge(part);
     }
+    unique_operation_ids(&mut doc);
     doc
+}
+
+/// Gives each operation of a handler that serves several methods (the port proxy) an
+/// `operationId` of its own, `<handler>_<method>`: OpenAPI requires them unique, and client
+/// generators refuse a document where they are not.
+fn unique_operation_ids(doc: &mut utoipa::openapi::OpenApi) {
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for item in doc.paths.paths.values() {
+        for op in operations(item) {
+            if let Some(id) = &op.1.operation_id {
+                *seen.entry(id.clone()).or_default() += 1;
+            }
+        }
+    }
+    for item in doc.paths.paths.values_mut() {
+        for (method, op) in operations_mut(item) {
+            if let Some(id) = op.operation_id.as_mut() {
+                if seen.get(id.as_str()).is_some_and(|&n| n > 1) {
+                    *id = format!("{id}_{method}");
+                }
+            }
+        }
+    }
+}
+
+fn operations(
+    item: &utoipa::openapi::PathItem,
+) -> impl Iterator<Item = (&'static str, &utoipa::openapi::path::Operation)> {
+    [
+        ("get", &item.get),
+        ("put", &item.put),
+        ("post", &item.post),
+        ("delete", &item.delete),
+        ("options", &item.options),
+        ("head", &item.head),
+        ("patch", &item.patch),
+        ("trace", &item.trace),
+    ]
+    .into_iter()
+    .filter_map(|(m, op)| Some((m, op.as_ref()?)))
+}
+
+fn operations_mut(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = (&'static str, &mut utoipa::openapi::path::Operation)> {
+    [
+        ("get", &mut item.get),
+        ("put", &mut item.put),
+        ("post", &mut item.post),
+        ("delete", &mut item.delete),
+        ("options", &mut item.options),
+        ("head", &mut item.head),
+        ("patch", &mut item.patch),
+        ("trace", &mut item.trace),
+    ]
+    .into_iter()
+    .filter_map(|(m, op)| Some((m, op.as_mut()?)))
 }
 
 async fn not_found(uri: Uri) -> Error {
