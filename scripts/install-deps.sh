@@ -27,7 +27,8 @@ docker-registry       docker-registry   all    crates/testkit: a real OCI regist
 htpasswd              apache2-utils     all    crates/testkit: the registry with Basic auth
 python3               python3           all    crates/cli/tests/sdk_python.rs: the Python SDK tests
 venv                  python3-venv      all    crates/cli/tests/sdk_python.rs: python3 -m venv for the SDK tests
-sh                    dash              all    crates/testkit, crates/vm/src/cgroup.rs tests
+sh                    dash              all    crates/testkit, crates/vm/src/{cgroup,jail}.rs tests
+unshare               util-linux        all    crates/vm/src/jail.rs tests: a jailed shell may not make namespaces
 kill                  procps            all    crates/cli/tests: kill -9 of a daemon or a QEMU
 mount                 mount             all    crates/cli/tests/cli.rs: a small tmpfs (a full disk)
 umount                mount             all    crates/cli/tests/cli.rs: unmounts it
