@@ -83,16 +83,28 @@ async fn fork_bomb_and_memory_hog_leave_the_agent_answering() {
         "exec during the fork bomb took {took:?}"
     );
     assert!(ntook < ANSWER_BOUND, "the neighbour's exec took {ntook:?}");
-    // Nothing of the bomb is left, and new processes start.
-    let (out, took) = timed(&sb, "ls /sys/fs/cgroup/moat-exec/*/cgroup.procs | wc -l; cat /sys/fs/cgroup/moat-exec/pids.current", None).await;
-    assert!(
-        took < ANSWER_BOUND,
-        "exec after the fork bomb took {took:?}"
-    );
-    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
-    assert_eq!(lines[0], "1", "exec cgroups left: {lines:?}");
-    let pids: u32 = lines[1].parse().unwrap();
-    assert!(pids < 10, "{pids} user tasks left after the bomb");
+    // The kill is asynchronous (thousands of tasks die at a quarter CPU): within a bound,
+    // nothing of the bomb is left, and new processes start.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (out, took) = timed(
+            &sb,
+            "ls -d /sys/fs/cgroup/moat-exec/*/ | wc -l; cat /sys/fs/cgroup/moat-exec/pids.current",
+            None,
+        )
+        .await;
+        assert!(
+            took < ANSWER_BOUND,
+            "exec after the fork bomb took {took:?}"
+        );
+        let lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+        let pids: u32 = lines[1].parse().unwrap();
+        if lines[0] == "1" && pids < 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bomb lingers: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // A memory hog: killed by the OOM killer inside the execs' cgroup, not the agent.
     let (out, took) = timed(
