@@ -816,8 +816,7 @@ mod tests {
         );
         let child = crate::qemu::spawn_child(
             Path::new("/bin/sh"),
-            "sh",
-            &["-c".to_string(), script],
+            &["sh".to_string(), "-c".to_string(), script],
             &[("PATH", "/usr/bin:/bin".to_string())],
             std::fs::File::create(&log).unwrap(),
             vec![slot.lock_fd()],

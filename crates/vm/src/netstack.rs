@@ -94,6 +94,7 @@ pub(crate) async fn start(
     let log = run_dir.join(LOG);
     let stderr = std::fs::File::create(&log).ctx(|| format!("creating {}", log.display()))?;
     let args = vec![
+        program.to_string_lossy().into_owned(),
         "net-stack".to_string(),
         "--guest-fd".into(),
         guest.as_raw_fd().to_string(),
@@ -110,11 +111,10 @@ pub(crate) async fn start(
         .map(|v| ("RUST_LOG", v))
         .into_iter()
         .collect();
-    let argv0 = program.to_string_lossy().into_owned();
     let program = std::fs::canonicalize(program)
         .ctx(|| format!("resolving the network stack program {}", program.display()))?;
     let jailed = plan.is_some();
-    let child = spawn_child(&program, &argv0, &args, &env, stderr, keep, detached, plan)
+    let child = spawn_child(&program, &args, &env, stderr, keep, detached, plan)
         .await
         .map_err(|e| {
             let what = format!("starting the network stack {} net-stack", program.display());

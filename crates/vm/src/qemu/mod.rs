@@ -323,10 +323,12 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
     let stderr =
         std::fs::File::create(&stderr_log).ctx(|| format!("creating {}", stderr_log.display()))?;
     let jailed = plan.is_some();
+    let argv: Vec<String> = std::iter::once(QEMU_BIN.to_string())
+        .chain(args.iter().cloned())
+        .collect();
     let child = spawn_child(
         &spawn::qemu_binary()?,
-        QEMU_BIN,
-        &args,
+        &argv,
         &[],
         stderr,
         keep,

@@ -125,8 +125,9 @@ pub(crate) struct Spawned {
     pub pidfd: OwnedFd,
 }
 
-/// Starts `program` (QEMU, or the sandbox's network stack; an absolute path) as `argv0`
-/// (what `ps` shows, and what moat itself looks for in `/proc/<pid>/cmdline`) with `args` and
+/// Starts `program` (QEMU, or the sandbox's network stack; an absolute path) with `argv`
+/// (whose first element is what `ps` shows, and what moat itself looks for in
+/// `/proc/<pid>/cmdline`) and
 /// exactly the environment `env` on the spawner thread, its stdin and stdout on `/dev/null`
 /// and its stderr going to `stderr`. It inherits the descriptors in `keep` and no other.
 /// Attached, it runs in its own process group and dies with us; `detached`, in a session of
@@ -134,8 +135,7 @@ pub(crate) struct Spawned {
 /// enters the jail before exec; any failure there is returned with the step that failed.
 pub(crate) async fn spawn_child(
     program: &Path,
-    argv0: &str,
-    args: &[String],
+    argv: &[String],
     env: &[(&str, String)],
     stderr: File,
     keep: Vec<RawFd>,
@@ -146,10 +146,10 @@ pub(crate) async fn spawn_child(
         |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
     let prog =
         CString::new(program.as_os_str().as_bytes()).map_err(|_| invalid("NUL in program path"))?;
-    let mut argv_c = vec![CString::new(argv0).map_err(|_| invalid("NUL in argv[0]"))?];
-    for a in args {
-        argv_c.push(CString::new(a.as_bytes()).map_err(|_| invalid("NUL in an argument"))?);
-    }
+    let argv_c = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| invalid("NUL in an argument")))
+        .collect::<std::io::Result<Vec<_>>>()?;
     let env_c = env
         .iter()
         .map(|(k, v)| {
