@@ -29,7 +29,8 @@ python3               python3           all    crates/cli/tests/sdk_python.rs, m
 venv                  python3-venv      all    crates/cli/tests/sdk_python.rs, mcp.rs: python3 -m venv for those tests
 node                  nodejs            all    crates/cli/tests/sdk_typescript.rs: the TypeScript SDK tests (Node 18+)
 npm                   npm               all    crates/cli/tests/sdk_typescript.rs: npm ci, npm pack of the TypeScript SDK
-sh                    dash              all    crates/testkit, crates/vm/src/cgroup.rs tests
+sh                    dash              all    crates/testkit, crates/vm/src/{cgroup,jail}.rs tests
+unshare               util-linux        all    crates/vm/src/jail.rs tests: a jailed shell may not make namespaces
 kill                  procps            all    crates/cli/tests: kill -9 of a daemon or a QEMU
 mount                 mount             all    crates/cli/tests/cli.rs: a small tmpfs (a full disk)
 umount                mount             all    crates/cli/tests/cli.rs: unmounts it

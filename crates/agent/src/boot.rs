@@ -12,6 +12,16 @@ use crate::sys::{check, cstr, mount};
 
 /// Where exec cgroups live; created at boot.
 pub const EXEC_CGROUP_ROOT: &str = "/sys/fs/cgroup/moat-exec";
+/// Tasks all user processes together may have: far more than real work needs (3,000
+/// sleeping processes are fine), few enough that a fork bomb stops there with memory left.
+const EXEC_PIDS_MAX: u32 = 4096;
+/// The CPU weight of user processes against the agent's (the agent, in the root cgroup,
+/// counts as weight 100): under a spinner or a fork bomb the agent still gets ~90 % of a
+/// CPU whenever it has work, so it keeps answering the host.
+const EXEC_CPU_WEIGHT: u32 = 10;
+/// Guest memory kept back from user processes for the kernel and the agent: an eighth of
+/// RAM, at least 48 MiB and at most 256 MiB.
+const AGENT_RESERVE: (u64, u64) = (48 << 20, 256 << 20);
 
 const ROOT_DEVICE: &str = "/dev/vda";
 const NEWROOT: &str = "/newroot";
@@ -214,8 +224,61 @@ fn mount_system() -> Result<()> {
     if let Err(e) = fs::create_dir_all(EXEC_CGROUP_ROOT) {
         // Execs then fall back to killing their process group.
         crate::sys::console(&format!("mkdir {EXEC_CGROUP_ROOT}: {e}"));
+    } else {
+        limit_user_processes();
     }
     Ok(())
+}
+
+/// Puts every exec's cgroup under limits that leave the agent (PID 1, in the root cgroup,
+/// outside them) memory, pids and CPU to keep answering, whatever user code does: a fork
+/// bomb stops at [`EXEC_PIDS_MAX`], a memory hog meets the OOM killer inside the execs'
+/// cgroup, a spinner gets CPU only when the agent does not need it. Best effort: a kernel
+/// without a controller still runs execs, with that limit missing (said on the console).
+fn limit_user_processes() {
+    let root = Path::new(EXEC_CGROUP_ROOT);
+    for controller in ["pids", "memory", "cpu"] {
+        for parent in [Path::new("/sys/fs/cgroup"), root] {
+            if let Err(e) = fs::write(
+                parent.join("cgroup.subtree_control"),
+                format!("+{controller}"),
+            ) {
+                crate::sys::console(&format!(
+                    "cgroup controller {controller} in {}: {e}",
+                    parent.display()
+                ));
+            }
+        }
+    }
+    let total = mem_total().unwrap_or(0);
+    let reserve = (total / 8).clamp(AGENT_RESERVE.0, AGENT_RESERVE.1);
+    let limits = [
+        ("pids.max", EXEC_PIDS_MAX.to_string()),
+        (
+            "memory.max",
+            total.saturating_sub(reserve).max(reserve).to_string(),
+        ),
+        ("cpu.weight", EXEC_CPU_WEIGHT.to_string()),
+    ];
+    for (file, value) in limits {
+        if let Err(e) = fs::write(root.join(file), &value) {
+            crate::sys::console(&format!("{EXEC_CGROUP_ROOT}/{file} = {value}: {e}"));
+        }
+    }
+}
+
+/// The guest's RAM in bytes (`MemTotal` of `/proc/meminfo`).
+fn mem_total() -> Option<u64> {
+    let info = fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib << 10)
 }
 
 /// Programs expect a working 127.0.0.1 even without a network device.

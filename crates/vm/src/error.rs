@@ -117,6 +117,11 @@ pub enum Error {
     InvalidArgument(String),
 
     /// A VM or sandbox left by an earlier moat cannot be taken over.
+    /// The jail around QEMU cannot be set up: the host lacks a feature (named in the
+    /// message) or a step of entering it failed.
+    #[error("jail: {0} (MOAT_NO_JAIL=1 runs VMs unjailed, for development only)")]
+    Jail(String),
+
     #[error("cannot adopt {0}")]
     Adopt(String),
 }

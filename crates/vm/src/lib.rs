@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod cpio;
 pub mod disk;
 mod error;
+pub mod jail;
 pub mod netstack;
 pub mod qemu;
 pub mod qmp;

@@ -12,10 +12,10 @@ use std::path::Path;
 
 use moat_net::stack::{GATEWAY_IP, GUEST_IP, MTU, PREFIX_LEN};
 use moat_protocol::NetworkConfig;
-use tokio::process::Child;
 
 use crate::error::IoContext;
-use crate::qemu::{bind, spawn_child};
+use crate::jail::{JailSpec, Plan, Slot, View};
+use crate::qemu::{bind, pidfd_kill, pidfd_poll, reap_blocking, spawn_child, Spawned};
 use crate::{Error, Result};
 
 /// The control socket's name in the run directory.
@@ -29,13 +29,60 @@ const LOG: &str = "net.log";
 /// is the previous owner's child and ends with its VM).
 #[derive(Debug)]
 pub(crate) struct NetStack {
-    _child: Option<Child>,
+    child: Option<Spawned>,
+    detached: bool,
 }
 
 impl NetStack {
     pub(crate) fn adopted() -> NetStack {
-        NetStack { _child: None }
+        NetStack {
+            child: None,
+            detached: true,
+        }
     }
+}
+
+impl Drop for NetStack {
+    /// Attached, the stack dies with its handle; either way an exited stack is reaped.
+    fn drop(&mut self) {
+        let Some(child) = &self.child else { return };
+        let fd = child.pidfd.as_raw_fd();
+        if !self.detached {
+            let _ = pidfd_kill(fd);
+        }
+        if pidfd_poll(fd, if self.detached { 0 } else { 1000 }) {
+            reap_blocking(&child.pidfd);
+        }
+    }
+}
+
+/// Files of the host a network stack reads besides its program: name resolution, for hosts
+/// its policy names.
+const NET_ETC: [&str; 4] = [
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/etc/gai.conf",
+];
+
+/// The stack's jail: the sandbox's slot, its own uid, the host's network.
+fn jail(program: &Path, slot: &Slot) -> Result<Plan> {
+    let mut view = View::system();
+    let program = std::fs::canonicalize(program)
+        .ctx(|| format!("resolving the network stack program {}", program.display()))?;
+    view.binds.push((program, false));
+    for f in NET_ETC {
+        if Path::new(f).exists() {
+            view.binds.push((f.into(), false));
+        }
+    }
+    Plan::new(JailSpec {
+        slot,
+        uid: slot.net_uid(),
+        view,
+        new_net: false,
+        groups: Vec::new(),
+    })
 }
 
 /// Starts `program net-stack` on `guest` (the host's end of the NIC's link), with its control
@@ -45,12 +92,14 @@ pub(crate) async fn start(
     guest: OwnedFd,
     run_dir: &Path,
     detached: bool,
+    slot: Option<&Slot>,
 ) -> Result<NetStack> {
     let control = bind(&run_dir.join(CONTROL_SOCKET))?;
     let ports = bind(&run_dir.join(PORTS_SOCKET))?;
     let log = run_dir.join(LOG);
     let stderr = std::fs::File::create(&log).ctx(|| format!("creating {}", log.display()))?;
     let args = vec![
+        program.to_string_lossy().into_owned(),
         "net-stack".to_string(),
         "--guest-fd".into(),
         guest.as_raw_fd().to_string(),
@@ -59,19 +108,34 @@ pub(crate) async fn start(
         "--ports-fd".into(),
         ports.as_raw_fd().to_string(),
     ];
-    let keep = vec![guest.as_raw_fd(), control.as_raw_fd(), ports.as_raw_fd()];
-    let child = spawn_child(program, &args, stderr, keep, detached)
+    let mut keep = vec![guest.as_raw_fd(), control.as_raw_fd(), ports.as_raw_fd()];
+    let plan = slot.map(|s| jail(program, s)).transpose()?;
+    if let Some(s) = slot {
+        keep.push(s.lock_fd());
+    }
+    let env: Vec<(&str, String)> = std::env::var("RUST_LOG")
+        .ok()
+        .map(|v| ("RUST_LOG", v))
+        .into_iter()
+        .collect();
+    let program = std::fs::canonicalize(program)
+        .ctx(|| format!("resolving the network stack program {}", program.display()))?;
+    let jailed = plan.is_some();
+    let child = spawn_child(&program, &args, &env, stderr, keep, detached, plan)
         .await
         .map_err(|e| {
-            Error::io(
-                format!("starting the network stack {} net-stack", program.display()),
-                e,
-            )
+            let what = format!("starting the network stack {} net-stack", program.display());
+            if jailed {
+                Error::Jail(format!("{what} in its jail: {e}"))
+            } else {
+                Error::io(what, e)
+            }
         })?;
     // The stack holds the only host end now: when QEMU closes the link, the stack sees it.
     drop((guest, control, ports));
     Ok(NetStack {
-        _child: Some(child),
+        child: Some(child),
+        detached,
     })
 }
 

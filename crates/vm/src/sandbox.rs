@@ -101,6 +101,8 @@ pub struct Runtime {
     /// The program run as each sandbox's network stack, as `<net_stack> net-stack` (the
     /// `moat` binary; see [`crate::netstack`]).
     pub net_stack: PathBuf,
+    /// Whether VMs and network stacks run jailed (see [`crate::jail`]).
+    pub jail: crate::jail::JailMode,
 }
 
 impl Runtime {
@@ -117,6 +119,8 @@ impl Runtime {
         let initramfs = crate::assets::build_initramfs(&kernel, agent_bin, home)?;
         let accel = crate::accel::detect(accel_override)?;
         let qemu_version = crate::qemu::qemu_version_cached(&home.join("qemu-version.json"))?;
+        let jail = crate::jail::JailMode::from_env()?;
+        tracing::info!(jail = %jail.describe(), "sandbox jail");
         let rt = Runtime {
             home: home.to_path_buf(),
             accel,
@@ -124,6 +128,7 @@ impl Runtime {
             initramfs,
             qemu_version,
             net_stack: net_stack.to_path_buf(),
+            jail,
         };
         rt.collect_garbage();
         Ok(rt)
@@ -480,7 +485,7 @@ impl Sandbox {
         };
         let mut vm = crate::qemu::launch(&spec(
             rt,
-            (origin.mem_mib, origin.cpus),
+            (origin.mem_mib, origin.cpus, origin.tier.millicores()),
             &dir.path,
             &disk_path,
             (incoming, origin.ram),
@@ -491,8 +496,14 @@ impl Sandbox {
         let guest = vm
             .take_net_socket()
             .ok_or_else(|| Error::InvalidArgument("a new VM has no network link".into()))?;
-        let net = netstack::start(&rt.net_stack, guest, &dir.path, opts.detached).await?;
-        limit_cpu(&vm, origin.tier)?;
+        let net = netstack::start(
+            &rt.net_stack,
+            guest,
+            &dir.path,
+            opts.detached,
+            vm.jail_slot(),
+        )
+        .await?;
         if opts.detached {
             SandboxRecord {
                 format: SandboxRecord::FORMAT,
@@ -561,7 +572,7 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        let mut vm = Vm::adopt(&dir.path, rec.pid).await?;
+        let mut vm = Vm::adopt(&dir.path, rec.pid, &rt.jail).await?;
         // A previous owner that died mid-suspend or mid-snapshot left it paused; the agent's
         // quiesce ends with that owner's session.
         let continued = vm.ensure_running().await?;
@@ -856,7 +867,7 @@ fn hostname(id: &str) -> String {
 
 fn spec(
     rt: &Runtime,
-    (mem_mib, cpus): (u32, u32),
+    (mem_mib, cpus, millicores): (u32, u32, u32),
     dir: &Path,
     disk: &Path,
     (incoming, ram): (Option<Incoming>, GuestRam),
@@ -873,6 +884,8 @@ fn spec(
         incoming,
         ram,
         detached,
+        millicores,
+        jail: rt.jail.clone(),
     }
 }
 
@@ -916,14 +929,6 @@ async fn overlay_from_seed(snapshot: &Path, size: u64, dest: &Path) -> Result<()
         installed?;
     }
     std::fs::copy(&seed, dest).ctx(|| format!("copying {}", seed.display()))?;
-    Ok(())
-}
-
-/// Holds a fractional tier to its share of a CPU (QEMU itself only knows whole vCPUs).
-fn limit_cpu(vm: &Vm, tier: Tier) -> Result<()> {
-    if tier.millicores() < tier.cpus() * 1000 {
-        crate::cgroup::limit_cpu(vm.pid(), tier.millicores())?;
-    }
     Ok(())
 }
 

@@ -126,6 +126,8 @@ impl Fixture {
             }),
             ram: GuestRam::Private,
             detached: false,
+            millicores: 500,
+            jail: moat_vm::jail::JailMode::from_env().unwrap(),
         }
     }
 }
@@ -292,14 +294,167 @@ async fn boot_save_resume() {
     assert_eq!(vm.status().await.unwrap(), "running");
     assert_eq!(agent.echo("again").await, 2);
 
-    // A fractional-tier quota on the running VM; its cgroup goes away with the VM.
-    let cg = moat_vm::cgroup::limit_cpu(pid, 500).unwrap();
-    assert_eq!(agent.echo("throttled").await, 3);
+    // The VM runs in its jail's cgroup (a half-CPU quota here), which goes away with it.
+    let cgroups = jail_cgroups(pid);
+    assert!(!cgroups.is_empty(), "QEMU is in no jail cgroup");
     drop(vm);
     assert!(!alive(pid), "QEMU survived drop");
-    if let Some(cg) = cg {
+    for cg in cgroups {
         assert!(!cg.exists(), "cgroup {} left behind", cg.display());
     }
+}
+
+/// The directories of the jail cgroups `pid` is in.
+fn jail_cgroups(pid: u32) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    own.lines()
+        .filter(|l| l.contains("/moat/jail-"))
+        .map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, names, path) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+            let mount = if names.is_empty() {
+                PathBuf::from("/sys/fs/cgroup")
+            } else {
+                Path::new("/sys/fs/cgroup").join(names.split(',').next().unwrap())
+            };
+            mount.join(path.trim_start_matches('/'))
+        })
+        .collect()
+}
+
+/// A `/proc/<pid>/status` field.
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Two jailed VMs, read from the host: each QEMU runs as a uid of its own with no
+/// capabilities, `no_new_privs` and a seccomp filter, in namespaces of its own and its
+/// sandbox's cgroup with the tier's limits, and its root shows only what it needs: not the
+/// other VM's disk, not MOAT_HOME, not the host's /etc or /root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_runs_jailed() {
+    let fx = fixture(ECHO_INIT);
+    let base = base_disk();
+    let (mut a, _agent_a, _) = boot_ready(&fx, "ja", &base).await;
+    let (mut b, _agent_b, _) = boot_ready(&fx, "jb", &base).await;
+    let me = std::process::id();
+    let mut uids = Vec::new();
+    for vm in [&a, &b] {
+        let pid = vm.pid();
+        let uid = status_field(pid, "Uid");
+        let ids: Vec<&str> = uid.split_whitespace().collect();
+        assert!(ids.iter().all(|i| *i == ids[0] && *i != "0"), "Uid: {uid}");
+        let gid = status_field(pid, "Gid");
+        assert!(gid.split_whitespace().all(|g| g != "0"), "Gid: {gid}");
+        assert_eq!(status_field(pid, "Groups"), "", "supplementary groups");
+        for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}");
+        }
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        // Mode 2: filters (ours, then QEMU's own -sandbox).
+        assert_eq!(status_field(pid, "Seccomp"), "2");
+        assert!(status_field(pid, "Seccomp_filters").parse::<u32>().unwrap() >= 2);
+        for ns in ["mnt", "pid", "ipc", "uts", "net"] {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+            let ours = std::fs::read_link(format!("/proc/{me}/ns/{ns}")).unwrap();
+            assert_ne!(theirs, ours, "QEMU shares our {ns} namespace");
+        }
+        // QEMU is PID 1 of its namespace.
+        assert_eq!(
+            status_field(pid, "NSpid").split_whitespace().last(),
+            Some("1")
+        );
+        let cgroups = jail_cgroups(pid);
+        assert!(!cgroups.is_empty(), "QEMU is in no jail cgroup");
+        for cg in &cgroups {
+            for (file, want) in [
+                ("memory.limit_in_bytes", ((256u64 + 512) << 20).to_string()),
+                ("memory.max", ((256u64 + 512) << 20).to_string()),
+                ("pids.max", "512".to_string()),
+                ("cpu.cfs_quota_us", "50000".to_string()),
+                ("cpu.max", "50000 100000".to_string()),
+            ] {
+                if let Ok(v) = std::fs::read_to_string(cg.join(file)) {
+                    assert_eq!(v.trim(), want, "{}", cg.join(file).display());
+                }
+            }
+        }
+        uids.push(ids[0].to_string());
+    }
+    assert_ne!(uids[0], uids[1], "two sandboxes share a uid");
+
+    // What QEMU a sees: its own disk, not b's; nothing of the host's private places.
+    let root = PathBuf::from(format!("/proc/{}/root", a.pid()));
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
+    let disk_a = fx.dir.path().join("ja.qcow2");
+    let disk_b = fx.dir.path().join("jb.qcow2");
+    assert!(inside(&disk_a).exists(), "QEMU cannot see its own disk");
+    assert!(!inside(&disk_b).exists(), "QEMU a sees the disk of b");
+    assert!(
+        !inside(&fx.dir.path().join("jb")).exists(),
+        "QEMU a sees b's run directory"
+    );
+    assert!(inside(&base).exists(), "QEMU cannot see its backing disk");
+    for hidden in [
+        "etc/shadow",
+        "etc/passwd",
+        "root",
+        "home",
+        "var",
+        "sys",
+        "run",
+    ] {
+        assert!(!root.join(hidden).exists(), "QEMU sees /{hidden}");
+    }
+    // In the fixture's directory: the boot files and its own disk (and the one directory
+    // above it that leads there), nothing else.
+    let mut seen: Vec<String> = std::fs::read_dir(inside(fx.dir.path()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["initrd.img", "ja.qcow2"],
+        "QEMU's view of the fixture"
+    );
+    // Of MOAT_HOME, only the way to the kernel it boots and the base disk (here in the home).
+    let mut home_view: Vec<String> =
+        std::fs::read_dir(inside(&std::fs::canonicalize(home()).unwrap()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+    home_view.sort();
+    assert_eq!(
+        home_view,
+        ["kernels", "test-base.raw"],
+        "QEMU's view of MOAT_HOME"
+    );
+    // Its /proc is its own PID namespace's: it sees no other process.
+    let pids: Vec<String> = std::fs::read_dir(root.join("proc"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(
+        pids,
+        vec!["1".to_string()],
+        "QEMU's /proc shows other processes"
+    );
+    // Its disk belongs to its uid alone.
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(&disk_a).unwrap();
+    assert_eq!(md.uid().to_string(), uids[0]);
+    assert_eq!(md.mode() & 0o077, 0, "the disk is readable by others");
+    a.kill().await.unwrap();
+    b.kill().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -230,7 +230,7 @@ mod tests {
     use std::time::Duration;
 
     use moat_protocol::frame::MAX_FRAME_LEN;
-    use moat_protocol::{Kind, NONCE_LEN, PROTOCOL_VERSION};
+    use moat_protocol::{Frame, Kind, NONCE_LEN, PROTOCOL_VERSION};
     use tokio::io::AsyncWriteExt;
     use tokio::net::UnixStream;
 
@@ -304,6 +304,39 @@ mod tests {
         let err = conn.exec(exec_request()).await.unwrap_err();
         assert!(matches!(err, Error::AgentGone), "{err}");
         assert!(conn.is_closed());
+        drop(g.await.unwrap());
+    }
+
+    /// Bytes that are not a message, then a frame of a kind that does not exist: each call
+    /// fails with an error (no panic, no hang), and after the unknown kind the session is
+    /// over, so later calls fail at once.
+    #[tokio::test]
+    async fn malformed_messages_and_unknown_kinds_become_errors() {
+        let (conn, mut guest) = session().await;
+        let g = tokio::spawn(async move {
+            let mut dec = Decoder::new();
+            let id = next_open(&mut guest, &mut dec).await;
+            let junk = Frame::new(id, Kind::Msg, b"{not json at all".to_vec());
+            guest.write_all(&junk.encode()).await.unwrap();
+            let id = next_open(&mut guest, &mut dec).await;
+            let mut frame = Frame::new(id, Kind::Msg, b"{}".to_vec()).encode();
+            // The kind byte follows the 4-byte length and the 4-byte stream id.
+            frame[8] = 0xee;
+            guest.write_all(&frame).await.unwrap();
+            guest
+        });
+        let err = conn.stat("/").await.unwrap_err();
+        assert!(!err.to_string().is_empty());
+        let err = tokio::time::timeout(Duration::from_secs(5), conn.stat("/"))
+            .await
+            .expect("the host hangs on an unknown frame kind")
+            .unwrap_err();
+        assert!(matches!(err, Error::AgentGone), "{err}");
+        let err = tokio::time::timeout(Duration::from_secs(5), conn.exec(exec_request()))
+            .await
+            .expect("a call after the session ended hangs")
+            .unwrap_err();
+        assert!(matches!(err, Error::AgentGone), "{err}");
         drop(g.await.unwrap());
     }
 }

@@ -246,6 +246,8 @@ mod tests {
             }),
             ram,
             detached: false,
+            millicores: tier.millicores(),
+            jail: crate::jail::JailMode::Off,
         };
         let fds = QemuFds {
             qmp: 3,

@@ -40,10 +40,12 @@ use crate::error::IoContext;
 use crate::qmp::Qmp;
 use crate::util::file_tail;
 use crate::{Error, Result};
-use pidfd::{PidFd, Process};
+pub(crate) use pidfd::PidFd;
+use pidfd::Process;
+pub(crate) use pidfd::{pidfd_kill, pidfd_poll, reap_blocking};
 pub(crate) use spawn::bind;
 use spawn::connect;
-pub(crate) use spawn::spawn_child;
+pub(crate) use spawn::{spawn_child, Spawned};
 
 pub use args::{kernel_cmdline, qemu_args, QemuFds, RAM_ID};
 pub(crate) use procfs::kill_qemu_of;
@@ -83,6 +85,81 @@ pub struct VmSpec {
     /// Let QEMU outlive this process (a daemon's VMs): no parent-death signal, its own
     /// session, not killed when its `Vm` is [released](Vm::release). Default: attached.
     pub detached: bool,
+    /// The CPU time the VM may use, in thousandths of a CPU (its tier's share; the jail's
+    /// cgroup enforces it).
+    pub millicores: u32,
+    /// Whether QEMU (and the sandbox's network stack) run jailed ([`crate::jail`]).
+    pub jail: crate::jail::JailMode,
+}
+
+/// Host memory a VM may use beyond its guest RAM: QEMU itself (~25-60 MiB), TCG's
+/// translation cache (resident part grows with the guest's code, ~15-50 MiB measured, up to
+/// its 1 GiB reservation in theory), the page cache of its disk and the network stack.
+const MEMORY_OVERHEAD_MIB: u64 = 512;
+/// Tasks (threads) of a sandbox's QEMU and network stack together: QEMU has its main, RCU
+/// and vCPU threads and a thread pool of up to 64 for disk I/O; the stack a few runtime
+/// threads.
+const SANDBOX_PIDS: u32 = 512;
+/// CPU headroom of whole-vCPU tiers for QEMU's main loop and the network stack; a
+/// fractional tier gets exactly its share.
+const CPU_HEADROOM_MILLICORES: u32 = 500;
+
+/// The cgroup limits of a VM of `spec`.
+fn limits(spec: &VmSpec) -> crate::cgroup::Limits {
+    let millicores = if spec.millicores < spec.cpus * 1000 {
+        spec.millicores
+    } else {
+        spec.millicores + CPU_HEADROOM_MILLICORES
+    };
+    crate::cgroup::Limits {
+        memory_bytes: (u64::from(spec.mem_mib) + MEMORY_OVERHEAD_MIB) << 20,
+        pids: SANDBOX_PIDS,
+        millicores,
+    }
+}
+
+/// The jail slot of a VM: taken at launch, found from QEMU's uid at adoption.
+#[derive(Debug)]
+enum VmSlot {
+    None,
+    Own(crate::jail::Slot),
+    Adopted(crate::jail::AdoptedSlot),
+}
+
+/// Sets up the jail of QEMU for `spec`: a slot, the overlay given to its uid, and the plan of
+/// what it sees (`/usr`, the boot files, the disk and its backing chain, `/dev/kvm` for KVM).
+fn qemu_jail(
+    host: &std::sync::Arc<crate::jail::JailHost>,
+    spec: &VmSpec,
+    booting: bool,
+) -> Result<(crate::jail::Slot, crate::jail::Plan)> {
+    use crate::jail::{JailSpec, Plan, View};
+    let slot = host.take_slot(limits(spec))?;
+    let uid = slot.qemu_uid();
+    crate::jail::give(&spec.disk, uid)?;
+    let mut view = View::system();
+    if booting {
+        view.binds.push((spec.kernel.clone(), false));
+        view.binds.push((spec.initramfs.clone(), false));
+    }
+    view.binds.push((spec.disk.clone(), true));
+    for backing in crate::disk::backing_chain(&spec.disk)? {
+        crate::jail::share_read_only(&backing)?;
+        view.binds.push((backing, false));
+    }
+    let mut groups = Vec::new();
+    if spec.accel.accel == crate::Accel::Kvm {
+        view.devices.push("/dev/kvm".into());
+        groups.extend(crate::jail::kvm_group());
+    }
+    let plan = Plan::new(JailSpec {
+        slot: &slot,
+        uid,
+        view,
+        new_net: true,
+        groups,
+    })?;
+    Ok((slot, plan))
 }
 
 /// Where a VM's guest RAM lives. Every kind is the RAM block `microvm.ram` (QEMU's own name for
@@ -140,6 +217,8 @@ pub struct Vm {
     detached: bool,
     /// [`Vm::release`]d: dropping leaves QEMU and its sockets alone.
     released: bool,
+    /// The jail's slot (uids, cgroup); its cgroup is removed when the VM is destroyed.
+    slot: VmSlot,
 }
 
 /// The QEMU process and its logs, separate from `Qmp` so both can be borrowed at once.
@@ -226,27 +305,44 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
             GuestRam::TemplateClone { ram, .. } => Some(ram.fd().as_raw_fd()),
         },
     };
-    let keep: Vec<RawFd> = [fds.qmp, fds.agent, fds.console, fds.net]
+    let mut keep: Vec<RawFd> = [fds.qmp, fds.agent, fds.console, fds.net]
         .into_iter()
         .chain(fds.incoming)
         .chain(fds.ram)
         .collect();
+    let (slot, plan) = match &spec.jail {
+        crate::jail::JailMode::On(host) => {
+            let (slot, plan) = qemu_jail(host, spec, fds.incoming.is_none())?;
+            keep.push(slot.lock_fd());
+            (VmSlot::Own(slot), Some(plan))
+        }
+        crate::jail::JailMode::Off => (VmSlot::None, None),
+    };
     let args = qemu_args(spec, &fds);
     tracing::debug!(?args, "starting QEMU");
     let stderr =
         std::fs::File::create(&stderr_log).ctx(|| format!("creating {}", stderr_log.display()))?;
-    let child = spawn_child(Path::new(QEMU_BIN), &args, stderr, keep, spec.detached)
-        .await
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::ToolMissing {
-                    tool: QEMU_BIN,
-                    package: "qemu-system-x86",
-                }
-            } else {
-                Error::io(format!("starting {QEMU_BIN}"), e)
-            }
-        })?;
+    let jailed = plan.is_some();
+    let argv: Vec<String> = std::iter::once(QEMU_BIN.to_string())
+        .chain(args.iter().cloned())
+        .collect();
+    let child = spawn_child(
+        &spawn::qemu_binary()?,
+        &argv,
+        &[],
+        stderr,
+        keep,
+        spec.detached,
+        plan,
+    )
+    .await
+    .map_err(|e| {
+        if jailed {
+            Error::Jail(format!("starting {QEMU_BIN} in its jail: {e}"))
+        } else {
+            Error::io(format!("starting {QEMU_BIN}"), e)
+        }
+    })?;
     // QEMU holds its own copies now.
     drop((
         qmp_listener,
@@ -262,12 +358,14 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
     console.drain(
         UnixStream::from_std(console_host).ctx(|| "registering the console socket".to_string())?,
     );
-    let pid = child.id().unwrap_or_default();
+    let pid = child.pid;
+    let process =
+        Process::Child(PidFd::from_owned(child.pidfd).ctx(|| format!("watching QEMU pid {pid}"))?);
     let qmp_stream = connect(&qmp_sock)?;
     let agent = connect(&agent_sock)?;
 
     let mut proc = Proc {
-        process: Process::Child(child),
+        process,
         pid,
         console,
         stderr_log,
@@ -289,6 +387,7 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
         qmp_sock,
         detached: spec.detached,
         released: false,
+        slot,
     };
     tracing::info!(pid, ms = started.elapsed().as_millis() as u64, accel = %spec.accel.accel, restore = spec.incoming.is_some(), template_ram = matches!(spec.ram, GuestRam::TemplateClone { .. }), "QEMU started");
 
@@ -316,7 +415,7 @@ impl Vm {
     /// empty from now on; QEMU's own stderr (`qemu.log`) is still there.
     ///
     /// If QMP does not answer, QEMU is killed: a VM nobody can control must not live on.
-    pub async fn adopt(run_dir: &Path, pid: u32) -> Result<Vm> {
+    pub async fn adopt(run_dir: &Path, pid: u32, jail: &crate::jail::JailMode) -> Result<Vm> {
         let disk = run_dir.join("disk.qcow2");
         let refuse = |why: &str| Error::Adopt(format!("pid {pid} ({}): {why}", run_dir.display()));
         // Open the pidfd before checking the command line: if the pid is reused after the
@@ -355,6 +454,12 @@ impl Vm {
             }
         };
         tracing::info!(pid, run_dir = %run_dir.display(), "adopted QEMU");
+        let slot = match jail {
+            crate::jail::JailMode::On(host) => procfs::uid_of(pid)
+                .and_then(|uid| host.slot_of_qemu_uid(uid))
+                .map_or(VmSlot::None, VmSlot::Adopted),
+            crate::jail::JailMode::Off => VmSlot::None,
+        };
         Ok(Vm {
             proc,
             qmp,
@@ -364,6 +469,7 @@ impl Vm {
             qmp_sock,
             detached: true,
             released: false,
+            slot,
         })
     }
 
@@ -378,7 +484,19 @@ impl Vm {
             ));
         }
         self.released = true;
+        if let VmSlot::Own(slot) = &mut self.slot {
+            slot.keep();
+        }
         Ok(())
+    }
+
+    /// The jail slot QEMU runs in (the network stack of its sandbox takes the same one);
+    /// `None` unjailed or adopted.
+    pub(crate) fn jail_slot(&self) -> Option<&crate::jail::Slot> {
+        match &self.slot {
+            VmSlot::Own(s) => Some(s),
+            _ => None,
+        }
     }
 
     /// Whether QEMU was launched detached or adopted (it may outlive this process).
@@ -757,6 +875,9 @@ impl Drop for Vm {
         }
         let _ = std::fs::remove_file(&self.qmp_sock);
         let _ = std::fs::remove_file(&self.agent_sock);
-        crate::cgroup::remove_cpu_limit(self.proc.pid);
+        // The sandbox is gone: whatever else is in its cgroup (its network stack) goes too.
+        if let VmSlot::Adopted(slot) = &self.slot {
+            slot.remove();
+        }
     }
 }

@@ -106,6 +106,18 @@ pub(crate) fn kill_qemu_of(disk: &Path) {
     }
 }
 
+/// The real uid of process `pid` (`Uid:` in its status).
+pub(crate) fn uid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
