@@ -154,7 +154,7 @@ async fn a_detached_sandbox_survives_kill_9_of_its_owner_and_is_adopted() {
 
     // A pid that is not this directory's QEMU is refused.
     assert!(matches!(
-        moat_vm::Vm::adopt(&run_dir, std::process::id()).await,
+        moat_vm::Vm::adopt(&run_dir, std::process::id(), &rt.jail).await,
         Err(Error::Adopt(_))
     ));
 
