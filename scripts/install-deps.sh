@@ -25,7 +25,7 @@ dpkg-deb              dpkg              all    crates/vm/src/assets.rs: unpacks 
 busybox               busybox-static    all    crates/testkit, crates/vm/tests: a static busybox goes into test guests
 docker-registry       docker-registry   all    crates/testkit: a real OCI registry on loopback
 htpasswd              apache2-utils     all    crates/testkit: the registry with Basic auth
-python3               python3           all    crates/cli/tests/sdk_python.rs, mcp.rs: the Python SDK tests, the MCP tests' client
+python3               python3           all    crates/cli/tests/sdk_python.rs, mcp.rs: the Python SDK tests, the client of the MCP tests
 venv                  python3-venv      all    crates/cli/tests/sdk_python.rs, mcp.rs: python3 -m venv for those tests
 node                  nodejs            all    crates/cli/tests/sdk_typescript.rs: the TypeScript SDK tests (Node 18+)
 npm                   npm               all    crates/cli/tests/sdk_typescript.rs: npm ci, npm pack of the TypeScript SDK
