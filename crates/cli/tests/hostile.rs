@@ -165,13 +165,7 @@ fn jail_cgroups(pid: u32) -> Vec<std::path::PathBuf> {
 
 /// A `/proc/<pid>/status` field.
 fn status_field(pid: u32, field: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{field}:"))
-                .map(|v| v.trim().to_string())
-        })
+    moat_vm::qemu::status_field(pid, field)
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 

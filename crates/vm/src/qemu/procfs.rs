@@ -106,12 +106,20 @@ pub(crate) fn kill_qemu_of(disk: &Path) {
     }
 }
 
+/// Field `field` of `/proc/<pid>/status` (its value, trimmed); `None` if the process or the
+/// field is not there.
+pub fn status_field(pid: u32, field: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix(field)?
+            .strip_prefix(':')
+            .map(|v| v.trim().to_string())
+    })
+}
+
 /// The real uid of process `pid` (`Uid:` in its status).
 pub(crate) fn uid_of(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
+    status_field(pid, "Uid")?
         .split_whitespace()
         .next()?
         .parse()
