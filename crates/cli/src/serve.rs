@@ -13,10 +13,20 @@ pub struct ServeArgs {
     /// TCP address of the API (it also listens on MOAT_HOME/moatd.sock).
     #[arg(long, env = "MOAT_LISTEN", default_value = moat_server::DEFAULT_LISTEN, value_name = "ADDR")]
     listen: SocketAddr,
-    /// Memory all sandbox VMs together may have, in MiB (running, starting and warm-pool VMs
-    /// count their tier's memory; suspended ones none). Default: the host's MemTotal less 1 GiB.
+    /// Tier memory all sandbox VMs together may hold, in MiB (running, starting and
+    /// warm-pool VMs count their tier's memory; suspended ones none). Default: the host's
+    /// MemTotal less the reserve, times --memory-overcommit.
     #[arg(long, env = "MOAT_MAX_MEMORY_MIB", value_name = "MIB")]
     max_memory_mib: Option<u64>,
+    /// MiB of tiers one MiB of host memory may back (1 = none). Clones of a template share
+    /// its memory, so an idle sandbox holds a fraction of its tier; new VMs are still refused
+    /// once the host's available memory runs low (--memory-reserve-mib).
+    #[arg(long, env = "MOAT_MEMORY_OVERCOMMIT", default_value_t = moat_server::DEFAULT_MEMORY_OVERCOMMIT, value_name = "RATIO")]
+    memory_overcommit: f64,
+    /// Host memory (MemAvailable) that must remain after a new VM gets its whole tier, in MiB:
+    /// below it, creates, resumes and pool refills answer 429.
+    #[arg(long, env = "MOAT_MEMORY_RESERVE_MIB", default_value_t = moat_server::DEFAULT_RESERVE_MIB, value_name = "MIB")]
+    memory_reserve_mib: u64,
     /// vCPUs allowed per host CPU, over all sandbox VMs (a fractional tier counts its share).
     #[arg(long, env = "MOAT_CPU_OVERCOMMIT", default_value_t = moat_server::DEFAULT_CPU_OVERCOMMIT, value_name = "RATIO")]
     cpu_overcommit: f64,
@@ -85,6 +95,8 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
             accel: accel.map(str::to_string),
             setup: !args.no_setup,
             max_memory_mib: args.max_memory_mib,
+            memory_overcommit: args.memory_overcommit,
+            memory_reserve_mib: args.memory_reserve_mib,
             cpu_overcommit: args.cpu_overcommit,
             park_after: (args.park_after > 0)
                 .then(|| std::time::Duration::from_secs(args.park_after)),

@@ -179,9 +179,70 @@ async fn capacity_refuses_overcommit_and_counts_suspended_as_free() {
         "moat_sandbox_resume_duration_seconds_count 1",
         "moat_memory_mib{kind=\"limit\"} 1536",
         "moat_memory_mib{kind=\"used\"} 1024",
+        "moat_memory_mib{kind=\"reserve\"} 1024",
     ] {
         assert!(text.contains(needle), "{needle} not in:\n{text}");
     }
+    // What the one running sandbox really holds: more than QEMU alone, far less than its
+    // 1024 MiB tier (a restored template shares its memory).
+    let pss = gauge(text, "moat_memory_mib{kind=\"pss\"}");
+    assert!((20.0..700.0).contains(&pss), "pss {pss} MiB");
+    assert!(gauge(text, "moat_memory_mib{kind=\"host_available\"}") > 1024.0);
+}
+
+/// The value of the metric line starting with `series`.
+fn gauge(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_low_on_memory_refuses_new_sandboxes_whatever_the_overcommit() {
+    // Keep all but 64 MiB of the host's memory free: no tier fits in what is left, however
+    // much the overcommitted tier limit allows.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_mib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap()
+        / 1024;
+    let reserve = (total_mib - 64).to_string();
+    let d = Daemon::start_with_runtime_args(
+        Some(ADMIN),
+        &[
+            "--memory-overcommit",
+            "50",
+            "--memory-reserve-mib",
+            &reserve,
+        ],
+    )
+    .await;
+    d.put_group("low", json!({"tier": "xs"}), 201).await;
+    let (st, e) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/low/sandboxes"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 429, "{e}");
+    let m = msg(&e);
+    assert!(
+        m.contains("low on memory") && m.contains(&format!("keeps {reserve} MiB")),
+        "{m}"
+    );
+    let (_, list) = d
+        .call(Some(ADMIN), "GET", &format!("{G}/low/sandboxes"), None)
+        .await;
+    assert_eq!(
+        list["sandboxes"].as_array().map(Vec::len),
+        Some(0),
+        "{list}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

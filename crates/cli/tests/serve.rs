@@ -426,6 +426,35 @@ async fn bad_bootstrap_key_is_refused() {
 }
 
 #[tokio::test]
+async fn bad_capacity_flags_are_refused() {
+    let home = tempfile::tempdir().unwrap();
+    for (flag, value, says) in [
+        (
+            "--memory-overcommit",
+            "0.5",
+            "invalid memory overcommit ratio 0.5",
+        ),
+        (
+            "--memory-overcommit",
+            "nan",
+            "invalid memory overcommit ratio",
+        ),
+        ("--memory-reserve-mib", "999999999", "less than the host"),
+        ("--cpu-overcommit", "0", "invalid CPU overcommit ratio"),
+    ] {
+        let out = moat()
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+            .args([flag, value])
+            .env("MOAT_HOME", home.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{flag} {value}: {err}");
+    }
+}
+
+#[tokio::test]
 async fn metrics_count_requests() {
     let d = Daemon::start(Some(ADMIN)).await;
     for _ in 0..3 {

@@ -53,9 +53,13 @@ pub struct Config {
     /// image too) in the background at start, as `moat setup` does; `moat serve --no-setup`
     /// turns it off.
     pub setup: bool,
-    /// Memory all sandbox VMs together may have, MiB (`--max-memory-mib`); default the host's
-    /// MemTotal less 1 GiB.
+    /// Tier memory all sandbox VMs together may hold, MiB (`--max-memory-mib`); default the
+    /// host's MemTotal less the reserve, times `memory_overcommit`.
     pub max_memory_mib: Option<u64>,
+    /// MiB of tiers one MiB of host memory may back (`--memory-overcommit`, ≥ 1).
+    pub memory_overcommit: f64,
+    /// Host memory a new VM's whole tier must leave available, MiB (`--memory-reserve-mib`).
+    pub memory_reserve_mib: u64,
     /// vCPUs allowed per host CPU (`--cpu-overcommit`).
     pub cpu_overcommit: f64,
     /// How long a sandbox must be idle (no request, no background process, its QEMU quiet)
@@ -70,6 +74,8 @@ pub struct Config {
 
 /// The default of [`Config::park_after`], seconds.
 pub const DEFAULT_PARK_AFTER_S: u64 = 10;
+
+pub use capacity::{DEFAULT_MEMORY_OVERCOMMIT, DEFAULT_RESERVE_MIB};
 
 /// The default of [`Config::cpu_overcommit`].
 pub const DEFAULT_CPU_OVERCOMMIT: f64 = 4.0;
@@ -129,9 +135,15 @@ pub async fn serve(
         println!("{key}");
     }
 
-    let limits = capacity::Limits::from_host(config.max_memory_mib, config.cpu_overcommit)?;
+    let limits = capacity::Limits::from_host(
+        config.max_memory_mib,
+        config.memory_overcommit,
+        config.memory_reserve_mib,
+        config.cpu_overcommit,
+    )?;
     tracing::info!(
         memory_mib = limits.memory_mib,
+        reserve_mib = limits.reserve_mib,
         vcpus = limits.millicpus as f64 / 1000.0,
         "capacity"
     );

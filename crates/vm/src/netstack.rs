@@ -40,6 +40,11 @@ impl NetStack {
             detached: true,
         }
     }
+
+    /// The stack's pid while it is our child (not for an adopted sandbox).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.pid)
+    }
 }
 
 impl Drop for NetStack {

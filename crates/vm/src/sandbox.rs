@@ -312,7 +312,7 @@ pub struct Sandbox {
     // then the directory.
     agent: AgentConn,
     vm: Vm,
-    _net: NetStack,
+    net: NetStack,
     dir: RunDir,
 }
 
@@ -537,7 +537,7 @@ impl Sandbox {
             parked: false,
             agent,
             vm,
-            _net: net,
+            net,
             dir,
         };
         sb.agent.refresh(Some(&hostname(id))).await?;
@@ -594,7 +594,7 @@ impl Sandbox {
             parked: false,
             agent,
             vm,
-            _net: NetStack::adopted(),
+            net: NetStack::adopted(),
             dir,
         })
     }
@@ -639,6 +639,15 @@ impl Sandbox {
     /// The CPU time its QEMU has used so far (vCPUs and devices); `None` if QEMU is gone.
     pub fn cpu_time(&self) -> Option<Duration> {
         crate::qemu::cpu_time(self.vm.pid())
+    }
+
+    /// The host processes that hold the sandbox's memory: its QEMU, and its network stack
+    /// while that is our child (an adopted sandbox's stack is not, and holds a few MiB).
+    /// Their [`crate::qemu::pss_bytes`] is what the sandbox really costs the host.
+    pub fn host_pids(&self) -> Vec<u32> {
+        std::iter::once(self.vm.pid())
+            .chain(self.net.pid())
+            .collect()
     }
 
     /// `MOAT_HOME/run/<id>`.

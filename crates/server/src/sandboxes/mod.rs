@@ -393,6 +393,26 @@ impl Manager {
         self.cap.usage()
     }
 
+    /// What every VM of this daemon really holds of the host's memory, in bytes: the sum of
+    /// the PSS of their processes (sandboxes and warm-pool VMs), which counts memory shared
+    /// copy-on-write from a template once in all. A sandbox busy with a suspend or delete at
+    /// that moment is left out.
+    pub async fn memory_pss(&self) -> u64 {
+        let mut pids: Vec<u32> = self.pool_host_pids();
+        let entries: Vec<Arc<Entry>> = self.lock_live().values().cloned().collect();
+        for e in entries {
+            if let Ok(vm) = e.vm.try_read() {
+                pids.extend(vm.iter().flat_map(moat_vm::Sandbox::host_pids));
+            }
+        }
+        // Each read walks the process's page tables: off the async threads.
+        tokio::task::spawn_blocking(move || {
+            pids.into_iter().filter_map(moat_vm::qemu::pss_bytes).sum()
+        })
+        .await
+        .unwrap_or(0)
+    }
+
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }

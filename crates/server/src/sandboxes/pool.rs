@@ -115,6 +115,15 @@ impl Manager {
         v
     }
 
+    /// The host processes of every ready pool VM (see [`Manager::memory_pss`]).
+    pub(super) fn pool_host_pids(&self) -> Vec<u32> {
+        self.lock_pools()
+            .values()
+            .flatten()
+            .flat_map(|m| m.vm.host_pids())
+            .collect()
+    }
+
     /// Ready VMs in `group`'s pool.
     pub fn pool_ready_in(&self, group: &str) -> usize {
         self.lock_pools().get(group).map_or(0, Vec::len)

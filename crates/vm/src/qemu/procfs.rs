@@ -1,6 +1,7 @@
 //! What moat reads from `/proc`: the host's TSC frequency for the guest kernel, which
 //! processes are QEMUs of a given disk (the guard against pid reuse, and the scan that kills
-//! QEMUs nobody owns), and how much CPU a QEMU has used (whether an idle sandbox is quiet).
+//! QEMUs nobody owns), how much CPU a QEMU has used (whether an idle sandbox is quiet), and how
+//! much memory it really holds (capacity and metrics).
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -39,6 +40,22 @@ pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
     Some(std::time::Duration::from_millis(
         (utime + stime) * 1000 / hz,
     ))
+}
+
+/// The proportional set size of process `pid` in bytes (`Pss:` of `/proc/<pid>/smaps_rollup`):
+/// its private pages plus its share of every page it maps together with others. Template
+/// memory that N clones map copy-on-write counts 1/N in each, so the sum over all VMs counts
+/// it once, where RSS would count it N times. `None` if the process is gone.
+pub fn pss_bytes(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    parse_pss(&rollup)
+}
+
+fn parse_pss(rollup: &str) -> Option<u64> {
+    rollup.lines().find_map(|l| {
+        let kib = l.strip_prefix("Pss:")?.trim().strip_suffix("kB")?;
+        kib.trim().parse::<u64>().ok().map(|k| k * 1024)
+    })
 }
 
 /// Whether `pid` is a live QEMU whose root drive is `disk`: the guard against pid reuse when
@@ -145,5 +162,18 @@ mod tests {
             "{before:?} → {after:?}"
         );
         assert_eq!(cpu_time(u32::MAX), None);
+    }
+
+    #[test]
+    fn pss_counts_shared_pages_by_share_and_is_none_for_a_missing_process() {
+        let rollup = "55d4c8a00000-7ffd5d1f7000 ---p 00000000 00:00 0    [rollup]\n\
+                      Rss:              183324 kB\nPss:               45123 kB\n\
+                      Pss_Anon:          40000 kB\nShared_Clean:      12 kB\n";
+        assert_eq!(parse_pss(rollup), Some(45123 * 1024));
+        assert_eq!(parse_pss("Rss: 1 kB\n"), None);
+        // Our own: a test process maps at least its binary.
+        let me = pss_bytes(std::process::id()).expect("our own smaps_rollup");
+        assert!(me > 1 << 20, "{me}");
+        assert_eq!(pss_bytes(u32::MAX), None);
     }
 }

@@ -76,15 +76,21 @@ async fn metrics(State(state): State<AppState>) -> Result<Response> {
             pools,
         ));
         let u = mgr.usage();
+        let pss = mgr.memory_pss().await;
+        let available = crate::capacity::host_available_mib()?;
+        let mib = |k: &str, v: f64| (vec![("kind", k.to_string())], v);
         gauges.push((
             "moat_memory_mib",
-            "Memory held by running, starting and pooled VMs (used), and the daemon's limit.",
+            "Memory of running, starting and pooled VMs: the sum of their tiers (used) and its \
+             limit (limit, overcommitted), what they really hold (pss: shared template memory \
+             counted once), the host's available memory (host_available) and the part of it \
+             new VMs may not take (reserve).",
             vec![
-                (vec![("kind", "used".to_string())], u.memory_mib as f64),
-                (
-                    vec![("kind", "limit".to_string())],
-                    u.limits.memory_mib as f64,
-                ),
+                mib("used", u.memory_mib as f64),
+                mib("limit", u.limits.memory_mib as f64),
+                mib("pss", pss as f64 / (1024.0 * 1024.0)),
+                mib("host_available", available as f64),
+                mib("reserve", u.limits.reserve_mib as f64),
             ],
         ));
         gauges.push((
