@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prints the benchmark's JSON figures for this machine (release build, real VMs).
 # `scripts/bench.sh density` measures only host memory, idle CPU and restore time per sandbox
-# with and without shared template RAM.
+# with and without shared template RAM; `scripts/bench.sh scale [N]` starts N (default 200)
+# xs sandboxes in one daemon and reports what each costs the host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # --bench: also gVisor's runsc, the peer we compare with.

@@ -30,7 +30,8 @@ mod tempdir {
 }
 
 impl Daemon {
-    pub async fn start(moat: &Path, home: &Path, agent: &Path) -> Result<Daemon> {
+    /// A daemon with `args` added to `moat serve`'s.
+    pub async fn start(moat: &Path, home: &Path, agent: &Path, args: &[&str]) -> Result<Daemon> {
         let dir =
             std::env::temp_dir().join(format!("moat-bench-home-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir)?;
@@ -53,6 +54,7 @@ impl Daemon {
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             // Eight concurrent creates on a 2-CPU machine need more than the default ratio.
             .args(["--cpu-overcommit", "16"])
+            .args(args)
             .env("MOAT_HOME", &dir)
             .env("MOAT_AGENT", agent)
             .env("MOAT_BOOTSTRAP_KEY", KEY)
@@ -83,6 +85,11 @@ impl Daemon {
         Ok(d)
     }
 
+    /// The daemon's MOAT_HOME.
+    pub fn home(&self) -> &Path {
+        &self._home.0
+    }
+
     pub async fn call(
         &self,
         method: &str,
@@ -104,7 +111,7 @@ impl Daemon {
         Ok((status, v))
     }
 
-    async fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+    pub async fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         let (st, v) = self.call(method, path, body).await?;
         if !(200..300).contains(&st) {
             bail!("{method} {path}: {st} {v}");
@@ -112,7 +119,7 @@ impl Daemon {
         Ok(v)
     }
 
-    async fn metric(&self, series: &str) -> Result<f64> {
+    pub async fn metric(&self, series: &str) -> Result<f64> {
         let text = self
             .http
             .get(format!("{}/metrics", self.url))
@@ -142,7 +149,7 @@ impl Daemon {
     }
 
     /// create → first exec of `true`, in ms; returns the sandbox id too.
-    async fn create_and_exec(&self, group: &str) -> Result<(f64, String)> {
+    pub async fn create_and_exec(&self, group: &str) -> Result<(f64, String)> {
         let t = Instant::now();
         let sb = self
             .ok(
@@ -156,7 +163,30 @@ impl Daemon {
         Ok((super::ms(t.elapsed()), id))
     }
 
-    async fn exec(&self, group: &str, id: &str) -> Result<()> {
+    /// Like [`Daemon::create_and_exec`], but a 429 (the host is full) is `Ok(Err(body))`.
+    pub async fn try_create_and_exec(
+        &self,
+        group: &str,
+    ) -> Result<std::result::Result<(f64, String), Value>> {
+        let t = Instant::now();
+        let (st, sb) = self
+            .call(
+                "POST",
+                &format!("/v1/sandbox-groups/{group}/sandboxes"),
+                Some(json!({})),
+            )
+            .await?;
+        match st {
+            201 | 200 => {}
+            429 => return Ok(Err(sb)),
+            _ => bail!("create in {group}: {st} {sb}"),
+        }
+        let id = sb["id"].as_str().context("id")?.to_string();
+        self.exec(group, &id).await?;
+        Ok(Ok((super::ms(t.elapsed()), id)))
+    }
+
+    pub async fn exec(&self, group: &str, id: &str) -> Result<()> {
         let r = self
             .ok(
                 "POST",
@@ -170,7 +200,7 @@ impl Daemon {
         Ok(())
     }
 
-    async fn delete(&self, group: &str, id: &str) -> Result<()> {
+    pub async fn delete(&self, group: &str, id: &str) -> Result<()> {
         self.ok(
             "DELETE",
             &format!("/v1/sandbox-groups/{group}/sandboxes/{id}"),
@@ -180,9 +210,9 @@ impl Daemon {
         .map(|_| ())
     }
 
-    /// Destroys every VM (groups deleted with force), then stops the daemon.
-    async fn stop(mut self) -> Result<()> {
-        for g in ["pool", "nopool"] {
+    /// Destroys every VM of `groups` (deleted with force), then stops the daemon.
+    pub async fn stop(mut self, groups: &[&str]) -> Result<()> {
+        for g in groups {
             let _ = self
                 .call(
                     "DELETE",
@@ -198,7 +228,7 @@ impl Daemon {
     }
 }
 
-fn percentile(v: &[f64], p: f64) -> f64 {
+pub fn percentile(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
@@ -213,9 +243,9 @@ pub async fn measure(
     tier: &str,
     rounds: usize,
 ) -> Result<Value> {
-    let d = Daemon::start(moat, home, agent).await?;
+    let d = Daemon::start(moat, home, agent, &[]).await?;
     let result = run(&d, tier, rounds).await;
-    d.stop().await?;
+    d.stop(&["pool", "nopool"]).await?;
     result
 }
 

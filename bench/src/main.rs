@@ -1,12 +1,14 @@
 //! `moat-bench`: measures the runtime on this machine and prints one JSON object.
 //!
 //! Run with `scripts/bench.sh` (release build); `scripts/bench.sh density` measures only the
-//! density figures (`density.rs`). Figures are medians over several runs; the
+//! density figures (`density.rs`), `scripts/bench.sh scale [N]` only the scale run
+//! (`scale.rs`). Figures are medians over several runs; the
 //! machine, accelerator and QEMU version are part of the output, because absolute times only
 //! mean something next to them.
 
 mod daemon;
 mod density;
+mod scale;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -112,6 +114,21 @@ async fn main() -> Result<()> {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(4);
+    if std::env::args().nth(1).as_deref() == Some("scale") {
+        let n = match std::env::args().nth(2) {
+            None => 200,
+            Some(a) => match a.parse::<usize>() {
+                Ok(n) if n >= 1 => n,
+                _ => bail!("scale N: N is a count of sandboxes, at least 1 (got {a:?})"),
+            },
+        };
+        let report = json!({
+            "machine": machine(&rt, Tier::Xs),
+            "scale": scale::measure(&moat, &home, &agent, n).await?,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     if std::env::args().nth(1).as_deref() == Some("density") {
         let tpl = template::ensure(&rt, &image.digest, &image.rootfs, tier).await?;
         let report = json!({
