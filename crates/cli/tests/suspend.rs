@@ -58,6 +58,14 @@ async fn processes_and_files_survive_three_suspend_resume_cycles() {
         .stdout,
     );
     counter_passes(&sb, 0).await;
+    // 4 MiB of random bytes in guest memory (tmpfs): pages the template does not have.
+    sh(&sb, "head -c 4194304 /dev/urandom > /run/blob").await;
+    let blob = text(&sh(&sb, "sha256sum /run/blob").await.stdout);
+    assert!(blob.contains("/run/blob"), "{blob}");
+    let template_ram = snapshot::SnapshotMeta::load(&tpl.dir)
+        .unwrap()
+        .shared_ram_bytes
+        .expect("a template with shared RAM");
 
     let store = tempfile::tempdir_in(common::home()).unwrap();
     let mut previous: Option<PathBuf> = None;
@@ -74,6 +82,16 @@ async fn processes_and_files_survive_three_suspend_resume_cycles() {
         assert!(qemu_processes(&id).is_empty(), "QEMU still running");
         assert!(!rt.run_root().join(&id).exists());
         assert_eq!(meta.shared_base.as_ref().unwrap().path, base);
+        // Only what differs from the template: the blob and what the guest wrote.
+        assert_eq!(
+            meta.ram_base.as_deref(),
+            Some(std::fs::canonicalize(&tpl.dir).unwrap().as_path())
+        );
+        assert!(
+            meta.memory_bytes < template_ram / 2,
+            "memory image {} bytes, template RAM {template_ram}",
+            meta.memory_bytes
+        );
         let chain = backing_chain(&dest.join("disk.qcow2"));
         assert!(chain.len() <= 3, "backing chain grew: {chain:?}");
         assert_eq!(chain[1], base, "{chain:?}");
@@ -104,6 +122,8 @@ async fn processes_and_files_survive_three_suspend_resume_cycles() {
             let got = text(&sh(&sb, &format!("cat /root/file{i}")).await.stdout);
             assert_eq!(got, i.to_string(), "file{i} after cycle {cycle}");
         }
+        let sum = text(&sh(&sb, "sha256sum /run/blob").await.stdout);
+        assert_eq!(sum, blob, "/run/blob after cycle {cycle}");
         let alive = sh(&sb, &format!("kill -0 {bg} && echo alive")).await;
         assert_eq!(text(&alive.stdout), "alive");
         assert!(counter(&sb).await >= before);

@@ -21,6 +21,7 @@ pub mod netstack;
 pub mod qemu;
 pub mod qmp;
 pub mod ram;
+mod ramdiff;
 mod sandbox;
 pub mod snapshot;
 pub mod template;

@@ -86,7 +86,7 @@ pub(crate) fn source(key: &str, bytes: u64) -> Result<OwnedFd> {
 }
 
 /// The next data extent at or after `offset` of `f`, or `None` past the last one.
-fn next_data(f: &File, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
+pub(crate) fn next_data(f: &File, offset: u64, len: u64) -> Result<Option<(u64, u64)>> {
     let seek = |off: u64, whence| {
         // SAFETY: lseek on a descriptor we own; the result is checked.
         let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };

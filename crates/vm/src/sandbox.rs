@@ -54,6 +54,10 @@ pub struct SandboxRecord {
     /// The shared read-only disk a suspend flattens onto (see [`SnapshotMeta::shared_base`]).
     pub shared_base: BaseDisk,
     pub created_unix: u64,
+    /// The template whose RAM the VM maps (a clone), so that an adopted clone's suspend also
+    /// stores only what differs from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_base: Option<PathBuf>,
 }
 
 impl SandboxRecord {
@@ -306,6 +310,9 @@ pub struct Sandbox {
     backing: PathBuf,
     /// The RAM memfd of a template being built, which [`Sandbox::snapshot_and_stop`] stores.
     ram_source: Option<Arc<OwnedFd>>,
+    /// The template directory whose RAM this clone maps copy-on-write: a suspend then stores
+    /// only the pages that differ from it.
+    ram_base: Option<PathBuf>,
     /// Paused by [`Sandbox::park`]: its vCPUs are stopped and its agent cannot answer.
     parked: bool,
     // Field order matters for Drop: the agent session, then QEMU, then its network stack,
@@ -379,6 +386,7 @@ impl Sandbox {
             },
             backing: base,
             ram,
+            ram_base: None,
         };
         Self::start(rt, id, dir, origin, None, opts).await
     }
@@ -439,13 +447,28 @@ impl Sandbox {
         };
         // A template's RAM is mapped copy-on-write from the one sealed copy of this process;
         // any other image holds all of the guest's RAM and is loaded into private memory.
-        let ram = if meta.shared_ram_bytes.is_some() {
-            GuestRam::TemplateClone {
-                ram: crate::ram::load(snapshot).await?,
-                readonly: crate::qemu::has_readonly_rom(&rt.qemu_version),
+        // A suspend of a clone holds only what differs from its template: its template's RAM
+        // again, with the difference loaded on top.
+        let ram_base = if meta.shared_ram_bytes.is_some() {
+            Some(canonical(snapshot)?)
+        } else if let Some(base) = &meta.ram_base {
+            if SnapshotMeta::load(base)?.shared_ram_bytes.is_none() {
+                return Err(Error::Snapshot(format!(
+                    "{} holds memory relative to {}, which has no template RAM",
+                    snapshot.display(),
+                    base.display()
+                )));
             }
+            Some(base.clone())
         } else {
-            GuestRam::Private
+            None
+        };
+        let ram = match &ram_base {
+            Some(base) => GuestRam::TemplateClone {
+                ram: crate::ram::load(base).await?,
+                readonly: crate::qemu::has_readonly_rom(&rt.qemu_version),
+            },
+            None => GuestRam::Private,
         };
         let dir = RunDir::create(rt, id)?;
         let disk_path = dir.path.join("disk.qcow2");
@@ -458,6 +481,7 @@ impl Sandbox {
             shared_base,
             backing: snapshot_disk,
             ram,
+            ram_base,
         };
         let incoming = Incoming {
             path: snapshot.join("memory.bin"),
@@ -517,6 +541,7 @@ impl Sandbox {
                 backing: origin.backing.clone(),
                 shared_base: origin.shared_base.clone(),
                 created_unix: snapshot::unix_now(),
+                ram_base: origin.ram_base.clone(),
             }
             .store(&dir.path)?;
         }
@@ -534,6 +559,7 @@ impl Sandbox {
             shared_base: origin.shared_base,
             backing: origin.backing,
             ram_source,
+            ram_base: origin.ram_base,
             parked: false,
             agent,
             vm,
@@ -590,6 +616,7 @@ impl Sandbox {
             cpus: rec.cpus,
             shared_base: rec.shared_base,
             backing: rec.backing,
+            ram_base: rec.ram_base,
             ram_source: None,
             parked: false,
             agent,
@@ -770,7 +797,20 @@ impl Sandbox {
         // No frame may be half-way through the channel when memory is saved.
         let quiet = self.agent.quiesce().await?;
         let memory = tmp.path().join("memory.bin");
-        let memory_bytes = self.vm.save_memory(&memory).await?;
+        let mut memory_bytes = self.vm.save_memory(&memory).await?;
+        let ram_base = match (&self.ram_base, mode) {
+            (Some(base), SaveMode::Suspend) => {
+                let (full, template) = (memory.clone(), base.clone());
+                let reduced = tokio::task::spawn_blocking(move || diff_memory(&full, &template))
+                    .await
+                    .map_err(|e| Error::io("filtering memory", std::io::Error::other(e)))??;
+                reduced.map(|bytes| {
+                    memory_bytes = bytes;
+                    base.clone()
+                })
+            }
+            _ => None,
+        };
         // The stream left the shared RAM out (x-ignore-shared); it is in the memfd.
         let shared_ram_bytes = match &self.ram_source {
             Some(fd) => {
@@ -821,6 +861,7 @@ impl Sandbox {
             save_ms: started.elapsed().as_millis() as u64,
             shared_base: (mode == SaveMode::Suspend).then(|| self.shared_base.clone()),
             shared_ram_bytes,
+            ram_base,
         };
         meta.store(tmp.path())?;
         tmp.persist(dest)?;
@@ -852,6 +893,34 @@ impl Sandbox {
     pub async fn destroy(mut self) {
         if let Err(e) = self.vm.kill().await {
             tracing::warn!(id = self.id, error = %e, "stopping QEMU");
+        }
+    }
+}
+
+/// Replaces the full memory image `memory` of a clone of template `base` with only what differs
+/// from the template ([`crate::ramdiff`]); its new size, or `None` if the stream was not one
+/// the filter knows (then the full image stays, and a resume loads it whole).
+fn diff_memory(memory: &Path, base: &Path) -> Result<Option<u64>> {
+    let diff = memory.with_extension("diff");
+    let template = base.join(crate::ram::RAM_FILE);
+    match crate::ramdiff::filter(memory, &template, crate::qemu::RAM_ID, &diff) {
+        Ok(f) => {
+            std::fs::rename(&diff, memory).ctx(|| format!("replacing {}", memory.display()))?;
+            let bytes = std::fs::metadata(memory)
+                .ctx(|| format!("stat {}", memory.display()))?
+                .len();
+            tracing::info!(
+                kept_pages = f.kept_pages,
+                dropped_pages = f.dropped_pages,
+                bytes,
+                "memory image reduced to what differs from the template"
+            );
+            Ok(Some(bytes))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&diff);
+            tracing::warn!(error = %e, "keeping the whole memory image");
+            Ok(None)
         }
     }
 }
@@ -907,6 +976,8 @@ struct Origin {
     shared_base: BaseDisk,
     backing: PathBuf,
     ram: GuestRam,
+    /// The template directory whose RAM `ram` maps (a clone's), for diff suspends.
+    ram_base: Option<PathBuf>,
 }
 
 /// The absolute path of an existing disk (qemu-img stores backing paths as given).

@@ -58,6 +58,13 @@ pub struct SnapshotMeta {
     /// device state. Restores map it copy-on-write ([`crate::ram`]).
     #[serde(default)]
     pub shared_ram_bytes: Option<u64>,
+    /// Set by a suspend of a template clone: the template directory whose `memory.ram` the
+    /// guest RAM maps, and `memory.bin` holds only the pages that differ from it
+    /// ([`crate::ramdiff`]). A resume maps that RAM again and loads the difference on top. A
+    /// moat that predates the field refuses the directory (unknown field) rather than
+    /// loading it as a whole image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_base: Option<PathBuf>,
 }
 
 impl SnapshotMeta {

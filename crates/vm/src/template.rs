@@ -288,6 +288,7 @@ mod tests {
             save_ms: 0,
             shared_base: None,
             shared_ram_bytes: None,
+            ram_base: None,
         };
         meta.store(&dir).unwrap();
         std::fs::copy(base, dir.join("disk.qcow2")).unwrap();
