@@ -58,7 +58,7 @@ export function sandboxView(main, group, id) {
         onclick: () =>
           act("Suspend", async () => {
             // An open shell holds the sandbox: a suspend would wait for it to end.
-            terminal.close();
+            terminal.close("Closed: the sandbox was suspended.");
             await call("POST", `${base}/suspend`);
             return "Suspended.";
           }),
@@ -149,7 +149,11 @@ export function sandboxView(main, group, id) {
   }
 
   const stops = [poll(refresh, 2000), poll(egress.refresh, 3000)];
-  files.list();
+  // Listing files uses the VM, which would resume a suspended sandbox: only a running one is
+  // listed by itself, a suspended one when the user opens a directory.
+  call("GET", base)
+    .then((sb) => (sb.state === "running" ? files.list() : files.idle(sb.state)))
+    .catch(() => {});
   return () => {
     stops.forEach((s) => s());
     terminal.close();
@@ -167,7 +171,8 @@ function terminalPanel(group, id) {
   const open = h("button", { type: "button", class: "primary", id: "terminal-open" }, "Open terminal");
   const closeBtn = h("button", { type: "button", id: "terminal-close", disabled: true }, "Close terminal");
 
-  function close() {
+  function close(why = "Closed.") {
+    if (ws) status(msg, why);
     if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
     ws = null;
     term?.dispose();
@@ -225,7 +230,6 @@ function terminalPanel(group, id) {
   });
   closeBtn.addEventListener("click", () => {
     close();
-    status(msg, "Closed.");
     open.focus();
   });
   const el = section("Terminal", h("div", { class: "toolbar" }, open, closeBtn), msg, screen);
@@ -351,5 +355,7 @@ function filesPanel(base) {
     msg,
     listing,
   );
-  return { el, list };
+  const idle = (state) =>
+    fill(listing, h("p", { class: "empty" }, `The sandbox is ${state}: opening a directory resumes it.`));
+  return { el, list, idle };
 }

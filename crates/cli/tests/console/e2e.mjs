@@ -149,6 +149,7 @@ try {
   step("suspend and resume");
   await page.getByRole("button", { name: "Suspend" }).click();
   await page.locator("#sandbox-state").filter({ hasText: "suspended" }).waitFor({ timeout: 60_000 });
+  await page.locator("#terminal-status").filter({ hasText: "Closed: the sandbox was suspended." }).waitFor();
   assert.equal((await (await api("GET", `/v1/sandbox-groups/${group}/sandboxes/${sandbox}`)).json()).state, "suspended");
   await page.getByRole("button", { name: "Resume" }).click();
   await page.locator("#sandbox-state").filter({ hasText: "running" }).waitFor({ timeout: 60_000 });
