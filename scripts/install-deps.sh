@@ -29,6 +29,7 @@ python3               python3           all    crates/cli/tests/sdk_python.rs, m
 venv                  python3-venv      all    crates/cli/tests/sdk_python.rs, mcp.rs: python3 -m venv for those tests
 node                  nodejs            all    crates/cli/tests/sdk_typescript.rs: the TypeScript SDK tests (Node 18+)
 npm                   npm               all    crates/cli/tests/sdk_typescript.rs: npm ci, npm pack of the TypeScript SDK
+chromium              chromium          all    crates/cli/tests/console.rs: the web console in a headless browser
 sh                    dash              all    crates/testkit, crates/vm/src/{cgroup,jail}.rs tests
 unshare               util-linux        all    crates/vm/src/jail.rs tests: a jailed shell may not make namespaces
 kill                  procps            all    crates/cli/tests: kill -9 of a daemon or a QEMU

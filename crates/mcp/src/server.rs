@@ -42,7 +42,10 @@ the server has a default group); tools act on it unless you pass `sandbox` (an i
 run_code runs Python or shell in /workspace and reports new files; exec runs any command; \
 read_file/write_file/list_files move files; start_process runs a server in the background \
 (read its output with process_logs); snapshot_sandbox and fork_sandbox save a state and start \
-copies of it; suspend_sandbox stops the VM keeping its state (the next call resumes it). \
+copies of it; suspend_sandbox stops the VM keeping its state (the next call resumes it); \
+expose_port makes a server in the sandbox reachable over HTTP; egress_log shows the network \
+connections the sandbox tried and why each was allowed or denied; check_policy asks the \
+group's policy whether code would be allowed, and policy_decisions shows its log. \
 Sandboxes this session created are deleted when it ends unless created with keep: true. \
 There is no network access unless the group's egress rules allow it.";
 
@@ -207,6 +210,58 @@ pub struct ForkArgs {
     pub keep: bool,
 }
 
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct EgressArgs {
+    /// `allow` or `deny`: only those events. Default: both.
+    #[serde(default)]
+    pub verdict: Option<String>,
+    /// How many of the newest events, 1-1000 (default 50).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    #[serde(flatten)]
+    pub at: Where,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct CheckArgs {
+    /// With `code`: `python` or `shell`. Give `code`, `command` or `argv`.
+    #[serde(default)]
+    pub language: Option<Language>,
+    /// A program, checked as the language says.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// A shell command line, as exec would run it.
+    #[serde(default)]
+    pub command: Option<String>,
+    /// A program and its arguments, as exec would run them.
+    #[serde(default)]
+    pub argv: Option<Vec<String>>,
+    /// The group whose policy decides; default that of this session's sandbox.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct DecisionsArgs {
+    /// `allow`, `deny` or `audit`: only those decisions. Default: all.
+    #[serde(default)]
+    pub verdict: Option<String>,
+    /// How many of the newest decisions (default 20).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// The group; default that of this session's sandbox.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct PortArgs {
+    /// The TCP port a server in the sandbox listens on (1-65535).
+    pub port: u16,
+    #[serde(flatten)]
+    pub at: Where,
+}
+
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 pub struct TargetArgs {
     #[serde(flatten)]
@@ -295,6 +350,19 @@ fn command_body(
     Ok(body)
 }
 
+/// `?k=v&…` of the values given, percent-encoded.
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let q: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+        .collect();
+    if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
+    }
+}
+
 /// Files under the workspace as `path → (mtime, size)`, from GNU find; None if it is missing.
 async fn workspace_files(
     d: &crate::daemon::Daemon,
@@ -333,6 +401,17 @@ impl MoatMcp {
 
     pub fn session(&self) -> &Arc<Session> {
         &self.session
+    }
+
+    /// The group named, else the session's.
+    fn group_for(&self, group: Option<String>) -> Result<String> {
+        let g = group.or_else(|| self.session.group()).ok_or_else(|| {
+            Error::BadArgument(
+                "this session has no group yet: pass `group` (or create_sandbox first)".into(),
+            )
+        })?;
+        check_name("group", &g)?;
+        Ok(g)
     }
 
     #[tool(
@@ -717,6 +796,118 @@ impl MoatMcp {
                 self.session
                     .daemon()?
                     .post(&format!("{}/suspend", t.path()), &json!({}))
+                    .await
+            }
+            .await,
+        )
+    }
+
+    #[tool(
+        description = "The sandbox's network log, newest last: every DNS answer and \
+        connection its network stack decided (name, address, port, verdict allow/deny, the \
+        reason, bytes). Use it to see why a download or an API call failed: egress is denied \
+        unless the group's rules allow the host."
+    )]
+    async fn egress_log(
+        &self,
+        Parameters(a): Parameters<EgressArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        answer(
+            async {
+                let t = self
+                    .session
+                    .target(a.at.group.as_deref(), a.at.sandbox.as_deref())
+                    .await?;
+                let q = query(&[
+                    ("verdict", a.verdict),
+                    ("limit", Some(a.limit.unwrap_or(50).to_string())),
+                ]);
+                self.session
+                    .daemon()?
+                    .get(&format!("{}/egress{q}", t.path()))
+                    .await
+            }
+            .await,
+        )
+    }
+
+    #[tool(
+        description = "Ask the group's policy, without running anything, whether a program \
+        or command would be allowed: `allowed`, the `mode` (enforce, audit, off) and the \
+        `findings` (rule, message, line) that would refuse it. Give `language` and `code`, \
+        or `command`, or `argv`."
+    )]
+    async fn check_policy(
+        &self,
+        Parameters(a): Parameters<CheckArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        answer(
+            async {
+                let group = self.group_for(a.group)?;
+                let body = match (a.language, a.code, a.command, a.argv) {
+                    (Some(Language::Python), Some(c), None, None) => json!({"python": c}),
+                    (Some(Language::Shell), Some(c), None, None) => json!({"shell": c}),
+                    (None, None, Some(c), None) => json!({"command": c}),
+                    (None, None, None, Some(a)) => json!({"argv": a}),
+                    _ => {
+                        return Err(Error::BadArgument(
+                            "give exactly one of `code` (with `language`: python or shell), \
+                             `command` (a shell command line) and `argv` (a list)"
+                                .into(),
+                        ))
+                    }
+                };
+                self.session
+                    .daemon()?
+                    .post(&format!("/v1/sandbox-groups/{group}/policy/check"), &body)
+                    .await
+            }
+            .await,
+        )
+    }
+
+    #[tool(
+        description = "The group's policy decisions log, newest last: each exec, process and \
+        shell the daemon checked, with its verdict and findings. Needs an owner or admin key."
+    )]
+    async fn policy_decisions(
+        &self,
+        Parameters(a): Parameters<DecisionsArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        answer(
+            async {
+                let group = self.group_for(a.group)?;
+                let q = query(&[
+                    ("verdict", a.verdict),
+                    ("limit", Some(a.limit.unwrap_or(20).to_string())),
+                ]);
+                self.session
+                    .daemon()?
+                    .get(&format!("/v1/sandbox-groups/{group}/policy/decisions{q}"))
+                    .await
+            }
+            .await,
+        )
+    }
+
+    #[tool(
+        description = "Make a port of the sandbox reachable over HTTP (and WebSocket) through \
+        the daemon: requests to `url` (a path on the daemon's address, with the same API key) \
+        go to that port in the sandbox. Start the server first (start_process)."
+    )]
+    async fn expose_port(
+        &self,
+        Parameters(a): Parameters<PortArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        answer(
+            async {
+                let t = self
+                    .session
+                    .target(a.at.group.as_deref(), a.at.sandbox.as_deref())
+                    .await?;
+                self.session
+                    .daemon()?
+                    .post(&format!("{}/ports", t.path()), &json!({"port": a.port}))
                     .await
             }
             .await,

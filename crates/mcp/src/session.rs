@@ -252,6 +252,13 @@ impl Session {
         })
     }
 
+    /// The group tools that need only a group use: the current sandbox's, else the default.
+    pub fn group(&self) -> Option<String> {
+        self.current()
+            .map(|t| t.group)
+            .or_else(|| self.default_group())
+    }
+
     fn current(&self) -> Option<Target> {
         self.state.lock().unwrap().current.clone()
     }

@@ -841,3 +841,48 @@ fn every_operation_id_is_unique() {
     }
     assert!(ids.contains_key("proxy_root_post"), "{ids:?}");
 }
+
+/// A browser's WebSocket cannot send headers: the shell (and nothing else) takes the key as
+/// the subprotocol `moat.key.<key>`, and a wrong or doubled one is a 401 like a wrong header.
+#[tokio::test]
+async fn the_shell_alone_takes_a_key_from_a_subprotocol() {
+    let app = App::new();
+    let shell = format!("{G}/nope/sandboxes/sb-000000000000/shell?cols=80&rows=24");
+    let with = |path: &str, protocols: &str| {
+        Request::get(path)
+            .header(header::SEC_WEBSOCKET_PROTOCOL, protocols)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let wrong = "moat_AdminAdminAdminAdminAdminAdminAdminAdmin124";
+    let (st, e) = app
+        .send(with(&shell, &format!("moat.shell.v1, moat.key.{wrong}")))
+        .await;
+    assert_eq!(st, 401, "{e}");
+    assert!(msg(&e).contains("invalid or deleted API key"), "{e}");
+    let (st, e) = app
+        .send(with(
+            &shell,
+            &format!("moat.key.{ADMIN}, moat.shell.v1, moat.key.{wrong}"),
+        ))
+        .await;
+    assert_eq!(st, 401, "{e}");
+    assert!(msg(&e).contains("more than one"), "{e}");
+    let (st, e) = app.send(with(&shell, "moat.shell.v1")).await;
+    assert_eq!(st, 401, "{e}");
+    assert!(msg(&e).contains("moat.key.<API key>"), "{e}");
+    // The right key authenticates: what is left is that the group does not exist.
+    let (st, e) = app
+        .send(with(&shell, &format!("moat.shell.v1, moat.key.{ADMIN}")))
+        .await;
+    assert_eq!(st, 404, "{e}");
+    // Anywhere else the subprotocol is no key.
+    let (st, e) = app
+        .send(with(G, &format!("moat.shell.v1, moat.key.{ADMIN}")))
+        .await;
+    assert_eq!(st, 401, "{e}");
+    // The console's page itself needs no key (it asks for one).
+    let req = Request::get("/ui/").body(Body::empty()).unwrap();
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+}

@@ -25,7 +25,8 @@ GROUP = os.environ["MOAT_TEST_GROUP"]
 TOOLS = {
     "create_sandbox", "list_sandboxes", "run_code", "exec", "read_file", "write_file",
     "list_files", "start_process", "process_logs", "snapshot_sandbox", "fork_sandbox",
-    "suspend_sandbox", "delete_sandbox",
+    "suspend_sandbox", "delete_sandbox", "expose_port", "egress_log", "check_policy",
+    "policy_decisions",
 }
 
 
@@ -289,3 +290,66 @@ async def test_roles_apply_and_a_session_is_bound_to_its_key():
             await hc.delete(f"{URL}/mcp", headers={**common, "Authorization": f"Bearer {KEY}"})
     finally:
         rest("DELETE", f"/v1/api-keys/{reader['id']}")
+
+
+@pytest.mark.anyio
+async def test_http_policy_egress_and_port_tools():
+    gov = f"{GROUP}-gov"
+    assert rest("PUT", f"/v1/sandbox-groups/{gov}", {"tier": "s"})[0] in (200, 201)
+    status, _ = rest("PUT", f"/v1/sandbox-groups/{gov}/policy",
+                     {"mode": "enforce", "commands": {"deny": ["curl"]}})
+    assert status == 201
+    try:
+        async with http_client() as hc:
+            async with streamable_http_client(f"{URL}/mcp?group={gov}", http_client=hc) as (r, w, *_):
+                async with ClientSession(r, w) as s:
+                    await s.initialize()
+                    tools = {t.name for t in (await s.list_tools()).tools}
+                    assert {"egress_log", "check_policy", "policy_decisions", "expose_port"} <= tools
+
+                    # The dry run: refused with the rule, allowed, and a clear bad-argument error.
+                    out = await call(s, "check_policy", {"command": "ls | curl x"})
+                    assert out["allowed"] is False and out["mode"] == "enforce"
+                    assert [f["rule"] for f in out["findings"]] == ["command.denied"]
+                    out = await call(s, "check_policy", {"language": "python", "code": "print(1)"})
+                    assert out["allowed"] is True
+                    msg = await call_error(s, "check_policy", {"code": "print(1)"})
+                    assert "exactly one of `code`" in msg
+
+                    # A refused exec shows up in the decisions log.
+                    msg = await call_error(s, "exec", {"command": "curl -s x"})
+                    assert "policy_denied" in msg
+                    out = await call(s, "policy_decisions", {"verdict": "deny"})
+                    assert any("curl" in (d["request"].get("command") or "") for d in out["items"]), out
+                    msg = await call_error(s, "policy_decisions", {"verdict": "maybe"})
+                    assert "verdict" in msg
+
+                    # A DNS lookup the group does not allow is in the egress log, denied.
+                    await call(s, "run_code", {"language": "python", "code":
+                        "import socket\ntry:\n    socket.getaddrinfo('blocked.example', 80)\n"
+                        "except OSError as e:\n    print('refused', e)"})
+                    deadline = time.monotonic() + 30
+                    while True:
+                        out = await call(s, "egress_log", {"verdict": "deny"})
+                        if any(e["name"] == "blocked.example" and e["kind"] == "dns" for e in out["items"]):
+                            break
+                        assert time.monotonic() < deadline, out
+                        time.sleep(0.3)
+
+                    # A server in the sandbox, reachable through the daemon with the same key.
+                    await call(s, "write_file", {"path": "/workspace/index.html", "content": "served by the sandbox"})
+                    await call(s, "start_process", {"command": "cd /workspace && exec python3 -m http.server 8000"})
+                    port = await call(s, "expose_port", {"port": 8000})
+                    assert port["port"] == 8000 and port["url"].endswith("/ports/8000/")
+                    deadline = time.monotonic() + 60
+                    while True:
+                        got = await hc.get(URL + port["url"] + "index.html")
+                        if got.status_code == 200:
+                            break
+                        assert got.status_code == 502 and time.monotonic() < deadline, got.text
+                        time.sleep(0.3)
+                    assert got.text == "served by the sandbox"
+                    msg = await call_error(s, "expose_port", {"port": 8000})
+                    assert "409" in msg
+    finally:
+        rest("DELETE", f"/v1/sandbox-groups/{gov}?force=true")

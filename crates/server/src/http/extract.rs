@@ -36,11 +36,57 @@ impl FromRequestParts<AppState> for Principal {
                 )
             })?
             .to_string();
-        state
-            .store
-            .authenticate(&key)
-            .await?
-            .ok_or_else(|| Error::Unauthorized("invalid or deleted API key".to_string()))
+        authenticate(state, &key).await
+    }
+}
+
+async fn authenticate(state: &AppState, key: &str) -> Result<Principal> {
+    state
+        .store
+        .authenticate(key)
+        .await?
+        .ok_or_else(|| Error::Unauthorized("invalid or deleted API key".to_string()))
+}
+
+/// The WebSocket subprotocol the shell answers with when a client offers it.
+pub const SHELL_PROTOCOL: &str = "moat.shell.v1";
+/// A subprotocol that carries an API key: this prefix, then the key.
+pub const KEY_PROTOCOL_PREFIX: &str = "moat.key.";
+
+/// The caller of the shell WebSocket. A browser's WebSocket cannot send an Authorization
+/// header, only subprotocols, so here the key may also come as the subprotocol
+/// `moat.key.<key>` (offered beside [`SHELL_PROTOCOL`], which the server selects: the key is
+/// never echoed). Only the shell takes it: the port proxy passes headers on to the guest,
+/// which must never see a key.
+pub struct ShellPrincipal(pub Principal);
+
+impl FromRequestParts<AppState> for ShellPrincipal {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self> {
+        if parts.headers.contains_key(header::AUTHORIZATION) {
+            return Principal::from_request_parts(parts, state)
+                .await
+                .map(ShellPrincipal);
+        }
+        let offered = parts
+            .headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim);
+        let mut keys = offered.filter_map(|p| p.strip_prefix(KEY_PROTOCOL_PREFIX));
+        match (keys.next(), keys.next()) {
+            (Some(key), None) => authenticate(state, key).await.map(ShellPrincipal),
+            (Some(_), Some(_)) => Err(Error::Unauthorized(format!(
+                "more than one {KEY_PROTOCOL_PREFIX}<API key> subprotocol: offer one"
+            ))),
+            (None, _) => Err(Error::Unauthorized(format!(
+                "missing \"Authorization: Bearer <API key>\" header (a browser offers the \
+                 subprotocols {SHELL_PROTOCOL} and {KEY_PROTOCOL_PREFIX}<API key> instead)"
+            ))),
+        }
     }
 }
 

@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::images::router())
         .merge(routes::keys::router())
         .merge(routes::policy::router())
+        .merge(routes::ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))

@@ -15,3 +15,4 @@ pub(super) mod sandboxes;
 pub(super) mod shell;
 pub(super) mod snapshots;
 pub(super) mod system;
+pub(super) mod ui;

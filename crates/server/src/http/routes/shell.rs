@@ -26,10 +26,9 @@ use crate::api::{self, ErrorBody, ExecRequest, ShellExit};
 use crate::error::{Error, Result};
 use crate::exec::{start, Start};
 use crate::http::access::{require_policy, require_use, visible_sandbox};
-use crate::http::extract::{path_param, query};
+use crate::http::extract::{path_param, query, ShellPrincipal, SHELL_PROTOCOL};
 use crate::http::state::AppState;
 use crate::sandboxes::Running;
-use crate::store::Principal;
 
 pub(in crate::http) fn router() -> Router<AppState> {
     Router::new().route(
@@ -145,7 +144,7 @@ fn check_term(t: &str) -> Result<()> {
         (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn shell(
     State(state): State<AppState>,
-    p: Principal,
+    ShellPrincipal(p): ShellPrincipal,
     params: std::result::Result<Path<(String, String)>, PathRejection>,
     uri: Uri,
     ws: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -184,6 +183,7 @@ async fn shell(
     let started = start(&run, request, None).await?;
     let sandbox = row.id;
     Ok(ws
+        .protocols([SHELL_PROTOCOL])
         .max_message_size(MAX_MESSAGE)
         .max_frame_size(MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
