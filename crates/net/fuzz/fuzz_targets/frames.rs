@@ -43,7 +43,9 @@ fuzz_target!(|data: &[u8]| {
             max_flows: 64,
             new_flows_per_s: 1_000_000,
             dns_qps: 1_000_000,
+            bandwidth: None,
         };
+        let (_limits_tx, limits) = watch::channel(limits);
         let stack = tokio::spawn(serve(theirs, resolver, policy, audit, limits, inbound));
         let (mut rd, mut wr) = tokio::io::split(ours);
         let write = async move {
