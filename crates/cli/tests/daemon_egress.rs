@@ -410,3 +410,102 @@ async fn network_survives_restarts_and_pools_and_a_dead_stack_fails_its_sandbox(
     let qemus = common::qemu_processes(&d.home.path().join("run").join(&c).display().to_string());
     assert!(qemus.is_empty(), "{qemus:?}");
 }
+
+/// An HTTP server on the host's loopback that answers every request with `n` bytes.
+fn bulk_server(n: usize) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                let _ = c.read(&mut buf);
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+                );
+                let _ = c.write_all(&vec![b'x'; n]);
+            });
+        }
+    });
+    port
+}
+
+/// How many bytes the guest downloaded from `http://web.test:PORT/`, and in how many seconds.
+async fn timed_download(d: &Daemon, group: &str, id: &str, port: u16) -> (usize, f64) {
+    let script = format!(
+        "import time, urllib.request\nt = time.time()\n\
+         n = len(urllib.request.urlopen('http://web.test:{port}/', timeout=60).read())\n\
+         print(n, time.time() - t)"
+    );
+    let (st, r) = d
+        .exec(ADMIN, group, id, json!({"argv": ["python3", "-c", script]}))
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let out = r["stdout"].as_str().unwrap().trim().to_string();
+    let (n, t) = out.split_once(' ').unwrap_or_else(|| panic!("{r}"));
+    (n.parse().unwrap(), t.parse().unwrap())
+}
+
+/// A group's network limits reach its sandboxes' stacks and change live: under a bandwidth
+/// cap of 256 KiB/s (a burst of one second's worth) a 1 MiB download takes three seconds more
+/// and the cap is audited, not fatal; after a `PUT` without it the same download is fast. A
+/// limit out of bounds is refused, naming the field.
+#[tokio::test]
+async fn network_limits_apply_and_change_live() {
+    const MIB: usize = 1 << 20;
+    let port = bulk_server(MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path()).await;
+    let mut spec = allow(&["web.test"], port);
+    spec["network_limits"] = json!({"bandwidth": 262144, "dns_qps": 20});
+    d.put_group("lim", spec.clone(), 201).await;
+    let (_, g) = d.call(Some(ADMIN), "GET", &format!("{G}/lim"), None).await;
+    assert_eq!(
+        g["spec"]["network_limits"],
+        json!({"bandwidth": 262144, "dns_qps": 20})
+    );
+    let a = d.new_sandbox("lim").await;
+
+    let (n, capped) = timed_download(&d, "lim", &a, port).await;
+    assert_eq!(n, MIB);
+    assert!(capped >= 2.5, "1 MiB at 256 KiB/s took {capped} s");
+    let e = audited(
+        &d,
+        &format!("{G}/lim/sandboxes/{a}/egress"),
+        "the bandwidth limit",
+        |e| {
+            e["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("limit: 262144 bytes per second of bandwidth"))
+        },
+    )
+    .await;
+    assert_eq!(
+        (e["name"].clone(), e["verdict"].clone()),
+        (json!("web.test"), json!("allow"))
+    );
+
+    // Live: the PUT answers once the stack has the new limits.
+    spec["network_limits"] = json!({});
+    d.put_group("lim", spec.clone(), 200).await;
+    let (n, free) = timed_download(&d, "lim", &a, port).await;
+    assert_eq!(n, MIB);
+    assert!(
+        free < capped / 2.0,
+        "without the cap 1 MiB took {free} s (capped: {capped} s)"
+    );
+
+    spec["network_limits"] = json!({"bandwidth": 1000});
+    let (st, v) = d
+        .call(Some(ADMIN), "PUT", &format!("{G}/lim"), Some(spec))
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(
+        common::daemon::msg(&v),
+        "invalid network_limits.bandwidth: 1000: allowed is 16384–100000000000 bytes per \
+         second, or absent for unlimited"
+    );
+    d.delete("lim", &a).await;
+}
