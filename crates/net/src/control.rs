@@ -630,9 +630,9 @@ mod tests {
         let mut arp = vec![0xff; 6];
         arp.extend([0x02, 0x6d, 0x6f, 0x61, 0x74, 0x02, 0x08, 0x06]);
         arp.extend([0, 1, 8, 0, 6, 4, 0, 1, 0x02, 0x6d, 0x6f, 0x61, 0x74, 0x02]);
-        arp.extend(stack::GUEST_IP.octets());
+        arp.extend(moat_protocol::link::GUEST_IP.octets());
         arp.extend([0; 6]);
-        arp.extend(stack::GATEWAY_IP.octets());
+        arp.extend(moat_protocol::link::GATEWAY_IP.octets());
         let mut framed = Vec::new();
         crate::device::put_frame(&mut framed, &arp);
         // 4 MiB of frames: far more than the socket buffers hold.
@@ -664,7 +664,7 @@ mod tests {
         qemu.read_exact(&mut reply).unwrap();
         assert_eq!(&reply[12..14], &[0x08, 0x06], "an ARP frame");
         assert_eq!(&reply[20..22], &[0, 2], "an ARP reply");
-        assert_eq!(&reply[28..32], &stack::GATEWAY_IP.octets());
+        assert_eq!(&reply[28..32], &moat_protocol::link::GATEWAY_IP.octets());
         drop(qemu);
         stack.join().unwrap().unwrap();
 

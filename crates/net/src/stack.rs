@@ -41,15 +41,11 @@ use crate::device::{put_frame, take_frame, Device};
 use crate::dns::{is_synthetic, Resolver};
 use crate::peek::{self, Peek};
 use crate::{Error, Policy, Protocol, Result};
+// The link's addresses are shared with the guest agent through the protocol crate.
+use moat_protocol::link::{GATEWAY_IP, GUEST_IP, MTU, PREFIX_LEN};
 
-/// The guest's side of the link: a /30 in CGNAT space, which is in the floor, so these
-/// addresses never clash with a real destination.
-pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(100, 127, 255, 2);
-pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(100, 127, 255, 1);
-pub const PREFIX_LEN: u8 = 30;
 /// The gateway's MAC (locally administered). The guest's is whatever it uses.
 pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x01];
-pub const MTU: u16 = 1500;
 
 /// Per-flow socket buffers: large enough that one flow's window is not the bottleneck.
 const TCP_BUFFER: usize = 256 * 1024;
