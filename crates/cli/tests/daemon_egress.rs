@@ -509,3 +509,110 @@ async fn network_limits_apply_and_change_live() {
     );
     d.delete("lim", &a).await;
 }
+
+/// The floor holds under `"default": "allow"`: a sandbox cannot reach the daemon's port, on
+/// the host's own address or on its gateway (the guest's 127.0.0.1 is its own loopback, so
+/// those are the ways to the host), so neither the API nor another sandbox's exposed port
+/// through it; nor the metadata address. Each is refused at once and audited with the floor's
+/// reason, while the other sandbox's port works from the host all along.
+#[tokio::test]
+async fn the_floor_holds_under_default_allow() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path()).await;
+    d.put_group(
+        "open",
+        json!({"tier": "s", "egress": {"default": "allow"}}),
+        201,
+    )
+    .await;
+    let (a, b) = (d.new_sandbox("open").await, d.new_sandbox("open").await);
+    let (st, p) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/open/sandboxes/{b}/processes"),
+            Some(json!({"argv": ["python3", "-m", "http.server", "8080"]})),
+        )
+        .await;
+    assert_eq!(st, 201, "{p}");
+    let (st, p) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/open/sandboxes/{b}/ports"),
+            Some(json!({"port": 8080})),
+        )
+        .await;
+    assert_eq!(st, 201, "{p}");
+    let path = p["url"].as_str().unwrap().to_string();
+    let path = path[path.find("/v1/").unwrap()..].to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (st, _) = d.call(Some(ADMIN), "GET", &path, None).await;
+        if st == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b's server never answered: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let daemon_port = d.port;
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .unwrap();
+    let own = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .map(str::to_string)
+        .expect("the host has a global IPv4 address");
+    let script = format!(
+        "import socket, time, urllib.request\n\
+         def probe(name, f):\n    t = time.time()\n    try:\n        r = f()\n    \
+         except Exception as e:\n        r = 'ERR ' + type(e).__name__\n    \
+         print(name, r, round(time.time() - t, 1))\n\
+         probe('api', lambda: urllib.request.urlopen('http://100.127.255.1:{daemon_port}{path}', \
+         timeout=20).status)\n\
+         probe('own', lambda: socket.create_connection(('{own}', {daemon_port}), timeout=20) \
+         and 'connected')\n\
+         probe('metadata', lambda: socket.create_connection(('169.254.169.254', 80), \
+         timeout=20) and 'connected')\n"
+    );
+    let (st, r) = d
+        .exec(
+            ADMIN,
+            "open",
+            &a,
+            json!({"argv": ["python3", "-c", script]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let out = r["stdout"].as_str().unwrap();
+    for name in ["api", "own", "metadata"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {out}"));
+        let f: Vec<&str> = line.split(' ').collect();
+        assert!(
+            f[1] == "ERR" && (f[2].contains("Refused") || f[2] == "URLError"),
+            "{line}"
+        );
+        assert!(f[3].parse::<f64>().unwrap() < 3.0, "not at once: {line}");
+    }
+    let sb_audit = format!("{G}/open/sandboxes/{a}/egress?verdict=deny");
+    for (what, port, reason) in [
+        ("100.127.255.1", daemon_port, "CGNAT (100.64.0.0/10)"),
+        (own.as_str(), daemon_port, "the host's own address"),
+        ("169.254.169.254", 80, "link-local"),
+    ] {
+        let e = audited(&d, &sb_audit, what, |e| {
+            e["address"] == what && e["port"] == port
+        })
+        .await;
+        let r = e["reason"].as_str().unwrap();
+        assert!(r.starts_with("floor: ") && r.contains(reason), "{e}");
+    }
+}
