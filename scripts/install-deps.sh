@@ -25,13 +25,14 @@ dpkg-deb              dpkg              all    crates/vm/src/assets.rs: unpacks 
 busybox               busybox-static    all    crates/testkit, crates/vm/tests: a static busybox goes into test guests
 docker-registry       docker-registry   all    crates/testkit: a real OCI registry on loopback
 htpasswd              apache2-utils     all    crates/testkit: the registry with Basic auth
-python3               python3           all    crates/cli/tests/sdk_python.rs, mcp.rs: the Python SDK tests, the client of the MCP tests
-venv                  python3-venv      all    crates/cli/tests/sdk_python.rs, mcp.rs: python3 -m venv for those tests
+python3               python3           all    crates/cli/tests/sdk_python.rs, mcp.rs, network.rs: the Python SDK tests, the MCP client, the package index and test servers of the network tests
+venv                  python3-venv      all    crates/cli/tests/sdk_python.rs, mcp.rs: python3 -m venv for those tests; network.rs: the pip wheel it brings (python3-pip-whl) goes into a guest
 node                  nodejs            all    crates/cli/tests/sdk_typescript.rs: the TypeScript SDK tests (Node 18+)
 npm                   npm               all    crates/cli/tests/sdk_typescript.rs: npm ci, npm pack of the TypeScript SDK
 chromium              chromium          all    crates/cli/tests/console.rs: the web console in a headless browser
 sh                    dash              all    crates/testkit, crates/vm/src/{cgroup,jail}.rs tests
 unshare               util-linux        all    crates/vm/src/jail.rs tests: a jailed shell may not make namespaces
+nsenter               util-linux        all    crates/cli/tests/network.rs: moat run and a test server inside network namespaces
 kill                  procps            all    crates/cli/tests: kill -9 of a daemon or a QEMU
 mount                 mount             all    crates/cli/tests/cli.rs: a small tmpfs (a full disk)
 umount                mount             all    crates/cli/tests/cli.rs: unmounts it

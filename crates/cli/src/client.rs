@@ -80,8 +80,33 @@ pub struct ApplyArgs {
     #[arg(long)]
     egress_default: Option<String>,
     /// Allow egress to HOST or *.SUFFIX, optionally on ports (HOST:443,8443); repeatable.
+    /// Rules are tried in this order: every --deny, --deny-cidr, --allow, then --allow-cidr,
+    /// each in the order given (a file's rules are replaced by any of these flags).
     #[arg(long = "allow", value_name = "HOST[:PORTS]")]
     allow: Vec<String>,
+    /// Allow egress to raw addresses in an IPv4 CIDR, optionally on ports
+    /// (203.0.113.0/24:5432); repeatable.
+    #[arg(long = "allow-cidr", value_name = "CIDR[:PORTS]")]
+    allow_cidr: Vec<String>,
+    /// Deny egress to HOST or *.SUFFIX (before any allow rule), optionally on ports; repeatable.
+    #[arg(long = "deny", value_name = "HOST[:PORTS]")]
+    deny: Vec<String>,
+    /// Deny egress to raw addresses in an IPv4 CIDR (before any allow rule), optionally on
+    /// ports; repeatable.
+    #[arg(long = "deny-cidr", value_name = "CIDR[:PORTS]")]
+    deny_cidr: Vec<String>,
+    /// Concurrent flows per sandbox (1–1024).
+    #[arg(long, value_name = "N")]
+    max_flows: Option<u64>,
+    /// New flows per second per sandbox (1–10000).
+    #[arg(long, value_name = "N")]
+    new_flows_per_s: Option<u64>,
+    /// DNS queries per second per sandbox (1–10000).
+    #[arg(long, value_name = "N")]
+    dns_qps: Option<u64>,
+    /// Bytes per second across a sandbox's TCP flows (16384 or more).
+    #[arg(long, value_name = "BYTES_PER_S")]
+    bandwidth: Option<u64>,
     /// A label KEY=VALUE; repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
@@ -461,13 +486,30 @@ fn apply_body(a: &ApplyArgs) -> Result<(String, Value)> {
     if let Some(v) = &a.egress_default {
         set(&["egress", "default"], json!(v));
     }
-    if !a.allow.is_empty() {
-        let rules = a
-            .allow
-            .iter()
-            .map(|r| parse_allow(r))
-            .collect::<Result<Vec<_>>>()?;
+    let flags = [
+        ("--deny", "host", &a.deny),
+        ("--deny-cidr", "cidr", &a.deny_cidr),
+        ("--allow", "host", &a.allow),
+        ("--allow-cidr", "cidr", &a.allow_cidr),
+    ];
+    if flags.iter().any(|(_, _, v)| !v.is_empty()) {
+        let mut rules = Vec::new();
+        for (flag, key, values) in flags {
+            for r in values {
+                rules.push(parse_rule(flag, key, r)?);
+            }
+        }
         set(&["egress", "rules"], Value::Array(rules));
+    }
+    for (field, v) in [
+        ("max_flows", a.max_flows),
+        ("new_flows_per_s", a.new_flows_per_s),
+        ("dns_qps", a.dns_qps),
+        ("bandwidth", a.bandwidth),
+    ] {
+        if let Some(v) = v {
+            set(&["network_limits", field], json!(v));
+        }
     }
     if !a.labels.is_empty() {
         let mut labels = Map::new();
@@ -491,24 +533,36 @@ fn secs_or_never(flag: &str, v: &str) -> Result<Value> {
         .map_err(|_| anyhow!("invalid {flag} {v:?}: expected whole seconds or \"never\""))
 }
 
-/// `HOST` or `HOST:PORT,PORT`.
-fn parse_allow(r: &str) -> Result<Value> {
-    let (host, ports) = match r.rsplit_once(':') {
-        Some((h, p)) => {
+/// The rule of one `--allow`, `--deny`, `--allow-cidr` or `--deny-cidr`: `TARGET` or
+/// `TARGET:PORT,PORT`, where `key` (`host` or `cidr`) says what TARGET is. The daemon checks
+/// the target itself.
+fn parse_rule(flag: &str, key: &str, r: &str) -> Result<Value> {
+    let (target, ports) = match r.rsplit_once(':') {
+        Some((t, p)) => {
             let ports = p
                 .split(',')
                 .map(|x| x.parse::<u16>())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|_| {
                     anyhow!(
-                        "invalid --allow {r:?}: ports must be numbers 1–65535, like host:443,8443"
+                        "invalid {flag} {r:?}: ports must be numbers 1–65535, like \
+                         {}:443,8443",
+                        if key == "host" {
+                            "host"
+                        } else {
+                            "203.0.113.0/24"
+                        }
                     )
                 })?;
-            (h, ports)
+            (t, ports)
         }
         None => (r, Vec::new()),
     };
-    Ok(json!({"host": host, "ports": ports}))
+    let mut rule = json!({key: target, "ports": ports});
+    if flag.starts_with("--deny") {
+        rule["action"] = json!("deny");
+    }
+    Ok(rule)
 }
 
 /// Percent-encodes what would change a URL's structure; the daemon validates the name itself.
@@ -671,17 +725,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn allow_rules() {
+    fn egress_rules() {
         assert_eq!(
-            parse_allow("a.com").unwrap(),
+            parse_rule("--allow", "host", "a.com").unwrap(),
             json!({"host": "a.com", "ports": []})
         );
         assert_eq!(
-            parse_allow("*.a.com:443,80").unwrap(),
+            parse_rule("--allow", "host", "*.a.com:443,80").unwrap(),
             json!({"host": "*.a.com", "ports": [443, 80]})
         );
-        assert!(parse_allow("a.com:https").is_err());
-        assert!(parse_allow("a.com:70000").is_err());
+        assert_eq!(
+            parse_rule("--deny-cidr", "cidr", "203.0.113.0/24:5432").unwrap(),
+            json!({"cidr": "203.0.113.0/24", "ports": [5432], "action": "deny"})
+        );
+        assert_eq!(
+            parse_rule("--deny", "host", "x.a.com").unwrap(),
+            json!({"host": "x.a.com", "ports": [], "action": "deny"})
+        );
+        let e = parse_rule("--allow", "host", "a.com:https").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid --allow \"a.com:https\": ports must be numbers 1–65535, like host:443,8443"
+        );
+        assert!(parse_rule("--allow", "host", "a.com:70000").is_err());
+        let e = parse_rule("--allow-cidr", "cidr", "203.0.113.0/24:x").unwrap_err();
+        assert!(
+            e.to_string().contains("like 203.0.113.0/24:443,8443"),
+            "{e}"
+        );
     }
 
     #[test]

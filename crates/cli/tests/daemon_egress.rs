@@ -410,3 +410,209 @@ async fn network_survives_restarts_and_pools_and_a_dead_stack_fails_its_sandbox(
     let qemus = common::qemu_processes(&d.home.path().join("run").join(&c).display().to_string());
     assert!(qemus.is_empty(), "{qemus:?}");
 }
+
+/// An HTTP server on the host's loopback that answers every request with `n` bytes.
+fn bulk_server(n: usize) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                let _ = c.read(&mut buf);
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+                );
+                let _ = c.write_all(&vec![b'x'; n]);
+            });
+        }
+    });
+    port
+}
+
+/// How many bytes the guest downloaded from `http://web.test:PORT/`, and in how many seconds.
+async fn timed_download(d: &Daemon, group: &str, id: &str, port: u16) -> (usize, f64) {
+    let script = format!(
+        "import time, urllib.request\nt = time.time()\n\
+         n = len(urllib.request.urlopen('http://web.test:{port}/', timeout=60).read())\n\
+         print(n, time.time() - t)"
+    );
+    let (st, r) = d
+        .exec(ADMIN, group, id, json!({"argv": ["python3", "-c", script]}))
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let out = r["stdout"].as_str().unwrap().trim().to_string();
+    let (n, t) = out.split_once(' ').unwrap_or_else(|| panic!("{r}"));
+    (n.parse().unwrap(), t.parse().unwrap())
+}
+
+/// A group's network limits reach its sandboxes' stacks and change live: under a bandwidth
+/// cap of 256 KiB/s (a burst of one second's worth) a 1 MiB download takes three seconds more
+/// and the cap is audited, not fatal; after a `PUT` without it the same download is fast. A
+/// limit out of bounds is refused, naming the field.
+#[tokio::test]
+async fn network_limits_apply_and_change_live() {
+    const MIB: usize = 1 << 20;
+    let port = bulk_server(MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path()).await;
+    let mut spec = allow(&["web.test"], port);
+    spec["network_limits"] = json!({"bandwidth": 262144, "dns_qps": 20});
+    d.put_group("lim", spec.clone(), 201).await;
+    let (_, g) = d.call(Some(ADMIN), "GET", &format!("{G}/lim"), None).await;
+    assert_eq!(
+        g["spec"]["network_limits"],
+        json!({"bandwidth": 262144, "dns_qps": 20})
+    );
+    let a = d.new_sandbox("lim").await;
+
+    let (n, capped) = timed_download(&d, "lim", &a, port).await;
+    assert_eq!(n, MIB);
+    assert!(capped >= 2.5, "1 MiB at 256 KiB/s took {capped} s");
+    let e = audited(
+        &d,
+        &format!("{G}/lim/sandboxes/{a}/egress"),
+        "the bandwidth limit",
+        |e| {
+            e["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("limit: 262144 bytes per second of bandwidth"))
+        },
+    )
+    .await;
+    assert_eq!(
+        (e["name"].clone(), e["verdict"].clone()),
+        (json!("web.test"), json!("allow"))
+    );
+
+    // Live: the PUT answers once the stack has the new limits.
+    spec["network_limits"] = json!({});
+    d.put_group("lim", spec.clone(), 200).await;
+    let (n, free) = timed_download(&d, "lim", &a, port).await;
+    assert_eq!(n, MIB);
+    assert!(
+        free < capped / 2.0,
+        "without the cap 1 MiB took {free} s (capped: {capped} s)"
+    );
+
+    spec["network_limits"] = json!({"bandwidth": 1000});
+    let (st, v) = d
+        .call(Some(ADMIN), "PUT", &format!("{G}/lim"), Some(spec))
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(
+        common::daemon::msg(&v),
+        "invalid network_limits.bandwidth: 1000: allowed is 16384–100000000000 bytes per \
+         second, or absent for unlimited"
+    );
+    d.delete("lim", &a).await;
+}
+
+/// The floor holds under `"default": "allow"`: a sandbox cannot reach the daemon's port, on
+/// the host's own address or on its gateway (the guest's 127.0.0.1 is its own loopback, so
+/// those are the ways to the host), so neither the API nor another sandbox's exposed port
+/// through it; nor the metadata address. Each is refused at once and audited with the floor's
+/// reason, while the other sandbox's port works from the host all along.
+#[tokio::test]
+async fn the_floor_holds_under_default_allow() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(dir.path()).await;
+    d.put_group(
+        "open",
+        json!({"tier": "s", "egress": {"default": "allow"}}),
+        201,
+    )
+    .await;
+    let (a, b) = (d.new_sandbox("open").await, d.new_sandbox("open").await);
+    let (st, p) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/open/sandboxes/{b}/processes"),
+            Some(json!({"argv": ["python3", "-m", "http.server", "8080"]})),
+        )
+        .await;
+    assert_eq!(st, 201, "{p}");
+    let (st, p) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/open/sandboxes/{b}/ports"),
+            Some(json!({"port": 8080})),
+        )
+        .await;
+    assert_eq!(st, 201, "{p}");
+    let path = p["url"].as_str().unwrap().to_string();
+    let path = path[path.find("/v1/").unwrap()..].to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (st, _) = d.call(Some(ADMIN), "GET", &path, None).await;
+        if st == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b's server never answered: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let daemon_port = d.port;
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .unwrap();
+    let own = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .map(str::to_string)
+        .expect("the host has a global IPv4 address");
+    let script = format!(
+        "import socket, time, urllib.request\n\
+         def probe(name, f):\n    t = time.time()\n    try:\n        r = f()\n    \
+         except Exception as e:\n        r = 'ERR ' + type(e).__name__\n    \
+         print(name, r, round(time.time() - t, 1))\n\
+         probe('api', lambda: urllib.request.urlopen('http://100.127.255.1:{daemon_port}{path}', \
+         timeout=20).status)\n\
+         probe('own', lambda: socket.create_connection(('{own}', {daemon_port}), timeout=20) \
+         and 'connected')\n\
+         probe('metadata', lambda: socket.create_connection(('169.254.169.254', 80), \
+         timeout=20) and 'connected')\n"
+    );
+    let (st, r) = d
+        .exec(
+            ADMIN,
+            "open",
+            &a,
+            json!({"argv": ["python3", "-c", script]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let out = r["stdout"].as_str().unwrap();
+    for name in ["api", "own", "metadata"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {out}"));
+        let f: Vec<&str> = line.split(' ').collect();
+        assert!(
+            f[1] == "ERR" && (f[2].contains("Refused") || f[2] == "URLError"),
+            "{line}"
+        );
+        assert!(f[3].parse::<f64>().unwrap() < 3.0, "not at once: {line}");
+    }
+    let sb_audit = format!("{G}/open/sandboxes/{a}/egress?verdict=deny");
+    for (what, port, reason) in [
+        ("100.127.255.1", daemon_port, "CGNAT (100.64.0.0/10)"),
+        (own.as_str(), daemon_port, "the host's own address"),
+        ("169.254.169.254", 80, "link-local"),
+    ] {
+        let e = audited(&d, &sb_audit, what, |e| {
+            e["address"] == what && e["port"] == port
+        })
+        .await;
+        let r = e["reason"].as_str().unwrap();
+        assert!(r.starts_with("floor: ") && r.contains(reason), "{e}");
+    }
+}

@@ -1,6 +1,7 @@
 //! End-to-end tests of port exposure: real `moat serve`, real VMs, a server in the guest
 //! reached only through the daemon and the sandbox's network stack (HTTP, a WebSocket,
-//! `moat sandbox port-forward` for raw TCP), who may reach it, and suspend/resume.
+//! `moat sandbox port-forward` for raw TCP), who may reach it, suspend/resume, and daemon
+//! restarts (SIGTERM and `kill -9`).
 
 mod common;
 
@@ -301,4 +302,85 @@ async fn an_exposed_port_survives_suspend_and_resume() {
         .await;
     assert_eq!(st, 200, "{body}");
     assert!(body.as_str().unwrap().starts_with("path=/after "), "{body}");
+}
+
+/// Exposed ports and a running `moat sandbox port-forward` outlive the daemon: after a
+/// SIGTERM and after a `kill -9`, the next daemon adopts the sandbox, still lists the port,
+/// serves its URL, and the same port-forward process reaches the guest again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exposed_ports_and_port_forward_survive_daemon_restarts() {
+    let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    d.put_group("web", json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox("web").await;
+    let ports = format!("{G}/web/sandboxes/{id}/ports");
+    let (st, p) = d
+        .call(Some(ADMIN), "POST", &ports, Some(json!({"port": 8080})))
+        .await;
+    assert_eq!(st, 201, "{p}");
+    let url = p["url"].as_str().unwrap().to_string();
+    start_servers(&d, &id).await;
+    let (st, body) = get_when_up(&d, &format!("{url}before")).await;
+    assert_eq!(st, 200, "{body}");
+
+    let mut forward = moat()
+        .args([
+            "sandbox",
+            "port-forward",
+            "web",
+            &id,
+            "9000",
+            "--local",
+            "127.0.0.1:0",
+        ])
+        .env("MOAT_URL", d.url())
+        .env("MOAT_API_KEY", ADMIN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(forward.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let local = line
+        .strip_prefix("forwarding ")
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .to_string();
+    let greeted = || async {
+        let mut s = tokio::net::TcpStream::connect(&local).await.unwrap();
+        let mut hello = [0u8; 20];
+        s.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello, b"hello 100.127.255.1\n");
+        s.write_all(b"four").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut rest = String::new();
+        s.read_to_string(&mut rest).await.unwrap();
+        assert_eq!(rest, "got 4");
+    };
+    greeted().await;
+
+    for (how, restart) in [("SIGTERM", false), ("kill -9", true)] {
+        if restart {
+            d.kill9();
+        } else {
+            d.terminate();
+        }
+        d.spawn(None).await;
+        assert_eq!(d.state("web", &id).await, "running", "after {how}");
+        let (st, l) = d.call(Some(ADMIN), "GET", &ports, None).await;
+        assert_eq!(
+            (st, l["ports"][0]["port"].clone()),
+            (200, json!(8080)),
+            "after {how}: {l}"
+        );
+        let (st, body) = d
+            .call(Some(ADMIN), "GET", &format!("{url}after"), None)
+            .await;
+        assert_eq!(st, 200, "after {how}: {body}");
+        assert!(body.as_str().unwrap().starts_with("path=/after "), "{body}");
+        greeted().await;
+    }
+    forward.kill().unwrap();
+    forward.wait().unwrap();
 }

@@ -138,15 +138,19 @@ fn hosts_file(dir: &Path) -> std::path::PathBuf {
 /// `moat run FLAGS --egress-hosts HOSTS -- python3 -c SCRIPT PORT`, which must succeed; its
 /// stdout.
 fn moat_run(flags: &[&str], hosts: &Path, script: &str, port: u16) -> String {
-    let out = moat()
-        .arg("run")
+    let mut run = moat();
+    run.arg("run")
         .args(flags)
         .arg("--egress-hosts")
         .arg(hosts)
         .args(["--", "python3", "-c", script])
-        .arg(port.to_string())
-        .output()
-        .unwrap();
+        .arg(port.to_string());
+    succeeded(run)
+}
+
+/// The stdout of `cmd`, which must succeed.
+fn succeeded(mut cmd: std::process::Command) -> String {
+    let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -344,4 +348,426 @@ fn the_stack_dies_with_its_sandbox() {
         sb.destroy().await;
         eventually("the stack outlived its sandbox", || gone(stack));
     });
+}
+
+/// What a [`digest_server`] saw: per request, its first line and how many body bytes came.
+type Requests = Arc<Mutex<Vec<(String, usize)>>>;
+
+/// An HTTP server on `addr` (over TLS with `tls`) that reads each request whole, its body by
+/// `Content-Length`, and answers `got N bytes sha256 HEX` of that body.
+fn digest_server(addr: &str, tls: Option<Arc<rustls::ServerConfig>>) -> (u16, Requests) {
+    let l = TcpListener::bind(addr).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Requests::default();
+    let s = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            let s = s.clone();
+            let tls = tls.clone();
+            std::thread::spawn(move || match tls {
+                Some(cfg) => {
+                    let conn = rustls::ServerConnection::new(cfg).unwrap();
+                    let mut t = rustls::StreamOwned::new(conn, c);
+                    if answer_digest(&mut t, &s).is_ok() {
+                        t.conn.send_close_notify();
+                        let _ = t.flush();
+                    }
+                }
+                None => {
+                    let mut c = c;
+                    let _ = answer_digest(&mut c, &s);
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+fn answer_digest(c: &mut (impl Read + Write), seen: &Requests) -> std::io::Result<()> {
+    use sha2::Digest;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if c.read(&mut b)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut sha = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut left = len;
+    while left > 0 {
+        let n = c.read(&mut buf[..left.min(64 << 10)])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        sha.update(&buf[..n]);
+        left -= n;
+    }
+    seen.lock()
+        .unwrap()
+        .push((head.lines().next().unwrap_or("").to_string(), len));
+    let body = format!("got {len} bytes sha256 {:x}", sha.finalize());
+    write!(
+        c,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    c.flush()
+}
+
+/// A test CA (its PEM) and a server configuration for `name` whose certificate it signed
+/// (its DER, to recognise it where the guest saw it).
+fn test_tls(name: &str) -> (String, Vec<u8>, Arc<rustls::ServerConfig>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "moat test CA");
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![name.to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    (ca_pem, leaf.der().to_vec(), Arc::new(cfg))
+}
+
+/// HTTPS passes through untouched: the guest verifies the loopback server's own certificate
+/// against a test CA it was given (argv) and sees exactly that certificate; a ClientHello for
+/// another name on the same address is refused with a TLS alert and never reaches the server.
+/// The stack checks the server name on port 443 only, so the server listens there, on a
+/// loopback address of its own (127.77.0.1) to stay clear of the machine's services.
+#[test]
+fn https_passes_through_with_the_upstreams_own_certificate() {
+    use sha2::Digest;
+    let (ca, leaf, cfg) = test_tls("tls.test");
+    let (port, seen) = digest_server("127.77.0.1:443", Some(cfg));
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.77.0.1 tls.test\n").unwrap();
+    let script = r#"
+import hashlib, http.client, socket, ssl, sys
+port, ca = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cadata=ca)
+c = http.client.HTTPSConnection("tls.test", port, context=ctx, timeout=30)
+c.request("GET", "/")
+cert = hashlib.sha256(c.sock.getpeercert(binary_form=True)).hexdigest()
+print("body", c.getresponse().read().decode())
+print("cert", cert)
+try:
+    s = ctx.wrap_socket(socket.create_connection(("tls.test", port), timeout=30), server_hostname="evil.test")
+    print("sni-mismatch connected")
+except Exception as e:
+    print("sni-mismatch", type(e).__name__, e)
+"#;
+    let mut run = moat();
+    run.args(["run", "--allow", "tls.test:443", "--egress-hosts"])
+        .arg(&hosts)
+        .args(["--", "python3", "-c", script, &port.to_string(), &ca]);
+    let out = succeeded(run);
+    let empty = format!("{:x}", sha2::Sha256::digest(b""));
+    assert!(
+        out.contains(&format!("body got 0 bytes sha256 {empty}\n")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("cert {:x}\n", sha2::Sha256::digest(&leaf))),
+        "the guest saw another certificate: {out}"
+    );
+    assert!(
+        out.contains("sni-mismatch SSLError") && out.to_lowercase().contains("alert"),
+        "{out}"
+    );
+    assert_eq!(*seen.lock().unwrap(), [("GET / HTTP/1.1".to_string(), 0)]);
+}
+
+/// A 10 MiB upload arrives whole: the server's digest of the body is the guest's.
+#[test]
+fn a_10_mib_upload_arrives_whole() {
+    let (port, seen) = digest_server("127.0.0.1:0", None);
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hosts_file(dir.path());
+    let script = r#"
+import hashlib, sys, urllib.request
+body = bytes(range(256)) * (10 << 12)
+r = urllib.request.Request("http://web.test:%s/up" % sys.argv[1], data=body, method="POST")
+print(urllib.request.urlopen(r, timeout=120).read().decode())
+print("sent", len(body), hashlib.sha256(body).hexdigest())
+"#;
+    let allow = format!("web.test:{port}");
+    let out = moat_run(&["--allow", &allow], &hosts, script, port);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let (n, hex) = lines[1]
+        .strip_prefix("sent ")
+        .unwrap()
+        .split_once(' ')
+        .unwrap();
+    assert_eq!(n, (10 << 20).to_string(), "{out}");
+    assert_eq!(lines[0], format!("got {n} bytes sha256 {hex}"), "{out}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [("POST /up HTTP/1.1".to_string(), 10 << 20)]
+    );
+}
+
+/// A child process (a test server) killed when the test ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `cmd` with its stdout piped; returns it and its first line (its readiness signal).
+fn spawn_ready(mut cmd: std::process::Command) -> (Child, String) {
+    use std::io::BufRead;
+    let mut child = Child(cmd.stdout(std::process::Stdio::piped()).spawn().unwrap());
+    let mut line = String::new();
+    std::io::BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line)
+}
+
+/// Network namespaces made by a test, deleted when it ends.
+struct Netns(Vec<String>);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "delete", ns])
+                .status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `program` run inside network namespace `ns` (only its network: the mounts, and so the
+/// cgroup tree the jail uses, stay the host's).
+fn in_netns(ns: &str, program: &std::ffi::OsStr) -> std::process::Command {
+    let mut c = std::process::Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{ns}")).arg(program);
+    c
+}
+
+/// A protocol whose server speaks first (an SMTP-like banner) on a CIDR rule: the stack dials
+/// a raw address at once, without waiting for the guest's first bytes, and only on the rule's
+/// port. The address must be outside the floor, so the server lives in a network namespace
+/// behind a veth (198.51.100.1, a documentation range), and `moat run` runs in a second one
+/// whose only other address (198.51.100.2) is thereby the host's own.
+#[test]
+fn a_server_first_protocol_works_on_a_cidr_rule() {
+    let (host, srv) = (unique("mnrh"), unique("mnrs"));
+    let _netns = Netns(vec![host.clone(), srv.clone()]);
+    for ns in [&host, &srv] {
+        ip(&["netns", "add", ns]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    ip(&[
+        "-n", &host, "link", "add", "v0", "type", "veth", "peer", "name", "v1", "netns", &srv,
+    ]);
+    ip(&["-n", &host, "addr", "add", "198.51.100.2/24", "dev", "v0"]);
+    ip(&["-n", &host, "link", "set", "v0", "up"]);
+    ip(&["-n", &srv, "addr", "add", "198.51.100.1/24", "dev", "v1"]);
+    ip(&["-n", &srv, "link", "set", "v1", "up"]);
+
+    let banner = r#"
+import socket
+l = socket.socket()
+l.bind(("198.51.100.1", 2525))
+l.listen()
+print("ready", flush=True)
+while True:
+    c, _ = l.accept()
+    c.sendall(b"220 banner.test ESMTP moat test\r\n")
+    line = c.makefile("rb").readline()
+    c.sendall(b"250 hello " + line.split(b" ", 1)[-1])
+    c.close()
+"#;
+    let mut server = in_netns(&srv, "python3".as_ref());
+    server.args(["-c", banner]);
+    let (_server, ready) = spawn_ready(server);
+    assert_eq!(ready, "ready\n");
+
+    let guest = r#"
+import socket
+s = socket.create_connection(("198.51.100.1", 2525), timeout=30)
+print(s.recv(100).decode().strip())
+s.sendall(b"EHLO guest\r\n")
+print(s.recv(100).decode().strip())
+try:
+    socket.create_connection(("198.51.100.1", 2526), timeout=30)
+    print("other port connected")
+except Exception as e:
+    print("other port", type(e).__name__)
+"#;
+    let m = moat();
+    let mut run = in_netns(&host, m.get_program());
+    for (k, v) in m.get_envs() {
+        match v {
+            Some(v) => run.env(k, v),
+            None => run.env_remove(k),
+        };
+    }
+    run.args(["run", "--allow-cidr", "198.51.100.1/32:2525"])
+        .args(["--", "python3", "-c", guest]);
+    let out = succeeded(run);
+    assert_eq!(
+        out,
+        "220 banner.test ESMTP moat test\n250 hello guest\nother port ConnectionRefusedError\n"
+    );
+}
+
+/// Writes a PEP 503 package index into `dir`: `simple/moat-demo/` links a wheel of
+/// `moat_demo` made here with the host's Python, and `pip.whl` is the host's own pip wheel
+/// (Debian's python3-pip-whl), which the guest fetches first: the base image has no pip.
+fn package_index(dir: &Path) {
+    use sha2::Digest;
+    let make_wheel = r#"
+import base64, hashlib, sys, zipfile
+files = {
+    "moat_demo/__init__.py": b"GREETING = 'installed from the local index'\n",
+    "moat_demo-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: moat-demo\nVersion: 1.0\n",
+    "moat_demo-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: moat-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}
+record = []
+with zipfile.ZipFile(sys.argv[1], "w") as z:
+    for name, data in files.items():
+        z.writestr(name, data)
+        h = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append("%s,sha256=%s,%d" % (name, h, len(data)))
+    record.append("moat_demo-1.0.dist-info/RECORD,,")
+    z.writestr("moat_demo-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+"#;
+    let wheel_name = "moat_demo-1.0-py3-none-any.whl";
+    std::fs::create_dir_all(dir.join("packages")).unwrap();
+    std::fs::create_dir_all(dir.join("simple/moat-demo")).unwrap();
+    let wheel = dir.join("packages").join(wheel_name);
+    let mut py = std::process::Command::new("python3");
+    py.args(["-c", make_wheel]).arg(&wheel);
+    succeeded(py);
+    let sha = sha2::Sha256::digest(std::fs::read(&wheel).unwrap());
+    std::fs::write(
+        dir.join("simple/index.html"),
+        "<!DOCTYPE html><html><body><a href=\"moat-demo/\">moat-demo</a></body></html>\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("simple/moat-demo/index.html"),
+        format!(
+            "<!DOCTYPE html><html><body><a href=\"../../packages/{wheel_name}#sha256={sha:x}\">\
+             {wheel_name}</a></body></html>\n"
+        ),
+    )
+    .unwrap();
+    let pip = std::fs::read_dir("/usr/share/python-wheels")
+        .expect("Debian's python3-pip-whl (installed with python3-venv)")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pip-"))
+        })
+        .expect("a pip wheel in /usr/share/python-wheels");
+    std::fs::copy(pip, dir.join("pip.whl")).unwrap();
+}
+
+/// `pip install` from a package index on the host's loopback (Python's own HTTP server over
+/// a PEP 503 directory), reached by name through an allow rule, as in the README.
+#[test]
+fn pip_installs_from_a_local_index() {
+    let index = tempfile::tempdir().unwrap();
+    package_index(index.path());
+    let mut serve = std::process::Command::new("python3");
+    serve
+        .args([
+            "-u",
+            "-m",
+            "http.server",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(index.path())
+        .stderr(std::process::Stdio::piped());
+    let (mut server, ready) = spawn_ready(serve);
+    // "Serving HTTP on 127.0.0.1 port N (http://127.0.0.1:N/) ..."
+    let port: u16 = ready
+        .split_whitespace()
+        .nth(5)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {ready:?}"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 pypi.test\n").unwrap();
+    let script = r#"set -e
+python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], "/tmp/pip.whl")' "http://pypi.test:$1/pip.whl"
+python3 /tmp/pip.whl/pip install --quiet --no-cache-dir --disable-pip-version-check --no-input \
+    --index-url "http://pypi.test:$1/simple/" --trusted-host pypi.test --target /tmp/site moat-demo
+PYTHONPATH=/tmp/site python3 -c 'import moat_demo; print(moat_demo.GREETING)'
+"#;
+    let allow = format!("pypi.test:{port}");
+    let mut run = moat();
+    run.args(["run", "--allow", &allow, "--egress-hosts"])
+        .arg(&hosts)
+        .args(["--", "sh", "-c", script, "sh", &port.to_string()]);
+    let out = succeeded(run);
+    assert!(out.ends_with("installed from the local index\n"), "{out}");
+    // The wheel came from this index.
+    let _ = server.0.kill();
+    let mut log = String::new();
+    server
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("\"GET /packages/moat_demo-1.0-py3-none-any.whl HTTP/1.1\" 200"),
+        "{log}"
+    );
 }

@@ -751,3 +751,81 @@ async fn the_openapi_check_catches_mismatches() {
     assert!(fails("GET", "/v1/sandbox-groups/x", 418, json!({})));
     assert!(fails("PATCH", "/v1/sandbox-groups/x", 200, json!({})));
 }
+
+/// `moat group apply` gives every kind of egress rule and the network limits from flags:
+/// deny rules first, then allow rules, hosts before CIDRs within each, in the order given;
+/// `group show` prints them in that order; the daemon's checks apply (a CIDR in the floor, a
+/// deny rule an allow cannot follow, a bandwidth too low), with its message and exit 125.
+#[tokio::test]
+async fn group_apply_flags_give_cidr_and_deny_rules_and_limits() {
+    let d = Daemon::start(Some(ADMIN)).await;
+    let o = d.cli(
+        ADMIN,
+        &[
+            "group",
+            "apply",
+            "--name",
+            "net",
+            "--allow",
+            "*.pypi.test:443",
+            "--allow-cidr",
+            "203.0.113.0/24:5432,5433",
+            "--deny",
+            "upload.pypi.test",
+            "--deny-cidr",
+            "203.0.113.7/32",
+            "--allow",
+            "files.test",
+            "--bandwidth",
+            "1048576",
+            "--dns-qps",
+            "10",
+        ],
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(out.trim(), "group net created");
+    let o = d.cli(ADMIN, &["group", "show", "net", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rules: Vec<Value> = v["spec"]["egress"]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| json!([r["action"], r.get("host").unwrap_or(&r["cidr"]), r["ports"]]))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            json!(["deny", "upload.pypi.test", []]),
+            json!(["deny", "203.0.113.7/32", []]),
+            json!(["allow", "*.pypi.test", [443]]),
+            json!(["allow", "files.test", []]),
+            json!(["allow", "203.0.113.0/24", [5432, 5433]]),
+        ]
+    );
+    assert_eq!(
+        v["spec"]["network_limits"],
+        json!({"bandwidth": 1048576, "dns_qps": 10})
+    );
+    let (out, _) = text(&d.cli(ADMIN, &["group", "show", "net"]));
+    let deny = out.find("deny upload.pypi.test").expect(&out);
+    let allow = out.find("allow 203.0.113.0/24:5432,5433").expect(&out);
+    assert!(deny < allow, "{out}");
+
+    for (flags, want) in [
+        (&["--allow-cidr", "10.0.0.0/8"][..], "egress.rules[0].cidr"),
+        (
+            &["--allow-cidr", "203.0.113.0/24:x"][..],
+            "invalid --allow-cidr",
+        ),
+        (&["--bandwidth", "1000"][..], "network_limits.bandwidth"),
+        (&["--max-flows", "0"][..], "network_limits.max_flows"),
+    ] {
+        let mut args = vec!["group", "apply", "--name", "net"];
+        args.extend_from_slice(flags);
+        let o = d.cli(ADMIN, &args);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(125), "{flags:?}: {err}");
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
+}

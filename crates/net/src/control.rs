@@ -11,7 +11,8 @@
 //! `error {message}` after each request; `audit {event}` for every decision.
 //! daemon → stack: `start {egress, hosts?, resolver?, limits?}` once, first (nothing is
 //! forwarded before it); `policy {egress}` at any time after, applied to the next decision
-//! and to live flows (those it denies are reset).
+//! and to live flows (those it denies are reset); `limits {limits}` at any time after, applied
+//! from then on.
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -34,33 +35,81 @@ pub const VERSION: u32 = 1;
 /// Audit events kept while no daemon reads them.
 const AUDIT_QUEUE: usize = 4096;
 
-/// Limits as the daemon sends them; absent fields keep the defaults.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// A sandbox's network limits (a group's `network_limits`, and what the daemon sends its
+/// stacks); an absent field keeps its default. Exceeding one is audited, never fatal: a flow
+/// or query over a count is refused, and the bandwidth cap slows the sandbox's flows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSpec {
+    /// Concurrent TCP flows and UDP relays, 1–1024 (default 256; each TCP flow holds 512 KiB
+    /// of buffers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1024)]
     pub max_flows: Option<usize>,
+    /// New flows per second, 1–10000 (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 10000)]
     pub new_flows_per_s: Option<u32>,
+    /// DNS queries per second, 1–10000 (default 50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 10000)]
     pub dns_qps: Option<u32>,
+    /// Bytes per second across all of the sandbox's TCP flows, both directions together,
+    /// 16384 (16 KiB/s) – 10^11 (default: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 16384, maximum = 100000000000_u64)]
+    pub bandwidth: Option<u64>,
 }
 
+/// The bounds of [`LimitsSpec`]'s fields.
+const MAX_FLOWS: usize = 1024;
+const MAX_RATE: u32 = 10_000;
+/// Below about ten packets a second a TCP flow stalls rather than slows.
+const MIN_BANDWIDTH: u64 = 16 * 1024;
+const MAX_BANDWIDTH: u64 = 100_000_000_000;
+
 impl LimitsSpec {
-    fn limits(&self) -> Result<Limits> {
+    /// The limits these give, or an error naming the field (`limits.max_flows`) and what is
+    /// allowed.
+    pub fn validate(&self) -> Result<Limits> {
+        fn check<T: PartialOrd + std::fmt::Display>(
+            field: &str,
+            v: Option<T>,
+            min: T,
+            max: T,
+            what: &str,
+        ) -> Result<()> {
+            match v {
+                Some(x) if x < min || x > max => Err(Error::Invalid {
+                    field: format!("limits.{field}"),
+                    message: format!("{x}: allowed is {min}–{max} {what}"),
+                }),
+                _ => Ok(()),
+            }
+        }
+        check("max_flows", self.max_flows, 1, MAX_FLOWS, "flows")?;
+        check(
+            "new_flows_per_s",
+            self.new_flows_per_s,
+            1,
+            MAX_RATE,
+            "per second",
+        )?;
+        check("dns_qps", self.dns_qps, 1, MAX_RATE, "per second")?;
+        check(
+            "bandwidth",
+            self.bandwidth,
+            MIN_BANDWIDTH,
+            MAX_BANDWIDTH,
+            "bytes per second, or absent for unlimited",
+        )?;
         let d = Limits::default();
-        let l = Limits {
+        Ok(Limits {
             max_flows: self.max_flows.unwrap_or(d.max_flows),
             new_flows_per_s: self.new_flows_per_s.unwrap_or(d.new_flows_per_s),
             dns_qps: self.dns_qps.unwrap_or(d.dns_qps),
-        };
-        if l.max_flows == 0 || l.new_flows_per_s == 0 || l.dns_qps == 0 {
-            return Err(Error::Invalid {
-                field: "limits".into(),
-                message: "every limit is at least 1".into(),
-            });
-        }
-        Ok(l)
+            bandwidth: self.bandwidth,
+        })
     }
 }
 
@@ -81,6 +130,9 @@ pub enum Request {
     },
     Policy {
         egress: EgressSpec,
+    },
+    Limits {
+        limits: LimitsSpec,
     },
 }
 
@@ -327,7 +379,7 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
         let conn = conn.as_mut().expect("a line came from it");
         match request(conn, &line).await {
             None => {}
-            Some(Request::Policy { .. }) => {
+            Some(Request::Policy { .. } | Request::Limits { .. }) => {
                 let _ = conn
                     .send(&Reply::Error {
                         message: "send start first".into(),
@@ -355,6 +407,7 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
         }
     };
     let (policy_tx, policy_rx) = watch::channel(Arc::new(policy));
+    let (limits_tx, limits_rx) = watch::channel(limits);
     inbound_started.send_replace(true);
     // The bytes of a frame that was half read when `start` came go first.
     let guest = tokio::io::join(std::io::Cursor::new(early).chain(guest_rx), guest_tx);
@@ -363,7 +416,7 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
         Arc::new(resolver),
         policy_rx,
         audit.clone(),
-        limits,
+        limits_rx,
         inbound,
     );
     tokio::pin!(serve);
@@ -390,6 +443,10 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
                     Some(Request::Start { .. }) => Reply::Error { message: "already started".into() },
                     Some(Request::Policy { egress }) => match Policy::new(egress) {
                         Ok(p) => { policy_tx.send_replace(Arc::new(p)); Reply::Ok }
+                        Err(e) => Reply::Error { message: e.to_string() },
+                    },
+                    Some(Request::Limits { limits }) => match limits.validate() {
+                        Ok(l) => { limits_tx.send_replace(l); Reply::Ok }
                         Err(e) => Reply::Error { message: e.to_string() },
                     },
                 };
@@ -422,7 +479,7 @@ fn start(
         })?,
         None => HostsFile::default(),
     };
-    let limits = limits.limits()?;
+    let limits = limits.validate()?;
     let floor = Floor::with_host_addrs()?;
     let upstream = resolver.or_else(system_resolver);
     Ok((policy, Resolver::new(upstream, hosts, floor), limits))
@@ -482,21 +539,39 @@ mod tests {
     }
 
     #[test]
-    fn limits_default_and_refuse_zero() {
-        assert_eq!(LimitsSpec::default().limits().unwrap(), Limits::default());
+    fn limits_default_and_refuse_out_of_bounds() {
+        assert_eq!(LimitsSpec::default().validate().unwrap(), Limits::default());
         let l = LimitsSpec {
             dns_qps: Some(5),
+            bandwidth: Some(1 << 20),
             ..Default::default()
         }
-        .limits()
+        .validate()
         .unwrap();
-        assert_eq!(l.dns_qps, 5);
-        assert!(LimitsSpec {
-            max_flows: Some(0),
-            ..Default::default()
+        assert_eq!((l.dns_qps, l.bandwidth), (5, Some(1 << 20)));
+        assert_eq!(l.max_flows, Limits::default().max_flows);
+        for (spec, want) in [
+            (
+                json!({"max_flows": 0}),
+                "invalid limits.max_flows: 0: allowed is 1–1024 flows",
+            ),
+            (json!({"max_flows": 5000}), "limits.max_flows: 5000"),
+            (
+                json!({"new_flows_per_s": 0}),
+                "limits.new_flows_per_s: 0: allowed is 1–10000",
+            ),
+            (json!({"dns_qps": 10001}), "limits.dns_qps: 10001"),
+            (
+                json!({"bandwidth": 100}),
+                "invalid limits.bandwidth: 100: allowed is 16384–100000000000 bytes per second, \
+                 or absent for unlimited",
+            ),
+        ] {
+            let spec: LimitsSpec = serde_json::from_value(spec).unwrap();
+            let e = spec.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
         }
-        .limits()
-        .is_err());
+        assert!(serde_json::from_value::<LimitsSpec>(json!({"bandwith": 1})).is_err());
     }
 
     /// The process entry serves nothing before `start`, answers on the control socket, and
@@ -555,9 +630,9 @@ mod tests {
         let mut arp = vec![0xff; 6];
         arp.extend([0x02, 0x6d, 0x6f, 0x61, 0x74, 0x02, 0x08, 0x06]);
         arp.extend([0, 1, 8, 0, 6, 4, 0, 1, 0x02, 0x6d, 0x6f, 0x61, 0x74, 0x02]);
-        arp.extend(stack::GUEST_IP.octets());
+        arp.extend(moat_protocol::link::GUEST_IP.octets());
         arp.extend([0; 6]);
-        arp.extend(stack::GATEWAY_IP.octets());
+        arp.extend(moat_protocol::link::GATEWAY_IP.octets());
         let mut framed = Vec::new();
         crate::device::put_frame(&mut framed, &arp);
         // 4 MiB of frames: far more than the socket buffers hold.
@@ -589,7 +664,7 @@ mod tests {
         qemu.read_exact(&mut reply).unwrap();
         assert_eq!(&reply[12..14], &[0x08, 0x06], "an ARP frame");
         assert_eq!(&reply[20..22], &[0, 2], "an ARP reply");
-        assert_eq!(&reply[28..32], &stack::GATEWAY_IP.octets());
+        assert_eq!(&reply[28..32], &moat_protocol::link::GATEWAY_IP.octets());
         drop(qemu);
         stack.join().unwrap().unwrap();
 

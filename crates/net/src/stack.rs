@@ -41,15 +41,11 @@ use crate::device::{put_frame, take_frame, Device};
 use crate::dns::{is_synthetic, Resolver};
 use crate::peek::{self, Peek};
 use crate::{Error, Policy, Protocol, Result};
+// The link's addresses are shared with the guest agent through the protocol crate.
+use moat_protocol::link::{GATEWAY_IP, GUEST_IP, MTU, PREFIX_LEN};
 
-/// The guest's side of the link: a /30 in CGNAT space, which is in the floor, so these
-/// addresses never clash with a real destination.
-pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(100, 127, 255, 2);
-pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(100, 127, 255, 1);
-pub const PREFIX_LEN: u8 = 30;
 /// The gateway's MAC (locally administered). The guest's is whatever it uses.
 pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x01];
-pub const MTU: u16 = 1500;
 
 /// Per-flow socket buffers: large enough that one flow's window is not the bottleneck.
 const TCP_BUFFER: usize = 256 * 1024;
@@ -83,12 +79,15 @@ struct Connecting {
     deadline: Instant,
 }
 
-/// Per-sandbox caps. Exceeding one refuses the flow or query and is audited.
+/// Per-sandbox caps. Exceeding a count refuses the flow or query; the bandwidth cap slows
+/// every flow of the sandbox together. Both are audited, neither ends anything else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_flows: usize,
     pub new_flows_per_s: u32,
     pub dns_qps: u32,
+    /// Bytes per second, both directions of every TCP flow together; `None`: unlimited.
+    pub bandwidth: Option<u64>,
 }
 
 impl Default for Limits {
@@ -97,6 +96,7 @@ impl Default for Limits {
             max_flows: 256,
             new_flows_per_s: 100,
             dns_qps: 50,
+            bandwidth: None,
         }
     }
 }
@@ -110,24 +110,68 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn new(per_s: u32) -> Bucket {
+    fn new(per_s: u64) -> Bucket {
         Bucket {
-            rate: f64::from(per_s),
-            tokens: f64::from(per_s),
+            rate: per_s as f64,
+            tokens: per_s as f64,
             last: Instant::now(),
         }
     }
 
-    fn take(&mut self) -> bool {
+    fn refill(&mut self) {
         let now = Instant::now();
         self.tokens =
             (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
         self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
+    }
+
+    fn take(&mut self) -> bool {
+        self.take_up_to(1) == 1
+    }
+
+    /// Takes as many of `want` tokens as there are, whole ones only; how many it took.
+    fn take_up_to(&mut self, want: usize) -> usize {
+        self.refill();
+        let n = (self.tokens.floor() as usize).min(want);
+        self.tokens -= n as f64;
+        n
+    }
+
+    /// How long until `n` tokens (at most a burst's worth) are there.
+    fn wait_for(&self, n: usize) -> Duration {
+        let missing = (n as f64).min(self.rate) - self.tokens;
+        Duration::from_secs_f64((missing / self.rate).max(0.0))
+    }
+}
+
+/// The bandwidth cap's state: its bucket, whether the last pass held bytes back, and when
+/// that was last audited (at most once a second, so a slowed transfer is one event a second,
+/// not one per packet).
+#[derive(Debug)]
+struct Bandwidth {
+    bucket: Bucket,
+    held: bool,
+    audited: Option<Instant>,
+}
+
+impl Bandwidth {
+    fn new(limit: Option<u64>) -> Option<Bandwidth> {
+        limit.map(|b| Bandwidth {
+            bucket: Bucket::new(b),
+            held: false,
+            audited: None,
+        })
+    }
+}
+
+/// How many of `want` bytes the cap lets through now (all without a cap).
+fn allowance(bw: &mut Option<Bandwidth>, want: usize) -> usize {
+    match bw {
+        None => want,
+        Some(b) => {
+            let n = b.bucket.take_up_to(want);
+            b.held |= n < want;
+            n
         }
     }
 }
@@ -236,32 +280,36 @@ struct Stack {
     next_id: u64,
     limits: Limits,
     new_flows: Bucket,
+    bandwidth: Option<Bandwidth>,
     shared: Arc<Shared>,
 }
 
 /// Runs the stack on `guest` (the stream-netdev socket) until QEMU closes it. `policy` is
 /// watched: a new value applies to the next decision, and live flows it denies are reset.
+/// `limits` is watched too: new ones apply from then on (their buckets start full).
 /// `inbound` brings requests for connections to the guest's ports.
 pub async fn serve<S>(
     guest: S,
     resolver: Arc<Resolver>,
     mut policy: watch::Receiver<Arc<Policy>>,
     audit: Audit,
-    limits: Limits,
+    mut limits: watch::Receiver<Limits>,
     mut inbound: mpsc::Receiver<Inbound>,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite,
 {
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let first = *limits.borrow_and_update();
     let shared = Arc::new(Shared {
         resolver,
         policy: RwLock::new(policy.borrow_and_update().clone()),
         audit,
-        dns: Mutex::new(Bucket::new(limits.dns_qps)),
+        dns: Mutex::new(Bucket::new(first.dns_qps.into())),
         events: events_tx,
     });
-    let mut st = Stack::new(shared, limits);
+    let mut st = Stack::new(shared, first);
+    let mut limits_open = true;
     let (mut rd, mut wr) = tokio::io::split(guest);
     let mut inbuf = BytesMut::with_capacity(256 * 1024);
     let mut policy_open = true;
@@ -306,6 +354,13 @@ where
                 }
                 Err(_) => policy_open = false,
             },
+            r = limits.changed(), if limits_open => match r {
+                Ok(()) => {
+                    let l = *limits.borrow_and_update();
+                    st.set_limits(l);
+                }
+                Err(_) => limits_open = false,
+            },
             r = inbound.recv(), if inbound_open => match r {
                 Some(req) => st.inbound(req),
                 None => inbound_open = false,
@@ -339,9 +394,18 @@ impl Stack {
             next_inbound_port: *INBOUND_PORTS.start(),
             next_id: 0,
             limits,
-            new_flows: Bucket::new(limits.new_flows_per_s),
+            new_flows: Bucket::new(limits.new_flows_per_s.into()),
+            bandwidth: Bandwidth::new(limits.bandwidth),
             shared,
         }
+    }
+
+    /// New limits, from now on. Flows over a lower flow count stay; new ones are refused.
+    fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+        self.new_flows = Bucket::new(limits.new_flows_per_s.into());
+        *self.shared.dns.lock().expect("dns bucket") = Bucket::new(limits.dns_qps.into());
+        self.bandwidth = Bandwidth::new(limits.bandwidth);
     }
 
     fn now(&self) -> smoltcp::time::Instant {
@@ -360,6 +424,15 @@ impl Stack {
             .poll_delay(now, &self.sockets)
             .map(|d| Duration::from_micros(d.total_micros()))
             .unwrap_or(Duration::from_secs(1));
+        // Bytes held back by the bandwidth cap move when the bucket has a packet's worth.
+        let d = match &self.bandwidth {
+            Some(b) if b.held => d.min(
+                b.bucket
+                    .wait_for(usize::from(MTU))
+                    .max(Duration::from_millis(1)),
+            ),
+            _ => d,
+        };
         // Inbound connections waiting for the guest have deadlines of their own.
         if self.connecting.is_empty() {
             d
@@ -822,15 +895,29 @@ impl Stack {
     fn service(&mut self) -> bool {
         let mut progress = self.connected();
         let mut done = Vec::new();
+        let mut slowed = None;
+        if let Some(b) = &mut self.bandwidth {
+            b.held = false;
+        }
         for (&id, f) in self.flows.iter_mut() {
             let sock = self.sockets.get_mut::<tcp::Socket>(f.handle);
             // Guest to host.
             if let Some(tx) = &f.to_host {
                 while sock.can_recv() {
                     let Ok(permit) = tx.try_reserve() else { break };
+                    let want = sock.recv_queue().min(CHUNK);
+                    let allowed = if f.internal {
+                        want
+                    } else {
+                        allowance(&mut self.bandwidth, want)
+                    };
+                    if allowed == 0 {
+                        slowed.get_or_insert(id);
+                        break;
+                    }
                     let data = sock
                         .recv(|b| {
-                            let n = b.len().min(CHUNK);
+                            let n = b.len().min(allowed);
                             (n, Bytes::copy_from_slice(&b[..n]))
                         })
                         .unwrap_or_default();
@@ -852,7 +939,20 @@ impl Stack {
             }
             // Host to guest.
             while let Some(front) = f.pending.front_mut() {
-                let n = sock.send_slice(front).unwrap_or(0);
+                let room = sock.send_capacity() - sock.send_queue();
+                let want = front.len().min(room);
+                let allowed = if f.internal {
+                    want
+                } else {
+                    allowance(&mut self.bandwidth, want)
+                };
+                if allowed == 0 {
+                    if want > 0 {
+                        slowed.get_or_insert(id);
+                    }
+                    break;
+                }
+                let n = sock.send_slice(&front[..allowed]).unwrap_or(0);
                 if n == 0 {
                     break;
                 }
@@ -873,10 +973,44 @@ impl Stack {
                 done.push(id);
             }
         }
+        if let Some(id) = slowed {
+            self.audit_bandwidth(id);
+        }
         for id in done {
             self.finish(id);
         }
         progress
+    }
+
+    /// The bandwidth cap held back bytes of flow `id` (and maybe others): one audit event a
+    /// second at most, naming that flow. Nothing is refused, so the verdict is `allow`.
+    fn audit_bandwidth(&mut self, id: u64) {
+        let (Some(b), Some(f)) = (&mut self.bandwidth, self.flows.get(&id)) else {
+            return;
+        };
+        if b.audited
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        b.audited = Some(Instant::now());
+        let mut e = Event::new(
+            Kind::Tcp,
+            Verdict::Allow,
+            format!(
+                "limit: {} bytes per second of bandwidth (flows slowed, not refused)",
+                self.limits.bandwidth.unwrap_or_default()
+            ),
+        );
+        e.rule = f.rule;
+        e.name = f.name.clone();
+        e.address = Some(
+            f.dialed
+                .map(|a| a.ip().to_string())
+                .unwrap_or_else(|| f.dst.to_string()),
+        );
+        e.port = Some(f.port);
+        self.shared.audit.emit(e);
     }
 
     fn finish(&mut self, id: u64) {
@@ -1571,5 +1705,43 @@ mod tests {
         // Only DNS over TCP passes default deny; every socket belongs to a flow.
         assert!(st.flows.values().all(|f| f.internal));
         assert_eq!(st.sockets.iter().count(), st.flows.len());
+    }
+
+    /// The byte bucket: a burst of one second's worth, then the rate, whole bytes only; and
+    /// the wait until a packet's worth is there.
+    #[test]
+    fn the_bandwidth_bucket_lets_its_rate_through() {
+        let mut b = Bucket::new(100_000);
+        assert_eq!(b.take_up_to(60_000), 60_000);
+        assert_eq!(
+            b.take_up_to(60_000),
+            40_000,
+            "the burst is one second's worth"
+        );
+        assert_eq!(b.take_up_to(1), 0);
+        assert!(b.wait_for(1500) > Duration::from_millis(10));
+        assert!(b.wait_for(1500) <= Duration::from_millis(15));
+        std::thread::sleep(Duration::from_millis(200));
+        let got = b.take_up_to(usize::MAX);
+        assert!(
+            (20_000..=30_000).contains(&got),
+            "{got} bytes after 0.2 s at 100 kB/s"
+        );
+        // A long idle time refills to the burst, no more.
+        b.tokens = 0.0;
+        b.last = Instant::now() - Duration::from_secs(30);
+        assert_eq!(b.take_up_to(usize::MAX), 100_000);
+    }
+
+    /// Without a cap every byte goes; with one, what the bucket holds, and the shortfall is
+    /// remembered for the loop's next wake-up.
+    #[test]
+    fn allowance_holds_back_what_the_cap_does_not_allow() {
+        assert_eq!(allowance(&mut None, 1 << 20), 1 << 20);
+        let mut bw = Bandwidth::new(Some(10_000));
+        assert_eq!(allowance(&mut bw, 4_000), 4_000);
+        assert!(!bw.as_ref().unwrap().held);
+        assert_eq!(allowance(&mut bw, 8_000), 6_000);
+        assert!(bw.as_ref().unwrap().held);
     }
 }

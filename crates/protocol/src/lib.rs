@@ -6,6 +6,7 @@
 //! `docs/PROTOCOL.md` describes the wire format and the session rules.
 
 pub mod frame;
+pub mod link;
 pub mod messages;
 pub mod mux;
 

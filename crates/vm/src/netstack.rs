@@ -10,9 +10,6 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
-use moat_net::stack::{GATEWAY_IP, GUEST_IP, MTU, PREFIX_LEN};
-use moat_protocol::NetworkConfig;
-
 use crate::error::IoContext;
 use crate::jail::{JailSpec, Plan, Slot, View};
 use crate::qemu::{bind, pidfd_kill, pidfd_poll, reap_blocking, spawn_child, Spawned};
@@ -142,17 +139,4 @@ pub(crate) async fn start(
         child: Some(child),
         detached,
     })
-}
-
-/// What the agent sets up in the guest: eth0 on the link to the stack, which is its gateway
-/// and its resolver.
-pub(crate) fn guest_config() -> NetworkConfig {
-    NetworkConfig {
-        interface: None,
-        address: GUEST_IP.to_string(),
-        prefix_len: PREFIX_LEN,
-        gateway: GATEWAY_IP.to_string(),
-        mtu: MTU,
-        nameservers: vec![GATEWAY_IP.to_string()],
-    }
 }

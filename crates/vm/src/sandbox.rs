@@ -568,7 +568,9 @@ impl Sandbox {
         };
         sb.agent.refresh(Some(&hostname(id))).await?;
         // Again after a restore: the saved guest may predate this configuration.
-        sb.agent.configure_network(netstack::guest_config()).await?;
+        sb.agent
+            .configure_network(moat_protocol::link::guest_config())
+            .await?;
         tracing::info!(
             id,
             restoring,

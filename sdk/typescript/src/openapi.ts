@@ -1022,6 +1022,8 @@ export interface components {
              *     }
              */
             lifecycle: components["schemas"]["LifecycleSpec"];
+            /** @default {} */
+            network_limits: components["schemas"]["LimitsSpec"];
             /**
              * @default {
              *       "size": 0
@@ -1133,6 +1135,34 @@ export interface components {
             max_timeout_s?: number | null;
             /** @description The only users a request may run as; the request must name one. */
             users?: string[] | null;
+        };
+        /**
+         * @description A sandbox's network limits (a group's `network_limits`, and what the daemon sends its
+         *     stacks); an absent field keeps its default. Exceeding one is audited, never fatal: a flow
+         *     or query over a count is refused, and the bandwidth cap slows the sandbox's flows.
+         */
+        LimitsSpec: {
+            /**
+             * Format: int64
+             * @description Bytes per second across all of the sandbox's TCP flows, both directions together,
+             *     16384 (16 KiB/s) – 10^11 (default: unlimited).
+             */
+            bandwidth?: number | null;
+            /**
+             * Format: int32
+             * @description DNS queries per second, 1–10000 (default 50).
+             */
+            dns_qps?: number | null;
+            /**
+             * @description Concurrent TCP flows and UDP relays, 1–1024 (default 256; each TCP flow holds 512 KiB
+             *     of buffers).
+             */
+            max_flows?: number | null;
+            /**
+             * Format: int32
+             * @description New flows per second, 1–10000 (default 100).
+             */
+            new_flows_per_s?: number | null;
         };
         /** @description One decision of the log. */
         LogEntry: {

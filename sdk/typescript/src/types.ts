@@ -23,6 +23,7 @@ export type PoolSpec = DeepPartial<Schemas["PoolSpec"]>;
 export type LifecycleSpec = DeepPartial<Schemas["LifecycleSpec"]>;
 export type EgressSpec = DeepPartial<Schemas["EgressSpec"]>;
 export type EgressRule = DeepPartial<Schemas["EgressRule"]>;
+export type NetworkLimits = DeepPartial<Schemas["LimitsSpec"]>;
 export type Group = Schemas["Group"];
 export type GroupStatus = Schemas["GroupStatus"];
 export type Health = Schemas["Health"];

@@ -1,7 +1,9 @@
 //! Sandbox groups: a group's spec (image, tier, warm pool, lifecycle timers, egress policy,
-//! labels) with its defaults and bounds, and the group as returned. The egress policy is
-//! `moat_net::EgressSpec` itself, validated by `moat_net::Policy`: the daemon stores, checks
-//! and sends to each sandbox's network stack one type, by one set of rules.
+//! network limits, labels) with its defaults and bounds, and the group as returned. The
+//! egress policy is `moat_net::EgressSpec` itself, validated by `moat_net::Policy`, and the
+//! network limits `moat_net::control::LimitsSpec`, validated by the stack's own check: the
+//! daemon stores, checks and sends to each sandbox's network stack one type, by one set of
+//! rules.
 
 use std::collections::BTreeMap;
 
@@ -11,6 +13,7 @@ use utoipa::ToSchema;
 use super::{bad, validate_image, validate_labels, Tier, DAY};
 use crate::error::{Error, Result};
 
+pub use moat_net::control::LimitsSpec;
 pub use moat_net::{EgressRule, EgressSpec};
 
 pub const MAX_POOL: u32 = 64;
@@ -35,6 +38,9 @@ pub struct GroupSpec {
     pub pool: PoolSpec,
     pub lifecycle: LifecycleSpec,
     pub egress: EgressSpec,
+    /// Per-sandbox network limits; an absent field has its default. A `PUT` applies them to
+    /// running sandboxes too.
+    pub network_limits: LimitsSpec,
     /// Kubernetes-style labels (at most 64).
     pub labels: BTreeMap<String, String>,
 }
@@ -47,6 +53,7 @@ impl Default for GroupSpec {
             pool: PoolSpec::default(),
             lifecycle: LifecycleSpec::default(),
             egress: EgressSpec::default(),
+            network_limits: LimitsSpec::default(),
             labels: BTreeMap::new(),
         }
     }
@@ -130,6 +137,7 @@ impl GroupSpec {
         check_range("lifecycle.suspended_ttl_s", l.suspended_ttl_s, 1, 90 * DAY)?;
         check_range("lifecycle.max_lifetime_s", l.max_lifetime_s, 1, 365 * DAY)?;
         validate_egress(&self.egress)?;
+        validate_network_limits(&self.network_limits)?;
         validate_labels(&self.labels)?;
         Ok(())
     }
@@ -152,9 +160,60 @@ pub fn validate_egress(spec: &EgressSpec) -> Result<()> {
         .map_err(|e| Error::BadRequest(e.to_string()))
 }
 
+/// The network limits, by the stack's own bounds; the error names the field
+/// (`network_limits.bandwidth`) and what is allowed.
+pub fn validate_network_limits(spec: &LimitsSpec) -> Result<()> {
+    match spec.validate() {
+        Ok(_) => Ok(()),
+        // The stack names its fields `limits.…`; in a group they are `network_limits.…`.
+        Err(moat_net::Error::Invalid { field, message }) => {
+            bad(format!("invalid network_{field}: {message}"))
+        }
+        Err(e) => bad(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_limits_are_checked_by_the_stacks_bounds() {
+        let check = |limits: serde_json::Value| {
+            serde_json::from_value::<GroupSpec>(serde_json::json!({ "network_limits": limits }))
+                .map_err(|e| e.to_string())
+                .and_then(|s| s.validate().map_err(|e| e.to_string()))
+        };
+        check(serde_json::json!({})).unwrap();
+        check(
+            serde_json::json!({"max_flows": 16, "new_flows_per_s": 5, "dns_qps": 5,
+            "bandwidth": 1048576}),
+        )
+        .unwrap();
+        for (limits, want) in [
+            (
+                serde_json::json!({"bandwidth": 1000}),
+                "invalid network_limits.bandwidth: 1000: allowed is 16384–100000000000 bytes \
+                 per second, or absent for unlimited",
+            ),
+            (
+                serde_json::json!({"max_flows": 0}),
+                "invalid network_limits.max_flows: 0: allowed is 1–1024 flows",
+            ),
+            (
+                serde_json::json!({"dns_qps": 20000}),
+                "invalid network_limits.dns_qps: 20000: allowed is 1–10000 per second",
+            ),
+            (
+                serde_json::json!({"bandwith": 1}),
+                "unknown field `bandwith`",
+            ),
+            (serde_json::json!({"bandwidth": -1}), "invalid value"),
+        ] {
+            let e = check(limits).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+    }
 
     #[test]
     fn egress_is_checked_by_the_network_stacks_rules() {

@@ -110,19 +110,25 @@ impl Manager {
         }
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
             let (mut client, hello) = Client::connect(&sb.net_control_path()).await?;
-            let egress = self.current_egress(group).await;
-            let req = match hello {
-                Reply::Hello { started: true, .. } => Request::Policy { egress },
-                _ => Request::Start {
+            let (egress, limits) = self.current_network(group).await;
+            let started = matches!(hello, Reply::Hello { started: true, .. });
+            let req = if started {
+                Request::Policy { egress }
+            } else {
+                Request::Start {
                     egress,
                     hosts: self.net.hosts.clone(),
                     resolver: self.net.resolver,
-                    limits: LimitsSpec::default(),
-                },
+                    limits: limits.clone(),
+                }
             };
             client
                 .request(&req, |e| self.record_audit(group, id, e))
                 .await?;
+            if started {
+                // Adopted: the group's limits may have changed while no daemon ran.
+                self.send_limits(&mut client, group, id, limits).await;
+            }
             Ok::<_, moat_net::Error>(client)
         })
         .await
@@ -171,11 +177,12 @@ impl Manager {
                         asking = false;
                         continue;
                     };
-                    let egress = self.current_egress(group).await;
+                    let (egress, limits) = self.current_network(group).await;
                     let req = Request::Policy { egress };
                     if let Err(e) = client.request(&req, |e| self.record_audit(group, id, e)).await {
                         return format!("its network stack failed a policy update: {e}");
                     }
+                    self.send_limits(&mut client, group, id, limits).await;
                     let _ = done.send(());
                 }
                 event = client.next_event() => match event {
@@ -231,21 +238,47 @@ impl Manager {
 
     /// The egress policy of `group` now, as the stacks get it: a group that is gone, or whose
     /// stored policy no longer validates (a rule a newer moat refuses), denies everything.
-    async fn current_egress(&self, group: &str) -> EgressSpec {
+    async fn current_network(&self, group: &str) -> (EgressSpec, LimitsSpec) {
         match self.store.get_group(group).await {
-            Ok(Some(g)) => match api::validate_egress(&g.spec.egress) {
-                Ok(()) => g.spec.egress,
-                Err(e) => {
-                    tracing::error!(group, error = %e, "the group's stored egress policy is \
-                        invalid; its sandboxes reach nothing until it is fixed (PUT the group)");
-                    EgressSpec::default()
-                }
-            },
-            Ok(None) => EgressSpec::default(),
+            Ok(Some(g)) => {
+                let egress = match api::validate_egress(&g.spec.egress) {
+                    Ok(()) => g.spec.egress,
+                    Err(e) => {
+                        tracing::error!(group, error = %e, "the group's stored egress policy \
+                            is invalid; its sandboxes reach nothing until it is fixed (PUT the \
+                            group)");
+                        EgressSpec::default()
+                    }
+                };
+                let limits = match api::validate_network_limits(&g.spec.network_limits) {
+                    Ok(()) => g.spec.network_limits,
+                    Err(e) => {
+                        tracing::error!(group, error = %e, "the group's stored network limits \
+                            are invalid; its sandboxes get the defaults until they are fixed");
+                        LimitsSpec::default()
+                    }
+                };
+                (egress, limits)
+            }
+            Ok(None) => (EgressSpec::default(), LimitsSpec::default()),
             Err(e) => {
                 tracing::error!(group, error = %e, "reading the group's egress policy");
-                EgressSpec::default()
+                (EgressSpec::default(), LimitsSpec::default())
             }
+        }
+    }
+
+    /// Sends a started stack `limits`. Not fatal when refused (a stack from before limits
+    /// could change answers an unknown request with an error): it keeps the ones it has, and
+    /// a stack that is gone ends its link anyway.
+    async fn send_limits(&self, client: &mut Client, group: &str, id: &str, limits: LimitsSpec) {
+        let req = Request::Limits { limits };
+        if let Err(e) = client
+            .request(&req, |e| self.record_audit(group, id, e))
+            .await
+        {
+            tracing::warn!(group, sandbox = id, error = %e, "the sandbox's network stack did \
+                not take the group's network limits; it keeps its earlier ones");
         }
     }
 

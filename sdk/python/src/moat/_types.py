@@ -48,6 +48,16 @@ class EgressSpec(TypedDict, total=False):
     rules: List[EgressRule]
 
 
+class NetworkLimits(TypedDict, total=False):
+    """A group's per-sandbox network limits; an absent key keeps its default (docs/API.md)."""
+
+    max_flows: int
+    new_flows_per_s: int
+    dns_qps: int
+    bandwidth: int
+    """Bytes per second across a sandbox's TCP flows, both directions together."""
+
+
 class GroupSpec(TypedDict, total=False):
     """A group's settings; every field is optional (see docs/API.md, "GroupSpec")."""
 
@@ -56,6 +66,7 @@ class GroupSpec(TypedDict, total=False):
     pool: PoolSpec
     lifecycle: LifecycleSpec
     egress: EgressSpec
+    network_limits: NetworkLimits
     labels: Dict[str, str]
 
 
