@@ -1,13 +1,14 @@
 //! moat-server: the daemon behind `moat serve` (moatd): the embedded store, API keys, sandbox
 //! groups, sandboxes (create, exec, delete; re-adopted after a restart) and the HTTP API on TCP
 //! and on a Unix socket, suspend/resume, warm pools, lifecycle timers, capacity checks and the
-//! group policies checked before anything runs.
+//! group policies checked before anything runs, and the workload-identity issuer.
 
 pub mod api;
 pub mod capacity;
 pub mod error;
 pub mod exec;
 pub mod http;
+pub mod identity;
 pub mod images;
 pub mod keys;
 pub mod metrics;

@@ -1,5 +1,5 @@
 //! Sandbox groups: a group's spec (image, tier, warm pool, lifecycle timers, egress policy,
-//! labels) with its defaults and bounds, and the group as returned. The egress policy is
+//! labels, workload identity) with its defaults and bounds, and the group as returned. The egress policy is
 //! `moat_net::EgressSpec` itself, validated by `moat_net::Policy`: the daemon stores, checks
 //! and sends to each sandbox's network stack one type, by one set of rules.
 
@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{bad, validate_image, validate_labels, Tier, DAY};
+use super::{bad, validate_image, validate_labels, IdentitySpec, Tier, DAY};
 use crate::error::{Error, Result};
 
 pub use moat_net::{EgressRule, EgressSpec};
@@ -37,6 +37,7 @@ pub struct GroupSpec {
     pub egress: EgressSpec,
     /// Kubernetes-style labels (at most 64).
     pub labels: BTreeMap<String, String>,
+    pub identity: IdentitySpec,
 }
 
 impl Default for GroupSpec {
@@ -48,6 +49,7 @@ impl Default for GroupSpec {
             lifecycle: LifecycleSpec::default(),
             egress: EgressSpec::default(),
             labels: BTreeMap::new(),
+            identity: IdentitySpec::default(),
         }
     }
 }
@@ -131,6 +133,7 @@ impl GroupSpec {
         check_range("lifecycle.max_lifetime_s", l.max_lifetime_s, 1, 365 * DAY)?;
         validate_egress(&self.egress)?;
         validate_labels(&self.labels)?;
+        self.identity.validate()?;
         Ok(())
     }
 }

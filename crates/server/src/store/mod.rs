@@ -3,7 +3,7 @@
 //! never on the executor.
 //!
 //! All of the daemon's SQL lives under this module, one file per table: `keys`, `groups`,
-//! `sandboxes`, `pool`, `snapshots`, `operations`, `egress`, `policy`. The rest of the daemon calls `Store`
+//! `sandboxes`, `pool`, `snapshots`, `operations`, `egress`, `policy`, `identity`. The rest of the daemon calls `Store`
 //! methods that take and return API types, never a connection or a row, so that a second
 //! backend (PostgreSQL) can implement the same methods. This file holds the connection,
 //! the migrations, the time helpers and the queries that span tables.
@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 
 mod egress;
 mod groups;
+mod identity;
 mod keys;
 mod operations;
 mod policy;
@@ -25,6 +26,7 @@ mod ports;
 mod sandboxes;
 mod snapshots;
 
+pub use identity::{KeyRow, NewIdentityEvent, WorkloadIds};
 pub use keys::Principal;
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
@@ -39,6 +41,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("migrations/0006_egress.sql")),
     (7, include_str!("migrations/0007_policy.sql")),
     (8, include_str!("migrations/0008_ports.sql")),
+    // 9 and 10 are taken by branches merged separately; the runner applies every version
+    // above the database's in list order.
+    (11, include_str!("migrations/0011_identity.sql")),
 ];
 
 pub fn latest_version() -> i64 {
