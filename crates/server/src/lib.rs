@@ -67,6 +67,9 @@ pub struct Config {
     /// audit events the store keeps (`--egress-hosts`, `--egress-resolver`,
     /// `--egress-audit-retention`).
     pub net: sandboxes::NetConfig,
+    /// The workload-identity issuer URL (`--issuer-url`): `iss` of every token, where relying
+    /// parties fetch `/.well-known/…`. `None`: this daemon's own `http://` listen address.
+    pub issuer_url: Option<String>,
 }
 
 /// The default of [`Config::park_after`], seconds.
@@ -137,6 +140,19 @@ pub async fn serve(
         "capacity"
     );
     let metrics = Arc::new(metrics::Metrics::default());
+    let issuer_url = config
+        .issuer_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", config.listen));
+    let identity = {
+        let (home, store, metrics) = (config.home.clone(), store.clone(), metrics.clone());
+        // The first start generates two RSA keys: a blocking second or so.
+        tokio::task::spawn_blocking(move || {
+            identity::Issuer::open(&home, issuer_url, store, metrics)
+        })
+        .await
+        .map_err(Error::task("opening the identity issuer"))??
+    };
     // After the lock: only one daemon may adopt, and destroy, detached VMs.
     let sandboxes = readiness::start(readiness::Start {
         home: config.home.clone(),
@@ -157,6 +173,7 @@ pub async fn serve(
         sandboxes: sandboxes.clone(),
         operations: Arc::new(images::Operations::default()),
         policy: Arc::new(policy::Gate::new(config.policy_worker.clone())),
+        identity: Arc::new(identity),
         stopping: moat_mcp::CancellationToken::new(),
     };
     let stopping = state.stopping.clone();
