@@ -139,6 +139,10 @@ struct Shared {
     audit: Audit,
     dns: Mutex<Bucket>,
     events: mpsc::UnboundedSender<Ev>,
+    /// Workload-identity tokens for this sandbox, from the daemon: for egress transforms
+    /// (`${identity:AUD}` headers), which land with TLS interception.
+    #[allow(dead_code)]
+    minter: crate::control::Minter,
 }
 
 impl Shared {
@@ -249,6 +253,7 @@ pub async fn serve<S>(
     audit: Audit,
     limits: Limits,
     mut inbound: mpsc::Receiver<Inbound>,
+    minter: crate::control::Minter,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite,
@@ -260,6 +265,7 @@ where
         audit,
         dns: Mutex::new(Bucket::new(limits.dns_qps)),
         events: events_tx,
+        minter,
     });
     let mut st = Stack::new(shared, limits);
     let (mut rd, mut wr) = tokio::io::split(guest);
@@ -1374,6 +1380,7 @@ mod tests {
             audit,
             dns: Mutex::new(Bucket::new(1_000_000)),
             events: tx,
+            minter: crate::control::Minter::channel().0,
         });
         (Stack::new(shared, Limits::default()), events)
     }

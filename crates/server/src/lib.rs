@@ -144,7 +144,7 @@ pub async fn serve(
         .issuer_url
         .clone()
         .unwrap_or_else(|| format!("http://{}", config.listen));
-    let identity = {
+    let identity = Arc::new({
         let (home, store, metrics) = (config.home.clone(), store.clone(), metrics.clone());
         // The first start generates two RSA keys: a blocking second or so.
         tokio::task::spawn_blocking(move || {
@@ -152,7 +152,7 @@ pub async fn serve(
         })
         .await
         .map_err(Error::task("opening the identity issuer"))??
-    };
+    });
     // After the lock: only one daemon may adopt, and destroy, detached VMs.
     let sandboxes = readiness::start(readiness::Start {
         home: config.home.clone(),
@@ -165,6 +165,7 @@ pub async fn serve(
         limits,
         park_after: config.park_after,
         net: config.net.clone(),
+        identity: identity.clone(),
     })
     .await?;
     let state = http::AppState {
@@ -173,7 +174,7 @@ pub async fn serve(
         sandboxes: sandboxes.clone(),
         operations: Arc::new(images::Operations::default()),
         policy: Arc::new(policy::Gate::new(config.policy_worker.clone())),
-        identity: Arc::new(identity),
+        identity,
         stopping: moat_mcp::CancellationToken::new(),
     };
     let stopping = state.stopping.clone();
