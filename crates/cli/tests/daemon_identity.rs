@@ -2,7 +2,7 @@
 //! (`moat identity token`), and a standard JWT library (PyJWT, in a virtualenv under the
 //! target directory) verifies them against the JWKS the daemon serves, as a relying party
 //! would: the claims, a refused audience, a rotation that keeps old tokens verifiable, a
-//! deleted sandbox that mints nothing, the audit without token values, and `publish`.
+//! suspended or deleted sandbox that mints nothing, a resume that is a new incarnation, the audit without token values, and `publish`.
 
 mod common;
 
@@ -158,6 +158,22 @@ async fn tokens_verify_with_pyjwt_against_the_served_jwks() {
         assert_eq!(file, served, "{name}");
     }
 
+    // A suspended sandbox mints nothing; resumed, it is a new incarnation of the same
+    // sandbox (same uid).
+    let (st, sb, _) = d.lifecycle("ids", a_id, "suspend").await;
+    assert_eq!(st, 200, "{sb}");
+    let e = token(&d, a_id, "sts.amazonaws.com").unwrap_err();
+    assert!(e.contains("suspended") && e.contains("409"), "{e}");
+    let (st, sb, _) = d.lifecycle("ids", a_id, "resume").await;
+    assert_eq!(st, 200, "{sb}");
+    let t3 = token(&d, a_id, "sts.amazonaws.com").unwrap();
+    let c3 = verify(&python, &d, "sts.amazonaws.com", s(&t3["token"]))["claims"].clone();
+    assert_eq!(c3["sandbox_uid"], c["sandbox_uid"]);
+    assert_eq!(
+        c3["incarnation"].as_u64().unwrap(),
+        c["incarnation"].as_u64().unwrap() + 1
+    );
+
     // A deleted sandbox mints nothing.
     d.delete("ids", &b).await;
     let e = token(&d, &b, "sts.amazonaws.com").unwrap_err();
@@ -179,14 +195,18 @@ async fn tokens_verify_with_pyjwt_against_the_served_jwks() {
         .iter()
         .map(|e| e["outcome"].as_str().unwrap())
         .collect();
-    assert_eq!(outcomes, ["minted", "minted", "refused", "minted"], "{ev}");
-    for tok in [&t, &tb, &t2] {
+    assert_eq!(
+        outcomes,
+        ["minted", "minted", "refused", "minted", "refused", "minted"],
+        "{ev}"
+    );
+    for tok in [&t, &tb, &t2, &t3] {
         assert!(!ev.to_string().contains(s(&tok["token"])));
     }
     let minted = d
         .metric("moat_identity_tokens_minted_total{group=\"ids\",delivery=\"api\"}")
         .await;
-    assert_eq!(minted, Some(3.0));
+    assert_eq!(minted, Some(4.0));
     d.delete("ids", a_id).await;
 }
 
