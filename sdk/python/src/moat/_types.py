@@ -48,6 +48,18 @@ class EgressSpec(TypedDict, total=False):
     rules: List[EgressRule]
 
 
+class IdentitySpec(TypedDict, total=False):
+    """A group's workload identity (docs/IDENTITY.md): off unless ``enabled``; tokens only
+    for ``audiences``; ``ttl_s`` 60–3600; ``subject`` names the group or each sandbox;
+    ``in_guest`` lets guest code fetch tokens itself."""
+
+    enabled: bool
+    audiences: List[str]
+    ttl_s: int
+    subject: Literal["group", "sandbox"]
+    in_guest: bool
+
+
 class GroupSpec(TypedDict, total=False):
     """A group's settings; every field is optional (see docs/API.md, "GroupSpec")."""
 
@@ -57,6 +69,7 @@ class GroupSpec(TypedDict, total=False):
     lifecycle: LifecycleSpec
     egress: EgressSpec
     labels: Dict[str, str]
+    identity: IdentitySpec
 
 
 @dataclass(frozen=True)
