@@ -2,7 +2,8 @@
 //! (`moat identity token`), and a standard JWT library (PyJWT, in a virtualenv under the
 //! target directory) verifies them against the JWKS the daemon serves, as a relying party
 //! would: the claims, a refused audience, a rotation that keeps old tokens verifiable, a
-//! suspended or deleted sandbox that mints nothing, a resume that is a new incarnation, the audit without token values, and `publish`.
+//! suspended or deleted sandbox that mints nothing, a resume that is a new incarnation, forks
+//! with ids and uids of their own, the audit without token values, and `publish`.
 
 mod common;
 
@@ -158,6 +159,45 @@ async fn tokens_verify_with_pyjwt_against_the_served_jwks() {
         assert_eq!(file, served, "{name}");
     }
 
+    // Forks of one snapshot are sandboxes of their own: their own ids and uids.
+    let (st, snap) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/ids/sandboxes/{b}/snapshots"),
+            Some(json!({"name": "fork-me"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{snap}");
+    let (st, forks) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/ids/sandboxes"),
+            Some(json!({"from_snapshot": "fork-me", "count": 2})),
+        )
+        .await;
+    assert_eq!(st, 201, "{forks}");
+    let fork_claims: Vec<Value> = forks["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let t = token(&d, s(&f["id"]), "sts.amazonaws.com").unwrap();
+            verify(&python, &d, "sts.amazonaws.com", s(&t["token"]))["claims"].clone()
+        })
+        .collect();
+    assert_ne!(fork_claims[0]["sandbox_id"], fork_claims[1]["sandbox_id"]);
+    assert_ne!(fork_claims[0]["sandbox_uid"], fork_claims[1]["sandbox_uid"]);
+    for f in &fork_claims {
+        assert_ne!(
+            f["sandbox_uid"], vb["claims"]["sandbox_uid"],
+            "not the source's"
+        );
+        assert_eq!(f["sub"], c["sub"], "the same group principal");
+        d.delete("ids", s(&f["sandbox_id"])).await;
+    }
+
     // A suspended sandbox mints nothing; resumed, it is a new incarnation of the same
     // sandbox (same uid).
     let (st, sb, _) = d.lifecycle("ids", a_id, "suspend").await;
@@ -197,7 +237,7 @@ async fn tokens_verify_with_pyjwt_against_the_served_jwks() {
         .collect();
     assert_eq!(
         outcomes,
-        ["minted", "minted", "refused", "minted", "refused", "minted"],
+        ["minted", "minted", "refused", "minted", "minted", "minted", "refused", "minted"],
         "{ev}"
     );
     for tok in [&t, &tb, &t2, &t3] {
@@ -206,7 +246,7 @@ async fn tokens_verify_with_pyjwt_against_the_served_jwks() {
     let minted = d
         .metric("moat_identity_tokens_minted_total{group=\"ids\",delivery=\"api\"}")
         .await;
-    assert_eq!(minted, Some(4.0));
+    assert_eq!(minted, Some(6.0));
     d.delete("ids", a_id).await;
 }
 
