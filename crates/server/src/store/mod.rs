@@ -41,8 +41,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("migrations/0006_egress.sql")),
     (7, include_str!("migrations/0007_policy.sql")),
     (8, include_str!("migrations/0008_ports.sql")),
-    // 9 and 10 are taken by branches merged separately; the runner applies every version
-    // above the database's in list order.
+    // 9 and 10 are taken by branches merged separately (see `migrate`).
     (11, include_str!("migrations/0011_identity.sql")),
 ];
 
@@ -126,7 +125,15 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
             known,
         });
     }
-    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+    // Every migration not applied yet, not only those above the highest applied: numbers are
+    // reserved by branches that may land in any order, so a database that took 11 before 9
+    // existed still gets 9.
+    let applied: std::collections::HashSet<i64> = {
+        let mut stmt = tx.prepare("SELECT version FROM schema_migrations")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for (version, sql) in MIGRATIONS.iter().filter(|m| !applied.contains(&m.0)) {
         tx.execute_batch(sql)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
@@ -245,6 +252,31 @@ mod tests {
         let s = open(&dir);
         let c = s.conn.lock().unwrap();
         assert!(groups::get_group(&c, "g").unwrap().is_some());
+    }
+
+    /// A migration numbered below one already applied (its branch landed later) is applied.
+    #[test]
+    fn a_migration_that_landed_later_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir);
+        s.conn
+            .lock()
+            .unwrap()
+            .execute_batch(
+                "DELETE FROM schema_migrations WHERE version = 8; DROP TABLE sandbox_ports;",
+            )
+            .unwrap();
+        drop(s);
+        let s = open(&dir);
+        let c = s.conn.lock().unwrap();
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM sandbox_ports", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0, "the table is back");
+        let rows: i64 = c
+            .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, MIGRATIONS.len() as i64);
     }
 
     #[test]
