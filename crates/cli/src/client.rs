@@ -110,6 +110,21 @@ pub struct ApplyArgs {
     /// A label KEY=VALUE; repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+    /// Workload identity: let the group's sandboxes get signed tokens (true or false).
+    #[arg(long, value_name = "BOOL")]
+    identity: Option<bool>,
+    /// An audience tokens may be asked for (replaces the list); repeatable.
+    #[arg(long = "identity-audience", value_name = "AUD")]
+    identity_audiences: Vec<String>,
+    /// Token lifetime in seconds (60–3600).
+    #[arg(long, value_name = "SECS")]
+    identity_ttl: Option<u64>,
+    /// What a token's subject names: group or sandbox.
+    #[arg(long, value_name = "group|sandbox")]
+    identity_subject: Option<String>,
+    /// Whether code in the guest may fetch tokens itself (true or false).
+    #[arg(long, value_name = "BOOL")]
+    identity_in_guest: Option<bool>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -521,6 +536,21 @@ fn apply_body(a: &ApplyArgs) -> Result<(String, Value)> {
         }
         set(&["labels"], Value::Object(labels));
     }
+    if let Some(v) = a.identity {
+        set(&["identity", "enabled"], json!(v));
+    }
+    if !a.identity_audiences.is_empty() {
+        set(&["identity", "audiences"], json!(a.identity_audiences));
+    }
+    if let Some(v) = a.identity_ttl {
+        set(&["identity", "ttl_s"], json!(v));
+    }
+    if let Some(v) = &a.identity_subject {
+        set(&["identity", "subject"], json!(v));
+    }
+    if let Some(v) = a.identity_in_guest {
+        set(&["identity", "in_guest"], json!(v));
+    }
     Ok((path_segment(&name)?, Value::Object(spec)))
 }
 
@@ -687,6 +717,22 @@ fn print_group(g: &Value) {
         }
     );
     println!("labels:     {}", labels(&sp["labels"]));
+    let id = &sp["identity"];
+    if id["enabled"] == json!(true) {
+        let auds: Vec<String> = id["audiences"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect())
+            .unwrap_or_default();
+        println!(
+            "identity:   subject {}, ttl {}s, in guest {}, audiences {}",
+            s(&id["subject"]),
+            s(&id["ttl_s"]),
+            s(&id["in_guest"]),
+            auds.join(", ")
+        );
+    } else {
+        println!("identity:   off");
+    }
     println!("created:    {}", s(&g["created_at"]));
     println!("updated:    {}", s(&g["updated_at"]));
 }

@@ -3,6 +3,7 @@
 
 mod client;
 mod home;
+mod identity_cmd;
 mod image_cmd;
 mod mcp_cmd;
 mod policy_cmd;
@@ -90,6 +91,14 @@ enum Command {
     },
     /// Serve MCP on stdin/stdout: sandboxes as tools for an agent (MOAT_URL, MOAT_API_KEY).
     Mcp(mcp_cmd::McpArgs),
+    /// Workload identity on a moat daemon: a token for a sandbox (debugging), the signing
+    /// keys (list, rotate), and static copies of the issuer documents (publish).
+    Identity {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: identity_cmd::IdentityCommand,
+    },
     /// Manage API keys on a moat daemon (admin only).
     ApiKey {
         #[command(flatten)]
@@ -184,6 +193,9 @@ fn main() -> ExitCode {
         let command = match cli.command {
             Command::Group { client, command } => return client::group(client, command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
+            Command::Identity { client, command } => {
+                return identity_cmd::run(client, command).await
+            }
             Command::Policy { client, command } => return policy_cmd::run(client, command).await,
             Command::Mcp(args) => return mcp_cmd::run(args).await,
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
@@ -208,6 +220,7 @@ fn main() -> ExitCode {
             Command::Group { .. }
             | Command::NetStack(_)
             | Command::ApiKey { .. }
+            | Command::Identity { .. }
             | Command::Sandbox { .. }
             | Command::Snapshot { .. }
             | Command::Mcp(_)

@@ -330,8 +330,19 @@ async fn start_network(sandbox: &Sandbox, net: &NetPlan) -> Result<()> {
         .context("starting the sandbox's network")?;
     // Ends when the stack does, with the sandbox.
     tokio::spawn(async move {
-        while let Ok(Some(event)) = control.next_event().await {
-            log_egress(event);
+        while let Ok(Some(incoming)) = control.next_incoming().await {
+            match incoming {
+                moat_net::control::Incoming::Audit(event) => log_egress(event),
+                // Workload identity is the daemon's (groups, an issuer): `moat run` has none.
+                moat_net::control::Incoming::Mint { id, .. } => {
+                    let no = "workload identity needs the daemon (moat serve) and a group with \
+                              identity enabled"
+                        .to_string();
+                    if control.answer_mint(id, Err(no)).await.is_err() {
+                        break;
+                    }
+                }
+            }
         }
     });
     Ok(())

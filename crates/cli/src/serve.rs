@@ -51,6 +51,12 @@ pub struct ServeArgs {
     /// Egress audit events kept in the store, over all groups; the oldest go first.
     #[arg(long, env = "MOAT_EGRESS_AUDIT_RETENTION", default_value_t = moat_server::sandboxes::DEFAULT_AUDIT_RETENTION, value_name = "EVENTS")]
     egress_audit_retention: u64,
+    /// The workload-identity issuer URL: `iss` of every token, and where relying parties
+    /// fetch `/.well-known/openid-configuration` and `/.well-known/jwks.json` (clouds need it
+    /// public and https: put the daemon behind a proxy, or host `moat identity publish`'s
+    /// files there). Default: http:// and the listen address.
+    #[arg(long, env = "MOAT_ISSUER_URL", value_name = "URL")]
+    issuer_url: Option<String>,
 }
 
 pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8> {
@@ -105,6 +111,7 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
                 resolver: args.egress_resolver,
                 audit_retention: args.egress_audit_retention,
             },
+            issuer_url: args.issuer_url,
         },
         shutdown,
     )

@@ -8,11 +8,14 @@
 //! an unknown type with an error.
 //!
 //! stack → daemon: `hello {version, started, dropped}` on every connection; `ok` or
-//! `error {message}` after each request; `audit {event}` for every decision.
+//! `error {message}` after each request; `audit {event}` for every decision; `mint {id,
+//! audience}` when stack code needs a workload-identity token (a [`Minter`]).
 //! daemon → stack: `start {egress, hosts?, resolver?, limits?}` once, first (nothing is
 //! forwarded before it); `policy {egress}` at any time after, applied to the next decision
 //! and to live flows (those it denies are reset); `limits {limits}` at any time after, applied
-//! from then on.
+//! from then on; `token {id, token?, expires_on?, error?}` answers a `mint` (no `ok` follows
+//! it). The daemon decides which sandbox a `mint` is for from the control connection it
+//! arrived on: nothing in it names a sandbox.
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -134,6 +137,17 @@ pub enum Request {
     Limits {
         limits: LimitsSpec,
     },
+    /// The answer to `mint {id}`: a token, or why there is none.
+    Token {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+        /// Unix seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_on: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 /// Stack → daemon.
@@ -154,6 +168,118 @@ pub enum Reply {
     Audit {
         event: Event,
     },
+    /// A workload-identity token for `audience` is wanted (answered by `token {id}`).
+    Mint {
+        id: u64,
+        audience: String,
+    },
+}
+
+/// What the stack sends unasked: an audit event, or a token request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Audit(Event),
+    Mint { id: u64, audience: String },
+}
+
+/// A workload-identity token, as the daemon minted it for this stack's sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// The JWT: a bearer credential; never log it.
+    pub token: String,
+    /// Unix seconds.
+    pub expires_on: i64,
+}
+
+/// How long [`Minter::mint`] waits for the daemon.
+const MINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+type MintAsk = (String, tokio::sync::oneshot::Sender<Result<Token>>);
+
+/// Stack code's handle for workload-identity tokens of its sandbox: each `mint` goes to the
+/// daemon over the control channel, which decides (the group's identity settings, the
+/// audience allowlist) and audits. Cloneable; fails when no daemon is connected.
+#[derive(Clone)]
+pub struct Minter {
+    asks: tokio::sync::mpsc::Sender<MintAsk>,
+}
+
+impl Minter {
+    /// A minter and the receiving end the control loop serves.
+    pub fn channel() -> (Minter, tokio::sync::mpsc::Receiver<MintAsk>) {
+        let (asks, rx) = tokio::sync::mpsc::channel(64);
+        (Minter { asks }, rx)
+    }
+
+    /// A token for `audience`, or why the daemon (or the channel) refused.
+    pub async fn mint(&self, audience: &str) -> Result<Token> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let gone = || Error::Control("the network stack's control loop is gone".into());
+        self.asks
+            .send((audience.to_string(), tx))
+            .await
+            .map_err(|_| gone())?;
+        match tokio::time::timeout(MINT_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => Err(Error::Control(format!(
+                "no token from the daemon within {} s",
+                MINT_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+}
+
+/// The stack's side of the mints in flight: asks sent to the daemon, by id.
+#[derive(Default)]
+struct Mints {
+    next: u64,
+    waiting: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Result<Token>>>,
+}
+
+impl Mints {
+    /// Sends `ask` to the daemon on `conn`, or fails it at once when there is none.
+    async fn ask(&mut self, conn: Option<&mut Conn>, (audience, done): MintAsk) -> bool {
+        let Some(c) = conn else {
+            let _ = done.send(Err(Error::Control(
+                "no daemon is connected to mint a token".into(),
+            )));
+            return true;
+        };
+        self.next += 1;
+        let id = self.next;
+        self.waiting.insert(id, done);
+        c.send(&Reply::Mint { id, audience }).await.is_ok()
+    }
+
+    fn answer(
+        &mut self,
+        id: u64,
+        token: Option<String>,
+        expires_on: Option<i64>,
+        error: Option<String>,
+    ) {
+        let Some(done) = self.waiting.remove(&id) else {
+            return;
+        };
+        let r = match (token, expires_on, error) {
+            (Some(token), Some(expires_on), None) => Ok(Token { token, expires_on }),
+            (_, _, Some(e)) => Err(Error::Control(e)),
+            _ => Err(Error::Control(
+                "the daemon's token answer is incomplete".into(),
+            )),
+        };
+        let _ = done.send(r);
+    }
+
+    /// The daemon went away: what it was asked will not be answered.
+    fn fail_all(&mut self) {
+        for (_, done) in self.waiting.drain() {
+            let _ = done.send(Err(Error::Control(
+                "the daemon disconnected before answering".into(),
+            )));
+        }
+    }
 }
 
 /// One line on the wire: the message and its version.
@@ -189,6 +315,8 @@ pub fn decode<T: for<'de> Deserialize<'de>>(line: &str) -> std::result::Result<T
 pub struct Client {
     lines: Lines<BufReader<OwnedReadHalf>>,
     tx: OwnedWriteHalf,
+    /// Token requests that came while a request waited for its answer.
+    mints: std::collections::VecDeque<(u64, String)>,
 }
 
 impl Client {
@@ -200,6 +328,7 @@ impl Client {
         let mut c = Client {
             lines: BufReader::new(rx).lines(),
             tx,
+            mints: Default::default(),
         };
         match c.next().await? {
             Some(hello @ Reply::Hello { .. }) => Ok((c, hello)),
@@ -220,6 +349,7 @@ impl Client {
                 Some(Reply::Ok) => return Ok(()),
                 Some(Reply::Error { message }) => return Err(Error::Control(message)),
                 Some(Reply::Audit { event }) => on_audit(event),
+                Some(Reply::Mint { id, audience }) => self.mints.push_back((id, audience)),
                 Some(Reply::Hello { .. }) => {}
                 None => {
                     return Err(Error::Control(
@@ -230,15 +360,47 @@ impl Client {
         }
     }
 
-    /// The next audit event; `None` when the stack is gone.
-    pub async fn next_event(&mut self) -> Result<Option<Event>> {
+    /// The next audit event or token request; `None` when the stack is gone.
+    pub async fn next_incoming(&mut self) -> Result<Option<Incoming>> {
+        if let Some((id, audience)) = self.mints.pop_front() {
+            return Ok(Some(Incoming::Mint { id, audience }));
+        }
         loop {
             match self.next().await? {
-                Some(Reply::Audit { event }) => return Ok(Some(event)),
+                Some(Reply::Audit { event }) => return Ok(Some(Incoming::Audit(event))),
+                Some(Reply::Mint { id, audience }) => {
+                    return Ok(Some(Incoming::Mint { id, audience }))
+                }
                 Some(_) => {}
                 None => return Ok(None),
             }
         }
+    }
+
+    /// Answers the stack's `mint {id}` (nothing comes back for it).
+    pub async fn answer_mint(
+        &mut self,
+        id: u64,
+        minted: std::result::Result<Token, String>,
+    ) -> Result<()> {
+        let answer = match minted {
+            Ok(t) => Request::Token {
+                id,
+                token: Some(t.token),
+                expires_on: Some(t.expires_on),
+                error: None,
+            },
+            Err(e) => Request::Token {
+                id,
+                token: None,
+                expires_on: None,
+                error: Some(e),
+            },
+        };
+        self.tx
+            .write_all(encode(&answer).as_bytes())
+            .await
+            .map_err(io("writing to the network stack"))
     }
 
     async fn next(&mut self) -> Result<Option<Reply>> {
@@ -268,6 +430,7 @@ pub fn system_resolver() -> Option<SocketAddr> {
 /// ports asked for on the listening socket `ports` (`ingress.rs`), until QEMU closes `guest`.
 /// Blocks; runs its own single-threaded runtime.
 pub fn run(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<()> {
+    let (minter, asks) = Minter::channel();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -275,7 +438,7 @@ pub fn run(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<()> {
             context: "starting the stack's runtime".into(),
             source: e,
         })?;
-    rt.block_on(run_async(guest, control, ports))
+    rt.block_on(run_async(guest, control, ports, minter, asks))
 }
 
 struct Conn {
@@ -338,7 +501,13 @@ fn listening(fd: OwnedFd, what: &str) -> Result<UnixListener> {
     UnixListener::from_std(listener).map_err(io(what))
 }
 
-async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<()> {
+async fn run_async(
+    guest: OwnedFd,
+    control: OwnedFd,
+    ports: OwnedFd,
+    minter: Minter,
+    mut asks: tokio::sync::mpsc::Receiver<MintAsk>,
+) -> Result<()> {
     let listener = listening(control, "the control socket")?;
     let (inbound_started, inbound) = crate::ingress::channel(listening(ports, "the port socket")?);
     let guest = std::os::unix::net::UnixStream::from(guest);
@@ -379,7 +548,7 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
         let conn = conn.as_mut().expect("a line came from it");
         match request(conn, &line).await {
             None => {}
-            Some(Request::Policy { .. } | Request::Limits { .. }) => {
+            Some(Request::Policy { .. } | Request::Limits { .. } | Request::Token { .. }) => {
                 let _ = conn
                     .send(&Reply::Error {
                         message: "send start first".into(),
@@ -418,8 +587,10 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
         audit.clone(),
         limits_rx,
         inbound,
+        minter,
     );
     tokio::pin!(serve);
+    let mut mints = Mints::default();
     loop {
         tokio::select! {
             r = &mut serve => return r,
@@ -429,6 +600,7 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
                     let (rx, tx) = s.into_split();
                     let mut c = Conn { lines: BufReader::new(rx).lines(), tx };
                     let _ = c.send(&Reply::Hello { version: VERSION, started: true, dropped: audit.dropped() }).await;
+                    mints.fail_all();
                     conn = Some(c);
                 }
             }
@@ -436,10 +608,15 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
                 let c = conn.as_mut().expect("guarded");
                 let Some(line) = line else {
                     conn = None;
+                    mints.fail_all();
                     continue;
                 };
                 let reply = match request(c, &line).await {
                     None => continue,
+                    Some(Request::Token { id, token, expires_on, error }) => {
+                        mints.answer(id, token, expires_on, error);
+                        continue;
+                    }
                     Some(Request::Start { .. }) => Reply::Error { message: "already started".into() },
                     Some(Request::Policy { egress }) => match Policy::new(egress) {
                         Ok(p) => { policy_tx.send_replace(Arc::new(p)); Reply::Ok }
@@ -452,6 +629,12 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
                 };
                 if c.send(&reply).await.is_err() {
                     conn = None;
+                }
+            }
+            Some(ask) = asks.recv() => {
+                if !mints.ask(conn.as_mut(), ask).await {
+                    conn = None;
+                    mints.fail_all();
                 }
             }
             Some(event) = events.recv(), if conn.is_some() => {
@@ -676,6 +859,75 @@ mod tests {
             std::thread::spawn(move || run(OwnedFd::from(guest), OwnedFd::from(listener), ports));
         drop(qemu);
         stack.join().unwrap().unwrap();
+    }
+
+    /// A [`Minter`]'s request reaches the daemon as `mint` (naming no sandbox), the daemon's
+    /// `token` (or refusal) comes back to it, and without a daemon it fails at once.
+    #[tokio::test]
+    async fn minter_asks_the_connected_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (qemu, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        let ports = ports_socket(dir.path());
+        let (minter, asks) = Minter::channel();
+        let m = minter.clone();
+        let stack = tokio::spawn(run_async(
+            OwnedFd::from(guest),
+            OwnedFd::from(listener),
+            ports,
+            minter,
+            asks,
+        ));
+        let (mut c, _) = Client::connect(&path).await.unwrap();
+        let start = Request::Start {
+            egress: EgressSpec::default(),
+            hosts: None,
+            resolver: Some("127.0.0.1:9".parse().unwrap()),
+            limits: LimitsSpec::default(),
+        };
+        c.request(&start, |_| {}).await.unwrap();
+        let asked = tokio::spawn({
+            let m = m.clone();
+            async move { m.mint("sts.amazonaws.com").await }
+        });
+        let Some(Incoming::Mint { id, audience }) = c.next_incoming().await.unwrap() else {
+            panic!("expected a mint");
+        };
+        assert_eq!(audience, "sts.amazonaws.com");
+        let t = Token {
+            token: "a.b.c".into(),
+            expires_on: 42,
+        };
+        c.answer_mint(id, Ok(t.clone())).await.unwrap();
+        assert_eq!(asked.await.unwrap().unwrap(), t);
+        let refused = tokio::spawn({
+            let m = m.clone();
+            async move { m.mint("api://x").await }
+        });
+        let Some(Incoming::Mint { id, .. }) = c.next_incoming().await.unwrap() else {
+            panic!("expected a mint");
+        };
+        c.answer_mint(id, Err("audience not allowed".into()))
+            .await
+            .unwrap();
+        let e = refused.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("not allowed"), "{e}");
+        // The wire form names no sandbox: only an id and the audience.
+        assert_eq!(
+            encode(&Reply::Mint {
+                id: 7,
+                audience: "a".into()
+            }),
+            "{\"v\":1,\"type\":\"mint\",\"id\":7,\"audience\":\"a\"}\n"
+        );
+        drop(c);
+        // The stack notices the daemon is gone at its next read; until then a mint waits on
+        // a dead connection and fails when it is noticed, after that at once.
+        let e = m.mint("sts.amazonaws.com").await.unwrap_err();
+        assert!(e.to_string().contains("daemon"), "{e}");
+        drop(qemu);
+        stack.await.unwrap().unwrap();
     }
 
     #[test]

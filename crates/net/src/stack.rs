@@ -183,6 +183,10 @@ struct Shared {
     audit: Audit,
     dns: Mutex<Bucket>,
     events: mpsc::UnboundedSender<Ev>,
+    /// Workload-identity tokens for this sandbox, from the daemon: for egress transforms
+    /// (`${identity:AUD}` headers), which land with TLS interception.
+    #[allow(dead_code)]
+    minter: crate::control::Minter,
 }
 
 impl Shared {
@@ -295,6 +299,7 @@ pub async fn serve<S>(
     audit: Audit,
     mut limits: watch::Receiver<Limits>,
     mut inbound: mpsc::Receiver<Inbound>,
+    minter: crate::control::Minter,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite,
@@ -307,6 +312,7 @@ where
         audit,
         dns: Mutex::new(Bucket::new(first.dns_qps.into())),
         events: events_tx,
+        minter,
     });
     let mut st = Stack::new(shared, first);
     let mut limits_open = true;
@@ -1508,6 +1514,7 @@ mod tests {
             audit,
             dns: Mutex::new(Bucket::new(1_000_000)),
             events: tx,
+            minter: crate::control::Minter::channel().0,
         });
         (Stack::new(shared, Limits::default()), events)
     }

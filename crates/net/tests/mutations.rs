@@ -288,7 +288,11 @@ async fn feed(input: Vec<u8>) -> (moat_net::Result<()>, Vec<u8>) {
         bandwidth: None,
     };
     let (_limits_tx, limits) = watch::channel(limits);
-    let stack = tokio::spawn(serve(theirs, resolver, policy, audit, limits, inbound));
+    // No daemon behind it: a mint would fail at once, and nothing here mints.
+    let (minter, _asks) = moat_net::control::Minter::channel();
+    let stack = tokio::spawn(serve(
+        theirs, resolver, policy, audit, limits, inbound, minter,
+    ));
     let (mut rd, mut wr) = tokio::io::split(ours);
     let write = async move {
         // The stack stops reading at a corrupt length: the rest may not fit anywhere.

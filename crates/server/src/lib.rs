@@ -1,13 +1,14 @@
 //! moat-server: the daemon behind `moat serve` (moatd): the embedded store, API keys, sandbox
 //! groups, sandboxes (create, exec, delete; re-adopted after a restart) and the HTTP API on TCP
 //! and on a Unix socket, suspend/resume, warm pools, lifecycle timers, capacity checks and the
-//! group policies checked before anything runs.
+//! group policies checked before anything runs, and the workload-identity issuer.
 
 pub mod api;
 pub mod capacity;
 pub mod error;
 pub mod exec;
 pub mod http;
+pub mod identity;
 pub mod images;
 pub mod keys;
 pub mod metrics;
@@ -70,6 +71,9 @@ pub struct Config {
     /// audit events the store keeps (`--egress-hosts`, `--egress-resolver`,
     /// `--egress-audit-retention`).
     pub net: sandboxes::NetConfig,
+    /// The workload-identity issuer URL (`--issuer-url`): `iss` of every token, where relying
+    /// parties fetch `/.well-known/…`. `None`: this daemon's own `http://` listen address.
+    pub issuer_url: Option<String>,
 }
 
 /// The default of [`Config::park_after`], seconds.
@@ -148,6 +152,19 @@ pub async fn serve(
         "capacity"
     );
     let metrics = Arc::new(metrics::Metrics::default());
+    let issuer_url = config
+        .issuer_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", config.listen));
+    let identity = Arc::new({
+        let (home, store, metrics) = (config.home.clone(), store.clone(), metrics.clone());
+        // The first start generates two RSA keys: a blocking second or so.
+        tokio::task::spawn_blocking(move || {
+            identity::Issuer::open(&home, issuer_url, store, metrics)
+        })
+        .await
+        .map_err(Error::task("opening the identity issuer"))??
+    });
     // After the lock: only one daemon may adopt, and destroy, detached VMs.
     let sandboxes = readiness::start(readiness::Start {
         home: config.home.clone(),
@@ -160,6 +177,7 @@ pub async fn serve(
         limits,
         park_after: config.park_after,
         net: config.net.clone(),
+        identity: identity.clone(),
     })
     .await?;
     let state = http::AppState {
@@ -168,6 +186,7 @@ pub async fn serve(
         sandboxes: sandboxes.clone(),
         operations: Arc::new(images::Operations::default()),
         policy: Arc::new(policy::Gate::new(config.policy_worker.clone())),
+        identity,
         stopping: moat_mcp::CancellationToken::new(),
     };
     let stopping = state.stopping.clone();

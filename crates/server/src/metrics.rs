@@ -75,6 +75,20 @@ pub const EGRESS_BYTES_RECEIVED: (&str, &str) = (
     "Bytes sandboxes received through allowed connections (counted when each ends), by group.",
 );
 
+pub const IDENTITY_MINTED: (&str, &str) = (
+    "moat_identity_tokens_minted_total",
+    "Workload identity tokens minted, by group and delivery (api, endpoint, egress).",
+);
+pub const IDENTITY_REFUSED: (&str, &str) = (
+    "moat_identity_refusals_total",
+    "Workload identity token requests refused, by group and reason (disabled, audience, ttl, \
+     not_running, no_sandbox, rate, internal).",
+);
+pub const IDENTITY_MINT: (&str, &str) = (
+    "moat_identity_mint_duration_seconds",
+    "Time to decide and sign a workload identity token.",
+);
+
 pub const POLICY_DECISIONS: (&str, &str) = (
     "moat_policy_decisions_total",
     "Decisions under group policies, by group, verdict (allow, deny, audit) and rule (one \

@@ -175,6 +175,8 @@ pub struct Start {
     pub park_after: Option<std::time::Duration>,
     /// The egress settings every sandbox's network stack starts with.
     pub net: crate::sandboxes::NetConfig,
+    /// Answers the stacks' token requests.
+    pub identity: Arc<crate::identity::Issuer>,
 }
 
 /// Sandboxes as this daemon starts them: ready at once (after adopting the VMs of an earlier
@@ -235,6 +237,7 @@ async fn start_manager(rt: moat_vm::Runtime, s: &Start) -> Result<Arc<Manager>> 
         s.limits,
         s.park_after,
         s.net.clone(),
+        s.identity.clone(),
     )
     .await?;
     mgr.spawn_reaper();

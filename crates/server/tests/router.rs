@@ -47,6 +47,15 @@ impl App {
             // crates/cli/tests/daemon_policy.rs).
             policy: Arc::new(Gate::new(NO_WORKER.into())),
             stopping: Default::default(),
+            identity: Arc::new(
+                moat_server::identity::Issuer::open(
+                    home.path(),
+                    "http://127.0.0.1:7070".into(),
+                    store.clone(),
+                    Arc::default(),
+                )
+                .unwrap(),
+            ),
         };
         let doc = serde_json::to_value(moat_server::http::openapi_document()).unwrap();
         App {
@@ -885,4 +894,158 @@ async fn the_shell_alone_takes_a_key_from_a_subprotocol() {
     let req = Request::get("/ui/").body(Body::empty()).unwrap();
     let resp = app.router.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
+}
+
+/// Workload identity without a VM: the issuer documents are public and cacheable, a group's
+/// `identity` is validated, tokens are minted only by owner and admin keys for an allowed
+/// audience of an enabled group, every mint and refusal is audited without the token, and
+/// only an admin key sees and rotates the signing keys.
+#[tokio::test]
+async fn identity_issuer_tokens_audit_and_roles() {
+    let app = App::new();
+    let a = Some(ADMIN);
+    for path in [
+        "/.well-known/openid-configuration",
+        "/.well-known/jwks.json",
+    ] {
+        let resp = app
+            .router
+            .clone()
+            .oneshot(request(None, "GET", path, None))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path} needs no key");
+        assert_eq!(
+            resp.headers().get(header::CACHE_CONTROL).unwrap(),
+            "public, max-age=300"
+        );
+    }
+    let (_, d) = app
+        .call(None, "GET", "/.well-known/openid-configuration", None)
+        .await;
+    assert_eq!(d["issuer"], "http://127.0.0.1:7070");
+    assert_eq!(d["jwks_uri"], "http://127.0.0.1:7070/.well-known/jwks.json");
+    let (_, jwks) = app.call(None, "GET", "/.well-known/jwks.json", None).await;
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+
+    let (st, e) = app
+        .call(
+            a,
+            "PUT",
+            &format!("{G}/g"),
+            Some(json!({"identity": {"enabled": true}})),
+        )
+        .await;
+    assert_eq!((st, msg(&e).contains("audiences")), (400, true), "{e}");
+    let spec = json!({"identity": {"enabled": true, "audiences": ["sts.amazonaws.com"]}});
+    let (st, g) = app.call(a, "PUT", &format!("{G}/g"), Some(spec)).await;
+    assert_eq!(st, 201, "{g}");
+    assert_eq!(g["spec"]["identity"]["ttl_s"], 600);
+    assert_eq!(g["spec"]["identity"]["in_guest"], false);
+    let row = moat_server::api::Sandbox {
+        id: "sb-0123456789ab".into(),
+        group: "g".into(),
+        state: moat_server::api::SandboxState::Running,
+        reason: None,
+        image: "sha256:00".into(),
+        tier: moat_server::api::Tier::S,
+        env: Default::default(),
+        labels: Default::default(),
+        created_at: String::new(),
+        updated_at: String::new(),
+        last_activity_at: None,
+    };
+    app.store.insert_sandbox(&row).await.unwrap();
+    let mint = format!("{G}/g/sandboxes/sb-0123456789ab/identity/token");
+    let (st, t) = app
+        .call(
+            a,
+            "POST",
+            &mint,
+            Some(json!({"audience": "sts.amazonaws.com"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["token"].as_str().unwrap().split('.').count(), 3);
+    let (st, e) = app
+        .call(a, "POST", &mint, Some(json!({"audience": "api://nope"})))
+        .await;
+    assert_eq!((st, msg(&e).contains("not allowed")), (403, true), "{e}");
+    let (st, e) = app
+        .call(a, "POST", &mint, Some(json!({"audiences": "x"})))
+        .await;
+    assert_eq!(st, 400, "{e}");
+    for (role, want) in [("owner", 200), ("user", 403), ("reader", 403)] {
+        let k = app.key(role, &["g"]).await;
+        let (st, e) = app
+            .call(
+                Some(&k),
+                "POST",
+                &mint,
+                Some(json!({"audience": "sts.amazonaws.com", "ttl_s": 60})),
+            )
+            .await;
+        assert_eq!(st, want, "{role}: {e}");
+        let (st, _) = app.call(Some(&k), "GET", "/v1/identity/keys", None).await;
+        assert_eq!(st, 403, "{role}");
+        let (st, _) = app
+            .call(Some(&k), "POST", "/v1/identity/keys/rotate", None)
+            .await;
+        assert_eq!(st, 403, "{role}");
+        let (st, _) = app
+            .call(Some(&k), "GET", &format!("{G}/g/identity/events"), None)
+            .await;
+        assert_eq!(st, 200, "{role} reads the audit");
+    }
+    let other = app.key("owner", &["other"]).await;
+    let (st, _) = app
+        .call(
+            Some(&other),
+            "POST",
+            &mint,
+            Some(json!({"audience": "sts.amazonaws.com"})),
+        )
+        .await;
+    assert_eq!(st, 404, "another group's owner sees nothing");
+
+    let (st, ev) = app
+        .call(a, "GET", &format!("{G}/g/identity/events"), None)
+        .await;
+    assert_eq!(st, 200);
+    let items = ev["items"].as_array().unwrap();
+    let outcomes: Vec<&str> = items
+        .iter()
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["minted", "refused", "minted"], "{ev}");
+    assert_eq!(items[0]["jti"], t["jti"]);
+    assert!(!ev.to_string().contains(t["token"].as_str().unwrap()));
+    let (st, _) = app
+        .call(a, "GET", &format!("{G}/g/identity/events?limit=0"), None)
+        .await;
+    assert_eq!(st, 400);
+
+    let (st, before) = app.call(a, "GET", "/v1/identity/keys", None).await;
+    assert_eq!(st, 200);
+    let (st, after) = app.call(a, "POST", "/v1/identity/keys/rotate", None).await;
+    assert_eq!(st, 200, "{after}");
+    let state_of = |keys: &Value, kid: &Value| {
+        keys["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kid"] == *kid)
+            .map(|k| k["state"].clone())
+    };
+    let pending = before["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["state"] == "pending")
+        .unwrap()["kid"]
+        .clone();
+    assert_eq!(state_of(&after, &pending), Some(json!("active")));
+    assert_eq!(state_of(&after, &t["kid"]), Some(json!("retired")));
+    let (_, jwks) = app.call(None, "GET", "/.well-known/jwks.json", None).await;
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 3);
 }

@@ -56,6 +56,20 @@ def test_command_bodies() -> None:
         b.exec_body(["echo", 1], None, None, None, None, None)  # type: ignore[list-item]
 
 
+def test_identity_requests() -> None:
+    op = b.identity_token("web", "sb-000000000001", "sts.amazonaws.com", None)
+    assert (op.method, op.path) == (
+        "POST",
+        "/v1/sandbox-groups/web/sandboxes/sb-000000000001/identity/token",
+    )
+    assert op.json == {"audience": "sts.amazonaws.com"}
+    assert b.identity_token("web", "sb-1", "a", 60).json == {"audience": "a", "ttl_s": 60}
+    ev = b.identity_events("web", None, 3, None)
+    assert ev.path == "/v1/sandbox-groups/web/identity/events"
+    assert json.dumps(ev.params) == '{"after": 3}'
+    assert b.identity_events("web", None, None, None).params is None
+
+
 def test_label_selector() -> None:
     assert b.labels_param({"a": "1", "b": ""}) == "a=1,b="
     with pytest.raises(ValueError):

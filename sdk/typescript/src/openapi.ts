@@ -2,6 +2,38 @@
 // Do not edit: run `npm run openapi` against a daemon; CI checks it with --check.
 
 export interface paths {
+    "/.well-known/jwks.json": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["jwks"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/.well-known/openid-configuration": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["openid_configuration"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/healthz": {
         parameters: {
             query?: never;
@@ -77,6 +109,38 @@ export interface paths {
         put?: never;
         post?: never;
         delete: operations["delete_key"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/identity/keys": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_signing_keys"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/identity/keys/rotate": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["rotate_signing_keys"];
+        delete?: never;
         options?: never;
         head?: never;
         patch?: never;
@@ -170,6 +234,22 @@ export interface paths {
             cookie?: never;
         };
         get: operations["group_egress"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/identity/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["identity_events"];
         put?: never;
         post?: never;
         delete?: never;
@@ -348,6 +428,22 @@ export interface paths {
         get: operations["list_files"];
         put?: never;
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/sandboxes/{id}/identity/token": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["mint_identity_token"];
         delete?: never;
         options?: never;
         head?: never;
@@ -1001,6 +1097,16 @@ export interface components {
              */
             egress: components["schemas"]["EgressSpec"];
             /**
+             * @default {
+             *       "audiences": [],
+             *       "enabled": false,
+             *       "in_guest": false,
+             *       "subject": "group",
+             *       "ttl_s": 600
+             *     }
+             */
+            identity: components["schemas"]["IdentitySpec"];
+            /**
              * @description Default image (name or sha256 digest) of the group's sandboxes.
              * @default base
              * @example base
@@ -1049,6 +1155,125 @@ export interface components {
             status: string;
             version: string;
         };
+        /**
+         * @description How a token was asked for: `api` (an admin's debug request), `endpoint` (guest code, from
+         *     the in-guest endpoint), `egress` (the network stack, to inject at egress).
+         * @enum {string}
+         */
+        IdentityDelivery: "api" | "endpoint" | "egress";
+        /** @description One mint or refusal. Never the token itself: `jti` joins it with relying parties' logs. */
+        IdentityEvent: {
+            audience: string;
+            delivery: components["schemas"]["IdentityDelivery"];
+            /**
+             * Format: int64
+             * @description Unix seconds.
+             */
+            expires_on?: number | null;
+            /**
+             * Format: int64
+             * @description Increasing: `?after=` pages on it.
+             */
+            id: number;
+            jti?: string | null;
+            /** @description The API key that asked (`api` delivery). */
+            key_id?: string | null;
+            kid?: string | null;
+            outcome: components["schemas"]["IdentityOutcome"];
+            /** @description Why it was refused. */
+            reason?: string | null;
+            sandbox: string;
+            subject?: string | null;
+            /** @description RFC 3339, UTC, milliseconds. */
+            time: string;
+        };
+        IdentityEvents: {
+            items: components["schemas"]["IdentityEvent"][];
+        };
+        /**
+         * @description A signing key as listed (its public half is in the JWKS; the private half never leaves
+         *     `MOAT_HOME/identity/keys`).
+         */
+        IdentityKey: {
+            activated_at?: string | null;
+            /** @description RFC 3339, UTC. */
+            created_at: string;
+            /** @description RFC 7638 thumbprint. */
+            kid: string;
+            /** @description Retired keys: when it leaves the JWKS (every token it signed has expired by then). */
+            removed_after?: string | null;
+            retired_at?: string | null;
+            state: components["schemas"]["KeyState"];
+        };
+        IdentityKeys: {
+            /** @description The issuer URL (`iss` of every token). */
+            issuer: string;
+            keys: components["schemas"]["IdentityKey"][];
+        };
+        /** @enum {string} */
+        IdentityOutcome: "minted" | "refused";
+        /**
+         * @description A group's workload identity: whether its sandboxes may get signed tokens (JWT, RS256)
+         *     from this daemon's OIDC issuer, for which audiences, how long they last, and whether guest
+         *     code may fetch them itself. Only owner and admin keys may change it (adding an audience
+         *     widens what the group's sandboxes can act as).
+         */
+        IdentitySpec: {
+            /**
+             * @description The audiences a token may be asked for (exact strings, e.g. `sts.amazonaws.com`,
+             *     `api://AzureADTokenExchange`); each token carries exactly one. At most 20; at least one
+             *     when enabled.
+             * @default []
+             */
+            audiences: string[];
+            /**
+             * @description Off by default: nothing mints tokens for the group's sandboxes.
+             * @default false
+             */
+            enabled: boolean;
+            /**
+             * @description Whether code in the guest may fetch tokens itself (an endpoint served by the sandbox's
+             *     host-side network stack). Off by default: anything running in the sandbox could then
+             *     act as the group's identity until the token expires.
+             * @default false
+             */
+            in_guest: boolean;
+            /** @default group */
+            subject: components["schemas"]["IdentitySubject"];
+            /**
+             * Format: int64
+             * @description Lifetime of a token, seconds (60–3600; default 600). A request may ask for less.
+             * @default 600
+             */
+            ttl_s: number;
+        };
+        /**
+         * @description What a token's `sub` names: the group's identity (the default: one principal for every
+         *     sandbox of the group, the only form Entra can federate, since it matches subjects
+         *     exactly), or each sandbox (`…:sandbox:<sandbox_uid>`, for AWS/GCP/Vault policies that
+         *     want per-instance principals).
+         * @enum {string}
+         */
+        IdentitySubject: "group" | "sandbox";
+        /** @description A minted token and what it says (the same values as its claims). */
+        IdentityToken: {
+            audience: string;
+            /** @description RFC 3339, UTC. */
+            expires_at: string;
+            /**
+             * Format: int64
+             * @description Unix seconds.
+             */
+            expires_on: number;
+            issuer: string;
+            jti: string;
+            /** @description The signing key (`kid` of the JWS header). */
+            kid: string;
+            subject: string;
+            /** @description The JWT (RS256): a bearer credential until `expires_at`. */
+            token: string;
+            token_type: string;
+        };
         /** @description An image in the daemon's store. */
         Image: {
             /** @description When it was imported (RFC 3339, UTC). */
@@ -1081,6 +1306,23 @@ export interface components {
              */
             source: string;
         };
+        /** @description An RSA public key as a JWK (RFC 7517). */
+        Jwk: {
+            alg: string;
+            /** @description Exponent, base64url. */
+            e: string;
+            kid: string;
+            kty: string;
+            /** @description Modulus, base64url. */
+            n: string;
+            use: string;
+        };
+        /** @description `GET /.well-known/jwks.json`. */
+        Jwks: {
+            keys: components["schemas"]["Jwk"][];
+        };
+        /** @enum {string} */
+        KeyState: "pending" | "active" | "retired";
         /** @description `POST …/processes/{pid_id}/kill`; the body may be omitted. */
         KillProcess: {
             /**
@@ -1203,6 +1445,15 @@ export interface components {
         Mode: "enforce" | "audit" | "off";
         /** @enum {string} */
         OnIdle: "suspend" | "delete";
+        /** @description `GET /.well-known/openid-configuration`: the part of OIDC discovery relying parties read. */
+        OpenIdConfiguration: {
+            claims_supported: string[];
+            id_token_signing_alg_values_supported: string[];
+            issuer: string;
+            jwks_uri: string;
+            response_types_supported: string[];
+            subject_types_supported: string[];
+        };
         /** @description A long-running operation: poll `GET /v1/operations/{id}` until `state` is not running. */
         Operation: {
             created_at: string;
@@ -1570,6 +1821,19 @@ export interface components {
          * @enum {string}
          */
         Tier: "xs" | "s" | "m" | "l" | "xl";
+        /** @description `POST …/sandboxes/{id}/identity/token`: a token for one audience (admin debugging). */
+        TokenRequest: {
+            /**
+             * @description One of the group's `identity.audiences`.
+             * @example sts.amazonaws.com
+             */
+            audience: string;
+            /**
+             * Format: int64
+             * @description Shorter than the group's `identity.ttl_s` if given (60 s at least).
+             */
+            ttl_s?: number | null;
+        };
         /**
          * @description How a decision turned out, as the decisions query filters it.
          * @enum {string}
@@ -1584,6 +1848,46 @@ export interface components {
 }
 export type $defs = Record<string, never>;
 export interface operations {
+    jwks: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The issuer's public keys: the pending one, the active one and retired ones until their tokens expired (unauthenticated, cacheable) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Jwks"];
+                };
+            };
+        };
+    };
+    openid_configuration: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OIDC discovery of this daemon's issuer (unauthenticated, Cache-Control: public, max-age=300) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenIdConfiguration"];
+                };
+            };
+        };
+    };
     healthz: {
         parameters: {
             query?: never;
@@ -1810,6 +2114,80 @@ export interface operations {
                 };
             };
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_signing_keys: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The signing keys and their states */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IdentityKeys"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    rotate_signing_keys: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Rotated: the pending key signs, the active one retired, a new pending key is published */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IdentityKeys"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an admin key */
+            403: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2409,6 +2787,61 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["EgressEvents"];
+                };
+            };
+            /** @description A bad query parameter */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    identity_events: {
+        parameters: {
+            query?: {
+                /** @description Only this sandbox's events. */
+                sandbox?: string;
+                /** @description Only events after this id (oldest first then); else the newest, oldest first. */
+                after?: number;
+                /** @description At most this many (1–1000, default 100). */
+                limit?: number;
+            };
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Mints and refusals, oldest first (never a token) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IdentityEvents"];
                 };
             };
             /** @description A bad query parameter */
@@ -3703,6 +4136,78 @@ export interface operations {
                 };
             };
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    mint_identity_token: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Sandbox id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["TokenRequest"];
+            };
+        };
+        responses: {
+            /** @description A token for the sandbox (audited without its value) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IdentityToken"];
+                };
+            };
+            /** @description A bad audience or ttl_s */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an owner or admin key, identity not enabled, or an audience the group does not allow */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox is not running */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -46,7 +46,10 @@ fuzz_target!(|data: &[u8]| {
             bandwidth: None,
         };
         let (_limits_tx, limits) = watch::channel(limits);
-        let stack = tokio::spawn(serve(theirs, resolver, policy, audit, limits, inbound));
+        let (minter, _asks) = moat_net::control::Minter::channel();
+        let stack = tokio::spawn(serve(
+            theirs, resolver, policy, audit, limits, inbound, minter,
+        ));
         let (mut rd, mut wr) = tokio::io::split(ours);
         let write = async move {
             let _ = wr.write_all(data).await;

@@ -1,16 +1,16 @@
 //! Sandbox groups: a group's spec (image, tier, warm pool, lifecycle timers, egress policy,
-//! network limits, labels) with its defaults and bounds, and the group as returned. The
-//! egress policy is `moat_net::EgressSpec` itself, validated by `moat_net::Policy`, and the
-//! network limits `moat_net::control::LimitsSpec`, validated by the stack's own check: the
-//! daemon stores, checks and sends to each sandbox's network stack one type, by one set of
-//! rules.
+//! network limits, labels, workload identity) with its defaults and bounds, and the group as
+//! returned. The egress policy is `moat_net::EgressSpec` itself, validated by
+//! `moat_net::Policy`, and the network limits `moat_net::control::LimitsSpec`, validated by the
+//! stack's own check: the daemon stores, checks and sends to each sandbox's network stack one
+//! type, by one set of rules.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{bad, validate_image, validate_labels, Tier, DAY};
+use super::{bad, validate_image, validate_labels, IdentitySpec, Tier, DAY};
 use crate::error::{Error, Result};
 
 pub use moat_net::control::LimitsSpec;
@@ -43,6 +43,7 @@ pub struct GroupSpec {
     pub network_limits: LimitsSpec,
     /// Kubernetes-style labels (at most 64).
     pub labels: BTreeMap<String, String>,
+    pub identity: IdentitySpec,
 }
 
 impl Default for GroupSpec {
@@ -55,6 +56,7 @@ impl Default for GroupSpec {
             egress: EgressSpec::default(),
             network_limits: LimitsSpec::default(),
             labels: BTreeMap::new(),
+            identity: IdentitySpec::default(),
         }
     }
 }
@@ -139,6 +141,7 @@ impl GroupSpec {
         validate_egress(&self.egress)?;
         validate_network_limits(&self.network_limits)?;
         validate_labels(&self.labels)?;
+        self.identity.validate()?;
         Ok(())
     }
 }

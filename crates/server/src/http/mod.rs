@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::keys::router())
         .merge(routes::policy::router())
         .merge(routes::ui::router())
+        .merge(routes::identity::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -74,6 +75,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
         routes::images::Doc::openapi(),
         routes::keys::Doc::openapi(),
         routes::policy::Doc::openapi(),
+        routes::identity::Doc::openapi(),
     ] {
         doc.merge(part);
     }

@@ -1,9 +1,10 @@
 //! `AppState`: what every handler gets: the store, the metrics, the sandbox manager (or why
-//! there is none), the image operations in progress and the policy gate.
+//! there is none), the image operations in progress, the policy gate and the identity issuer.
 
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::identity::Issuer;
 use crate::images::Operations;
 use crate::metrics::Metrics;
 use crate::policy::Gate;
@@ -22,6 +23,8 @@ pub struct AppState {
     pub operations: Arc<Operations>,
     /// The policy gate: how requests are checked against group policies.
     pub policy: Arc<Gate>,
+    /// The workload-identity issuer: its keys, its documents, and token mints.
+    pub identity: Arc<Issuer>,
     /// Cancelled when the daemon stops: long-lived connections (MCP sessions) end then, so
     /// that the graceful shutdown does not wait for them.
     pub stopping: moat_mcp::CancellationToken,

@@ -141,6 +141,8 @@ pub struct Manager {
     stopping: AtomicBool,
     /// The daemon's egress settings, for every stack's `start`.
     net: NetConfig,
+    /// The workload-identity issuer: mints what sandboxes' stacks ask for.
+    identity: Arc<crate::identity::Issuer>,
     /// Each running sandbox's link to its network stack.
     links: Mutex<HashMap<String, Link>>,
     /// Egress audit events on their way to the store.
@@ -165,6 +167,7 @@ impl Manager {
         limits: Limits,
         park_after: Option<std::time::Duration>,
         net: NetConfig,
+        identity: Arc<crate::identity::Issuer>,
     ) -> Result<Arc<Manager>> {
         crate::snapshots::recover(&rt.home, &store).await?;
         let images = ImageStore::open(&rt.home.join("images"))
@@ -185,6 +188,7 @@ impl Manager {
             park_after,
             stopping: AtomicBool::new(false),
             net,
+            identity,
             links: Mutex::new(HashMap::new()),
         };
         let rows = mgr.store.list_sandboxes(None).await?;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_net::audit::{Event, Kind, Verdict};
-use moat_net::control::{Client, LimitsSpec, Reply, Request};
+use moat_net::control::{Client, Incoming, LimitsSpec, Reply, Request, Token};
 use moat_net::EgressSpec;
 use tokio::sync::{mpsc, oneshot};
 
@@ -185,13 +185,46 @@ impl Manager {
                     self.send_limits(&mut client, group, id, limits).await;
                     let _ = done.send(());
                 }
-                event = client.next_event() => match event {
-                    Ok(Some(e)) => self.record_audit(group, id, e),
+                incoming = client.next_incoming() => match incoming {
+                    Ok(Some(Incoming::Audit(e))) => self.record_audit(group, id, e),
+                    Ok(Some(Incoming::Mint { id: ask, audience })) => {
+                        let minted = self.mint_for_stack(group, id, audience).await;
+                        if let Err(e) = client.answer_mint(ask, minted).await {
+                            return format!("its network stack broke the control channel: {e}");
+                        }
+                    }
                     Ok(None) => return "its network stack exited".to_string(),
                     Err(e) => return format!("its network stack broke the control channel: {e}"),
                 }
             }
         }
+    }
+
+    /// A token asked for by the stack of sandbox `id` of `group`: the sandbox is the one this
+    /// link serves, whatever the guest did; the issuer decides and audits. The answer to the
+    /// stack carries the refusal's message, never more.
+    async fn mint_for_stack(
+        &self,
+        group: &str,
+        id: &str,
+        audience: String,
+    ) -> std::result::Result<Token, String> {
+        let req = crate::identity::MintRequest {
+            group: group.to_string(),
+            sandbox: id.to_string(),
+            audience,
+            ttl_s: None,
+            delivery: api::IdentityDelivery::Egress,
+            key_id: None,
+        };
+        self.identity
+            .mint(req)
+            .await
+            .map(|t| Token {
+                token: t.token,
+                expires_on: t.expires_on,
+            })
+            .map_err(|e| e.to_string())
     }
 
     /// The daemon is about to end `id`'s VM (or has lost it): its stack's end is expected.

@@ -210,6 +210,10 @@ impl Manager {
                 Ok(sb) => {
                     mgr.metrics
                         .observe_op(metrics::RESUME, &[], started.elapsed());
+                    // A new incarnation: tokens say which one they were minted for.
+                    if let Err(e) = mgr.store.next_incarnation(&id).await {
+                        tracing::warn!(id, error = %e, "counting the sandbox's incarnation");
+                    }
                     *slot = Some(sb);
                     // QEMU has loaded it; only disk.qcow2 (the backing file) must stay.
                     if let Err(e) = moat_vm::snapshot::discard_memory(&dir) {

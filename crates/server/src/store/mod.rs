@@ -3,7 +3,7 @@
 //! never on the executor.
 //!
 //! All of the daemon's SQL lives under this module, one file per table: `keys`, `groups`,
-//! `sandboxes`, `pool`, `snapshots`, `operations`, `egress`, `policy`. The rest of the daemon calls `Store`
+//! `sandboxes`, `pool`, `snapshots`, `operations`, `egress`, `policy`, `identity`. The rest of the daemon calls `Store`
 //! methods that take and return API types, never a connection or a row, so that a second
 //! backend (PostgreSQL) can implement the same methods. This file holds the connection,
 //! the migrations, the time helpers and the queries that span tables.
@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 
 mod egress;
 mod groups;
+mod identity;
 mod keys;
 mod operations;
 mod policy;
@@ -25,6 +26,7 @@ mod ports;
 mod sandboxes;
 mod snapshots;
 
+pub use identity::{KeyRow, NewIdentityEvent, WorkloadIds};
 pub use keys::Principal;
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
@@ -39,6 +41,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("migrations/0006_egress.sql")),
     (7, include_str!("migrations/0007_policy.sql")),
     (8, include_str!("migrations/0008_ports.sql")),
+    // 9 and 10 are taken by branches merged separately (see `migrate`).
+    (11, include_str!("migrations/0011_identity.sql")),
 ];
 
 pub fn latest_version() -> i64 {
@@ -121,7 +125,15 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
             known,
         });
     }
-    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+    // Every migration not applied yet, not only those above the highest applied: numbers are
+    // reserved by branches that may land in any order, so a database that took 11 before 9
+    // existed still gets 9.
+    let applied: std::collections::HashSet<i64> = {
+        let mut stmt = tx.prepare("SELECT version FROM schema_migrations")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for (version, sql) in MIGRATIONS.iter().filter(|m| !applied.contains(&m.0)) {
         tx.execute_batch(sql)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
@@ -240,6 +252,31 @@ mod tests {
         let s = open(&dir);
         let c = s.conn.lock().unwrap();
         assert!(groups::get_group(&c, "g").unwrap().is_some());
+    }
+
+    /// A migration numbered below one already applied (its branch landed later) is applied.
+    #[test]
+    fn a_migration_that_landed_later_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir);
+        s.conn
+            .lock()
+            .unwrap()
+            .execute_batch(
+                "DELETE FROM schema_migrations WHERE version = 8; DROP TABLE sandbox_ports;",
+            )
+            .unwrap();
+        drop(s);
+        let s = open(&dir);
+        let c = s.conn.lock().unwrap();
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM sandbox_ports", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0, "the table is back");
+        let rows: i64 = c
+            .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, MIGRATIONS.len() as i64);
     }
 
     #[test]

@@ -148,6 +148,21 @@ class AsyncGroups:
             b.egress_list(f"{b.group_path(name)}/egress", sandbox, verdict, since, after, limit)
         )
 
+    async def identity_token(
+        self, name: str, sandbox_id: str, audience: str, *, ttl_s: Optional[int] = None
+    ) -> Dict[str, Any]:
+        return await self._c._run(b.identity_token(name, sandbox_id, audience, ttl_s))
+
+    async def identity_events(
+        self,
+        name: str,
+        *,
+        sandbox: Optional[str] = None,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+    ) -> List[Dict[str, Any]]:
+        return await self._c._run(b.identity_events(name, sandbox, after, limit))
+
 
 class AsyncPolicies:
     """A group's policy; as :class:`moat.Policies`."""

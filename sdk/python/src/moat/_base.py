@@ -373,6 +373,29 @@ def egress_list(
     )
 
 
+def identity_token(
+    group: str, sandbox_id: str, audience: str, ttl_s: Optional[int]
+) -> Op[Dict[str, Any]]:
+    body: Dict[str, Any] = {"audience": audience}
+    if ttl_s is not None:
+        body["ttl_s"] = ttl_s
+    return Op("POST", f"{sandbox_path(group, sandbox_id)}/identity/token", _json, json=body)
+
+
+def identity_events(
+    group: str, sandbox: Optional[str], after: Optional[int], limit: Optional[int]
+) -> Op[List[Dict[str, Any]]]:
+    params: Dict[str, Any] = {
+        k: v for k, v in (("sandbox", sandbox), ("after", after), ("limit", limit)) if v is not None
+    }
+    return Op(
+        "GET",
+        f"{group_path(group)}/identity/events",
+        lambda r: list(json_body(r)["items"]),
+        params=params or None,
+    )
+
+
 def sandbox_delete(group: str, sandbox_id: str) -> Op[None]:
     return Op("DELETE", sandbox_path(group, sandbox_id), _none)
 

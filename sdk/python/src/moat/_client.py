@@ -159,6 +159,24 @@ class Groups:
             b.egress_list(f"{b.group_path(name)}/egress", sandbox, verdict, since, after, limit)
         )
 
+    def identity_token(
+        self, name: str, sandbox_id: str, audience: str, *, ttl_s: Optional[int] = None
+    ) -> Dict[str, Any]:
+        """A workload-identity token for a running sandbox of the group (owner and admin keys;
+        for debugging a federation setup): ``{"token", "expires_on", "jti", "kid", …}``."""
+        return self._c._run(b.identity_token(name, sandbox_id, audience, ttl_s))
+
+    def identity_events(
+        self,
+        name: str,
+        *,
+        sandbox: Optional[str] = None,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+    ) -> List[Dict[str, Any]]:
+        """The group's identity audit (mints and refusals, never a token), oldest first."""
+        return self._c._run(b.identity_events(name, sandbox, after, limit))
+
 
 class Policies:
     """A group's policy (docs/POLICY.md): the answers are the API's JSON objects."""

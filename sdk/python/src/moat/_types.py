@@ -56,6 +56,16 @@ class NetworkLimits(TypedDict, total=False):
     dns_qps: int
     bandwidth: int
     """Bytes per second across a sandbox's TCP flows, both directions together."""
+class IdentitySpec(TypedDict, total=False):
+    """A group's workload identity (docs/IDENTITY.md): off unless ``enabled``; tokens only
+    for ``audiences``; ``ttl_s`` 60–3600; ``subject`` names the group or each sandbox;
+    ``in_guest`` lets guest code fetch tokens itself."""
+
+    enabled: bool
+    audiences: List[str]
+    ttl_s: int
+    subject: Literal["group", "sandbox"]
+    in_guest: bool
 
 
 class GroupSpec(TypedDict, total=False):
@@ -68,6 +78,7 @@ class GroupSpec(TypedDict, total=False):
     egress: EgressSpec
     network_limits: NetworkLimits
     labels: Dict[str, str]
+    identity: IdentitySpec
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ pub(super) mod egress;
 pub(super) mod exec;
 pub(super) mod files;
 pub(super) mod groups;
+pub(super) mod identity;
 pub(super) mod images;
 pub(super) mod keys;
 pub(super) mod mcp;
