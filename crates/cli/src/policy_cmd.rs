@@ -1,4 +1,4 @@
-//! `moat policy`: a group's policy on a daemon (`show`, `apply`, `check GROUP`, `decisions`,
+//! `moat policy`: a group's policy on a daemon (`show`, `apply`, `rollback`, `check GROUP`, `decisions`,
 //! `verify-log`) and the offline checker (`check --policy FILE`), for CI and for writing
 //! policies without a daemon. The offline checker checks one request (a Python file, a shell
 //! file or a command line) exactly as the daemon will, in the same bounded worker process
@@ -33,6 +33,14 @@ pub enum PolicyCommand {
         /// The group's `policy` object, as JSON or YAML.
         #[arg(long, short = 'f', value_name = "FILE")]
         file: PathBuf,
+    },
+    /// Make an earlier version of a group's policy the one in force again, as a new version
+    /// (the history is kept).
+    Rollback {
+        group: String,
+        /// The version to go back to (`moat policy show`, `GET …/policy/versions`).
+        #[arg(long, value_name = "VERSION")]
+        to: u64,
     },
     /// Check a Python file, a shell file or a command against a group's policy on the daemon
     /// (GROUP), or against a policy file offline (--policy FILE). Exit 0 when allowed, 1 when
@@ -144,6 +152,30 @@ pub async fn run(client: ClientArgs, command: PolicyCommand) -> Result<u8> {
                 println!("applied: version {} of group {group}", s(&v["version"]));
             } else {
                 println!("unchanged: version {} of group {group}", s(&v["version"]));
+            }
+            Ok(0)
+        }
+        PolicyCommand::Rollback { group, to } => {
+            let c = Client::new(&client)?;
+            let (status, v) = c
+                .call(
+                    Method::POST,
+                    &format!("{}/policy/rollback", group_path(&group)?),
+                    Some(&serde_json::json!({ "version": to })),
+                )
+                .await?;
+            if client.json {
+                print_json(&v)?;
+            } else if status == StatusCode::CREATED {
+                println!(
+                    "rolled back: version {} of group {group} is version {to}'s policy",
+                    s(&v["version"])
+                );
+            } else {
+                println!(
+                    "unchanged: version {to}'s policy is in force (version {})",
+                    s(&v["version"])
+                );
             }
             Ok(0)
         }

@@ -261,6 +261,23 @@ async fn policies_through_the_cli_and_the_api() {
         )
         .await;
     assert_eq!(versions["items"].as_array().unwrap().len(), 2);
+    // Rollback: version 1's policy again, as version 3.
+    let out = d.cli(ADMIN, &["policy", "rollback", "gov", "--to", "1"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    assert!(
+        text(&out.stdout).contains("rolled back: version 3 of group gov is version 1's policy"),
+        "{}",
+        show(&out)
+    );
+    let out = d.cli(ADMIN, &["policy", "check", "gov", "--", "curl", "x"]);
+    assert_eq!(code(&out), 1, "enforcing again: {}", show(&out));
+    let out = d.cli(ADMIN, &["policy", "rollback", "gov", "--to", "7"]);
+    assert_eq!(code(&out), 125, "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("no policy version 7"),
+        "{}",
+        show(&out)
+    );
     let user = d.key("user", &["gov"]).await;
     let out = d.cli(&user, &["policy", "apply", "gov", "-f", &good]);
     assert_eq!(code(&out), 125, "{}", show(&out));
@@ -270,6 +287,8 @@ async fn policies_through_the_cli_and_the_api() {
         show(&out)
     );
     let out = d.cli(&user, &["policy", "decisions", "gov"]);
+    assert_eq!(code(&out), 125, "{}", show(&out));
+    let out = d.cli(&user, &["policy", "rollback", "gov", "--to", "2"]);
     assert_eq!(code(&out), 125, "{}", show(&out));
 }
 

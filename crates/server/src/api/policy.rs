@@ -57,6 +57,15 @@ pub struct PolicyCheck {
     pub policy_version: u64,
 }
 
+/// `POST …/policy/rollback`: make an earlier version the one in force again. The history is
+/// append-only, so this makes a new version whose policy is version `version`'s.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The version to go back to (1 or more; it must exist for this group name).
+    pub version: u64,
+}
+
 /// `GET …/policy/decisions` query.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

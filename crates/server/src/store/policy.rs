@@ -84,6 +84,27 @@ impl Store {
         .await
     }
 
+    /// Version `version` of `group`'s policy (None when there is no such version).
+    pub async fn get_policy_version(
+        &self,
+        group: &str,
+        version: u64,
+    ) -> Result<Option<PolicyVersion>> {
+        let group = group.to_string();
+        self.call(move |c| {
+            c.query_row(
+                "SELECT group_name, version, body, sha256, author, created_at FROM policies \
+                 WHERE group_name = ?1 AND version = ?2",
+                params![group, version as i64],
+                version_row,
+            )
+            .optional()?
+            .map(version_from)
+            .transpose()
+        })
+        .await
+    }
+
     /// Appends `entry` to its group's decisions log: numbers it and chains it to the group's
     /// newest entry in one transaction, so concurrent decisions cannot fork the chain.
     pub async fn record_decision(&self, mut entry: LogEntry) -> Result<LogEntry> {
