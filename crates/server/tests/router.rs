@@ -32,6 +32,13 @@ struct App {
 
 impl App {
     fn new() -> App {
+        // No `moat` binary here: every analysis fails, which the policy tests use to show
+        // that the gate fails closed (the real worker is exercised by
+        // crates/cli/tests/daemon_policy.rs).
+        App::with_gate(Gate::new(NO_WORKER.into()))
+    }
+
+    fn with_gate(gate: Gate) -> App {
         let home = tempfile::tempdir().unwrap();
         let store = Store::open(&home.path().join("moatd.db")).unwrap();
         assert!(store.bootstrap(Some(ADMIN)).unwrap().is_none());
@@ -42,10 +49,7 @@ impl App {
                 "no VM runtime in the router tests".to_string(),
             ),
             operations: Arc::new(Operations::default()),
-            // No `moat` binary here: every analysis fails, which the policy tests use to show
-            // that the gate fails closed (the real worker is exercised by
-            // crates/cli/tests/daemon_policy.rs).
-            policy: Arc::new(Gate::new(NO_WORKER.into())),
+            policy: Arc::new(gate),
             stopping: Default::default(),
         };
         let doc = serde_json::to_value(moat_server::http::openapi_document()).unwrap();
@@ -557,6 +561,41 @@ async fn policies_roll_back_as_a_new_version() {
     assert_eq!(st, 403);
     let (_, now) = app.call(k, "GET", &pol, None).await;
     assert_eq!(now["version"], 3, "{now}");
+}
+
+/// Dry runs are limited per API key (each starts a worker): past the burst a 429 that says
+/// why and when to retry; another key is not affected.
+#[tokio::test]
+async fn policy_dry_runs_are_rate_limited_per_key() {
+    let app = App::with_gate(Gate::new(NO_WORKER.into()).with_check_rate(
+        moat_server::policy::CheckRate {
+            burst: 3,
+            per_s: 0.001,
+        },
+    ));
+    let k = Some(ADMIN);
+    app.call(k, "PUT", &format!("{G}/g"), Some(json!({}))).await;
+    let check = format!("{G}/g/policy/check");
+    for _ in 0..3 {
+        let (st, v) = app
+            .call(k, "POST", &check, Some(json!({"argv": ["ls"]})))
+            .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let (st, e) = app
+        .call(k, "POST", &check, Some(json!({"argv": ["ls"]})))
+        .await;
+    assert_eq!(st, 429, "{e}");
+    assert_eq!(e["error"]["code"], "too_many_requests");
+    assert!(
+        msg(&e).contains("too many policy checks for this API key") && msg(&e).contains("retry in"),
+        "{e}"
+    );
+    let other = app.key("owner", &["g"]).await;
+    let (st, v) = app
+        .call(Some(&other), "POST", &check, Some(json!({"argv": ["ls"]})))
+        .await;
+    assert_eq!(st, 200, "{v}");
 }
 
 /// Policies through the API, with no analysis worker to be had: versions and roles, a policy

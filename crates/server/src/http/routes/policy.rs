@@ -236,6 +236,9 @@ async fn list_versions(
             nothing is recorded", body = PolicyCheck),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 429, description = "This API key asked for too many dry runs (each starts \
+            an analysis process): a burst of 20, then 5 a second; the message says when to \
+            retry", body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 async fn check(
     State(state): State<AppState>,
@@ -245,6 +248,7 @@ async fn check(
 ) -> Result<Json<PolicyCheck>> {
     let group = path_param(group)?;
     visible_group(&state, &p, &group).await?;
+    state.policy.admit_check(&p.key_id)?;
     request
         .validate()
         .map_err(|e| Error::BadRequest(format!("invalid request to check: {e}")))?;
