@@ -346,7 +346,7 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
             .unwrap()
             .to_string()
     };
-    let mut gated = 0;
+    let mut gated: u64 = 0;
     for (i, (name, code)) in refuse.iter().enumerate() {
         let expect = expected(code);
         let (st, e) = d
@@ -570,6 +570,67 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
         )
         .await;
     assert!(metric.is_some_and(|n| n >= 1.0), "{metric:?}");
+    // Every gated request's analysis was timed.
+    let timed = d.metric("moat_policy_check_duration_seconds_count").await;
+    assert!(
+        timed.is_some_and(|n| n >= gated as f64),
+        "{timed:?} < {gated}"
+    );
+
+    // Replay: an enforcing candidate without rules lets through recorded requests that had
+    // findings (refused, or run in audit) — all but those whose shell is opaque whatever the
+    // rules (`shell.dynamic`: `c''url`, `eval`, code piped into `sh`) — and nothing else.
+    let (_, all) = d
+        .call(
+            Some(ADMIN),
+            "GET",
+            &format!("{G}/gov/policy/decisions?limit=1000"),
+            None,
+        )
+        .await;
+    let with_findings: Vec<u64> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| !e["decision"]["findings"].as_array().unwrap().is_empty())
+        .map(|e| e["n"].as_u64().unwrap())
+        .collect();
+    let (st, r) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/gov/policy/replay"),
+            Some(json!({"policy": {"mode": "enforce"}, "limit": 500})),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["checked"].as_u64(), Some(gated), "{r}");
+    let changed: Vec<u64> = r["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert!(c["was_refused"] == true && c["now_refused"] == false, "{c}");
+            c["n"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(
+        changed.iter().all(|n| with_findings.contains(n)),
+        "{changed:?} ⊄ {with_findings:?}"
+    );
+    assert!(changed.len() * 10 >= with_findings.len() * 8, "{changed:?}");
+    let opaque = with_findings.iter().filter(|n| !changed.contains(n));
+    for n in opaque {
+        let e = &all["items"][(n - 1) as usize];
+        assert!(
+            e["decision"]["findings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["rule"] == "shell.dynamic"),
+            "entry {n} was not replayed as allowed: {e}"
+        );
+    }
 
     // Tampering behind the daemon's back: one entry edited, one removed.
     {
