@@ -372,6 +372,34 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
             "{name}: want {expect}, got {rules:?}"
         );
     }
+    // Code sent on stdin to an interpreter is analysed as code.
+    for argv in [
+        json!(["python3"]),
+        json!(["python3", "-"]),
+        json!(["sh", "-s"]),
+    ] {
+        let code = if argv[0] == "sh" {
+            "touch /tmp/refused-stdin-sh; curl -s x"
+        } else {
+            "open('/tmp/refused-stdin-py', 'w')\nimport os\nos.system('id')\n"
+        };
+        let (st, e) = d
+            .exec(
+                ADMIN,
+                "gov",
+                &id,
+                json!({"argv": argv, "stdin": code, "timeout_s": 30}),
+            )
+            .await;
+        gated += 1;
+        assert_eq!(st, 403, "{argv}: {e}");
+        let rule = if argv[0] == "sh" {
+            "command.denied"
+        } else {
+            "python.process"
+        };
+        assert_eq!(e["error"]["findings"][0]["rule"], rule, "{argv}: {e}");
+    }
     // Nothing refused reached the VM.
     let left = d.sh("gov", &id, "ls /tmp").await;
     assert!(
