@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use moat_policy::log::{LogEntry, Verifier};
+use moat_policy::log::{LogAnchor, LogEntry, Verifier};
 use moat_policy::{check_in_worker, Bounds, CheckRequest, Decision, Mode, Policy, Rule};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -265,6 +265,11 @@ async fn verify_log(client: &ClientArgs, group: &str) -> Result<u8> {
             .await?;
         let items: Vec<LogEntry> = serde_json::from_value(v["items"].clone())
             .context("the daemon's decisions are not log entries")?;
+        if !v["pruned"].is_null() {
+            let anchor: LogAnchor = serde_json::from_value(v["pruned"].clone())
+                .context("the daemon's log anchor is not one")?;
+            verifier.anchor(&anchor);
+        }
         for e in &items {
             verifier.push(e);
         }
@@ -279,9 +284,18 @@ async fn verify_log(client: &ClientArgs, group: &str) -> Result<u8> {
     } else if result.problems.is_empty() {
         match &result.head {
             Some((n, hash)) => println!(
-                "intact: {} entries; head: entry {n}, hash {hash} (note it: a later check can \
+                "intact: {} entries{}; head: entry {n}, hash {hash} (note it: a later check can \
                  then tell whether entries were cut off the end)",
-                result.entries
+                result.entries,
+                if result.pruned > 0 {
+                    format!(
+                        " after entries 1–{} pruned by retention (the first kept chains to \
+                         their anchor)",
+                        result.pruned
+                    )
+                } else {
+                    String::new()
+                }
             ),
             None => println!("intact: the log of group {group} is empty"),
         }

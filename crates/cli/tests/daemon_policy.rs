@@ -708,3 +708,90 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
         "{report}"
     );
 }
+
+/// Retention: with `--policy-decisions-retention 2s` old decisions are pruned behind an anchor,
+/// `verify-log` still verifies what is left (and says entries were pruned), deleting an entry
+/// after the anchor is still refused, and an edit after pruning is named.
+#[tokio::test(flavor = "multi_thread")]
+async fn pruned_decisions_still_verify_and_tampering_is_named() {
+    let d =
+        Daemon::start_with_runtime_args(Some(ADMIN), &["--policy-decisions-retention", "2s"]).await;
+    d.put_group("gov", json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox("gov").await;
+    let (st, v) = d
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/gov/policy"),
+            Some(json!({"mode": "enforce", "commands": {"deny": ["curl"]}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let curl = || d.exec(ADMIN, "gov", &id, json!({"argv": ["curl", "x"]}));
+    for _ in 0..3 {
+        assert_eq!(curl().await.0, 403);
+    }
+    // The pruner runs every second; entries older than 2 s go, the newest stays.
+    let decisions = format!("{G}/gov/policy/decisions?limit=1000");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let anchor = loop {
+        let (_, page) = d.call(Some(ADMIN), "GET", &decisions, None).await;
+        // (Entries made across a second boundary may go in two steps.)
+        if page["pruned"]["n"] == 2 {
+            break page["pruned"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "never pruned: {page}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(anchor["hash"].as_str().map(str::len), Some(64), "{anchor}");
+    assert_eq!(curl().await.0, 403);
+    let out = d.cli(ADMIN, &["policy", "verify-log", "gov"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    assert!(
+        text(&out.stdout).contains("pruned by retention"),
+        "{}",
+        show(&out)
+    );
+    {
+        let db = rusqlite::Connection::open(d.home.path().join("moatd.db")).unwrap();
+        let newest: i64 = db
+            .query_row(
+                "SELECT MAX(n) FROM policy_decisions WHERE group_name = 'gov'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let e = db
+            .execute(
+                "DELETE FROM policy_decisions WHERE group_name = 'gov' AND n = ?1",
+                [newest],
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("append-only"), "{e}");
+        db.execute_batch("DROP TRIGGER policy_decisions_no_update;")
+            .unwrap();
+        let entry: String = db
+            .query_row(
+                "SELECT entry FROM policy_decisions WHERE group_name = 'gov' AND n = ?1",
+                [newest],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let edited = entry.replace("\"curl\"", "\"ls\"");
+        assert_ne!(entry, edited);
+        db.execute(
+            "UPDATE policy_decisions SET entry = ?1 WHERE group_name = 'gov' AND n = ?2",
+            rusqlite::params![edited, newest],
+        )
+        .unwrap();
+        let out = d.cli(ADMIN, &["policy", "verify-log", "gov"]);
+        assert_eq!(code(&out), 1, "{}", show(&out));
+        assert!(
+            text(&out.stdout).contains(&format!(
+                "entry {newest}: its content does not match its hash"
+            )),
+            "{}",
+            show(&out)
+        );
+    }
+}

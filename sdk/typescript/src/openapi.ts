@@ -754,6 +754,7 @@ export interface components {
              * @description Pass as `after` for the next page; null on the last page.
              */
             next?: number | null;
+            pruned?: null | components["schemas"]["LogAnchor"];
         };
         /** @enum {string} */
         EgressAction: "allow" | "deny";
@@ -1149,6 +1150,22 @@ export interface components {
             max_timeout_s?: number | null;
             /** @description The only users a request may run as; the request must name one. */
             users?: string[] | null;
+        };
+        /**
+         * @description Where a pruned log starts: its newest removed entry's number and hash. The entry after it
+         *     must carry this hash as its `prev_hash`; that is how pruning (the daemon's retention) is told
+         *     apart from entries removed behind its back.
+         */
+        LogAnchor: {
+            /** @description The hash of entry `n`. */
+            hash: string;
+            /**
+             * Format: int64
+             * @description Entries 1 to `n` were pruned.
+             */
+            n: number;
+            /** @description When the newest pruning happened (RFC 3339, UTC). */
+            pruned_at: string;
         };
         /** @description One decision of the log. */
         LogEntry: {

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use super::bad;
 use crate::error::Result;
-pub use moat_policy::log::{LogEntry, Verdict};
+pub use moat_policy::log::{LogAnchor, LogEntry, Verdict};
 pub use moat_policy::{CheckRequest, Decision, Finding, Mode, Policy, Rule};
 
 /// The most decisions one page of `GET …/policy/decisions` returns.
@@ -136,6 +136,11 @@ impl DecisionQuery {
 #[serde(deny_unknown_fields)]
 pub struct DecisionList {
     pub items: Vec<LogEntry>,
+    /// Where the log starts when old entries were pruned (`moat serve
+    /// --policy-decisions-retention`): the first entry kept chains to this hash. Null when
+    /// nothing was ever pruned.
+    #[serde(default)]
+    pub pruned: Option<LogAnchor>,
     /// Pass as `after` for the next page; null on the last page.
     pub next: Option<u64>,
 }

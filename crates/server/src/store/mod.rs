@@ -39,6 +39,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("migrations/0006_egress.sql")),
     (7, include_str!("migrations/0007_policy.sql")),
     (8, include_str!("migrations/0008_ports.sql")),
+    (9, include_str!("migrations/0009_policy_prune.sql")),
 ];
 
 pub fn latest_version() -> i64 {

@@ -15,8 +15,8 @@ use moat_policy::log::Verdict;
 use utoipa::OpenApi;
 
 use crate::api::{
-    CheckRequest, Decision, DecisionList, DecisionQuery, ErrorBody, Finding, LogEntry, Mode,
-    Policy, PolicyCheck, PolicyVersion, PolicyVersionList, ReplayChange, ReplayRequest,
+    CheckRequest, Decision, DecisionList, DecisionQuery, ErrorBody, Finding, LogAnchor, LogEntry,
+    Mode, Policy, PolicyCheck, PolicyVersion, PolicyVersionList, ReplayChange, ReplayRequest,
     ReplayResult, RollbackRequest, Rule,
 };
 use crate::error::{Error, Result};
@@ -71,6 +71,7 @@ pub(in crate::http) fn router() -> Router<AppState> {
         Rule,
         Decision,
         DecisionList,
+        LogAnchor,
         LogEntry,
         Verdict,
         ReplayRequest,
@@ -289,13 +290,17 @@ async fn list_decisions(
     require_manage(&p)?;
     let q: DecisionQuery = query(&uri)?;
     let filter = q.validate()?;
-    let (items, more) = state.store.list_decisions(&group, &filter).await?;
+    let (items, more, pruned) = state.store.list_decisions_anchored(&group, &filter).await?;
     let next = if more {
         items.last().map(|e| e.n)
     } else {
         None
     };
-    Ok(Json(DecisionList { items, next }))
+    Ok(Json(DecisionList {
+        items,
+        next,
+        pruned,
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/sandbox-groups/{group}/policy/replay", tag = "policy",
