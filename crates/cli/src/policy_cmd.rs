@@ -1,4 +1,4 @@
-//! `moat policy`: a group's policy on a daemon (`show`, `apply`, `check GROUP`, `decisions`,
+//! `moat policy`: a group's policy on a daemon (`show`, `apply`, `rollback`, `check GROUP`, `decisions`,
 //! `verify-log`) and the offline checker (`check --policy FILE`), for CI and for writing
 //! policies without a daemon. The offline checker checks one request (a Python file, a shell
 //! file or a command line) exactly as the daemon will, in the same bounded worker process
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use moat_policy::log::{LogEntry, Verifier};
+use moat_policy::log::{LogAnchor, LogEntry, Verifier};
 use moat_policy::{check_in_worker, Bounds, CheckRequest, Decision, Mode, Policy, Rule};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -33,6 +33,14 @@ pub enum PolicyCommand {
         /// The group's `policy` object, as JSON or YAML.
         #[arg(long, short = 'f', value_name = "FILE")]
         file: PathBuf,
+    },
+    /// Make an earlier version of a group's policy the one in force again, as a new version
+    /// (the history is kept).
+    Rollback {
+        group: String,
+        /// The version to go back to (`moat policy show`, `GET …/policy/versions`).
+        #[arg(long, value_name = "VERSION")]
+        to: u64,
     },
     /// Check a Python file, a shell file or a command against a group's policy on the daemon
     /// (GROUP), or against a policy file offline (--policy FILE). Exit 0 when allowed, 1 when
@@ -147,6 +155,30 @@ pub async fn run(client: ClientArgs, command: PolicyCommand) -> Result<u8> {
             }
             Ok(0)
         }
+        PolicyCommand::Rollback { group, to } => {
+            let c = Client::new(&client)?;
+            let (status, v) = c
+                .call(
+                    Method::POST,
+                    &format!("{}/policy/rollback", group_path(&group)?),
+                    Some(&serde_json::json!({ "version": to })),
+                )
+                .await?;
+            if client.json {
+                print_json(&v)?;
+            } else if status == StatusCode::CREATED {
+                println!(
+                    "rolled back: version {} of group {group} is version {to}'s policy",
+                    s(&v["version"])
+                );
+            } else {
+                println!(
+                    "unchanged: version {to}'s policy is in force (version {})",
+                    s(&v["version"])
+                );
+            }
+            Ok(0)
+        }
         PolicyCommand::Decisions(a) => {
             let c = Client::new(&client)?;
             let mut path = format!(
@@ -233,6 +265,11 @@ async fn verify_log(client: &ClientArgs, group: &str) -> Result<u8> {
             .await?;
         let items: Vec<LogEntry> = serde_json::from_value(v["items"].clone())
             .context("the daemon's decisions are not log entries")?;
+        if !v["pruned"].is_null() {
+            let anchor: LogAnchor = serde_json::from_value(v["pruned"].clone())
+                .context("the daemon's log anchor is not one")?;
+            verifier.anchor(&anchor);
+        }
         for e in &items {
             verifier.push(e);
         }
@@ -247,9 +284,18 @@ async fn verify_log(client: &ClientArgs, group: &str) -> Result<u8> {
     } else if result.problems.is_empty() {
         match &result.head {
             Some((n, hash)) => println!(
-                "intact: {} entries; head: entry {n}, hash {hash} (note it: a later check can \
+                "intact: {} entries{}; head: entry {n}, hash {hash} (note it: a later check can \
                  then tell whether entries were cut off the end)",
-                result.entries
+                result.entries,
+                if result.pruned > 0 {
+                    format!(
+                        " after entries 1–{} pruned by retention (the first kept chains to \
+                         their anchor)",
+                        result.pruned
+                    )
+                } else {
+                    String::new()
+                }
             ),
             None => println!("intact: the log of group {group} is empty"),
         }

@@ -57,6 +57,30 @@ pub struct ServeArgs {
     /// files there). Default: http:// and the listen address.
     #[arg(long, env = "MOAT_ISSUER_URL", value_name = "URL")]
     issuer_url: Option<String>,
+    /// How long policy decisions are kept, e.g. 90d, 12h, 30m, 45s (default: forever). Older
+    /// entries are pruned behind an anchor (the newest pruned entry's hash), so `moat policy
+    /// verify-log` still verifies what is left and tells pruning from tampering.
+    #[arg(long, env = "MOAT_POLICY_DECISIONS_RETENTION", value_name = "DURATION", value_parser = retention)]
+    policy_decisions_retention: Option<std::time::Duration>,
+}
+
+/// `N` followed by `s`, `m`, `h` or `d`; at least one second.
+fn retention(text: &str) -> std::result::Result<std::time::Duration, String> {
+    let bad =
+        || format!("invalid duration {text:?}: give a whole number and s, m, h or d (e.g. 90d)");
+    let split = text.len().checked_sub(1).ok_or_else(bad)?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    }
+    .filter(|s| *s >= 1)
+    .ok_or_else(bad)?;
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8> {
@@ -112,9 +136,27 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
                 audit_retention: args.egress_audit_retention,
             },
             issuer_url: args.issuer_url,
+            policy_decisions_retention: args.policy_decisions_retention,
         },
         shutdown,
     )
     .await?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retention;
+    use std::time::Duration;
+
+    #[test]
+    fn retentions_parse_with_their_unit() {
+        assert_eq!(retention("90d"), Ok(Duration::from_secs(90 * 86_400)));
+        assert_eq!(retention("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(retention("30m"), Ok(Duration::from_secs(1800)));
+        for bad in ["", "d", "0s", "10", "5w", "-1h", "1.5h"] {
+            let e = retention(bad).unwrap_err();
+            assert!(e.contains("s, m, h or d"), "{bad}: {e}");
+        }
+    }
 }

@@ -48,17 +48,62 @@ fn files(dir: &str) -> Vec<(String, String)> {
     out
 }
 
-/// The exec that runs corpus file `name`: Python with `python3 -c`, shell as a command line.
-/// `marker` is a file the request creates when it runs (the shell files first `touch` it; the
-/// Python files create it at their end).
+/// The exec that runs refused corpus file `name`: Python with `python3 -c`, shell as a command
+/// line. `marker` is a file the request creates first when it runs (a shell `touch`, a Python
+/// `open`), so a refused request can be shown not to have run and an audited one to have run.
+/// Python gets `exit` on stdin, so the interactive ones (`pty.spawn`, `code.interact`,
+/// `pdb.run`) end when they run; stdin is not code for `python3 -c`.
 fn exec_body(name: &str, code: &str, marker: &str) -> Value {
     if name.ends_with(".py") {
-        json!({"argv": ["python3", "-c", format!("{code}\nopen({marker:?}, 'w').close()\n")],
-               "timeout_s": 60})
+        json!({"argv": ["python3", "-c", format!("open({marker:?}, 'w').close()\n{code}")],
+               "stdin": "exit\n", "timeout_s": 30})
     } else {
-        json!({"command": format!("touch {marker}; {code}"), "timeout_s": 60})
+        json!({"command": format!("touch {marker}; {code}"), "timeout_s": 30})
     }
 }
+
+/// The exec that runs passing corpus file `name` as it is, in `/tmp/work` (where [`FIXTURES`]
+/// are): Python as the program on stdin (`python3 - --epochs 3`, so `__file__` and `sys.argv` are
+/// a script's), except `json_stdin.py`, which reads JSON on stdin and is `python3 -c`; shell
+/// as a command line.
+fn pass_body(name: &str, code: &str) -> Value {
+    let mut body = if name == "json_stdin.py" {
+        json!({"argv": ["python3", "-c", code], "stdin": "{\"a\": [1, 2], \"b\": \"xyz\"}"})
+    } else if name.ends_with(".py") {
+        json!({"argv": ["python3", "-", "--epochs", "3"], "stdin": code})
+    } else {
+        json!({"command": code})
+    };
+    body["cwd"] = json!("/tmp/work");
+    body["timeout_s"] = json!(60);
+    body
+}
+
+/// The files the passing snippets read, put in `/tmp/work` before they run.
+const FIXTURES: &[(&str, &str)] = &[
+    ("text.txt", "to be or not to be\n"),
+    ("data.csv", "# prices\nname,price\nb,2.0\na,1.5\n"),
+    ("data.bin", "\u{0}\u{1}binary\n"),
+    ("config.json", "{\"version\": 1}\n"),
+    ("log.txt", "2026-11-30 started\n"),
+    ("sales.csv", "region,amount\neu,3\nus,4\n"),
+    (
+        "train.py",
+        "import argparse\np = argparse.ArgumentParser()\np.add_argument('--epochs', type=int)\n\
+         print('2026-11-30 trained', p.parse_args().epochs, 'epochs')\n",
+    ),
+];
+
+/// Passing snippets that need what the base image lacks: third-party modules (the base image
+/// is Debian's python3 alone), and syntax of Python 3.12 (bookworm has 3.11). They are allowed
+/// and run; the guest's Python then fails on its own environment, which the test checks.
+const NEEDS_MODULE: &[(&str, &str)] = &[
+    ("matplotlib_plot.py", "matplotlib"),
+    ("numpy_stats.py", "numpy"),
+    ("pandas_groupby.py", "pandas"),
+    ("sklearn_fit.py", "sklearn"),
+];
+const NEEDS_PY312: &[&str] = &["fstring_nested_312.py", "type_alias_312.py"];
 
 /// The corpus policy (every Python family denied, an allow list of tools, network tools
 /// denied) with `touch` allowed for the markers, in `mode`.
@@ -216,6 +261,23 @@ async fn policies_through_the_cli_and_the_api() {
         )
         .await;
     assert_eq!(versions["items"].as_array().unwrap().len(), 2);
+    // Rollback: version 1's policy again, as version 3.
+    let out = d.cli(ADMIN, &["policy", "rollback", "gov", "--to", "1"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    assert!(
+        text(&out.stdout).contains("rolled back: version 3 of group gov is version 1's policy"),
+        "{}",
+        show(&out)
+    );
+    let out = d.cli(ADMIN, &["policy", "check", "gov", "--", "curl", "x"]);
+    assert_eq!(code(&out), 1, "enforcing again: {}", show(&out));
+    let out = d.cli(ADMIN, &["policy", "rollback", "gov", "--to", "7"]);
+    assert_eq!(code(&out), 125, "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("no policy version 7"),
+        "{}",
+        show(&out)
+    );
     let user = d.key("user", &["gov"]).await;
     let out = d.cli(&user, &["policy", "apply", "gov", "-f", &good]);
     assert_eq!(code(&out), 125, "{}", show(&out));
@@ -226,18 +288,43 @@ async fn policies_through_the_cli_and_the_api() {
     );
     let out = d.cli(&user, &["policy", "decisions", "gov"]);
     assert_eq!(code(&out), 125, "{}", show(&out));
+    let out = d.cli(&user, &["policy", "rollback", "gov", "--to", "2"]);
+    assert_eq!(code(&out), 125, "{}", show(&out));
 }
 
-/// The corpus through a real sandbox. Enforce: all 64 refused snippets are refused before the
-/// VM (a 403 naming the corpus's rule) and none of their markers exists afterwards; a
-/// stdlib-only dozen of the passing ones are allowed and run. Audit: a dozen refused ones run and are
-/// recorded as `audit`. (Not all 112 in the VM: every exec there is a Python start under TCG;
-/// the analysis of all of them is crates/policy/tests/corpus.rs.)
+/// The whole corpus through a real sandbox, each snippet its own exec through the daemon.
+/// Enforce: every refused snippet is refused before the VM (a 403 naming the corpus's rule)
+/// and none of their markers exists afterwards; every passing snippet is allowed and runs to
+/// exit 0 (the few that need what the base image lacks run and fail on exactly that). Audit:
+/// every refused snippet runs (its marker appears) and is recorded as an `audit` decision with
+/// the corpus's rule among its findings. One sandbox for both modes.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
     d.put_group("gov", json!({"tier": "s"}), 201).await;
     let id = d.new_sandbox("gov").await;
+    let files_route = format!("{G}/gov/sandboxes/{id}/files");
+    d.sh("gov", &id, "mkdir -p /tmp/work").await;
+    for (name, body) in FIXTURES {
+        let (st, v) = d
+            .call_raw(
+                Some(ADMIN),
+                "PUT",
+                &format!("{files_route}?path=/tmp/work/{name}"),
+                Some(body.as_bytes().to_vec()),
+            )
+            .await;
+        assert_eq!(st, 201, "{name}: {v}");
+    }
+    let py_minor: u32 = d
+        .sh(
+            "gov",
+            &id,
+            "python3 -c 'import sys; print(sys.version_info[1])'",
+        )
+        .await
+        .parse()
+        .unwrap();
     let (st, v) = d
         .call(
             Some(ADMIN),
@@ -248,16 +335,20 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
         .await;
     assert_eq!(st, 201, "{v}");
 
+    let t0 = std::time::Instant::now();
     let refuse = files("refuse");
     assert!(refuse.len() >= 40);
-    let mut gated = 0;
-    for (i, (name, code)) in refuse.iter().enumerate() {
-        let expect = code
-            .lines()
+    let expected = |code: &str| -> String {
+        code.lines()
             .next()
             .unwrap()
             .strip_prefix("# expect: ")
-            .unwrap();
+            .unwrap()
+            .to_string()
+    };
+    let mut gated: u64 = 0;
+    for (i, (name, code)) in refuse.iter().enumerate() {
+        let expect = expected(code);
         let (st, e) = d
             .exec(
                 ADMIN,
@@ -277,9 +368,37 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
             .map(|f| f["rule"].as_str().unwrap())
             .collect();
         assert!(
-            rules.contains(&expect),
+            rules.contains(&expect.as_str()),
             "{name}: want {expect}, got {rules:?}"
         );
+    }
+    // Code sent on stdin to an interpreter is analysed as code.
+    for argv in [
+        json!(["python3"]),
+        json!(["python3", "-"]),
+        json!(["sh", "-s"]),
+    ] {
+        let code = if argv[0] == "sh" {
+            "touch /tmp/refused-stdin-sh; curl -s x"
+        } else {
+            "open('/tmp/refused-stdin-py', 'w')\nimport os\nos.system('id')\n"
+        };
+        let (st, e) = d
+            .exec(
+                ADMIN,
+                "gov",
+                &id,
+                json!({"argv": argv, "stdin": code, "timeout_s": 30}),
+            )
+            .await;
+        gated += 1;
+        assert_eq!(st, 403, "{argv}: {e}");
+        let rule = if argv[0] == "sh" {
+            "command.denied"
+        } else {
+            "python.process"
+        };
+        assert_eq!(e["error"]["findings"][0]["rule"], rule, "{argv}: {e}");
     }
     // Nothing refused reached the VM.
     let left = d.sh("gov", &id, "ls /tmp").await;
@@ -288,46 +407,39 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
         "side effects of refused requests: {left}"
     );
     gated += 1;
+    eprintln!("enforce, {} refused: {:?}", refuse.len(), t0.elapsed());
 
-    let stdlib = [
-        "collections_counter.py",
-        "comprehensions.py",
-        "csv_module.py",
-        "dataclass.py",
-        "json_roundtrip.py",
-        "regex.py",
-        "statistics.py",
-        "string_formatting.py",
-        "grep_sort.sh",
-        "list_files.sh",
-        "loop.sh",
-        "mkdir_cd.sh",
-    ];
+    let t0 = std::time::Instant::now();
     let pass = files("pass");
-    for name in stdlib {
-        let (_, code) = pass.iter().find(|(n, _)| n == name).expect(name);
-        let (st, r) = d
-            .exec(
-                ADMIN,
-                "gov",
-                &id,
-                exec_body(name, code, &format!("/tmp/passed-{name}")),
-            )
-            .await;
+    assert!(pass.len() >= 40);
+    for (name, code) in &pass {
+        let (st, r) = d.exec(ADMIN, "gov", &id, pass_body(name, code)).await;
         gated += 1;
-        // Allowed and run (some of these scripts expect input files the sandbox lacks, so
-        // their exit code is theirs, not the gate's).
-        assert_eq!(st, 200, "{name}: {r}");
-        assert!(r["exit_code"].is_i64(), "{name}: {r}");
+        assert_eq!(st, 200, "{name}: allowed: {r}");
+        let stderr = r["stderr"].as_str().unwrap_or_default();
+        if let Some((_, module)) = NEEDS_MODULE.iter().find(|(n, _)| n == name) {
+            assert!(
+                r["exit_code"] == 1 && stderr.contains(&format!("No module named '{module}'")),
+                "{name} ran, and only the missing {module} stopped it: {r}"
+            );
+        } else if NEEDS_PY312.contains(&name.as_str()) && py_minor < 12 {
+            assert!(
+                r["exit_code"] == 1 && stderr.contains("SyntaxError"),
+                "{name} ran, and only Python 3.{py_minor}'s grammar stopped it: {r}"
+            );
+        } else {
+            assert_eq!(r["exit_code"], 0, "{name} runs as it is: {r}");
+        }
     }
-    let ran = d.sh("gov", &id, "ls /tmp").await;
+    // What a few of them did, read back: they ran as written, in the sandbox.
+    let work = d
+        .sh("gov", &id, "cat /tmp/work/config.json; ls /tmp/work")
+        .await;
     gated += 1;
-    for name in stdlib.iter().filter(|n| n.ends_with(".sh")) {
-        assert!(
-            ran.contains(&format!("passed-{name}")),
-            "{name} did not run: {ran}"
-        );
+    for made in ["\"version\": 2", "local.db", "out.zip", "out"] {
+        assert!(work.contains(made), "{made} in {work}");
     }
+    eprintln!("enforce, {} passing: {:?}", pass.len(), t0.elapsed());
 
     // Uploads of code are checked too (scan_uploads), before anything is written.
     let mut scanning = corpus_policy("enforce");
@@ -398,7 +510,8 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
         show(&out)
     );
 
-    // Audit: the same snippets run (their shell markers appear) and are recorded as audit.
+    // Audit: every refused snippet runs (its marker appears: Python's first line, the
+    // shell's `touch`) and is recorded as `audit` with the corpus's rule.
     let (st, v) = d
         .call(
             Some(ADMIN),
@@ -408,25 +521,8 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
         )
         .await;
     assert_eq!(st, 201, "{v}");
-    // Snippets that end quickly when run (no interactive pty, no connection left hanging).
-    let audited: Vec<&(String, String)> = [
-        "asyncio_subprocess.py",
-        "callback.py",
-        "curl_env.sh",
-        "curl_plain.sh",
-        "eval_compile.py",
-        "fork.py",
-        "fullwidth.py",
-        "httpx.py",
-        "marshal_loads.py",
-        "os_system.py",
-        "runpy.py",
-        "substitution_name.sh",
-    ]
-    .iter()
-    .map(|n| refuse.iter().find(|(name, _)| name == n).expect(n))
-    .collect();
-    for (i, (name, code)) in audited.iter().enumerate() {
+    let t0 = std::time::Instant::now();
+    for (i, (name, code)) in refuse.iter().enumerate() {
         let (st, r) = d
             .exec(
                 ADMIN,
@@ -437,19 +533,25 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
             .await;
         gated += 1;
         assert_eq!(st, 200, "{name}: audit mode never refuses: {r}");
-    }
-    let ran = d.sh("gov", &id, "ls /tmp").await;
-    gated += 1;
-    for (i, (name, _)) in audited.iter().enumerate() {
-        if name.ends_with(".sh") {
+        if expected(code) == "python.unparseable" {
+            // Python cannot run what does not parse: the guest's own SyntaxError.
             assert!(
-                ran.contains(&format!("audited-{i}")),
-                "{name} did not run: {ran}"
+                r["stderr"].as_str().unwrap().contains("SyntaxError"),
+                "{name}: {r}"
             );
         }
     }
-
-    // The log: every gated request, in order, chained; the CLI verifies it.
+    let ran = d.sh("gov", &id, "ls /tmp").await;
+    gated += 1;
+    let ran: Vec<&str> = ran.lines().collect();
+    for (i, (name, code)) in refuse.iter().enumerate() {
+        if expected(code) != "python.unparseable" {
+            assert!(
+                ran.contains(&format!("audited-{i}").as_str()),
+                "{name} did not run: {ran:?}"
+            );
+        }
+    }
     let (_, page) = d
         .call(
             Some(ADMIN),
@@ -458,11 +560,24 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
             None,
         )
         .await;
-    assert_eq!(
-        page["items"].as_array().unwrap().len(),
-        audited.len(),
-        "{page}"
-    );
+    let audited = page["items"].as_array().unwrap();
+    assert_eq!(audited.len(), refuse.len(), "{page}");
+    for ((name, code), entry) in refuse.iter().zip(audited) {
+        let rules: Vec<&str> = entry["decision"]["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["rule"].as_str().unwrap())
+            .collect();
+        assert!(
+            rules.contains(&expected(code).as_str()) && entry["decision"]["allowed"] == true,
+            "{name}: {entry}"
+        );
+        assert_eq!(entry["policy_version"], 3, "{name}: {entry}");
+    }
+    eprintln!("audit, {} refused: {:?}", refuse.len(), t0.elapsed());
+
+    // The log: every gated request, in order, chained; the CLI verifies it.
     let out = d.cli(ADMIN, &["policy", "decisions", "gov", "--verdict", "deny"]);
     assert_eq!(code(&out), 0, "{}", show(&out));
     assert!(
@@ -483,6 +598,67 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
         )
         .await;
     assert!(metric.is_some_and(|n| n >= 1.0), "{metric:?}");
+    // Every gated request's analysis was timed.
+    let timed = d.metric("moat_policy_check_duration_seconds_count").await;
+    assert!(
+        timed.is_some_and(|n| n >= gated as f64),
+        "{timed:?} < {gated}"
+    );
+
+    // Replay: an enforcing candidate without rules lets through recorded requests that had
+    // findings (refused, or run in audit) — all but those whose shell is opaque whatever the
+    // rules (`shell.dynamic`: `c''url`, `eval`, code piped into `sh`) — and nothing else.
+    let (_, all) = d
+        .call(
+            Some(ADMIN),
+            "GET",
+            &format!("{G}/gov/policy/decisions?limit=1000"),
+            None,
+        )
+        .await;
+    let with_findings: Vec<u64> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| !e["decision"]["findings"].as_array().unwrap().is_empty())
+        .map(|e| e["n"].as_u64().unwrap())
+        .collect();
+    let (st, r) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/gov/policy/replay"),
+            Some(json!({"policy": {"mode": "enforce"}, "limit": 500})),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["checked"].as_u64(), Some(gated), "{r}");
+    let changed: Vec<u64> = r["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert!(c["was_refused"] == true && c["now_refused"] == false, "{c}");
+            c["n"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(
+        changed.iter().all(|n| with_findings.contains(n)),
+        "{changed:?} ⊄ {with_findings:?}"
+    );
+    assert!(changed.len() * 10 >= with_findings.len() * 8, "{changed:?}");
+    let opaque = with_findings.iter().filter(|n| !changed.contains(n));
+    for n in opaque {
+        let e = &all["items"][(n - 1) as usize];
+        assert!(
+            e["decision"]["findings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["rule"] == "shell.dynamic"),
+            "entry {n} was not replayed as allowed: {e}"
+        );
+    }
 
     // Tampering behind the daemon's back: one entry edited, one removed.
     {
@@ -531,4 +707,91 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
         report.contains("entry 6: its prev_hash does not match"),
         "{report}"
     );
+}
+
+/// Retention: with `--policy-decisions-retention 2s` old decisions are pruned behind an anchor,
+/// `verify-log` still verifies what is left (and says entries were pruned), deleting an entry
+/// after the anchor is still refused, and an edit after pruning is named.
+#[tokio::test(flavor = "multi_thread")]
+async fn pruned_decisions_still_verify_and_tampering_is_named() {
+    let d =
+        Daemon::start_with_runtime_args(Some(ADMIN), &["--policy-decisions-retention", "2s"]).await;
+    d.put_group("gov", json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox("gov").await;
+    let (st, v) = d
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/gov/policy"),
+            Some(json!({"mode": "enforce", "commands": {"deny": ["curl"]}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let curl = || d.exec(ADMIN, "gov", &id, json!({"argv": ["curl", "x"]}));
+    for _ in 0..3 {
+        assert_eq!(curl().await.0, 403);
+    }
+    // The pruner runs every second; entries older than 2 s go, the newest stays.
+    let decisions = format!("{G}/gov/policy/decisions?limit=1000");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let anchor = loop {
+        let (_, page) = d.call(Some(ADMIN), "GET", &decisions, None).await;
+        // (Entries made across a second boundary may go in two steps.)
+        if page["pruned"]["n"] == 2 {
+            break page["pruned"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "never pruned: {page}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(anchor["hash"].as_str().map(str::len), Some(64), "{anchor}");
+    assert_eq!(curl().await.0, 403);
+    let out = d.cli(ADMIN, &["policy", "verify-log", "gov"]);
+    assert_eq!(code(&out), 0, "{}", show(&out));
+    assert!(
+        text(&out.stdout).contains("pruned by retention"),
+        "{}",
+        show(&out)
+    );
+    {
+        let db = rusqlite::Connection::open(d.home.path().join("moatd.db")).unwrap();
+        let newest: i64 = db
+            .query_row(
+                "SELECT MAX(n) FROM policy_decisions WHERE group_name = 'gov'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let e = db
+            .execute(
+                "DELETE FROM policy_decisions WHERE group_name = 'gov' AND n = ?1",
+                [newest],
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("append-only"), "{e}");
+        db.execute_batch("DROP TRIGGER policy_decisions_no_update;")
+            .unwrap();
+        let entry: String = db
+            .query_row(
+                "SELECT entry FROM policy_decisions WHERE group_name = 'gov' AND n = ?1",
+                [newest],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let edited = entry.replace("\"curl\"", "\"ls\"");
+        assert_ne!(entry, edited);
+        db.execute(
+            "UPDATE policy_decisions SET entry = ?1 WHERE group_name = 'gov' AND n = ?2",
+            rusqlite::params![edited, newest],
+        )
+        .unwrap();
+        let out = d.cli(ADMIN, &["policy", "verify-log", "gov"]);
+        assert_eq!(code(&out), 1, "{}", show(&out));
+        assert!(
+            text(&out.stdout).contains(&format!(
+                "entry {newest}: its content does not match its hash"
+            )),
+            "{}",
+            show(&out)
+        );
+    }
 }

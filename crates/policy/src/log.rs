@@ -48,6 +48,21 @@ impl Verdict {
     }
 }
 
+/// Where a pruned log starts: its newest removed entry's number and hash. The entry after it
+/// must carry this hash as its `prev_hash`; that is how pruning (the daemon's retention) is told
+/// apart from entries removed behind its back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LogAnchor {
+    /// Entries 1 to `n` were pruned.
+    pub n: u64,
+    /// The hash of entry `n`.
+    pub hash: String,
+    /// When the newest pruning happened (RFC 3339, UTC).
+    pub pruned_at: String,
+}
+
 /// One decision of the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -102,6 +117,7 @@ pub struct Verifier {
     group: String,
     entries: u64,
     last: Option<(u64, String)>,
+    pruned: u64,
     problems: Vec<String>,
 }
 
@@ -114,6 +130,9 @@ pub struct Verification {
     /// The newest entry's `n` and `hash` (note them: a later run can then tell whether entries
     /// were cut off the end).
     pub head: Option<(u64, String)>,
+    /// Entries 1 to this were pruned by the daemon's retention (0: none).
+    #[serde(default)]
+    pub pruned: u64,
     /// Each break in the chain, saying at which entry and what is wrong; empty when intact.
     pub problems: Vec<String>,
 }
@@ -127,7 +146,19 @@ impl Verifier {
             group: group.to_string(),
             entries: 0,
             last: None,
+            pruned: 0,
             problems: Vec::new(),
+        }
+    }
+
+    /// Takes the log's anchor (as the daemon reports it with every page): the log may go on
+    /// right after it. An anchor behind what was already read changes nothing, so pruning
+    /// between two pages is not reported as a removal.
+    pub fn anchor(&mut self, anchor: &LogAnchor) {
+        let read = self.last.as_ref().map_or(0, |(n, _)| *n);
+        if anchor.n > read {
+            self.last = Some((anchor.n, anchor.hash.clone()));
+            self.pruned = anchor.n;
         }
     }
 
@@ -189,6 +220,7 @@ impl Verifier {
             entries: self.entries,
             group: self.group,
             head: self.last,
+            pruned: self.pruned,
             problems: self.problems,
         }
     }
@@ -304,6 +336,45 @@ mod tests {
             "{:?}",
             v.problems
         );
+    }
+
+    /// A pruned log verifies from its anchor; an anchor that does not match the first entry
+    /// kept, or entries removed after it, are named.
+    #[test]
+    fn a_pruned_log_verifies_from_its_anchor() {
+        let l = log(6);
+        let anchor = LogAnchor {
+            n: 3,
+            hash: l[2].hash.clone(),
+            pruned_at: "2026-11-30T18:00:09Z".into(),
+        };
+        let mut v = Verifier::new("g");
+        v.anchor(&anchor);
+        for e in &l[3..] {
+            v.push(e);
+        }
+        let v = v.finish();
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!((v.entries, v.pruned), (3, 3));
+        // Without the anchor, the same entries are a removal.
+        assert!(verify("g", &l[3..]).problems[0].contains("entries 1–3 are missing"));
+        // A forged anchor (another hash) does not chain to the first entry kept.
+        let mut v = Verifier::new("g");
+        v.anchor(&LogAnchor {
+            hash: GENESIS.into(),
+            ..anchor.clone()
+        });
+        for e in &l[3..] {
+            v.push(e);
+        }
+        assert!(v.finish().problems[0].starts_with("entry 4: its prev_hash"));
+        // Entry 5 removed after the anchor is still a removal.
+        let mut v = Verifier::new("g");
+        v.anchor(&anchor);
+        for e in [&l[3], &l[5]] {
+            v.push(e);
+        }
+        assert!(v.finish().problems[0].contains("entry 5 is missing"));
     }
 
     #[test]

@@ -16,9 +16,47 @@ use crate::check::Analysis;
 use crate::command::{self, Arg, Stdin};
 use crate::decision::{Loc, Rule};
 
+/// brush-parser backtracks on `(` it cannot close: its time doubles with each one (22 take
+/// 0.3 s, 26 take 5 s on the development machine; found by tests/mutations.rs). A string with
+/// more than this many is refused unparsed (`input.too-complex`); the parser takes about a
+/// millisecond for this many.
+const MAX_UNCLOSED_PARENS: usize = 12;
+
+/// `(` left open at the end of `code`, outside single quotes and backslash escapes. Parentheses
+/// in double quotes and here-documents count too: over-counting can only refuse (a string
+/// with a dozen unbalanced `(` in its text), never let through what the parser would choke on.
+fn unclosed_parens(code: &str) -> usize {
+    let (mut depth, mut chars) = (0usize, code.chars());
+    let mut single = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => single = !single,
+            '\\' if !single => {
+                chars.next();
+            }
+            '(' if !single => depth += 1,
+            ')' if !single => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    depth
+}
+
 /// Checks every command in the shell string `code`.
 pub(crate) fn analyse(an: &mut Analysis, code: &str, stdin: Stdin, depth: usize) {
     if !an.fits(code.len(), code) || !an.within_nesting(depth, &Loc::request(code)) {
+        return;
+    }
+    let open = unclosed_parens(code);
+    if open > MAX_UNCLOSED_PARENS {
+        an.finding(
+            Rule::InputTooComplex,
+            format!(
+                "{open} unclosed `(`: more than {MAX_UNCLOSED_PARENS} make the shell parser's \
+                 work grow exponentially, so the string is not parsed"
+            ),
+            Loc::request(code),
+        );
         return;
     }
     let options = ParserOptions::default();

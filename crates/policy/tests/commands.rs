@@ -261,3 +261,22 @@ fn sudo_escapes_user_limits() {
         "{d:#?}"
     );
 }
+
+/// Unclosed `(` make brush-parser backtrack exponentially (26 took 5 s): past a dozen the
+/// string is refused unparsed, at once; quoted and balanced parentheses stay ordinary.
+#[test]
+fn unclosed_parentheses_are_refused_before_the_parser_sees_them() {
+    let t0 = std::time::Instant::now();
+    refused(command(&"(".repeat(40)), Rule::InputTooComplex);
+    refused(
+        command(&format!("ls {}", "$(".repeat(30))),
+        Rule::InputTooComplex,
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    allowed(command("echo '((((((((((((((((((((' \\( ; (ls) | (cat)"));
+    allowed(command(&format!("{}ls{}", "(".repeat(30), ")".repeat(30))));
+}

@@ -74,6 +74,9 @@ pub struct Config {
     /// The workload-identity issuer URL (`--issuer-url`): `iss` of every token, where relying
     /// parties fetch `/.well-known/…`. `None`: this daemon's own `http://` listen address.
     pub issuer_url: Option<String>,
+    /// How long policy decisions are kept (`--policy-decisions-retention`); `None`: forever.
+    /// Older entries are pruned behind an anchor that keeps the rest verifiable.
+    pub policy_decisions_retention: Option<std::time::Duration>,
 }
 
 /// The default of [`Config::park_after`], seconds.
@@ -90,6 +93,24 @@ pub fn db_path(home: &Path) -> PathBuf {
 
 pub fn socket_path(home: &Path) -> PathBuf {
     home.join("moatd.sock")
+}
+
+/// Prunes policy decisions older than `keep`, at start and then every quarter of `keep`
+/// (between a second and ten minutes), for as long as the daemon runs.
+async fn prune_decisions(store: store::Store, keep: std::time::Duration) {
+    let every = (keep / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(600),
+    );
+    loop {
+        let before = store::now() - keep.as_secs() as i64;
+        match store.prune_decisions(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "policy decisions past their retention pruned"),
+            Err(e) => tracing::error!(error = %e, "pruning policy decisions"),
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Runs the daemon until `shutdown` completes (then it finishes the requests in flight).
@@ -180,6 +201,9 @@ pub async fn serve(
         identity: identity.clone(),
     })
     .await?;
+    if let Some(keep) = config.policy_decisions_retention {
+        tokio::spawn(prune_decisions(store.clone(), keep));
+    }
     let state = http::AppState {
         store,
         metrics,

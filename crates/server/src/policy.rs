@@ -6,8 +6,10 @@
 //! `off` is appended to the group's hash-chained decisions log before the request goes on; a
 //! decision that cannot be recorded refuses the request too.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use moat_policy::log::{LogEntry, Verdict};
 use moat_policy::{analysis_failed, check_in_worker, Bounds, CheckRequest, Decision, Mode, Policy};
@@ -23,6 +25,49 @@ use crate::store::{now, Store};
 pub struct Gate {
     program: PathBuf,
     bounds: Bounds,
+    rate: CheckRate,
+    /// One token bucket per API key id, for dry runs.
+    buckets: Arc<Mutex<HashMap<String, Bucket>>>,
+}
+
+/// How many dry runs (`POST …/policy/check`) one API key may ask for: each starts a worker
+/// process, so a key that loops on it would take the host's CPU. A token bucket per key:
+/// `burst` at once, then `per_s` a second. (Gated execs are not limited here: each also
+/// reaches a sandbox, whose own limits apply.)
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CheckRate {
+    pub burst: u32,
+    pub per_s: f64,
+}
+
+impl Default for CheckRate {
+    fn default() -> Self {
+        CheckRate {
+            burst: 20,
+            per_s: 5.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// Takes a token at `now`, or says how long until one is there.
+    fn take(&mut self, rate: CheckRate, now: Instant) -> std::result::Result<(), Duration> {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * rate.per_s;
+        self.tokens = (self.tokens + refill).min(f64::from(rate.burst));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate.per_s))
+        }
+    }
 }
 
 /// Where a checked request was going, for the decisions log.
@@ -42,7 +87,41 @@ impl Gate {
     }
 
     pub fn with_bounds(program: PathBuf, bounds: Bounds) -> Gate {
-        Gate { program, bounds }
+        Gate {
+            program,
+            bounds,
+            rate: CheckRate::default(),
+            buckets: Arc::default(),
+        }
+    }
+
+    /// The same gate with another dry-run rate per key.
+    pub fn with_check_rate(mut self, rate: CheckRate) -> Gate {
+        self.rate = rate;
+        self
+    }
+
+    /// Admits one dry run for API key `key`, or refuses it (429) saying when to retry.
+    pub fn admit_check(&self, key: &str) -> Result<()> {
+        self.admit_check_at(key, Instant::now())
+    }
+
+    fn admit_check_at(&self, key: &str, now: Instant) -> Result<()> {
+        let rate = self.rate;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = buckets.entry(key.to_string()).or_insert(Bucket {
+            tokens: f64::from(rate.burst),
+            at: now,
+        });
+        bucket.take(rate, now).map_err(|wait| {
+            Error::TooManyRequests(format!(
+                "too many policy checks for this API key: each starts an analysis process, so \
+                 a key may ask for {} at once and {} a second after that; retry in {:.1} s",
+                rate.burst,
+                rate.per_s,
+                wait.as_secs_f64()
+            ))
+        })
     }
 
     /// `policy`'s decision about `request`, analysed in a worker off the async runtime.
@@ -305,6 +384,38 @@ mod tests {
         assert_eq!(recent.len(), 1);
         assert_eq!(recent[0].verdict, Verdict::Audit);
         assert_eq!(recent[0].policy_version, 1);
+    }
+
+    /// The dry-run bucket: a burst, then refusals naming the wait, refilled over time, and
+    /// one key's use never costs another key.
+    #[test]
+    fn dry_runs_are_limited_per_key() {
+        let gate = Gate::new("/nonexistent".into()).with_check_rate(CheckRate {
+            burst: 3,
+            per_s: 2.0,
+        });
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            gate.admit_check_at("k1", t0).unwrap();
+        }
+        let e = gate.admit_check_at("k1", t0).unwrap_err();
+        assert!(matches!(e, Error::TooManyRequests(_)), "{e}");
+        let m = e.to_string();
+        assert!(
+            m.contains("3 at once and 2 a second") && m.contains("retry in 0.5 s"),
+            "{m}"
+        );
+        assert_eq!(e.status_and_code().0.as_u16(), 429);
+        gate.admit_check_at("k2", t0).unwrap();
+        // Half a second gives one token back, and no more than the burst ever builds up.
+        let t1 = t0 + Duration::from_millis(500);
+        gate.admit_check_at("k1", t1).unwrap();
+        assert!(gate.admit_check_at("k1", t1).is_err());
+        let t2 = t1 + Duration::from_secs(3600);
+        for _ in 0..3 {
+            gate.admit_check_at("k1", t2).unwrap();
+        }
+        assert!(gate.admit_check_at("k1", t2).is_err());
     }
 
     #[test]

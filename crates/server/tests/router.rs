@@ -32,6 +32,13 @@ struct App {
 
 impl App {
     fn new() -> App {
+        // No `moat` binary here: every analysis fails, which the policy tests use to show
+        // that the gate fails closed (the real worker is exercised by
+        // crates/cli/tests/daemon_policy.rs).
+        App::with_gate(Gate::new(NO_WORKER.into()))
+    }
+
+    fn with_gate(gate: Gate) -> App {
         let home = tempfile::tempdir().unwrap();
         let store = Store::open(&home.path().join("moatd.db")).unwrap();
         assert!(store.bootstrap(Some(ADMIN)).unwrap().is_none());
@@ -42,10 +49,7 @@ impl App {
                 "no VM runtime in the router tests".to_string(),
             ),
             operations: Arc::new(Operations::default()),
-            // No `moat` binary here: every analysis fails, which the policy tests use to show
-            // that the gate fails closed (the real worker is exercised by
-            // crates/cli/tests/daemon_policy.rs).
-            policy: Arc::new(Gate::new(NO_WORKER.into())),
+            policy: Arc::new(gate),
             stopping: Default::default(),
             identity: Arc::new(
                 moat_server::identity::Issuer::open(
@@ -507,6 +511,100 @@ async fn every_documented_operation_is_served_as_documented() {
         }
     }
     assert!(operations >= 30, "{operations}");
+}
+
+/// Rollback makes a new version equal to an old one (the history stays append-only); going
+/// back to the version in force makes none; unknown versions, bad bodies and user keys are
+/// refused.
+#[tokio::test]
+async fn policies_roll_back_as_a_new_version() {
+    let app = App::new();
+    let k = Some(ADMIN);
+    let pol = format!("{G}/g/policy");
+    let back = format!("{pol}/rollback");
+    assert_eq!(
+        app.call(k, "PUT", &format!("{G}/g"), Some(json!({})))
+            .await
+            .0,
+        201
+    );
+    let enforce = json!({"mode": "enforce", "commands": {"deny": ["curl"]}});
+    let audit = json!({"mode": "audit", "commands": {"deny": ["wget"]}});
+    assert_eq!(app.call(k, "PUT", &pol, Some(enforce)).await.0, 201);
+    assert_eq!(app.call(k, "PUT", &pol, Some(audit)).await.0, 201);
+    let (st, v) = app
+        .call(k, "POST", &back, Some(json!({"version": 1})))
+        .await;
+    assert_eq!((st, v["version"].as_u64()), (201, Some(3)), "{v}");
+    assert_eq!(v["policy"]["mode"], "enforce", "{v}");
+    assert_eq!(v["policy"]["commands"]["deny"], json!(["curl"]), "{v}");
+    let (_, now) = app.call(k, "GET", &pol, None).await;
+    assert_eq!(now["version"], 3, "{now}");
+    let (_, versions) = app.call(k, "GET", &format!("{pol}/versions"), None).await;
+    let items = versions["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{versions}");
+    assert_eq!(items[0]["sha256"], items[2]["sha256"], "{versions}");
+    assert_eq!(items[1]["policy"]["mode"], "audit", "version 2 is kept");
+    // Back to the policy in force: no new version.
+    let (st, v) = app
+        .call(k, "POST", &back, Some(json!({"version": 1})))
+        .await;
+    assert_eq!((st, v["version"].as_u64()), (200, Some(3)), "{v}");
+    let (st, e) = app
+        .call(k, "POST", &back, Some(json!({"version": 9})))
+        .await;
+    assert_eq!(st, 404, "{e}");
+    assert!(msg(&e).contains("no policy version 9"), "{e}");
+    for body in [
+        json!({"version": "1"}),
+        json!({"version": 1, "to": 2}),
+        json!({}),
+    ] {
+        let (st, e) = app.call(k, "POST", &back, Some(body.clone())).await;
+        assert_eq!(st, 400, "{body}: {e}");
+    }
+    let user = app.key("user", &["g"]).await;
+    let (st, _) = app
+        .call(Some(&user), "POST", &back, Some(json!({"version": 2})))
+        .await;
+    assert_eq!(st, 403);
+    let (_, now) = app.call(k, "GET", &pol, None).await;
+    assert_eq!(now["version"], 3, "{now}");
+}
+
+/// Dry runs are limited per API key (each starts a worker): past the burst a 429 that says
+/// why and when to retry; another key is not affected.
+#[tokio::test]
+async fn policy_dry_runs_are_rate_limited_per_key() {
+    let app = App::with_gate(Gate::new(NO_WORKER.into()).with_check_rate(
+        moat_server::policy::CheckRate {
+            burst: 3,
+            per_s: 0.001,
+        },
+    ));
+    let k = Some(ADMIN);
+    app.call(k, "PUT", &format!("{G}/g"), Some(json!({}))).await;
+    let check = format!("{G}/g/policy/check");
+    for _ in 0..3 {
+        let (st, v) = app
+            .call(k, "POST", &check, Some(json!({"argv": ["ls"]})))
+            .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let (st, e) = app
+        .call(k, "POST", &check, Some(json!({"argv": ["ls"]})))
+        .await;
+    assert_eq!(st, 429, "{e}");
+    assert_eq!(e["error"]["code"], "too_many_requests");
+    assert!(
+        msg(&e).contains("too many policy checks for this API key") && msg(&e).contains("retry in"),
+        "{e}"
+    );
+    let other = app.key("owner", &["g"]).await;
+    let (st, v) = app
+        .call(Some(&other), "POST", &check, Some(json!({"argv": ["ls"]})))
+        .await;
+    assert_eq!(st, 200, "{v}");
 }
 
 /// Policies through the API, with no analysis worker to be had: versions and roles, a policy

@@ -79,5 +79,12 @@ def test_policy_denied_from_a_real_sandbox(client: moat.Client, group: str) -> N
             assert "seen" not in ls.stdout and "refused" not in ls.stdout
         log = client.groups.policy.decisions("sdk-policy", verdict="deny")
         assert [d["route"] for d in log["items"]][-1:] == ["exec"]
+        # Rollback: an audit version, then back to the enforcing one as a new version.
+        audit = client.groups.policy.apply("sdk-policy", {"mode": "audit"})
+        assert audit["version"] == version + 1
+        back = client.groups.policy.rollback("sdk-policy", version)
+        assert back["version"] == version + 2 and back["policy"]["mode"] == "enforce"
+        with pytest.raises(moat.NotFound):
+            client.groups.policy.rollback("sdk-policy", version + 100)
     finally:
         client.groups.delete("sdk-policy", force=True)

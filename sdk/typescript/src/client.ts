@@ -7,9 +7,11 @@ import { ConnectionFailed, MoatError, NotFound, errorFromFrame, errorFromRespons
 import { Shell } from "./shell.js";
 import type {
   ApiKey,
+  CheckRequest,
   Command,
   CreateOptions,
   CreatedApiKey,
+  DecisionList,
   ExecEvent,
   ExecExit,
   ExecOptions,
@@ -20,13 +22,18 @@ import type {
   Group,
   GroupSpec,
   Health,
+  Policy,
+  PolicyCheck,
+  PolicyVersion,
   ProcessInfo,
   ProcessLogs,
+  ReplayResult,
   Role,
   SandboxInfo,
   SandboxState,
   ShellOptions,
   Snapshot,
+  Verdict,
 } from "./types.js";
 
 export const DEFAULT_URL = "http://127.0.0.1:7070";
@@ -177,7 +184,12 @@ function commandBody(cmd: Command, opts: ExecOptions): Record<string, unknown> {
 }
 
 export class Groups {
-  constructor(private readonly c: Client) {}
+  /** The group's policy (docs/POLICY.md). */
+  readonly policy: Policies;
+
+  constructor(private readonly c: Client) {
+    this.policy = new Policies(c);
+  }
 
   /** Creates the group or replaces its whole spec (idempotent). */
   apply(name: string, spec: GroupSpec = {}): Promise<Group> {
@@ -195,6 +207,54 @@ export class Groups {
   /** Refused (Conflict) while the group has sandboxes or snapshots, unless `force`. */
   async delete(name: string, options: { force?: boolean } = {}): Promise<void> {
     await this.c.json({ method: "DELETE", path: groupPath(name), query: { force: options.force || undefined } });
+  }
+}
+
+/** A group's policy: versions, the dry run, the decisions log, replay and rollback. */
+export class Policies {
+  constructor(private readonly c: Client) {}
+
+  /** The policy in force (version 0: none was ever applied, so it is off). */
+  get(group: string): Promise<PolicyVersion> {
+    return this.c.json({ method: "GET", path: `${groupPath(group)}/policy` });
+  }
+
+  /** Applies `policy` as a new version (owner or admin); BadRequest lists every problem,
+   * including examples in its `tests` it contradicts. */
+  apply(group: string, policy: Policy): Promise<PolicyVersion> {
+    return this.c.json({ method: "PUT", path: `${groupPath(group)}/policy`, json: policy });
+  }
+
+  /** Makes version `version`'s policy the one in force again, as a new version (the history
+   * stays append-only); NotFound when there is no such version. */
+  rollback(group: string, version: number): Promise<PolicyVersion> {
+    return this.c.json({ method: "POST", path: `${groupPath(group)}/policy/rollback`, json: { version } });
+  }
+
+  async versions(group: string): Promise<PolicyVersion[]> {
+    return (await this.c.json<{ items: PolicyVersion[] }>({ method: "GET", path: `${groupPath(group)}/policy/versions` }))
+      .items;
+  }
+
+  /** Dry run: what the policy in force decides; nothing runs, nothing is recorded. */
+  check(group: string, request: CheckRequest): Promise<PolicyCheck> {
+    return this.c.json({ method: "POST", path: `${groupPath(group)}/policy/check`, json: request });
+  }
+
+  /** A page of the hash-chained decisions log, oldest first (owner or admin). */
+  decisions(
+    group: string,
+    options: { verdict?: Verdict; since?: number; after?: number; limit?: number } = {},
+  ): Promise<DecisionList> {
+    return this.c.json({ method: "GET", path: `${groupPath(group)}/policy/decisions`, query: { ...options } });
+  }
+
+  /** The newest recorded requests checked again under `policy`: those it decides differently. */
+  replay(group: string, policy: Policy, options: { limit?: number } = {}): Promise<ReplayResult> {
+    const body: Record<string, unknown> = { policy };
+    if (options.limit !== undefined) body["limit"] = options.limit;
+    // Each recorded request is checked again in a worker process.
+    return this.c.json({ method: "POST", path: `${groupPath(group)}/policy/replay`, json: body, timeout: null });
   }
 }
 

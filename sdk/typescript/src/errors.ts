@@ -2,6 +2,7 @@
  * Typed errors for the daemon's `{"error": {"code", "message"}}` answers: one class per
  * status, the same names as the Python SDK's.
  */
+import type { PolicyFinding } from "./types.js";
 
 /** Any error the daemon answered (or failing to reach it). */
 export class MoatError extends Error {
@@ -29,6 +30,26 @@ export class BadRequest extends MoatError {}
 export class Unauthorized extends MoatError {}
 /** 403: the key's role does not allow this (e.g. a reader creating a sandbox). */
 export class Forbidden extends MoatError {}
+/** 403 `policy_denied`: the group's policy refused the request before it reached the VM. */
+export class PolicyDenied extends Forbidden {
+  /** Why, each with its rule id (`command.denied`, `python.process`, …). */
+  readonly findings: PolicyFinding[];
+  /** The policy version that decided. */
+  readonly policyVersion: number | null;
+
+  constructor(
+    status: number | null,
+    code: string,
+    message: string,
+    findings: PolicyFinding[] = [],
+    policyVersion: number | null = null,
+  ) {
+    super(status, code, message);
+    this.findings = findings;
+    this.policyVersion = policyVersion;
+  }
+}
+
 /** 404: no such group, sandbox, file or process, or one the key cannot see. */
 export class NotFound extends MoatError {}
 /** 405. */
@@ -94,6 +115,7 @@ export function errorFromResponse(status: number, body: string): MoatError {
     }
     code = detail.code;
     message = detail.message;
+    if (code === "policy_denied") return policyDenied(status, detail);
   } catch {
     message = body.slice(0, 500).trim() || `HTTP status ${status}`;
   }
@@ -106,6 +128,29 @@ export function errorFromFrame(detail: unknown): MoatError {
   const d = (detail ?? {}) as { code?: unknown; message?: unknown };
   const code = typeof d.code === "string" ? d.code : "internal";
   const message = typeof d.message === "string" ? d.message : JSON.stringify(detail);
+  if (code === "policy_denied") return policyDenied(null, d);
   const cls = BY_CODE[code] ?? MoatError;
   return new cls(null, code, message);
+}
+
+function policyDenied(status: number | null, detail: Record<string, unknown>): PolicyDenied {
+  const raw = Array.isArray(detail["findings"]) ? (detail["findings"] as Record<string, unknown>[]) : [];
+  const num = (v: unknown) => (typeof v === "number" ? v : null);
+  const findings = raw.map(
+    (f) =>
+      ({
+        rule: String(f["rule"] ?? ""),
+        message: String(f["message"] ?? ""),
+        line: num(f["line"]),
+        column: num(f["column"]),
+        snippet: String(f["snippet"] ?? ""),
+      }) as PolicyFinding,
+  );
+  return new PolicyDenied(
+    status,
+    "policy_denied",
+    String(detail["message"] ?? ""),
+    findings,
+    num(detail["policy_version"]),
+  );
 }

@@ -25,6 +25,17 @@ export type EgressSpec = DeepPartial<Schemas["EgressSpec"]>;
 export type EgressRule = DeepPartial<Schemas["EgressRule"]>;
 export type NetworkLimits = DeepPartial<Schemas["LimitsSpec"]>;
 export type Group = Schemas["Group"];
+/** A group's policy object (docs/POLICY.md); what is left out takes the daemon's defaults. */
+export type Policy = DeepPartial<Schemas["Policy"]>;
+export type PolicyVersion = Schemas["PolicyVersion"];
+/** What a dry run checks: an exec request, or `{python: CODE}` / `{shell: CODE}`. */
+export type CheckRequest = DeepPartial<Schemas["CheckRequest"]>;
+export type PolicyCheck = Schemas["PolicyCheck"];
+export type PolicyFinding = Schemas["Finding"];
+export type DecisionList = Schemas["DecisionList"];
+export type LogEntry = Schemas["LogEntry"];
+export type Verdict = Schemas["Verdict"];
+export type ReplayResult = Schemas["ReplayResult"];
 export type GroupStatus = Schemas["GroupStatus"];
 export type Health = Schemas["Health"];
 export type SandboxesHealth = Schemas["SandboxesHealth"];

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
-import { Client, Conflict, Forbidden, NotFound, Sandbox, BadRequest } from "../dist/index.js";
+import { Client, Conflict, Forbidden, NotFound, PolicyDenied, Sandbox, BadRequest } from "../dist/index.js";
 
 const URL = process.env.MOAT_URL;
 if (!URL && process.env.MOAT_TEST_REQUIRE_DAEMON) throw new Error("MOAT_URL is not set");
@@ -174,5 +174,30 @@ describe("against a daemon", { skip: !URL && "no MOAT_URL" }, () => {
     } finally {
       await client.apiKeys.delete(k.id);
     }
+  });
+
+  test("policy: apply, dry run, PolicyDenied before the VM, decisions, rollback", async () => {
+    const v1 = await client.groups.policy.apply(GROUP, { mode: "enforce", commands: { deny: ["touch"] } });
+    try {
+      const check = await client.groups.policy.check(GROUP, { command: "touch /tmp/x" });
+      assert.equal(check.allowed, false);
+      assert.equal(check.findings[0].rule, "command.denied");
+      const e = await sb.exec("touch /tmp/ts-refused").catch((e) => e);
+      assert.ok(e instanceof PolicyDenied && e instanceof Forbidden, String(e));
+      assert.deepEqual([e.status, e.code, e.policyVersion], [403, "policy_denied", v1.version]);
+      assert.equal(e.findings[0].rule, "command.denied");
+      assert.match(e.findings[0].snippet, /touch/);
+      assert.deepEqual((await client.groups.policy.check(GROUP, { argv: ["ls", "/tmp"] })).findings, []);
+      const log = await client.groups.policy.decisions(GROUP, { verdict: "deny" });
+      assert.equal(log.items.at(-1).route, "exec");
+      const v2 = await client.groups.policy.apply(GROUP, { mode: "audit" });
+      const back = await client.groups.policy.rollback(GROUP, v1.version);
+      assert.deepEqual([back.version, back.policy.mode], [v2.version + 1, "enforce"]);
+      assert.equal((await client.groups.policy.versions(GROUP)).length, back.version);
+      await assert.rejects(client.groups.policy.rollback(GROUP, back.version + 100), NotFound);
+    } finally {
+      await client.groups.policy.apply(GROUP, { mode: "off" });
+    }
+    assert.doesNotMatch((await sb.exec(["ls", "/tmp"])).stdout, /ts-refused/);
   });
 });

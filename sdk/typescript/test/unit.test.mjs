@@ -11,6 +11,7 @@ import {
   InternalError,
   MoatError,
   NotFound,
+  PolicyDenied,
   TooManyRequests,
 } from "../dist/index.js";
 
@@ -41,6 +42,19 @@ test("a body that is not the error shape still gives the status's class", async 
   });
   const e2 = await c2.health().catch((e) => e);
   assert.ok(e2 instanceof TooManyRequests && e2 instanceof CapacityError);
+});
+
+test("a policy refusal is PolicyDenied with its findings and version", async () => {
+  const finding = { rule: "python.process", message: "os.system", line: 2, column: 1, snippet: "os.system('id')" };
+  const body = JSON.stringify({
+    error: { code: "policy_denied", message: "refused", findings: [finding], policy_version: 4 },
+  });
+  const c = new Client("http://127.0.0.1:1", "k", { fetch: fake(403, body) });
+  const e = await c.groups.policy.check("g", { python: "x" }).catch((e) => e);
+  assert.ok(e instanceof PolicyDenied && e instanceof MoatError, String(e));
+  assert.deepEqual([e.status, e.code, e.message, e.policyVersion], [403, "policy_denied", "refused", 4]);
+  assert.deepEqual(e.findings, [finding]);
+  assert.equal(e.name, "PolicyDenied");
 });
 
 test("an unreachable daemon is ConnectionFailed with no status", async () => {

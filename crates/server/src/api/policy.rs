@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use super::bad;
 use crate::error::Result;
-pub use moat_policy::log::{LogEntry, Verdict};
+pub use moat_policy::log::{LogAnchor, LogEntry, Verdict};
 pub use moat_policy::{CheckRequest, Decision, Finding, Mode, Policy, Rule};
 
 /// The most decisions one page of `GET …/policy/decisions` returns.
@@ -55,6 +55,15 @@ pub struct PolicyCheck {
     /// Why it would be refused (in `audit` mode: why `enforce` would refuse it).
     pub findings: Vec<Finding>,
     pub policy_version: u64,
+}
+
+/// `POST …/policy/rollback`: make an earlier version the one in force again. The history is
+/// append-only, so this makes a new version whose policy is version `version`'s.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The version to go back to (1 or more; it must exist for this group name).
+    pub version: u64,
 }
 
 /// `GET …/policy/decisions` query.
@@ -127,6 +136,11 @@ impl DecisionQuery {
 #[serde(deny_unknown_fields)]
 pub struct DecisionList {
     pub items: Vec<LogEntry>,
+    /// Where the log starts when old entries were pruned (`moat serve
+    /// --policy-decisions-retention`): the first entry kept chains to this hash. Null when
+    /// nothing was ever pruned.
+    #[serde(default)]
+    pub pruned: Option<LogAnchor>,
     /// Pass as `after` for the next page; null on the last page.
     pub next: Option<u64>,
 }

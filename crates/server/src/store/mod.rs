@@ -41,8 +41,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("migrations/0006_egress.sql")),
     (7, include_str!("migrations/0007_policy.sql")),
     (8, include_str!("migrations/0008_ports.sql")),
-    // 9 and 10 are taken by branches merged separately (see `migrate`).
-    (11, include_str!("migrations/0011_identity.sql")),
+    (9, include_str!("migrations/0009_policy_prune.sql")),
+    (10, include_str!("migrations/0010_identity.sql")),
 ];
 
 pub fn latest_version() -> i64 {

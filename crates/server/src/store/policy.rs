@@ -6,7 +6,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
 
 use super::{now, Store};
-use crate::api::{rfc3339, DecisionFilter, LogEntry, Policy, PolicyVersion, Verdict};
+use crate::api::{rfc3339, DecisionFilter, LogAnchor, LogEntry, Policy, PolicyVersion, Verdict};
 use crate::error::{Error, Result};
 
 impl Store {
@@ -84,6 +84,27 @@ impl Store {
         .await
     }
 
+    /// Version `version` of `group`'s policy (None when there is no such version).
+    pub async fn get_policy_version(
+        &self,
+        group: &str,
+        version: u64,
+    ) -> Result<Option<PolicyVersion>> {
+        let group = group.to_string();
+        self.call(move |c| {
+            c.query_row(
+                "SELECT group_name, version, body, sha256, author, created_at FROM policies \
+                 WHERE group_name = ?1 AND version = ?2",
+                params![group, version as i64],
+                version_row,
+            )
+            .optional()?
+            .map(version_from)
+            .transpose()
+        })
+        .await
+    }
+
     /// Appends `entry` to its group's decisions log: numbers it and chains it to the group's
     /// newest entry in one transaction, so concurrent decisions cannot fork the chain.
     pub async fn record_decision(&self, mut entry: LogEntry) -> Result<LogEntry> {
@@ -125,29 +146,68 @@ impl Store {
         q: &DecisionFilter,
     ) -> Result<(Vec<LogEntry>, bool)> {
         let (group, q) = (group.to_string(), q.clone());
+        self.call(move |c| page(c, &group, &q)).await
+    }
+
+    /// A page and the log's anchor, read in one transaction so that a pruning in between
+    /// cannot make them disagree.
+    pub async fn list_decisions_anchored(
+        &self,
+        group: &str,
+        q: &DecisionFilter,
+    ) -> Result<(Vec<LogEntry>, bool, Option<LogAnchor>)> {
+        let (group, q) = (group.to_string(), q.clone());
         self.call(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT entry FROM policy_decisions WHERE group_name = ?1 AND n > ?2 \
-                 AND (?3 IS NULL OR verdict = ?3) AND (?4 IS NULL OR at >= ?4) \
-                 ORDER BY n LIMIT ?5",
-            )?;
-            let rows = stmt.query_map(
-                params![
-                    group,
-                    q.after as i64,
-                    q.verdict.map(Verdict::as_str),
-                    q.since,
-                    i64::from(q.limit) + 1
-                ],
-                |r| r.get::<_, String>(0),
-            )?;
-            let mut out = Vec::new();
-            for row in rows {
-                out.push(entry_from(&row?)?);
+            let tx = c.transaction()?;
+            let anchor = anchor_of(&tx, &group)?;
+            let (items, more) = page(&tx, &group, &q)?;
+            tx.commit()?;
+            Ok((items, more, anchor))
+        })
+        .await
+    }
+
+    /// Where `group`'s log starts after pruning (None: nothing was ever pruned).
+    pub async fn decisions_anchor(&self, group: &str) -> Result<Option<LogAnchor>> {
+        let group = group.to_string();
+        self.call(move |c| anchor_of(c, &group)).await
+    }
+
+    /// Prunes every group's decisions made before `before` (unix seconds), keeping at least
+    /// each group's newest entry (the next one chains to it). The newest pruned entry becomes
+    /// the group's anchor first, in the same transaction: the triggers let entries go only at
+    /// or before it. Returns how many entries went.
+    pub async fn prune_decisions(&self, before: i64) -> Result<u64> {
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let cuts: Vec<(String, i64, String)> = {
+                let mut stmt = tx.prepare(
+                    "SELECT d.group_name, d.n, d.hash FROM policy_decisions d \
+                     JOIN (SELECT group_name, MIN(MAX(CASE WHEN at < ?1 THEN n END), \
+                                                 MAX(n) - 1) AS cut \
+                           FROM policy_decisions GROUP BY group_name) c \
+                       ON c.group_name = d.group_name AND c.cut = d.n \
+                     WHERE d.n > COALESCE((SELECT n FROM policy_log_anchors a \
+                                           WHERE a.group_name = d.group_name), 0)",
+                )?;
+                let rows = stmt.query_map([before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let mut pruned = 0;
+            for (group, n, hash) in cuts {
+                tx.execute(
+                    "INSERT INTO policy_log_anchors (group_name, n, hash, pruned_at) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (group_name) DO UPDATE SET \
+                     n = excluded.n, hash = excluded.hash, pruned_at = excluded.pruned_at",
+                    params![group, n, hash, now()],
+                )?;
+                pruned += tx.execute(
+                    "DELETE FROM policy_decisions WHERE group_name = ?1 AND n <= ?2",
+                    params![group, n],
+                )? as u64;
             }
-            let more = out.len() > q.limit as usize;
-            out.truncate(q.limit as usize);
-            Ok((out, more))
+            tx.commit()?;
+            Ok(pruned)
         })
         .await
     }
@@ -170,6 +230,46 @@ impl Store {
         })
         .await
     }
+}
+
+fn page(c: &Connection, group: &str, q: &DecisionFilter) -> Result<(Vec<LogEntry>, bool)> {
+    let mut stmt = c.prepare_cached(
+        "SELECT entry FROM policy_decisions WHERE group_name = ?1 AND n > ?2 \
+         AND (?3 IS NULL OR verdict = ?3) AND (?4 IS NULL OR at >= ?4) \
+         ORDER BY n LIMIT ?5",
+    )?;
+    let rows = stmt.query_map(
+        params![
+            group,
+            q.after as i64,
+            q.verdict.map(Verdict::as_str),
+            q.since,
+            i64::from(q.limit) + 1
+        ],
+        |r| r.get::<_, String>(0),
+    )?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(entry_from(&row?)?);
+    }
+    let more = out.len() > q.limit as usize;
+    out.truncate(q.limit as usize);
+    Ok((out, more))
+}
+
+fn anchor_of(c: &Connection, group: &str) -> Result<Option<LogAnchor>> {
+    Ok(c.query_row(
+        "SELECT n, hash, pruned_at FROM policy_log_anchors WHERE group_name = ?1",
+        [group],
+        |r| {
+            Ok(LogAnchor {
+                n: r.get::<_, i64>(0)? as u64,
+                hash: r.get(1)?,
+                pruned_at: rfc3339(r.get(2)?),
+            })
+        },
+    )
+    .optional()?)
 }
 
 /// A stored entry as written. It is not re-checked here: `verify-log` does that, and an entry
@@ -334,6 +434,80 @@ mod tests {
         assert_eq!(page.iter().map(|e| e.n).collect::<Vec<_>>(), [2, 3]);
         let recent = s.recent_decisions("g", 2).await.unwrap();
         assert_eq!(recent.iter().map(|e| e.n).collect::<Vec<_>>(), [3, 4]);
+    }
+
+    /// Pruning keeps the log verifiable from its anchor; it is the one way entries go (a
+    /// delete after the anchor, or moving the anchor back, is refused); an edit after pruning
+    /// is still named.
+    #[tokio::test]
+    async fn pruning_keeps_the_log_verifiable_and_tampering_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = super::super::tests::open(&dir);
+        for i in 0..4 {
+            s.record_decision(entry("g", Verdict::Deny, &format!("old{i}")))
+                .await
+                .unwrap();
+        }
+        s.record_decision(entry("h", Verdict::Allow, "only"))
+            .await
+            .unwrap();
+        // Entries 1–4 of g are old; g's newest and h's only entry are always kept.
+        assert_eq!(s.prune_decisions(now() + 10).await.unwrap(), 3);
+        assert_eq!(s.decisions_anchor("h").await.unwrap(), None);
+        s.record_decision(entry("g", Verdict::Allow, "new"))
+            .await
+            .unwrap();
+        let anchor = s.decisions_anchor("g").await.unwrap().unwrap();
+        assert_eq!(anchor.n, 3);
+        let verify = || async {
+            let (all, _) = s.list_decisions("g", &filter(None, 0, 100)).await.unwrap();
+            let mut v = moat_policy::log::Verifier::new("g");
+            v.anchor(&s.decisions_anchor("g").await.unwrap().unwrap());
+            for e in &all {
+                v.push(e);
+            }
+            v.finish()
+        };
+        let v = verify().await;
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!((v.entries, v.pruned), (2, 3));
+        // Nothing old enough: nothing goes.
+        assert_eq!(s.prune_decisions(now() - 3600).await.unwrap(), 0);
+        {
+            let c = s.conn.lock().unwrap();
+            for sql in [
+                "DELETE FROM policy_decisions WHERE group_name = 'g' AND n = 4",
+                "UPDATE policy_log_anchors SET n = 2",
+                "UPDATE policy_log_anchors SET hash = 'x'",
+                "DELETE FROM policy_log_anchors",
+            ] {
+                let e = c.execute(sql, []).unwrap_err().to_string();
+                assert!(
+                    e.contains("append-only") || e.contains("anchor"),
+                    "{sql}: {e}"
+                );
+            }
+            c.execute_batch("DROP TRIGGER policy_decisions_no_update;")
+                .unwrap();
+            let json: String = c
+                .query_row(
+                    "SELECT entry FROM policy_decisions WHERE group_name = 'g' AND n = 4",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            c.execute(
+                "UPDATE policy_decisions SET entry = ?1 WHERE group_name = 'g' AND n = 4",
+                [json.replace("\"old3\"", "\"ls\"")],
+            )
+            .unwrap();
+        }
+        let v = verify().await;
+        assert!(
+            v.problems[0].starts_with("entry 4: its content does not match its hash"),
+            "{:?}",
+            v.problems
+        );
     }
 
     /// The adversarial case: the log refuses changes through SQL, and when someone drops that

@@ -176,6 +176,9 @@ class AsyncPolicies:
     async def apply(self, group: str, policy: Mapping[str, Any]) -> Dict[str, Any]:
         return await self._c._run(b.policy_apply(group, policy))
 
+    async def rollback(self, group: str, version: int) -> Dict[str, Any]:
+        return await self._c._run(b.policy_rollback(group, version))
+
     async def versions(self, group: str) -> List[Dict[str, Any]]:
         return await self._c._run(b.policy_versions(group))
 

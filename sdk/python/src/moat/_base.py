@@ -247,6 +247,17 @@ def policy_apply(group: str, policy: Mapping[str, Any]) -> Op[Dict[str, Any]]:
     return Op("PUT", f"{group_path(group)}/policy", _json, json=dict(policy))
 
 
+def policy_rollback(group: str, version: int) -> Op[Dict[str, Any]]:
+    # Its examples are decided again in worker processes.
+    return Op(
+        "POST",
+        f"{group_path(group)}/policy/rollback",
+        _json,
+        json={"version": version},
+        timeout=long_timeout(DEFAULT_TIMEOUT),
+    )
+
+
 def policy_versions(group: str) -> Op[List[Dict[str, Any]]]:
     return Op("GET", f"{group_path(group)}/policy/versions", lambda r: json_body(r)["items"])
 

@@ -194,6 +194,11 @@ class Policies:
         BadRequest lists every problem, including examples in its ``tests`` it contradicts."""
         return self._c._run(b.policy_apply(group, policy))
 
+    def rollback(self, group: str, version: int) -> Dict[str, Any]:
+        """Makes version ``version``'s policy the one in force again, as a new version (the
+        history stays append-only; owner or admin). NotFound when there is no such version."""
+        return self._c._run(b.policy_rollback(group, version))
+
     def versions(self, group: str) -> List[Dict[str, Any]]:
         return self._c._run(b.policy_versions(group))
 

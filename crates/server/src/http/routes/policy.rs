@@ -15,9 +15,9 @@ use moat_policy::log::Verdict;
 use utoipa::OpenApi;
 
 use crate::api::{
-    CheckRequest, Decision, DecisionList, DecisionQuery, ErrorBody, Finding, LogEntry, Mode,
-    Policy, PolicyCheck, PolicyVersion, PolicyVersionList, ReplayChange, ReplayRequest,
-    ReplayResult, Rule,
+    CheckRequest, Decision, DecisionList, DecisionQuery, ErrorBody, Finding, LogAnchor, LogEntry,
+    Mode, Policy, PolicyCheck, PolicyVersion, PolicyVersionList, ReplayChange, ReplayRequest,
+    ReplayResult, RollbackRequest, Rule,
 };
 use crate::error::{Error, Result};
 use crate::http::access::{require_manage, visible_group};
@@ -41,11 +41,20 @@ pub(in crate::http) fn router() -> Router<AppState> {
             get(list_decisions),
         )
         .route("/v1/sandbox-groups/{group}/policy/replay", post(replay))
+        .route("/v1/sandbox-groups/{group}/policy/rollback", post(rollback))
 }
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(get_policy, put_policy, list_versions, check, list_decisions, replay),
+    paths(
+        get_policy,
+        put_policy,
+        list_versions,
+        check,
+        list_decisions,
+        replay,
+        rollback
+    ),
     components(schemas(
         PolicyVersion,
         PolicyVersionList,
@@ -62,11 +71,13 @@ pub(in crate::http) fn router() -> Router<AppState> {
         Rule,
         Decision,
         DecisionList,
+        LogAnchor,
         LogEntry,
         Verdict,
         ReplayRequest,
         ReplayResult,
-        ReplayChange
+        ReplayChange,
+        RollbackRequest
     ))
 )]
 pub(in crate::http) struct Doc;
@@ -130,14 +141,27 @@ async fn put_policy(
     let group = path_param(group)?;
     visible_group(&state, &p, &group).await?;
     require_manage(&p)?;
-    state.policy.validate(&policy).await?;
-    let (version, created) = state.store.put_policy(&group, &policy, &p.key_id).await?;
+    apply(&state, &p, &group, &policy, None).await
+}
+
+/// Validates `policy` (its examples decided in workers) and makes it the group's policy in
+/// force: 201 with the new version, or 200 when it is the one in force already.
+async fn apply(
+    state: &AppState,
+    p: &Principal,
+    group: &str,
+    policy: &Policy,
+    rolled_back_to: Option<u64>,
+) -> Result<Response> {
+    state.policy.validate(policy).await?;
+    let (version, created) = state.store.put_policy(group, policy, &p.key_id).await?;
     tracing::info!(
         group = %group,
         version = version.version,
         mode = %policy.mode,
         key = %p.key_id,
         created,
+        rolled_back_to,
         "policy applied"
     );
     let status = if created {
@@ -146,6 +170,41 @@ async fn put_policy(
         StatusCode::OK
     };
     Ok((status, Json(version)).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/sandbox-groups/{group}/policy/rollback", tag = "policy",
+    security(("bearer" = [])),
+    params(("group" = String, Path, description = "Group name")),
+    request_body = RollbackRequest,
+    responses(
+        (status = 201, description = "A new version whose policy is the one of `version` \
+            (the history stays append-only)", body = PolicyVersion),
+        (status = 200, description = "Version `version`'s policy is the one in force \
+            already: no new version", body = PolicyVersion),
+        (status = 400, description = "Not a valid body, or the old version now contradicts \
+            its own `tests`", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "Not an owner or admin key", body = ErrorBody),
+        (status = 404, description = "No such group, or no such version of its policy",
+            body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn rollback(
+    State(state): State<AppState>,
+    p: Principal,
+    group: GroupParam,
+    ApiJson(req): ApiJson<RollbackRequest>,
+) -> Result<Response> {
+    let group = path_param(group)?;
+    visible_group(&state, &p, &group).await?;
+    require_manage(&p)?;
+    let Some(old) = state.store.get_policy_version(&group, req.version).await? else {
+        return Err(Error::NotFound(format!(
+            "group {} has no policy version {}",
+            crate::api::quote(&group),
+            req.version
+        )));
+    };
+    apply(&state, &p, &group, &old.policy, Some(req.version)).await
 }
 
 #[utoipa::path(get, path = "/v1/sandbox-groups/{group}/policy/versions", tag = "policy",
@@ -178,6 +237,9 @@ async fn list_versions(
             nothing is recorded", body = PolicyCheck),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 429, description = "This API key asked for too many dry runs (each starts \
+            an analysis process): a burst of 20, then 5 a second; the message says when to \
+            retry", body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 async fn check(
     State(state): State<AppState>,
@@ -187,6 +249,7 @@ async fn check(
 ) -> Result<Json<PolicyCheck>> {
     let group = path_param(group)?;
     visible_group(&state, &p, &group).await?;
+    state.policy.admit_check(&p.key_id)?;
     request
         .validate()
         .map_err(|e| Error::BadRequest(format!("invalid request to check: {e}")))?;
@@ -227,13 +290,17 @@ async fn list_decisions(
     require_manage(&p)?;
     let q: DecisionQuery = query(&uri)?;
     let filter = q.validate()?;
-    let (items, more) = state.store.list_decisions(&group, &filter).await?;
+    let (items, more, pruned) = state.store.list_decisions_anchored(&group, &filter).await?;
     let next = if more {
         items.last().map(|e| e.n)
     } else {
         None
     };
-    Ok(Json(DecisionList { items, next }))
+    Ok(Json(DecisionList {
+        items,
+        next,
+        pruned,
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/sandbox-groups/{group}/policy/replay", tag = "policy",
