@@ -10,6 +10,7 @@ mod port_forward;
 mod progress;
 mod run;
 mod sandbox_cmd;
+mod secret_cmd;
 mod serve;
 mod setup;
 mod shell_cmd;
@@ -90,6 +91,14 @@ enum Command {
     },
     /// Serve MCP on stdin/stdout: sandboxes as tools for an agent (MOAT_URL, MOAT_API_KEY).
     Mcp(mcp_cmd::McpArgs),
+    /// A group's secrets on a moat daemon, the values egress transforms inject (set from
+    /// stdin, list names, delete).
+    Secret {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: secret_cmd::SecretCommand,
+    },
     /// Manage API keys on a moat daemon (admin only).
     ApiKey {
         #[command(flatten)]
@@ -184,6 +193,7 @@ fn main() -> ExitCode {
         let command = match cli.command {
             Command::Group { client, command } => return client::group(client, command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
+            Command::Secret { client, command } => return secret_cmd::run(client, command).await,
             Command::Policy { client, command } => return policy_cmd::run(client, command).await,
             Command::Mcp(args) => return mcp_cmd::run(args).await,
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
@@ -208,6 +218,7 @@ fn main() -> ExitCode {
             Command::Group { .. }
             | Command::NetStack(_)
             | Command::ApiKey { .. }
+            | Command::Secret { .. }
             | Command::Sandbox { .. }
             | Command::Snapshot { .. }
             | Command::Mcp(_)

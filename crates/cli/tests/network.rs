@@ -224,6 +224,7 @@ async fn start_net(sb: &Sandbox, port: u16) {
             hosts: Some(HOSTS.into()),
             resolver: None,
             limits: LimitsSpec::default(),
+            secrets: Default::default(),
         },
         |_| {},
     )

@@ -9,10 +9,11 @@
 //!
 //! stack → daemon: `hello {version, started, dropped}` on every connection; `ok` or
 //! `error {message}` after each request; `audit {event}` for every decision.
-//! daemon → stack: `start {egress, hosts?, resolver?, limits?}` once, first (nothing is
-//! forwarded before it); `policy {egress}` at any time after, applied to the next decision
+//! daemon → stack: `start {egress, hosts?, resolver?, limits?, secrets?}` once, first (nothing
+//! is forwarded before it); `policy {egress, secrets?}` at any time after, applied to the next decision
 //! and to live flows (those it denies are reset).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use crate::audit::{Audit, Event};
 use crate::device::take_frame;
 use crate::dns::Resolver;
 use crate::stack::{self, Limits};
-use crate::{EgressSpec, Error, Floor, HostsFile, Policy, Result};
+use crate::{EgressSpec, Error, Floor, HostsFile, Policy, Result, Secret};
 
 pub const VERSION: u32 = 1;
 /// Audit events kept while no daemon reads them.
@@ -78,9 +79,14 @@ pub enum Request {
         resolver: Option<SocketAddr>,
         #[serde(default)]
         limits: LimitsSpec,
+        /// The values of the secrets the policy's transforms use (only those).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        secrets: BTreeMap<String, Secret>,
     },
     Policy {
         egress: EgressSpec,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        secrets: BTreeMap<String, Secret>,
     },
 }
 
@@ -339,7 +345,8 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
                 hosts,
                 resolver,
                 limits,
-            }) => match start(egress, hosts, resolver, limits) {
+                secrets,
+            }) => match start(egress, hosts, resolver, limits, secrets) {
                 Ok(s) => {
                     let _ = conn.send(&Reply::Ok).await;
                     break s;
@@ -388,8 +395,8 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
                 let reply = match request(c, &line).await {
                     None => continue,
                     Some(Request::Start { .. }) => Reply::Error { message: "already started".into() },
-                    Some(Request::Policy { egress }) => match Policy::new(egress) {
-                        Ok(p) => { policy_tx.send_replace(Arc::new(p)); Reply::Ok }
+                    Some(Request::Policy { egress, secrets }) => match Policy::new(egress) {
+                        Ok(p) => { policy_tx.send_replace(Arc::new(p.with_secrets(secrets))); Reply::Ok }
                         Err(e) => Reply::Error { message: e.to_string() },
                     },
                 };
@@ -412,8 +419,9 @@ fn start(
     hosts: Option<String>,
     resolver: Option<SocketAddr>,
     limits: LimitsSpec,
+    secrets: BTreeMap<String, Secret>,
 ) -> Result<(Policy, Resolver, Limits)> {
-    let policy = Policy::new(egress)?;
+    let policy = Policy::new(egress)?.with_secrets(secrets);
     let hosts = match hosts {
         Some(text) => HostsFile::parse(&text).map_err(|(line, message)| Error::HostsFile {
             path: "hosts".into(),
@@ -457,7 +465,7 @@ mod tests {
                 .to_string(),
         )
         .unwrap();
-        assert!(matches!(r, Request::Policy { egress } if egress.rules.len() == 1));
+        assert!(matches!(r, Request::Policy { egress, .. } if egress.rules.len() == 1));
         let r: Request =
             decode(&json!({"v": 1, "type": "start", "egress": {}}).to_string()).unwrap();
         assert_eq!(
@@ -466,7 +474,8 @@ mod tests {
                 egress: EgressSpec::default(),
                 hosts: None,
                 resolver: None,
-                limits: LimitsSpec::default()
+                limits: LimitsSpec::default(),
+                secrets: BTreeMap::new(),
             }
         );
     }
@@ -577,6 +586,7 @@ mod tests {
                 hosts: None,
                 resolver: Some("127.0.0.1:9".parse().unwrap()),
                 limits: LimitsSpec::default(),
+                secrets: BTreeMap::new(),
             };
             c.request(&start, |_| {}).await.unwrap();
             let e = c.request(&start, |_| {}).await.unwrap_err();
@@ -607,15 +617,22 @@ mod tests {
     fn start_validates_everything_it_gets() {
         let bad_policy: EgressSpec =
             serde_json::from_value(json!({"rules": [{"host": "*"}]})).unwrap();
-        assert!(start(bad_policy, None, None, LimitsSpec::default())
-            .unwrap_err()
-            .to_string()
-            .contains("egress.rules[0].host"));
+        assert!(start(
+            bad_policy,
+            None,
+            None,
+            LimitsSpec::default(),
+            BTreeMap::new()
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("egress.rules[0].host"));
         let e = start(
             EgressSpec::default(),
             Some("127.0.0.1 ok.test\nnope\n".into()),
             None,
             LimitsSpec::default(),
+            BTreeMap::new(),
         )
         .unwrap_err();
         assert!(e.to_string().contains(":2:"), "{e}");

@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::images::router())
         .merge(routes::keys::router())
         .merge(routes::policy::router())
+        .merge(routes::secrets::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -73,6 +74,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
         routes::images::Doc::openapi(),
         routes::keys::Doc::openapi(),
         routes::policy::Doc::openapi(),
+        routes::secrets::Doc::openapi(),
     ] {
         doc.merge(part);
     }

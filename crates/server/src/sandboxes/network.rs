@@ -13,7 +13,7 @@
 //! ends unreleased means the stack died under a live VM, which QEMU 7.2 cannot reconnect, so
 //! the sandbox is marked failed with the reason and its VM destroyed: never silently offline.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use moat_net::audit::{Event, Kind, Verdict};
 use moat_net::control::{Client, LimitsSpec, Reply, Request};
-use moat_net::EgressSpec;
+use moat_net::transform::Placeholder;
+use moat_net::{EgressSpec, Secret};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Manager;
@@ -110,14 +111,15 @@ impl Manager {
         }
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
             let (mut client, hello) = Client::connect(&sb.net_control_path()).await?;
-            let egress = self.current_egress(group).await;
+            let (egress, secrets) = self.current_egress(group).await;
             let req = match hello {
-                Reply::Hello { started: true, .. } => Request::Policy { egress },
+                Reply::Hello { started: true, .. } => Request::Policy { egress, secrets },
                 _ => Request::Start {
                     egress,
                     hosts: self.net.hosts.clone(),
                     resolver: self.net.resolver,
                     limits: LimitsSpec::default(),
+                    secrets,
                 },
             };
             client
@@ -171,8 +173,8 @@ impl Manager {
                         asking = false;
                         continue;
                     };
-                    let egress = self.current_egress(group).await;
-                    let req = Request::Policy { egress };
+                    let (egress, secrets) = self.current_egress(group).await;
+                    let req = Request::Policy { egress, secrets };
                     if let Err(e) = client.request(&req, |e| self.record_audit(group, id, e)).await {
                         return format!("its network stack failed a policy update: {e}");
                     }
@@ -229,9 +231,37 @@ impl Manager {
         self.lock_live().remove(id);
     }
 
-    /// The egress policy of `group` now, as the stacks get it: a group that is gone, or whose
-    /// stored policy no longer validates (a rule a newer moat refuses), denies everything.
-    async fn current_egress(&self, group: &str) -> EgressSpec {
+    /// The egress policy of `group` now, as the stacks get it, with the values of the secrets
+    /// its transforms use (only those; one the group no longer has is left out, and the
+    /// stacks refuse the requests that need it): a group that is gone, or whose stored policy
+    /// no longer validates (a rule a newer moat refuses), denies everything.
+    async fn current_egress(&self, group: &str) -> (EgressSpec, BTreeMap<String, Secret>) {
+        let egress = self.current_spec(group).await;
+        let names: Vec<String> = match moat_net::Policy::new(egress.clone()) {
+            Ok(p) => p
+                .placeholders()
+                .into_iter()
+                .filter_map(|(_, p)| match p {
+                    Placeholder::Secret(n) => Some(n),
+                    Placeholder::Identity(_) => None,
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if names.is_empty() {
+            return (egress, BTreeMap::new());
+        }
+        match self.store.secret_values(group, names).await {
+            Ok(v) => (egress, v),
+            Err(e) => {
+                // Without its values a transform cannot inject: its requests are refused.
+                tracing::error!(group, error = %e, "reading the group's secrets");
+                (egress, BTreeMap::new())
+            }
+        }
+    }
+
+    async fn current_spec(&self, group: &str) -> EgressSpec {
         match self.store.get_group(group).await {
             Ok(Some(g)) => match api::validate_egress(&g.spec.egress) {
                 Ok(()) => g.spec.egress,

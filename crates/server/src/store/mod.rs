@@ -23,13 +23,17 @@ mod policy;
 mod pool;
 mod ports;
 mod sandboxes;
+mod seal;
+mod secrets;
 mod snapshots;
 
 pub use keys::Principal;
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
 
-/// Numbered migrations, applied in order, each once. Only ever append to this list.
+/// Numbered migrations, applied in order, each once. Only ever append to this list. Each
+/// version not yet applied runs, even one below the newest applied (branches that numbered
+/// theirs ahead of one another merge in any order).
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_sandboxes.sql")),
@@ -39,6 +43,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("migrations/0006_egress.sql")),
     (7, include_str!("migrations/0007_policy.sql")),
     (8, include_str!("migrations/0008_ports.sql")),
+    (12, include_str!("migrations/0012_secrets.sql")),
 ];
 
 pub fn latest_version() -> i64 {
@@ -50,6 +55,8 @@ pub struct Store {
     // One connection: SQLite serialises writers anyway, and the API's load is small.
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// Seals group secrets with `secrets.key` beside the database.
+    seal: Arc<seal::Sealer>,
 }
 
 impl Store {
@@ -70,9 +77,14 @@ impl Store {
             "PRAGMA foreign_keys=ON; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;",
         )?;
         migrate(&mut conn, path)?;
+        let key = path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join("secrets.key");
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
+            seal: Arc::new(seal::Sealer::new(key)),
         })
     }
 
@@ -112,16 +124,22 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
              applied_at INTEGER NOT NULL
          ) STRICT;",
     )?;
-    let current = schema_version(&tx)?;
-    let known = latest_version();
-    if current > known {
+    let applied: Vec<i64> = {
+        let mut st = tx.prepare("SELECT version FROM schema_migrations")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    if let Some(&unknown) = applied
+        .iter()
+        .find(|v| !MIGRATIONS.iter().any(|m| m.0 == **v))
+    {
         return Err(Error::NewerSchema {
             path: path.display().to_string(),
-            found: current,
-            known,
+            found: unknown,
+            known: latest_version(),
         });
     }
-    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+    for (version, sql) in MIGRATIONS.iter().filter(|m| !applied.contains(&m.0)) {
         tx.execute_batch(sql)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
@@ -133,6 +151,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
 fn schema_version(conn: &Connection) -> Result<i64> {
     Ok(conn.query_row(
         "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
@@ -240,6 +259,27 @@ mod tests {
         let s = open(&dir);
         let c = s.conn.lock().unwrap();
         assert!(groups::get_group(&c, "g").unwrap().is_some());
+    }
+
+    /// A version below the newest applied one still runs (branches merged in any order).
+    #[test]
+    fn a_missing_older_migration_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir);
+        s.conn
+            .lock()
+            .unwrap()
+            .execute_batch(
+                "DROP TABLE sandbox_ports; DELETE FROM schema_migrations WHERE version = 8;",
+            )
+            .unwrap();
+        drop(s);
+        let s = open(&dir);
+        let c = s.conn.lock().unwrap();
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM sandbox_ports", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0, "the table is back");
     }
 
     #[test]
