@@ -325,6 +325,8 @@ async fn start_network(sandbox: &Sandbox, net: &NetPlan) -> Result<()> {
         resolver: net.resolver,
         limits: Default::default(),
         secrets: Default::default(),
+        ca: None,
+        upstream_ca: None,
     };
     control
         .request(&start, log_egress)

@@ -225,6 +225,8 @@ async fn start_net(sb: &Sandbox, port: u16) {
             resolver: None,
             limits: LimitsSpec::default(),
             secrets: Default::default(),
+            ca: None,
+            upstream_ca: None,
         },
         |_| {},
     )

@@ -9,7 +9,7 @@
 //!
 //! stack → daemon: `hello {version, started, dropped}` on every connection; `ok` or
 //! `error {message}` after each request; `audit {event}` for every decision.
-//! daemon → stack: `start {egress, hosts?, resolver?, limits?, secrets?}` once, first (nothing
+//! daemon → stack: `start {egress, hosts?, resolver?, limits?, secrets?, ca?, upstream_ca?}` once, first (nothing
 //! is forwarded before it); `policy {egress, secrets?}` at any time after, applied to the next decision
 //! and to live flows (those it denies are reset).
 
@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use crate::audit::{Audit, Event};
 use crate::device::take_frame;
 use crate::dns::Resolver;
+use crate::intercept::{CaSpec, Interceptor};
 use crate::stack::{self, Limits};
 use crate::{EgressSpec, Error, Floor, HostsFile, Policy, Result, Secret};
 
@@ -82,6 +83,13 @@ pub enum Request {
         /// The values of the secrets the policy's transforms use (only those).
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         secrets: BTreeMap<String, Secret>,
+        /// The group's CA, for the hosts with a transform; absent: none is intercepted (a
+        /// transform flow is refused).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca: Option<CaSpec>,
+        /// PEM certificates trusted upstream besides Mozilla's roots (`--upstream-ca`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upstream_ca: Option<String>,
     },
     Policy {
         egress: EgressSpec,
@@ -307,7 +315,7 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
     let (mut guest_rx, guest_tx) = guest.into_split();
     let mut early = BytesMut::with_capacity(64 * 1024);
     let mut conn: Option<Conn> = None;
-    let (policy, resolver, limits) = loop {
+    let (policy, resolver, limits, intercept) = loop {
         let line = tokio::select! {
             r = guest_rx.read_buf(&mut early) => {
                 if r.map_err(io("the guest socket"))? == 0 {
@@ -346,7 +354,9 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
                 resolver,
                 limits,
                 secrets,
-            }) => match start(egress, hosts, resolver, limits, secrets) {
+                ca,
+                upstream_ca,
+            }) => match start(egress, hosts, resolver, limits, secrets, ca, upstream_ca) {
                 Ok(s) => {
                     let _ = conn.send(&Reply::Ok).await;
                     break s;
@@ -372,6 +382,7 @@ async fn run_async(guest: OwnedFd, control: OwnedFd, ports: OwnedFd) -> Result<(
         audit.clone(),
         limits,
         inbound,
+        intercept,
     );
     tokio::pin!(serve);
     loop {
@@ -420,8 +431,14 @@ fn start(
     resolver: Option<SocketAddr>,
     limits: LimitsSpec,
     secrets: BTreeMap<String, Secret>,
-) -> Result<(Policy, Resolver, Limits)> {
+    ca: Option<CaSpec>,
+    upstream_ca: Option<String>,
+) -> Result<(Policy, Resolver, Limits, Option<Arc<Interceptor>>)> {
     let policy = Policy::new(egress)?.with_secrets(secrets);
+    let intercept = match &ca {
+        Some(ca) => Some(Arc::new(Interceptor::new(ca, upstream_ca.as_deref())?)),
+        None => None,
+    };
     let hosts = match hosts {
         Some(text) => HostsFile::parse(&text).map_err(|(line, message)| Error::HostsFile {
             path: "hosts".into(),
@@ -433,7 +450,12 @@ fn start(
     let limits = limits.limits()?;
     let floor = Floor::with_host_addrs()?;
     let upstream = resolver.or_else(system_resolver);
-    Ok((policy, Resolver::new(upstream, hosts, floor), limits))
+    Ok((
+        policy,
+        Resolver::new(upstream, hosts, floor),
+        limits,
+        intercept,
+    ))
 }
 
 #[cfg(test)]
@@ -476,6 +498,8 @@ mod tests {
                 resolver: None,
                 limits: LimitsSpec::default(),
                 secrets: BTreeMap::new(),
+                ca: None,
+                upstream_ca: None,
             }
         );
     }
@@ -587,6 +611,8 @@ mod tests {
                 resolver: Some("127.0.0.1:9".parse().unwrap()),
                 limits: LimitsSpec::default(),
                 secrets: BTreeMap::new(),
+                ca: None,
+                upstream_ca: None,
             };
             c.request(&start, |_| {}).await.unwrap();
             let e = c.request(&start, |_| {}).await.unwrap_err();
@@ -622,7 +648,9 @@ mod tests {
             None,
             None,
             LimitsSpec::default(),
-            BTreeMap::new()
+            BTreeMap::new(),
+            None,
+            None
         )
         .unwrap_err()
         .to_string()
@@ -633,6 +661,8 @@ mod tests {
             None,
             LimitsSpec::default(),
             BTreeMap::new(),
+            None,
+            None,
         )
         .unwrap_err();
         assert!(e.to_string().contains(":2:"), "{e}");

@@ -11,6 +11,7 @@ pub mod dns;
 pub mod floor;
 pub mod hosts;
 pub mod ingress;
+pub mod intercept;
 pub mod peek;
 pub mod policy;
 pub mod stack;

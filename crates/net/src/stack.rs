@@ -39,6 +39,7 @@ use tokio::task::JoinHandle;
 use crate::audit::{Audit, Event, Kind, Verdict};
 use crate::device::{put_frame, take_frame, Device};
 use crate::dns::{is_synthetic, Resolver};
+use crate::intercept::Interceptor;
 use crate::peek::{self, Peek};
 use crate::{Error, Policy, Protocol, Result};
 
@@ -139,6 +140,8 @@ struct Shared {
     audit: Audit,
     dns: Mutex<Bucket>,
     events: mpsc::UnboundedSender<Ev>,
+    /// The group CA's interceptor, for hosts whose rule has a transform (`intercept.rs`).
+    intercept: Option<Arc<Interceptor>>,
 }
 
 impl Shared {
@@ -249,6 +252,7 @@ pub async fn serve<S>(
     audit: Audit,
     limits: Limits,
     mut inbound: mpsc::Receiver<Inbound>,
+    intercept: Option<Arc<Interceptor>>,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite,
@@ -260,6 +264,7 @@ where
         audit,
         dns: Mutex::new(Bucket::new(limits.dns_qps)),
         events: events_tx,
+        intercept,
     });
     let mut st = Stack::new(shared, limits);
     let (mut rd, mut wr) = tokio::io::split(guest);
@@ -1136,7 +1141,7 @@ async fn dns_tcp(id: u64, shared: Arc<Shared>, mut from_guest: mpsc::Receiver<By
 }
 
 /// The first-bytes check of a flow to a name on 443 or 80.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Check {
     Sni,
     Host,
@@ -1214,6 +1219,31 @@ async fn splice(
             return end(why, true, false);
         }
     }
+    // A host whose rule has a transform is intercepted (HTTPS, or plain HTTP upgraded to
+    // HTTPS upstream); every other flow is spliced untouched.
+    let intercepted = match &dest {
+        Dest::Name(name) => match crate::intercept::wanted(&shared.policy(), name, port) {
+            Ok(w) => w,
+            Err(why) => {
+                let _ = ev.send(Ev::Data {
+                    flow: id,
+                    data: check.map_or_else(Vec::new, |(_, c)| c.refusal(&why)).into(),
+                });
+                return end(why, true, false);
+            }
+        },
+        Dest::Addr(_) => false,
+    };
+    let interceptor = match (intercepted, &shared.intercept) {
+        (false, _) => None,
+        (true, Some(i)) => Some(i.clone()),
+        (true, None) => {
+            let why = "this stack has no interception CA for the rule's transform".to_string();
+            return end(why, true, true);
+        }
+    };
+    // Upgraded plain HTTP goes to the host's HTTPS port.
+    let port = if interceptor.is_some() { 443 } else { port };
     // A name's addresses were checked against the floor when resolved (the hosts file's are
     // the operator's exception for that name); a raw address was checked at SYN time.
     let addrs = match &dest {
@@ -1241,6 +1271,32 @@ async fn splice(
     };
     let _ = stream.set_nodelay(true);
     let _ = ev.send(Ev::Connected { flow: id, addr: sa });
+    if let (Some(icpt), Dest::Name(name), Some((_, check))) = (interceptor, &dest, check) {
+        let cx = crate::intercept::Context {
+            name: name.clone(),
+            port: if check == Check::Sni { 443 } else { 80 },
+            policy: {
+                let shared = shared.clone();
+                Arc::new(move || shared.policy())
+            },
+            audit: shared.audit.clone(),
+        };
+        // The interceptor talks to the guest through a pipe of its own, so that the flow's
+        // credits and channels stay as for any other flow.
+        let (ours, theirs) = tokio::io::duplex(CHUNK);
+        let tls = check == Check::Sni;
+        let task = tokio::spawn(crate::intercept::serve(icpt, theirs, stream, tls, cx));
+        let piped = pipe(id, &ev, ours, first.into(), from_guest, credits, None).await;
+        let served = task
+            .await
+            .unwrap_or_else(|e| Err(format!("interception: {e}")));
+        return match (served, piped) {
+            (Err(why), _) => end(why, false, true),
+            (Ok(()), Err(Stop::Io(e))) => end(format!("guest connection: {e}"), false, true),
+            (Ok(()), Err(Stop::Denied(why))) => end(why, true, true),
+            (Ok(()), Ok(())) => {}
+        };
+    }
     // Plain HTTP to a name: every later request on the connection is checked too.
     let requests = match check {
         Some((name, Check::Host)) => Some(peek::HttpRequests::new(name)),
@@ -1374,6 +1430,7 @@ mod tests {
             audit,
             dns: Mutex::new(Bucket::new(1_000_000)),
             events: tx,
+            intercept: None,
         });
         (Stack::new(shared, Limits::default()), events)
     }

@@ -321,6 +321,11 @@ impl Compiled {
         self.headers.iter().flat_map(|(_, t)| t.placeholders())
     }
 
+    /// Whether `paths` limits where the headers go.
+    pub fn limits_paths(&self) -> bool {
+        !self.paths.is_empty()
+    }
+
     /// Whether a request with `method` and `path` (without its query) gets the headers.
     pub fn applies(&self, method: &str, path: &str) -> bool {
         let method_ok = self.methods.is_empty() || self.methods.iter().any(|m| m == method);

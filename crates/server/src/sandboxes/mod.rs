@@ -43,6 +43,7 @@ use pool::{PoolVm, REFILL_AFTER_HAND_OVER};
 
 pub use network::{AuditRecord, NetConfig, DEFAULT_AUDIT_RETENTION};
 
+mod group_ca;
 mod lifecycle;
 mod network;
 mod pool;

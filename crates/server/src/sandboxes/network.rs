@@ -50,6 +50,9 @@ pub struct NetConfig {
     pub resolver: Option<SocketAddr>,
     /// Audit events kept in the store; the oldest go first.
     pub audit_retention: u64,
+    /// PEM certificates the stacks trust upstream of intercepted hosts besides Mozilla's
+    /// roots (`--upstream-ca`).
+    pub upstream_ca: Option<String>,
 }
 
 /// The default of [`NetConfig::audit_retention`].
@@ -61,6 +64,7 @@ impl Default for NetConfig {
             hosts: None,
             resolver: None,
             audit_retention: DEFAULT_AUDIT_RETENTION,
+            upstream_ca: None,
         }
     }
 }
@@ -109,6 +113,13 @@ impl Manager {
         if let Some(old) = old {
             old.released.store(true, Ordering::SeqCst);
         }
+        let ca = match self.group_ca(group).await {
+            Ok(ca) => ca,
+            Err(e) => {
+                self.release_network_if(id, &released);
+                return Err(e);
+            }
+        };
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
             let (mut client, hello) = Client::connect(&sb.net_control_path()).await?;
             let (egress, secrets) = self.current_egress(group).await;
@@ -120,6 +131,8 @@ impl Manager {
                     resolver: self.net.resolver,
                     limits: LimitsSpec::default(),
                     secrets,
+                    ca: Some(ca),
+                    upstream_ca: self.net.upstream_ca.clone(),
                 },
             };
             client
@@ -319,6 +332,7 @@ impl Manager {
         let family = match event.kind {
             Kind::Dns => metrics::EGRESS_DNS,
             Kind::Tcp | Kind::Udp => metrics::EGRESS_CONNECTIONS,
+            Kind::Http => metrics::EGRESS_REQUESTS,
         };
         self.metrics
             .count(family, &[("group", g), ("verdict", verdict)]);

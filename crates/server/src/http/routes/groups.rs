@@ -191,6 +191,9 @@ async fn delete_group(
         }
     }
     state.store.delete_group(&name, q.force).await?;
+    if let Some(mgr) = state.sandboxes.ready() {
+        mgr.remove_group_ca(&name);
+    }
     // Its pool's rows went with it; its VMs and its snapshots go now.
     if let Some(mgr) = state.sandboxes.ready() {
         mgr.drain_pool(&name).await;
