@@ -140,8 +140,8 @@ pub(crate) async fn start(
 }
 
 /// What the agent sets up in the guest: eth0 on the link to the stack, which is its gateway
-/// and its resolver.
-pub(crate) fn guest_config() -> NetworkConfig {
+/// and its resolver, and the CA it trusts for intercepted hosts.
+pub(crate) fn guest_config(trust_ca_pem: Option<String>) -> NetworkConfig {
     NetworkConfig {
         interface: None,
         address: GUEST_IP.to_string(),
@@ -149,5 +149,6 @@ pub(crate) fn guest_config() -> NetworkConfig {
         gateway: GATEWAY_IP.to_string(),
         mtu: MTU,
         nameservers: vec![GATEWAY_IP.to_string()],
+        trust_ca_pem,
     }
 }

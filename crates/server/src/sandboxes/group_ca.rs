@@ -27,6 +27,14 @@ impl Manager {
             .map_err(Error::task("the group CA"))?
     }
 
+    /// How the VMs of `group` start: detached, trusting the group's CA.
+    pub(crate) async fn launch_options(&self, group: &str) -> Result<moat_vm::LaunchOptions> {
+        Ok(moat_vm::LaunchOptions {
+            detached: true,
+            trust_ca: Some(self.group_ca(group).await?.cert_pem),
+        })
+    }
+
     /// Forgets `group`'s CA (the group is gone).
     pub(crate) fn remove_group_ca(&self, group: &str) {
         let path = self.ca_path(group);
