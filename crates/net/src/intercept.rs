@@ -194,7 +194,11 @@ impl Interceptor {
         Ok(ck)
     }
 
-    fn server_config(&self, name: &str) -> std::result::Result<Arc<rustls::ServerConfig>, String> {
+    /// A TLS server configuration presenting a leaf for `name` (ALPN h2, http/1.1).
+    pub fn server_config(
+        &self,
+        name: &str,
+    ) -> std::result::Result<Arc<rustls::ServerConfig>, String> {
         let leaf = self.leaf(name)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut c = rustls::ServerConfig::builder_with_provider(provider)
