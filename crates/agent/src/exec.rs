@@ -228,6 +228,13 @@ impl Execs {
         if !env.iter().any(|(k, _)| *k == "HOME") {
             cmd.env("HOME", &ident.home);
         }
+        // TLS clients find the group's egress CA (trust.rs) unless the exec points them
+        // elsewhere.
+        for (k, v) in crate::trust::exec_env() {
+            if !env.iter().any(|(e, _)| *e == k) {
+                cmd.env(k, v);
+            }
+        }
         let other = |e: io::Error| (ErrorKind::Other, e.to_string());
         let ends = match req.pty {
             Some(size) => {

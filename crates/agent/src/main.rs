@@ -11,6 +11,7 @@ mod procs;
 mod pty;
 mod reaper;
 mod sys;
+mod trust;
 mod users;
 
 use std::sync::Arc;

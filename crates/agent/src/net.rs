@@ -22,7 +22,11 @@ pub fn configure(c: &NetworkConfig) -> Result<(), Failure> {
         Some(i) => i.clone(),
         None => first_interface()?,
     };
-    configure_at(c, &iface, Path::new(RESOLV_CONF))
+    configure_at(c, &iface, Path::new(RESOLV_CONF))?;
+    if let Some(pem) = &c.trust_ca_pem {
+        crate::trust::install(pem).map_err(|m| Failure(ErrorKind::Other, m))?;
+    }
+    Ok(())
 }
 
 /// The first interface in /sys/class/net that is not loopback (eth0 under QEMU).
@@ -192,6 +196,7 @@ mod tests {
             gateway: "100.127.255.1".into(),
             mtu: 1400,
             nameservers: vec!["100.127.255.1".into()],
+            trust_ca_pem: None,
         }
     }
 

@@ -11,6 +11,7 @@ mod port_forward;
 mod progress;
 mod run;
 mod sandbox_cmd;
+mod secret_cmd;
 mod serve;
 mod setup;
 mod shell_cmd;
@@ -59,8 +60,9 @@ enum Command {
     Group {
         #[command(flatten)]
         client: client::ClientArgs,
+        /// Boxed: `group apply`'s flags (egress, limits, identity) dwarf every other command.
         #[command(subcommand)]
-        command: client::GroupCommand,
+        command: Box<client::GroupCommand>,
     },
     /// Manage sandboxes on a moat daemon: create, exec, cp, suspend, resume (MOAT_URL,
     /// MOAT_API_KEY).
@@ -98,6 +100,14 @@ enum Command {
         client: client::ClientArgs,
         #[command(subcommand)]
         command: identity_cmd::IdentityCommand,
+    },
+    /// A group's secrets on a moat daemon, the values egress transforms inject (set from
+    /// stdin, list names, delete).
+    Secret {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: secret_cmd::SecretCommand,
     },
     /// Manage API keys on a moat daemon (admin only).
     ApiKey {
@@ -191,11 +201,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         // The client verbs only talk to a daemon: they need no MOAT_HOME.
         let command = match cli.command {
-            Command::Group { client, command } => return client::group(client, command).await,
+            Command::Group { client, command } => return client::group(client, *command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
             Command::Identity { client, command } => {
                 return identity_cmd::run(client, command).await
             }
+            Command::Secret { client, command } => return secret_cmd::run(client, command).await,
             Command::Policy { client, command } => return policy_cmd::run(client, command).await,
             Command::Mcp(args) => return mcp_cmd::run(args).await,
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
@@ -221,6 +232,7 @@ fn main() -> ExitCode {
             | Command::NetStack(_)
             | Command::ApiKey { .. }
             | Command::Identity { .. }
+            | Command::Secret { .. }
             | Command::Sandbox { .. }
             | Command::Snapshot { .. }
             | Command::Mcp(_)

@@ -185,6 +185,7 @@ fn rule(host: Option<String>, cidr: Option<String>, ports: Vec<u16>) -> EgressRu
         ports,
         protocol: Protocol::Tcp,
         action: Action::Allow,
+        transform: None,
     }
 }
 
@@ -323,6 +324,9 @@ async fn start_network(sandbox: &Sandbox, net: &NetPlan) -> Result<()> {
         hosts: net.hosts.clone(),
         resolver: net.resolver,
         limits: Default::default(),
+        secrets: Default::default(),
+        ca: None,
+        upstream_ca: None,
     };
     control
         .request(&start, log_egress)

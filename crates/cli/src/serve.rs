@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// The DNS resolver the host asks for the names groups allow (default: the host's own).
     #[arg(long, env = "MOAT_EGRESS_RESOLVER", value_name = "ADDR:PORT")]
     egress_resolver: Option<SocketAddr>,
+    /// PEM certificates to trust, besides Mozilla's roots, for the upstream connections of
+    /// intercepted hosts (egress rules with a transform): a private CA of internal services.
+    #[arg(long, env = "MOAT_UPSTREAM_CA", value_name = "FILE")]
+    upstream_ca: Option<std::path::PathBuf>,
     /// Egress audit events kept in the store, over all groups; the oldest go first.
     #[arg(long, env = "MOAT_EGRESS_AUDIT_RETENTION", default_value_t = moat_server::sandboxes::DEFAULT_AUDIT_RETENTION, value_name = "EVENTS")]
     egress_audit_retention: u64,
@@ -111,6 +115,17 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
         }
         None => None,
     };
+    let upstream_ca = match &args.upstream_ca {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --upstream-ca {}", path.display()))?;
+            // Checked here for a clear error at start; each stack parses it again.
+            moat_net::intercept::check_roots(&pem)
+                .with_context(|| format!("--upstream-ca {}", path.display()))?;
+            Some(pem)
+        }
+        None => None,
+    };
     if args.egress_audit_retention == 0 {
         anyhow::bail!("--egress-audit-retention must be at least 1");
     }
@@ -134,6 +149,7 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
                 hosts,
                 resolver: args.egress_resolver,
                 audit_retention: args.egress_audit_retention,
+                upstream_ca,
             },
             issuer_url: args.issuer_url,
             policy_decisions_retention: args.policy_decisions_retention,

@@ -28,9 +28,17 @@ async fn owner_process() {
     };
     let rt = runtime();
     let tpl = base_template(&rt).await;
-    let sb = Sandbox::restore_with(&rt, &id, &tpl, LaunchOptions { detached: true })
-        .await
-        .expect("restore detached");
+    let sb = Sandbox::restore_with(
+        &rt,
+        &id,
+        &tpl,
+        LaunchOptions {
+            detached: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("restore detached");
     sh(&sb, "echo kept > /root/adopt-file").await;
     let out = sh(
         &sb,

@@ -228,6 +228,9 @@ async fn start_net(sb: &Sandbox, port: u16) {
             hosts: Some(HOSTS.into()),
             resolver: None,
             limits: LimitsSpec::default(),
+            secrets: Default::default(),
+            ca: None,
+            upstream_ca: None,
         },
         |_| {},
     )

@@ -10,13 +10,14 @@
 //! stack → daemon: `hello {version, started, dropped}` on every connection; `ok` or
 //! `error {message}` after each request; `audit {event}` for every decision; `mint {id,
 //! audience}` when stack code needs a workload-identity token (a [`Minter`]).
-//! daemon → stack: `start {egress, hosts?, resolver?, limits?}` once, first (nothing is
-//! forwarded before it); `policy {egress}` at any time after, applied to the next decision
-//! and to live flows (those it denies are reset); `limits {limits}` at any time after, applied
-//! from then on; `token {id, token?, expires_on?, error?}` answers a `mint` (no `ok` follows
-//! it). The daemon decides which sandbox a `mint` is for from the control connection it
-//! arrived on: nothing in it names a sandbox.
+//! daemon → stack: `start {egress, hosts?, resolver?, limits?, secrets?, ca?, upstream_ca?}`
+//! once, first (nothing is forwarded before it); `policy {egress, secrets?}` at any time after,
+//! applied to the next decision and to live flows (those it denies are reset); `limits
+//! {limits}` at any time after, applied from then on; `token {id, token?, expires_on?,
+//! error?}` answers a `mint` (no `ok` follows it). The daemon decides which sandbox a `mint` is
+//! for from the control connection it arrived on: nothing in it names a sandbox.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -31,8 +32,9 @@ use tokio::sync::watch;
 use crate::audit::{Audit, Event};
 use crate::device::take_frame;
 use crate::dns::Resolver;
+use crate::intercept::{CaSpec, Interceptor};
 use crate::stack::{self, Limits};
-use crate::{EgressSpec, Error, Floor, HostsFile, Policy, Result};
+use crate::{EgressSpec, Error, Floor, HostsFile, Policy, Result, Secret};
 
 pub const VERSION: u32 = 1;
 /// Audit events kept while no daemon reads them.
@@ -130,9 +132,21 @@ pub enum Request {
         resolver: Option<SocketAddr>,
         #[serde(default)]
         limits: LimitsSpec,
+        /// The values of the secrets the policy's transforms use (only those).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        secrets: BTreeMap<String, Secret>,
+        /// The group's CA, for the hosts with a transform; absent: none is intercepted (a
+        /// transform flow is refused).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca: Option<CaSpec>,
+        /// PEM certificates trusted upstream besides Mozilla's roots (`--upstream-ca`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upstream_ca: Option<String>,
     },
     Policy {
         egress: EgressSpec,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        secrets: BTreeMap<String, Secret>,
     },
     Limits {
         limits: LimitsSpec,
@@ -199,7 +213,7 @@ type MintAsk = (String, tokio::sync::oneshot::Sender<Result<Token>>);
 /// Stack code's handle for workload-identity tokens of its sandbox: each `mint` goes to the
 /// daemon over the control channel, which decides (the group's identity settings, the
 /// audience allowlist) and audits. Cloneable; fails when no daemon is connected.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Minter {
     asks: tokio::sync::mpsc::Sender<MintAsk>,
 }
@@ -522,7 +536,7 @@ async fn run_async(
     let (mut guest_rx, guest_tx) = guest.into_split();
     let mut early = BytesMut::with_capacity(64 * 1024);
     let mut conn: Option<Conn> = None;
-    let (policy, resolver, limits) = loop {
+    let (policy, resolver, limits, intercept) = loop {
         let line = tokio::select! {
             r = guest_rx.read_buf(&mut early) => {
                 if r.map_err(io("the guest socket"))? == 0 {
@@ -560,10 +574,14 @@ async fn run_async(
                 hosts,
                 resolver,
                 limits,
-            }) => match start(egress, hosts, resolver, limits) {
-                Ok(s) => {
+                secrets,
+                ca,
+                upstream_ca,
+            }) => match start(egress, hosts, resolver, limits, ca, upstream_ca) {
+                Ok((policy, resolver, limits, intercept)) => {
                     let _ = conn.send(&Reply::Ok).await;
-                    break s;
+                    let policy = policy.with_values(secrets, Some(minter.clone()));
+                    break (policy, resolver, limits, intercept);
                 }
                 Err(e) => {
                     let _ = conn
@@ -587,7 +605,7 @@ async fn run_async(
         audit.clone(),
         limits_rx,
         inbound,
-        minter,
+        intercept,
     );
     tokio::pin!(serve);
     let mut mints = Mints::default();
@@ -618,8 +636,8 @@ async fn run_async(
                         continue;
                     }
                     Some(Request::Start { .. }) => Reply::Error { message: "already started".into() },
-                    Some(Request::Policy { egress }) => match Policy::new(egress) {
-                        Ok(p) => { policy_tx.send_replace(Arc::new(p)); Reply::Ok }
+                    Some(Request::Policy { egress, secrets }) => match Policy::new(egress) {
+                        Ok(p) => { policy_tx.send_replace(Arc::new(p.with_values(secrets, Some(minter.clone())))); Reply::Ok }
                         Err(e) => Reply::Error { message: e.to_string() },
                     },
                     Some(Request::Limits { limits }) => match limits.validate() {
@@ -652,8 +670,14 @@ fn start(
     hosts: Option<String>,
     resolver: Option<SocketAddr>,
     limits: LimitsSpec,
-) -> Result<(Policy, Resolver, Limits)> {
+    ca: Option<CaSpec>,
+    upstream_ca: Option<String>,
+) -> Result<(Policy, Resolver, Limits, Option<Arc<Interceptor>>)> {
     let policy = Policy::new(egress)?;
+    let intercept = match &ca {
+        Some(ca) => Some(Arc::new(Interceptor::new(ca, upstream_ca.as_deref())?)),
+        None => None,
+    };
     let hosts = match hosts {
         Some(text) => HostsFile::parse(&text).map_err(|(line, message)| Error::HostsFile {
             path: "hosts".into(),
@@ -665,7 +689,12 @@ fn start(
     let limits = limits.validate()?;
     let floor = Floor::with_host_addrs()?;
     let upstream = resolver.or_else(system_resolver);
-    Ok((policy, Resolver::new(upstream, hosts, floor), limits))
+    Ok((
+        policy,
+        Resolver::new(upstream, hosts, floor),
+        limits,
+        intercept,
+    ))
 }
 
 #[cfg(test)]
@@ -697,7 +726,7 @@ mod tests {
                 .to_string(),
         )
         .unwrap();
-        assert!(matches!(r, Request::Policy { egress } if egress.rules.len() == 1));
+        assert!(matches!(r, Request::Policy { egress, .. } if egress.rules.len() == 1));
         let r: Request =
             decode(&json!({"v": 1, "type": "start", "egress": {}}).to_string()).unwrap();
         assert_eq!(
@@ -706,7 +735,10 @@ mod tests {
                 egress: EgressSpec::default(),
                 hosts: None,
                 resolver: None,
-                limits: LimitsSpec::default()
+                limits: LimitsSpec::default(),
+                secrets: BTreeMap::new(),
+                ca: None,
+                upstream_ca: None,
             }
         );
     }
@@ -835,6 +867,9 @@ mod tests {
                 hosts: None,
                 resolver: Some("127.0.0.1:9".parse().unwrap()),
                 limits: LimitsSpec::default(),
+                secrets: BTreeMap::new(),
+                ca: None,
+                upstream_ca: None,
             };
             c.request(&start, |_| {}).await.unwrap();
             let e = c.request(&start, |_| {}).await.unwrap_err();
@@ -885,6 +920,9 @@ mod tests {
             hosts: None,
             resolver: Some("127.0.0.1:9".parse().unwrap()),
             limits: LimitsSpec::default(),
+            secrets: BTreeMap::new(),
+            ca: None,
+            upstream_ca: None,
         };
         c.request(&start, |_| {}).await.unwrap();
         let asked = tokio::spawn({
@@ -934,15 +972,19 @@ mod tests {
     fn start_validates_everything_it_gets() {
         let bad_policy: EgressSpec =
             serde_json::from_value(json!({"rules": [{"host": "*"}]})).unwrap();
-        assert!(start(bad_policy, None, None, LimitsSpec::default())
-            .unwrap_err()
-            .to_string()
-            .contains("egress.rules[0].host"));
+        assert!(
+            start(bad_policy, None, None, LimitsSpec::default(), None, None,)
+                .unwrap_err()
+                .to_string()
+                .contains("egress.rules[0].host")
+        );
         let e = start(
             EgressSpec::default(),
             Some("127.0.0.1 ok.test\nnope\n".into()),
             None,
             LimitsSpec::default(),
+            None,
+            None,
         )
         .unwrap_err();
         assert!(e.to_string().contains(":2:"), "{e}");

@@ -11,15 +11,17 @@ pub mod dns;
 pub mod floor;
 pub mod hosts;
 pub mod ingress;
-pub mod metadata;
+pub mod intercept;
 pub mod peek;
 pub mod policy;
 pub mod stack;
+pub mod transform;
 
 pub use control::run;
 pub use floor::Floor;
 pub use hosts::HostsFile;
 pub use policy::{Action, Decision, EgressRule, EgressSpec, Policy, Protocol};
+pub use transform::{Secret, Transform};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -9,13 +9,16 @@
 //! its address and a CIDR rule does not make a name resolve. The floor (`floor.rs`) is applied
 //! before any of this and no rule opens it.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::floor::{self, Floor};
+use crate::transform::{Compiled, Placeholder, Secret, Transform, Values};
 use crate::{Error, Result};
 
 pub const MAX_RULES: usize = 256;
@@ -98,6 +101,10 @@ pub struct EgressRule {
     pub protocol: Protocol,
     #[serde(default = "allow")]
     pub action: Action,
+    /// Headers the stack sets on this host's HTTPS requests (host rules with `allow` and
+    /// `"ports": [443]` only; the stack then terminates the guest's TLS with the group's CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<Transform>,
 }
 
 /// What a rule matches, normalised.
@@ -137,6 +144,7 @@ struct Rule {
     ports: Vec<u16>,
     protocol: Protocol,
     action: Action,
+    transform: Option<Arc<Compiled>>,
 }
 
 impl Rule {
@@ -179,6 +187,7 @@ pub struct Policy {
     spec: EgressSpec,
     default: Action,
     rules: Vec<Rule>,
+    values: Values,
 }
 
 impl Policy {
@@ -210,11 +219,56 @@ impl Policy {
             default: spec.default,
             spec,
             rules,
+            values: Values::default(),
         })
+    }
+
+    /// The policy with the values its transforms' placeholders stand for: `secrets` for
+    /// `${secret:…}`, tokens from `minter` for `${identity:…}`.
+    pub fn with_values(
+        mut self,
+        secrets: BTreeMap<String, Secret>,
+        minter: Option<crate::control::Minter>,
+    ) -> Policy {
+        self.values = Values::new(secrets, minter);
+        self
     }
 
     pub fn spec(&self) -> &EgressSpec {
         &self.spec
+    }
+
+    /// The transform of rule `rule`, if it has one.
+    pub fn transform(&self, rule: usize) -> Option<&Arc<Compiled>> {
+        self.rules.get(rule)?.transform.as_ref()
+    }
+
+    /// Whether any rule transforms requests (the stack then needs its interception CA).
+    pub fn transforms(&self) -> bool {
+        self.rules.iter().any(|r| r.transform.is_some())
+    }
+
+    /// Every placeholder the transforms use, with the field it is in.
+    pub fn placeholders(&self) -> Vec<(String, Placeholder)> {
+        let mut out = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            if let Some(t) = &r.transform {
+                for (name, tpl) in &t.headers {
+                    for p in tpl.placeholders() {
+                        out.push((
+                            format!("egress.rules[{i}].transform.headers.{name}"),
+                            p.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// What the transforms' placeholders resolve to.
+    pub fn values(&self) -> &Values {
+        &self.values
     }
 
     /// The decision for a connection to `name` (already normalised by [`normalize_name`]).
@@ -383,12 +437,58 @@ fn compile_rule(i: usize, r: &EgressRule) -> Result<Rule> {
             );
         }
     }
+    let transform = match &r.transform {
+        None => None,
+        Some(t) => Some(Arc::new(compile_transform(&field, r, &target, &ports, t)?)),
+    };
     Ok(Rule {
         target,
         ports,
         protocol: r.protocol,
         action: r.action,
+        transform,
     })
+}
+
+/// A transform is for names reached over HTTPS (plain HTTP only with an explicit upgrade),
+/// so that the stack can check the name in the guest's TLS handshake and the secret never
+/// travels in the clear.
+fn compile_transform(
+    field: &dyn Fn(&str) -> String,
+    r: &EgressRule,
+    target: &Target,
+    ports: &[u16],
+    t: &Transform,
+) -> Result<Compiled> {
+    let f = field(".transform");
+    if matches!(target, Target::Cidr(_)) {
+        return invalid(&f, "only host rules can transform requests (the stack checks the name in the guest's TLS handshake)".into());
+    }
+    if r.action != Action::Allow || r.protocol != Protocol::Tcp {
+        return invalid(&f, "only tcp allow rules can transform requests".into());
+    }
+    let c = Compiled::new(t).map_err(|(sub, message)| Error::Invalid {
+        field: format!("{f}{sub}"),
+        message,
+    })?;
+    let allowed: &[u16] = if c.upgrade_to_https {
+        &[80, 443]
+    } else {
+        &[443]
+    };
+    if ports.is_empty() || ports.iter().any(|p| !allowed.contains(p)) {
+        let message = if ports.contains(&80) {
+            "port 80 is plain HTTP: the secret would travel in the clear; set              \"upgrade_to_https\": true to send those requests upstream as HTTPS, or use 443"
+                .to_string()
+        } else {
+            format!(
+                "a rule with a transform needs \"ports\": [443]{}: requests are transformed                  on HTTPS only",
+                if c.upgrade_to_https { " (and 80, upgraded)" } else { "" }
+            )
+        };
+        return invalid(&field(".ports"), message);
+    }
+    Ok(c)
 }
 
 fn host_target(h: &str) -> std::result::Result<Target, String> {
@@ -549,7 +649,7 @@ mod tests {
         assert_eq!(EgressRule::name(), "EgressRule");
         assert_eq!(Action::name(), "EgressAction");
         let rule = serde_json::to_value(EgressRule::schema()).unwrap();
-        for field in ["host", "cidr", "ports", "protocol", "action"] {
+        for field in ["host", "cidr", "ports", "protocol", "action", "transform"] {
             assert!(rule["properties"].get(field).is_some(), "{field}: {rule}");
         }
         let spec = serde_json::to_value(EgressSpec::schema()).unwrap();
@@ -835,6 +935,79 @@ mod tests {
             .map(|i| json!({"host": format!("h{i}.com")}))
             .collect();
         assert!(error(json!({"rules": many})).contains("at most 256"));
+    }
+
+    #[test]
+    fn transforms_are_for_https_host_rules() {
+        let t = json!({"headers": {"Authorization": "Bearer ${secret:openai}"}});
+        let p = policy(json!({"rules": [
+            {"host": "api.openai.com", "ports": [443], "transform": t},
+            {"host": "plain.example.com", "ports": [80, 443],
+             "transform": {"headers": {"X-Key": "${secret:k}"}, "upgrade_to_https": true}},
+            {"host": "other.com"},
+        ]}));
+        assert!(p.transforms());
+        assert!(p.transform(0).is_some() && p.transform(2).is_none());
+        let names: Vec<_> = p
+            .placeholders()
+            .into_iter()
+            .map(|(f, p)| (f, p.to_string()))
+            .collect();
+        assert_eq!(
+            names[0],
+            (
+                "egress.rules[0].transform.headers.authorization".to_string(),
+                "${secret:openai}".to_string()
+            )
+        );
+        // Stored and returned as given; a rule without one has no field.
+        let v = serde_json::to_value(p.spec()).unwrap();
+        assert_eq!(v["rules"][0]["transform"]["headers"], t["headers"]);
+        assert!(v["rules"][2].get("transform").is_none());
+        for (rule, field, hint) in [
+            (
+                json!({"cidr": "203.0.113.0/24", "ports": [443], "transform": t}),
+                "egress.rules[0].transform",
+                "host rules",
+            ),
+            (
+                json!({"host": "a.com", "ports": [443], "action": "deny", "transform": t}),
+                "egress.rules[0].transform",
+                "allow",
+            ),
+            (
+                json!({"host": "a.com", "transform": t}),
+                "egress.rules[0].ports",
+                "[443]",
+            ),
+            (
+                json!({"host": "a.com", "ports": [8443], "transform": t}),
+                "egress.rules[0].ports",
+                "[443]",
+            ),
+            (
+                json!({"host": "a.com", "ports": [80], "transform": t}),
+                "egress.rules[0].ports",
+                "upgrade_to_https",
+            ),
+            (
+                json!({"host": "a.com", "ports": [443], "transform": {"headers": {"A": "${x:y}"}}}),
+                "egress.rules[0].transform.headers[\"A\"]",
+                "not a placeholder",
+            ),
+        ] {
+            let e = error(json!({"rules": [rule.clone()]}));
+            assert!(e.contains(field) && e.contains(hint), "{rule}: {e}");
+        }
+        let p = policy(json!({"rules": [{"host": "a.com", "ports": [443], "transform": t}]}));
+        assert!(!format!(
+            "{:?}",
+            p.clone().with_values(
+                [("openai".to_string(), Secret::new("sk-x".into()))].into(),
+                None
+            )
+        )
+        .contains("sk-x"));
     }
 
     #[test]

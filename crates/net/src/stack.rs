@@ -39,6 +39,7 @@ use tokio::task::JoinHandle;
 use crate::audit::{Audit, Event, Kind, Verdict};
 use crate::device::{put_frame, take_frame, Device};
 use crate::dns::{is_synthetic, Resolver};
+use crate::intercept::Interceptor;
 use crate::peek::{self, Peek};
 use crate::{Error, Policy, Protocol, Result};
 // The link's addresses are shared with the guest agent through the protocol crate.
@@ -183,10 +184,8 @@ struct Shared {
     audit: Audit,
     dns: Mutex<Bucket>,
     events: mpsc::UnboundedSender<Ev>,
-    /// Workload-identity tokens for this sandbox, from the daemon: for egress transforms
-    /// (`${identity:AUD}` headers), which land with TLS interception.
-    #[allow(dead_code)]
-    minter: crate::control::Minter,
+    /// The group CA's interceptor, for hosts whose rule has a transform (`intercept.rs`).
+    intercept: Option<Arc<Interceptor>>,
 }
 
 impl Shared {
@@ -299,7 +298,7 @@ pub async fn serve<S>(
     audit: Audit,
     mut limits: watch::Receiver<Limits>,
     mut inbound: mpsc::Receiver<Inbound>,
-    minter: crate::control::Minter,
+    intercept: Option<Arc<Interceptor>>,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite,
@@ -312,7 +311,7 @@ where
         audit,
         dns: Mutex::new(Bucket::new(first.dns_qps.into())),
         events: events_tx,
-        minter,
+        intercept,
     });
     let mut st = Stack::new(shared, first);
     let mut limits_open = true;
@@ -1276,7 +1275,7 @@ async fn dns_tcp(id: u64, shared: Arc<Shared>, mut from_guest: mpsc::Receiver<By
 }
 
 /// The first-bytes check of a flow to a name on 443 or 80.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Check {
     Sni,
     Host,
@@ -1354,6 +1353,31 @@ async fn splice(
             return end(why, true, false);
         }
     }
+    // A host whose rule has a transform is intercepted (HTTPS, or plain HTTP upgraded to
+    // HTTPS upstream); every other flow is spliced untouched.
+    let intercepted = match &dest {
+        Dest::Name(name) => match crate::intercept::wanted(&shared.policy(), name, port) {
+            Ok(w) => w,
+            Err(why) => {
+                let _ = ev.send(Ev::Data {
+                    flow: id,
+                    data: check.map_or_else(Vec::new, |(_, c)| c.refusal(&why)).into(),
+                });
+                return end(why, true, false);
+            }
+        },
+        Dest::Addr(_) => false,
+    };
+    let interceptor = match (intercepted, &shared.intercept) {
+        (false, _) => None,
+        (true, Some(i)) => Some(i.clone()),
+        (true, None) => {
+            let why = "this stack has no interception CA for the rule's transform".to_string();
+            return end(why, true, true);
+        }
+    };
+    // Upgraded plain HTTP goes to the host's HTTPS port.
+    let port = if interceptor.is_some() { 443 } else { port };
     // A name's addresses were checked against the floor when resolved (the hosts file's are
     // the operator's exception for that name); a raw address was checked at SYN time.
     let addrs = match &dest {
@@ -1381,6 +1405,32 @@ async fn splice(
     };
     let _ = stream.set_nodelay(true);
     let _ = ev.send(Ev::Connected { flow: id, addr: sa });
+    if let (Some(icpt), Dest::Name(name), Some((_, check))) = (interceptor, &dest, check) {
+        let cx = crate::intercept::Context {
+            name: name.clone(),
+            port: if check == Check::Sni { 443 } else { 80 },
+            policy: {
+                let shared = shared.clone();
+                Arc::new(move || shared.policy())
+            },
+            audit: shared.audit.clone(),
+        };
+        // The interceptor talks to the guest through a pipe of its own, so that the flow's
+        // credits and channels stay as for any other flow.
+        let (ours, theirs) = tokio::io::duplex(CHUNK);
+        let tls = check == Check::Sni;
+        let task = tokio::spawn(crate::intercept::serve(icpt, theirs, stream, tls, cx));
+        let piped = pipe(id, &ev, ours, first.into(), from_guest, credits, None).await;
+        let served = task
+            .await
+            .unwrap_or_else(|e| Err(format!("interception: {e}")));
+        return match (served, piped) {
+            (Err(why), _) => end(why, false, true),
+            (Ok(()), Err(Stop::Io(e))) => end(format!("guest connection: {e}"), false, true),
+            (Ok(()), Err(Stop::Denied(why))) => end(why, true, true),
+            (Ok(()), Ok(())) => {}
+        };
+    }
     // Plain HTTP to a name: every later request on the connection is checked too.
     let requests = match check {
         Some((name, Check::Host)) => Some(peek::HttpRequests::new(name)),
@@ -1514,7 +1564,7 @@ mod tests {
             audit,
             dns: Mutex::new(Bucket::new(1_000_000)),
             events: tx,
-            minter: crate::control::Minter::channel().0,
+            intercept: None,
         });
         (Stack::new(shared, Limits::default()), events)
     }

@@ -288,10 +288,8 @@ async fn feed(input: Vec<u8>) -> (moat_net::Result<()>, Vec<u8>) {
         bandwidth: None,
     };
     let (_limits_tx, limits) = watch::channel(limits);
-    // No daemon behind it: a mint would fail at once, and nothing here mints.
-    let (minter, _asks) = moat_net::control::Minter::channel();
     let stack = tokio::spawn(serve(
-        theirs, resolver, policy, audit, limits, inbound, minter,
+        theirs, resolver, policy, audit, limits, inbound, None,
     ));
     let (mut rd, mut wr) = tokio::io::split(ours);
     let write = async move {

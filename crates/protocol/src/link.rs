@@ -16,8 +16,8 @@ pub const PREFIX_LEN: u8 = 30;
 pub const MTU: u16 = 1500;
 
 /// What the agent sets up in the guest: eth0 on the link to the stack, which is its gateway
-/// and its resolver.
-pub fn guest_config() -> NetworkConfig {
+/// and its resolver, and the CA it trusts for intercepted hosts (the group's, if any).
+pub fn guest_config(trust_ca_pem: Option<String>) -> NetworkConfig {
     NetworkConfig {
         interface: None,
         address: GUEST_IP.to_string(),
@@ -25,5 +25,6 @@ pub fn guest_config() -> NetworkConfig {
         gateway: GATEWAY_IP.to_string(),
         mtu: MTU,
         nameservers: vec![GATEWAY_IP.to_string()],
+        trust_ca_pem,
     }
 }

@@ -186,6 +186,10 @@ pub struct NetworkConfig {
     pub mtu: u16,
     /// Written to `/etc/resolv.conf` (1–3).
     pub nameservers: Vec<String>,
+    /// The group's egress CA (PEM), added to the guest's trust store: the host-side stack
+    /// presents certificates of it for the hosts whose requests it transforms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_ca_pem: Option<String>,
 }
 
 /// Fresh facts the guest cannot know by itself after a restore.
@@ -459,10 +463,22 @@ mod tests {
             gateway: "100.127.255.1".into(),
             mtu: 1500,
             nameservers: vec!["100.127.255.1".into()],
+            trust_ca_pem: None,
         });
         let want = r#"{"op":"network","interface":null,"address":"100.127.255.2","prefix_len":30,"gateway":"100.127.255.1","mtu":1500,"nameservers":["100.127.255.1"]}"#;
         assert_eq!(serde_json::to_string(&net).unwrap(), want);
         assert_eq!(serde_json::from_str::<Request>(want).unwrap(), net);
+        // The egress CA is additive: absent above, carried when given.
+        let mut with_ca = net.clone();
+        if let Request::Network(c) = &mut with_ca {
+            c.trust_ca_pem = Some("-----BEGIN CERTIFICATE-----".into());
+        }
+        let text = serde_json::to_string(&with_ca).unwrap();
+        assert!(
+            text.ends_with(r#","trust_ca_pem":"-----BEGIN CERTIFICATE-----"}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), with_ca);
     }
 
     #[test]

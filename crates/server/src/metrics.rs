@@ -61,6 +61,11 @@ pub const EGRESS_CONNECTIONS: (&str, &str) = (
     "Connections (TCP flows and UDP relays) from sandboxes that their network stack decided, \
      by group and verdict.",
 );
+pub const EGRESS_REQUESTS: (&str, &str) = (
+    "moat_egress_intercepted_requests_total",
+    "Requests of intercepted flows (hosts with a transform) by group and verdict: allow is an \
+     injection, deny a refusal (Host not the TLS name, a missing secret, a path not plain).",
+);
 pub const EGRESS_DNS: (&str, &str) = (
     "moat_egress_dns_queries_total",
     "DNS queries from sandboxes that their network stack answered, by group and verdict \

@@ -1147,3 +1147,201 @@ async fn identity_issuer_tokens_audit_and_roles() {
     let (_, jwks) = app.call(None, "GET", "/.well-known/jwks.json", None).await;
     assert_eq!(jwks["keys"].as_array().unwrap().len(), 3);
 }
+
+/// Secrets: only owner and admin keys set and delete them, any key that sees the group lists
+/// names and times, no answer ever holds a value, names and values are checked, transforms
+/// must name secrets the group has, and `${identity:…}` an audience the group's identity allows.
+#[tokio::test]
+async fn secrets_are_write_only_scoped_and_checked() {
+    let app = App::new();
+    const VALUE: &str = "sk-router-test-VALUE-1234";
+    for g in ["g", "h"] {
+        let (st, _) = app
+            .call(Some(ADMIN), "PUT", &format!("{G}/{g}"), Some(json!({})))
+            .await;
+        assert_eq!(st, 201);
+    }
+    let s = |g: &str, n: &str| format!("{G}/{g}/secrets/{n}");
+    let mut answers = Vec::new();
+    let (st, v) = app
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &s("g", "openai"),
+            Some(json!({"value": VALUE})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["name"], "openai");
+    answers.push(v);
+    let (st, v) = app
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &s("g", "openai"),
+            Some(json!({"value": VALUE})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    answers.push(v);
+    let owner = app.key("owner", &["g"]).await;
+    let user = app.key("user", &["g"]).await;
+    let reader = app.key("reader", &["g"]).await;
+    let (st, v) = app
+        .call(
+            Some(&owner),
+            "PUT",
+            &s("g", "gh"),
+            Some(json!({"value": "ghp-x"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    for k in [&user, &reader] {
+        let (st, v) = app
+            .call(Some(k), "PUT", &s("g", "x"), Some(json!({"value": "v"})))
+            .await;
+        assert_eq!(st, 403, "{v}");
+        let (st, v) = app.call(Some(k), "DELETE", &s("g", "gh"), None).await;
+        assert_eq!(st, 403, "{v}");
+    }
+    // Another group's key sees nothing of it.
+    let (st, _) = app
+        .call(
+            Some(&owner),
+            "PUT",
+            &s("h", "x"),
+            Some(json!({"value": "v"})),
+        )
+        .await;
+    assert_eq!(st, 404);
+    let (st, list) = app
+        .call(Some(&reader), "GET", &format!("{G}/g/secrets"), None)
+        .await;
+    assert_eq!(st, 200, "{list}");
+    let names: Vec<_> = list["secrets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("gh"), json!("openai")]);
+    answers.push(list);
+    let (st, list) = app
+        .call(Some(ADMIN), "GET", &format!("{G}/h/secrets"), None)
+        .await;
+    assert_eq!((st, list["secrets"].as_array().unwrap().len()), (200, 0));
+
+    // Bad names and values: clear errors that never quote the value.
+    for (name, body, want) in [
+        ("Bad", json!({"value": "v"}), "secret name"),
+        ("ok", json!({"value": ""}), "1–8192"),
+        ("ok", json!({"value": "a\nSECRETPART"}), "0x0a"),
+        ("ok", json!({"value": "v", "extra": 1}), "unknown field"),
+        ("ok", json!({}), "value"),
+    ] {
+        let (st, e) = app
+            .call(Some(ADMIN), "PUT", &s("g", name), Some(body.clone()))
+            .await;
+        assert_eq!(st, 400, "{body}: {e}");
+        assert!(
+            msg(&e).contains(want) && !msg(&e).contains("SECRETPART"),
+            "{body}: {e}"
+        );
+    }
+
+    // Transforms name existing secrets and allowed identity audiences only.
+    let transform = |h: &str| {
+        json!({"egress": {"rules": [{"host": "api.openai.com", "ports": [443],
+            "transform": {"headers": {"Authorization": h}}}]}})
+    };
+    let (st, g) = app
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/g"),
+            Some(transform("Bearer ${secret:openai}")),
+        )
+        .await;
+    assert_eq!(st, 200, "{g}");
+    assert_eq!(
+        g["spec"]["egress"]["rules"][0]["transform"]["headers"]["Authorization"],
+        "Bearer ${secret:openai}",
+        "the spec holds the placeholder, never the value"
+    );
+    answers.push(g);
+    let (st, e) = app
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/g"),
+            Some(transform("Bearer ${secret:nope}")),
+        )
+        .await;
+    assert_eq!(st, 400);
+    assert!(
+        msg(&e).contains("egress.rules[0].transform.headers.authorization")
+            && msg(&e).contains("no secret \"nope\""),
+        "{e}"
+    );
+    let (st, e) = app
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/g"),
+            Some(transform("Bearer ${identity:api://x}")),
+        )
+        .await;
+    assert_eq!(st, 400);
+    assert!(
+        msg(&e).contains("does not allow audience \"api://x\""),
+        "{e}"
+    );
+    // With the audience allowed by the group's identity, the same transform is accepted
+    // (each request then carries a token minted for it).
+    let mut with_identity = transform("Bearer ${identity:api://x}");
+    with_identity["identity"] = json!({"enabled": true, "audiences": ["api://x"]});
+    let (st, g) = app
+        .call(Some(ADMIN), "PUT", &format!("{G}/g"), Some(with_identity))
+        .await;
+    assert_eq!(st, 200, "{g}");
+    let (st, e) = app
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/g"),
+            Some(json!({"egress": {"rules": [
+            {"host": "a.com", "ports": [80], "transform": {"headers": {"A": "x"}}}]}})),
+        )
+        .await;
+    assert_eq!(st, 400);
+    assert!(msg(&e).contains("upgrade_to_https"), "{e}");
+
+    // Deleting a secret a transform uses is allowed (its requests are then refused).
+    let (st, _) = app
+        .call(Some(&owner), "DELETE", &s("g", "openai"), None)
+        .await;
+    assert_eq!(st, 204);
+    let (st, e) = app
+        .call(Some(&owner), "DELETE", &s("g", "openai"), None)
+        .await;
+    assert_eq!(st, 404, "{e}");
+    let (st, g) = app.call(Some(ADMIN), "GET", &format!("{G}/g"), None).await;
+    assert_eq!(st, 200);
+    answers.push(g);
+
+    for a in &answers {
+        assert!(
+            !a.to_string().contains(VALUE),
+            "an answer holds the value: {a}"
+        );
+    }
+    // The database holds only the sealed value.
+    for f in std::fs::read_dir(app._home.path()).unwrap().flatten() {
+        let bytes = std::fs::read(f.path()).unwrap();
+        assert!(
+            !bytes.windows(VALUE.len()).any(|w| w == VALUE.as_bytes()),
+            "{} holds the value",
+            f.path().display()
+        );
+    }
+}

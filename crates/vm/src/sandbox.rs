@@ -24,12 +24,15 @@ use crate::tier::Tier;
 use crate::{disk, AccelChoice, Error, Result};
 
 /// How a sandbox's QEMU is started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LaunchOptions {
     /// QEMU outlives this process (see [`crate::VmSpec::detached`]) and `sandbox.json` is
     /// written so that another process can [`Sandbox::adopt`] it. `moat run` leaves this off:
     /// its VMs must die with it.
     pub detached: bool,
+    /// A CA (PEM) the guest adds to its trust store at boot and restore: the group's egress
+    /// CA, whose certificates the network stack presents for intercepted hosts.
+    pub trust_ca: Option<String>,
 }
 
 /// `run/<id>/sandbox.json`, written atomically when a detached sandbox starts: everything
@@ -569,7 +572,7 @@ impl Sandbox {
         sb.agent.refresh(Some(&hostname(id))).await?;
         // Again after a restore: the saved guest may predate this configuration.
         sb.agent
-            .configure_network(moat_protocol::link::guest_config())
+            .configure_network(moat_protocol::link::guest_config(opts.trust_ca.clone()))
             .await?;
         tracing::info!(
             id,

@@ -31,6 +31,7 @@ RESPONSES = {
     "ProcessExit": moat.ProcessExit,
     "ProcessLogs": moat.ProcessLogs,
     "EgressEvent": moat.EgressEvent,
+    "SecretInfo": moat.SecretInfo,
 }
 
 SPECS = {
@@ -39,6 +40,7 @@ SPECS = {
     "LifecycleSpec": moat.LifecycleSpec,
     "EgressSpec": moat.EgressSpec,
     "EgressRule": moat.EgressRule,
+    "EgressTransform": moat.EgressTransform,
 }
 
 ENUMS = {

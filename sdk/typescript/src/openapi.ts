@@ -665,6 +665,38 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/sandbox-groups/{group}/secrets": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_secrets"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/sandbox-groups/{group}/secrets/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put: operations["put_secret"];
+        post?: never;
+        delete: operations["delete_secret"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/sandbox-groups/{group}/snapshots": {
         parameters: {
             query?: never;
@@ -884,7 +916,7 @@ export interface components {
             items: components["schemas"]["EgressEvent"][];
         };
         /** @enum {string} */
-        EgressKind: "dns" | "tcp" | "udp";
+        EgressKind: "dns" | "tcp" | "udp" | "http";
         /** @enum {string} */
         EgressProtocol: "tcp" | "udp";
         /** @description One rule: a host pattern or a network, optional ports and protocol, allow or deny. */
@@ -904,6 +936,7 @@ export interface components {
             /** @description Ports 1–65535 (at most 64); empty means every port. */
             ports?: number[];
             protocol?: components["schemas"]["EgressProtocol"];
+            transform?: null | components["schemas"]["EgressTransform"];
         };
         /** @description The group's `egress` spec as stored and returned by the API. */
         EgressSpec: {
@@ -911,6 +944,33 @@ export interface components {
             default?: components["schemas"]["EgressAction"];
             /** @description Tried in order; the first that matches decides (at most 256). */
             rules?: components["schemas"]["EgressRule"][];
+        };
+        /** @description One rule's `transform`. */
+        EgressTransform: {
+            /**
+             * @description Headers to set (1–16), replacing any copy the guest sent. Values may hold
+             *     `${secret:NAME}` (a secret of the group) and `${identity:AUDIENCE}` (a workload
+             *     identity token); names are case-insensitive.
+             * @example {
+             *       "Authorization": "Bearer ${secret:openai}"
+             *     }
+             */
+            headers: {
+                [key: string]: string;
+            };
+            /** @description Only requests with one of these methods (`GET`, `POST`…); empty: every method. */
+            methods?: string[];
+            /**
+             * @description Only requests whose path is one of these or under one (`/v1` matches `/v1` and
+             *     `/v1/chat`, not `/v10`); empty: every path. At most 64.
+             */
+            paths?: string[];
+            /**
+             * @description Accept plain HTTP from the guest on port 80 and send it upstream as HTTPS (port
+             *     443). Without it a transform applies to HTTPS (port 443) only: a secret never travels
+             *     in the clear.
+             */
+            upgrade_to_https?: boolean;
         };
         /** @enum {string} */
         EgressVerdict: "allow" | "deny";
@@ -1726,6 +1786,26 @@ export interface components {
          * @enum {string}
          */
         SandboxesState: "ready" | "preparing" | "failed" | "unavailable";
+        /** @description A secret as listed: never its value. */
+        SecretInfo: {
+            /** @description RFC 3339, UTC. */
+            created_at: string;
+            name: string;
+            /** @description When the value was last set. */
+            updated_at: string;
+        };
+        SecretList: {
+            secrets: components["schemas"]["SecretInfo"][];
+        };
+        /** @description `PUT /v1/sandbox-groups/{group}/secrets/{name}`. Its `Debug` never shows the value. */
+        SetSecret: {
+            /**
+             * @description 1–8192 visible ASCII characters and spaces, not starting or ending with a space.
+             *     Never returned by any endpoint.
+             * @example sk-…
+             */
+            value: string;
+        };
         /**
          * @description One step of the preparation, in order.
          * @enum {string}
@@ -6752,6 +6832,198 @@ export interface operations {
                 };
             };
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_secrets: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The group's secrets by name: names and times only */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SecretList"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    put_secret: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Secret name: 1–63 of [a-z0-9_-], starting with a letter or digit */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["SetSecret"];
+            };
+        };
+        responses: {
+            /** @description Replaced; the group's running sandboxes use the new value before this answer */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SecretInfo"];
+                };
+            };
+            /** @description Created (the answer never holds the value) */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SecretInfo"];
+                };
+            };
+            /** @description A bad name or value */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an owner or admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The group has 64 secrets already */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    delete_secret: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+                /** @description Secret name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Deleted; the group's running sandboxes' requests that need it are refused from before this answer */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such group or secret */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -46,9 +46,8 @@ fuzz_target!(|data: &[u8]| {
             bandwidth: None,
         };
         let (_limits_tx, limits) = watch::channel(limits);
-        let (minter, _asks) = moat_net::control::Minter::channel();
         let stack = tokio::spawn(serve(
-            theirs, resolver, policy, audit, limits, inbound, minter,
+            theirs, resolver, policy, audit, limits, inbound, None,
         ));
         let (mut rd, mut wr) = tokio::io::split(ours);
         let write = async move {

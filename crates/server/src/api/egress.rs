@@ -16,6 +16,8 @@ pub enum EgressKind {
     Dns,
     Tcp,
     Udp,
+    /// A request of an intercepted flow: a transform's injection or a refusal.
+    Http,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::policy::router())
         .merge(routes::ui::router())
         .merge(routes::identity::router())
+        .merge(routes::secrets::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -76,6 +77,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
         routes::keys::Doc::openapi(),
         routes::policy::Doc::openapi(),
         routes::identity::Doc::openapi(),
+        routes::secrets::Doc::openapi(),
     ] {
         doc.merge(part);
     }

@@ -43,6 +43,7 @@ use pool::{PoolVm, REFILL_AFTER_HAND_OVER};
 
 pub use network::{AuditRecord, NetConfig, DEFAULT_AUDIT_RETENTION};
 
+mod group_ca;
 mod lifecycle;
 mod network;
 mod pool;
@@ -591,24 +592,26 @@ impl Manager {
             let vm = Arc::new(RwLock::new(None));
             let mut slot = vm.clone().write_owned().await;
             mgr.lock_live().insert(id.clone(), Entry::new(vm, config));
-            let opts = LaunchOptions { detached: true };
-            let started = match source {
-                Source::Image(image) => {
-                    async {
-                        let tpl = moat_vm::template::ensure(
-                            &mgr.rt,
-                            &image.digest,
-                            &image.rootfs,
-                            row.tier,
-                        )
-                        .await?;
-                        moat_vm::Sandbox::restore_with(&mgr.rt, &id, &tpl.dir, opts).await
+            let started = match mgr.launch_options(&row.group).await {
+                Err(e) => Err(e),
+                Ok(opts) => match source {
+                    Source::Image(image) => {
+                        async {
+                            let tpl = moat_vm::template::ensure(
+                                &mgr.rt,
+                                &image.digest,
+                                &image.rootfs,
+                                row.tier,
+                            )
+                            .await?;
+                            moat_vm::Sandbox::restore_with(&mgr.rt, &id, &tpl.dir, opts).await
+                        }
+                        .await
                     }
-                    .await
+                    Source::Snapshot(snap) => mgr.start_fork(&id, &snap, opts).await,
                 }
-                Source::Snapshot(snap) => mgr.start_fork(&id, &snap).await,
-            }
-            .map_err(Error::vm("starting the sandbox"));
+                .map_err(Error::vm("starting the sandbox")),
+            };
             // Running only with its network: the policy is in force before anyone hears of it.
             let started = match started {
                 Ok(sb) => match mgr.connect_network(&id, &row.group, &sb).await {
@@ -653,6 +656,7 @@ impl Manager {
         &self,
         id: &str,
         snap: &std::path::Path,
+        opts: LaunchOptions,
     ) -> moat_vm::Result<moat_vm::Sandbox> {
         let root = self.suspend_root(id);
         let (snap_dir, root_dir) = (snap.to_path_buf(), root.clone());
@@ -662,8 +666,7 @@ impl Manager {
         .await
         .map_err(|e| moat_vm::Error::Snapshot(format!("copying the snapshot: {e}")))?
         .map_err(|e| moat_vm::Error::Snapshot(format!("copying the snapshot: {e}")))?;
-        let sb =
-            moat_vm::Sandbox::resume(&self.rt, id, &dir, LaunchOptions { detached: true }).await?;
+        let sb = moat_vm::Sandbox::resume(&self.rt, id, &dir, opts).await?;
         if let Err(e) = moat_vm::snapshot::discard_memory(&dir) {
             tracing::warn!(id, error = %e, "discarding the fork's memory image link");
         }

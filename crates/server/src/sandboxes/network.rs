@@ -13,7 +13,7 @@
 //! ends unreleased means the stack died under a live VM, which QEMU 7.2 cannot reconnect, so
 //! the sandbox is marked failed with the reason and its VM destroyed: never silently offline.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use moat_net::audit::{Event, Kind, Verdict};
 use moat_net::control::{Client, Incoming, LimitsSpec, Reply, Request, Token};
-use moat_net::EgressSpec;
+use moat_net::transform::Placeholder;
+use moat_net::{EgressSpec, Secret};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Manager;
@@ -49,6 +50,9 @@ pub struct NetConfig {
     pub resolver: Option<SocketAddr>,
     /// Audit events kept in the store; the oldest go first.
     pub audit_retention: u64,
+    /// PEM certificates the stacks trust upstream of intercepted hosts besides Mozilla's
+    /// roots (`--upstream-ca`).
+    pub upstream_ca: Option<String>,
 }
 
 /// The default of [`NetConfig::audit_retention`].
@@ -60,6 +64,7 @@ impl Default for NetConfig {
             hosts: None,
             resolver: None,
             audit_retention: DEFAULT_AUDIT_RETENTION,
+            upstream_ca: None,
         }
     }
 }
@@ -108,18 +113,29 @@ impl Manager {
         if let Some(old) = old {
             old.released.store(true, Ordering::SeqCst);
         }
+        let ca = match self.group_ca(group).await {
+            Ok(ca) => ca,
+            Err(e) => {
+                self.release_network_if(id, &released);
+                return Err(e);
+            }
+        };
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
             let (mut client, hello) = Client::connect(&sb.net_control_path()).await?;
             let (egress, limits) = self.current_network(group).await;
+            let secrets = self.secrets_for(group, &egress).await;
             let started = matches!(hello, Reply::Hello { started: true, .. });
             let req = if started {
-                Request::Policy { egress }
+                Request::Policy { egress, secrets }
             } else {
                 Request::Start {
                     egress,
                     hosts: self.net.hosts.clone(),
                     resolver: self.net.resolver,
                     limits: limits.clone(),
+                    secrets,
+                    ca: Some(ca),
+                    upstream_ca: self.net.upstream_ca.clone(),
                 }
             };
             client
@@ -178,7 +194,8 @@ impl Manager {
                         continue;
                     };
                     let (egress, limits) = self.current_network(group).await;
-                    let req = Request::Policy { egress };
+                    let secrets = self.secrets_for(group, &egress).await;
+                    let req = Request::Policy { egress, secrets };
                     if let Err(e) = client.request(&req, |e| self.record_audit(group, id, e)).await {
                         return format!("its network stack failed a policy update: {e}");
                     }
@@ -269,6 +286,33 @@ impl Manager {
         self.lock_live().remove(id);
     }
 
+    /// The values of the secrets `egress`'s transforms use (only those; one the group no
+    /// longer has is left out, and the stacks refuse the requests that need it).
+    async fn secrets_for(&self, group: &str, egress: &EgressSpec) -> BTreeMap<String, Secret> {
+        let names: Vec<String> = match moat_net::Policy::new(egress.clone()) {
+            Ok(p) => p
+                .placeholders()
+                .into_iter()
+                .filter_map(|(_, p)| match p {
+                    Placeholder::Secret(n) => Some(n),
+                    Placeholder::Identity(_) => None,
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if names.is_empty() {
+            return BTreeMap::new();
+        }
+        match self.store.secret_values(group, names).await {
+            Ok(v) => v,
+            Err(e) => {
+                // Without its values a transform cannot inject: its requests are refused.
+                tracing::error!(group, error = %e, "reading the group's secrets");
+                BTreeMap::new()
+            }
+        }
+    }
+
     /// The egress policy of `group` now, as the stacks get it: a group that is gone, or whose
     /// stored policy no longer validates (a rule a newer moat refuses), denies everything.
     async fn current_network(&self, group: &str) -> (EgressSpec, LimitsSpec) {
@@ -355,6 +399,7 @@ impl Manager {
         let family = match event.kind {
             Kind::Dns => metrics::EGRESS_DNS,
             Kind::Tcp | Kind::Udp => metrics::EGRESS_CONNECTIONS,
+            Kind::Http => metrics::EGRESS_REQUESTS,
         };
         self.metrics
             .count(family, &[("group", g), ("verdict", verdict)]);

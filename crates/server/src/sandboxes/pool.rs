@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moat_image::ImageConfig;
-use moat_vm::LaunchOptions;
 use tokio::sync::OwnedMutexGuard;
 
 use super::{new_id, Manager};
@@ -322,16 +321,14 @@ impl Manager {
                 return Err(e);
             }
             let restored = async {
+                let opts = self
+                    .launch_options(group)
+                    .await
+                    .map_err(|e| moat_vm::Error::Snapshot(e.to_string()))?;
                 let tpl =
                     moat_vm::template::ensure(&self.rt, &image.digest, &image.rootfs, spec.tier)
                         .await?;
-                moat_vm::Sandbox::restore_with(
-                    &self.rt,
-                    &member.id,
-                    &tpl.dir,
-                    LaunchOptions { detached: true },
-                )
-                .await
+                moat_vm::Sandbox::restore_with(&self.rt, &member.id, &tpl.dir, opts).await
             }
             .await;
             let restored = match restored {

@@ -16,7 +16,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use moat_vm::LaunchOptions;
 use tokio::sync::RwLock;
 
 use super::{conflict, Entry, Manager};
@@ -191,10 +190,12 @@ impl Manager {
                 return Err(e);
             }
             let started = Instant::now();
-            let resumed =
-                moat_vm::Sandbox::resume(&mgr.rt, &id, &dir, LaunchOptions { detached: true })
+            let resumed = match mgr.launch_options(&row.group).await {
+                Ok(opts) => moat_vm::Sandbox::resume(&mgr.rt, &id, &dir, opts)
                     .await
-                    .map_err(Error::vm("resuming the sandbox"));
+                    .map_err(Error::vm("resuming the sandbox")),
+                Err(e) => Err(e),
+            };
             // With its group's policy as it is now, before it counts as running.
             let resumed = match resumed {
                 Ok(sb) => match mgr.connect_network(&id, &row.group, &sb).await {

@@ -54,6 +54,7 @@ fn insert(c: &Connection, events: &[AuditRecord]) -> Result<()> {
             moat_net::audit::Kind::Dns => "dns",
             moat_net::audit::Kind::Tcp => "tcp",
             moat_net::audit::Kind::Udp => "udp",
+            moat_net::audit::Kind::Http => "http",
         };
         let verdict = match e.verdict {
             moat_net::audit::Verdict::Allow => "allow",
@@ -132,6 +133,7 @@ fn list(c: &Connection, f: &EgressFilter) -> Result<Vec<EgressEvent>> {
             kind: match kind.as_str() {
                 "dns" => EgressKind::Dns,
                 "udp" => EgressKind::Udp,
+                "http" => EgressKind::Http,
                 _ => EgressKind::Tcp,
             },
             name: r.get(4)?,

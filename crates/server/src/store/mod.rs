@@ -24,6 +24,8 @@ mod policy;
 mod pool;
 mod ports;
 mod sandboxes;
+mod seal;
+mod secrets;
 mod snapshots;
 
 pub use identity::{KeyRow, NewIdentityEvent, WorkloadIds};
@@ -31,7 +33,9 @@ pub use keys::Principal;
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
 
-/// Numbered migrations, applied in order, each once. Only ever append to this list.
+/// Numbered migrations, applied in order, each once. Only ever append to this list. Each
+/// version not yet applied runs, even one below the newest applied (branches that numbered
+/// theirs ahead of one another merge in any order).
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_sandboxes.sql")),
@@ -43,6 +47,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (8, include_str!("migrations/0008_ports.sql")),
     (9, include_str!("migrations/0009_policy_prune.sql")),
     (10, include_str!("migrations/0010_identity.sql")),
+    (11, include_str!("migrations/0011_secrets.sql")),
 ];
 
 pub fn latest_version() -> i64 {
@@ -54,6 +59,8 @@ pub struct Store {
     // One connection: SQLite serialises writers anyway, and the API's load is small.
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// Seals group secrets with `secrets.key` beside the database.
+    seal: Arc<seal::Sealer>,
 }
 
 impl Store {
@@ -74,9 +81,14 @@ impl Store {
             "PRAGMA foreign_keys=ON; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;",
         )?;
         migrate(&mut conn, path)?;
+        let key = path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join("secrets.key");
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
+            seal: Arc::new(seal::Sealer::new(key)),
         })
     }
 
@@ -116,23 +128,24 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
              applied_at INTEGER NOT NULL
          ) STRICT;",
     )?;
-    let current = schema_version(&tx)?;
-    let known = latest_version();
-    if current > known {
-        return Err(Error::NewerSchema {
-            path: path.display().to_string(),
-            found: current,
-            known,
-        });
-    }
     // Every migration not applied yet, not only those above the highest applied: numbers are
-    // reserved by branches that may land in any order, so a database that took 11 before 9
-    // existed still gets 9.
+    // reserved by branches that may land in any order. A version this moat does not know is a
+    // newer schema.
     let applied: std::collections::HashSet<i64> = {
         let mut stmt = tx.prepare("SELECT version FROM schema_migrations")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
+    if let Some(&unknown) = applied
+        .iter()
+        .find(|v| !MIGRATIONS.iter().any(|m| m.0 == **v))
+    {
+        return Err(Error::NewerSchema {
+            path: path.display().to_string(),
+            found: unknown,
+            known: latest_version(),
+        });
+    }
     for (version, sql) in MIGRATIONS.iter().filter(|m| !applied.contains(&m.0)) {
         tx.execute_batch(sql)?;
         tx.execute(
@@ -145,6 +158,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
 fn schema_version(conn: &Connection) -> Result<i64> {
     Ok(conn.query_row(
         "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",

@@ -18,6 +18,7 @@ from ._async import (
     AsyncProcesses,
     AsyncSandbox,
     AsyncSandboxes,
+    AsyncSecrets,
     AsyncSnapshots,
 )
 from ._base import DEFAULT_URL, Command, FileData, __version__
@@ -32,6 +33,7 @@ from ._client import (
     Processes,
     Sandbox,
     Sandboxes,
+    Secrets,
     Snapshots,
 )
 from ._errors import (
@@ -58,6 +60,7 @@ from ._types import (
     EgressEvent,
     EgressRule,
     EgressSpec,
+    EgressTransform,
     ExecEvent,
     ExecExit,
     ExecOutput,
@@ -82,6 +85,7 @@ from ._types import (
     SandboxState,
     SandboxesHealth,
     SandboxesState,
+    SecretInfo,
     SetupStep,
     Snapshot,
     Tier,
@@ -101,6 +105,7 @@ __all__ = [
     "AsyncProcesses",
     "AsyncSandbox",
     "AsyncSandboxes",
+    "AsyncSecrets",
     "AsyncSnapshots",
     "BadRequest",
     "CapacityError",
@@ -112,6 +117,7 @@ __all__ = [
     "EgressEvent",
     "EgressRule",
     "EgressSpec",
+    "EgressTransform",
     "ExecEvent",
     "ExecExit",
     "ExecOutput",
@@ -153,6 +159,8 @@ __all__ = [
     "Sandboxes",
     "SandboxesHealth",
     "SandboxesState",
+    "SecretInfo",
+    "Secrets",
     "SetupStep",
     "Port",
     "Snapshot",

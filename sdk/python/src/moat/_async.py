@@ -41,6 +41,7 @@ from ._types import (
     Role,
     SandboxInfo,
     SandboxState,
+    SecretInfo,
     Snapshot,
     Tier,
 )
@@ -121,6 +122,7 @@ class AsyncGroups:
     def __init__(self, client: AsyncClient) -> None:
         self._c = client
         self.policy = AsyncPolicies(client)
+        self.secrets = AsyncSecrets(client)
 
     async def apply(self, name: str, spec: Optional[GroupSpec] = None) -> Group:
         return await self._c._run(b.group_apply(name, spec))
@@ -162,6 +164,22 @@ class AsyncGroups:
         limit: Optional[int] = None,
     ) -> List[Dict[str, Any]]:
         return await self._c._run(b.identity_events(name, sandbox, after, limit))
+
+
+class AsyncSecrets:
+    """A group's secrets; as :class:`moat.Secrets`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def set(self, group: str, name: str, value: str) -> SecretInfo:
+        return await self._c._run(b.secret_set(group, name, value))
+
+    async def list(self, group: str) -> List[SecretInfo]:
+        return await self._c._run(b.secret_list(group))
+
+    async def delete(self, group: str, name: str) -> None:
+        await self._c._run(b.secret_delete(group, name))
 
 
 class AsyncPolicies:

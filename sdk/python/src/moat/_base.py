@@ -29,6 +29,7 @@ import httpx
 from ._errors import ConnectionFailed, MoatError, error_from_frame
 from ._types import (
     ApiKey,
+    SecretInfo,
     CreatedApiKey,
     EgressEvent,
     ExecEvent,
@@ -48,6 +49,7 @@ from ._types import (
     Snapshot,
     Tier,
     parse_api_key,
+    parse_secret,
     parse_created_api_key,
     parse_egress_event,
     parse_exec_exit,
@@ -232,6 +234,27 @@ def group_delete(name: str, force: bool) -> Op[None]:
         # A forced delete destroys the group's sandboxes first.
         timeout=long_timeout(DEFAULT_TIMEOUT * 2) if force else None,
     )
+
+
+def secret_set(group: str, name: str, value: str) -> Op[SecretInfo]:
+    return Op(
+        "PUT",
+        f"{group_path(group)}/secrets/{seg(name)}",
+        lambda r: parse_secret(json_body(r)),
+        json={"value": value},
+    )
+
+
+def secret_list(group: str) -> Op[List[SecretInfo]]:
+    return Op(
+        "GET",
+        f"{group_path(group)}/secrets",
+        lambda r: [parse_secret(s) for s in json_body(r)["secrets"]],
+    )
+
+
+def secret_delete(group: str, name: str) -> Op[None]:
+    return Op("DELETE", f"{group_path(group)}/secrets/{seg(name)}", _none)
 
 
 def _json(r: httpx.Response) -> Dict[str, Any]:

@@ -39,6 +39,7 @@ from ._types import (
     Role,
     SandboxInfo,
     SandboxState,
+    SecretInfo,
     Snapshot,
     Tier,
 )
@@ -127,6 +128,7 @@ class Groups:
     def __init__(self, client: Client) -> None:
         self._c = client
         self.policy = Policies(client)
+        self.secrets = Secrets(client)
 
     def apply(self, name: str, spec: Optional[GroupSpec] = None) -> Group:
         """Creates the group or replaces its whole spec (idempotent)."""
@@ -176,6 +178,26 @@ class Groups:
     ) -> List[Dict[str, Any]]:
         """The group's identity audit (mints and refusals, never a token), oldest first."""
         return self._c._run(b.identity_events(name, sandbox, after, limit))
+
+
+class Secrets:
+    """A group's secrets: the values egress transforms inject (``${secret:NAME}``). Values go
+    in and never come back: listing shows names and times."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def set(self, group: str, name: str, value: str) -> SecretInfo:
+        """Creates or replaces the secret (owner and admin keys); running sandboxes use the
+        new value before this returns."""
+        return self._c._run(b.secret_set(group, name, value))
+
+    def list(self, group: str) -> List[SecretInfo]:
+        return self._c._run(b.secret_list(group))
+
+    def delete(self, group: str, name: str) -> None:
+        """Requests whose transform needs it are refused from then on."""
+        self._c._run(b.secret_delete(group, name))
 
 
 class Policies:

@@ -31,6 +31,16 @@ class LifecycleSpec(TypedDict, total=False):
     max_lifetime_s: Optional[int]
 
 
+class EgressTransform(TypedDict, total=False):
+    """Headers set on a host's HTTPS requests (``${secret:NAME}`` in values), optionally only
+    on some ``paths`` and ``methods`` (see docs/NETWORK.md, "Secrets and injection")."""
+
+    headers: Dict[str, str]
+    paths: List[str]
+    methods: List[str]
+    upgrade_to_https: bool
+
+
 class EgressRule(TypedDict, total=False):
     """One rule: exactly one of ``host`` (a name, or ``*.suffix``) and ``cidr`` (IPv4)."""
 
@@ -39,6 +49,7 @@ class EgressRule(TypedDict, total=False):
     ports: List[int]
     protocol: Literal["tcp", "udp"]
     action: Literal["allow", "deny"]
+    transform: EgressTransform
 
 
 class EgressSpec(TypedDict, total=False):
@@ -131,6 +142,15 @@ class ApiKey:
     prefix: str
     """The key's first characters (``moat_`` + 8), to recognise it."""
     created_at: str
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    """A group secret as listed: never its value."""
+
+    name: str
+    created_at: str
+    updated_at: str
 
 
 @dataclass(frozen=True)
@@ -338,6 +358,12 @@ def parse_api_key(d: Mapping[str, Any]) -> ApiKey:
         groups=[str(g) for g in d["groups"]],
         prefix=str(d["prefix"]),
         created_at=str(d["created_at"]),
+    )
+
+
+def parse_secret(d: Mapping[str, Any]) -> SecretInfo:
+    return SecretInfo(
+        name=str(d["name"]), created_at=str(d["created_at"]), updated_at=str(d["updated_at"])
     )
 
 

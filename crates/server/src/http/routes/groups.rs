@@ -102,6 +102,7 @@ async fn put_group(
     require_visible(&p, &name)?;
     require_manage(&p)?;
     spec.validate()?;
+    check_placeholders(&state, &name, &spec).await?;
     let (group, created) = state.store.put_group(&name, &spec).await?;
     // The pool grows, shrinks or is rebuilt for a new image or tier in the background; the
     // running sandboxes' stacks have the new egress policy before the answer.
@@ -115,6 +116,46 @@ async fn put_group(
         StatusCode::OK
     };
     Ok((status, Json(with_status(&state, group))).into_response())
+}
+
+/// Every `${secret:NAME}` of the egress transforms names a secret the group has, and no
+/// `${identity:…}` is used yet. A secret deleted later is not checked here: the stacks then
+/// refuse the requests that need it.
+async fn check_placeholders(state: &AppState, group: &str, spec: &GroupSpec) -> Result<()> {
+    let policy =
+        moat_net::Policy::new(spec.egress.clone()).map_err(|e| Error::BadRequest(e.to_string()))?;
+    let uses = policy.placeholders();
+    if uses.is_empty() {
+        return Ok(());
+    }
+    // Identity placeholders are checked against the spec itself; secrets against the store.
+    let have = state.store.list_secrets(group).await?;
+    for (field, p) in uses {
+        match &p {
+            moat_net::transform::Placeholder::Identity(aud) => {
+                let id = &spec.identity;
+                if !id.enabled || !id.audiences.iter().any(|a| a == aud) {
+                    return Err(Error::BadRequest(format!(
+                        "{field} uses {p}, but the group's identity does not allow audience \
+                         {}: set identity.enabled and list it in identity.audiences",
+                        api::quote(aud)
+                    )));
+                }
+            }
+            moat_net::transform::Placeholder::Secret(n) => {
+                if !have.iter().any(|s| s.name == *n) {
+                    return Err(Error::BadRequest(format!(
+                        "{field} uses {p}, but group {} has no secret {}: set it first \
+                         (PUT /v1/sandbox-groups/{group}/secrets/{n}; a new group needs \
+                         creating without the transform first)",
+                        api::quote(group),
+                        api::quote(n)
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +197,9 @@ async fn delete_group(
         }
     }
     state.store.delete_group(&name, q.force).await?;
+    if let Some(mgr) = state.sandboxes.ready() {
+        mgr.remove_group_ca(&name);
+    }
     // Its pool's rows went with it; its VMs and its snapshots go now.
     if let Some(mgr) = state.sandboxes.ready() {
         mgr.drain_pool(&name).await;

@@ -13,6 +13,7 @@ pub(super) mod policy;
 pub(super) mod ports;
 pub(super) mod processes;
 pub(super) mod sandboxes;
+pub(super) mod secrets;
 pub(super) mod shell;
 pub(super) mod snapshots;
 pub(super) mod system;

@@ -1,0 +1,85 @@
+//! Each group's interception CA (`MOAT_HOME/egress-ca/<group>.json`, 0600: it holds the
+//! private key): made on first need, before the group's first sandbox boots, so that every
+//! sandbox of the group trusts it and its stacks sign with it. The file goes with its group:
+//! a group deleted and made again gets a new CA.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use moat_net::intercept::CaSpec;
+
+use super::Manager;
+use crate::error::{Error, Result};
+
+impl Manager {
+    fn ca_path(&self, group: &str) -> PathBuf {
+        self.rt.home.join("egress-ca").join(format!("{group}.json"))
+    }
+
+    /// `group`'s CA, made now if it has none. Two callers racing both end with the same one:
+    /// the file is linked into place only if none is there yet.
+    pub(crate) async fn group_ca(&self, group: &str) -> Result<CaSpec> {
+        let path = self.ca_path(group);
+        let group = group.to_string();
+        tokio::task::spawn_blocking(move || load_or_create(&path, &group))
+            .await
+            .map_err(Error::task("the group CA"))?
+    }
+
+    /// How the VMs of `group` start: detached, trusting the group's CA.
+    pub(crate) async fn launch_options(&self, group: &str) -> Result<moat_vm::LaunchOptions> {
+        Ok(moat_vm::LaunchOptions {
+            detached: true,
+            trust_ca: Some(self.group_ca(group).await?.cert_pem),
+        })
+    }
+
+    /// Forgets `group`'s CA (the group is gone).
+    pub(crate) fn remove_group_ca(&self, group: &str) {
+        let path = self.ca_path(group);
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(group, error = %e, "removing the group's CA");
+            }
+        }
+    }
+}
+
+fn load_or_create(path: &std::path::Path, group: &str) -> Result<CaSpec> {
+    let read = |path: &std::path::Path| -> Result<CaSpec> {
+        let text =
+            std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        serde_json::from_slice(&text)
+            .map_err(|e| Error::Internal(format!("{} is not a group CA: {e}", path.display())))
+    };
+    if path.exists() {
+        return read(path);
+    }
+    let dir = path.parent().expect("under egress-ca");
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let ca = CaSpec::generate(group).map_err(|e| Error::Internal(e.to_string()))?;
+    let tmp = dir.join(format!(".{group}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec(&ca).expect("a CA serialises"))?;
+        f.sync_all()?;
+        // Another caller that won the race keeps its CA.
+        if let Err(e) = std::fs::hard_link(&tmp, path) {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+        }
+        std::fs::File::open(dir)?.sync_all()
+    };
+    let written = write();
+    let _ = std::fs::remove_file(&tmp);
+    written.map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    read(path)
+}
