@@ -322,6 +322,22 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/sandbox-groups/{group}/policy/rollback": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["rollback"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/sandbox-groups/{group}/policy/versions": {
         parameters: {
             query?: never;
@@ -866,6 +882,7 @@ export interface components {
              * @description Pass as `after` for the next page; null on the last page.
              */
             next?: number | null;
+            pruned?: null | components["schemas"]["LogAnchor"];
         };
         /** @enum {string} */
         EgressAction: "allow" | "deny";
@@ -1466,6 +1483,22 @@ export interface components {
              */
             new_flows_per_s?: number | null;
         };
+        /**
+         * @description Where a pruned log starts: its newest removed entry's number and hash. The entry after it
+         *     must carry this hash as its `prev_hash`; that is how pruning (the daemon's retention) is told
+         *     apart from entries removed behind its back.
+         */
+        LogAnchor: {
+            /** @description The hash of entry `n`. */
+            hash: string;
+            /**
+             * Format: int64
+             * @description Entries 1 to `n` were pruned.
+             */
+            n: number;
+            /** @description When the newest pruning happened (RFC 3339, UTC). */
+            pruned_at: string;
+        };
         /** @description One decision of the log. */
         LogEntry: {
             /** @description When it was decided (RFC 3339, UTC). */
@@ -1717,6 +1750,17 @@ export interface components {
          * @enum {string}
          */
         Role: "reader" | "user" | "owner" | "admin";
+        /**
+         * @description `POST …/policy/rollback`: make an earlier version the one in force again. The history is
+         *     append-only, so this makes a new version whose policy is version `version`'s.
+         */
+        RollbackRequest: {
+            /**
+             * Format: int64
+             * @description The version to go back to (1 or more; it must exist for this group name).
+             */
+            version: number;
+        };
         /**
          * @description Every rule a finding can name.
          * @enum {string}
@@ -3150,6 +3194,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description This API key asked for too many dry runs (each starts an analysis process): a burst of 20, then 5 a second; the message says when to retry */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -3283,6 +3336,93 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    rollback: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Group name */
+                group: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RollbackRequest"];
+            };
+        };
+        responses: {
+            /** @description Version `version`'s policy is the one in force already: no new version */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PolicyVersion"];
+                };
+            };
+            /** @description A new version whose policy is the one of `version` (the history stays append-only) */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PolicyVersion"];
+                };
+            };
+            /** @description Not a valid body, or the old version now contradicts its own `tests` */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an owner or admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such group, or no such version of its policy */
             404: {
                 headers: {
                     [name: string]: unknown;
