@@ -1335,13 +1335,20 @@ async fn secrets_are_write_only_scoped_and_checked() {
             "an answer holds the value: {a}"
         );
     }
-    // The database holds only the sealed value.
-    for f in std::fs::read_dir(app._home.path()).unwrap().flatten() {
-        let bytes = std::fs::read(f.path()).unwrap();
-        assert!(
-            !bytes.windows(VALUE.len()).any(|w| w == VALUE.as_bytes()),
-            "{} holds the value",
-            f.path().display()
-        );
+    // The database holds only the sealed value; no other file under the home holds it.
+    let mut dirs = vec![app._home.path().to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for f in std::fs::read_dir(&dir).unwrap().flatten() {
+            if f.file_type().unwrap().is_dir() {
+                dirs.push(f.path());
+                continue;
+            }
+            let bytes = std::fs::read(f.path()).unwrap();
+            assert!(
+                !bytes.windows(VALUE.len()).any(|w| w == VALUE.as_bytes()),
+                "{} holds the value",
+                f.path().display()
+            );
+        }
     }
 }

@@ -22,7 +22,7 @@ def test_secrets_set_list_delete(client: moat.Client) -> None:
         listed = client.groups.secrets.list(g)
         assert [s.name for s in listed] == ["openai"]
         assert value not in repr(listed)
-        rule = {
+        rule: moat.EgressRule = {
             "host": "api.openai.com",
             "ports": [443],
             "transform": {"headers": {"Authorization": "Bearer ${secret:openai}"}},
@@ -32,7 +32,7 @@ def test_secrets_set_list_delete(client: moat.Client) -> None:
             "Bearer ${secret:openai}"
         )
         with pytest.raises(moat.BadRequest, match="no secret"):
-            bad = dict(rule, transform={"headers": {"A": "${secret:missing}"}})
+            bad: moat.EgressRule = {**rule, "transform": {"headers": {"A": "${secret:missing}"}}}
             client.groups.apply(g, {"tier": "s", "egress": {"rules": [bad]}})
         with pytest.raises(moat.BadRequest, match="secret name"):
             client.groups.secrets.set(g, "Bad Name", "v")
