@@ -113,6 +113,9 @@ async fn prune_decisions(store: store::Store, keep: std::time::Duration) {
     }
 }
 
+/// How long a start waits for the MOAT_HOME lock before it says another daemon runs.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Runs the daemon until `shutdown` completes (then it finishes the requests in flight).
 pub async fn serve(
     config: Config,
@@ -129,12 +132,29 @@ pub async fn serve(
         .write(true)
         .open(&lock_path)
         .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-        Error::Config(format!(
-            "another moat serve is running with MOAT_HOME {} ({errno})",
-            config.home.display()
-        ))
-    })?;
+    // A daemon that was just killed can leave the lock held for a moment: a child it forked
+    // (a jailed QEMU or network stack being set up) holds the descriptor until its exec closes
+    // it. So a held lock is tried again for a short while before it means another daemon.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut file = lock_file;
+    let _lock = loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => break lock,
+            Err((f, errno))
+                if errno == nix::errno::Errno::EWOULDBLOCK
+                    && std::time::Instant::now() < deadline =>
+            {
+                file = f;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err((_, errno)) => {
+                return Err(Error::Config(format!(
+                    "another moat serve is running with MOAT_HOME {} ({errno})",
+                    config.home.display()
+                )))
+            }
+        }
+    };
 
     let db = db_path(&config.home);
     let bootstrap = config.bootstrap_key.clone();
