@@ -120,13 +120,7 @@ async fn run(d: &Daemon, n: usize) -> Result<Value> {
 }
 
 fn mem_available_mib() -> Result<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo")?;
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
-        .map(|kib| kib / 1024)
-        .context("MemAvailable in /proc/meminfo")
+    moat_vm::qemu::host_meminfo_mib("MemAvailable").context("MemAvailable in /proc/meminfo")
 }
 
 /// The QEMUs of this daemon's sandboxes, from their run directories' records.

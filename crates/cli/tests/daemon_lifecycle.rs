@@ -201,14 +201,7 @@ fn gauge(text: &str, series: &str) -> f64 {
 async fn a_host_low_on_memory_refuses_new_sandboxes_whatever_the_overcommit() {
     // Keep all but 64 MiB of the host's memory free: no tier fits in what is left, however
     // much the overcommitted tier limit allows.
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let total_mib = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap()
-        / 1024;
+    let total_mib = moat_vm::qemu::host_meminfo_mib("MemTotal").unwrap();
     let reserve = (total_mib - 64).to_string();
     let d = Daemon::start_with_runtime_args(
         Some(ADMIN),

@@ -11,15 +11,11 @@
 //! test `mutated_queries_are_handled` in dns.rs.)
 
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
-use moat_net::audit::Audit;
-use moat_net::dns::Resolver;
-use moat_net::stack::{serve, Limits, GATEWAY_MAC};
-use moat_net::{EgressSpec, Floor, HostsFile, Policy};
+use moat_net::stack::GATEWAY_MAC;
 use moat_protocol::link::{GATEWAY_IP, GUEST_IP};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -29,8 +25,6 @@ use smoltcp::wire::{
     EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket, TcpRepr,
     TcpSeqNumber, UdpPacket, UdpRepr,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
 
 const GUEST_MAC: EthernetAddress = EthernetAddress([2, 0x6d, 0x6f, 0x61, 0x74, 2]);
 /// Long enough for thousands of cases on an idle machine; a busy one runs what fits.
@@ -268,64 +262,9 @@ fn stream(rng: &mut StdRng, seeds: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
-/// Runs `input` through a fresh stack, as QEMU would write it, until its end; the stack's
-/// result and everything it wrote back.
-async fn feed(input: Vec<u8>) -> (moat_net::Result<()>, Vec<u8>) {
-    let (ours, theirs) = tokio::io::duplex(1 << 16);
-    let resolver = Arc::new(Resolver::new(
-        None,
-        HostsFile::default(),
-        Floor::new(vec![]),
-    ));
-    let (_policy_tx, policy) =
-        watch::channel(Arc::new(Policy::new(EgressSpec::default()).unwrap()));
-    let (audit, _events) = Audit::channel(1 << 16);
-    let (_inbound_tx, inbound) = mpsc::channel(1);
-    let limits = Limits {
-        max_flows: 64,
-        new_flows_per_s: 1_000_000,
-        dns_qps: 1_000_000,
-        bandwidth: None,
-    };
-    let (_limits_tx, limits) = watch::channel(limits);
-    let stack = tokio::spawn(serve(
-        theirs, resolver, policy, audit, limits, inbound, None,
-    ));
-    let (mut rd, mut wr) = tokio::io::split(ours);
-    let write = async move {
-        // The stack stops reading at a corrupt length: the rest may not fit anywhere.
-        let _ = wr.write_all(&input).await;
-        let _ = wr.shutdown().await;
-    };
-    let mut out = Vec::new();
-    let (_, read) = tokio::join!(write, rd.read_to_end(&mut out));
-    read.unwrap();
-    let result = match stack.await {
-        Ok(r) => r,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    };
-    (result, out)
-}
-
-/// Every frame the stack sent is whole, at most MTU + Ethernet header, and from the gateway.
-fn check_output(out: &[u8]) -> Result<(), String> {
-    let mut rest = out;
-    while !rest.is_empty() {
-        if rest.len() < 4 {
-            return Err(format!("a partial length: {rest:?}"));
-        }
-        let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-        if !(14..=1514).contains(&len) || rest.len() < 4 + len {
-            return Err(format!("a frame of {len} bytes ({} left)", rest.len() - 4));
-        }
-        let eth = EthernetFrame::new_unchecked(&rest[4..4 + len]);
-        if eth.src_addr() != EthernetAddress(GATEWAY_MAC) {
-            return Err(format!("a frame from {}", eth.src_addr()));
-        }
-        rest = &rest[4 + len..];
-    }
-    Ok(())
-}
+#[path = "../fuzz/one_input.rs"]
+mod one_input;
+use one_input::{check_output, feed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutated_guest_frames_never_crash_or_hang_the_stack() {
@@ -335,7 +274,7 @@ async fn mutated_guest_frames_never_crash_or_hang_the_stack() {
         .iter()
         .flat_map(|f| [&(f.len() as u32).to_be_bytes()[..], f].concat())
         .collect();
-    let (r, out) = feed(all).await;
+    let (r, out) = feed(&all).await;
     r.unwrap();
     check_output(&out).unwrap();
     assert!(out.len() > 3 * 60, "the stack answered the seeds: {out:?}");
@@ -347,7 +286,7 @@ async fn mutated_guest_frames_never_crash_or_hang_the_stack() {
     let mut replied = 0;
     while cases < 20_000 && start.elapsed() < TIME_CAP {
         let input = stream(&mut rng, &seeds);
-        let (r, out) = tokio::time::timeout(Duration::from_secs(10), feed(input.clone()))
+        let (r, out) = tokio::time::timeout(Duration::from_secs(10), feed(&input))
             .await
             .unwrap_or_else(|_| panic!("case {cases} hung: {input:?}"));
         if let Err(e) = r {

@@ -62,9 +62,7 @@ impl Limits {
                  overcommit) to 100 (MiB of tiers per MiB of host memory)"
             )));
         }
-        let meminfo = read_meminfo()?;
-        let total = meminfo_mib(&meminfo, "MemTotal")
-            .ok_or_else(|| Error::Config("/proc/meminfo has no MemTotal".to_string()))?;
+        let total = meminfo_mib("MemTotal")?;
         if reserve_mib >= total {
             return Err(Error::Config(format!(
                 "invalid memory reserve {reserve_mib} MiB: it must be less than the host's \
@@ -84,25 +82,16 @@ impl Limits {
     }
 }
 
-fn read_meminfo() -> Result<String> {
-    std::fs::read_to_string("/proc/meminfo").map_err(|e| Error::io("reading /proc/meminfo", e))
-}
-
-/// Field `name` of /proc/meminfo, in MiB.
-fn meminfo_mib(meminfo: &str, name: &str) -> Option<u64> {
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|kib| kib / 1024)
+/// Field `name` of the host's /proc/meminfo, in MiB.
+fn meminfo_mib(name: &str) -> Result<u64> {
+    moat_vm::qemu::host_meminfo_mib(name)
+        .ok_or_else(|| Error::Config(format!("/proc/meminfo has no readable {name}")))
 }
 
 /// The host's MemAvailable in MiB: what it can still give without swapping (free memory and
 /// reclaimable cache).
 pub fn host_available_mib() -> Result<u64> {
-    meminfo_mib(&read_meminfo()?, "MemAvailable")
-        .ok_or_else(|| Error::Config("/proc/meminfo has no MemAvailable".to_string()))
+    meminfo_mib("MemAvailable")
 }
 
 /// The tier's (memory MiB, millicpus).
@@ -334,7 +323,7 @@ mod tests {
 
     #[test]
     fn tier_memory_is_overcommitted_by_the_ratio_unless_a_maximum_is_given() {
-        let host = meminfo_mib(&read_meminfo().unwrap(), "MemTotal").unwrap();
+        let host = meminfo_mib("MemTotal").unwrap();
         let one = Limits::from_host(None, 1.0, 1024, 4.0).unwrap();
         assert_eq!(one.memory_mib, host - 1024);
         let three = Limits::from_host(None, 3.0, 1024, 4.0).unwrap();

@@ -320,19 +320,24 @@ impl Manager {
                 self.cap.release(&member.id);
                 return Err(e);
             }
-            let restored = async {
-                let opts = self
-                    .launch_options(group)
-                    .await
-                    .map_err(|e| moat_vm::Error::Snapshot(e.to_string()))?;
-                let tpl =
-                    moat_vm::template::ensure(&self.rt, &image.digest, &image.rootfs, spec.tier)
+            // The group CA is the daemon's own state: its failure is reported as it is, not as
+            // a VM error.
+            let restored = match self.launch_options(group).await {
+                Ok(opts) => async {
+                    let tpl = moat_vm::template::ensure(
+                        &self.rt,
+                        &image.digest,
+                        &image.rootfs,
+                        spec.tier,
+                    )
+                    .await?;
+                    let vm = moat_vm::Sandbox::restore_with(&self.rt, &member.id, &tpl.dir, opts)
                         .await?;
-                moat_vm::Sandbox::restore_with(&self.rt, &member.id, &tpl.dir, opts).await
-            }
-            .await;
-            let restored = match restored {
-                Ok(vm) => warm_up(&vm, &image.config).await.map(|_| vm),
+                    warm_up(&vm, &image.config).await?;
+                    Ok::<_, moat_vm::Error>(vm)
+                }
+                .await
+                .map_err(Error::vm("restoring a warm-pool VM")),
                 Err(e) => Err(e),
             };
             match restored {
@@ -351,7 +356,7 @@ impl Manager {
                 Err(e) => {
                     self.cap.release(&member.id);
                     self.store.delete_pool_member(&member.id).await?;
-                    return Err(Error::vm("restoring a warm-pool VM")(e));
+                    return Err(e);
                 }
             }
         }

@@ -49,7 +49,7 @@ pub(crate) use spawn::{spawn_child, Spawned};
 
 pub use args::{kernel_cmdline, qemu_args, QemuFds, RAM_ID};
 pub(crate) use procfs::kill_qemu_of;
-pub use procfs::{cpu_time, host_tsc_khz, is_qemu_of, pss_bytes, status_field};
+pub use procfs::{cpu_time, host_meminfo_mib, host_tsc_khz, is_qemu_of, pss_bytes, status_field};
 pub use spawn::{qemu_version, qemu_version_cached};
 
 /// The QEMU binary we run.

@@ -24,6 +24,18 @@ pub fn host_tsc_khz() -> Option<u64> {
     (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
 }
 
+/// Field `field` (e.g. `MemTotal`, `MemAvailable`) of the host's `/proc/meminfo`, in MiB;
+/// `None` if it cannot be read or has no such field.
+pub fn host_meminfo_mib(field: &str) -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+}
+
 /// The CPU time (user and system, all threads) process `pid` has used, from
 /// `/proc/<pid>/stat`; `None` if it is gone.
 pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
