@@ -141,7 +141,7 @@ pub enum Request {
         /// The group's CA, for the hosts with a transform; absent: none is intercepted (a
         /// transform flow is refused).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        ca: Option<CaSpec>,
+        ca: Option<Box<CaSpec>>,
         /// PEM certificates trusted upstream besides Mozilla's roots (`--upstream-ca`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         upstream_ca: Option<String>,
@@ -679,7 +679,7 @@ async fn run_async(
                 ca,
                 upstream_ca,
                 identity_header,
-            }) => match start(egress, hosts, resolver, limits, ca, upstream_ca)
+            }) => match start(egress, hosts, resolver, limits, ca.map(|c| *c), upstream_ca)
                 .and_then(|s| check_identity_header(identity_header.as_deref()).map(|()| s))
             {
                 Ok((policy, resolver, limits, intercept)) => {
@@ -711,8 +711,10 @@ async fn run_async(
         audit.clone(),
         limits_rx,
         inbound,
-        intercept,
-        metadata,
+        stack::Services {
+            intercept,
+            metadata,
+        },
     );
     tokio::pin!(serve);
     let mut mints = Mints::default();

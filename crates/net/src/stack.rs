@@ -294,6 +294,15 @@ struct Stack {
     shared: Arc<Shared>,
 }
 
+/// What the stack answers or carries itself for some flows, beside splicing.
+#[derive(Default)]
+pub struct Services {
+    /// The group CA's interceptor, for hosts whose rule has a transform (`intercept.rs`).
+    pub intercept: Option<Arc<Interceptor>>,
+    /// The in-guest identity endpoint (`metadata.rs`), when the daemon gave a header.
+    pub metadata: Option<Arc<crate::metadata::Server>>,
+}
+
 /// Runs the stack on `guest` (the stream-netdev socket) until QEMU closes it. `policy` is
 /// watched: a new value applies to the next decision, and live flows it denies are reset.
 /// `limits` is watched too: new ones apply from then on (their buckets start full).
@@ -305,8 +314,7 @@ pub async fn serve<S>(
     audit: Audit,
     mut limits: watch::Receiver<Limits>,
     mut inbound: mpsc::Receiver<Inbound>,
-    intercept: Option<Arc<Interceptor>>,
-    metadata: Option<Arc<crate::metadata::Server>>,
+    services: Services,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite,
@@ -319,8 +327,8 @@ where
         audit,
         dns: Mutex::new(Bucket::new(first.dns_qps.into())),
         events: events_tx,
-        intercept,
-        metadata,
+        intercept: services.intercept,
+        metadata: services.metadata,
     });
     let mut st = Stack::new(shared, first);
     let mut limits_open = true;

@@ -134,7 +134,7 @@ impl Manager {
                     resolver: self.net.resolver,
                     limits: limits.clone(),
                     secrets,
-                    ca: Some(ca),
+                    ca: Some(Box::new(ca)),
                     upstream_ca: self.net.upstream_ca.clone(),
                     identity_header: sb.identity_header().map(str::to_string),
                 }
