@@ -228,9 +228,12 @@ impl Execs {
         if !env.iter().any(|(k, _)| *k == "HOME") {
             cmd.env("HOME", &ident.home);
         }
-        // TLS clients find the group's egress CA (trust.rs) unless the exec points them
-        // elsewhere.
-        for (k, v) in crate::trust::exec_env() {
+        // TLS clients find the group's egress CA (trust.rs), and identity clients the
+        // in-guest endpoint (net.rs), unless the exec sets these itself.
+        for (k, v) in crate::trust::exec_env()
+            .into_iter()
+            .chain(crate::net::identity_env())
+        {
             if !env.iter().any(|(e, _)| *e == k) {
                 cmd.env(k, v);
             }

@@ -26,7 +26,32 @@ pub fn configure(c: &NetworkConfig) -> Result<(), Failure> {
     if let Some(pem) = &c.trust_ca_pem {
         crate::trust::install(pem).map_err(|m| Failure(ErrorKind::Other, m))?;
     }
+    set_identity(c.identity.as_ref());
     Ok(())
+}
+
+/// The identity endpoint's env for execs: `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` (what the
+/// Azure SDKs' managed-identity credential reads), replaced by every configuration (a
+/// restore's has a new header), none when the configuration has no endpoint.
+static IDENTITY_ENV: std::sync::Mutex<Vec<(&'static str, String)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn set_identity(identity: Option<&moat_protocol::GuestIdentity>) {
+    let env = identity.map_or_else(Vec::new, |i| {
+        vec![
+            ("IDENTITY_ENDPOINT", i.endpoint.clone()),
+            ("IDENTITY_HEADER", i.header.clone()),
+        ]
+    });
+    *IDENTITY_ENV.lock().unwrap_or_else(|p| p.into_inner()) = env;
+}
+
+/// Variables execs get for the identity endpoint (see [`set_identity`]).
+pub fn identity_env() -> Vec<(&'static str, String)> {
+    IDENTITY_ENV
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
 }
 
 /// The first interface in /sys/class/net that is not loopback (eth0 under QEMU).
@@ -197,6 +222,7 @@ mod tests {
             mtu: 1400,
             nameservers: vec!["100.127.255.1".into()],
             trust_ca_pem: None,
+            identity: None,
         }
     }
 

@@ -327,6 +327,7 @@ async fn start_network(sandbox: &Sandbox, net: &NetPlan) -> Result<()> {
         secrets: Default::default(),
         ca: None,
         upstream_ca: None,
+        identity_header: None,
     };
     control
         .request(&start, log_egress)
@@ -346,6 +347,8 @@ async fn start_network(sandbox: &Sandbox, net: &NetPlan) -> Result<()> {
                         break;
                     }
                 }
+                // No identity header was given: the stack serves no endpoint to refuse in.
+                moat_net::control::Incoming::IdentityRefused { .. } => {}
             }
         }
     });

@@ -198,6 +198,51 @@ srv.serve_forever()
     (child, log)
 }
 
+/// `GET https://api.test/v1/h2` over HTTP/2 with Python's standard library only: the
+/// connection preface, SETTINGS (acknowledged), one HEADERS frame of HPACK literals without
+/// indexing or Huffman, then frames until the stream's DATA ends. Prints the ALPN protocol,
+/// the `:status` (`200` when the first header field is HPACK's static entry 8, `:status:
+/// 200`; else the block in hex) and the body as JSON.
+const H2_GET: &str = r#"
+import json, socket, ssl, struct
+ctx = ssl.create_default_context()
+ctx.set_alpn_protocols(["h2"])
+s = ctx.wrap_socket(socket.create_connection(("api.test", 443), timeout=60), server_hostname="api.test")
+def frame(t, flags, sid, payload=b""):
+    return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", sid) + payload
+def lit(name, value):
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+block = (lit(b":method", b"GET") + lit(b":scheme", b"https") + lit(b":authority", b"api.test")
+    + lit(b":path", b"/v1/h2") + lit(b"authorization", b"Bearer guest"))
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0) + frame(1, 0x5, 1, block))
+buf = b""
+def read(n):
+    global buf
+    while len(buf) < n:
+        c = s.recv(65536)
+        if not c:
+            raise SystemExit("connection closed")
+        buf += c
+    out, buf = buf[:n], buf[n:]
+    return out
+status, body = None, b""
+while True:
+    h = read(9)
+    n, t, fl, sid = int.from_bytes(h[:3], "big"), h[3], h[4], int.from_bytes(h[5:], "big") & 0x7FFFFFFF
+    p = read(n)
+    if t == 4 and not fl & 1:
+        s.sendall(frame(4, 1, 0))
+    elif t == 1 and sid == 1:
+        status = "200" if p[0] == 0x88 else "not 200: " + p.hex()
+    elif t == 0 and sid == 1:
+        body += p
+        if fl & 1:
+            break
+    elif t in (3, 7):
+        raise SystemExit("stream reset or GOAWAY: " + p.hex())
+print(json.dumps({"alpn": s.selected_alpn_protocol(), "status": status, "body": json.loads(body)}))
+"#;
+
 /// Runs Python `script` in the guest; its stdout.
 async fn py(d: &Daemon, group: &str, id: &str, script: &str) -> String {
     let (st, r) = d
@@ -355,6 +400,26 @@ print(r.status, r.read().decode().strip())
     assert_eq!(
         std::fs::read_to_string(&api_log).unwrap().lines().count(),
         before
+    );
+
+    // An HTTP/2 request from the guest (the image has no HTTP/2 client: a minimal one on
+    // Python's ssl, HPACK literals only): the stack speaks h2 to the guest and injects, the
+    // server (HTTP/1.1) gets the secret and a token.
+    let out = py(&d, "inj", &id, H2_GET).await;
+    let h2: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("{out}"));
+    assert_eq!(h2["alpn"], "h2", "{h2}");
+    assert_eq!(h2["status"], "200", "{h2}");
+    assert_eq!(h2["body"]["path"], "/v1/h2", "{h2}");
+    assert_eq!(
+        h2["body"]["auth"],
+        json!([format!("Bearer {VALUE}")]),
+        "{h2}"
+    );
+    assert_eq!(
+        h2["body"]["identity"].as_array().map(Vec::len),
+        Some(1),
+        "{h2}"
     );
 
     // A host without a transform keeps its own certificate.

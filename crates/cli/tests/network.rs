@@ -231,6 +231,7 @@ async fn start_net(sb: &Sandbox, port: u16) {
             secrets: Default::default(),
             ca: None,
             upstream_ca: None,
+            identity_header: None,
         },
         |_| {},
     )

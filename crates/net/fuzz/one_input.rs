@@ -35,7 +35,13 @@ pub async fn feed(input: &[u8]) -> (moat_net::Result<()>, Vec<u8>) {
     };
     let (_limits_tx, limits) = watch::channel(limits);
     let stack = tokio::spawn(serve(
-        theirs, resolver, policy, audit, limits, inbound, None,
+        theirs,
+        resolver,
+        policy,
+        audit,
+        limits,
+        inbound,
+        Default::default(),
     ));
     let (mut rd, mut wr) = tokio::io::split(ours);
     let write = async move {

@@ -9,8 +9,11 @@
 //!
 //! stack → daemon: `hello {version, started, dropped}` on every connection; `ok` or
 //! `error {message}` after each request; `audit {event}` for every decision; `mint {id,
-//! audience}` when stack code needs a workload-identity token (a [`Minter`]).
-//! daemon → stack: `start {egress, hosts?, resolver?, limits?, secrets?, ca?, upstream_ca?}`
+//! audience, delivery?}` when stack code needs a workload-identity token (a [`Minter`]:
+//! `egress` for a transform, `endpoint` for guest code through the in-guest endpoint);
+//! `identity_refused {audience, reason}` when the in-guest endpoint refused a request itself.
+//! daemon → stack: `start {egress, hosts?, resolver?, limits?, secrets?, ca?, upstream_ca?,
+//! identity_header?}`
 //! once, first (nothing is forwarded before it); `policy {egress, secrets?}` at any time after,
 //! applied to the next decision and to live flows (those it denies are reset); `limits
 //! {limits}` at any time after, applied from then on; `token {id, token?, expires_on?,
@@ -138,10 +141,14 @@ pub enum Request {
         /// The group's CA, for the hosts with a transform; absent: none is intercepted (a
         /// transform flow is refused).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        ca: Option<CaSpec>,
+        ca: Option<Box<CaSpec>>,
         /// PEM certificates trusted upstream besides Mozilla's roots (`--upstream-ca`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         upstream_ca: Option<String>,
+        /// The sandbox incarnation's `IDENTITY_HEADER`: the stack serves the in-guest
+        /// identity endpoint (`metadata.rs`) with it. Absent: 169.254.169.254 is not served.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identity_header: Option<String>,
     },
     Policy {
         egress: EgressSpec,
@@ -186,14 +193,40 @@ pub enum Reply {
     Mint {
         id: u64,
         audience: String,
+        #[serde(default)]
+        delivery: Delivery,
+    },
+    /// The in-guest endpoint refused a request before any mint (for the identity audit).
+    IdentityRefused {
+        audience: String,
+        reason: String,
     },
 }
 
-/// What the stack sends unasked: an audit event, or a token request.
+/// Who a token is for: a transform adding it to a request (`egress`), or guest code that
+/// asked the in-guest endpoint (`endpoint`, only when the group's `identity.in_guest` is on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    #[default]
+    Egress,
+    Endpoint,
+}
+
+/// What the stack sends unasked: an audit event, a token request, or an in-guest endpoint's
+/// refusal.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
     Audit(Event),
-    Mint { id: u64, audience: String },
+    Mint {
+        id: u64,
+        audience: String,
+        delivery: Delivery,
+    },
+    IdentityRefused {
+        audience: String,
+        reason: String,
+    },
 }
 
 /// A workload-identity token, as the daemon minted it for this stack's sandbox.
@@ -208,7 +241,19 @@ pub struct Token {
 /// How long [`Minter::mint`] waits for the daemon.
 const MINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-type MintAsk = (String, tokio::sync::oneshot::Sender<Result<Token>>);
+/// What stack code asks of the control loop about identity.
+#[derive(Debug)]
+pub enum MintAsk {
+    Mint {
+        audience: String,
+        delivery: Delivery,
+        done: tokio::sync::oneshot::Sender<Result<Token>>,
+    },
+    Refused {
+        audience: String,
+        reason: String,
+    },
+}
 
 /// Stack code's handle for workload-identity tokens of its sandbox: each `mint` goes to the
 /// daemon over the control channel, which decides (the group's identity settings, the
@@ -226,13 +271,15 @@ impl Minter {
     }
 
     /// A token for `audience`, or why the daemon (or the channel) refused.
-    pub async fn mint(&self, audience: &str) -> Result<Token> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+    pub async fn mint(&self, audience: &str, delivery: Delivery) -> Result<Token> {
+        let (done, rx) = tokio::sync::oneshot::channel();
         let gone = || Error::Control("the network stack's control loop is gone".into());
-        self.asks
-            .send((audience.to_string(), tx))
-            .await
-            .map_err(|_| gone())?;
+        let ask = MintAsk::Mint {
+            audience: audience.to_string(),
+            delivery,
+            done,
+        };
+        self.asks.send(ask).await.map_err(|_| gone())?;
         match tokio::time::timeout(MINT_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(gone()),
@@ -241,6 +288,16 @@ impl Minter {
                 MINT_TIMEOUT.as_secs()
             ))),
         }
+    }
+
+    /// Tells the daemon that the in-guest endpoint refused a request for `audience` (empty
+    /// if none was named). Dropped when the channel is full or no daemon is connected: a
+    /// flood must not stall the stack.
+    pub fn refused(&self, audience: &str, reason: &str) {
+        let _ = self.asks.try_send(MintAsk::Refused {
+            audience: audience.to_string(),
+            reason: reason.to_string(),
+        });
     }
 }
 
@@ -252,18 +309,40 @@ struct Mints {
 }
 
 impl Mints {
-    /// Sends `ask` to the daemon on `conn`, or fails it at once when there is none.
-    async fn ask(&mut self, conn: Option<&mut Conn>, (audience, done): MintAsk) -> bool {
-        let Some(c) = conn else {
-            let _ = done.send(Err(Error::Control(
-                "no daemon is connected to mint a token".into(),
-            )));
-            return true;
-        };
-        self.next += 1;
-        let id = self.next;
-        self.waiting.insert(id, done);
-        c.send(&Reply::Mint { id, audience }).await.is_ok()
+    /// Sends `ask` to the daemon on `conn`, or fails it at once when there is none. False
+    /// when the connection failed.
+    async fn ask(&mut self, conn: Option<&mut Conn>, ask: MintAsk) -> bool {
+        match (ask, conn) {
+            (MintAsk::Mint { done, .. }, None) => {
+                let _ = done.send(Err(Error::Control(
+                    "no daemon is connected to mint a token".into(),
+                )));
+                true
+            }
+            (MintAsk::Refused { .. }, None) => true,
+            (
+                MintAsk::Mint {
+                    audience,
+                    delivery,
+                    done,
+                },
+                Some(c),
+            ) => {
+                self.next += 1;
+                let id = self.next;
+                self.waiting.insert(id, done);
+                let mint = Reply::Mint {
+                    id,
+                    audience,
+                    delivery,
+                };
+                c.send(&mint).await.is_ok()
+            }
+            (MintAsk::Refused { audience, reason }, Some(c)) => c
+                .send(&Reply::IdentityRefused { audience, reason })
+                .await
+                .is_ok(),
+        }
     }
 
     fn answer(
@@ -329,8 +408,8 @@ pub fn decode<T: for<'de> Deserialize<'de>>(line: &str) -> std::result::Result<T
 pub struct Client {
     lines: Lines<BufReader<OwnedReadHalf>>,
     tx: OwnedWriteHalf,
-    /// Token requests that came while a request waited for its answer.
-    mints: std::collections::VecDeque<(u64, String)>,
+    /// Token requests and refusals that came while a request waited for its answer.
+    mints: std::collections::VecDeque<Incoming>,
 }
 
 impl Client {
@@ -363,7 +442,18 @@ impl Client {
                 Some(Reply::Ok) => return Ok(()),
                 Some(Reply::Error { message }) => return Err(Error::Control(message)),
                 Some(Reply::Audit { event }) => on_audit(event),
-                Some(Reply::Mint { id, audience }) => self.mints.push_back((id, audience)),
+                Some(Reply::Mint {
+                    id,
+                    audience,
+                    delivery,
+                }) => self.mints.push_back(Incoming::Mint {
+                    id,
+                    audience,
+                    delivery,
+                }),
+                Some(Reply::IdentityRefused { audience, reason }) => self
+                    .mints
+                    .push_back(Incoming::IdentityRefused { audience, reason }),
                 Some(Reply::Hello { .. }) => {}
                 None => {
                     return Err(Error::Control(
@@ -374,16 +464,27 @@ impl Client {
         }
     }
 
-    /// The next audit event or token request; `None` when the stack is gone.
+    /// The next audit event, token request or refusal; `None` when the stack is gone.
     pub async fn next_incoming(&mut self) -> Result<Option<Incoming>> {
-        if let Some((id, audience)) = self.mints.pop_front() {
-            return Ok(Some(Incoming::Mint { id, audience }));
+        if let Some(m) = self.mints.pop_front() {
+            return Ok(Some(m));
         }
         loop {
             match self.next().await? {
                 Some(Reply::Audit { event }) => return Ok(Some(Incoming::Audit(event))),
-                Some(Reply::Mint { id, audience }) => {
-                    return Ok(Some(Incoming::Mint { id, audience }))
+                Some(Reply::Mint {
+                    id,
+                    audience,
+                    delivery,
+                }) => {
+                    return Ok(Some(Incoming::Mint {
+                        id,
+                        audience,
+                        delivery,
+                    }))
+                }
+                Some(Reply::IdentityRefused { audience, reason }) => {
+                    return Ok(Some(Incoming::IdentityRefused { audience, reason }))
                 }
                 Some(_) => {}
                 None => return Ok(None),
@@ -536,7 +637,7 @@ async fn run_async(
     let (mut guest_rx, guest_tx) = guest.into_split();
     let mut early = BytesMut::with_capacity(64 * 1024);
     let mut conn: Option<Conn> = None;
-    let (policy, resolver, limits, intercept) = loop {
+    let (policy, resolver, limits, intercept, metadata) = loop {
         let line = tokio::select! {
             r = guest_rx.read_buf(&mut early) => {
                 if r.map_err(io("the guest socket"))? == 0 {
@@ -577,11 +678,16 @@ async fn run_async(
                 secrets,
                 ca,
                 upstream_ca,
-            }) => match start(egress, hosts, resolver, limits, ca, upstream_ca) {
+                identity_header,
+            }) => match start(egress, hosts, resolver, limits, ca.map(|c| *c), upstream_ca)
+                .and_then(|s| check_identity_header(identity_header.as_deref()).map(|()| s))
+            {
                 Ok((policy, resolver, limits, intercept)) => {
                     let _ = conn.send(&Reply::Ok).await;
                     let policy = policy.with_values(secrets, Some(minter.clone()));
-                    break (policy, resolver, limits, intercept);
+                    let metadata = identity_header
+                        .map(|h| Arc::new(crate::metadata::Server::new(h, minter.clone())));
+                    break (policy, resolver, limits, intercept, metadata);
                 }
                 Err(e) => {
                     let _ = conn
@@ -605,7 +711,10 @@ async fn run_async(
         audit.clone(),
         limits_rx,
         inbound,
-        intercept,
+        stack::Services {
+            intercept,
+            metadata,
+        },
     );
     tokio::pin!(serve);
     let mut mints = Mints::default();
@@ -662,6 +771,20 @@ async fn run_async(
                 }
             }
         }
+    }
+}
+
+/// An `IDENTITY_HEADER` goes into HTTP headers and the guest's env: 16–256 printable ASCII
+/// characters without spaces.
+fn check_identity_header(h: Option<&str>) -> Result<()> {
+    match h {
+        Some(h) if !(16..=256).contains(&h.len()) || !h.bytes().all(|b| b.is_ascii_graphic()) => {
+            Err(Error::Invalid {
+                field: "identity_header".into(),
+                message: "allowed are 16–256 printable ASCII characters without spaces".into(),
+            })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -739,6 +862,7 @@ mod tests {
                 secrets: BTreeMap::new(),
                 ca: None,
                 upstream_ca: None,
+                identity_header: None,
             }
         );
     }
@@ -870,6 +994,7 @@ mod tests {
                 secrets: BTreeMap::new(),
                 ca: None,
                 upstream_ca: None,
+                identity_header: None,
             };
             c.request(&start, |_| {}).await.unwrap();
             let e = c.request(&start, |_| {}).await.unwrap_err();
@@ -923,13 +1048,19 @@ mod tests {
             secrets: BTreeMap::new(),
             ca: None,
             upstream_ca: None,
+            identity_header: None,
         };
         c.request(&start, |_| {}).await.unwrap();
         let asked = tokio::spawn({
             let m = m.clone();
-            async move { m.mint("sts.amazonaws.com").await }
+            async move { m.mint("sts.amazonaws.com", Delivery::Egress).await }
         });
-        let Some(Incoming::Mint { id, audience }) = c.next_incoming().await.unwrap() else {
+        let Some(Incoming::Mint {
+            id,
+            audience,
+            delivery: Delivery::Egress,
+        }) = c.next_incoming().await.unwrap()
+        else {
             panic!("expected a mint");
         };
         assert_eq!(audience, "sts.amazonaws.com");
@@ -941,7 +1072,7 @@ mod tests {
         assert_eq!(asked.await.unwrap().unwrap(), t);
         let refused = tokio::spawn({
             let m = m.clone();
-            async move { m.mint("api://x").await }
+            async move { m.mint("api://x", Delivery::Egress).await }
         });
         let Some(Incoming::Mint { id, .. }) = c.next_incoming().await.unwrap() else {
             panic!("expected a mint");
@@ -955,14 +1086,30 @@ mod tests {
         assert_eq!(
             encode(&Reply::Mint {
                 id: 7,
-                audience: "a".into()
+                audience: "a".into(),
+                delivery: Delivery::Endpoint,
             }),
-            "{\"v\":1,\"type\":\"mint\",\"id\":7,\"audience\":\"a\"}\n"
+            "{\"v\":1,\"type\":\"mint\",\"id\":7,\"audience\":\"a\",\"delivery\":\"endpoint\"}\n"
+        );
+        // A daemon's answer to an in-guest refusal is nothing; the refusal reaches it.
+        m.refused(
+            "sts.amazonaws.com",
+            "in-guest endpoint: forwarded requests are refused",
+        );
+        assert_eq!(
+            c.next_incoming().await.unwrap(),
+            Some(Incoming::IdentityRefused {
+                audience: "sts.amazonaws.com".into(),
+                reason: "in-guest endpoint: forwarded requests are refused".into()
+            })
         );
         drop(c);
         // The stack notices the daemon is gone at its next read; until then a mint waits on
         // a dead connection and fails when it is noticed, after that at once.
-        let e = m.mint("sts.amazonaws.com").await.unwrap_err();
+        let e = m
+            .mint("sts.amazonaws.com", Delivery::Egress)
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("daemon"), "{e}");
         drop(qemu);
         stack.await.unwrap().unwrap();

@@ -510,7 +510,7 @@ pub fn wanted(policy: &Policy, name: &str, port: u16) -> std::result::Result<boo
 mod tests {
     use super::*;
     use crate::EgressSpec;
-    use serde_json::json;
+    use serde_json::{json, Value};
     use tokio::sync::mpsc;
 
     /// What the upstream saw of one request.
@@ -758,6 +758,91 @@ mod tests {
             .unwrap();
         let resp = send.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 421);
+    }
+
+    /// Plain HTTP from the guest on port 80 is intercepted only for a rule that asks for
+    /// `upgrade_to_https`, and then goes upstream as HTTPS (the test upstream speaks TLS only)
+    /// with the injection; without the upgrade, a transform on port 80 is refused by
+    /// validation and by the stack's guard ([`wanted`]), and a rule without a transform is
+    /// never intercepted.
+    #[tokio::test]
+    async fn plain_http_is_upgraded_to_https_only_when_the_rule_asks() {
+        let mut s = setup().await;
+        let rule = |upgrade: bool, ports: Value| {
+            serde_json::from_value::<EgressSpec>(json!({"rules": [{"host": "api.test",
+                "ports": ports, "transform": {"headers": {"Authorization": "Bearer ${secret:k}"},
+                "upgrade_to_https": upgrade}}, {"host": "plain.test", "ports": [80]}]}))
+            .unwrap()
+        };
+        let upgraded = Arc::new(
+            Policy::new(rule(true, json!([80, 443])))
+                .unwrap()
+                .with_values(
+                    [("k".to_string(), Secret::new("sk-up".into()))].into(),
+                    None,
+                ),
+        );
+        assert_eq!(wanted(&upgraded, "api.test", 80), Ok(true));
+        assert_eq!(wanted(&upgraded, "api.test", 443), Ok(true));
+        assert_eq!(
+            wanted(&upgraded, "plain.test", 80),
+            Ok(false),
+            "no transform"
+        );
+        let e = Policy::new(rule(false, json!([80, 443])))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("egress.rules[0].ports") && e.contains("set \"upgrade_to_https\": true"),
+            "{e}"
+        );
+        // An HTTPS-only transform rule does not cover port 80: plain HTTP there is denied by
+        // the policy and never intercepted.
+        let https_only = Policy::new(rule(false, json!([443]))).unwrap();
+        assert!(!https_only.decide_name("api.test", 80, Protocol::Tcp).allow);
+        assert_eq!(wanted(&https_only, "api.test", 80), Ok(false));
+
+        *s.policy.lock().unwrap() = upgraded;
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let policy = s.policy.clone();
+        let cx = Context {
+            name: "api.test".into(),
+            port: 80,
+            policy: Arc::new(move || policy.lock().unwrap().clone()),
+            audit: s.audit.clone(),
+        };
+        let up = TcpStream::connect(s.addr).await.unwrap();
+        let served = tokio::spawn(serve(s.icpt.clone(), theirs, up, false, cx));
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let (st, body) = get(&mut send, "/v1/chat", "api.test", Some("Bearer guest")).await;
+        assert_eq!((st, body.as_str()), (200, "Bearer sk-up"));
+        let seen = s.seen.recv().await.unwrap();
+        assert_eq!(
+            seen.auth,
+            vec!["Bearer sk-up"],
+            "replaced, over TLS upstream"
+        );
+        assert_eq!(seen.target, "GET /v1/chat");
+        // Host with the plain port is the name; another name is refused.
+        let (st, _) = get(&mut send, "/v1/a", "api.test:80", None).await;
+        assert_eq!(st, 200);
+        let (st, body) = get(&mut send, "/v1/a", "evil.test", None).await;
+        assert_eq!(st, 421, "{body}");
+        drop(send);
+        served.await.unwrap().unwrap();
+        let mut events = Vec::new();
+        while let Ok(e) = s.events.try_recv() {
+            events.push(e);
+        }
+        assert!(
+            events
+                .iter()
+                .any(|e| e.verdict == Verdict::Allow && e.port == Some(80)),
+            "{events:?}"
+        );
     }
 
     #[tokio::test]

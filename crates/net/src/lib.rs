@@ -12,6 +12,7 @@ pub mod floor;
 pub mod hosts;
 pub mod ingress;
 pub mod intercept;
+pub mod metadata;
 pub mod peek;
 pub mod policy;
 pub mod stack;

@@ -478,12 +478,18 @@ fn compile_transform(
     };
     if ports.is_empty() || ports.iter().any(|p| !allowed.contains(p)) {
         let message = if ports.contains(&80) {
-            "port 80 is plain HTTP: the secret would travel in the clear; set              \"upgrade_to_https\": true to send those requests upstream as HTTPS, or use 443"
+            "port 80 is plain HTTP: the secret would travel in the clear; set \
+             \"upgrade_to_https\": true to send those requests upstream as HTTPS, or use 443"
                 .to_string()
         } else {
             format!(
-                "a rule with a transform needs \"ports\": [443]{}: requests are transformed                  on HTTPS only",
-                if c.upgrade_to_https { " (and 80, upgraded)" } else { "" }
+                "a rule with a transform needs \"ports\": [443]{}: requests are transformed \
+                 on HTTPS only",
+                if c.upgrade_to_https {
+                    " (and 80, upgraded)"
+                } else {
+                    ""
+                }
             )
         };
         return invalid(&field(".ports"), message);

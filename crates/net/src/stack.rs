@@ -6,6 +6,10 @@
 //! connection that a task of its own opens, after the first-bytes check on 443 (TLS SNI) and
 //! 80 (HTTP Host) where the destination is a name.
 //!
+//! TCP to 169.254.169.254:80 is the in-guest identity endpoint when the sandbox has one
+//! (`metadata.rs`): terminated here before any policy decision, answered by the stack itself,
+//! never forwarded.
+//!
 //! The same loop opens inbound connections (host → guest port) for the daemon's port
 //! exposure: a TCP connection from the gateway's address to the guest, spliced to the Unix
 //! stream the request came on (`ingress.rs`), so the host kernel never routes a guest packet
@@ -186,6 +190,9 @@ struct Shared {
     events: mpsc::UnboundedSender<Ev>,
     /// The group CA's interceptor, for hosts whose rule has a transform (`intercept.rs`).
     intercept: Option<Arc<Interceptor>>,
+    /// The in-guest identity endpoint, when the group's `identity.in_guest` was on as the
+    /// sandbox started.
+    metadata: Option<Arc<crate::metadata::Server>>,
 }
 
 impl Shared {
@@ -287,6 +294,15 @@ struct Stack {
     shared: Arc<Shared>,
 }
 
+/// What the stack answers or carries itself for some flows, beside splicing.
+#[derive(Default)]
+pub struct Services {
+    /// The group CA's interceptor, for hosts whose rule has a transform (`intercept.rs`).
+    pub intercept: Option<Arc<Interceptor>>,
+    /// The in-guest identity endpoint (`metadata.rs`), when the daemon gave a header.
+    pub metadata: Option<Arc<crate::metadata::Server>>,
+}
+
 /// Runs the stack on `guest` (the stream-netdev socket) until QEMU closes it. `policy` is
 /// watched: a new value applies to the next decision, and live flows it denies are reset.
 /// `limits` is watched too: new ones apply from then on (their buckets start full).
@@ -298,7 +314,7 @@ pub async fn serve<S>(
     audit: Audit,
     mut limits: watch::Receiver<Limits>,
     mut inbound: mpsc::Receiver<Inbound>,
-    intercept: Option<Arc<Interceptor>>,
+    services: Services,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite,
@@ -311,7 +327,8 @@ where
         audit,
         dns: Mutex::new(Bucket::new(first.dns_qps.into())),
         events: events_tx,
-        intercept,
+        intercept: services.intercept,
+        metadata: services.metadata,
     });
     let mut st = Stack::new(shared, first);
     let mut limits_open = true;
@@ -535,14 +552,23 @@ impl Stack {
     /// answers the others' SYN with a reset.
     fn syn(&mut self, key: (u16, Ipv4Addr, u16), frame: Bytes) {
         let (_, dst, port) = key;
-        let internal = port == 53;
+        // Answered here whatever the policy says (it would deny the link-local address).
+        let metadata = match &self.shared.metadata {
+            Some(m) if dst == crate::metadata::METADATA_IP && port == 80 => Some(m.clone()),
+            _ => None,
+        };
+        let internal = port == 53 || metadata.is_some();
         let (dest, decision) = if internal {
             (
                 Dest::Addr(dst),
                 crate::Decision {
                     allow: true,
                     rule: None,
-                    reason: "DNS".into(),
+                    reason: if port == 53 {
+                        "DNS".into()
+                    } else {
+                        "identity endpoint".into()
+                    },
                 },
             )
         } else {
@@ -593,7 +619,9 @@ impl Stack {
         let (to_host, from_guest) = mpsc::channel(8);
         let credits = Arc::new(Semaphore::new(CREDITS));
         let shared = self.shared.clone();
-        let task = if internal {
+        let task = if let Some(m) = metadata {
+            tokio::spawn(metadata_flow(id, shared, m, from_guest))
+        } else if internal {
             tokio::spawn(dns_tcp(id, shared, from_guest))
         } else {
             tokio::spawn(splice(id, shared, dest, port, from_guest, credits.clone()))
@@ -1274,6 +1302,41 @@ async fn dns_tcp(id: u64, shared: Arc<Shared>, mut from_guest: mpsc::Receiver<By
     let _ = shared.events.send(Ev::HostEof { flow: id });
 }
 
+/// One connection to the in-guest identity endpoint: one request head in, one answer out,
+/// then the stack closes (`Connection: close`). A guest that sends no complete head within
+/// [`PEEK_TIMEOUT`] is closed without an answer.
+async fn metadata_flow(
+    id: u64,
+    shared: Arc<Shared>,
+    server: Arc<crate::metadata::Server>,
+    mut from_guest: mpsc::Receiver<Bytes>,
+) {
+    let mut head = Vec::new();
+    let answer = loop {
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break server.answer(&head[..end + 4]).await;
+        }
+        if head.len() > crate::metadata::MAX_HEAD {
+            break server.too_long();
+        }
+        match tokio::time::timeout(PEEK_TIMEOUT, from_guest.recv()).await {
+            Ok(Some(b)) => {
+                let _ = shared.events.send(Ev::Drained);
+                head.extend_from_slice(&b);
+            }
+            Ok(None) | Err(_) => {
+                let _ = shared.events.send(Ev::HostEof { flow: id });
+                return;
+            }
+        }
+    };
+    let _ = shared.events.send(Ev::Data {
+        flow: id,
+        data: answer.into(),
+    });
+    let _ = shared.events.send(Ev::HostEof { flow: id });
+}
+
 /// The first-bytes check of a flow to a name on 443 or 80.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Check {
@@ -1565,6 +1628,7 @@ mod tests {
             dns: Mutex::new(Bucket::new(1_000_000)),
             events: tx,
             intercept: None,
+            metadata: None,
         });
         (Stack::new(shared, Limits::default()), events)
     }

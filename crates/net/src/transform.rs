@@ -220,7 +220,7 @@ impl Values {
             // group's identity settings now, audits the mint, and the token never waits here.
             Placeholder::Identity(aud) => match &self.minter {
                 Some(m) => m
-                    .mint(aud)
+                    .mint(aud, crate::control::Delivery::Egress)
                     .await
                     .map(|t| Secret::new(t.token))
                     .map_err(|e| format!("{p}: {e}")),
@@ -421,10 +421,18 @@ mod tests {
         let (minter, mut asks) = crate::control::Minter::channel();
         tokio::spawn(async move {
             let mut n = 0;
-            while let Some((aud, reply)) = asks.recv().await {
+            while let Some(ask) = asks.recv().await {
+                let crate::control::MintAsk::Mint {
+                    audience,
+                    delivery: crate::control::Delivery::Egress,
+                    done,
+                } = ask
+                else {
+                    panic!("a transform mints for egress: {ask:?}");
+                };
                 n += 1;
-                let _ = reply.send(Ok(crate::control::Token {
-                    token: format!("jwt-{n}-for-{aud}"),
+                let _ = done.send(Ok(crate::control::Token {
+                    token: format!("jwt-{n}-for-{audience}"),
                     expires_on: 0,
                 }));
             }

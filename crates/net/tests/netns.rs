@@ -184,6 +184,18 @@ impl Net {
     }
 
     fn with_limits(limits: serde_json::Value) -> Net {
+        Net::build(limits, None)
+    }
+
+    /// A stack that serves the in-guest identity endpoint with `identity_header`.
+    fn with_identity(identity_header: &str) -> Net {
+        Net::build(
+            serde_json::json!({"max_flows": 64, "new_flows_per_s": 1000, "dns_qps": 1000}),
+            Some(identity_header),
+        )
+    }
+
+    fn build(limits: serde_json::Value, identity_header: Option<&str>) -> Net {
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", std::process::id());
         let (guest, host, server) = (
@@ -305,10 +317,13 @@ impl Net {
                 dropped: 0
             }
         );
-        let start = serde_json::json!({
+        let mut start = serde_json::json!({
             "v": 1, "type": "start", "egress": default_policy(), "hosts": HOSTS,
             "resolver": "127.0.0.1:53", "limits": limits,
         });
+        if let Some(h) = identity_header {
+            start["identity_header"] = h.into();
+        }
         assert_eq!(net.request(start), Reply::Ok);
         net
     }
@@ -358,6 +373,54 @@ impl Net {
             tx.write_all(format!("{msg}\n").as_bytes()).unwrap();
         }
         self.reply()
+    }
+
+    /// Sends `msg` without waiting for an answer (`token` gets none).
+    fn send(&self, msg: serde_json::Value) {
+        let mut c = self.control.lock().unwrap();
+        let tx = &mut c.as_mut().unwrap().tx;
+        tx.write_all(format!("{msg}\n").as_bytes()).unwrap();
+    }
+
+    /// Runs `guest` while playing the daemon for the stack's token requests: a mint for
+    /// `refused.test` is refused, any other gets the token `tok.<audience>`. Returns what
+    /// `guest` returned and what the stack sent meanwhile (mints and refusals).
+    fn minting<T: Send>(&self, guest: impl FnOnce() -> T + Send) -> (T, Vec<Reply>) {
+        std::thread::scope(|s| {
+            let g = s.spawn(guest);
+            let mut got = Vec::new();
+            loop {
+                let done = g.is_finished();
+                let r = {
+                    let c = self.control.lock().unwrap();
+                    c.as_ref()
+                        .unwrap()
+                        .replies
+                        .recv_timeout(Duration::from_millis(50))
+                };
+                match r {
+                    Ok(Reply::Mint { id, audience, .. }) => {
+                        let answer = if audience == "refused.test" {
+                            serde_json::json!({"v": 1, "type": "token", "id": id,
+                                "error": "audience \"refused.test\" is not allowed"})
+                        } else {
+                            serde_json::json!({"v": 1, "type": "token", "id": id,
+                                "token": format!("tok.{audience}"), "expires_on": 1_900_000_000})
+                        };
+                        self.send(answer);
+                        got.push(Reply::Mint {
+                            id,
+                            audience,
+                            delivery: moat_net::control::Delivery::Endpoint,
+                        });
+                    }
+                    Ok(other) => got.push(other),
+                    Err(_) if done => break,
+                    Err(_) => {}
+                }
+            }
+            (g.join().unwrap(), got)
+        })
     }
 
     fn set_policy(&self, egress: serde_json::Value) -> Reply {
@@ -1115,4 +1178,144 @@ fn inbound_connections_reach_the_guests_port_through_the_stack() {
     assert!(!ok);
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// The in-guest identity endpoint, from a real guest kernel under deny-all egress: served by
+/// the stack itself (the mint goes to the daemon, with delivery `endpoint`), both forms, and
+/// every refusal (wrong or missing header, a forwarded request, no session, over the rate)
+/// answered and reported to the daemon. Without an identity header the address is not served.
+#[test]
+fn the_identity_endpoint_is_served_by_the_stack_under_deny_all() {
+    let header = "0123456789abcdef0123456789abcdef";
+    let net = Net::with_identity(header);
+    assert_eq!(net.set_policy(serde_json::json!({})), Reply::Ok);
+    let script = format!(
+        r#"
+import http.client, json
+def req(method, path, headers={{}}):
+    c = http.client.HTTPConnection('169.254.169.254', 80, timeout=5)
+    c.request(method, path, headers=headers)
+    r = c.getresponse()
+    return [r.status, r.read().decode()]
+aca = '/msi/token?resource=api%3A%2F%2FAzureADTokenExchange&api-version=2019-08-01'
+out = {{}}
+out['aca'] = req('GET', aca, {{'X-IDENTITY-HEADER': '{header}'}})
+out['refused_aud'] = req('GET', '/msi/token?resource=refused.test&api-version=2019-08-01',
+    {{'X-IDENTITY-HEADER': '{header}'}})
+out['no_header'] = req('GET', aca)
+out['wrong_header'] = req('GET', aca, {{'X-IDENTITY-HEADER': 'x' * 32}})
+out['forwarded'] = req('GET', aca, {{'X-IDENTITY-HEADER': '{header}', 'X-Forwarded-For': '10.0.0.1'}})
+out['no_session'] = req('GET', '/metadata/identity/token?resource=sts.amazonaws.com')
+s = req('PUT', '/latest/api/token', {{'X-aws-ec2-metadata-token-ttl-seconds': '60'}})
+out['session'] = s
+out['imds'] = req('GET', '/metadata/identity/token?resource=sts.amazonaws.com',
+    {{'X-aws-ec2-metadata-token': s[1]}})
+out['imds_via'] = req('GET', '/metadata/identity/token?resource=sts.amazonaws.com',
+    {{'X-aws-ec2-metadata-token': s[1], 'Via': '1.1 proxy'}})
+print(json.dumps(out))
+"#
+    );
+    let (out, sent) = net.minting(|| net.python(&script));
+    let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let aca = |k: &str| {
+        let v = &out[k];
+        (
+            v[0].as_u64().unwrap(),
+            serde_json::from_str::<serde_json::Value>(v[1].as_str().unwrap())
+                .unwrap_or_else(|_| v[1].clone()),
+        )
+    };
+    let (st, b) = aca("aca");
+    assert_eq!(st, 200, "{out}");
+    assert_eq!(
+        b,
+        serde_json::json!({"access_token": "tok.api://AzureADTokenExchange",
+            "expires_on": "1900000000", "resource": "api://AzureADTokenExchange",
+            "token_type": "Bearer"})
+    );
+    let (st, b) = aca("refused_aud");
+    assert_eq!(st, 403, "{out}");
+    assert!(b["error"].as_str().unwrap().contains("not allowed"), "{b}");
+    for (k, want) in [
+        ("no_header", 401),
+        ("wrong_header", 401),
+        ("forwarded", 403),
+        ("no_session", 401),
+        ("imds_via", 403),
+    ] {
+        assert_eq!(aca(k).0, want, "{k}: {out}");
+    }
+    assert_eq!(aca("session").0, 200, "{out}");
+    let (st, b) = aca("imds");
+    assert_eq!(st, 200, "{out}");
+    assert_eq!(b["access_token"], "tok.sts.amazonaws.com");
+    // The daemon heard the three mints, all for the endpoint, and the five refusals; the
+    // stack never names a sandbox.
+    let mints: Vec<&str> = sent
+        .iter()
+        .filter_map(|r| match r {
+            Reply::Mint { audience, .. } => Some(audience.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        mints,
+        [
+            "api://AzureADTokenExchange",
+            "refused.test",
+            "sts.amazonaws.com"
+        ]
+    );
+    let refusals: Vec<String> = sent
+        .iter()
+        .filter_map(|r| match r {
+            Reply::IdentityRefused { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(refusals.len(), 5, "{refusals:?}");
+    assert!(refusals[2].contains("forwarded"), "{refusals:?}");
+    // The endpoint is not an egress flow: no TCP audit event names it.
+    assert!(!net
+        .seen
+        .lock()
+        .unwrap()
+        .events
+        .iter()
+        .any(|e| e.address.as_deref() == Some("169.254.169.254")));
+
+    // Over 20 requests a second: refused with 429 (reported once a second at most).
+    let (out, sent) = net.minting(|| {
+        net.python(
+            "import http.client\n\
+             codes = []\n\
+             for _ in range(30):\n\
+             \x20   c = http.client.HTTPConnection('169.254.169.254', 80, timeout=5)\n\
+             \x20   c.request('GET', '/nothing')\n\
+             \x20   codes.append(c.getresponse().status)\n\
+             print(' '.join(map(str, codes)))",
+        )
+    });
+    let codes: Vec<u16> = out.split(' ').map(|c| c.parse().unwrap()).collect();
+    assert!(codes.contains(&429), "{codes:?}");
+    assert!(codes.iter().all(|c| *c == 404 || *c == 429), "{codes:?}");
+    let throttled = sent
+        .iter()
+        .filter(
+            |r| matches!(r, Reply::IdentityRefused { reason, .. } if reason.contains("too many")),
+        )
+        .count();
+    assert!(throttled <= 2, "{sent:?}");
+}
+
+/// Without an identity header the metadata address is an ordinary destination: link-local,
+/// in the floor, refused and audited; nothing answers there.
+#[test]
+fn without_an_identity_header_the_metadata_address_is_refused() {
+    let net = Net::new();
+    let (ok, out) = net.curl(&["http://169.254.169.254/msi/token"]);
+    assert!(!ok, "{out}");
+    net.event("metadata refused", |e| {
+        e.verdict == Verdict::Deny && e.address.as_deref() == Some("169.254.169.254")
+    });
 }

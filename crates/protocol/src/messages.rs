@@ -190,6 +190,20 @@ pub struct NetworkConfig {
     /// presents certificates of it for the hosts whose requests it transforms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_ca_pem: Option<String>,
+    /// The in-guest identity endpoint (the group's `identity.in_guest`): execs get
+    /// `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` from it. Absent: they get neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<GuestIdentity>,
+}
+
+/// Where guest code asks for identity tokens (ACA's managed-identity protocol), and the
+/// header value that proves a request came from code that could read the environment. A new
+/// header every boot, restore and fork: one of an earlier incarnation stops working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestIdentity {
+    pub endpoint: String,
+    pub header: String,
 }
 
 /// Fresh facts the guest cannot know by itself after a restore.
@@ -464,6 +478,7 @@ mod tests {
             mtu: 1500,
             nameservers: vec!["100.127.255.1".into()],
             trust_ca_pem: None,
+            identity: None,
         });
         let want = r#"{"op":"network","interface":null,"address":"100.127.255.2","prefix_len":30,"gateway":"100.127.255.1","mtu":1500,"nameservers":["100.127.255.1"]}"#;
         assert_eq!(serde_json::to_string(&net).unwrap(), want);
@@ -479,6 +494,24 @@ mod tests {
             "{text}"
         );
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), with_ca);
+        let mut with_identity = net.clone();
+        if let Request::Network(c) = &mut with_identity {
+            c.identity = Some(GuestIdentity {
+                endpoint: "http://169.254.169.254/msi/token".into(),
+                header: "h".into(),
+            });
+        }
+        let text = serde_json::to_string(&with_identity).unwrap();
+        assert!(
+            text.ends_with(
+                r#","identity":{"endpoint":"http://169.254.169.254/msi/token","header":"h"}}"#
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(&text).unwrap(),
+            with_identity
+        );
     }
 
     #[test]

@@ -377,6 +377,35 @@ impl Issuer {
         }
     }
 
+    /// Audits and counts a request the in-guest endpoint of sandbox `sandbox` refused by
+    /// itself (a wrong header, a forwarded request, over its rate), as its stack reported it.
+    pub async fn refused_in_guest(
+        &self,
+        group: &str,
+        sandbox: &str,
+        audience: String,
+        reason: String,
+    ) {
+        self.metrics.count(
+            metrics::IDENTITY_REFUSED,
+            &[("group", group), ("reason", "endpoint")],
+        );
+        self.audit(NewIdentityEvent {
+            group: group.to_string(),
+            sandbox: sandbox.to_string(),
+            outcome: IdentityOutcome::Refused,
+            delivery: IdentityDelivery::Endpoint,
+            audience,
+            subject: None,
+            jti: None,
+            kid: None,
+            expires_on: None,
+            reason: Some(reason),
+            key_id: None,
+        })
+        .await;
+    }
+
     async fn audit(&self, e: NewIdentityEvent) {
         if let Err(err) = self.store.insert_identity_event(e).await {
             tracing::error!(error = %err, "storing an identity audit event");
@@ -432,6 +461,15 @@ impl Issuer {
                 "disabled",
                 Error::Forbidden(format!(
                     "workload identity is not enabled for group {} (identity.enabled)",
+                    quote(&req.group)
+                )),
+            ));
+        }
+        if req.delivery == IdentityDelivery::Endpoint && !spec.in_guest {
+            return Err((
+                "in_guest",
+                Error::Forbidden(format!(
+                    "guest code may not fetch tokens in group {} (identity.in_guest is off)",
                     quote(&req.group)
                 )),
             ));

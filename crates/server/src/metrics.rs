@@ -86,8 +86,9 @@ pub const IDENTITY_MINTED: (&str, &str) = (
 );
 pub const IDENTITY_REFUSED: (&str, &str) = (
     "moat_identity_refusals_total",
-    "Workload identity token requests refused, by group and reason (disabled, audience, ttl, \
-     not_running, no_sandbox, rate, internal).",
+    "Workload identity token requests refused, by group and reason (disabled, in_guest, \
+     audience, ttl, not_running, no_sandbox, endpoint, internal; endpoint: the in-guest \
+     endpoint refused the request itself).",
 );
 pub const IDENTITY_MINT: (&str, &str) = (
     "moat_identity_mint_duration_seconds",

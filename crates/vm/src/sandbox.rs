@@ -33,6 +33,10 @@ pub struct LaunchOptions {
     /// A CA (PEM) the guest adds to its trust store at boot and restore: the group's egress
     /// CA, whose certificates the network stack presents for intercepted hosts.
     pub trust_ca: Option<String>,
+    /// This incarnation's `IDENTITY_HEADER`, when the guest may fetch identity tokens: the
+    /// agent gives execs `IDENTITY_ENDPOINT` and it, and [`Sandbox::identity_header`] keeps it
+    /// for the network stack that serves the endpoint. A new one for every start.
+    pub identity_header: Option<String>,
 }
 
 /// `run/<id>/sandbox.json`, written atomically when a detached sandbox starts: everything
@@ -318,6 +322,9 @@ pub struct Sandbox {
     ram_base: Option<PathBuf>,
     /// Paused by [`Sandbox::park`]: its vCPUs are stopped and its agent cannot answer.
     parked: bool,
+    /// [`LaunchOptions::identity_header`]; unknown (`None`) for an adopted sandbox, whose
+    /// stack has it already.
+    identity_header: Option<String>,
     // Field order matters for Drop: the agent session, then QEMU, then its network stack,
     // then the directory.
     agent: AgentConn,
@@ -564,6 +571,7 @@ impl Sandbox {
             ram_source,
             ram_base: origin.ram_base,
             parked: false,
+            identity_header: opts.identity_header.clone(),
             agent,
             vm,
             net,
@@ -572,7 +580,10 @@ impl Sandbox {
         sb.agent.refresh(Some(&hostname(id))).await?;
         // Again after a restore: the saved guest may predate this configuration.
         sb.agent
-            .configure_network(moat_protocol::link::guest_config(opts.trust_ca.clone()))
+            .configure_network(moat_protocol::link::guest_config(
+                opts.trust_ca.clone(),
+                opts.identity_header.clone(),
+            ))
             .await?;
         tracing::info!(
             id,
@@ -624,6 +635,7 @@ impl Sandbox {
             ram_base: rec.ram_base,
             ram_source: None,
             parked: false,
+            identity_header: None,
             agent,
             vm,
             net: NetStack::adopted(),
@@ -648,6 +660,11 @@ impl Sandbox {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// This incarnation's `IDENTITY_HEADER` ([`LaunchOptions::identity_header`]).
+    pub fn identity_header(&self) -> Option<&str> {
+        self.identity_header.as_deref()
     }
 
     /// Digest of the image the sandbox runs.

@@ -97,15 +97,6 @@ impl IdentitySpec {
         if self.in_guest && !self.enabled {
             return bad("identity.in_guest needs identity.enabled".to_string());
         }
-        if self.in_guest {
-            // Refused rather than stored and silently not served.
-            return bad(
-                "identity.in_guest is not available yet: the in-guest token endpoint is not \
-                 served by this moat; tokens reach services through egress transforms \
-                 (${identity:AUDIENCE} in a rule's headers)"
-                    .to_string(),
-            );
-        }
         Ok(())
     }
 }
@@ -344,15 +335,12 @@ mod tests {
             "ttl_s": 3600, "subject": "sandbox"}))
         .unwrap();
         ok.validate().unwrap();
-        let in_guest = IdentitySpec {
+        IdentitySpec {
             in_guest: true,
             ..ok.clone()
-        };
-        assert!(in_guest
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("not available yet"));
+        }
+        .validate()
+        .unwrap();
         for (v, want) in [
             (serde_json::json!({"ttl_s": 59}), "60–3600"),
             (serde_json::json!({"ttl_s": 3601}), "60–3600"),

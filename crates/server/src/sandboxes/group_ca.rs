@@ -27,11 +27,26 @@ impl Manager {
             .map_err(Error::task("the group CA"))?
     }
 
-    /// How the VMs of `group` start: detached, trusting the group's CA.
+    /// How the VMs of `group` start: detached, trusting the group's CA, and with a new
+    /// `IDENTITY_HEADER` when the group's `identity.in_guest` is on now (docs/IDENTITY.md:
+    /// turning it on reaches a sandbox at its next start or resume; turning it off stops its
+    /// mints at once, since the issuer checks it on every mint).
     pub(crate) async fn launch_options(&self, group: &str) -> Result<moat_vm::LaunchOptions> {
+        let in_guest = self
+            .store
+            .get_group(group)
+            .await?
+            .is_some_and(|g| g.spec.identity.enabled && g.spec.identity.in_guest);
+        let identity_header = in_guest.then(|| {
+            use rand::RngCore;
+            let mut b = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut b);
+            hex::encode(b)
+        });
         Ok(moat_vm::LaunchOptions {
             detached: true,
             trust_ca: Some(self.group_ca(group).await?.cert_pem),
+            identity_header,
         })
     }
 

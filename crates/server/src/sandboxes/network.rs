@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_net::audit::{Event, Kind, Verdict};
-use moat_net::control::{Client, Incoming, LimitsSpec, Reply, Request, Token};
+use moat_net::control::{Client, Delivery, Incoming, LimitsSpec, Reply, Request, Token};
 use moat_net::transform::Placeholder;
 use moat_net::{EgressSpec, Secret};
 use tokio::sync::{mpsc, oneshot};
@@ -134,8 +134,9 @@ impl Manager {
                     resolver: self.net.resolver,
                     limits: limits.clone(),
                     secrets,
-                    ca: Some(ca),
+                    ca: Some(Box::new(ca)),
                     upstream_ca: self.net.upstream_ca.clone(),
+                    identity_header: sb.identity_header().map(str::to_string),
                 }
             };
             client
@@ -204,11 +205,14 @@ impl Manager {
                 }
                 incoming = client.next_incoming() => match incoming {
                     Ok(Some(Incoming::Audit(e))) => self.record_audit(group, id, e),
-                    Ok(Some(Incoming::Mint { id: ask, audience })) => {
-                        let minted = self.mint_for_stack(group, id, audience).await;
+                    Ok(Some(Incoming::Mint { id: ask, audience, delivery })) => {
+                        let minted = self.mint_for_stack(group, id, audience, delivery).await;
                         if let Err(e) = client.answer_mint(ask, minted).await {
                             return format!("its network stack broke the control channel: {e}");
                         }
+                    }
+                    Ok(Some(Incoming::IdentityRefused { audience, reason })) => {
+                        self.identity.refused_in_guest(group, id, audience, reason).await;
                     }
                     Ok(None) => return "its network stack exited".to_string(),
                     Err(e) => return format!("its network stack broke the control channel: {e}"),
@@ -218,20 +222,25 @@ impl Manager {
     }
 
     /// A token asked for by the stack of sandbox `id` of `group`: the sandbox is the one this
-    /// link serves, whatever the guest did; the issuer decides and audits. The answer to the
-    /// stack carries the refusal's message, never more.
+    /// link serves, whatever the guest did; the issuer decides and audits (an `endpoint` mint
+    /// only while the group's `identity.in_guest` is on). The answer to the stack carries the
+    /// refusal's message, never more.
     async fn mint_for_stack(
         &self,
         group: &str,
         id: &str,
         audience: String,
+        delivery: Delivery,
     ) -> std::result::Result<Token, String> {
         let req = crate::identity::MintRequest {
             group: group.to_string(),
             sandbox: id.to_string(),
             audience,
             ttl_s: None,
-            delivery: api::IdentityDelivery::Egress,
+            delivery: match delivery {
+                Delivery::Egress => api::IdentityDelivery::Egress,
+                Delivery::Endpoint => api::IdentityDelivery::Endpoint,
+            },
             key_id: None,
         };
         self.identity
