@@ -376,6 +376,16 @@ struct Names {
 
 impl Names {
     fn resolve(&self, e: &Expression) -> Option<Resolved> {
+        self.resolve_in(e, 0)
+    }
+
+    /// `resolve`, `depth` levels into an expression: past the tree bound nothing resolves (the
+    /// walk then refuses the code as too deep), so a long chain cannot exhaust the stack here.
+    fn resolve_in(&self, e: &Expression, depth: usize) -> Option<Resolved> {
+        if depth > MAX_TREE_DEPTH {
+            return None;
+        }
+        let depth = depth + 1;
         match e {
             Expression::Identifier(id) => {
                 let name = id.name.as_str();
@@ -391,26 +401,28 @@ impl Names {
                     Some(Resolved::new(format!("globalThis.{name}")))
                 }
             }
-            Expression::StaticMemberExpression(m) => {
-                Some(self.resolve(&m.object)?.child(m.property.name.as_str()))
-            }
+            Expression::StaticMemberExpression(m) => Some(
+                self.resolve_in(&m.object, depth)?
+                    .child(m.property.name.as_str()),
+            ),
             Expression::ComputedMemberExpression(m) => {
                 let key = fold(&m.expression)?;
-                Some(self.resolve(&m.object)?.child(&key))
+                Some(self.resolve_in(&m.object, depth)?.child(&key))
             }
-            Expression::CallExpression(c) => self.resolve_call(&c.callee, &c.arguments),
+            Expression::CallExpression(c) => self.resolve_call_in(&c.callee, &c.arguments, depth),
             Expression::ImportExpression(i) => module(&fold(&i.source)?),
-            Expression::ParenthesizedExpression(p) => self.resolve(&p.expression),
-            Expression::AwaitExpression(a) => self.resolve(&a.argument),
-            Expression::SequenceExpression(s) => self.resolve(s.expressions.last()?),
-            Expression::AssignmentExpression(a) => self.resolve(&a.right),
+            Expression::ParenthesizedExpression(p) => self.resolve_in(&p.expression, depth),
+            Expression::AwaitExpression(a) => self.resolve_in(&a.argument, depth),
+            Expression::SequenceExpression(s) => self.resolve_in(s.expressions.last()?, depth),
+            Expression::AssignmentExpression(a) => self.resolve_in(&a.right, depth),
             Expression::ChainExpression(c) => match c.expression.as_member_expression()? {
-                MemberExpression::StaticMemberExpression(m) => {
-                    Some(self.resolve(&m.object)?.child(m.property.name.as_str()))
-                }
+                MemberExpression::StaticMemberExpression(m) => Some(
+                    self.resolve_in(&m.object, depth)?
+                        .child(m.property.name.as_str()),
+                ),
                 MemberExpression::ComputedMemberExpression(m) => {
                     let key = fold(&m.expression)?;
-                    Some(self.resolve(&m.object)?.child(&key))
+                    Some(self.resolve_in(&m.object, depth)?.child(&key))
                 }
                 MemberExpression::PrivateFieldExpression(_) => None,
             },
@@ -421,7 +433,16 @@ impl Names {
     /// What a call returns, when it is a module or a name: `require('x')`, `createRequire(…)`,
     /// `Reflect.get(o, 'k')`.
     fn resolve_call(&self, callee: &Expression, args: &[Argument]) -> Option<Resolved> {
-        let func = self.resolve(callee)?;
+        self.resolve_call_in(callee, args, 0)
+    }
+
+    fn resolve_call_in(
+        &self,
+        callee: &Expression,
+        args: &[Argument],
+        depth: usize,
+    ) -> Option<Resolved> {
+        let func = self.resolve_in(callee, depth)?;
         let q = func.qname.as_str();
         let arg = |i: usize| args.get(i).and_then(Argument::as_expression);
         if is_importer(q) {
@@ -429,7 +450,7 @@ impl Names {
         } else if q == "module.createRequire" || q == "globalThis.module.createRequire" {
             Some(Resolved::new("module.createRequire()".into()))
         } else if q == "globalThis.Reflect.get" {
-            let object = self.resolve(arg(0)?)?;
+            let object = self.resolve_in(arg(0)?, depth)?;
             Some(object.child(&fold(arg(1)?)?))
         } else {
             None
@@ -544,6 +565,15 @@ fn key_name(key: &PropertyKey) -> Option<String> {
 /// without substitutions, `+`, `[...].join(sep)`, `'a'.concat('b')`,
 /// `String.fromCharCode(99, …)`.
 fn fold(e: &Expression) -> Option<String> {
+    fold_in(e, 0)
+}
+
+/// `fold`, `depth` levels in: past the tree bound nothing folds (a long `'a' + 'a' + …`).
+fn fold_in(e: &Expression, depth: usize) -> Option<String> {
+    if depth > MAX_TREE_DEPTH {
+        return None;
+    }
+    let fold = |e: &Expression| fold_in(e, depth + 1);
     match e {
         Expression::StringLiteral(s) => Some(s.value.to_string()),
         Expression::TemplateLiteral(t) if t.expressions.is_empty() => t
@@ -604,8 +634,17 @@ fn fold(e: &Expression) -> Option<String> {
 
 /// Whether a decoding call is inside `e` (for the message: code built at run time).
 fn decodes(e: &Expression) -> bool {
-    struct Finder(bool);
+    struct Finder(bool, usize);
     impl<'a> Visit<'a> for Finder {
+        fn visit_expression(&mut self, e: &Expression<'a>) {
+            // Past the tree bound the walk refuses the code anyway.
+            if self.1 < MAX_TREE_DEPTH && !self.0 {
+                self.1 += 1;
+                walk::walk_expression(self, e);
+                self.1 -= 1;
+            }
+        }
+
         fn visit_call_expression(&mut self, c: &CallExpression<'a>) {
             let name = match &c.callee {
                 Expression::Identifier(i) => Some(i.name.as_str()),
@@ -618,23 +657,34 @@ fn decodes(e: &Expression) -> bool {
             }
         }
     }
-    let mut f = Finder(false);
+    let mut f = Finder(false, 0);
     f.visit_expression(e);
     f.0
 }
 
 /// Whether `e` is text: a string, a template, or a concatenation with one.
 fn is_text(e: &Expression) -> bool {
-    match e {
-        Expression::StringLiteral(_) | Expression::TemplateLiteral(_) => true,
-        Expression::ParenthesizedExpression(p) => is_text(&p.expression),
-        Expression::BinaryExpression(b)
-            if b.operator == oxc_syntax::operator::BinaryOperator::Addition =>
-        {
-            is_text(&b.left) || is_text(&b.right)
+    let mut part = e;
+    for _ in 0..MAX_TREE_DEPTH {
+        match part {
+            Expression::StringLiteral(_) | Expression::TemplateLiteral(_) => return true,
+            Expression::ParenthesizedExpression(p) => part = &p.expression,
+            Expression::BinaryExpression(b)
+                if b.operator == oxc_syntax::operator::BinaryOperator::Addition =>
+            {
+                // `+` groups to the left: the text is the rightmost operand or further left.
+                if matches!(
+                    b.right,
+                    Expression::StringLiteral(_) | Expression::TemplateLiteral(_)
+                ) {
+                    return true;
+                }
+                part = &b.left;
+            }
+            _ => return false,
         }
-        _ => false,
     }
+    false
 }
 
 /// The first pass: what names stand for, bounded in depth like the second.
@@ -904,7 +954,7 @@ impl Checker<'_, '_, '_> {
         // Every property read along the chain (`obj.constructor.name` reads `constructor`).
         let mut properties = Vec::new();
         let mut part = e;
-        while let Some(name) = member_property(part) {
+        while let Some(name) = member_property(part).filter(|_| properties.len() < MAX_TREE_DEPTH) {
             properties.push(name);
             match member_object(part) {
                 Some(object) => part = object,
@@ -1046,15 +1096,19 @@ fn member_object<'x, 'a>(e: &'x Expression<'a>) -> Option<&'x Expression<'a>> {
 
 /// Whether `e` is only a name: identifiers, `.x` and `['x']`, nothing that runs.
 fn is_pure_name(e: &Expression) -> bool {
-    match e {
-        Expression::Identifier(_) => true,
-        Expression::StaticMemberExpression(m) => is_pure_name(&m.object),
-        Expression::ComputedMemberExpression(m) => {
-            fold(&m.expression).is_some() && is_pure_name(&m.object)
+    let mut part = e;
+    for _ in 0..MAX_TREE_DEPTH {
+        match part {
+            Expression::Identifier(_) => return true,
+            Expression::StaticMemberExpression(m) => part = &m.object,
+            Expression::ComputedMemberExpression(m) if fold(&m.expression).is_some() => {
+                part = &m.object
+            }
+            Expression::ParenthesizedExpression(p) => part = &p.expression,
+            _ => return false,
         }
-        Expression::ParenthesizedExpression(p) => is_pure_name(&p.expression),
-        _ => false,
     }
+    false
 }
 
 impl<'a> Visit<'a> for Checker<'_, '_, '_> {

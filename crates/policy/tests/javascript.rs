@@ -436,6 +436,33 @@ fn unreadable_deep_and_huge_code_is_refused() {
     refused(node_e("process", &deep), Rule::InputTooComplex);
     let huge = "1;".repeat(moat_policy::MAX_CODE_BYTES / 2 + 1);
     refused(node_e("process", &huge), Rule::InputTooLarge);
+    // Long flat shapes the parser builds without recursion, on the worker's stack: refused as
+    // too deep (or decided), never a crash, within the worker's deadline.
+    let long = std::thread::Builder::new()
+        .stack_size(256 << 20)
+        .spawn(|| {
+            let mut out = Vec::new();
+            for code in [
+                format!("a{}", ".b".repeat(200_000)),
+                format!("require('a'{})", " + 'a'".repeat(100_000)),
+                format!("eval(x{})", "[0]".repeat(100_000)),
+                format!("setTimeout(x{}, 1)", " + y".repeat(100_000)),
+            ] {
+                let t0 = std::time::Instant::now();
+                let d = node_e("process", &code);
+                out.push((code.len(), d, t0.elapsed()));
+            }
+            out
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    for (len, d, took) in long {
+        assert!(
+            d.allowed == d.findings.is_empty() && took < moat_policy::Bounds::default().deadline,
+            "{len} bytes: {took:?} {d:#?}"
+        );
+    }
     // Literal code in eval nests one level deeper each time; past the bound it is refused.
     let mut nested = "1".to_string();
     for _ in 0..10 {
