@@ -41,7 +41,10 @@ pub fn check(policy: &Policy, request: &CheckRequest) -> Decision {
         let total: usize = argv.iter().map(|a| a.len() + 1).sum();
         let line = argv.join(" ");
         if an.fits(total, &line) {
-            let args: Vec<Arg> = argv.iter().map(|a| Arg::literal(a, &line)).collect();
+            // One location for all the words: clipping the line again for each of 100,000
+            // arguments cost more than analysing them.
+            let loc = Loc::request(&line);
+            let args: Vec<Arg> = argv.iter().map(|a| Arg::literal(a, &loc)).collect();
             command::resolve(&mut an, &args, stdin, 0);
         }
     } else if let Some(code) = request.command.as_ref().or(request.shell.as_ref()) {

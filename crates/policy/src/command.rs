@@ -22,12 +22,12 @@ pub(crate) struct Arg {
 
 impl Arg {
     /// A word of an exec's argv: known exactly, no shell in between.
-    pub fn literal(value: &str, snippet: &str) -> Arg {
+    pub fn literal(value: &str, loc: &Loc) -> Arg {
         Arg {
             value: Some(value.to_string()),
             raw: value.to_string(),
             quoted: false,
-            loc: Loc::request(snippet),
+            loc: loc.clone(),
         }
     }
 }

@@ -18,12 +18,12 @@ javascript:
   deny: [process, dynamic-code, native, network, reflection]
 ";
 
-/// The fastest of three runs: the least disturbed by other work on the machine.
+/// The fastest of five runs: the least disturbed by other work on the machine.
 fn timed(request: &CheckRequest) -> (Duration, Decision) {
     let policy = Policy::parse(POLICY).unwrap();
     let mut best = Duration::MAX;
     let mut decision = None;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let t0 = Instant::now();
         let d = check(&policy, request);
         best = best.min(t0.elapsed());
@@ -40,7 +40,8 @@ fn command(text: String) -> CheckRequest {
 }
 
 /// Checks the shape at `n` and `10 n` words: both allowed without findings, the larger within
-/// the worker's deadline and at most 20× the smaller (linear: 10×; quadratic: 100×).
+/// the worker's deadline and at most 30× the smaller (linear: 10×; quadratic: 100×; before the
+/// fix, 60×: 0.25 s and 15.2 s in a debug build). The slack is for a loaded machine.
 #[track_caller]
 fn linear(what: &str, make: impl Fn(usize) -> CheckRequest) {
     let (small, d) = timed(&make(10_000));
@@ -54,7 +55,7 @@ fn linear(what: &str, make: impl Fn(usize) -> CheckRequest) {
         "{what}: {large:?}, over the worker's {deadline:?}"
     );
     assert!(
-        large < small * 20 + Duration::from_millis(20),
+        large < small * 30 + Duration::from_millis(50),
         "{what}: not linear: {small:?} for 10,000 words, {large:?} for 100,000"
     );
 }
