@@ -48,15 +48,23 @@ fn files(dir: &str) -> Vec<(String, String)> {
     out
 }
 
-/// The exec that runs refused corpus file `name`: Python with `python3 -c`, shell as a command
-/// line. `marker` is a file the request creates first when it runs (a shell `touch`, a Python
-/// `open`), so a refused request can be shown not to have run and an audited one to have run.
-/// Python gets `exit` on stdin, so the interactive ones (`pty.spawn`, `code.interact`,
-/// `pdb.run`) end when they run; stdin is not code for `python3 -c`.
+/// `text` as one shell word.
+fn sh_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+/// The exec that runs refused corpus file `name`: Python with `python3 -c`, JavaScript with
+/// `node -e` in a command line, shell as a command line. `marker` is a file the request creates
+/// first when it runs (a shell `touch`, a Python `open`), so a refused request can be shown not
+/// to have run and an audited one to have run (JavaScript's `touch` runs even where the image
+/// has no node). Python gets `exit` on stdin, so the interactive ones (`pty.spawn`,
+/// `code.interact`, `pdb.run`) end when they run; stdin is not code for `python3 -c`.
 fn exec_body(name: &str, code: &str, marker: &str) -> Value {
     if name.ends_with(".py") {
         json!({"argv": ["python3", "-c", format!("open({marker:?}, 'w').close()\n{code}")],
                "stdin": "exit\n", "timeout_s": 30})
+    } else if name.ends_with(".js") {
+        json!({"command": format!("touch {marker}; node -e {}", sh_quote(code)), "timeout_s": 30})
     } else {
         json!({"command": format!("touch {marker}; {code}"), "timeout_s": 30})
     }
@@ -64,13 +72,16 @@ fn exec_body(name: &str, code: &str, marker: &str) -> Value {
 
 /// The exec that runs passing corpus file `name` as it is, in `/tmp/work` (where [`FIXTURES`]
 /// are): Python as the program on stdin (`python3 - --epochs 3`, so `__file__` and `sys.argv` are
-/// a script's), except `json_stdin.py`, which reads JSON on stdin and is `python3 -c`; shell
+/// a script's), except `json_stdin.py`, which reads JSON on stdin and is `python3 -c`;
+/// JavaScript as `node -e` in a command line (so a missing node is the shell's exit 127); shell
 /// as a command line.
 fn pass_body(name: &str, code: &str) -> Value {
     let mut body = if name == "json_stdin.py" {
         json!({"argv": ["python3", "-c", code], "stdin": "{\"a\": [1, 2], \"b\": \"xyz\"}"})
     } else if name.ends_with(".py") {
         json!({"argv": ["python3", "-", "--epochs", "3"], "stdin": code})
+    } else if name.ends_with(".js") {
+        json!({"command": format!("node -e {}", sh_quote(code))})
     } else {
         json!({"command": code})
     };
@@ -104,6 +115,12 @@ const NEEDS_MODULE: &[(&str, &str)] = &[
     ("sklearn_fit.py", "sklearn"),
 ];
 const NEEDS_PY312: &[&str] = &["fstring_nested_312.py", "type_alias_312.py"];
+
+/// Passing snippets that run node, which the base image lacks: allowed, and the guest's shell
+/// then finds no node (exit 127), which the test checks; where the image has node they run.
+fn needs_node(name: &str) -> bool {
+    name.ends_with(".js") || name.starts_with("node_")
+}
 
 /// The corpus policy (every Python family denied, an allow list of tools, network tools
 /// denied) with `touch` allowed for the markers, in `mode`.
@@ -325,6 +342,7 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
         .await
         .parse()
         .unwrap();
+    let has_node = d.sh("gov", &id, "command -v node || echo none").await != "none";
     let (st, v) = d
         .call(
             Some(ADMIN),
@@ -339,10 +357,10 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
     let refuse = files("refuse");
     assert!(refuse.len() >= 40);
     let expected = |code: &str| -> String {
-        code.lines()
-            .next()
-            .unwrap()
+        let first = code.lines().next().unwrap();
+        first
             .strip_prefix("# expect: ")
+            .or_else(|| first.strip_prefix("// expect: "))
             .unwrap()
             .to_string()
     };
@@ -377,9 +395,14 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
         json!(["python3"]),
         json!(["python3", "-"]),
         json!(["sh", "-s"]),
+        json!(["node"]),
+        json!(["node", "-"]),
     ] {
         let code = if argv[0] == "sh" {
             "touch /tmp/refused-stdin-sh; curl -s x"
+        } else if argv[0] == "node" {
+            "require('fs').writeFileSync('/tmp/refused-stdin-js', '')\n\
+             require('child_process').execSync('id')\n"
         } else {
             "open('/tmp/refused-stdin-py', 'w')\nimport os\nos.system('id')\n"
         };
@@ -393,13 +416,33 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
             .await;
         gated += 1;
         assert_eq!(st, 403, "{argv}: {e}");
-        let rule = if argv[0] == "sh" {
-            "command.denied"
-        } else {
-            "python.process"
+        let rule = match argv[0].as_str() {
+            Some("sh") => "command.denied",
+            Some("node") => "javascript.process",
+            _ => "python.process",
         };
         assert_eq!(e["error"]["findings"][0]["rule"], rule, "{argv}: {e}");
     }
+    // node's inline code, as an exec's argv: refused before the VM with the finding's place.
+    let (st, e) = d
+        .exec(
+            ADMIN,
+            "gov",
+            &id,
+            json!({"argv": ["node", "-e",
+                "const { execSync: run } = require('node:child_process');\n\
+                 run('touch /tmp/refused-node-e')"], "timeout_s": 30}),
+        )
+        .await;
+    gated += 1;
+    assert_eq!(st, 403, "{e}");
+    let finding = &e["error"]["findings"][0];
+    assert_eq!(finding["rule"], "javascript.process", "{e}");
+    assert_eq!(
+        (&finding["line"], &finding["column"]),
+        (&json!(1), &json!(9)),
+        "{e}"
+    );
     // Nothing refused reached the VM.
     let left = d.sh("gov", &id, "ls /tmp").await;
     assert!(
@@ -421,6 +464,11 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
             assert!(
                 r["exit_code"] == 1 && stderr.contains(&format!("No module named '{module}'")),
                 "{name} ran, and only the missing {module} stopped it: {r}"
+            );
+        } else if needs_node(name) && !has_node {
+            assert!(
+                r["exit_code"] == 127 && stderr.contains("not found"),
+                "{name} ran, and only the image's missing node stopped it: {r}"
             );
         } else if NEEDS_PY312.contains(&name.as_str()) && py_minor < 12 {
             assert!(

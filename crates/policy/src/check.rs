@@ -5,7 +5,7 @@
 
 use crate::command::{self, Arg, Stdin};
 use crate::decision::{Decision, Finding, Loc, Rule};
-use crate::policy::{is_env_name, CommandVerdict, Family, Mode, Policy};
+use crate::policy::{is_env_name, CommandVerdict, Family, Language, Mode, Policy};
 use crate::request::CheckRequest;
 use crate::{python, shell};
 
@@ -41,7 +41,10 @@ pub fn check(policy: &Policy, request: &CheckRequest) -> Decision {
         let total: usize = argv.iter().map(|a| a.len() + 1).sum();
         let line = argv.join(" ");
         if an.fits(total, &line) {
-            let args: Vec<Arg> = argv.iter().map(|a| Arg::literal(a, &line)).collect();
+            // One location for all the words: clipping the line again for each of 100,000
+            // arguments cost more than analysing them.
+            let loc = Loc::request(&line);
+            let args: Vec<Arg> = argv.iter().map(|a| Arg::literal(a, &loc)).collect();
             command::resolve(&mut an, &args, stdin, 0);
         }
     } else if let Some(code) = request.command.as_ref().or(request.shell.as_ref()) {
@@ -124,23 +127,30 @@ impl<'p> Analysis<'p> {
         }
     }
 
-    /// Python code that can do what any of `families` names; a finding when the policy denies
-    /// one of them, reported under the first denied one in the order given (its main family
-    /// first).
-    pub fn python(&mut self, families: &[Family], message: &str, loc: Loc) {
-        if let Some(family) = families
-            .iter()
-            .find(|f| self.policy.python.deny.contains(f))
-        {
-            self.finding(Rule::for_family(*family), message, loc);
+    /// Code in `language` that can do what any of `families` names; a finding when the policy
+    /// denies one of them, reported under the first denied one in the order given (its main
+    /// family first). `loc` is only worked out for a finding that is recorded.
+    pub fn code(
+        &mut self,
+        language: Language,
+        families: &[Family],
+        message: &str,
+        loc: impl FnOnce() -> Loc,
+    ) {
+        let denied = self.policy.denied(language);
+        if let Some(family) = families.iter().find(|f| denied.contains(f)) {
+            if self.findings.len() < MAX_FINDINGS {
+                let rule = Rule::for_family(language, *family);
+                self.finding(rule, message, loc());
+            }
         }
     }
 
-    /// Python the analyser cannot read; refused whenever any Python family is denied, since
-    /// the analyser cannot say it is free of them.
-    pub fn python_unparseable(&mut self, message: String, loc: Loc) {
-        if !self.policy.python.deny.is_empty() {
-            self.finding(Rule::PythonUnparseable, message, loc);
+    /// Code the analyser cannot read; refused whenever any family of its language is denied,
+    /// since the analyser cannot say it is free of them.
+    pub fn unparseable(&mut self, language: Language, message: String, loc: Loc) {
+        if !self.policy.denied(language).is_empty() {
+            self.finding(Rule::unparseable(language), message, loc);
         }
     }
 

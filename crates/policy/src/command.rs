@@ -7,7 +7,7 @@
 use crate::check::Analysis;
 use crate::decision::{Loc, Rule};
 use crate::policy::basename;
-use crate::{python, shell};
+use crate::{javascript, python, shell};
 
 /// One word of a command: its value when it is known before the command runs (None after an
 /// expansion, a substitution or a glob), whether quoting or escapes were used in it, and where
@@ -22,12 +22,12 @@ pub(crate) struct Arg {
 
 impl Arg {
     /// A word of an exec's argv: known exactly, no shell in between.
-    pub fn literal(value: &str, snippet: &str) -> Arg {
+    pub fn literal(value: &str, loc: &Loc) -> Arg {
         Arg {
             value: Some(value.to_string()),
             raw: value.to_string(),
             quoted: false,
-            loc: Loc::request(snippet),
+            loc: loc.clone(),
         }
     }
 }
@@ -161,6 +161,10 @@ pub(crate) fn resolve(an: &mut Analysis, args: &[Arg], stdin: Stdin, depth: usiz
             }
             base if is_python(base) => {
                 python_invocation(an, name, rest, &stdin, depth);
+                Next::Done
+            }
+            base if is_node(base) => {
+                node_invocation(an, name, rest, &stdin, depth);
                 Next::Done
             }
             _ => Next::Done,
@@ -575,6 +579,226 @@ fn python_invocation(an: &mut Analysis, program: &str, rest: &[Arg], stdin: &Std
         i += 1;
     }
     code_on_stdin(an, program, stdin, depth, python::analyse_stdin);
+}
+
+fn is_node(base: &str) -> bool {
+    let version = base
+        .strip_prefix("nodejs")
+        .or_else(|| base.strip_prefix("node"));
+    version.is_some_and(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+}
+
+/// node's options that take a value (as `--opt VALUE` or `--opt=VALUE`), other than the code
+/// and module ones handled on their own. An option not listed here and not in [`NODE_FLAGS`]
+/// makes the command unresolved when a word follows it that it could take as its value.
+const NODE_VALUE_OPTIONS: &[&str] = &[
+    "-C",
+    "--conditions",
+    "--cpu-prof-dir",
+    "--cpu-prof-interval",
+    "--cpu-prof-name",
+    "--diagnostic-dir",
+    "--disable-warning",
+    "--dns-result-order",
+    "--env-file",
+    "--env-file-if-exists",
+    "--es-module-specifier-resolution",
+    "--experimental-config-file",
+    "--experimental-default-type",
+    "--experimental-policy",
+    "--experimental-sea-config",
+    "--heap-prof-dir",
+    "--heap-prof-interval",
+    "--heap-prof-name",
+    "--heapsnapshot-near-heap-limit",
+    "--heapsnapshot-signal",
+    "--icu-data-dir",
+    "--input-type",
+    "--inspect-port",
+    "--debug-port",
+    "--localstorage-file",
+    "--max-http-header-size",
+    "--openssl-config",
+    "--policy-integrity",
+    "--redirect-warnings",
+    "--report-dir",
+    "--report-directory",
+    "--report-filename",
+    "--report-signal",
+    "--secure-heap",
+    "--secure-heap-min",
+    "--snapshot-blob",
+    "--test-concurrency",
+    "--test-name-pattern",
+    "--test-reporter",
+    "--test-reporter-destination",
+    "--test-shard",
+    "--test-skip-pattern",
+    "--test-timeout",
+    "--title",
+    "--tls-cipher-list",
+    "--tls-keylog",
+    "--trace-event-categories",
+    "--trace-event-file-pattern",
+    "--unhandled-rejections",
+    "--use-largepages",
+    "--watch-path",
+    "--stack-size",
+    "--max-old-space-size",
+    "--max-semi-space-size",
+];
+
+/// node's common options that take no value.
+const NODE_FLAGS: &[&str] = &[
+    "-v",
+    "--version",
+    "-h",
+    "--help",
+    "-c",
+    "--check",
+    "-i",
+    "--interactive",
+    "--abort-on-uncaught-exception",
+    "--enable-source-maps",
+    "--expose-gc",
+    "--frozen-intrinsics",
+    "--inspect",
+    "--inspect-brk",
+    "--inspect-wait",
+    "--jitless",
+    "--pending-deprecation",
+    "--preserve-symlinks",
+    "--preserve-symlinks-main",
+    "--prof",
+    "--cpu-prof",
+    "--heap-prof",
+    "--test",
+    "--throw-deprecation",
+    "--trace-deprecation",
+    "--trace-exit",
+    "--trace-sigint",
+    "--trace-sync-io",
+    "--trace-uncaught",
+    "--trace-warnings",
+    "--watch",
+    "--zero-fill-buffers",
+    "--experimental-vm-modules",
+    "--experimental-strip-types",
+    "--experimental-transform-types",
+    "--experimental-detect-module",
+    "--experimental-require-module",
+    "--experimental-wasm-modules",
+    "--experimental-websocket",
+    "--experimental-sqlite",
+    "--experimental-eventsource",
+    "--experimental-permission",
+    "--permission",
+    "--allow-child-process",
+    "--allow-worker",
+    "--allow-addons",
+    "--allow-wasi",
+    "--use-openssl-ca",
+    "--use-bundled-ca",
+    "--openssl-legacy-provider",
+    "--insecure-http-parser",
+    "--report-on-signal",
+    "--report-uncaught-exception",
+    "--report-on-fatalerror",
+    "--report-compact",
+];
+
+/// `node -e CODE`, `node -p CODE`, `node -r MODULE`/`--import MODULE`, node reading its program
+/// from stdin (`node`, `node -`, `node -i`), or `node FILE`.
+fn node_invocation(an: &mut Analysis, program: &str, rest: &[Arg], stdin: &Stdin, depth: usize) {
+    let mut i = 0;
+    while i < rest.len() {
+        let arg = &rest[i];
+        let Some(v) = arg.value.as_deref() else {
+            an.finding(
+                Rule::ShellDynamic,
+                format!(
+                    "{program} is given `{}`, which is only known when it runs",
+                    arg.raw
+                ),
+                arg.loc.clone(),
+            );
+            return;
+        };
+        if v == "-" {
+            break;
+        }
+        if v == "--" || !v.starts_with('-') || v.len() == 1 {
+            return; // a script file (after `--`, the next word is one)
+        }
+        // node spells options with `_` or `-` alike.
+        let (name, attached) = match v.split_once('=') {
+            Some((n, a)) if n.starts_with("--") => (n.replace('_', "-"), Some(a)),
+            _ if v.starts_with("--") => (v.replace('_', "-"), None),
+            _ => (v.to_string(), None),
+        };
+        // The value of an option: attached, or the next word.
+        let value = |i: usize| -> (Option<String>, &Arg, usize) {
+            match attached {
+                Some(a) => (Some(a.to_string()), arg, 1),
+                None => match rest.get(i + 1) {
+                    Some(next) => (next.value.clone(), next, 2),
+                    None => (None, arg, 1),
+                },
+            }
+        };
+        match name.as_str() {
+            "-e" | "--eval" | "-p" | "--print" | "-pe" | "-ep" => {
+                let (code, at, _) = value(i);
+                match code {
+                    Some(code) => javascript::analyse(an, &code, depth + 1),
+                    None if !std::ptr::eq(at, arg) => an.finding(
+                        Rule::ShellDynamic,
+                        format!(
+                            "{program} {v} is given `{}`, which is only known when it runs",
+                            at.raw
+                        ),
+                        at.loc.clone(),
+                    ),
+                    None => {}
+                }
+                return;
+            }
+            "-r" | "--require" | "--import" | "--loader" | "--experimental-loader" => {
+                let (module, at, step) = value(i);
+                match module {
+                    Some(m) => javascript::analyse_preload(an, &m, &at.loc),
+                    None => {
+                        return unresolved_arg(an, program, at);
+                    }
+                }
+                i += step;
+            }
+            n if NODE_VALUE_OPTIONS.contains(&n) => i += value(i).2,
+            n if attached.is_some() || NODE_FLAGS.contains(&n) || n.starts_with("--no-") => i += 1,
+            n if n.starts_with("--") => {
+                // Unknown: harmless as a flag, but if it took a value node would read the next
+                // word as one, and what follows as the program: only a following option is safe.
+                match rest.get(i + 1).and_then(|a| a.value.as_deref()) {
+                    Some(next) if next.starts_with('-') && next.len() > 1 => i += 1,
+                    None if i + 1 == rest.len() => i += 1,
+                    _ => return unresolved_arg(an, program, arg),
+                }
+            }
+            _ => return unresolved_arg(an, program, arg),
+        }
+    }
+    code_on_stdin(an, program, stdin, depth, javascript::analyse_stdin);
+}
+
+fn unresolved_arg(an: &mut Analysis, program: &str, arg: &Arg) {
+    an.finding(
+        Rule::CommandUnresolved,
+        format!(
+            "cannot tell what {program} runs: `{}` is an option the analyser does not know",
+            arg.raw
+        ),
+        arg.loc.clone(),
+    );
 }
 
 fn code_on_stdin(

@@ -1,11 +1,12 @@
 //! The answer to a check: allowed or not, under which mode, and the findings that say why, each
 //! with a stable rule id (documented in docs/POLICY.md; ids are only ever added).
 
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Family, Mode};
+use crate::policy::{Family, Language, Mode};
 
 /// Every rule a finding can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -33,6 +34,18 @@ pub enum Rule {
     PythonReflection,
     #[serde(rename = "python.unparseable")]
     PythonUnparseable,
+    #[serde(rename = "javascript.process")]
+    JavascriptProcess,
+    #[serde(rename = "javascript.dynamic-code")]
+    JavascriptDynamicCode,
+    #[serde(rename = "javascript.native")]
+    JavascriptNative,
+    #[serde(rename = "javascript.network")]
+    JavascriptNetwork,
+    #[serde(rename = "javascript.reflection")]
+    JavascriptReflection,
+    #[serde(rename = "javascript.unparseable")]
+    JavascriptUnparseable,
     #[serde(rename = "limits.timeout")]
     LimitsTimeout,
     #[serde(rename = "limits.env")]
@@ -52,7 +65,7 @@ pub enum Rule {
 }
 
 impl Rule {
-    pub const ALL: [Rule; 19] = [
+    pub const ALL: [Rule; 25] = [
         Rule::CommandDenied,
         Rule::CommandNotAllowed,
         Rule::CommandUnresolved,
@@ -64,6 +77,12 @@ impl Rule {
         Rule::PythonNetwork,
         Rule::PythonReflection,
         Rule::PythonUnparseable,
+        Rule::JavascriptProcess,
+        Rule::JavascriptDynamicCode,
+        Rule::JavascriptNative,
+        Rule::JavascriptNetwork,
+        Rule::JavascriptReflection,
+        Rule::JavascriptUnparseable,
         Rule::LimitsTimeout,
         Rule::LimitsEnv,
         Rule::LimitsUser,
@@ -87,6 +106,12 @@ impl Rule {
             Rule::PythonNetwork => "python.network",
             Rule::PythonReflection => "python.reflection",
             Rule::PythonUnparseable => "python.unparseable",
+            Rule::JavascriptProcess => "javascript.process",
+            Rule::JavascriptDynamicCode => "javascript.dynamic-code",
+            Rule::JavascriptNative => "javascript.native",
+            Rule::JavascriptNetwork => "javascript.network",
+            Rule::JavascriptReflection => "javascript.reflection",
+            Rule::JavascriptUnparseable => "javascript.unparseable",
             Rule::LimitsTimeout => "limits.timeout",
             Rule::LimitsEnv => "limits.env",
             Rule::LimitsUser => "limits.user",
@@ -98,13 +123,25 @@ impl Rule {
         }
     }
 
-    pub(crate) fn for_family(family: Family) -> Rule {
-        match family {
-            Family::Process => Rule::PythonProcess,
-            Family::DynamicCode => Rule::PythonDynamicCode,
-            Family::Native => Rule::PythonNative,
-            Family::Network => Rule::PythonNetwork,
-            Family::Reflection => Rule::PythonReflection,
+    pub(crate) fn for_family(language: Language, family: Family) -> Rule {
+        match (language, family) {
+            (Language::Python, Family::Process) => Rule::PythonProcess,
+            (Language::Python, Family::DynamicCode) => Rule::PythonDynamicCode,
+            (Language::Python, Family::Native) => Rule::PythonNative,
+            (Language::Python, Family::Network) => Rule::PythonNetwork,
+            (Language::Python, Family::Reflection) => Rule::PythonReflection,
+            (Language::Javascript, Family::Process) => Rule::JavascriptProcess,
+            (Language::Javascript, Family::DynamicCode) => Rule::JavascriptDynamicCode,
+            (Language::Javascript, Family::Native) => Rule::JavascriptNative,
+            (Language::Javascript, Family::Network) => Rule::JavascriptNetwork,
+            (Language::Javascript, Family::Reflection) => Rule::JavascriptReflection,
+        }
+    }
+
+    pub(crate) fn unparseable(language: Language) -> Rule {
+        match language {
+            Language::Python => Rule::PythonUnparseable,
+            Language::Javascript => Rule::JavascriptUnparseable,
         }
     }
 }
@@ -125,36 +162,6 @@ pub(crate) struct Loc {
 }
 
 impl Loc {
-    /// The position of byte `offset` in `source`, with that line (clipped) as the snippet.
-    pub fn at(source: &str, offset: usize) -> Loc {
-        let offset = offset.min(source.len());
-        let offset = (0..=offset)
-            .rev()
-            .find(|i| source.is_char_boundary(*i))
-            .unwrap_or(0);
-        let line_start = source[..offset].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = source[offset..]
-            .find('\n')
-            .map_or(source.len(), |i| offset + i);
-        let line = source[..line_start].matches('\n').count() + 1;
-        let column = source[line_start..offset].chars().count() + 1;
-        Loc {
-            line: Some(u32::try_from(line).unwrap_or(u32::MAX)),
-            column: Some(u32::try_from(column).unwrap_or(u32::MAX)),
-            snippet: clip(source[line_start..line_end].trim_end(), SNIPPET_CHARS),
-        }
-    }
-
-    /// 1-based `line` and `column` as a parser reports them, with that line as the snippet.
-    pub fn line_col(source: &str, line: usize, column: usize) -> Loc {
-        let text = source.lines().nth(line.saturating_sub(1)).unwrap_or("");
-        Loc {
-            line: Some(u32::try_from(line).unwrap_or(u32::MAX)),
-            column: Some(u32::try_from(column).unwrap_or(u32::MAX)),
-            snippet: clip(text.trim_end(), SNIPPET_CHARS),
-        }
-    }
-
     /// A finding about the request, with a snippet of what was asked.
     pub fn request(snippet: &str) -> Loc {
         Loc {
@@ -165,11 +172,70 @@ impl Loc {
     }
 }
 
+/// The lines of one piece of code, indexed once, so that locating many findings or words in it
+/// costs each only its own position: finding line N by scanning from the start made the shell
+/// walk quadratic in the words of a long one-line command (every word has a location).
+pub(crate) struct Lines<'s> {
+    src: &'s str,
+    /// Byte offset of the start of each line.
+    starts: Vec<usize>,
+    /// Each line's snippet, made once: a line is as long as the whole code at worst.
+    snippets: HashMap<usize, String>,
+}
+
+impl<'s> Lines<'s> {
+    pub fn new(src: &'s str) -> Lines<'s> {
+        let starts = std::iter::once(0)
+            .chain(src.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Lines {
+            src,
+            starts,
+            snippets: HashMap::new(),
+        }
+    }
+
+    fn snippet(&mut self, index: usize) -> String {
+        let (src, starts) = (self.src, &self.starts);
+        self.snippets
+            .entry(index)
+            .or_insert_with(|| {
+                let start = starts.get(index).copied().unwrap_or(src.len());
+                let end = starts.get(index + 1).map_or(src.len(), |next| next - 1);
+                clip(src[start..end].trim_end(), SNIPPET_CHARS)
+            })
+            .clone()
+    }
+
+    /// The position of byte `offset` (clamped into the code), with its line as the snippet.
+    pub fn at(&mut self, offset: usize) -> Loc {
+        let mut offset = offset.min(self.src.len());
+        while !self.src.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let index = self.starts.partition_point(|s| *s <= offset) - 1;
+        let column = self.src[self.starts[index]..offset].chars().count() + 1;
+        self.line_col(index + 1, column)
+    }
+
+    /// 1-based `line` and `column` as a parser reports them, with that line as the snippet.
+    pub fn line_col(&mut self, line: usize, column: usize) -> Loc {
+        Loc {
+            line: Some(u32::try_from(line).unwrap_or(u32::MAX)),
+            column: Some(u32::try_from(column).unwrap_or(u32::MAX)),
+            snippet: self.snippet(line.saturating_sub(1)),
+        }
+    }
+}
+
 /// Snippets are for people reading a refusal; long lines are cut.
 const SNIPPET_CHARS: usize = 160;
 
+/// `text`, or its first `max_chars - 1` characters and '…'. Reads at most `max_chars`
+/// characters, whatever the length of `text`: an exec's 100,000 arguments share one snippet of
+/// their joined line, clipped once for each.
 pub(crate) fn clip(text: &str, max_chars: usize) -> String {
-    if text.chars().count() <= max_chars {
+    if text.char_indices().nth(max_chars).is_none() {
         return text.to_string();
     }
     let mut out: String = text.chars().take(max_chars - 1).collect();
@@ -240,10 +306,19 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", rule.id()));
             assert_eq!(serde_json::from_str::<Rule>(&json).unwrap(), rule);
         }
-        for family in Family::ALL {
+        for (language, name) in [
+            (Language::Python, "python"),
+            (Language::Javascript, "javascript"),
+        ] {
+            for family in Family::ALL {
+                assert_eq!(
+                    Rule::for_family(language, family).id(),
+                    format!("{name}.{}", family.as_str())
+                );
+            }
             assert_eq!(
-                Rule::for_family(family).id(),
-                format!("python.{}", family.as_str())
+                Rule::unparseable(language).id(),
+                format!("{name}.unparseable")
             );
         }
     }
@@ -251,10 +326,17 @@ mod tests {
     #[test]
     fn locations_are_one_based_in_characters() {
         let src = "x = 1\nπ = os.system('id')\n";
-        let loc = Loc::at(src, src.find("os").unwrap());
+        let mut lines = Lines::new(src);
+        let loc = lines.at(src.find("os").unwrap());
         assert_eq!((loc.line, loc.column), (Some(2), Some(5)));
         assert_eq!(loc.snippet, "π = os.system('id')");
-        assert_eq!(Loc::at("", 10).line, Some(1));
+        assert_eq!(lines.line_col(1, 3).snippet, "x = 1");
+        assert_eq!(lines.at(src.len() + 10).line, Some(3));
+        assert_eq!(Lines::new("").at(10).line, Some(1));
+        let long = format!("{}  \n", "é".repeat(500));
+        let snippet = Lines::new(&long).at(700).snippet;
+        assert_eq!(snippet.chars().count(), SNIPPET_CHARS);
+        assert!(snippet.ends_with('…'));
     }
 
     #[test]

@@ -44,7 +44,8 @@ impl fmt::Display for Mode {
     }
 }
 
-/// A family of Python findings that `python.deny` can refuse.
+/// A family of findings in code (Python, JavaScript) that `python.deny` and `javascript.deny`
+/// can refuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
@@ -96,13 +97,21 @@ pub struct Commands {
     pub deny: Vec<String>,
 }
 
-/// `python`: which families of findings in Python code are refused.
+/// `python`, `javascript`: which families of findings in one language's code are refused.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
-pub struct PythonPolicy {
+pub struct CodePolicy {
     #[serde(default)]
     pub deny: BTreeSet<Family>,
+}
+
+/// A language whose code the policy analyses: each has its own `deny` list and rule ids
+/// (`python.process`, `javascript.process`), over the same families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Language {
+    Python,
+    Javascript,
 }
 
 /// `limits`: bounds on the request itself.
@@ -147,7 +156,10 @@ pub struct Policy {
     #[serde(default)]
     pub commands: Commands,
     #[serde(default)]
-    pub python: PythonPolicy,
+    pub python: CodePolicy,
+    /// Inline JavaScript (`node -e`, `node -p`, code on node's stdin).
+    #[serde(default, skip_serializing_if = "CodePolicy::is_empty")]
+    pub javascript: CodePolicy,
     #[serde(default)]
     pub limits: Limits,
     /// Also check files uploaded to a sandbox whose names end in `.py` (as Python) or `.sh`
@@ -156,6 +168,22 @@ pub struct Policy {
     pub scan_uploads: bool,
     #[serde(default)]
     pub tests: Tests,
+}
+
+impl CodePolicy {
+    fn is_empty(&self) -> bool {
+        self.deny.is_empty()
+    }
+}
+
+impl Policy {
+    /// The families denied in `language`'s code.
+    pub(crate) fn denied(&self, language: Language) -> &BTreeSet<Family> {
+        match language {
+            Language::Python => &self.python.deny,
+            Language::Javascript => &self.javascript.deny,
+        }
+    }
 }
 
 /// How `commands` judges one program.

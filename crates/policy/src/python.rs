@@ -20,8 +20,8 @@ use ruff_text_size::Ranged;
 
 use crate::check::Analysis;
 use crate::command::Stdin;
-use crate::decision::{Loc, Rule};
-use crate::policy::Family;
+use crate::decision::{Lines, Loc, Rule};
+use crate::policy::{Family, Language};
 
 use Family::{DynamicCode, Native, Network, Process, Reflection};
 
@@ -245,9 +245,10 @@ pub(crate) fn analyse(an: &mut Analysis, code: &str, depth: usize) {
     let parsed = match ruff_python_parser::parse_module(code) {
         Ok(parsed) => parsed,
         Err(e) => {
-            an.python_unparseable(
+            an.unparseable(
+                Language::Python,
                 format!("Python the analyser cannot parse: {}", e.error),
-                Loc::at(code, e.location.start().to_usize()),
+                Lines::new(code).at(e.location.start().to_usize()),
             );
             return;
         }
@@ -264,7 +265,7 @@ pub(crate) fn analyse(an: &mut Analysis, code: &str, depth: usize) {
     }
     let mut checker = Checker {
         an,
-        src: code,
+        lines: Lines::new(code),
         names: &names,
         depth,
         tree_depth: 0,
@@ -285,18 +286,23 @@ pub(crate) fn analyse_module(an: &mut Analysis, module: &str, loc: &Loc) {
             .split('.')
             .all(|p| !p.is_empty() && p.chars().all(|c| c == '_' || c.is_alphanumeric()));
     if !valid {
-        an.python_unparseable(format!("{module:?} is not a module name"), loc.clone());
+        an.unparseable(
+            Language::Python,
+            format!("{module:?} is not a module name"),
+            loc.clone(),
+        );
         return;
     }
     let families = families_of(module);
     if !families.is_empty() {
-        an.python(
+        an.code(
+            Language::Python,
             &families,
             &format!(
                 "python -m {module} runs a module that {}",
                 describe(&families)
             ),
-            loc.clone(),
+            || loc.clone(),
         );
     }
 }
@@ -590,7 +596,7 @@ impl<'a> Visitor<'a> for Binder<'_> {
 
 struct Checker<'s, 'b, 'p> {
     an: &'b mut Analysis<'p>,
-    src: &'s str,
+    lines: Lines<'s>,
     names: &'s Names,
     /// Nesting of code in code (an `exec` of a literal is analysed one level deeper).
     depth: usize,
@@ -599,13 +605,15 @@ struct Checker<'s, 'b, 'p> {
 }
 
 impl Checker<'_, '_, '_> {
-    fn loc(&self, node: &impl Ranged) -> Loc {
-        Loc::at(self.src, node.start().to_usize())
+    fn loc(&mut self, node: &impl Ranged) -> Loc {
+        self.lines.at(node.start().to_usize())
     }
 
     fn report(&mut self, families: &[Family], message: &str, node: &impl Ranged) {
-        let loc = self.loc(node);
-        self.an.python(families, message, loc);
+        let lines = &mut self.lines;
+        self.an.code(Language::Python, families, message, || {
+            lines.at(node.start().to_usize())
+        });
     }
 
     /// A use of a resolved name that is in a family.

@@ -14,7 +14,7 @@ use brush_parser::ParserOptions;
 
 use crate::check::Analysis;
 use crate::command::{self, Arg, Stdin};
-use crate::decision::{Loc, Rule};
+use crate::decision::{Lines, Loc, Rule};
 
 /// brush-parser backtracks on `(` it cannot close: its time doubles with each one (22 take
 /// 0.3 s, 26 take 5 s on the development machine; found by tests/mutations.rs). A string with
@@ -65,7 +65,7 @@ pub(crate) fn analyse(an: &mut Analysis, code: &str, stdin: Stdin, depth: usize)
         Ok(program) => {
             let mut walker = Walker {
                 an,
-                src: code,
+                lines: Lines::new(code),
                 options,
                 depth,
             };
@@ -75,10 +75,12 @@ pub(crate) fn analyse(an: &mut Analysis, code: &str, stdin: Stdin, depth: usize)
         }
         Err(e) => {
             let loc = match &e {
-                brush_parser::ParseError::ParsingNear(p) => Loc::line_col(code, p.line, p.column),
+                brush_parser::ParseError::ParsingNear(p) => {
+                    Lines::new(code).line_col(p.line, p.column)
+                }
                 brush_parser::ParseError::Tokenizing {
                     position: Some(p), ..
-                } => Loc::line_col(code, p.line, p.column),
+                } => Lines::new(code).line_col(p.line, p.column),
                 _ => Loc::request(code),
             };
             an.finding(
@@ -92,7 +94,7 @@ pub(crate) fn analyse(an: &mut Analysis, code: &str, stdin: Stdin, depth: usize)
 
 struct Walker<'a, 'b, 'p> {
     an: &'b mut Analysis<'p>,
-    src: &'a str,
+    lines: Lines<'a>,
     options: ParserOptions,
     depth: usize,
 }
@@ -342,9 +344,9 @@ impl Walker<'_, '_, '_> {
         }
     }
 
-    fn loc(&self, w: &ast::Word) -> Loc {
+    fn loc(&mut self, w: &ast::Word) -> Loc {
         match &w.loc {
-            Some(span) => Loc::line_col(self.src, span.start.line, span.start.column),
+            Some(span) => self.lines.line_col(span.start.line, span.start.column),
             None => Loc::request(&w.value),
         }
     }

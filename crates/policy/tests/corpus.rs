@@ -1,7 +1,7 @@
 //! The corpus: every file under `tests/corpus/refuse` must be refused by `tests/corpus/policy.yaml`
 //! with the rule its first line names (`# expect: RULE`), and every file under
 //! `tests/corpus/pass` must be allowed with no finding at all. `.py` files are checked as
-//! Python, `.sh` files as a shell command line. Also checked under `audit` (reported, never
+//! Python, `.sh` files as a shell command line, `.js` files as `node -e CODE`. Also checked under `audit` (reported, never
 //! refused) and `off` (nothing analysed).
 
 use std::path::{Path, PathBuf};
@@ -35,8 +35,10 @@ fn request(name: &str, text: &str) -> CheckRequest {
         r.python = Some(text.to_string());
     } else if name.ends_with(".sh") {
         r.command = Some(text.to_string());
+    } else if name.ends_with(".js") {
+        r.argv = Some(vec!["node".into(), "-e".into(), text.to_string()]);
     } else {
-        panic!("{name}: corpus files end in .py or .sh");
+        panic!("{name}: corpus files end in .py, .sh or .js");
     }
     r
 }
@@ -55,8 +57,13 @@ fn every_refuse_snippet_is_refused_with_its_rule() {
         let expect = text
             .lines()
             .next()
-            .and_then(|l| l.strip_prefix("# expect: "))
-            .unwrap_or_else(|| panic!("{name}: first line must be `# expect: RULE`"));
+            .and_then(|l| {
+                l.strip_prefix("# expect: ")
+                    .or_else(|| l.strip_prefix("// expect: "))
+            })
+            .unwrap_or_else(|| {
+                panic!("{name}: first line must be `# expect: RULE` (`// expect: RULE` in .js)")
+            });
         let d = decide(&policy, name, text);
         if d.allowed || !d.findings.iter().any(|f| f.rule.id() == expect) {
             failures.push(format!("{name}: expected {expect}, got {:#?}", d));

@@ -2,7 +2,8 @@
 //! scripts/fuzz-policy.sh runs the real fuzzer): 20,000 mutations of the corpus (truncations,
 //! duplications, splices of brackets, quotes, substitutions, here-document markers, NUL and
 //! astral characters) and generated hostile shapes (deep nesting, long lines) go through the
-//! fuzz target's own entry point (`fuzz/one_input.rs`): as Python, as shell and as argv. The
+//! fuzz target's own entry point (`fuzz/one_input.rs`): as Python, as shell, as argv and as
+//! JavaScript. The
 //! check must return a decision for each, never panic, never allow in `enforce` what it has
 //! findings for, and finish each input within the worker's deadline (the bound the daemon
 //! kills a worker at), the whole run within a time cap. Seeded, so a failure reproduces.
@@ -61,6 +62,18 @@ const SPLICES: &[&str] = &[
     "python3 -c ",
     "sh -c ",
     "env ",
+    "node -e ",
+    "require(",
+    "import(",
+    "eval(",
+    "${",
+    "=>",
+    "/*",
+    "//",
+    "`${",
+    "/[",
+    "new Function(",
+    "process.binding(",
 ];
 
 fn seeds() -> Vec<String> {
@@ -123,6 +136,11 @@ fn generated() -> Vec<String> {
         ("sh -c '", "'"),
         ("not ", ""),
         ("-", ""),
+        ("x=>", ""),
+        ("!", ""),
+        ("`${", "}`"),
+        ("a?b:", "c"),
+        ("new ", "X"),
     ] {
         for depth in [300, 5_000] {
             out.push(format!("{}x{}", open.repeat(depth), close.repeat(depth)));

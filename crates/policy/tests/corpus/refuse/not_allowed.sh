@@ -1,2 +1,2 @@
 # expect: command.not-allowed
-node -e 'require("child_process").execSync("id")'
+perl -e 'system("id")'

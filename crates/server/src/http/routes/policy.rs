@@ -60,7 +60,7 @@ pub(in crate::http) fn router() -> Router<AppState> {
         PolicyVersionList,
         Policy,
         moat_policy::Commands,
-        moat_policy::PythonPolicy,
+        moat_policy::CodePolicy,
         moat_policy::Family,
         moat_policy::Limits,
         moat_policy::Tests,

@@ -1,0 +1,2 @@
+// expect: javascript.dynamic-code
+[].constructor.constructor('return process')().mainModule;

@@ -1,0 +1,3 @@
+// expect: javascript.native
+const m = { exports: {} };
+process.dlopen(m, '/tmp/evil.so');

@@ -1,0 +1,2 @@
+// expect: javascript.process
+import('node:child_process').then((cp) => cp.execSync('id'));

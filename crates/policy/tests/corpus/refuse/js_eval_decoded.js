@@ -1,0 +1,2 @@
+// expect: javascript.dynamic-code
+eval(Buffer.from('cmVxdWlyZSgiY2hpbGRfcHJvY2VzcyIp', 'base64').toString());

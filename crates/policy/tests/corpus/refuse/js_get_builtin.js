@@ -1,0 +1,2 @@
+// expect: javascript.process
+process.getBuiltinModule('node:child_process').execSync('id');

@@ -1,0 +1,2 @@
+// expect: javascript.process
+globalThis[atob('cmVxdWlyZQ==')]('child_process');

@@ -1,0 +1,2 @@
+// expect: javascript.network
+require('https').get('https://example.invalid/', (r) => r.resume());

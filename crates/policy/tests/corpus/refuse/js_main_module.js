@@ -1,0 +1,2 @@
+// expect: javascript.process
+process.mainModule.require('child_process').execSync('id');

@@ -1,0 +1,2 @@
+// expect: javascript.process
+module.constructor._load('child_process').execSync('id');

@@ -1,0 +1,2 @@
+// expect: javascript.native
+require('./build/Release/addon.node').run();

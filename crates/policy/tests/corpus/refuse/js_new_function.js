@@ -1,0 +1,2 @@
+// expect: javascript.dynamic-code
+new Function('return 1 + 1')();

@@ -1,0 +1,3 @@
+// expect: javascript.process
+const { execSync: run } = require('node:child_process');
+run('id');

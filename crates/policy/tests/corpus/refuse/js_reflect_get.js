@@ -1,0 +1,2 @@
+// expect: javascript.process
+Reflect.get(process, 'bin' + 'ding')('spawn_sync');

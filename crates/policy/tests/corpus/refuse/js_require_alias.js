@@ -1,0 +1,3 @@
+// expect: javascript.process
+const r = require;
+r('child' + '_process').exec('id');

@@ -1,0 +1,2 @@
+// expect: javascript.process
+require.call(null, 'child_process').execSync('id');

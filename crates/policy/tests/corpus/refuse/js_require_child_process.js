@@ -1,0 +1,2 @@
+// expect: javascript.process
+require('child_process').execSync('id')

@@ -1,0 +1,2 @@
+// expect: javascript.process
+require('child_' + 'process').spawnSync('id', { stdio: 'inherit' });

@@ -1,0 +1,2 @@
+// expect: javascript.dynamic-code
+setTimeout("console.log('later')", 0);

@@ -1,0 +1,3 @@
+// expect: javascript.process
+function load(require) { return require; }
+require('child_process').execSync('id');

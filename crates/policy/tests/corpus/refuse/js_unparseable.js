@@ -1,0 +1,2 @@
+// expect: javascript.unparseable
+require('child_process').exec('id'

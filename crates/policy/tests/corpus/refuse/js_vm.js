@@ -1,0 +1,2 @@
+// expect: javascript.dynamic-code
+require('vm').runInNewContext('1 + 1');

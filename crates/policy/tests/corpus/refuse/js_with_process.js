@@ -1,0 +1,2 @@
+// expect: javascript.process
+with (process) { binding('spawn_sync'); }

@@ -1,0 +1,2 @@
+# expect: javascript.process
+env NODE_ENV=production nodejs --eval='require("child_process").execSync("id")'

@@ -1,0 +1,2 @@
+# expect: javascript.process
+sh -c "node -e \"require('child_process').execSync('id')\""

@@ -1,0 +1,2 @@
+# expect: shell.dynamic
+echo 'console.log(1)' | node
