@@ -787,6 +787,10 @@ export interface components {
             timeout_s?: number | null;
             user?: string | null;
         };
+        /** @description `python`, `javascript`: which families of findings in one language's code are refused. */
+        CodePolicy: {
+            deny?: components["schemas"]["Family"][];
+        };
         /**
          * @description `commands`: which executables may run. Names match by basename; an entry with a '/' is an
          *     absolute path (see `Policy::command_verdict`).
@@ -1106,7 +1110,8 @@ export interface components {
             port: number;
         };
         /**
-         * @description A family of Python findings that `python.deny` can refuse.
+         * @description A family of findings in code (Python, JavaScript) that `python.deny` and `javascript.deny`
+         *     can refuse.
          * @enum {string}
          */
         Family: "process" | "dynamic-code" | "native" | "network" | "reflection";
@@ -1580,9 +1585,11 @@ export interface components {
         /** @description A group's policy, as stored and as written by hand. */
         Policy: {
             commands?: components["schemas"]["Commands"];
+            /** @description Inline JavaScript (`node -e`, `node -p`, code on node's stdin). */
+            javascript?: components["schemas"]["CodePolicy"];
             limits?: components["schemas"]["Limits"];
             mode?: components["schemas"]["Mode"];
-            python?: components["schemas"]["PythonPolicy"];
+            python?: components["schemas"]["CodePolicy"];
             /**
              * @description Also check files uploaded to a sandbox whose names end in `.py` (as Python) or `.sh`
              *     (as a shell script), before they are written.
@@ -1704,10 +1711,6 @@ export interface components {
              */
             pid: number;
         };
-        /** @description `python`: which families of findings in Python code are refused. */
-        PythonPolicy: {
-            deny?: components["schemas"]["Family"][];
-        };
         /**
          * @description A recorded request the candidate decides differently. Both sides are compared as
          *     `enforce` would decide (refused when there are findings), whatever the modes.
@@ -1765,7 +1768,7 @@ export interface components {
          * @description Every rule a finding can name.
          * @enum {string}
          */
-        Rule: "command.denied" | "command.not-allowed" | "command.unresolved" | "shell.dynamic" | "shell.unparseable" | "python.process" | "python.dynamic-code" | "python.native" | "python.network" | "python.reflection" | "python.unparseable" | "limits.timeout" | "limits.env" | "limits.user" | "limits.stdin" | "input.too-large" | "input.too-complex" | "request.invalid" | "analysis.failed";
+        Rule: "command.denied" | "command.not-allowed" | "command.unresolved" | "shell.dynamic" | "shell.unparseable" | "python.process" | "python.dynamic-code" | "python.native" | "python.network" | "python.reflection" | "python.unparseable" | "javascript.process" | "javascript.dynamic-code" | "javascript.native" | "javascript.network" | "javascript.reflection" | "javascript.unparseable" | "limits.timeout" | "limits.env" | "limits.user" | "limits.stdin" | "input.too-large" | "input.too-complex" | "request.invalid" | "analysis.failed";
         /** @description A sandbox as the API returns it. */
         Sandbox: {
             /** @description RFC 3339, UTC. */
