@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, ADMIN, G};
@@ -26,26 +27,33 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-/// Context switches of all threads of `pid` so far: a running guest's vCPU threads wake for
-/// its timers even when it idles; a stopped vCPU sleeps until it is continued.
-fn wakeups(pid: u32) -> u64 {
-    let mut n = 0;
+/// Context switches of each thread of `pid` so far, by thread id: a running guest's vCPU
+/// threads wake for its timers even when it idles; a stopped vCPU sleeps until it is continued.
+fn wakeups(pid: u32) -> HashMap<String, u64> {
+    let mut by_thread = HashMap::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap_or_default();
-        n += status
+        let t = t.unwrap();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let n = status
             .lines()
             .filter(|l| l.contains("ctxt_switches"))
             .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
             .sum::<u64>();
+        by_thread.insert(t.file_name().to_string_lossy().into_owned(), n);
     }
-    n
+    by_thread
 }
 
-/// CPU ticks (1/100 s) and wakeups of QEMU `pid` over two seconds.
+/// CPU ticks (1/100 s) and wakeups of QEMU `pid` over two seconds. Threads that ended
+/// meanwhile count what they did before the first sample only; new ones count all of theirs.
 async fn over_2s(pid: u32) -> (u64, u64) {
     let (t0, w0) = (cpu_ticks(pid), wakeups(pid));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    (cpu_ticks(pid) - t0, wakeups(pid) - w0)
+    let woke = wakeups(pid)
+        .iter()
+        .map(|(tid, n)| n.saturating_sub(w0.get(tid).copied().unwrap_or(0)))
+        .sum();
+    (cpu_ticks(pid).saturating_sub(t0), woke)
 }
 
 /// Whether QEMU `pid` is parked, as the host sees it: in two seconds no thread of it woke.
