@@ -292,7 +292,7 @@ pub(crate) fn analyse_preload(an: &mut Analysis, specifier: &str, loc: &Loc) {
     } else if let Some(name) = module_name(specifier) {
         let families = families_of(&name);
         if !families.is_empty() {
-            let message = format!("loads {specifier}, which {}", describe(&families));
+            let message = format!("loads {specifier}, which {}", Family::describe(&families));
             an.code(Language::Javascript, &families, &message, || loc.clone());
         }
     }
@@ -315,20 +315,6 @@ fn describe_module(specifier: &str, families: &[Family]) -> String {
     } else {
         "loads code from a URL; it could do anything".to_string()
     }
-}
-
-fn describe(families: &[Family]) -> String {
-    let words: Vec<&str> = families
-        .iter()
-        .map(|f| match f {
-            Process => "starts processes",
-            DynamicCode => "runs code it is given",
-            Native => "calls native code",
-            Network => "uses the network",
-            Reflection => "reaches objects by introspection",
-        })
-        .collect();
-    words.join(", ")
 }
 
 /// A name resolved to what it refers to.
@@ -786,7 +772,7 @@ impl Checker<'_, '_, '_> {
     fn reference(&mut self, r: &Resolved, span: Span) {
         let families = r.families();
         if !families.is_empty() {
-            let message = format!("{} {}", r.shown(), describe(&families));
+            let message = format!("{} {}", r.shown(), Family::describe(&families));
             self.report(&families, &message, span);
         }
     }
@@ -1234,7 +1220,7 @@ impl Checker<'_, '_, '_> {
         } else if let Some(name) = module_name(specifier) {
             let families = families_of(&name);
             if !families.is_empty() {
-                let message = format!("imports {specifier}, which {}", describe(&families));
+                let message = format!("imports {specifier}, which {}", Family::describe(&families));
                 self.report(&families, &message, span);
             }
         }

@@ -63,6 +63,23 @@ pub enum Family {
 }
 
 impl Family {
+    /// What code with these findings does, in words, for a finding's message.
+    pub(crate) fn describe(families: &[Family]) -> String {
+        let words: Vec<&str> = families
+            .iter()
+            .map(|f| match f {
+                Family::Process => "starts processes",
+                Family::DynamicCode => "runs code it is given",
+                Family::Native => "calls native code",
+                Family::Network => "uses the network",
+                Family::Reflection => "reaches objects by introspection",
+            })
+            .collect();
+        words.join(", ")
+    }
+}
+
+impl Family {
     /// In the order a finding that could be any of them is reported (see `FamilySet::first_in`).
     pub const ALL: [Family; 5] = [
         Family::Process,

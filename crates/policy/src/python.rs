@@ -300,25 +300,11 @@ pub(crate) fn analyse_module(an: &mut Analysis, module: &str, loc: &Loc) {
             &families,
             &format!(
                 "python -m {module} runs a module that {}",
-                describe(&families)
+                Family::describe(&families)
             ),
             || loc.clone(),
         );
     }
-}
-
-fn describe(families: &[Family]) -> String {
-    let words: Vec<&str> = families
-        .iter()
-        .map(|f| match f {
-            Process => "starts processes",
-            DynamicCode => "runs code it is given",
-            Native => "calls native code",
-            Network => "uses the network",
-            Reflection => "reaches objects by introspection",
-        })
-        .collect();
-    words.join(", ")
 }
 
 /// What local names stand for.
@@ -623,7 +609,11 @@ impl Checker<'_, '_, '_> {
             return false;
         }
         let name = r.qname.strip_prefix("builtins.").unwrap_or(&r.qname);
-        self.report(&families, &format!("{name} {}", describe(&families)), node);
+        self.report(
+            &families,
+            &format!("{name} {}", Family::describe(&families)),
+            node,
+        );
         true
     }
 
@@ -757,7 +747,11 @@ impl<'a> Visitor<'a> for Checker<'_, '_, '_> {
                 for alias in &i.names {
                     let families = families_of(alias.name.as_str());
                     if !families.is_empty() {
-                        let msg = format!("imports {}, which {}", alias.name, describe(&families));
+                        let msg = format!(
+                            "imports {}, which {}",
+                            alias.name,
+                            Family::describe(&families)
+                        );
                         self.report(&families, &msg, alias);
                     }
                 }
@@ -772,7 +766,7 @@ impl<'a> Visitor<'a> for Checker<'_, '_, '_> {
                         (families_of(&q), q)
                     };
                     if !families.is_empty() {
-                        let msg = format!("imports {what}, which {}", describe(&families));
+                        let msg = format!("imports {what}, which {}", Family::describe(&families));
                         self.report(&families, &msg, alias);
                     }
                 }
