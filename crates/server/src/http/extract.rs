@@ -190,18 +190,10 @@ pub(crate) fn check_schema(name: &str, body: &serde_json::Value) -> Result<()> {
             }
         }
     };
-    let errors: Vec<String> = validator
-        .iter_errors(body)
-        .take(3)
-        .map(|e| {
-            let at = e.instance_path.to_string();
-            if at.is_empty() {
-                e.to_string()
-            } else {
-                format!("at {at}: {e}")
-            }
-        })
-        .collect();
+    let mut errors = Vec::new();
+    for e in validator.iter_errors(body).take(3) {
+        describe(&e, &mut errors);
+    }
     if errors.is_empty() {
         Ok(())
     } else {
@@ -210,6 +202,33 @@ pub(crate) fn check_schema(name: &str, body: &serde_json::Value) -> Result<()> {
             errors.join("; ")
         )))
     }
+}
+
+/// What is wrong, where, without the value itself (a body may carry a secret): the branch
+/// that failed of a `oneOf`/`anyOf` (an optional field is "null or X": the null branch's
+/// type error says nothing), else the error with its value masked.
+fn describe(e: &jsonschema::ValidationError<'_>, out: &mut Vec<String>) {
+    use jsonschema::error::ValidationErrorKind as Kind;
+    if let Kind::OneOfNotValid { context } | Kind::AnyOf { context } = &e.kind {
+        let inner: Vec<_> = context
+            .iter()
+            .flatten()
+            .filter(|c| !matches!(c.kind, Kind::Type { .. }))
+            .collect();
+        if !inner.is_empty() {
+            for c in inner {
+                describe(c, out);
+            }
+            return;
+        }
+    }
+    let at = e.instance_path.to_string();
+    let what = e.masked_with("the value").to_string();
+    out.push(if at.is_empty() {
+        what
+    } else {
+        format!("at {at}: {what}")
+    });
 }
 
 fn compile(name: &str) -> Result<jsonschema::Validator> {
