@@ -563,7 +563,8 @@ pub async fn audit(args: ClientArgs, a: AuditArgs) -> Result<u8> {
         .call(Method::GET, &format!("/v1/audit?{}", q.join("&")), None)
         .await?;
     if args.json {
-        return print_json(&v);
+        print_json(&v)?;
+        return Ok(0);
     }
     let rows = v["events"]
         .as_array()
