@@ -8,4 +8,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MOAT_API_FUZZ_EXAMPLES="${1:-300}"
-exec cargo test -p moat-cli --test api_fuzz -- --nocapture
+exec cargo test -p moat-cli --test api_fuzz -- --ignored --nocapture
