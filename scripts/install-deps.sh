@@ -38,6 +38,7 @@ mount                 mount             all    crates/cli/tests/cli.rs: a small 
 umount                mount             all    crates/cli/tests/cli.rs: unmounts it
 ip                    iproute2          all    crates/net/tests: a real guest in a network namespace behind a TAP
 curl                  curl              all    crates/net/tests: the HTTP client in that guest
+systemd-analyze       systemd           all    crates/cli/tests/systemd_unit.rs: verifies contrib/systemd/moat.service offline
 ldd                   libc-bin          all    this script: is /bin/busybox static?
 runsc                 runsc             bench  bench/src/main.rs: gVisor, the peer the benchmark compares with
 '

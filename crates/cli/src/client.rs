@@ -140,11 +140,71 @@ pub enum ApiKeyCommand {
         /// A group the key may see; repeatable (none for admin).
         #[arg(long = "group", value_name = "GROUP")]
         groups: Vec<String>,
+        /// The key stops working after this long, e.g. 90d, 12h, 30m (default: never).
+        #[arg(long, value_name = "DURATION", value_parser = crate::serve::duration)]
+        expires_in: Option<std::time::Duration>,
+        /// This key's own rate limit, requests a second (default: the daemon's --rate-limit).
+        #[arg(long, value_name = "PER_S", requires = "rate_burst")]
+        rate_limit: Option<u32>,
+        /// With --rate-limit: the requests it may make at once after a quiet while.
+        #[arg(long, value_name = "N", requires = "rate_limit")]
+        rate_burst: Option<u32>,
     },
-    /// List API keys (never their secrets).
+    /// List API keys (never their secrets): role, groups, expiry and last use.
     Ls,
+    /// Show one API key (never its secret).
+    Show { id: String },
+    /// Give an API key a new secret, printed once; the old secret stops working at once. The
+    /// key keeps its id, role, groups and rate limit.
+    Rotate {
+        id: String,
+        /// The new secret expires after this long (default: the key's expiry stays; needed
+        /// when it has passed).
+        #[arg(long, value_name = "DURATION", value_parser = crate::serve::duration)]
+        expires_in: Option<std::time::Duration>,
+    },
     /// Delete an API key by id.
     Rm { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only calls in the last DURATION, e.g. 1h, 7d.
+    #[arg(long, value_name = "DURATION", value_parser = crate::serve::duration)]
+    since: Option<std::time::Duration>,
+    /// Only calls made with this API key id.
+    #[arg(long, value_name = "KEY_ID")]
+    key: Option<String>,
+    /// Only calls on this sandbox group.
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
+    /// At most this many entries (1–1000).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+}
+
+/// The CAs of MOAT_CA_FILE (PEM), trusted besides the public roots for an https:// MOAT_URL: a
+/// daemon whose certificate a private CA signed. Every https certificate is verified;
+/// there is no way to turn that off.
+pub(crate) fn with_ca_file(b: reqwest::ClientBuilder) -> Result<reqwest::ClientBuilder> {
+    let Some(path) = std::env::var_os("MOAT_CA_FILE").filter(|p| !p.is_empty()) else {
+        return Ok(b);
+    };
+    let pem = std::fs::read(&path)
+        .with_context(|| format!("reading MOAT_CA_FILE {}", path.to_string_lossy()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
+        format!(
+            "MOAT_CA_FILE {} is not a PEM certificate bundle",
+            path.to_string_lossy()
+        )
+    })?;
+    if certs.is_empty() {
+        bail!(
+            "MOAT_CA_FILE {} holds no certificate",
+            path.to_string_lossy()
+        );
+    }
+    Ok(certs.into_iter().fold(b, |b, c| b.add_root_certificate(c)))
 }
 
 #[derive(Clone)]
@@ -177,10 +237,11 @@ impl Client {
     pub(crate) fn new(args: &ClientArgs) -> Result<Client> {
         // No overall timeout on the client: streamed execs and file transfers take as long as
         // they take. Plain calls get one each (see `call`).
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .build()
-            .context("building the HTTP client")?;
+        let http = with_ca_file(
+            reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10)),
+        )?
+        .build()
+        .context("building the HTTP client")?;
         Ok(Client {
             http,
             base: args.url.trim_end_matches('/').to_string(),
@@ -370,18 +431,64 @@ pub async fn group(args: ClientArgs, cmd: GroupCommand) -> Result<u8> {
 pub async fn api_key(args: ClientArgs, cmd: ApiKeyCommand) -> Result<u8> {
     let c = Client::new(&args)?;
     match cmd {
-        ApiKeyCommand::Create { name, role, groups } => {
-            let body = json!({"name": name, "role": role, "groups": groups});
+        ApiKeyCommand::Create {
+            name,
+            role,
+            groups,
+            expires_in,
+            rate_limit,
+            rate_burst,
+        } => {
+            let mut body = json!({"name": name, "role": role, "groups": groups});
+            if let Some(d) = expires_in {
+                body["expires_in_s"] = json!(d.as_secs());
+            }
+            if let (Some(per_s), Some(burst)) = (rate_limit, rate_burst) {
+                body["rate_limit"] = json!({"per_s": per_s, "burst": burst});
+            }
             let (_, k) = c.call(Method::POST, "/v1/api-keys", Some(&body)).await?;
+            print_secret(&args, &k)?;
+        }
+        ApiKeyCommand::Show { id } => {
+            let (_, k) = c
+                .call(
+                    Method::GET,
+                    &format!("/v1/api-keys/{}", path_segment(&id)?),
+                    None,
+                )
+                .await?;
             if args.json {
                 print_json(&k)?;
             } else {
-                println!("id:     {}", s(&k["id"]));
-                println!("role:   {}", s(&k["role"]));
-                println!("groups: {}", list(&k["groups"]));
-                println!("key:    {}", s(&k["key"]));
-                eprintln!("The key is shown only this once: store it now.");
+                for (label, field) in [
+                    ("id", "id"),
+                    ("name", "name"),
+                    ("role", "role"),
+                    ("prefix", "prefix"),
+                    ("created", "created_at"),
+                    ("expires", "expires_at"),
+                    ("last used", "last_used_at"),
+                    ("rotated", "rotated_at"),
+                ] {
+                    println!("{:<11}{}", format!("{label}:"), or_never(&k[field]));
+                }
+                println!("{:<11}{}", "groups:", list(&k["groups"]));
+                println!("{:<11}{}", "rate limit:", rate(&k["rate_limit"]));
             }
+        }
+        ApiKeyCommand::Rotate { id, expires_in } => {
+            let body = match expires_in {
+                Some(d) => json!({"expires_in_s": d.as_secs()}),
+                None => json!({}),
+            };
+            let (_, k) = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/api-keys/{}/rotate", path_segment(&id)?),
+                    Some(&body),
+                )
+                .await?;
+            print_secret(&args, &k)?;
         }
         ApiKeyCommand::Ls => {
             let (_, v) = c.call(Method::GET, "/v1/api-keys", None).await?;
@@ -400,12 +507,26 @@ pub async fn api_key(args: ClientArgs, cmd: ApiKeyCommand) -> Result<u8> {
                                     list(&k["groups"]),
                                     format!("{}…", s(&k["prefix"])),
                                     s(&k["created_at"]),
+                                    or_never(&k["expires_at"]),
+                                    or_never(&k["last_used_at"]),
                                 ]
                             })
                             .collect()
                     })
                     .unwrap_or_default();
-                print_table(&["ID", "NAME", "ROLE", "GROUPS", "PREFIX", "CREATED"], rows);
+                print_table(
+                    &[
+                        "ID",
+                        "NAME",
+                        "ROLE",
+                        "GROUPS",
+                        "PREFIX",
+                        "CREATED",
+                        "EXPIRES",
+                        "LAST USED",
+                    ],
+                    rows,
+                );
             }
         }
         ApiKeyCommand::Rm { id } => {
@@ -421,6 +542,87 @@ pub async fn api_key(args: ClientArgs, cmd: ApiKeyCommand) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+pub async fn audit(args: ClientArgs, a: AuditArgs) -> Result<u8> {
+    let c = Client::new(&args)?;
+    let mut q = vec![format!("limit={}", a.limit)];
+    if let Some(d) = a.since {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("the clock is before 1970")?;
+        q.push(format!("since={}", now.saturating_sub(d).as_secs()));
+    }
+    if let Some(k) = &a.key {
+        q.push(format!("key={}", path_segment(k)?));
+    }
+    if let Some(g) = &a.group {
+        q.push(format!("group={}", path_segment(g)?));
+    }
+    let (_, v) = c
+        .call(Method::GET, &format!("/v1/audit?{}", q.join("&")), None)
+        .await?;
+    if args.json {
+        print_json(&v)?;
+        return Ok(0);
+    }
+    let rows = v["events"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .map(|e| {
+                    vec![
+                        s(&e["at"]),
+                        if e["key_id"].is_null() {
+                            "-".to_string()
+                        } else {
+                            s(&e["key_id"])
+                        },
+                        e["status"].to_string(),
+                        s(&e["action"]).split(' ').next().unwrap_or("").to_string(),
+                        s(&e["target"]),
+                        s(&e["request_id"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    print_table(
+        &["TIME", "KEY", "STATUS", "METHOD", "PATH", "REQUEST ID"],
+        rows,
+    );
+    Ok(0)
+}
+
+/// A created or rotated key: its secret, the only time it is shown.
+fn print_secret(args: &ClientArgs, k: &Value) -> Result<()> {
+    if args.json {
+        return print_json(k);
+    }
+    println!("id:      {}", s(&k["id"]));
+    println!("role:    {}", s(&k["role"]));
+    println!("groups:  {}", list(&k["groups"]));
+    println!("expires: {}", or_never(&k["expires_at"]));
+    println!("key:     {}", s(&k["key"]));
+    eprintln!("The key is shown only this once: store it now.");
+    Ok(())
+}
+
+/// A time, or "never" for null.
+fn or_never(v: &Value) -> String {
+    if v.is_null() {
+        "never".to_string()
+    } else {
+        s(v)
+    }
+}
+
+fn rate(v: &Value) -> String {
+    if v.is_null() {
+        "the daemon's".to_string()
+    } else {
+        format!("{}/s, bursts of {}", v["per_s"], v["burst"])
+    }
 }
 
 /// The group name and the PUT body from a file and flags.

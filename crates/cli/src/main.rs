@@ -116,6 +116,14 @@ enum Command {
         #[command(subcommand)]
         command: client::ApiKeyCommand,
     },
+    /// The audit log of mutating API calls on a moat daemon (admin only): who, what, on which
+    /// group, the status and when; oldest first.
+    Audit {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(flatten)]
+        args: client::AuditArgs,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -203,6 +211,7 @@ fn main() -> ExitCode {
         let command = match cli.command {
             Command::Group { client, command } => return client::group(client, *command).await,
             Command::ApiKey { client, command } => return client::api_key(client, command).await,
+            Command::Audit { client, args } => return client::audit(client, args).await,
             Command::Identity { client, command } => {
                 return identity_cmd::run(client, command).await
             }
@@ -231,6 +240,7 @@ fn main() -> ExitCode {
             Command::Group { .. }
             | Command::NetStack(_)
             | Command::ApiKey { .. }
+            | Command::Audit { .. }
             | Command::Identity { .. }
             | Command::Secret { .. }
             | Command::Sandbox { .. }

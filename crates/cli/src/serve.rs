@@ -64,12 +64,30 @@ pub struct ServeArgs {
     /// How long policy decisions are kept, e.g. 90d, 12h, 30m, 45s (default: forever). Older
     /// entries are pruned behind an anchor (the newest pruned entry's hash), so `moat policy
     /// verify-log` still verifies what is left and tells pruning from tampering.
-    #[arg(long, env = "MOAT_POLICY_DECISIONS_RETENTION", value_name = "DURATION", value_parser = retention)]
+    #[arg(long, env = "MOAT_POLICY_DECISIONS_RETENTION", value_name = "DURATION", value_parser = duration)]
     policy_decisions_retention: Option<std::time::Duration>,
+    /// Requests a second, on average, that each API key without a limit of its own may make
+    /// (a token bucket per key; over it: 429 with Retry-After). 0: no limit.
+    #[arg(long, env = "MOAT_RATE_LIMIT", default_value_t = moat_server::ratelimit::DEFAULT.per_s, value_name = "PER_S")]
+    rate_limit: u32,
+    /// The burst of those keys: requests a key may make at once after a quiet while.
+    #[arg(long, env = "MOAT_RATE_BURST", default_value_t = moat_server::ratelimit::DEFAULT.burst, value_name = "N")]
+    rate_burst: u32,
+    /// Entries of the audit log of mutating API calls (`moat audit`) kept; the oldest go first.
+    #[arg(long, env = "MOAT_AUDIT_RETENTION", default_value_t = moat_server::DEFAULT_AUDIT_RETENTION, value_name = "ENTRIES")]
+    audit_retention: u64,
+    /// Serve the TCP listener over TLS with this PEM certificate chain (leaf first); needs
+    /// --tls-key. Clients verify it (MOAT_CA_FILE names a private CA). The Unix socket stays
+    /// plain: it is reachable only by this user.
+    #[arg(long, env = "MOAT_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "MOAT_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 /// `N` followed by `s`, `m`, `h` or `d`; at least one second.
-fn retention(text: &str) -> std::result::Result<std::time::Duration, String> {
+pub(crate) fn duration(text: &str) -> std::result::Result<std::time::Duration, String> {
     let bad =
         || format!("invalid duration {text:?}: give a whole number and s, m, h or d (e.g. 90d)");
     let split = text.len().checked_sub(1).ok_or_else(bad)?;
@@ -129,6 +147,13 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
     if args.egress_audit_retention == 0 {
         anyhow::bail!("--egress-audit-retention must be at least 1");
     }
+    if args.audit_retention == 0 {
+        anyhow::bail!("--audit-retention must be at least 1");
+    }
+    let max = moat_server::api::MAX_RATE;
+    if args.rate_limit > max || args.rate_burst == 0 || args.rate_burst > max {
+        anyhow::bail!("--rate-limit must be 0 (no limit) to {max} and --rate-burst 1 to {max}");
+    }
     moat_server::serve(
         moat_server::Config {
             home: home.root.clone(),
@@ -153,6 +178,12 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
             },
             issuer_url: args.issuer_url,
             policy_decisions_retention: args.policy_decisions_retention,
+            rate_limit: (args.rate_limit > 0).then_some(moat_server::api::RateLimit {
+                per_s: args.rate_limit,
+                burst: args.rate_burst,
+            }),
+            audit_retention: args.audit_retention,
+            tls: args.tls_cert.zip(args.tls_key),
         },
         shutdown,
     )
@@ -162,7 +193,7 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
 
 #[cfg(test)]
 mod tests {
-    use super::retention;
+    use super::duration as retention;
     use std::time::Duration;
 
     #[test]

@@ -14,6 +14,10 @@ use serde_json::{json, Value};
 async fn health(d: &Daemon) -> Value {
     let (st, h) = d.call(None, "GET", "/healthz", None).await;
     assert_eq!(st, 200, "{h}");
+    // No runtime yet: nothing to say about its jail.
+    if h["sandboxes"]["state"] != "ready" {
+        assert!(h.get("jail").is_none(), "{h}");
+    }
     h["sandboxes"].clone()
 }
 
@@ -143,6 +147,17 @@ async fn a_fresh_home_is_prepared_by_the_daemon_and_a_failure_is_retried() {
     );
     assert_eq!(ready["steps_done"], 3, "{ready}");
     assert!(d.stderr(1).contains("sandboxes are ready"));
+    // Once ready, /healthz says how sandboxes are jailed, as the runtime found the host.
+    let (_, h) = d.call(None, "GET", "/healthz", None).await;
+    let jail = h["jail"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no jail in {h}"));
+    let expected = if std::env::var("MOAT_NO_JAIL").is_ok_and(|v| v == "1") {
+        jail == "off (MOAT_NO_JAIL=1)"
+    } else {
+        jail.starts_with("on: ") && jail.contains("namespaces") && jail.contains("cgroup v")
+    };
+    assert!(expected, "{jail}");
     let id = d.new_sandbox("fresh").await;
     let (st, r) = d
         .exec(ADMIN, "fresh", &id, json!({"command": "true"}))

@@ -35,6 +35,9 @@ pub enum Error {
     PayloadTooLarge(String),
     #[error("{0}")]
     TooManyRequests(String),
+    /// An API key over its rate limit: a 429 with `Retry-After`.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_s: u64 },
     /// The guest's disk is full (a file upload).
     #[error("{0}")]
     InsufficientStorage(String),
@@ -163,6 +166,7 @@ impl Error {
             Error::Conflict(_) | Error::SandboxGone(_) => (StatusCode::CONFLICT, "conflict"),
             Error::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Error::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
+            Error::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Error::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
             Error::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             Error::Unavailable(_) | Error::NotReady { .. } | Error::Prepare { .. } => {
@@ -235,7 +239,9 @@ impl IntoResponse for Error {
         }
         let body = Json(ErrorBody { error: detail });
         let retry_after = match &self {
-            Error::NotReady { retry_after_s, .. } => Some(*retry_after_s),
+            Error::NotReady { retry_after_s, .. } | Error::RateLimited { retry_after_s, .. } => {
+                Some(*retry_after_s)
+            }
             _ => None,
         };
         let mut resp = (status, body).into_response();

@@ -14,12 +14,14 @@ pub mod keys;
 pub mod metrics;
 pub mod policy;
 pub mod prepare;
+pub mod ratelimit;
 pub mod readiness;
 pub mod sandboxes;
 pub mod snapshots;
 pub mod store;
+pub mod tls;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -77,7 +79,18 @@ pub struct Config {
     /// How long policy decisions are kept (`--policy-decisions-retention`); `None`: forever.
     /// Older entries are pruned behind an anchor that keeps the rest verifiable.
     pub policy_decisions_retention: Option<std::time::Duration>,
+    /// The rate limit of API keys without their own (`--rate-limit`, `--rate-burst`); `None`:
+    /// unlimited.
+    pub rate_limit: Option<api::RateLimit>,
+    /// Audit log entries kept (`--audit-retention`); the oldest go first.
+    pub audit_retention: u64,
+    /// The PEM certificate chain and private key of the TCP listener (`--tls-cert`,
+    /// `--tls-key`); `None`: plain HTTP. The Unix socket is always plain.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
+
+/// The default of [`Config::audit_retention`].
+pub const DEFAULT_AUDIT_RETENTION: u64 = 1_000_000;
 
 /// The default of [`Config::park_after`], seconds.
 pub const DEFAULT_PARK_AFTER_S: u64 = 10;
@@ -156,6 +169,12 @@ pub async fn serve(
         }
     };
 
+    // Read before anything else, so that a bad certificate stops the start with its reason.
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(tls::server_config(cert, key)?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let db = db_path(&config.home);
     let bootstrap = config.bootstrap_key.clone();
     let (store, generated) = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -196,7 +215,7 @@ pub async fn serve(
     let issuer_url = config
         .issuer_url
         .clone()
-        .unwrap_or_else(|| format!("http://{}", config.listen));
+        .unwrap_or_else(|| format!("{scheme}://{}", config.listen));
     let identity = Arc::new({
         let (home, store, metrics) = (config.home.clone(), store.clone(), metrics.clone());
         // The first start generates two RSA keys: a blocking second or so.
@@ -231,6 +250,8 @@ pub async fn serve(
         operations: Arc::new(images::Operations::default()),
         policy: Arc::new(policy::Gate::new(config.policy_worker.clone())),
         identity,
+        limiter: Arc::new(ratelimit::Limiter::new(config.rate_limit)),
+        audit_retention: config.audit_retention,
         stopping: moat_mcp::CancellationToken::new(),
     };
     let stopping = state.stopping.clone();
@@ -254,7 +275,7 @@ pub async fn serve(
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io(format!("chmod {}", sock.display()), e))?;
     eprintln!(
-        "moat serve: listening on http://{local} and unix:{}",
+        "moat serve: listening on {scheme}://{local} and unix:{}",
         sock.display()
     );
     tracing::info!(%local, socket = %sock.display(), "serving");
@@ -268,7 +289,23 @@ pub async fn serve(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let tcp_server = axum::serve(tcp, app.clone()).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let tcp_server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match tls
+    {
+        Some(config) => {
+            let listener = tls::TlsListener::new(tcp, config)
+                .map_err(|e| Error::io("listening for TLS", e))?;
+            Box::pin(
+                axum::serve(listener, app.clone())
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .into_future(),
+            )
+        }
+        None => Box::pin(
+            axum::serve(tcp, app.clone())
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+                .into_future(),
+        ),
+    };
     let unix_server = axum::serve(unix, app).with_graceful_shutdown(stopped(stop_rx));
     let result = tokio::try_join!(
         async { tcp_server.await.map_err(|e| Error::io("serving TCP", e)) },

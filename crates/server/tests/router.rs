@@ -50,6 +50,8 @@ impl App {
             ),
             operations: Arc::new(Operations::default()),
             policy: Arc::new(gate),
+            limiter: Arc::default(),
+            audit_retention: 1000,
             stopping: Default::default(),
             identity: Arc::new(
                 moat_server::identity::Issuer::open(
@@ -79,10 +81,29 @@ impl App {
     /// Sends `req`; returns the status and the JSON body (`null` when empty), after checking
     /// both against the OpenAPI document.
     async fn send(&self, req: Request<Body>) -> (u16, Value) {
+        let (status, value, _) = self.send_full(req).await;
+        (status, value)
+    }
+
+    /// [`App::call`], with the answer's headers.
+    async fn call_full(
+        &self,
+        k: Option<&str>,
+        m: &str,
+        path: &str,
+        b: Option<Value>,
+    ) -> (u16, Value, axum::http::HeaderMap) {
+        let body = b.map(|b| b.to_string().into_bytes());
+        self.send_full(request(k, m, path, body)).await
+    }
+
+    /// [`App::send`], with the answer's headers.
+    async fn send_full(&self, req: Request<Body>) -> (u16, Value, axum::http::HeaderMap) {
         let (method, path) = (req.method().to_string(), req.uri().to_string());
         let (method, path) = (method.as_str(), path.as_str());
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         if status == 401 {
             assert_eq!(
                 resp.headers().get(header::WWW_AUTHENTICATE).unwrap(),
@@ -116,7 +137,7 @@ impl App {
         if status != 405 && path != "/openapi.json" {
             check_response(&self.doc, method, path, status, &value);
         }
-        (status, value)
+        (status, value, headers)
     }
 
     /// A new key of `role` that sees `groups`.
@@ -334,7 +355,11 @@ async fn error_shapes_400_404_405_413() {
             json!({"tier": "huge"}),
             &["unknown variant `huge`", "`xl`"],
         ),
-        ("ok", json!({"pool": {"size": 65}}), &["0–64"]),
+        (
+            "ok",
+            json!({"pool": {"size": 65}}),
+            &["at /pool/size", "greater than the maximum of 64"],
+        ),
         ("ok", json!([1, 2]), &["invalid request body"]),
     ];
     for (name, body, needles) in cases {
@@ -365,10 +390,10 @@ async fn error_shapes_400_404_405_413() {
     assert_eq!(st, 404);
     assert_eq!(e["error"]["code"], "not_found");
     assert!(msg(&e).contains("no such endpoint"), "{e}");
-    let (st, e) = app.call(k, "GET", "/v1/api-keys/key-0", None).await;
+    let (st, e) = app.call(k, "PUT", "/v1/api-keys/key-0", None).await;
     assert_eq!(st, 405, "{e}");
     assert_eq!(e["error"]["code"], "method_not_allowed");
-    assert!(msg(&e).contains("GET is not allowed on"), "{e}");
+    assert!(msg(&e).contains("PUT is not allowed on"), "{e}");
     let (st, e) = app.call(k, "DELETE", "/v1/api-keys/key-0", None).await;
     assert_eq!(st, 404, "{e}");
 
@@ -1234,7 +1259,11 @@ async fn secrets_are_write_only_scoped_and_checked() {
     // Bad names and values: clear errors that never quote the value.
     for (name, body, want) in [
         ("Bad", json!({"value": "v"}), "secret name"),
-        ("ok", json!({"value": ""}), "1–8192"),
+        (
+            "ok",
+            json!({"value": ""}),
+            "at /value: the value is shorter than 1 character",
+        ),
         ("ok", json!({"value": "a\nSECRETPART"}), "0x0a"),
         ("ok", json!({"value": "v", "extra": 1}), "unknown field"),
         ("ok", json!({}), "value"),
@@ -1351,4 +1380,472 @@ async fn secrets_are_write_only_scoped_and_checked() {
             );
         }
     }
+}
+
+/// serde takes a struct as a JSON array too (`[null, null]` made a sandbox): every JSON body
+/// is checked against its schema in the document, so an array, or a value of the wrong type
+/// anywhere, is refused by every operation that takes a body, before anything else happens.
+#[tokio::test]
+async fn every_json_body_is_held_to_its_documented_schema() {
+    let app = App::new();
+    let (st, _) = app
+        .call(Some(ADMIN), "PUT", &format!("{G}/g"), Some(json!({})))
+        .await;
+    assert_eq!(st, 201);
+    let paths = app.doc["paths"].as_object().unwrap().clone();
+    let mut bodies = 0;
+    for (template, item) in &paths {
+        for method in ["put", "post"] {
+            let op = &item[method];
+            if op["requestBody"]["content"]["application/json"].is_null() {
+                continue;
+            }
+            bodies += 1;
+            let path = template
+                .replace("{group}", "g")
+                .replace("{id}", "sb-0123456789ab")
+                .replace("{pid_id}", "p1")
+                .replace("{name}", "n")
+                .replace("{port}", "8080");
+            for body in [json!([null, null]), json!([]), json!(null), json!(7)] {
+                let (st, e) = app
+                    .call(
+                        Some(ADMIN),
+                        &method.to_ascii_uppercase(),
+                        &path,
+                        Some(body.clone()),
+                    )
+                    .await;
+                assert_eq!(st, 400, "{method} {template} {body}: {e}");
+                assert!(msg(&e).contains("invalid request body"), "{e}");
+            }
+        }
+    }
+    assert!(bodies >= 12, "{bodies}");
+    // A schema rule serde does not know: the group's pool size, and the API key's name.
+    let (st, e) = app
+        .call(
+            Some(ADMIN),
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"name": "\u{7}bell", "role": "admin"})),
+        )
+        .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(msg(&e).contains("at /name"), "{e}");
+    // Nothing was created by any of it.
+    let (_, keys) = app.call(Some(ADMIN), "GET", "/v1/api-keys", None).await;
+    assert_eq!(keys["api_keys"].as_array().unwrap().len(), 1, "{keys}");
+}
+
+/// The rules the server checks of path parameters are in the document, for generated clients.
+#[test]
+fn path_parameter_rules_are_documented() {
+    let doc = serde_json::to_value(moat_server::http::openapi_document()).unwrap();
+    let mut seen = 0;
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        for (_, op) in item.as_object().unwrap() {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let schema = &p["schema"];
+                match (p["name"].as_str().unwrap(), p["in"].as_str().unwrap()) {
+                    ("group", "path") => {
+                        seen += 1;
+                        assert_eq!(
+                            schema["pattern"],
+                            moat_server::api::NAME_PATTERN,
+                            "{template}"
+                        );
+                        assert_eq!(schema["maxLength"], 63, "{template}");
+                    }
+                    ("port", "path") => {
+                        assert_eq!(
+                            (&schema["minimum"], &schema["maximum"]),
+                            (&json!(1), &json!(65535)),
+                            "{template}"
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert!(seen >= 40, "{seen}");
+}
+
+/// `NAME_PATTERN` says what `validate_name` does.
+#[test]
+fn the_name_pattern_agrees_with_the_server() {
+    let schema = json!({"type": "string", "pattern": moat_server::api::NAME_PATTERN,
+        "minLength": 1, "maxLength": 63});
+    let v = jsonschema::validator_for(&schema).unwrap();
+    for name in [
+        "a",
+        "a-b",
+        "0",
+        "a0-9z",
+        "-a",
+        "a-",
+        "A",
+        "a_b",
+        "",
+        "a b",
+        "é",
+        &"a".repeat(63),
+        &"a".repeat(64),
+        "a--b",
+        "a.b",
+    ] {
+        assert_eq!(
+            v.is_valid(&json!(name)),
+            moat_server::api::validate_name("x", name).is_ok(),
+            "{name:?}"
+        );
+    }
+}
+
+fn key_id_of(app_keys: &Value, key: &str) -> String {
+    let prefix: String = key.chars().take(13).collect();
+    app_keys["api_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["prefix"] == prefix.as_str())
+        .unwrap_or_else(|| panic!("no key with prefix {prefix} in {app_keys}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A key that expires is refused with 401 and why once its time has passed, and only an
+/// admin's rotation with a new expiry brings it back, under a new secret.
+#[tokio::test]
+async fn expired_keys_get_401_until_rotated_with_a_new_expiry() {
+    let app = App::new();
+    app.call(Some(ADMIN), "PUT", &format!("{G}/g"), Some(json!({})))
+        .await;
+    let (st, k) = app
+        .call(
+            Some(ADMIN),
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"name": "short", "role": "user", "groups": ["g"], "expires_in_s": 1})),
+        )
+        .await;
+    assert_eq!(st, 201, "{k}");
+    assert!(k["expires_at"].is_string(), "{k}");
+    let (key, id) = (k["key"].as_str().unwrap(), k["id"].as_str().unwrap());
+    let (st, _) = app.call(Some(key), "GET", G, None).await;
+    assert_eq!(st, 200);
+    // Expiry is to the second: within two seconds the key must stop working.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let e = loop {
+        let (st, e) = app.call(Some(key), "GET", G, None).await;
+        if st == 401 {
+            break e;
+        }
+        assert_eq!(st, 200, "{e}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(
+        msg(&e).contains("expired at") && msg(&e).contains(id),
+        "{e}"
+    );
+    // Expired: no mutation either.
+    let (st, _) = app
+        .call(Some(key), "PUT", &format!("{G}/other"), Some(json!({})))
+        .await;
+    assert_eq!(st, 401);
+    // Past expiry, a rotation must give a new one.
+    let rotate = format!("/v1/api-keys/{id}/rotate");
+    let (st, e) = app
+        .call(Some(ADMIN), "POST", &rotate, Some(json!({})))
+        .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(msg(&e).contains("expires_in_s"), "{e}");
+    for bad in [json!({"expires_in_s": 0}), json!({"expires_in_s": -1})] {
+        let (st, e) = app
+            .call(Some(ADMIN), "POST", &rotate, Some(bad.clone()))
+            .await;
+        assert_eq!(st, 400, "{bad}: {e}");
+    }
+    let (st, r) = app
+        .call(
+            Some(ADMIN),
+            "POST",
+            &rotate,
+            Some(json!({"expires_in_s": 3600})),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let new = r["key"].as_str().unwrap();
+    assert_eq!(
+        (r["id"].as_str(), r["role"].as_str()),
+        (Some(id), Some("user"))
+    );
+    let (st, _) = app.call(Some(new), "GET", G, None).await;
+    assert_eq!(st, 200);
+    let (st, e) = app.call(Some(key), "GET", G, None).await;
+    assert_eq!(st, 401);
+    assert!(msg(&e).contains("invalid or deleted API key"), "{e}");
+    // Show: expiry, rotation and last use, never a secret.
+    let (st, shown) = app
+        .call(Some(ADMIN), "GET", &format!("/v1/api-keys/{id}"), None)
+        .await;
+    assert_eq!(st, 200, "{shown}");
+    assert!(shown["expires_at"].is_string() && shown["rotated_at"].is_string());
+    assert!(shown["last_used_at"].is_string(), "{shown}");
+    assert!(shown.get("key").is_none() && !shown.to_string().contains(new));
+    // Only admins rotate or show.
+    let (st, _) = app.call(Some(new), "POST", &rotate, Some(json!({}))).await;
+    assert_eq!(st, 403);
+    let (st, _) = app
+        .call(Some(new), "GET", &format!("/v1/api-keys/{id}"), None)
+        .await;
+    assert_eq!(st, 403);
+}
+
+/// Rotating a key that has not expired keeps its expiry, role, groups and rate limit; the old
+/// secret is refused from the rotation's answer on.
+#[tokio::test]
+async fn rotation_ends_the_old_secret_and_keeps_the_rest() {
+    let app = App::new();
+    app.call(Some(ADMIN), "PUT", &format!("{G}/g"), Some(json!({})))
+        .await;
+    let (_, k) = app
+        .call(
+            Some(ADMIN),
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"name": "ci", "role": "reader", "groups": ["g"],
+                "expires_in_s": 86400, "rate_limit": {"per_s": 50, "burst": 60}})),
+        )
+        .await;
+    let (old, id) = (k["key"].as_str().unwrap(), k["id"].as_str().unwrap());
+    let (st, r) = app
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("/v1/api-keys/{id}/rotate"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    for field in ["id", "role", "groups", "expires_at", "rate_limit", "name"] {
+        assert_eq!(r[field], k[field], "{field}");
+    }
+    assert_ne!(r["prefix"], k["prefix"]);
+    let new = r["key"].as_str().unwrap();
+    let (st, _) = app.call(Some(old), "GET", &format!("{G}/g"), None).await;
+    assert_eq!(st, 401);
+    let (st, _) = app.call(Some(new), "GET", &format!("{G}/g"), None).await;
+    assert_eq!(st, 200);
+    // The new secret is a reader's, scoped as before.
+    let (st, _) = app.call(Some(new), "GET", &format!("{G}/h"), None).await;
+    assert_eq!(st, 404);
+    let (st, _) = app
+        .call(Some(new), "PUT", &format!("{G}/g"), Some(json!({})))
+        .await;
+    assert_eq!(st, 403);
+    let (st, _) = app
+        .call(
+            Some(ADMIN),
+            "POST",
+            "/v1/api-keys/key-nope/rotate",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 404);
+}
+
+/// A key over its rate limit gets 429 with Retry-After; other keys are unaffected; rotating
+/// the key does not refill its bucket (the bucket is the key's, not its secret's); the wait
+/// Retry-After names is enough.
+#[tokio::test]
+async fn rate_limits_are_per_key_with_retry_after() {
+    let app = App::new();
+    app.call(Some(ADMIN), "PUT", &format!("{G}/g"), Some(json!({})))
+        .await;
+    let (_, k) = app
+        .call(
+            Some(ADMIN),
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"name": "slow", "role": "reader", "groups": ["g"],
+                "rate_limit": {"per_s": 1, "burst": 3}})),
+        )
+        .await;
+    let (slow, id) = (k["key"].as_str().unwrap(), k["id"].as_str().unwrap());
+    let path = format!("{G}/g");
+    for _ in 0..3 {
+        let (st, e) = app.call(Some(slow), "GET", &path, None).await;
+        assert_eq!(st, 200, "{e}");
+    }
+    let (st, e, headers) = app.call_full(Some(slow), "GET", &path, None).await;
+    assert_eq!(st, 429, "{e}");
+    assert_eq!(e["error"]["code"], "rate_limited");
+    assert!(msg(&e).contains("1 requests a second, bursts of 3"), "{e}");
+    let retry: u64 = headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    // Refused requests take no token, but they do not get through either: a flood stays out.
+    for _ in 0..20 {
+        let (st, _) = app.call(Some(slow), "GET", &path, None).await;
+        assert_eq!(st, 429);
+    }
+    // Another key, and the admin, are not slowed by it.
+    for _ in 0..20 {
+        let (st, _) = app.call(Some(ADMIN), "GET", &path, None).await;
+        assert_eq!(st, 200);
+    }
+    // A new secret for the same key is the same bucket.
+    let (st, r) = app
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("/v1/api-keys/{id}/rotate"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let new = r["key"].as_str().unwrap();
+    let (st, _) = app.call(Some(new), "GET", &path, None).await;
+    assert_eq!(st, 429);
+    // After Retry-After, a request gets through.
+    tokio::time::sleep(std::time::Duration::from_secs(retry)).await;
+    let (st, e) = app.call(Some(new), "GET", &path, None).await;
+    assert_eq!(st, 200, "{e}");
+    // Limits outside 1–100000 are refused, by the document's schema.
+    for bad in [
+        json!({"per_s": 0, "burst": 1}),
+        json!({"per_s": 1}),
+        json!({"per_s": 1, "burst": 100001}),
+    ] {
+        let (st, e) = app
+            .call(
+                Some(ADMIN),
+                "POST",
+                "/v1/api-keys",
+                Some(json!({"name": "x", "role": "admin", "rate_limit": bad})),
+            )
+            .await;
+        assert_eq!(st, 400, "{e}");
+    }
+}
+
+/// Every mutating call is in the audit log with its key, route, path, group, status and
+/// request id (the answer's X-Request-Id), refused ones too; no body, so no secret value, is
+/// ever in it; only admins read it, filtered by key, group and time.
+#[tokio::test]
+async fn mutating_calls_are_audited_without_bodies() {
+    let app = App::new();
+    let (st, _, h) = app
+        .call_full(Some(ADMIN), "PUT", &format!("{G}/g"), Some(json!({})))
+        .await;
+    assert_eq!(st, 201);
+    let put_id = h["x-request-id"].to_str().unwrap().to_string();
+    app.call(Some(ADMIN), "PUT", &format!("{G}/h"), Some(json!({})))
+        .await;
+    let owner = app.key("owner", &["g"]).await;
+    let secret = "sk-live-THIS-MUST-NOT-BE-LOGGED";
+    let (st, e) = app
+        .call(
+            Some(&owner),
+            "PUT",
+            &format!("{G}/g/secrets/api-token"),
+            Some(json!({"value": secret})),
+        )
+        .await;
+    assert_eq!(st, 201, "{e}");
+    // Refused: a reader-less forbidden change, and one without a key.
+    let (st, _) = app
+        .call(Some(&owner), "PUT", &format!("{G}/h"), Some(json!({})))
+        .await;
+    assert_eq!(st, 404);
+    let (st, _) = app.call(None, "DELETE", &format!("{G}/g"), None).await;
+    assert_eq!(st, 401);
+    // Reads are not audited.
+    app.call(Some(ADMIN), "GET", G, None).await;
+
+    let (st, log) = app.call(Some(ADMIN), "GET", "/v1/audit", None).await;
+    assert_eq!(st, 200, "{log}");
+    assert!(!log.to_string().contains(secret), "{log}");
+    assert!(!log.to_string().contains(&owner), "{log}");
+    let events = log["events"].as_array().unwrap();
+    let actions: Vec<(String, u64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_string(),
+                e["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("PUT /v1/sandbox-groups/{group}".to_string(), 201),
+            ("PUT /v1/sandbox-groups/{group}".to_string(), 201),
+            ("POST /v1/api-keys".to_string(), 201),
+            (
+                "PUT /v1/sandbox-groups/{group}/secrets/{name}".to_string(),
+                201
+            ),
+            ("PUT /v1/sandbox-groups/{group}".to_string(), 404),
+            ("DELETE /v1/sandbox-groups/{group}".to_string(), 401),
+        ],
+        "{log}"
+    );
+    assert_eq!(events[0]["request_id"], put_id.as_str());
+    assert_eq!(events[0]["target"], "/v1/sandbox-groups/g");
+    assert_eq!(events[0]["group"], "g");
+    assert!(events[5]["key_id"].is_null());
+    let keys = app.call(Some(ADMIN), "GET", "/v1/api-keys", None).await.1;
+    let owner_id = key_id_of(&keys, &owner);
+    assert_eq!(events[3]["key_id"], owner_id.as_str());
+
+    let (_, by_key) = app
+        .call(
+            Some(ADMIN),
+            "GET",
+            &format!("/v1/audit?key={owner_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(by_key["events"].as_array().unwrap().len(), 2, "{by_key}");
+    let (_, by_group) = app
+        .call(Some(ADMIN), "GET", "/v1/audit?group=h", None)
+        .await;
+    assert_eq!(
+        by_group["events"].as_array().unwrap().len(),
+        2,
+        "{by_group}"
+    );
+    let (_, page) = app
+        .call(Some(ADMIN), "GET", "/v1/audit?limit=4", None)
+        .await;
+    assert_eq!(page["events"].as_array().unwrap().len(), 4);
+    let next = page["next"].as_u64().unwrap();
+    let (_, rest) = app
+        .call(Some(ADMIN), "GET", &format!("/v1/audit?after={next}"), None)
+        .await;
+    assert_eq!(rest["events"].as_array().unwrap().len(), 2, "{rest}");
+    let (_, future) = app
+        .call(Some(ADMIN), "GET", "/v1/audit?since=99999999999", None)
+        .await;
+    assert_eq!(future["events"], json!([]));
+    for bad in ["limit=0", "group=Bad", "since=x", "nope=1"] {
+        let (st, e) = app
+            .call(Some(ADMIN), "GET", &format!("/v1/audit?{bad}"), None)
+            .await;
+        assert_eq!(st, 400, "{bad}: {e}");
+    }
+    let (st, _) = app.call(Some(&owner), "GET", "/v1/audit", None).await;
+    assert_eq!(st, 403);
 }

@@ -7,6 +7,7 @@ import { ConnectionFailed, MoatError, NotFound, errorFromFrame, errorFromRespons
 import { Shell } from "./shell.js";
 import type {
   ApiKey,
+  AuditList,
   CheckRequest,
   Command,
   CreateOptions,
@@ -27,6 +28,7 @@ import type {
   PolicyVersion,
   ProcessInfo,
   ProcessLogs,
+  RateLimit,
   ReplayResult,
   Role,
   SandboxInfo,
@@ -261,13 +263,49 @@ export class Policies {
 export class ApiKeys {
   constructor(private readonly c: Client) {}
 
-  /** The answer's `key` is the secret, shown this once. */
-  create(name: string, role: Role, groups: readonly string[] = []): Promise<CreatedApiKey> {
-    return this.c.json({ method: "POST", path: "/v1/api-keys", json: { name, role, groups } });
+  /**
+   * The answer's `key` is the secret, shown this once. `expiresInS`: the key stops working that
+   * many seconds from now; `rateLimit`: its own, instead of the daemon's.
+   */
+  create(
+    name: string,
+    role: Role,
+    groups: readonly string[] = [],
+    options: { expiresInS?: number; rateLimit?: RateLimit } = {},
+  ): Promise<CreatedApiKey> {
+    const json: Record<string, unknown> = { name, role, groups };
+    if (options.expiresInS !== undefined) json["expires_in_s"] = options.expiresInS;
+    if (options.rateLimit !== undefined) json["rate_limit"] = options.rateLimit;
+    return this.c.json({ method: "POST", path: "/v1/api-keys", json });
   }
 
   async list(): Promise<ApiKey[]> {
     return (await this.c.json<{ api_keys: ApiKey[] }>({ method: "GET", path: "/v1/api-keys" })).api_keys;
+  }
+
+  get(id: string): Promise<ApiKey> {
+    return this.c.json({ method: "GET", path: `/v1/api-keys/${enc(id)}` });
+  }
+
+  /**
+   * A new secret for the key (same id, role, groups and rate limit), shown this once; the old
+   * secret stops working at once. `expiresInS` is needed when the key has expired; without it
+   * the expiry stays as it was.
+   */
+  rotate(id: string, options: { expiresInS?: number } = {}): Promise<CreatedApiKey> {
+    const json: Record<string, unknown> = {};
+    if (options.expiresInS !== undefined) json["expires_in_s"] = options.expiresInS;
+    return this.c.json({ method: "POST", path: `/v1/api-keys/${enc(id)}/rotate`, json });
+  }
+
+  /** A page of the audit log of mutating API calls (admin keys), oldest first. */
+  audit(
+    options: { since?: number; key?: string; group?: string; after?: number; limit?: number } = {},
+  ): Promise<AuditList> {
+    const q = new URLSearchParams();
+    for (const [k, v] of Object.entries(options)) if (v !== undefined) q.set(k, String(v));
+    const qs = q.toString();
+    return this.c.json({ method: "GET", path: `/v1/audit${qs ? `?${qs}` : ""}` });
   }
 
   async delete(id: string): Promise<void> {

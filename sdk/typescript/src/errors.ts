@@ -62,6 +62,8 @@ export class PayloadTooLarge extends MoatError {}
 export class TooManyRequests extends MoatError {}
 /** The same class as {@link TooManyRequests}. */
 export const CapacityError = TooManyRequests;
+/** 429 `rate_limited`: this API key is over its rate limit; `Retry-After` says when to retry. */
+export class RateLimited extends TooManyRequests {}
 /** 500: the daemon failed; the details are in its log. */
 export class InternalError extends MoatError {}
 /** 503: the daemon cannot do this now (store busy, sandboxes being prepared); retry. */
@@ -119,6 +121,7 @@ export function errorFromResponse(status: number, body: string): MoatError {
   } catch {
     message = body.slice(0, 500).trim() || `HTTP status ${status}`;
   }
+  if (code === "rate_limited") return new RateLimited(status, code, message);
   const cls = BY_STATUS[status] ?? BY_CODE[code] ?? (status >= 500 ? InternalError : MoatError);
   return new cls(status, code, message);
 }

@@ -36,6 +36,7 @@ export {
   NotFound,
   PayloadTooLarge,
   PolicyDenied,
+  RateLimited,
   TooManyRequests,
   Unauthorized,
   Unavailable,

@@ -42,6 +42,11 @@ export type SandboxesHealth = Schemas["SandboxesHealth"];
 export type ApiKey = Schemas["ApiKey"];
 /** An API key as created: `key` is the secret, shown this once. */
 export type CreatedApiKey = Schemas["CreatedApiKey"];
+/** A key's own rate limit: `per_s` requests a second on average, bursts of up to `burst`. */
+export type RateLimit = Schemas["RateLimit"];
+/** One mutating API call in the audit log (never a request body). */
+export type AuditEvent = Schemas["AuditEvent"];
+export type AuditList = Schemas["AuditList"];
 /** What the daemon says about a sandbox (the `Sandbox` schema). */
 export type SandboxInfo = Schemas["Sandbox"];
 export type ExecResult = Schemas["ExecResult"];

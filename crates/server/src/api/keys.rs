@@ -41,13 +41,71 @@ impl Role {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKey {
-    /// For people: 1–64 printable characters.
+    /// For people: 1–64 printable characters, not all of them spaces.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub name: String,
     pub role: Role,
     /// Groups the key may see; required (non-empty) unless the role is admin, which sees all
     /// groups and takes none.
     #[serde(default)]
+    #[schema(schema_with = group_names)]
     pub groups: Vec<String>,
+    /// The key stops working this many seconds from now (1 s – 10 years); absent: never.
+    /// Relative, so that a client's clock cannot make a key that is born expired.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 315_360_000)]
+    pub expires_in_s: Option<u64>,
+    /// This key's rate limit; absent: the daemon's (`moat serve --rate-limit`).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket: `per_s` requests a second on average, bursts of up to `burst`. Over it a
+/// request is answered 429 with `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// 1–100000.
+    #[schema(minimum = 1, maximum = 100_000)]
+    pub per_s: u32,
+    /// 1–100000.
+    #[schema(minimum = 1, maximum = 100_000)]
+    pub burst: u32,
+}
+
+/// The longest `expires_in_s`: ten years.
+pub const MAX_EXPIRES_IN_S: u64 = 315_360_000;
+/// The largest `per_s` and `burst` of a [`RateLimit`].
+pub const MAX_RATE: u32 = 100_000;
+
+/// A rotation: a new secret for the same key (id, role, groups, rate limit).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateApiKey {
+    /// The new secret expires this many seconds from now (1 s – 10 years); absent: the key's
+    /// expiry stays as it was (refused if that has passed: give a new one).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 315_360_000)]
+    pub expires_in_s: Option<u64>,
+}
+
+/// At most 64 group names ([`super::validate_name`]'s rule).
+fn group_names() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(super::NAME_PATTERN))
+                .min_length(Some(1))
+                .max_length(Some(63)),
+        )
+        .max_items(Some(64))
+        .build()
 }
 
 /// An API key as listed: never the secret itself.
@@ -61,6 +119,14 @@ pub struct ApiKey {
     /// The first characters of the key (`moat_` + 8), to recognise it.
     pub prefix: String,
     pub created_at: String,
+    /// RFC 3339, UTC; null: never. An expired key is refused with 401 until it is rotated.
+    pub expires_at: Option<String>,
+    /// RFC 3339, UTC, to within a minute (recorded at most once a minute); null: never used.
+    pub last_used_at: Option<String>,
+    /// When the secret was last rotated; null: never.
+    pub rotated_at: Option<String>,
+    /// This key's own rate limit; null: the daemon's.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// The answer to a create: the only time the secret is shown.
@@ -73,6 +139,8 @@ pub struct CreatedApiKey {
     pub groups: Vec<String>,
     pub prefix: String,
     pub created_at: String,
+    pub expires_at: Option<String>,
+    pub rate_limit: Option<RateLimit>,
     /// The secret, `moat_` + 43 base62 characters. Shown once; store it now.
     pub key: String,
 }
@@ -115,7 +183,27 @@ impl CreateApiKey {
         for g in &self.groups {
             validate_name("group name", g)?;
         }
+        validate_expiry(self.expires_in_s)?;
+        if let Some(r) = self.rate_limit {
+            for (field, v) in [("per_s", r.per_s), ("burst", r.burst)] {
+                if !(1..=MAX_RATE).contains(&v) {
+                    return bad(format!(
+                        "invalid rate_limit.{field} {v}: allowed is 1–{MAX_RATE}"
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+}
+
+pub(crate) fn validate_expiry(expires_in_s: Option<u64>) -> Result<()> {
+    match expires_in_s {
+        Some(s) if !(1..=MAX_EXPIRES_IN_S).contains(&s) => bad(format!(
+            "invalid expires_in_s {s}: allowed is 1–{MAX_EXPIRES_IN_S} seconds (10 years), or \
+             absent for never"
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -129,6 +217,8 @@ mod tests {
             name: "ci".into(),
             role,
             groups: groups.iter().map(|s| s.to_string()).collect(),
+            expires_in_s: None,
+            rate_limit: None,
         };
         k(Role::Admin, &[]).validate().unwrap();
         k(Role::User, &["a"]).validate().unwrap();
@@ -137,6 +227,20 @@ mod tests {
         assert!(k(Role::Owner, &["Bad"]).validate().is_err());
         let mut x = k(Role::User, &["a"]);
         x.name = "".into();
+        assert!(x.validate().is_err());
+        let mut x = k(Role::User, &["a"]);
+        x.expires_in_s = Some(0);
+        assert!(x.validate().is_err());
+        x.expires_in_s = Some(MAX_EXPIRES_IN_S + 1);
+        assert!(x.validate().is_err());
+        x.expires_in_s = Some(60);
+        x.validate().unwrap();
+        x.rate_limit = Some(RateLimit { per_s: 0, burst: 1 });
+        assert!(x.validate().is_err());
+        x.rate_limit = Some(RateLimit {
+            per_s: 1,
+            burst: MAX_RATE + 1,
+        });
         assert!(x.validate().is_err());
     }
 }

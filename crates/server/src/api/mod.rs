@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 
 use crate::error::{Error, Result};
 
+mod audit;
 mod egress;
 mod exec;
 mod files;
@@ -29,6 +30,7 @@ mod shell;
 mod snapshots;
 mod system;
 
+pub use audit::*;
 pub use egress::*;
 pub use exec::*;
 pub use files::*;
@@ -89,6 +91,9 @@ pub const MAX_IMAGE_LEN: usize = 512;
 
 /// Group names: lowercase letters, digits and '-', 1–63 chars, not starting or ending with '-'
 /// (a DNS label, so a name can later appear in host names and paths without escaping).
+/// [`validate_name`]'s rule as an ECMA-262 pattern, for the OpenAPI document (with lengths 1–63).
+pub const NAME_PATTERN: &str = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$";
+
 pub fn validate_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63

@@ -13,6 +13,12 @@ pub struct Health {
     pub version: String,
     /// Whether sandboxes can run yet: a daemon on a fresh MOAT_HOME prepares them first.
     pub sandboxes: SandboxesHealth,
+    /// Whether QEMU and the network stacks run jailed, and what the host offers the jail
+    /// (namespaces, seccomp, cgroup version), e.g. `on: uids 1600000000.., namespaces
+    /// mnt/pid/ipc/uts/net, seccomp, cgroup v2` or `off (MOAT_NO_JAIL=1)`. Absent until the
+    /// sandbox runtime is ready (the same line is in the log, `moat -v serve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<String>,
 }
 
 /// Whether sandboxes can run (`/healthz`).

@@ -6,11 +6,15 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode, Uri};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
 use serde::de::DeserializeOwned;
+use utoipa::ToSchema;
 
 use super::state::AppState;
 use crate::error::{Error, Result};
-use crate::store::Principal;
+use crate::store::{Authenticated, Principal};
 
 /// Request bodies above this are refused with 413 before they are read in full.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -36,16 +40,60 @@ impl FromRequestParts<AppState> for Principal {
                 )
             })?
             .to_string();
-        authenticate(state, &key).await
+        let p = authenticate(state, &key).await?;
+        if let Some(slot) = parts.extensions.get::<AuditKey>() {
+            slot.set(&p.key_id);
+        }
+        Ok(p)
     }
 }
 
+/// Where the `Principal` extractor leaves the key id of the call, for the audit middleware.
+#[derive(Clone, Default)]
+pub struct AuditKey(Arc<Mutex<Option<String>>>);
+
+impl AuditKey {
+    fn set(&self, key_id: &str) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(key_id.to_string());
+    }
+
+    pub(crate) fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The key's principal, if it is known, unexpired and within its rate limit.
 async fn authenticate(state: &AppState, key: &str) -> Result<Principal> {
-    state
-        .store
-        .authenticate(key)
-        .await?
-        .ok_or_else(|| Error::Unauthorized("invalid or deleted API key".to_string()))
+    let p = match state.store.authenticate(key).await? {
+        Authenticated::Key(p) => p,
+        Authenticated::Expired { key_id, at } => {
+            return Err(Error::Unauthorized(format!(
+                "API key {key_id} expired at {}; an admin can renew it with `moat api-key \
+                 rotate {key_id} --expires-in DURATION`",
+                crate::api::rfc3339(at)
+            )))
+        }
+        Authenticated::Unknown => {
+            return Err(Error::Unauthorized(
+                "invalid or deleted API key (or its secret was rotated)".to_string(),
+            ))
+        }
+    };
+    if let Err(wait) = state.limiter.take(&p.key_id, p.rate_limit) {
+        let limit = p.rate_limit.or(state.limiter.default_limit());
+        return Err(Error::RateLimited {
+            message: format!(
+                "API key {} is over its rate limit{}; retry after the Retry-After seconds",
+                p.key_id,
+                limit.map_or(String::new(), |l| format!(
+                    " ({} requests a second, bursts of {})",
+                    l.per_s, l.burst
+                ))
+            ),
+            retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
+        });
+    }
+    Ok(p)
 }
 
 /// The WebSocket subprotocol the shell answers with when a client offers it.
@@ -78,7 +126,13 @@ impl FromRequestParts<AppState> for ShellPrincipal {
             .map(str::trim);
         let mut keys = offered.filter_map(|p| p.strip_prefix(KEY_PROTOCOL_PREFIX));
         match (keys.next(), keys.next()) {
-            (Some(key), None) => authenticate(state, key).await.map(ShellPrincipal),
+            (Some(key), None) => {
+                let p = authenticate(state, key).await?;
+                if let Some(slot) = parts.extensions.get::<AuditKey>() {
+                    slot.set(&p.key_id);
+                }
+                Ok(ShellPrincipal(p))
+            }
             (Some(_), Some(_)) => Err(Error::Unauthorized(format!(
                 "more than one {KEY_PROTOCOL_PREFIX}<API key> subprotocol: offer one"
             ))),
@@ -90,11 +144,14 @@ impl FromRequestParts<AppState> for ShellPrincipal {
     }
 }
 
-/// A JSON body parsed with our own messages (serde's say which field was wrong and which are
-/// allowed). The Content-Type is not required: the body is always JSON.
+/// A JSON body, parsed with our own messages (serde's say which field was wrong and which are
+/// allowed), then checked against `T`'s schema in the OpenAPI document: whatever the document
+/// forbids is refused here, so the server is never laxer than what clients are told (serde
+/// alone takes a struct as a JSON array too, so `[null, null]` made a sandbox). The
+/// Content-Type is not required: the body is always JSON.
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<S: Send + Sync, T: DeserializeOwned + ToSchema> FromRequest<S> for ApiJson<T> {
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &S) -> Result<Self> {
@@ -107,10 +164,88 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 Error::BadRequest(format!("cannot read the request body: {}", e.body_text()))
             }
         })?;
-        serde_json::from_slice(&bytes)
-            .map(ApiJson)
-            .map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))
+        let value: T = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))?;
+        let json: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))?;
+        check_schema(&T::name(), &json)?;
+        Ok(ApiJson(value))
     }
+}
+
+/// The compiled schema of each request body, by component name, made on first use.
+static BODY_SCHEMAS: LazyLock<Mutex<HashMap<String, Arc<jsonschema::Validator>>>> =
+    LazyLock::new(Default::default);
+
+/// Checks `body` against the component schema `name` of the OpenAPI document.
+pub(crate) fn check_schema(name: &str, body: &serde_json::Value) -> Result<()> {
+    let validator = {
+        let mut cache = BODY_SCHEMAS.lock().unwrap_or_else(|e| e.into_inner());
+        match cache.get(name) {
+            Some(v) => v.clone(),
+            None => {
+                let v = Arc::new(compile(name)?);
+                cache.insert(name.to_string(), v.clone());
+                v
+            }
+        }
+    };
+    let mut errors = Vec::new();
+    for e in validator.iter_errors(body).take(3) {
+        describe(&e, &mut errors);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::BadRequest(format!(
+            "invalid request body (see the {name} schema in /openapi.json): {}",
+            errors.join("; ")
+        )))
+    }
+}
+
+/// What is wrong, where, without the value itself (a body may carry a secret): the branch
+/// that failed of a `oneOf`/`anyOf` (an optional field is "null or X": the null branch's
+/// type error says nothing), else the error with its value masked.
+fn describe(e: &jsonschema::ValidationError<'_>, out: &mut Vec<String>) {
+    use jsonschema::error::ValidationErrorKind as Kind;
+    if let Kind::OneOfNotValid { context } | Kind::AnyOf { context } = &e.kind {
+        let inner: Vec<_> = context
+            .iter()
+            .flatten()
+            .filter(|c| !matches!(c.kind, Kind::Type { .. }))
+            .collect();
+        if !inner.is_empty() {
+            for c in inner {
+                describe(c, out);
+            }
+            return;
+        }
+    }
+    let at = e.instance_path.to_string();
+    let what = e.masked_with("the value").to_string();
+    out.push(if at.is_empty() {
+        what
+    } else {
+        format!("at {at}: {what}")
+    });
+}
+
+fn compile(name: &str) -> Result<jsonschema::Validator> {
+    let doc = serde_json::to_value(super::openapi_document())
+        .map_err(|e| Error::Internal(format!("the OpenAPI document: {e}")))?;
+    let components = &doc["components"];
+    if components["schemas"][name].is_null() {
+        return Err(Error::Internal(format!(
+            "the request body schema {name} is not in the OpenAPI document"
+        )));
+    }
+    let root = serde_json::json!({
+        "$ref": format!("#/components/schemas/{name}"),
+        "components": components,
+    });
+    jsonschema::validator_for(&root)
+        .map_err(|e| Error::Internal(format!("the schema {name} does not compile: {e}")))
 }
 
 /// A path parameter (or a tuple of them); `Path`'s own rejection becomes a 400 in our shape.

@@ -50,9 +50,11 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::ui::router())
         .merge(routes::identity::router())
         .merge(routes::secrets::router())
+        .merge(routes::audit::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.clone(), audit))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state.clone());
     routes::mcp::mount(api, state)
@@ -78,12 +80,82 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
         routes::policy::Doc::openapi(),
         routes::identity::Doc::openapi(),
         routes::secrets::Doc::openapi(),
+        routes::audit::Doc::openapi(),
     ] {
         doc.merge(part);
     }
     unique_operation_ids(&mut doc);
+    constrain_path_parameters(&mut doc);
+    document_rate_limit(&mut doc);
     doc
 }
+
+/// Every operation that takes an API key may answer 429 when the key is over its rate limit
+/// (checked with the key, before the operation's own work): said once here for all of them.
+fn document_rate_limit(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    for item in doc.paths.paths.values_mut() {
+        for (_, op) in operations_mut(item) {
+            if op.security.is_none() || op.responses.responses.contains_key("429") {
+                continue;
+            }
+            let resp = ResponseBuilder::new()
+                .description(
+                    "The API key is over its rate limit; `Retry-After` says when to try again",
+                )
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build();
+            op.responses
+                .responses
+                .insert("429".to_string(), resp.into());
+        }
+    }
+}
+
+/// What the server checks of a path parameter before anything else, written into every
+/// operation that takes it, so that generated clients know it: the rules live in `api` and
+/// are stated here once instead of in each route's attributes.
+fn constrain_path_parameters(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    use utoipa::openapi::RefOr;
+    let name = |pattern: &str| {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some(pattern))
+            .min_length(Some(1))
+            .max_length(Some(63))
+            .build()
+    };
+    for (template, item) in doc.paths.paths.iter_mut() {
+        for (_, op) in operations_mut(item) {
+            for param in op.parameters.iter_mut().flatten() {
+                if !matches!(param.parameter_in, utoipa::openapi::path::ParameterIn::Path) {
+                    continue;
+                }
+                let rule = match param.name.as_str() {
+                    "group" => name(api::NAME_PATTERN),
+                    "name" if template.contains("/snapshots/") => name(api::NAME_PATTERN),
+                    "name" if template.contains("/secrets/") => name(SECRET_NAME_PATTERN),
+                    "port" => ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .minimum(Some(1))
+                        .maximum(Some(65535))
+                        .build(),
+                    _ => continue,
+                };
+                param.schema = Some(RefOr::T(rule.into()));
+            }
+        }
+    }
+}
+
+/// `moat_net::transform::check_secret_name` as a pattern (with lengths 1–63).
+const SECRET_NAME_PATTERN: &str = "^[a-z0-9][a-z0-9_-]*$";
 
 /// Gives each operation of a handler that serves several methods (the port proxy) an
 /// `operationId` of its own, `<handler>_<method>`: OpenAPI requires them unique, and client
@@ -168,6 +240,67 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     state
         .metrics
         .observe(&route, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+/// The header that carries each answer's request id (also in the audit log).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Gives every answer an `X-Request-Id`, and records each mutating call (POST, PUT, PATCH,
+/// DELETE of a route of the API) in the audit log: the key that made it (set by the
+/// `Principal` extractor into the [`extract::AuditKey`] slot), the route, the path, the
+/// group, the status and the request id; never the body, which may hold secrets. The port
+/// proxy's traffic is the sandbox's own, not a call on moat, and is not recorded.
+async fn audit(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let request_id = format!("req-{}", hex::encode(rand::random::<[u8; 8]>()));
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string());
+    let recorded = matches!(
+        method,
+        axum::http::Method::POST
+            | axum::http::Method::PUT
+            | axum::http::Method::PATCH
+            | axum::http::Method::DELETE
+    ) && route
+        .as_deref()
+        .is_some_and(|r| !r.contains("/ports/{port}/"));
+    let slot = extract::AuditKey::default();
+    req.extensions_mut().insert(slot.clone());
+    let target: String = req.uri().path().chars().take(1024).collect();
+    let mut resp = next.run(req).await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    if let (true, Some(route)) = (recorded, route) {
+        let group = target
+            .strip_prefix("/v1/sandbox-groups/")
+            .and_then(|rest| rest.split('/').next())
+            .filter(|g| api::validate_name("group", g).is_ok())
+            .map(str::to_string);
+        let event = crate::store::NewAuditEvent {
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+            key_id: slot.get(),
+            action: format!("{method} {route}"),
+            target,
+            group,
+            status: resp.status().as_u16(),
+            request_id,
+        };
+        // Written before the answer leaves, so that a call the client saw succeed is in the
+        // log; a failure to write is logged, not turned into the call's failure.
+        if let Err(e) = state
+            .store
+            .insert_audit_event(event, state.audit_retention)
+            .await
+        {
+            tracing::error!(error = %e, "recording an API call in the audit log");
+        }
+    }
     resp
 }
 

@@ -1,5 +1,6 @@
 //! `AppState`: what every handler gets: the store, the metrics, the sandbox manager (or why
-//! there is none), the image operations in progress, the policy gate and the identity issuer.
+//! there is none), the image operations in progress, the policy gate the identity issuer and the
+//! rate limits.
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use crate::identity::Issuer;
 use crate::images::Operations;
 use crate::metrics::Metrics;
 use crate::policy::Gate;
+use crate::ratelimit::Limiter;
 use crate::readiness::Sandboxes;
 use crate::sandboxes::Manager;
 use crate::store::Store;
@@ -25,6 +27,10 @@ pub struct AppState {
     pub policy: Arc<Gate>,
     /// The workload-identity issuer: its keys, its documents, and token mints.
     pub identity: Arc<Issuer>,
+    /// Per-key rate limits.
+    pub limiter: Arc<Limiter>,
+    /// Audit log entries kept (`moat serve --audit-retention`); the oldest go first.
+    pub audit_retention: u64,
     /// Cancelled when the daemon stops: long-lived connections (MCP sessions) end then, so
     /// that the graceful shutdown does not wait for them.
     pub stopping: moat_mcp::CancellationToken,

@@ -389,6 +389,11 @@ impl Manager {
     }
 
     /// MOAT_HOME of the runtime (its templates live there).
+    /// Whether sandboxes run jailed and what the host offers the jail, for `/healthz`.
+    pub fn jail(&self) -> String {
+        self.rt.jail.describe()
+    }
+
     pub fn runtime_home(&self) -> PathBuf {
         self.rt.home.clone()
     }

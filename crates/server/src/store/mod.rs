@@ -3,7 +3,7 @@
 //! never on the executor.
 //!
 //! All of the daemon's SQL lives under this module, one file per table: `keys`, `groups`,
-//! `sandboxes`, `pool`, `snapshots`, `operations`, `egress`, `policy`, `identity`. The rest of the daemon calls `Store`
+//! `sandboxes`, `pool`, `snapshots`, `operations`, `egress`, `policy`, `identity`, `audit`. The rest of the daemon calls `Store`
 //! methods that take and return API types, never a connection or a row, so that a second
 //! backend (PostgreSQL) can implement the same methods. This file holds the connection,
 //! the migrations, the time helpers and the queries that span tables.
@@ -15,6 +15,7 @@ use rusqlite::{params, Connection, TransactionBehavior};
 
 use crate::error::{Error, Result};
 
+mod audit;
 mod egress;
 mod groups;
 mod identity;
@@ -28,8 +29,9 @@ mod seal;
 mod secrets;
 mod snapshots;
 
+pub use audit::NewAuditEvent;
 pub use identity::{KeyRow, NewIdentityEvent, WorkloadIds};
-pub use keys::Principal;
+pub use keys::{Authenticated, Principal};
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
 
@@ -48,6 +50,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (9, include_str!("migrations/0009_policy_prune.sql")),
     (10, include_str!("migrations/0010_identity.sql")),
     (11, include_str!("migrations/0011_secrets.sql")),
+    (12, include_str!("migrations/0012_api_key_limits.sql")),
+    (13, include_str!("migrations/0013_audit.sql")),
 ];
 
 pub fn latest_version() -> i64 {

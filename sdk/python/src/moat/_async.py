@@ -14,6 +14,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Tuple,
     Type,
     TypeVar,
     Union,
@@ -25,7 +26,9 @@ from . import _base as b
 from ._errors import NotFound, error_from_response
 from ._types import (
     ApiKey,
+    AuditEvent,
     CreatedApiKey,
+    RateLimit,
     EgressEvent,
     ExecEvent,
     ExecExit,
@@ -66,6 +69,7 @@ class AsyncClient:
         self._http = httpx.AsyncClient(
             base_url=self._endpoint.base_url,
             headers=b.headers(api_key),
+            verify=b.verify(self._endpoint.base_url),
             timeout=b.client_timeout(timeout),
             transport=transport,
         )
@@ -224,11 +228,43 @@ class AsyncApiKeys:
     def __init__(self, client: AsyncClient) -> None:
         self._c = client
 
-    async def create(self, name: str, role: Role, groups: Sequence[str] = ()) -> CreatedApiKey:
-        return await self._c._run(b.key_create(name, role, groups))
+    async def create(
+        self,
+        name: str,
+        role: Role,
+        groups: Sequence[str] = (),
+        *,
+        expires_in_s: Optional[int] = None,
+        rate_limit: Optional[RateLimit] = None,
+    ) -> CreatedApiKey:
+        """The answer's ``key`` is the secret, shown this once. ``expires_in_s``: the key stops
+        working that many seconds from now; ``rate_limit``: its own, instead of the daemon's."""
+        return await self._c._run(b.key_create(name, role, groups, expires_in_s, rate_limit))
 
     async def list(self) -> List[ApiKey]:
         return await self._c._run(b.key_list())
+
+    async def get(self, key_id: str) -> ApiKey:
+        return await self._c._run(b.key_get(key_id))
+
+    async def rotate(self, key_id: str, *, expires_in_s: Optional[int] = None) -> CreatedApiKey:
+        """A new secret for the key (same id, role, groups and rate limit), shown this once;
+        the old secret stops working at once. ``expires_in_s`` is needed when the key has
+        expired; without it the expiry stays as it was."""
+        return await self._c._run(b.key_rotate(key_id, expires_in_s))
+
+    async def audit(
+        self,
+        *,
+        since: Optional[int] = None,
+        key: Optional[str] = None,
+        group: Optional[str] = None,
+        after: Optional[int] = None,
+        limit: Optional[int] = None,
+    ) -> Tuple[List[AuditEvent], Optional[int]]:
+        """A page of the audit log of mutating API calls (admin keys), oldest first, and the
+        ``after`` of the next page (None on the last). ``since``: unix seconds."""
+        return await self._c._run(b.audit_list(since, key, group, after, limit))
 
     async def delete(self, key_id: str) -> None:
         await self._c._run(b.key_delete(key_id))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from dataclasses import dataclass
 from typing import (
     IO,
@@ -19,6 +20,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Tuple,
     TypeVar,
     Union,
 )
@@ -29,6 +31,8 @@ import httpx
 from ._errors import ConnectionFailed, MoatError, error_from_frame
 from ._types import (
     ApiKey,
+    AuditEvent,
+    RateLimit,
     SecretInfo,
     CreatedApiKey,
     EgressEvent,
@@ -49,6 +53,7 @@ from ._types import (
     Snapshot,
     Tier,
     parse_api_key,
+    parse_audit_event,
     parse_secret,
     parse_created_api_key,
     parse_egress_event,
@@ -320,13 +325,75 @@ def policy_replay(
     )
 
 
-def key_create(name: str, role: Role, groups: Sequence[str]) -> Op[CreatedApiKey]:
+def key_create(
+    name: str,
+    role: Role,
+    groups: Sequence[str],
+    expires_in_s: Optional[int] = None,
+    rate_limit: Optional[RateLimit] = None,
+) -> Op[CreatedApiKey]:
+    body: Dict[str, Any] = {"name": name, "role": role, "groups": list(groups)}
+    if expires_in_s is not None:
+        body["expires_in_s"] = expires_in_s
+    if rate_limit is not None:
+        body["rate_limit"] = {"per_s": rate_limit.per_s, "burst": rate_limit.burst}
     return Op(
         "POST",
         "/v1/api-keys",
         lambda r: parse_created_api_key(json_body(r)),
-        json={"name": name, "role": role, "groups": list(groups)},
+        json=body,
     )
+
+
+def key_get(key_id: str) -> Op[ApiKey]:
+    return Op("GET", f"/v1/api-keys/{seg(key_id)}", lambda r: parse_api_key(json_body(r)))
+
+
+def key_rotate(key_id: str, expires_in_s: Optional[int]) -> Op[CreatedApiKey]:
+    body: Dict[str, Any] = {} if expires_in_s is None else {"expires_in_s": expires_in_s}
+    return Op(
+        "POST",
+        f"/v1/api-keys/{seg(key_id)}/rotate",
+        lambda r: parse_created_api_key(json_body(r)),
+        json=body,
+    )
+
+
+def audit_list(
+    since: Optional[int],
+    key: Optional[str],
+    group: Optional[str],
+    after: Optional[int],
+    limit: Optional[int],
+) -> Op[Tuple[List[AuditEvent], Optional[int]]]:
+    params = {
+        k: str(v)
+        for k, v in (
+            ("since", since),
+            ("key", key),
+            ("group", group),
+            ("after", after),
+            ("limit", limit),
+        )
+        if v is not None
+    }
+
+    def parse(r: httpx.Response) -> Tuple[List[AuditEvent], Optional[int]]:
+        d = json_body(r)
+        return [parse_audit_event(e) for e in d["events"]], d.get("next")
+
+    return Op("GET", "/v1/audit", parse, params=params or None)
+
+
+def verify(url: str) -> Union[bool, ssl.SSLContext]:
+    """TLS verification for an https:// daemon: the system's CAs, plus those of
+    ``MOAT_CA_FILE`` (PEM) for a daemon whose certificate a private CA signed. Never off."""
+    ca = os.environ.get("MOAT_CA_FILE")
+    if not ca or not url.startswith("https://"):
+        return True
+    ctx = ssl.create_default_context()
+    ctx.load_verify_locations(cafile=ca)
+    return ctx
 
 
 def key_list() -> Op[List[ApiKey]]:

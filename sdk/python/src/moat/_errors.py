@@ -104,6 +104,11 @@ class TooManyRequests(MoatError):
 CapacityError = TooManyRequests
 
 
+class RateLimited(TooManyRequests):
+    """429 ``rate_limited``: this API key is over its rate limit; the answer's ``Retry-After``
+    says when to try again."""
+
+
 class InternalError(MoatError):
     """500: the daemon failed; the details are in its log."""
 
@@ -169,6 +174,8 @@ def error_from_response(status: int, body: bytes) -> MoatError:
         return PolicyDenied(
             status, code, message, findings, version if isinstance(version, int) else None
         )
+    if code == "rate_limited":
+        return RateLimited(status, code, message)
     cls = _BY_STATUS.get(status) or _BY_CODE.get(code)
     if cls is None:
         cls = InternalError if status >= 500 else MoatError

@@ -142,6 +142,13 @@ class ApiKey:
     prefix: str
     """The key's first characters (``moat_`` + 8), to recognise it."""
     created_at: str
+    expires_at: Optional[str] = None
+    """When the key stops working (RFC 3339, UTC); None: never."""
+    last_used_at: Optional[str] = None
+    """Its last use, to within a minute; None: never used (not shown on a create)."""
+    rotated_at: Optional[str] = None
+    rate_limit: Optional[RateLimit] = None
+    """The key's own rate limit; None: the daemon's."""
 
 
 @dataclass(frozen=True)
@@ -154,9 +161,33 @@ class SecretInfo:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: ``per_s`` requests a second on average, bursts of up to ``burst``."""
+
+    per_s: int
+    burst: int
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One mutating API call (``GET /v1/audit``): never a request body."""
+
+    n: int
+    at: str
+    key_id: Optional[str]
+    """None: the call carried no valid key."""
+    action: str
+    """``METHOD /route/{template}``."""
+    target: str
+    group: Optional[str]
+    status: int
+    request_id: str
+
+
+@dataclass(frozen=True)
 class CreatedApiKey(ApiKey):
-    key: str
-    """The secret: shown only in the answer to the create."""
+    key: str = ""
+    """The secret: shown only in the answer to the create or rotation."""
 
 
 @dataclass(frozen=True)
@@ -351,6 +382,7 @@ def parse_group(d: Mapping[str, Any]) -> Group:
 
 
 def parse_api_key(d: Mapping[str, Any]) -> ApiKey:
+    rate = d.get("rate_limit")
     return ApiKey(
         id=str(d["id"]),
         name=str(d["name"]),
@@ -358,6 +390,23 @@ def parse_api_key(d: Mapping[str, Any]) -> ApiKey:
         groups=[str(g) for g in d["groups"]],
         prefix=str(d["prefix"]),
         created_at=str(d["created_at"]),
+        expires_at=d.get("expires_at"),
+        last_used_at=d.get("last_used_at"),
+        rotated_at=d.get("rotated_at"),
+        rate_limit=RateLimit(per_s=int(rate["per_s"]), burst=int(rate["burst"])) if rate else None,
+    )
+
+
+def parse_audit_event(d: Mapping[str, Any]) -> AuditEvent:
+    return AuditEvent(
+        n=int(d["n"]),
+        at=str(d["at"]),
+        key_id=d.get("key_id"),
+        action=str(d["action"]),
+        target=str(d["target"]),
+        group=d.get("group"),
+        status=int(d["status"]),
+        request_id=str(d["request_id"]),
     )
 
 
@@ -376,6 +425,8 @@ def parse_created_api_key(d: Mapping[str, Any]) -> CreatedApiKey:
         groups=k.groups,
         prefix=k.prefix,
         created_at=k.created_at,
+        expires_at=k.expires_at,
+        rate_limit=k.rate_limit,
         key=str(d["key"]),
     )
 

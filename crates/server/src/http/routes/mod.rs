@@ -1,6 +1,7 @@
 //! One module per API resource: its handlers, its route table (`router`) and its part of the
 //! OpenAPI document (`Doc`); `http/mod.rs` merges them.
 
+pub(super) mod audit;
 pub(super) mod egress;
 pub(super) mod exec;
 pub(super) mod files;

@@ -240,8 +240,14 @@ async fn kill_process(
     let req: KillProcess = if body.iter().all(u8::is_ascii_whitespace) {
         KillProcess::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))?
+        let req = serde_json::from_slice(&body)
+            .map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))?;
+        // As ApiJson does: the body may be left out, but one that is given is held to its
+        // schema (serde alone takes `[]` for the struct).
+        let value: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))?;
+        crate::http::extract::check_schema("KillProcess", &value)?;
+        req
     };
     let signal = req.signal.unwrap_or(15);
     if !(1..=64).contains(&signal) {

@@ -34,6 +34,7 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
         status: "ok".to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         sandboxes: state.sandboxes.health(),
+        jail: state.sandboxes.ready().map(|m| m.jail()),
     })
 }
 
