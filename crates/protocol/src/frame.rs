@@ -111,6 +111,9 @@ impl Frame {
 pub struct Decoder {
     buf: Vec<u8>,
     start: usize,
+    /// Where [`Decoder::next_frame`] last failed: [`Decoder::resync`] must not land there
+    /// again, or a forged header in front of the magic would stop the reader for good.
+    failed_at: Option<usize>,
 }
 
 impl Decoder {
@@ -122,8 +125,10 @@ impl Decoder {
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();
             self.start = 0;
+            self.failed_at = None;
         } else if self.start > 64 * 1024 {
             self.buf.drain(..self.start);
+            self.failed_at = self.failed_at.and_then(|f| f.checked_sub(self.start));
             self.start = 0;
         }
         self.buf.extend_from_slice(bytes);
@@ -143,10 +148,14 @@ impl Decoder {
         }
         let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
         if !(5..=MAX_FRAME_LEN).contains(&len) {
+            self.failed_at = Some(self.start);
             return Err(Error::FrameLength(len));
         }
         let stream = u32::from_le_bytes([avail[4], avail[5], avail[6], avail[7]]);
-        let kind = Kind::from_u8(avail[8]).ok_or(Error::UnknownKind(avail[8]))?;
+        let Some(kind) = Kind::from_u8(avail[8]) else {
+            self.failed_at = Some(self.start);
+            return Err(Error::UnknownKind(avail[8]));
+        };
         if avail.len() < 4 + len {
             return Ok(None);
         }
@@ -163,19 +172,23 @@ impl Decoder {
     pub fn clear(&mut self) {
         self.buf.clear();
         self.start = 0;
+        self.failed_at = None;
     }
 
     /// Skips ahead to the next frame of `kind` whose payload starts with [`SYNC_MAGIC`] (and
     /// then `prefix`), dropping everything before it. Returns false (keeping only a tail that
-    /// could still become a match) when no such frame start is buffered yet.
+    /// could still become a match) when no such frame start is buffered yet. A frame start
+    /// where [`Decoder::next_frame`] just failed (a forged header) is skipped.
     pub fn resync(&mut self, kind: Kind, prefix: &[u8]) -> bool {
         let mut needle = Vec::with_capacity(SYNC_MAGIC.len() + prefix.len());
         needle.extend_from_slice(SYNC_MAGIC);
         needle.extend_from_slice(prefix);
         let avail = &self.buf[self.start..];
+        let failed = self.failed_at.map(|f| f.wrapping_sub(self.start));
         let mut from = 0;
         while let Some(pos) = find(&avail[from..], &needle).map(|p| p + from) {
-            if pos >= HEADER_LEN && avail[pos - 1] == kind as u8 {
+            if pos >= HEADER_LEN && avail[pos - 1] == kind as u8 && failed != Some(pos - HEADER_LEN)
+            {
                 self.start += pos - HEADER_LEN;
                 return true;
             }
@@ -239,6 +252,36 @@ mod tests {
         let mut dec = Decoder::new();
         dec.push(&[5, 0, 0, 0, 0, 0, 0, 0, 0xee]);
         assert!(matches!(dec.next_frame(), Err(Error::UnknownKind(0xee))));
+    }
+
+    /// A HELLO whose header lies about its length: the reader that resyncs on it must move
+    /// past it to the real one, not land on it forever (found by the `frames` fuzz target's
+    /// smoke run: the agent's read loop spun without end).
+    #[test]
+    fn resync_moves_past_a_forged_header() {
+        let mut forged = u32::MAX.to_le_bytes().to_vec();
+        forged.extend_from_slice(&0u32.to_le_bytes());
+        forged.push(Kind::Hello as u8);
+        forged.extend_from_slice(SYNC_MAGIC);
+        let mut payload = SYNC_MAGIC.to_vec();
+        payload.extend_from_slice(&[7u8; 16]);
+        let real = Frame::new(0, Kind::Hello, payload);
+        let mut dec = Decoder::new();
+        dec.push(&forged);
+        dec.push(&real.encode());
+        let mut steps = 0;
+        let got = loop {
+            steps += 1;
+            assert!(steps < 10, "resync keeps landing on the forged header");
+            if !dec.resync(Kind::Hello, b"") {
+                break None;
+            }
+            match dec.next_frame() {
+                Ok(f) => break f,
+                Err(_) => continue,
+            }
+        };
+        assert_eq!(got, Some(real));
     }
 
     #[test]

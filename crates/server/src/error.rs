@@ -178,6 +178,9 @@ impl Error {
                 source: moat_vm::Error::Guest { .. },
                 ..
             } => (StatusCode::BAD_REQUEST, "bad_request"),
+            // An agent that did not answer or broke the protocol: the daemon is fine, the
+            // sandbox's `health` says what it does about it.
+            e if crate::sandboxes::is_agent_failure(e) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             Error::Image { source, .. } => match source {
                 moat_image::Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
                 moat_image::Error::InUse { .. } => (StatusCode::CONFLICT, "conflict"),
@@ -273,6 +276,15 @@ mod tests {
         assert_eq!(e.status_and_code().0, StatusCode::BAD_REQUEST);
         assert_eq!(e.to_string(), "exec: no such user");
         let e = Error::from(moat_vm::Error::AgentGone);
+        assert_eq!(e.status_and_code().0, StatusCode::BAD_GATEWAY);
+        let e = Error::vm("exec")(moat_vm::Error::AgentTimeout(
+            std::time::Duration::from_secs(30),
+        ));
+        assert_eq!(
+            e.status_and_code(),
+            (StatusCode::BAD_GATEWAY, "bad_gateway")
+        );
+        let e = Error::vm("exec")(moat_vm::Error::QmpProtocol("x".to_string()));
         assert_eq!(e.status_and_code().0, StatusCode::INTERNAL_SERVER_ERROR);
 
         let in_use = moat_image::Error::InUse {

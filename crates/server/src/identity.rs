@@ -622,6 +622,7 @@ mod tests {
             created_at: String::new(),
             updated_at: String::new(),
             last_activity_at: None,
+            health: None,
         };
         store.insert_sandbox(&sb).await.unwrap();
         let issuer = Arc::new(

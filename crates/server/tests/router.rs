@@ -737,6 +737,7 @@ async fn policies_versions_roles_and_failing_closed_without_a_worker() {
         created_at: String::new(),
         updated_at: String::new(),
         last_activity_at: None,
+        health: None,
     };
     app.store.insert_sandbox(&sb).await.unwrap();
     let exec = format!("{G}/g/sandboxes/{}/exec", sb.id);
@@ -833,6 +834,7 @@ async fn ports_are_validated_and_scoped_to_the_sandboxes_group() {
         created_at: String::new(),
         updated_at: String::new(),
         last_activity_at: None,
+        health: None,
     };
     app.store.insert_sandbox(&row).await.unwrap();
     let ports = format!("{G}/g/sandboxes/sb-0123456789ab/ports");
@@ -1077,6 +1079,7 @@ async fn identity_issuer_tokens_audit_and_roles() {
         created_at: String::new(),
         updated_at: String::new(),
         last_activity_at: None,
+        health: None,
     };
     app.store.insert_sandbox(&row).await.unwrap();
     let mint = format!("{G}/g/sandboxes/sb-0123456789ab/identity/token");

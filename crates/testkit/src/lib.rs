@@ -2,6 +2,7 @@
 //! and image builders (OCI layouts and `docker save` archives). Missing host tools make the
 //! fixtures panic with the package to install: nothing is skipped silently.
 
+pub mod fuzz;
 pub mod openapi;
 
 use std::io::Write;

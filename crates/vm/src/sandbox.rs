@@ -680,6 +680,29 @@ impl Sandbox {
         &self.agent
     }
 
+    /// Whether the agent answers within `deadline`: its session is open and a `stat /`
+    /// comes back. A parked sandbox's agent cannot answer; ask only a running one.
+    pub async fn agent_answers(&self, deadline: Duration) -> Result<()> {
+        if self.agent.is_closed() {
+            return Err(Error::AgentGone);
+        }
+        match tokio::time::timeout(deadline, self.agent.stat("/")).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(Error::AgentTimeout(deadline)),
+        }
+    }
+
+    /// Drops the agent session and starts a new one (a new HELLO, which the agent accepts at
+    /// any time): what recovers a guest that broke the framing or stalled for a while. Streams
+    /// of the old session end; processes in the guest keep running. Fails with QEMU's console
+    /// if the VM exited, or when the agent does not answer the handshake within `deadline`.
+    pub async fn reconnect_agent(&mut self, deadline: Duration) -> Result<()> {
+        // QEMU's agent chardev takes one client at a time: the old one must be gone first.
+        self.agent.abort();
+        self.agent = connect_agent(&mut self.vm, deadline, "reconnecting").await?;
+        Ok(())
+    }
+
     /// The QEMU process id (for measurements).
     pub fn qemu_pid(&self) -> u32 {
         self.vm.pid()

@@ -203,6 +203,11 @@ impl Daemon {
         }
     }
 
+    /// The running daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap(); // SIGKILL

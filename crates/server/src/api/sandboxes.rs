@@ -104,6 +104,34 @@ pub struct Sandbox {
     /// the last resume or the creation if later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_activity_at: Option<String>,
+    /// Whether its agent answers; present while the sandbox is running. An agent that stops
+    /// answering (or breaks the protocol) is found within seconds; moat then starts a new
+    /// session with it, and fails the sandbox (with the reason, its VM stopped) if that does
+    /// not bring it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<SandboxHealth>,
+}
+
+/// The health of a running sandbox's agent (its channel to the host).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxHealth {
+    pub agent: AgentHealth,
+    /// What was seen (`unresponsive` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Since when (RFC 3339, UTC; `unresponsive` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+/// `ok`: it answers. `unresponsive`: it did not answer, or broke the protocol; moat is
+/// reconnecting, and requests meanwhile answer 502.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentHealth {
+    Ok,
+    Unresponsive,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -116,7 +144,7 @@ pub struct SandboxList {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Created {
-    One(Sandbox),
+    One(Box<Sandbox>),
     Many(SandboxList),
 }
 

@@ -111,7 +111,11 @@ pub(crate) async fn running_sandbox(
 
 /// A sandbox as `p` may see it: `env` often carries credentials, so a reader gets the
 /// variables' names only.
-pub(crate) fn shown_to(p: &Principal, mut sb: Sandbox) -> Sandbox {
+/// A sandbox as `p` may see it, with its agent's health if it is running.
+pub(crate) fn shown_to(state: &AppState, p: &Principal, mut sb: Sandbox) -> Sandbox {
+    if sb.state == crate::api::SandboxState::Running {
+        sb.health = state.manager().ok().and_then(|m| m.health_of(&sb.id));
+    }
     if p.role == Role::Reader {
         for v in sb.env.values_mut() {
             *v = "<redacted>".to_string();

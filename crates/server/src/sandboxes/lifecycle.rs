@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::health::Check;
 use super::Manager;
 use crate::api::{self, OnIdle, SandboxState};
 use crate::error::{Error, Result};
@@ -93,6 +94,8 @@ enum Act {
         on_idle: OnIdle,
         stored_last_ms: i64,
     },
+    /// Its agent needs a look (see `health.rs`).
+    Health(Check),
 }
 
 impl Manager {
@@ -158,6 +161,10 @@ impl Manager {
                     let Some(entry) = self.entry(&t.id) else {
                         continue;
                     };
+                    if let Some(check) = self.health_check(&t.id) {
+                        self.act(&t.id, Act::Health(check));
+                        continue;
+                    }
                     let a = &entry.activity;
                     if a.active.load(Ordering::SeqCst) > 0 {
                         continue;
@@ -247,6 +254,8 @@ impl Manager {
                     on_idle,
                     stored_last_ms,
                 } => mgr.on_idle(&id, idle_ms, on_idle, stored_last_ms).await,
+                Act::Health(Check::Probe) => mgr.probe_agent(&id).await,
+                Act::Health(Check::Recover(why)) => mgr.recover_agent(&id, why).await,
             };
             if let Err(e) = result {
                 tracing::warn!(id, error = %e, "applying a lifecycle timer");

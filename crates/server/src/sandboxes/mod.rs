@@ -41,9 +41,11 @@ use lifecycle::{ActiveHold, Activity};
 use network::Link;
 use pool::{PoolVm, REFILL_AFTER_HAND_OVER};
 
+pub(crate) use health::is_agent_failure;
 pub use network::{AuditRecord, NetConfig, DEFAULT_AUDIT_RETENTION};
 
 mod group_ca;
+mod health;
 mod lifecycle;
 mod network;
 mod pool;
@@ -59,6 +61,7 @@ pub struct Entry {
     /// running to their end.
     deleted: watch::Sender<bool>,
     activity: Arc<Activity>,
+    health: Arc<health::Health>,
 }
 
 impl Entry {
@@ -68,6 +71,7 @@ impl Entry {
             config,
             deleted: watch::channel(false).0,
             activity: Arc::default(),
+            health: Arc::default(),
         })
     }
 }
@@ -78,6 +82,7 @@ pub struct Running {
     guard: OwnedRwLockReadGuard<Option<moat_vm::Sandbox>>,
     pub config: ImageConfig,
     deleted: watch::Receiver<bool>,
+    health: Arc<health::Health>,
     _active: ActiveHold,
 }
 
@@ -95,21 +100,28 @@ impl Running {
     }
 
     /// `fut`, unless the sandbox is deleted first: then `fut` is dropped (which ends the exec
-    /// or transfer in the guest) and the answer is a 409 saying so.
+    /// or transfer in the guest) and the answer is a 409 saying so. An error that says the
+    /// agent failed has the daemon look at its health at once.
     pub async fn unless_deleted<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        tokio::select! {
+        let r = tokio::select! {
             r = fut => r,
             () = self.deleted() => Err(deleted_error()),
+        };
+        if let Err(e) = &r {
+            self.health.observe(e);
         }
+        r
     }
 }
 
 pub(crate) fn deleted_error() -> Error {
     Error::Conflict(
-        "the sandbox was deleted, or failed, while this request was running".to_string(),
+        "the sandbox was deleted, or failed, or its agent stopped answering, while this \
+         request was running; see the sandbox's state and health"
+            .to_string(),
     )
 }
 
@@ -525,6 +537,7 @@ impl Manager {
             created_at: String::new(),
             updated_at: String::new(),
             last_activity_at: None,
+            health: None,
         }
     }
 
@@ -741,6 +754,7 @@ impl Manager {
                     guard,
                     config: entry.config.clone(),
                     deleted: entry.deleted.subscribe(),
+                    health: entry.health.clone(),
                     _active: active,
                 });
             }

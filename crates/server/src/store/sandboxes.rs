@@ -82,6 +82,7 @@ fn sandbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Sandbox>> 
             created_at: rfc3339(r.get(8)?),
             updated_at: rfc3339(r.get(9)?),
             last_activity_at: r.get::<_, Option<i64>>(10)?.map(rfc3339),
+            health: None,
         })
     })();
     Ok(parsed)
@@ -235,6 +236,7 @@ pub(super) mod tests {
             created_at: String::new(),
             updated_at: String::new(),
             last_activity_at: None,
+            health: None,
         }
     }
 

@@ -57,11 +57,8 @@ impl AgentConn {
                     match decoder.next_frame() {
                         Ok(Some(frame)) => return Ok::<_, Error>(HelloAck::from_frame(&frame)?),
                         Ok(None) => {}
-                        // A forged header in front of our nonce: skip past it and keep looking.
-                        Err(_) => {
-                            decoder.clear();
-                            continue;
-                        }
+                        // A forged header in front of our nonce: the next resync skips it.
+                        Err(_) => continue,
                     }
                 }
                 let n = rd.read(&mut buf).await.map_err(|_| Error::AgentGone)?;
@@ -148,6 +145,14 @@ impl AgentConn {
 
     pub fn is_closed(&self) -> bool {
         self.mux.is_closed()
+    }
+
+    /// Ends the session now: its socket closes (so the VM's agent port is free for a new
+    /// one) and every request on it fails.
+    pub fn abort(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 
     pub(super) async fn open(&self, request: &Request) -> Result<Stream, Error> {

@@ -48,7 +48,15 @@ pub(in crate::http) fn router() -> Router<AppState> {
         suspend_sandbox,
         resume_sandbox
     ),
-    components(schemas(Sandbox, SandboxList, api::SandboxState, CreateSandbox, Created))
+    components(schemas(
+        Sandbox,
+        SandboxList,
+        api::SandboxState,
+        api::SandboxHealth,
+        api::AgentHealth,
+        CreateSandbox,
+        Created
+    ))
 )]
 pub(in crate::http) struct Doc;
 
@@ -79,14 +87,22 @@ async fn create_sandbox(
     let mgr = state.manager()?;
     let Some(from) = req.from_snapshot.clone() else {
         let sb = mgr.create(&group, req).await?;
-        return Ok((StatusCode::CREATED, Json(Created::One(sb))));
+        return Ok((
+            StatusCode::CREATED,
+            Json(Created::One(Box::new(shown_to(&state, &p, sb)))),
+        ));
     };
     let snap = visible_snapshot(&state, &p, &name, &from).await?;
     let dir = crate::snapshots::dir(&mgr.runtime().home, &name, &from);
     let many = req.count.is_some();
-    let mut forks = mgr.fork(&group, &snap, dir, req).await?;
+    let mut forks: Vec<Sandbox> = mgr
+        .fork(&group, &snap, dir, req)
+        .await?
+        .into_iter()
+        .map(|sb| shown_to(&state, &p, sb))
+        .collect();
     let body = match forks.pop() {
-        Some(one) if !many => Created::One(one),
+        Some(one) if !many => Created::One(Box::new(one)),
         last => Created::Many(SandboxList {
             sandboxes: forks.into_iter().chain(last).collect(),
         }),
@@ -124,7 +140,7 @@ async fn list_sandboxes(
         sandboxes: rows
             .into_iter()
             .filter(|s| crate::sandboxes::matches(&s.labels, &selector))
-            .map(|s| shown_to(&p, s))
+            .map(|s| shown_to(&state, &p, s))
             .collect(),
     }))
 }
@@ -144,7 +160,7 @@ async fn get_sandbox(
 ) -> Result<Json<Sandbox>> {
     let (group, id) = path_param(params)?;
     let sb = visible_sandbox(&state, &p, &group, &id).await?;
-    Ok(Json(shown_to(&p, sb)))
+    Ok(Json(shown_to(&state, &p, sb)))
 }
 
 #[utoipa::path(delete, path = "/v1/sandbox-groups/{group}/sandboxes/{id}", tag = "sandboxes",
@@ -210,5 +226,6 @@ async fn resume_sandbox(
     let (group, id) = path_param(params)?;
     let row = visible_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
-    state.manager()?.resume(&row.id).await.map(Json)
+    let sb = state.manager()?.resume(&row.id).await?;
+    Ok(Json(shown_to(&state, &p, sb)))
 }

@@ -1,0 +1,14 @@
+//! Fuzz target `layer`: see `../one_input.rs` (the entry point it shares with the smoke run in
+//! `cargo test -p moat-image --test fuzz_smoke`). Run: scripts/fuzz-image.sh layer.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../one_input.rs"]
+mod one_input;
+
+fuzz_target!(|data: &[u8]| {
+    if let Err(e) = one_input::layer(data) {
+        panic!("{e}");
+    }
+});
