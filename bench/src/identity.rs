@@ -41,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
             created_at: String::new(),
             updated_at: String::new(),
             last_activity_at: None,
+            health: None,
         })
         .await?;
     let start = Instant::now();
