@@ -39,6 +39,9 @@ umount                mount             all    crates/cli/tests/cli.rs: unmounts
 ip                    iproute2          all    crates/net/tests: a real guest in a network namespace behind a TAP
 curl                  curl              all    crates/net/tests: the HTTP client in that guest
 ldd                   libc-bin          all    this script: is /bin/busybox static?
+initdb                postgresql        all    scripts/postgres.sh: a throwaway PostgreSQL for the store tests (scripts/test.sh, crates/cli/tests/daemon_store.rs)
+pg_ctl                postgresql        all    scripts/postgres.sh: starts, restarts and stops it
+runuser               util-linux        all    scripts/postgres.sh: initdb and the server run as nobody, not root
 runsc                 runsc             bench  bench/src/main.rs: gVisor, the peer the benchmark compares with
 '
 
@@ -52,7 +55,7 @@ for arg in "$@"; do
   esac
 done
 
-# Whether `what` (a command of the table) is usable. Two need more than `command -v`.
+# Whether `what` (a command of the table) is usable. Some need more than `command -v`.
 present() {
   case $1 in
     # Test images carry the host's busybox into guests, which have no libc: it must be static.
@@ -65,6 +68,8 @@ present() {
       rm -rf "$probe"
       [ $ok = 1 ]
       ;;
+    # Debian keeps PostgreSQL's server programs off PATH, in the version's directory.
+    initdb|pg_ctl) ls /usr/lib/postgresql/*/bin/"$1" >/dev/null 2>&1 ;;
     *) command -v "$1" >/dev/null 2>&1 ;;
   esac
 }

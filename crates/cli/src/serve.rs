@@ -66,6 +66,12 @@ pub struct ServeArgs {
     /// verify-log` still verifies what is left and tells pruning from tampering.
     #[arg(long, env = "MOAT_POLICY_DECISIONS_RETENTION", value_name = "DURATION", value_parser = retention)]
     policy_decisions_retention: Option<std::time::Duration>,
+    /// Where to keep the daemon's state: a PostgreSQL URL,
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (`?host=/run/dir` for a unix socket),
+    /// which several daemons may share (docs/FLEET.md). Default: the embedded SQLite
+    /// database MOAT_HOME/moatd.db.
+    #[arg(long, env = "MOAT_STORE", value_name = "URL")]
+    store: Option<String>,
 }
 
 /// `N` followed by `s`, `m`, `h` or `d`; at least one second.
@@ -153,6 +159,7 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
             },
             issuer_url: args.issuer_url,
             policy_decisions_retention: args.policy_decisions_retention,
+            store: args.store,
         },
         shutdown,
     )

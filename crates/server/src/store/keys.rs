@@ -1,7 +1,7 @@
 //! The `api_keys` table (and the `settings` row that records the bootstrap): only a key's
 //! SHA-256 is stored, and a presented key is compared in constant time.
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use super::db::{params, Db, OptionalExtension};
 use subtle::ConstantTimeEq;
 
 use super::{now, Store};
@@ -58,8 +58,8 @@ const BOOTSTRAPPED: &str = "bootstrap_done";
 /// Creates the first admin key once per database. Returns the key when it was generated here
 /// (so the caller prints it); `None` when it came from `chosen` or the database was already
 /// bootstrapped.
-pub(super) fn bootstrap(conn: &mut Connection, chosen: Option<&str>) -> Result<Option<String>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+pub(super) fn bootstrap(conn: &Db, chosen: Option<&str>) -> Result<Option<String>> {
+    let tx = conn.transaction()?;
     let done: Option<String> = tx
         .query_row(
             "SELECT value FROM settings WHERE key = ?1",
@@ -86,13 +86,7 @@ pub(super) fn bootstrap(conn: &mut Connection, chosen: Option<&str>) -> Result<O
     Ok(generated.then_some(key))
 }
 
-fn insert_key(
-    conn: &Connection,
-    name: &str,
-    role: Role,
-    groups: &[String],
-    key: &str,
-) -> Result<ApiKey> {
+fn insert_key(conn: &Db, name: &str, role: Role, groups: &[String], key: &str) -> Result<ApiKey> {
     let row = ApiKey {
         id: keys::new_id(),
         name: name.to_string(),
@@ -123,25 +117,26 @@ fn insert_key(
 }
 
 /// The principal of a presented key, or `None` when no stored key matches.
-pub(super) fn authenticate(conn: &Connection, presented: &str) -> Result<Option<Principal>> {
+pub(super) fn authenticate(conn: &Db, presented: &str) -> Result<Option<Principal>> {
     if !keys::well_formed(presented) {
         return Ok(None);
     }
     let want = keys::hash(presented);
     // Find candidates by the public prefix, then compare the hashes in constant time, so the
     // time taken says nothing about how much of a guess matched.
-    let mut stmt =
-        conn.prepare_cached("SELECT id, hash, role, groups FROM api_keys WHERE prefix = ?1")?;
-    let rows = stmt.query_map([keys::public_prefix(presented)], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, Vec<u8>>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-        ))
-    })?;
-    for row in rows {
-        let (id, hash, role, groups) = row?;
+    let rows = conn.query_map(
+        "SELECT id, hash, role, groups FROM api_keys WHERE prefix = ?1",
+        [keys::public_prefix(presented)],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        },
+    )?;
+    for (id, hash, role, groups) in rows {
         if bool::from(hash.as_slice().ct_eq(&want)) {
             return Ok(Some(Principal {
                 key_id: id,
@@ -161,7 +156,7 @@ fn parse_groups(s: &str) -> Result<Vec<String>> {
     serde_json::from_str(s).map_err(|e| Error::Internal(format!("stored groups: {e}")))
 }
 
-pub(super) fn create_key(conn: &mut Connection, req: &CreateApiKey) -> Result<CreatedApiKey> {
+pub(super) fn create_key(conn: &Db, req: &CreateApiKey) -> Result<CreatedApiKey> {
     let key = keys::generate();
     let k = insert_key(conn, &req.name, req.role, &req.groups, &key)?;
     Ok(CreatedApiKey {
@@ -175,23 +170,23 @@ pub(super) fn create_key(conn: &mut Connection, req: &CreateApiKey) -> Result<Cr
     })
 }
 
-pub(super) fn list_keys(conn: &Connection) -> Result<Vec<ApiKey>> {
-    let mut stmt = conn.prepare_cached(
+pub(super) fn list_keys(conn: &Db) -> Result<Vec<ApiKey>> {
+    let rows = conn.query_map(
         "SELECT id, name, role, groups, prefix, created_at FROM api_keys ORDER BY created_at, id",
+        [],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        },
     )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, String>(4)?,
-            r.get::<_, i64>(5)?,
-        ))
-    })?;
     let mut out = Vec::new();
-    for row in rows {
-        let (id, name, role, groups, prefix, created) = row?;
+    for (id, name, role, groups, prefix, created) in rows {
         out.push(ApiKey {
             id,
             name,
@@ -204,8 +199,8 @@ pub(super) fn list_keys(conn: &Connection) -> Result<Vec<ApiKey>> {
     Ok(out)
 }
 
-pub(super) fn delete_key(conn: &mut Connection, id: &str) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+pub(super) fn delete_key(conn: &Db, id: &str) -> Result<()> {
+    let tx = conn.transaction()?;
     let role: Option<String> = tx
         .query_row("SELECT role FROM api_keys WHERE id = ?1", [id], |r| {
             r.get(0)
