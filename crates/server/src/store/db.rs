@@ -411,6 +411,19 @@ impl Pg {
     }
 }
 
+impl Drop for Pg {
+    /// Closing the client blocks on its own runtime, which panics on an executor thread (the
+    /// last `Store` clone may go in async code, e.g. at shutdown): close it on a thread of its
+    /// own.
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            let _ = std::thread::Builder::new()
+                .name("moat-pg-close".into())
+                .spawn(move || drop(client));
+        }
+    }
+}
+
 impl ToSql for Value {
     fn to_sql(
         &self,

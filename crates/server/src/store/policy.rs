@@ -241,7 +241,7 @@ impl Store {
 fn page(c: &Db, group: &str, q: &DecisionFilter) -> Result<(Vec<LogEntry>, bool)> {
     let rows = c.query_map(
         "SELECT entry FROM policy_decisions WHERE group_name = ?1 AND n > ?2 \
-         AND (?3 IS NULL OR verdict = ?3) AND (?4 IS NULL OR at >= ?4) \
+         AND (CAST(?3 AS TEXT) IS NULL OR verdict = ?3) AND (CAST(?4 AS BIGINT) IS NULL OR at >= ?4) \
          ORDER BY n LIMIT ?5",
         params![
             group,

@@ -128,7 +128,7 @@ pub(super) fn get_sandbox(conn: &Db, id: &str) -> Result<Option<Sandbox>> {
 pub(super) fn list_sandboxes(conn: &Db, group: Option<&str>) -> Result<Vec<Sandbox>> {
     let rows = conn.query_map(
         &format!(
-            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE ?1 IS NULL OR group_name = ?1
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE CAST(?1 AS TEXT) IS NULL OR group_name = ?1
          ORDER BY created_at, id"
         ),
         [group],

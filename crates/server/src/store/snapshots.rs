@@ -96,7 +96,7 @@ pub(super) fn list_ready(c: &Db, group: Option<&str>) -> Result<Vec<Snapshot>> {
     let rows = c.query_map(
         &format!(
             "SELECT {COLUMNS} FROM snapshots WHERE state = 'ready' \
-         AND (?1 IS NULL OR group_name = ?1) ORDER BY created_at, name"
+         AND (CAST(?1 AS TEXT) IS NULL OR group_name = ?1) ORDER BY created_at, name"
         ),
         [group],
         snapshot_from_row,
