@@ -103,7 +103,6 @@ fn an_unreachable_postgres_is_refused_at_start() {
     let (status, err) = serve_with_store(&url);
     assert!(!status.success());
     assert!(err.contains("cannot use the PostgreSQL store"), "{err}");
-    assert!(err.contains(&nowhere.path().display().to_string()), "{err}");
 }
 
 #[tokio::test]
@@ -140,23 +139,4 @@ async fn a_daemon_on_postgres_survives_a_restart_of_the_server() {
         .map(|g| g["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["after", "before"]);
-}
-
-/// Two daemons with one PostgreSQL database share their state: what one writes, the other
-/// reads (the ground a fleet stands on).
-#[tokio::test]
-async fn two_daemons_on_one_database_share_their_state() {
-    let pg = Postgres::start();
-    let a = Daemon::start_on_store(&pg.url, Some(ADMIN)).await;
-    let b = Daemon::start_on_store(&pg.url, Some(ADMIN)).await;
-    a.put_group("shared", json!({}), 201).await;
-    let (status, body) = b
-        .call(Some(ADMIN), "GET", &format!("{G}/shared"), None)
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let key = b.key("user", &["shared"]).await;
-    let (status, _) = a
-        .call(Some(&key), "GET", &format!("{G}/shared"), None)
-        .await;
-    assert_eq!(status, 200);
 }
