@@ -328,7 +328,8 @@ pub struct Db {
 
 enum Conn {
     Sqlite(rusqlite::Connection),
-    Postgres(RefCell<Pg>),
+    // Boxed: a PostgreSQL client is several times the size of a SQLite handle.
+    Postgres(Box<RefCell<Pg>>),
 }
 
 struct Pg {
@@ -564,7 +565,7 @@ impl Db {
         };
         pg.client()?;
         Ok(Db {
-            conn: Conn::Postgres(RefCell::new(pg)),
+            conn: Conn::Postgres(Box::new(RefCell::new(pg))),
             depth: 0.into(),
         })
     }

@@ -189,7 +189,7 @@ mod tests {
     fn filters_order_and_retention() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::test_store(dir.path());
-        let c = &mut store.conn.lock().unwrap();
+        let c = &store.conn.lock().unwrap();
         let t = |s: u32| format!("2026-11-30T15:00:{s:02}.000Z");
         let mut batch = Vec::new();
         for i in 0..10u32 {

@@ -14,7 +14,7 @@ impl Store {
     }
 
     pub async fn list_groups(&self) -> Result<Vec<Group>> {
-        self.call(|c| list_groups(c)).await
+        self.call(list_groups).await
     }
 
     /// Creates or replaces a group's spec (see [`put_group`]).
@@ -169,21 +169,21 @@ mod tests {
     fn sandboxes_pin_their_group() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        let c = s.conn.lock().unwrap();
+        put_group(&c, "g", &GroupSpec::default()).unwrap();
         insert_sandbox(&c, &new_row("s1", "g")).unwrap();
         // The foreign key holds even without the check in delete_group.
         assert!(c
             .execute("DELETE FROM sandbox_groups WHERE name = 'g'", [])
             .is_err());
         assert!(matches!(
-            delete_group(&mut c, "g", false),
+            delete_group(&c, "g", false),
             Err(Error::Conflict(_))
         ));
-        delete_group(&mut c, "g", true).unwrap();
+        delete_group(&c, "g", true).unwrap();
         assert!(get_group(&c, "g").unwrap().is_none());
         assert!(matches!(
-            delete_group(&mut c, "g", false),
+            delete_group(&c, "g", false),
             Err(Error::NotFound(_))
         ));
     }
@@ -192,14 +192,14 @@ mod tests {
     fn put_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        let (_, created) = put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        let c = s.conn.lock().unwrap();
+        let (_, created) = put_group(&c, "g", &GroupSpec::default()).unwrap();
         assert!(created);
-        let (_, created) = put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        let (_, created) = put_group(&c, "g", &GroupSpec::default()).unwrap();
         assert!(!created);
         let mut spec = GroupSpec::default();
         spec.pool.size = 2;
-        let (g, created) = put_group(&mut c, "g", &spec).unwrap();
+        let (g, created) = put_group(&c, "g", &spec).unwrap();
         assert!(!created);
         assert_eq!(g.spec.pool.size, 2);
     }

@@ -55,7 +55,7 @@ fn random_hex(bytes: usize) -> String {
 
 impl Store {
     pub fn identity_keys(&self) -> Result<Vec<KeyRow>> {
-        self.blocking(|c| keys(c))
+        self.blocking(keys)
     }
 
     /// Records a new key (its file is already on disk) in `state`.
@@ -331,20 +331,20 @@ mod tests {
     fn uids_are_never_inherited() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        let c = s.conn.lock().unwrap();
+        put_group(&c, "g", &GroupSpec::default()).unwrap();
         insert_sandbox(&c, &new_row("s1", "g")).unwrap();
-        let a = workload_ids(&mut c, "g", "s1").unwrap();
-        assert_eq!(a, workload_ids(&mut c, "g", "s1").unwrap());
+        let a = workload_ids(&c, "g", "s1").unwrap();
+        assert_eq!(a, workload_ids(&c, "g", "s1").unwrap());
         assert_eq!((a.group_uid.len(), a.sandbox_uid.len()), (16, 32));
         insert_sandbox(&c, &new_row("s2", "g")).unwrap();
-        let b = workload_ids(&mut c, "g", "s2").unwrap();
+        let b = workload_ids(&c, "g", "s2").unwrap();
         assert_eq!(a.group_uid, b.group_uid);
         assert_ne!(a.sandbox_uid, b.sandbox_uid);
-        delete_group(&mut c, "g", true).unwrap();
-        put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        delete_group(&c, "g", true).unwrap();
+        put_group(&c, "g", &GroupSpec::default()).unwrap();
         insert_sandbox(&c, &new_row("s1", "g")).unwrap();
-        let again = workload_ids(&mut c, "g", "s1").unwrap();
+        let again = workload_ids(&c, "g", "s1").unwrap();
         assert_ne!(again.group_uid, a.group_uid);
         assert_ne!(again.sandbox_uid, a.sandbox_uid);
     }

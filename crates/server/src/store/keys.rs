@@ -43,7 +43,7 @@ impl Store {
     }
 
     pub async fn list_keys(&self) -> Result<Vec<ApiKey>> {
-        self.call(|c| list_keys(c)).await
+        self.call(list_keys).await
     }
 
     /// Deletes a key; refused for the last admin key.
@@ -238,9 +238,9 @@ mod tests {
     fn keys_bootstrap_once_and_authenticate() {
         let dir = tempfile::tempdir().unwrap();
         let s = super::super::tests::open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        let k = bootstrap(&mut c, None).unwrap().unwrap();
-        assert!(bootstrap(&mut c, None).unwrap().is_none());
+        let c = s.conn.lock().unwrap();
+        let k = bootstrap(&c, None).unwrap().unwrap();
+        assert!(bootstrap(&c, None).unwrap().is_none());
         let p = authenticate(&c, &k).unwrap().unwrap();
         assert_eq!(p.role, Role::Admin);
         assert!(authenticate(&c, &keys::generate()).unwrap().is_none());
@@ -251,7 +251,7 @@ mod tests {
         forged.push(if k.ends_with('a') { 'b' } else { 'a' });
         assert!(authenticate(&c, &forged).unwrap().is_none());
         let created = create_key(
-            &mut c,
+            &c,
             &CreateApiKey {
                 name: "r".into(),
                 role: Role::Reader,
@@ -270,13 +270,10 @@ mod tests {
             .unwrap()
             .id
             .clone();
+        assert!(matches!(delete_key(&c, &admin), Err(Error::Conflict(_))));
+        delete_key(&c, &created.id).unwrap();
         assert!(matches!(
-            delete_key(&mut c, &admin),
-            Err(Error::Conflict(_))
-        ));
-        delete_key(&mut c, &created.id).unwrap();
-        assert!(matches!(
-            delete_key(&mut c, &created.id),
+            delete_key(&c, &created.id),
             Err(Error::NotFound(_))
         ));
         // the stored row holds no secret

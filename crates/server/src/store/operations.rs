@@ -14,7 +14,7 @@ impl Store {
     /// Marks the operations a previous daemon left running as failed. Blocking: called once
     /// at start, before serving.
     pub fn fail_interrupted_operations(&self) -> Result<usize> {
-        self.blocking(|c| recover(c))
+        self.blocking(recover)
     }
 
     /// Records a new running import of image `name` (`request`: its body, as JSON).

@@ -181,9 +181,8 @@ impl Store {
     pub async fn prune_decisions(&self, before: i64) -> Result<u64> {
         self.call(move |c| {
             let tx = c.transaction()?;
-            let cuts: Vec<(String, i64, String)> = {
-                let rows = tx.query_map(
-                    "SELECT d.group_name, d.n, d.hash FROM policy_decisions d \
+            let cuts: Vec<(String, i64, String)> = tx.query_map(
+                "SELECT d.group_name, d.n, d.hash FROM policy_decisions d \
                      JOIN (SELECT group_name, CASE \
                              WHEN MAX(CASE WHEN at < ?1 THEN n END) <= MAX(n) - 1 \
                                THEN MAX(CASE WHEN at < ?1 THEN n END) \
@@ -193,11 +192,9 @@ impl Store {
                        ON c.group_name = d.group_name AND c.cut = d.n \
                      WHERE d.n > COALESCE((SELECT n FROM policy_log_anchors a \
                                            WHERE a.group_name = d.group_name), 0)",
-                    [before],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )?;
-                rows
-            };
+                [before],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
             let mut pruned = 0;
             for (group, n, hash) in cuts {
                 tx.execute(

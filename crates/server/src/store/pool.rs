@@ -20,7 +20,7 @@ impl Store {
     }
 
     pub async fn list_pool_members(&self) -> Result<Vec<PoolMember>> {
-        self.call(|c| list_pool_members(c)).await
+        self.call(list_pool_members).await
     }
 
     /// Turns pool member `sb.id` into the sandbox `sb` (see [`hand_over`]).

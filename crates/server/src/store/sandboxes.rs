@@ -45,7 +45,7 @@ impl Store {
     }
 
     pub async fn list_timers(&self) -> Result<Vec<Timers>> {
-        self.call(|c| list_timers(c)).await
+        self.call(list_timers).await
     }
 
     /// Records the last activity of sandboxes (Unix seconds), in one transaction.
@@ -245,8 +245,8 @@ pub(super) mod tests {
     fn sandbox_rows_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        let c = s.conn.lock().unwrap();
+        put_group(&c, "g", &GroupSpec::default()).unwrap();
         let row = insert_sandbox(&c, &new_row("sb-1", "g")).unwrap();
         assert_eq!(get_sandbox(&c, "sb-1").unwrap().unwrap().labels, row.labels);
         let failed = set_sandbox_state(&c, "sb-1", SandboxState::Failed, Some("gone"))
