@@ -40,6 +40,9 @@ ip                    iproute2          all    crates/net/tests: a real guest in
 curl                  curl              all    crates/net/tests: the HTTP client in that guest
 systemd-analyze       systemd           all    crates/cli/tests/systemd_unit.rs: verifies contrib/systemd/moat.service offline
 ldd                   libc-bin          all    this script: is /bin/busybox static?
+initdb                postgresql        all    scripts/postgres.sh: a throwaway PostgreSQL for the store tests (scripts/test.sh, crates/cli/tests/daemon_store.rs)
+pg_ctl                postgresql        all    scripts/postgres.sh: starts, restarts and stops it
+runuser               util-linux        all    scripts/postgres.sh: initdb and the server run as nobody, not root
 runsc                 runsc             bench  bench/src/main.rs: gVisor, the peer the benchmark compares with
 '
 
@@ -53,7 +56,7 @@ for arg in "$@"; do
   esac
 done
 
-# Whether `what` (a command of the table) is usable. Two need more than `command -v`.
+# Whether `what` (a command of the table) is usable. Some need more than `command -v`.
 present() {
   case $1 in
     # Test images carry the host's busybox into guests, which have no libc: it must be static.
@@ -66,6 +69,8 @@ present() {
       rm -rf "$probe"
       [ $ok = 1 ]
       ;;
+    # Debian keeps PostgreSQL's server programs off PATH, in the version's directory.
+    initdb|pg_ctl) ls /usr/lib/postgresql/*/bin/"$1" >/dev/null 2>&1 ;;
     *) command -v "$1" >/dev/null 2>&1 ;;
   esac
 }

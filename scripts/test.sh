@@ -9,3 +9,19 @@ export MOAT_HOME=${MOAT_HOME:-$HOME/.moat}
 target/debug/moat setup
 # Two cores: more than two VMs booting at once under TCG only makes each slower.
 cargo test --workspace -- --test-threads=2
+
+# The second store backend (docs/FLEET.md): the same tests against a throwaway PostgreSQL this
+# script starts (scripts/postgres.sh: a cluster in a temporary directory, owned by nobody, on a
+# unix socket only). MOAT_TEST_STORE makes the store's unit tests and the test kit's daemons
+# use it, each in a schema of its own. The daemon tests here are the store-heavy ones, not the
+# whole suite again (that would double its VM time): serve (keys, groups, restarts, the
+# kill -9 recovery), daemon_policy (versions, the hash-chained decisions log, its triggers and
+# pruning), daemon_secrets (sealed values, upserts) and daemon_identity (uid allocation, the
+# mint audit). daemon_store.rs starts PostgreSQL servers of its own and runs in the pass above.
+pg=$(mktemp -d)
+trap 'scripts/postgres.sh stop "$pg" >/dev/null 2>&1 || true; rm -rf "$pg"' EXIT
+MOAT_TEST_STORE=$(scripts/postgres.sh start "$pg")
+export MOAT_TEST_STORE
+cargo test -p moat-server --lib -- --test-threads=2
+cargo test -p moat-cli --test serve --test daemon_policy --test daemon_secrets \
+  --test daemon_identity -- --test-threads=2

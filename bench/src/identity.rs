@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use moat_server::api::{GroupSpec, IdentityDelivery, IdentitySpec, Sandbox, SandboxState, Tier};
 use moat_server::identity::{Issuer, MintRequest};
-use moat_server::store::Store;
+use moat_server::store::{Location, Store};
 use serde_json::json;
 
 fn ms(d: Duration) -> f64 {
@@ -18,7 +18,7 @@ fn ms(d: Duration) -> f64 {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let home = tempfile::tempdir()?;
-    let store = Store::open(&home.path().join("moatd.db"))?;
+    let store = Store::open(&Location::Sqlite(home.path().join("moatd.db")), home.path())?;
     let spec = GroupSpec {
         identity: IdentitySpec {
             enabled: true,

@@ -84,6 +84,12 @@ pub struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "MOAT_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// Where to keep the daemon's state: a PostgreSQL URL,
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (`?host=/run/dir` for a unix socket),
+    /// which several daemons may share (docs/FLEET.md). Default: the embedded SQLite
+    /// database MOAT_HOME/moatd.db.
+    #[arg(long, env = "MOAT_STORE", value_name = "URL")]
+    store: Option<String>,
 }
 
 /// `N` followed by `s`, `m`, `h` or `d`; at least one second.
@@ -184,6 +190,7 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
             }),
             audit_retention: args.audit_retention,
             tls: args.tls_cert.zip(args.tls_key),
+            store: args.store,
         },
         shutdown,
     )

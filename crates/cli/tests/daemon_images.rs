@@ -206,16 +206,13 @@ async fn images_import_list_use_and_delete() {
     // Operations are records: they survive a restart, and one a restart interrupted is failed.
     let op_id = op["id"].as_str().unwrap().to_string();
     d.terminate();
-    {
-        let db = rusqlite::Connection::open(d.home.path().join("moatd.db")).unwrap();
-        db.execute(
-            "INSERT INTO operations (id, kind, state, target, request, phase, created_at,
-                 updated_at) VALUES ('op-00000000000000aa', 'image-import', 'running', 'x', '{}',
-                 'resolving', 1, 1)",
-            [],
-        )
-        .unwrap();
-    }
+    d.db_execute(
+        "INSERT INTO operations (id, kind, state, target, request, phase, created_at,
+             updated_at) VALUES ('op-00000000000000aa', 'image-import', 'running', 'x', '{}',
+             'resolving', 1, 1)",
+        &[],
+    )
+    .unwrap();
     d.spawn(None).await;
     let (st, again) = d
         .call(Some(ADMIN), "GET", &format!("/v1/operations/{op_id}"), None)
@@ -333,14 +330,10 @@ async fn moat_image_goes_through_the_daemon_when_told_to() {
     assert!(o.status.success(), "{err}");
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), digest);
     // The daemon did it: its operation record exists.
-    let db = rusqlite::Connection::open(d.home.path().join("moatd.db")).unwrap();
-    let n: i64 = db
-        .query_row(
-            "SELECT COUNT(*) FROM operations WHERE target = ?1 AND state = 'succeeded'",
-            [&name],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let n = d.db_i64(
+        "SELECT COUNT(*) FROM operations WHERE target = ?1 AND state = 'succeeded'",
+        &[name.as_str()],
+    );
     assert_eq!(n, 1);
 
     let o = d.cli(ADMIN, &["image", "ls", "--json"]);

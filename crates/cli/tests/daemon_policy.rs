@@ -710,35 +710,29 @@ async fn the_corpus_against_a_real_sandbox_and_the_log_verified() {
 
     // Tampering behind the daemon's back: one entry edited, one removed.
     {
-        let db = rusqlite::Connection::open(d.home.path().join("moatd.db")).unwrap();
-        let e = db
-            .execute(
+        let e = d
+            .db_execute(
                 "DELETE FROM policy_decisions WHERE group_name = 'gov' AND n = 5",
-                [],
+                &[],
             )
             .unwrap_err();
-        assert!(e.to_string().contains("append-only"), "{e}");
-        db.execute_batch(
-            "DROP TRIGGER policy_decisions_no_update; DROP TRIGGER policy_decisions_no_delete;",
-        )
-        .unwrap();
-        let entry: String = db
-            .query_row(
-                "SELECT entry FROM policy_decisions WHERE group_name = 'gov' AND n = 3",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        assert!(e.contains("append-only"), "{e}");
+        d.db_drop_trigger("policy_decisions_no_update", "policy_decisions");
+        d.db_drop_trigger("policy_decisions_no_delete", "policy_decisions");
+        let entry = d.db_text(
+            "SELECT entry FROM policy_decisions WHERE group_name = 'gov' AND n = 3",
+            &[],
+        );
         let edited = entry.replace("\"allowed\":false", "\"allowed\":true");
         assert_ne!(entry, edited);
-        db.execute(
+        d.db_execute(
             "UPDATE policy_decisions SET entry = ?1 WHERE group_name = 'gov' AND n = 3",
-            [&edited],
+            &[edited.as_str()],
         )
         .unwrap();
-        db.execute(
+        d.db_execute(
             "DELETE FROM policy_decisions WHERE group_name = 'gov' AND n = 5",
-            [],
+            &[],
         )
         .unwrap();
     }
@@ -801,35 +795,32 @@ async fn pruned_decisions_still_verify_and_tampering_is_named() {
         show(&out)
     );
     {
-        let db = rusqlite::Connection::open(d.home.path().join("moatd.db")).unwrap();
-        let newest: i64 = db
-            .query_row(
-                "SELECT MAX(n) FROM policy_decisions WHERE group_name = 'gov'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        let e = db
-            .execute(
-                "DELETE FROM policy_decisions WHERE group_name = 'gov' AND n = ?1",
-                [newest],
+        let newest = d.db_i64(
+            "SELECT MAX(n) FROM policy_decisions WHERE group_name = 'gov'",
+            &[],
+        );
+        // The number goes into the SQL: the helpers bind text only.
+        let e = d
+            .db_execute(
+                &format!("DELETE FROM policy_decisions WHERE group_name = 'gov' AND n = {newest}"),
+                &[],
             )
             .unwrap_err();
-        assert!(e.to_string().contains("append-only"), "{e}");
-        db.execute_batch("DROP TRIGGER policy_decisions_no_update;")
-            .unwrap();
-        let entry: String = db
-            .query_row(
-                "SELECT entry FROM policy_decisions WHERE group_name = 'gov' AND n = ?1",
-                [newest],
-                |r| r.get(0),
-            )
-            .unwrap();
+        assert!(e.contains("append-only"), "{e}");
+        d.db_drop_trigger("policy_decisions_no_update", "policy_decisions");
+        let entry = d.db_text(
+            &format!(
+                "SELECT entry FROM policy_decisions WHERE group_name = 'gov' AND n = {newest}"
+            ),
+            &[],
+        );
         let edited = entry.replace("\"curl\"", "\"ls\"");
         assert_ne!(entry, edited);
-        db.execute(
-            "UPDATE policy_decisions SET entry = ?1 WHERE group_name = 'gov' AND n = ?2",
-            rusqlite::params![edited, newest],
+        d.db_execute(
+            &format!(
+                "UPDATE policy_decisions SET entry = ?1 WHERE group_name = 'gov' AND n = {newest}"
+            ),
+            &[edited.as_str()],
         )
         .unwrap();
         let out = d.cli(ADMIN, &["policy", "verify-log", "gov"]);

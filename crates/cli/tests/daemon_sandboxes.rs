@@ -321,10 +321,8 @@ async fn restarts_keep_running_sandboxes() {
             .status()
             .unwrap();
     }
-    let db = rusqlite::Connection::open(d.home.path().join("moatd.db")).unwrap();
-    db.execute("DELETE FROM sandboxes WHERE id = ?1", [&stray])
+    d.db_execute("DELETE FROM sandboxes WHERE id = ?1", &[stray.as_str()])
         .unwrap();
-    drop(db);
     let t = Instant::now();
     d.spawn(Some(ADMIN)).await;
     eprintln!("restart with adoption: {:?}", t.elapsed());

@@ -70,7 +70,7 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("store: {0}")]
-    Store(#[from] rusqlite::Error),
+    Store(#[from] crate::store::db::DbError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -190,15 +190,9 @@ impl Error {
                 }
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
-            // SQLITE_BUSY/LOCKED are transient: the client may retry.
-            Error::Store(rusqlite::Error::SqliteFailure(e, _))
-                if matches!(
-                    e.code,
-                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                ) =>
-            {
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-            }
+            // A busy SQLite, an unreachable PostgreSQL (restarting, failing over), a
+            // transaction that kept conflicting: the client may retry.
+            Error::Store(e) if e.is_transient() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Error::NewerSchema { .. }
             | Error::Config(_)
             | Error::Store(_)

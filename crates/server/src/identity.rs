@@ -594,6 +594,16 @@ mod tests {
     use crate::api::{GroupSpec, IdentitySpec, Sandbox};
     use ring::signature::{RsaPublicKeyComponents, RSA_PKCS1_2048_8192_SHA256};
 
+    /// [`Issuer::open`] on a thread of its own: it reads the store with blocking calls, which
+    /// must not run on an async test's executor thread (the PostgreSQL client panics there).
+    fn open_issuer(home: &Path, url: String, store: Store) -> Result<Issuer> {
+        std::thread::scope(|s| {
+            s.spawn(|| Issuer::open(home, url, store, Arc::default()))
+                .join()
+                .unwrap()
+        })
+    }
+
     struct Fixture {
         _dir: tempfile::TempDir,
         home: PathBuf,
@@ -604,7 +614,7 @@ mod tests {
     async fn fixture(identity: IdentitySpec) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().to_path_buf();
-        let store = Store::open(&home.join("moatd.db")).unwrap();
+        let store = crate::store::test_store(&home);
         let spec = GroupSpec {
             identity,
             ..Default::default()
@@ -625,15 +635,8 @@ mod tests {
             health: None,
         };
         store.insert_sandbox(&sb).await.unwrap();
-        let issuer = Arc::new(
-            Issuer::open(
-                &home,
-                "https://id.example.com".into(),
-                store.clone(),
-                Arc::default(),
-            )
-            .unwrap(),
-        );
+        let issuer =
+            Arc::new(open_issuer(&home, "https://id.example.com".into(), store.clone()).unwrap());
         Fixture {
             _dir: dir,
             home,
@@ -817,24 +820,18 @@ mod tests {
         let new = f.issuer.mint(ask("sts.amazonaws.com")).await.unwrap();
         assert_eq!(new.kid, pending, "the key published earlier signs now");
         verify(&new.token, &before);
-        let again = Issuer::open(
-            &f.home,
-            "https://id.example.com".into(),
-            f.store.clone(),
-            Arc::default(),
-        )
-        .unwrap();
+        let again = open_issuer(&f.home, "https://id.example.com".into(), f.store.clone()).unwrap();
         assert_eq!(again.jwks(), after);
         // A retired key whose tokens have all expired leaves the JWKS, row and file.
         let retired = old.kid.clone();
-        f.store.age_retired_keys(RETIRED_KEPT_S + 1).unwrap();
-        let pruned = Issuer::open(
-            &f.home,
-            "https://id.example.com".into(),
-            f.store.clone(),
-            Arc::default(),
-        )
+        std::thread::scope(|s| {
+            s.spawn(|| f.store.age_retired_keys(RETIRED_KEPT_S + 1))
+                .join()
+        })
+        .unwrap()
         .unwrap();
+        let pruned =
+            open_issuer(&f.home, "https://id.example.com".into(), f.store.clone()).unwrap();
         assert_eq!(pruned.jwks().keys.len(), 2);
         assert!(!f.home.join(format!("identity/keys/{retired}.pk8")).exists());
     }
@@ -870,14 +867,9 @@ mod tests {
         assert_eq!(d.jwks_uri, "https://id.example.com/.well-known/jwks.json");
         assert_eq!(d.id_token_signing_alg_values_supported, ["RS256"]);
         assert!(d.claims_supported.iter().any(|c| c == "sandbox_uid"));
-        let e = Issuer::open(
-            &f.home,
-            "https://x/".into(),
-            f.store.clone(),
-            Arc::default(),
-        )
-        .err()
-        .unwrap();
+        let e = open_issuer(&f.home, "https://x/".into(), f.store.clone())
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("trailing slash"), "{e}");
     }
 }

@@ -87,6 +87,9 @@ pub struct Config {
     /// The PEM certificate chain and private key of the TCP listener (`--tls-cert`,
     /// `--tls-key`); `None`: plain HTTP. The Unix socket is always plain.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Where the state is kept (`--store`): `None` for the embedded SQLite database
+    /// (`MOAT_HOME/moatd.db`), else a `postgres://` URL (docs/FLEET.md).
+    pub store: Option<String>,
 }
 
 /// The default of [`Config::audit_retention`].
@@ -134,6 +137,8 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    // A bad --store is refused before anything else happens.
+    let location = store::Location::parse(config.store.as_deref(), &db_path(&config.home))?;
     std::fs::create_dir_all(&config.home)
         .map_err(|e| Error::io(format!("creating {}", config.home.display()), e))?;
     // One daemon per MOAT_HOME: the lock is released by the kernel however the daemon dies,
@@ -175,10 +180,10 @@ pub async fn serve(
         None => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let db = db_path(&config.home);
     let bootstrap = config.bootstrap_key.clone();
+    let home = config.home.clone();
     let (store, generated) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let store = store::Store::open(&db)?;
+        let store = store::Store::open(&location, &home)?;
         let generated = store.bootstrap(bootstrap.as_deref())?;
         let interrupted = store.fail_interrupted_operations()?;
         if interrupted > 0 {

@@ -273,7 +273,7 @@ mod tests {
 
     async fn group_with(policy: &str) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("moatd.db")).unwrap();
+        let store = crate::store::test_store(dir.path());
         store.put_group("g", &GroupSpec::default()).await.unwrap();
         let policy = Policy::parse(policy).unwrap();
         store.put_policy("g", &policy, "key-1").await.unwrap();

@@ -13,7 +13,7 @@ use moat_server::http::{router, AppState, MAX_BODY};
 use moat_server::images::Operations;
 use moat_server::metrics::Metrics;
 use moat_server::policy::Gate;
-use moat_server::store::Store;
+use moat_server::store::{Location, Store};
 use moat_testkit::openapi::check_response;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -40,7 +40,8 @@ impl App {
 
     fn with_gate(gate: Gate) -> App {
         let home = tempfile::tempdir().unwrap();
-        let store = Store::open(&home.path().join("moatd.db")).unwrap();
+        let store =
+            Store::open(&Location::Sqlite(home.path().join("moatd.db")), home.path()).unwrap();
         assert!(store.bootstrap(Some(ADMIN)).unwrap().is_none());
         let state = AppState {
             store: store.clone(),

@@ -32,6 +32,7 @@ pub fn moat() -> Command {
         "MOAT_API_KEY",
         "MOAT_BOOTSTRAP_KEY",
         "MOAT_LISTEN",
+        "MOAT_STORE",
         "RUST_LOG",
     ] {
         c.env_remove(v);
@@ -61,6 +62,34 @@ pub struct Daemon {
     pub args: Vec<String>,
     /// The guest agent (MOAT_AGENT) of every start.
     pub agent: PathBuf,
+    /// `--store` of every start (see [`store_for`]); `None`: SQLite in the home.
+    pub store: Option<String>,
+}
+
+/// The `--store` of a daemon on `home`: none (the embedded SQLite database in the home)
+/// unless `MOAT_TEST_STORE` holds a PostgreSQL URL (scripts/test.sh's second pass). Then the
+/// daemon gets a schema of that database of its own, named after its home and created here,
+/// so that daemons never see one another's rows and a restarted one finds its own.
+pub fn store_for(home: &std::path::Path) -> Option<String> {
+    use sha2::Digest;
+    let url = std::env::var("MOAT_TEST_STORE")
+        .ok()
+        .filter(|u| !u.is_empty())?;
+    let digest = sha2::Sha256::digest(home.as_os_str().as_encoded_bytes());
+    let schema = format!("d_{}", &hex::encode(digest)[..16]);
+    let admin = url.clone();
+    let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
+    // The blocking client must not run on the test's executor thread.
+    std::thread::spawn(move || {
+        postgres::Client::connect(&admin, postgres::NoTls)
+            .expect("MOAT_TEST_STORE connects")
+            .batch_execute(&create)
+            .expect("a schema for the test daemon")
+    })
+    .join()
+    .unwrap();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    Some(format!("{url}{sep}options=-csearch_path%3D{schema}"))
 }
 
 /// A new MOAT_HOME with links to the entries `names` of the shared test home (built once per
@@ -84,6 +113,13 @@ impl Daemon {
     pub async fn start(bootstrap: Option<&str>) -> Daemon {
         let home = tempfile::tempdir().unwrap();
         Daemon::start_in(home, super::agent_path(), bootstrap, &["--no-setup"]).await
+    }
+
+    /// [`Daemon::start`] with its state in the PostgreSQL database `url` (`--store`).
+    pub async fn start_on_store(url: &str, bootstrap: Option<&str>) -> Daemon {
+        let home = tempfile::tempdir().unwrap();
+        let args = ["--no-setup", "--store", url];
+        Daemon::start_in(home, super::agent_path(), bootstrap, &args).await
     }
 
     /// A daemon that can run sandboxes: its MOAT_HOME links `kernels`, `images`, `templates`
@@ -128,12 +164,111 @@ impl Daemon {
             validated: AtomicUsize::new(0),
             args: args.iter().map(|a| a.to_string()).collect(),
             agent,
+            store: None,
         };
+        if !args.contains(&"--store") {
+            d.store = store_for(d.home.path());
+        }
         d.spawn(bootstrap).await;
         let (status, doc) = d.call(None, "GET", "/openapi.json", None).await;
         assert_eq!(status, 200);
         d.doc = Some(doc);
         d
+    }
+
+    /// Runs `sql` on the daemon's own database behind its back, whichever backend it uses
+    /// (SQLite's `?N` placeholders, text parameters): what someone with access to the database
+    /// can do. Returns the rows changed, or the database's error message.
+    pub fn db_execute(&self, sql: &str, params: &[&str]) -> Result<u64, String> {
+        match &self.store {
+            None => {
+                let db = rusqlite::Connection::open(self.home.path().join("moatd.db")).unwrap();
+                db.execute(sql, rusqlite::params_from_iter(params))
+                    .map(|n| n as u64)
+                    .map_err(|e| e.to_string())
+            }
+            Some(url) => {
+                let (url, sql) = (url.clone(), sql.replace('?', "$"));
+                let params: Vec<String> = params.iter().map(|p| p.to_string()).collect();
+                std::thread::spawn(move || {
+                    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                    let args: Vec<&(dyn postgres::types::ToSql + Sync)> = params
+                        .iter()
+                        .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+                        .collect();
+                    c.execute(sql.as_str(), &args)
+                        .map_err(|e| match e.as_db_error() {
+                            Some(db) => db.message().to_string(),
+                            None => e.to_string(),
+                        })
+                })
+                .join()
+                .unwrap()
+            }
+        }
+    }
+
+    /// Drops trigger `name` of `table` behind the daemon's back (a tampering test).
+    pub fn db_drop_trigger(&self, name: &str, table: &str) {
+        let sql = match self.store {
+            None => format!("DROP TRIGGER {name}"),
+            Some(_) => format!("DROP TRIGGER {name} ON {table}"),
+        };
+        self.db_execute(&sql, &[]).unwrap();
+    }
+
+    /// The text `sql` (one row, one column) selects from the daemon's database, like
+    /// [`Daemon::db_execute`].
+    pub fn db_text(&self, sql: &str, params: &[&str]) -> String {
+        match &self.store {
+            None => {
+                let db = rusqlite::Connection::open(self.home.path().join("moatd.db")).unwrap();
+                db.query_row(sql, rusqlite::params_from_iter(params), |r| r.get(0))
+                    .unwrap()
+            }
+            Some(url) => {
+                let (url, sql) = (url.clone(), sql.replace('?', "$"));
+                let params: Vec<String> = params.iter().map(|p| p.to_string()).collect();
+                std::thread::spawn(move || {
+                    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                    let args: Vec<&(dyn postgres::types::ToSql + Sync)> = params
+                        .iter()
+                        .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+                        .collect();
+                    c.query_one(sql.as_str(), &args)
+                        .unwrap()
+                        .get::<_, String>(0)
+                })
+                .join()
+                .unwrap()
+            }
+        }
+    }
+
+    /// The integer `sql` (one row, one column) selects from the daemon's database, like
+    /// [`Daemon::db_execute`].
+    pub fn db_i64(&self, sql: &str, params: &[&str]) -> i64 {
+        match &self.store {
+            None => {
+                let db = rusqlite::Connection::open(self.home.path().join("moatd.db")).unwrap();
+                db.query_row(sql, rusqlite::params_from_iter(params), |r| r.get(0))
+                    .unwrap()
+            }
+            Some(url) => {
+                let (url, sql) = (url.clone(), sql.replace('?', "$"));
+                let params: Vec<String> = params.iter().map(|p| p.to_string()).collect();
+                std::thread::spawn(move || {
+                    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+                    let args: Vec<&(dyn postgres::types::ToSql + Sync)> = params
+                        .iter()
+                        .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+                        .collect();
+                    c.query_one(sql.as_str(), &args).unwrap().get::<_, i64>(0)
+                })
+                .join()
+                .unwrap()
+            }
+        }
     }
 
     pub fn url(&self) -> String {
@@ -158,6 +293,7 @@ impl Daemon {
         let mut c = moat();
         c.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
             .args(&self.args)
+            .args(self.store.iter().flat_map(|s| ["--store", s]))
             .env("MOAT_HOME", self.home.path())
             .env("MOAT_AGENT", &self.agent)
             .stdin(Stdio::null())

@@ -1,7 +1,7 @@
 //! The `audit_log` table: one row per mutating API call, pruned to the newest `retention`
 //! rows at each insert.
 
-use rusqlite::{params, Connection};
+use super::db::{params, Db};
 
 use super::Store;
 use crate::api::{rfc3339, AuditEvent, AuditQuery};
@@ -37,11 +37,10 @@ impl Store {
                     e.request_id
                 ],
             )?;
-            let last = tx.last_insert_rowid();
             let keep = i64::try_from(retention).unwrap_or(i64::MAX);
             tx.execute(
-                "DELETE FROM audit_log WHERE n <= ?1",
-                [last.saturating_sub(keep)],
+                "DELETE FROM audit_log WHERE n <= (SELECT MAX(n) FROM audit_log) - ?1",
+                [keep],
             )?;
             tx.commit()?;
             Ok(())
@@ -55,16 +54,15 @@ impl Store {
     }
 }
 
-fn list(c: &Connection, q: &AuditQuery) -> Result<(Vec<AuditEvent>, bool)> {
+fn list(c: &Db, q: &AuditQuery) -> Result<(Vec<AuditEvent>, bool)> {
     let limit = q.limit.unwrap_or(100);
-    let mut stmt = c.prepare_cached(
+    // The casts give PostgreSQL the parameters' types where they stand alone.
+    let mut events = c.query_map(
         "SELECT n, at_ms, key_id, action, target, group_name, status, request_id
          FROM audit_log
-         WHERE n > ?1 AND at_ms >= ?2 AND (?3 IS NULL OR key_id = ?3)
-             AND (?4 IS NULL OR group_name = ?4)
+         WHERE n > ?1 AND at_ms >= ?2 AND (CAST(?3 AS TEXT) IS NULL OR key_id = ?3)
+             AND (CAST(?4 AS TEXT) IS NULL OR group_name = ?4)
          ORDER BY n LIMIT ?5",
-    )?;
-    let rows = stmt.query_map(
         params![
             q.after.unwrap_or(0) as i64,
             q.since.unwrap_or(0) as i64 * 1000,
@@ -85,7 +83,6 @@ fn list(c: &Connection, q: &AuditQuery) -> Result<(Vec<AuditEvent>, bool)> {
             })
         },
     )?;
-    let mut events = rows.collect::<rusqlite::Result<Vec<_>>>()?;
     let more = events.len() > limit as usize;
     events.truncate(limit as usize);
     Ok((events, more))
@@ -116,7 +113,7 @@ mod tests {
     #[tokio::test]
     async fn events_filter_page_and_keep_the_newest() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db")).unwrap();
+        let s = super::super::tests::open(&dir);
         for n in 0..10 {
             let key = if n % 2 == 0 { Some("key-a") } else { None };
             let group = if n < 5 { Some("g") } else { Some("h") };

@@ -1,7 +1,7 @@
 //! The `egress_events` table: the egress audit, written in batches by the manager's audit
 //! writer and pruned to the newest N rows, read by the egress routes.
 
-use rusqlite::{params, Connection, ToSql};
+use super::db::{params, Db, DbResult, Param, Value};
 
 use super::Store;
 use crate::api::{parse_rfc3339_ms, EgressEvent, EgressFilter, EgressKind, EgressVerdict};
@@ -31,12 +31,7 @@ impl Store {
     }
 }
 
-fn insert(c: &Connection, events: &[AuditRecord]) -> Result<()> {
-    let mut stmt = c.prepare_cached(
-        "INSERT INTO egress_events (time, time_ms, group_name, sandbox, kind, name, address,
-             port, verdict, rule, reason, bytes_sent, bytes_received, duration_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-    )?;
+fn insert(c: &Db, events: &[AuditRecord]) -> Result<()> {
     for r in events {
         let e = &r.event;
         // The stack's clock is the host's; an unreadable time is stored as now.
@@ -60,22 +55,27 @@ fn insert(c: &Connection, events: &[AuditRecord]) -> Result<()> {
             moat_net::audit::Verdict::Allow => "allow",
             moat_net::audit::Verdict::Deny => "deny",
         };
-        stmt.execute(params![
-            time,
-            time_ms,
-            r.group,
-            r.sandbox,
-            kind,
-            e.name,
-            e.address,
-            e.port,
-            verdict,
-            e.rule.map(|i| i as i64),
-            e.reason,
-            clamp(e.bytes_sent),
-            clamp(e.bytes_received),
-            clamp(e.duration_ms),
-        ])?;
+        c.execute(
+            "INSERT INTO egress_events (time, time_ms, group_name, sandbox, kind, name, \
+                 address, port, verdict, rule, reason, bytes_sent, bytes_received, duration_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![
+                time,
+                time_ms,
+                r.group,
+                r.sandbox,
+                kind,
+                e.name,
+                e.address,
+                e.port,
+                verdict,
+                e.rule.map(|i| i as i64),
+                e.reason,
+                clamp(e.bytes_sent),
+                clamp(e.bytes_received),
+                clamp(e.duration_ms),
+            ],
+        )?;
     }
     Ok(())
 }
@@ -84,7 +84,7 @@ fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn prune(c: &Connection, retention: u64) -> Result<()> {
+fn prune(c: &Db, retention: u64) -> Result<()> {
     c.execute(
         "DELETE FROM egress_events WHERE id <= (SELECT MAX(id) FROM egress_events) - ?1",
         [clamp(retention)],
@@ -92,40 +92,39 @@ fn prune(c: &Connection, retention: u64) -> Result<()> {
     Ok(())
 }
 
-fn list(c: &Connection, f: &EgressFilter) -> Result<Vec<EgressEvent>> {
+fn list(c: &Db, f: &EgressFilter) -> Result<Vec<EgressEvent>> {
     let mut sql = String::from(
         "SELECT id, time, sandbox, kind, name, address, port, verdict, rule, reason,
                 bytes_sent, bytes_received, duration_ms
          FROM egress_events WHERE group_name = ?",
     );
-    let mut args: Vec<Box<dyn ToSql>> = vec![Box::new(f.group.clone())];
+    let mut args: Vec<Value> = vec![f.group.value()];
     if let Some(s) = &f.sandbox {
         sql.push_str(" AND sandbox = ?");
-        args.push(Box::new(s.clone()));
+        args.push(s.clone().value());
     }
     if let Some(v) = f.verdict {
         sql.push_str(" AND verdict = ?");
-        args.push(Box::new(v.as_str()));
+        args.push(v.as_str().value());
     }
     if let Some(ms) = f.since_ms {
         sql.push_str(" AND time_ms >= ?");
-        args.push(Box::new(ms));
+        args.push(ms.value());
     }
     // Following: the oldest after the cursor. Otherwise the newest, turned oldest first.
     let newest = f.after.is_none();
     if let Some(a) = f.after {
         sql.push_str(" AND id > ? ORDER BY id ASC");
-        args.push(Box::new(clamp(a)));
+        args.push(clamp(a).value());
     } else {
         sql.push_str(" ORDER BY id DESC");
     }
     sql.push_str(" LIMIT ?");
-    args.push(Box::new(i64::from(f.limit)));
-    let mut stmt = c.prepare(&sql)?;
-    let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
+    args.push(i64::from(f.limit).value());
+    let mut out = c.query_map(&sql, args, |r| {
         let kind: String = r.get(3)?;
         let verdict: String = r.get(7)?;
-        let n = |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)?.max(0) as u64) };
+        let n = |i: usize| -> DbResult<u64> { Ok(r.get::<_, i64>(i)?.max(0) as u64) };
         Ok(EgressEvent {
             id: n(0)?,
             time: r.get(1)?,
@@ -151,7 +150,6 @@ fn list(c: &Connection, f: &EgressFilter) -> Result<Vec<EgressEvent>> {
             duration_ms: n(12)?,
         })
     })?;
-    let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
     if newest {
         out.reverse();
     }
@@ -190,8 +188,8 @@ mod tests {
     #[test]
     fn filters_order_and_retention() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
-        let c = &mut store.conn.lock().unwrap();
+        let store = crate::store::test_store(dir.path());
+        let c = &store.conn.lock().unwrap();
         let t = |s: u32| format!("2026-11-30T15:00:{s:02}.000Z");
         let mut batch = Vec::new();
         for i in 0..10u32 {

@@ -1,7 +1,7 @@
 //! The `sandbox_groups` table: a group's name and its spec (stored as JSON, every default
 //! filled in).
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use super::db::{params, Db, DbResult, OptionalExtension, Row};
 
 use super::{now, Store};
 use crate::api::{rfc3339, Group, GroupSpec, GroupStatus};
@@ -14,7 +14,7 @@ impl Store {
     }
 
     pub async fn list_groups(&self) -> Result<Vec<Group>> {
-        self.call(|c| list_groups(c)).await
+        self.call(list_groups).await
     }
 
     /// Creates or replaces a group's spec (see [`put_group`]).
@@ -30,7 +30,7 @@ impl Store {
     }
 }
 
-fn group_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64, i64)> {
+fn group_from_row(r: &Row) -> DbResult<(String, String, i64, i64)> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
 }
 
@@ -47,7 +47,7 @@ fn group_from_parts(parts: (String, String, i64, i64)) -> Result<Group> {
     })
 }
 
-pub(super) fn get_group(conn: &Connection, name: &str) -> Result<Option<Group>> {
+pub(super) fn get_group(conn: &Db, name: &str) -> Result<Option<Group>> {
     conn.query_row(
         "SELECT name, spec, created_at, updated_at FROM sandbox_groups WHERE name = ?1",
         [name],
@@ -58,26 +58,23 @@ pub(super) fn get_group(conn: &Connection, name: &str) -> Result<Option<Group>> 
     .transpose()
 }
 
-pub(super) fn list_groups(conn: &Connection) -> Result<Vec<Group>> {
-    let mut stmt = conn.prepare_cached(
+pub(super) fn list_groups(conn: &Db) -> Result<Vec<Group>> {
+    let rows = conn.query_map(
         "SELECT name, spec, created_at, updated_at FROM sandbox_groups ORDER BY name",
+        [],
+        group_from_row,
     )?;
-    let rows = stmt.query_map([], group_from_row)?;
     let mut out = Vec::new();
     for row in rows {
-        out.push(group_from_parts(row?)?);
+        out.push(group_from_parts(row)?);
     }
     Ok(out)
 }
 
 /// Creates or replaces a group's spec. Returns the group and whether it was created. Putting
 /// the same spec again changes nothing, not even `updated_at`.
-pub(super) fn put_group(
-    conn: &mut Connection,
-    name: &str,
-    spec: &GroupSpec,
-) -> Result<(Group, bool)> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+pub(super) fn put_group(conn: &Db, name: &str, spec: &GroupSpec) -> Result<(Group, bool)> {
+    let tx = conn.transaction()?;
     let existing = tx
         .query_row(
             "SELECT name, spec, created_at, updated_at FROM sandbox_groups WHERE name = ?1",
@@ -121,8 +118,8 @@ pub(super) fn put_group(
 
 /// Deletes a group; refused while it has sandboxes or snapshots unless `force`, which deletes
 /// their rows too (stopping the VMs and removing snapshot directories is the caller's job).
-pub(super) fn delete_group(conn: &mut Connection, name: &str, force: bool) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+pub(super) fn delete_group(conn: &Db, name: &str, force: bool) -> Result<()> {
+    let tx = conn.transaction()?;
     let exists: bool = tx.query_row(
         "SELECT EXISTS(SELECT 1 FROM sandbox_groups WHERE name = ?1)",
         [name],
@@ -172,21 +169,21 @@ mod tests {
     fn sandboxes_pin_their_group() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        let c = s.conn.lock().unwrap();
+        put_group(&c, "g", &GroupSpec::default()).unwrap();
         insert_sandbox(&c, &new_row("s1", "g")).unwrap();
         // The foreign key holds even without the check in delete_group.
         assert!(c
             .execute("DELETE FROM sandbox_groups WHERE name = 'g'", [])
             .is_err());
         assert!(matches!(
-            delete_group(&mut c, "g", false),
+            delete_group(&c, "g", false),
             Err(Error::Conflict(_))
         ));
-        delete_group(&mut c, "g", true).unwrap();
+        delete_group(&c, "g", true).unwrap();
         assert!(get_group(&c, "g").unwrap().is_none());
         assert!(matches!(
-            delete_group(&mut c, "g", false),
+            delete_group(&c, "g", false),
             Err(Error::NotFound(_))
         ));
     }
@@ -195,14 +192,14 @@ mod tests {
     fn put_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        let (_, created) = put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        let c = s.conn.lock().unwrap();
+        let (_, created) = put_group(&c, "g", &GroupSpec::default()).unwrap();
         assert!(created);
-        let (_, created) = put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        let (_, created) = put_group(&c, "g", &GroupSpec::default()).unwrap();
         assert!(!created);
         let mut spec = GroupSpec::default();
         spec.pool.size = 2;
-        let (g, created) = put_group(&mut c, "g", &spec).unwrap();
+        let (g, created) = put_group(&c, "g", &spec).unwrap();
         assert!(!created);
         assert_eq!(g.spec.pool.size, 2);
     }

@@ -2,8 +2,8 @@
 //! and sandboxes (`identity_groups`, `identity_sandboxes`) and the mint audit
 //! (`identity_events`, pruned to the newest N rows).
 
+use super::db::{params, Db, OptionalExtension, Param, Value};
 use rand::RngCore;
-use rusqlite::{params, Connection, OptionalExtension, ToSql, TransactionBehavior};
 
 use super::Store;
 use crate::api::{IdentityDelivery, IdentityEvent, IdentityOutcome, KeyState};
@@ -55,7 +55,7 @@ fn random_hex(bytes: usize) -> String {
 
 impl Store {
     pub fn identity_keys(&self) -> Result<Vec<KeyRow>> {
-        self.blocking(|c| keys(c))
+        self.blocking(keys)
     }
 
     /// Records a new key (its file is already on disk) in `state`.
@@ -77,7 +77,7 @@ impl Store {
     pub fn rotate_identity_keys(&self, next: &str) -> Result<()> {
         let (next, t) = (next.to_string(), super::now());
         self.blocking(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = c.transaction()?;
             let pending: Option<String> = tx
                 .query_row(
                     "SELECT kid FROM identity_keys WHERE state = 'pending'",
@@ -120,7 +120,7 @@ impl Store {
     pub fn delete_identity_key(&self, kid: &str) -> Result<()> {
         let kid = kid.to_string();
         self.blocking(move |c| {
-            c.execute("DELETE FROM identity_keys WHERE kid = ?1", [kid])?;
+            c.execute("DELETE FROM identity_keys WHERE kid = ?1", [&kid])?;
             Ok(())
         })
     }
@@ -137,7 +137,7 @@ impl Store {
         self.call(move |c| {
             c.execute(
                 "UPDATE identity_sandboxes SET incarnation = incarnation + 1 WHERE sandbox = ?1",
-                [sandbox],
+                [&sandbox],
             )?;
             Ok(())
         })
@@ -161,23 +161,23 @@ impl Store {
     }
 }
 
-fn keys(c: &Connection) -> Result<Vec<KeyRow>> {
-    let mut stmt = c.prepare_cached(
+fn keys(c: &Db) -> Result<Vec<KeyRow>> {
+    let rows = c.query_map(
         "SELECT kid, state, created_at, activated_at, retired_at FROM identity_keys \
          ORDER BY created_at, kid",
+        [],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+            ))
+        },
     )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get(2)?,
-            r.get(3)?,
-            r.get(4)?,
-        ))
-    })?;
     let mut out = Vec::new();
-    for row in rows {
-        let (kid, state, created_at, activated_at, retired_at) = row?;
+    for (kid, state, created_at, activated_at, retired_at) in rows {
         let state = KeyState::parse(&state)
             .ok_or_else(|| Error::Internal(format!("signing key {kid}: state {state:?}")))?;
         out.push(KeyRow {
@@ -191,16 +191,18 @@ fn keys(c: &Connection) -> Result<Vec<KeyRow>> {
     Ok(out)
 }
 
-fn workload_ids(c: &mut Connection, group: &str, sandbox: &str) -> Result<WorkloadIds> {
-    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+fn workload_ids(c: &Db, group: &str, sandbox: &str) -> Result<WorkloadIds> {
+    let tx = c.transaction()?;
     // 64 bits for the group (its uid is in `sub`, which GCP caps at 127 bytes), 128 for the
     // sandbox.
     tx.execute(
-        "INSERT OR IGNORE INTO identity_groups (group_name, uid) VALUES (?1, ?2)",
+        "INSERT INTO identity_groups (group_name, uid) VALUES (?1, ?2) \
+         ON CONFLICT (group_name) DO NOTHING",
         params![group, random_hex(8)],
     )?;
     tx.execute(
-        "INSERT OR IGNORE INTO identity_sandboxes (sandbox, uid) VALUES (?1, ?2)",
+        "INSERT INTO identity_sandboxes (sandbox, uid) VALUES (?1, ?2) \
+         ON CONFLICT (sandbox) DO NOTHING",
         params![sandbox, random_hex(16)],
     )?;
     let group_uid = tx.query_row(
@@ -221,7 +223,7 @@ fn workload_ids(c: &mut Connection, group: &str, sandbox: &str) -> Result<Worklo
     })
 }
 
-fn insert_event(c: &mut Connection, e: &NewIdentityEvent) -> Result<()> {
+fn insert_event(c: &Db, e: &NewIdentityEvent) -> Result<()> {
     let now = std::time::SystemTime::now();
     let ms = now
         .duration_since(std::time::UNIX_EPOCH)
@@ -259,7 +261,7 @@ fn insert_event(c: &mut Connection, e: &NewIdentityEvent) -> Result<()> {
 }
 
 fn list_events(
-    c: &Connection,
+    c: &Db,
     group: &str,
     sandbox: Option<&str>,
     after: Option<u64>,
@@ -270,22 +272,21 @@ fn list_events(
                 reason, key_id
          FROM identity_events WHERE group_name = ?",
     );
-    let mut args: Vec<Box<dyn ToSql>> = vec![Box::new(group.to_string())];
+    let mut args: Vec<Value> = vec![group.value()];
     if let Some(s) = sandbox {
         sql.push_str(" AND sandbox = ?");
-        args.push(Box::new(s.to_string()));
+        args.push(s.to_string().value());
     }
     let newest = after.is_none();
     if let Some(a) = after {
         sql.push_str(" AND id > ? ORDER BY id ASC");
-        args.push(Box::new(i64::try_from(a).unwrap_or(i64::MAX)));
+        args.push(i64::try_from(a).unwrap_or(i64::MAX).value());
     } else {
         sql.push_str(" ORDER BY id DESC");
     }
     sql.push_str(" LIMIT ?");
-    args.push(Box::new(i64::from(limit)));
-    let mut stmt = c.prepare(&sql)?;
-    let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
+    args.push(i64::from(limit).value());
+    let mut out = c.query_map(&sql, args, |r| {
         let outcome: String = r.get(3)?;
         let delivery: String = r.get(4)?;
         Ok(IdentityEvent {
@@ -311,7 +312,6 @@ fn list_events(
             key_id: r.get(11)?,
         })
     })?;
-    let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
     if newest {
         out.reverse();
     }
@@ -331,20 +331,20 @@ mod tests {
     fn uids_are_never_inherited() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        let c = s.conn.lock().unwrap();
+        put_group(&c, "g", &GroupSpec::default()).unwrap();
         insert_sandbox(&c, &new_row("s1", "g")).unwrap();
-        let a = workload_ids(&mut c, "g", "s1").unwrap();
-        assert_eq!(a, workload_ids(&mut c, "g", "s1").unwrap());
+        let a = workload_ids(&c, "g", "s1").unwrap();
+        assert_eq!(a, workload_ids(&c, "g", "s1").unwrap());
         assert_eq!((a.group_uid.len(), a.sandbox_uid.len()), (16, 32));
         insert_sandbox(&c, &new_row("s2", "g")).unwrap();
-        let b = workload_ids(&mut c, "g", "s2").unwrap();
+        let b = workload_ids(&c, "g", "s2").unwrap();
         assert_eq!(a.group_uid, b.group_uid);
         assert_ne!(a.sandbox_uid, b.sandbox_uid);
-        delete_group(&mut c, "g", true).unwrap();
-        put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        delete_group(&c, "g", true).unwrap();
+        put_group(&c, "g", &GroupSpec::default()).unwrap();
         insert_sandbox(&c, &new_row("s1", "g")).unwrap();
-        let again = workload_ids(&mut c, "g", "s1").unwrap();
+        let again = workload_ids(&c, "g", "s1").unwrap();
         assert_ne!(again.group_uid, a.group_uid);
         assert_ne!(again.sandbox_uid, a.sandbox_uid);
     }

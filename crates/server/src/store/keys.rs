@@ -1,8 +1,9 @@
 //! The `api_keys` table (and the `settings` row that records the bootstrap): only a key's
 //! SHA-256 is stored, and a presented key is compared in constant time.
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use subtle::ConstantTimeEq;
+
+use super::db::{params, Db, OptionalExtension, Row};
 
 use super::{now, Store};
 use crate::api::{rfc3339, ApiKey, CreateApiKey, CreatedApiKey, RateLimit, Role, RotateApiKey};
@@ -62,7 +63,7 @@ impl Store {
     }
 
     pub async fn list_keys(&self) -> Result<Vec<ApiKey>> {
-        self.call(|c| list_keys(c)).await
+        self.call(list_keys).await
     }
 
     pub async fn get_key(&self, id: &str) -> Result<ApiKey> {
@@ -88,8 +89,8 @@ const BOOTSTRAPPED: &str = "bootstrap_done";
 /// Creates the first admin key once per database. Returns the key when it was generated here
 /// (so the caller prints it); `None` when it came from `chosen` or the database was already
 /// bootstrapped.
-pub(super) fn bootstrap(conn: &mut Connection, chosen: Option<&str>) -> Result<Option<String>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+pub(super) fn bootstrap(conn: &Db, chosen: Option<&str>) -> Result<Option<String>> {
+    let tx = conn.transaction()?;
     let done: Option<String> = tx
         .query_row(
             "SELECT value FROM settings WHERE key = ?1",
@@ -123,7 +124,7 @@ pub(super) fn bootstrap(conn: &mut Connection, chosen: Option<&str>) -> Result<O
     Ok(generated.then_some(key))
 }
 
-fn insert_key(conn: &Connection, req: &CreateApiKey, key: &str) -> Result<ApiKey> {
+fn insert_key(conn: &Db, req: &CreateApiKey, key: &str) -> Result<ApiKey> {
     let id = keys::new_id();
     let created = now();
     let expires = req.expires_in_s.map(|s| created.saturating_add_unsigned(s));
@@ -152,7 +153,7 @@ fn insert_key(conn: &Connection, req: &CreateApiKey, key: &str) -> Result<ApiKey
 const KEY_COLUMNS: &str = "id, name, role, groups, prefix, created_at, expires_at, last_used_at, \
      rotated_at, rate_per_s, rate_burst";
 
-fn key_row(r: &rusqlite::Row) -> rusqlite::Result<KeyRow> {
+fn key_row(r: &Row) -> super::db::DbResult<KeyRow> {
     Ok(KeyRow {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -204,7 +205,7 @@ fn rate_limit(rate: (Option<u32>, Option<u32>)) -> Option<RateLimit> {
     }
 }
 
-fn get_key(conn: &Connection, id: &str) -> Result<ApiKey> {
+fn get_key(conn: &Db, id: &str) -> Result<ApiKey> {
     conn.query_row(
         &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
         [id],
@@ -216,30 +217,30 @@ fn get_key(conn: &Connection, id: &str) -> Result<ApiKey> {
 }
 
 /// What a presented key is. A match records its use when the last record is a minute old.
-pub(super) fn authenticate(conn: &Connection, presented: &str) -> Result<Authenticated> {
+pub(super) fn authenticate(conn: &Db, presented: &str) -> Result<Authenticated> {
     if !keys::well_formed(presented) {
         return Ok(Authenticated::Unknown);
     }
     let want = keys::hash(presented);
     // Find candidates by the public prefix, then compare the hashes in constant time, so the
     // time taken says nothing about how much of a guess matched.
-    let mut stmt = conn.prepare_cached(
+    let rows = conn.query_map(
         "SELECT id, hash, role, groups, expires_at, last_used_at, rate_per_s, rate_burst
          FROM api_keys WHERE prefix = ?1",
+        [keys::public_prefix(presented)],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, Option<i64>>(5)?,
+                (r.get::<_, Option<u32>>(6)?, r.get::<_, Option<u32>>(7)?),
+            ))
+        },
     )?;
-    let rows = stmt.query_map([keys::public_prefix(presented)], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, Vec<u8>>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, Option<i64>>(4)?,
-            r.get::<_, Option<i64>>(5)?,
-            (r.get::<_, Option<u32>>(6)?, r.get::<_, Option<u32>>(7)?),
-        ))
-    })?;
-    for row in rows {
-        let (id, hash, role, groups, expires_at, last_used, rate) = row?;
+    for (id, hash, role, groups, expires_at, last_used, rate) in rows {
         if !bool::from(hash.as_slice().ct_eq(&want)) {
             continue;
         }
@@ -271,7 +272,7 @@ fn parse_groups(s: &str) -> Result<Vec<String>> {
     serde_json::from_str(s).map_err(|e| Error::Internal(format!("stored groups: {e}")))
 }
 
-pub(super) fn create_key(conn: &mut Connection, req: &CreateApiKey) -> Result<CreatedApiKey> {
+pub(super) fn create_key(conn: &Db, req: &CreateApiKey) -> Result<CreatedApiKey> {
     let key = keys::generate();
     let k = insert_key(conn, req, &key)?;
     Ok(created(k, key))
@@ -291,25 +292,22 @@ fn created(k: ApiKey, key: String) -> CreatedApiKey {
     }
 }
 
-pub(super) fn list_keys(conn: &Connection) -> Result<Vec<ApiKey>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id"
-    ))?;
-    let rows = stmt.query_map([], key_row)?;
-    rows.map(|r| r?.into_api()).collect()
+pub(super) fn list_keys(conn: &Db) -> Result<Vec<ApiKey>> {
+    let rows = conn.query_map(
+        &format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id"),
+        [],
+        key_row,
+    )?;
+    rows.into_iter().map(KeyRow::into_api).collect()
 }
 
 /// Replaces the secret of key `id` (its hash and prefix) in one statement: from its commit the
 /// old secret matches no row. No overlap: a rotation is often the answer to a leak, and a
 /// client that must switch without a gap creates a second key, moves to it, then deletes the
 /// first.
-pub(super) fn rotate_key(
-    conn: &mut Connection,
-    id: &str,
-    req: &RotateApiKey,
-) -> Result<CreatedApiKey> {
+pub(super) fn rotate_key(conn: &Db, id: &str, req: &RotateApiKey) -> Result<CreatedApiKey> {
     crate::api::validate_expiry(req.expires_in_s)?;
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = conn.transaction()?;
     let old = get_key(&tx, id)?;
     let t = now();
     let expires_at: Option<i64> =
@@ -344,8 +342,8 @@ pub(super) fn rotate_key(
     Ok(created(k, key))
 }
 
-pub(super) fn delete_key(conn: &mut Connection, id: &str) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+pub(super) fn delete_key(conn: &Db, id: &str) -> Result<()> {
+    let tx = conn.transaction()?;
     let role: Option<String> = tx
         .query_row("SELECT role FROM api_keys WHERE id = ?1", [id], |r| {
             r.get(0)
@@ -379,7 +377,7 @@ pub(super) fn delete_key(conn: &mut Connection, id: &str) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn principal(c: &Connection, key: &str) -> Option<Principal> {
+    fn principal(c: &Db, key: &str) -> Option<Principal> {
         match authenticate(c, key).unwrap() {
             Authenticated::Key(p) => Some(p),
             _ => None,
@@ -400,9 +398,9 @@ mod tests {
     fn expired_keys_are_told_apart_and_rotation_ends_the_old_secret() {
         let dir = tempfile::tempdir().unwrap();
         let s = super::super::tests::open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        bootstrap(&mut c, None).unwrap();
-        let k = create_key(&mut c, &reader(Some(3600))).unwrap();
+        let c = s.conn.lock().unwrap();
+        bootstrap(&c, None).unwrap();
+        let k = create_key(&c, &reader(Some(3600))).unwrap();
         assert!(principal(&c, &k.key).is_some());
         // Expire it by moving its expiry into the past, as the clock would.
         c.execute(
@@ -415,10 +413,10 @@ mod tests {
             Authenticated::Expired { ref key_id, .. } if *key_id == k.id
         ));
         // An expired key is rotated only with a new expiry.
-        let e = rotate_key(&mut c, &k.id, &RotateApiKey::default()).unwrap_err();
+        let e = rotate_key(&c, &k.id, &RotateApiKey::default()).unwrap_err();
         assert!(e.to_string().contains("expires_in_s"), "{e}");
         let r = rotate_key(
-            &mut c,
+            &c,
             &k.id,
             &RotateApiKey {
                 expires_in_s: Some(60),
@@ -438,7 +436,7 @@ mod tests {
         assert!(row.rotated_at.is_some() && row.last_used_at.is_some());
         assert_eq!(row.prefix, keys::public_prefix(&r.key));
         assert!(matches!(
-            rotate_key(&mut c, "key-none", &RotateApiKey::default()),
+            rotate_key(&c, "key-none", &RotateApiKey::default()),
             Err(Error::NotFound(_))
         ));
     }
@@ -447,10 +445,10 @@ mod tests {
     fn last_use_is_written_at_most_once_a_minute() {
         let dir = tempfile::tempdir().unwrap();
         let s = super::super::tests::open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        bootstrap(&mut c, None).unwrap();
-        let k = create_key(&mut c, &reader(None)).unwrap();
-        let used = |c: &Connection| -> Option<i64> {
+        let c = s.conn.lock().unwrap();
+        bootstrap(&c, None).unwrap();
+        let k = create_key(&c, &reader(None)).unwrap();
+        let used = |c: &Db| -> Option<i64> {
             c.query_row(
                 "SELECT last_used_at FROM api_keys WHERE id = ?1",
                 [&k.id],
@@ -482,9 +480,9 @@ mod tests {
     fn keys_bootstrap_once_and_authenticate() {
         let dir = tempfile::tempdir().unwrap();
         let s = super::super::tests::open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        let k = bootstrap(&mut c, None).unwrap().unwrap();
-        assert!(bootstrap(&mut c, None).unwrap().is_none());
+        let c = s.conn.lock().unwrap();
+        let k = bootstrap(&c, None).unwrap().unwrap();
+        assert!(bootstrap(&c, None).unwrap().is_none());
         let p = principal(&c, &k).unwrap();
         assert_eq!(p.role, Role::Admin);
         assert!(principal(&c, &keys::generate()).is_none());
@@ -494,7 +492,7 @@ mod tests {
         forged.pop();
         forged.push(if k.ends_with('a') { 'b' } else { 'a' });
         assert!(principal(&c, &forged).is_none());
-        let created = create_key(&mut c, &reader(None)).unwrap();
+        let created = create_key(&c, &reader(None)).unwrap();
         let p = principal(&c, &created.key).unwrap();
         assert_eq!(p.groups, vec!["g".to_string()]);
         assert!(p.sees("g") && !p.sees("h"));
@@ -507,12 +505,12 @@ mod tests {
             .id
             .clone();
         assert!(matches!(
-            delete_key(&mut c, &admin),
+            delete_key(&c, &admin),
             Err(Error::Conflict(_))
         ));
-        delete_key(&mut c, &created.id).unwrap();
+        delete_key(&c, &created.id).unwrap();
         assert!(matches!(
-            delete_key(&mut c, &created.id),
+            delete_key(&c, &created.id),
             Err(Error::NotFound(_))
         ));
         // the stored row holds no secret

@@ -1,21 +1,22 @@
-//! The embedded store: one SQLite database (`MOAT_HOME/moatd.db`, WAL) with numbered schema
-//! migrations (`store/migrations/`). Every call runs on a blocking thread (`Store::call`),
-//! never on the executor.
+//! The store: the embedded SQLite database (`MOAT_HOME/moatd.db`, WAL; the default) or a
+//! PostgreSQL database (`moat serve --store postgres://…`, which many daemons may share), each
+//! with its numbered schema migrations (`store/migrations/`, `store/migrations/postgres/`).
+//! Every call runs on a blocking thread (`Store::call`), never on the executor.
 //!
 //! All of the daemon's SQL lives under this module, one file per table: `keys`, `groups`,
-//! `sandboxes`, `pool`, `snapshots`, `operations`, `egress`, `policy`, `identity`, `audit`. The rest of the daemon calls `Store`
-//! methods that take and return API types, never a connection or a row, so that a second
-//! backend (PostgreSQL) can implement the same methods. This file holds the connection,
-//! the migrations, the time helpers and the queries that span tables.
+//! `sandboxes`, `pool`, `snapshots`, `operations`, `egress`, `policy`, `identity`,
+//! `secrets`, `ports`, `audit`. Each query is written once, in the SQL both engines share, against
+//! `db::Db` (see `db.rs`). The rest of the daemon calls `Store` methods that take and return
+//! API types, never a connection or a row. This file holds the connection, the migrations,
+//! the time helpers and the queries that span tables.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{params, Connection, TransactionBehavior};
-
 use crate::error::{Error, Result};
 
 mod audit;
+pub(crate) mod db;
 mod egress;
 mod groups;
 mod identity;
@@ -30,15 +31,18 @@ mod secrets;
 mod snapshots;
 
 pub use audit::NewAuditEvent;
+pub use db::Backend;
+use db::{params, Db};
 pub use identity::{KeyRow, NewIdentityEvent, WorkloadIds};
 pub use keys::{Authenticated, Principal};
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
 
-/// Numbered migrations, applied in order, each once. Only ever append to this list. Each
-/// version not yet applied runs, even one below the newest applied (branches that numbered
-/// theirs ahead of one another merge in any order).
-const MIGRATIONS: &[(i64, &str)] = &[
+/// Numbered migrations of the SQLite schema, applied in order, each once. Only ever append to
+/// this list. Each version not yet applied runs, even one below the newest applied (branches
+/// that numbered theirs ahead of one another merge in any order). Every version has its
+/// PostgreSQL twin in [`POSTGRES_MIGRATIONS`], under the same number.
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_sandboxes.sql")),
     (3, include_str!("migrations/0003_snapshots.sql")),
@@ -54,103 +58,259 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (13, include_str!("migrations/0013_audit.sql")),
 ];
 
+/// The same schema in PostgreSQL's dialect (`migrations/postgres/`): `BIGINT` for every
+/// integer, `BYTEA` for blobs, identity columns for AUTOINCREMENT, PL/pgSQL triggers.
+const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/postgres/0001_init.sql")),
+    (2, include_str!("migrations/postgres/0002_sandboxes.sql")),
+    (3, include_str!("migrations/postgres/0003_snapshots.sql")),
+    (
+        4,
+        include_str!("migrations/postgres/0004_pools_lifecycle.sql"),
+    ),
+    (5, include_str!("migrations/postgres/0005_operations.sql")),
+    (6, include_str!("migrations/postgres/0006_egress.sql")),
+    (7, include_str!("migrations/postgres/0007_policy.sql")),
+    (8, include_str!("migrations/postgres/0008_ports.sql")),
+    (9, include_str!("migrations/postgres/0009_policy_prune.sql")),
+    (10, include_str!("migrations/postgres/0010_identity.sql")),
+    (11, include_str!("migrations/postgres/0011_secrets.sql")),
+    (
+        12,
+        include_str!("migrations/postgres/0012_api_key_limits.sql"),
+    ),
+    (13, include_str!("migrations/postgres/0013_audit.sql")),
+];
+
+fn migrations(backend: Backend) -> &'static [(i64, &'static str)] {
+    match backend {
+        Backend::Sqlite => SQLITE_MIGRATIONS,
+        Backend::Postgres => POSTGRES_MIGRATIONS,
+    }
+}
+
 pub fn latest_version() -> i64 {
-    MIGRATIONS.last().map_or(0, |m| m.0)
+    SQLITE_MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+/// Where the daemon keeps its state: `moat serve --store` (see [`Location::parse`]).
+#[derive(Clone)]
+pub enum Location {
+    /// The embedded database, `MOAT_HOME/moatd.db` (the default).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (`--store postgres://…`), which many daemons may share.
+    Postgres(Box<postgres::Config>),
+}
+
+impl Location {
+    /// `--store`: absent for the embedded SQLite database at `default_db`, else a
+    /// `postgres://` or `postgresql://` URL.
+    pub fn parse(store: Option<&str>, default_db: &Path) -> Result<Location> {
+        let Some(url) = store else {
+            return Ok(Location::Sqlite(default_db.to_path_buf()));
+        };
+        let allowed =
+            "--store takes a PostgreSQL URL, postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE \
+                       (or postgresql://…; ?host=/run/dir for a unix socket); leave it out for \
+                       the embedded SQLite database in MOAT_HOME";
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(Error::Config(format!(
+                "--store {}: not a PostgreSQL URL. {allowed}",
+                crate::api::quote(&redact(url))
+            )));
+        }
+        let config: postgres::Config = url.parse().map_err(|e| {
+            Error::Config(format!(
+                "--store {}: {e}. {allowed}",
+                crate::api::quote(&redact(url))
+            ))
+        })?;
+        if config.get_dbname().is_none() {
+            return Err(Error::Config(format!(
+                "--store {}: the URL names no database. {allowed}",
+                crate::api::quote(&redact(url))
+            )));
+        }
+        Ok(Location::Postgres(Box::new(config)))
+    }
+
+    /// What to call it in messages (never a password).
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sqlite(p) => p.display().to_string(),
+            Location::Postgres(c) => {
+                let host = match c.get_hosts().first() {
+                    Some(postgres::config::Host::Tcp(h)) => h.clone(),
+                    Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+                    None => "localhost".to_string(),
+                };
+                let port = c.get_ports().first().copied().unwrap_or(5432);
+                format!(
+                    "postgres://{}@{host}:{port}/{}",
+                    c.get_user().unwrap_or(""),
+                    c.get_dbname().unwrap_or("")
+                )
+            }
+        }
+    }
+}
+
+/// `url` without the password between `:` and `@` of its authority.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match auth.rsplit_once('@') {
+        Some((user, host)) if user.contains(':') => {
+            let user = user.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        _ => url.to_string(),
+    }
 }
 
 #[derive(Clone)]
 pub struct Store {
-    // One connection: SQLite serialises writers anyway, and the API's load is small.
-    conn: Arc<Mutex<Connection>>,
-    path: PathBuf,
-    /// Seals group secrets with `secrets.key` beside the database.
+    // One connection per daemon, used by one blocking thread at a time: SQLite serialises
+    // writers anyway, and the API's load is small. With PostgreSQL, transactions are
+    // SERIALIZABLE, so other daemons sharing the database cannot break them.
+    conn: Arc<Mutex<Db>>,
+    location: Arc<Location>,
+    /// Seals group secrets with `secrets.key` in MOAT_HOME.
     seal: Arc<seal::Sealer>,
 }
 
+/// How often a transaction PostgreSQL aborted for a conflict with another one is run again.
+const SERIALIZATION_RETRIES: u32 = 5;
+
 impl Store {
-    /// Opens (creating if needed) and migrates the database. Blocking: call before serving or
-    /// from a blocking thread.
-    pub fn open(path: &Path) -> Result<Store> {
-        let mut conn = Connection::open(path)?;
-        // WAL: readers never block the writer; synchronous=FULL: a 2xx means the change is on
-        // disk, not only in the OS cache (it survives a power cut, not just a kill -9).
-        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::Config(format!(
-                "{} cannot use WAL mode (got {mode})",
-                path.display()
-            )));
-        }
-        conn.execute_batch(
-            "PRAGMA foreign_keys=ON; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;",
-        )?;
-        migrate(&mut conn, path)?;
-        let key = path
-            .parent()
-            .unwrap_or_else(|| Path::new("."))
-            .join("secrets.key");
+    /// Opens (creating if needed) and migrates the store; `home` is MOAT_HOME (it holds
+    /// `secrets.key`). Blocking: call before serving or from a blocking thread.
+    pub fn open(location: &Location, home: &Path) -> Result<Store> {
+        let db = match location {
+            Location::Sqlite(path) => open_sqlite(path)?,
+            Location::Postgres(config) => Db::postgres((**config).clone()).map_err(|e| {
+                Error::Config(format!(
+                    "cannot use the PostgreSQL store {}: {e}",
+                    location.describe()
+                ))
+            })?,
+        };
+        migrate(&db, &location.describe())?;
         Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
-            path: path.to_path_buf(),
-            seal: Arc::new(seal::Sealer::new(key)),
+            conn: Arc::new(Mutex::new(db)),
+            location: Arc::new(location.clone()),
+            seal: Arc::new(seal::Sealer::new(home.join("secrets.key"))),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn location(&self) -> &Location {
+        &self.location
     }
 
     /// Runs `f` with the connection on this thread: only from a blocking context.
-    fn blocking<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut guard)
+    fn blocking<T>(&self, mut f: impl FnMut(&Db) -> Result<T>) -> Result<T> {
+        let guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        with_retries(&guard, &mut f)
     }
 
     /// Runs `f` with the connection on a blocking thread.
-    async fn call<T, F>(&self, f: F) -> Result<T>
+    async fn call<T, F>(&self, mut f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+        F: FnMut(&Db) -> Result<T> + Send + 'static,
     {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
             // A panic while holding the lock poisons it; the connection itself is still sound
-            // (SQLite rolls back an unfinished transaction when the next one begins).
-            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard)
+            // (an unfinished transaction was rolled back when its guard dropped).
+            let guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            with_retries(&guard, &mut f)
         })
         .await
         .map_err(Error::task("store task failed"))?
     }
 }
 
-fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
-    tx.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-             version    INTEGER PRIMARY KEY,
-             applied_at INTEGER NOT NULL
-         ) STRICT;",
-    )?;
+/// Runs `f`, again when PostgreSQL aborted its transaction for a conflict with a concurrent
+/// one (another daemon on the same database): SERIALIZABLE promises only that one of the
+/// two commits. `f` holds its writes in one transaction, so a retry starts from scratch.
+fn with_retries<T>(db: &Db, f: &mut impl FnMut(&Db) -> Result<T>) -> Result<T> {
+    let mut tries = 0;
+    loop {
+        match f(db) {
+            Err(Error::Store(e))
+                if e.is_serialization_failure() && tries < SERIALIZATION_RETRIES =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(
+                    rand::random::<u64>() % (10 << tries),
+                ));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn open_sqlite(path: &Path) -> Result<Db> {
+    let conn = rusqlite::Connection::open(path).map_err(db::DbError::from)?;
+    // WAL: readers never block the writer; synchronous=FULL: a 2xx means the change is on
+    // disk, not only in the OS cache (it survives a power cut, not just a kill -9).
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(db::DbError::from)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Config(format!(
+            "{} cannot use WAL mode (got {mode})",
+            path.display()
+        )));
+    }
+    conn.execute_batch(
+        "PRAGMA foreign_keys=ON; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;",
+    )
+    .map_err(db::DbError::from)?;
+    Ok(Db::sqlite(conn))
+}
+
+fn migrate(db: &Db, name: &str) -> Result<()> {
+    let known = migrations(db.backend());
+    let tx = db.transaction()?;
+    match db.backend() {
+        Backend::Sqlite => tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    INTEGER PRIMARY KEY,
+                 applied_at INTEGER NOT NULL
+             ) STRICT;",
+        )?,
+        // Daemons sharing a database may start together: one migrates, the others wait for
+        // it here and then find nothing to do. (The lock ends with the transaction.)
+        Backend::Postgres => tx.execute_batch(
+            "SELECT pg_advisory_xact_lock(7370616);
+             CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    BIGINT PRIMARY KEY,
+                 applied_at BIGINT NOT NULL
+             );",
+        )?,
+    }
     // Every migration not applied yet, not only those above the highest applied: numbers are
     // reserved by branches that may land in any order. A version this moat does not know is a
     // newer schema.
-    let applied: std::collections::HashSet<i64> = {
-        let mut stmt = tx.prepare("SELECT version FROM schema_migrations")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    if let Some(&unknown) = applied
-        .iter()
-        .find(|v| !MIGRATIONS.iter().any(|m| m.0 == **v))
-    {
+    let applied: std::collections::HashSet<i64> = tx
+        .query_map("SELECT version FROM schema_migrations", [], |r| r.get(0))?
+        .into_iter()
+        .collect();
+    if let Some(&unknown) = applied.iter().find(|v| !known.iter().any(|m| m.0 == **v)) {
         return Err(Error::NewerSchema {
-            path: path.display().to_string(),
+            path: name.to_string(),
             found: unknown,
             known: latest_version(),
         });
     }
-    for (version, sql) in MIGRATIONS.iter().filter(|m| !applied.contains(&m.0)) {
+    for (version, sql) in known.iter().filter(|m| !applied.contains(&m.0)) {
         tx.execute_batch(sql)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
@@ -163,7 +323,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
 }
 
 #[cfg(test)]
-fn schema_version(conn: &Connection) -> Result<i64> {
+fn schema_version(conn: &Db) -> Result<i64> {
     Ok(conn.query_row(
         "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
         [],
@@ -202,10 +362,11 @@ impl Store {
         self.call(|c| {
             let groups = c.query_row("SELECT COUNT(*) FROM sandbox_groups", [], |r| r.get(0))?;
             let api_keys = c.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?;
-            let mut stmt =
-                c.prepare_cached("SELECT state, COUNT(*) FROM sandboxes GROUP BY state")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            let sandboxes_by_state = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            let sandboxes_by_state = c.query_map(
+                "SELECT state, COUNT(*) FROM sandboxes GROUP BY state",
+                [],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+            )?;
             Ok(Counts {
                 groups,
                 api_keys,
@@ -245,31 +406,83 @@ impl Store {
     }
 }
 
+/// The store of a unit test in `dir`: SQLite there, or, when `MOAT_TEST_STORE` holds a
+/// PostgreSQL URL (scripts/test.sh sets it for the second pass), a fresh schema of that
+/// database, so that tests never see one another's rows.
+#[cfg(test)]
+pub(crate) fn test_store(dir: &Path) -> Store {
+    // The blocking PostgreSQL client must not run on an async test's executor thread.
+    std::thread::scope(|s| {
+        s.spawn(|| Store::open(&test_location(dir), dir).unwrap())
+            .join()
+            .unwrap()
+    })
+}
+
+#[cfg(test)]
+pub(crate) fn test_location(dir: &Path) -> Location {
+    use sha2::Digest;
+    match std::env::var("MOAT_TEST_STORE") {
+        Ok(url) if !url.is_empty() => {
+            let mut config: postgres::Config = url.parse().expect("MOAT_TEST_STORE is a URL");
+            // One schema per test directory: a test that opens its store again finds its rows.
+            let digest = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+            let schema = format!("t_{}", &hex::encode(digest)[..16]);
+            let mut admin = config
+                .connect(postgres::NoTls)
+                .expect("MOAT_TEST_STORE connects");
+            admin
+                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+                .expect("a test schema");
+            config.options(&format!("-c search_path={schema}"));
+            Location::Postgres(Box::new(config))
+        }
+        _ => Location::Sqlite(dir.join("moatd.db")),
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    /// Runs `f` with the connection on a thread of its own (an async test's executor thread
+    /// must not block on PostgreSQL).
+    pub(crate) fn with_conn<T: Send>(&self, f: impl FnOnce(&Db) -> T + Send) -> T {
+        std::thread::scope(|s| s.spawn(|| f(&self.conn.lock().unwrap())).join().unwrap())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     pub(super) fn open(dir: &tempfile::TempDir) -> Store {
-        Store::open(&dir.path().join("moatd.db")).unwrap()
+        test_store(dir.path())
     }
 
     #[test]
     fn migrating_twice_is_a_no_op() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        groups::put_group(&mut c, "g", &crate::api::GroupSpec::default()).unwrap();
-        migrate(&mut c, s.path()).unwrap();
+        let c = s.conn.lock().unwrap();
+        groups::put_group(&c, "g", &crate::api::GroupSpec::default()).unwrap();
+        migrate(&c, "test").unwrap();
         let rows: i64 = c
             .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(rows, MIGRATIONS.len() as i64);
+        assert_eq!(rows, migrations(c.backend()).len() as i64);
         assert_eq!(schema_version(&c).unwrap(), latest_version());
         drop(c);
         drop(s);
         let s = open(&dir);
         let c = s.conn.lock().unwrap();
         assert!(groups::get_group(&c, "g").unwrap().is_some());
+    }
+
+    /// Each backend has the same migrations, by number: a version added to one is added to
+    /// the other (see docs/FLEET.md, "Adding a migration").
+    #[test]
+    fn both_backends_have_the_same_migrations() {
+        let numbers = |m: &[(i64, &str)]| m.iter().map(|m| m.0).collect::<Vec<_>>();
+        assert_eq!(numbers(SQLITE_MIGRATIONS), numbers(POSTGRES_MIGRATIONS));
     }
 
     /// A migration numbered below one already applied (its branch landed later) is applied.
@@ -294,7 +507,7 @@ mod tests {
         let rows: i64 = c
             .query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(rows, MIGRATIONS.len() as i64);
+        assert_eq!(rows, migrations(c.backend()).len() as i64);
     }
 
     #[test]
@@ -310,9 +523,35 @@ mod tests {
             )
             .unwrap();
         drop(s);
-        let e = Store::open(&dir.path().join("moatd.db")).err().unwrap();
+        let e = Store::open(&test_location(dir.path()), dir.path())
+            .err()
+            .unwrap();
         let m = e.to_string();
         assert!(matches!(e, Error::NewerSchema { found: 999, .. }), "{m}");
         assert!(m.contains("newer moat"), "{m}");
+    }
+
+    #[test]
+    fn a_store_that_is_not_postgres_is_refused_with_what_is_allowed() {
+        let db = Path::new("/home/moatd.db");
+        for bad in ["mysql://u@h/db", "/var/lib/moat.db", "sqlite:///x.db"] {
+            let e = Location::parse(Some(bad), db).err().unwrap().to_string();
+            assert!(e.contains("not a PostgreSQL URL"), "{bad}: {e}");
+            assert!(e.contains("postgres://USER"), "{bad}: {e}");
+        }
+        let e = Location::parse(Some("postgres://u:hunter2@h:notaport/db"), db)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("invalid"), "{e}");
+        assert!(!e.contains("hunter2"), "the password is never shown: {e}");
+        let e = Location::parse(Some("postgres://u@h"), db)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("names no database"), "{e}");
+        assert!(matches!(Location::parse(None, db), Ok(Location::Sqlite(p)) if p == db));
+        let ok = Location::parse(Some("postgresql://moat:pw@db.example:6543/moat"), db).unwrap();
+        assert_eq!(ok.describe(), "postgres://moat@db.example:6543/moat");
     }
 }

@@ -1,7 +1,7 @@
 //! The `operations` table: long-running operations (image imports). A row is written when an
 //! operation starts and when it ends; its progress lives in memory meanwhile.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use super::db::{params, Db, DbResult, OptionalExtension, Row};
 
 use super::{now, Store};
 use crate::api::{rfc3339, ErrorDetail, Image, Operation, OperationProgress, OperationState};
@@ -14,7 +14,7 @@ impl Store {
     /// Marks the operations a previous daemon left running as failed. Blocking: called once
     /// at start, before serving.
     pub fn fail_interrupted_operations(&self) -> Result<usize> {
-        self.blocking(|c| recover(c))
+        self.blocking(recover)
     }
 
     /// Records a new running import of image `name` (`request`: its body, as JSON).
@@ -47,7 +47,7 @@ impl Store {
 }
 
 /// Marks the operations a previous daemon left running as failed. Called once at start.
-pub(super) fn recover(conn: &Connection) -> Result<usize> {
+pub(super) fn recover(conn: &Db) -> Result<usize> {
     let error = serde_json::to_string(&ErrorDetail::new(
         "interrupted",
         "the daemon stopped before the import finished; start it again",
@@ -63,7 +63,7 @@ pub(super) fn recover(conn: &Connection) -> Result<usize> {
 const OP_COLUMNS: &str = "id, kind, state, phase, bytes_done, bytes_total, error, result, \
                           created_at, updated_at";
 
-fn op_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Operation> {
+fn op_from_row(r: &Row) -> DbResult<Operation> {
     let state: String = r.get(2)?;
     let error: Option<String> = r.get(6)?;
     let result: Option<String> = r.get(7)?;
@@ -90,7 +90,7 @@ fn op_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Operation> {
 /// Records a new running import, and forgets the oldest finished operations beyond
 /// [`KEEP_OPERATIONS`].
 pub(super) fn insert_op(
-    conn: &mut Connection,
+    conn: &Db,
     id: &str,
     name: &str,
     request: &str,
@@ -105,7 +105,7 @@ pub(super) fn insert_op(
     tx.execute(
         "DELETE FROM operations WHERE state != 'running' AND id NOT IN
              (SELECT id FROM operations WHERE state != 'running'
-              ORDER BY created_at DESC, rowid DESC LIMIT ?1)",
+              ORDER BY created_at DESC, id DESC LIMIT ?1)",
         [KEEP_OPERATIONS],
     )?;
     let op = get_op(&tx, id)?;
@@ -113,7 +113,7 @@ pub(super) fn insert_op(
     Ok(op)
 }
 
-pub(super) fn get_op(conn: &Connection, id: &str) -> Result<Option<Operation>> {
+pub(super) fn get_op(conn: &Db, id: &str) -> Result<Option<Operation>> {
     Ok(conn
         .query_row(
             &format!("SELECT {OP_COLUMNS} FROM operations WHERE id = ?1"),
@@ -125,7 +125,7 @@ pub(super) fn get_op(conn: &Connection, id: &str) -> Result<Option<Operation>> {
 
 /// Ends an operation: its final state, progress, error or result.
 pub(super) fn finish_op(
-    conn: &Connection,
+    conn: &Db,
     id: &str,
     progress: &OperationProgress,
     outcome: std::result::Result<&Image, &ErrorDetail>,

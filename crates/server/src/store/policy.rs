@@ -2,7 +2,7 @@
 //! policy, the version in force, and the hash-chained decisions log (moat_policy::log), which
 //! is only ever appended to (triggers refuse updates and deletes).
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use super::db::{params, Db, DbResult, OptionalExtension, Row};
 use sha2::{Digest, Sha256};
 
 use super::{now, Store};
@@ -20,12 +20,13 @@ impl Store {
     pub async fn list_policy_versions(&self, group: &str) -> Result<Vec<PolicyVersion>> {
         let group = group.to_string();
         self.call(move |c| {
-            let mut stmt = c.prepare_cached(
+            let rows = c.query_map(
                 "SELECT group_name, version, body, sha256, author, created_at FROM policies \
                  WHERE group_name = ?1 ORDER BY version",
+                [&group],
+                version_row,
             )?;
-            let rows = stmt.query_map([&group], version_row)?;
-            rows.map(|r| version_from(r?)).collect()
+            rows.into_iter().map(version_from).collect()
         })
         .await
     }
@@ -42,7 +43,7 @@ impl Store {
         let body = serde_json::to_string(policy)
             .map_err(|e| Error::Internal(format!("serializing a policy: {e}")))?;
         self.call(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = c.transaction()?;
             let exists: bool = tx.query_row(
                 "SELECT EXISTS (SELECT 1 FROM sandbox_groups WHERE name = ?1)",
                 [&group],
@@ -109,7 +110,7 @@ impl Store {
     /// newest entry in one transaction, so concurrent decisions cannot fork the chain.
     pub async fn record_decision(&self, mut entry: LogEntry) -> Result<LogEntry> {
         self.call(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = c.transaction()?;
             let prev: Option<(i64, String)> = tx
                 .query_row(
                     "SELECT n, hash FROM policy_decisions WHERE group_name = ?1 \
@@ -134,7 +135,7 @@ impl Store {
                 ],
             )?;
             tx.commit()?;
-            Ok(entry)
+            Ok(entry.clone())
         })
         .await
     }
@@ -179,20 +180,21 @@ impl Store {
     /// or before it. Returns how many entries went.
     pub async fn prune_decisions(&self, before: i64) -> Result<u64> {
         self.call(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let cuts: Vec<(String, i64, String)> = {
-                let mut stmt = tx.prepare(
-                    "SELECT d.group_name, d.n, d.hash FROM policy_decisions d \
-                     JOIN (SELECT group_name, MIN(MAX(CASE WHEN at < ?1 THEN n END), \
-                                                 MAX(n) - 1) AS cut \
+            let tx = c.transaction()?;
+            let cuts: Vec<(String, i64, String)> = tx.query_map(
+                "SELECT d.group_name, d.n, d.hash FROM policy_decisions d \
+                     JOIN (SELECT group_name, CASE \
+                             WHEN MAX(CASE WHEN at < ?1 THEN n END) <= MAX(n) - 1 \
+                               THEN MAX(CASE WHEN at < ?1 THEN n END) \
+                             WHEN MAX(CASE WHEN at < ?1 THEN n END) IS NOT NULL \
+                               THEN MAX(n) - 1 END AS cut \
                            FROM policy_decisions GROUP BY group_name) c \
                        ON c.group_name = d.group_name AND c.cut = d.n \
                      WHERE d.n > COALESCE((SELECT n FROM policy_log_anchors a \
                                            WHERE a.group_name = d.group_name), 0)",
-                )?;
-                let rows = stmt.query_map([before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
+                [before],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
             let mut pruned = 0;
             for (group, n, hash) in cuts {
                 tx.execute(
@@ -216,14 +218,15 @@ impl Store {
     pub async fn recent_decisions(&self, group: &str, limit: u32) -> Result<Vec<LogEntry>> {
         let group = group.to_string();
         self.call(move |c| {
-            let mut stmt = c.prepare_cached(
+            let rows = c.query_map(
                 "SELECT entry FROM policy_decisions WHERE group_name = ?1 \
                  ORDER BY n DESC LIMIT ?2",
+                params![group, limit],
+                |r| r.get::<_, String>(0),
             )?;
-            let rows = stmt.query_map(params![group, limit], |r| r.get::<_, String>(0))?;
             let mut out = Vec::new();
             for row in rows {
-                out.push(entry_from(&row?)?);
+                out.push(entry_from(&row)?);
             }
             out.reverse();
             Ok(out)
@@ -232,13 +235,11 @@ impl Store {
     }
 }
 
-fn page(c: &Connection, group: &str, q: &DecisionFilter) -> Result<(Vec<LogEntry>, bool)> {
-    let mut stmt = c.prepare_cached(
+fn page(c: &Db, group: &str, q: &DecisionFilter) -> Result<(Vec<LogEntry>, bool)> {
+    let rows = c.query_map(
         "SELECT entry FROM policy_decisions WHERE group_name = ?1 AND n > ?2 \
-         AND (?3 IS NULL OR verdict = ?3) AND (?4 IS NULL OR at >= ?4) \
+         AND (CAST(?3 AS TEXT) IS NULL OR verdict = ?3) AND (CAST(?4 AS BIGINT) IS NULL OR at >= ?4) \
          ORDER BY n LIMIT ?5",
-    )?;
-    let rows = stmt.query_map(
         params![
             group,
             q.after as i64,
@@ -250,14 +251,14 @@ fn page(c: &Connection, group: &str, q: &DecisionFilter) -> Result<(Vec<LogEntry
     )?;
     let mut out = Vec::new();
     for row in rows {
-        out.push(entry_from(&row?)?);
+        out.push(entry_from(&row)?);
     }
     let more = out.len() > q.limit as usize;
     out.truncate(q.limit as usize);
     Ok((out, more))
 }
 
-fn anchor_of(c: &Connection, group: &str) -> Result<Option<LogAnchor>> {
+fn anchor_of(c: &Db, group: &str) -> Result<Option<LogAnchor>> {
     Ok(c.query_row(
         "SELECT n, hash, pruned_at FROM policy_log_anchors WHERE group_name = ?1",
         [group],
@@ -285,7 +286,7 @@ fn entry_from(json: &str) -> Result<LogEntry> {
 
 type VersionRow = (String, i64, String, String, String, i64);
 
-fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
+fn version_row(r: &Row) -> DbResult<VersionRow> {
     Ok((
         r.get(0)?,
         r.get(1)?,
@@ -310,7 +311,7 @@ fn version_from(row: VersionRow) -> Result<PolicyVersion> {
     })
 }
 
-fn active(conn: &Connection, group: &str) -> Result<Option<PolicyVersion>> {
+fn active(conn: &Db, group: &str) -> Result<Option<PolicyVersion>> {
     conn.query_row(
         "SELECT p.group_name, p.version, p.body, p.sha256, p.author, p.created_at \
          FROM group_policy g JOIN policies p \
@@ -351,6 +352,15 @@ mod tests {
             prev_hash: String::new(),
             hash: String::new(),
         }
+    }
+
+    /// What someone with write access to the database can do: drop a guard.
+    fn drop_trigger(c: &Db, name: &str, table: &str) {
+        let sql = match c.backend() {
+            crate::store::Backend::Sqlite => format!("DROP TRIGGER {name}"),
+            crate::store::Backend::Postgres => format!("DROP TRIGGER {name} ON {table}"),
+        };
+        c.execute_batch(&sql).unwrap();
     }
 
     fn filter(verdict: Option<Verdict>, after: u64, limit: u32) -> DecisionFilter {
@@ -473,8 +483,7 @@ mod tests {
         assert_eq!((v.entries, v.pruned), (2, 3));
         // Nothing old enough: nothing goes.
         assert_eq!(s.prune_decisions(now() - 3600).await.unwrap(), 0);
-        {
-            let c = s.conn.lock().unwrap();
+        s.with_conn(|c| {
             for sql in [
                 "DELETE FROM policy_decisions WHERE group_name = 'g' AND n = 4",
                 "UPDATE policy_log_anchors SET n = 2",
@@ -487,8 +496,7 @@ mod tests {
                     "{sql}: {e}"
                 );
             }
-            c.execute_batch("DROP TRIGGER policy_decisions_no_update;")
-                .unwrap();
+            drop_trigger(c, "policy_decisions_no_update", "policy_decisions");
             let json: String = c
                 .query_row(
                     "SELECT entry FROM policy_decisions WHERE group_name = 'g' AND n = 4",
@@ -501,7 +509,7 @@ mod tests {
                 [json.replace("\"old3\"", "\"ls\"")],
             )
             .unwrap();
-        }
+        });
         let v = verify().await;
         assert!(
             v.problems[0].starts_with("entry 4: its content does not match its hash"),
@@ -526,8 +534,7 @@ mod tests {
             moat_policy::log::verify("g", &all)
         };
         assert!(verify().await.problems.is_empty());
-        {
-            let c = s.conn.lock().unwrap();
+        s.with_conn(|c| {
             let e = c
                 .execute("DELETE FROM policy_decisions WHERE n = 2", [])
                 .unwrap_err();
@@ -536,10 +543,8 @@ mod tests {
                 .execute("UPDATE policy_decisions SET verdict = 'allow'", [])
                 .unwrap_err();
             assert!(e.to_string().contains("append-only"), "{e}");
-            c.execute_batch(
-                "DROP TRIGGER policy_decisions_no_update; DROP TRIGGER policy_decisions_no_delete;",
-            )
-            .unwrap();
+            drop_trigger(c, "policy_decisions_no_update", "policy_decisions");
+            drop_trigger(c, "policy_decisions_no_delete", "policy_decisions");
             // Entry 2 now says it was allowed; entry 4 is gone.
             let json: String = c
                 .query_row("SELECT entry FROM policy_decisions WHERE n = 2", [], |r| {
@@ -555,7 +560,7 @@ mod tests {
             .unwrap();
             c.execute("DELETE FROM policy_decisions WHERE n = 4", [])
                 .unwrap();
-        }
+        });
         let v = verify().await;
         assert_eq!(v.entries, 4);
         assert!(

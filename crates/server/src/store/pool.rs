@@ -1,7 +1,7 @@
 //! The `pool_members` table: the ready VMs of each group's warm pool, and the hand-over that
 //! turns one into a sandbox row.
 
-use rusqlite::{params, Connection, TransactionBehavior};
+use super::db::{params, Db};
 
 use super::sandboxes::insert_sandbox;
 use super::{now, Store};
@@ -20,7 +20,7 @@ impl Store {
     }
 
     pub async fn list_pool_members(&self) -> Result<Vec<PoolMember>> {
-        self.call(|c| list_pool_members(c)).await
+        self.call(list_pool_members).await
     }
 
     /// Turns pool member `sb.id` into the sandbox `sb` (see [`hand_over`]).
@@ -40,7 +40,7 @@ pub struct PoolMember {
     pub tier: Tier,
 }
 
-pub(super) fn insert_pool_member(conn: &Connection, m: &PoolMember) -> Result<()> {
+pub(super) fn insert_pool_member(conn: &Db, m: &PoolMember) -> Result<()> {
     conn.execute(
         "INSERT INTO pool_members (id, group_name, image, tier, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -49,25 +49,26 @@ pub(super) fn insert_pool_member(conn: &Connection, m: &PoolMember) -> Result<()
     Ok(())
 }
 
-pub(super) fn delete_pool_member(conn: &Connection, id: &str) -> Result<()> {
+pub(super) fn delete_pool_member(conn: &Db, id: &str) -> Result<()> {
     conn.execute("DELETE FROM pool_members WHERE id = ?1", [id])?;
     Ok(())
 }
 
-pub(super) fn list_pool_members(conn: &Connection) -> Result<Vec<PoolMember>> {
-    let mut stmt =
-        conn.prepare_cached("SELECT id, group_name, image, tier FROM pool_members ORDER BY id")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-        ))
-    })?;
+pub(super) fn list_pool_members(conn: &Db) -> Result<Vec<PoolMember>> {
+    let rows = conn.query_map(
+        "SELECT id, group_name, image, tier FROM pool_members ORDER BY id",
+        [],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        },
+    )?;
     let mut out = Vec::new();
-    for row in rows {
-        let (id, group, image, tier) = row?;
+    for (id, group, image, tier) in rows {
         let tier = tier.parse::<Tier>().ok().ok_or_else(|| {
             Error::Internal(format!(
                 "stored tier {tier:?} of pool member {id} is unknown"
@@ -85,8 +86,8 @@ pub(super) fn list_pool_members(conn: &Connection) -> Result<Vec<PoolMember>> {
 
 /// Turns pool member `sb.id` into the sandbox `sb` (state `running`) in one transaction, so
 /// that after a crash the VM belongs to exactly one of the two tables.
-pub(super) fn hand_over(conn: &mut Connection, sb: &Sandbox) -> Result<Sandbox> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+pub(super) fn hand_over(conn: &Db, sb: &Sandbox) -> Result<Sandbox> {
+    let tx = conn.transaction()?;
     let n = tx.execute("DELETE FROM pool_members WHERE id = ?1", [&sb.id])?;
     if n != 1 {
         return Err(Error::Internal(format!(

@@ -1,7 +1,7 @@
 //! The `sandbox_ports` table: the ports each sandbox exposes through the daemon's proxy
 //! (`http/routes/ports.rs`). Rows go with their sandbox (`ON DELETE CASCADE`).
 
-use rusqlite::{params, Connection, OptionalExtension};
+use super::db::{params, Db, OptionalExtension};
 
 use super::{now, Store};
 use crate::api::{quote, ExposedPort, MAX_EXPOSED_PORTS};
@@ -50,16 +50,17 @@ impl Store {
     pub async fn list_ports(&self, sandbox: &str) -> Result<Vec<ExposedPort>> {
         let sandbox = sandbox.to_string();
         self.call(move |c| {
-            let mut st = c.prepare(
+            let rows = c.query_map(
                 "SELECT port, created_at FROM sandbox_ports WHERE sandbox = ?1 ORDER BY port",
+                params![sandbox],
+                |r| {
+                    Ok(ExposedPort {
+                        port: r.get(0)?,
+                        created_at: r.get(1)?,
+                    })
+                },
             )?;
-            let rows = st.query_map(params![sandbox], |r| {
-                Ok(ExposedPort {
-                    port: r.get(0)?,
-                    created_at: r.get(1)?,
-                })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            Ok(rows)
         })
         .await
     }
@@ -83,7 +84,7 @@ impl Store {
     }
 }
 
-fn get(c: &Connection, sandbox: &str, port: u16) -> Result<Option<ExposedPort>> {
+fn get(c: &Db, sandbox: &str, port: u16) -> Result<Option<ExposedPort>> {
     Ok(c.query_row(
         "SELECT port, created_at FROM sandbox_ports WHERE sandbox = ?1 AND port = ?2",
         params![sandbox, port],

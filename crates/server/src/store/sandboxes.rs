@@ -1,7 +1,7 @@
 //! The `sandboxes` table: one row per sandbox, the API's source of truth for its state
 //! (the VM's own state lives in `MOAT_HOME/run/<id>/`), and its lifecycle timestamps.
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use super::db::{params, Db, DbResult, OptionalExtension, Row};
 
 use super::{now, Store};
 use crate::api::{rfc3339, Sandbox, SandboxState, Tier};
@@ -45,7 +45,7 @@ impl Store {
     }
 
     pub async fn list_timers(&self) -> Result<Vec<Timers>> {
-        self.call(|c| list_timers(c)).await
+        self.call(list_timers).await
     }
 
     /// Records the last activity of sandboxes (Unix seconds), in one transaction.
@@ -57,7 +57,7 @@ impl Store {
 const SANDBOX_COLUMNS: &str = "id, group_name, state, reason, image, tier, env, labels, \
                                created_at, updated_at, last_activity_at";
 
-fn sandbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Sandbox>> {
+fn sandbox_from_row(r: &Row) -> DbResult<Result<Sandbox>> {
     let id: String = r.get(0)?;
     let state: String = r.get(2)?;
     let tier: String = r.get(5)?;
@@ -89,7 +89,7 @@ fn sandbox_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Sandbox>> 
 }
 
 /// Inserts a new sandbox row (its timestamps are set here).
-pub(super) fn insert_sandbox(conn: &Connection, sb: &Sandbox) -> Result<Sandbox> {
+pub(super) fn insert_sandbox(conn: &Db, sb: &Sandbox) -> Result<Sandbox> {
     let t = now();
     let json = |v| serde_json::to_string(v).map_err(|e| Error::Internal(e.to_string()));
     conn.execute(
@@ -115,7 +115,7 @@ pub(super) fn insert_sandbox(conn: &Connection, sb: &Sandbox) -> Result<Sandbox>
     })
 }
 
-pub(super) fn get_sandbox(conn: &Connection, id: &str) -> Result<Option<Sandbox>> {
+pub(super) fn get_sandbox(conn: &Db, id: &str) -> Result<Option<Sandbox>> {
     conn.query_row(
         &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"),
         [id],
@@ -126,15 +126,18 @@ pub(super) fn get_sandbox(conn: &Connection, id: &str) -> Result<Option<Sandbox>
 }
 
 /// The sandboxes of `group`, or of every group.
-pub(super) fn list_sandboxes(conn: &Connection, group: Option<&str>) -> Result<Vec<Sandbox>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE ?1 IS NULL OR group_name = ?1
+pub(super) fn list_sandboxes(conn: &Db, group: Option<&str>) -> Result<Vec<Sandbox>> {
+    let rows = conn.query_map(
+        &format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE CAST(?1 AS TEXT) IS NULL OR group_name = ?1
          ORDER BY created_at, id"
-    ))?;
-    let rows = stmt.query_map([group], sandbox_from_row)?;
+        ),
+        [group],
+        sandbox_from_row,
+    )?;
     let mut out = Vec::new();
     for row in rows {
-        out.push(row??);
+        out.push(row?);
     }
     Ok(out)
 }
@@ -142,7 +145,7 @@ pub(super) fn list_sandboxes(conn: &Connection, group: Option<&str>) -> Result<V
 /// Sets a sandbox's state (and the reason, for `failed`); returns the row, or `None` if it is
 /// gone.
 pub(super) fn set_sandbox_state(
-    conn: &Connection,
+    conn: &Db,
     id: &str,
     state: SandboxState,
     reason: Option<&str>,
@@ -154,7 +157,7 @@ pub(super) fn set_sandbox_state(
     get_sandbox(conn, id)
 }
 
-pub(super) fn delete_sandbox(conn: &Connection, id: &str) -> Result<()> {
+pub(super) fn delete_sandbox(conn: &Db, id: &str) -> Result<()> {
     conn.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
     Ok(())
 }
@@ -171,23 +174,23 @@ pub struct Timers {
     pub last_activity_at: Option<i64>,
 }
 
-pub(super) fn list_timers(conn: &Connection) -> Result<Vec<Timers>> {
-    let mut stmt = conn.prepare_cached(
+pub(super) fn list_timers(conn: &Db) -> Result<Vec<Timers>> {
+    let rows = conn.query_map(
         "SELECT id, group_name, state, created_at, updated_at, last_activity_at FROM sandboxes",
+        [],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Option<i64>>(5)?,
+            ))
+        },
     )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, i64>(3)?,
-            r.get::<_, i64>(4)?,
-            r.get::<_, Option<i64>>(5)?,
-        ))
-    })?;
     let mut out = Vec::new();
-    for row in rows {
-        let (id, group, state, created_at, updated_at, last_activity_at) = row?;
+    for (id, group, state, created_at, updated_at, last_activity_at) in rows {
         let state = SandboxState::parse(&state).ok_or_else(|| {
             Error::Internal(format!("stored state {state:?} of sandbox {id} is unknown"))
         })?;
@@ -204,8 +207,8 @@ pub(super) fn list_timers(conn: &Connection) -> Result<Vec<Timers>> {
 }
 
 /// Records the last activity of sandboxes (Unix seconds), in one transaction.
-pub(super) fn record_activity(conn: &mut Connection, seen: &[(String, i64)]) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+pub(super) fn record_activity(conn: &Db, seen: &[(String, i64)]) -> Result<()> {
+    let tx = conn.transaction()?;
     for (id, at) in seen {
         tx.execute(
             "UPDATE sandboxes SET last_activity_at = ?2 WHERE id = ?1",
@@ -244,8 +247,8 @@ pub(super) mod tests {
     fn sandbox_rows_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        let mut c = s.conn.lock().unwrap();
-        put_group(&mut c, "g", &GroupSpec::default()).unwrap();
+        let c = s.conn.lock().unwrap();
+        put_group(&c, "g", &GroupSpec::default()).unwrap();
         let row = insert_sandbox(&c, &new_row("sb-1", "g")).unwrap();
         assert_eq!(get_sandbox(&c, "sb-1").unwrap().unwrap().labels, row.labels);
         let failed = set_sandbox_state(&c, "sb-1", SandboxState::Failed, Some("gone"))

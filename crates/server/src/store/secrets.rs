@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use super::db::{params, Db, OptionalExtension};
 use moat_net::Secret;
-use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{now, Store};
 use crate::api::{quote, rfc3339, SecretInfo, MAX_SECRETS};
@@ -55,7 +55,7 @@ impl Store {
             tx.commit()?;
             Ok((
                 SecretInfo {
-                    name,
+                    name: name.clone(),
                     created_at: rfc3339(old.unwrap_or(at)),
                     updated_at: rfc3339(at),
                 },
@@ -94,16 +94,17 @@ impl Store {
         let seal = self.seal.clone();
         self.call(move |c| {
             let mut out = BTreeMap::new();
-            let mut st = c.prepare_cached(
-                "SELECT sealed FROM group_secrets WHERE group_name = ?1 AND name = ?2",
-            )?;
-            for name in names {
-                let sealed: Option<Vec<u8>> = st
-                    .query_row(params![group, name], |r| r.get(0))
+            for name in &names {
+                let sealed: Option<Vec<u8>> = c
+                    .query_row(
+                        "SELECT sealed FROM group_secrets WHERE group_name = ?1 AND name = ?2",
+                        params![group, name],
+                        |r| r.get(0),
+                    )
                     .optional()?;
                 if let Some(sealed) = sealed {
-                    let value = seal.open(&group, &name, &sealed)?;
-                    out.insert(name, Secret::new(value));
+                    let value = seal.open(&group, name, &sealed)?;
+                    out.insert(name.clone(), Secret::new(value));
                 }
             }
             Ok(out)
@@ -112,19 +113,20 @@ impl Store {
     }
 }
 
-fn list(c: &Connection, group: &str) -> Result<Vec<SecretInfo>> {
-    let mut st = c.prepare_cached(
+fn list(c: &Db, group: &str) -> Result<Vec<SecretInfo>> {
+    let rows = c.query_map(
         "SELECT name, created_at, updated_at FROM group_secrets WHERE group_name = ?1
          ORDER BY name",
+        params![group],
+        |r| {
+            Ok(SecretInfo {
+                name: r.get(0)?,
+                created_at: rfc3339(r.get(1)?),
+                updated_at: rfc3339(r.get(2)?),
+            })
+        },
     )?;
-    let rows = st.query_map(params![group], |r| {
-        Ok(SecretInfo {
-            name: r.get(0)?,
-            created_at: rfc3339(r.get(1)?),
-            updated_at: rfc3339(r.get(2)?),
-        })
-    })?;
-    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The `snapshots` table: a row per named snapshot of a group, `creating` while its directory
 //! is written (the row holds the name) and `ready` after (see `crate::snapshots`).
 
-use rusqlite::{params, Connection, OptionalExtension};
+use super::db::{params, Db, DbResult, OptionalExtension, Row};
 
 use super::{now, Store};
 use crate::api::{quote, rfc3339, Snapshot, Tier};
@@ -54,7 +54,7 @@ impl Store {
     }
 }
 
-fn snapshot_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Snapshot>> {
+fn snapshot_from_row(r: &Row) -> DbResult<Result<Snapshot>> {
     let tier: String = r.get(4)?;
     let size: i64 = r.get(5)?;
     let name: String = r.get(1)?;
@@ -78,7 +78,7 @@ fn snapshot_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Snapshot>
 
 const COLUMNS: &str = "group_name, name, sandbox, image, tier, size_bytes, created_at";
 
-pub(super) fn get_ready(c: &Connection, group: &str, name: &str) -> Result<Option<Snapshot>> {
+pub(super) fn get_ready(c: &Db, group: &str, name: &str) -> Result<Option<Snapshot>> {
     c.query_row(
         &format!(
             "SELECT {COLUMNS} FROM snapshots WHERE group_name = ?1 AND name = ?2 \
@@ -92,21 +92,24 @@ pub(super) fn get_ready(c: &Connection, group: &str, name: &str) -> Result<Optio
 }
 
 /// The ready snapshots of `group`, or of every group.
-pub(super) fn list_ready(c: &Connection, group: Option<&str>) -> Result<Vec<Snapshot>> {
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM snapshots WHERE state = 'ready' \
-         AND (?1 IS NULL OR group_name = ?1) ORDER BY created_at, name"
-    ))?;
-    let rows = stmt.query_map([group], snapshot_from_row)?;
+pub(super) fn list_ready(c: &Db, group: Option<&str>) -> Result<Vec<Snapshot>> {
+    let rows = c.query_map(
+        &format!(
+            "SELECT {COLUMNS} FROM snapshots WHERE state = 'ready' \
+         AND (CAST(?1 AS TEXT) IS NULL OR group_name = ?1) ORDER BY created_at, name"
+        ),
+        [group],
+        snapshot_from_row,
+    )?;
     let mut out = Vec::new();
     for row in rows {
-        out.push(row??);
+        out.push(row?);
     }
     Ok(out)
 }
 
 /// Claims `name` in `group` with a `creating` row: 409 if the name is taken.
-pub(super) fn claim(c: &Connection, s: &Snapshot) -> Result<()> {
+pub(super) fn claim(c: &Db, s: &Snapshot) -> Result<()> {
     let inserted = c.execute(
         "INSERT INTO snapshots (group_name, name, state, sandbox, image, tier, created_at)
          VALUES (?1, ?2, 'creating', ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
@@ -124,12 +127,7 @@ pub(super) fn claim(c: &Connection, s: &Snapshot) -> Result<()> {
 }
 
 /// Marks the claimed row ready; `None` if it is gone (its group was force-deleted meanwhile).
-pub(super) fn set_ready(
-    c: &Connection,
-    group: &str,
-    name: &str,
-    size: u64,
-) -> Result<Option<Snapshot>> {
+pub(super) fn set_ready(c: &Db, group: &str, name: &str, size: u64) -> Result<Option<Snapshot>> {
     let n = c.execute(
         "UPDATE snapshots SET state = 'ready', size_bytes = ?3
          WHERE group_name = ?1 AND name = ?2 AND state = 'creating'",
@@ -141,7 +139,7 @@ pub(super) fn set_ready(
     get_ready(c, group, name)
 }
 
-pub(super) fn delete_row(c: &Connection, group: &str, name: &str) -> Result<()> {
+pub(super) fn delete_row(c: &Db, group: &str, name: &str) -> Result<()> {
     c.execute(
         "DELETE FROM snapshots WHERE group_name = ?1 AND name = ?2",
         [group, name],
