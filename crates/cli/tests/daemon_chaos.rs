@@ -239,6 +239,9 @@ async fn check(d: &Daemon, w: &mut World, spared: Option<&str>) {
             "suspended {id} has no suspend directory"
         );
     }
+    // Images are built in tmp/ and renamed into place: no import runs after a restart.
+    let builds = entries(&home.join("images/tmp"));
+    assert!(builds.is_empty(), "half-built images: {builds:?}");
     let snaps = snapshots(d).await;
     assert_eq!(
         entries(&home.join("snapshots").join(C)),
