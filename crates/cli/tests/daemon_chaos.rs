@@ -83,12 +83,26 @@ async fn try_call(
     let resp = req.send().await.ok()?;
     let st = resp.status().as_u16();
     let body = resp.bytes().await.ok()?;
-    Some((st, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+    let v = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    Some((st, v))
 }
 
 /// The operation under fire: one request, or (an import, which runs in the daemon) polls of
 /// its operation until it ends. The answer's status, if it came.
 async fn under_fire(url: String, method: &str, path: String, body: Option<Value>) -> Option<u16> {
+    if method == "POOL" {
+        // A create that takes the pool's VM, then the refill it starts, until the pool is full.
+        let (st, _) = try_call(&url, "POST", &path, body).await?;
+        let series = format!("moat_pool_ready{{group=\"{P}\"}} 1");
+        loop {
+            let (_, m) = try_call(&url, "GET", "/metrics", None).await?;
+            if m.as_str().is_some_and(|m| m.lines().any(|l| l == series)) {
+                return Some(st);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     if method != "POLL" {
         return try_call(&url, method, &path, body).await.map(|a| a.0);
     }
@@ -164,6 +178,28 @@ fn qemu_ids(home: &Path) -> BTreeMap<String, u32> {
     found
 }
 
+/// The sandbox ids of the network stacks (`moat net-stack`) whose log, their stderr, is in
+/// one of the daemon's run directories.
+fn net_stack_ids(home: &Path) -> BTreeSet<String> {
+    let run = format!("{}/run/", home.display());
+    let mut found = BTreeSet::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmd).contains("\0net-stack\0") {
+            continue;
+        }
+        let Ok(log) = std::fs::read_link(e.path().join("fd/2")) else {
+            continue;
+        };
+        if let Some(rest) = log.to_string_lossy().strip_prefix(&run) {
+            found.insert(rest.split('/').next().unwrap().to_string());
+        }
+    }
+    found
+}
+
 fn entries(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
         .into_iter()
@@ -224,6 +260,16 @@ async fn check(d: &Daemon, w: &mut World, spared: Option<&str>) {
         "QEMUs beyond the running sandboxes: {extra:?}"
     );
     assert!(!known.contains(&extra[0]), "a {} row has a QEMU", extra[0]);
+    // A network stack per VM (one whose QEMU died ends by itself, soon).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net_stack_ids(home) != vms {
+        assert!(
+            Instant::now() < deadline,
+            "network stacks {:?} against the QEMUs {vms:?}",
+            net_stack_ids(home)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // No orphan files: a run directory per VM; suspend directories only of known sandboxes,
     // each holding only complete suspends; snapshot directories only of listed snapshots.
     assert_eq!(entries(&home.join("run")), vms, "run/ against the QEMUs");
@@ -362,7 +408,7 @@ async fn the_daemon_survives_kill_9_at_random_points() {
         let mut spared = None;
         let (method, path, body) = match op {
             Op::Create => ("POST", format!("{G}/{C}/sandboxes"), Some(json!({}))),
-            Op::PoolRefill => ("POST", format!("{G}/{P}/sandboxes"), Some(json!({}))),
+            Op::PoolRefill => ("POOL", format!("{G}/{P}/sandboxes"), Some(json!({}))),
             Op::Exec => {
                 let id = running(&mut rng, &d).await;
                 (
