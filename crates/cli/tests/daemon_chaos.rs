@@ -40,9 +40,11 @@ enum Op {
     Delete,
     PoolRefill,
     Import,
+    /// The daemon's own start-up: adopting the VMs, recovering rows, refilling the pool.
+    Restart,
 }
 
-const OPS: [Op; 9] = [
+const OPS: [Op; 10] = [
     Op::Create,
     Op::Exec,
     Op::Suspend,
@@ -52,6 +54,7 @@ const OPS: [Op; 9] = [
     Op::Delete,
     Op::PoolRefill,
     Op::Import,
+    Op::Restart,
 ];
 
 impl Op {
@@ -59,7 +62,7 @@ impl Op {
     /// finishes before its kill corrects it.
     fn guess(self) -> Duration {
         Duration::from_millis(match self {
-            Op::Exec => 300,
+            Op::Exec | Op::Restart => 300,
             Op::Delete | Op::Create | Op::PoolRefill | Op::Resume => 1000,
             Op::Import | Op::Suspend | Op::Snapshot | Op::Fork => 3000,
         })
@@ -437,7 +440,11 @@ async fn the_daemon_survives_kill_9_at_random_points() {
                 ("POST", format!("{G}/{C}/sandboxes/{id}/resume"), None)
             }
             Op::Delete => {
-                let id = running(&mut rng, &d).await;
+                let state = ["running", "suspended"][rng.gen_range(0..2)];
+                let id = match pick(&mut rng, &d, state).await {
+                    Some(id) => id,
+                    None => running(&mut rng, &d).await,
+                };
                 spared = Some(id.clone());
                 ("DELETE", format!("{G}/{C}/sandboxes/{id}"), None)
             }
@@ -476,6 +483,7 @@ async fn the_daemon_survives_kill_9_at_random_points() {
                     Some(json!({"from_snapshot": name, "count": count})),
                 )
             }
+            Op::Restart => ("", String::new(), None),
             Op::Import => {
                 let marker = unique("chaos").to_lowercase();
                 let reference = push_image(&reg, &marker).await;
@@ -501,17 +509,39 @@ async fn the_daemon_survives_kill_9_at_random_points() {
         let window = *took.entry(op).or_insert_with(|| op.guess());
         let delay = window.mul_f64(rng.gen_range(0.0..1.0));
         let t = Instant::now();
-        let task = tokio::spawn(async move {
-            let answer = under_fire(url, method, path, body).await;
-            (answer, t.elapsed())
-        });
-        tokio::time::sleep(delay).await;
-        let finished = task.is_finished();
-        d.kill9();
-        let (answer, elapsed) = task.await.unwrap();
-        if finished {
-            took.insert(op, elapsed);
-        }
+        let (finished, answer) = if op == Op::Restart {
+            // Killed while it starts: before, during or after it adopts and recovers.
+            d.kill9();
+            let (mut c, _) = d.command(Some(ADMIN));
+            let t = Instant::now();
+            let mut child = c.spawn().expect("moat serve starts");
+            let ready = async {
+                while try_call(&url, "GET", "/healthz", None).await.is_none() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                t.elapsed()
+            };
+            let finished = tokio::time::timeout(delay, ready).await;
+            child.kill().unwrap();
+            child.wait().unwrap();
+            if let Ok(elapsed) = finished {
+                took.insert(op, elapsed);
+            }
+            (finished.is_ok(), None)
+        } else {
+            let task = tokio::spawn(async move {
+                let answer = under_fire(url, method, path, body).await;
+                (answer, t.elapsed())
+            });
+            tokio::time::sleep(delay).await;
+            let finished = task.is_finished();
+            d.kill9();
+            let (answer, elapsed) = task.await.unwrap();
+            if finished {
+                took.insert(op, elapsed);
+            }
+            (finished, answer)
+        };
         let restart = Instant::now();
         d.spawn(Some(ADMIN)).await;
         eprintln!(
@@ -557,4 +587,37 @@ async fn the_daemon_survives_kill_9_at_random_points() {
             .collect::<serde_json::Map<_, _>>(),
     });
     println!("CHAOS {summary}");
+}
+
+/// A daemon killed after a suspend renamed its new directory into place but before it removed
+/// the older ones (the previous resume's backing disk, a whole disk image) left them for good:
+/// the next start keeps only the newest directory of each sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_only_the_newest_suspend_directory() {
+    let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
+    d.put_group(C, json!({"tier": "s"}), 201).await;
+    let id = d.new_sandbox(C).await;
+    d.sh(C, &id, "echo kept > /root/f").await;
+    let (st, v, _) = d.lifecycle(C, &id, "suspend").await;
+    assert_eq!(st, 200, "{v}");
+    let root = d.home.path().join("suspended").join(&id);
+    let newest = entries(&root);
+    assert_eq!(newest.len(), 1, "{newest:?}");
+    // The older directory as a resume leaves it: its disk, no memory image.
+    let old = root.join("0");
+    std::fs::create_dir(&old).unwrap();
+    for f in ["meta.json", "disk.qcow2"] {
+        std::fs::copy(root.join(newest.first().unwrap()).join(f), old.join(f)).unwrap();
+    }
+
+    d.kill9();
+    d.spawn(Some(ADMIN)).await;
+    assert_eq!(
+        entries(&root),
+        newest,
+        "an older suspend directory was kept"
+    );
+    let (st, v, _) = d.lifecycle(C, &id, "resume").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(d.sh(C, &id, "cat /root/f").await, "kept");
 }
