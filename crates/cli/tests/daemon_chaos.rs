@@ -40,11 +40,13 @@ enum Op {
     Delete,
     PoolRefill,
     Import,
+    /// A create from a newly imported image: its template is built (a cold boot) first.
+    ColdCreate,
     /// The daemon's own start-up: adopting the VMs, recovering rows, refilling the pool.
     Restart,
 }
 
-const OPS: [Op; 10] = [
+const OPS: [Op; 11] = [
     Op::Create,
     Op::Exec,
     Op::Suspend,
@@ -54,6 +56,7 @@ const OPS: [Op; 10] = [
     Op::Delete,
     Op::PoolRefill,
     Op::Import,
+    Op::ColdCreate,
     Op::Restart,
 ];
 
@@ -65,6 +68,7 @@ impl Op {
             Op::Exec | Op::Restart => 300,
             Op::Delete | Op::Create | Op::PoolRefill | Op::Resume => 1000,
             Op::Import | Op::Suspend | Op::Snapshot | Op::Fork => 3000,
+            Op::ColdCreate => 8000,
         })
     }
 }
@@ -136,6 +140,56 @@ async fn push_image(reg: &Registry, marker: &str) -> String {
         Some("v1"),
     );
     reg.push(&layout, &format!("chaos/{marker}:v1")).await.0
+}
+
+/// Imports a new image (not under fire) and waits for it: its name.
+async fn imported(d: &Daemon, reg: &Registry, w: &mut World) -> String {
+    let reference = push_image(reg, &unique("chaos").to_lowercase()).await;
+    let name = unique("chaos-img").to_lowercase();
+    let (st, o) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            "/v1/images",
+            Some(json!({"source": reference, "name": name, "plain_http": true})),
+        )
+        .await;
+    assert_eq!(st, 202, "{o}");
+    let op = o["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, o) = d
+            .call(Some(ADMIN), "GET", &format!("/v1/operations/{op}"), None)
+            .await;
+        if o["state"] == "succeeded" {
+            break;
+        }
+        assert_eq!(o["state"], "running", "{o}");
+        assert!(Instant::now() < deadline, "import stuck: {o}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.imports.push((op, name.clone()));
+    name
+}
+
+/// A `.tmp-` template build nobody is running (its key's lock is free).
+fn dead_template_builds(home: &Path) -> Vec<String> {
+    let root = home.join("templates");
+    entries(&root)
+        .into_iter()
+        .filter(|n| {
+            let Some(key) = n.strip_prefix(".tmp-").and_then(|k| k.get(..64)) else {
+                return false;
+            };
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(root.join(format!("{key}.lock")))
+                .unwrap();
+            lock.try_lock().is_ok()
+        })
+        .collect()
 }
 
 async fn rows(d: &Daemon, group: &str) -> Vec<Value> {
@@ -291,6 +345,16 @@ async fn check(d: &Daemon, w: &mut World, spared: Option<&str>) {
     // Images are built in tmp/ and renamed into place: no import runs after a restart.
     let builds = entries(&home.join("images/tmp"));
     assert!(builds.is_empty(), "half-built images: {builds:?}");
+    // Template builds killed half-way are collected (in the background after start).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dead_template_builds(home).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "killed template builds left: {:?}",
+            dead_template_builds(home)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let snaps = snapshots(d).await;
     assert_eq!(
         entries(&home.join("snapshots").join(C)),
@@ -484,6 +548,14 @@ async fn the_daemon_survives_kill_9_at_random_points() {
                 )
             }
             Op::Restart => ("", String::new(), None),
+            Op::ColdCreate => {
+                let name = imported(&d, &reg, &mut w).await;
+                (
+                    "POST",
+                    format!("{G}/{C}/sandboxes"),
+                    Some(json!({ "image": name })),
+                )
+            }
             Op::Import => {
                 let marker = unique("chaos").to_lowercase();
                 let reference = push_image(&reg, &marker).await;
@@ -569,6 +641,10 @@ async fn the_daemon_survives_kill_9_at_random_points() {
         let id = fork["id"].as_str().unwrap();
         assert_eq!(d.sh(C, id, "echo ok").await, "ok");
         d.delete(C, id).await;
+    }
+    // Images are kept by the sandboxes made from them.
+    for id in ids_in(&rows(&d, C).await, "running") {
+        d.delete(C, &id).await;
     }
     for (_, name) in &w.imports {
         // An interrupted import may have left no name: only the ones there are removed.
