@@ -1,13 +1,15 @@
 //! Chaos: `moat serve` is killed with SIGKILL at random points during creates, execs, suspends,
-//! resumes, snapshots, forks, deletes, pool refills and image imports, restarted on the same
-//! MOAT_HOME, and after every restart the invariants hold: every QEMU belongs to a running
-//! sandbox or a pool member, every running sandbox answers, no suspended sandbox or named
-//! snapshot is lost, no run, suspend or snapshot directory is left without its row, no row is
-//! left half-way or failed, and no import stays `running`. At the end every suspended sandbox
-//! resumes and every snapshot forks.
+//! resumes, snapshots, forks, deletes, pool refills, image imports, cold creates (template
+//! builds) and its own start-up, restarted on the same MOAT_HOME, and after every restart the
+//! invariants hold: every QEMU belongs to a running sandbox or the pool's member, with one
+//! network stack each; every running sandbox answers; no suspended sandbox or named snapshot is
+//! lost; no run, suspend or snapshot directory, half-built image or killed template build is
+//! left over; no row is left half-way or failed; no import stays `running`. At the end every
+//! suspended sandbox resumes and every snapshot forks. Timing windows adapt: each operation
+//! that finishes before its kill sets the window the next kill of its kind is drawn from.
 //!
 //! The RNG is seeded: the seed is printed and `MOAT_CHAOS_SEED` replays it. The normal test
-//! suite runs a few kills (`MOAT_CHAOS_KILLS`, default 4); `scripts/chaos.sh N` runs N.
+//! suite runs a few kills (`MOAT_CHAOS_KILLS`, default 10); `scripts/chaos.sh N` runs N.
 
 mod common;
 
@@ -452,7 +454,7 @@ async fn the_daemon_survives_kill_9_at_random_points() {
         .unwrap_or_else(|_| rand::random());
     let kills: usize = std::env::var("MOAT_CHAOS_KILLS")
         .map(|s| s.parse().expect("MOAT_CHAOS_KILLS is a count"))
-        .unwrap_or(4);
+        .unwrap_or(10);
     eprintln!("chaos: seed {seed} (replay with MOAT_CHAOS_SEED={seed}), {kills} kills");
     let mut rng = StdRng::seed_from_u64(seed);
 
@@ -642,9 +644,14 @@ async fn the_daemon_survives_kill_9_at_random_points() {
         assert_eq!(d.sh(C, id, "echo ok").await, "ok");
         d.delete(C, id).await;
     }
-    // Images are kept by the sandboxes made from them.
+    // Images are kept by the sandboxes and snapshots made from them.
     for id in ids_in(&rows(&d, C).await, "running") {
         d.delete(C, &id).await;
+    }
+    for name in &w.snapshots {
+        let path = format!("{G}/{C}/snapshots/{name}");
+        let (st, v) = d.call(Some(ADMIN), "DELETE", &path, None).await;
+        assert_eq!(st, 204, "{v}");
     }
     for (_, name) in &w.imports {
         // An interrupted import may have left no name: only the ones there are removed.
