@@ -97,11 +97,12 @@ async fn try_call(
     Some((st, v))
 }
 
-/// The operation under fire: one request, or (an import, which runs in the daemon) polls of
-/// its operation until it ends. The answer's status, if it came.
+/// The operation under fire: one request (`method` an HTTP method); `POOL`, a create in the
+/// pool group and then the refill it starts, until the pool is full again; `POLL`, polls of
+/// an import's operation (the import runs in the daemon) until it ends. The answer's status,
+/// if it came.
 async fn under_fire(url: String, method: &str, path: String, body: Option<Value>) -> Option<u16> {
     if method == "POOL" {
-        // A create that takes the pool's VM, then the refill it starts, until the pool is full.
         let (st, _) = try_call(&url, "POST", &path, body).await?;
         let series = format!("moat_pool_ready{{group=\"{P}\"}} 1");
         loop {
