@@ -2,7 +2,9 @@
 # Prints the benchmark's JSON figures for this machine (release build, real VMs).
 # `scripts/bench.sh density` measures only host memory, idle CPU and restore time per sandbox
 # with and without shared template RAM; `scripts/bench.sh scale [N]` starts N (default 200)
-# xs sandboxes in one daemon and reports what each costs the host.
+# xs sandboxes in one daemon and reports what each costs the host; `scripts/bench.sh load
+# [SECONDS] [CLIENTS]` (default 60 s, 16 clients) runs creates, execs, file transfers and
+# shells at once against one daemon and reports throughput, p50/p99, errors and losses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # --bench: also gVisor's runsc, the peer we compare with.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-const KEY: &str = "moat_BenchBenchBenchBenchBenchBenchBenchBench123";
+pub const KEY: &str = "moat_BenchBenchBenchBenchBenchBenchBenchBench123";
 
 pub struct Daemon {
     child: Child,
@@ -85,6 +85,11 @@ impl Daemon {
         Ok(d)
     }
 
+    /// The daemon's base URL (`http://127.0.0.1:PORT`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// The daemon's MOAT_HOME.
     pub fn home(&self) -> &Path {
         &self._home.0
@@ -109,6 +114,25 @@ impl Daemon {
         let bytes = resp.bytes().await?;
         let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Ok((status, v))
+    }
+
+    /// A request with a raw body (file transfers): the status and the raw answer.
+    pub async fn send_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Vec<u8>)> {
+        let m = reqwest::Method::from_bytes(method.as_bytes())?;
+        let resp = self
+            .http
+            .request(m, format!("{}{path}", self.url))
+            .bearer_auth(KEY)
+            .body(body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.bytes().await?.to_vec()))
     }
 
     pub async fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {

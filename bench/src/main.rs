@@ -2,12 +2,14 @@
 //!
 //! Run with `scripts/bench.sh` (release build); `scripts/bench.sh density` measures only the
 //! density figures (`density.rs`), `scripts/bench.sh scale [N]` only the scale run
-//! (`scale.rs`). Figures are medians over several runs; the
+//! (`scale.rs`), `scripts/bench.sh load [SECONDS] [CLIENTS]` only the load run (`load.rs`).
+//! Figures are medians over several runs; the
 //! machine, accelerator and QEMU version are part of the output, because absolute times only
 //! mean something next to them.
 
 mod daemon;
 mod density;
+mod load;
 mod scale;
 
 use std::path::{Path, PathBuf};
@@ -125,6 +127,25 @@ async fn main() -> Result<()> {
         let report = json!({
             "machine": machine(&rt, Tier::Xs),
             "scale": scale::measure(&moat, &home, &agent, n).await?,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("load") {
+        let arg = |n: usize, default: u64, what: &str| match std::env::args().nth(n) {
+            None => Ok(default),
+            Some(a) => match a.parse::<u64>() {
+                Ok(v) if v >= 1 => Ok(v),
+                _ => bail!(
+                    "load [SECONDS] [CLIENTS]: {what} is a whole number, at least 1 (got {a:?})"
+                ),
+            },
+        };
+        let seconds = arg(2, 60, "SECONDS")?;
+        let clients = arg(3, 16, "CLIENTS")? as usize;
+        let report = json!({
+            "machine": machine(&rt, Tier::Xs),
+            "load": load::measure(&moat, &home, &agent, seconds, clients).await?,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

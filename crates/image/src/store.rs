@@ -7,7 +7,7 @@
 //! tmp/<hex>.<pid>.<rand>/                                              builds in progress
 //! ```
 //! An entry is built in `tmp/` and renamed into `sha256/` complete, under the digest's flock,
-//! so a crash leaves no partial entry; leftovers in `tmp/` are removed by the next import.
+//! so a crash leaves no partial entry; leftovers in `tmp/` are removed by the next open or import.
 
 use std::fs::{self, File};
 use std::io::{BufReader, Read};
@@ -100,14 +100,18 @@ fn name_from_file(f: &str) -> String {
 }
 
 impl ImageStore {
-    /// Opens (creating if needed) a store rooted at `root`.
+    /// Opens (creating if needed) a store rooted at `root`, removing what builds killed
+    /// half-way left in `tmp/` (a daemon killed mid-import must not leave a half-unpacked
+    /// image on disk until some later import happens to clean up).
     pub fn open(root: &Path) -> Result<ImageStore> {
         for d in ["sha256", "names", "locks", "tmp"] {
             mkdirs(&root.join(d))?;
         }
-        Ok(ImageStore {
+        let store = ImageStore {
             root: root.to_path_buf(),
-        })
+        };
+        store.clean_tmp();
+        Ok(store)
     }
 
     fn entry_dir(&self, digest: &str) -> PathBuf {

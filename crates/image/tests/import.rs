@@ -340,6 +340,27 @@ async fn concurrent_imports_share_one_entry() {
     assert_eq!(store.list().unwrap().len(), 2);
 }
 
+/// A process killed mid-import (the daemon under `kill -9`) leaves its build in `tmp/`: the
+/// next open removes it, but not the build of a live import (its digest's lock is held).
+#[test]
+fn open_removes_the_builds_of_dead_imports_only() {
+    let home = tempfile::tempdir().unwrap();
+    ImageStore::open(home.path()).unwrap();
+    let (dead, live) = ("a".repeat(64), "b".repeat(64));
+    let tmp = home.path().join("tmp");
+    for hex in [&dead, &live] {
+        fs::create_dir_all(tmp.join(format!("{hex}.4242.17/rootfs/etc"))).unwrap();
+    }
+    let lock = fs::File::create(home.path().join(format!("locks/{live}.lock"))).unwrap();
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+    ImageStore::open(home.path()).unwrap();
+    let left: Vec<_> = fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec![format!("{live}.4242.17")]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_platform_and_media_type_and_bad_names() {
     let layout = tempfile::tempdir().unwrap();

@@ -247,7 +247,8 @@ async fn start_manager(rt: moat_vm::Runtime, s: &Start) -> Result<Arc<Manager>> 
     Ok(mgr)
 }
 
-/// Removes superseded templates in the background (see `moat_vm::template::collect`).
+/// Removes superseded templates and interrupted template builds in the background (see
+/// `moat_vm::template::collect`).
 fn collect_templates(rt: moat_vm::Runtime) {
     tokio::task::spawn_blocking(move || match moat_vm::template::collect(&rt) {
         Ok(c) if c.removed > 0 => {
@@ -255,7 +256,7 @@ fn collect_templates(rt: moat_vm::Runtime) {
                 removed = c.removed,
                 freed_mib = c.freed_bytes >> 20,
                 kept_in_use = c.kept_in_use,
-                "collected superseded templates"
+                "collected superseded templates and interrupted builds"
             )
         }
         Ok(_) => {}

@@ -143,6 +143,7 @@ pub fn remove_for_image(home: &Path, image_digest: &str) -> Result<usize> {
 /// What [`collect`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Collected {
+    /// Superseded templates and interrupted builds removed.
     pub removed: usize,
     pub freed_bytes: u64,
     /// Superseded templates kept because a sandbox's disk still has them as its backing, or
@@ -154,7 +155,8 @@ pub struct Collected {
 /// QEMU or snapshot format: their key is not the one this runtime computes for their image
 /// and tier), except those still in the backing chain of a disk elsewhere in MOAT_HOME (a
 /// running or suspended sandbox, a snapshot) or whose RAM a QEMU still maps. Without it every agent upgrade leaves a
-/// template per image and tier behind for good.
+/// template per image and tier behind for good. Also removes the `.tmp-` directories of
+/// builds that were killed (their key's lock is free).
 pub fn collect(rt: &Runtime) -> Result<Collected> {
     collect_in(&rt.home, |dir_key, meta| {
         dir_key == key(rt, &meta.image, meta.tier)
@@ -171,6 +173,28 @@ fn collect_in(home: &Path, current: impl Fn(&str, &SnapshotMeta) -> bool) -> Res
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let dir = e.path();
+        if let Some(key) = name.strip_prefix(".tmp-").and_then(|r| r.get(..64)) {
+            // A build killed before it renamed its directory into place (a daemon under
+            // `kill -9`): unless that key is being built now (its builder holds the key's lock),
+            // it is garbage that no later build removes if the image is gone.
+            if !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                continue;
+            }
+            let Some(_lock) = snapshot::try_lock(&root.join(format!("{key}.lock")))? else {
+                continue;
+            };
+            let bytes = snapshot::allocated_bytes(&dir);
+            std::fs::remove_dir_all(&dir)
+                .map_err(|err| crate::Error::io(format!("removing {}", dir.display()), err))?;
+            tracing::info!(
+                key = &key[..12],
+                bytes,
+                "removed an interrupted template build"
+            );
+            done.removed += 1;
+            done.freed_bytes += bytes;
+            continue;
+        }
         if name.starts_with('.') || !dir.is_dir() {
             continue;
         }
@@ -326,10 +350,30 @@ mod tests {
         assert!(done.freed_bytes > 0);
         assert!(!old.exists() && used.exists() && cur.exists());
 
+        // A build killed half-way goes; one under way (its key's lock held) stays.
+        let (dead, live) = ("a".repeat(64), "b".repeat(64));
+        for k in [&dead, &live] {
+            let tmp = root.join(format!(".tmp-{k}-4242-0123456789abcdef"));
+            std::fs::create_dir_all(&tmp).unwrap();
+            std::fs::write(tmp.join("memory.bin"), vec![1u8; 4096]).unwrap();
+        }
+        let held = snapshot::try_lock(&root.join(format!("{live}.lock")))
+            .unwrap()
+            .unwrap();
+        let done = collect_in(home.path(), is_current).unwrap();
+        assert_eq!((done.removed, done.kept_in_use), (1, 1));
+        assert!(!root
+            .join(format!(".tmp-{dead}-4242-0123456789abcdef"))
+            .exists());
+        assert!(root
+            .join(format!(".tmp-{live}-4242-0123456789abcdef"))
+            .exists());
+        drop(held);
+
         // Once that sandbox is gone, its template goes too.
         std::fs::remove_dir_all(home.path().join("suspended")).unwrap();
         let done = collect_in(home.path(), is_current).unwrap();
-        assert_eq!((done.removed, done.kept_in_use), (1, 0));
+        assert_eq!((done.removed, done.kept_in_use), (2, 0));
         assert!(!used.exists() && cur.exists());
     }
 }

@@ -210,7 +210,7 @@ impl Manager {
         mgr.readopt_pool(&mut orphans).await?;
         for row in rows {
             let has_vm = orphans.remove(&row.id);
-            mgr.remove_partial_suspends(&row.id);
+            mgr.remove_stale_suspends(&row.id);
             match row.state {
                 SandboxState::Running => {
                     if mgr.readopt(&row, has_vm).await? {

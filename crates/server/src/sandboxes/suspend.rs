@@ -51,18 +51,25 @@ impl Manager {
         dir.join("memory.bin").exists().then_some(dir)
     }
 
-    /// Removes what suspends of `id` interrupted by a crash left behind (`.tmp-*`, never
-    /// complete, never resumed from).
-    pub(super) fn remove_partial_suspends(&self, id: &str) {
-        for e in std::fs::read_dir(self.suspend_root(id))
+    /// Removes what suspends of `id` interrupted by a crash left behind: `.tmp-*` (never
+    /// complete, never resumed from), and the numbered directories older than the newest (a
+    /// suspend killed after it renamed its new directory into place, before it removed them).
+    /// Only the newest is ever needed: a sandbox resumes from it, or runs on its disk, which a
+    /// suspend flattened, so it leans on no older one.
+    pub(super) fn remove_stale_suspends(&self, id: &str) {
+        let mut stale: Vec<PathBuf> = std::fs::read_dir(self.suspend_root(id))
             .into_iter()
             .flatten()
             .flatten()
-        {
-            if e.file_name().to_string_lossy().starts_with(".tmp-") {
-                if let Err(err) = std::fs::remove_dir_all(e.path()) {
-                    tracing::warn!(id, error = %err, "removing {}", e.path().display());
-                }
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .map(|e| e.path())
+            .collect();
+        let mut dirs = self.suspend_dirs(id);
+        dirs.pop();
+        stale.extend(dirs.into_iter().map(|(_, dir)| dir));
+        for dir in stale {
+            if let Err(err) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(id, error = %err, "removing {}", dir.display());
             }
         }
     }
