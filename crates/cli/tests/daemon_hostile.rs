@@ -45,12 +45,11 @@ async fn unleash(d: &Daemon, id: &str, case: &str) {
     .await;
 }
 
-/// How many times the daemon's log says it recovered `id`'s agent.
-fn recoveries(d: &Daemon, id: &str) -> usize {
-    d.stderr(1)
-        .lines()
-        .filter(|l| l.contains("agent recovered") && l.contains(id))
-        .count()
+/// How many times the daemon recovered an agent with a new session (only `evil`'s breaks).
+async fn recoveries(d: &Daemon) -> usize {
+    d.metric(r#"moat_agent_recoveries_total{outcome="recovered"}"#)
+        .await
+        .unwrap_or(0.0) as usize
 }
 
 /// The daemon's resident memory, in KiB.
@@ -102,12 +101,15 @@ async fn a_hostile_agent_is_contained_recovered_or_failed() {
 
     // Frames that keep the framing but break every rule: ignored or reset one by one; the
     // session holds, nothing needs recovering.
+    // Waited out, not polled: the only way to ask the guest is the channel the hostile
+    // writes go into, and a reply of the real agent interleaved with them breaks the framing
+    // (a recovery this test must not count). The writes take ~1 s under TCG.
     unleash(&d, &evil, "noise").await;
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
     echo(&d, &evil, "after-noise").await;
     let log = d.sh(GROUP, &evil, "cat /tmp/evil.log").await;
     assert!(log.is_empty(), "the hostile agent failed: {log}");
-    assert_eq!(recoveries(&d, &evil), 0, "{}", d.stderr(1));
+    assert_eq!(recoveries(&d).await, 0, "{}", d.stderr(1));
     echo(&d, &neighbour, "fine").await;
 
     // Each of these breaks the framing: the daemon ends the session, shows it, starts a new
@@ -118,12 +120,14 @@ async fn a_hostile_agent_is_contained_recovered_or_failed() {
     {
         unleash(&d, &evil, case).await;
         let t = Instant::now();
-        while recoveries(&d, &evil) <= i {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "{case}: no recovery: {}",
-                d.stderr(1)
-            );
+        while recoveries(&d).await <= i {
+            if t.elapsed() > Duration::from_secs(60) {
+                panic!(
+                    "{case}: no recovery; the sandbox: {:?}; the daemon: {}",
+                    d.get(GROUP, &evil).await,
+                    d.stderr(1)
+                );
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         eprintln!("{case}: recovered after {:?}", t.elapsed());

@@ -95,6 +95,12 @@ pub const IDENTITY_MINT: (&str, &str) = (
     "Time to decide and sign a workload identity token.",
 );
 
+pub const AGENT_RECOVERIES: (&str, &str) = (
+    "moat_agent_recoveries_total",
+    "Sandboxes whose agent stopped answering or broke the protocol, by outcome (recovered: a \
+     new session answers; failed: the sandbox was failed and its VM stopped).",
+);
+
 pub const POLICY_DECISIONS: (&str, &str) = (
     "moat_policy_decisions_total",
     "Decisions under group policies, by group, verdict (allow, deny, audit) and rule (one \

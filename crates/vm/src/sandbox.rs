@@ -698,7 +698,7 @@ impl Sandbox {
     /// if the VM exited, or when the agent does not answer the handshake within `deadline`.
     pub async fn reconnect_agent(&mut self, deadline: Duration) -> Result<()> {
         // QEMU's agent chardev takes one client at a time: the old one must be gone first.
-        self.agent.abort();
+        self.agent.close().await;
         self.agent = connect_agent(&mut self.vm, deadline, "reconnecting").await?;
         Ok(())
     }
@@ -1058,7 +1058,7 @@ async fn overlay_from_seed(snapshot: &Path, size: u64, dest: &Path) -> Result<()
 }
 
 async fn connect_agent(vm: &mut Vm, deadline: Duration, what: &str) -> Result<AgentConn> {
-    let socket = vm.take_agent_stream()?;
+    let socket = vm.take_agent_stream(deadline).await?;
     let what = format!("{what}: waiting for the guest agent");
     // The VM's own deadline fires first: its error carries the guest console.
     let handshake = AgentConn::connect(socket, deadline + Duration::from_secs(5));

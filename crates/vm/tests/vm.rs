@@ -171,7 +171,9 @@ async fn boot_ready(fx: &Fixture, name: &str, base: &Path) -> (Vm, Agent, Durati
         .unwrap();
     let t = Instant::now();
     let mut vm = qemu::launch(&fx.spec(name, &ov, None)).await.unwrap();
-    let mut agent = Agent(BufReader::new(vm.take_agent_stream().unwrap()));
+    let mut agent = Agent(BufReader::new(
+        vm.take_agent_stream(Duration::from_secs(5)).await.unwrap(),
+    ));
     let first = vm
         .while_alive("waiting for READY", Duration::from_secs(90), agent.line())
         .await
@@ -459,7 +461,7 @@ async fn guest_panic_is_reported_with_console() {
         .await
         .unwrap();
     let mut vm = qemu::launch(&fx.spec("panic", &ov, None)).await.unwrap();
-    let mut agent = BufReader::new(vm.take_agent_stream().unwrap());
+    let mut agent = BufReader::new(vm.take_agent_stream(Duration::from_secs(5)).await.unwrap());
     let mut l = String::new();
     let r = vm
         .while_alive(
@@ -510,7 +512,9 @@ async fn snapshot_restore_and_two_clones() {
             let overlay_time = t.elapsed();
             let mut vm = qemu::launch(&fx.spec(name, &ov, Some(snap))).await.unwrap();
             let running = t.elapsed();
-            let mut agent = Agent(BufReader::new(vm.take_agent_stream().unwrap()));
+            let mut agent = Agent(BufReader::new(
+                vm.take_agent_stream(Duration::from_secs(5)).await.unwrap(),
+            ));
             let n = vm
                 .while_alive(
                     "echo after restore",

@@ -21,6 +21,7 @@ use std::time::Duration;
 use super::Manager;
 use crate::api::{AgentHealth, SandboxHealth};
 use crate::error::Error;
+use crate::metrics;
 
 /// How often an unparked sandbox's agent is asked whether it answers.
 pub(super) const PROBE_EVERY: Duration = Duration::from_secs(10);
@@ -213,6 +214,8 @@ impl Manager {
                     .next_probe_ms
                     .store(now_ms() + PROBE_EVERY.as_millis() as i64, Ordering::SeqCst);
                 tracing::info!(id, tries, "agent recovered with a new session");
+                self.metrics
+                    .count(metrics::AGENT_RECOVERIES, &[("outcome", "recovered")]);
                 Ok(())
             }
             Err(e) => {
@@ -221,6 +224,9 @@ impl Manager {
                 self.release_network(id);
                 let reason =
                     format!("its agent stopped answering ({why}) and {e}; its VM was stopped");
+                tracing::warn!(id, reason, "failing the sandbox");
+                self.metrics
+                    .count(metrics::AGENT_RECOVERIES, &[("outcome", "failed")]);
                 let failed = self.fail(id, &reason).await;
                 if let Some(vm) = vm {
                     vm.destroy().await;

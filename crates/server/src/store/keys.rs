@@ -504,10 +504,7 @@ mod tests {
             .unwrap()
             .id
             .clone();
-        assert!(matches!(
-            delete_key(&c, &admin),
-            Err(Error::Conflict(_))
-        ));
+        assert!(matches!(delete_key(&c, &admin), Err(Error::Conflict(_))));
         delete_key(&c, &created.id).unwrap();
         assert!(matches!(
             delete_key(&c, &created.id),

@@ -123,12 +123,19 @@ impl AgentConn {
         });
         let (mux, mut accept) = Mux::new(Role::Host, in_rx, out_tx);
         // The guest may not open streams yet: refuse each one (dropping it sends a RESET).
+        // The guest decides how many it opens: logged at powers of two, so that a flood of
+        // them costs the host's log a few lines, not one each.
         let refuser = tokio::spawn(async move {
+            let mut refused: u64 = 0;
             while let Some(incoming) = accept.recv().await {
-                tracing::warn!(
-                    stream = incoming.stream.id(),
-                    "guest opened a stream; none are supported, resetting it"
-                );
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(
+                        stream = incoming.stream.id(),
+                        refused,
+                        "guest opened a stream; none are supported, resetting it"
+                    );
+                }
             }
         });
         Ok(AgentConn {
@@ -147,11 +154,15 @@ impl AgentConn {
         self.mux.is_closed()
     }
 
-    /// Ends the session now: its socket closes (so the VM's agent port is free for a new
-    /// one) and every request on it fails.
-    pub fn abort(&self) {
-        for t in &self.tasks {
+    /// Ends the session and returns once its socket is closed, so that the VM's agent port
+    /// is free for a new one; every request on it fails. Waiting matters: an aborted task
+    /// drops its half of the socket only when the runtime next gets to it, and QEMU accepts
+    /// no new client until it has seen the old one go.
+    pub async fn close(&mut self) {
+        for t in self.tasks.drain(..) {
             t.abort();
+            // Cancelled (or already finished): either way its future has been dropped.
+            let _ = t.await;
         }
     }
 

@@ -517,10 +517,26 @@ impl Vm {
     /// A connected client of the agent port. The first call returns the connection made at
     /// launch (so nothing the guest writes early is lost); later calls open a new one, which
     /// QEMU accepts once the previous one is closed — that is how the host reconnects.
-    pub fn take_agent_stream(&mut self) -> Result<UnixStream> {
-        match self.agent.take() {
-            Some(s) => Ok(s),
-            None => connect(&self.agent_sock),
+    ///
+    /// Never a blocking connect: QEMU stops accepting while it has a client and listens with
+    /// a backlog of one, so a connect can find the queue full until QEMU has seen the previous
+    /// client go. A blocking one then holds an executor thread that the previous client's
+    /// teardown may be waiting for (seen as a daemon that never recovered a sandbox). This
+    /// retries until `deadline` instead.
+    pub async fn take_agent_stream(&mut self, deadline: Duration) -> Result<UnixStream> {
+        if let Some(s) = self.agent.take() {
+            return Ok(s);
+        }
+        let start = Instant::now();
+        loop {
+            match UnixStream::connect(&self.agent_sock).await {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                r => return r.ctx(|| format!("connecting to {}", self.agent_sock.display())),
+            }
         }
     }
 
