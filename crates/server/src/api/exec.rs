@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{bad, quote, validate_env, ErrorDetail, DAY};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub const MAX_ARGV: usize = 4096;
 
@@ -73,11 +73,11 @@ impl ExecRequest {
     pub fn validate(&self) -> Result<Vec<String>> {
         let argv = match (&self.argv, &self.command) {
             (Some(_), Some(_)) | (None, None) => {
-                return bad(
+                return Err(Error::Unprocessable(
                     "give exactly one of \"argv\" (a list) and \"command\" (a shell \
-                            command line)"
+                     command line)"
                         .to_string(),
-                )
+                ))
             }
             (Some(argv), None) => {
                 if argv.is_empty() || argv.len() > MAX_ARGV {

@@ -156,11 +156,13 @@ fn check_range(field: &str, v: Option<u64>, min: u64, max: u64) -> Result<()> {
 }
 
 /// The egress policy, by the rules the network stack applies (`moat_net::Policy`): the error
-/// names the field (`egress.rules[2].host`) and what is allowed.
+/// names the field (`egress.rules[2].host`) and what is allowed. A 422: these rules (a host
+/// that is a public suffix, a rule that can never match, exactly one of host and cidr) are
+/// beyond what the document's schema can state.
 pub fn validate_egress(spec: &EgressSpec) -> Result<()> {
     moat_net::Policy::new(spec.clone())
         .map(|_| ())
-        .map_err(|e| Error::BadRequest(e.to_string()))
+        .map_err(|e| Error::Unprocessable(e.to_string()))
 }
 
 /// The network limits, by the stack's own bounds; the error names the field

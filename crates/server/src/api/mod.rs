@@ -58,9 +58,11 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorDetail {
-    /// Stable and machine-readable: bad_request, unauthorized, forbidden, policy_denied,
-    /// not_found, method_not_allowed, conflict, payload_too_large, too_many_requests,
-    /// unavailable, no_space, internal.
+    /// Stable and machine-readable: bad_request (the request is not what the OpenAPI
+    /// document allows), unauthorized, forbidden, policy_denied, not_found,
+    /// method_not_allowed, conflict, payload_too_large, unprocessable (allowed by the
+    /// document, refused by a rule it cannot state), too_many_requests, rate_limited,
+    /// unavailable, bad_gateway (the sandbox's agent failed), no_space, internal.
     pub code: String,
     /// For people: what was wrong and, for bad input, what is allowed.
     pub message: String,

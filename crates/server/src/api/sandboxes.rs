@@ -157,7 +157,7 @@ impl CreateSandbox {
             (Some(name), count) => {
                 validate_name("snapshot name", name)?;
                 if self.image.is_some() || self.tier.is_some() {
-                    return Err(Error::BadRequest(
+                    return Err(Error::Unprocessable(
                         "from_snapshot excludes image and tier: a fork runs the snapshot's \
                          image and tier"
                             .to_string(),
@@ -172,7 +172,7 @@ impl CreateSandbox {
                 }
             }
             (None, Some(_)) => {
-                return Err(Error::BadRequest(
+                return Err(Error::Unprocessable(
                     "count is only allowed with from_snapshot (an N-way fork)".to_string(),
                 ))
             }

@@ -43,7 +43,9 @@ pub(in crate::http) struct Doc;
             content(
                 (ExecResult = "application/json"),
                 (ExecEvent = "application/x-ndjson"))),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 422, description = "Not exactly one of `argv` and `command`",
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key, or the group's policy refused the request \
             (code policy_denied, with findings and policy_version)", body = ErrorBody),
         (status = 404, body = ErrorBody),

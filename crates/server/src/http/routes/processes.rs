@@ -125,6 +125,8 @@ fn proc_error(op: &str, proc: &str, sandbox: &str, e: moat_vm::Error) -> Error {
             body = ProcessStarted),
         (status = 400, description = "Bad request, or the command or user does not exist",
             body = ErrorBody),
+        (status = 422, description = "Not exactly one of `argv` and `command`",
+            body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key, or the group's policy refused the request \
             (code policy_denied, with findings and policy_version)", body = ErrorBody),

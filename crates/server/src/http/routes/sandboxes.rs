@@ -67,7 +67,9 @@ pub(in crate::http) struct Doc;
     responses(
         (status = 201, description = "Created and running: one Sandbox, or with `count` \
             `{\"sandboxes\": [Sandbox, …]}`", body = Created),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 422, description = "`from_snapshot` with `image` or `tier`, or `count` without `from_snapshot`",
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
         (status = 404, description = "No such group, or no such snapshot in it", body = ErrorBody),
         (status = 413, body = ErrorBody),
