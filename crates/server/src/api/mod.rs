@@ -87,6 +87,10 @@ impl ErrorDetail {
 
 pub(crate) const DAY: u64 = 86_400;
 
+/// The 502 of every operation that talks to a sandbox's agent.
+pub const AGENT_FAILED: &str = "The sandbox's agent did not answer, or broke the protocol: its \
+    `health` says so, and the daemon reconnects or fails it";
+
 pub const MAX_ENV: usize = 256;
 pub const MAX_LABELS: usize = 64;
 pub const MAX_IMAGE_LEN: usize = 512;

@@ -54,8 +54,7 @@ pub(in crate::http) struct Doc;
         (status = 413, description = "The request body, or the command's output (16 MiB \
             each of stdout and stderr), is too large", body = ErrorBody),
         (status = 500, body = ErrorBody),
-        (status = 502, description = "The sandbox's agent did not answer, or broke the \
-            protocol: its `health` says so, and the daemon reconnects or fails it", body = ErrorBody),
+        (status = 502, description = crate::api::AGENT_FAILED, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 async fn exec_sandbox(
     State(state): State<AppState>,

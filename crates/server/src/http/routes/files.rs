@@ -110,10 +110,14 @@ fn parse_mode(s: &str) -> Result<u32> {
 }
 
 /// The one mapping of a file operation's failure to an API error. What the guest refused maps
-/// by its kind; anything else (agent gone, protocol) is ours (500, details in the log).
+/// by its kind; an agent that did not answer or broke the protocol is a 502 (as for every
+/// sandbox request), and the rest is ours (500, details in the log).
 pub fn file_error(op: &str, path: &str, e: moat_vm::Error) -> Error {
     let moat_vm::Error::Guest { kind, message } = e else {
-        return Error::Internal(format!("{op} {path}: {e}"));
+        return Error::Vm {
+            context: format!("{op} {}", api::quote(path)),
+            source: e,
+        };
     };
     let m = format!("{op} {}: {message}", api::quote(path));
     match kind {
@@ -192,6 +196,8 @@ where
         (status = 201, description = "Created", body = FileWritten),
         (status = 200, description = "Replaced (atomically)", body = FileWritten),
         (status = 400, description = "Bad path or mode, or the path is a directory", body = ErrorBody),
+        (status = 502, description = api::AGENT_FAILED,
+            body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key, the guest refused, or the group's policy \
             (scan_uploads) refused a .py or .sh file (code policy_denied)", body = ErrorBody),
@@ -302,6 +308,8 @@ async fn scan_upload(
             guest's reported size is not trusted); a guest error mid-way breaks the transfer.",
             body = String, content_type = "application/octet-stream"),
         (status = 400, description = "Bad path, or the path is a directory", body = ErrorBody),
+        (status = 502, description = api::AGENT_FAILED,
+            body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No such sandbox or file", body = ErrorBody),
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
@@ -387,6 +395,8 @@ async fn get_file(
     responses(
         (status = 200, description = "The directory's entries, sorted by name", body = FileList),
         (status = 400, description = "Bad path, or not a directory", body = ErrorBody),
+        (status = 502, description = api::AGENT_FAILED,
+            body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No such sandbox or directory", body = ErrorBody),
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
@@ -426,7 +436,9 @@ async fn list_files(
             with everything in it (symlinks are removed, never followed)")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 502, description = api::AGENT_FAILED,
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key, the guest refused, or the group's policy \
             (scan_uploads) refused a .py or .sh file (code policy_denied)", body = ErrorBody),
         (status = 404, description = "No such sandbox or path", body = ErrorBody),
