@@ -42,6 +42,7 @@ pub struct GroupSpec {
     /// running sandboxes too.
     pub network_limits: LimitsSpec,
     /// Kubernetes-style labels (at most 64).
+    #[schema(schema_with = super::labels_schema)]
     pub labels: BTreeMap<String, String>,
     pub identity: IdentitySpec,
 }

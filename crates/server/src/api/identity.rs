@@ -215,6 +215,7 @@ pub struct IdentityEventsQuery {
     /// Only events after this id (oldest first then); else the newest, oldest first.
     pub after: Option<u64>,
     /// At most this many (1–1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 

@@ -161,6 +161,75 @@ pub(crate) fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Resul
     Ok(())
 }
 
+/// An environment variable's name, as [`validate_env`] checks it (a pattern for the document).
+const ENV_KEY_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]{0,255}$";
+/// A label's name (and a non-empty value), as `label_name_ok` checks it.
+const LABEL_NAME: &str = "[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?";
+/// One label of a label key's DNS-subdomain prefix.
+const DNS_LABEL: &str = "[a-z0-9]([a-z0-9-]*[a-z0-9])?";
+
+/// [`validate_label_key`] as a pattern, unanchored (the prefix's limit of 253 characters is
+/// in the description: a pattern cannot count across its labels).
+fn label_key_pattern() -> String {
+    format!("({DNS_LABEL}(\\.{DNS_LABEL})*/)?{LABEL_NAME}")
+}
+
+fn label_value_pattern() -> String {
+    format!("({LABEL_NAME})?")
+}
+
+fn string_schema(pattern: String) -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .pattern(Some(pattern))
+        .build()
+}
+
+/// A map's values, each of `schema`.
+fn values(
+    schema: utoipa::openapi::Object,
+) -> utoipa::openapi::schema::AdditionalProperties<utoipa::openapi::Schema> {
+    utoipa::openapi::schema::AdditionalProperties::RefOr(utoipa::openapi::RefOr::T(
+        utoipa::openapi::Schema::Object(schema),
+    ))
+}
+
+/// The schema of every `env` map: what [`validate_env`] allows.
+pub fn env_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Object)
+        .description(Some(format!(
+            "Environment variables: at most {MAX_ENV}; names of letters, digits and '_', not \
+             starting with a digit (1–256 characters); values without NUL"
+        )))
+        .property_names(Some(string_schema(ENV_KEY_PATTERN.to_string())))
+        .additional_properties(Some(values(string_schema("^[^\\x00]*$".to_string()))))
+        .max_properties(Some(MAX_ENV))
+        .build()
+}
+
+/// The schema of every `labels` map: what [`validate_labels`] allows.
+pub fn labels_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Object)
+        .description(Some(format!(
+            "Kubernetes-style labels, at most {MAX_LABELS}: keys [prefix/]name, the prefix a \
+             lowercase DNS subdomain of at most 253 characters, the name 1–63 letters, digits, \
+             '-', '_' and '.', starting and ending with a letter or digit; values the same as a \
+             name, or empty"
+        )))
+        .property_names(Some(string_schema(format!("^{}$", label_key_pattern()))))
+        .additional_properties(Some(values(string_schema(format!("^{}$", label_value_pattern())))))
+        .max_properties(Some(MAX_LABELS))
+        .build()
+}
+
+/// The schema of a label selector (`?labels=`): what [`parse_selector`] allows.
+pub fn selector_schema() -> utoipa::openapi::Object {
+    let pair = format!("{}={}", label_key_pattern(), label_value_pattern());
+    string_schema(format!("^({pair})?(,({pair})?)*$"))
+}
+
 pub(crate) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     if labels.len() > MAX_LABELS {
         return bad(format!(
@@ -304,6 +373,58 @@ mod tests {
         }
         for bad in ["-v", "v ", "ü", &"x".repeat(64)] {
             assert!(validate_label_value(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Whether `schema` (of the document) takes `value`, by the validator the server uses.
+    fn takes(schema: utoipa::openapi::Object, value: serde_json::Value) -> bool {
+        let schema = serde_json::to_value(schema).unwrap();
+        jsonschema::validator_for(&schema).unwrap().is_valid(&value)
+    }
+
+    #[test]
+    fn the_documents_label_env_and_selector_schemas_say_what_the_checks_do() {
+        let keys = [
+            "app", "app.kubernetes.io/name", "a_b-c.d", "x/Y", "", "/a", "a/", "-a", "a-",
+            "A/b", "a/b/c", "a..b/c", "a.-b/c", "é", "a b", &"x".repeat(63), &"x".repeat(64),
+        ];
+        let values = ["", "v1", "a.b_c-d", "-v", "v ", "ü", &"x".repeat(63), &"x".repeat(64)];
+        for k in keys {
+            let ok = validate_label_key(k).is_ok();
+            assert_eq!(takes(labels_schema(), serde_json::json!({ k: "v" })), ok, "key {k:?}");
+            let sel = format!("{k}=v");
+            assert_eq!(takes(selector_schema(), serde_json::json!(sel)), ok, "{sel:?}");
+        }
+        for v in values {
+            let ok = validate_label_value(v).is_ok();
+            assert_eq!(takes(labels_schema(), serde_json::json!({ "k": v })), ok, "value {v:?}");
+            let sel = format!("a=b,k={v},,");
+            let parsed = parse_selector(&sel).is_ok();
+            assert_eq!(parsed, ok, "{sel:?}");
+            assert_eq!(takes(selector_schema(), serde_json::json!(sel)), ok, "{sel:?}");
+        }
+        for sel in ["", ",", "a", "a=b=c", "=b", "a=b,c"] {
+            assert_eq!(
+                takes(selector_schema(), serde_json::json!(sel)),
+                parse_selector(sel).is_ok(),
+                "{sel:?}"
+            );
+        }
+        let too_many: BTreeMap<String, String> =
+            (0..=MAX_LABELS).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(validate_labels(&too_many).is_err());
+        assert!(!takes(labels_schema(), serde_json::json!(too_many)));
+
+        for k in ["A", "_a", "a1", "PATH", "1a", "a-b", "", "a b", &"x".repeat(256), &"x".repeat(257)]
+        {
+            let env = BTreeMap::from([(k.to_string(), "v".to_string())]);
+            let ok = validate_env("env", &env).is_ok();
+            assert_eq!(takes(env_schema(), serde_json::json!(env)), ok, "env key {k:?}");
+        }
+        for v in ["", "x y", "a\0b"] {
+            let env = BTreeMap::from([("K".to_string(), v.to_string())]);
+            let ok = validate_env("env", &env).is_ok();
+            assert_eq!(takes(env_schema(), serde_json::json!(env)), ok, "env value {v:?}");
         }
     }
 

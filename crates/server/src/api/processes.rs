@@ -24,6 +24,7 @@ pub struct StartProcess {
     /// A shell command line, run as `/bin/sh -c COMMAND`.
     pub command: Option<String>,
     /// Over the image's and the sandbox's environment.
+    #[schema(schema_with = super::env_schema)]
     pub env: BTreeMap<String, String>,
     /// Absolute working directory; default: the image's, else the user's home.
     pub cwd: Option<String>,

@@ -62,8 +62,10 @@ pub struct CreateSandbox {
     /// Default: the group's tier.
     pub tier: Option<Tier>,
     /// Environment of every exec in the sandbox, over the image's (an exec's own `env` wins).
+    #[schema(schema_with = super::env_schema)]
     pub env: BTreeMap<String, String>,
     /// Kubernetes-style labels, for `?labels=` selectors.
+    #[schema(schema_with = super::labels_schema)]
     pub labels: BTreeMap<String, String>,
     /// Fork a snapshot of this group instead of starting the image: processes, memory and
     /// files as they were, with fresh entropy, clock and hostname. Excludes `image` and
@@ -94,7 +96,9 @@ pub struct Sandbox {
     /// Manifest digest of the image it runs.
     pub image: String,
     pub tier: Tier,
+    #[schema(schema_with = super::env_schema)]
     pub env: BTreeMap<String, String>,
+    #[schema(schema_with = super::labels_schema)]
     pub labels: BTreeMap<String, String>,
     /// RFC 3339, UTC.
     pub created_at: String,

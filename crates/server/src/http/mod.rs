@@ -141,6 +141,12 @@ fn constrain_path_parameters(doc: &mut utoipa::openapi::OpenApi) {
                     "group" => name(api::NAME_PATTERN),
                     "name" if template.contains("/snapshots/") => name(api::NAME_PATTERN),
                     "name" if template.contains("/secrets/") => name(SECRET_NAME_PATTERN),
+                    "name" if template.starts_with("/v1/images/") => ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .pattern(Some(api::IMAGE_NAME_PATTERN))
+                        .min_length(Some(1))
+                        .max_length(Some(api::MAX_IMAGE_NAME))
+                        .build(),
                     "port" => ObjectBuilder::new()
                         .schema_type(Type::Integer)
                         .minimum(Some(1))

@@ -95,12 +95,12 @@ fn validate_path(path: &str) -> Result<()> {
     Ok(())
 }
 
-/// "0644" / "644" / "0o644" → 0o644; at most 0o7777.
+/// "0644" / "644" / "0o644" → 0o644: 1–4 octal digits (the document's pattern).
 fn parse_mode(s: &str) -> Result<u32> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
-    u32::from_str_radix(digits, 8)
-        .ok()
-        .filter(|m| *m <= 0o7777 && !digits.is_empty())
+    Some(digits)
+        .filter(|d| (1..=4).contains(&d.len()) && d.bytes().all(|b| matches!(b, b'0'..=b'7')))
+        .and_then(|d| u32::from_str_radix(d, 8).ok())
         .ok_or_else(|| {
             Error::BadRequest(format!(
                 "mode {} must be octal permission bits, 0000 to 7777 (e.g. 0644)",
@@ -187,8 +187,10 @@ where
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id"),
-        ("path" = String, Query, description = "Absolute path in the guest"),
-        ("mode" = Option<String>, Query, description = "Octal permission bits (default: those of the file replaced, else 0644)"),
+        ("path" = String, Query, description = "Absolute path in the guest (at most 4095 bytes)",
+            pattern = "^/[^\\x00]*$", max_length = 4095),
+        ("mode" = Option<String>, Query, description = "Octal permission bits, 0 to 7777 \
+            (default: those of the file replaced, else 0644)", pattern = "^(0o)?[0-7]{1,4}$"),
         ("parents" = Option<bool>, Query, description = "Create missing parent directories")),
     request_body(content = String, content_type = "application/octet-stream",
         description = "The file's bytes, streamed; any size the guest's disk can hold"),
@@ -302,7 +304,8 @@ async fn scan_upload(
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id"),
-        ("path" = String, Query, description = "Absolute path of a file in the guest")),
+        ("path" = String, Query, description = "Absolute path of a file in the guest (at most 4095 bytes)",
+            pattern = "^/[^\\x00]*$", max_length = 4095)),
     responses(
         (status = 200, description = "The file's bytes, streamed with chunked encoding (the \
             guest's reported size is not trusted); a guest error mid-way breaks the transfer.",
@@ -391,7 +394,8 @@ async fn get_file(
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id"),
-        ("path" = String, Query, description = "Absolute path of a directory in the guest")),
+        ("path" = String, Query, description = "Absolute path of a directory in the guest (at most 4095 bytes)",
+            pattern = "^/[^\\x00]*$", max_length = 4095)),
     responses(
         (status = 200, description = "The directory's entries, sorted by name", body = FileList),
         (status = 400, description = "Bad path, or not a directory", body = ErrorBody),
@@ -431,7 +435,8 @@ async fn list_files(
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id"),
-        ("path" = String, Query, description = "Absolute path in the guest"),
+        ("path" = String, Query, description = "Absolute path in the guest (at most 4095 bytes)",
+            pattern = "^/[^\\x00]*$", max_length = 4095),
         ("recursive" = Option<bool>, Query, description = "Also a non-empty directory, \
             with everything in it (symlinks are removed, never followed)")),
     responses(

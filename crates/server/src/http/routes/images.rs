@@ -51,7 +51,9 @@ fn image_store(state: &AppState) -> Result<ImageStore> {
     responses(
         (status = 202, description = "The import started; poll GET /v1/operations/{id}",
             body = Operation),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 422, description = "The source does not parse, an oci: or docker-archive: source without a name or with a relative path, or a name with `..`, `//` or a leading `sha256:`",
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, description = "Not an admin key", body = ErrorBody),
         (status = 409, description = "An import of this name is already running",
             body = ErrorBody),

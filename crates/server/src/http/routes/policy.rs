@@ -270,13 +270,14 @@ async fn check(
 #[utoipa::path(get, path = "/v1/sandbox-groups/{group}/policy/decisions", tag = "policy",
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name"),
-        ("verdict" = Option<String>, Query, description = "allow, deny or audit (ran in audit \
-            mode with findings)"),
+        ("verdict" = Option<Verdict>, Query, description = "allow, deny or audit (ran in \
+            audit mode with findings)"),
         ("since" = Option<u64>, Query, description = "Only decisions at or after this time, \
-            unix seconds"),
+            unix seconds", maximum = 9223372036854775807_u64),
         ("after" = Option<u64>, Query, description = "Only entries numbered above this (the \
-            previous page's next)"),
-        ("limit" = Option<u32>, Query, description = "1–1000, default 100")),
+            previous page's next)", maximum = 9223372036854775807_u64),
+        ("limit" = Option<u32>, Query, description = "1–1000, default 100", minimum = 1,
+            maximum = 1000)),
     responses(
         (status = 200, description = "A page of the group's hash-chained decisions log, \
             oldest first; `moat policy verify-log` checks the chain", body = DecisionList),

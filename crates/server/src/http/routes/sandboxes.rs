@@ -112,17 +112,19 @@ async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListSandboxesQuery {
+    /// Label selector: key=value[,key=value…]; every pair must match (`key=` matches an
+    /// empty value).
+    #[param(schema_with = api::selector_schema)]
     labels: Option<String>,
 }
 
 #[utoipa::path(get, path = "/v1/sandbox-groups/{group}/sandboxes", tag = "sandboxes",
     security(("bearer" = [])),
-    params(("group" = String, Path, description = "Group name"),
-        ("labels" = Option<String>, Query,
-            description = "Label selector: key=value[,key=value…]; every pair must match")),
+    params(("group" = String, Path, description = "Group name"), ListSandboxesQuery),
     responses(
         (status = 200, body = SandboxList),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
