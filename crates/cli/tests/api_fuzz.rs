@@ -121,7 +121,7 @@ fn config(dir: &std::path::Path) -> String {
 expected-statuses = ["2xx", "3xx", "4xx", "503"]
 
 [checks.positive_data_acceptance]
-expected-statuses = ["2xx", "401", "403", "404", "409", "422", "503"]
+expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429", "503"]
 
 [checks.negative_data_rejection]
 expected-statuses = ["400", "401", "403", "404", "405", "413"]

@@ -278,8 +278,9 @@ mod tests {
 
     /// A matcher for a pattern of the document, by the JSON Schema validator the server uses.
     fn matcher(pattern: &str) -> impl Fn(&str) -> bool {
-        let v = jsonschema::validator_for(&serde_json::json!({"type": "string", "pattern": pattern}))
-            .unwrap();
+        let v =
+            jsonschema::validator_for(&serde_json::json!({"type": "string", "pattern": pattern}))
+                .unwrap();
         move |s| v.is_valid(&serde_json::json!(s))
     }
 

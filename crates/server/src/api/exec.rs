@@ -134,3 +134,9 @@ impl ExecRequest {
         self.timeout_s.map(|t| (t * 1000.0).ceil() as u64)
     }
 }
+
+impl crate::http::extract::Checked for ExecRequest {
+    fn check(&self) -> Result<()> {
+        self.validate().map(drop)
+    }
+}

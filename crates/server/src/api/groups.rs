@@ -76,12 +76,15 @@ pub struct PoolSpec {
 pub struct LifecycleSpec {
     /// Seconds without exec, file or shell activity and without a running background
     /// process before `on_idle` applies (1 s – 7 days; default 300).
+    #[schema(minimum = 1, maximum = 604800)]
     pub idle_timeout_s: Option<u64>,
     pub on_idle: OnIdle,
     /// Seconds a suspended sandbox is kept before it is deleted (1 s – 90 days; default 7 days).
+    #[schema(minimum = 1, maximum = 7776000)]
     pub suspended_ttl_s: Option<u64>,
     /// Upper bound on a sandbox's whole life, after which it is deleted (1 s – 365 days;
     /// default none).
+    #[schema(minimum = 1, maximum = 31536000)]
     pub max_lifetime_s: Option<u64>,
 }
 
@@ -176,6 +179,12 @@ pub fn validate_network_limits(spec: &LimitsSpec) -> Result<()> {
             bad(format!("invalid network_{field}: {message}"))
         }
         Err(e) => bad(e.to_string()),
+    }
+}
+
+impl crate::http::extract::Checked for GroupSpec {
+    fn check(&self) -> Result<()> {
+        self.validate()
     }
 }
 

@@ -19,11 +19,13 @@ pub struct ImportImage {
     /// `oci:/ABS/DIR[:tag]` (an OCI layout on the daemon's host) or
     /// `docker-archive:/ABS/FILE` (a `docker save` tarball on the daemon's host). 1–1024
     /// characters without control characters; a source that does not parse is a 422.
-    #[schema(min_length = 1, max_length = 1024, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$")]
+    #[schema(
+        min_length = 1,
+        max_length = 1024,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"
+    )]
     pub source: String,
-    /// The local name: 1–128 of `A-Za-z0-9._-/:`, starting and ending with a letter or
-    /// digit, without `..`, `//` or a leading `sha256:` (those are a 422). Default for a
-    /// registry source: its `repo:tag`; required for the others.
+    /// The local name (described in `import_name_schema`).
     #[serde(default)]
     #[schema(schema_with = import_name_schema)]
     pub name: Option<String>,
@@ -39,15 +41,26 @@ pub const IMAGE_NAME_PATTERN: &str = "^[A-Za-z0-9]([A-Za-z0-9._/:-]*[A-Za-z0-9])
 /// The longest image name.
 pub const MAX_IMAGE_NAME: usize = 128;
 
-/// `ImportImage.name`: an image name, or null.
-fn import_name_schema() -> utoipa::openapi::Object {
-    use utoipa::openapi::schema::{SchemaType, Type};
-    utoipa::openapi::ObjectBuilder::new()
-        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
-        .pattern(Some(IMAGE_NAME_PATTERN))
-        .min_length(Some(1))
-        .max_length(Some(MAX_IMAGE_NAME))
+/// `ImportImage.name`: an image name, or null. A `oneOf` rather than a type list: with a
+/// type list, schemathesis sends `null` where it meant a name that is too long.
+fn import_name_schema() -> utoipa::openapi::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(IMAGE_NAME_PATTERN))
+                .min_length(Some(1))
+                .max_length(Some(MAX_IMAGE_NAME)),
+        )
+        .description(Some(
+            "The local name: 1–128 of `A-Za-z0-9._-/:`, starting and ending with a letter or \
+             digit, without `..`, `//` or a leading `sha256:` (those are a 422). Default for a \
+             registry source: its `repo:tag`; required for the others.",
+        ))
         .build()
+        .into()
 }
 
 /// An image in the daemon's store.
@@ -193,6 +206,12 @@ pub(crate) fn check_name(name: &str) -> Result<()> {
              letter or digit"
         ))
     })
+}
+
+impl crate::http::extract::Checked for ImportImage {
+    fn check(&self) -> Result<()> {
+        self.parse().map(drop)
+    }
 }
 
 #[cfg(test)]

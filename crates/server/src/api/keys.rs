@@ -209,6 +209,12 @@ pub(crate) fn validate_expiry(expires_in_s: Option<u64>) -> Result<()> {
     }
 }
 
+impl crate::http::extract::Checked for CreateApiKey {
+    fn check(&self) -> Result<()> {
+        self.validate()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -219,7 +219,10 @@ pub fn labels_schema() -> utoipa::openapi::Object {
              name, or empty"
         )))
         .property_names(Some(string_schema(format!("^{}$", label_key_pattern()))))
-        .additional_properties(Some(values(string_schema(format!("^{}$", label_value_pattern())))))
+        .additional_properties(Some(values(string_schema(format!(
+            "^{}$",
+            label_value_pattern()
+        )))))
         .max_properties(Some(MAX_LABELS))
         .build()
 }
@@ -385,23 +388,63 @@ mod tests {
     #[test]
     fn the_documents_label_env_and_selector_schemas_say_what_the_checks_do() {
         let keys = [
-            "app", "app.kubernetes.io/name", "a_b-c.d", "x/Y", "", "/a", "a/", "-a", "a-",
-            "A/b", "a/b/c", "a..b/c", "a.-b/c", "é", "a b", &"x".repeat(63), &"x".repeat(64),
+            "app",
+            "app.kubernetes.io/name",
+            "a_b-c.d",
+            "x/Y",
+            "",
+            "/a",
+            "a/",
+            "-a",
+            "a-",
+            "A/b",
+            "a/b/c",
+            "a..b/c",
+            "a.-b/c",
+            "é",
+            "a b",
+            &"x".repeat(63),
+            &"x".repeat(64),
         ];
-        let values = ["", "v1", "a.b_c-d", "-v", "v ", "ü", &"x".repeat(63), &"x".repeat(64)];
+        let values = [
+            "",
+            "v1",
+            "a.b_c-d",
+            "-v",
+            "v ",
+            "ü",
+            &"x".repeat(63),
+            &"x".repeat(64),
+        ];
         for k in keys {
             let ok = validate_label_key(k).is_ok();
-            assert_eq!(takes(labels_schema(), serde_json::json!({ k: "v" })), ok, "key {k:?}");
+            assert_eq!(
+                takes(labels_schema(), serde_json::json!({ k: "v" })),
+                ok,
+                "key {k:?}"
+            );
             let sel = format!("{k}=v");
-            assert_eq!(takes(selector_schema(), serde_json::json!(sel)), ok, "{sel:?}");
+            assert_eq!(
+                takes(selector_schema(), serde_json::json!(sel)),
+                ok,
+                "{sel:?}"
+            );
         }
         for v in values {
             let ok = validate_label_value(v).is_ok();
-            assert_eq!(takes(labels_schema(), serde_json::json!({ "k": v })), ok, "value {v:?}");
+            assert_eq!(
+                takes(labels_schema(), serde_json::json!({ "k": v })),
+                ok,
+                "value {v:?}"
+            );
             let sel = format!("a=b,k={v},,");
             let parsed = parse_selector(&sel).is_ok();
             assert_eq!(parsed, ok, "{sel:?}");
-            assert_eq!(takes(selector_schema(), serde_json::json!(sel)), ok, "{sel:?}");
+            assert_eq!(
+                takes(selector_schema(), serde_json::json!(sel)),
+                ok,
+                "{sel:?}"
+            );
         }
         for sel in ["", ",", "a", "a=b=c", "=b", "a=b,c"] {
             assert_eq!(
@@ -410,21 +453,40 @@ mod tests {
                 "{sel:?}"
             );
         }
-        let too_many: BTreeMap<String, String> =
-            (0..=MAX_LABELS).map(|i| (format!("k{i}"), String::new())).collect();
+        let too_many: BTreeMap<String, String> = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), String::new()))
+            .collect();
         assert!(validate_labels(&too_many).is_err());
         assert!(!takes(labels_schema(), serde_json::json!(too_many)));
 
-        for k in ["A", "_a", "a1", "PATH", "1a", "a-b", "", "a b", &"x".repeat(256), &"x".repeat(257)]
-        {
+        for k in [
+            "A",
+            "_a",
+            "a1",
+            "PATH",
+            "1a",
+            "a-b",
+            "",
+            "a b",
+            &"x".repeat(256),
+            &"x".repeat(257),
+        ] {
             let env = BTreeMap::from([(k.to_string(), "v".to_string())]);
             let ok = validate_env("env", &env).is_ok();
-            assert_eq!(takes(env_schema(), serde_json::json!(env)), ok, "env key {k:?}");
+            assert_eq!(
+                takes(env_schema(), serde_json::json!(env)),
+                ok,
+                "env key {k:?}"
+            );
         }
         for v in ["", "x y", "a\0b"] {
             let env = BTreeMap::from([("K".to_string(), v.to_string())]);
             let ok = validate_env("env", &env).is_ok();
-            assert_eq!(takes(env_schema(), serde_json::json!(env)), ok, "env value {v:?}");
+            assert_eq!(
+                takes(env_schema(), serde_json::json!(env)),
+                ok,
+                "env value {v:?}"
+            );
         }
     }
 

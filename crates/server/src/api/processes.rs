@@ -110,3 +110,9 @@ pub struct KillProcess {
     /// everything it started.
     pub signal: Option<i32>,
 }
+
+impl crate::http::extract::Checked for StartProcess {
+    fn check(&self) -> crate::error::Result<()> {
+        ExecRequest::from(self.clone()).validate().map(drop)
+    }
+}

@@ -205,3 +205,9 @@ pub fn parse_selector(s: &str) -> Result<Vec<(String, String)>> {
     }
     Ok(out)
 }
+
+impl crate::http::extract::Checked for CreateSandbox {
+    fn check(&self) -> Result<()> {
+        self.validate()
+    }
+}

@@ -86,8 +86,72 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
     }
     unique_operation_ids(&mut doc);
     constrain_path_parameters(&mut doc);
+    bound_integers(&mut doc);
     document_rate_limit(&mut doc);
     doc
+}
+
+/// Gives every integer of a body or answer without a bound of its own the bounds of its
+/// format (`int32`, `int64`: what utoipa writes for the Rust type), so the document says which
+/// numbers fit: a body with `{"version": 1e38}` is then refused by the schema, as serde
+/// refuses it, instead of being allowed by the document and refused by the server.
+fn bound_integers(doc: &mut utoipa::openapi::OpenApi) {
+    if let Some(components) = doc.components.as_mut() {
+        for schema in components.schemas.values_mut() {
+            bound_ref(schema);
+        }
+    }
+}
+
+fn bound_ref(schema: &mut utoipa::openapi::RefOr<utoipa::openapi::Schema>) {
+    if let utoipa::openapi::RefOr::T(s) = schema {
+        bound_schema(s);
+    }
+}
+
+fn bound_schema(schema: &mut utoipa::openapi::Schema) {
+    use utoipa::openapi::schema::{
+        AdditionalProperties, ArrayItems, KnownFormat, SchemaFormat, SchemaType, Type,
+    };
+    use utoipa::openapi::Schema;
+    use utoipa::Number;
+    match schema {
+        Schema::Object(o) => {
+            let integer = match &o.schema_type {
+                SchemaType::Type(t) => *t == Type::Integer,
+                SchemaType::Array(ts) => ts.contains(&Type::Integer),
+                SchemaType::AnyValue => false,
+            };
+            let range = match &o.format {
+                Some(SchemaFormat::KnownFormat(KnownFormat::Int32)) => {
+                    Some((i32::MIN as isize, i32::MAX as isize))
+                }
+                Some(SchemaFormat::KnownFormat(KnownFormat::Int64)) => {
+                    Some((i64::MIN as isize, i64::MAX as isize))
+                }
+                _ => None,
+            };
+            if let (true, Some((min, max))) = (integer, range) {
+                o.minimum.get_or_insert(Number::Int(min));
+                o.maximum.get_or_insert(Number::Int(max));
+            }
+            for p in o.properties.values_mut() {
+                bound_ref(p);
+            }
+            if let Some(AdditionalProperties::RefOr(a)) = o.additional_properties.as_deref_mut() {
+                bound_ref(a);
+            }
+        }
+        Schema::Array(a) => {
+            if let ArrayItems::RefOrSchema(items) = &mut a.items {
+                bound_ref(items);
+            }
+        }
+        Schema::OneOf(x) => x.items.iter_mut().for_each(bound_ref),
+        Schema::AllOf(x) => x.items.iter_mut().for_each(bound_ref),
+        Schema::AnyOf(x) => x.items.iter_mut().for_each(bound_ref),
+        _ => {}
+    }
 }
 
 /// Every operation that takes an API key may answer 429 when the key is over its rate limit

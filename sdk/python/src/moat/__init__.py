@@ -37,6 +37,7 @@ from ._client import (
     Snapshots,
 )
 from ._errors import (
+    BadGateway,
     BadRequest,
     CapacityError,
     Conflict,
@@ -54,6 +55,7 @@ from ._errors import (
     TooManyRequests,
     Unauthorized,
     Unavailable,
+    Unprocessable,
 )
 from ._types import (
     ApiKey,
@@ -113,6 +115,7 @@ __all__ = [
     "AsyncSandboxes",
     "AsyncSecrets",
     "AsyncSnapshots",
+    "BadGateway",
     "BadRequest",
     "CapacityError",
     "Client",
@@ -175,5 +178,6 @@ __all__ = [
     "TooManyRequests",
     "Unauthorized",
     "Unavailable",
+    "Unprocessable",
     "__version__",
 ]

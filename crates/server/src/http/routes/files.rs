@@ -443,6 +443,8 @@ async fn list_files(
         (status = 204, description = "Deleted"),
         (status = 400, body = ErrorBody), (status = 502, description = api::AGENT_FAILED,
             body = ErrorBody),
+        (status = 422, description = "The path is the guest's root directory",
+            body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key, the guest refused, or the group's policy \
             (scan_uploads) refused a .py or .sh file (code policy_denied)", body = ErrorBody),
@@ -460,7 +462,7 @@ async fn delete_file(
     let q: DeleteQuery = query(&uri)?;
     validate_path(&q.path)?;
     if q.path.trim_end_matches('/').is_empty() {
-        return Err(Error::BadRequest(
+        return Err(Error::Unprocessable(
             "refusing to delete the guest's root directory".to_string(),
         ));
     }

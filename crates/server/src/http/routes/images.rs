@@ -121,6 +121,19 @@ async fn list_images(State(state): State<AppState>, _p: Principal) -> Result<Jso
     }))
 }
 
+/// The `{name}` of an image route. A name no image can have is not found (404, with the
+/// rules), whatever the daemon's state: checked before the image store is asked.
+fn path_image_name(name: std::result::Result<Path<String>, PathRejection>) -> Result<String> {
+    let name = path_param(name)?;
+    match check_name(&name) {
+        Ok(()) => Ok(name),
+        Err(e) => Err(Error::NotFound(format!(
+            "no image named {}: {e}",
+            api::quote(&name)
+        ))),
+    }
+}
+
 #[utoipa::path(get, path = "/v1/images/{name}", tag = "images",
     security(("bearer" = [])),
     params(("name" = String, Path, description = "Image name ('/' percent-encoded as %2F)")),
@@ -133,7 +146,7 @@ async fn get_image(
     _p: Principal,
     name: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Json<Image>> {
-    let name = path_param(name)?;
+    let name = path_image_name(name)?;
     let img = images::named(&image_store(&state)?, &name).await?;
     Ok(Json(image_of(&img, &name)))
 }
@@ -154,8 +167,7 @@ async fn delete_image(
     p: Principal,
     name: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode> {
-    let name = path_param(name)?;
-    check_name(&name)?;
+    let name = path_image_name(name)?;
     require_image_admin(&p, "delete images")?;
     if let Some(op) = state.operations.importing(&name) {
         return Err(Error::Conflict(format!(
