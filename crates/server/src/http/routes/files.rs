@@ -461,12 +461,15 @@ async fn delete_file(
 ) -> Result<StatusCode> {
     let q: DeleteQuery = query(&uri)?;
     validate_path(&q.path)?;
+    let (group, id) = path_param(params)?;
+    // A malformed request (400) before one the document allows but this rule refuses (422).
+    api::validate_name("group name", &group)?;
     if q.path.trim_end_matches('/').is_empty() {
         return Err(Error::Unprocessable(
             "refusing to delete the guest's root directory".to_string(),
         ));
     }
-    let (_, run) = open(&state, &p, params, true).await?;
+    let run = running_sandbox(&state, &p, &group, &id, true).await?;
     run.sandbox()?
         .agent()
         .remove(&q.path, q.recursive)
@@ -490,6 +493,8 @@ mod tests {
         assert!(parse_mode("0888").is_err());
         assert!(parse_mode("17777").is_err());
         assert!(parse_mode("").is_err());
+        assert!(parse_mode("+644").is_err());
+        assert!(parse_mode("00644").is_err());
     }
 
     #[test]
