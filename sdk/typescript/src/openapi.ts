@@ -105,10 +105,42 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        get?: never;
+        get: operations["get_key"];
         put?: never;
         post?: never;
         delete: operations["delete_key"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/api-keys/{id}/rotate": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["rotate_key"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/audit": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_audit"];
+        put?: never;
+        post?: never;
+        delete?: never;
         options?: never;
         head?: never;
         patch?: never;
@@ -749,18 +781,65 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /**
+         * @description `ok`: it answers. `unresponsive`: it did not answer, or broke the protocol; moat is
+         *     reconnecting, and requests meanwhile answer 502.
+         * @enum {string}
+         */
+        AgentHealth: "ok" | "unresponsive";
         /** @description An API key as listed: never the secret itself. */
         ApiKey: {
             created_at: string;
+            /** @description RFC 3339, UTC; null: never. An expired key is refused with 401 until it is rotated. */
+            expires_at?: string | null;
             groups: string[];
             id: string;
+            /** @description RFC 3339, UTC, to within a minute (recorded at most once a minute); null: never used. */
+            last_used_at?: string | null;
             name: string;
             /** @description The first characters of the key (`moat_` + 8), to recognise it. */
             prefix: string;
+            rate_limit?: null | components["schemas"]["RateLimit"];
             role: components["schemas"]["Role"];
+            /** @description When the secret was last rotated; null: never. */
+            rotated_at?: string | null;
         };
         ApiKeyList: {
             api_keys: components["schemas"]["ApiKey"][];
+        };
+        /** @description One mutating API call. */
+        AuditEvent: {
+            /** @description `METHOD /route/{template}`, e.g. `POST /v1/sandbox-groups/{group}/sandboxes`. */
+            action: string;
+            /** @description RFC 3339, UTC, to the millisecond. */
+            at: string;
+            /** @description The sandbox group the path names, if any. */
+            group?: string | null;
+            /** @description The API key's id; null when the call carried no valid key (a refused attempt). */
+            key_id?: string | null;
+            /**
+             * Format: int64
+             * @description Increasing; pass the last one as `after` for the next page.
+             */
+            n: number;
+            /** @description The `X-Request-Id` of the answer, for matching a client's log to this entry. */
+            request_id: string;
+            /**
+             * Format: int32
+             * @description The HTTP status of the answer.
+             */
+            status: number;
+            /** @description The path called (no query string). */
+            target: string;
+        };
+        AuditList: {
+            /** @description Oldest first. */
+            events: components["schemas"]["AuditEvent"][];
+            /**
+             * Format: int64
+             * @description Pass as `after` for the next page; null on the last page.
+             */
+            next?: number | null;
         };
         /** @description One request to check. Exactly one of `argv`, `command`, `python` and `shell` says what runs. */
         CheckRequest: {
@@ -803,12 +882,15 @@ export interface components {
         };
         CreateApiKey: {
             /**
-             * @description Groups the key may see; required (non-empty) unless the role is admin, which sees all
-             *     groups and takes none.
+             * Format: int64
+             * @description The key stops working this many seconds from now (1 s – 10 years); absent: never.
+             *     Relative, so that a client's clock cannot make a key that is born expired.
              */
+            expires_in_s?: number | null;
             groups?: string[];
-            /** @description For people: 1–64 printable characters. */
+            /** @description For people: 1–64 printable characters, not all of them spaces. */
             name: string;
+            rate_limit?: null | components["schemas"]["RateLimit"];
             role: components["schemas"]["Role"];
         };
         /** @description `POST /v1/sandbox-groups/{group}/sandboxes`. Every field is optional. */
@@ -820,11 +902,8 @@ export interface components {
              * @default null
              */
             count: number | null;
-            /**
-             * @description Environment of every exec in the sandbox, over the image's (an exec's own `env` wins).
-             * @default {}
-             */
-            env: {
+            /** @description Environment variables: at most 256; names of letters, digits and '_', not starting with a digit (1–256 characters); values without NUL */
+            env?: {
                 [key: string]: string;
             };
             /**
@@ -839,11 +918,8 @@ export interface components {
              * @default null
              */
             image: string | null;
-            /**
-             * @description Kubernetes-style labels, for `?labels=` selectors.
-             * @default {}
-             */
-            labels: {
+            /** @description Kubernetes-style labels, at most 64: keys [prefix/]name, the prefix a lowercase DNS subdomain of at most 253 characters, the name 1–63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit; values the same as a name, or empty */
+            labels?: {
                 [key: string]: string;
             };
             /** @default null */
@@ -862,12 +938,14 @@ export interface components {
         /** @description The answer to a create: the only time the secret is shown. */
         CreatedApiKey: {
             created_at: string;
+            expires_at?: string | null;
             groups: string[];
             id: string;
             /** @description The secret, `moat_` + 43 base62 characters. Shown once; store it now. */
             key: string;
             name: string;
             prefix: string;
+            rate_limit?: null | components["schemas"]["RateLimit"];
             role: components["schemas"]["Role"];
         };
         /** @description The result of checking one request against one policy. */
@@ -1003,9 +1081,11 @@ export interface components {
         };
         ErrorDetail: {
             /**
-             * @description Stable and machine-readable: bad_request, unauthorized, forbidden, policy_denied,
-             *     not_found, method_not_allowed, conflict, payload_too_large, too_many_requests,
-             *     unavailable, no_space, internal.
+             * @description Stable and machine-readable: bad_request (the request is not what the OpenAPI
+             *     document allows), unauthorized, forbidden, policy_denied, not_found,
+             *     method_not_allowed, conflict, payload_too_large, unprocessable (allowed by the
+             *     document, refused by a rule it cannot state), too_many_requests, rate_limited,
+             *     unavailable, bad_gateway (the sandbox's agent failed), no_space, internal.
              */
             code: string;
             /** @description `policy_denied` only: why the group's policy refused the request. */
@@ -1058,11 +1138,8 @@ export interface components {
              * @default null
              */
             cwd: string | null;
-            /**
-             * @description Over the image's and the sandbox's environment.
-             * @default {}
-             */
-            env: {
+            /** @description Environment variables: at most 256; names of letters, digits and '_', not starting with a digit (1–256 characters); values without NUL */
+            env?: {
                 [key: string]: string;
             };
             /**
@@ -1194,11 +1271,8 @@ export interface components {
              * @example base
              */
             image: string;
-            /**
-             * @description Kubernetes-style labels (at most 64).
-             * @default {}
-             */
-            labels: {
+            /** @description Kubernetes-style labels, at most 64: keys [prefix/]name, the prefix a lowercase DNS subdomain of at most 253 characters, the name 1–63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit; values the same as a name, or empty */
+            labels?: {
                 [key: string]: string;
             };
             /**
@@ -1231,6 +1305,13 @@ export interface components {
             pool_ready: number;
         };
         Health: {
+            /**
+             * @description Whether QEMU and the network stacks run jailed, and what the host offers the jail
+             *     (namespaces, seccomp, cgroup version), e.g. `on: uids 1600000000.., namespaces
+             *     mnt/pid/ipc/uts/net, seccomp, cgroup v2` or `off (MOAT_NO_JAIL=1)`. Absent until the
+             *     sandbox runtime is ready (the same line is in the log, `moat -v serve`).
+             */
+            jail?: string | null;
             /** @description Whether sandboxes can run yet: a daemon on a fresh MOAT_HOME prepares them first. */
             sandboxes: components["schemas"]["SandboxesHealth"];
             /** @description Always "ok" when the daemon answers. */
@@ -1301,13 +1382,8 @@ export interface components {
          *     widens what the group's sandboxes can act as).
          */
         IdentitySpec: {
-            /**
-             * @description The audiences a token may be asked for (exact strings, e.g. `sts.amazonaws.com`,
-             *     `api://AzureADTokenExchange`); each token carries exactly one. At most 20; at least one
-             *     when enabled.
-             * @default []
-             */
-            audiences: string[];
+            /** @description The audiences a token may be asked for (exact strings, e.g. `sts.amazonaws.com`, `api://AzureADTokenExchange`); each token carries exactly one. At most 20, each 1–512 printable ASCII characters without spaces; at least one when enabled. */
+            audiences?: string[];
             /**
              * @description Off by default: nothing mints tokens for the group's sandboxes.
              * @default false
@@ -1374,17 +1450,15 @@ export interface components {
         };
         /** @description `POST /v1/images`. */
         ImportImage: {
-            /**
-             * @description The local name: 1–128 of `A-Za-z0-9._-/:`, starting and ending with a letter or
-             *     digit. Default for a registry source: its `repo:tag`; required for the others.
-             */
-            name?: string | null;
+            /** @description The local name: 1–128 of `A-Za-z0-9._-/:`, starting and ending with a letter or digit, without `..`, `//` or a leading `sha256:` (those are a 422). Default for a registry source: its `repo:tag`; required for the others. */
+            name?: null | string;
             /** @description Talk plain HTTP to the registry (a registry on loopback). */
             plain_http?: boolean;
             /**
              * @description As `moat image import`: a registry reference (`host[:port]/repo:tag` or `…@sha256:…`),
              *     `oci:/ABS/DIR[:tag]` (an OCI layout on the daemon's host) or
-             *     `docker-archive:/ABS/FILE` (a `docker save` tarball on the daemon's host).
+             *     `docker-archive:/ABS/FILE` (a `docker save` tarball on the daemon's host). 1–1024
+             *     characters without control characters; a source that does not parse is a 422.
              */
             source: string;
         };
@@ -1712,6 +1786,22 @@ export interface components {
             pid: number;
         };
         /**
+         * @description A token bucket: `per_s` requests a second on average, bursts of up to `burst`. Over it a
+         *     request is answered 429 with `Retry-After`.
+         */
+        RateLimit: {
+            /**
+             * Format: int32
+             * @description 1–100000.
+             */
+            burst: number;
+            /**
+             * Format: int32
+             * @description 1–100000.
+             */
+            per_s: number;
+        };
+        /**
          * @description A recorded request the candidate decides differently. Both sides are compared as
          *     `enforce` would decide (refused when there are findings), whatever the modes.
          */
@@ -1764,6 +1854,15 @@ export interface components {
              */
             version: number;
         };
+        /** @description A rotation: a new secret for the same key (id, role, groups, rate limit). */
+        RotateApiKey: {
+            /**
+             * Format: int64
+             * @description The new secret expires this many seconds from now (1 s – 10 years); absent: the key's
+             *     expiry stays as it was (refused if that has passed: give a new one).
+             */
+            expires_in_s?: number | null;
+        };
         /**
          * @description Every rule a finding can name.
          * @enum {string}
@@ -1773,14 +1872,17 @@ export interface components {
         Sandbox: {
             /** @description RFC 3339, UTC. */
             created_at: string;
+            /** @description Environment variables: at most 256; names of letters, digits and '_', not starting with a digit (1–256 characters); values without NUL */
             env: {
                 [key: string]: string;
             };
             group: string;
+            health?: null | components["schemas"]["SandboxHealth"];
             /** @description `sb-` and 12 hex digits. */
             id: string;
             /** @description Manifest digest of the image it runs. */
             image: string;
+            /** @description Kubernetes-style labels, at most 64: keys [prefix/]name, the prefix a lowercase DNS subdomain of at most 253 characters, the name 1–63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit; values the same as a name, or empty */
             labels: {
                 [key: string]: string;
             };
@@ -1795,6 +1897,14 @@ export interface components {
             state: components["schemas"]["SandboxState"];
             tier: components["schemas"]["Tier"];
             updated_at: string;
+        };
+        /** @description The health of a running sandbox's agent (its channel to the host). */
+        SandboxHealth: {
+            agent: components["schemas"]["AgentHealth"];
+            /** @description What was seen (`unresponsive` only). */
+            reason?: string | null;
+            /** @description Since when (RFC 3339, UTC; `unresponsive` only). */
+            since?: string | null;
         };
         SandboxList: {
             sandboxes: components["schemas"]["Sandbox"][];
@@ -1849,7 +1959,7 @@ export interface components {
             /**
              * @description 1–8192 visible ASCII characters and spaces, not starting or ending with a space.
              *     Never returned by any endpoint.
-             * @example sk-…
+             * @example sk-example
              */
             value: string;
         };
@@ -1914,11 +2024,8 @@ export interface components {
              * @default null
              */
             cwd: string | null;
-            /**
-             * @description Over the image's and the sandbox's environment.
-             * @default {}
-             */
-            env: {
+            /** @description Environment variables: at most 256; names of letters, digits and '_', not starting with a digit (1–256 characters); values without NUL */
+            env?: {
                 [key: string]: string;
             };
             /**
@@ -2106,6 +2213,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2163,6 +2279,95 @@ export interface operations {
                 };
             };
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An admin key with groups, or another role without */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    get_key: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Key id (not the secret) */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiKey"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2240,6 +2445,173 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    rotate_key: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Key id (not the secret) */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RotateApiKey"];
+            };
+        };
+        responses: {
+            /** @description The new secret, shown only in this answer; the old one stopped working when this answer was sent (no overlap: to switch without a gap, create a second key, move to it, then delete the first) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CreatedApiKey"];
+                };
+            };
+            /** @description A bad expiry, or none for a key that has expired */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_audit: {
+        parameters: {
+            query?: {
+                /** @description Only calls at or after this time, unix seconds */
+                since?: number;
+                /** @description Only entries numbered above this (the previous page's next) */
+                after?: number;
+                /** @description Only calls made with this API key id */
+                key?: string;
+                /** @description Only calls on this sandbox group */
+                group?: string;
+                /** @description 1–1000, default 100 */
+                limit?: number;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A page of the audit log, oldest first: every POST, PUT and DELETE of the API (the port proxy's traffic aside), with its key, route, path, status and request id; never a body */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AuditList"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2285,6 +2657,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     rotate_signing_keys: {
@@ -2322,6 +2703,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     list_images: {
@@ -2343,6 +2733,15 @@ export interface operations {
                 };
             };
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2432,6 +2831,24 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The source does not parse, an oci: or docker-archive: source without a name or with a relative path, or a name with `..`, `//` or a leading `sha256:` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2479,6 +2896,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2556,6 +2982,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             500: {
                 headers: {
                     [name: string]: unknown;
@@ -2626,6 +3061,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2655,6 +3099,15 @@ export interface operations {
                 };
             };
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2710,6 +3163,15 @@ export interface operations {
             };
             /** @description No such group, or not visible to this key */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2801,6 +3263,24 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The egress policy breaks a rule of the network stack, or a transform names a secret the group does not have or an identity audience it does not allow (the message names the rule and the field) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2874,6 +3354,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2891,7 +3380,6 @@ export interface operations {
                 sandbox?: string;
                 /** @description Only events with this verdict. */
                 verdict?: components["schemas"]["EgressVerdict"];
-                /** @description Only events at or after this time (RFC 3339, UTC). */
                 since?: string;
                 /** @description Only events after this `id`, the oldest first; without it, the newest `limit` events. */
                 after?: number;
@@ -2934,6 +3422,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2996,6 +3493,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     get_policy: {
@@ -3036,6 +3542,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3087,7 +3602,7 @@ export interface operations {
                     "application/json": components["schemas"]["PolicyVersion"];
                 };
             };
-            /** @description Not a valid policy, or it contradicts its own `tests` (the message lists every problem and failing example) */
+            /** @description Not a policy object (see the schema) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -3122,6 +3637,24 @@ export interface operations {
                 };
             };
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A valid policy object whose rules do not compile, or that contradicts its own `tests` (the message lists every problem and failing example) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3197,6 +3730,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description Not exactly one of argv, command, python and shell, or another rule of a policy request */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description This API key asked for too many dry runs (each starts an analysis process): a burst of 20, then 5 a second; the message says when to retry */
             429: {
                 headers: {
@@ -3220,7 +3762,7 @@ export interface operations {
         parameters: {
             query?: {
                 /** @description allow, deny or audit (ran in audit mode with findings) */
-                verdict?: string;
+                verdict?: components["schemas"]["Verdict"];
                 /** @description Only decisions at or after this time, unix seconds */
                 since?: number;
                 /** @description Only entries numbered above this (the previous page's next) */
@@ -3272,6 +3814,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3348,6 +3899,24 @@ export interface operations {
                 };
             };
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The policy does not compile or contradicts its own `tests` (the message lists every problem) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3442,6 +4011,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -3497,6 +4075,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -3510,7 +4097,6 @@ export interface operations {
     list_sandboxes: {
         parameters: {
             query?: {
-                /** @description Label selector: key=value[,key=value…]; every pair must match */
                 labels?: string;
             };
             header?: never;
@@ -3547,6 +4133,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3630,6 +4225,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description `from_snapshot` with `image` or `tier`, or `count` without `from_snapshot` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The host has no room for it (memory or vCPUs); the message says what it needs and what is free */
             429: {
                 headers: {
@@ -3703,6 +4307,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -3766,6 +4379,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             500: {
                 headers: {
                     [name: string]: unknown;
@@ -3789,10 +4411,6 @@ export interface operations {
             query?: {
                 /** @description Only events with this verdict. */
                 verdict?: components["schemas"]["EgressVerdict"];
-                /**
-                 * @description Only events at or after this time (RFC 3339, UTC: `2026-11-30T15:04:05Z`, fractions
-                 *     allowed).
-                 */
                 since?: string;
                 /**
                  * @description Only events after this `id`, the oldest first (to follow the audit); without it, the
@@ -3841,6 +4459,15 @@ export interface operations {
             };
             /** @description No such sandbox (a deleted one's events are in the group's audit) */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3929,6 +4556,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description Not exactly one of `argv` and `command` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -3939,6 +4575,15 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3959,7 +4604,7 @@ export interface operations {
     get_file: {
         parameters: {
             query: {
-                /** @description Absolute path of a file in the guest */
+                /** @description Absolute path of a file in the guest (at most 4095 bytes) */
                 path: string;
             };
             header?: never;
@@ -4042,6 +4687,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4055,9 +4709,9 @@ export interface operations {
     put_file: {
         parameters: {
             query: {
-                /** @description Absolute path in the guest */
+                /** @description Absolute path in the guest (at most 4095 bytes) */
                 path: string;
-                /** @description Octal permission bits (default: those of the file replaced, else 0644) */
+                /** @description Octal permission bits, 0 to 7777 (default: those of the file replaced, else 0644) */
                 mode?: string;
                 /** @description Create missing parent directories */
                 parents?: boolean;
@@ -4157,6 +4811,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4179,7 +4842,7 @@ export interface operations {
     delete_file: {
         parameters: {
             query: {
-                /** @description Absolute path in the guest */
+                /** @description Absolute path in the guest (at most 4095 bytes) */
                 path: string;
                 /** @description Also a non-empty directory, with everything in it (symlinks are removed, never followed) */
                 recursive?: boolean;
@@ -4245,6 +4908,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The path is the guest's root directory */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -4255,6 +4927,15 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4275,7 +4956,7 @@ export interface operations {
     list_files: {
         parameters: {
             query: {
-                /** @description Absolute path of a directory in the guest */
+                /** @description Absolute path of a directory in the guest (at most 4095 bytes) */
                 path: string;
             };
             header?: never;
@@ -4351,6 +5032,15 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4438,6 +5128,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     port_forward: {
@@ -4506,6 +5205,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached: nothing listens, or no answer within 5 s */
             502: {
                 headers: {
@@ -4565,6 +5273,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4660,6 +5377,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4712,6 +5438,15 @@ export interface operations {
             };
             /** @description No such sandbox, or the port is not exposed */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4779,6 +5514,15 @@ export interface operations {
             };
             /** @description No such sandbox, or the port is not exposed */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4864,6 +5608,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4965,6 +5718,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached */
             502: {
                 headers: {
@@ -5052,6 +5814,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5153,6 +5924,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached */
             502: {
                 headers: {
@@ -5240,6 +6020,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5341,6 +6130,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached */
             502: {
                 headers: {
@@ -5428,6 +6226,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5531,6 +6338,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
             502: {
                 headers: {
@@ -5620,6 +6436,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5723,6 +6548,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
             502: {
                 headers: {
@@ -5812,6 +6646,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5915,6 +6758,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
             502: {
                 headers: {
@@ -6011,6 +6863,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
             502: {
                 headers: {
@@ -6100,6 +6961,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6206,6 +7076,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6294,6 +7173,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description Not exactly one of `argv` and `command` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -6304,6 +7192,15 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6418,6 +7315,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6505,6 +7411,15 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6603,6 +7518,15 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6788,7 +7712,25 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol (before the upgrade): its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6884,6 +7826,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             500: {
                 headers: {
                     [name: string]: unknown;
@@ -6966,6 +7917,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             500: {
                 headers: {
                     [name: string]: unknown;
@@ -7022,6 +7982,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7118,6 +8087,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     delete_secret: {
@@ -7174,6 +8152,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     list_snapshots: {
@@ -7214,6 +8201,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7270,6 +8266,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7334,6 +8339,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -92,7 +92,8 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 }
 
 /// Gives every integer of a body or answer without a bound of its own the bounds of its
-/// format (`int32`, `int64`: what utoipa writes for the Rust type), so the document says which
+/// format (`uint16`, `int64`, …: what utoipa writes for the Rust type, with its
+/// `non_strict_integers`; `uint64` up to what SQLite holds), so the document says which
 /// numbers fit: a body with `{"version": 1e38}` is then refused by the schema, as serde
 /// refuses it, instead of being allowed by the document and refused by the server.
 fn bound_integers(doc: &mut utoipa::openapi::OpenApi) {
@@ -123,12 +124,18 @@ fn bound_schema(schema: &mut utoipa::openapi::Schema) {
                 SchemaType::AnyValue => false,
             };
             let range = match &o.format {
-                Some(SchemaFormat::KnownFormat(KnownFormat::Int32)) => {
-                    Some((i32::MIN as isize, i32::MAX as isize))
-                }
-                Some(SchemaFormat::KnownFormat(KnownFormat::Int64)) => {
-                    Some((i64::MIN as isize, i64::MAX as isize))
-                }
+                Some(SchemaFormat::KnownFormat(f)) => match f {
+                    KnownFormat::Int8 => Some((i8::MIN as isize, i8::MAX as isize)),
+                    KnownFormat::Int16 => Some((i16::MIN as isize, i16::MAX as isize)),
+                    KnownFormat::Int32 => Some((i32::MIN as isize, i32::MAX as isize)),
+                    KnownFormat::Int64 => Some((i64::MIN as isize, i64::MAX as isize)),
+                    KnownFormat::UInt8 => Some((0, u8::MAX as isize)),
+                    KnownFormat::UInt16 => Some((0, u16::MAX as isize)),
+                    KnownFormat::UInt32 => Some((0, u32::MAX as isize)),
+                    // What SQLite holds: a u64 the daemon keeps is stored as an i64.
+                    KnownFormat::UInt64 => Some((0, i64::MAX as isize)),
+                    _ => None,
+                },
                 _ => None,
             };
             if let (true, Some((min, max))) = (integer, range) {
