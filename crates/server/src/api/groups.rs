@@ -32,7 +32,7 @@ pub enum OnIdle {
 #[serde(deny_unknown_fields, default)]
 pub struct GroupSpec {
     /// Default image (name or sha256 digest) of the group's sandboxes.
-    #[schema(example = "base")]
+    #[schema(schema_with = super::image_schema)]
     pub image: String,
     pub tier: Tier,
     pub pool: PoolSpec,

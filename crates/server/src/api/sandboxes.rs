@@ -58,6 +58,7 @@ impl SandboxState {
 #[serde(deny_unknown_fields, default)]
 pub struct CreateSandbox {
     /// Image name or digest; default: the group's image.
+    #[schema(schema_with = super::optional_image_schema)]
     pub image: Option<String>,
     /// Default: the group's tier.
     pub tier: Option<Tier>,
@@ -67,14 +68,24 @@ pub struct CreateSandbox {
     /// Kubernetes-style labels, for `?labels=` selectors.
     #[schema(schema_with = super::labels_schema)]
     pub labels: BTreeMap<String, String>,
-    /// Fork a snapshot of this group instead of starting the image: processes, memory and
-    /// files as they were, with fresh entropy, clock and hostname. Excludes `image` and
-    /// `tier` (the snapshot's are used).
+    /// Described in `from_snapshot_schema`.
+    #[schema(schema_with = from_snapshot_schema)]
     pub from_snapshot: Option<String>,
     /// With `from_snapshot`: how many forks, 1–16; the answer is then `{"sandboxes": […]}`.
     /// Either all of them are created or none.
     #[schema(minimum = 1, maximum = 16)]
     pub count: Option<u32>,
+}
+
+fn from_snapshot_schema() -> utoipa::openapi::Schema {
+    super::optional_name_schema()
+        .description(Some(
+            "Fork a snapshot of this group instead of starting the image: processes, memory \
+             and files as they were, with fresh entropy, clock and hostname. Excludes `image` \
+             and `tier` (the snapshot's are used).",
+        ))
+        .build()
+        .into()
 }
 
 /// The most forks one create makes. Restores share the host's CPUs (each fork's QEMU loads a

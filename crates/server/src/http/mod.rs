@@ -299,11 +299,16 @@ async fn not_found(uri: Uri) -> Error {
 }
 
 async fn method_not_allowed(req: Request) -> Error {
-    Error::MethodNotAllowed(format!(
+    let e = Error::MethodNotAllowed(format!(
         "{} is not allowed on {}; see /openapi.json",
         req.method(),
         api::quote(req.uri().path())
-    ))
+    ));
+    // Read the body the request came with (up to the limit of any body): a connection left
+    // with unread request bytes is closed after the answer, sometimes without saying so, and
+    // a client that reuses it then sees its next request dropped.
+    let _ = axum::body::to_bytes(req.into_body(), MAX_BODY).await;
+    e
 }
 
 /// Counts every request by route template and status, and times it.
