@@ -818,14 +818,14 @@ export interface components {
             /** @description The API key's id; null when the call carried no valid key (a refused attempt). */
             key_id?: string | null;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Increasing; pass the last one as `after` for the next page.
              */
             n: number;
             /** @description The `X-Request-Id` of the answer, for matching a client's log to this entry. */
             request_id: string;
             /**
-             * Format: int32
+             * Format: u-int16
              * @description The HTTP status of the answer.
              */
             status: number;
@@ -836,7 +836,7 @@ export interface components {
             /** @description Oldest first. */
             events: components["schemas"]["AuditEvent"][];
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Pass as `after` for the next page; null on the last page.
              */
             next?: number | null;
@@ -882,7 +882,7 @@ export interface components {
         };
         CreateApiKey: {
             /**
-             * Format: int64
+             * Format: u-int64
              * @description The key stops working this many seconds from now (1 s – 10 years); absent: never.
              *     Relative, so that a client's clock cannot make a key that is born expired.
              */
@@ -896,7 +896,7 @@ export interface components {
         /** @description `POST /v1/sandbox-groups/{group}/sandboxes`. Every field is optional. */
         CreateSandbox: {
             /**
-             * Format: int32
+             * Format: u-int32
              * @description With `from_snapshot`: how many forks, 1–16; the answer is then `{"sandboxes": […]}`.
              *     Either all of them are created or none.
              * @default null
@@ -906,18 +906,10 @@ export interface components {
             env?: {
                 [key: string]: string;
             };
-            /**
-             * @description Fork a snapshot of this group instead of starting the image: processes, memory and
-             *     files as they were, with fresh entropy, clock and hostname. Excludes `image` and
-             *     `tier` (the snapshot's are used).
-             * @default null
-             */
-            from_snapshot: string | null;
-            /**
-             * @description Image name or digest; default: the group's image.
-             * @default null
-             */
-            image: string | null;
+            /** @description Fork a snapshot of this group instead of starting the image: processes, memory and files as they were, with fresh entropy, clock and hostname. Excludes `image` and `tier` (the snapshot's are used). */
+            from_snapshot?: null | string;
+            /** @description Image name or sha256 digest (1–512 characters without spaces or control characters); default: the group's image */
+            image?: null | string;
             /** @description Kubernetes-style labels, at most 64: keys [prefix/]name, the prefix a lowercase DNS subdomain of at most 253 characters, the name 1–63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit; values the same as a name, or empty */
             labels?: {
                 [key: string]: string;
@@ -960,7 +952,7 @@ export interface components {
         DecisionList: {
             items: components["schemas"]["LogEntry"][];
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Pass as `after` for the next page; null on the last page.
              */
             next?: number | null;
@@ -973,26 +965,26 @@ export interface components {
             /** @description The destination address the guest used (DNS: the address moat answered). */
             address?: string | null;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Host to guest.
              */
             bytes_received: number;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Guest to host.
              */
             bytes_sent: number;
-            /** Format: int64 */
+            /** Format: u-int64 */
             duration_ms: number;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Increases with every event the daemon stores: `after` in a query continues from it.
              */
             id: number;
             kind: components["schemas"]["EgressKind"];
             /** @description The host name the guest asked for or connected to (by moat's DNS answer). */
             name?: string | null;
-            /** Format: int32 */
+            /** Format: u-int16 */
             port?: number | null;
             /**
              * @description Why, for a person: `rule`, `no rule matched (default deny)`, `floor: …`, `policy
@@ -1000,7 +992,7 @@ export interface components {
              */
             reason: string;
             /**
-             * Format: int32
+             * Format: u-int32
              * @description The index in the group's `egress.rules` of the rule that decided; null for the default
              *     and for checks outside the rules (the floor, TLS SNI or HTTP Host, limits).
              */
@@ -1093,7 +1085,7 @@ export interface components {
             /** @description For people: what was wrong and, for bad input, what is allowed. */
             message: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description `policy_denied` only: the version of the policy that refused it.
              */
             policy_version?: number | null;
@@ -1180,7 +1172,7 @@ export interface components {
         /** @description `POST …/sandboxes/{id}/ports`. */
         ExposePort: {
             /**
-             * Format: int32
+             * Format: u-int16
              * @description A TCP port in the guest, 1–65535.
              * @example 8080
              */
@@ -1203,7 +1195,7 @@ export interface components {
             mtime: string;
             name: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Size in bytes as the guest reports it.
              */
             size: number;
@@ -1216,16 +1208,16 @@ export interface components {
         FileWritten: {
             path: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description The bytes received and written, as counted by the daemon.
              */
             size: number;
         };
         /** @description One reason a request is (or, in audit mode, would be) refused. */
         Finding: {
-            /** Format: int32 */
+            /** Format: u-int32 */
             column?: number | null;
-            /** Format: int32 */
+            /** Format: u-int32 */
             line?: number | null;
             message: string;
             rule: components["schemas"]["Rule"];
@@ -1266,11 +1258,10 @@ export interface components {
              */
             identity: components["schemas"]["IdentitySpec"];
             /**
-             * @description Default image (name or sha256 digest) of the group's sandboxes.
-             * @default base
+             * @description Image name or sha256 digest: 1–512 characters without spaces or control characters
              * @example base
              */
-            image: string;
+            image?: string;
             /** @description Kubernetes-style labels, at most 64: keys [prefix/]name, the prefix a lowercase DNS subdomain of at most 253 characters, the name 1–63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit; values the same as a name, or empty */
             labels?: {
                 [key: string]: string;
@@ -1298,7 +1289,7 @@ export interface components {
         /** @description What the group has right now: read from the daemon when it answers, not stored. */
         GroupStatus: {
             /**
-             * Format: int32
+             * Format: u-int32
              * @description Ready VMs in the group's warm pool: `spec.pool.size` once it is full, fewer while it
              *     refills after hand-overs.
              */
@@ -1334,7 +1325,7 @@ export interface components {
              */
             expires_on?: number | null;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Increasing: `?after=` pages on it.
              */
             id: number;
@@ -1399,7 +1390,7 @@ export interface components {
             /** @default group */
             subject: components["schemas"]["IdentitySubject"];
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Lifetime of a token, seconds (60–3600; default 600). A request may ask for less.
              * @default 600
              */
@@ -1440,7 +1431,7 @@ export interface components {
             digest: string;
             name: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Size of its root disk.
              */
             size_bytes: number;
@@ -1492,14 +1483,14 @@ export interface components {
         /** @description Timers of a group's sandboxes. `null` means "never". */
         LifecycleSpec: {
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Seconds without exec, file or shell activity and without a running background
              *     process before `on_idle` applies (1 s – 7 days; default 300).
              * @default 300
              */
             idle_timeout_s: number | null;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Upper bound on a sandbox's whole life, after which it is deleted (1 s – 365 days;
              *     default none).
              * @default null
@@ -1508,7 +1499,7 @@ export interface components {
             /** @default suspend */
             on_idle: components["schemas"]["OnIdle"];
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Seconds a suspended sandbox is kept before it is deleted (1 s – 90 days; default 7 days).
              * @default 604800
              */
@@ -1522,7 +1513,7 @@ export interface components {
              */
             env?: string[] | null;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description The most standard input a request may send.
              */
             max_stdin_bytes?: number | null;
@@ -1541,13 +1532,13 @@ export interface components {
          */
         LimitsSpec: {
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Bytes per second across all of the sandbox's TCP flows, both directions together,
              *     16384 (16 KiB/s) – 10^11 (default: unlimited).
              */
             bandwidth?: number | null;
             /**
-             * Format: int32
+             * Format: u-int32
              * @description DNS queries per second, 1–10000 (default 50).
              */
             dns_qps?: number | null;
@@ -1557,7 +1548,7 @@ export interface components {
              */
             max_flows?: number | null;
             /**
-             * Format: int32
+             * Format: u-int32
              * @description New flows per second, 1–10000 (default 100).
              */
             new_flows_per_s?: number | null;
@@ -1571,7 +1562,7 @@ export interface components {
             /** @description The hash of entry `n`. */
             hash: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Entries 1 to `n` were pruned.
              */
             n: number;
@@ -1589,12 +1580,12 @@ export interface components {
             /** @description Who asked: the id of the API key. */
             key: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Position in the group's log, from 1, without gaps.
              */
             n: number;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description The policy version that decided.
              */
             policy_version: number;
@@ -1641,10 +1632,10 @@ export interface components {
         };
         /** @description Progress of the current phase (bytes restart at 0 with each phase). */
         OperationProgress: {
-            /** Format: int64 */
+            /** Format: u-int64 */
             bytes_done: number;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description When the phase's size is known.
              */
             bytes_total?: number | null;
@@ -1681,7 +1672,7 @@ export interface components {
             /** @description Why it would be refused (in `audit` mode: why `enforce` would refuse it). */
             findings: components["schemas"]["Finding"][];
             mode: components["schemas"]["Mode"];
-            /** Format: int64 */
+            /** Format: u-int64 */
             policy_version: number;
         };
         /**
@@ -1698,7 +1689,7 @@ export interface components {
             /** @description SHA-256 (hex) of the policy as stored (JSON); null for version 0. */
             sha256?: string | null;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description 1, 2, …: every change makes a new version; 0 means no policy was ever applied.
              */
             version: number;
@@ -1709,7 +1700,7 @@ export interface components {
         };
         PoolSpec: {
             /**
-             * Format: int32
+             * Format: u-int32
              * @description Ready sandboxes kept warm for this group, 0–64.
              * @default 0
              */
@@ -1722,7 +1713,7 @@ export interface components {
         Port: {
             /** @description RFC 3339, UTC. */
             created_at: string;
-            /** Format: int32 */
+            /** Format: u-int16 */
             port: number;
             /**
              * @description The proxy's path on this daemon, `/v1/sandbox-groups/{group}/sandboxes/{id}/ports/{port}/`
@@ -1741,7 +1732,7 @@ export interface components {
             argv: string[];
             exit?: null | components["schemas"]["ProcessExit"];
             id: string;
-            /** Format: int32 */
+            /** Format: u-int32 */
             pid: number;
             running: boolean;
             /** @description RFC 3339 UTC. */
@@ -1780,7 +1771,7 @@ export interface components {
             /** @description The sandbox's id for it (`p1`, `p2`, …), never reused while the sandbox lives. */
             id: string;
             /**
-             * Format: int32
+             * Format: u-int32
              * @description Its pid in the guest (informational).
              */
             pid: number;
@@ -1791,12 +1782,12 @@ export interface components {
          */
         RateLimit: {
             /**
-             * Format: int32
+             * Format: u-int32
              * @description 1–100000.
              */
             burst: number;
             /**
-             * Format: int32
+             * Format: u-int32
              * @description 1–100000.
              */
             per_s: number;
@@ -1810,7 +1801,7 @@ export interface components {
             /** @description The candidate's findings (empty when it would now run). */
             findings: components["schemas"]["Finding"][];
             /**
-             * Format: int64
+             * Format: u-int64
              * @description The entry's number in the decisions log.
              */
             n: number;
@@ -1822,7 +1813,7 @@ export interface components {
         /** @description `POST …/policy/replay`: a candidate policy, checked against the newest recorded requests. */
         ReplayRequest: {
             /**
-             * Format: int32
+             * Format: u-int32
              * @description How many of the newest decisions to replay, 1–500 (default 100).
              */
             limit?: number | null;
@@ -1832,7 +1823,7 @@ export interface components {
             /** @description Those the candidate decides differently, oldest first. */
             changed: components["schemas"]["ReplayChange"][];
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Recorded requests checked again.
              */
             checked: number;
@@ -1849,7 +1840,7 @@ export interface components {
          */
         RollbackRequest: {
             /**
-             * Format: int64
+             * Format: u-int64
              * @description The version to go back to (1 or more; it must exist for this group name).
              */
             version: number;
@@ -1857,7 +1848,7 @@ export interface components {
         /** @description A rotation: a new secret for the same key (id, role, groups, rate limit). */
         RotateApiKey: {
             /**
-             * Format: int64
+             * Format: u-int64
              * @description The new secret expires this many seconds from now (1 s – 10 years); absent: the key's
              *     expiry stays as it was (refused if that has passed: give a new one).
              */
@@ -1917,25 +1908,25 @@ export interface components {
         /** @description The sandboxes part of `/healthz`. */
         SandboxesHealth: {
             /**
-             * Format: int32
+             * Format: u-int32
              * @description The preparation attempt running (`preparing`) or that failed (`failed`); 0 otherwise.
              */
             attempt: number;
             /** @description For people: what the daemon is doing, or what went wrong and what to do. */
             message: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Seconds until the next attempt (`failed`).
              */
             retry_after_s?: number | null;
             state: components["schemas"]["SandboxesState"];
             step?: null | components["schemas"]["SetupStep"];
             /**
-             * Format: int32
+             * Format: u-int32
              * @description Preparation steps finished, of `steps_total`.
              */
             steps_done: number;
-            /** Format: int32 */
+            /** Format: u-int32 */
             steps_total: number;
         };
         /**
@@ -1995,7 +1986,7 @@ export interface components {
             /** @description Id of the sandbox it was taken from (which may since have been deleted). */
             sandbox: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Bytes it takes on the host (memory image and disk layer).
              */
             size_bytes: number;
@@ -2063,7 +2054,7 @@ export interface components {
              */
             audience: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Shorter than the group's `identity.ttl_s` if given (60 s at least).
              */
             ttl_s?: number | null;
