@@ -120,7 +120,8 @@ def test_error_bodies_not_from_the_daemon() -> None:
     e = error_from_response(502, b"<html>Bad Gateway</html>")
     assert isinstance(e, moat.InternalError) and e.code == "http_502" and "Bad Gateway" in e.message
     # The daemon's own 502 (the sandbox's agent failed) says so by its code.
-    e = error_from_response(502, json.dumps({"error": {"code": "bad_gateway", "message": "m"}}).encode())
+    body = json.dumps({"error": {"code": "bad_gateway", "message": "m"}}).encode()
+    e = error_from_response(502, body)
     assert type(e) is moat.BadGateway
     e = error_from_response(418, b"")
     assert type(e) is moat.MoatError and e.message == "HTTP status 418"

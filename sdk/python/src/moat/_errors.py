@@ -121,9 +121,9 @@ class InternalError(MoatError):
 
 
 class BadGateway(MoatError):
-    """502 ``bad_gateway`` (by its code: a proxy's own 502 is an InternalError): the sandbox's agent did not answer or broke the protocol (the
-    sandbox's ``health`` says so, and the daemon reconnects or fails it), or a port of the
-    sandbox could not be reached."""
+    """502 ``bad_gateway`` (told by its code: a proxy's own 502 is an InternalError): the
+    sandbox's agent did not answer or broke the protocol (the sandbox's ``health`` says so, and
+    the daemon reconnects or fails it), or a port of the sandbox could not be reached."""
 
 
 class Unavailable(MoatError):
