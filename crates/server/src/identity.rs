@@ -498,9 +498,10 @@ impl Issuer {
         }
         let ttl = req.ttl_s.unwrap_or(spec.ttl_s);
         if !(MIN_TOKEN_TTL_S..=spec.ttl_s).contains(&ttl) {
+            // Within the document's range but above this group's own lifetime: a 422.
             return Err((
                 "ttl",
-                Error::BadRequest(format!(
+                Error::Unprocessable(format!(
                     "invalid ttl_s {ttl}: allowed is {MIN_TOKEN_TTL_S}–{} seconds (the group's \
                      identity.ttl_s)",
                     spec.ttl_s

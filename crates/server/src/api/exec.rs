@@ -30,6 +30,7 @@ pub struct ExecRequest {
     /// Given to the process as its standard input (then closed); without it stdin is empty.
     pub stdin: Option<String>,
     /// Kill the process and everything it started after this many seconds (0 < t ≤ 604800).
+    #[schema(exclusive_minimum = 0, maximum = 604800)]
     pub timeout_s: Option<f64>,
 }
 

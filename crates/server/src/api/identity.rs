@@ -144,6 +144,7 @@ pub struct TokenRequest {
     pub audience: String,
     /// Shorter than the group's `identity.ttl_s` if given (60 s at least).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 60, maximum = 3600)]
     pub ttl_s: Option<u64>,
 }
 

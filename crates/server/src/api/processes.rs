@@ -31,6 +31,7 @@ pub struct StartProcess {
     /// Name or uid, optionally `:group`; default: the image's user, else root.
     pub user: Option<String>,
     /// Kill the process and everything it started after this many seconds (0 < t ≤ 604800).
+    #[schema(exclusive_minimum = 0, maximum = 604800)]
     pub timeout_s: Option<f64>,
 }
 
@@ -108,6 +109,7 @@ pub struct ProcessLogs {
 pub struct KillProcess {
     /// The signal to send to the process's group (1–64); default 15 (SIGTERM). 9 kills
     /// everything it started.
+    #[schema(minimum = 1, maximum = 64)]
     pub signal: Option<i32>,
 }
 

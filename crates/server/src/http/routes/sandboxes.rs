@@ -67,7 +67,8 @@ pub(in crate::http) struct Doc;
     responses(
         (status = 201, description = "Created and running: one Sandbox, or with `count` \
             `{\"sandboxes\": [Sandbox, …]}`", body = Created),
-        (status = 400, body = ErrorBody), (status = 422, description = "`from_snapshot` with `image` or `tier`, or `count` without `from_snapshot`",
+        (status = 400, body = ErrorBody), (status = 422, description = "`from_snapshot` with `image` or `tier`, `count` without \
+            `from_snapshot`, or an image this daemon does not have",
             body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
