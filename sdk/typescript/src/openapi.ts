@@ -4216,7 +4216,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description `from_snapshot` with `image` or `tier`, or `count` without `from_snapshot` */
+            /** @description `from_snapshot` with `image` or `tier`, `count` without `from_snapshot`, or an image this daemon does not have */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -5112,6 +5112,15 @@ export interface operations {
             };
             /** @description The sandbox is not running */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A ttl_s above the group's identity.ttl_s */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };
