@@ -737,9 +737,10 @@ mod tests {
         assert!(e.to_string().contains("\"sts.amazonaws.com\""), "{e}");
         let mut long = ask("sts.amazonaws.com");
         long.ttl_s = Some(601);
+        // Within the document's range, above the group's: a 422.
         assert!(matches!(
             f.issuer.mint(long).await,
-            Err(Error::BadRequest(_))
+            Err(Error::Unprocessable(_))
         ));
         let mut other = ask("sts.amazonaws.com");
         other.group = "other".into();
