@@ -26,7 +26,7 @@ busybox               busybox-static    all    crates/testkit, crates/vm/tests: 
 docker-registry       docker-registry   all    crates/testkit: a real OCI registry on loopback
 htpasswd              apache2-utils     all    crates/testkit: the registry with Basic auth
 python3               python3           all    crates/cli/tests/sdk_python.rs, mcp.rs, network.rs: the Python SDK tests, the MCP client, the package index and test servers of the network tests
-venv                  python3-venv      all    crates/cli/tests/sdk_python.rs, mcp.rs: python3 -m venv for those tests; network.rs: the pip wheel it brings (python3-pip-whl) goes into a guest
+venv                  python3-venv      all    crates/cli/tests/sdk_python.rs, mcp.rs, api_fuzz.rs: python3 -m venv for those tests (schemathesis from PyPI for api_fuzz.rs); network.rs: the pip wheel it brings (python3-pip-whl) goes into a guest
 node                  nodejs            all    crates/cli/tests/sdk_typescript.rs: the TypeScript SDK tests (Node 18+)
 npm                   npm               all    crates/cli/tests/sdk_typescript.rs: npm ci, npm pack of the TypeScript SDK
 chromium              chromium          all    crates/cli/tests/console.rs: the web console in a headless browser

@@ -354,7 +354,7 @@ async fn files_through_the_daemon() {
     let (st, e) = s
         .call(ADMIN, "DELETE", "files", "path=/&recursive=true")
         .await;
-    assert_eq!(st, 400, "{e}");
+    assert_eq!(st, 422, "{e}");
 
     let (st, _) = d.call(Some(&user), "DELETE", &s.base, None).await;
     assert_eq!(st, 204);

@@ -234,8 +234,9 @@ async fn images_import_list_use_and_delete() {
 async fn image_requests_are_validated_and_failures_reported() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
     let reg = Registry::start(None);
+    // Allowed by the document's schema, refused by the source's grammar or the name rules it
+    // cannot state: 422.
     for (body, needle) in [
-        (json!({"source": ""}), "invalid source"),
         (
             json!({"source": "oci:relative/dir", "name": "a"}),
             "absolute",
@@ -249,8 +250,21 @@ async fn image_requests_are_validated_and_failures_reported() {
             "invalid source",
         ),
         (
-            json!({"source": "localhost:5000/a:b", "name": "-x"}),
+            json!({"source": "localhost:5000/a:b", "name": "a..b"}),
             "image names",
+        ),
+    ] {
+        let (st, v) = d
+            .call(Some(ADMIN), "POST", "/v1/images", Some(body.clone()))
+            .await;
+        assert_eq!(st, 422, "{body}: {v}");
+        assert!(msg(&v).contains(needle), "{body}: {v}");
+    }
+    for (body, needle) in [
+        (json!({"source": ""}), "source"),
+        (
+            json!({"source": "localhost:5000/a:b", "name": "-x"}),
+            "name",
         ),
         (
             json!({"source": "localhost:5000/a:b", "name": "a", "extra": 1}),
@@ -286,8 +300,10 @@ async fn image_requests_are_validated_and_failures_reported() {
         .call(Some(ADMIN), "GET", "/v1/images/no-such-image", None)
         .await;
     assert_eq!(st, 404);
-    let (st, _) = d.call(Some(ADMIN), "DELETE", "/v1/images/-bad", None).await;
-    assert_eq!(st, 400);
+    // A name no image can have is not found, with the rules (whatever the daemon's state).
+    let (st, v) = d.call(Some(ADMIN), "DELETE", "/v1/images/-bad", None).await;
+    assert_eq!(st, 404, "{v}");
+    assert!(msg(&v).contains("image names are"), "{v}");
 
     // Sources that fail: the operation fails and says why.
     for (source, needle) in [

@@ -184,7 +184,7 @@ async fn policies_through_the_cli_and_the_api() {
                         "tests": {"allow": [{"command": "ls | curl x"}]}})),
         )
         .await;
-    assert_eq!(st, 400, "{e}");
+    assert_eq!(st, 422, "{e}");
     assert!(
         msg(&e).contains("tests.allow[0]") && msg(&e).contains("command.denied"),
         "{e}"

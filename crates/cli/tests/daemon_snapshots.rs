@@ -223,9 +223,10 @@ async fn snapshot_routes_validate_scope_and_conflicts() {
         (json!({"from_snapshot": "nope"}), 404),
         (json!({"from_snapshot": "base-1", "count": 0}), 400),
         (json!({"from_snapshot": "base-1", "count": 17}), 400),
-        (json!({"count": 2}), 400),
-        (json!({"from_snapshot": "base-1", "image": "base"}), 400),
-        (json!({"from_snapshot": "base-1", "tier": "m"}), 400),
+        // Rules between fields, which the schema cannot state: 422.
+        (json!({"count": 2}), 422),
+        (json!({"from_snapshot": "base-1", "image": "base"}), 422),
+        (json!({"from_snapshot": "base-1", "tier": "m"}), 422),
         (json!({"from_snapshot": "Bad"}), 400),
     ] {
         let (st, e) = create(&d, "web", body.clone()).await;

@@ -22,6 +22,11 @@ pub enum Error {
         findings: Vec<moat_policy::Finding>,
         policy_version: u64,
     },
+    /// Well-formed by the OpenAPI document, but refused by a rule the document cannot state
+    /// (one field excludes another, an egress rule that can never match, a policy whose
+    /// rules do not compile): a 422 whose message names the rule.
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -161,6 +166,7 @@ impl Error {
             Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Error::PolicyDenied { .. } => (StatusCode::FORBIDDEN, "policy_denied"),
+            Error::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Error::Conflict(_) | Error::SandboxGone(_) => (StatusCode::CONFLICT, "conflict"),

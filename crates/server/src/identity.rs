@@ -498,9 +498,10 @@ impl Issuer {
         }
         let ttl = req.ttl_s.unwrap_or(spec.ttl_s);
         if !(MIN_TOKEN_TTL_S..=spec.ttl_s).contains(&ttl) {
+            // Within the document's range but above this group's own lifetime: a 422.
             return Err((
                 "ttl",
-                Error::BadRequest(format!(
+                Error::Unprocessable(format!(
                     "invalid ttl_s {ttl}: allowed is {MIN_TOKEN_TTL_S}–{} seconds (the group's \
                      identity.ttl_s)",
                     spec.ttl_s
@@ -739,9 +740,10 @@ mod tests {
         assert!(e.to_string().contains("\"sts.amazonaws.com\""), "{e}");
         let mut long = ask("sts.amazonaws.com");
         long.ttl_s = Some(601);
+        // Within the document's range, above the group's: a 422.
         assert!(matches!(
             f.issuer.mint(long).await,
-            Err(Error::BadRequest(_))
+            Err(Error::Unprocessable(_))
         ));
         let mut other = ask("sts.amazonaws.com");
         other.group = "other".into();

@@ -150,7 +150,7 @@ impl Gate {
         tokio::task::spawn_blocking(move || p.validate_with(|p, r| gate.decide_blocking(p, r)))
             .await
             .map_err(Error::task("checking the policy"))?
-            .map_err(|e| Error::BadRequest(e.to_string()))
+            .map_err(invalid)
     }
 
     /// The gate itself: decides `request` under `group`'s policy in force, records the
@@ -259,6 +259,17 @@ impl ExecRequest {
             stdin: self.stdin.clone(),
             timeout_s: self.timeout_s,
         }
+    }
+}
+
+/// A policy or request the document's schema allows but moat-policy refuses (a rule that does
+/// not compile, examples the policy contradicts, "exactly one of argv, command, python and
+/// shell"): 422, with every problem named. Text that is not a policy at all is a 400.
+pub fn invalid(e: moat_policy::Error) -> Error {
+    match e {
+        moat_policy::Error::PolicySyntax(_) => Error::BadRequest(e.to_string()),
+        moat_policy::Error::Worker(_) => Error::Unavailable(e.to_string()),
+        _ => Error::Unprocessable(e.to_string()),
     }
 }
 

@@ -359,7 +359,8 @@ async fn error_shapes_400_404_405_413() {
         (
             "ok",
             json!({"pool": {"size": 65}}),
-            &["at /pool/size", "greater than the maximum of 64"],
+            // Refused by the schema; the message is the group's own check's.
+            &["invalid pool.size 65", "allowed is 0–64"],
         ),
         ("ok", json!([1, 2]), &["invalid request body"]),
     ];
@@ -664,18 +665,24 @@ async fn policies_versions_roles_and_failing_closed_without_a_worker() {
         (200, Some(1)),
         "unchanged: {v}"
     );
-    for (body, needle) in [
-        (json!({"mode": "enforce", "comands": {}}), "comands"),
-        (json!({"commands": {"allow": ["bin/ls"]}}), "relative path"),
-        (json!({"mode": "strict"}), "strict"),
+    // Not a policy object (400), or one whose rules moat-policy refuses (422).
+    for (body, status, needle) in [
+        (json!({"mode": "enforce", "comands": {}}), 400, "comands"),
+        (
+            json!({"commands": {"allow": ["bin/ls"]}}),
+            422,
+            "relative path",
+        ),
+        (json!({"mode": "strict"}), 400, "strict"),
         // Examples are decided in the worker; without one they cannot hold.
         (
             json!({"mode": "enforce", "tests": {"allow": [{"argv": ["ls"]}]}}),
+            422,
             "tests.allow[0]",
         ),
     ] {
         let (st, e) = app.call(k, "PUT", &pol, Some(body.clone())).await;
-        assert_eq!(st, 400, "{body}: {e}");
+        assert_eq!(st, status, "{body}: {e}");
         assert!(msg(&e).contains(needle), "{body}: {e}");
     }
     let (_, versions) = app.call(k, "GET", &format!("{pol}/versions"), None).await;
@@ -718,7 +725,7 @@ async fn policies_versions_roles_and_failing_closed_without_a_worker() {
     let (st, e) = app
         .call(u, "POST", &format!("{pol}/check"), Some(json!({})))
         .await;
-    assert_eq!(st, 400, "{e}");
+    assert_eq!(st, 422, "{e}");
     assert!(
         msg(&e).contains("exactly one of argv, command, python and shell"),
         "{e}"
@@ -1062,7 +1069,8 @@ async fn identity_issuer_tokens_audit_and_roles() {
             Some(json!({"identity": {"enabled": true}})),
         )
         .await;
-    assert_eq!((st, msg(&e).contains("audiences")), (400, true), "{e}");
+    // A rule between fields, beyond what the schema states: 422.
+    assert_eq!((st, msg(&e).contains("audiences")), (422, true), "{e}");
     let spec = json!({"identity": {"enabled": true, "audiences": ["sts.amazonaws.com"]}});
     let (st, g) = app.call(a, "PUT", &format!("{G}/g"), Some(spec)).await;
     assert_eq!(st, 201, "{g}");
@@ -1268,7 +1276,11 @@ async fn secrets_are_write_only_scoped_and_checked() {
             json!({"value": ""}),
             "at /value: the value is shorter than 1 character",
         ),
-        ("ok", json!({"value": "a\nSECRETPART"}), "0x0a"),
+        (
+            "ok",
+            json!({"value": "a\nSECRETPART"}),
+            "at /value: the value does not match",
+        ),
         ("ok", json!({"value": "v", "extra": 1}), "unknown field"),
         ("ok", json!({}), "value"),
     ] {
@@ -1310,7 +1322,7 @@ async fn secrets_are_write_only_scoped_and_checked() {
             Some(transform("Bearer ${secret:nope}")),
         )
         .await;
-    assert_eq!(st, 400);
+    assert_eq!(st, 422);
     assert!(
         msg(&e).contains("egress.rules[0].transform.headers.authorization")
             && msg(&e).contains("no secret \"nope\""),
@@ -1324,7 +1336,7 @@ async fn secrets_are_write_only_scoped_and_checked() {
             Some(transform("Bearer ${identity:api://x}")),
         )
         .await;
-    assert_eq!(st, 400);
+    assert_eq!(st, 422);
     assert!(
         msg(&e).contains("does not allow audience \"api://x\""),
         "{e}"
@@ -1346,7 +1358,7 @@ async fn secrets_are_write_only_scoped_and_checked() {
             {"host": "a.com", "ports": [80], "transform": {"headers": {"A": "x"}}}]}})),
         )
         .await;
-    assert_eq!(st, 400);
+    assert_eq!(st, 422);
     assert!(msg(&e).contains("upgrade_to_https"), "{e}");
 
     // Deleting a secret a transform uses is allowed (its requests are then refused).
@@ -1426,7 +1438,8 @@ async fn every_json_body_is_held_to_its_documented_schema() {
         }
     }
     assert!(bodies >= 12, "{bodies}");
-    // A schema rule serde does not know: the group's pool size, and the API key's name.
+    // A schema rule serde does not know: the API key's name. The type's own check refuses it
+    // too, and its message is the one given.
     let (st, e) = app
         .call(
             Some(ADMIN),
@@ -1436,7 +1449,37 @@ async fn every_json_body_is_held_to_its_documented_schema() {
         )
         .await;
     assert_eq!(st, 400, "{e}");
-    assert!(msg(&e).contains("at /name"), "{e}");
+    assert!(
+        msg(&e).contains("invalid name") && msg(&e).contains("printable"),
+        "{e}"
+    );
+    // Integers are bounded by their type (a version the store cannot hold), and the schema's
+    // message says where when no check of the type's own speaks.
+    let (st, e) = app
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/g/policy/rollback"),
+            Some(json!({"version": 9_223_372_036_854_775_808_u64})),
+        )
+        .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(msg(&e).contains("at /version"), "{e}");
+    // Allowed by the document, refused by a rule it cannot state: 422, naming the rule.
+    let (st, e) = app
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/g/sandboxes"),
+            Some(json!({"from_snapshot": "s", "image": "base"})),
+        )
+        .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (422, Some("unprocessable")),
+        "{e}"
+    );
+    assert!(msg(&e).contains("from_snapshot excludes image"), "{e}");
     // Nothing was created by any of it.
     let (_, keys) = app.call(Some(ADMIN), "GET", "/v1/api-keys", None).await;
     assert_eq!(keys["api_keys"].as_array().unwrap().len(), 1, "{keys}");

@@ -19,6 +19,7 @@ RESPONSES = {
     "ApiKey": moat.ApiKey,
     "CreatedApiKey": moat.CreatedApiKey,
     "Sandbox": moat.SandboxInfo,
+    "SandboxHealth": moat.SandboxHealth,
     "ExecResult": moat.ExecResult,
     "ExecExit": moat.ExecExit,
     "FileEntry": moat.FileEntry,
@@ -72,9 +73,14 @@ def props(schemas: Dict[str, Any], name: str) -> Set[str]:
     return set(schemas[name].get("properties", {}))
 
 
+# A CreatedApiKey is an ApiKey: the fields the create answer does not carry are None in it.
+INHERITED = {"CreatedApiKey": {"last_used_at", "rotated_at"}}
+
+
 @pytest.mark.parametrize("name", sorted(RESPONSES))
 def test_response_types(schemas: Dict[str, Any], name: str) -> None:
     fields = {f.name for f in dataclasses.fields(RESPONSES[name])} - SDK_ONLY
+    fields -= INHERITED.get(name, set())
     assert props(schemas, name) == fields
 
 

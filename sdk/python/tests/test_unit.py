@@ -103,6 +103,7 @@ def test_file_content_is_streamed_in_chunks() -> None:
         (405, moat.MethodNotAllowed),
         (409, moat.Conflict),
         (413, moat.PayloadTooLarge),
+        (422, moat.Unprocessable),
         (429, moat.TooManyRequests),
         (500, moat.InternalError),
         (503, moat.Unavailable),
@@ -118,6 +119,10 @@ def test_error_classes(status: int, cls: type) -> None:
 def test_error_bodies_not_from_the_daemon() -> None:
     e = error_from_response(502, b"<html>Bad Gateway</html>")
     assert isinstance(e, moat.InternalError) and e.code == "http_502" and "Bad Gateway" in e.message
+    # The daemon's own 502 (the sandbox's agent failed) says so by its code.
+    body = json.dumps({"error": {"code": "bad_gateway", "message": "m"}}).encode()
+    e = error_from_response(502, body)
+    assert type(e) is moat.BadGateway
     e = error_from_response(418, b"")
     assert type(e) is moat.MoatError and e.message == "HTTP status 418"
     assert moat.CapacityError is moat.TooManyRequests

@@ -58,6 +58,12 @@ export class MethodNotAllowed extends MoatError {}
 export class Conflict extends MoatError {}
 /** 413: the request body or an exec's collected output is too large. */
 export class PayloadTooLarge extends MoatError {}
+/**
+ * 422 `unprocessable`: well-formed by the OpenAPI document, but refused by a rule it cannot
+ * state (one field excludes another, an egress rule that can never match, a policy that does
+ * not compile); the message names the rule. A BadRequest: either way the request must change.
+ */
+export class Unprocessable extends BadRequest {}
 /** 429: the host is full; retry later. */
 export class TooManyRequests extends MoatError {}
 /** The same class as {@link TooManyRequests}. */
@@ -66,6 +72,12 @@ export const CapacityError = TooManyRequests;
 export class RateLimited extends TooManyRequests {}
 /** 500: the daemon failed; the details are in its log. */
 export class InternalError extends MoatError {}
+/**
+ * 502 `bad_gateway` (by its code: a proxy's own 502 is an InternalError): the sandbox's agent
+ * did not answer or broke the protocol (its `health` says so), or a port of the sandbox could
+ * not be reached.
+ */
+export class BadGateway extends MoatError {}
 /** 503: the daemon cannot do this now (store busy, sandboxes being prepared); retry. */
 export class Unavailable extends MoatError {}
 /** 507: the sandbox's disk is full. */
@@ -83,6 +95,7 @@ const BY_STATUS: Record<number, ErrorClass> = {
   405: MethodNotAllowed,
   409: Conflict,
   413: PayloadTooLarge,
+  422: Unprocessable,
   429: TooManyRequests,
   500: InternalError,
   503: Unavailable,
@@ -97,8 +110,10 @@ const BY_CODE: Record<string, ErrorClass> = {
   method_not_allowed: MethodNotAllowed,
   conflict: Conflict,
   payload_too_large: PayloadTooLarge,
+  unprocessable: Unprocessable,
   too_many_requests: TooManyRequests,
   internal: InternalError,
+  bad_gateway: BadGateway,
   unavailable: Unavailable,
   no_space: NoSpace,
 };

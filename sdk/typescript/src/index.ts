@@ -24,6 +24,7 @@ export {
 } from "./client.js";
 export type { ClientOptions } from "./client.js";
 export {
+  BadGateway,
   BadRequest,
   CapacityError,
   Conflict,
@@ -40,6 +41,7 @@ export {
   TooManyRequests,
   Unauthorized,
   Unavailable,
+  Unprocessable,
 } from "./errors.js";
 export { Shell } from "./shell.js";
 export type * from "./types.js";

@@ -105,10 +105,42 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        get?: never;
+        get: operations["get_key"];
         put?: never;
         post?: never;
         delete: operations["delete_key"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/api-keys/{id}/rotate": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["rotate_key"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/audit": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_audit"];
+        put?: never;
+        post?: never;
+        delete?: never;
         options?: never;
         head?: never;
         patch?: never;
@@ -749,18 +781,65 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /**
+         * @description `ok`: it answers. `unresponsive`: it did not answer, or broke the protocol; moat is
+         *     reconnecting, and requests meanwhile answer 502.
+         * @enum {string}
+         */
+        AgentHealth: "ok" | "unresponsive";
         /** @description An API key as listed: never the secret itself. */
         ApiKey: {
             created_at: string;
+            /** @description RFC 3339, UTC; null: never. An expired key is refused with 401 until it is rotated. */
+            expires_at?: string | null;
             groups: string[];
             id: string;
+            /** @description RFC 3339, UTC, to within a minute (recorded at most once a minute); null: never used. */
+            last_used_at?: string | null;
             name: string;
             /** @description The first characters of the key (`moat_` + 8), to recognise it. */
             prefix: string;
+            rate_limit?: null | components["schemas"]["RateLimit"];
             role: components["schemas"]["Role"];
+            /** @description When the secret was last rotated; null: never. */
+            rotated_at?: string | null;
         };
         ApiKeyList: {
             api_keys: components["schemas"]["ApiKey"][];
+        };
+        /** @description One mutating API call. */
+        AuditEvent: {
+            /** @description `METHOD /route/{template}`, e.g. `POST /v1/sandbox-groups/{group}/sandboxes`. */
+            action: string;
+            /** @description RFC 3339, UTC, to the millisecond. */
+            at: string;
+            /** @description The sandbox group the path names, if any. */
+            group?: string | null;
+            /** @description The API key's id; null when the call carried no valid key (a refused attempt). */
+            key_id?: string | null;
+            /**
+             * Format: u-int64
+             * @description Increasing; pass the last one as `after` for the next page.
+             */
+            n: number;
+            /** @description The `X-Request-Id` of the answer, for matching a client's log to this entry. */
+            request_id: string;
+            /**
+             * Format: u-int16
+             * @description The HTTP status of the answer.
+             */
+            status: number;
+            /** @description The path called (no query string). */
+            target: string;
+        };
+        AuditList: {
+            /** @description Oldest first. */
+            events: components["schemas"]["AuditEvent"][];
+            /**
+             * Format: u-int64
+             * @description Pass as `after` for the next page; null on the last page.
+             */
+            next?: number | null;
         };
         /** @description One request to check. Exactly one of `argv`, `command`, `python` and `shell` says what runs. */
         CheckRequest: {
@@ -803,47 +882,36 @@ export interface components {
         };
         CreateApiKey: {
             /**
-             * @description Groups the key may see; required (non-empty) unless the role is admin, which sees all
-             *     groups and takes none.
+             * Format: u-int64
+             * @description The key stops working this many seconds from now (1 s – 10 years); absent: never.
+             *     Relative, so that a client's clock cannot make a key that is born expired.
              */
+            expires_in_s?: number | null;
             groups?: string[];
-            /** @description For people: 1–64 printable characters. */
+            /** @description For people: 1–64 printable characters, not all of them spaces. */
             name: string;
+            rate_limit?: null | components["schemas"]["RateLimit"];
             role: components["schemas"]["Role"];
         };
         /** @description `POST /v1/sandbox-groups/{group}/sandboxes`. Every field is optional. */
         CreateSandbox: {
             /**
-             * Format: int32
+             * Format: u-int32
              * @description With `from_snapshot`: how many forks, 1–16; the answer is then `{"sandboxes": […]}`.
              *     Either all of them are created or none.
              * @default null
              */
             count: number | null;
-            /**
-             * @description Environment of every exec in the sandbox, over the image's (an exec's own `env` wins).
-             * @default {}
-             */
-            env: {
+            /** @description Environment variables: at most 256; names of letters, digits and '_', not starting with a digit (1–256 characters); values without NUL */
+            env?: {
                 [key: string]: string;
             };
-            /**
-             * @description Fork a snapshot of this group instead of starting the image: processes, memory and
-             *     files as they were, with fresh entropy, clock and hostname. Excludes `image` and
-             *     `tier` (the snapshot's are used).
-             * @default null
-             */
-            from_snapshot: string | null;
-            /**
-             * @description Image name or digest; default: the group's image.
-             * @default null
-             */
-            image: string | null;
-            /**
-             * @description Kubernetes-style labels, for `?labels=` selectors.
-             * @default {}
-             */
-            labels: {
+            /** @description Fork a snapshot of this group instead of starting the image: processes, memory and files as they were, with fresh entropy, clock and hostname. Excludes `image` and `tier` (the snapshot's are used). */
+            from_snapshot?: null | string;
+            /** @description Image name or sha256 digest (1–512 characters without spaces or control characters); default: the group's image */
+            image?: null | string;
+            /** @description Kubernetes-style labels, at most 64: keys [prefix/]name, the prefix a lowercase DNS subdomain of at most 253 characters, the name 1–63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit; values the same as a name, or empty */
+            labels?: {
                 [key: string]: string;
             };
             /** @default null */
@@ -862,12 +930,14 @@ export interface components {
         /** @description The answer to a create: the only time the secret is shown. */
         CreatedApiKey: {
             created_at: string;
+            expires_at?: string | null;
             groups: string[];
             id: string;
             /** @description The secret, `moat_` + 43 base62 characters. Shown once; store it now. */
             key: string;
             name: string;
             prefix: string;
+            rate_limit?: null | components["schemas"]["RateLimit"];
             role: components["schemas"]["Role"];
         };
         /** @description The result of checking one request against one policy. */
@@ -882,7 +952,7 @@ export interface components {
         DecisionList: {
             items: components["schemas"]["LogEntry"][];
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Pass as `after` for the next page; null on the last page.
              */
             next?: number | null;
@@ -895,26 +965,26 @@ export interface components {
             /** @description The destination address the guest used (DNS: the address moat answered). */
             address?: string | null;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Host to guest.
              */
             bytes_received: number;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Guest to host.
              */
             bytes_sent: number;
-            /** Format: int64 */
+            /** Format: u-int64 */
             duration_ms: number;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Increases with every event the daemon stores: `after` in a query continues from it.
              */
             id: number;
             kind: components["schemas"]["EgressKind"];
             /** @description The host name the guest asked for or connected to (by moat's DNS answer). */
             name?: string | null;
-            /** Format: int32 */
+            /** Format: u-int16 */
             port?: number | null;
             /**
              * @description Why, for a person: `rule`, `no rule matched (default deny)`, `floor: …`, `policy
@@ -922,7 +992,7 @@ export interface components {
              */
             reason: string;
             /**
-             * Format: int32
+             * Format: u-int32
              * @description The index in the group's `egress.rules` of the rule that decided; null for the default
              *     and for checks outside the rules (the floor, TLS SNI or HTTP Host, limits).
              */
@@ -1003,9 +1073,11 @@ export interface components {
         };
         ErrorDetail: {
             /**
-             * @description Stable and machine-readable: bad_request, unauthorized, forbidden, policy_denied,
-             *     not_found, method_not_allowed, conflict, payload_too_large, too_many_requests,
-             *     unavailable, no_space, internal.
+             * @description Stable and machine-readable: bad_request (the request is not what the OpenAPI
+             *     document allows), unauthorized, forbidden, policy_denied, not_found,
+             *     method_not_allowed, conflict, payload_too_large, unprocessable (allowed by the
+             *     document, refused by a rule it cannot state), too_many_requests, rate_limited,
+             *     unavailable, bad_gateway (the sandbox's agent failed), no_space, internal.
              */
             code: string;
             /** @description `policy_denied` only: why the group's policy refused the request. */
@@ -1013,7 +1085,7 @@ export interface components {
             /** @description For people: what was wrong and, for bad input, what is allowed. */
             message: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description `policy_denied` only: the version of the policy that refused it.
              */
             policy_version?: number | null;
@@ -1058,11 +1130,8 @@ export interface components {
              * @default null
              */
             cwd: string | null;
-            /**
-             * @description Over the image's and the sandbox's environment.
-             * @default {}
-             */
-            env: {
+            /** @description Environment variables: at most 256; names of letters, digits and '_', not starting with a digit (1–256 characters); values without NUL */
+            env?: {
                 [key: string]: string;
             };
             /**
@@ -1103,7 +1172,7 @@ export interface components {
         /** @description `POST …/sandboxes/{id}/ports`. */
         ExposePort: {
             /**
-             * Format: int32
+             * Format: u-int16
              * @description A TCP port in the guest, 1–65535.
              * @example 8080
              */
@@ -1126,7 +1195,7 @@ export interface components {
             mtime: string;
             name: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Size in bytes as the guest reports it.
              */
             size: number;
@@ -1139,16 +1208,16 @@ export interface components {
         FileWritten: {
             path: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description The bytes received and written, as counted by the daemon.
              */
             size: number;
         };
         /** @description One reason a request is (or, in audit mode, would be) refused. */
         Finding: {
-            /** Format: int32 */
+            /** Format: u-int32 */
             column?: number | null;
-            /** Format: int32 */
+            /** Format: u-int32 */
             line?: number | null;
             message: string;
             rule: components["schemas"]["Rule"];
@@ -1189,16 +1258,12 @@ export interface components {
              */
             identity: components["schemas"]["IdentitySpec"];
             /**
-             * @description Default image (name or sha256 digest) of the group's sandboxes.
-             * @default base
+             * @description Image name or sha256 digest: 1–512 characters without spaces or control characters
              * @example base
              */
-            image: string;
-            /**
-             * @description Kubernetes-style labels (at most 64).
-             * @default {}
-             */
-            labels: {
+            image?: string;
+            /** @description Kubernetes-style labels, at most 64: keys [prefix/]name, the prefix a lowercase DNS subdomain of at most 253 characters, the name 1–63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit; values the same as a name, or empty */
+            labels?: {
                 [key: string]: string;
             };
             /**
@@ -1224,13 +1289,20 @@ export interface components {
         /** @description What the group has right now: read from the daemon when it answers, not stored. */
         GroupStatus: {
             /**
-             * Format: int32
+             * Format: u-int32
              * @description Ready VMs in the group's warm pool: `spec.pool.size` once it is full, fewer while it
              *     refills after hand-overs.
              */
             pool_ready: number;
         };
         Health: {
+            /**
+             * @description Whether QEMU and the network stacks run jailed, and what the host offers the jail
+             *     (namespaces, seccomp, cgroup version), e.g. `on: uids 1600000000.., namespaces
+             *     mnt/pid/ipc/uts/net, seccomp, cgroup v2` or `off (MOAT_NO_JAIL=1)`. Absent until the
+             *     sandbox runtime is ready (the same line is in the log, `moat -v serve`).
+             */
+            jail?: string | null;
             /** @description Whether sandboxes can run yet: a daemon on a fresh MOAT_HOME prepares them first. */
             sandboxes: components["schemas"]["SandboxesHealth"];
             /** @description Always "ok" when the daemon answers. */
@@ -1253,7 +1325,7 @@ export interface components {
              */
             expires_on?: number | null;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Increasing: `?after=` pages on it.
              */
             id: number;
@@ -1301,13 +1373,8 @@ export interface components {
          *     widens what the group's sandboxes can act as).
          */
         IdentitySpec: {
-            /**
-             * @description The audiences a token may be asked for (exact strings, e.g. `sts.amazonaws.com`,
-             *     `api://AzureADTokenExchange`); each token carries exactly one. At most 20; at least one
-             *     when enabled.
-             * @default []
-             */
-            audiences: string[];
+            /** @description The audiences a token may be asked for (exact strings, e.g. `sts.amazonaws.com`, `api://AzureADTokenExchange`); each token carries exactly one. At most 20, each 1–512 printable ASCII characters without spaces; at least one when enabled. */
+            audiences?: string[];
             /**
              * @description Off by default: nothing mints tokens for the group's sandboxes.
              * @default false
@@ -1323,7 +1390,7 @@ export interface components {
             /** @default group */
             subject: components["schemas"]["IdentitySubject"];
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Lifetime of a token, seconds (60–3600; default 600). A request may ask for less.
              * @default 600
              */
@@ -1364,7 +1431,7 @@ export interface components {
             digest: string;
             name: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Size of its root disk.
              */
             size_bytes: number;
@@ -1374,17 +1441,15 @@ export interface components {
         };
         /** @description `POST /v1/images`. */
         ImportImage: {
-            /**
-             * @description The local name: 1–128 of `A-Za-z0-9._-/:`, starting and ending with a letter or
-             *     digit. Default for a registry source: its `repo:tag`; required for the others.
-             */
-            name?: string | null;
+            /** @description The local name: 1–128 of `A-Za-z0-9._-/:`, starting and ending with a letter or digit, without `..`, `//` or a leading `sha256:` (those are a 422). Default for a registry source: its `repo:tag`; required for the others. */
+            name?: null | string;
             /** @description Talk plain HTTP to the registry (a registry on loopback). */
             plain_http?: boolean;
             /**
              * @description As `moat image import`: a registry reference (`host[:port]/repo:tag` or `…@sha256:…`),
              *     `oci:/ABS/DIR[:tag]` (an OCI layout on the daemon's host) or
-             *     `docker-archive:/ABS/FILE` (a `docker save` tarball on the daemon's host).
+             *     `docker-archive:/ABS/FILE` (a `docker save` tarball on the daemon's host). 1–1024
+             *     characters without control characters; a source that does not parse is a 422.
              */
             source: string;
         };
@@ -1418,14 +1483,14 @@ export interface components {
         /** @description Timers of a group's sandboxes. `null` means "never". */
         LifecycleSpec: {
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Seconds without exec, file or shell activity and without a running background
              *     process before `on_idle` applies (1 s – 7 days; default 300).
              * @default 300
              */
             idle_timeout_s: number | null;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Upper bound on a sandbox's whole life, after which it is deleted (1 s – 365 days;
              *     default none).
              * @default null
@@ -1434,7 +1499,7 @@ export interface components {
             /** @default suspend */
             on_idle: components["schemas"]["OnIdle"];
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Seconds a suspended sandbox is kept before it is deleted (1 s – 90 days; default 7 days).
              * @default 604800
              */
@@ -1448,7 +1513,7 @@ export interface components {
              */
             env?: string[] | null;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description The most standard input a request may send.
              */
             max_stdin_bytes?: number | null;
@@ -1467,13 +1532,13 @@ export interface components {
          */
         LimitsSpec: {
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Bytes per second across all of the sandbox's TCP flows, both directions together,
              *     16384 (16 KiB/s) – 10^11 (default: unlimited).
              */
             bandwidth?: number | null;
             /**
-             * Format: int32
+             * Format: u-int32
              * @description DNS queries per second, 1–10000 (default 50).
              */
             dns_qps?: number | null;
@@ -1483,7 +1548,7 @@ export interface components {
              */
             max_flows?: number | null;
             /**
-             * Format: int32
+             * Format: u-int32
              * @description New flows per second, 1–10000 (default 100).
              */
             new_flows_per_s?: number | null;
@@ -1497,7 +1562,7 @@ export interface components {
             /** @description The hash of entry `n`. */
             hash: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Entries 1 to `n` were pruned.
              */
             n: number;
@@ -1515,12 +1580,12 @@ export interface components {
             /** @description Who asked: the id of the API key. */
             key: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Position in the group's log, from 1, without gaps.
              */
             n: number;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description The policy version that decided.
              */
             policy_version: number;
@@ -1567,10 +1632,10 @@ export interface components {
         };
         /** @description Progress of the current phase (bytes restart at 0 with each phase). */
         OperationProgress: {
-            /** Format: int64 */
+            /** Format: u-int64 */
             bytes_done: number;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description When the phase's size is known.
              */
             bytes_total?: number | null;
@@ -1607,7 +1672,7 @@ export interface components {
             /** @description Why it would be refused (in `audit` mode: why `enforce` would refuse it). */
             findings: components["schemas"]["Finding"][];
             mode: components["schemas"]["Mode"];
-            /** Format: int64 */
+            /** Format: u-int64 */
             policy_version: number;
         };
         /**
@@ -1624,7 +1689,7 @@ export interface components {
             /** @description SHA-256 (hex) of the policy as stored (JSON); null for version 0. */
             sha256?: string | null;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description 1, 2, …: every change makes a new version; 0 means no policy was ever applied.
              */
             version: number;
@@ -1635,7 +1700,7 @@ export interface components {
         };
         PoolSpec: {
             /**
-             * Format: int32
+             * Format: u-int32
              * @description Ready sandboxes kept warm for this group, 0–64.
              * @default 0
              */
@@ -1648,7 +1713,7 @@ export interface components {
         Port: {
             /** @description RFC 3339, UTC. */
             created_at: string;
-            /** Format: int32 */
+            /** Format: u-int16 */
             port: number;
             /**
              * @description The proxy's path on this daemon, `/v1/sandbox-groups/{group}/sandboxes/{id}/ports/{port}/`
@@ -1667,7 +1732,7 @@ export interface components {
             argv: string[];
             exit?: null | components["schemas"]["ProcessExit"];
             id: string;
-            /** Format: int32 */
+            /** Format: u-int32 */
             pid: number;
             running: boolean;
             /** @description RFC 3339 UTC. */
@@ -1706,10 +1771,26 @@ export interface components {
             /** @description The sandbox's id for it (`p1`, `p2`, …), never reused while the sandbox lives. */
             id: string;
             /**
-             * Format: int32
+             * Format: u-int32
              * @description Its pid in the guest (informational).
              */
             pid: number;
+        };
+        /**
+         * @description A token bucket: `per_s` requests a second on average, bursts of up to `burst`. Over it a
+         *     request is answered 429 with `Retry-After`.
+         */
+        RateLimit: {
+            /**
+             * Format: u-int32
+             * @description 1–100000.
+             */
+            burst: number;
+            /**
+             * Format: u-int32
+             * @description 1–100000.
+             */
+            per_s: number;
         };
         /**
          * @description A recorded request the candidate decides differently. Both sides are compared as
@@ -1720,7 +1801,7 @@ export interface components {
             /** @description The candidate's findings (empty when it would now run). */
             findings: components["schemas"]["Finding"][];
             /**
-             * Format: int64
+             * Format: u-int64
              * @description The entry's number in the decisions log.
              */
             n: number;
@@ -1732,7 +1813,7 @@ export interface components {
         /** @description `POST …/policy/replay`: a candidate policy, checked against the newest recorded requests. */
         ReplayRequest: {
             /**
-             * Format: int32
+             * Format: u-int32
              * @description How many of the newest decisions to replay, 1–500 (default 100).
              */
             limit?: number | null;
@@ -1742,7 +1823,7 @@ export interface components {
             /** @description Those the candidate decides differently, oldest first. */
             changed: components["schemas"]["ReplayChange"][];
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Recorded requests checked again.
              */
             checked: number;
@@ -1759,10 +1840,19 @@ export interface components {
          */
         RollbackRequest: {
             /**
-             * Format: int64
+             * Format: u-int64
              * @description The version to go back to (1 or more; it must exist for this group name).
              */
             version: number;
+        };
+        /** @description A rotation: a new secret for the same key (id, role, groups, rate limit). */
+        RotateApiKey: {
+            /**
+             * Format: u-int64
+             * @description The new secret expires this many seconds from now (1 s – 10 years); absent: the key's
+             *     expiry stays as it was (refused if that has passed: give a new one).
+             */
+            expires_in_s?: number | null;
         };
         /**
          * @description Every rule a finding can name.
@@ -1773,14 +1863,17 @@ export interface components {
         Sandbox: {
             /** @description RFC 3339, UTC. */
             created_at: string;
+            /** @description Environment variables: at most 256; names of letters, digits and '_', not starting with a digit (1–256 characters); values without NUL */
             env: {
                 [key: string]: string;
             };
             group: string;
+            health?: null | components["schemas"]["SandboxHealth"];
             /** @description `sb-` and 12 hex digits. */
             id: string;
             /** @description Manifest digest of the image it runs. */
             image: string;
+            /** @description Kubernetes-style labels, at most 64: keys [prefix/]name, the prefix a lowercase DNS subdomain of at most 253 characters, the name 1–63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit; values the same as a name, or empty */
             labels: {
                 [key: string]: string;
             };
@@ -1796,6 +1889,14 @@ export interface components {
             tier: components["schemas"]["Tier"];
             updated_at: string;
         };
+        /** @description The health of a running sandbox's agent (its channel to the host). */
+        SandboxHealth: {
+            agent: components["schemas"]["AgentHealth"];
+            /** @description What was seen (`unresponsive` only). */
+            reason?: string | null;
+            /** @description Since when (RFC 3339, UTC; `unresponsive` only). */
+            since?: string | null;
+        };
         SandboxList: {
             sandboxes: components["schemas"]["Sandbox"][];
         };
@@ -1807,25 +1908,25 @@ export interface components {
         /** @description The sandboxes part of `/healthz`. */
         SandboxesHealth: {
             /**
-             * Format: int32
+             * Format: u-int32
              * @description The preparation attempt running (`preparing`) or that failed (`failed`); 0 otherwise.
              */
             attempt: number;
             /** @description For people: what the daemon is doing, or what went wrong and what to do. */
             message: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Seconds until the next attempt (`failed`).
              */
             retry_after_s?: number | null;
             state: components["schemas"]["SandboxesState"];
             step?: null | components["schemas"]["SetupStep"];
             /**
-             * Format: int32
+             * Format: u-int32
              * @description Preparation steps finished, of `steps_total`.
              */
             steps_done: number;
-            /** Format: int32 */
+            /** Format: u-int32 */
             steps_total: number;
         };
         /**
@@ -1849,7 +1950,7 @@ export interface components {
             /**
              * @description 1–8192 visible ASCII characters and spaces, not starting or ending with a space.
              *     Never returned by any endpoint.
-             * @example sk-…
+             * @example sk-example
              */
             value: string;
         };
@@ -1885,7 +1986,7 @@ export interface components {
             /** @description Id of the sandbox it was taken from (which may since have been deleted). */
             sandbox: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Bytes it takes on the host (memory image and disk layer).
              */
             size_bytes: number;
@@ -1914,11 +2015,8 @@ export interface components {
              * @default null
              */
             cwd: string | null;
-            /**
-             * @description Over the image's and the sandbox's environment.
-             * @default {}
-             */
-            env: {
+            /** @description Environment variables: at most 256; names of letters, digits and '_', not starting with a digit (1–256 characters); values without NUL */
+            env?: {
                 [key: string]: string;
             };
             /**
@@ -1956,7 +2054,7 @@ export interface components {
              */
             audience: string;
             /**
-             * Format: int64
+             * Format: u-int64
              * @description Shorter than the group's `identity.ttl_s` if given (60 s at least).
              */
             ttl_s?: number | null;
@@ -2106,6 +2204,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2163,6 +2270,95 @@ export interface operations {
                 };
             };
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An admin key with groups, or another role without */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    get_key: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Key id (not the secret) */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiKey"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2240,6 +2436,173 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    rotate_key: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Key id (not the secret) */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RotateApiKey"];
+            };
+        };
+        responses: {
+            /** @description The new secret, shown only in this answer; the old one stopped working when this answer was sent (no overlap: to switch without a gap, create a second key, move to it, then delete the first) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CreatedApiKey"];
+                };
+            };
+            /** @description A bad expiry, or none for a key that has expired */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_audit: {
+        parameters: {
+            query?: {
+                /** @description Only calls at or after this time, unix seconds */
+                since?: number;
+                /** @description Only entries numbered above this (the previous page's next) */
+                after?: number;
+                /** @description Only calls made with this API key id */
+                key?: string;
+                /** @description Only calls on this sandbox group */
+                group?: string;
+                /** @description 1–1000, default 100 */
+                limit?: number;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A page of the audit log, oldest first: every POST, PUT and DELETE of the API (the port proxy's traffic aside), with its key, route, path, status and request id; never a body */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AuditList"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2285,6 +2648,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     rotate_signing_keys: {
@@ -2322,6 +2694,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     list_images: {
@@ -2343,6 +2724,15 @@ export interface operations {
                 };
             };
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2432,6 +2822,24 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The source does not parse, an oci: or docker-archive: source without a name or with a relative path, or a name with `..`, `//` or a leading `sha256:` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2479,6 +2887,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2556,6 +2973,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             500: {
                 headers: {
                     [name: string]: unknown;
@@ -2626,6 +3052,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2655,6 +3090,15 @@ export interface operations {
                 };
             };
             401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2710,6 +3154,15 @@ export interface operations {
             };
             /** @description No such group, or not visible to this key */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2801,6 +3254,24 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The egress policy breaks a rule of the network stack, or a transform names a secret the group does not have or an identity audience it does not allow (the message names the rule and the field) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2874,6 +3345,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2891,7 +3371,6 @@ export interface operations {
                 sandbox?: string;
                 /** @description Only events with this verdict. */
                 verdict?: components["schemas"]["EgressVerdict"];
-                /** @description Only events at or after this time (RFC 3339, UTC). */
                 since?: string;
                 /** @description Only events after this `id`, the oldest first; without it, the newest `limit` events. */
                 after?: number;
@@ -2934,6 +3413,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2996,6 +3484,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     get_policy: {
@@ -3036,6 +3533,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3087,7 +3593,7 @@ export interface operations {
                     "application/json": components["schemas"]["PolicyVersion"];
                 };
             };
-            /** @description Not a valid policy, or it contradicts its own `tests` (the message lists every problem and failing example) */
+            /** @description Not a policy object (see the schema) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -3122,6 +3628,24 @@ export interface operations {
                 };
             };
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A valid policy object whose rules do not compile, or that contradicts its own `tests` (the message lists every problem and failing example) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3197,6 +3721,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description Not exactly one of argv, command, python and shell, or another rule of a policy request */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description This API key asked for too many dry runs (each starts an analysis process): a burst of 20, then 5 a second; the message says when to retry */
             429: {
                 headers: {
@@ -3220,7 +3753,7 @@ export interface operations {
         parameters: {
             query?: {
                 /** @description allow, deny or audit (ran in audit mode with findings) */
-                verdict?: string;
+                verdict?: components["schemas"]["Verdict"];
                 /** @description Only decisions at or after this time, unix seconds */
                 since?: number;
                 /** @description Only entries numbered above this (the previous page's next) */
@@ -3272,6 +3805,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3348,6 +3890,24 @@ export interface operations {
                 };
             };
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The policy does not compile or contradicts its own `tests` (the message lists every problem) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3442,6 +4002,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -3497,6 +4066,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -3510,7 +4088,6 @@ export interface operations {
     list_sandboxes: {
         parameters: {
             query?: {
-                /** @description Label selector: key=value[,key=value…]; every pair must match */
                 labels?: string;
             };
             header?: never;
@@ -3547,6 +4124,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3630,6 +4216,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description `from_snapshot` with `image` or `tier`, `count` without `from_snapshot`, or an image this daemon does not have */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The host has no room for it (memory or vCPUs); the message says what it needs and what is free */
             429: {
                 headers: {
@@ -3703,6 +4298,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -3766,6 +4370,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             500: {
                 headers: {
                     [name: string]: unknown;
@@ -3789,10 +4402,6 @@ export interface operations {
             query?: {
                 /** @description Only events with this verdict. */
                 verdict?: components["schemas"]["EgressVerdict"];
-                /**
-                 * @description Only events at or after this time (RFC 3339, UTC: `2026-11-30T15:04:05Z`, fractions
-                 *     allowed).
-                 */
                 since?: string;
                 /**
                  * @description Only events after this `id`, the oldest first (to follow the audit); without it, the
@@ -3841,6 +4450,15 @@ export interface operations {
             };
             /** @description No such sandbox (a deleted one's events are in the group's audit) */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3929,6 +4547,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description Not exactly one of `argv` and `command` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -3939,6 +4566,15 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -3959,7 +4595,7 @@ export interface operations {
     get_file: {
         parameters: {
             query: {
-                /** @description Absolute path of a file in the guest */
+                /** @description Absolute path of a file in the guest (at most 4095 bytes) */
                 path: string;
             };
             header?: never;
@@ -4042,6 +4678,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4055,9 +4700,9 @@ export interface operations {
     put_file: {
         parameters: {
             query: {
-                /** @description Absolute path in the guest */
+                /** @description Absolute path in the guest (at most 4095 bytes) */
                 path: string;
-                /** @description Octal permission bits (default: those of the file replaced, else 0644) */
+                /** @description Octal permission bits, 0 to 7777 (default: those of the file replaced, else 0644) */
                 mode?: string;
                 /** @description Create missing parent directories */
                 parents?: boolean;
@@ -4157,6 +4802,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4179,7 +4833,7 @@ export interface operations {
     delete_file: {
         parameters: {
             query: {
-                /** @description Absolute path in the guest */
+                /** @description Absolute path in the guest (at most 4095 bytes) */
                 path: string;
                 /** @description Also a non-empty directory, with everything in it (symlinks are removed, never followed) */
                 recursive?: boolean;
@@ -4245,6 +4899,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The path is the guest's root directory */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -4255,6 +4918,15 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4275,7 +4947,7 @@ export interface operations {
     list_files: {
         parameters: {
             query: {
-                /** @description Absolute path of a directory in the guest */
+                /** @description Absolute path of a directory in the guest (at most 4095 bytes) */
                 path: string;
             };
             header?: never;
@@ -4351,6 +5023,15 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4438,6 +5119,24 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A ttl_s above the group's identity.ttl_s */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     port_forward: {
@@ -4506,6 +5205,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached: nothing listens, or no answer within 5 s */
             502: {
                 headers: {
@@ -4565,6 +5273,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4660,6 +5377,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4712,6 +5438,15 @@ export interface operations {
             };
             /** @description No such sandbox, or the port is not exposed */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4779,6 +5514,15 @@ export interface operations {
             };
             /** @description No such sandbox, or the port is not exposed */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4864,6 +5608,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4965,6 +5718,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached */
             502: {
                 headers: {
@@ -5052,6 +5814,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5153,6 +5924,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached */
             502: {
                 headers: {
@@ -5240,6 +6020,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5341,6 +6130,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached */
             502: {
                 headers: {
@@ -5428,6 +6226,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5531,6 +6338,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
             502: {
                 headers: {
@@ -5620,6 +6436,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5723,6 +6548,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
             502: {
                 headers: {
@@ -5812,6 +6646,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5915,6 +6758,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
             502: {
                 headers: {
@@ -6011,6 +6863,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
             502: {
                 headers: {
@@ -6100,6 +6961,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6206,6 +7076,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6294,6 +7173,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description Not exactly one of `argv` and `command` */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -6304,6 +7192,15 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6418,6 +7315,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6505,6 +7411,15 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6603,6 +7518,15 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6788,7 +7712,25 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox's agent did not answer, or broke the protocol (before the upgrade): its `health` says so, and the daemon reconnects or fails it */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6884,6 +7826,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             500: {
                 headers: {
                     [name: string]: unknown;
@@ -6966,6 +7917,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             500: {
                 headers: {
                     [name: string]: unknown;
@@ -7022,6 +7982,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7118,6 +8087,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     delete_secret: {
@@ -7174,6 +8152,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     list_snapshots: {
@@ -7214,6 +8201,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7270,6 +8266,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7334,6 +8339,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };

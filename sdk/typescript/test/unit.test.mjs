@@ -4,6 +4,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
+  BadGateway,
   BadRequest,
   CapacityError,
   Client,
@@ -13,6 +14,7 @@ import {
   NotFound,
   PolicyDenied,
   TooManyRequests,
+  Unprocessable,
 } from "../dist/index.js";
 
 /** A fetch that answers `status` with `body` and records what it was asked. */
@@ -87,4 +89,22 @@ test("requests carry the key, JSON bodies and encoded queries", async () => {
     .groups.apply("x", {})
     .catch((e) => e);
   assert.ok(e instanceof BadRequest);
+  // A rule the document cannot state (422) is still a BadRequest, of its own class.
+  const u = await new Client("http://h:1", "k", {
+    fetch: fake(422, JSON.stringify({ error: { code: "unprocessable", message: "exactly one" } })),
+  })
+    .groups.apply("x", {})
+    .catch((e) => e);
+  assert.ok(u instanceof Unprocessable && u instanceof BadRequest && u.status === 422);
+  // The daemon's 502 (an agent failure) by its code; a proxy's 502 page stays an InternalError.
+  const g = await new Client("http://h:1", "k", {
+    fetch: fake(502, JSON.stringify({ error: { code: "bad_gateway", message: "agent" } })),
+  })
+    .groups.apply("x", {})
+    .catch((e) => e);
+  assert.ok(g instanceof BadGateway);
+  const p = await new Client("http://h:1", "k", { fetch: fake(502, "<html>Bad Gateway</html>") })
+    .groups.apply("x", {})
+    .catch((e) => e);
+  assert.ok(p instanceof InternalError && !(p instanceof BadGateway));
 });

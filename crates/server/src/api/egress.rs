@@ -81,6 +81,7 @@ pub struct SandboxEgressQuery {
     pub verdict: Option<EgressVerdict>,
     /// Only events at or after this time (RFC 3339, UTC: `2026-11-30T15:04:05Z`, fractions
     /// allowed).
+    #[param(schema_with = since_schema)]
     pub since: Option<String>,
     /// Only events after this `id`, the oldest first (to follow the audit); without it, the
     /// newest `limit` events.
@@ -101,6 +102,7 @@ pub struct GroupEgressQuery {
     /// Only events with this verdict.
     pub verdict: Option<EgressVerdict>,
     /// Only events at or after this time (RFC 3339, UTC).
+    #[param(schema_with = since_schema)]
     pub since: Option<String>,
     /// Only events after this `id`, the oldest first; without it, the newest `limit` events.
     pub after: Option<u64>,
@@ -180,6 +182,26 @@ fn validate_sandbox_id(s: &str) -> Result<()> {
     }
 }
 
+/// What [`parse_rfc3339_ms`] accepts, as a pattern for the document: real dates (February
+/// 29th in leap years only) and times, in UTC.
+pub const RFC3339_UTC_PATTERN: &str = concat!(
+    "^([0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)",
+    "|02-(0[1-9]|1[0-9]|2[0-8]))",
+    "|([0-9]{2}(0[48]|[2468][048]|[13579][26])|([02468][048]|[13579][26])00)-02-29)",
+    "T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?Z$"
+);
+
+fn since_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .pattern(Some(RFC3339_UTC_PATTERN))
+        .description(Some(
+            "Only events at or after this time (RFC 3339, UTC: `2026-11-30T15:04:05Z`, \
+             fractions allowed)",
+        ))
+        .build()
+}
+
 /// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` → Unix milliseconds; `None` for anything else (other
 /// offsets included: the API speaks UTC).
 pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
@@ -254,6 +276,14 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
 mod tests {
     use super::*;
 
+    /// A matcher for a pattern of the document, by the JSON Schema validator the server uses.
+    fn matcher(pattern: &str) -> impl Fn(&str) -> bool {
+        let v =
+            jsonschema::validator_for(&serde_json::json!({"type": "string", "pattern": pattern}))
+                .unwrap();
+        move |s| v.is_valid(&serde_json::json!(s))
+    }
+
     #[test]
     fn times_parse_strictly() {
         assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
@@ -289,6 +319,22 @@ mod tests {
             "+026-11-30T15:04:05Z",
         ] {
             assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
+        // The document's pattern says the same, on these and on every day of a few years.
+        let pattern = matcher(RFC3339_UTC_PATTERN);
+        for y in [1900, 2000, 2024, 2026] {
+            for m in 1..=12 {
+                for d in 1..=31 {
+                    for t in ["T00:00:00Z", "T23:59:59.5Z", "T24:00:00Z", "T12:60:00Z"] {
+                        let s = format!("{y:04}-{m:02}-{d:02}{t}");
+                        assert_eq!(
+                            pattern(&s),
+                            parse_rfc3339_ms(&s).is_some(),
+                            "{s}: the pattern and the parser disagree"
+                        );
+                    }
+                }
+            }
         }
     }
 

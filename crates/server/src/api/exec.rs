@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{bad, quote, validate_env, ErrorDetail, DAY};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub const MAX_ARGV: usize = 4096;
 
@@ -21,6 +21,7 @@ pub struct ExecRequest {
     /// A shell command line, run as `/bin/sh -c COMMAND`.
     pub command: Option<String>,
     /// Over the image's and the sandbox's environment.
+    #[schema(schema_with = super::env_schema)]
     pub env: BTreeMap<String, String>,
     /// Absolute working directory; default: the image's, else the user's home.
     pub cwd: Option<String>,
@@ -29,6 +30,7 @@ pub struct ExecRequest {
     /// Given to the process as its standard input (then closed); without it stdin is empty.
     pub stdin: Option<String>,
     /// Kill the process and everything it started after this many seconds (0 < t ≤ 604800).
+    #[schema(exclusive_minimum = 0, maximum = 604800)]
     pub timeout_s: Option<f64>,
 }
 
@@ -73,11 +75,11 @@ impl ExecRequest {
     pub fn validate(&self) -> Result<Vec<String>> {
         let argv = match (&self.argv, &self.command) {
             (Some(_), Some(_)) | (None, None) => {
-                return bad(
+                return Err(Error::Unprocessable(
                     "give exactly one of \"argv\" (a list) and \"command\" (a shell \
-                            command line)"
+                     command line)"
                         .to_string(),
-                )
+                ))
             }
             (Some(argv), None) => {
                 if argv.is_empty() || argv.len() > MAX_ARGV {
@@ -131,5 +133,11 @@ impl ExecRequest {
 
     pub fn timeout_ms(&self) -> Option<u64> {
         self.timeout_s.map(|t| (t * 1000.0).ceil() as u64)
+    }
+}
+
+impl crate::http::extract::Checked for ExecRequest {
+    fn check(&self) -> Result<()> {
+        self.validate().map(drop)
     }
 }

@@ -32,7 +32,7 @@ pub enum OnIdle {
 #[serde(deny_unknown_fields, default)]
 pub struct GroupSpec {
     /// Default image (name or sha256 digest) of the group's sandboxes.
-    #[schema(example = "base")]
+    #[schema(schema_with = super::image_schema)]
     pub image: String,
     pub tier: Tier,
     pub pool: PoolSpec,
@@ -42,6 +42,7 @@ pub struct GroupSpec {
     /// running sandboxes too.
     pub network_limits: LimitsSpec,
     /// Kubernetes-style labels (at most 64).
+    #[schema(schema_with = super::labels_schema)]
     pub labels: BTreeMap<String, String>,
     pub identity: IdentitySpec,
 }
@@ -75,12 +76,15 @@ pub struct PoolSpec {
 pub struct LifecycleSpec {
     /// Seconds without exec, file or shell activity and without a running background
     /// process before `on_idle` applies (1 s – 7 days; default 300).
+    #[schema(minimum = 1, maximum = 604800)]
     pub idle_timeout_s: Option<u64>,
     pub on_idle: OnIdle,
     /// Seconds a suspended sandbox is kept before it is deleted (1 s – 90 days; default 7 days).
+    #[schema(minimum = 1, maximum = 7776000)]
     pub suspended_ttl_s: Option<u64>,
     /// Upper bound on a sandbox's whole life, after which it is deleted (1 s – 365 days;
     /// default none).
+    #[schema(minimum = 1, maximum = 31536000)]
     pub max_lifetime_s: Option<u64>,
 }
 
@@ -156,11 +160,13 @@ fn check_range(field: &str, v: Option<u64>, min: u64, max: u64) -> Result<()> {
 }
 
 /// The egress policy, by the rules the network stack applies (`moat_net::Policy`): the error
-/// names the field (`egress.rules[2].host`) and what is allowed.
+/// names the field (`egress.rules[2].host`) and what is allowed. A 422: these rules (a host
+/// that is a public suffix, a rule that can never match, exactly one of host and cidr) are
+/// beyond what the document's schema can state.
 pub fn validate_egress(spec: &EgressSpec) -> Result<()> {
     moat_net::Policy::new(spec.clone())
         .map(|_| ())
-        .map_err(|e| Error::BadRequest(e.to_string()))
+        .map_err(|e| Error::Unprocessable(e.to_string()))
 }
 
 /// The network limits, by the stack's own bounds; the error names the field
@@ -173,6 +179,12 @@ pub fn validate_network_limits(spec: &LimitsSpec) -> Result<()> {
             bad(format!("invalid network_{field}: {message}"))
         }
         Err(e) => bad(e.to_string()),
+    }
+}
+
+impl crate::http::extract::Checked for GroupSpec {
+    fn check(&self) -> Result<()> {
+        self.validate()
     }
 }
 

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{bad, quote};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Token lifetimes, seconds: the default, and the bounds of `identity.ttl_s`.
 pub const DEFAULT_TOKEN_TTL_S: u64 = 600;
@@ -37,9 +37,8 @@ pub enum IdentitySubject {
 pub struct IdentitySpec {
     /// Off by default: nothing mints tokens for the group's sandboxes.
     pub enabled: bool,
-    /// The audiences a token may be asked for (exact strings, e.g. `sts.amazonaws.com`,
-    /// `api://AzureADTokenExchange`); each token carries exactly one. At most 20; at least one
-    /// when enabled.
+    /// Described in `audiences_schema`.
+    #[schema(schema_with = audiences_schema)]
     pub audiences: Vec<String>,
     /// Lifetime of a token, seconds (60–3600; default 600). A request may ask for less.
     #[schema(minimum = 60, maximum = 3600)]
@@ -87,18 +86,42 @@ impl IdentitySpec {
                 ));
             }
         }
+        // Rules between fields, which the document's schema cannot state: 422.
         if self.enabled && self.audiences.is_empty() {
-            return bad(
+            return Err(Error::Unprocessable(
                 "identity.enabled needs at least one entry in identity.audiences (tokens \
                  are only minted for an allowed audience)"
                     .to_string(),
-            );
+            ));
         }
         if self.in_guest && !self.enabled {
-            return bad("identity.in_guest needs identity.enabled".to_string());
+            return Err(Error::Unprocessable(
+                "identity.in_guest needs identity.enabled".to_string(),
+            ));
         }
         Ok(())
     }
+}
+
+/// `IdentitySpec.audiences`: what [`IdentitySpec::validate`] allows of the list itself.
+fn audiences_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[\\x21-\\x7e]+$"))
+                .min_length(Some(1))
+                .max_length(Some(MAX_AUDIENCE_LEN)),
+        )
+        .max_items(Some(MAX_AUDIENCES))
+        .unique_items(true)
+        .description(Some(
+            "The audiences a token may be asked for (exact strings, e.g. `sts.amazonaws.com`, \
+             `api://AzureADTokenExchange`); each token carries exactly one. At most 20, each \
+             1–512 printable ASCII characters without spaces; at least one when enabled.",
+        ))
+        .build()
 }
 
 /// An audience as a token may carry it: 1–512 printable ASCII characters, no spaces (they are
@@ -121,6 +144,7 @@ pub struct TokenRequest {
     pub audience: String,
     /// Shorter than the group's `identity.ttl_s` if given (60 s at least).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 60, maximum = 3600)]
     pub ttl_s: Option<u64>,
 }
 
@@ -215,6 +239,7 @@ pub struct IdentityEventsQuery {
     /// Only events after this id (oldest first then); else the newest, oldest first.
     pub after: Option<u64>,
     /// At most this many (1–1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 

@@ -17,15 +17,50 @@ pub const MAX_SOURCE: usize = 1024;
 pub struct ImportImage {
     /// As `moat image import`: a registry reference (`host[:port]/repo:tag` or `…@sha256:…`),
     /// `oci:/ABS/DIR[:tag]` (an OCI layout on the daemon's host) or
-    /// `docker-archive:/ABS/FILE` (a `docker save` tarball on the daemon's host).
+    /// `docker-archive:/ABS/FILE` (a `docker save` tarball on the daemon's host). 1–1024
+    /// characters without control characters; a source that does not parse is a 422.
+    #[schema(
+        min_length = 1,
+        max_length = 1024,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"
+    )]
     pub source: String,
-    /// The local name: 1–128 of `A-Za-z0-9._-/:`, starting and ending with a letter or
-    /// digit. Default for a registry source: its `repo:tag`; required for the others.
+    /// The local name (described in `import_name_schema`).
     #[serde(default)]
+    #[schema(schema_with = import_name_schema)]
     pub name: Option<String>,
     /// Talk plain HTTP to the registry (a registry on loopback).
     #[serde(default)]
     pub plain_http: bool,
+}
+
+/// An image name as far as a pattern can say (`moat_image::validate_name` also refuses `..`,
+/// `//` and a leading `sha256:`): for the document, in bodies and paths.
+pub const IMAGE_NAME_PATTERN: &str = "^[A-Za-z0-9]([A-Za-z0-9._/:-]*[A-Za-z0-9])?$";
+
+/// The longest image name.
+pub const MAX_IMAGE_NAME: usize = 128;
+
+/// `ImportImage.name`: an image name, or null. A `oneOf` rather than a type list: with a
+/// type list, schemathesis sends `null` where it meant a name that is too long.
+fn import_name_schema() -> utoipa::openapi::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(IMAGE_NAME_PATTERN))
+                .min_length(Some(1))
+                .max_length(Some(MAX_IMAGE_NAME)),
+        )
+        .description(Some(
+            "The local name: 1–128 of `A-Za-z0-9._-/:`, starting and ending with a letter or \
+             digit, without `..`, `//` or a leading `sha256:` (those are a 422). Default for a \
+             registry source: its `repo:tag`; required for the others.",
+        ))
+        .build()
+        .into()
 }
 
 /// An image in the daemon's store.
@@ -111,10 +146,19 @@ pub(crate) fn image_of(i: &moat_image::Image, name: &str) -> Image {
 }
 
 impl ImportImage {
-    /// The parsed source and the name to import under.
+    /// The parsed source and the name to import under. What the schema cannot say (the
+    /// source's grammar, a name for a local source, the name's rules beyond its pattern) is a
+    /// 422.
     pub fn validate(&self) -> Result<(Source, String)> {
+        self.parse().map_err(|e| match e {
+            Error::BadRequest(m) => Error::Unprocessable(m),
+            e => e,
+        })
+    }
+
+    fn parse(&self) -> Result<(Source, String)> {
         let s = &self.source;
-        if s.is_empty() || s.len() > MAX_SOURCE || s.chars().any(|c| c.is_control()) {
+        if s.is_empty() || s.chars().count() > MAX_SOURCE || s.chars().any(|c| c.is_control()) {
             return Err(bad_request(format!(
                 "invalid source {}: expected 1–{MAX_SOURCE} characters without control \
                  characters: a registry reference (host[:port]/repo:tag), \
@@ -162,6 +206,12 @@ pub(crate) fn check_name(name: &str) -> Result<()> {
              letter or digit"
         ))
     })
+}
+
+impl crate::http::extract::Checked for ImportImage {
+    fn check(&self) -> Result<()> {
+        self.parse().map(drop)
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{bad, quote, validate_name};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// `admin` manages everything, including API keys; `owner` manages its groups; `user` uses
 /// sandboxes in its groups; `reader` reads its groups.
@@ -163,14 +163,16 @@ impl CreateApiKey {
         }
         match self.role {
             Role::Admin if !self.groups.is_empty() => {
-                return bad("an admin key sees every group: give it no groups".to_string())
+                return Err(Error::Unprocessable(
+                    "an admin key sees every group: give it no groups".to_string(),
+                ))
             }
             Role::Admin => {}
             _ if self.groups.is_empty() => {
-                return bad(format!(
+                return Err(Error::Unprocessable(format!(
                     "a {} key needs at least one group in \"groups\"",
                     self.role.as_str()
-                ))
+                )))
             }
             _ => {}
         }
@@ -204,6 +206,12 @@ pub(crate) fn validate_expiry(expires_in_s: Option<u64>) -> Result<()> {
              absent for never"
         )),
         _ => Ok(()),
+    }
+}
+
+impl crate::http::extract::Checked for CreateApiKey {
+    fn check(&self) -> Result<()> {
+        self.validate()
     }
 }
 

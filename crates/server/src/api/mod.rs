@@ -58,9 +58,11 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorDetail {
-    /// Stable and machine-readable: bad_request, unauthorized, forbidden, policy_denied,
-    /// not_found, method_not_allowed, conflict, payload_too_large, too_many_requests,
-    /// unavailable, no_space, internal.
+    /// Stable and machine-readable: bad_request (the request is not what the OpenAPI
+    /// document allows), unauthorized, forbidden, policy_denied, not_found,
+    /// method_not_allowed, conflict, payload_too_large, unprocessable (allowed by the
+    /// document, refused by a rule it cannot state), too_many_requests, rate_limited,
+    /// unavailable, bad_gateway (the sandbox's agent failed), no_space, internal.
     pub code: String,
     /// For people: what was wrong and, for bad input, what is allowed.
     pub message: String,
@@ -84,6 +86,10 @@ impl ErrorDetail {
 }
 
 pub(crate) const DAY: u64 = 86_400;
+
+/// The 502 of every operation that talks to a sandbox's agent.
+pub const AGENT_FAILED: &str = "The sandbox's agent did not answer, or broke the protocol: its \
+    `health` says so, and the daemon reconnects or fails it";
 
 pub const MAX_ENV: usize = 256;
 pub const MAX_LABELS: usize = 64;
@@ -113,9 +119,63 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     }
 }
 
+/// [`validate_image`]'s characters as a pattern: no control characters and no white space
+/// (Unicode's White_Space, as `char::is_whitespace`).
+const IMAGE_PATTERN: &str =
+    "^[^\\x00-\\x20\\x7f-\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]+$";
+
+fn image_string() -> utoipa::openapi::ObjectBuilder {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .pattern(Some(IMAGE_PATTERN))
+        .min_length(Some(1))
+        .max_length(Some(MAX_IMAGE_LEN))
+}
+
+/// The schema of a group's `image`: what [`validate_image`] allows.
+pub fn image_schema() -> utoipa::openapi::Object {
+    image_string()
+        .description(Some(
+            "Image name or sha256 digest: 1–512 characters without spaces or control \
+             characters",
+        ))
+        .examples([serde_json::json!("base")])
+        .build()
+}
+
+/// An optional `image` (null: the default). A `oneOf` rather than a type list: with a type
+/// list, schemathesis sends `null` where it meant a string the schema refuses.
+pub fn optional_image_schema() -> utoipa::openapi::Schema {
+    utoipa::openapi::schema::OneOfBuilder::new()
+        .item(
+            utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::Null),
+        )
+        .item(image_string())
+        .description(Some(
+            "Image name or sha256 digest (1–512 characters without spaces or control \
+             characters); default: the group's image",
+        ))
+        .build()
+        .into()
+}
+
+/// An optional name checked by [`validate_name`] (a snapshot's, say), or null.
+pub fn optional_name_schema() -> utoipa::openapi::schema::OneOfBuilder {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+    OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(NAME_PATTERN))
+                .min_length(Some(1))
+                .max_length(Some(63)),
+        )
+}
+
 pub(crate) fn validate_image(img: &str) -> Result<()> {
     if img.is_empty()
-        || img.len() > MAX_IMAGE_LEN
+        || img.chars().count() > MAX_IMAGE_LEN
         || img.chars().any(|c| c.is_whitespace() || c.is_control())
     {
         return bad(format!(
@@ -153,6 +213,78 @@ pub(crate) fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Resul
         }
     }
     Ok(())
+}
+
+/// An environment variable's name, as [`validate_env`] checks it (a pattern for the document).
+const ENV_KEY_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]{0,255}$";
+/// A label's name (and a non-empty value), as `label_name_ok` checks it.
+const LABEL_NAME: &str = "[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?";
+/// One label of a label key's DNS-subdomain prefix.
+const DNS_LABEL: &str = "[a-z0-9]([a-z0-9-]*[a-z0-9])?";
+
+/// [`validate_label_key`] as a pattern, unanchored (the prefix's limit of 253 characters is
+/// in the description: a pattern cannot count across its labels).
+fn label_key_pattern() -> String {
+    format!("({DNS_LABEL}(\\.{DNS_LABEL})*/)?{LABEL_NAME}")
+}
+
+fn label_value_pattern() -> String {
+    format!("({LABEL_NAME})?")
+}
+
+fn string_schema(pattern: String) -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .pattern(Some(pattern))
+        .build()
+}
+
+/// A map's values, each of `schema`.
+fn values(
+    schema: utoipa::openapi::Object,
+) -> utoipa::openapi::schema::AdditionalProperties<utoipa::openapi::Schema> {
+    utoipa::openapi::schema::AdditionalProperties::RefOr(utoipa::openapi::RefOr::T(
+        utoipa::openapi::Schema::Object(schema),
+    ))
+}
+
+/// The schema of every `env` map: what [`validate_env`] allows.
+pub fn env_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Object)
+        .description(Some(format!(
+            "Environment variables: at most {MAX_ENV}; names of letters, digits and '_', not \
+             starting with a digit (1–256 characters); values without NUL"
+        )))
+        .property_names(Some(string_schema(ENV_KEY_PATTERN.to_string())))
+        .additional_properties(Some(values(string_schema("^[^\\x00]*$".to_string()))))
+        .max_properties(Some(MAX_ENV))
+        .build()
+}
+
+/// The schema of every `labels` map: what [`validate_labels`] allows.
+pub fn labels_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Object)
+        .description(Some(format!(
+            "Kubernetes-style labels, at most {MAX_LABELS}: keys [prefix/]name, the prefix a \
+             lowercase DNS subdomain of at most 253 characters, the name 1–63 letters, digits, \
+             '-', '_' and '.', starting and ending with a letter or digit; values the same as a \
+             name, or empty"
+        )))
+        .property_names(Some(string_schema(format!("^{}$", label_key_pattern()))))
+        .additional_properties(Some(values(string_schema(format!(
+            "^{}$",
+            label_value_pattern()
+        )))))
+        .max_properties(Some(MAX_LABELS))
+        .build()
+}
+
+/// The schema of a label selector (`?labels=`): what [`parse_selector`] allows.
+pub fn selector_schema() -> utoipa::openapi::Object {
+    let pair = format!("{}={}", label_key_pattern(), label_value_pattern());
+    string_schema(format!("^({pair})?(,({pair})?)*$"))
 }
 
 pub(crate) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
@@ -298,6 +430,140 @@ mod tests {
         }
         for bad in ["-v", "v ", "ü", &"x".repeat(64)] {
             assert!(validate_label_value(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Whether `schema` (of the document) takes `value`, by the validator the server uses.
+    fn takes(schema: utoipa::openapi::Object, value: serde_json::Value) -> bool {
+        let schema = serde_json::to_value(schema).unwrap();
+        jsonschema::validator_for(&schema).unwrap().is_valid(&value)
+    }
+
+    #[test]
+    fn the_documents_label_env_and_selector_schemas_say_what_the_checks_do() {
+        let keys = [
+            "app",
+            "app.kubernetes.io/name",
+            "a_b-c.d",
+            "x/Y",
+            "",
+            "/a",
+            "a/",
+            "-a",
+            "a-",
+            "A/b",
+            "a/b/c",
+            "a..b/c",
+            "a.-b/c",
+            "é",
+            "a b",
+            &"x".repeat(63),
+            &"x".repeat(64),
+        ];
+        let values = [
+            "",
+            "v1",
+            "a.b_c-d",
+            "-v",
+            "v ",
+            "ü",
+            &"x".repeat(63),
+            &"x".repeat(64),
+        ];
+        for k in keys {
+            let ok = validate_label_key(k).is_ok();
+            assert_eq!(
+                takes(labels_schema(), serde_json::json!({ k: "v" })),
+                ok,
+                "key {k:?}"
+            );
+            let sel = format!("{k}=v");
+            assert_eq!(
+                takes(selector_schema(), serde_json::json!(sel)),
+                ok,
+                "{sel:?}"
+            );
+        }
+        for v in values {
+            let ok = validate_label_value(v).is_ok();
+            assert_eq!(
+                takes(labels_schema(), serde_json::json!({ "k": v })),
+                ok,
+                "value {v:?}"
+            );
+            let sel = format!("a=b,k={v},,");
+            let parsed = parse_selector(&sel).is_ok();
+            assert_eq!(parsed, ok, "{sel:?}");
+            assert_eq!(
+                takes(selector_schema(), serde_json::json!(sel)),
+                ok,
+                "{sel:?}"
+            );
+        }
+        for sel in ["", ",", "a", "a=b=c", "=b", "a=b,c"] {
+            assert_eq!(
+                takes(selector_schema(), serde_json::json!(sel)),
+                parse_selector(sel).is_ok(),
+                "{sel:?}"
+            );
+        }
+        let too_many: BTreeMap<String, String> = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), String::new()))
+            .collect();
+        assert!(validate_labels(&too_many).is_err());
+        assert!(!takes(labels_schema(), serde_json::json!(too_many)));
+
+        for k in [
+            "A",
+            "_a",
+            "a1",
+            "PATH",
+            "1a",
+            "a-b",
+            "",
+            "a b",
+            &"x".repeat(256),
+            &"x".repeat(257),
+        ] {
+            let env = BTreeMap::from([(k.to_string(), "v".to_string())]);
+            let ok = validate_env("env", &env).is_ok();
+            assert_eq!(
+                takes(env_schema(), serde_json::json!(env)),
+                ok,
+                "env key {k:?}"
+            );
+        }
+        for v in ["", "x y", "a\0b"] {
+            let env = BTreeMap::from([("K".to_string(), v.to_string())]);
+            let ok = validate_env("env", &env).is_ok();
+            assert_eq!(
+                takes(env_schema(), serde_json::json!(env)),
+                ok,
+                "env value {v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_documents_image_schema_says_what_the_check_does() {
+        for img in [
+            "base",
+            "sha256:ab",
+            "a b",
+            "a\tb",
+            "a\u{a0}b",
+            "a\u{3000}b",
+            "a\u{feff}b",
+            "a\u{85}b",
+            "a\u{7f}b",
+            "é",
+            "",
+            &"x".repeat(512),
+            &"x".repeat(513),
+            &"é".repeat(512),
+        ] {
+            let ok = validate_image(img).is_ok();
+            assert_eq!(takes(image_schema(), serde_json::json!(img)), ok, "{img:?}");
         }
     }
 

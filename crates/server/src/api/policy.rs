@@ -152,6 +152,7 @@ pub struct ReplayRequest {
     pub policy: Policy,
     /// How many of the newest decisions to replay, 1–500 (default 100).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 

@@ -24,12 +24,14 @@ pub struct StartProcess {
     /// A shell command line, run as `/bin/sh -c COMMAND`.
     pub command: Option<String>,
     /// Over the image's and the sandbox's environment.
+    #[schema(schema_with = super::env_schema)]
     pub env: BTreeMap<String, String>,
     /// Absolute working directory; default: the image's, else the user's home.
     pub cwd: Option<String>,
     /// Name or uid, optionally `:group`; default: the image's user, else root.
     pub user: Option<String>,
     /// Kill the process and everything it started after this many seconds (0 < t ≤ 604800).
+    #[schema(exclusive_minimum = 0, maximum = 604800)]
     pub timeout_s: Option<f64>,
 }
 
@@ -107,5 +109,12 @@ pub struct ProcessLogs {
 pub struct KillProcess {
     /// The signal to send to the process's group (1–64); default 15 (SIGTERM). 9 kills
     /// everything it started.
+    #[schema(minimum = 1, maximum = 64)]
     pub signal: Option<i32>,
+}
+
+impl crate::http::extract::Checked for StartProcess {
+    fn check(&self) -> crate::error::Result<()> {
+        ExecRequest::from(self.clone()).validate().map(drop)
+    }
 }

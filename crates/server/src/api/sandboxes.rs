@@ -58,21 +58,34 @@ impl SandboxState {
 #[serde(deny_unknown_fields, default)]
 pub struct CreateSandbox {
     /// Image name or digest; default: the group's image.
+    #[schema(schema_with = super::optional_image_schema)]
     pub image: Option<String>,
     /// Default: the group's tier.
     pub tier: Option<Tier>,
     /// Environment of every exec in the sandbox, over the image's (an exec's own `env` wins).
+    #[schema(schema_with = super::env_schema)]
     pub env: BTreeMap<String, String>,
     /// Kubernetes-style labels, for `?labels=` selectors.
+    #[schema(schema_with = super::labels_schema)]
     pub labels: BTreeMap<String, String>,
-    /// Fork a snapshot of this group instead of starting the image: processes, memory and
-    /// files as they were, with fresh entropy, clock and hostname. Excludes `image` and
-    /// `tier` (the snapshot's are used).
+    /// Described in `from_snapshot_schema`.
+    #[schema(schema_with = from_snapshot_schema)]
     pub from_snapshot: Option<String>,
     /// With `from_snapshot`: how many forks, 1–16; the answer is then `{"sandboxes": […]}`.
     /// Either all of them are created or none.
     #[schema(minimum = 1, maximum = 16)]
     pub count: Option<u32>,
+}
+
+fn from_snapshot_schema() -> utoipa::openapi::Schema {
+    super::optional_name_schema()
+        .description(Some(
+            "Fork a snapshot of this group instead of starting the image: processes, memory \
+             and files as they were, with fresh entropy, clock and hostname. Excludes `image` \
+             and `tier` (the snapshot's are used).",
+        ))
+        .build()
+        .into()
 }
 
 /// The most forks one create makes. Restores share the host's CPUs (each fork's QEMU loads a
@@ -94,7 +107,9 @@ pub struct Sandbox {
     /// Manifest digest of the image it runs.
     pub image: String,
     pub tier: Tier,
+    #[schema(schema_with = super::env_schema)]
     pub env: BTreeMap<String, String>,
+    #[schema(schema_with = super::labels_schema)]
     pub labels: BTreeMap<String, String>,
     /// RFC 3339, UTC.
     pub created_at: String,
@@ -157,7 +172,7 @@ impl CreateSandbox {
             (Some(name), count) => {
                 validate_name("snapshot name", name)?;
                 if self.image.is_some() || self.tier.is_some() {
-                    return Err(Error::BadRequest(
+                    return Err(Error::Unprocessable(
                         "from_snapshot excludes image and tier: a fork runs the snapshot's \
                          image and tier"
                             .to_string(),
@@ -172,7 +187,7 @@ impl CreateSandbox {
                 }
             }
             (None, Some(_)) => {
-                return Err(Error::BadRequest(
+                return Err(Error::Unprocessable(
                     "count is only allowed with from_snapshot (an N-way fork)".to_string(),
                 ))
             }
@@ -200,4 +215,10 @@ pub fn parse_selector(s: &str) -> Result<Vec<(String, String)>> {
         out.push((k.to_string(), v.to_string()));
     }
     Ok(out)
+}
+
+impl crate::http::extract::Checked for CreateSandbox {
+    fn check(&self) -> Result<()> {
+        self.validate()
+    }
 }

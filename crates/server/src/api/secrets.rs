@@ -18,7 +18,12 @@ pub const MAX_SECRET_LEN: usize = moat_net::transform::MAX_VALUE_LEN;
 pub struct SetSecret {
     /// 1–8192 visible ASCII characters and spaces, not starting or ending with a space.
     /// Never returned by any endpoint.
-    #[schema(min_length = 1, max_length = 8192, example = "sk-…")]
+    #[schema(
+        min_length = 1,
+        max_length = 8192,
+        example = "sk-example",
+        pattern = "^[\\x21-\\x7e]([\\x20-\\x7e]*[\\x21-\\x7e])?$"
+    )]
     pub value: String,
 }
 

@@ -149,9 +149,34 @@ impl FromRequestParts<AppState> for ShellPrincipal {
 /// forbids is refused here, so the server is never laxer than what clients are told (serde
 /// alone takes a struct as a JSON array too, so `[null, null]` made a sandbox). The
 /// Content-Type is not required: the body is always JSON.
+///
+/// A body the schema refuses is a 400 with the type's own words when its [`Checked::check`]
+/// refuses it too ("invalid label key …: expected [prefix/]name, …"), else with the schema's
+/// ("at /labels: … does not match …"). What the schema allows and the type's checks refuse
+/// is the handler's to answer (422: a rule the document cannot state).
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned + ToSchema> FromRequest<S> for ApiJson<T> {
+/// A request body's own checks, for the messages of [`ApiJson`]: the schema decides whether a
+/// body is refused here, these only say why in the words of the rule that refused it.
+pub trait Checked {
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+// Bodies whose schema says all there is to say (a secret's value is never quoted, so its
+// schema's masked message is the one wanted).
+impl Checked for crate::api::CheckRequest {}
+impl Checked for crate::api::CreateSnapshot {}
+impl Checked for crate::api::ExposePort {}
+impl Checked for moat_policy::Policy {}
+impl Checked for crate::api::ReplayRequest {}
+impl Checked for crate::api::RollbackRequest {}
+impl Checked for crate::api::RotateApiKey {}
+impl Checked for crate::api::SetSecret {}
+impl Checked for crate::api::TokenRequest {}
+
+impl<S: Send + Sync, T: DeserializeOwned + ToSchema + Checked> FromRequest<S> for ApiJson<T> {
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &S) -> Result<Self> {
@@ -168,7 +193,12 @@ impl<S: Send + Sync, T: DeserializeOwned + ToSchema> FromRequest<S> for ApiJson<
             .map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))?;
         let json: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| Error::BadRequest(format!("invalid request body: {e}")))?;
-        check_schema(&T::name(), &json)?;
+        if let Err(schema) = check_schema(&T::name(), &json) {
+            return Err(match value.check() {
+                Err(own @ Error::BadRequest(_)) => own,
+                _ => schema,
+            });
+        }
         Ok(ApiJson(value))
     }
 }

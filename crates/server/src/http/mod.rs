@@ -86,8 +86,79 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
     }
     unique_operation_ids(&mut doc);
     constrain_path_parameters(&mut doc);
+    bound_integers(&mut doc);
     document_rate_limit(&mut doc);
     doc
+}
+
+/// Gives every integer of a body or answer without a bound of its own the bounds of its
+/// format (`uint16`, `int64`, …: what utoipa writes for the Rust type, with its
+/// `non_strict_integers`; `uint64` up to what SQLite holds), so the document says which
+/// numbers fit: a body with `{"version": 1e38}` is then refused by the schema, as serde
+/// refuses it, instead of being allowed by the document and refused by the server.
+fn bound_integers(doc: &mut utoipa::openapi::OpenApi) {
+    if let Some(components) = doc.components.as_mut() {
+        for schema in components.schemas.values_mut() {
+            bound_ref(schema);
+        }
+    }
+}
+
+fn bound_ref(schema: &mut utoipa::openapi::RefOr<utoipa::openapi::Schema>) {
+    if let utoipa::openapi::RefOr::T(s) = schema {
+        bound_schema(s);
+    }
+}
+
+fn bound_schema(schema: &mut utoipa::openapi::Schema) {
+    use utoipa::openapi::schema::{
+        AdditionalProperties, ArrayItems, KnownFormat, SchemaFormat, SchemaType, Type,
+    };
+    use utoipa::openapi::Schema;
+    use utoipa::Number;
+    match schema {
+        Schema::Object(o) => {
+            let integer = match &o.schema_type {
+                SchemaType::Type(t) => *t == Type::Integer,
+                SchemaType::Array(ts) => ts.contains(&Type::Integer),
+                SchemaType::AnyValue => false,
+            };
+            let range = match &o.format {
+                Some(SchemaFormat::KnownFormat(f)) => match f {
+                    KnownFormat::Int8 => Some((i8::MIN as isize, i8::MAX as isize)),
+                    KnownFormat::Int16 => Some((i16::MIN as isize, i16::MAX as isize)),
+                    KnownFormat::Int32 => Some((i32::MIN as isize, i32::MAX as isize)),
+                    KnownFormat::Int64 => Some((i64::MIN as isize, i64::MAX as isize)),
+                    KnownFormat::UInt8 => Some((0, u8::MAX as isize)),
+                    KnownFormat::UInt16 => Some((0, u16::MAX as isize)),
+                    KnownFormat::UInt32 => Some((0, u32::MAX as isize)),
+                    // What SQLite holds: a u64 the daemon keeps is stored as an i64.
+                    KnownFormat::UInt64 => Some((0, i64::MAX as isize)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let (true, Some((min, max))) = (integer, range) {
+                o.minimum.get_or_insert(Number::Int(min));
+                o.maximum.get_or_insert(Number::Int(max));
+            }
+            for p in o.properties.values_mut() {
+                bound_ref(p);
+            }
+            if let Some(AdditionalProperties::RefOr(a)) = o.additional_properties.as_deref_mut() {
+                bound_ref(a);
+            }
+        }
+        Schema::Array(a) => {
+            if let ArrayItems::RefOrSchema(items) = &mut a.items {
+                bound_ref(items);
+            }
+        }
+        Schema::OneOf(x) => x.items.iter_mut().for_each(bound_ref),
+        Schema::AllOf(x) => x.items.iter_mut().for_each(bound_ref),
+        Schema::AnyOf(x) => x.items.iter_mut().for_each(bound_ref),
+        _ => {}
+    }
 }
 
 /// Every operation that takes an API key may answer 429 when the key is over its rate limit
@@ -141,6 +212,12 @@ fn constrain_path_parameters(doc: &mut utoipa::openapi::OpenApi) {
                     "group" => name(api::NAME_PATTERN),
                     "name" if template.contains("/snapshots/") => name(api::NAME_PATTERN),
                     "name" if template.contains("/secrets/") => name(SECRET_NAME_PATTERN),
+                    "name" if template.starts_with("/v1/images/") => ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .pattern(Some(api::IMAGE_NAME_PATTERN))
+                        .min_length(Some(1))
+                        .max_length(Some(api::MAX_IMAGE_NAME))
+                        .build(),
                     "port" => ObjectBuilder::new()
                         .schema_type(Type::Integer)
                         .minimum(Some(1))
@@ -222,11 +299,16 @@ async fn not_found(uri: Uri) -> Error {
 }
 
 async fn method_not_allowed(req: Request) -> Error {
-    Error::MethodNotAllowed(format!(
+    let e = Error::MethodNotAllowed(format!(
         "{} is not allowed on {}; see /openapi.json",
         req.method(),
         api::quote(req.uri().path())
-    ))
+    ));
+    // Read the body the request came with (up to the limit of any body): a connection left
+    // with unread request bytes is closed after the answer, sometimes without saying so, and
+    // a client that reuses it then sees its next request dropped.
+    let _ = axum::body::to_bytes(req.into_body(), MAX_BODY).await;
+    e
 }
 
 /// Counts every request by route template and status, and times it.

@@ -467,7 +467,8 @@ impl Manager {
         let tier = req.tier.unwrap_or(group.spec.tier);
         let image = self.resolve_image(&image_ref).await.map_err(|e| match e {
             Some(e) => Error::Internal(format!("resolving image {image_ref}: {e}")),
-            None => Error::BadRequest(format!(
+            // Well-formed, but naming an image this daemon does not have.
+            None => Error::Unprocessable(format!(
                 "unknown image {}: import it first (`moat image import`), or see `moat image ls`",
                 api::quote(&image_ref)
             )),

@@ -37,6 +37,7 @@ from ._client import (
     Snapshots,
 )
 from ._errors import (
+    BadGateway,
     BadRequest,
     CapacityError,
     Conflict,
@@ -54,6 +55,7 @@ from ._errors import (
     TooManyRequests,
     Unauthorized,
     Unavailable,
+    Unprocessable,
 )
 from ._types import (
     ApiKey,
@@ -84,6 +86,7 @@ from ._types import (
     ProcessInfo,
     ProcessLogs,
     Role,
+    SandboxHealth,
     SandboxInfo,
     SandboxState,
     SandboxesHealth,
@@ -113,6 +116,7 @@ __all__ = [
     "AsyncSandboxes",
     "AsyncSecrets",
     "AsyncSnapshots",
+    "BadGateway",
     "BadRequest",
     "CapacityError",
     "Client",
@@ -160,6 +164,7 @@ __all__ = [
     "Processes",
     "Role",
     "Sandbox",
+    "SandboxHealth",
     "SandboxInfo",
     "SandboxState",
     "Sandboxes",
@@ -175,5 +180,6 @@ __all__ = [
     "TooManyRequests",
     "Unauthorized",
     "Unavailable",
+    "Unprocessable",
     "__version__",
 ]

@@ -33,6 +33,13 @@ class BadRequest(MoatError):
     """400: the request was invalid; the message says what was wrong and what is allowed."""
 
 
+class Unprocessable(BadRequest):
+    """422 ``unprocessable``: the request is well-formed by the OpenAPI document, but a rule the
+    document cannot state refuses it (one field excludes another, an egress rule that can
+    never match, a policy that does not compile); the message names the rule. A subclass of
+    BadRequest: either way the request must change."""
+
+
 class Unauthorized(MoatError):
     """401: no API key, or one the daemon does not know."""
 
@@ -113,6 +120,12 @@ class InternalError(MoatError):
     """500: the daemon failed; the details are in its log."""
 
 
+class BadGateway(MoatError):
+    """502 ``bad_gateway`` (told by its code: a proxy's own 502 is an InternalError): the
+    sandbox's agent did not answer or broke the protocol (the sandbox's ``health`` says so, and
+    the daemon reconnects or fails it), or a port of the sandbox could not be reached."""
+
+
 class Unavailable(MoatError):
     """503: the daemon cannot do this now (store busy, sandboxes being prepared, no VM runtime);
     retry."""
@@ -134,6 +147,7 @@ _BY_STATUS: Dict[int, Type[MoatError]] = {
     405: MethodNotAllowed,
     409: Conflict,
     413: PayloadTooLarge,
+    422: Unprocessable,
     429: TooManyRequests,
     500: InternalError,
     503: Unavailable,
@@ -148,8 +162,10 @@ _BY_CODE: Dict[str, Type[MoatError]] = {
     "method_not_allowed": MethodNotAllowed,
     "conflict": Conflict,
     "payload_too_large": PayloadTooLarge,
+    "unprocessable": Unprocessable,
     "too_many_requests": TooManyRequests,
     "internal": InternalError,
+    "bad_gateway": BadGateway,
     "unavailable": Unavailable,
     "no_space": NoSpace,
 }

@@ -114,6 +114,10 @@ class Health:
     version: str
     sandboxes: Optional[SandboxesHealth]
     """None from a daemon older than this part of ``/healthz``."""
+    jail: Optional[str] = None
+    """Whether QEMU and the network stacks run jailed and what the host offers the jail
+    (``on: uids …, namespaces …, seccomp, cgroup v2`` or ``off (…)``); None until the sandbox
+    runtime is ready."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,18 @@ class CreatedApiKey(ApiKey):
 
 
 @dataclass(frozen=True)
+class SandboxHealth:
+    """Whether a running sandbox's agent answers: ``agent`` is ``ok`` or ``unresponsive`` (the
+    daemon is then reconnecting, and requests answer 502 meanwhile)."""
+
+    agent: str
+    reason: Optional[str] = None
+    """What was seen (``unresponsive`` only)."""
+    since: Optional[str] = None
+    """Since when (RFC 3339, UTC; ``unresponsive`` only)."""
+
+
+@dataclass(frozen=True)
 class SandboxInfo:
     id: str
     group: str
@@ -206,6 +222,8 @@ class SandboxInfo:
     """Why the sandbox is ``failed``."""
     last_activity_at: Optional[str] = None
     """The end of its last exec, file transfer or shell, for the idle timer."""
+    health: Optional[SandboxHealth] = None
+    """Whether its agent answers; present while the sandbox is running."""
 
 
 @dataclass(frozen=True)
@@ -368,6 +386,7 @@ def parse_health(d: Mapping[str, Any]) -> Health:
             attempt=int(sb["attempt"]),
             retry_after_s=_opt_int(sb.get("retry_after_s")),
         ),
+        jail=d.get("jail"),
     )
 
 
@@ -444,7 +463,14 @@ def parse_sandbox(d: Mapping[str, Any]) -> SandboxInfo:
         updated_at=str(d["updated_at"]),
         reason=d.get("reason"),
         last_activity_at=d.get("last_activity_at"),
+        health=_health(d.get("health")),
     )
+
+
+def _health(h: Any) -> Optional[SandboxHealth]:
+    if not isinstance(h, Mapping):
+        return None
+    return SandboxHealth(agent=str(h["agent"]), reason=h.get("reason"), since=h.get("since"))
 
 
 def parse_egress_event(d: Mapping[str, Any]) -> EgressEvent:

@@ -43,7 +43,9 @@ pub(in crate::http) struct Doc;
             content(
                 (ExecResult = "application/json"),
                 (ExecEvent = "application/x-ndjson"))),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 422, description = "Not exactly one of `argv` and `command`",
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key, or the group's policy refused the request \
             (code policy_denied, with findings and policy_version)", body = ErrorBody),
         (status = 404, body = ErrorBody),
@@ -52,8 +54,7 @@ pub(in crate::http) struct Doc;
         (status = 413, description = "The request body, or the command's output (16 MiB \
             each of stdout and stderr), is too large", body = ErrorBody),
         (status = 500, body = ErrorBody),
-        (status = 502, description = "The sandbox's agent did not answer, or broke the \
-            protocol: its `health` says so, and the daemon reconnects or fails it", body = ErrorBody),
+        (status = 502, description = crate::api::AGENT_FAILED, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 async fn exec_sandbox(
     State(state): State<AppState>,

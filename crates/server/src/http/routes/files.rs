@@ -95,12 +95,12 @@ fn validate_path(path: &str) -> Result<()> {
     Ok(())
 }
 
-/// "0644" / "644" / "0o644" → 0o644; at most 0o7777.
+/// "0644" / "644" / "0o644" → 0o644: 1–4 octal digits (the document's pattern).
 fn parse_mode(s: &str) -> Result<u32> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
-    u32::from_str_radix(digits, 8)
-        .ok()
-        .filter(|m| *m <= 0o7777 && !digits.is_empty())
+    Some(digits)
+        .filter(|d| (1..=4).contains(&d.len()) && d.bytes().all(|b| matches!(b, b'0'..=b'7')))
+        .and_then(|d| u32::from_str_radix(d, 8).ok())
         .ok_or_else(|| {
             Error::BadRequest(format!(
                 "mode {} must be octal permission bits, 0000 to 7777 (e.g. 0644)",
@@ -110,10 +110,14 @@ fn parse_mode(s: &str) -> Result<u32> {
 }
 
 /// The one mapping of a file operation's failure to an API error. What the guest refused maps
-/// by its kind; anything else (agent gone, protocol) is ours (500, details in the log).
+/// by its kind; an agent that did not answer or broke the protocol is a 502 (as for every
+/// sandbox request), and the rest is ours (500, details in the log).
 pub fn file_error(op: &str, path: &str, e: moat_vm::Error) -> Error {
     let moat_vm::Error::Guest { kind, message } = e else {
-        return Error::Internal(format!("{op} {path}: {e}"));
+        return Error::Vm {
+            context: format!("{op} {}", api::quote(path)),
+            source: e,
+        };
     };
     let m = format!("{op} {}: {message}", api::quote(path));
     match kind {
@@ -183,8 +187,10 @@ where
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id"),
-        ("path" = String, Query, description = "Absolute path in the guest"),
-        ("mode" = Option<String>, Query, description = "Octal permission bits (default: those of the file replaced, else 0644)"),
+        ("path" = String, Query, description = "Absolute path in the guest (at most 4095 bytes)",
+            pattern = "^/[^\\x00]*$", max_length = 4095),
+        ("mode" = Option<String>, Query, description = "Octal permission bits, 0 to 7777 \
+            (default: those of the file replaced, else 0644)", pattern = "^(0o)?[0-7]{1,4}$"),
         ("parents" = Option<bool>, Query, description = "Create missing parent directories")),
     request_body(content = String, content_type = "application/octet-stream",
         description = "The file's bytes, streamed; any size the guest's disk can hold"),
@@ -192,6 +198,8 @@ where
         (status = 201, description = "Created", body = FileWritten),
         (status = 200, description = "Replaced (atomically)", body = FileWritten),
         (status = 400, description = "Bad path or mode, or the path is a directory", body = ErrorBody),
+        (status = 502, description = api::AGENT_FAILED,
+            body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key, the guest refused, or the group's policy \
             (scan_uploads) refused a .py or .sh file (code policy_denied)", body = ErrorBody),
@@ -296,12 +304,15 @@ async fn scan_upload(
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id"),
-        ("path" = String, Query, description = "Absolute path of a file in the guest")),
+        ("path" = String, Query, description = "Absolute path of a file in the guest (at most 4095 bytes)",
+            pattern = "^/[^\\x00]*$", max_length = 4095)),
     responses(
         (status = 200, description = "The file's bytes, streamed with chunked encoding (the \
             guest's reported size is not trusted); a guest error mid-way breaks the transfer.",
             body = String, content_type = "application/octet-stream"),
         (status = 400, description = "Bad path, or the path is a directory", body = ErrorBody),
+        (status = 502, description = api::AGENT_FAILED,
+            body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No such sandbox or file", body = ErrorBody),
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
@@ -383,10 +394,13 @@ async fn get_file(
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id"),
-        ("path" = String, Query, description = "Absolute path of a directory in the guest")),
+        ("path" = String, Query, description = "Absolute path of a directory in the guest (at most 4095 bytes)",
+            pattern = "^/[^\\x00]*$", max_length = 4095)),
     responses(
         (status = 200, description = "The directory's entries, sorted by name", body = FileList),
         (status = 400, description = "Bad path, or not a directory", body = ErrorBody),
+        (status = 502, description = api::AGENT_FAILED,
+            body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No such sandbox or directory", body = ErrorBody),
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
@@ -421,12 +435,17 @@ async fn list_files(
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id"),
-        ("path" = String, Query, description = "Absolute path in the guest"),
+        ("path" = String, Query, description = "Absolute path in the guest (at most 4095 bytes)",
+            pattern = "^/[^\\x00]*$", max_length = 4095),
         ("recursive" = Option<bool>, Query, description = "Also a non-empty directory, \
             with everything in it (symlinks are removed, never followed)")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 502, description = api::AGENT_FAILED,
+            body = ErrorBody),
+        (status = 422, description = "The path is the guest's root directory",
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key, the guest refused, or the group's policy \
             (scan_uploads) refused a .py or .sh file (code policy_denied)", body = ErrorBody),
         (status = 404, description = "No such sandbox or path", body = ErrorBody),
@@ -442,12 +461,15 @@ async fn delete_file(
 ) -> Result<StatusCode> {
     let q: DeleteQuery = query(&uri)?;
     validate_path(&q.path)?;
+    let (group, id) = path_param(params)?;
+    // A malformed request (400) before one the document allows but this rule refuses (422).
+    api::validate_name("group name", &group)?;
     if q.path.trim_end_matches('/').is_empty() {
-        return Err(Error::BadRequest(
+        return Err(Error::Unprocessable(
             "refusing to delete the guest's root directory".to_string(),
         ));
     }
-    let (_, run) = open(&state, &p, params, true).await?;
+    let run = running_sandbox(&state, &p, &group, &id, true).await?;
     run.sandbox()?
         .agent()
         .remove(&q.path, q.recursive)
@@ -471,6 +493,8 @@ mod tests {
         assert!(parse_mode("0888").is_err());
         assert!(parse_mode("17777").is_err());
         assert!(parse_mode("").is_err());
+        assert!(parse_mode("+644").is_err());
+        assert!(parse_mode("00644").is_err());
     }
 
     #[test]

@@ -88,7 +88,11 @@ async fn get_group(
         (status = 201, description = "Created", body = Group),
         (status = 200, description = "Updated (or unchanged); the group's running sandboxes \
             apply its egress policy before this answer", body = Group),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 422, description = "The egress policy breaks a rule of the network stack, or a \
+            transform names a secret the group does not have or an identity audience it does \
+            not allow (the message names the rule and the field)",
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn put_group(
@@ -122,8 +126,8 @@ async fn put_group(
 /// `${identity:…}` is used yet. A secret deleted later is not checked here: the stacks then
 /// refuse the requests that need it.
 async fn check_placeholders(state: &AppState, group: &str, spec: &GroupSpec) -> Result<()> {
-    let policy =
-        moat_net::Policy::new(spec.egress.clone()).map_err(|e| Error::BadRequest(e.to_string()))?;
+    let policy = moat_net::Policy::new(spec.egress.clone())
+        .map_err(|e| Error::Unprocessable(e.to_string()))?;
     let uses = policy.placeholders();
     if uses.is_empty() {
         return Ok(());
@@ -135,7 +139,7 @@ async fn check_placeholders(state: &AppState, group: &str, spec: &GroupSpec) -> 
             moat_net::transform::Placeholder::Identity(aud) => {
                 let id = &spec.identity;
                 if !id.enabled || !id.audiences.iter().any(|a| a == aud) {
-                    return Err(Error::BadRequest(format!(
+                    return Err(Error::Unprocessable(format!(
                         "{field} uses {p}, but the group's identity does not allow audience \
                          {}: set identity.enabled and list it in identity.audiences",
                         api::quote(aud)
@@ -144,7 +148,7 @@ async fn check_placeholders(state: &AppState, group: &str, spec: &GroupSpec) -> 
             }
             moat_net::transform::Placeholder::Secret(n) => {
                 if !have.iter().any(|s| s.name == *n) {
-                    return Err(Error::BadRequest(format!(
+                    return Err(Error::Unprocessable(format!(
                         "{field} uses {p}, but group {} has no secret {}: set it first \
                          (PUT /v1/sandbox-groups/{group}/secrets/{n}; a new group needs \
                          creating without the transform first)",

@@ -142,6 +142,8 @@ async fn rotate_signing_keys(
         (status = 200, description = "A token for the sandbox (audited without its value)",
             body = IdentityToken),
         (status = 400, description = "A bad audience or ttl_s", body = ErrorBody),
+        (status = 422, description = "A ttl_s above the group's identity.ttl_s",
+            body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "Not an owner or admin key, identity not enabled, or an \
             audience the group does not allow", body = ErrorBody),

@@ -51,7 +51,9 @@ fn image_store(state: &AppState) -> Result<ImageStore> {
     responses(
         (status = 202, description = "The import started; poll GET /v1/operations/{id}",
             body = Operation),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 422, description = "The source does not parse, an oci: or docker-archive: source without a name or with a relative path, or a name with `..`, `//` or a leading `sha256:`",
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, description = "Not an admin key", body = ErrorBody),
         (status = 409, description = "An import of this name is already running",
             body = ErrorBody),
@@ -119,6 +121,19 @@ async fn list_images(State(state): State<AppState>, _p: Principal) -> Result<Jso
     }))
 }
 
+/// The `{name}` of an image route. A name no image can have is not found (404, with the
+/// rules), whatever the daemon's state: checked before the image store is asked.
+fn path_image_name(name: std::result::Result<Path<String>, PathRejection>) -> Result<String> {
+    let name = path_param(name)?;
+    match check_name(&name) {
+        Ok(()) => Ok(name),
+        Err(e) => Err(Error::NotFound(format!(
+            "no image named {}: {e}",
+            api::quote(&name)
+        ))),
+    }
+}
+
 #[utoipa::path(get, path = "/v1/images/{name}", tag = "images",
     security(("bearer" = [])),
     params(("name" = String, Path, description = "Image name ('/' percent-encoded as %2F)")),
@@ -131,7 +146,7 @@ async fn get_image(
     _p: Principal,
     name: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Json<Image>> {
-    let name = path_param(name)?;
+    let name = path_image_name(name)?;
     let img = images::named(&image_store(&state)?, &name).await?;
     Ok(Json(image_of(&img, &name)))
 }
@@ -152,8 +167,7 @@ async fn delete_image(
     p: Principal,
     name: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode> {
-    let name = path_param(name)?;
-    check_name(&name)?;
+    let name = path_image_name(name)?;
     require_image_admin(&p, "delete images")?;
     if let Some(op) = state.operations.importing(&name) {
         return Err(Error::Conflict(format!(

@@ -55,7 +55,9 @@ async fn list_keys(State(state): State<AppState>, p: Principal) -> Result<Json<A
     request_body = CreateApiKey,
     responses(
         (status = 201, description = "Created; `key` is shown only in this answer", body = CreatedApiKey),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 422, description = "An admin key with groups, or another role without",
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 async fn create_key(

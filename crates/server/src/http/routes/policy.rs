@@ -126,8 +126,10 @@ async fn get_policy(
         (status = 201, description = "Applied as a new version", body = PolicyVersion),
         (status = 200, description = "The same as the policy in force: no new version",
             body = PolicyVersion),
-        (status = 400, description = "Not a valid policy, or it contradicts its own `tests` \
-            (the message lists every problem and failing example)", body = ErrorBody),
+        (status = 400, description = "Not a policy object (see the schema)", body = ErrorBody),
+        (status = 422, description = "A valid policy object whose rules do not compile, or \
+            that contradicts its own `tests` (the message lists every problem and failing \
+            example)", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "Not an owner or admin key", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
@@ -235,7 +237,9 @@ async fn list_versions(
     responses(
         (status = 200, description = "What the policy in force decides; nothing runs and \
             nothing is recorded", body = PolicyCheck),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 422, description = "Not exactly one of argv, command, python and shell, or another rule of a policy request",
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 429, description = "This API key asked for too many dry runs (each starts \
             an analysis process): a burst of 20, then 5 a second; the message says when to \
@@ -252,7 +256,7 @@ async fn check(
     state.policy.admit_check(&p.key_id)?;
     request
         .validate()
-        .map_err(|e| Error::BadRequest(format!("invalid request to check: {e}")))?;
+        .map_err(|e| Error::Unprocessable(format!("invalid request to check: {e}")))?;
     let active = in_force(&state, &group).await?;
     let decision = state.policy.decide(&active.policy, &request).await;
     Ok(Json(PolicyCheck {
@@ -266,13 +270,14 @@ async fn check(
 #[utoipa::path(get, path = "/v1/sandbox-groups/{group}/policy/decisions", tag = "policy",
     security(("bearer" = [])),
     params(("group" = String, Path, description = "Group name"),
-        ("verdict" = Option<String>, Query, description = "allow, deny or audit (ran in audit \
-            mode with findings)"),
+        ("verdict" = Option<Verdict>, Query, description = "allow, deny or audit (ran in \
+            audit mode with findings)"),
         ("since" = Option<u64>, Query, description = "Only decisions at or after this time, \
-            unix seconds"),
+            unix seconds", maximum = 9223372036854775807_u64),
         ("after" = Option<u64>, Query, description = "Only entries numbered above this (the \
-            previous page's next)"),
-        ("limit" = Option<u32>, Query, description = "1–1000, default 100")),
+            previous page's next)", maximum = 9223372036854775807_u64),
+        ("limit" = Option<u32>, Query, description = "1–1000, default 100", minimum = 1,
+            maximum = 1000)),
     responses(
         (status = 200, description = "A page of the group's hash-chained decisions log, \
             oldest first; `moat policy verify-log` checks the chain", body = DecisionList),
@@ -310,7 +315,9 @@ async fn list_decisions(
     responses(
         (status = 200, description = "The newest recorded requests checked again under the \
             candidate (as `enforce` would decide); those it decides differently", body = ReplayResult),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 422, description = "The policy does not compile or contradicts its own `tests` (the message lists every problem)",
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, description = "Not an owner or admin key", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 503, body = ErrorBody)))]

@@ -125,6 +125,10 @@ fn proc_error(op: &str, proc: &str, sandbox: &str, e: moat_vm::Error) -> Error {
             body = ProcessStarted),
         (status = 400, description = "Bad request, or the command or user does not exist",
             body = ErrorBody),
+        (status = 422, description = "Not exactly one of `argv` and `command`",
+            body = ErrorBody),
+        (status = 502, description = crate::api::AGENT_FAILED,
+            body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key, or the group's policy refused the request \
             (code policy_denied, with findings and policy_version)", body = ErrorBody),
@@ -168,7 +172,9 @@ async fn start_process(
         ("id" = String, Path, description = "Sandbox id")),
     responses(
         (status = 200, body = ProcessList),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 502, description = crate::api::AGENT_FAILED,
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is not running", body = ErrorBody),
@@ -213,6 +219,8 @@ async fn list_processes(
     responses(
         (status = 204, description = "Signalled (a process that already ended is left as it is)"),
         (status = 400, description = "Bad body or signal", body = ErrorBody),
+        (status = 502, description = crate::api::AGENT_FAILED,
+            body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key", body = ErrorBody),
         (status = 404, description = "No such sandbox or process", body = ErrorBody),
@@ -275,6 +283,8 @@ async fn kill_process(
         (status = 200, description = "It has ended. `exit_code` as a shell reports it: the \
             code, 128+N after signal N, 124 after its timeout", body = ExecExit),
         (status = 400, description = "Bad timeout_s", body = ErrorBody),
+        (status = 502, description = crate::api::AGENT_FAILED,
+            body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, description = "No such sandbox or process", body = ErrorBody),
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),
@@ -315,7 +325,9 @@ async fn wait_process(
         ("pid_id" = String, Path, description = "Process id (`p1`, …)")),
     responses(
         (status = 200, description = "The newest 1 MiB of each of its streams", body = ProcessLogs),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 502, description = crate::api::AGENT_FAILED,
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
         (status = 404, description = "No such sandbox or process", body = ErrorBody),
         (status = 429, description = "The sandbox is suspended and the host has no room to resume it", body = ErrorBody),

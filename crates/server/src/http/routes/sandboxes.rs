@@ -67,7 +67,10 @@ pub(in crate::http) struct Doc;
     responses(
         (status = 201, description = "Created and running: one Sandbox, or with `count` \
             `{\"sandboxes\": [Sandbox, …]}`", body = Created),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 422, description = "`from_snapshot` with `image` or `tier`, `count` without \
+            `from_snapshot`, or an image this daemon does not have",
+            body = ErrorBody),
+        (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
         (status = 404, description = "No such group, or no such snapshot in it", body = ErrorBody),
         (status = 413, body = ErrorBody),
@@ -110,17 +113,19 @@ async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListSandboxesQuery {
+    /// Label selector: key=value[,key=value…]; every pair must match (`key=` matches an
+    /// empty value).
+    #[param(schema_with = api::selector_schema)]
     labels: Option<String>,
 }
 
 #[utoipa::path(get, path = "/v1/sandbox-groups/{group}/sandboxes", tag = "sandboxes",
     security(("bearer" = [])),
-    params(("group" = String, Path, description = "Group name"),
-        ("labels" = Option<String>, Query,
-            description = "Label selector: key=value[,key=value…]; every pair must match")),
+    params(("group" = String, Path, description = "Group name"), ListSandboxesQuery),
     responses(
         (status = 200, body = SandboxList),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),

@@ -135,6 +135,8 @@ fn check_term(t: &str) -> Result<()> {
             {\"type\":\"resize\",\"cols\":N,\"rows\":N}; the server ends with one ShellExit \
             and a normal close. Closing the socket kills the command."),
         (status = 400, description = "Bad query, or not a WebSocket upgrade", body = ErrorBody),
+        (status = 502, description = "The sandbox's agent did not answer, or broke the protocol (before the upgrade): its `health` says so, and the daemon reconnects or fails it",
+            body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "A reader key, or the group's policy refused the command \
             (code policy_denied, with findings and policy_version)", body = ErrorBody),
