@@ -36,12 +36,24 @@ async fn measure_kind(
     rounds: usize,
 ) -> Result<Value> {
     let mut restores = Vec::new();
+    let mut phases: [Vec<f64>; 5] = Default::default();
     for _ in 0..rounds {
         let t = Instant::now();
         let sb = Sandbox::restore(rt, &id(kind), snapshot).await?;
         restores.push(ms(t.elapsed()));
+        let p = sb
+            .start_phases()
+            .context("a restored sandbox has start phases")?;
+        for (all, at) in
+            phases
+                .iter_mut()
+                .zip([p.qemu, p.net_started, p.running, p.agent_ready, p.ready])
+        {
+            all.push(ms(at));
+        }
         sb.destroy().await;
     }
+    let [qemu, net, guest_running, agent, ready] = phases.map(median);
     let mut running: Vec<Sandbox> = Vec::new();
     for _ in 0..clones {
         let sb = Sandbox::restore(rt, &id(kind), snapshot).await?;
@@ -102,6 +114,14 @@ async fn measure_kind(
     }
     Ok(json!({
         "restore_to_ready_ms": median(restores),
+        // When each step of those restores was done, from the start (medians; they overlap).
+        "restore_phases_ms": {
+            "qemu_qmp_ready": qemu,
+            "net_stack_started": net,
+            "guest_running": guest_running,
+            "agent_handshake_done": agent,
+            "refreshed_and_configured": ready,
+        },
         "parked_cpu_pct": median(parked_cpu),
         "unpark_to_first_exec_ms": median(unpark_exec),
         "idle_pss_mib": median(pss),
