@@ -71,6 +71,7 @@ async fn measure_kind(
     let window = Duration::from_secs(10);
     tokio::time::sleep(window).await;
     let (mut pss, mut private, mut rss, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut anon = Vec::new();
     // SAFETY: sysconf only reads its integer argument.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     for (sb, t0) in running.iter().zip(ticks0) {
@@ -82,6 +83,7 @@ async fn measure_kind(
             (rollup(&text, "Private_Clean:") + rollup(&text, "Private_Dirty:")) as f64 / 1024.0,
         );
         rss.push(rollup(&text, "Rss:") as f64 / 1024.0);
+        anon.push(rollup(&text, "Anonymous:") as f64 / 1024.0);
         let (_, t1) = proc_usage(pid)?;
         cpu.push((t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0);
     }
@@ -126,6 +128,11 @@ async fn measure_kind(
         "unpark_to_first_exec_ms": median(unpark_exec),
         "idle_pss_mib": median(pss),
         "idle_private_mib": median(private),
+        // Memory that exists only for this sandbox and goes with it: QEMU's heap, TCG's
+        // translation buffer, the guest pages it wrote (copy-on-write). "Private" above also
+        // counts template pages that only this clone happens to map; those stay in the
+        // template's one copy when it exits.
+        "idle_anon_mib": median(anon),
         "idle_rss_mib": median(rss),
         "idle_cpu_pct": median(cpu),
         "clones": clones,

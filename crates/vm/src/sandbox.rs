@@ -545,24 +545,29 @@ impl Sandbox {
         ))
         .await?;
         let qemu = started.elapsed();
-        // Every VM, a restore or a fork included, gets a NIC and a stack of its own. Started
-        // while QEMU loads a restore's memory: the stack forwards nothing before its policy
-        // arrives on its control socket, whenever the guest's first frame comes.
+        // Every VM, a restore or a fork included, gets a NIC and a stack of its own, spawned
+        // while QEMU loads a restore's memory. The guest may run before the stack does: its
+        // frames wait in the link's socket, and the stack forwards nothing before its policy
+        // arrives on its control socket.
         let guest = vm
             .take_net_socket()
             .ok_or_else(|| Error::InvalidArgument("a new VM has no network link".into()))?;
-        let net = netstack::start(
-            &rt.net_stack,
-            guest,
-            &dir.path,
-            opts.detached,
-            vm.jail_slot(),
-        )
-        .await?;
-        let net_started = started.elapsed();
-        if restoring {
-            vm.finish_restore().await?;
-        }
+        let prepared = netstack::prepare(&rt.net_stack, guest, &dir.path, vm.jail_slot())?;
+        let spawn_net = async {
+            let net = netstack::start(prepared, opts.detached).await;
+            (net, started.elapsed())
+        };
+        let ((net, net_started), restored) = tokio::join!(spawn_net, async {
+            if restoring {
+                vm.finish_restore().await
+            } else {
+                Ok(())
+            }
+        });
+        // A failed restore's error carries the guest's console: it goes first (a stack that
+        // started is killed as it drops).
+        restored?;
+        let net = net?;
         let running = started.elapsed();
         if opts.detached {
             SandboxRecord {
