@@ -1,7 +1,7 @@
-//! Density figures (issue 10): host memory and CPU per idle sandbox and restore-to-ready, with
-//! template RAM shared copy-on-write and without it, measured in the same run on the same
-//! template; and the same idle guests parked (vCPUs stopped): their CPU, and the first exec
-//! that has to continue one.
+//! Density figures (issue 10): host memory and CPU per idle sandbox and restore-to-ready (with
+//! when each step of the restore was done), with template RAM shared copy-on-write and without
+//! it, measured in the same run on the same template; and the same idle guests parked (vCPUs
+//! stopped): their CPU, and the first exec that has to continue one.
 //!
 //! "Shared" restores the template itself (its sealed RAM mapped privately by every clone).
 //! "Private" restores a full memory image of the same idle guest (a snapshot of a clone taken
