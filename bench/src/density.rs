@@ -1,7 +1,7 @@
-//! Density figures (issue 10): host memory and CPU per idle sandbox and restore-to-ready, with
-//! template RAM shared copy-on-write and without it, measured in the same run on the same
-//! template; and the same idle guests parked (vCPUs stopped): their CPU, and the first exec
-//! that has to continue one.
+//! Density figures (issue 10): host memory and CPU per idle sandbox and restore-to-ready (with
+//! when each step of the restore was done), with template RAM shared copy-on-write and without
+//! it, measured in the same run on the same template; and the same idle guests parked (vCPUs
+//! stopped): their CPU, and the first exec that has to continue one.
 //!
 //! "Shared" restores the template itself (its sealed RAM mapped privately by every clone).
 //! "Private" restores a full memory image of the same idle guest (a snapshot of a clone taken
@@ -36,12 +36,24 @@ async fn measure_kind(
     rounds: usize,
 ) -> Result<Value> {
     let mut restores = Vec::new();
+    let mut phases: [Vec<f64>; 5] = Default::default();
     for _ in 0..rounds {
         let t = Instant::now();
         let sb = Sandbox::restore(rt, &id(kind), snapshot).await?;
         restores.push(ms(t.elapsed()));
+        let p = sb
+            .start_phases()
+            .context("a restored sandbox has start phases")?;
+        for (all, at) in
+            phases
+                .iter_mut()
+                .zip([p.qemu, p.net_started, p.running, p.agent_ready, p.ready])
+        {
+            all.push(ms(at));
+        }
         sb.destroy().await;
     }
+    let [qemu, net, guest_running, agent, ready] = phases.map(median);
     let mut running: Vec<Sandbox> = Vec::new();
     for _ in 0..clones {
         let sb = Sandbox::restore(rt, &id(kind), snapshot).await?;
@@ -59,6 +71,7 @@ async fn measure_kind(
     let window = Duration::from_secs(10);
     tokio::time::sleep(window).await;
     let (mut pss, mut private, mut rss, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut anon = Vec::new();
     // SAFETY: sysconf only reads its integer argument.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     for (sb, t0) in running.iter().zip(ticks0) {
@@ -70,6 +83,7 @@ async fn measure_kind(
             (rollup(&text, "Private_Clean:") + rollup(&text, "Private_Dirty:")) as f64 / 1024.0,
         );
         rss.push(rollup(&text, "Rss:") as f64 / 1024.0);
+        anon.push(rollup(&text, "Anonymous:") as f64 / 1024.0);
         let (_, t1) = proc_usage(pid)?;
         cpu.push((t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0);
     }
@@ -102,10 +116,23 @@ async fn measure_kind(
     }
     Ok(json!({
         "restore_to_ready_ms": median(restores),
+        // When each step of those restores was done, from the start (medians; they overlap).
+        "restore_phases_ms": {
+            "qemu_qmp_ready": qemu,
+            "net_stack_started": net,
+            "guest_running": guest_running,
+            "agent_handshake_done": agent,
+            "refreshed_and_configured": ready,
+        },
         "parked_cpu_pct": median(parked_cpu),
         "unpark_to_first_exec_ms": median(unpark_exec),
         "idle_pss_mib": median(pss),
         "idle_private_mib": median(private),
+        // Memory that exists only for this sandbox and goes with it: QEMU's heap, TCG's
+        // translation buffer, the guest pages it wrote (copy-on-write). "Private" above also
+        // counts template pages that only this clone happens to map; those stay in the
+        // template's one copy when it exits.
+        "idle_anon_mib": median(anon),
         "idle_rss_mib": median(rss),
         "idle_cpu_pct": median(cpu),
         "clones": clones,

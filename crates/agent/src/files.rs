@@ -218,6 +218,29 @@ pub async fn read_file(path: PathBuf, stream: &Stream) -> Result<(), Failure> {
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Makes `path` hold exactly `data` (mode 0644), readers seeing the old file or the new one:
+/// a temporary file next to it, fsynced and renamed over it. A file that already holds
+/// `data` is left alone, so the configuration every restore sends again (resolv.conf, the
+/// trust store) costs no write and no fsync on the guest's disk.
+pub fn replace_if_changed(path: &Path, data: &[u8]) -> io::Result<()> {
+    match fs::read(path) {
+        Ok(old) if old == data => return Ok(()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let tmp = path.with_extension("moat-tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
 /// Receives the contents on stdin until EOF into a temporary file next to `path`, then
 /// fsyncs and renames it over `path`: readers see the old file or the new one, never half.
 /// A blocking thread writes while the next chunks arrive.
@@ -349,6 +372,34 @@ fn commit_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file that already holds the data is not rewritten (same inode: no new file, no
+    /// fsync); different data replaces it with a new file holding exactly that data.
+    #[test]
+    fn replace_if_changed_skips_identical_content() {
+        let dir = std::env::temp_dir().join(format!("moat-replace-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("resolv.conf");
+        replace_if_changed(&path, b"nameserver 1.1.1.1\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"nameserver 1.1.1.1\n");
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o644);
+        let inode = fs::metadata(&path).unwrap().ino();
+        replace_if_changed(&path, b"nameserver 1.1.1.1\n").unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().ino(),
+            inode,
+            "rewritten though unchanged"
+        );
+        replace_if_changed(&path, b"nameserver 2.2.2.2\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"nameserver 2.2.2.2\n");
+        assert_ne!(
+            fs::metadata(&path).unwrap().ino(),
+            inode,
+            "changed data not replaced"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn errno_mapping() {

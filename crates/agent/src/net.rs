@@ -16,13 +16,31 @@ use crate::sys::check;
 
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
-/// Applies `c` to the guest.
+/// The link part of the last configuration applied (no CA, no identity): a restored guest
+/// remembers it with the rest of its memory.
+static APPLIED_LINK: std::sync::Mutex<Option<NetworkConfig>> = std::sync::Mutex::new(None);
+
+/// Applies `c` to the guest. The link (address, route, MTU, resolv.conf) is left alone when
+/// this guest applied exactly that link before: every restore sends the configuration again,
+/// and re-running the interface ioctls costs a restored guest ~80 ms under TCG, which must
+/// translate those kernel paths anew; a different link (a guest saved by an older host) is
+/// applied. The CA and the identity are applied every time.
 pub fn configure(c: &NetworkConfig) -> Result<(), Failure> {
-    let iface = match &c.interface {
-        Some(i) => i.clone(),
-        None => first_interface()?,
+    let link = NetworkConfig {
+        trust_ca_pem: None,
+        identity: None,
+        ..c.clone()
     };
-    configure_at(c, &iface, Path::new(RESOLV_CONF))?;
+    let mut applied = APPLIED_LINK.lock().unwrap_or_else(|p| p.into_inner());
+    if applied.as_ref() != Some(&link) {
+        let iface = match &c.interface {
+            Some(i) => i.clone(),
+            None => first_interface()?,
+        };
+        configure_at(c, &iface, Path::new(RESOLV_CONF))?;
+        *applied = Some(link);
+    }
+    drop(applied);
     if let Some(pem) = &c.trust_ca_pem {
         crate::trust::install(pem).map_err(|m| Failure(ErrorKind::Other, m))?;
     }
@@ -157,7 +175,8 @@ fn configure_at(c: &NetworkConfig, iface: &str, resolv: &Path) -> Result<(), Fai
         .iter()
         .map(|n| format!("nameserver {n}\n"))
         .collect();
-    write_atomic(resolv, &text).map_err(|e| other(&resolv.display().to_string(), e))
+    crate::files::replace_if_changed(resolv, text.as_bytes())
+        .map_err(|e| other(&resolv.display().to_string(), e))
 }
 
 fn socket() -> io::Result<OwnedFd> {
@@ -200,13 +219,6 @@ fn default_route(fd: i32, iface: &str, gateway: Ipv4Addr) -> io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         r => r.map(|_| ()),
     }
-}
-
-fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
-    let tmp = path.with_extension("moat-tmp");
-    fs::write(&tmp, text)?;
-    fs::File::open(&tmp)?.sync_all()?;
-    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -10,9 +10,10 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
+
+use crate::files::replace_if_changed;
 
 const DIR: &str = "/etc/ssl/certs";
 const BUNDLE: &str = "ca-certificates.crt";
@@ -52,7 +53,7 @@ fn install_at(pem: &str, dir: &Path) -> Result<Vec<(&'static str, String)>, Stri
     };
     fs::create_dir_all(dir).map_err(fail(dir))?;
     let ca = dir.join(CA_FILE);
-    write_atomic(&ca, format!("{pem}\n").as_bytes()).map_err(fail(&ca))?;
+    replace_if_changed(&ca, format!("{pem}\n").as_bytes()).map_err(fail(&ca))?;
     let bundle = dir.join(BUNDLE);
     let old = match fs::read_to_string(&bundle) {
         Ok(t) => t,
@@ -67,7 +68,7 @@ fn install_at(pem: &str, dir: &Path) -> Result<Vec<(&'static str, String)>, Stri
     text.push_str(pem);
     text.push('\n');
     text.push_str(END);
-    write_atomic(&bundle, text.as_bytes()).map_err(fail(&bundle))?;
+    replace_if_changed(&bundle, text.as_bytes()).map_err(fail(&bundle))?;
     let b = bundle.display().to_string();
     Ok(vec![
         ("SSL_CERT_FILE", b.clone()),
@@ -86,22 +87,10 @@ fn without_block(text: &str) -> String {
     }
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp: PathBuf = path.with_extension("moat-tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)?;
-    io::Write::write_all(&mut f, data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     const PEM: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----";
 

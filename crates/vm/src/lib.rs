@@ -33,7 +33,7 @@ pub use assets::{Initramfs, Kernel};
 pub use error::{Error, Result};
 pub use qemu::{GuestRam, Incoming, Vm, VmSpec};
 pub use qmp::Qmp;
-pub use sandbox::{LaunchOptions, SandboxRecord};
+pub use sandbox::{LaunchOptions, SandboxRecord, StartPhases};
 pub use sandbox::{Runtime, Sandbox};
 pub use snapshot::BaseDisk;
 pub use snapshot::SnapshotMeta;

@@ -87,15 +87,26 @@ fn jail(program: &Path, slot: &Slot) -> Result<Plan> {
     })
 }
 
-/// Starts `program net-stack` on `guest` (the host's end of the NIC's link), with its control
-/// socket bound at `run_dir/net.sock` and its port socket at `run_dir/ports.sock`. Attached, it is killed when the returned handle drops.
-pub(crate) async fn start(
+/// What spawning one stack needs, owned: prepared while the VM is at hand (its jail slot),
+/// spawned by [`start`] while the VM is busy with something else (a restore's load).
+pub(crate) struct Prepared {
+    program: std::path::PathBuf,
+    args: Vec<String>,
+    stderr: std::fs::File,
+    fds: (OwnedFd, OwnedFd, OwnedFd),
+    keep: Vec<std::os::fd::RawFd>,
+    plan: Option<Plan>,
+}
+
+/// Binds the control socket at `run_dir/net.sock` and the port socket at
+/// `run_dir/ports.sock`, and plans the jail of `program net-stack` on `guest` (the host's end
+/// of the NIC's link) in `slot`, whose lock descriptor must stay open until [`start`] returns.
+pub(crate) fn prepare(
     program: &Path,
     guest: OwnedFd,
     run_dir: &Path,
-    detached: bool,
     slot: Option<&Slot>,
-) -> Result<NetStack> {
+) -> Result<Prepared> {
     let control = bind(&run_dir.join(CONTROL_SOCKET))?;
     let ports = bind(&run_dir.join(PORTS_SOCKET))?;
     let log = run_dir.join(LOG);
@@ -115,13 +126,33 @@ pub(crate) async fn start(
     if let Some(s) = slot {
         keep.push(s.lock_fd());
     }
+    let program = std::fs::canonicalize(program)
+        .ctx(|| format!("resolving the network stack program {}", program.display()))?;
+    Ok(Prepared {
+        program,
+        args,
+        stderr,
+        fds: (guest, control.into(), ports.into()),
+        keep,
+        plan,
+    })
+}
+
+/// Starts the stack [`prepare`]d. Attached, it is killed when the returned handle drops.
+pub(crate) async fn start(prepared: Prepared, detached: bool) -> Result<NetStack> {
+    let Prepared {
+        program,
+        args,
+        stderr,
+        fds,
+        keep,
+        plan,
+    } = prepared;
     let env: Vec<(&str, String)> = std::env::var("RUST_LOG")
         .ok()
         .map(|v| ("RUST_LOG", v))
         .into_iter()
         .collect();
-    let program = std::fs::canonicalize(program)
-        .ctx(|| format!("resolving the network stack program {}", program.display()))?;
     let jailed = plan.is_some();
     let child = spawn_child(&program, &args, &env, stderr, keep, detached, plan)
         .await
@@ -134,7 +165,7 @@ pub(crate) async fn start(
             }
         })?;
     // The stack holds the only host end now: when QEMU closes the link, the stack sees it.
-    drop((guest, control, ports));
+    drop(fds);
     Ok(NetStack {
         child: Some(child),
         detached,

@@ -39,6 +39,22 @@ pub struct LaunchOptions {
     pub identity_header: Option<String>,
 }
 
+/// When each step of a sandbox's start was done, measured from the start (steps overlap, so
+/// these are points in time, not durations that add up): what the density bench reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartPhases {
+    /// QEMU answers QMP; a restore's incoming migration has started.
+    pub qemu: Duration,
+    /// The network stack is spawned.
+    pub net_started: Duration,
+    /// The guest runs: a restore's memory is loaded and the VM continued (a boot: as `qemu`).
+    pub running: Duration,
+    /// The agent answered the handshake.
+    pub agent_ready: Duration,
+    /// Clock, entropy, hostname and network configured: the sandbox is ready.
+    pub ready: Duration,
+}
+
 /// `run/<id>/sandbox.json`, written atomically when a detached sandbox starts: everything
 /// [`Sandbox::adopt`] needs that the VM cannot tell us.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -325,6 +341,8 @@ pub struct Sandbox {
     /// [`LaunchOptions::identity_header`]; unknown (`None`) for an adopted sandbox, whose
     /// stack has it already.
     identity_header: Option<String>,
+    /// How its start went; `None` for an adopted sandbox.
+    phases: Option<StartPhases>,
     // Field order matters for Drop: the agent session, then QEMU, then its network stack,
     // then the directory.
     agent: AgentConn,
@@ -517,7 +535,7 @@ impl Sandbox {
             GuestRam::TemplateSource(fd) => Some(fd.clone()),
             _ => None,
         };
-        let mut vm = crate::qemu::launch(&spec(
+        let mut vm = crate::qemu::spawn(&spec(
             rt,
             (origin.mem_mib, origin.cpus, origin.tier.millicores()),
             &dir.path,
@@ -526,18 +544,31 @@ impl Sandbox {
             opts.detached,
         ))
         .await?;
-        // Every VM, a restore or a fork included, gets a NIC and a stack of its own.
+        let qemu = started.elapsed();
+        // Every VM, a restore or a fork included, gets a NIC and a stack of its own, spawned
+        // while QEMU loads a restore's memory. The guest may run before the stack does: its
+        // frames wait in the link's socket, and the stack forwards nothing before its policy
+        // arrives on its control socket.
         let guest = vm
             .take_net_socket()
             .ok_or_else(|| Error::InvalidArgument("a new VM has no network link".into()))?;
-        let net = netstack::start(
-            &rt.net_stack,
-            guest,
-            &dir.path,
-            opts.detached,
-            vm.jail_slot(),
-        )
-        .await?;
+        let prepared = netstack::prepare(&rt.net_stack, guest, &dir.path, vm.jail_slot())?;
+        let spawn_net = async {
+            let net = netstack::start(prepared, opts.detached).await;
+            (net, started.elapsed())
+        };
+        let ((net, net_started), restored) = tokio::join!(spawn_net, async {
+            if restoring {
+                vm.finish_restore().await
+            } else {
+                Ok(())
+            }
+        });
+        // A failed restore's error carries the guest's console: it goes first (a stack that
+        // started is killed as it drops).
+        restored?;
+        let net = net?;
+        let running = started.elapsed();
         if opts.detached {
             SandboxRecord {
                 format: SandboxRecord::FORMAT,
@@ -560,7 +591,8 @@ impl Sandbox {
         } else {
             connect_agent(&mut vm, BOOT_TIMEOUT, "booting").await?
         };
-        let sb = Sandbox {
+        let agent_ready = started.elapsed();
+        let mut sb = Sandbox {
             id: id.to_string(),
             image: origin.image,
             tier: origin.tier,
@@ -572,24 +604,38 @@ impl Sandbox {
             ram_base: origin.ram_base,
             parked: false,
             identity_header: opts.identity_header.clone(),
+            phases: None,
             agent,
             vm,
             net,
             dir,
         };
-        sb.agent.refresh(Some(&hostname(id))).await?;
-        // Again after a restore: the saved guest may predate this configuration.
-        sb.agent
-            .configure_network(moat_protocol::link::guest_config(
-                opts.trust_ca.clone(),
-                opts.identity_header.clone(),
-            ))
-            .await?;
+        // Both in flight at once: the agent serves them concurrently and neither depends on
+        // the other. The network configuration is sent again after a restore: the saved
+        // guest may predate it.
+        let hostname = hostname(id);
+        tokio::try_join!(
+            sb.agent.refresh(Some(&hostname)),
+            sb.agent
+                .configure_network(moat_protocol::link::guest_config(
+                    opts.trust_ca.clone(),
+                    opts.identity_header.clone(),
+                )),
+        )?;
+        let phases = StartPhases {
+            qemu,
+            net_started,
+            running,
+            agent_ready,
+            ready: started.elapsed(),
+        };
+        sb.phases = Some(phases);
         tracing::info!(
             id,
             restoring,
             detached = opts.detached,
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            elapsed_ms = phases.ready.as_millis() as u64,
+            ?phases,
             "sandbox started"
         );
         Ok(sb)
@@ -636,6 +682,7 @@ impl Sandbox {
             ram_source: None,
             parked: false,
             identity_header: None,
+            phases: None,
             agent,
             vm,
             net: NetStack::adopted(),
@@ -660,6 +707,11 @@ impl Sandbox {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// When each step of this sandbox's start was done; `None` for an adopted one.
+    pub fn start_phases(&self) -> Option<StartPhases> {
+        self.phases
     }
 
     /// This incarnation's `IDENTITY_HEADER` ([`LaunchOptions::identity_header`]).

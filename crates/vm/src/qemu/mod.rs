@@ -273,6 +273,17 @@ impl ConsoleTail {
 /// is still booting (wait for the agent yourself, e.g. with [`Vm::while_alive`]); a restore
 /// returns with the guest running again (`cont` done).
 pub async fn launch(spec: &VmSpec) -> Result<Vm> {
+    let mut vm = spawn(spec).await?;
+    if spec.incoming.is_some() {
+        vm.finish_restore().await?;
+    }
+    Ok(vm)
+}
+
+/// [`launch`] without waiting for a restore's load: returns once QMP answers and, for a
+/// restore, the incoming migration has started. QEMU loads the image meanwhile, so the caller
+/// can prepare what the guest needs next, then calls [`Vm::finish_restore`].
+pub(crate) async fn spawn(spec: &VmSpec) -> Result<Vm> {
     let started = Instant::now();
     std::fs::create_dir_all(&spec.run_dir)
         .ctx(|| format!("creating run directory {}", spec.run_dir.display()))?;
@@ -393,12 +404,6 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
 
     if let (Some(incoming), Some(fd)) = (&spec.incoming, fds.incoming) {
         vm.start_restore(incoming, fd).await?;
-        vm.finish_restore().await?;
-        tracing::info!(
-            pid,
-            ms = started.elapsed().as_millis() as u64,
-            "VM restored and running"
-        );
     }
     Ok(vm)
 }
@@ -633,9 +638,24 @@ impl Vm {
             .map(|_| ())
     }
 
-    /// Waits for the incoming migration to finish, then starts the guest. The source was
-    /// paused when saved, so QEMU does not autostart; we `cont` explicitly.
-    async fn finish_restore(&mut self) -> Result<()> {
+    /// Waits for the incoming migration that [`spawn`] started to finish, then starts the
+    /// guest. The source was paused when saved, so QEMU does not autostart; we `cont`
+    /// explicitly.
+    pub(crate) async fn finish_restore(&mut self) -> Result<()> {
+        let started = Instant::now();
+        if self.load_incoming().await? {
+            self.qmp.execute("cont", None).await?;
+        }
+        tracing::info!(
+            pid = self.proc.pid,
+            waited_ms = started.elapsed().as_millis() as u64,
+            "VM restored and running"
+        );
+        Ok(())
+    }
+
+    /// Waits until the incoming migration has loaded; whether the VM is paused (needs `cont`).
+    async fn load_incoming(&mut self) -> Result<bool> {
         let deadline = Instant::now() + RESTORE_TIMEOUT;
         loop {
             let qmp = &mut self.qmp;
@@ -653,7 +673,7 @@ impl Vm {
             match status.as_str() {
                 "inmigrate" => {}
                 "paused" | "postmigrate" => break,
-                "running" => return Ok(()),
+                "running" => return Ok(false),
                 other => {
                     return Err(Error::Migration {
                         what: "restore",
@@ -679,8 +699,7 @@ impl Vm {
                 });
             }
         }
-        self.qmp.execute("cont", None).await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Saves the guest's memory and device state to exactly `path` and returns its size.
