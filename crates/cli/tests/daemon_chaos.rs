@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, ADMIN, G};
 use common::unique;
-use moat_image::Compression;
-use moat_testkit::{busybox_layer, test_config, write_oci_layout, LayerBuilder, Registry};
+use moat_testkit::Registry;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -125,29 +124,11 @@ async fn under_fire(url: String, method: &str, path: String, body: Option<Value>
     }
 }
 
-/// An image of its own pushed to `reg`: its reference.
-async fn push_image(reg: &Registry, marker: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let layout = dir.path().join("layout");
-    let layers = vec![
-        busybox_layer(),
-        LayerBuilder::new()
-            .file("marker", marker.as_bytes(), 0o644)
-            .finish(),
-    ];
-    write_oci_layout(
-        &layout,
-        &layers,
-        Compression::Gzip,
-        &test_config(),
-        Some("v1"),
-    );
-    reg.push(&layout, &format!("chaos/{marker}:v1")).await.0
-}
-
 /// Imports a new image (not under fire) and waits for it: its name.
 async fn imported(d: &Daemon, reg: &Registry, w: &mut World) -> String {
-    let reference = push_image(reg, &unique("chaos").to_lowercase()).await;
+    let reference = common::push_image(reg, "chaos", &unique("chaos").to_lowercase())
+        .await
+        .0;
     let name = unique("chaos-img").to_lowercase();
     let (st, o) = d
         .call(
@@ -561,7 +542,7 @@ async fn the_daemon_survives_kill_9_at_random_points() {
             }
             Op::Import => {
                 let marker = unique("chaos").to_lowercase();
-                let reference = push_image(&reg, &marker).await;
+                let reference = common::push_image(&reg, "chaos", &marker).await.0;
                 let name = unique("chaos-img").to_lowercase();
                 let (st, o) = d
                     .call(

@@ -8,30 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{msg, Daemon, ADMIN, G};
 use common::unique;
-use moat_image::Compression;
-use moat_testkit::{busybox_layer, test_config, write_oci_layout, LayerBuilder, Registry};
+use moat_testkit::Registry;
 use serde_json::{json, Value};
-
-/// An image of its own (a marker layer makes its digest unique to this run) pushed to `reg`:
-/// its reference and digest.
-async fn push_image(reg: &Registry, marker: &str) -> (String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let layout = dir.path().join("layout");
-    let layers = vec![
-        busybox_layer(),
-        LayerBuilder::new()
-            .file("marker", marker.as_bytes(), 0o644)
-            .finish(),
-    ];
-    write_oci_layout(
-        &layout,
-        &layers,
-        Compression::Gzip,
-        &test_config(),
-        Some("v1"),
-    );
-    reg.push(&layout, &format!("e2e/{marker}:v1")).await
-}
 
 /// Polls the operation until it is no longer running.
 async fn wait_op(d: &Daemon, id: &str) -> Value {
@@ -62,7 +40,7 @@ async fn images_import_list_use_and_delete() {
     let mut d = Daemon::start_with_runtime(Some(ADMIN)).await;
     let reg = Registry::start(None);
     let marker = unique("marker").to_lowercase();
-    let (reference, digest) = push_image(&reg, &marker).await;
+    let (reference, digest) = common::push_image(&reg, "e2e", &marker).await;
     let name = unique("img");
 
     // Import; a second import of the same name meanwhile is refused.
@@ -329,7 +307,7 @@ async fn moat_image_goes_through_the_daemon_when_told_to() {
     let d = Daemon::start_with_runtime(Some(ADMIN)).await;
     let reg = Registry::start(None);
     let marker = unique("climarker").to_lowercase();
-    let (reference, digest) = push_image(&reg, &marker).await;
+    let (reference, digest) = common::push_image(&reg, "e2e", &marker).await;
     let name = unique("cli");
     let o = d.cli(
         ADMIN,

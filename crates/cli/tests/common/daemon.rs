@@ -220,34 +220,19 @@ impl Daemon {
     /// The text `sql` (one row, one column) selects from the daemon's database, like
     /// [`Daemon::db_execute`].
     pub fn db_text(&self, sql: &str, params: &[&str]) -> String {
-        match &self.store {
-            None => {
-                let db = rusqlite::Connection::open(self.home.path().join("moatd.db")).unwrap();
-                db.query_row(sql, rusqlite::params_from_iter(params), |r| r.get(0))
-                    .unwrap()
-            }
-            Some(url) => {
-                let (url, sql) = (url.clone(), sql.replace('?', "$"));
-                let params: Vec<String> = params.iter().map(|p| p.to_string()).collect();
-                std::thread::spawn(move || {
-                    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-                    let args: Vec<&(dyn postgres::types::ToSql + Sync)> = params
-                        .iter()
-                        .map(|p| p as &(dyn postgres::types::ToSql + Sync))
-                        .collect();
-                    c.query_one(sql.as_str(), &args)
-                        .unwrap()
-                        .get::<_, String>(0)
-                })
-                .join()
-                .unwrap()
-            }
-        }
+        self.db_value(sql, params)
     }
 
     /// The integer `sql` (one row, one column) selects from the daemon's database, like
     /// [`Daemon::db_execute`].
     pub fn db_i64(&self, sql: &str, params: &[&str]) -> i64 {
+        self.db_value(sql, params)
+    }
+
+    fn db_value<T>(&self, sql: &str, params: &[&str]) -> T
+    where
+        T: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a> + Send + 'static,
+    {
         match &self.store {
             None => {
                 let db = rusqlite::Connection::open(self.home.path().join("moatd.db")).unwrap();
@@ -263,7 +248,7 @@ impl Daemon {
                         .iter()
                         .map(|p| p as &(dyn postgres::types::ToSql + Sync))
                         .collect();
-                    c.query_one(sql.as_str(), &args).unwrap().get::<_, i64>(0)
+                    c.query_one(sql.as_str(), &args).unwrap().get::<_, T>(0)
                 })
                 .join()
                 .unwrap()

@@ -182,3 +182,29 @@ pub async fn counter_passes(sb: &Sandbox, than: u64) {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// An image of its own (a marker layer makes its digest unique) pushed to `reg` as
+/// `REPO/MARKER:v1`: its reference and digest.
+pub async fn push_image(
+    reg: &moat_testkit::Registry,
+    repo: &str,
+    marker: &str,
+) -> (String, String) {
+    use moat_testkit::{busybox_layer, test_config, write_oci_layout, LayerBuilder};
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let layers = vec![
+        busybox_layer(),
+        LayerBuilder::new()
+            .file("marker", marker.as_bytes(), 0o644)
+            .finish(),
+    ];
+    write_oci_layout(
+        &layout,
+        &layers,
+        moat_image::Compression::Gzip,
+        &test_config(),
+        Some("v1"),
+    );
+    reg.push(&layout, &format!("{repo}/{marker}:v1")).await
+}
