@@ -1,7 +1,7 @@
 //! A guest that fills its disk, through the daemon with a real VM (tier xs, a 5 GiB disk):
-//! the sandbox must stay usable (exec answers, its agent healthy), an upload must fail with a
-//! clear 507 that leaves nothing behind, the upload must work again once space is freed, and
-//! the host's disk must hold no more for the sandbox than its tier's disk size.
+//! the sandbox must stay usable (exec and downloads answer, its agent healthy), an upload must
+//! fail with a clear 507 that leaves nothing behind, the upload must work again once space is
+//! freed, and the host's disk must hold no more for the sandbox than its tier's disk size.
 //!
 //! Writing 5 GiB under TCG takes minutes (~35 MB/s measured), so the fill is cheap but real
 //! for the host: `fallocate` reserves the free space (metadata only), then one 4 KiB block is
@@ -90,6 +90,17 @@ async fn a_full_guest_disk_is_a_clear_507_and_recovers() {
     assert_eq!(r["error"]["code"], "no_space", "{r}");
     let m = r["error"]["message"].as_str().unwrap();
     assert!(m.contains("/root/up.bin") && m.contains("space"), "{m}");
+    // Reading needs no space: a download works.
+    let (st, r) = d
+        .call_raw(
+            Some(ADMIN),
+            "GET",
+            &format!("{G}/{GROUP}/sandboxes/{id}/files?path=/etc/os-release"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert!(r.as_str().unwrap().contains("NAME="), "{r}");
     // Nothing half-written is left: neither the file nor the agent's temporary one.
     assert_eq!(
         d.sh(GROUP, &id, "ls -A /root | grep -c up.bin || true")
