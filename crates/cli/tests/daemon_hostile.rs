@@ -14,6 +14,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, ADMIN, G};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 const EVIL: &str = include_str!("hostile/evil_agent.py");
@@ -84,6 +85,33 @@ async fn wait_for(
     }
 }
 
+/// Downloads `limit` bytes of `/dev/zero` from sandbox `id`, then hangs up.
+async fn endless_download(d: &Daemon, id: &str, limit: usize) {
+    let resp = d
+        .http
+        .get(format!(
+            "{}{G}/{GROUP}/sandboxes/{id}/files?path=/dev/zero",
+            d.url()
+        ))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.content_length(),
+        None,
+        "the guest's size was passed on"
+    );
+    let mut body = resp.bytes_stream();
+    let mut got = 0;
+    while got < limit {
+        let chunk = body.next().await.expect("/dev/zero ended").unwrap();
+        assert!(chunk.iter().all(|&b| b == 0));
+        got += chunk.len();
+    }
+}
+
 async fn echo(d: &Daemon, id: &str, word: &str) {
     assert_eq!(d.sh(GROUP, id, &format!("echo {word}")).await, word);
 }
@@ -98,6 +126,13 @@ async fn a_hostile_agent_is_contained_recovered_or_failed() {
     assert_eq!(sb["health"], json!({"agent": "ok"}), "{sb}");
     install(&d, &evil).await;
     let rss_before = rss_kib(&d);
+
+    // A file whose size lies with no help from a hostile agent: /dev/zero says 0 bytes and
+    // never ends. The download streams what comes, within flow control; a client that hangs
+    // up ends the guest's read, and the session holds.
+    endless_download(&d, &evil, 16 << 20).await;
+    echo(&d, &evil, "after-endless").await;
+    assert_eq!(recoveries(&d).await, 0, "{}", d.stderr(1));
 
     // Frames that keep the framing but break every rule: ignored or reset one by one; the
     // session holds, nothing needs recovering.

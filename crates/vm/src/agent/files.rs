@@ -13,7 +13,7 @@ const MAX_LIST_ENTRIES: usize = 1_000_000;
 impl AgentConn {
     pub async fn stat(&self, path: &str) -> Result<FileStat, Error> {
         match self.simple(Request::Stat { path: path.into() }).await? {
-            Message::Stat(st) => Ok(st),
+            Message::Stat(st) => possible(path, &st).map(|()| st),
             other => Err(unexpected("stat", &other)),
         }
     }
@@ -28,6 +28,9 @@ impl AgentConn {
                         return Err(Error::Agent(format!(
                             "directory listing of {path} exceeds {MAX_LIST_ENTRIES} entries"
                         )));
+                    }
+                    for e in &more {
+                        possible(&e.name, &e.stat)?;
                     }
                     entries.append(&mut more);
                 }
@@ -61,8 +64,9 @@ impl AgentConn {
         let mut stream = self.open(&Request::ReadFile { path: path.into() }).await?;
         match guest_result(with_deadline("read", OP_TIMEOUT, next_msg(&mut stream)).await?)? {
             Message::Stat(stat) => Ok(FileReader {
-                stat,
+                stat: possible(path, &stat).map(|()| stat)?,
                 stream: Some(stream),
+                eof: false,
             }),
             other => Err(unexpected("read", &other)),
         }
@@ -105,19 +109,39 @@ impl AgentConn {
         // The guest may fail early (say, a missing directory): watch for its answer while
         // sending, so that the real error wins over "stream reset".
         tokio::pin!(send);
+        // `send` finishes in the very poll that queues the end-of-file, so a real agent's
+        // answer to it can only be seen after: a "done" while sending is a lie.
         let (reply, total) = tokio::select! {
             r = &mut send => {
                 let total = r?;
-                (with_deadline("write", OP_TIMEOUT, next_msg(&mut stream)).await?, total)
+                (with_deadline("write", OP_TIMEOUT, next_msg(&mut stream)).await?, Some(total))
             }
-            m = next_msg(&mut stream) => (m?, 0),
+            m = next_msg(&mut stream) => (m?, None),
         };
         stream.close();
-        match guest_result(reply)? {
-            Message::Done => Ok(total),
-            other => Err(unexpected("write", &other)),
+        match (guest_result(reply)?, total) {
+            (Message::Done, Some(total)) => Ok(total),
+            (Message::Done, None) => Err(Error::Agent(format!(
+                "the guest acknowledged the write of {path} before it had all the data"
+            ))),
+            (other, _) => Err(unexpected("write", &other)),
         }
     }
+}
+
+/// The guest's stat, if a file could have it. Sizes are never trusted for a transfer (a read
+/// delivers the bytes that come), but one above `i64::MAX` no Linux file can have (`off_t` is
+/// signed): passed on, it would break the API's documented range and any client that believes
+/// it. Such an agent is lying, and its answer is refused.
+fn possible(path: &str, stat: &FileStat) -> Result<(), Error> {
+    if i64::try_from(stat.size).is_err() {
+        return Err(Error::Agent(format!(
+            "the guest reported {} bytes for {}, a size no file can have",
+            stat.size,
+            super::sanitize(path)
+        )));
+    }
+    Ok(())
 }
 
 /// A file being read from the guest.
@@ -125,6 +149,8 @@ impl AgentConn {
 pub struct FileReader {
     stat: FileStat,
     stream: Option<Stream>,
+    /// The guest ended the data: the next thing may only be its "done".
+    eof: bool,
 }
 
 impl FileReader {
@@ -142,15 +168,29 @@ impl FileReader {
             match with_deadline("read", OP_TIMEOUT, async { Ok(stream.recv().await) }).await? {
                 Some(Event::Data {
                     channel: channel::STDOUT,
+                    ..
+                }) if self.eof => {
+                    return Err(Error::Agent(
+                        "the guest sent data after the end of the file".into(),
+                    ))
+                }
+                Some(Event::Data {
+                    channel: channel::STDOUT,
                     data,
                 }) => return Ok(Some(data)),
                 Some(Event::Eof {
                     channel: channel::STDOUT,
-                }) => {}
+                }) => self.eof = true,
                 Some(Event::Msg(m)) => {
                     let m = guest_result(m)?;
                     if m != Message::Done {
                         return Err(unexpected("read", &m));
+                    }
+                    // Without the end-of-file, "done" would pass a cut file off as whole.
+                    if !self.eof {
+                        return Err(Error::Agent(
+                            "the guest ended the read before the end of the file".into(),
+                        ));
                     }
                     if let Some(s) = self.stream.take() {
                         s.close();
