@@ -2,7 +2,7 @@
 //! daemon's files routes and `moat cp`. The guest side is `crates/agent/src/files.rs`.
 
 use moat_protocol::{channel, DirEntry, Event, FileStat, Message, Request, Stream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use super::{guest_result, next_msg, unexpected, with_deadline, AgentConn, OP_TIMEOUT};
 use crate::Error;
@@ -204,23 +204,5 @@ impl FileReader {
                 None => return Err(Error::AgentGone),
             }
         }
-    }
-
-    /// Copies the whole file into `out`; returns the byte count.
-    pub async fn copy_to<W: tokio::io::AsyncWrite + Unpin>(
-        mut self,
-        out: &mut W,
-    ) -> Result<u64, Error> {
-        let mut n = 0u64;
-        while let Some(chunk) = self.chunk().await? {
-            out.write_all(&chunk)
-                .await
-                .map_err(|e| Error::io("writing the file read from the guest", e))?;
-            n += chunk.len() as u64;
-        }
-        out.flush()
-            .await
-            .map_err(|e| Error::io("writing the file read from the guest", e))?;
-        Ok(n)
     }
 }
