@@ -40,6 +40,10 @@ struct Cli {
     /// Log more (repeat for debug logs). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Run QEMU and the network stacks UNJAILED (as this user, no namespaces, seccomp filter
+    /// or cgroup limits): for development only, warned at every start. Same as MOAT_NO_JAIL=1.
+    #[arg(long, global = true)]
+    no_jail: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -184,6 +188,12 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    if cli.no_jail {
+        // The jail is decided where each runtime is made, from MOAT_NO_JAIL: setting it here,
+        // before any thread exists, makes the flag and the variable one switch (and the
+        // network stacks this process starts inherit it).
+        std::env::set_var("MOAT_NO_JAIL", "1");
+    }
     // The stack runs its own single-threaded runtime and needs nothing else of moat's.
     if let Command::NetStack(args) = &cli.command {
         return net_stack(args);

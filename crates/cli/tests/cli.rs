@@ -51,6 +51,47 @@ fn run_streams_and_returns_exit_codes() {
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
+/// A template clone can be charged for the template's zero pages as well as its own memory;
+/// its cgroup leaves room for that. Without it, a guest writing most of its RAM had its QEMU
+/// OOM-killed ("the connection to the guest agent is gone").
+#[test]
+fn a_guest_writing_most_of_its_ram_is_not_oom_killed() {
+    let o = run(&[
+        "--tier",
+        "s",
+        "--",
+        "python3",
+        "-c",
+        "b = b'x' * (820 << 20); print(len(b) >> 20)",
+    ]);
+    assert_eq!(stdout(&o), "820\n", "{}", stderr(&o));
+}
+
+/// `--no-jail` is the development switch, and loud: a warning at the start and the jail shown
+/// off; without it (and without MOAT_NO_JAIL) the same run is jailed.
+#[test]
+fn no_jail_is_a_loud_development_switch() {
+    let o = moat()
+        .args(["-v", "--no-jail", "run", "--", "echo", "up"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&o), "up\n", "{}", stderr(&o));
+    assert!(stderr(&o).contains("UNJAILED"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("off (MOAT_NO_JAIL=1)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = moat()
+        .args(["-v", "run", "--", "echo", "up"])
+        .env_remove("MOAT_NO_JAIL")
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&o), "up\n", "{}", stderr(&o));
+    assert!(stderr(&o).contains("on: uids"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("UNJAILED"), "{}", stderr(&o));
+}
+
 #[test]
 fn run_env_workdir_user_stdin() {
     let o = run(&[

@@ -111,8 +111,15 @@ fn limits(spec: &VmSpec) -> crate::cgroup::Limits {
     } else {
         spec.millicores + CPU_HEADROOM_MILLICORES
     };
+    // A template clone may be charged for the template's zero pages too (SharedRam::holes):
+    // without room for them, a guest using most of its RAM was OOM-killed (the chaos run: a
+    // tier-s clone at 1,038 MB shared + 584 MB private against 1,536 MiB).
+    let template_holes = match &spec.ram {
+        GuestRam::TemplateClone { ram, .. } => ram.holes(),
+        _ => 0,
+    };
     crate::cgroup::Limits {
-        memory_bytes: (u64::from(spec.mem_mib) + MEMORY_OVERHEAD_MIB) << 20,
+        memory_bytes: ((u64::from(spec.mem_mib) + MEMORY_OVERHEAD_MIB) << 20) + template_holes,
         pids: SANDBOX_PIDS,
         millicores,
     }
