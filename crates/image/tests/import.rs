@@ -11,14 +11,20 @@ use moat_testkit::{
 
 /// Plain HTTP and an empty Docker config (so the host's own config never leaks into tests).
 fn plain() -> ImportOptions {
-    let p = std::env::temp_dir().join(format!(
-        "moat-test-empty-docker-config-{}.json",
-        std::process::id()
-    ));
-    fs::write(&p, "{}").unwrap();
+    // Written once per process: rewritten by every test, a concurrent import could read it
+    // truncated (seen in CI as "not valid JSON: EOF").
+    static EMPTY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let p = EMPTY.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!(
+            "moat-test-empty-docker-config-{}.json",
+            std::process::id()
+        ));
+        fs::write(&p, "{}").unwrap();
+        p
+    });
     ImportOptions {
         plain_http: true,
-        docker_config: Some(p),
+        docker_config: Some(p.clone()),
     }
 }
 
