@@ -505,20 +505,29 @@ fn shell_invocation(an: &mut Analysis, program: &str, rest: &[Arg], stdin: &Stdi
     // Otherwise it runs a script file, which is not analysed (docs/POLICY.md says why).
 }
 
+/// The word `arg` given to interpreter `program`, or `None` (with a `shell.dynamic` finding)
+/// when it is only known at run time: the rest of the command line cannot be read then.
+fn known_word<'a>(an: &mut Analysis, program: &str, arg: &'a Arg) -> Option<&'a str> {
+    let v = arg.value.as_deref();
+    if v.is_none() {
+        an.finding(
+            Rule::ShellDynamic,
+            format!(
+                "{program} is given `{}`, which is only known when it runs",
+                arg.raw
+            ),
+            arg.loc.clone(),
+        );
+    }
+    v
+}
+
 /// `python3 -c CODE`, `python3 -m MODULE`, python reading stdin, or `python3 FILE`.
 fn python_invocation(an: &mut Analysis, program: &str, rest: &[Arg], stdin: &Stdin, depth: usize) {
     let mut i = 0;
     while i < rest.len() {
         let arg = &rest[i];
-        let Some(v) = arg.value.as_deref() else {
-            an.finding(
-                Rule::ShellDynamic,
-                format!(
-                    "{program} is given `{}`, which is only known when it runs",
-                    arg.raw
-                ),
-                arg.loc.clone(),
-            );
+        let Some(v) = known_word(an, program, arg) else {
             return;
         };
         if v == "-" {
@@ -713,15 +722,7 @@ fn node_invocation(an: &mut Analysis, program: &str, rest: &[Arg], stdin: &Stdin
     let mut i = 0;
     while i < rest.len() {
         let arg = &rest[i];
-        let Some(v) = arg.value.as_deref() else {
-            an.finding(
-                Rule::ShellDynamic,
-                format!(
-                    "{program} is given `{}`, which is only known when it runs",
-                    arg.raw
-                ),
-                arg.loc.clone(),
-            );
+        let Some(v) = known_word(an, program, arg) else {
             return;
         };
         if v == "-" {
