@@ -443,19 +443,24 @@ impl Names {
         }
     }
 
+    /// Binds `name` to what `value` resolved to; a name bound to nothing known (or one of the
+    /// gateway names, which are never aliased) is only recorded as bound.
+    fn bind(&mut self, name: &str, value: Option<Resolved>) {
+        match value {
+            Some(r) if !is_gateway_name(name) => {
+                self.aliases.insert(name.to_string(), r);
+            }
+            _ => {
+                self.bound.insert(name.to_string());
+            }
+        }
+    }
+
     /// Records what the names in `pattern` stand for when it destructures `value`.
     fn bind_pattern(&mut self, pattern: &BindingPattern, value: Option<Resolved>) {
         match pattern {
             BindingPattern::BindingIdentifier(id) => {
-                let name = id.name.as_str();
-                match value {
-                    Some(r) if !is_gateway_name(name) => {
-                        self.aliases.insert(name.to_string(), r);
-                    }
-                    _ => {
-                        self.bound.insert(name.to_string());
-                    }
-                }
+                self.bind(id.name.as_str(), value);
             }
             BindingPattern::ObjectPattern(o) => {
                 for p in &o.properties {
@@ -487,30 +492,14 @@ impl Names {
     fn bind_target(&mut self, target: &AssignmentTarget, value: Option<Resolved>) {
         match target {
             AssignmentTarget::AssignmentTargetIdentifier(id) => {
-                let name = id.name.as_str();
-                match value {
-                    Some(r) if !is_gateway_name(name) => {
-                        self.aliases.insert(name.to_string(), r);
-                    }
-                    _ => {
-                        self.bound.insert(name.to_string());
-                    }
-                }
+                self.bind(id.name.as_str(), value);
             }
             AssignmentTarget::ObjectAssignmentTarget(o) => {
                 for p in &o.properties {
                     match p {
                         AssignmentTargetProperty::AssignmentTargetPropertyIdentifier(p) => {
                             let name = p.binding.name.as_str();
-                            let child = value.as_ref().map(|v| v.child(name));
-                            match child {
-                                Some(c) if !is_gateway_name(name) => {
-                                    self.aliases.insert(name.to_string(), c);
-                                }
-                                _ => {
-                                    self.bound.insert(name.to_string());
-                                }
-                            }
+                            self.bind(name, value.as_ref().map(|v| v.child(name)));
                         }
                         AssignmentTargetProperty::AssignmentTargetPropertyProperty(p) => {
                             let child = match (&value, key_name(&p.name)) {
@@ -704,15 +693,7 @@ impl<'a> Visit<'a> for Binder<'_> {
                         (&s.local, source.clone())
                     }
                 };
-                let name = local.name.as_str();
-                match value {
-                    Some(v) if !is_gateway_name(name) => {
-                        self.names.aliases.insert(name.to_string(), v);
-                    }
-                    _ => {
-                        self.names.bound.insert(name.to_string());
-                    }
-                }
+                self.names.bind(local.name.as_str(), value);
             }
         } else {
             walk::walk_statement(self, it);
