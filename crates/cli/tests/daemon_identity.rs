@@ -160,27 +160,8 @@ async fn tokens_verify_with_pyjwt_against_the_served_jwks() {
     }
 
     // Forks of one snapshot are sandboxes of their own: their own ids and uids.
-    let (st, snap) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/ids/sandboxes/{b}/snapshots"),
-            Some(json!({"name": "fork-me"})),
-        )
-        .await;
-    assert_eq!(st, 201, "{snap}");
-    let (st, forks) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/ids/sandboxes"),
-            Some(json!({"from_snapshot": "fork-me", "count": 2})),
-        )
-        .await;
-    assert_eq!(st, 201, "{forks}");
-    let fork_claims: Vec<Value> = forks["sandboxes"]
-        .as_array()
-        .unwrap()
+    let forks = d.snapshot_and_fork("ids", &b, "fork-me", 2).await;
+    let fork_claims: Vec<Value> = forks
         .iter()
         .map(|f| {
             let t = token(&d, s(&f["id"]), "sts.amazonaws.com").unwrap();
@@ -414,26 +395,9 @@ async fn guest_code_fetches_tokens_from_the_in_guest_endpoint() {
     let incarnation = v["claims"]["incarnation"].as_u64().unwrap();
 
     // Forks: their own sandbox claims, their own headers (the source's is refused there).
-    let (st, snap) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/ing/sandboxes/{a}/snapshots"),
-            Some(json!({"name": "ing-fork"})),
-        )
-        .await;
-    assert_eq!(st, 201, "{snap}");
-    let (st, forks) = d
-        .call(
-            Some(ADMIN),
-            "POST",
-            &format!("{G}/ing/sandboxes"),
-            Some(json!({"from_snapshot": "ing-fork", "count": 2})),
-        )
-        .await;
-    assert_eq!(st, 201, "{forks}");
+    let forks = d.snapshot_and_fork("ing", &a, "ing-fork", 2).await;
     let mut fork_claims = Vec::new();
-    for f in forks["sandboxes"].as_array().unwrap() {
+    for f in &forks {
         let id = s(&f["id"]);
         let out = guest(
             &d,

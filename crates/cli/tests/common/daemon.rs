@@ -504,6 +504,35 @@ impl Daemon {
     }
 
     /// Deletes a sandbox as the admin; it must go (204).
+    /// Takes snapshot `name` of sandbox `id` and forks it `count` times: the forks as created.
+    pub async fn snapshot_and_fork(
+        &self,
+        group: &str,
+        id: &str,
+        name: &str,
+        count: u32,
+    ) -> Vec<Value> {
+        let (st, snap) = self
+            .call(
+                Some(ADMIN),
+                "POST",
+                &format!("{G}/{group}/sandboxes/{id}/snapshots"),
+                Some(json!({ "name": name })),
+            )
+            .await;
+        assert_eq!(st, 201, "{snap}");
+        let (st, forks) = self
+            .call(
+                Some(ADMIN),
+                "POST",
+                &format!("{G}/{group}/sandboxes"),
+                Some(json!({"from_snapshot": name, "count": count})),
+            )
+            .await;
+        assert_eq!(st, 201, "{forks}");
+        forks["sandboxes"].as_array().unwrap().clone()
+    }
+
     pub async fn delete(&self, group: &str, id: &str) {
         let (st, v) = self
             .call(
