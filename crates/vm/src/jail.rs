@@ -563,9 +563,13 @@ impl Plan {
             {
                 return Err(err("clearing ambient capabilities"));
             }
-            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0
-                || libc::setresgid(self.uid, self.uid, self.uid) != 0
-                || libc::setresuid(self.uid, self.uid, self.uid) != 0
+            // Raw system calls, not glibc's wrappers: those apply the change to every thread
+            // glibc knows of (`__nptl_setxid`), and after a raw clone3 the child inherits the
+            // parent's thread list. When another daemon thread was being created at the clone,
+            // the child waited forever on that thread's futex (seen: a QEMU that never started).
+            if libc::syscall(libc::SYS_setgroups, self.groups.len(), self.groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setresgid, self.uid, self.uid, self.uid) != 0
+                || libc::syscall(libc::SYS_setresuid, self.uid, self.uid, self.uid) != 0
             {
                 return Err(err("switching to the jail's uid and gid"));
             }
@@ -854,6 +858,64 @@ mod tests {
         );
         assert_eq!(std::fs::read_to_string(&writable).unwrap(), "written\n");
         assert_eq!(std::fs::read_to_string(&allowed).unwrap(), "given\n");
+    }
+
+    /// The daemon creates threads all the time (tokio's blocking pool). A jailed child cloned
+    /// while another thread was being created used to wait forever in glibc's `setgroups`,
+    /// which waits for every thread the parent had: QEMU never started and its sandbox hung.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_jailed_spawn_survives_threads_being_created_beside_it() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+        let host = Arc::new(JailHost::check().expect("the test host can jail (root, cgroups)"));
+        let slot = host
+            .take_slot(Limits {
+                memory_bytes: 64 << 20,
+                pids: 16,
+                millicores: 1000,
+            })
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::spawn(|| ()).join().unwrap();
+                }
+            })
+        };
+        let argv = ["true".to_string()];
+        for i in 0..40 {
+            let plan = Plan::new(JailSpec {
+                slot: &slot,
+                uid: slot.qemu_uid(),
+                view: View::system(),
+                new_net: true,
+                groups: Vec::new(),
+            })
+            .unwrap();
+            let spawned = crate::qemu::spawn_child(
+                Path::new("/bin/true"),
+                &argv,
+                &[],
+                std::fs::File::create("/dev/null").unwrap(),
+                vec![slot.lock_fd()],
+                false,
+                Some(plan),
+            );
+            let child = tokio::time::timeout(Duration::from_secs(20), spawned)
+                .await
+                .unwrap_or_else(|_| panic!("jailed child {i} never reached exec"))
+                .unwrap();
+            let pidfd = crate::qemu::PidFd::from_owned(child.pidfd).unwrap();
+            tokio::time::timeout(Duration::from_secs(20), pidfd.wait())
+                .await
+                .unwrap_or_else(|_| panic!("jailed child {i} never ended"))
+                .unwrap();
+            assert!(pidfd.reap().success(), "jailed child {i}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        churn.join().unwrap();
     }
 
     #[test]
