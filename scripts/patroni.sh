@@ -315,28 +315,22 @@ status() {
   done
 }
 
-# Ends the session recorded in pidfile $1: SIGTERM, then SIGKILL after $2 seconds (at once
-# for 0).
+# Kills the session recorded in pidfile $1: the program and all it forked.
 end_session() {
-  local pidfile=$1 grace=$2 pid deadline
-  [ -f "$pidfile" ] || return 0
-  pid=$(cat "$pidfile")
+  local pid
+  [ -f "$1" ] || return 0
+  pid=$(cat "$1")
   if alive "$pid"; then
-    if [ "$grace" -gt 0 ]; then
-      kill -TERM -- "-$pid" 2>/dev/null || true
-      deadline=$((SECONDS + grace))
-      while alive "$pid" && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
-    fi
     kill -KILL -- "-$pid" 2>/dev/null || true
   fi
-  rm -f "$pidfile"
+  rm -f "$1"
 }
 
-# Immediate: the cluster holds throwaway data, and a graceful Patroni spends seconds asking
-# its stopping peers whether one should take over.
+# Immediate: the cluster holds throwaway data, and gracefully a Patroni spends seconds asking
+# its stopping peers whether one should take over, an etcd member handing over its leadership.
 stop() {
   local i pid pids=()
-  for i in $(seq 1 ${#api_ports[@]}); do end_session "$dir/pg$i.pid" 0; done
+  for i in $(seq 1 ${#api_ports[@]}); do end_session "$dir/pg$i.pid"; done
   # The postmasters run in sessions of their own (Patroni starts them detached): an immediate
   # shutdown (SIGQUIT) ends each with its backends.
   for i in $(seq 1 ${#api_ports[@]}); do
@@ -350,8 +344,7 @@ stop() {
     while alive "$pid" && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
   done
-  for i in 1 2 3; do end_session "$dir/etcd$i.pid" 10 & done
-  wait
+  for i in 1 2 3; do end_session "$dir/etcd$i.pid"; done
 }
 
 case $cmd in
