@@ -25,6 +25,8 @@ usage() {
 cmd=${1:-}
 dir=${2:-}
 [ -n "$cmd" ] && [ -n "$dir" ] || usage
+# The members' configuration names paths in it: absolute, whatever the caller's directory.
+dir=$(realpath -m -- "$dir")
 
 bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
 need() {
