@@ -1,11 +1,11 @@
-//! High availability of the store: a daemon on a replicated PostgreSQL managed by Patroni
+//! High availability of the store: daemons on a replicated PostgreSQL managed by Patroni
 //! (three etcd members and three PostgreSQL members on loopback, scripts/patroni.sh), given
 //! every member in one `--store` URL with `target_session_attrs=read-write`. `kill -9` of the
-//! primary's postmaster makes Patroni promote the synchronous standby; the daemon, without a
+//! primary's postmaster makes Patroni promote the synchronous standby; each daemon, without a
 //! restart, answers 503 `unavailable` until then and reaches the new primary by itself; every
-//! write it had acknowledged is still there and new ones work. Twice by default (the old
-//! primary rejoins as a standby in between), `MOAT_HA_FAILOVERS=N` times for a measurement.
-//! The time from the kill to the first write the daemon accepts is printed (docs/FLEET.md
+//! write it acknowledged is still there and new ones work. Twice by default (the old primary
+//! rejoins as a standby in between), `MOAT_HA_FAILOVERS=N` times for a measurement. The time
+//! from the kill to the first write accepted on the new primary is printed (docs/FLEET.md
 //! quotes it). No VM: groups, API keys and secrets are all store writes.
 
 mod common;
@@ -135,8 +135,76 @@ struct Failover {
     acknowledged: Vec<String>,
 }
 
+/// One daemon of the fleet and what it was told it wrote.
+struct Node {
+    d: Daemon,
+    pid: u32,
+    /// Groups written before a failover, each with a user key of its own.
+    keyed: Vec<(String, String)>,
+    /// Groups whose creation it acknowledged during failovers.
+    acknowledged: Vec<String>,
+}
+
+impl Node {
+    /// Acknowledged writes of each kind the store keeps: a group, an API key, a secret.
+    async fn write(&mut self, group: &str) -> String {
+        let d = &self.d;
+        d.put_group(group, json!({}), 201).await;
+        let key = d.key("user", &[group]).await;
+        let (st, v) = d
+            .call(
+                Some(ADMIN),
+                "PUT",
+                &format!("{G}/{group}/secrets/token"),
+                Some(json!({"value": format!("s3cret-{group}")})),
+            )
+            .await;
+        assert_eq!(st, 201, "{v}");
+        key
+    }
+
+    /// The same process as before; every acknowledged write is there; keys made before any
+    /// failover still authenticate; new writes of every kind work.
+    async fn check(&mut self, fresh: &str) {
+        let d = &self.d;
+        assert!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), None).is_ok(),
+            "the daemon was not restarted"
+        );
+        assert_eq!(d.pid(), Some(self.pid));
+        let (st, v) = d.call(Some(ADMIN), "GET", G, None).await;
+        assert_eq!(st, 200, "{v}");
+        let names: Vec<&str> = v["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["name"].as_str().unwrap())
+            .collect();
+        for name in &self.acknowledged {
+            assert!(names.contains(&name.as_str()), "{name} lost: {names:?}");
+        }
+        for (group, key) in &self.keyed {
+            assert!(names.contains(&group.as_str()), "{group} lost: {names:?}");
+            let (st, v) = d
+                .call(Some(key), "GET", &format!("{G}/{group}"), None)
+                .await;
+            assert_eq!(st, 200, "the key of {group}: {v}");
+            let (st, v) = d
+                .call(Some(ADMIN), "GET", &format!("{G}/{group}/secrets"), None)
+                .await;
+            assert_eq!(st, 200, "{v}");
+            assert_eq!(v["secrets"][0]["name"], "token", "{v}");
+        }
+        self.write(fresh).await;
+    }
+}
+
+/// Two daemons, each in a schema of its own (one store serves one daemon until node mode
+/// shares the signing keys: docs/FLEET.md), on the same cluster.
+const DAEMONS: usize = 2;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_daemon_follows_a_patroni_failover_by_itself() {
+async fn daemons_follow_a_patroni_failover_by_themselves() {
     let rounds: u32 = std::env::var("MOAT_HA_FAILOVERS").map_or(2, |v| {
         v.parse().ok().filter(|n| *n >= 1).unwrap_or_else(|| {
             panic!("MOAT_HA_FAILOVERS={v}: give a number of failovers, 1 or more")
@@ -150,27 +218,40 @@ async fn a_daemon_follows_a_patroni_failover_by_itself() {
         cluster.url
     );
     eprintln!("cluster up after {:?}: {}", started.elapsed(), cluster.url);
-    let d = Daemon::start_on_store(&cluster.url, Some(ADMIN)).await;
-    let daemon_pid = d.pid().unwrap();
+    let mut nodes = Vec::new();
+    for i in 0..DAEMONS {
+        let schema = format!("node{i}");
+        let url = cluster.url.clone();
+        let create = format!("CREATE SCHEMA {schema}");
+        // The blocking client must not run on the test's executor thread.
+        std::thread::spawn(move || {
+            postgres::Client::connect(&url, postgres::NoTls)
+                .unwrap()
+                .batch_execute(&create)
+                .unwrap()
+        })
+        .join()
+        .unwrap();
+        let url = format!("{}&options=-csearch_path%3D{schema}", cluster.url);
+        let d = Daemon::start_on_store(&url, Some(ADMIN)).await;
+        let pid = d.pid().unwrap();
+        nodes.push(Node {
+            d,
+            pid,
+            keyed: Vec::new(),
+            acknowledged: Vec::new(),
+        });
+    }
 
-    let mut keyed: Vec<(String, String)> = Vec::new(); // (group, a key of that group)
-    let mut acknowledged: Vec<String> = Vec::new();
     let mut failovers = Vec::new();
     for round in 0..rounds {
-        // Acknowledged writes of each kind the store keeps: a group, an API key, a secret.
         let group = format!("before-{round}");
-        d.put_group(&group, json!({}), 201).await;
-        let key = d.key("user", &[&group]).await;
-        let (st, v) = d
-            .call(
-                Some(ADMIN),
-                "PUT",
-                &format!("{G}/{group}/secrets/token"),
-                Some(json!({"value": format!("s3cret-{round}")})),
-            )
-            .await;
-        assert_eq!(st, 201, "{v}");
-        keyed.push((group.clone(), key.clone()));
+        let mut keys = Vec::new();
+        for node in &mut nodes {
+            let key = node.write(&group).await;
+            node.keyed.push((group.clone(), key.clone()));
+            keys.push(key);
+        }
 
         let members = cluster.settled();
         let old = members
@@ -190,75 +271,41 @@ async fn a_daemon_follows_a_patroni_failover_by_itself() {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        let f = ride_out(&d, round, &key, &group, &others, killed).await;
-        let window = f.refused.map_or("none".to_string(), |(a, b)| {
-            format!("from {} ms to {} ms", a.as_millis(), b.as_millis())
-        });
-        eprintln!(
-            "failover {}: {} killed; another primary at {} ms (Patroni's REST API); writes \
-             answered 503 {window} ({} writes, {} reads); the daemon wrote again at {} ms and \
-             read at {} ms; {} writes acknowledged meanwhile; /healthz 200 throughout",
-            round + 1,
-            old.name,
-            f.promoted.as_millis(),
-            f.writes_refused,
-            f.reads_refused,
-            f.write_after.as_millis(),
-            f.read_after.as_millis(),
-            f.acknowledged.len(),
-        );
-        failovers.push(f.write_after);
-        acknowledged.extend(f.acknowledged);
-
-        // Every acknowledged write is there, the daemon is the same process, and the keys
-        // made before any failover still authenticate.
-        assert!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon_pid as i32), None).is_ok(),
-            "the daemon was not restarted"
-        );
-        assert_eq!(d.pid(), Some(daemon_pid));
-        let (st, v) = d.call(Some(ADMIN), "GET", G, None).await;
-        assert_eq!(st, 200, "{v}");
-        let names: Vec<&str> = v["groups"]
-            .as_array()
-            .unwrap()
+        let rides = nodes
             .iter()
-            .map(|g| g["name"].as_str().unwrap())
-            .collect();
-        for name in &acknowledged {
-            assert!(names.contains(&name.as_str()), "{name} lost: {names:?}");
+            .zip(&keys)
+            .map(|(n, key)| ride_out(&n.d, round, key, &group, &others, killed));
+        let results = futures_util::future::join_all(rides).await;
+        for (i, (node, f)) in nodes.iter_mut().zip(results).enumerate() {
+            let window = f.refused.map_or("none".to_string(), |(a, b)| {
+                format!("from {} ms to {} ms", a.as_millis(), b.as_millis())
+            });
+            eprintln!(
+                "failover {}, daemon {i}: {} killed; another primary at {} ms (Patroni's REST \
+                 API); writes answered 503 {window} ({} writes, {} reads); the daemon wrote \
+                 again at {} ms and read at {} ms; {} writes acknowledged meanwhile; /healthz \
+                 200 throughout",
+                round + 1,
+                old.name,
+                f.promoted.as_millis(),
+                f.writes_refused,
+                f.reads_refused,
+                f.write_after.as_millis(),
+                f.read_after.as_millis(),
+                f.acknowledged.len(),
+            );
+            failovers.push(f.write_after);
+            node.acknowledged.extend(f.acknowledged);
         }
-        for (group, key) in &keyed {
-            assert!(names.contains(&group.as_str()), "{group} lost: {names:?}");
-            let (st, v) = d
-                .call(Some(key), "GET", &format!("{G}/{group}"), None)
-                .await;
-            assert_eq!(st, 200, "the key of {group}: {v}");
-            let (st, v) = d
-                .call(Some(ADMIN), "GET", &format!("{G}/{group}/secrets"), None)
-                .await;
-            assert_eq!(st, 200, "{v}");
-            assert_eq!(v["secrets"][0]["name"], "token", "{v}");
+        for node in &mut nodes {
+            node.check(&format!("fresh-{round}")).await;
         }
-        // New writes of every kind work.
-        let fresh = format!("fresh-{round}");
-        d.put_group(&fresh, json!({}), 201).await;
-        d.key("user", &[&fresh]).await;
-        let (st, v) = d
-            .call(
-                Some(ADMIN),
-                "PUT",
-                &format!("{G}/{fresh}/secrets/token"),
-                Some(json!({"value": "v"})),
-            )
-            .await;
-        assert_eq!(st, 201, "{v}");
     }
     failovers.sort();
     eprintln!(
-        "{} failovers, kill -9 of the primary to the first write accepted on the new one: min \
-         {} ms, median {} ms, max {} ms; the whole test took {:?}",
-        failovers.len(),
+        "{} failovers seen by {DAEMONS} daemons, kill -9 of the primary to the first write \
+         accepted on the new one: min {} ms, median {} ms, max {} ms; the whole test took {:?}",
+        failovers.len() / DAEMONS,
         failovers[0].as_millis(),
         failovers[failovers.len() / 2].as_millis(),
         failovers[failovers.len() - 1].as_millis(),
