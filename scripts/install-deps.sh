@@ -26,7 +26,7 @@ busybox               busybox-static    all    crates/testkit, crates/vm/tests: 
 docker-registry       docker-registry   all    crates/testkit: a real OCI registry on loopback
 htpasswd              apache2-utils     all    crates/testkit: the registry with Basic auth
 python3               python3           all    crates/cli/tests/sdk_python.rs, mcp.rs, network.rs: the Python SDK tests, the MCP client, the package index and test servers of the network tests
-venv                  python3-venv      all    crates/cli/tests/sdk_python.rs, mcp.rs, api_fuzz.rs: python3 -m venv for those tests (schemathesis from PyPI for api_fuzz.rs); network.rs: the pip wheel it brings (python3-pip-whl) goes into a guest
+venv                  python3-venv      all    crates/cli/tests/sdk_python.rs, mcp.rs, api_fuzz.rs, kubernetes.rs: python3 -m venv for those tests (schemathesis from PyPI for api_fuzz.rs, kubernetes-validate for kubernetes.rs); network.rs: the pip wheel it brings (python3-pip-whl) goes into a guest
 node                  nodejs            all    crates/cli/tests/sdk_typescript.rs: the TypeScript SDK tests (Node 18+)
 npm                   npm               all    crates/cli/tests/sdk_typescript.rs: npm ci, npm pack of the TypeScript SDK
 chromium              chromium          all    crates/cli/tests/console.rs: the web console in a headless browser
@@ -37,12 +37,17 @@ kill                  procps            all    crates/cli/tests: kill -9 of a da
 mount                 mount             all    crates/cli/tests/cli.rs: a small tmpfs (a full disk)
 umount                mount             all    crates/cli/tests/cli.rs: unmounts it
 ip                    iproute2          all    crates/net/tests: a real guest in a network namespace behind a TAP
-curl                  curl              all    crates/net/tests: the HTTP client in that guest
+curl                  curl              all    crates/net/tests: the HTTP client in that guest; scripts/patroni.sh: the REST API of Patroni
 systemd-analyze       systemd           all    crates/cli/tests/systemd_unit.rs: verifies contrib/systemd/moat.service offline
 ldd                   libc-bin          all    this script: is /bin/busybox static?
 initdb                postgresql        all    scripts/postgres.sh: a throwaway PostgreSQL for the store tests (scripts/test.sh, crates/cli/tests/daemon_store.rs)
 pg_ctl                postgresql        all    scripts/postgres.sh: starts, restarts and stops it
 runuser               util-linux        all    scripts/postgres.sh: initdb and the server run as nobody, not root
+patroni               patroni           all    scripts/patroni.sh: PostgreSQL members managed by Patroni, for crates/cli/tests/daemon_ha.rs (failover under a daemon)
+python3-etcd          python3-etcd      all    scripts/patroni.sh: the etcd client of Patroni (one of the alternatives its package depends on)
+etcd                  etcd-server       all    scripts/patroni.sh: the three-member etcd cluster Patroni keeps its leader key in
+etcdctl               etcd-client       all    scripts/patroni.sh: the health of etcd, before Patroni starts
+setpriv               util-linux        all    scripts/patroni.sh: etcd, Patroni and PostgreSQL run as nobody (exec in place: their pids are known)
 runsc                 runsc             bench  bench/src/main.rs: gVisor, the peer the benchmark compares with
 '
 
@@ -71,6 +76,9 @@ present() {
       ;;
     # Debian keeps PostgreSQL's server programs off PATH, in the version's directory.
     initdb|pg_ctl) ls /usr/lib/postgresql/*/bin/"$1" >/dev/null 2>&1 ;;
+    # A Python module of Debian's python3, the one Patroni runs on (python3 on PATH may be
+    # another).
+    python3-etcd) /usr/bin/python3 -c 'import etcd' >/dev/null 2>&1 ;;
     *) command -v "$1" >/dev/null 2>&1 ;;
   esac
 }

@@ -86,8 +86,9 @@ pub struct ServeArgs {
     tls_key: Option<std::path::PathBuf>,
     /// Where to keep the daemon's state: a PostgreSQL URL,
     /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (`?host=/run/dir` for a unix socket),
-    /// which several daemons may share (docs/FLEET.md). Default: the embedded SQLite
-    /// database MOAT_HOME/moatd.db.
+    /// which several daemons may share (docs/FLEET.md). A replicated cluster: every member,
+    /// HOST1:PORT1,HOST2:PORT2,…, and `?target_session_attrs=read-write` (the daemon follows
+    /// the primary). Default: the embedded SQLite database MOAT_HOME/moatd.db.
     #[arg(long, env = "MOAT_STORE", value_name = "URL")]
     store: Option<String>,
 }

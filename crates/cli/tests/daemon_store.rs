@@ -91,6 +91,11 @@ fn a_store_that_is_not_a_postgres_url_is_refused_with_what_is_allowed() {
     assert!(!status.success());
     assert!(err.contains("--store"), "{err}");
     assert!(!err.contains("hunter2"), "a password is never shown: {err}");
+    // Several members without asking for the primary: the daemon could land on a standby.
+    let (status, err) = serve_with_store("postgres://moat:hunter2@127.0.0.1:1,127.0.0.1:2/moat");
+    assert!(!status.success());
+    assert!(err.contains("target_session_attrs=read-write"), "{err}");
+    assert!(!err.contains("hunter2"), "a password is never shown: {err}");
 }
 
 #[test]

@@ -340,6 +340,11 @@ struct Pg {
 }
 
 impl Pg {
+    /// The connection, opened again if it broke. With a URL of several hosts and
+    /// `target_session_attrs=read-write` (Location::parse requires it), `connect` tries them in
+    /// order and keeps the first whose session accepts writes, so a connection opened after a
+    /// failover is to the new primary; while there is none, every host refuses and the call
+    /// fails (503 `unavailable`) until the next one.
     fn client(&mut self) -> DbResult<&mut postgres::Client> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.statements.clear();

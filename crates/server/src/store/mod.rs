@@ -104,50 +104,91 @@ pub enum Location {
 
 impl Location {
     /// `--store`: absent for the embedded SQLite database at `default_db`, else a
-    /// `postgres://` or `postgresql://` URL.
+    /// `postgres://` or `postgresql://` URL. A URL with several hosts (the members of a
+    /// replicated cluster, e.g. Patroni's) must say `target_session_attrs=read-write`: each
+    /// (re)connection then tries the hosts in turn and keeps the one that accepts writes, the
+    /// primary, so the daemon follows a failover by itself.
     pub fn parse(store: Option<&str>, default_db: &Path) -> Result<Location> {
         let Some(url) = store else {
             return Ok(Location::Sqlite(default_db.to_path_buf()));
         };
         let allowed =
             "--store takes a PostgreSQL URL, postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE \
-                       (or postgresql://…; ?host=/run/dir for a unix socket); leave it out for \
-                       the embedded SQLite database in MOAT_HOME";
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(Error::Config(format!(
-                "--store {}: not a PostgreSQL URL. {allowed}",
-                crate::api::quote(&redact(url))
-            )));
-        }
-        let config: postgres::Config = url.parse().map_err(|e| {
+             (or postgresql://…; ?host=/run/dir for a unix socket; the members of a replicated \
+             cluster as HOST1:PORT1,HOST2:PORT2,…/DATABASE?target_session_attrs=read-write); \
+             leave it out for the embedded SQLite database in MOAT_HOME";
+        let refuse = |why: &str| {
             Error::Config(format!(
-                "--store {}: {e}. {allowed}",
+                "--store {}: {why}. {allowed}",
                 crate::api::quote(&redact(url))
             ))
-        })?;
+        };
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(refuse("not a PostgreSQL URL"));
+        }
+        let config: postgres::Config = url
+            .parse()
+            .map_err(|e: postgres::Error| refuse(&e.to_string()))?;
         if config.get_dbname().is_none() {
-            return Err(Error::Config(format!(
-                "--store {}: the URL names no database. {allowed}",
-                crate::api::quote(&redact(url))
-            )));
+            return Err(refuse("the URL names no database"));
+        }
+        // TCP hosts only: `postgres://u@localhost/db?host=/run/dir`, the unix socket form, has
+        // two hosts (the URL's and the query's) but names one server.
+        let hosts = (config.get_hosts().iter())
+            .filter(|h| matches!(h, postgres::config::Host::Tcp(_)))
+            .count()
+            .max(config.get_hostaddrs().len());
+        match config.get_target_session_attrs() {
+            postgres::config::TargetSessionAttrs::ReadWrite => {}
+            _ if hosts > 1 => {
+                return Err(refuse(&format!(
+                    "it names {hosts} hosts without target_session_attrs=read-write, so the \
+                     daemon could connect to a standby, which refuses writes: add \
+                     target_session_attrs=read-write to connect to the primary, whichever it is"
+                )))
+            }
+            postgres::config::TargetSessionAttrs::Any => {}
+            _ => {
+                return Err(refuse(
+                    "target_session_attrs must be read-write (or left out): the daemon writes",
+                ))
+            }
         }
         Ok(Location::Postgres(Box::new(config)))
     }
 
-    /// What to call it in messages (never a password).
+    /// What to call it in messages (never a password): the user, every host with its port,
+    /// the database.
     pub fn describe(&self) -> String {
         match self {
             Location::Sqlite(p) => p.display().to_string(),
             Location::Postgres(c) => {
-                let host = match c.get_hosts().first() {
-                    Some(postgres::config::Host::Tcp(h)) => h.clone(),
-                    Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
-                    None => "localhost".to_string(),
-                };
-                let port = c.get_ports().first().copied().unwrap_or(5432);
+                let ports = c.get_ports();
+                let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                let mut hosts: Vec<String> = c
+                    .get_hosts()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| match h {
+                        postgres::config::Host::Tcp(h) if h.contains(':') => {
+                            format!("[{h}]:{}", port(i))
+                        }
+                        postgres::config::Host::Tcp(h) => format!("{h}:{}", port(i)),
+                        postgres::config::Host::Unix(p) => format!("{}:{}", p.display(), port(i)),
+                    })
+                    .collect();
+                if hosts.is_empty() {
+                    hosts = (c.get_hostaddrs().iter().enumerate())
+                        .map(|(i, a)| std::net::SocketAddr::new(*a, port(i)).to_string())
+                        .collect();
+                }
+                if hosts.is_empty() {
+                    hosts.push(format!("localhost:{}", port(0)));
+                }
                 format!(
-                    "postgres://{}@{host}:{port}/{}",
+                    "postgres://{}@{}/{}",
                     c.get_user().unwrap_or(""),
+                    hosts.join(","),
                     c.get_dbname().unwrap_or("")
                 )
             }
@@ -553,5 +594,55 @@ mod tests {
         assert!(matches!(Location::parse(None, db), Ok(Location::Sqlite(p)) if p == db));
         let ok = Location::parse(Some("postgresql://moat:pw@db.example:6543/moat"), db).unwrap();
         assert_eq!(ok.describe(), "postgres://moat@db.example:6543/moat");
+    }
+
+    /// The members of a replicated cluster: accepted with target_session_attrs=read-write
+    /// (and described with every host), refused without it, and read-only is never allowed.
+    #[test]
+    fn a_store_of_several_hosts_must_ask_for_the_primary() {
+        let db = Path::new("/home/moatd.db");
+        let ok = Location::parse(
+            Some("postgres://moat:pw@10.0.0.1:5433,db2,[::1]:5434/moat?target_session_attrs=read-write"),
+            db,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.describe(),
+            "postgres://moat@10.0.0.1:5433,db2:5432,[::1]:5434/moat"
+        );
+        let Location::Postgres(c) = &ok else {
+            panic!("a PostgreSQL location")
+        };
+        assert_eq!(c.get_hosts().len(), 3);
+        for bad in [
+            "postgres://moat:hunter2@h1:5432,h2:5432/moat",
+            "postgres://moat:hunter2@h1:5432,h2:5432/moat?target_session_attrs=any",
+        ] {
+            let e = Location::parse(Some(bad), db).err().unwrap().to_string();
+            assert!(
+                e.contains("2 hosts without target_session_attrs=read-write"),
+                "{e}"
+            );
+            assert!(!e.contains("hunter2"), "the password is never shown: {e}");
+        }
+        let e = Location::parse(
+            Some("postgres://moat@h1/moat?target_session_attrs=read-only"),
+            db,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("must be read-write"), "{e}");
+        let e = Location::parse(
+            Some("postgres://moat@h1/moat?target_session_attrs=primary"),
+            db,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("target_session_attrs"), "{e}");
+        // One server needs nothing more, a unix socket included.
+        Location::parse(Some("postgres://moat@h1:5432/moat"), db).unwrap();
+        Location::parse(Some("postgres://moat@localhost/moat?host=/run/pg"), db).unwrap();
     }
 }
