@@ -21,6 +21,7 @@ mod egress;
 mod groups;
 mod identity;
 mod keys;
+mod nodes;
 mod operations;
 mod policy;
 mod pool;
@@ -32,9 +33,10 @@ mod snapshots;
 
 pub use audit::NewAuditEvent;
 pub use db::Backend;
-use db::{params, Db};
+use db::{params, Db, OptionalExtension};
 pub use identity::{KeyRow, NewIdentityEvent, WorkloadIds};
 pub use keys::{Authenticated, Principal};
+pub use nodes::{Lease, NodeSpec, Renewal};
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
 
@@ -56,6 +58,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("migrations/0011_secrets.sql")),
     (12, include_str!("migrations/0012_api_key_limits.sql")),
     (13, include_str!("migrations/0013_audit.sql")),
+    (14, include_str!("migrations/0014_nodes.sql")),
 ];
 
 /// The same schema in PostgreSQL's dialect (`migrations/postgres/`): `BIGINT` for every
@@ -80,6 +83,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         include_str!("migrations/postgres/0012_api_key_limits.sql"),
     ),
     (13, include_str!("migrations/postgres/0013_audit.sql")),
+    (14, include_str!("migrations/postgres/0014_nodes.sql")),
 ];
 
 fn migrations(backend: Backend) -> &'static [(i64, &'static str)] {
@@ -180,8 +184,10 @@ pub struct Store {
     // SERIALIZABLE, so other daemons sharing the database cannot break them.
     conn: Arc<Mutex<Db>>,
     location: Arc<Location>,
-    /// Seals group secrets with `secrets.key` in MOAT_HOME.
+    /// Seals group secrets and identity signing keys with `secrets.key` in MOAT_HOME.
     seal: Arc<seal::Sealer>,
+    /// This daemon's node and lease epoch, once it holds its lease: the fence of its writes.
+    fence: Arc<nodes::Fence>,
 }
 
 /// How often a transaction PostgreSQL aborted for a conflict with another one is run again.
@@ -201,10 +207,13 @@ impl Store {
             })?,
         };
         migrate(&db, &location.describe())?;
+        let seal = seal::Sealer::new(home.join("secrets.key"));
+        check_sealing_key(&db, &seal, location)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(db)),
             location: Arc::new(location.clone()),
-            seal: Arc::new(seal::Sealer::new(home.join("secrets.key"))),
+            seal: Arc::new(seal),
+            fence: Arc::default(),
         })
     }
 
@@ -256,6 +265,40 @@ fn with_retries<T>(db: &Db, f: &mut impl FnMut(&Db) -> Result<T>) -> Result<T> {
     }
 }
 
+/// Refuses a sealing key that is not the store's: the first node to open a store records a
+/// value sealed with its key, and every later open must be able to open it. Two nodes that
+/// start together on a new store with different keys: one records its value, the other is
+/// refused.
+fn check_sealing_key(db: &Db, seal: &seal::Sealer, location: &Location) -> Result<()> {
+    let get = || -> Result<Option<Vec<u8>>> {
+        Ok(db
+            .query_row("SELECT sealed FROM seal_check WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    };
+    let check = match get()? {
+        Some(check) => check,
+        None => {
+            db.execute(
+                "INSERT INTO seal_check (id, sealed) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING",
+                params![seal.check_value()?],
+            )?;
+            get()?.ok_or_else(|| Error::Internal("the sealing check value vanished".into()))?
+        }
+    };
+    if seal.verify_check(&check)? {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{} is not the sealing key of the store {}: its secrets and signing keys were sealed \
+         with another one. Every node on one store needs the same secrets.key: copy it from a \
+         node that runs on this store (docs/FLEET.md)",
+        seal.path().display(),
+        location.describe()
+    )))
+}
+
 fn open_sqlite(path: &Path) -> Result<Db> {
     let conn = rusqlite::Connection::open(path).map_err(db::DbError::from)?;
     // WAL: readers never block the writer; synchronous=FULL: a 2xx means the change is on
@@ -276,7 +319,21 @@ fn open_sqlite(path: &Path) -> Result<Db> {
     Ok(Db::sqlite(conn))
 }
 
+/// Applies the migrations not applied yet. SQLite's run with foreign keys off (a table rebuild,
+/// as migration 14's, must not cascade to the rows that refer to the old table; SQLite ignores
+/// the pragma inside a transaction) and every key is checked before they commit.
 fn migrate(db: &Db, name: &str) -> Result<()> {
+    if db.backend() == Backend::Sqlite {
+        db.execute_batch("PRAGMA foreign_keys=OFF;")?;
+    }
+    let migrated = apply_migrations(db, name);
+    if db.backend() == Backend::Sqlite {
+        db.execute_batch("PRAGMA foreign_keys=ON;")?;
+    }
+    migrated
+}
+
+fn apply_migrations(db: &Db, name: &str) -> Result<()> {
     let known = migrations(db.backend());
     let tx = db.transaction()?;
     match db.backend() {
@@ -317,6 +374,17 @@ fn migrate(db: &Db, name: &str) -> Result<()> {
             params![version, now()],
         )?;
         tracing::info!(version, "applied schema migration");
+    }
+    if db.backend() == Backend::Sqlite {
+        let broken: i64 =
+            tx.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+                r.get(0)
+            })?;
+        if broken > 0 {
+            return Err(Error::Internal(format!(
+                "the migrations of {name} left {broken} rows whose foreign keys do not hold"
+            )));
+        }
     }
     tx.commit()?;
     Ok(())
@@ -529,6 +597,35 @@ mod tests {
         let m = e.to_string();
         assert!(matches!(e, Error::NewerSchema { found: 999, .. }), "{m}");
         assert!(m.contains("newer moat"), "{m}");
+    }
+
+    /// A second home with another `secrets.key` on the same store is refused and says what to
+    /// do; the same key opens it (every node of a fleet).
+    #[test]
+    fn a_store_refuses_another_sealing_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = test_location(dir.path());
+        let open_in = |home: &Path| {
+            std::thread::scope(|s| {
+                s.spawn(|| Store::open(&location, home).map(drop))
+                    .join()
+                    .unwrap()
+            })
+        };
+        open_in(dir.path()).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let e = open_in(other.path()).unwrap_err().to_string();
+        assert!(e.contains("not the sealing key of the store"), "{e}");
+        assert!(e.contains("same secrets.key"), "{e}");
+        let key = std::fs::read(dir.path().join("secrets.key")).unwrap();
+        let shared = other.path().join("secrets.key");
+        std::fs::write(&shared, key).unwrap();
+        std::fs::set_permissions(
+            &shared,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )
+        .unwrap();
+        open_in(other.path()).unwrap();
     }
 
     #[test]
