@@ -263,15 +263,21 @@ async fn three_nodes_share_keys_drain_and_lose_a_killed_or_stopped_node() {
         "{sb}"
     );
 
-    // SIGSTOP of node-b past its lease (a partition): the others mark it lost. On SIGCONT it
-    // says it lost its lease, overwrites nothing (its row comes back only with a new epoch;
-    // the lost sandbox stays lost) and works again.
+    // SIGSTOP of node-b, which runs a sandbox, past its lease (a partition): the others mark
+    // it and its sandbox lost. On SIGCONT it says it lost its lease, overwrites nothing (its
+    // row comes back only with a new epoch; its sandbox stays lost) and destroys that VM.
+    sandboxes_ready(&b).await;
+    let on_b = b.create(ADMIN, "fleet", json!({})).await;
+    let on_b = on_b["id"].as_str().unwrap().to_string();
+    let b_home = b.home.path().display().to_string();
+    assert!(!common::qemu_processes(&b_home).is_empty());
     let pid = nix::unistd::Pid::from_raw(b.pid().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     until_node(&a, "node-b", Duration::from_secs(4 * LEASE_S), |n| {
         n["state"] == "lost"
     })
     .await;
+    assert_eq!(a.state("fleet", &on_b).await, "lost");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     let back = until_node(&a, "node-b", Duration::from_secs(4 * LEASE_S), |n| {
         n["state"] == "ready"
@@ -282,20 +288,32 @@ async fn three_nodes_share_keys_drain_and_lose_a_killed_or_stopped_node() {
     let err = b.stderr(1);
     assert!(err.contains("node-b LOST ITS LEASE"), "{err}");
     assert!(err.contains("took its lease again, epoch 2"), "{err}");
-    let sb = a.get("fleet", &id).await.unwrap();
-    assert_eq!(sb["state"], "lost", "{sb}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !common::qemu_processes(&b_home).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "node-b kept the VM of its lost sandbox"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for sb in [&id, &on_b] {
+        let row = b.get("fleet", sb).await.unwrap();
+        assert_eq!(row["state"], "lost", "{row}");
+    }
     // Acting on a lost sandbox is refused; deleting it works through any node.
     let (st, e) = b
         .call(
             Some(ADMIN),
             "POST",
-            &format!("{G}/fleet/sandboxes/{id}/suspend"),
+            &format!("{G}/fleet/sandboxes/{on_b}/suspend"),
             None,
         )
         .await;
     assert_eq!(st, 409, "{e}");
     b.delete("fleet", &id).await;
+    a.delete("fleet", &on_b).await;
     assert!(a.get("fleet", &id).await.is_none());
+    assert!(b.get("fleet", &on_b).await.is_none());
     eprintln!("whole fleet test: {:?}", t0.elapsed());
 }
 
