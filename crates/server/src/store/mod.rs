@@ -599,6 +599,77 @@ mod tests {
         assert!(m.contains("newer moat"), "{m}");
     }
 
+    /// A store of the version before node mode (13) upgrades: migration 14 rebuilds SQLite's
+    /// `sandboxes` with foreign keys off, so the rows that refer to a sandbox (its identity uid,
+    /// its ports) stay, and its row gets a node once a node claims it.
+    #[tokio::test]
+    async fn a_store_from_before_node_mode_keeps_its_sandboxes() {
+        let dir = tempfile::tempdir().unwrap();
+        // Off the executor thread: the blocking PostgreSQL client makes a schema.
+        let old = std::thread::scope(|s| s.spawn(|| test_location(dir.path())).join().unwrap());
+        std::thread::spawn(move || {
+            let db = match &old {
+                Location::Sqlite(path) => open_sqlite(path).unwrap(),
+                Location::Postgres(config) => Db::postgres((**config).clone()).unwrap(),
+            };
+            let tx = db.transaction().unwrap();
+            tx.execute_batch(
+                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
+                 applied_at BIGINT NOT NULL)",
+            )
+            .unwrap();
+            for (version, sql) in migrations(db.backend()).iter().filter(|m| m.0 < 14) {
+                tx.execute_batch(sql).unwrap();
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
+                    params![version],
+                )
+                .unwrap();
+            }
+            groups::put_group(&tx, "g", &crate::api::GroupSpec::default()).unwrap();
+            tx.execute_batch(
+                "INSERT INTO sandboxes (id, group_name, state, image, tier, created_at, \
+                 updated_at) VALUES ('sb-1', 'g', 'running', 'sha256:00', 'xs', 0, 0);
+                 INSERT INTO identity_sandboxes (sandbox, uid) VALUES ('sb-1', 'u-1');
+                 INSERT INTO sandbox_ports (sandbox, port, created_at) VALUES ('sb-1', 8080, 0);",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        })
+        .join()
+        .unwrap();
+        let s = test_store(dir.path());
+        let count = |sql: &'static str| {
+            s.with_conn(move |c| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap())
+        };
+        assert_eq!(count("SELECT COUNT(*) FROM identity_sandboxes"), 1);
+        assert_eq!(count("SELECT COUNT(*) FROM sandbox_ports"), 1);
+        let sb = s.get_sandbox("sb-1").await.unwrap().unwrap();
+        assert_eq!(
+            (sb.state, sb.node),
+            (crate::api::SandboxState::Running, None)
+        );
+        let spec = NodeSpec {
+            name: "n".into(),
+            holder: "h".into(),
+            advertise_url: "http://n:7070".into(),
+            accelerator: "tcg".into(),
+            labels: Default::default(),
+            memory_mib: 1,
+            millicpus: 1,
+            lease_ms: 60_000,
+        };
+        let s2 = s.clone();
+        std::thread::spawn(move || s2.acquire_lease(&spec).unwrap().unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(s.claim_unowned().await.unwrap(), 1);
+        let sb = s.get_sandbox("sb-1").await.unwrap().unwrap();
+        assert_eq!(sb.node.as_deref(), Some("n"));
+        // The blocking PostgreSQL client closes its connection on drop: not on the executor.
+        std::thread::spawn(move || drop(s)).join().unwrap();
+    }
+
     /// A second home with another `secrets.key` on the same store is refused and says what to
     /// do; the same key opens it (every node of a fleet).
     #[test]
