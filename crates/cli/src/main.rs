@@ -6,6 +6,7 @@ mod home;
 mod identity_cmd;
 mod image_cmd;
 mod mcp_cmd;
+mod node_cmd;
 mod policy_cmd;
 mod port_forward;
 mod progress;
@@ -112,6 +113,13 @@ enum Command {
         client: client::ClientArgs,
         #[command(subcommand)]
         command: secret_cmd::SecretCommand,
+    },
+    /// The nodes sharing a daemon's store (docs/FLEET.md): list, show, drain, undrain.
+    Node {
+        #[command(flatten)]
+        client: client::ClientArgs,
+        #[command(subcommand)]
+        command: node_cmd::NodeCommand,
     },
     /// Manage API keys on a moat daemon (admin only).
     ApiKey {
@@ -226,6 +234,7 @@ fn main() -> ExitCode {
                 return identity_cmd::run(client, command).await
             }
             Command::Secret { client, command } => return secret_cmd::run(client, command).await,
+            Command::Node { client, command } => return node_cmd::run(client, command).await,
             Command::Policy { client, command } => return policy_cmd::run(client, command).await,
             Command::Mcp(args) => return mcp_cmd::run(args).await,
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
@@ -253,6 +262,7 @@ fn main() -> ExitCode {
             | Command::Audit { .. }
             | Command::Identity { .. }
             | Command::Secret { .. }
+            | Command::Node { .. }
             | Command::Sandbox { .. }
             | Command::Snapshot { .. }
             | Command::Mcp(_)

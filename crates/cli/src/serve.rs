@@ -91,6 +91,21 @@ pub struct ServeArgs {
     /// the primary). Default: the embedded SQLite database MOAT_HOME/moatd.db.
     #[arg(long, env = "MOAT_STORE", value_name = "URL")]
     store: Option<String>,
+    /// This daemon's name as a node of its store (1–63 lowercase letters, digits and '-').
+    /// Default: the host name's first label.
+    #[arg(long, env = "MOAT_NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
+    /// How other nodes and clients reach this node's API, http(s)://HOST[:PORT]. Default: the
+    /// scheme and --listen address (the host name when it listens on every address).
+    #[arg(long, env = "MOAT_ADVERTISE_URL", value_name = "URL")]
+    advertise_url: Option<String>,
+    /// Seconds this node's lease lasts unrenewed (it renews every third of it); the other
+    /// nodes mark it and its running sandboxes lost about this long after it stops.
+    #[arg(long, env = "MOAT_LEASE_S", value_name = "SECS")]
+    lease_s: Option<u64>,
+    /// A label of this node, KEY=VALUE (repeatable).
+    #[arg(long = "node-label", value_name = "KEY=VALUE")]
+    node_labels: Vec<String>,
 }
 
 /// `N` followed by `s`, `m`, `h` or `d`; at least one second.
@@ -192,6 +207,12 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
             audit_retention: args.audit_retention,
             tls: args.tls_cert.zip(args.tls_key),
             store: args.store,
+            node: moat_server::node::NodeConfig {
+                name: args.node_name,
+                advertise_url: args.advertise_url,
+                lease_s: args.lease_s,
+                labels: args.node_labels,
+            },
         },
         shutdown,
     )

@@ -27,10 +27,6 @@ const VALIDATOR: &[&str] = &[
 /// The Kubernetes versions the manifests are claimed for (README.md).
 const VERSIONS: &[&str] = &["1.29.0", "1.37.0"];
 
-/// Flags of `moat serve` that node mode (issue 12, another branch) adds; the manifests use
-/// them already. Empty this once `moat serve --help` lists them.
-const NODE_MODE_FLAGS: &[&str] = &["--node-name", "--advertise-url"];
-
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/kubernetes")
 }
@@ -183,10 +179,7 @@ async fn the_daemonset_is_a_moat_node_per_kvm_host() {
     let help = String::from_utf8_lossy(&help.stdout);
     let serve = script.split("exec moat serve ").nth(1).unwrap();
     for flag in serve.split_whitespace().filter(|w| w.starts_with("--")) {
-        assert!(
-            help.contains(flag) || NODE_MODE_FLAGS.contains(&flag),
-            "moat serve has no {flag}:\n{help}"
-        );
+        assert!(help.contains(flag), "moat serve has no {flag}:\n{help}");
     }
     for e in c["env"].as_array().unwrap() {
         let var = e["name"].as_str().unwrap();

@@ -142,6 +142,8 @@ pub struct Usage {
     pub millicpus: u64,
     /// VMs parked now.
     pub parked: usize,
+    /// VMs held (sandboxes and pool VMs).
+    pub vms: usize,
     pub limits: Limits,
 }
 
@@ -242,6 +244,7 @@ impl Capacity {
             memory_mib,
             millicpus,
             parked: held.values().filter(|h| h.parked).count(),
+            vms: held.len(),
             limits: self.limits,
         }
     }

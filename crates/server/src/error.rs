@@ -48,6 +48,10 @@ pub enum Error {
     InsufficientStorage(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The sandbox runs on another node of the fleet, which alone may act on it: a 421 whose
+    /// message names that node and its advertised URL (until requests are forwarded).
+    #[error("{0}")]
+    OtherNode(String),
     /// A sandbox's port could not be reached (nothing listens, no answer, its network is not
     /// running): the message says which.
     #[error("{0}")]
@@ -175,6 +179,7 @@ impl Error {
             Error::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Error::InsufficientStorage(_) => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
             Error::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
+            Error::OtherNode(_) => (StatusCode::MISDIRECTED_REQUEST, "other_node"),
             Error::Unavailable(_) | Error::NotReady { .. } | Error::Prepare { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }

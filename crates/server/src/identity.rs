@@ -2,8 +2,10 @@
 //! algorithm AWS, Entra, GCP and Vault all accept) that say which group and sandbox asked, and
 //! publishes the discovery document and the JWKS that relying parties verify them with.
 //!
-//! Keys: RSA-2048, private halves in `MOAT_HOME/identity/keys/<kid>.pk8` (PKCS#8, 0600,
-//! written atomically), states in the store. There is always a *pending* key, published but
+//! Keys: RSA-2048, in the store (states, and the PKCS#8 private halves sealed with the
+//! sealing key, so that every node of a fleet signs with the same keys and a database backup
+//! alone cannot sign). Homes from before keep theirs in `MOAT_HOME/identity/keys/<kid>.pk8`
+//! until the first start moves them into the store. There is always a *pending* key, published but
 //! not signing, so that a rotation activates a key relying parties have had the chance to
 //! fetch; the key it replaces is *retired*: published, not signing, until every token it signed
 //! has expired. Signing is ring's (constant time); the `rsa` crate only generates keys.
@@ -15,8 +17,6 @@
 //! anything the guest says. Every mint and refusal is audited and counted; no token is ever
 //! logged.
 
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -142,28 +142,8 @@ fn jwk_of(pair: &RsaKeyPair) -> Jwk {
     }
 }
 
-/// Writes `bytes` to `path` so that it is either absent or whole, owner-only, on disk.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(format!("creating {}", tmp.display())))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(io(format!("writing {}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(io(format!("renaming {}", tmp.display())))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(format!("syncing {}", dir.display())))
-}
-
-/// Generates a key, stores it under `dir`, and returns its kid. Blocking (about a second).
-fn generate(dir: &Path) -> Result<String> {
+/// Generates a key: its kid and PKCS#8 private key. Blocking (about a second).
+fn generate() -> Result<(String, Vec<u8>)> {
     use rsa::pkcs8::EncodePrivateKey as _;
     let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, KEY_BITS)
         .map_err(|e| Error::Internal(format!("generating a signing key: {e}")))?;
@@ -172,25 +152,38 @@ fn generate(dir: &Path) -> Result<String> {
         .map_err(|e| Error::Internal(format!("encoding a signing key: {e}")))?;
     let pair = RsaKeyPair::from_pkcs8(der.as_bytes())
         .map_err(|e| Error::Internal(format!("reading back a new signing key: {e}")))?;
-    let kid = jwk_of(&pair).kid;
-    write_private(&dir.join(format!("{kid}.pk8")), der.as_bytes())?;
-    Ok(kid)
+    Ok((jwk_of(&pair).kid, der.as_bytes().to_vec()))
 }
 
-fn load(dir: &Path, kid: &str) -> Result<(RsaKeyPair, Jwk)> {
-    let path = dir.join(format!("{kid}.pk8"));
-    let der = std::fs::read(&path).map_err(io(format!(
-        "reading signing key {} (restore MOAT_HOME/identity from a backup; without it no token \
-         can be signed)",
-        path.display()
-    )))?;
-    let pair = RsaKeyPair::from_pkcs8(&der)
-        .map_err(|e| Error::Config(format!("signing key {}: {e}", path.display())))?;
+/// The key pair `kid` from the store, after moving it in from `MOAT_HOME/identity/keys` if an
+/// older moat left it there (the file is removed once the store has it, sealed).
+fn load(store: &Store, dir: &Path, kid: &str) -> Result<(RsaKeyPair, Jwk)> {
+    let der = match store.identity_private_key(kid)? {
+        Some(der) => der,
+        None => {
+            let path = dir.join(format!("{kid}.pk8"));
+            let der = std::fs::read(&path).map_err(io(format!(
+                "reading signing key {} (restore MOAT_HOME/identity from a backup; without it \
+                 no token can be signed)",
+                path.display()
+            )))?;
+            check_kid(&der, kid)?;
+            store.adopt_identity_private_key(kid, &der)?;
+            std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
+            tracing::info!(kid, "identity signing key moved into the store, sealed");
+            der
+        }
+    };
+    check_kid(&der, kid)
+}
+
+fn check_kid(der: &[u8], kid: &str) -> Result<(RsaKeyPair, Jwk)> {
+    let pair = RsaKeyPair::from_pkcs8(der)
+        .map_err(|e| Error::Config(format!("signing key {kid}: {e}")))?;
     let jwk = jwk_of(&pair);
     if jwk.kid != kid {
         return Err(Error::Config(format!(
-            "signing key {} does not match its name (its thumbprint is {})",
-            path.display(),
+            "signing key {kid} does not match its name (its thumbprint is {})",
             jwk.kid
         )));
     }
@@ -203,17 +196,13 @@ impl Issuer {
     pub fn open(home: &Path, url: String, store: Store, metrics: Arc<Metrics>) -> Result<Issuer> {
         validate_issuer_url(&url)?;
         let dir = home.join("identity").join("keys");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io(format!("creating {}", dir.display())))?;
         let rows = store.identity_keys()?;
-        if !rows.iter().any(|k| k.state == KeyState::Active) {
-            store.insert_identity_key(&generate(&dir)?, KeyState::Active)?;
-        }
-        if !rows.iter().any(|k| k.state == KeyState::Pending) {
-            store.insert_identity_key(&generate(&dir)?, KeyState::Pending)?;
+        // Nodes starting together on a new store may each make one: the store keeps the first.
+        for state in [KeyState::Active, KeyState::Pending] {
+            if !rows.iter().any(|k| k.state == state) {
+                let (kid, der) = generate()?;
+                store.insert_identity_key(&kid, state, &der)?;
+            }
         }
         let ring = read_ring(&dir, &store)?;
         Ok(Issuer {
@@ -285,14 +274,35 @@ impl Issuer {
         }
     }
 
+    /// Reads the keys again when the store's differ from the ones in force: another node
+    /// of the fleet rotated them. Blocking; called on the node's lease timer.
+    pub fn refresh(&self) -> Result<()> {
+        let rows = self.store.identity_keys()?;
+        let same = {
+            let ring = self.ring();
+            rows.len() == ring.published.len()
+                && rows
+                    .iter()
+                    .zip(&ring.published)
+                    .all(|(a, (b, _))| a.kid == b.kid && a.state == b.state)
+        };
+        if same {
+            return Ok(());
+        }
+        let ring = read_ring(&self.dir, &self.store)?;
+        *self.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
+        tracing::info!(kid = %self.ring().active.kid, "identity signing keys changed by another node");
+        Ok(())
+    }
+
     /// Rotates: the pending key (published since the last rotation or the first start) signs
     /// from now on, the active one retires, and a new pending key is published.
     pub async fn rotate(self: &Arc<Self>) -> Result<IdentityKeys> {
         let _one = self.rotating.lock().await;
         let me = self.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let next = generate(&me.dir)?;
-            me.store.rotate_identity_keys(&next)?;
+            let (next, der) = generate()?;
+            me.store.rotate_identity_keys(&next, &der)?;
             let ring = read_ring(&me.dir, &me.store)?;
             *me.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
             Ok(())
@@ -575,7 +585,7 @@ fn read_ring(dir: &Path, store: &Store) -> Result<Ring> {
             store.delete_identity_key(&row.kid)?;
             continue;
         }
-        let (pair, jwk) = load(dir, &row.kid)?;
+        let (pair, jwk) = load(store, dir, &row.kid)?;
         if row.state == KeyState::Active {
             active = Some(Arc::new(Signer {
                 kid: row.kid.clone(),
@@ -633,6 +643,7 @@ mod tests {
             created_at: String::new(),
             updated_at: String::new(),
             last_activity_at: None,
+            node: None,
             health: None,
         };
         store.insert_sandbox(&sb).await.unwrap();
@@ -712,15 +723,24 @@ mod tests {
         assert_eq!(t.subject, c["sub"].as_str().unwrap());
         let t2 = f.issuer.mint(ask("sts.amazonaws.com")).await.unwrap();
         assert_ne!(t.jti, t2.jti);
-        // The private key file is owner-only.
-        let kid = &t.kid;
-        let mode = std::fs::metadata(f.home.join(format!("identity/keys/{kid}.pk8")))
+        // The private key is in the store, sealed: the row alone does not hold it, and the
+        // home has no key file.
+        let kid = t.kid.clone();
+        let der = std::thread::scope(|s| {
+            s.spawn(|| f.store.identity_private_key(&kid).unwrap().unwrap())
+                .join()
+                .unwrap()
+        });
+        let sealed: Vec<u8> = f.store.with_conn(|c| {
+            c.query_row(
+                "SELECT private_key FROM identity_keys WHERE kid = ?1",
+                [&kid],
+                |r| r.get(0),
+            )
             .unwrap()
-            .permissions();
-        assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-            0o600
-        );
+        });
+        assert!(!sealed.windows(64).any(|w| der.windows(64).any(|d| d == w)));
+        assert!(!f.home.join(format!("identity/keys/{kid}.pk8")).exists());
         let events = f
             .store
             .list_identity_events("web", None, None, 10)
@@ -836,6 +856,43 @@ mod tests {
             open_issuer(&f.home, "https://id.example.com".into(), f.store.clone()).unwrap();
         assert_eq!(pruned.jwks().keys.len(), 2);
         assert!(!f.home.join(format!("identity/keys/{retired}.pk8")).exists());
+    }
+
+    /// A home from before the store kept the private keys: the key file is moved into the
+    /// store (sealed) at the next start and removed, and the issuer signs with the same key.
+    #[test]
+    fn key_files_of_an_older_home_move_into_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::test_store(dir.path());
+        let url = "https://id.example.com".to_string();
+        let first = open_issuer(dir.path(), url.clone(), store.clone()).unwrap();
+        let kid = first.ring().active.kid.clone();
+        let der = std::thread::scope(|s| {
+            s.spawn(|| store.identity_private_key(&kid).unwrap().unwrap())
+                .join()
+                .unwrap()
+        });
+        // What an older moat left: the file, and a row without the key.
+        let keys = dir.path().join("identity/keys");
+        std::fs::create_dir_all(&keys).unwrap();
+        std::fs::write(keys.join(format!("{kid}.pk8")), &der).unwrap();
+        store.with_conn(|c| {
+            c.execute(
+                "UPDATE identity_keys SET private_key = NULL WHERE kid = ?1",
+                [&kid],
+            )
+            .unwrap()
+        });
+        let again = open_issuer(dir.path(), url, store.clone()).unwrap();
+        assert_eq!(again.ring().active.kid, kid);
+        assert_eq!(again.jwks(), first.jwks());
+        assert!(!keys.join(format!("{kid}.pk8")).exists());
+        let moved = std::thread::scope(|s| {
+            s.spawn(|| store.identity_private_key(&kid).unwrap())
+                .join()
+                .unwrap()
+        });
+        assert_eq!(moved, Some(der));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod images;
 pub mod keys;
 pub mod metrics;
+pub mod node;
 pub mod policy;
 pub mod prepare;
 pub mod ratelimit;
@@ -90,6 +91,9 @@ pub struct Config {
     /// Where the state is kept (`--store`): `None` for the embedded SQLite database
     /// (`MOAT_HOME/moatd.db`), else a `postgres://` URL (docs/FLEET.md).
     pub store: Option<String>,
+    /// This daemon as a node of its store (`--node-name`, `--advertise-url`, `--lease-s`,
+    /// `--node-label`).
+    pub node: node::NodeConfig,
 }
 
 /// The default of [`Config::audit_retention`].
@@ -180,10 +184,36 @@ pub async fn serve(
         None => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let settings = config.node.settings(scheme, config.listen)?;
+    let limits = capacity::Limits::from_host(
+        config.max_memory_mib,
+        config.memory_overcommit,
+        config.memory_reserve_mib,
+        config.cpu_overcommit,
+    )?;
+    let spec = store::NodeSpec {
+        name: settings.name.clone(),
+        holder: node::holder_id(&config.home)?,
+        advertise_url: settings.advertise_url.clone(),
+        accelerator: match moat_vm::accel::detect(config.accel.as_deref()) {
+            Ok(choice) => choice.accel.as_str().to_string(),
+            Err(e) => {
+                tracing::warn!(error = %e, "no accelerator for the node's row");
+                "none".to_string()
+            }
+        },
+        labels: settings.labels.clone(),
+        memory_mib: limits.memory_mib,
+        millicpus: limits.millicpus,
+        lease_ms: settings.lease.as_millis() as i64,
+    };
     let bootstrap = config.bootstrap_key.clone();
     let home = config.home.clone();
-    let (store, generated) = tokio::task::spawn_blocking(move || -> Result<_> {
+    let node_spec = spec.clone();
+    let (store, generated, lease) = tokio::task::spawn_blocking(move || -> Result<_> {
         let store = store::Store::open(&location, &home)?;
+        // Before anything that writes about sandboxes: those writes are fenced by the lease.
+        let lease = node::acquire(&store, &node_spec)?;
         let generated = store.bootstrap(bootstrap.as_deref())?;
         let interrupted = store.fail_interrupted_operations()?;
         if interrupted > 0 {
@@ -192,10 +222,21 @@ pub async fn serve(
                 "image imports interrupted by a restart marked failed"
             );
         }
-        Ok((store, generated))
+        Ok((store, generated, lease))
     })
     .await
     .map_err(Error::task("opening the store"))??;
+    eprintln!(
+        "moat serve: node {} (epoch {}, lease {} s, advertised at {})",
+        spec.name,
+        lease.epoch,
+        settings.lease.as_secs(),
+        spec.advertise_url
+    );
+    let claimed = store.claim_unowned().await?;
+    if claimed > 0 {
+        tracing::info!(claimed, node = %spec.name, "sandboxes from before node mode claimed");
+    }
     if let Some(key) = generated {
         eprintln!(
             "moat serve: created the first admin API key; it is printed once, on stdout, and \
@@ -204,12 +245,6 @@ pub async fn serve(
         println!("{key}");
     }
 
-    let limits = capacity::Limits::from_host(
-        config.max_memory_mib,
-        config.memory_overcommit,
-        config.memory_reserve_mib,
-        config.cpu_overcommit,
-    )?;
     tracing::info!(
         memory_mib = limits.memory_mib,
         reserve_mib = limits.reserve_mib,
@@ -248,6 +283,12 @@ pub async fn serve(
     if let Some(keep) = config.policy_decisions_retention {
         tokio::spawn(prune_decisions(store.clone(), keep));
     }
+    tokio::spawn(node::run(
+        store.clone(),
+        spec,
+        sandboxes.clone(),
+        identity.clone(),
+    ));
     let state = http::AppState {
         store,
         metrics,

@@ -745,6 +745,7 @@ async fn policies_versions_roles_and_failing_closed_without_a_worker() {
         created_at: String::new(),
         updated_at: String::new(),
         last_activity_at: None,
+        node: None,
         health: None,
     };
     app.store.insert_sandbox(&sb).await.unwrap();
@@ -842,6 +843,7 @@ async fn ports_are_validated_and_scoped_to_the_sandboxes_group() {
         created_at: String::new(),
         updated_at: String::new(),
         last_activity_at: None,
+        node: None,
         health: None,
     };
     app.store.insert_sandbox(&row).await.unwrap();
@@ -1088,6 +1090,7 @@ async fn identity_issuer_tokens_audit_and_roles() {
         created_at: String::new(),
         updated_at: String::new(),
         last_activity_at: None,
+        node: None,
         health: None,
     };
     app.store.insert_sandbox(&row).await.unwrap();

@@ -33,6 +33,9 @@ RESPONSES = {
     "ProcessLogs": moat.ProcessLogs,
     "EgressEvent": moat.EgressEvent,
     "SecretInfo": moat.SecretInfo,
+    "Node": moat.Node,
+    "NodeCapacity": moat.NodeCapacity,
+    "NodeUse": moat.NodeUse,
 }
 
 SPECS = {
@@ -51,6 +54,7 @@ ENUMS = {
     "EntryKind": moat.FileKind,
     "SandboxesState": moat.SandboxesState,
     "SetupStep": moat.SetupStep,
+    "NodeState": moat.NodeState,
 }
 
 # Request fields that a method takes under another name.

@@ -23,6 +23,7 @@ import type {
   Group,
   GroupSpec,
   Health,
+  Node,
   Policy,
   PolicyCheck,
   PolicyVersion,
@@ -77,6 +78,7 @@ export class Client {
   readonly sandboxes: Sandboxes;
   readonly apiKeys: ApiKeys;
   readonly snapshots: Snapshots;
+  readonly nodes: Nodes;
   /** @internal */
   readonly apiKey: string | undefined;
   private readonly timeout: number | null;
@@ -94,6 +96,7 @@ export class Client {
     this.sandboxes = new Sandboxes(this);
     this.apiKeys = new ApiKeys(this);
     this.snapshots = new Snapshots(this);
+    this.nodes = new Nodes(this);
   }
 
   health(): Promise<Health> {
@@ -359,6 +362,28 @@ export class Sandboxes {
 }
 
 /** A group's named snapshots (taken with `Sandbox.snapshot`, used by `sandboxes.fork`). */
+/** The daemons sharing the store (a fleet's nodes): list, get, and (admin keys) drain and undrain. */
+export class Nodes {
+  constructor(private readonly c: Client) {}
+
+  async list(): Promise<Node[]> {
+    return (await this.c.json<{ nodes: Node[] }>({ method: "GET", path: "/v1/nodes" })).nodes;
+  }
+
+  get(name: string): Promise<Node> {
+    return this.c.json({ method: "GET", path: `/v1/nodes/${enc(name)}` });
+  }
+
+  /** The node takes no new sandboxes; those it runs stay. */
+  drain(name: string): Promise<Node> {
+    return this.c.json({ method: "POST", path: `/v1/nodes/${enc(name)}/drain` });
+  }
+
+  undrain(name: string): Promise<Node> {
+    return this.c.json({ method: "POST", path: `/v1/nodes/${enc(name)}/undrain` });
+  }
+}
+
 export class Snapshots {
   constructor(private readonly c: Client) {}
 

@@ -78,6 +78,11 @@ export class InternalError extends MoatError {}
  * not be reached.
  */
 export class BadGateway extends MoatError {}
+/**
+ * 421 `other_node`: the sandbox runs on another node of the fleet, which alone may act on it;
+ * the message names the node and its URL (send the request there).
+ */
+export class OtherNode extends MoatError {}
 /** 503: the daemon cannot do this now (store busy, sandboxes being prepared); retry. */
 export class Unavailable extends MoatError {}
 /** 507: the sandbox's disk is full. */
@@ -95,6 +100,7 @@ const BY_STATUS: Record<number, ErrorClass> = {
   405: MethodNotAllowed,
   409: Conflict,
   413: PayloadTooLarge,
+  421: OtherNode,
   422: Unprocessable,
   429: TooManyRequests,
   500: InternalError,
@@ -110,6 +116,7 @@ const BY_CODE: Record<string, ErrorClass> = {
   method_not_allowed: MethodNotAllowed,
   conflict: Conflict,
   payload_too_large: PayloadTooLarge,
+  other_node: OtherNode,
   unprocessable: Unprocessable,
   too_many_requests: TooManyRequests,
   internal: InternalError,

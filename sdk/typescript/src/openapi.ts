@@ -210,6 +210,70 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/nodes": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_nodes"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/nodes/{node}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["get_node"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/nodes/{node}/drain": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["drain_node"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/nodes/{node}/undrain": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["undrain_node"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/operations/{id}": {
         parameters: {
             query?: never;
@@ -1077,6 +1141,7 @@ export interface components {
              *     document allows), unauthorized, forbidden, policy_denied, not_found,
              *     method_not_allowed, conflict, payload_too_large, unprocessable (allowed by the
              *     document, refused by a rule it cannot state), too_many_requests, rate_limited,
+             *     other_node (the sandbox runs on another node: the message names it and its URL),
              *     unavailable, bad_gateway (the sandbox's agent failed), no_space, internal.
              */
             code: string;
@@ -1606,6 +1671,75 @@ export interface components {
          * @enum {string}
          */
         Mode: "enforce" | "audit" | "off";
+        /** @description A node as the API returns it. */
+        Node: {
+            /** @description How its VMs run: `kvm` or `tcg`. */
+            accelerator: string;
+            /** @description When the node took its current lease. */
+            acquired_at: string;
+            /** @description How other nodes and clients reach its API (`--advertise-url`). */
+            advertise_url: string;
+            capacity: components["schemas"]["NodeCapacity"];
+            /**
+             * Format: u-int64
+             * @description Grows each time the node takes its lease; the node's writes are fenced by it.
+             */
+            epoch: number;
+            /** @description Kubernetes-style labels, at most 64: keys [prefix/]name, the prefix a lowercase DNS subdomain of at most 253 characters, the name 1–63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit; values the same as a name, or empty */
+            labels: {
+                [key: string]: string;
+            };
+            /** @description When the lease ends unless renewed (RFC 3339, UTC; the database's clock). */
+            lease_expires_at: string;
+            /**
+             * Format: u-int64
+             * @description `--lease-s`: how long a lease lasts unrenewed.
+             */
+            lease_s: number;
+            /** @description When another node marked it `lost`; absent otherwise. */
+            lost_at?: string | null;
+            /** @description Why it was marked `lost`. */
+            lost_reason?: string | null;
+            /** @description `moat serve --node-name` (default: the host name). */
+            name: string;
+            state: components["schemas"]["NodeState"];
+            /** @description As of its last lease renewal. */
+            used: components["schemas"]["NodeUse"];
+        };
+        /** @description What a node's sandboxes may hold together. */
+        NodeCapacity: {
+            /**
+             * Format: u-int64
+             * @description Tier memory, MiB (`--max-memory-mib`, or from the host's memory).
+             */
+            memory_mib: number;
+            /**
+             * Format: double
+             * @description vCPUs (the host's CPUs times `--cpu-overcommit`).
+             */
+            vcpus: number;
+        };
+        /** @description `GET /v1/nodes`. */
+        NodeList: {
+            nodes: components["schemas"]["Node"][];
+        };
+        /**
+         * @description Where a node is.
+         * @enum {string}
+         */
+        NodeState: "ready" | "draining" | "lost";
+        /** @description What a node's sandboxes and pool VMs hold. */
+        NodeUse: {
+            /** Format: u-int64 */
+            memory_mib: number;
+            /**
+             * Format: u-int64
+             * @description Sandboxes it runs (running or parked), pool VMs included.
+             */
+            sandboxes: number;
+            /** Format: double */
+            vcpus: number;
+        };
         /** @enum {string} */
         OnIdle: "suspend" | "delete";
         /** @description `GET /.well-known/openid-configuration`: the part of OIDC discovery relying parties read. */
@@ -1883,7 +2017,12 @@ export interface components {
              *     the last resume or the creation if later.
              */
             last_activity_at?: string | null;
-            /** @description Why the sandbox is `failed`; absent otherwise. */
+            /**
+             * @description The node that runs it (`GET /v1/nodes/{node}`); absent only for a sandbox made before
+             *     node mode that no node has claimed yet.
+             */
+            node?: string | null;
+            /** @description Why the sandbox is `failed` or `lost`; absent otherwise. */
             reason?: string | null;
             state: components["schemas"]["SandboxState"];
             tier: components["schemas"]["Tier"];
@@ -1901,10 +2040,12 @@ export interface components {
             sandboxes: components["schemas"]["Sandbox"][];
         };
         /**
-         * @description Where a sandbox is in its life. `failed` comes with a `reason`.
+         * @description Where a sandbox is in its life. `failed` and `lost` come with a `reason`. `lost`: the node
+         *     that ran it stopped renewing its lease (it died or was cut off) while the sandbox ran;
+         *     deleting it is all that is left to do.
          * @enum {string}
          */
-        SandboxState: "creating" | "running" | "suspending" | "suspended" | "resuming" | "deleting" | "failed";
+        SandboxState: "creating" | "running" | "suspending" | "suspended" | "resuming" | "deleting" | "failed" | "lost";
         /** @description The sandboxes part of `/healthz`. */
         SandboxesHealth: {
             /**
@@ -2983,6 +3124,260 @@ export interface operations {
                 };
             };
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_nodes: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Every node of the store, by name */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["NodeList"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    get_node: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Node name */
+                node: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Node"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    drain_node: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Node name */
+                node: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Draining (or it already was): it takes no new sandboxes; those it runs stay */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Node"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    undrain_node: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description Node name */
+                node: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Ready again (or it already was); a lost node stays lost until it takes its lease again */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Node"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4242,6 +4637,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description Sandboxes cannot run yet, the store is unreachable, or this node is draining (it takes no new sandboxes) */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4363,6 +4759,15 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4540,6 +4945,15 @@ export interface operations {
             };
             /** @description The request body, or the command's output (16 MiB each of stdout and stderr), is too large */
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -4785,6 +5199,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -4892,6 +5315,15 @@ export interface operations {
             };
             /** @description A non-empty directory without recursive=true, or the sandbox is not running */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5205,6 +5637,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -5377,6 +5818,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -5521,6 +5971,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -5608,6 +6067,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5718,6 +6186,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -5814,6 +6291,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5924,6 +6410,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -6020,6 +6515,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -6130,6 +6634,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -6226,6 +6739,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7059,6 +7581,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -7166,6 +7697,15 @@ export interface operations {
                 };
             };
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7298,6 +7838,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -7394,6 +7943,15 @@ export interface operations {
             };
             /** @description The sandbox is not running */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7508,6 +8066,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -7601,6 +8168,15 @@ export interface operations {
             };
             /** @description The sandbox is creating, deleting or failed */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7705,6 +8281,15 @@ export interface operations {
             };
             /** @description The sandbox is not running (and cannot be resumed) */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -7826,6 +8411,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -7910,6 +8504,15 @@ export interface operations {
             };
             /** @description The sandbox is creating, deleting or failed */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The sandbox runs on another node (the message names it and its URL) */
+            421: {
                 headers: {
                     [name: string]: unknown;
                 };

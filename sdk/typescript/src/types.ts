@@ -16,6 +16,10 @@ type DeepPartial<T> = T extends readonly (infer U)[]
 export type Tier = Schemas["Tier"];
 export type Role = Schemas["Role"];
 export type SandboxState = Schemas["SandboxState"];
+export type Node = Schemas["Node"];
+export type NodeState = Schemas["NodeState"];
+export type NodeCapacity = Schemas["NodeCapacity"];
+export type NodeUse = Schemas["NodeUse"];
 export type FileKind = Schemas["EntryKind"];
 /** A group's spec as given to `groups.apply`: every field optional (`Group.spec` has them all). */
 export type GroupSpec = DeepPartial<Schemas["GroupSpec"]>;

@@ -106,6 +106,18 @@ fn linked_home(names: &[&str]) -> tempfile::TempDir {
     home
 }
 
+/// A new MOAT_HOME that can run sandboxes: links to the shared test home's kernels, images,
+/// templates and initramfs (see [`Daemon::start_with_runtime`]).
+pub fn runtime_home() -> tempfile::TempDir {
+    linked_home(&[
+        "kernels",
+        "images",
+        "templates",
+        "initramfs",
+        "qemu-version.json",
+    ])
+}
+
 impl Daemon {
     /// A daemon on a fresh MOAT_HOME whose first admin key is `bootstrap` (generated if None).
     /// It serves groups and keys only: `--no-setup` keeps it from preparing sandboxes (which
@@ -132,13 +144,16 @@ impl Daemon {
 
     /// [`Daemon::start_with_runtime`] with extra `moat serve` arguments.
     pub async fn start_with_runtime_args(bootstrap: Option<&str>, args: &[&str]) -> Daemon {
-        let home = linked_home(&[
-            "kernels",
-            "images",
-            "templates",
-            "initramfs",
-            "qemu-version.json",
-        ]);
+        Daemon::start_at(runtime_home(), bootstrap, args).await
+    }
+
+    /// A daemon on `home` (from [`runtime_home`], or prepared by the test: a fleet's nodes
+    /// share a `secrets.key`) with `moat serve` arguments `args`.
+    pub async fn start_at(
+        home: tempfile::TempDir,
+        bootstrap: Option<&str>,
+        args: &[&str],
+    ) -> Daemon {
         Daemon::start_in(home, super::agent_path(), bootstrap, args).await
     }
 

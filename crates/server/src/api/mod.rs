@@ -21,6 +21,7 @@ mod groups;
 mod identity;
 mod images;
 mod keys;
+mod nodes;
 mod policy;
 mod ports;
 mod processes;
@@ -39,6 +40,7 @@ pub use identity::*;
 pub use images::*;
 pub use keys::*;
 pub use moat_vm::Tier;
+pub use nodes::*;
 pub use policy::*;
 pub use ports::*;
 pub use processes::*;
@@ -62,6 +64,7 @@ pub struct ErrorDetail {
     /// document allows), unauthorized, forbidden, policy_denied, not_found,
     /// method_not_allowed, conflict, payload_too_large, unprocessable (allowed by the
     /// document, refused by a rule it cannot state), too_many_requests, rate_limited,
+    /// other_node (the sandbox runs on another node: the message names it and its URL),
     /// unavailable, bad_gateway (the sandbox's agent failed), no_space, internal.
     pub code: String,
     /// For people: what was wrong and, for bad input, what is allowed.

@@ -12,7 +12,9 @@ use super::{
 };
 use crate::error::{Error, Result};
 
-/// Where a sandbox is in its life. `failed` comes with a `reason`.
+/// Where a sandbox is in its life. `failed` and `lost` come with a `reason`. `lost`: the node
+/// that ran it stopped renewing its lease (it died or was cut off) while the sandbox ran;
+/// deleting it is all that is left to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxState {
@@ -23,6 +25,7 @@ pub enum SandboxState {
     Resuming,
     Deleting,
     Failed,
+    Lost,
 }
 
 impl SandboxState {
@@ -35,10 +38,11 @@ impl SandboxState {
             SandboxState::Resuming => "resuming",
             SandboxState::Deleting => "deleting",
             SandboxState::Failed => "failed",
+            SandboxState::Lost => "lost",
         }
     }
 
-    pub const ALL: [SandboxState; 7] = [
+    pub const ALL: [SandboxState; 8] = [
         SandboxState::Creating,
         SandboxState::Running,
         SandboxState::Suspending,
@@ -46,6 +50,7 @@ impl SandboxState {
         SandboxState::Resuming,
         SandboxState::Deleting,
         SandboxState::Failed,
+        SandboxState::Lost,
     ];
 
     pub fn parse(s: &str) -> Option<SandboxState> {
@@ -101,9 +106,13 @@ pub struct Sandbox {
     pub id: String,
     pub group: String,
     pub state: SandboxState,
-    /// Why the sandbox is `failed`; absent otherwise.
+    /// Why the sandbox is `failed` or `lost`; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The node that runs it (`GET /v1/nodes/{node}`); absent only for a sandbox made before
+    /// node mode that no node has claimed yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Manifest digest of the image it runs.
     pub image: String,
     pub tier: Tier,

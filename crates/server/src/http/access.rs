@@ -92,6 +92,33 @@ pub(crate) async fn visible_sandbox(
     }
 }
 
+/// The row of sandbox `id` of `group` (as [`visible_sandbox`]) for a route that acts on it:
+/// only the node that runs it may, so a sandbox of another node is a 421 naming that node and
+/// where it is reached. A `lost` sandbox may be deleted through any node.
+pub(crate) async fn local_sandbox(
+    state: &AppState,
+    p: &Principal,
+    group: &str,
+    id: &str,
+) -> Result<Sandbox> {
+    let sb = visible_sandbox(state, p, group, id).await?;
+    let me = state.store.node_name();
+    if sb.node.is_none() || sb.node == me || sb.state == crate::api::SandboxState::Lost {
+        return Ok(sb);
+    }
+    let node = sb.node.clone().unwrap_or_default();
+    let url = match state.store.get_node(&node).await? {
+        Some(n) => n.advertise_url,
+        None => "(unknown)".to_string(),
+    };
+    Err(Error::OtherNode(format!(
+        "sandbox {} runs on node {} ({url}), not on this one ({}): send the request there",
+        sb.id,
+        api::quote(&node),
+        me.as_deref().unwrap_or("?")
+    )))
+}
+
 /// A hold on sandbox `id` of `group` for a data-plane route (files, processes): visibility
 /// first, then the role (`use_`: the route changes something, so readers are refused), then
 /// the manager's `running`, which resumes a suspended sandbox.
@@ -102,7 +129,7 @@ pub(crate) async fn running_sandbox(
     id: &str,
     use_: bool,
 ) -> Result<Running> {
-    let row = visible_sandbox(state, p, group, id).await?;
+    let row = local_sandbox(state, p, group, id).await?;
     if use_ {
         require_use(p)?;
     }

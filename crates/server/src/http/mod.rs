@@ -51,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::identity::router())
         .merge(routes::secrets::router())
         .merge(routes::audit::router())
+        .merge(routes::nodes::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -81,6 +82,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
         routes::identity::Doc::openapi(),
         routes::secrets::Doc::openapi(),
         routes::audit::Doc::openapi(),
+        routes::nodes::Doc::openapi(),
     ] {
         doc.merge(part);
     }
@@ -209,7 +211,7 @@ fn constrain_path_parameters(doc: &mut utoipa::openapi::OpenApi) {
                     continue;
                 }
                 let rule = match param.name.as_str() {
-                    "group" => name(api::NAME_PATTERN),
+                    "group" | "node" => name(api::NAME_PATTERN),
                     "name" if template.contains("/snapshots/") => name(api::NAME_PATTERN),
                     "name" if template.contains("/secrets/") => name(SECRET_NAME_PATTERN),
                     "name" if template.starts_with("/v1/images/") => ObjectBuilder::new()

@@ -204,7 +204,16 @@ impl Manager {
             identity,
             links: Mutex::new(HashMap::new()),
         };
-        let rows = mgr.store.list_sandboxes(None).await?;
+        // Only this node's rows: the others' VMs run elsewhere (rows from before node mode
+        // were claimed by the first node to start).
+        let me = mgr.store.node_name();
+        let rows: Vec<Sandbox> = mgr
+            .store
+            .list_sandboxes(None)
+            .await?
+            .into_iter()
+            .filter(|r| r.node == me)
+            .collect();
         let mut adopted = Vec::new();
         let mut orphans: HashSet<String> = mgr.rt.orphans().into_iter().collect();
         mgr.readopt_pool(&mut orphans).await?;
@@ -246,7 +255,8 @@ impl Manager {
                         .await?;
                     }
                 }
-                SandboxState::Failed => {
+                // Lost: the other nodes gave up on it while this one was cut off.
+                SandboxState::Failed | SandboxState::Lost => {
                     if has_vm {
                         destroy_orphan(&mgr.rt, &row.id).await;
                     }
@@ -410,6 +420,48 @@ impl Manager {
         self.rt.home.clone()
     }
 
+    /// After this node took its lease again: destroys the VMs of sandboxes that are no longer
+    /// its own (the other nodes marked them `lost` while it was cut off, or they are gone).
+    /// Their rows are the others' decision and stay as they are.
+    pub async fn drop_disowned(&self) {
+        let me = self.store.node_name();
+        let rows = match self.store.list_sandboxes(None).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing sandboxes after taking the lease again");
+                return;
+            }
+        };
+        let keep: HashSet<String> = rows
+            .into_iter()
+            .filter(|r| r.node == me && r.state != SandboxState::Lost)
+            .map(|r| r.id)
+            .collect();
+        let gone: Vec<String> = self
+            .lock_live()
+            .keys()
+            .filter(|id| !keep.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            let Some(entry) = self.entry(&id) else {
+                continue;
+            };
+            entry.deleted.send_replace(true);
+            let vm = entry.vm.write().await.take();
+            self.release_network(&id);
+            if let Some(vm) = vm {
+                vm.destroy().await;
+            }
+            self.cap.release(&id);
+            self.lock_live().remove(&id);
+            tracing::warn!(
+                id,
+                "destroyed the VM of a sandbox the other nodes declared lost"
+            );
+        }
+    }
+
     /// What the VMs hold of the host (for metrics).
     pub fn usage(&self) -> Usage {
         self.cap.usage()
@@ -538,6 +590,7 @@ impl Manager {
             created_at: String::new(),
             updated_at: String::new(),
             last_activity_at: None,
+            node: None,
             health: None,
         }
     }
@@ -698,6 +751,11 @@ impl Manager {
         let mgr = self.clone();
         let id = id.to_string();
         tokio::spawn(async move {
+            // A lost sandbox has no VM here (its node is gone, or dropped it): only its row.
+            let row = mgr.store.get_sandbox(&id).await?;
+            if row.is_some_and(|r| r.state == SandboxState::Lost) {
+                return mgr.store.delete_sandbox(&id).await;
+            }
             mgr.store
                 .set_sandbox_state(&id, SandboxState::Deleting, None)
                 .await?;

@@ -349,7 +349,12 @@ impl Pg {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.statements.clear();
             self.client = None;
-            self.client = Some(self.config.connect(postgres::NoTls)?);
+            let mut client = self.config.connect(postgres::NoTls)?;
+            // A daemon stopped (SIGSTOP, a partition) inside a transaction must not hold its
+            // row locks for ever: the other nodes' sweep of lost nodes waits on them. Every
+            // transaction here runs in one go on a blocking thread, never idle for long.
+            client.batch_execute("SET idle_in_transaction_session_timeout = '5s'")?;
+            self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected just above"))
     }

@@ -58,24 +58,59 @@ impl Store {
         self.blocking(keys)
     }
 
-    /// Records a new key (its file is already on disk) in `state`.
-    pub fn insert_identity_key(&self, kid: &str, state: KeyState) -> Result<()> {
+    /// Records new key `kid` in `state` (`active` or `pending`) with its PKCS#8 private key,
+    /// sealed, unless the store has a key in that state already (another node starting on
+    /// the same store made it first): false then.
+    pub fn insert_identity_key(&self, kid: &str, state: KeyState, der: &[u8]) -> Result<bool> {
         let (kid, t) = (kid.to_string(), super::now());
+        let sealed = self.seal.seal_signing_key(&kid, der)?;
         self.blocking(move |c| {
             let activated = (state == KeyState::Active).then_some(t);
+            Ok(c.execute(
+                "INSERT INTO identity_keys (kid, state, created_at, activated_at, private_key) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                params![kid, state.as_str(), t, activated, sealed],
+            )? == 1)
+        })
+    }
+
+    /// The private key (PKCS#8) of `kid`, opened; `None` while it is still a file in
+    /// MOAT_HOME (a key made before the store kept them).
+    pub fn identity_private_key(&self, kid: &str) -> Result<Option<Vec<u8>>> {
+        let kid = kid.to_string();
+        let sealed: Option<Vec<u8>> = self.blocking(|c| {
+            Ok(c.query_row(
+                "SELECT private_key FROM identity_keys WHERE kid = ?1",
+                [&kid],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+        })?;
+        sealed
+            .map(|s| self.seal.open_signing_key(&kid, &s))
+            .transpose()
+    }
+
+    /// Stores the private key of `kid`, sealed, where the store has none yet (moving a key
+    /// file of an older MOAT_HOME in).
+    pub fn adopt_identity_private_key(&self, kid: &str, der: &[u8]) -> Result<()> {
+        let kid = kid.to_string();
+        let sealed = self.seal.seal_signing_key(&kid, der)?;
+        self.blocking(move |c| {
             c.execute(
-                "INSERT INTO identity_keys (kid, state, created_at, activated_at) \
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![kid, state.as_str(), t, activated],
+                "UPDATE identity_keys SET private_key = ?2 WHERE kid = ?1 AND private_key IS NULL",
+                params![kid, sealed],
             )?;
             Ok(())
         })
     }
 
     /// One rotation, in one transaction: the active key retires, the pending one signs, and
-    /// `next` (its file already on disk) becomes the pending key.
-    pub fn rotate_identity_keys(&self, next: &str) -> Result<()> {
+    /// `next` (its PKCS#8 private key `der`, sealed here) becomes the pending key.
+    pub fn rotate_identity_keys(&self, next: &str, der: &[u8]) -> Result<()> {
         let (next, t) = (next.to_string(), super::now());
+        let sealed = self.seal.seal_signing_key(&next, der)?;
         self.blocking(move |c| {
             let tx = c.transaction()?;
             let pending: Option<String> = tx
@@ -97,8 +132,9 @@ impl Store {
                 params![pending, t],
             )?;
             tx.execute(
-                "INSERT INTO identity_keys (kid, state, created_at) VALUES (?1, 'pending', ?2)",
-                params![next, t],
+                "INSERT INTO identity_keys (kid, state, created_at, private_key) \
+                 VALUES (?1, 'pending', ?2, ?3)",
+                params![next, t, sealed],
             )?;
             tx.commit()?;
             Ok(())
@@ -353,10 +389,23 @@ mod tests {
     fn rotation_moves_every_state_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir);
-        s.insert_identity_key("a", KeyState::Active).unwrap();
-        assert!(s.rotate_identity_keys("x").is_err(), "no pending key");
-        s.insert_identity_key("b", KeyState::Pending).unwrap();
-        s.rotate_identity_keys("c").unwrap();
+        assert!(s.insert_identity_key("a", KeyState::Active, b"ka").unwrap());
+        // One active key: a second (another node starting at once) is not recorded.
+        assert!(!s
+            .insert_identity_key("a2", KeyState::Active, b"ka2")
+            .unwrap());
+        assert!(
+            s.rotate_identity_keys("x", b"kx").is_err(),
+            "no pending key"
+        );
+        assert!(s
+            .insert_identity_key("b", KeyState::Pending, b"kb")
+            .unwrap());
+        s.rotate_identity_keys("c", b"kc").unwrap();
+        assert_eq!(
+            s.identity_private_key("c").unwrap().as_deref(),
+            Some(&b"kc"[..])
+        );
         let states: Vec<_> = s
             .identity_keys()
             .unwrap()

@@ -21,6 +21,7 @@ mod egress;
 mod groups;
 mod identity;
 mod keys;
+mod nodes;
 mod operations;
 mod policy;
 mod pool;
@@ -32,9 +33,10 @@ mod snapshots;
 
 pub use audit::NewAuditEvent;
 pub use db::Backend;
-use db::{params, Db};
+use db::{params, Db, OptionalExtension};
 pub use identity::{KeyRow, NewIdentityEvent, WorkloadIds};
 pub use keys::{Authenticated, Principal};
+pub use nodes::{Lease, NodeSpec, Renewal};
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
 
@@ -56,6 +58,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (11, include_str!("migrations/0011_secrets.sql")),
     (12, include_str!("migrations/0012_api_key_limits.sql")),
     (13, include_str!("migrations/0013_audit.sql")),
+    (14, include_str!("migrations/0014_nodes.sql")),
 ];
 
 /// The same schema in PostgreSQL's dialect (`migrations/postgres/`): `BIGINT` for every
@@ -80,6 +83,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         include_str!("migrations/postgres/0012_api_key_limits.sql"),
     ),
     (13, include_str!("migrations/postgres/0013_audit.sql")),
+    (14, include_str!("migrations/postgres/0014_nodes.sql")),
 ];
 
 fn migrations(backend: Backend) -> &'static [(i64, &'static str)] {
@@ -221,8 +225,10 @@ pub struct Store {
     // SERIALIZABLE, so other daemons sharing the database cannot break them.
     conn: Arc<Mutex<Db>>,
     location: Arc<Location>,
-    /// Seals group secrets with `secrets.key` in MOAT_HOME.
+    /// Seals group secrets and identity signing keys with `secrets.key` in MOAT_HOME.
     seal: Arc<seal::Sealer>,
+    /// This daemon's node and lease epoch, once it holds its lease: the fence of its writes.
+    fence: Arc<nodes::Fence>,
 }
 
 /// How often a transaction PostgreSQL aborted for a conflict with another one is run again.
@@ -242,10 +248,13 @@ impl Store {
             })?,
         };
         migrate(&db, &location.describe())?;
+        let seal = seal::Sealer::new(home.join("secrets.key"));
+        check_sealing_key(&db, &seal, location)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(db)),
             location: Arc::new(location.clone()),
-            seal: Arc::new(seal::Sealer::new(home.join("secrets.key"))),
+            seal: Arc::new(seal),
+            fence: Arc::default(),
         })
     }
 
@@ -297,6 +306,40 @@ fn with_retries<T>(db: &Db, f: &mut impl FnMut(&Db) -> Result<T>) -> Result<T> {
     }
 }
 
+/// Refuses a sealing key that is not the store's: the first node to open a store records a
+/// value sealed with its key, and every later open must be able to open it. Two nodes that
+/// start together on a new store with different keys: one records its value, the other is
+/// refused.
+fn check_sealing_key(db: &Db, seal: &seal::Sealer, location: &Location) -> Result<()> {
+    let get = || -> Result<Option<Vec<u8>>> {
+        Ok(db
+            .query_row("SELECT sealed FROM seal_check WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    };
+    let check = match get()? {
+        Some(check) => check,
+        None => {
+            db.execute(
+                "INSERT INTO seal_check (id, sealed) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING",
+                params![seal.check_value()?],
+            )?;
+            get()?.ok_or_else(|| Error::Internal("the sealing check value vanished".into()))?
+        }
+    };
+    if seal.verify_check(&check)? {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{} is not the sealing key of the store {}: its secrets and signing keys were sealed \
+         with another one. Every node on one store needs the same secrets.key: copy it from a \
+         node that runs on this store (docs/FLEET.md)",
+        seal.path().display(),
+        location.describe()
+    )))
+}
+
 fn open_sqlite(path: &Path) -> Result<Db> {
     let conn = rusqlite::Connection::open(path).map_err(db::DbError::from)?;
     // WAL: readers never block the writer; synchronous=FULL: a 2xx means the change is on
@@ -317,7 +360,21 @@ fn open_sqlite(path: &Path) -> Result<Db> {
     Ok(Db::sqlite(conn))
 }
 
+/// Applies the migrations not applied yet. SQLite's run with foreign keys off (a table rebuild,
+/// as migration 14's, must not cascade to the rows that refer to the old table; SQLite ignores
+/// the pragma inside a transaction) and every key is checked before they commit.
 fn migrate(db: &Db, name: &str) -> Result<()> {
+    if db.backend() == Backend::Sqlite {
+        db.execute_batch("PRAGMA foreign_keys=OFF;")?;
+    }
+    let migrated = apply_migrations(db, name);
+    if db.backend() == Backend::Sqlite {
+        db.execute_batch("PRAGMA foreign_keys=ON;")?;
+    }
+    migrated
+}
+
+fn apply_migrations(db: &Db, name: &str) -> Result<()> {
     let known = migrations(db.backend());
     let tx = db.transaction()?;
     match db.backend() {
@@ -358,6 +415,17 @@ fn migrate(db: &Db, name: &str) -> Result<()> {
             params![version, now()],
         )?;
         tracing::info!(version, "applied schema migration");
+    }
+    if db.backend() == Backend::Sqlite {
+        let broken: i64 =
+            tx.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+                r.get(0)
+            })?;
+        if broken > 0 {
+            return Err(Error::Internal(format!(
+                "the migrations of {name} left {broken} rows whose foreign keys do not hold"
+            )));
+        }
     }
     tx.commit()?;
     Ok(())
@@ -570,6 +638,106 @@ mod tests {
         let m = e.to_string();
         assert!(matches!(e, Error::NewerSchema { found: 999, .. }), "{m}");
         assert!(m.contains("newer moat"), "{m}");
+    }
+
+    /// A store of the version before node mode (13) upgrades: migration 14 rebuilds SQLite's
+    /// `sandboxes` with foreign keys off, so the rows that refer to a sandbox (its identity uid,
+    /// its ports) stay, and its row gets a node once a node claims it.
+    #[tokio::test]
+    async fn a_store_from_before_node_mode_keeps_its_sandboxes() {
+        let dir = tempfile::tempdir().unwrap();
+        // Off the executor thread: the blocking PostgreSQL client makes a schema.
+        let old = std::thread::scope(|s| s.spawn(|| test_location(dir.path())).join().unwrap());
+        std::thread::spawn(move || {
+            let db = match &old {
+                Location::Sqlite(path) => open_sqlite(path).unwrap(),
+                Location::Postgres(config) => Db::postgres((**config).clone()).unwrap(),
+            };
+            let tx = db.transaction().unwrap();
+            tx.execute_batch(
+                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
+                 applied_at BIGINT NOT NULL)",
+            )
+            .unwrap();
+            for (version, sql) in migrations(db.backend()).iter().filter(|m| m.0 < 14) {
+                tx.execute_batch(sql).unwrap();
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
+                    params![version],
+                )
+                .unwrap();
+            }
+            groups::put_group(&tx, "g", &crate::api::GroupSpec::default()).unwrap();
+            tx.execute_batch(
+                "INSERT INTO sandboxes (id, group_name, state, image, tier, created_at, \
+                 updated_at) VALUES ('sb-1', 'g', 'running', 'sha256:00', 'xs', 0, 0);
+                 INSERT INTO identity_sandboxes (sandbox, uid) VALUES ('sb-1', 'u-1');
+                 INSERT INTO sandbox_ports (sandbox, port, created_at) VALUES ('sb-1', 8080, 0);",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        })
+        .join()
+        .unwrap();
+        let s = test_store(dir.path());
+        let count = |sql: &'static str| {
+            s.with_conn(move |c| c.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap())
+        };
+        assert_eq!(count("SELECT COUNT(*) FROM identity_sandboxes"), 1);
+        assert_eq!(count("SELECT COUNT(*) FROM sandbox_ports"), 1);
+        let sb = s.get_sandbox("sb-1").await.unwrap().unwrap();
+        assert_eq!(
+            (sb.state, sb.node),
+            (crate::api::SandboxState::Running, None)
+        );
+        let spec = NodeSpec {
+            name: "n".into(),
+            holder: "h".into(),
+            advertise_url: "http://n:7070".into(),
+            accelerator: "tcg".into(),
+            labels: Default::default(),
+            memory_mib: 1,
+            millicpus: 1,
+            lease_ms: 60_000,
+        };
+        let s2 = s.clone();
+        std::thread::spawn(move || s2.acquire_lease(&spec).unwrap().unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(s.claim_unowned().await.unwrap(), 1);
+        let sb = s.get_sandbox("sb-1").await.unwrap().unwrap();
+        assert_eq!(sb.node.as_deref(), Some("n"));
+        // The blocking PostgreSQL client closes its connection on drop: not on the executor.
+        std::thread::spawn(move || drop(s)).join().unwrap();
+    }
+
+    /// A second home with another `secrets.key` on the same store is refused and says what to
+    /// do; the same key opens it (every node of a fleet).
+    #[test]
+    fn a_store_refuses_another_sealing_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = test_location(dir.path());
+        let open_in = |home: &Path| {
+            std::thread::scope(|s| {
+                s.spawn(|| Store::open(&location, home).map(drop))
+                    .join()
+                    .unwrap()
+            })
+        };
+        open_in(dir.path()).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let e = open_in(other.path()).unwrap_err().to_string();
+        assert!(e.contains("not the sealing key of the store"), "{e}");
+        assert!(e.contains("same secrets.key"), "{e}");
+        let key = std::fs::read(dir.path().join("secrets.key")).unwrap();
+        let shared = other.path().join("secrets.key");
+        std::fs::write(&shared, key).unwrap();
+        std::fs::set_permissions(
+            &shared,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )
+        .unwrap();
+        open_in(other.path()).unwrap();
     }
 
     #[test]

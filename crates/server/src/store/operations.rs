@@ -13,8 +13,10 @@ pub const KEEP_OPERATIONS: i64 = 1000;
 impl Store {
     /// Marks the operations a previous daemon left running as failed. Blocking: called once
     /// at start, before serving.
+    /// This node's (the imports run where they were asked).
     pub fn fail_interrupted_operations(&self) -> Result<usize> {
-        self.blocking(recover)
+        let node = self.fence.node();
+        self.blocking(|c| recover(c, node.as_deref()))
     }
 
     /// Records a new running import of image `name` (`request`: its body, as JSON).
@@ -25,7 +27,9 @@ impl Store {
         request: &str,
     ) -> Result<Option<Operation>> {
         let (i, n, r) = (id.to_string(), name.to_string(), request.to_string());
-        self.call(move |c| insert_op(c, &i, &n, &r)).await
+        let node = self.fence.node();
+        self.call(move |c| insert_op(c, &i, &n, &r, node.as_deref()))
+            .await
     }
 
     pub async fn get_operation(&self, id: &str) -> Result<Option<Operation>> {
@@ -47,7 +51,7 @@ impl Store {
 }
 
 /// Marks the operations a previous daemon left running as failed. Called once at start.
-pub(super) fn recover(conn: &Db) -> Result<usize> {
+pub(super) fn recover(conn: &Db, node: Option<&str>) -> Result<usize> {
     let error = serde_json::to_string(&ErrorDetail::new(
         "interrupted",
         "the daemon stopped before the import finished; start it again",
@@ -55,8 +59,9 @@ pub(super) fn recover(conn: &Db) -> Result<usize> {
     .unwrap_or_default();
     Ok(conn.execute(
         "UPDATE operations SET state = 'failed', phase = 'failed', error = ?1,
-             updated_at = ?2 WHERE state = 'running'",
-        params![error, now()],
+             updated_at = ?2 WHERE state = 'running' \
+             AND (CAST(?3 AS TEXT) IS NULL OR node = ?3 OR node IS NULL)",
+        params![error, now(), node],
     )?)
 }
 
@@ -94,13 +99,14 @@ pub(super) fn insert_op(
     id: &str,
     name: &str,
     request: &str,
+    node: Option<&str>,
 ) -> Result<Option<Operation>> {
     let tx = conn.transaction()?;
     let now = now();
     tx.execute(
         "INSERT INTO operations (id, kind, state, target, request, phase, created_at,
-             updated_at) VALUES (?1, 'image-import', 'running', ?2, ?3, 'queued', ?4, ?4)",
-        params![id, name, request, now],
+             updated_at, node) VALUES (?1, 'image-import', 'running', ?2, ?3, 'queued', ?4, ?4, ?5)",
+        params![id, name, request, now, node],
     )?;
     tx.execute(
         "DELETE FROM operations WHERE state != 'running' AND id NOT IN
@@ -168,7 +174,7 @@ mod tests {
                 let n = KEEP_OPERATIONS + 5;
                 for i in 0..n {
                     let id = format!("op-{i}");
-                    insert_op(c, &id, "img", "{}")?;
+                    insert_op(c, &id, "img", "{}", None)?;
                     if i > 0 {
                         // All but the first end, so the first stays running.
                         let p = OperationProgress::default();
@@ -192,7 +198,7 @@ mod tests {
                     "the oldest finished one is kept"
                 );
                 assert!(get_op(c, &format!("op-{}", n - 1))?.is_some());
-                assert_eq!(recover(c)?, 1);
+                assert_eq!(recover(c, None)?, 1);
                 let op = get_op(c, "op-0")?.unwrap();
                 assert_eq!(op.state, OperationState::Failed);
                 assert_eq!(op.error.unwrap().code, "interrupted");

@@ -1,5 +1,6 @@
-//! The `pool_members` table: the ready VMs of each group's warm pool, and the hand-over that
-//! turns one into a sandbox row.
+//! The `pool_members` table: the ready VMs of each group's warm pool on each node, and the
+//! hand-over that turns one into a sandbox row. A node sees and changes only its own, fenced
+//! by its lease.
 
 use super::db::{params, Db};
 
@@ -10,23 +11,47 @@ use crate::error::{Error, Result};
 
 impl Store {
     pub async fn insert_pool_member(&self, m: &PoolMember) -> Result<()> {
-        let m = m.clone();
-        self.call(move |c| insert_pool_member(c, &m)).await
+        let (m, fence, node) = (m.clone(), self.fence.clone(), self.fence.node());
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            fence.check(&tx)?;
+            insert_pool_member(&tx, &m, node.as_deref())?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn delete_pool_member(&self, id: &str) -> Result<()> {
-        let id = id.to_string();
-        self.call(move |c| delete_pool_member(c, &id)).await
+        let (id, fence, node) = (id.to_string(), self.fence.clone(), self.fence.node());
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            fence.check(&tx)?;
+            tx.execute(
+                "DELETE FROM pool_members WHERE id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR node = ?2)",
+                params![id, node],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 
+    /// This node's pool VMs.
     pub async fn list_pool_members(&self) -> Result<Vec<PoolMember>> {
-        self.call(list_pool_members).await
+        let node = self.fence.node();
+        self.call(move |c| list_pool_members(c, node.as_deref()))
+            .await
     }
 
-    /// Turns pool member `sb.id` into the sandbox `sb` (see [`hand_over`]).
+    /// Turns pool member `sb.id` into the sandbox `sb` of this node (see [`hand_over`]).
     pub async fn hand_over(&self, sb: &Sandbox) -> Result<Sandbox> {
-        let sb = sb.clone();
-        self.call(move |c| hand_over(c, &sb)).await
+        let sb = Sandbox {
+            node: self.fence.node(),
+            ..sb.clone()
+        };
+        let fence = self.fence.clone();
+        self.call(move |c| hand_over(c, &fence, &sb)).await
     }
 }
 
@@ -40,24 +65,20 @@ pub struct PoolMember {
     pub tier: Tier,
 }
 
-pub(super) fn insert_pool_member(conn: &Db, m: &PoolMember) -> Result<()> {
+fn insert_pool_member(conn: &Db, m: &PoolMember, node: Option<&str>) -> Result<()> {
     conn.execute(
-        "INSERT INTO pool_members (id, group_name, image, tier, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![m.id, m.group, m.image, m.tier.as_str(), now()],
+        "INSERT INTO pool_members (id, group_name, image, tier, created_at, node)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![m.id, m.group, m.image, m.tier.as_str(), now(), node],
     )?;
     Ok(())
 }
 
-pub(super) fn delete_pool_member(conn: &Db, id: &str) -> Result<()> {
-    conn.execute("DELETE FROM pool_members WHERE id = ?1", [id])?;
-    Ok(())
-}
-
-pub(super) fn list_pool_members(conn: &Db) -> Result<Vec<PoolMember>> {
+fn list_pool_members(conn: &Db, node: Option<&str>) -> Result<Vec<PoolMember>> {
     let rows = conn.query_map(
-        "SELECT id, group_name, image, tier FROM pool_members ORDER BY id",
-        [],
+        "SELECT id, group_name, image, tier FROM pool_members \
+         WHERE CAST(?1 AS TEXT) IS NULL OR node = ?1 ORDER BY id",
+        [node],
         |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -86,9 +107,13 @@ pub(super) fn list_pool_members(conn: &Db) -> Result<Vec<PoolMember>> {
 
 /// Turns pool member `sb.id` into the sandbox `sb` (state `running`) in one transaction, so
 /// that after a crash the VM belongs to exactly one of the two tables.
-pub(super) fn hand_over(conn: &Db, sb: &Sandbox) -> Result<Sandbox> {
+fn hand_over(conn: &Db, fence: &super::nodes::Fence, sb: &Sandbox) -> Result<Sandbox> {
     let tx = conn.transaction()?;
-    let n = tx.execute("DELETE FROM pool_members WHERE id = ?1", [&sb.id])?;
+    fence.check(&tx)?;
+    let n = tx.execute(
+        "DELETE FROM pool_members WHERE id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR node = ?2)",
+        params![sb.id, sb.node],
+    )?;
     if n != 1 {
         return Err(Error::Internal(format!(
             "pool member {} vanished from the store",

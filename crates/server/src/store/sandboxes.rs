@@ -9,9 +9,24 @@ use crate::error::{Error, Result};
 
 impl Store {
     /// Inserts a new sandbox row (its timestamps are set here).
+    /// On this node, fenced by its lease.
     pub async fn insert_sandbox(&self, sb: &Sandbox) -> Result<Sandbox> {
-        let sb = sb.clone();
-        self.call(move |c| insert_sandbox(c, &sb)).await
+        let (sb, fence) = (sb.clone(), self.fence.clone());
+        let node = self.fence.node();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            fence.check(&tx)?;
+            let row = insert_sandbox(
+                &tx,
+                &Sandbox {
+                    node: node.clone(),
+                    ..sb.clone()
+                },
+            )?;
+            tx.commit()?;
+            Ok(row)
+        })
+        .await
     }
 
     pub async fn get_sandbox(&self, id: &str) -> Result<Option<Sandbox>> {
@@ -27,7 +42,7 @@ impl Store {
     }
 
     /// Sets a sandbox's state (and the reason, for `failed`); returns the row, or `None` if it
-    /// is gone.
+    /// is gone. Only for a sandbox of this node that is not `lost`, fenced by its lease.
     pub async fn set_sandbox_state(
         &self,
         id: &str,
@@ -35,27 +50,86 @@ impl Store {
         reason: Option<&str>,
     ) -> Result<Option<Sandbox>> {
         let (id, reason) = (id.to_string(), reason.map(str::to_string));
-        self.call(move |c| set_sandbox_state(c, &id, state, reason.as_deref()))
-            .await
+        let (fence, node) = (self.fence.clone(), self.fence.node());
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            fence.check(&tx)?;
+            let row = set_sandbox_state(&tx, &id, node.as_deref(), state, reason.as_deref())?;
+            tx.commit()?;
+            Ok(row)
+        })
+        .await
     }
 
+    /// Deletes a sandbox of this node, or a `lost` one (its VM is gone with its node), fenced
+    /// by this node's lease.
     pub async fn delete_sandbox(&self, id: &str) -> Result<()> {
         let id = id.to_string();
-        self.call(move |c| delete_sandbox(c, &id)).await
+        let (fence, node) = (self.fence.clone(), self.fence.node());
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            fence.check(&tx)?;
+            tx.execute(
+                "DELETE FROM sandboxes WHERE id = ?1 \
+                 AND (CAST(?2 AS TEXT) IS NULL OR node = ?2 OR state = 'lost')",
+                params![id, node],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 
+    /// Gives sandboxes and pool VMs made before node mode (no node) to this node: the first
+    /// node to start on a store that one daemon used before.
+    pub async fn claim_unowned(&self) -> Result<usize> {
+        let (fence, node) = (self.fence.clone(), self.fence.node());
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            fence.check(&tx)?;
+            let n = tx.execute(
+                "UPDATE sandboxes SET node = ?1 WHERE node IS NULL",
+                params![node],
+            )?;
+            tx.execute(
+                "UPDATE pool_members SET node = ?1 WHERE node IS NULL",
+                params![node],
+            )?;
+            tx.commit()?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// The timers of this node's sandboxes.
     pub async fn list_timers(&self) -> Result<Vec<Timers>> {
-        self.call(list_timers).await
+        let node = self.fence.node();
+        self.call(move |c| list_timers(c, node.as_deref())).await
     }
 
-    /// Records the last activity of sandboxes (Unix seconds), in one transaction.
+    /// Records the last activity of this node's sandboxes (Unix seconds), in one transaction
+    /// fenced by its lease.
     pub async fn record_activity(&self, seen: Vec<(String, i64)>) -> Result<()> {
-        self.call(move |c| record_activity(c, &seen)).await
+        let (fence, node) = (self.fence.clone(), self.fence.node());
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            fence.check(&tx)?;
+            for (id, at) in &seen {
+                tx.execute(
+                    "UPDATE sandboxes SET last_activity_at = ?2 WHERE id = ?1 \
+                     AND (CAST(?3 AS TEXT) IS NULL OR node = ?3)",
+                    params![id, at, node],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 }
 
 const SANDBOX_COLUMNS: &str = "id, group_name, state, reason, image, tier, env, labels, \
-                               created_at, updated_at, last_activity_at";
+                               created_at, updated_at, last_activity_at, node";
 
 fn sandbox_from_row(r: &Row) -> DbResult<Result<Sandbox>> {
     let id: String = r.get(0)?;
@@ -82,6 +156,7 @@ fn sandbox_from_row(r: &Row) -> DbResult<Result<Sandbox>> {
             created_at: rfc3339(r.get(8)?),
             updated_at: rfc3339(r.get(9)?),
             last_activity_at: r.get::<_, Option<i64>>(10)?.map(rfc3339),
+            node: r.get(11)?,
             health: None,
         })
     })();
@@ -94,8 +169,8 @@ pub(super) fn insert_sandbox(conn: &Db, sb: &Sandbox) -> Result<Sandbox> {
     let json = |v| serde_json::to_string(v).map_err(|e| Error::Internal(e.to_string()));
     conn.execute(
         "INSERT INTO sandboxes (id, group_name, state, reason, image, tier, env, labels,
-                                created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+                                created_at, updated_at, node)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
         params![
             sb.id,
             sb.group,
@@ -105,7 +180,8 @@ pub(super) fn insert_sandbox(conn: &Db, sb: &Sandbox) -> Result<Sandbox> {
             sb.tier.as_str(),
             json(&sb.env)?,
             json(&sb.labels)?,
-            t
+            t,
+            sb.node
         ],
     )?;
     Ok(Sandbox {
@@ -143,20 +219,35 @@ pub(super) fn list_sandboxes(conn: &Db, group: Option<&str>) -> Result<Vec<Sandb
 }
 
 /// Sets a sandbox's state (and the reason, for `failed`); returns the row, or `None` if it is
-/// gone.
+/// gone. With `node`, only a sandbox of that node; never a `lost` one (the other nodes
+/// decided its fate; its node's word no longer counts).
 pub(super) fn set_sandbox_state(
     conn: &Db,
     id: &str,
+    node: Option<&str>,
     state: SandboxState,
     reason: Option<&str>,
 ) -> Result<Option<Sandbox>> {
-    conn.execute(
-        "UPDATE sandboxes SET state = ?2, reason = ?3, updated_at = ?4 WHERE id = ?1",
-        params![id, state.as_str(), reason, now()],
+    let n = conn.execute(
+        "UPDATE sandboxes SET state = ?2, reason = ?3, updated_at = ?4 WHERE id = ?1 \
+         AND (CAST(?5 AS TEXT) IS NULL OR node = ?5) AND state <> 'lost'",
+        params![id, state.as_str(), reason, now(), node],
     )?;
-    get_sandbox(conn, id)
+    let row = get_sandbox(conn, id)?;
+    match &row {
+        Some(sb) if n == 0 && sb.state == SandboxState::Lost => Err(Error::Conflict(format!(
+            "sandbox {id} is lost ({}): only deleting it is allowed",
+            sb.reason.as_deref().unwrap_or("its node stopped")
+        ))),
+        Some(sb) if n == 0 => Err(Error::Conflict(format!(
+            "sandbox {id} runs on node {}, not this one",
+            sb.node.as_deref().unwrap_or("(none)")
+        ))),
+        _ => Ok(row),
+    }
 }
 
+#[cfg(test)]
 pub(super) fn delete_sandbox(conn: &Db, id: &str) -> Result<()> {
     conn.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
     Ok(())
@@ -174,10 +265,11 @@ pub struct Timers {
     pub last_activity_at: Option<i64>,
 }
 
-pub(super) fn list_timers(conn: &Db) -> Result<Vec<Timers>> {
+fn list_timers(conn: &Db, node: Option<&str>) -> Result<Vec<Timers>> {
     let rows = conn.query_map(
-        "SELECT id, group_name, state, created_at, updated_at, last_activity_at FROM sandboxes",
-        [],
+        "SELECT id, group_name, state, created_at, updated_at, last_activity_at FROM sandboxes \
+         WHERE CAST(?1 AS TEXT) IS NULL OR node = ?1",
+        [node],
         |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -206,19 +298,6 @@ pub(super) fn list_timers(conn: &Db) -> Result<Vec<Timers>> {
     Ok(out)
 }
 
-/// Records the last activity of sandboxes (Unix seconds), in one transaction.
-pub(super) fn record_activity(conn: &Db, seen: &[(String, i64)]) -> Result<()> {
-    let tx = conn.transaction()?;
-    for (id, at) in seen {
-        tx.execute(
-            "UPDATE sandboxes SET last_activity_at = ?2 WHERE id = ?1",
-            params![id, at],
-        )?;
-    }
-    tx.commit()?;
-    Ok(())
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
@@ -239,6 +318,7 @@ pub(super) mod tests {
             created_at: String::new(),
             updated_at: String::new(),
             last_activity_at: None,
+            node: None,
             health: None,
         }
     }
@@ -251,7 +331,7 @@ pub(super) mod tests {
         put_group(&c, "g", &GroupSpec::default()).unwrap();
         let row = insert_sandbox(&c, &new_row("sb-1", "g")).unwrap();
         assert_eq!(get_sandbox(&c, "sb-1").unwrap().unwrap().labels, row.labels);
-        let failed = set_sandbox_state(&c, "sb-1", SandboxState::Failed, Some("gone"))
+        let failed = set_sandbox_state(&c, "sb-1", None, SandboxState::Failed, Some("gone"))
             .unwrap()
             .unwrap();
         assert_eq!(failed.state, SandboxState::Failed);
@@ -266,8 +346,10 @@ pub(super) mod tests {
             .is_err());
         delete_sandbox(&c, "sb-1").unwrap();
         assert!(get_sandbox(&c, "sb-1").unwrap().is_none());
-        assert!(set_sandbox_state(&c, "sb-1", SandboxState::Running, None)
-            .unwrap()
-            .is_none());
+        assert!(
+            set_sandbox_state(&c, "sb-1", None, SandboxState::Running, None)
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -1,8 +1,11 @@
-//! Encryption at rest for group secrets: ChaCha20-Poly1305 (ring) under one 32-byte key in
-//! `MOAT_HOME/secrets.key` (0600, written once, atomically and durably). Each value is sealed
-//! with a fresh random nonce and the group and secret name as associated data, so a sealed
-//! value copied to another row does not open. Without the key file the database's secrets
-//! are unreadable: back it up with the database.
+//! Encryption at rest for group secrets and the identity signing keys: ChaCha20-Poly1305
+//! (ring) under one 32-byte key in `MOAT_HOME/secrets.key` (0600, written once, atomically and
+//! durably). Each value is sealed with a fresh random nonce and what it is (the group and
+//! secret name, the key's kid) as associated data, so a sealed value copied to another row
+//! does not open. Without the key file the database's secrets and signing keys are unusable:
+//! back it up apart from the database. Every node of a fleet has the same file (docs/FLEET.md):
+//! the store holds a check value sealed with it, so that a node with another key refuses to
+//! start instead of sealing rows the others cannot open.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -18,8 +21,11 @@ use crate::error::{Error, Result};
 const FORMAT: u8 = 1;
 const KEY_LEN: usize = 32;
 
-/// The key, read (or created) on first use, so that opening a store never writes a key file
-/// that nothing needs.
+/// What the check value of a store is sealed for, and its plaintext.
+const CHECK_AAD: &[u8] = b"moat-seal-check";
+const CHECK_PLAIN: &[u8] = b"moat sealing key check v1";
+
+/// The key, read (or created) on first use.
 pub(super) struct Sealer {
     path: PathBuf,
     key: OnceLock<LessSafeKey>,
@@ -51,28 +57,11 @@ impl Sealer {
 
     /// `value` sealed for secret `name` of `group`.
     pub(super) fn seal(&self, group: &str, name: &str, value: &str) -> Result<Vec<u8>> {
-        let key = self.key()?;
-        let mut nonce = [0u8; NONCE_LEN];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| Error::Internal("no randomness for a nonce".into()))?;
-        let mut data = value.as_bytes().to_vec();
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad(group, name)),
-            &mut data,
-        )
-        .map_err(|_| Error::Internal("sealing a secret failed".into()))?;
-        let mut out = Vec::with_capacity(1 + NONCE_LEN + data.len());
-        out.push(FORMAT);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&data);
-        Ok(out)
+        self.seal_bytes(&aad(group, name), value.as_bytes())
     }
 
     /// The value sealed by [`Sealer::seal`] for the same group and name.
     pub(super) fn open(&self, group: &str, name: &str, sealed: &[u8]) -> Result<String> {
-        let key = self.key()?;
         let broken = || {
             Error::Internal(format!(
                 "secret {name:?} of group {group:?} does not decrypt with {} (another \
@@ -80,21 +69,86 @@ impl Sealer {
                 self.path.display()
             ))
         };
+        let plain = self
+            .open_bytes(&aad(group, name), sealed)?
+            .ok_or_else(broken)?;
+        String::from_utf8(plain).map_err(|_| broken())
+    }
+
+    /// The PKCS#8 private key of identity signing key `kid`, sealed.
+    pub(super) fn seal_signing_key(&self, kid: &str, der: &[u8]) -> Result<Vec<u8>> {
+        self.seal_bytes(&signing_aad(kid), der)
+    }
+
+    /// The private key sealed by [`Sealer::seal_signing_key`] for `kid`.
+    pub(super) fn open_signing_key(&self, kid: &str, sealed: &[u8]) -> Result<Vec<u8>> {
+        self.open_bytes(&signing_aad(kid), sealed)?.ok_or_else(|| {
+            Error::Config(format!(
+                "identity signing key {kid} in the store does not decrypt with {} (another \
+                 node's key, or a damaged row)",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// A new check value: the store keeps it to tell whether a node has its key.
+    pub(super) fn check_value(&self) -> Result<Vec<u8>> {
+        self.seal_bytes(CHECK_AAD, CHECK_PLAIN)
+    }
+
+    /// Whether `check` was made by [`Sealer::check_value`] with this key.
+    pub(super) fn verify_check(&self, check: &[u8]) -> Result<bool> {
+        Ok(self.open_bytes(CHECK_AAD, check)?.as_deref() == Some(CHECK_PLAIN))
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn seal_bytes(&self, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>> {
+        let key = self.key()?;
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| Error::Internal("no randomness for a nonce".into()))?;
+        let mut data = plain.to_vec();
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut data,
+        )
+        .map_err(|_| Error::Internal("sealing a value failed".into()))?;
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + data.len());
+        out.push(FORMAT);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&data);
+        Ok(out)
+    }
+
+    /// The plaintext, or `None` when `sealed` does not open with this key and `aad` (an error
+    /// only when there is no key).
+    fn open_bytes(&self, aad: &[u8], sealed: &[u8]) -> Result<Option<Vec<u8>>> {
+        let key = self.key()?;
         if sealed.len() < 1 + NONCE_LEN || sealed[0] != FORMAT {
-            return Err(broken());
+            return Ok(None);
         }
-        let nonce =
-            Nonce::try_assume_unique_for_key(&sealed[1..1 + NONCE_LEN]).map_err(|_| broken())?;
+        let Ok(nonce) = Nonce::try_assume_unique_for_key(&sealed[1..1 + NONCE_LEN]) else {
+            return Ok(None);
+        };
         let mut data = sealed[1 + NONCE_LEN..].to_vec();
-        let plain = key
-            .open_in_place(nonce, Aad::from(aad(group, name)), &mut data)
-            .map_err(|_| broken())?;
-        String::from_utf8(plain.to_vec()).map_err(|_| broken())
+        Ok(key
+            .open_in_place(nonce, Aad::from(aad), &mut data)
+            .ok()
+            .map(|p| p.to_vec()))
     }
 }
 
 fn aad(group: &str, name: &str) -> Vec<u8> {
     format!("moat-secret\0{group}\0{name}").into_bytes()
+}
+
+fn signing_aad(kid: &str) -> Vec<u8> {
+    format!("moat-identity-key\0{kid}").into_bytes()
 }
 
 /// Reads the key file, or creates it: written to a temporary file (0600) and fsynced, then
@@ -192,6 +246,24 @@ mod tests {
         let other = Sealer::new(dir.path().join("other.key"));
         let e = other.open("g", "openai", &sealed).unwrap_err().to_string();
         assert!(e.contains("set it again"), "{e}");
+    }
+
+    #[test]
+    fn the_check_value_and_signing_keys_open_only_with_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sealer::new(dir.path().join("a.key"));
+        let other = Sealer::new(dir.path().join("b.key"));
+        let check = s.check_value().unwrap();
+        assert!(s.verify_check(&check).unwrap());
+        assert!(!other.verify_check(&check).unwrap());
+        assert!(!s.verify_check(b"junk").unwrap());
+        let sealed = s.seal_signing_key("kid-1", b"pkcs8").unwrap();
+        assert_eq!(s.open_signing_key("kid-1", &sealed).unwrap(), b"pkcs8");
+        // Another kid, another key, or a secret's seal: refused.
+        assert!(s.open_signing_key("kid-2", &sealed).is_err());
+        let e = other.open_signing_key("kid-1", &sealed).unwrap_err();
+        assert!(e.to_string().contains("another node's key"), "{e}");
+        assert!(s.open("kid-1", "x", &sealed).is_err());
     }
 
     #[test]

@@ -21,9 +21,10 @@ impl Store {
     }
 
     /// Claims `s.name` in `s.group` with a `creating` row: a conflict if the name is taken.
+    /// The row names this node: its files are in this node's MOAT_HOME.
     pub async fn claim_snapshot(&self, s: &Snapshot) -> Result<()> {
-        let s = s.clone();
-        self.call(move |c| claim(c, &s)).await
+        let (s, node) = (s.clone(), self.fence.node());
+        self.call(move |c| claim(c, &s, node.as_deref())).await
     }
 
     /// Marks a claimed snapshot ready; `None` if its row is gone (its group was
@@ -43,12 +44,31 @@ impl Store {
         self.call(move |c| delete_row(c, &g, &n)).await
     }
 
-    /// At the daemon's start: forgets the `creating` rows (a crash while a snapshot was
-    /// taken) and returns the ready ones.
+    /// At the daemon's start: forgets this node's `creating` rows (a crash while a snapshot
+    /// was taken) and returns its ready ones (their files are in its MOAT_HOME). Rows from
+    /// before node mode are this node's (the first to start claims them).
     pub async fn recover_snapshots(&self) -> Result<Vec<Snapshot>> {
-        self.call(|c| {
-            c.execute("DELETE FROM snapshots WHERE state = 'creating'", [])?;
-            list_ready(c, None)
+        let node = self.fence.node();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            tx.execute("UPDATE snapshots SET node = ?1 WHERE node IS NULL", [&node])?;
+            tx.execute(
+                "DELETE FROM snapshots WHERE state = 'creating' \
+                 AND (CAST(?1 AS TEXT) IS NULL OR node = ?1)",
+                [&node],
+            )?;
+            let mine: Vec<(String, String)> = tx.query_map(
+                "SELECT group_name, name FROM snapshots WHERE state = 'ready' \
+                 AND (CAST(?1 AS TEXT) IS NULL OR node = ?1)",
+                [&node],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let ready = list_ready(&tx, None)?
+                .into_iter()
+                .filter(|s| mine.contains(&(s.group.clone(), s.name.clone())))
+                .collect();
+            tx.commit()?;
+            Ok(ready)
         })
         .await
     }
@@ -109,11 +129,19 @@ pub(super) fn list_ready(c: &Db, group: Option<&str>) -> Result<Vec<Snapshot>> {
 }
 
 /// Claims `name` in `group` with a `creating` row: 409 if the name is taken.
-pub(super) fn claim(c: &Db, s: &Snapshot) -> Result<()> {
+pub(super) fn claim(c: &Db, s: &Snapshot, node: Option<&str>) -> Result<()> {
     let inserted = c.execute(
-        "INSERT INTO snapshots (group_name, name, state, sandbox, image, tier, created_at)
-         VALUES (?1, ?2, 'creating', ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
-        params![s.group, s.name, s.sandbox, s.image, s.tier.as_str(), now()],
+        "INSERT INTO snapshots (group_name, name, state, sandbox, image, tier, created_at, node)
+         VALUES (?1, ?2, 'creating', ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+        params![
+            s.group,
+            s.name,
+            s.sandbox,
+            s.image,
+            s.tier.as_str(),
+            now(),
+            node
+        ],
     )?;
     if inserted == 0 {
         return Err(Error::Conflict(format!(

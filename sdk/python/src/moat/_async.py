@@ -38,6 +38,7 @@ from ._types import (
     Group,
     GroupSpec,
     Health,
+    Node,
     Port,
     ProcessInfo,
     ProcessLogs,
@@ -77,6 +78,7 @@ class AsyncClient:
         self.sandboxes = AsyncSandboxes(self)
         self.api_keys = AsyncApiKeys(self)
         self.snapshots = AsyncSnapshots(self)
+        self.nodes = AsyncNodes(self)
 
     @property
     def url(self) -> str:
@@ -305,6 +307,27 @@ class AsyncSandboxes:
         self, group: str, *, labels: Optional[Mapping[str, str]] = None
     ) -> List[AsyncSandbox]:
         return [AsyncSandbox(self._c, i) for i in await self._c._run(b.sandbox_list(group, labels))]
+
+
+class AsyncNodes:
+    """The daemons sharing the store (a fleet's nodes): list, get, and (admin keys) drain and
+    undrain."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def list(self) -> List[Node]:
+        return await self._c._run(b.node_list())
+
+    async def get(self, name: str) -> Node:
+        return await self._c._run(b.node_get(name))
+
+    async def drain(self, name: str) -> Node:
+        """The node takes no new sandboxes; those it runs stay."""
+        return await self._c._run(b.node_drain(name, True))
+
+    async def undrain(self, name: str) -> Node:
+        return await self._c._run(b.node_drain(name, False))
 
 
 class AsyncSnapshots:

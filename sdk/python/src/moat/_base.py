@@ -45,6 +45,7 @@ from ._types import (
     Group,
     GroupSpec,
     Health,
+    Node,
     Port,
     ProcessInfo,
     ProcessLogs,
@@ -62,6 +63,7 @@ from ._types import (
     parse_file_entry,
     parse_group,
     parse_health,
+    parse_node,
     parse_port,
     parse_process,
     parse_sandbox,
@@ -539,6 +541,19 @@ def port_close(group: str, sandbox_id: str, port: int) -> Op[None]:
 
 def snapshot_path(group: str, name: str) -> str:
     return f"{group_path(group)}/snapshots/{seg(name)}"
+
+
+def node_list() -> Op[List[Node]]:
+    return Op("GET", "/v1/nodes", lambda r: [parse_node(n) for n in json_body(r)["nodes"]])
+
+
+def node_get(name: str) -> Op[Node]:
+    return Op("GET", f"/v1/nodes/{seg(name)}", lambda r: parse_node(json_body(r)))
+
+
+def node_drain(name: str, drain: bool) -> Op[Node]:
+    verb = "drain" if drain else "undrain"
+    return Op("POST", f"/v1/nodes/{seg(name)}/{verb}", lambda r: parse_node(json_body(r)))
 
 
 def snapshot_get(group: str, name: str) -> Op[Snapshot]:

@@ -36,6 +36,7 @@ from ._types import (
     Group,
     GroupSpec,
     Health,
+    Node,
     Port,
     ProcessInfo,
     ProcessLogs,
@@ -81,6 +82,7 @@ class Client:
         self.sandboxes = Sandboxes(self)
         self.api_keys = ApiKeys(self)
         self.snapshots = Snapshots(self)
+        self.nodes = Nodes(self)
 
     @property
     def url(self) -> str:
@@ -334,6 +336,27 @@ class Sandboxes:
     def list(self, group: str, *, labels: Optional[Mapping[str, str]] = None) -> List[Sandbox]:
         """The group's sandboxes; with ``labels``, those that have every one of them."""
         return [Sandbox(self._c, i) for i in self._c._run(b.sandbox_list(group, labels))]
+
+
+class Nodes:
+    """The daemons sharing the store (a fleet's nodes): list, get, and (admin keys) drain and
+    undrain."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self) -> List[Node]:
+        return self._c._run(b.node_list())
+
+    def get(self, name: str) -> Node:
+        return self._c._run(b.node_get(name))
+
+    def drain(self, name: str) -> Node:
+        """The node takes no new sandboxes; those it runs stay."""
+        return self._c._run(b.node_drain(name, True))
+
+    def undrain(self, name: str) -> Node:
+        return self._c._run(b.node_drain(name, False))
 
 
 class Snapshots:

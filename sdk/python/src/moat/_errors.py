@@ -126,6 +126,11 @@ class BadGateway(MoatError):
     the daemon reconnects or fails it), or a port of the sandbox could not be reached."""
 
 
+class OtherNode(MoatError):
+    """421 ``other_node``: the sandbox runs on another node of the fleet, which alone may act
+    on it; the message names the node and its URL (send the request there)."""
+
+
 class Unavailable(MoatError):
     """503: the daemon cannot do this now (store busy, sandboxes being prepared, no VM runtime);
     retry."""
@@ -147,6 +152,7 @@ _BY_STATUS: Dict[int, Type[MoatError]] = {
     405: MethodNotAllowed,
     409: Conflict,
     413: PayloadTooLarge,
+    421: OtherNode,
     422: Unprocessable,
     429: TooManyRequests,
     500: InternalError,
@@ -162,6 +168,7 @@ _BY_CODE: Dict[str, Type[MoatError]] = {
     "method_not_allowed": MethodNotAllowed,
     "conflict": Conflict,
     "payload_too_large": PayloadTooLarge,
+    "other_node": OtherNode,
     "unprocessable": Unprocessable,
     "too_many_requests": TooManyRequests,
     "internal": InternalError,

@@ -13,8 +13,9 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, TypedDict, Union
 Tier = Literal["xs", "s", "m", "l", "xl"]
 Role = Literal["reader", "user", "owner", "admin"]
 SandboxState = Literal[
-    "creating", "running", "suspending", "suspended", "resuming", "deleting", "failed"
+    "creating", "running", "suspending", "suspended", "resuming", "deleting", "failed", "lost"
 ]
+NodeState = Literal["ready", "draining", "lost"]
 FileKind = Literal["file", "dir", "symlink", "other"]
 SandboxesState = Literal["ready", "preparing", "failed", "unavailable"]
 SetupStep = Literal["kernel", "base_image", "initramfs"]
@@ -219,7 +220,9 @@ class SandboxInfo:
     created_at: str
     updated_at: str
     reason: Optional[str] = None
-    """Why the sandbox is ``failed``."""
+    """Why the sandbox is ``failed`` or ``lost``."""
+    node: Optional[str] = None
+    """The node that runs it (``client.nodes.get``)."""
     last_activity_at: Optional[str] = None
     """The end of its last exec, file transfer or shell, for the idle timer."""
     health: Optional[SandboxHealth] = None
@@ -307,6 +310,46 @@ class ProcessLogs:
 
     stdout: str
     stderr: str
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """What a node's sandboxes may hold together."""
+
+    memory_mib: int
+    vcpus: float
+
+
+@dataclass(frozen=True)
+class NodeUse:
+    """What a node's sandboxes and pool VMs hold, as of its last lease renewal."""
+
+    memory_mib: int
+    vcpus: float
+    sandboxes: int
+
+
+@dataclass(frozen=True)
+class Node:
+    """A daemon sharing the store (a fleet's node): its lease, capacity and use."""
+
+    name: str
+    advertise_url: str
+    """How other nodes and clients reach it."""
+    accelerator: str
+    labels: Dict[str, str]
+    state: NodeState
+    epoch: int
+    """Grows each time the node takes its lease."""
+    lease_s: int
+    lease_expires_at: str
+    acquired_at: str
+    capacity: NodeCapacity
+    used: NodeUse
+    lost_at: Optional[str] = None
+    lost_reason: Optional[str] = None
+    raw: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """The whole object the daemon answered (fields this SDK does not name yet included)."""
 
 
 @dataclass(frozen=True)
@@ -462,6 +505,7 @@ def parse_sandbox(d: Mapping[str, Any]) -> SandboxInfo:
         created_at=str(d["created_at"]),
         updated_at=str(d["updated_at"]),
         reason=d.get("reason"),
+        node=d.get("node"),
         last_activity_at=d.get("last_activity_at"),
         health=_health(d.get("health")),
     )
@@ -547,6 +591,30 @@ def parse_snapshot(d: Mapping[str, Any]) -> Snapshot:
         tier=d["tier"],
         size_bytes=int(d["size_bytes"]),
         created_at=str(d["created_at"]),
+        raw=dict(d),
+    )
+
+
+def parse_node(d: Mapping[str, Any]) -> Node:
+    cap, used = d["capacity"], d["used"]
+    return Node(
+        name=str(d["name"]),
+        advertise_url=str(d["advertise_url"]),
+        accelerator=str(d["accelerator"]),
+        labels=dict(d.get("labels") or {}),
+        state=d["state"],
+        epoch=int(d["epoch"]),
+        lease_s=int(d["lease_s"]),
+        lease_expires_at=str(d["lease_expires_at"]),
+        acquired_at=str(d["acquired_at"]),
+        capacity=NodeCapacity(memory_mib=int(cap["memory_mib"]), vcpus=float(cap["vcpus"])),
+        used=NodeUse(
+            memory_mib=int(used["memory_mib"]),
+            vcpus=float(used["vcpus"]),
+            sandboxes=int(used["sandboxes"]),
+        ),
+        lost_at=d.get("lost_at"),
+        lost_reason=d.get("lost_reason"),
         raw=dict(d),
     )
 

@@ -13,7 +13,7 @@ use utoipa::OpenApi;
 
 use crate::api::{ErrorBody, ExecEvent, ExecExit, ExecRequest, ExecResult};
 use crate::error::Result;
-use crate::http::access::{require_policy, require_use, visible_sandbox};
+use crate::http::access::{local_sandbox, require_policy, require_use};
 use crate::http::extract::{path_param, ApiJson};
 use crate::http::state::AppState;
 use crate::store::Principal;
@@ -38,6 +38,7 @@ pub(in crate::http) struct Doc;
         ("id" = String, Path, description = "Sandbox id")),
     request_body = ExecRequest,
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 200, description = "The command ran (whatever its exit code). With \
             `Accept: application/x-ndjson`, one ExecEvent per line as output is produced.",
             content(
@@ -64,7 +65,7 @@ async fn exec_sandbox(
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<Response> {
     let (group, id) = path_param(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    let row = local_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let argv = req.validate()?;
     require_policy(&state, &p, &row, "exec", req.policy_request()).await?;

@@ -23,7 +23,7 @@ use utoipa::OpenApi;
 
 use crate::api::{self, entry, ErrorBody, FileEntry, FileList, FileWritten, MAX_PATH};
 use crate::error::{Error, Result};
-use crate::http::access::{require_policy, require_use, running_sandbox, visible_sandbox};
+use crate::http::access::{local_sandbox, require_policy, require_use, running_sandbox};
 use crate::http::extract::{path_param, query};
 use crate::http::state::AppState;
 use crate::sandboxes::Running;
@@ -195,6 +195,7 @@ where
     request_body(content = String, content_type = "application/octet-stream",
         description = "The file's bytes, streamed; any size the guest's disk can hold"),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 201, description = "Created", body = FileWritten),
         (status = 200, description = "Replaced (atomically)", body = FileWritten),
         (status = 400, description = "Bad path or mode, or the path is a directory", body = ErrorBody),
@@ -220,7 +221,7 @@ async fn put_file(
     validate_path(&q.path)?;
     let mode = q.mode.as_deref().map(parse_mode).transpose()?;
     let (group, id) = path_param(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    let row = local_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let body = scan_upload(&state, &p, &row, &q.path, body).await?;
     let run = state.manager()?.running(&row).await?;
@@ -440,6 +441,7 @@ async fn list_files(
         ("recursive" = Option<bool>, Query, description = "Also a non-empty directory, \
             with everything in it (symlinks are removed, never followed)")),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 204, description = "Deleted"),
         (status = 400, body = ErrorBody), (status = 502, description = api::AGENT_FAILED,
             body = ErrorBody),

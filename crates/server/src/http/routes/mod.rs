@@ -10,6 +10,7 @@ pub(super) mod identity;
 pub(super) mod images;
 pub(super) mod keys;
 pub(super) mod mcp;
+pub(super) mod nodes;
 pub(super) mod policy;
 pub(super) mod ports;
 pub(super) mod processes;

@@ -25,7 +25,7 @@ use utoipa::OpenApi;
 
 use crate::api::{self, ErrorBody, ExposePort, Port, PortList};
 use crate::error::{Error, Result};
-use crate::http::access::{require_use, visible_sandbox};
+use crate::http::access::{local_sandbox, require_use, visible_sandbox};
 use crate::http::extract::{path_param, ApiJson};
 use crate::http::state::AppState;
 use crate::sandboxes::Running;
@@ -86,6 +86,7 @@ struct PortPath {
         ("id" = String, Path, description = "Sandbox id")),
     request_body = ExposePort,
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 201, description = "Exposed: requests under `url` reach the guest's port \
             (whether or not anything listens there yet)", body = Port),
         (status = 400, description = "Bad port (1–65535) or body", body = ErrorBody),
@@ -103,7 +104,7 @@ async fn expose_port(
     ApiJson(req): ApiJson<ExposePort>,
 ) -> Result<(StatusCode, Json<Port>)> {
     let (group, id) = path_param(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    let row = local_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let port = api::validate_port(req.port)?;
     let exposed = state.store.expose_port(&row.id, port).await?;
@@ -166,6 +167,7 @@ async fn get_port(
         ("id" = String, Path, description = "Sandbox id"),
         ("port" = u16, Path, description = "Guest port, 1–65535")),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 204, description = "Closed: new requests under its url get a 404; requests \
             and WebSockets already proxied run to their end"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -179,7 +181,7 @@ async fn close_port(
     params: std::result::Result<Path<PortPath>, PathRejection>,
 ) -> Result<StatusCode> {
     let PortPath { group, id, port } = path_param(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    let row = local_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let port = api::parse_port(&port)?;
     if state.store.close_port(&row.id, port).await? {
@@ -262,6 +264,7 @@ async fn proxy_path(
         ("id" = String, Path, description = "Sandbox id"),
         ("port" = u16, Path, description = "An exposed guest port")),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 101, description = "A WebSocket (or other upgrade) the guest accepted"),
         (status = 200, description = "The guest's answer for `/`, passed through",
             content_type = "*/*", body = String),
@@ -349,7 +352,7 @@ async fn proxy(
     mut req: Request,
 ) -> Result<Response> {
     let PortPath { group, id, port } = path_param(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    let row = local_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let port = api::parse_port(&port)?;
     exposed(&state, &row, port).await?;
@@ -420,6 +423,7 @@ async fn proxy(
         ("id" = String, Path, description = "Sandbox id"),
         ("port" = u16, Path, description = "Any guest port, 1–65535 (it need not be exposed)")),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 101, description = "Switching to `moat-tcp`: from here the connection \
             carries the bytes of one TCP connection to the guest's port, both ways; a \
             half-close is passed on. Send `Connection: Upgrade` and `Upgrade: moat-tcp`."),
@@ -439,7 +443,7 @@ async fn port_forward(
     mut req: Request,
 ) -> Result<Response> {
     let PortPath { group, id, port } = path_param(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    let row = local_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let port = api::parse_port(&port)?;
     let tcp = req

@@ -22,7 +22,7 @@ use crate::api::{
     ProcessList, ProcessLogs, ProcessStarted, StartProcess, DEFAULT_WAIT_S, MAX_WAIT_S,
 };
 use crate::error::{Error, Result};
-use crate::http::access::{require_policy, require_use, running_sandbox, visible_sandbox};
+use crate::http::access::{local_sandbox, require_policy, require_use, running_sandbox};
 use crate::http::extract::{path_param, query, ApiJson, MAX_BODY};
 use crate::http::state::AppState;
 use crate::store::Principal;
@@ -121,6 +121,7 @@ fn proc_error(op: &str, proc: &str, sandbox: &str, e: moat_vm::Error) -> Error {
         ("id" = String, Path, description = "Sandbox id")),
     request_body = StartProcess,
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 201, description = "Started; it runs until it ends, is killed or times out",
             body = ProcessStarted),
         (status = 400, description = "Bad request, or the command or user does not exist",
@@ -145,7 +146,7 @@ async fn start_process(
 ) -> Result<(StatusCode, Json<ProcessStarted>)> {
     let (group, id) = path_param(params)?;
     let req = ExecRequest::from(req);
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    let row = local_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let argv = req.validate()?;
     require_policy(&state, &p, &row, "process", req.policy_request()).await?;
@@ -171,6 +172,7 @@ async fn start_process(
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id")),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 200, body = ProcessList),
         (status = 400, body = ErrorBody), (status = 502, description = crate::api::AGENT_FAILED,
             body = ErrorBody),
@@ -217,6 +219,7 @@ async fn list_processes(
         ("pid_id" = String, Path, description = "Process id (`p1`, …)")),
     request_body(content = KillProcess, description = "Optional; default signal 15"),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 204, description = "Signalled (a process that already ended is left as it is)"),
         (status = 400, description = "Bad body or signal", body = ErrorBody),
         (status = 502, description = crate::api::AGENT_FAILED,
@@ -280,6 +283,7 @@ async fn kill_process(
         ("timeout_s" = Option<f64>, Query, description = "How long to wait, 0 to 300 seconds \
             (default 30); 0 only looks")),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 200, description = "It has ended. `exit_code` as a shell reports it: the \
             code, 128+N after signal N, 124 after its timeout", body = ExecExit),
         (status = 400, description = "Bad timeout_s", body = ErrorBody),
@@ -324,6 +328,7 @@ async fn wait_process(
         ("id" = String, Path, description = "Sandbox id"),
         ("pid_id" = String, Path, description = "Process id (`p1`, …)")),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 200, description = "The newest 1 MiB of each of its streams", body = ProcessLogs),
         (status = 400, body = ErrorBody), (status = 502, description = crate::api::AGENT_FAILED,
             body = ErrorBody),

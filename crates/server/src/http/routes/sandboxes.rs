@@ -10,9 +10,9 @@ use serde::Deserialize;
 use utoipa::OpenApi;
 
 use crate::api::{self, CreateSandbox, Created, ErrorBody, Sandbox, SandboxList};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::http::access::{
-    require_use, shown_to, visible_group, visible_sandbox, visible_snapshot,
+    local_sandbox, require_use, shown_to, visible_group, visible_sandbox, visible_snapshot,
 };
 use crate::http::extract::{path_param, query, ApiJson};
 use crate::http::state::AppState;
@@ -76,7 +76,9 @@ pub(in crate::http) struct Doc;
         (status = 413, body = ErrorBody),
         (status = 429, description = "The host has no room for it (memory or vCPUs); the \
             message says what it needs and what is free", body = ErrorBody),
-        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 500, body = ErrorBody), (status = 503, description = "Sandboxes cannot run \
+            yet, the store is unreachable, or this node is draining (it takes no new \
+            sandboxes)", body = ErrorBody)))]
 async fn create_sandbox(
     State(state): State<AppState>,
     p: Principal,
@@ -87,6 +89,13 @@ async fn create_sandbox(
     let group = visible_group(&state, &p, &name).await?;
     require_use(&p)?;
     req.validate()?;
+    if state.store.draining().await? {
+        return Err(Error::Unavailable(format!(
+            "node {} is draining: it takes no new sandboxes (create them through another node, \
+             GET /v1/nodes, or undrain it: moat node undrain)",
+            state.store.node_name().unwrap_or_default()
+        )));
+    }
     let mgr = state.manager()?;
     let Some(from) = req.from_snapshot.clone() else {
         let sb = mgr.create(&group, req).await?;
@@ -173,6 +182,7 @@ async fn get_sandbox(
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id")),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 204, description = "Its VM is destroyed and its row removed"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -183,7 +193,7 @@ async fn delete_sandbox(
     params: std::result::Result<Path<(String, String)>, PathRejection>,
 ) -> Result<StatusCode> {
     let (group, id) = path_param(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    let row = local_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     state.manager()?.delete(&row.id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -194,6 +204,7 @@ async fn delete_sandbox(
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id")),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 200, description = "Suspended (or it was already): its VM has ended, its \
             memory and disk are saved", body = Sandbox),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -206,7 +217,7 @@ async fn suspend_sandbox(
     params: std::result::Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Sandbox>> {
     let (group, id) = path_param(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    let row = local_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     state.manager()?.suspend(&row.id).await.map(Json)
 }
@@ -216,6 +227,7 @@ async fn suspend_sandbox(
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id")),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 200, description = "Running again (or it already was), processes and files \
             as they were", body = Sandbox),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -229,7 +241,7 @@ async fn resume_sandbox(
     params: std::result::Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Sandbox>> {
     let (group, id) = path_param(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    let row = local_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let sb = state.manager()?.resume(&row.id).await?;
     Ok(Json(shown_to(&state, &p, sb)))

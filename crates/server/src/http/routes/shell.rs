@@ -25,7 +25,7 @@ use utoipa::OpenApi;
 use crate::api::{self, ErrorBody, ExecRequest, ShellExit};
 use crate::error::{Error, Result};
 use crate::exec::{start, Start};
-use crate::http::access::{require_policy, require_use, visible_sandbox};
+use crate::http::access::{local_sandbox, require_policy, require_use};
 use crate::http::extract::{path_param, query, ShellPrincipal, SHELL_PROTOCOL};
 use crate::http::state::AppState;
 use crate::sandboxes::Running;
@@ -130,6 +130,7 @@ fn check_term(t: &str) -> Result<()> {
         ("cwd" = Option<String>, Query, description = "Absolute working directory"),
         ("term" = Option<String>, Query, description = "TERM; default xterm-256color")),
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 101, description = "Switching to the WebSocket protocol. Binary messages: \
             terminal bytes both ways. Text messages: JSON control; the client may send \
             {\"type\":\"resize\",\"cols\":N,\"rows\":N}; the server ends with one ShellExit \
@@ -152,7 +153,7 @@ async fn shell(
     ws: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response> {
     let (group, id) = path_param(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    let row = local_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     let q: ShellQuery = query(&uri)?;
     let cols = cells("cols", q.cols.as_deref())?;

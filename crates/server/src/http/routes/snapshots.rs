@@ -10,7 +10,7 @@ use utoipa::OpenApi;
 
 use crate::api::{self, CreateSnapshot, ErrorBody, Snapshot, SnapshotList};
 use crate::error::Result;
-use crate::http::access::{require_use, visible_group, visible_sandbox, visible_snapshot};
+use crate::http::access::{local_sandbox, require_use, visible_group, visible_snapshot};
 use crate::http::extract::{path_param, ApiJson};
 use crate::http::state::AppState;
 use crate::snapshots;
@@ -42,6 +42,7 @@ pub(in crate::http) struct Doc;
         ("id" = String, Path, description = "Sandbox id")),
     request_body = CreateSnapshot,
     responses(
+        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
         (status = 201, description = "Taken; the sandbox runs on (a suspended one is resumed \
             first)", body = Snapshot),
         (status = 400, description = "Bad name", body = ErrorBody),
@@ -59,7 +60,7 @@ async fn create_snapshot(
     ApiJson(req): ApiJson<CreateSnapshot>,
 ) -> Result<(StatusCode, Json<Snapshot>)> {
     let (group, id) = path_param(params)?;
-    let row = visible_sandbox(&state, &p, &group, &id).await?;
+    let row = local_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
     api::validate_name("snapshot name", &req.name)?;
     let snap = state.manager()?.snapshot(&row, &req.name).await?;

@@ -1,0 +1,83 @@
+//! `moat node ls|show|drain|undrain`: the nodes sharing a daemon's store (docs/FLEET.md).
+
+use anyhow::Result;
+use clap::Subcommand;
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::client::{path_segment, print_json, print_table, s, Client, ClientArgs};
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List the nodes: state, lease, capacity and use.
+    Ls,
+    /// One node, all of it.
+    Show { node: String },
+    /// Stop placing new sandboxes on a node (admin); those it runs stay.
+    Drain { node: String },
+    /// Let a drained node take new sandboxes again (admin).
+    Undrain { node: String },
+}
+
+fn row(n: &Value) -> Vec<String> {
+    vec![
+        s(&n["name"]),
+        s(&n["state"]),
+        n["epoch"].to_string(),
+        s(&n["lease_expires_at"]),
+        s(&n["accelerator"]),
+        format!(
+            "{}/{} MiB",
+            n["used"]["memory_mib"], n["capacity"]["memory_mib"]
+        ),
+        format!("{}/{}", n["used"]["vcpus"], n["capacity"]["vcpus"]),
+        n["used"]["sandboxes"].to_string(),
+        s(&n["advertise_url"]),
+    ]
+}
+
+const HEADER: [&str; 9] = [
+    "NAME",
+    "STATE",
+    "EPOCH",
+    "LEASE ENDS",
+    "ACCEL",
+    "MEMORY",
+    "VCPUS",
+    "VMS",
+    "URL",
+];
+
+pub async fn run(args: ClientArgs, cmd: NodeCommand) -> Result<u8> {
+    let c = Client::new(&args)?;
+    let (method, path) = match &cmd {
+        NodeCommand::Ls => (Method::GET, "/v1/nodes".to_string()),
+        NodeCommand::Show { node } => (Method::GET, format!("/v1/nodes/{}", path_segment(node)?)),
+        NodeCommand::Drain { node } => (
+            Method::POST,
+            format!("/v1/nodes/{}/drain", path_segment(node)?),
+        ),
+        NodeCommand::Undrain { node } => (
+            Method::POST,
+            format!("/v1/nodes/{}/undrain", path_segment(node)?),
+        ),
+    };
+    let (_, v) = c.call(method, &path, None).await?;
+    if args.json {
+        print_json(&v)?;
+        return Ok(0);
+    }
+    match cmd {
+        NodeCommand::Ls => {
+            let rows = v["nodes"]
+                .as_array()
+                .map(|ns| ns.iter().map(row).collect())
+                .unwrap_or_default();
+            print_table(&HEADER, rows);
+        }
+        NodeCommand::Show { .. } => print_json(&v)?,
+        NodeCommand::Drain { node } => println!("node {node} is {}", s(&v["state"])),
+        NodeCommand::Undrain { node } => println!("node {node} is {}", s(&v["state"])),
+    }
+    Ok(0)
+}
