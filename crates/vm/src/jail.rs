@@ -821,6 +821,7 @@ mod tests {
             std::fs::File::create(&log).unwrap(),
             vec![slot.lock_fd()],
             false,
+            true,
             Some(plan),
         )
         .await
