@@ -563,9 +563,13 @@ impl Plan {
             {
                 return Err(err("clearing ambient capabilities"));
             }
-            if libc::setgroups(self.groups.len(), self.groups.as_ptr()) != 0
-                || libc::setresgid(self.uid, self.uid, self.uid) != 0
-                || libc::setresuid(self.uid, self.uid, self.uid) != 0
+            // The system calls, not glibc's wrappers: those also change the ids of every other
+            // thread glibc knows of (`__nptl_setxid`), and this child of a raw clone3 has one
+            // thread while glibc's list still names the parent's, so they waited forever for
+            // threads that are not there (a jailed start hung now and then).
+            if libc::syscall(libc::SYS_setgroups, self.groups.len(), self.groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setresgid, self.uid, self.uid, self.uid) != 0
+                || libc::syscall(libc::SYS_setresuid, self.uid, self.uid, self.uid) != 0
             {
                 return Err(err("switching to the jail's uid and gid"));
             }
