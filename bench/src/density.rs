@@ -26,6 +26,84 @@ fn rollup(text: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The kinds of mapping [`breakdown`] tells apart.
+const KINDS: [&str; 8] = [
+    "tcg_code_buffer",
+    "guest_ram",
+    "heap",
+    "thread_malloc_arenas",
+    "stacks",
+    "binary_data",
+    "library_data",
+    "other_anonymous",
+];
+
+/// Where a process's private memory (Private_Clean + Private_Dirty of `/proc/<pid>/smaps`)
+/// is, in MiB, by kind of mapping ([`KINDS`]). The kinds are told apart by what QEMU 7.2 and
+/// glibc map: TCG's code buffer is the one large `rwxp` anonymous region; guest RAM is the
+/// template's memfd (its private pages: those the clone wrote) or a large anonymous region (a
+/// full image); glibc's thread arenas are anonymous heaps aligned to their 64 MiB maximum; a
+/// stack (a thread's or a coroutine's) follows a `---p` guard page.
+fn breakdown(pid: u32) -> Result<[f64; KINDS.len()]> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).context("reading smaps")?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).context("reading exe")?;
+    let mut kib = [0u64; KINDS.len()];
+    let mut kind = 0;
+    // The end of the previous mapping, and whether it was a guard page.
+    let mut prev = (0, false);
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or("");
+        let range = first.split_once('-').and_then(|(a, b)| {
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        });
+        if let Some((start, end)) = range {
+            let perms = f.next().unwrap_or("");
+            let path = f.nth(3).unwrap_or("");
+            let (anon, size) = (path.is_empty(), end - start);
+            kind = if path.contains("moat-template-ram")
+                || (anon && !perms.contains('x') && size >= 256 << 20)
+            {
+                1
+            } else if anon && perms == "rwxp" && size >= 16 << 20 {
+                0
+            } else if path == "[heap]" {
+                2
+            } else if anon && start % (64 << 20) == 0 && size <= 64 << 20 {
+                3
+            } else if path == "[stack]" || (anon && prev == (start, true)) {
+                4
+            } else if Path::new(path) == exe {
+                5
+            } else if path.starts_with('/') {
+                6
+            } else {
+                7
+            };
+            prev = (end, anon && perms == "---p");
+        } else if first == "Private_Clean:" || first == "Private_Dirty:" {
+            kib[kind] += f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    Ok(kib.map(|k| k as f64 / 1024.0))
+}
+
+/// The median of each kind of [`breakdown`] over `all`, rounded to 0.1 MiB.
+fn median_breakdown(all: &[[f64; KINDS.len()]]) -> Value {
+    KINDS
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let m = median(all.iter().map(|b| b[i]).collect());
+            (k.to_string(), json!((m * 10.0).round() / 10.0))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 /// Idle figures of `clones` sandboxes restored from `snapshot` at once, and the median of
 /// `rounds` restores to agent ready.
 async fn measure_kind(
@@ -55,11 +133,14 @@ async fn measure_kind(
     }
     let [qemu, net, guest_running, agent, ready] = phases.map(median);
     let mut running: Vec<Sandbox> = Vec::new();
+    let mut first_exec = Vec::new();
     for _ in 0..clones {
+        let t = Instant::now();
         let sb = Sandbox::restore(rt, &id(kind), snapshot).await?;
         sb.agent()
             .exec_output(ExecRequest::new(&["true"], &[PATH]), 1024)
             .await?;
+        first_exec.push(ms(t.elapsed()));
         running.push(sb);
     }
     // Let every guest settle, then measure them idle.
@@ -71,7 +152,7 @@ async fn measure_kind(
     let window = Duration::from_secs(10);
     tokio::time::sleep(window).await;
     let (mut pss, mut private, mut rss, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut anon = Vec::new();
+    let (mut anon, mut kinds, mut net_private) = (Vec::new(), Vec::new(), Vec::new());
     // SAFETY: sysconf only reads its integer argument.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     for (sb, t0) in running.iter().zip(ticks0) {
@@ -84,6 +165,15 @@ async fn measure_kind(
         );
         rss.push(rollup(&text, "Rss:") as f64 / 1024.0);
         anon.push(rollup(&text, "Anonymous:") as f64 / 1024.0);
+        kinds.push(breakdown(pid)?);
+        // The sandbox's other process: its network stack.
+        for p in sb.host_pids().into_iter().filter(|&p| p != pid) {
+            let text = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup"))
+                .context("reading the network stack's smaps_rollup")?;
+            net_private.push(
+                (rollup(&text, "Private_Clean:") + rollup(&text, "Private_Dirty:")) as f64 / 1024.0,
+            );
+        }
         let (_, t1) = proc_usage(pid)?;
         cpu.push((t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0);
     }
@@ -116,6 +206,8 @@ async fn measure_kind(
     }
     Ok(json!({
         "restore_to_ready_ms": median(restores),
+        // While other clones run: the restore and its first exec answered.
+        "restore_to_first_exec_ms": median(first_exec),
         // When each step of those restores was done, from the start (medians; they overlap).
         "restore_phases_ms": {
             "qemu_qmp_ready": qemu,
@@ -133,6 +225,10 @@ async fn measure_kind(
         // counts template pages that only this clone happens to map; those stay in the
         // template's one copy when it exits.
         "idle_anon_mib": median(anon),
+        // Where QEMU's private memory is, by kind of mapping (medians of each kind).
+        "idle_private_breakdown_mib": median_breakdown(&kinds),
+        // The sandbox's network stack (`moat net-stack`), a process beside QEMU.
+        "idle_net_stack_private_mib": median(net_private),
         "idle_rss_mib": median(rss),
         "idle_cpu_pct": median(cpu),
         "clones": clones,
@@ -162,4 +258,47 @@ pub async fn measure(rt: &Runtime, template: &Path, clones: usize, rounds: usize
         "template_ram_stored_mib": (meta.shared_ram_bytes.unwrap_or(0) as f64 / 1048576.0).round(),
         "full_memory_image_mib": (full_meta.memory_bytes as f64 / 1048576.0).round(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kinds add up to the process's whole private memory, and a thread's stack, a
+    /// thread's malloc arena and the heap are each found where glibc puts them.
+    #[test]
+    fn breakdown_accounts_for_all_private_memory() {
+        // A thread that allocates (so it gets an arena) and stays alive while we look.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // Small blocks, so malloc serves them from the arena rather than by mmap.
+            let v: Vec<Vec<u8>> = (0..512).map(|_| vec![1u8; 4096]).collect();
+            let mut stack = [0u8; 256 << 10];
+            stack.iter_mut().for_each(|b| *b = std::hint::black_box(1));
+            ready_tx.send(()).unwrap();
+            rx.recv().unwrap();
+            std::hint::black_box((&v, &stack));
+        });
+        ready_rx.recv().unwrap();
+        let pid = std::process::id();
+        let b = breakdown(pid).unwrap();
+        let rollup_text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+        tx.send(()).unwrap();
+        t.join().unwrap();
+        let total = (rollup(&rollup_text, "Private_Clean:")
+            + rollup(&rollup_text, "Private_Dirty:")) as f64
+            / 1024.0;
+        let sum: f64 = b.iter().sum();
+        // Read at slightly different moments: allow a little drift.
+        assert!(
+            (sum - total).abs() < 1.0,
+            "{b:?} sums to {sum}, smaps_rollup says {total}"
+        );
+        let at = |k: &str| b[KINDS.iter().position(|n| *n == k).unwrap()];
+        assert!(at("stacks") >= 0.25, "{b:?}");
+        assert!(at("thread_malloc_arenas") >= 1.0, "{b:?}");
+        assert!(at("heap") > 0.0, "{b:?}");
+        assert_eq!(at("tcg_code_buffer"), 0.0, "{b:?}");
+    }
 }

@@ -825,6 +825,7 @@ mod tests {
             std::fs::File::create(&log).unwrap(),
             vec![slot.lock_fd()],
             false,
+            true,
             Some(plan),
         )
         .await
@@ -901,6 +902,7 @@ mod tests {
                 std::fs::File::create("/dev/null").unwrap(),
                 vec![slot.lock_fd()],
                 false,
+                true,
                 Some(plan),
             );
             let child = tokio::time::timeout(Duration::from_secs(20), spawned)

@@ -154,7 +154,7 @@ pub(crate) async fn start(prepared: Prepared, detached: bool) -> Result<NetStack
         .into_iter()
         .collect();
     let jailed = plan.is_some();
-    let child = spawn_child(&program, &args, &env, stderr, keep, detached, plan)
+    let child = spawn_child(&program, &args, &env, stderr, keep, detached, true, plan)
         .await
         .map_err(|e| {
             let what = format!("starting the network stack {} net-stack", program.display());

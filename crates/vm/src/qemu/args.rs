@@ -80,6 +80,17 @@ fn ram_backend(spec: &VmSpec, fds: &QemuFds) -> String {
     }
 }
 
+/// Whether QEMU may use transparent huge pages. Not a template's clone under TCG: QEMU asks
+/// for huge pages on every RAM block, and one of microvm's small ROM blocks then holds a whole
+/// 2 MiB page, 2 of an idle clone's ~47 MiB of private memory; turning them off cost neither
+/// restore nor the first exec (after a restore or a pause) anything measurable
+/// (docs/SNAPSHOTS.md, "What an idle clone holds"). A clone's guest RAM is a private mapping
+/// of the template's memfd, whose pages are small anyway. Under KVM, and for guests whose RAM is
+/// anonymous (boots, full-image restores), huge pages back guest memory and stay on.
+pub fn huge_pages(spec: &VmSpec) -> bool {
+    !(spec.accel.accel == crate::Accel::Tcg && matches!(spec.ram, GuestRam::TemplateClone { .. }))
+}
+
 /// The full QEMU argument list (without the binary).
 pub fn qemu_args(spec: &VmSpec, fds: &QemuFds) -> Vec<String> {
     argv(spec, fds, kernel_cmdline())
@@ -214,10 +225,26 @@ mod tests {
         std::sync::Arc::new(crate::ram::load_sealed(&file, "test").unwrap())
     }
 
+    /// The argument list of [`spec`]'s VM: the network link on descriptor 6, a memory image on
+    /// 7, template RAM on 8.
+    fn case(accel: Accel, tier: Tier, start: Start, disk: &str) -> Vec<String> {
+        let restore = matches!(start, Start::Restore | Start::Clone | Start::CloneReadonly);
+        let fds = QemuFds {
+            qmp: 3,
+            agent: 4,
+            console: 5,
+            net: 6,
+            incoming: restore.then_some(7),
+            ram: matches!(start, Start::Template | Start::Clone | Start::CloneReadonly)
+                .then_some(8),
+        };
+        argv(&spec(accel, tier, start, disk), &fds, CMDLINE.to_string())
+    }
+
     /// A VM of `tier` as the runtime builds it (whole vCPUs: the share rounded up; an xs
     /// sandbox's quarter CPU is a cgroup quota around QEMU, not a QEMU argument), started as
-    /// `start` says; the network link is on descriptor 6, a memory image on 7, template RAM on 8.
-    fn case(accel: Accel, tier: Tier, start: Start, disk: &str) -> Vec<String> {
+    /// `start` says.
+    fn spec(accel: Accel, tier: Tier, start: Start, disk: &str) -> VmSpec {
         let restore = matches!(start, Start::Restore | Start::Clone | Start::CloneReadonly);
         let ram = match start {
             Start::Boot | Start::Restore => GuestRam::Private,
@@ -229,7 +256,7 @@ mod tests {
                 readonly: start == Start::CloneReadonly,
             },
         };
-        let spec = VmSpec {
+        VmSpec {
             accel: AccelChoice {
                 accel,
                 reason: "test".into(),
@@ -248,17 +275,7 @@ mod tests {
             detached: false,
             millicores: tier.millicores(),
             jail: crate::jail::JailMode::Off,
-        };
-        let fds = QemuFds {
-            qmp: 3,
-            agent: 4,
-            console: 5,
-            net: 6,
-            incoming: restore.then_some(7),
-            ram: matches!(start, Start::Template | Start::Clone | Start::CloneReadonly)
-                .then_some(8),
-        };
-        argv(&spec, &fds, CMDLINE.to_string())
+        }
     }
 
     /// Every combination, each with its name and how it starts.
@@ -401,6 +418,22 @@ mod tests {
             let boots = matches!(start, Start::Boot | Start::Template);
             for opt in ["-kernel", "-initrd", "-append"] {
                 assert_eq!(args.iter().any(|a| a == opt), boots, "{name}: {opt}");
+            }
+        }
+    }
+
+    /// Only a template's clone under TCG runs without transparent huge pages.
+    #[test]
+    fn huge_pages_are_off_only_for_clones_under_tcg() {
+        for accel in [Accel::Tcg, Accel::Kvm] {
+            for start in STARTS {
+                let spec = spec(accel, Tier::M, start, DISK);
+                let clone = matches!(start, Start::Clone | Start::CloneReadonly);
+                assert_eq!(
+                    huge_pages(&spec),
+                    !(clone && accel == Accel::Tcg),
+                    "{accel} {start:?}"
+                );
             }
         }
     }

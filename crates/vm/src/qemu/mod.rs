@@ -351,6 +351,7 @@ pub(crate) async fn spawn(spec: &VmSpec) -> Result<Vm> {
         stderr,
         keep,
         spec.detached,
+        args::huge_pages(spec),
         plan,
     )
     .await

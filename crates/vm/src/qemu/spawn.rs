@@ -133,6 +133,9 @@ pub(crate) struct Spawned {
 /// Attached, it runs in its own process group and dies with us; `detached`, in a session of
 /// its own. With a `jail` [`Plan`](crate::jail::Plan) it starts in its new namespaces and
 /// enters the jail before exec; any failure there is returned with the step that failed.
+/// Without `huge_pages` it runs with transparent huge pages off (`PR_SET_THP_DISABLE`, kept
+/// across exec), whatever it asks for with `madvise`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn spawn_child(
     program: &Path,
     argv: &[String],
@@ -140,6 +143,7 @@ pub(crate) async fn spawn_child(
     stderr: File,
     keep: Vec<RawFd>,
     detached: bool,
+    huge_pages: bool,
     jail: Option<crate::jail::Plan>,
 ) -> std::io::Result<Spawned> {
     let invalid =
@@ -172,6 +176,7 @@ pub(crate) async fn spawn_child(
             devnull,
             keep,
             detached,
+            huge_pages,
             jail,
         };
         let _ = tx.send(child.spawn());
@@ -193,6 +198,7 @@ struct Child {
     devnull: File,
     keep: Vec<RawFd>,
     detached: bool,
+    huge_pages: bool,
     jail: Option<crate::jail::Plan>,
 }
 
@@ -374,6 +380,9 @@ impl Child {
             // moat died before the death signal was set: it will never come, so go now.
             if !self.detached && libc::poll(&mut pfd, 1, 0) > 0 {
                 libc::_exit(1);
+            }
+            if !self.huge_pages && libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0 {
+                return fail("prctl(PR_SET_THP_DISABLE)", last());
             }
             // Rust ignores SIGPIPE; the child gets the default, and an empty signal mask.
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
