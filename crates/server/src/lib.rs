@@ -183,6 +183,12 @@ pub async fn serve(
         Some((cert, key)) => Some(tls::server_config(cert, key)?),
         None => None,
     };
+    // The CAs a client of this fleet trusts (the CLI's variable) are the ones this node
+    // trusts when it forwards to another node over https.
+    let ca_file = std::env::var_os("MOAT_CA_FILE")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from);
+    let forwarder = Arc::new(http::forward::Forwarder::new(ca_file.as_deref())?);
     let scheme = if tls.is_some() { "https" } else { "http" };
     let settings = config.node.settings(scheme, config.listen)?;
     let limits = capacity::Limits::from_host(
@@ -299,6 +305,7 @@ pub async fn serve(
         limiter: Arc::new(ratelimit::Limiter::new(config.rate_limit)),
         audit_retention: config.audit_retention,
         stopping: moat_mcp::CancellationToken::new(),
+        forwarder,
     };
     let stopping = state.stopping.clone();
     let app = http::router(state);
