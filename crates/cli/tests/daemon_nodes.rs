@@ -409,7 +409,12 @@ async fn any_node_serves_a_sandbox_of_another_and_says_when_it_cannot() {
     let a = node(&pg, "node-a", None).await;
     let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
     let mut c = node(&pg, "node-c", Some(&key)).await;
-    a.put_group("fleet", json!({"tier": "xs"}), 201).await;
+    a.put_group(
+        "fleet",
+        json!({"tier": "xs", "identity": {"enabled": true, "audiences": ["sts.amazonaws.com"]}}),
+        201,
+    )
+    .await;
     a.put_group("other", json!({"tier": "xs"}), 201).await;
     sandboxes_ready(&c).await;
     let sb = c.create(ADMIN, "fleet", json!({})).await;
@@ -582,6 +587,20 @@ async fn any_node_serves_a_sandbox_of_another_and_says_when_it_cannot() {
     let (st, row) = a.call(Some(&user), "GET", &base, None).await;
     assert_eq!((st, &row["node"]), (200, &json!("node-c")), "{row}");
 
+    // A lifecycle change through node-a: a second sandbox suspended on node-c.
+    let parked = c.create(ADMIN, "fleet", json!({})).await;
+    let parked = parked["id"].as_str().unwrap().to_string();
+    let (st, e) = a
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{G}/fleet/sandboxes/{parked}/suspend"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{e}");
+    assert_eq!(a.state("fleet", &parked).await, "suspended");
+
     // The cost of forwarding: `true` on node-c directly, and through node-a.
     let mut direct = Vec::new();
     let mut forwarded = Vec::new();
@@ -618,6 +637,16 @@ async fn any_node_serves_a_sandbox_of_another_and_says_when_it_cannot() {
         "{e}"
     );
     assert!(answered < Duration::from_secs(5), "{answered:?}");
+    // An identity token needs only the store: any node mints it, while its owner is down.
+    let (st, tok) = a
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{base}/identity/token"),
+            Some(json!({"audience": "sts.amazonaws.com"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{tok}");
     // Without a key that sees the sandbox, nothing about its node.
     let (st, e) = a
         .call(Some(&stranger), "POST", &path, Some(exec.clone()))
@@ -630,6 +659,25 @@ async fn any_node_serves_a_sandbox_of_another_and_says_when_it_cannot() {
     let (st, e) = a.call(Some(&user), "POST", &path, Some(exec.clone())).await;
     assert_eq!(st, 409, "{e}");
     assert!(msg(&e).contains("lost"), "{e}");
+    // The suspended sandbox stays suspended on the lost node, which cannot be reached: a 503
+    // that says so, instead of a try.
+    let (st, e) = a
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{G}/fleet/sandboxes/{parked}/resume"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (503, Some("unavailable")),
+        "{e}"
+    );
+    assert!(
+        msg(&e).contains("node-c") && msg(&e).contains("was lost"),
+        "{e}"
+    );
     a.delete("fleet", &id).await;
     eprintln!("whole forwarding test: {:?}", t0.elapsed());
 }

@@ -4766,7 +4766,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -4792,6 +4792,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4952,7 +4962,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -4987,7 +4997,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -4996,6 +5006,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5075,6 +5086,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -5092,7 +5112,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -5101,6 +5121,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5199,7 +5220,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -5225,7 +5246,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -5234,6 +5255,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5322,7 +5344,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -5357,7 +5379,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -5366,6 +5388,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5445,6 +5468,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -5462,7 +5494,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -5471,6 +5503,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5551,6 +5584,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description A ttl_s above the group's identity.ttl_s */
             422: {
                 headers: {
@@ -5562,6 +5604,24 @@ export interface operations {
             };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5637,7 +5697,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -5655,7 +5715,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, or no answer within 5 s */
+            /** @description The guest's port could not be reached: nothing listens, or no answer within 5 s. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -5664,6 +5724,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5818,7 +5879,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -5836,6 +5897,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5971,7 +6042,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -5989,6 +6060,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6074,7 +6155,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6092,7 +6173,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6101,6 +6182,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6186,7 +6268,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6204,7 +6286,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6213,6 +6295,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6298,7 +6381,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6316,7 +6399,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6325,6 +6408,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6410,7 +6494,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6428,7 +6512,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6437,6 +6521,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6522,7 +6607,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6540,7 +6625,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6549,6 +6634,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6634,7 +6720,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6652,7 +6738,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6661,6 +6747,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6746,7 +6833,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6764,7 +6851,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6773,6 +6860,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6860,6 +6948,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -6869,7 +6966,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6878,6 +6975,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6965,6 +7063,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -6974,7 +7081,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6983,6 +7090,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7070,6 +7178,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -7079,7 +7196,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7088,6 +7205,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7175,6 +7293,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -7184,7 +7311,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7193,6 +7320,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7280,6 +7408,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -7289,7 +7426,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7298,6 +7435,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7385,6 +7523,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -7394,7 +7541,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7403,6 +7550,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7490,6 +7638,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -7499,7 +7656,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7508,6 +7665,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7581,7 +7739,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -7607,7 +7765,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7616,6 +7774,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7704,7 +7863,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -7739,7 +7898,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7748,6 +7907,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7838,7 +7998,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -7864,7 +8024,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7873,6 +8033,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7950,7 +8111,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -7976,7 +8137,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7985,6 +8146,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8066,7 +8228,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -8092,7 +8254,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -8101,6 +8263,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8175,7 +8338,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -8201,6 +8364,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8288,7 +8461,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -8314,7 +8487,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol (before the upgrade): its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol (before the upgrade): its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -8323,6 +8496,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8411,7 +8585,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -8437,6 +8611,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8511,7 +8695,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -8537,6 +8721,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;

@@ -196,13 +196,14 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
 
 /// Whether a route (as matched: `/v1/sandbox-groups/{group}/sandboxes/{id}/exec`) is one only
 /// the sandbox's node can answer: every route under `/sandboxes/{id}` but the reads of the
-/// store (the sandbox, its egress audit, its exposed ports), which any node answers.
+/// store (the sandbox, its egress audit, its exposed ports) and identity tokens (minted from
+/// the store's keys), which any node answers, so they work while the owner is down.
 pub(crate) fn owner_only(get: bool, route: &str) -> bool {
     let Some(rest) = route.strip_prefix("/v1/sandbox-groups/{group}/sandboxes/{id}") else {
         return false;
     };
     let read = matches!(rest, "" | "/egress" | "/ports" | "/ports/{port}");
-    (rest.is_empty() || rest.starts_with('/')) && !(read && get)
+    (rest.is_empty() || rest.starts_with('/')) && !(read && get) && rest != "/identity/token"
 }
 
 /// The group and sandbox id of a request only the sandbox's node can answer.
@@ -283,5 +284,47 @@ pub(crate) async fn forward(State(state): State<AppState>, req: Request, next: N
         Ok(ShellPrincipal(p)) if p.sees(&group) => err.into_response(),
         Ok(_) => no_group(&group).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner_only;
+
+    const SB: &str = "/v1/sandbox-groups/{group}/sandboxes/{id}";
+
+    #[test]
+    fn only_what_needs_the_sandboxs_node_is_forwarded() {
+        for (get, rest) in [
+            (false, ""),
+            (false, "/exec"),
+            (true, "/files"),
+            (false, "/files"),
+            (true, "/shell"),
+            (true, "/processes"),
+            (false, "/suspend"),
+            (false, "/ports"),
+            (false, "/ports/{port}"),
+            (true, "/ports/{port}/{*path}"),
+            (true, "/port-forward/{port}"),
+        ] {
+            assert!(owner_only(get, &format!("{SB}{rest}")), "{get} {rest}");
+        }
+        for (get, rest) in [
+            (true, ""),
+            (true, "/egress"),
+            (true, "/ports"),
+            (true, "/ports/{port}"),
+            (false, "/identity/token"),
+        ] {
+            assert!(!owner_only(get, &format!("{SB}{rest}")), "{get} {rest}");
+        }
+        for route in [
+            "/v1/sandbox-groups/{group}/sandboxes",
+            "/v1/sandbox-groups/{group}/sandboxes/{id}x",
+            "/v1/nodes",
+        ] {
+            assert!(!owner_only(false, route), "{route}");
+        }
     }
 }

@@ -129,7 +129,9 @@ fn document_forwarding(doc: &mut utoipa::openapi::OpenApi) {
             }
             for (status, text) in CASES {
                 match op.responses.responses.get_mut(status) {
-                    Some(RefOr::T(r)) if status == "421" => r.description = text.to_string(),
+                    Some(RefOr::T(r)) if status == "421" || r.description.trim().is_empty() => {
+                        r.description = text.to_string()
+                    }
                     Some(RefOr::T(r)) => {
                         r.description =
                             format!("{}. Or: {text}", r.description.trim_end_matches('.'))
