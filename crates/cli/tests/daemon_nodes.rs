@@ -408,6 +408,7 @@ async fn any_node_serves_a_sandbox_of_another_and_says_when_it_cannot() {
     let pg = Postgres::start();
     let a = node(&pg, "node-a", None).await;
     let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    let mut b = node(&pg, "node-b", Some(&key)).await;
     let mut c = node(&pg, "node-c", Some(&key)).await;
     a.put_group(
         "fleet",
@@ -679,5 +680,36 @@ async fn any_node_serves_a_sandbox_of_another_and_says_when_it_cannot() {
         "{e}"
     );
     a.delete("fleet", &id).await;
+
+    // SIGSTOP of node-b, which runs a sandbox: its kernel still accepts the connection and
+    // nothing answers. The request through node-a waits only until node-b is declared lost,
+    // then answers 503 saying so.
+    sandboxes_ready(&b).await;
+    let on_b = b.create(ADMIN, "fleet", json!({})).await;
+    let on_b = on_b["id"].as_str().unwrap().to_string();
+    let pid = nix::unistd::Pid::from_raw(b.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let t = Instant::now();
+    let (st, e) = a
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{G}/fleet/sandboxes/{on_b}/exec"),
+            Some(exec.clone()),
+        )
+        .await;
+    let answered = t.elapsed();
+    eprintln!("a request for stopped node-b's sandbox answered {st} after {answered:?}");
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (503, Some("unavailable")),
+        "{e}"
+    );
+    assert!(
+        msg(&e).contains("node-b") && msg(&e).contains("declared lost"),
+        "{e}"
+    );
+    assert!(answered < Duration::from_secs(4 * LEASE_S), "{answered:?}");
+    b.kill9();
     eprintln!("whole forwarding test: {:?}", t0.elapsed());
 }

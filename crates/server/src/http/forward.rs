@@ -24,6 +24,7 @@ use rustls::pki_types::CertificateDer;
 
 use crate::api::{self, Node, NodeState, SandboxState};
 use crate::error::{Error, Result};
+use crate::store::Store;
 
 use super::access::no_group;
 use super::extract::ShellPrincipal;
@@ -93,6 +94,7 @@ impl Forwarder {
     /// Sends `req` to `owner` and gives back its answer, streaming; an upgrade is spliced.
     async fn send(
         &self,
+        store: &Store,
         owner: &Node,
         me: &str,
         sandbox: &str,
@@ -127,11 +129,20 @@ impl Forwarder {
         parts
             .headers
             .insert(HeaderName::from_static(FORWARDED_BY), by);
-        let mut resp = self
-            .client
-            .request(Request::from_parts(parts, body))
-            .await
-            .map_err(|e| unreachable(chain(&e)))?;
+        let sent = self.client.request(Request::from_parts(parts, body));
+        // A node that stopped (SIGSTOP, a partition) still has its connections accepted by
+        // its kernel and answers nothing: the request waits until the fleet declares it lost.
+        let mut resp = tokio::select! {
+            r = sent => r.map_err(|e| unreachable(chain(&e)))?,
+            why = declared_lost(store, owner) => {
+                return Err(Error::Unavailable(format!(
+                    "sandbox {sandbox} runs on node {} ({}), which did not answer and was \
+                     declared lost while the request waited{why}",
+                    api::quote(&owner.name),
+                    owner.advertise_url
+                )))
+            }
+        };
         if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_side)) = (resp.status(), client_side) {
             let owner_side = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
@@ -147,6 +158,19 @@ impl Forwarder {
         let mut resp = resp.map(Body::new);
         resp.extensions_mut().insert(Forwarded);
         Ok(resp)
+    }
+}
+
+/// Resolves once `owner` is marked lost (its reason, as ": …"), checked twice a lease.
+async fn declared_lost(store: &Store, owner: &Node) -> String {
+    let every = Duration::from_millis((owner.lease_s * 500).max(1000));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Ok(Some(n)) = store.get_node(&owner.name).await {
+            if n.state == NodeState::Lost {
+                return n.lost_reason.map(|r| format!(": {r}")).unwrap_or_default();
+            }
+        }
     }
 }
 
@@ -270,7 +294,11 @@ pub(crate) async fn forward(State(state): State<AppState>, req: Request, next: N
     let headers = req.headers().clone();
     let err = match owner(&state, &me, &group, &id).await {
         Ok(None) => return next.run(req).await,
-        Ok(Some((sandbox, node))) => match state.forwarder.send(&node, &me, &sandbox, req).await {
+        Ok(Some((sandbox, node))) => match state
+            .forwarder
+            .send(&state.store, &node, &me, &sandbox, req)
+            .await
+        {
             Ok(resp) => return resp,
             Err(e) => e,
         },
