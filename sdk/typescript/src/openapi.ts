@@ -1141,8 +1141,10 @@ export interface components {
              *     document allows), unauthorized, forbidden, policy_denied, not_found,
              *     method_not_allowed, conflict, payload_too_large, unprocessable (allowed by the
              *     document, refused by a rule it cannot state), too_many_requests, rate_limited,
-             *     other_node (the sandbox runs on another node: the message names it and its URL),
-             *     unavailable, bad_gateway (the sandbox's agent failed), no_space, internal.
+             *     other_node (a forwarded request reached a node that does not run the sandbox: the
+             *     message names the node that does and its URL),
+             *     unavailable, bad_gateway (the sandbox's agent failed, or its node could not be
+             *     reached), no_space, internal.
              */
             code: string;
             /** @description `policy_denied` only: why the group's policy refused the request. */
@@ -5584,15 +5586,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
-            421: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
             /** @description A ttl_s above the group's identity.ttl_s */
             422: {
                 headers: {
@@ -5604,24 +5597,6 @@ export interface operations {
             };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
-            502: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorBody"];
-                };
-            };
-            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
-            503: {
                 headers: {
                     [name: string]: unknown;
                 };
