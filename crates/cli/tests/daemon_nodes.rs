@@ -498,6 +498,52 @@ async fn any_node_serves_a_sandbox_of_another_and_says_when_it_cannot() {
         "{e}"
     );
 
+    // A port of the sandbox through node-a: a server started, the port exposed and the file
+    // fetched through the port proxy, all forwarded.
+    let (st, p) = a
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{base}/processes"),
+            Some(json!({"argv": ["python3", "-m", "http.server", "8080", "--directory", "/root"]})),
+        )
+        .await;
+    assert_eq!(st, 201, "{p}");
+    let (st, p) = a
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{base}/ports"),
+            Some(json!({"port": 8080})),
+        )
+        .await;
+    assert_eq!(st, 201, "{p}");
+    let proxied = format!("{}{base}/ports/8080/big.bin", a.url());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let resp = a
+            .http
+            .get(&proxied)
+            .bearer_auth(&user)
+            .send()
+            .await
+            .unwrap();
+        let st = resp.status().as_u16();
+        if st == 200 {
+            break resp.bytes().await.unwrap();
+        }
+        assert!(
+            st == 502 && Instant::now() < deadline,
+            "the port proxy: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        got[..] == big[..],
+        "the proxied file differs ({} bytes)",
+        got.len()
+    );
+
     // A shell through node-a: the WebSocket upgrade is forwarded and spliced.
     let url = format!("ws://127.0.0.1:{}{base}/shell?cols=80&rows=24", a.port);
     let mut req = url.into_client_request().unwrap();
