@@ -765,3 +765,162 @@ async fn any_node_serves_a_sandbox_of_another_and_says_when_it_cannot() {
     b.kill9();
     eprintln!("whole forwarding test: {:?}", t0.elapsed());
 }
+
+/// A CA, and a certificate for 127.0.0.1 it signed, with its key: PEM each (rcgen).
+fn tls_chain() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name
+        .push(DnType::CommonName, "moat fleet test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+}
+
+/// A node started by hand (the test kit speaks plain HTTP): killed, with its VMs, when dropped.
+struct HandNode {
+    child: std::process::Child,
+    home: tempfile::TempDir,
+}
+
+impl Drop for HandNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in common::qemu_processes(&self.home.path().display().to_string()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// A node whose advertised URL is https is forwarded to over TLS, verified: a node given the
+/// fleet's CA (`--ca-file`) reaches it, one with the public roots only is refused with a 502
+/// that says why, and a bad `--ca-file` stops a node at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_to_an_https_node_verifies_its_certificate() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_chain();
+    let path = |name: &str, pem: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    let (ca_file, cert_file, key_file) = (
+        path("ca.pem", &ca),
+        path("cert.pem", &cert),
+        path("key.pem", &key),
+    );
+    let lease = LEASE_S.to_string();
+    let a = Daemon::start_at(
+        home_with_key(None),
+        Some(ADMIN),
+        &[
+            "--store",
+            &pg.url,
+            "--node-name",
+            "node-a",
+            "--lease-s",
+            &lease,
+            "--ca-file",
+            &ca_file,
+        ],
+    )
+    .await;
+    let sealing = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    let b = node(&pg, "node-b", Some(&sealing)).await;
+
+    let home = home_with_key(Some(&sealing));
+    let port = common::daemon::free_port();
+    let err = std::fs::File::create(home.path().join("serve.err")).unwrap();
+    let child = moat()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--store",
+            &pg.url,
+            "--node-name",
+            "node-c",
+            "--lease-s",
+            &lease,
+        ])
+        .args(["--tls-cert", &cert_file, "--tls-key", &key_file])
+        .env("MOAT_HOME", home.path())
+        .env("MOAT_AGENT", common::agent_path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let c = HandNode { child, home };
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let c_url = format!("https://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let h = match https.get(format!("{c_url}/healthz")).send().await {
+            Ok(r) => r.json::<Value>().await.unwrap(),
+            Err(_) => Value::Null,
+        };
+        if h["sandboxes"]["state"] == "ready" {
+            break;
+        }
+        let log = std::fs::read_to_string(c.home.path().join("serve.err")).unwrap_or_default();
+        assert!(
+            Instant::now() < deadline,
+            "node-c never got ready: {h} {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(node_row(&a, "node-c").await["advertise_url"], c_url);
+
+    a.put_group("fleet", json!({"tier": "xs"}), 201).await;
+    let resp = https
+        .post(format!("{c_url}{G}/fleet/sandboxes"))
+        .bearer_auth(ADMIN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let sb: Value = resp.json().await.unwrap();
+    let id = sb["id"].as_str().unwrap().to_string();
+    let path = format!("{G}/fleet/sandboxes/{id}/exec");
+    let exec = json!({"command": "echo over-tls"});
+
+    let (st, e) = a.call(Some(ADMIN), "POST", &path, Some(exec.clone())).await;
+    assert_eq!((st, e["stdout"].as_str()), (200, Some("over-tls\n")), "{e}");
+    let (st, e) = b.call(Some(ADMIN), "POST", &path, Some(exec)).await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (502, Some("bad_gateway")),
+        "{e}"
+    );
+    assert!(
+        msg(&e).contains("node-c") && msg(&e).contains("certificate"),
+        "{e}"
+    );
+    a.delete("fleet", &id).await;
+
+    let out = moat()
+        .args(["serve", "--no-setup", "--listen", "127.0.0.1:0"])
+        .args(["--ca-file", &cert_file.replace("cert.pem", "missing.pem")])
+        .env("MOAT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--ca-file (MOAT_CA_FILE)"), "{err}");
+    drop(c);
+}

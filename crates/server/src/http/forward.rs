@@ -56,8 +56,12 @@ impl Forwarder {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = ca_file {
-            let bad =
-                |what: String| Error::Config(format!("MOAT_CA_FILE {}: {what}", path.display()));
+            let bad = |what: String| {
+                Error::Config(format!(
+                    "--ca-file (MOAT_CA_FILE) {}: {what}",
+                    path.display()
+                ))
+            };
             let certs = CertificateDer::pem_file_iter(path)
                 .map_err(|e| bad(format!("cannot read it: {e}")))?
                 .collect::<std::result::Result<Vec<_>, _>>()
