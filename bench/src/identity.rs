@@ -42,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
             updated_at: String::new(),
             last_activity_at: None,
             health: None,
+            node: None,
         })
         .await?;
     let start = Instant::now();
