@@ -32,10 +32,32 @@ mod tempdir {
 impl Daemon {
     /// A daemon with `args` added to `moat serve`'s.
     pub async fn start(moat: &Path, home: &Path, agent: &Path, args: &[&str]) -> Result<Daemon> {
+        Daemon::start_sealed(moat, home, agent, args, None).await
+    }
+
+    /// [`Daemon::start`] with the sealing key `sealing` as its `secrets.key`: another node of
+    /// a fleet needs the first one's (docs/FLEET.md).
+    pub async fn start_sealed(
+        moat: &Path,
+        home: &Path,
+        agent: &Path,
+        args: &[&str],
+        sealing: Option<&[u8]>,
+    ) -> Result<Daemon> {
         let dir =
             std::env::temp_dir().join(format!("moat-bench-home-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir)?;
         let temp = tempdir::TempHome(dir.clone());
+        if let Some(key) = sealing {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dir.join("secrets.key"))?
+                .write_all(key)?;
+        }
         for name in [
             "kernels",
             "images",

@@ -9,6 +9,7 @@
 
 mod daemon;
 mod density;
+mod forward;
 mod load;
 mod scale;
 
@@ -127,6 +128,21 @@ async fn main() -> Result<()> {
         let report = json!({
             "machine": machine(&rt, Tier::Xs),
             "scale": scale::measure(&moat, &home, &agent, n).await?,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("forward") {
+        let n = match std::env::args().nth(2) {
+            None => 20,
+            Some(a) => match a.parse::<usize>() {
+                Ok(n) if n >= 1 => n,
+                _ => bail!("forward N: N is a count of execs each way, at least 1 (got {a:?})"),
+            },
+        };
+        let report = json!({
+            "machine": machine(&rt, Tier::Xs),
+            "forward": forward::measure(&moat, &home, &agent, n).await?,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

@@ -84,6 +84,11 @@ pub struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "MOAT_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// PEM CA certificates trusted, besides the public roots, when this node forwards a
+    /// request to another node whose --advertise-url is https (the variable the CLI reads
+    /// for the same private CA).
+    #[arg(long, env = "MOAT_CA_FILE", value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
     /// Where to keep the daemon's state: a PostgreSQL URL,
     /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (`?host=/run/dir` for a unix socket),
     /// which several daemons may share (docs/FLEET.md). A replicated cluster: every member,
@@ -206,6 +211,7 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
             }),
             audit_retention: args.audit_retention,
             tls: args.tls_cert.zip(args.tls_key),
+            ca_file: args.ca_file.filter(|p| !p.as_os_str().is_empty()),
             store: args.store,
             node: moat_server::node::NodeConfig {
                 name: args.node_name,

@@ -2,7 +2,9 @@
 //! (so one's tokens verify with another's JWKS, and a node with another key refuses to start),
 //! list one another, drain and undrain; a node killed with -9 is marked lost with the sandbox
 //! it ran; a node stopped past its lease (SIGSTOP) finds on waking that it lost its lease,
-//! changes nothing the others decided, and takes a new epoch. Each test starts a throwaway
+//! changes nothing the others decided, and takes a new epoch. Any node serves a sandbox of
+//! another: requests are forwarded to its node (exec, files, shell), with the caller's key,
+//! never twice, and with a clear error when that node is down. Each test starts a throwaway
 //! PostgreSQL of its own (scripts/postgres.sh).
 
 mod common;
@@ -15,7 +17,10 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use common::daemon::{moat, msg, runtime_home, Daemon, ADMIN, G};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
 
 /// The lease of every node here: short, so that a loss is noticed within seconds, yet long
 /// enough for renewals (every third of it) on a loaded 2-core machine.
@@ -171,8 +176,7 @@ async fn three_nodes_share_keys_drain_and_lose_a_killed_or_stopped_node() {
     let (_, jwks_b) = b.call(None, "GET", "/.well-known/jwks.json", None).await;
     assert_eq!(jwks_a, jwks_b);
 
-    // A real VM on node-c: the sandbox shows its node; the others answer for it with a 421
-    // naming node-c and its URL.
+    // A real VM on node-c: the sandbox shows its node; the others forward to it.
     a.put_group(
         "fleet",
         json!({"tier": "xs", "identity": {"enabled": true, "audiences": ["sts.amazonaws.com"]}}),
@@ -185,15 +189,10 @@ async fn three_nodes_share_keys_drain_and_lose_a_killed_or_stopped_node() {
     assert_eq!(sb["node"], "node-c", "{sb}");
     let exec = json!({"argv": ["true"]});
     let path = format!("{G}/fleet/sandboxes/{id}/exec");
-    let (st, e) = a.call(Some(ADMIN), "POST", &path, Some(exec.clone())).await;
-    assert_eq!(st, 421, "{e}");
-    assert_eq!(e["error"]["code"], "other_node", "{e}");
-    assert!(
-        msg(&e).contains("node-c") && msg(&e).contains(&c.url()),
-        "{e}"
-    );
-    let (st, e) = c.call(Some(ADMIN), "POST", &path, Some(exec)).await;
-    assert_eq!(st, 200, "{e}");
+    for d in [&a, &c] {
+        let (st, e) = d.call(Some(ADMIN), "POST", &path, Some(exec.clone())).await;
+        assert_eq!(st, 200, "{e}");
+    }
 
     // A token minted through node-b verifies with node-a's JWKS.
     let (st, tok) = b
@@ -357,4 +356,571 @@ async fn a_node_with_another_sealing_key_refuses_to_start() {
         .map(|n| n["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, ["node-a", "node-y"]);
+}
+
+/// The header a node sets on a request it forwards (crates/server/src/http/forward.rs).
+const FORWARDED_BY: &str = "x-moat-forwarded-by";
+
+/// An exec streamed as NDJSON through `d`: its events, and when the first came and the last.
+async fn streamed_exec(
+    d: &Daemon,
+    key: &str,
+    path: &str,
+    command: &str,
+) -> (Vec<Value>, Duration, Duration) {
+    let t = Instant::now();
+    let resp = d
+        .http
+        .post(format!("{}{path}", d.url()))
+        .bearer_auth(key)
+        .header("accept", "application/x-ndjson")
+        .json(&json!({ "command": command }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let mut body = resp.bytes_stream();
+    let (mut buf, mut events, mut first) = (Vec::new(), Vec::new(), None);
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk.unwrap());
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            first.get_or_insert(t.elapsed());
+            events.push(serde_json::from_slice(&line).unwrap());
+        }
+    }
+    (events, first.unwrap(), t.elapsed())
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Node-a serves a sandbox that runs on node-c, wholly: a streamed exec, a file of a few MiB
+/// up and down, a shell over a WebSocket. The owner checks the caller's key; a request that
+/// was forwarded once is never forwarded again (421); when node-c is killed, a request
+/// through node-a answers a clear 502 within seconds, and after its lease the sandbox is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_serves_a_sandbox_of_another_and_says_when_it_cannot() {
+    let t0 = Instant::now();
+    let pg = Postgres::start();
+    let a = node(&pg, "node-a", None).await;
+    let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    let mut b = node(&pg, "node-b", Some(&key)).await;
+    let mut c = node(&pg, "node-c", Some(&key)).await;
+    a.put_group(
+        "fleet",
+        json!({"tier": "xs", "identity": {"enabled": true, "audiences": ["sts.amazonaws.com"]}}),
+        201,
+    )
+    .await;
+    a.put_group("other", json!({"tier": "xs"}), 201).await;
+    sandboxes_ready(&c).await;
+    let sb = c.create(ADMIN, "fleet", json!({})).await;
+    let id = sb["id"].as_str().unwrap().to_string();
+    assert_eq!(sb["node"], "node-c", "{sb}");
+    let base = format!("{G}/fleet/sandboxes/{id}");
+    let user = a.key("user", &["fleet"]).await;
+
+    // A streamed exec: its events as they come (the first well before the end), its exit code.
+    let (events, first, all) = streamed_exec(
+        &a,
+        &user,
+        &format!("{base}/exec"),
+        "echo one; sleep 1.5; echo two >&2; exit 7",
+    )
+    .await;
+    assert_eq!(events[0], json!({"stdout": "one\n"}), "{events:?}");
+    assert!(events.contains(&json!({"stderr": "two\n"})), "{events:?}");
+    assert_eq!(events.last().unwrap()["exit"]["exit_code"], 7, "{events:?}");
+    assert!(
+        first + Duration::from_secs(1) < all,
+        "not streamed: {first:?} of {all:?}"
+    );
+    let (st, e) = a
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{base}/exec"),
+            Some(json!({"command": "hostname; exit 3"})),
+        )
+        .await;
+    assert_eq!((st, &e["exit_code"]), (200, &json!(3)), "{e}");
+
+    // A file of 6 MiB up and down through node-a, streamed both ways, byte for byte.
+    let big: Vec<u8> = (0..6u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.chunks(64 << 10).map(|c| Ok(c.to_vec())).collect();
+    let resp = a
+        .http
+        .put(format!("{}{base}/files?path=/root/big.bin", a.url()))
+        .bearer_auth(&user)
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let w: Value = resp.json().await.unwrap();
+    assert_eq!(w["size"], big.len(), "{w}");
+    let resp = a
+        .http
+        .get(format!("{}{base}/files?path=/root/big.bin", a.url()))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = resp.bytes().await.unwrap();
+    assert!(
+        got[..] == big[..],
+        "the download differs ({} bytes)",
+        got.len()
+    );
+    // What node-c wrote is what node-c reads.
+    let (st, e) = c
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{base}/exec"),
+            Some(json!({"command": "wc -c < /root/big.bin"})),
+        )
+        .await;
+    assert_eq!(
+        (st, e["stdout"].as_str().map(str::trim)),
+        (200, Some("6291456")),
+        "{e}"
+    );
+
+    // A port of the sandbox through node-a: a server started, the port exposed and the file
+    // fetched through the port proxy, all forwarded.
+    let (st, p) = a
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{base}/processes"),
+            Some(json!({"argv": ["python3", "-m", "http.server", "8080", "--directory", "/root"]})),
+        )
+        .await;
+    assert_eq!(st, 201, "{p}");
+    let (st, p) = a
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{base}/ports"),
+            Some(json!({"port": 8080})),
+        )
+        .await;
+    assert_eq!(st, 201, "{p}");
+    let proxied = format!("{}{base}/ports/8080/big.bin", a.url());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let resp = a
+            .http
+            .get(&proxied)
+            .bearer_auth(&user)
+            .send()
+            .await
+            .unwrap();
+        let st = resp.status().as_u16();
+        if st == 200 {
+            break resp.bytes().await.unwrap();
+        }
+        assert!(
+            st == 502 && Instant::now() < deadline,
+            "the port proxy: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        got[..] == big[..],
+        "the proxied file differs ({} bytes)",
+        got.len()
+    );
+
+    // A shell through node-a: the WebSocket upgrade is forwarded and spliced.
+    let url = format!("ws://127.0.0.1:{}{base}/shell?cols=80&rows=24", a.port);
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {user}").parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::Binary(b"echo fw\"\"d-$((6*7))\n".to_vec().into()))
+        .await
+        .unwrap();
+    let mut out = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !out.contains("fwd-42") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => out.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            other => panic!("the forwarded shell: {other:?}; output {out:?}"),
+        }
+    }
+    ws.send(Message::Binary(b"exit 4\n".to_vec().into()))
+        .await
+        .unwrap();
+    let exit = loop {
+        match tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(&t).unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("no exit message: {other:?}"),
+        }
+    };
+    assert_eq!(exit["exit_code"], 4, "{exit}");
+
+    // The owner checks the key: a wrong one, or one of another group, gets what it would on
+    // node-c itself.
+    let path = format!("{base}/exec");
+    let exec = json!({"argv": ["true"]});
+    let (st, e) = a
+        .call(
+            Some("moat_NotAKeyNotAKeyNotAKeyNotAKeyNotAKey12345678"),
+            "POST",
+            &path,
+            Some(exec.clone()),
+        )
+        .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{e}"
+    );
+    let (st, e) = a.call(None, "POST", &path, Some(exec.clone())).await;
+    assert_eq!(st, 401, "{e}");
+    let stranger = a.key("user", &["other"]).await;
+    let (st, e) = a
+        .call(Some(&stranger), "POST", &path, Some(exec.clone()))
+        .await;
+    assert_eq!(st, 404, "{e}");
+    let reader = a.key("reader", &["fleet"]).await;
+    let (st, e) = a
+        .call(Some(&reader), "POST", &path, Some(exec.clone()))
+        .await;
+    assert_eq!(st, 403, "{e}");
+
+    // The forwarded header stops forwarding (a stale view cannot loop) and grants nothing:
+    // node-a answers 421 naming node-c; node-c, the owner, serves it as any request (and
+    // still checks the key).
+    let with_header = |d: &Daemon, key: &str| {
+        d.http
+            .post(format!("{}{path}", d.url()))
+            .bearer_auth(key)
+            .header(FORWARDED_BY, "node-z")
+            .json(&exec)
+            .send()
+    };
+    let resp = with_header(&a, &user).await.unwrap();
+    assert_eq!(resp.status(), 421);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "other_node", "{e}");
+    assert!(
+        msg(&e).contains("node-c") && msg(&e).contains(&c.url()),
+        "{e}"
+    );
+    assert_eq!(with_header(&c, &user).await.unwrap().status(), 200);
+    assert_eq!(with_header(&c, &stranger).await.unwrap().status(), 404);
+    // Reads of the store are answered by any node, forwarded header or not.
+    let (st, row) = a.call(Some(&user), "GET", &base, None).await;
+    assert_eq!((st, &row["node"]), (200, &json!("node-c")), "{row}");
+
+    // A lifecycle change through node-a: a second sandbox suspended on node-c.
+    let parked = c.create(ADMIN, "fleet", json!({})).await;
+    let parked = parked["id"].as_str().unwrap().to_string();
+    let (st, e) = a
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{G}/fleet/sandboxes/{parked}/suspend"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{e}");
+    assert_eq!(a.state("fleet", &parked).await, "suspended");
+
+    // The cost of forwarding: `true` on node-c directly, and through node-a, interleaved
+    // (MOAT_FORWARD_SAMPLES times each, default 20).
+    let samples: usize = std::env::var("MOAT_FORWARD_SAMPLES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20);
+    let mut direct = Vec::new();
+    let mut forwarded = Vec::new();
+    for _ in 0..samples {
+        for (d, times) in [(&c, &mut direct), (&a, &mut forwarded)] {
+            let t = Instant::now();
+            let (st, e) = d.call(Some(&user), "POST", &path, Some(exec.clone())).await;
+            times.push(t.elapsed());
+            assert_eq!(st, 200, "{e}");
+        }
+    }
+    let fastest = |v: &[Duration]| *v.iter().min().unwrap();
+    let (min_direct, min_forwarded) = (fastest(&direct), fastest(&forwarded));
+    let (direct, forwarded) = (median(direct), median(forwarded));
+    eprintln!(
+        "exec true, {samples} each: median on the owner {direct:?}, through another node \
+         {forwarded:?}; fastest {min_direct:?} and {min_forwarded:?}"
+    );
+
+    // kill -9 of node-c: a request through node-a answers 502 naming node-c within seconds
+    // (connection refused, or the connect timeout), and once its lease is out the sandbox is
+    // lost, which node-a says itself.
+    c.kill9();
+    let t = Instant::now();
+    let (st, e) = a.call(Some(&user), "POST", &path, Some(exec.clone())).await;
+    let answered = t.elapsed();
+    eprintln!("a request for node-c's sandbox answered {st} {answered:?} after its kill -9");
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (502, Some("bad_gateway")),
+        "{e}"
+    );
+    assert!(
+        msg(&e).contains("node-c") && msg(&e).contains("could not be reached"),
+        "{e}"
+    );
+    assert!(answered < Duration::from_secs(5), "{answered:?}");
+    // An identity token needs only the store: any node mints it, while its owner is down.
+    let (st, tok) = a
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{base}/identity/token"),
+            Some(json!({"audience": "sts.amazonaws.com"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{tok}");
+    // Without a key that sees the sandbox, nothing about its node.
+    let (st, e) = a
+        .call(Some(&stranger), "POST", &path, Some(exec.clone()))
+        .await;
+    assert_eq!(st, 404, "{e}");
+    until_node(&a, "node-c", Duration::from_secs(4 * LEASE_S), |n| {
+        n["state"] == "lost"
+    })
+    .await;
+    let (st, e) = a.call(Some(&user), "POST", &path, Some(exec.clone())).await;
+    assert_eq!(st, 409, "{e}");
+    assert!(msg(&e).contains("lost"), "{e}");
+    // The suspended sandbox stays suspended on the lost node, which cannot be reached: a 503
+    // that says so, instead of a try.
+    let (st, e) = a
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{G}/fleet/sandboxes/{parked}/resume"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (503, Some("unavailable")),
+        "{e}"
+    );
+    assert!(
+        msg(&e).contains("node-c") && msg(&e).contains("was lost"),
+        "{e}"
+    );
+    a.delete("fleet", &id).await;
+
+    // SIGSTOP of node-b, which runs a sandbox: its kernel still accepts the connection and
+    // nothing answers. The request through node-a waits only until node-b is declared lost,
+    // then answers 503 saying so.
+    sandboxes_ready(&b).await;
+    let on_b = b.create(ADMIN, "fleet", json!({})).await;
+    let on_b = on_b["id"].as_str().unwrap().to_string();
+    let pid = nix::unistd::Pid::from_raw(b.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let t = Instant::now();
+    let (st, e) = a
+        .call(
+            Some(&user),
+            "POST",
+            &format!("{G}/fleet/sandboxes/{on_b}/exec"),
+            Some(exec.clone()),
+        )
+        .await;
+    let answered = t.elapsed();
+    eprintln!("a request for stopped node-b's sandbox answered {st} after {answered:?}");
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (503, Some("unavailable")),
+        "{e}"
+    );
+    assert!(
+        msg(&e).contains("node-b") && msg(&e).contains("declared lost"),
+        "{e}"
+    );
+    assert!(answered < Duration::from_secs(4 * LEASE_S), "{answered:?}");
+    b.kill9();
+    eprintln!("whole forwarding test: {:?}", t0.elapsed());
+}
+
+/// A CA, and a certificate for 127.0.0.1 it signed, with its key: PEM each (rcgen).
+fn tls_chain() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name
+        .push(DnType::CommonName, "moat fleet test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+}
+
+/// A node started by hand (the test kit speaks plain HTTP): killed, with its VMs, when dropped.
+struct HandNode {
+    child: std::process::Child,
+    home: tempfile::TempDir,
+}
+
+impl Drop for HandNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in common::qemu_processes(&self.home.path().display().to_string()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// A node whose advertised URL is https is forwarded to over TLS, verified: a node given the
+/// fleet's CA (`--ca-file`) reaches it, one with the public roots only is refused with a 502
+/// that says why, and a bad `--ca-file` stops a node at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_to_an_https_node_verifies_its_certificate() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_chain();
+    let path = |name: &str, pem: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    let (ca_file, cert_file, key_file) = (
+        path("ca.pem", &ca),
+        path("cert.pem", &cert),
+        path("key.pem", &key),
+    );
+    let lease = LEASE_S.to_string();
+    let a = Daemon::start_at(
+        home_with_key(None),
+        Some(ADMIN),
+        &[
+            "--store",
+            &pg.url,
+            "--node-name",
+            "node-a",
+            "--lease-s",
+            &lease,
+            "--ca-file",
+            &ca_file,
+        ],
+    )
+    .await;
+    let sealing = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    let b = node(&pg, "node-b", Some(&sealing)).await;
+
+    let home = home_with_key(Some(&sealing));
+    let port = common::daemon::free_port();
+    let err = std::fs::File::create(home.path().join("serve.err")).unwrap();
+    let child = moat()
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--store",
+            &pg.url,
+            "--node-name",
+            "node-c",
+            "--lease-s",
+            &lease,
+        ])
+        .args(["--tls-cert", &cert_file, "--tls-key", &key_file])
+        .env("MOAT_HOME", home.path())
+        .env("MOAT_AGENT", common::agent_path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let c = HandNode { child, home };
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let c_url = format!("https://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let h = match https.get(format!("{c_url}/healthz")).send().await {
+            Ok(r) => r.json::<Value>().await.unwrap(),
+            Err(_) => Value::Null,
+        };
+        if h["sandboxes"]["state"] == "ready" {
+            break;
+        }
+        let log = std::fs::read_to_string(c.home.path().join("serve.err")).unwrap_or_default();
+        assert!(
+            Instant::now() < deadline,
+            "node-c never got ready: {h} {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(node_row(&a, "node-c").await["advertise_url"], c_url);
+
+    a.put_group("fleet", json!({"tier": "xs"}), 201).await;
+    let resp = https
+        .post(format!("{c_url}{G}/fleet/sandboxes"))
+        .bearer_auth(ADMIN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let sb: Value = resp.json().await.unwrap();
+    let id = sb["id"].as_str().unwrap().to_string();
+    let path = format!("{G}/fleet/sandboxes/{id}/exec");
+    let exec = json!({"command": "echo over-tls"});
+
+    let (st, e) = a.call(Some(ADMIN), "POST", &path, Some(exec.clone())).await;
+    assert_eq!((st, e["stdout"].as_str()), (200, Some("over-tls\n")), "{e}");
+    let (st, e) = b.call(Some(ADMIN), "POST", &path, Some(exec)).await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (502, Some("bad_gateway")),
+        "{e}"
+    );
+    assert!(
+        msg(&e).contains("node-c") && msg(&e).contains("certificate"),
+        "{e}"
+    );
+    a.delete("fleet", &id).await;
+
+    let out = moat()
+        .args(["serve", "--no-setup", "--listen", "127.0.0.1:0"])
+        .args(["--ca-file", &cert_file.replace("cert.pem", "missing.pem")])
+        .env("MOAT_HOME", dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--ca-file (MOAT_CA_FILE)"), "{err}");
+    drop(c);
 }

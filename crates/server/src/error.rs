@@ -49,7 +49,8 @@ pub enum Error {
     #[error("{0}")]
     Unavailable(String),
     /// The sandbox runs on another node of the fleet, which alone may act on it: a 421 whose
-    /// message names that node and its advertised URL (until requests are forwarded).
+    /// message names that node and its advertised URL. Only for a request that was already
+    /// forwarded once (http/forward.rs): it is never forwarded twice.
     #[error("{0}")]
     OtherNode(String),
     /// A sandbox's port could not be reached (nothing listens, no answer, its network is not

@@ -88,6 +88,9 @@ pub struct Config {
     /// The PEM certificate chain and private key of the TCP listener (`--tls-cert`,
     /// `--tls-key`); `None`: plain HTTP. The Unix socket is always plain.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// `--ca-file` (MOAT_CA_FILE): CAs trusted besides the public roots when forwarding to a
+    /// node whose advertised URL is https.
+    pub ca_file: Option<PathBuf>,
     /// Where the state is kept (`--store`): `None` for the embedded SQLite database
     /// (`MOAT_HOME/moatd.db`), else a `postgres://` URL (docs/FLEET.md).
     pub store: Option<String>,
@@ -183,6 +186,7 @@ pub async fn serve(
         Some((cert, key)) => Some(tls::server_config(cert, key)?),
         None => None,
     };
+    let forwarder = Arc::new(http::forward::Forwarder::new(config.ca_file.as_deref())?);
     let scheme = if tls.is_some() { "https" } else { "http" };
     let settings = config.node.settings(scheme, config.listen)?;
     let limits = capacity::Limits::from_host(
@@ -299,6 +303,7 @@ pub async fn serve(
         limiter: Arc::new(ratelimit::Limiter::new(config.rate_limit)),
         audit_retention: config.audit_retention,
         stopping: moat_mcp::CancellationToken::new(),
+        forwarder,
     };
     let stopping = state.stopping.clone();
     let app = http::router(state);

@@ -54,6 +54,7 @@ impl App {
             limiter: Arc::default(),
             audit_retention: 1000,
             stopping: Default::default(),
+            forwarder: Arc::new(moat_server::http::forward::Forwarder::new(None).unwrap()),
             identity: Arc::new(
                 moat_server::identity::Issuer::open(
                     home.path(),

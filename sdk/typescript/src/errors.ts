@@ -74,16 +74,21 @@ export class RateLimited extends TooManyRequests {}
 export class InternalError extends MoatError {}
 /**
  * 502 `bad_gateway` (by its code: a proxy's own 502 is an InternalError): the sandbox's agent
- * did not answer or broke the protocol (its `health` says so), or a port of the sandbox could
- * not be reached.
+ * did not answer or broke the protocol (its `health` says so), a port of the sandbox could
+ * not be reached, or the fleet node that runs the sandbox could not be reached (the message
+ * names it).
  */
 export class BadGateway extends MoatError {}
 /**
- * 421 `other_node`: the sandbox runs on another node of the fleet, which alone may act on it;
- * the message names the node and its URL (send the request there).
+ * 421 `other_node`: a request one node of the fleet forwarded reached a node that does not run
+ * the sandbox (requests are forwarded once, never twice); the message names the node that runs
+ * it and its URL.
  */
 export class OtherNode extends MoatError {}
-/** 503: the daemon cannot do this now (store busy, sandboxes being prepared); retry. */
+/**
+ * 503: the daemon cannot do this now (store busy, sandboxes being prepared, the fleet node that
+ * runs the sandbox lost); retry.
+ */
 export class Unavailable extends MoatError {}
 /** 507: the sandbox's disk is full. */
 export class NoSpace extends MoatError {}

@@ -1141,8 +1141,10 @@ export interface components {
              *     document allows), unauthorized, forbidden, policy_denied, not_found,
              *     method_not_allowed, conflict, payload_too_large, unprocessable (allowed by the
              *     document, refused by a rule it cannot state), too_many_requests, rate_limited,
-             *     other_node (the sandbox runs on another node: the message names it and its URL),
-             *     unavailable, bad_gateway (the sandbox's agent failed), no_space, internal.
+             *     other_node (a forwarded request reached a node that does not run the sandbox: the
+             *     message names the node that does and its URL),
+             *     unavailable, bad_gateway (the sandbox's agent failed, or its node could not be
+             *     reached), no_space, internal.
              */
             code: string;
             /** @description `policy_denied` only: why the group's policy refused the request. */
@@ -4766,7 +4768,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -4792,6 +4794,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -4952,7 +4964,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -4987,7 +4999,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -4996,6 +5008,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5075,6 +5088,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -5092,7 +5114,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -5101,6 +5123,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5199,7 +5222,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -5225,7 +5248,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -5234,6 +5257,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5322,7 +5346,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -5357,7 +5381,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -5366,6 +5390,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5445,6 +5470,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The sandbox is suspended and the host has no room to resume it */
             429: {
                 headers: {
@@ -5462,7 +5496,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -5471,6 +5505,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5637,7 +5672,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -5655,7 +5690,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, or no answer within 5 s */
+            /** @description The guest's port could not be reached: nothing listens, or no answer within 5 s. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -5664,6 +5699,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5818,7 +5854,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -5836,6 +5872,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -5971,7 +6017,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -5989,6 +6035,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6074,7 +6130,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6092,7 +6148,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6101,6 +6157,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6186,7 +6243,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6204,7 +6261,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6213,6 +6270,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6298,7 +6356,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6316,7 +6374,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6325,6 +6383,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6410,7 +6469,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6428,7 +6487,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6437,6 +6496,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6522,7 +6582,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6540,7 +6600,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6549,6 +6609,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6634,7 +6695,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6652,7 +6713,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6661,6 +6722,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6746,7 +6808,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -6764,7 +6826,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached */
+            /** @description The guest's port could not be reached. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6773,6 +6835,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6860,6 +6923,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -6869,7 +6941,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6878,6 +6950,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -6965,6 +7038,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -6974,7 +7056,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -6983,6 +7065,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7070,6 +7153,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -7079,7 +7171,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7088,6 +7180,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7175,6 +7268,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -7184,7 +7286,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7193,6 +7295,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7280,6 +7383,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -7289,7 +7401,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7298,6 +7410,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7385,6 +7498,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -7394,7 +7516,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7403,6 +7525,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7490,6 +7613,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
+            421: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description The API key is over its rate limit; `Retry-After` says when to try again */
             429: {
                 headers: {
@@ -7499,7 +7631,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP */
+            /** @description The guest's port could not be reached: nothing listens, no answer within 5 s, or not HTTP. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7508,6 +7640,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7581,7 +7714,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -7607,7 +7740,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7616,6 +7749,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7704,7 +7838,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -7739,7 +7873,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7748,6 +7882,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7838,7 +7973,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -7864,7 +7999,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7873,6 +8008,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -7950,7 +8086,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -7976,7 +8112,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -7985,6 +8121,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8066,7 +8203,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -8092,7 +8229,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol: its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -8101,6 +8238,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8175,7 +8313,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -8201,6 +8339,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8288,7 +8436,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -8314,7 +8462,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox's agent did not answer, or broke the protocol (before the upgrade): its `health` says so, and the daemon reconnects or fails it */
+            /** @description The sandbox's agent did not answer, or broke the protocol (before the upgrade): its `health` says so, and the daemon reconnects or fails it. Or: The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
             502: {
                 headers: {
                     [name: string]: unknown;
@@ -8323,6 +8471,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8411,7 +8560,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -8437,6 +8586,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8511,7 +8670,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox runs on another node (the message names it and its URL) */
+            /** @description A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox this node does not run: never forwarded twice (the message names the sandbox's node and its URL) */
             421: {
                 headers: {
                     [name: string]: unknown;
@@ -8537,6 +8696,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description The node that runs the sandbox could not be reached from the node that received the request (the message names it, its URL and why) */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;

@@ -64,8 +64,10 @@ pub struct ErrorDetail {
     /// document allows), unauthorized, forbidden, policy_denied, not_found,
     /// method_not_allowed, conflict, payload_too_large, unprocessable (allowed by the
     /// document, refused by a rule it cannot state), too_many_requests, rate_limited,
-    /// other_node (the sandbox runs on another node: the message names it and its URL),
-    /// unavailable, bad_gateway (the sandbox's agent failed), no_space, internal.
+    /// other_node (a forwarded request reached a node that does not run the sandbox: the
+    /// message names the node that does and its URL),
+    /// unavailable, bad_gateway (the sandbox's agent failed, or its node could not be
+    /// reached), no_space, internal.
     pub code: String,
     /// For people: what was wrong and, for bad input, what is allowed.
     pub message: String,

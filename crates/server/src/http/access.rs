@@ -93,8 +93,10 @@ pub(crate) async fn visible_sandbox(
 }
 
 /// The row of sandbox `id` of `group` (as [`visible_sandbox`]) for a route that acts on it:
-/// only the node that runs it may, so a sandbox of another node is a 421 naming that node and
-/// where it is reached. A `lost` sandbox may be deleted through any node.
+/// only the node that runs it may. Requests for another node's sandboxes are forwarded to it
+/// before they get here (http/forward.rs), so this sees one only when the request was already
+/// forwarded once (or the store changed under it): a 421 naming that node and where it is
+/// reached, never a second forward. A `lost` sandbox may be deleted through any node.
 pub(crate) async fn local_sandbox(
     state: &AppState,
     p: &Principal,
@@ -112,10 +114,12 @@ pub(crate) async fn local_sandbox(
         None => "(unknown)".to_string(),
     };
     Err(Error::OtherNode(format!(
-        "sandbox {} runs on node {} ({url}), not on this one ({}): send the request there",
+        "sandbox {} runs on node {} ({url}), not on this one ({}), and a request another \
+         node forwarded is not forwarded again: send it to node {} or any node",
         sb.id,
         api::quote(&node),
-        me.as_deref().unwrap_or("?")
+        me.as_deref().unwrap_or("?"),
+        api::quote(&node)
     )))
 }
 

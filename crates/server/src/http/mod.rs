@@ -25,6 +25,7 @@ use crate::error::Error;
 
 pub mod access;
 pub mod extract;
+pub mod forward;
 mod routes;
 pub mod state;
 
@@ -55,6 +56,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::forward,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), audit))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state.clone());
@@ -90,7 +95,66 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
     constrain_path_parameters(&mut doc);
     bound_integers(&mut doc);
     document_rate_limit(&mut doc);
+    document_forwarding(&mut doc);
     doc
+}
+
+/// Every operation that only the sandbox's node answers is forwarded to it by the others
+/// (`forward.rs`): its 421, 502 and 503 say so, written here from the same rule the
+/// forwarding follows, so that the document cannot miss a route.
+fn document_forwarding(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    const CASES: [(&str, &str); 3] = [
+        (
+            "421",
+            "A request another node forwarded (it carries `X-Moat-Forwarded-By`) for a sandbox \
+             this node does not run: never forwarded twice (the message names the sandbox's \
+             node and its URL)",
+        ),
+        (
+            "502",
+            "The node that runs the sandbox could not be reached from the node that received \
+             the request (the message names it, its URL and why)",
+        ),
+        (
+            "503",
+            "The node that runs the sandbox was lost (its lease expired; the message says \
+             why), or the store is unavailable",
+        ),
+    ];
+    for (path, item) in doc.paths.paths.iter_mut() {
+        for (method, op) in operations_mut(item) {
+            if !forward::owner_only(method == "get", path) {
+                continue;
+            }
+            for (status, text) in CASES {
+                match op.responses.responses.get_mut(status) {
+                    Some(RefOr::T(r)) if status == "421" || r.description.trim().is_empty() => {
+                        r.description = text.to_string()
+                    }
+                    Some(RefOr::T(r)) => {
+                        r.description =
+                            format!("{}. Or: {text}", r.description.trim_end_matches('.'))
+                    }
+                    Some(RefOr::Ref(_)) => {}
+                    None => {
+                        let resp = ResponseBuilder::new()
+                            .description(text)
+                            .content(
+                                "application/json",
+                                ContentBuilder::new()
+                                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                    .build(),
+                            )
+                            .build();
+                        op.responses
+                            .responses
+                            .insert(status.to_string(), resp.into());
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Gives every integer of a body or answer without a bound of its own the bounds of its
@@ -355,6 +419,10 @@ async fn audit(State(state): State<AppState>, mut req: Request, next: Next) -> R
     req.extensions_mut().insert(slot.clone());
     let target: String = req.uri().path().chars().take(1024).collect();
     let mut resp = next.run(req).await;
+    // The owner gave it its request id and recorded it.
+    if resp.extensions().get::<forward::Forwarded>().is_some() {
+        return resp;
+    }
     if let Ok(v) = axum::http::HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }

@@ -34,6 +34,8 @@ pub struct AppState {
     /// Cancelled when the daemon stops: long-lived connections (MCP sessions) end then, so
     /// that the graceful shutdown does not wait for them.
     pub stopping: moat_mcp::CancellationToken,
+    /// Sends requests for sandboxes of other nodes to them.
+    pub forwarder: Arc<super::forward::Forwarder>,
 }
 
 impl AppState {

@@ -123,17 +123,19 @@ class InternalError(MoatError):
 class BadGateway(MoatError):
     """502 ``bad_gateway`` (told by its code: a proxy's own 502 is an InternalError): the
     sandbox's agent did not answer or broke the protocol (the sandbox's ``health`` says so, and
-    the daemon reconnects or fails it), or a port of the sandbox could not be reached."""
+    the daemon reconnects or fails it), a port of the sandbox could not be reached, or the
+    fleet node that runs the sandbox could not be reached (the message names it)."""
 
 
 class OtherNode(MoatError):
-    """421 ``other_node``: the sandbox runs on another node of the fleet, which alone may act
-    on it; the message names the node and its URL (send the request there)."""
+    """421 ``other_node``: a request one node of the fleet forwarded reached a node that does
+    not run the sandbox (requests are forwarded once, never twice); the message names the node
+    that runs it and its URL."""
 
 
 class Unavailable(MoatError):
-    """503: the daemon cannot do this now (store busy, sandboxes being prepared, no VM runtime);
-    retry."""
+    """503: the daemon cannot do this now (store busy, sandboxes being prepared, no VM runtime,
+    the fleet node that runs the sandbox lost); retry."""
 
 
 class NoSpace(MoatError):

@@ -38,7 +38,7 @@ pub(in crate::http) struct Doc;
         ("id" = String, Path, description = "Sandbox id")),
     request_body = ExecRequest,
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 200, description = "The command ran (whatever its exit code). With \
             `Accept: application/x-ndjson`, one ExecEvent per line as output is produced.",
             content(

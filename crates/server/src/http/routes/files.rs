@@ -195,7 +195,7 @@ where
     request_body(content = String, content_type = "application/octet-stream",
         description = "The file's bytes, streamed; any size the guest's disk can hold"),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 201, description = "Created", body = FileWritten),
         (status = 200, description = "Replaced (atomically)", body = FileWritten),
         (status = 400, description = "Bad path or mode, or the path is a directory", body = ErrorBody),
@@ -441,7 +441,7 @@ async fn list_files(
         ("recursive" = Option<bool>, Query, description = "Also a non-empty directory, \
             with everything in it (symlinks are removed, never followed)")),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 204, description = "Deleted"),
         (status = 400, body = ErrorBody), (status = 502, description = api::AGENT_FAILED,
             body = ErrorBody),

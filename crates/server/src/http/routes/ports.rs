@@ -86,7 +86,7 @@ struct PortPath {
         ("id" = String, Path, description = "Sandbox id")),
     request_body = ExposePort,
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 201, description = "Exposed: requests under `url` reach the guest's port \
             (whether or not anything listens there yet)", body = Port),
         (status = 400, description = "Bad port (1–65535) or body", body = ErrorBody),
@@ -167,7 +167,7 @@ async fn get_port(
         ("id" = String, Path, description = "Sandbox id"),
         ("port" = u16, Path, description = "Guest port, 1–65535")),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 204, description = "Closed: new requests under its url get a 404; requests \
             and WebSockets already proxied run to their end"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -264,7 +264,7 @@ async fn proxy_path(
         ("id" = String, Path, description = "Sandbox id"),
         ("port" = u16, Path, description = "An exposed guest port")),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 101, description = "A WebSocket (or other upgrade) the guest accepted"),
         (status = 200, description = "The guest's answer for `/`, passed through",
             content_type = "*/*", body = String),
@@ -423,7 +423,7 @@ async fn proxy(
         ("id" = String, Path, description = "Sandbox id"),
         ("port" = u16, Path, description = "Any guest port, 1–65535 (it need not be exposed)")),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 101, description = "Switching to `moat-tcp`: from here the connection \
             carries the bytes of one TCP connection to the guest's port, both ways; a \
             half-close is passed on. Send `Connection: Upgrade` and `Upgrade: moat-tcp`."),

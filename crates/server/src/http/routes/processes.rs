@@ -121,7 +121,7 @@ fn proc_error(op: &str, proc: &str, sandbox: &str, e: moat_vm::Error) -> Error {
         ("id" = String, Path, description = "Sandbox id")),
     request_body = StartProcess,
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 201, description = "Started; it runs until it ends, is killed or times out",
             body = ProcessStarted),
         (status = 400, description = "Bad request, or the command or user does not exist",
@@ -172,7 +172,7 @@ async fn start_process(
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id")),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 200, body = ProcessList),
         (status = 400, body = ErrorBody), (status = 502, description = crate::api::AGENT_FAILED,
             body = ErrorBody),
@@ -219,7 +219,7 @@ async fn list_processes(
         ("pid_id" = String, Path, description = "Process id (`p1`, …)")),
     request_body(content = KillProcess, description = "Optional; default signal 15"),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 204, description = "Signalled (a process that already ended is left as it is)"),
         (status = 400, description = "Bad body or signal", body = ErrorBody),
         (status = 502, description = crate::api::AGENT_FAILED,
@@ -283,7 +283,7 @@ async fn kill_process(
         ("timeout_s" = Option<f64>, Query, description = "How long to wait, 0 to 300 seconds \
             (default 30); 0 only looks")),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 200, description = "It has ended. `exit_code` as a shell reports it: the \
             code, 128+N after signal N, 124 after its timeout", body = ExecExit),
         (status = 400, description = "Bad timeout_s", body = ErrorBody),
@@ -328,7 +328,7 @@ async fn wait_process(
         ("id" = String, Path, description = "Sandbox id"),
         ("pid_id" = String, Path, description = "Process id (`p1`, …)")),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 200, description = "The newest 1 MiB of each of its streams", body = ProcessLogs),
         (status = 400, body = ErrorBody), (status = 502, description = crate::api::AGENT_FAILED,
             body = ErrorBody),

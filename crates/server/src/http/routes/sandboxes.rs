@@ -182,7 +182,7 @@ async fn get_sandbox(
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id")),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 204, description = "Its VM is destroyed and its row removed"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -204,7 +204,7 @@ async fn delete_sandbox(
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id")),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 200, description = "Suspended (or it was already): its VM has ended, its \
             memory and disk are saved", body = Sandbox),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -227,7 +227,7 @@ async fn suspend_sandbox(
     params(("group" = String, Path, description = "Group name"),
         ("id" = String, Path, description = "Sandbox id")),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 200, description = "Running again (or it already was), processes and files \
             as they were", body = Sandbox),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),

@@ -130,7 +130,7 @@ fn check_term(t: &str) -> Result<()> {
         ("cwd" = Option<String>, Query, description = "Absolute working directory"),
         ("term" = Option<String>, Query, description = "TERM; default xterm-256color")),
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 101, description = "Switching to the WebSocket protocol. Binary messages: \
             terminal bytes both ways. Text messages: JSON control; the client may send \
             {\"type\":\"resize\",\"cols\":N,\"rows\":N}; the server ends with one ShellExit \

@@ -42,7 +42,7 @@ pub(in crate::http) struct Doc;
         ("id" = String, Path, description = "Sandbox id")),
     request_body = CreateSnapshot,
     responses(
-        (status = 421, description = "The sandbox runs on another node (the message names it and its URL)", body = ErrorBody),
+        (status = 421, body = ErrorBody),
         (status = 201, description = "Taken; the sandbox runs on (a suspended one is resumed \
             first)", body = Snapshot),
         (status = 400, description = "Bad name", body = ErrorBody),

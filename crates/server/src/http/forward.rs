@@ -1,0 +1,362 @@
+//! Forwarding (docs/FLEET.md): a request that acts on a sandbox run by another live node of
+//! the fleet is sent on to that node's advertised URL, with the caller's own headers (its API
+//! key included: the owner checks it, so nodes trust each other with nothing new), and the
+//! answer comes back as the owner gave it. Bodies stream both ways; WebSocket and other
+//! upgrades are spliced once both sides have switched.
+//!
+//! A forwarded request carries [`FORWARDED_BY`]. A node never forwards a request that carries
+//! it, so two nodes with different views of where a sandbox runs cannot bounce a request
+//! between them: the second answers 421 `other_node` itself. A client that sets the header
+//! only gets that 421 sooner; the header grants nothing.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use crate::api::{self, Node, NodeState, SandboxState};
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+use super::access::no_group;
+use super::extract::ShellPrincipal;
+use super::state::AppState;
+
+/// Names the node that forwarded a request (set by the forwarding node, over any value the
+/// client sent).
+pub const FORWARDED_BY: &str = "x-moat-forwarded-by";
+
+/// How long a node waits for a TCP connection to the owner: a node whose host is gone is
+/// reported within this, not after TCP's own minutes.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Marks an answer that came from another node, so that the audit middleware leaves it (and
+/// its request id) to the owner, which recorded the call.
+#[derive(Clone, Copy)]
+pub(crate) struct Forwarded;
+
+/// The HTTP client of forwarded requests: one pool of kept-alive connections per owner.
+pub struct Forwarder {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
+}
+
+impl Forwarder {
+    /// `https://` owners are verified against the public roots (the same as the CLI's) and
+    /// the CAs of `ca_file` (PEM; `MOAT_CA_FILE` for `moat serve`): a fleet with a private CA
+    /// gives every node that file.
+    pub fn new(ca_file: Option<&std::path::Path>) -> Result<Forwarder> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = ca_file {
+            let bad = |what: String| {
+                Error::Config(format!(
+                    "--ca-file (MOAT_CA_FILE) {}: {what}",
+                    path.display()
+                ))
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| bad(format!("cannot read it: {e}")))?
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("not a PEM certificate bundle: {e}")))?;
+            if certs.is_empty() {
+                return Err(bad("holds no CERTIFICATE block".to_string()));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| bad(format!("a certificate in it is not usable: {e}")))?;
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(Forwarder {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        })
+    }
+
+    /// Sends `req` to `owner` and gives back its answer, streaming; an upgrade is spliced.
+    async fn send(
+        &self,
+        store: &Store,
+        owner: &Node,
+        me: &str,
+        sandbox: &str,
+        mut req: Request,
+    ) -> Result<Response> {
+        let unreachable = |why: String| {
+            Error::BadGateway(format!(
+                "sandbox {sandbox} runs on node {} ({}), which could not be reached from node \
+                 {me}: {why}",
+                api::quote(&owner.name),
+                owner.advertise_url
+            ))
+        };
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let uri: Uri = format!("{}{target}", owner.advertise_url.trim_end_matches('/'))
+            .parse()
+            .map_err(|e| {
+                unreachable(format!(
+                    "its advertised URL does not make a request URL: {e}"
+                ))
+            })?;
+        let upgrade = req.headers().contains_key(header::UPGRADE);
+        let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        parts.extensions = Default::default();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        // The client sets the owner's own Host from the URL.
+        parts.headers.remove(header::HOST);
+        let by = HeaderValue::from_str(me).map_err(|e| Error::Internal(e.to_string()))?;
+        parts
+            .headers
+            .insert(HeaderName::from_static(FORWARDED_BY), by);
+        let sent = self.client.request(Request::from_parts(parts, body));
+        // A node that stopped (SIGSTOP, a partition) still has its connections accepted by
+        // its kernel and answers nothing: the request waits until the fleet declares it lost.
+        let mut resp = tokio::select! {
+            r = sent => r.map_err(|e| unreachable(chain(&e)))?,
+            why = declared_lost(store, owner) => {
+                return Err(Error::Unavailable(format!(
+                    "sandbox {sandbox} runs on node {} ({}), which did not answer and was \
+                     declared lost while the request waited{why}",
+                    api::quote(&owner.name),
+                    owner.advertise_url
+                )))
+            }
+        };
+        if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_side)) = (resp.status(), client_side) {
+            let owner_side = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                let (Ok(c), Ok(o)) = (client_side.await, owner_side.await) else {
+                    return;
+                };
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(o)).await;
+            });
+        }
+        let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        strip_hop_by_hop(resp.headers_mut(), upgraded);
+        let mut resp = resp.map(Body::new);
+        resp.extensions_mut().insert(Forwarded);
+        Ok(resp)
+    }
+}
+
+/// Resolves once `owner` is marked lost (its reason, as ": …"), checked twice a lease.
+async fn declared_lost(store: &Store, owner: &Node) -> String {
+    let every = Duration::from_millis((owner.lease_s * 500).max(1000));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Ok(Some(n)) = store.get_node(&owner.name).await {
+            if n.state == NodeState::Lost {
+                return n.lost_reason.map(|r| format!(": {r}")).unwrap_or_default();
+            }
+        }
+    }
+}
+
+/// An error and its causes, for the message ("client error (Connect): tcp connect error:
+/// Connection refused (os error 111)").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Headers of one connection, not of the request (RFC 9110 7.6.1); an upgrade keeps
+/// `Connection: upgrade` and `Upgrade`, which are what it asks of the next hop.
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        h.remove(n);
+    }
+    if !upgrade {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// Whether a route (as matched: `/v1/sandbox-groups/{group}/sandboxes/{id}/exec`) is one only
+/// the sandbox's node can answer: every route under `/sandboxes/{id}` but the reads of the
+/// store (the sandbox, its egress audit, its exposed ports) and identity tokens (minted from
+/// the store's keys), which any node answers, so they work while the owner is down.
+pub(crate) fn owner_only(get: bool, route: &str) -> bool {
+    let Some(rest) = route.strip_prefix("/v1/sandbox-groups/{group}/sandboxes/{id}") else {
+        return false;
+    };
+    let read = matches!(rest, "" | "/egress" | "/ports" | "/ports/{port}");
+    (rest.is_empty() || rest.starts_with('/')) && !(read && get) && rest != "/identity/token"
+}
+
+/// The group and sandbox id of a request only the sandbox's node can answer.
+fn owner_route(req: &Request) -> Option<(String, String)> {
+    let route = req.extensions().get::<MatchedPath>()?.as_str();
+    if !owner_only(req.method() == Method::GET, route) {
+        return None;
+    }
+    let mut segments = req.uri().path().split('/').skip(3);
+    let group = segments.next()?.to_string();
+    segments.next();
+    let id = segments.next()?.to_string();
+    Some((group, id))
+}
+
+/// The node to forward to, `None` to answer here (the sandbox is this node's, lost, or not
+/// there, which the route says itself), or why no node can answer.
+async fn owner(
+    state: &AppState,
+    me: &str,
+    group: &str,
+    id: &str,
+) -> Result<Option<(String, Node)>> {
+    if api::validate_name("group name", group).is_err() || id.len() > 64 {
+        return Ok(None);
+    }
+    let Some(sb) = state.store.get_sandbox(id).await? else {
+        return Ok(None);
+    };
+    let Some(name) = sb.node.filter(|n| n != me && sb.group == group) else {
+        return Ok(None);
+    };
+    if sb.state == SandboxState::Lost {
+        return Ok(None);
+    }
+    match state.store.get_node(&name).await? {
+        Some(n) if n.state == NodeState::Lost => Err(Error::Unavailable(format!(
+            "sandbox {id} is on node {}, which was lost{}: its sandboxes cannot be reached \
+             until it comes back",
+            api::quote(&name),
+            n.lost_reason.map(|r| format!(" ({r})")).unwrap_or_default()
+        ))),
+        Some(n) => Ok(Some((sb.id, n))),
+        None => Err(Error::Unavailable(format!(
+            "sandbox {id} is on node {}, which is not a node of this store",
+            api::quote(&name)
+        ))),
+    }
+}
+
+/// The middleware: forwards what only another node can answer, passes the rest on.
+pub(crate) async fn forward(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some((group, id)) = owner_route(&req) else {
+        return next.run(req).await;
+    };
+    // Never forwarded twice: the route answers 421 if this node does not run the sandbox.
+    if req.headers().contains_key(FORWARDED_BY) {
+        return next.run(req).await;
+    }
+    let Some(me) = state.store.node_name() else {
+        return next.run(req).await;
+    };
+    // Kept to check the key if no node can answer (the request itself is gone by then).
+    let headers = req.headers().clone();
+    let err = match owner(&state, &me, &group, &id).await {
+        Ok(None) => return next.run(req).await,
+        Ok(Some((sandbox, node))) => match state
+            .forwarder
+            .send(&state.store, &node, &me, &sandbox, req)
+            .await
+        {
+            Ok(resp) => return resp,
+            Err(e) => e,
+        },
+        Err(e) => e,
+    };
+    // A caller learns that a sandbox is on a node that is lost or down only with a key that
+    // may see it, as for every other answer about a sandbox.
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.headers = headers;
+    match ShellPrincipal::from_request_parts(&mut parts, &state).await {
+        Ok(ShellPrincipal(p)) if p.sees(&group) => err.into_response(),
+        Ok(_) => no_group(&group).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner_only;
+
+    const SB: &str = "/v1/sandbox-groups/{group}/sandboxes/{id}";
+
+    #[test]
+    fn only_what_needs_the_sandboxs_node_is_forwarded() {
+        for (get, rest) in [
+            (false, ""),
+            (false, "/exec"),
+            (true, "/files"),
+            (false, "/files"),
+            (true, "/shell"),
+            (true, "/processes"),
+            (false, "/suspend"),
+            (false, "/ports"),
+            (false, "/ports/{port}"),
+            (true, "/ports/{port}/{*path}"),
+            (true, "/port-forward/{port}"),
+        ] {
+            assert!(owner_only(get, &format!("{SB}{rest}")), "{get} {rest}");
+        }
+        for (get, rest) in [
+            (true, ""),
+            (true, "/egress"),
+            (true, "/ports"),
+            (true, "/ports/{port}"),
+            (false, "/identity/token"),
+        ] {
+            assert!(!owner_only(get, &format!("{SB}{rest}")), "{get} {rest}");
+        }
+        for route in [
+            "/v1/sandbox-groups/{group}/sandboxes",
+            "/v1/sandbox-groups/{group}/sandboxes/{id}x",
+            "/v1/nodes",
+        ] {
+            assert!(!owner_only(false, route), "{route}");
+        }
+    }
+}
