@@ -10,14 +10,13 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use common::daemon::{moat, msg, runtime_home, Daemon, ADMIN, G};
 use futures_util::{SinkExt, StreamExt};
+use moat_testkit::postgres::Postgres;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -25,40 +24,6 @@ use tokio_tungstenite::tungstenite::Message;
 /// The lease of every node here: short, so that a loss is noticed within seconds, yet long
 /// enough for renewals (every third of it) on a loaded 2-core machine.
 const LEASE_S: u64 = 5;
-
-struct Postgres {
-    dir: tempfile::TempDir,
-    url: String,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/postgres.sh")
-}
-
-impl Postgres {
-    fn start() -> Postgres {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(script())
-            .args(["start", &dir.path().display().to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "postgres.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let url = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        Postgres { dir, url }
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .args(["stop", &self.dir.path().display().to_string()])
-            .output();
-    }
-}
 
 /// A home (able to run sandboxes) holding the fleet's sealing key `key`, if given.
 fn home_with_key(key: Option<&[u8]>) -> tempfile::TempDir {

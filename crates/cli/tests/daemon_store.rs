@@ -5,58 +5,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use common::daemon::{moat, Daemon, ADMIN, G};
+use moat_testkit::postgres::Postgres;
 use serde_json::json;
-
-/// A PostgreSQL cluster in a temporary directory, stopped on drop.
-struct Postgres {
-    dir: tempfile::TempDir,
-    url: String,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/postgres.sh")
-}
-
-impl Postgres {
-    fn start() -> Postgres {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(script())
-            .args(["start", &dir.path().display().to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "postgres.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let url = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        Postgres { dir, url }
-    }
-
-    fn ctl(&self, what: &str) {
-        let out = Command::new(script())
-            .args([what, &self.dir.path().display().to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "postgres.sh {what}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .args(["stop", &self.dir.path().display().to_string()])
-            .output();
-    }
-}
 
 /// `moat serve --store <store>` on a fresh home: its exit status and stderr.
 fn serve_with_store(store: &str) -> (std::process::ExitStatus, String) {

@@ -4,6 +4,7 @@
 
 pub mod fuzz;
 pub mod openapi;
+pub mod postgres;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};

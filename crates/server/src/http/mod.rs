@@ -103,7 +103,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 /// (`forward.rs`): its 421, 502 and 503 say so, written here from the same rule the
 /// forwarding follows, so that the document cannot miss a route.
 fn document_forwarding(doc: &mut utoipa::openapi::OpenApi) {
-    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    use utoipa::openapi::RefOr;
     const CASES: [(&str, &str); 3] = [
         (
             "421",
@@ -138,18 +138,9 @@ fn document_forwarding(doc: &mut utoipa::openapi::OpenApi) {
                     }
                     Some(RefOr::Ref(_)) => {}
                     None => {
-                        let resp = ResponseBuilder::new()
-                            .description(text)
-                            .content(
-                                "application/json",
-                                ContentBuilder::new()
-                                    .schema(Some(Ref::from_schema_name("ErrorBody")))
-                                    .build(),
-                            )
-                            .build();
                         op.responses
                             .responses
-                            .insert(status.to_string(), resp.into());
+                            .insert(status.to_string(), error_response(text).into());
                     }
                 }
             }
@@ -227,26 +218,31 @@ fn bound_schema(schema: &mut utoipa::openapi::Schema) {
     }
 }
 
+/// A documented error answer: `text`, with the `ErrorBody` every error has.
+fn error_response(text: &str) -> utoipa::openapi::Response {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    ResponseBuilder::new()
+        .description(text)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build()
+}
+
 /// Every operation that takes an API key may answer 429 when the key is over its rate limit
 /// (checked with the key, before the operation's own work): said once here for all of them.
 fn document_rate_limit(doc: &mut utoipa::openapi::OpenApi) {
-    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
     for item in doc.paths.paths.values_mut() {
         for (_, op) in operations_mut(item) {
             if op.security.is_none() || op.responses.responses.contains_key("429") {
                 continue;
             }
-            let resp = ResponseBuilder::new()
-                .description(
-                    "The API key is over its rate limit; `Retry-After` says when to try again",
-                )
-                .content(
-                    "application/json",
-                    ContentBuilder::new()
-                        .schema(Some(Ref::from_schema_name("ErrorBody")))
-                        .build(),
-                )
-                .build();
+            let resp = error_response(
+                "The API key is over its rate limit; `Retry-After` says when to try again",
+            );
             op.responses
                 .responses
                 .insert("429".to_string(), resp.into());
