@@ -94,17 +94,7 @@ pub struct MintRequest {
 /// verifiers), a host, no query, fragment or trailing slash: it is compared byte for byte
 /// by every relying party, and `/.well-known/…` is appended to it.
 pub fn validate_issuer_url(url: &str) -> Result<()> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"));
-    let ok = rest.is_some_and(|r| {
-        !r.is_empty()
-            && !r.starts_with('/')
-            && !url.ends_with('/')
-            && r.bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
-    });
-    if ok {
+    if crate::api::is_http_base_url(url) && !url.ends_with('/') {
         Ok(())
     } else {
         Err(Error::Config(format!(

@@ -126,16 +126,7 @@ fn default_name() -> Result<String> {
 /// `--advertise-url`: http:// or https://, a host, no query or fragment (it is where other
 /// nodes and clients send requests).
 fn validate_url(url: &str) -> Result<()> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"));
-    let ok = rest.is_some_and(|r| {
-        !r.is_empty()
-            && !r.starts_with('/')
-            && r.bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
-    });
-    if ok {
+    if crate::api::is_http_base_url(url) {
         Ok(())
     } else {
         Err(Error::Config(format!(

@@ -339,6 +339,20 @@ pub fn rfc3339(secs: i64) -> String {
     )
 }
 
+/// An `http://` or `https://` URL with a host, printable, without a query or fragment: the
+/// base other URLs are built on (`--issuer-url`, `--advertise-url`).
+pub fn is_http_base_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    rest.is_some_and(|r| {
+        !r.is_empty()
+            && !r.starts_with('/')
+            && r.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
+    })
+}
+
 /// A user-supplied string shown in an error message, quoted and cut so that a huge or
 /// multi-line value cannot flood the message.
 pub fn quote(s: &str) -> String {
