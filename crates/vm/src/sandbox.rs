@@ -16,7 +16,9 @@ use crate::agent::AgentConn;
 use crate::assets::{Initramfs, Kernel};
 use crate::error::IoContext;
 use crate::netstack::{self, NetStack};
-use crate::qemu::{GuestRam, Incoming, Vm, VmSpec};
+use crate::qemu::{
+    GuestRam, Incoming, MigrateParams, MigrationStats, MigrationStreams, Vm, VmSpec,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::snapshot::{self, BaseDisk, SnapshotMeta, SNAPSHOT_FORMAT};
@@ -109,6 +111,126 @@ impl SandboxRecord {
             .map_err(|e| Error::InvalidArgument(format!("encoding sandbox.json: {e}")))?;
         crate::util::write_atomic(&dir.join(Self::FILE), &bytes)
     }
+}
+
+/// What the destination of a live migration needs to know about the sandbox before its
+/// state arrives ([`Sandbox::migration_manifest`], [`Sandbox::migrate_in`]): the owner sends
+/// it ahead of the streams. Paths are the source's: the destination must hold the overlay's
+/// backing chain at the same paths (the image's rootfs, and the snapshot, template or
+/// suspend directory's disk a restored sandbox's overlay sits on), as on shared storage or
+/// after copying them; only the overlay itself travels with the migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationManifest {
+    /// Version of this document ([`MigrationManifest::FORMAT`]).
+    pub format: u32,
+    pub id: String,
+    /// Digest of the image.
+    pub image: String,
+    pub tier: Tier,
+    pub mem_mib: u32,
+    pub cpus: u32,
+    /// The shared read-only disk a suspend flattens onto.
+    pub shared_base: BaseDisk,
+    /// The overlay's direct backing file, and its format (`raw` or `qcow2`).
+    pub backing: BaseDisk,
+    /// Both QEMUs must be the same build on the same accelerator, with the same guest kernel
+    /// and agent (the guest keeps running the source's, and later snapshots name them).
+    pub accel: String,
+    pub qemu_version: String,
+    pub kernel_version: String,
+    pub initramfs_sha256: String,
+}
+
+impl MigrationManifest {
+    pub const FORMAT: u32 = 1;
+
+    /// Refuses a manifest this host cannot receive, naming what differs.
+    fn check(&self, rt: &Runtime) -> Result<()> {
+        if self.format != Self::FORMAT {
+            return Err(Error::InvalidArgument(format!(
+                "migration manifest format {}; this moat reads format {}",
+                self.format,
+                Self::FORMAT
+            )));
+        }
+        let pairs = [
+            ("accelerator", rt.accel.accel.as_str(), self.accel.as_str()),
+            ("QEMU", &rt.qemu_version, &self.qemu_version),
+            ("guest kernel", &rt.kernel.version, &self.kernel_version),
+            ("guest agent", &rt.initramfs.sha256, &self.initramfs_sha256),
+        ];
+        for (what, ours, theirs) in pairs {
+            if ours != theirs {
+                return Err(Error::InvalidArgument(format!(
+                    "sandbox {} runs on {what} {theirs}, this host has {ours}: it cannot migrate here",
+                    self.id
+                )));
+            }
+        }
+        if !matches!(self.backing.format.as_str(), "raw" | "qcow2") {
+            return Err(Error::InvalidArgument(format!(
+                "backing format {:?}: use \"raw\" or \"qcow2\"",
+                self.backing.format
+            )));
+        }
+        if !self.backing.path.is_file() {
+            return Err(Error::InvalidArgument(format!(
+                "sandbox {}: its disk's backing file {} is not on this host",
+                self.id,
+                self.backing.path.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A sandbox whose live migration has left the source ([`Sandbox::migrate_out`]): its QEMU is
+/// paused with everything on the destination. Exactly one of the two must run from here on:
+/// [`Departed::complete`] once the destination runs, [`Departed::abort`] if it never did.
+/// Dropping it kills the source, like `complete`.
+#[derive(Debug)]
+pub struct Departed {
+    sandbox: Sandbox,
+    stats: MigrationStats,
+    quiet: crate::agent::Quiesced,
+}
+
+impl Departed {
+    /// What QEMU measured.
+    pub fn stats(&self) -> &MigrationStats {
+        &self.stats
+    }
+
+    /// The destination runs the sandbox: the source ends and its run directory goes.
+    pub async fn complete(self) {
+        self.sandbox.destroy().await;
+    }
+
+    /// The destination never ran the sandbox (it failed, or the owner gave up before
+    /// [`Sandbox::migrate_in`] returned there): the source continues as it was. Never call
+    /// this once the destination may have run: two copies would go on from one state.
+    pub async fn abort(self) -> Result<Sandbox> {
+        let Departed {
+            mut sandbox, quiet, ..
+        } = self;
+        sandbox.vm.resume().await?;
+        quiet.release().await?;
+        // The pause was short, but the guest's clock stood still through it.
+        sandbox.agent.refresh(None).await?;
+        tracing::warn!(
+            id = sandbox.id,
+            "live migration aborted; the source runs on"
+        );
+        Ok(sandbox)
+    }
+}
+
+/// A live migration that failed on the source: the sandbox runs on, as before.
+#[derive(Debug)]
+pub struct Stayed {
+    pub sandbox: Sandbox,
+    pub error: Error,
 }
 
 /// How long a cold boot may take to reach "agent ready". TCG boots take ~3 s here; a guest that
@@ -416,7 +538,7 @@ impl Sandbox {
             ram,
             ram_base: None,
         };
-        Self::start(rt, id, dir, origin, None, opts).await
+        Self::start(rt, id, dir, origin, Load::Boot, opts).await
     }
 
     /// Starts a new VM from a snapshot directory with its own copy-on-write disk on top of the
@@ -515,7 +637,7 @@ impl Sandbox {
             path: snapshot.join("memory.bin"),
             ignore_shared: meta.format >= 3,
         };
-        Self::start(rt, id, dir, origin, Some(incoming), opts).await
+        Self::start(rt, id, dir, origin, Load::Image(incoming), opts).await
     }
 
     /// Launches QEMU on `dir/disk.qcow2` (booting, or loading `incoming`), records a detached
@@ -525,25 +647,36 @@ impl Sandbox {
         id: &str,
         dir: RunDir,
         origin: Origin,
-        incoming: Option<Incoming>,
+        load: Load,
         opts: LaunchOptions,
     ) -> Result<Sandbox> {
         let disk_path = dir.path.join("disk.qcow2");
         let started = Instant::now();
-        let restoring = incoming.is_some();
+        let restoring = !matches!(load, Load::Boot);
         let ram_source = match &origin.ram {
             GuestRam::TemplateSource(fd) => Some(fd.clone()),
             _ => None,
         };
-        let mut vm = crate::qemu::spawn(&spec(
+        let (incoming, migration) = match load {
+            Load::Boot => (None, None),
+            Load::Image(incoming) => (Some(incoming), None),
+            Load::Migration { streams, timeout } => (None, Some((streams, timeout))),
+        };
+        let vm_spec = spec(
             rt,
             (origin.mem_mib, origin.cpus, origin.tier.millicores()),
             &dir.path,
             &disk_path,
             (incoming, origin.ram),
             opts.detached,
-        ))
-        .await?;
+        );
+        let (mut vm, migration) = match migration {
+            None => (crate::qemu::spawn(&vm_spec).await?, None),
+            Some((streams, timeout)) => {
+                let (vm, target) = crate::qemu::spawn_migration_target(&vm_spec, streams).await?;
+                (vm, Some((target, timeout)))
+            }
+        };
         let qemu = started.elapsed();
         // Every VM, a restore or a fork included, gets a NIC and a stack of its own, spawned
         // while QEMU loads a restore's memory. The guest may run before the stack does: its
@@ -558,10 +691,10 @@ impl Sandbox {
             (net, started.elapsed())
         };
         let ((net, net_started), restored) = tokio::join!(spawn_net, async {
-            if restoring {
-                vm.finish_restore().await
-            } else {
-                Ok(())
+            match migration {
+                Some((target, timeout)) => vm.finish_migration_in(target, timeout).await,
+                None if restoring => vm.finish_restore().await,
+                None => Ok(()),
             }
         });
         // A failed restore's error carries the guest's console: it goes first (a stack that
@@ -986,6 +1119,118 @@ impl Sandbox {
         clean
     }
 
+    /// What the destination of a live migration of this sandbox needs first (see
+    /// [`Sandbox::migrate_in`]).
+    pub fn migration_manifest(&self, rt: &Runtime) -> MigrationManifest {
+        let backing_format = if self.backing == self.shared_base.path {
+            self.shared_base.format.clone()
+        } else {
+            // Anything else under the overlay is a snapshot's or suspend's disk.
+            "qcow2".into()
+        };
+        MigrationManifest {
+            format: MigrationManifest::FORMAT,
+            id: self.id.clone(),
+            image: self.image.clone(),
+            tier: self.tier,
+            mem_mib: self.mem_mib,
+            cpus: self.cpus,
+            shared_base: self.shared_base.clone(),
+            backing: BaseDisk {
+                path: self.backing.clone(),
+                format: backing_format,
+            },
+            accel: rt.accel.accel.as_str().to_string(),
+            qemu_version: rt.qemu_version.clone(),
+            kernel_version: rt.kernel.version.clone(),
+            initramfs_sha256: rt.initramfs.sha256.clone(),
+        }
+    }
+
+    /// Live-migrates this running sandbox to a destination started with
+    /// [`Sandbox::migrate_in`] on the other ends of `streams` (see `qemu/migrate.rs` for the
+    /// protocol): its overlay is mirrored, its memory sent while it runs (pre-copy), and it is
+    /// paused only for the last pass, about `params.downtime_limit`. All of its RAM travels,
+    /// into private memory on the destination (which need not have its template).
+    ///
+    /// Returns once the destination holds the whole state; the source is then paused, and the
+    /// owner ends it with [`Departed::complete`] when the destination runs (or continues it
+    /// with [`Departed::abort`] if the destination failed). On failure the sandbox runs on,
+    /// untouched, in [`Stayed`]. The agent session stays quiet from the start (no frame may
+    /// be cut in half by the switch): exec streams of this session see nothing more.
+    pub async fn migrate_out(
+        mut self,
+        streams: MigrationStreams,
+        params: &MigrateParams,
+    ) -> std::result::Result<Departed, Box<Stayed>> {
+        let stay = |sandbox: Sandbox, error: Error| Box::new(Stayed { sandbox, error });
+        if self.ram_source.is_some() {
+            let e = Error::InvalidArgument("a template's VM cannot be migrated".into());
+            return Err(stay(self, e));
+        }
+        if let Err(e) = self.unpark().await {
+            return Err(stay(self, e));
+        }
+        let quiet = match self.agent.quiesce().await {
+            Ok(q) => q,
+            Err(e) => return Err(stay(self, e)),
+        };
+        match self.vm.migrate_out(streams, params).await {
+            Ok(stats) => {
+                tracing::info!(id = self.id, ?stats, "live migration sent");
+                Ok(Departed {
+                    sandbox: self,
+                    stats,
+                    quiet,
+                })
+            }
+            Err(e) => {
+                if let Err(e) = quiet.release().await {
+                    tracing::warn!(id = self.id, error = %e, "releasing the agent");
+                }
+                Err(stay(self, e))
+            }
+        }
+    }
+
+    /// Receives a sandbox live-migrated by [`Sandbox::migrate_out`] on the other ends of
+    /// `streams`: a new QEMU waits for its state on a fresh overlay over
+    /// `manifest.backing`, and the sandbox comes back under its own id with its processes,
+    /// files and guest network settings, a new network stack (whose policy the owner sends
+    /// again, as after a restore) and a new agent session. Returns once it runs and its agent
+    /// answers; fails if the state does not arrive within `timeout`. On failure everything
+    /// made here is removed; the source is not told (its owner calls [`Departed::abort`]).
+    pub async fn migrate_in(
+        rt: &Runtime,
+        manifest: &MigrationManifest,
+        streams: MigrationStreams,
+        opts: LaunchOptions,
+        timeout: Duration,
+    ) -> Result<Sandbox> {
+        manifest.check(rt)?;
+        let dir = RunDir::create(rt, &manifest.id)?;
+        let disk_path = dir.path.join("disk.qcow2");
+        disk::create_overlay(
+            &manifest.backing.path,
+            &manifest.backing.format,
+            manifest.tier.disk_bytes(),
+            &disk_path,
+        )
+        .await?;
+        let origin = Origin {
+            image: manifest.image.clone(),
+            tier: manifest.tier,
+            mem_mib: manifest.mem_mib,
+            cpus: manifest.cpus,
+            shared_base: manifest.shared_base.clone(),
+            backing: canonical(&manifest.backing.path)?,
+            ram: GuestRam::Private,
+            ram_base: None,
+        };
+        let load = Load::Migration { streams, timeout };
+        Self::start(rt, &manifest.id, dir, origin, load, opts).await
+    }
+
     /// Stops the VM and removes everything the sandbox wrote.
     pub async fn destroy(mut self) {
         if let Err(e) = self.vm.kill().await {
@@ -1062,6 +1307,19 @@ fn spec(
         millicores,
         jail: rt.jail.clone(),
     }
+}
+
+/// What a new VM starts from.
+enum Load {
+    /// A cold boot.
+    Boot,
+    /// A memory image (a snapshot, template or suspended sandbox).
+    Image(Incoming),
+    /// A live migration arriving on these streams within `timeout`.
+    Migration {
+        streams: MigrationStreams,
+        timeout: Duration,
+    },
 }
 
 /// Where a sandbox comes from: what [`Sandbox::start`] records besides the VM.
