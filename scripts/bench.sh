@@ -4,7 +4,9 @@
 # with and without shared template RAM; `scripts/bench.sh scale [N]` starts N (default 200)
 # xs sandboxes in one daemon and reports what each costs the host; `scripts/bench.sh load
 # [SECONDS] [CLIENTS]` (default 60 s, 16 clients) runs creates, execs, file transfers and
-# shells at once against one daemon and reports throughput, p50/p99, errors and losses.
+# shells at once against one daemon and reports throughput, p50/p99, errors and losses;
+# `scripts/bench.sh migrate` live-migrates an idle and a busy xs sandbox to a second QEMU on
+# this host and reports the pause (QEMU's downtime) and total time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # --bench: also gVisor's runsc, the peer we compare with.
