@@ -187,7 +187,7 @@ impl MigrationManifest {
 
 /// A sandbox whose live migration has left the source ([`Sandbox::migrate_out`]): its QEMU is
 /// paused with everything on the destination. Exactly one of the two must run from here on:
-/// [`Departed::complete`] once the destination runs, [`Departed::abort`] if it never did.
+/// [`Departed::complete`] once the destination runs, [`Departed::abort`] if it is gone.
 /// Dropping it kills the source, like `complete`.
 #[derive(Debug)]
 pub struct Departed {
@@ -207,9 +207,10 @@ impl Departed {
         self.sandbox.destroy().await;
     }
 
-    /// The destination never ran the sandbox (it failed, or the owner gave up before
-    /// [`Sandbox::migrate_in`] returned there): the source continues as it was. Never call
-    /// this once the destination may have run: two copies would go on from one state.
+    /// The destination does not run the sandbox and never will ([`Sandbox::migrate_in`]
+    /// failed there, which removes its QEMU, or the owner gave up on it): the source continues
+    /// as it was. Never call this while the destination may still run: two copies would go
+    /// on from one state.
     pub async fn abort(self) -> Result<Sandbox> {
         let Departed {
             mut sandbox, quiet, ..
@@ -1158,6 +1159,9 @@ impl Sandbox {
     /// with [`Departed::abort`] if the destination failed). On failure the sandbox runs on,
     /// untouched, in [`Stayed`]. The agent session stays quiet from the start (no frame may
     /// be cut in half by the switch): exec streams of this session see nothing more.
+    ///
+    /// To cancel, close the streams (or let `params.timeout` pass): this then returns
+    /// [`Stayed`]. Dropping the future drops the sandbox, and with it its QEMU.
     pub async fn migrate_out(
         mut self,
         streams: MigrationStreams,

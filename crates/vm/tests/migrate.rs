@@ -139,20 +139,21 @@ async fn start_counter(sb: &Sandbox) {
     }
 }
 
-/// One stream relayed through this test: the source's end, the destination's end, and the
-/// bytes that went through (both directions).
+/// One stream relayed through this test: the bytes that went through (both directions), and
+/// the relay's own ends (to cut it).
 struct Relayed {
-    src: OwnedFd,
-    dst: OwnedFd,
     bytes: Arc<AtomicU64>,
+    relay: [UnixStream; 2],
 }
 
-/// Two socket pairs joined by two threads that copy and count. When either side ends or
-/// fails, both are shut down, as a dropped connection between hosts would be.
-fn relayed() -> Relayed {
+/// Two socket pairs joined by two threads that copy and count: the source's end, the
+/// destination's end and the relay. When either side ends or fails, both are shut down, as a
+/// dropped connection between hosts would be.
+fn relayed() -> (OwnedFd, OwnedFd, Relayed) {
     let (src, a) = UnixStream::pair().unwrap();
     let (b, dst) = UnixStream::pair().unwrap();
     let bytes = Arc::new(AtomicU64::new(0));
+    let relay = [a.try_clone().unwrap(), b.try_clone().unwrap()];
     for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
         let bytes = bytes.clone();
         std::thread::spawn(move || {
@@ -172,32 +173,42 @@ fn relayed() -> Relayed {
             let _ = to.shutdown(std::net::Shutdown::Both);
         });
     }
-    Relayed {
-        src: src.into(),
-        dst: dst.into(),
-        bytes,
+    (src.into(), dst.into(), Relayed { bytes, relay })
+}
+
+/// A migration's two streams, relayed: each side's ends, and the relays.
+struct Link {
+    out: MigrationStreams,
+    inn: MigrationStreams,
+    memory: Relayed,
+    disk: Relayed,
+}
+
+impl Link {
+    fn new() -> Link {
+        let ((ms, md, memory), (ds, dd, disk)) = (relayed(), relayed());
+        Link {
+            out: MigrationStreams {
+                memory: ms,
+                disk: ds,
+            },
+            inn: MigrationStreams {
+                memory: md,
+                disk: dd,
+            },
+            memory,
+            disk,
+        }
     }
 }
 
-fn streams() -> (
-    MigrationStreams,
-    MigrationStreams,
-    Arc<AtomicU64>,
-    Arc<AtomicU64>,
-) {
-    let (memory, disk) = (relayed(), relayed());
-    (
-        MigrationStreams {
-            memory: memory.src,
-            disk: disk.src,
-        },
-        MigrationStreams {
-            memory: memory.dst,
-            disk: disk.dst,
-        },
-        memory.bytes,
-        disk.bytes,
-    )
+impl Relayed {
+    /// Cuts this stream and `other`, as an owner cancelling the migration does.
+    fn cut_and(&self, other: &Relayed) {
+        for s in self.relay.iter().chain(&other.relay) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 /// The QEMU whose command line names `disk`.
@@ -228,7 +239,12 @@ async fn live_migration_keeps_processes_and_files() {
     start_counter(&src).await;
     let src_pid = src.qemu_pid();
     let manifest = src.migration_manifest(&src_rt);
-    let (out, inn, memory_bytes, disk_bytes) = streams();
+    let Link {
+        out,
+        inn,
+        memory,
+        disk,
+    } = Link::new();
     let params = MigrateParams::default();
     let started = Instant::now();
     let (departed, arrived) = tokio::join!(
@@ -246,8 +262,8 @@ async fn live_migration_keeps_processes_and_files() {
     // The streams carried the sandbox: all of its RAM went (pages of zeros as flags only), and
     // the overlay with the 8 MiB file.
     let (memory_bytes, disk_bytes) = (
-        memory_bytes.load(Ordering::Relaxed),
-        disk_bytes.load(Ordering::Relaxed),
+        memory.bytes.load(Ordering::Relaxed),
+        disk.bytes.load(Ordering::Relaxed),
     );
     assert!(
         memory_bytes >= stats.ram_transferred_bytes,
@@ -307,8 +323,18 @@ async fn live_migration_keeps_processes_and_files() {
     dst.destroy().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_destination_dying_half_way_leaves_the_source_running() {
+/// How a migration is broken half-way through its RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Break {
+    /// The destination's QEMU is killed.
+    KillDestination,
+    /// The owner cancels: both streams are cut (a closed connection between the nodes).
+    CutStreams,
+}
+
+/// Breaks a migration as `how` says once 2 MiB of memory went through, then checks that the
+/// source runs on, untouched, and the destination left nothing behind.
+async fn broken_half_way(how: Break) {
     let dir = tempfile::Builder::new()
         .prefix("moat-migrate-")
         .tempdir_in("/tmp")
@@ -318,13 +344,15 @@ async fn a_destination_dying_half_way_leaves_the_source_running() {
     let src_pid = src.qemu_pid();
     let manifest = src.migration_manifest(&src_rt);
     let dst_run = dst_rt.run_root().join(&manifest.id);
-    let (out, inn, memory_bytes, _) = streams();
-    // Slow enough that the destination is killed in the middle of the RAM.
+    let link = Link::new();
+    let Link { out, inn, .. } = link;
+    let memory_bytes = link.memory.bytes.clone();
+    // Slow enough that the break comes in the middle of the RAM.
     let params = MigrateParams {
         max_bandwidth: Some(16 << 20),
         ..MigrateParams::default()
     };
-    let killer = async {
+    let breaker = async {
         let deadline = Instant::now() + ARRIVAL;
         while memory_bytes.load(Ordering::Relaxed) < 2 << 20 {
             assert!(
@@ -333,24 +361,32 @@ async fn a_destination_dying_half_way_leaves_the_source_running() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let disk = dst_run.join("disk.qcow2");
-        let pid = qemu_of(&disk).expect("the destination QEMU");
-        // SAFETY: kill(2) on a QEMU this test started (found by its disk path).
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        match how {
+            Break::KillDestination => {
+                let disk = dst_run.join("disk.qcow2");
+                let pid = qemu_of(&disk).expect("the destination QEMU");
+                // SAFETY: kill(2) on a QEMU this test started (found by its disk path).
+                assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+            }
+            Break::CutStreams => link.memory.cut_and(&link.disk),
+        }
         memory_bytes.load(Ordering::Relaxed)
     };
-    let (stayed, arrived, killed_at) = tokio::join!(
+    let (stayed, arrived, broken_at) = tokio::join!(
         src.migrate_out(out, &params),
         Sandbox::migrate_in(&dst_rt, &manifest, inn, LaunchOptions::default(), ARRIVAL),
-        killer,
+        breaker,
     );
-    assert!(arrived.is_err(), "the destination survived its QEMU");
+    assert!(
+        arrived.is_err(),
+        "the destination came up from half a state"
+    );
     let stayed = match stayed {
-        Ok(_) => panic!("the migration succeeded without its destination"),
+        Ok(_) => panic!("the migration succeeded half-way"),
         Err(s) => *s,
     };
     eprintln!(
-        "destination killed after {killed_at} bytes; the source says: {}",
+        "{how:?} after {broken_at} bytes; the source says: {}",
         stayed.error
     );
     assert!(
@@ -368,5 +404,27 @@ async fn a_destination_dying_half_way_leaves_the_source_running() {
         assert!(Instant::now() < deadline, "the source's counter stopped");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    src.destroy().await;
+    // And it can still migrate (the failed attempt left no job, node or capability behind).
+    let manifest = src.migration_manifest(&src_rt);
+    let Link { out, inn, .. } = Link::new();
+    let params = MigrateParams::default();
+    let (departed, arrived) = tokio::join!(
+        src.migrate_out(out, &params),
+        Sandbox::migrate_in(&dst_rt, &manifest, inn, LaunchOptions::default(), ARRIVAL),
+    );
+    let departed = departed.map_err(|s| s.error).expect("migrate out again");
+    let dst = arrived.expect("migrate in again");
+    departed.complete().await;
+    assert!(counter(&dst).await.len() > n);
+    dst.destroy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_dying_half_way_leaves_the_source_running() {
+    broken_half_way(Break::KillDestination).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_cancelled_half_way_leaves_the_source_running() {
+    broken_half_way(Break::CutStreams).await;
 }

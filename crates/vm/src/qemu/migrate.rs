@@ -111,7 +111,8 @@ pub struct MigrationStats {
     pub dirty_sync_count: u64,
     /// How far auto-converge slowed the guest down at the end (percent of its CPU time).
     pub cpu_throttle_percentage: u64,
-    /// Bytes of the overlay the mirror copied.
+    /// The mirror job's length: bytes of the overlay it went through, and wrote guest writes
+    /// meanwhile (zeros cross the stream as NBD write-zeroes requests, so fewer bytes travel).
     pub disk_bytes: u64,
 }
 
