@@ -185,10 +185,16 @@ impl MigrationManifest {
     }
 }
 
+/// `run/<id>/departed.json`: the sandbox's live migration completed on this side (its
+/// [`MigrationStats`]); the paused QEMU must not be continued by whoever adopts it next.
+const DEPARTED_FILE: &str = "departed.json";
+
 /// A sandbox whose live migration has left the source ([`Sandbox::migrate_out`]): its QEMU is
 /// paused with everything on the destination. Exactly one of the two must run from here on:
 /// [`Departed::complete`] once the destination runs, [`Departed::abort`] if it is gone.
-/// Dropping it kills the source, like `complete`.
+/// Dropping it kills the source, like `complete`. Its run directory is marked departed, so an
+/// owner that dies now leaves a QEMU that [`Sandbox::adopt`] ends instead of continuing
+/// (unless the next owner knows better: [`Runtime::cancel_departure`]).
 #[derive(Debug)]
 pub struct Departed {
     sandbox: Sandbox,
@@ -215,6 +221,10 @@ impl Departed {
         let Departed {
             mut sandbox, quiet, ..
         } = self;
+        // Before `cont`: an owner dying in between leaves a VM that adopt continues, which
+        // is what was decided here.
+        let marker = sandbox.dir.path.join(DEPARTED_FILE);
+        std::fs::remove_file(&marker).ctx(|| format!("removing {}", marker.display()))?;
         sandbox.vm.resume().await?;
         quiet.release().await?;
         // The pause was short, but the guest's clock stood still through it.
@@ -224,6 +234,13 @@ impl Departed {
             "live migration aborted; the source runs on"
         );
         Ok(sandbox)
+    }
+
+    /// Lets go of the paused source without deciding (a daemon's graceful restart): as
+    /// [`Sandbox::detach`]; the next owner's [`Sandbox::adopt`] ends it, unless it calls
+    /// [`Runtime::cancel_departure`] first.
+    pub fn detach(self) -> Result<()> {
+        self.sandbox.detach()
     }
 }
 
@@ -286,6 +303,17 @@ impl Runtime {
 
     pub fn run_root(&self) -> PathBuf {
         self.home.join("run")
+    }
+
+    /// Makes the paused source of a completed live migration whose owner died
+    /// ([`Departed::detach`], or a crash) adoptable again: the next [`Sandbox::adopt`]
+    /// continues it. Only for an owner that knows the destination does not run the sandbox
+    /// and never will; otherwise adopt ends it. Refused while another process owns it.
+    pub fn cancel_departure(&self, id: &str) -> Result<()> {
+        let mut dir = RunDir::open(self, id)?;
+        dir.keep = true;
+        let marker = dir.path.join(DEPARTED_FILE);
+        std::fs::remove_file(&marker).ctx(|| format!("removing {}", marker.display()))
     }
 
     /// Removes run directories whose owner is gone: a process that owns one holds an exclusive
@@ -786,6 +814,14 @@ impl Sandbox {
     /// QEMU is gone, or nobody could control it.
     pub async fn adopt(rt: &Runtime, id: &str) -> Result<Sandbox> {
         let mut dir = RunDir::open(rt, id)?;
+        if dir.path.join(DEPARTED_FILE).exists() {
+            // Its owner died between a completed live migration and deciding: the destination
+            // may run it, and two copies must never go on.
+            crate::qemu::kill_qemu_of(&dir.path.join("disk.qcow2"));
+            return Err(Error::Adopt(format!(
+                "sandbox {id}: it was live-migrated away and its owner never decided what                  happens to this paused copy; it is ended (Runtime::cancel_departure before                  adopting continues it instead, when the destination is known never to run)"
+            )));
+        }
         let rec = match SandboxRecord::load(&dir.path) {
             Ok(rec) => rec,
             Err(e) => {
@@ -1182,6 +1218,13 @@ impl Sandbox {
         match self.vm.migrate_out(streams, params).await {
             Ok(stats) => {
                 tracing::info!(id = self.id, ?stats, "live migration sent");
+                let marker = serde_json::to_vec(&stats).unwrap_or_default();
+                if let Err(e) =
+                    crate::util::write_atomic(&self.dir.path.join(DEPARTED_FILE), &marker)
+                {
+                    // The destination has it all and will run: there is no going back now.
+                    tracing::error!(id = self.id, error = %e, "marking the source departed");
+                }
                 Ok(Departed {
                     sandbox: self,
                     stats,

@@ -219,8 +219,14 @@ fn qemu_of(disk: &Path) -> Option<u32> {
     })
 }
 
+/// Whether `pid` runs (a zombie does not: a detached QEMU this test let go of stays our
+/// child, and nobody reaps it once killed).
 fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .is_some_and(|st| !st.trim_start().starts_with('Z'))
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,4 +433,81 @@ async fn a_destination_dying_half_way_leaves_the_source_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_cancelled_half_way_leaves_the_source_running() {
     broken_half_way(Break::CutStreams).await;
+}
+
+/// A detached sandbox (a daemon's) whose owner lets go between a completed migration and its
+/// decision: the next owner's adopt must not continue the paused source while the destination
+/// may run it. It ends it; unless the owner first says the destination never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_lost_after_the_migration_never_gets_two_copies() {
+    let dir = tempfile::Builder::new()
+        .prefix("moat-migrate-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (src_rt, dst_rt, first) = setup(dir.path()).await;
+    let tmpl = first.shared_base().path.parent().unwrap().to_path_buf();
+    first.destroy().await;
+    let id = format!("migrate-{:08x}", rand::random::<u32>());
+    let detached = LaunchOptions {
+        detached: true,
+        ..LaunchOptions::default()
+    };
+    let src = Sandbox::restore_with(&src_rt, &id, &tmpl, detached)
+        .await
+        .expect("restore detached");
+    start_counter(&src).await;
+
+    // 1. The destination is known never to run: the next owner continues the source.
+    let manifest = src.migration_manifest(&src_rt);
+    let Link { out, inn, .. } = Link::new();
+    let params = MigrateParams::default();
+    let (departed, arrived) = tokio::join!(
+        src.migrate_out(out, &params),
+        Sandbox::migrate_in(&dst_rt, &manifest, inn, LaunchOptions::default(), ARRIVAL),
+    );
+    let departed = departed.map_err(|s| s.error).expect("migrate out");
+    arrived.expect("migrate in").destroy().await;
+    departed.detach().expect("detach");
+    assert_eq!(src_rt.orphans(), vec![id.clone()]);
+    src_rt.cancel_departure(&id).expect("cancel the departure");
+    let src = Sandbox::adopt(&src_rt, &id).await.expect("adopt");
+    let n = counter(&src).await.len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counter(&src).await.len() < n + 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the continued source does not count"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // 2. Undecided: adopt ends the paused source, the destination is the one copy.
+    let pid = src.qemu_pid();
+    let manifest = src.migration_manifest(&src_rt);
+    let Link { out, inn, .. } = Link::new();
+    let (departed, arrived) = tokio::join!(
+        src.migrate_out(out, &params),
+        Sandbox::migrate_in(&dst_rt, &manifest, inn, LaunchOptions::default(), ARRIVAL),
+    );
+    let departed = departed.map_err(|s| s.error).expect("migrate out again");
+    let dst = arrived.expect("migrate in again");
+    departed.detach().expect("detach");
+    let refused = Sandbox::adopt(&src_rt, &id)
+        .await
+        .expect_err("adopted a departed source");
+    assert!(
+        refused.to_string().contains("live-migrated away"),
+        "{refused}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the departed source {pid} lives on"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!src_rt.run_root().join(&id).exists());
+    assert!(counter(&dst).await.len() > n);
+    dst.destroy().await;
 }
