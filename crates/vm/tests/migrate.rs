@@ -99,11 +99,15 @@ async fn setup(dir: &Path) -> (Runtime, Runtime, Sandbox) {
     (src_rt, dst_rt, sb)
 }
 
+/// Runs `script`; a guest that does not answer within a minute fails the test (a migrated
+/// guest was once seen to stop making progress at all: see docs/SNAPSHOTS.md).
 async fn sh(sb: &Sandbox, script: &str) -> String {
-    let out = sb
+    let exec = sb
         .agent()
-        .exec_output(ExecRequest::new(&["bash", "-c", script], &[PATH]), 4 << 20)
+        .exec_output(ExecRequest::new(&["bash", "-c", script], &[PATH]), 4 << 20);
+    let out = tokio::time::timeout(Duration::from_secs(60), exec)
         .await
+        .unwrap_or_else(|_| panic!("{script}: no answer from the guest in 60 s"))
         .expect("exec");
     assert_eq!(
         out.status.code,
