@@ -34,7 +34,7 @@ pub use error::{Error, Result};
 pub use qemu::{GuestRam, Incoming, Vm, VmSpec};
 pub use qemu::{MigrateParams, MigrationStats, MigrationStreams};
 pub use qmp::Qmp;
-pub use sandbox::{Departed, MigrationManifest, Stayed};
+pub use sandbox::{Arrived, Departed, MigrationManifest, Stayed};
 pub use sandbox::{LaunchOptions, SandboxRecord, StartPhases};
 pub use sandbox::{Runtime, Sandbox};
 pub use snapshot::BaseDisk;

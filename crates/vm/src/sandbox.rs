@@ -208,13 +208,14 @@ impl Departed {
         &self.stats
     }
 
-    /// The destination runs the sandbox: the source ends and its run directory goes.
+    /// The destination runs the sandbox ([`Arrived::verify`] succeeded there): the source
+    /// ends and its run directory goes.
     pub async fn complete(self) {
         self.sandbox.destroy().await;
     }
 
-    /// The destination does not run the sandbox and never will ([`Sandbox::migrate_in`]
-    /// failed there, which removes its QEMU, or the owner gave up on it): the source continues
+    /// The destination does not run the sandbox and never will ([`Sandbox::migrate_in`] or
+    /// [`Arrived::verify`] failed there, which removes its QEMU, or the owner gave up on it): the source continues
     /// as it was. Never call this while the destination may still run: two copies would go
     /// on from one state.
     pub async fn abort(self) -> Result<Sandbox> {
@@ -241,6 +242,72 @@ impl Departed {
     /// [`Runtime::cancel_departure`] first.
     pub fn detach(self) -> Result<()> {
         self.sandbox.detach()
+    }
+}
+
+/// A sandbox whose live migration arrived ([`Sandbox::migrate_in`]): it runs on the
+/// destination and its agent said hello, but it is not yet proven alive. Under TCG about 2%
+/// of migrations here left a destination guest that oopsed or stopped making progress just
+/// after `cont` (docs/SNAPSHOTS.md), so the only way to its [`Sandbox`] is
+/// [`Arrived::verify`]: a real round trip with the guest. The owner tells the source to
+/// [`Departed::complete`] only after `verify` succeeded, and [`Departed::abort`]s it
+/// otherwise. Dropping it kills the destination's QEMU.
+#[derive(Debug)]
+pub struct Arrived {
+    sandbox: Sandbox,
+}
+
+impl Arrived {
+    /// A bound for [`Arrived::verify`]: an exec takes well under a second under TCG here; a
+    /// guest that has not answered in this long is not going to.
+    pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(20);
+
+    pub fn id(&self) -> &str {
+        self.sandbox.id()
+    }
+
+    /// The destination's QEMU.
+    pub fn qemu_pid(&self) -> u32 {
+        self.sandbox.qemu_pid()
+    }
+
+    /// Gives up on the destination (the owner aborts the source instead): as
+    /// [`Sandbox::destroy`].
+    pub async fn destroy(self) {
+        self.sandbox.destroy().await;
+    }
+
+    /// Proves the destination guest runs: it starts a process that sleeps 100 ms (the agent's
+    /// session, process creation and the guest's timers all work) and reports its exit within
+    /// `timeout` ([`Arrived::VERIFY_TIMEOUT`] unless the owner knows better). On failure the
+    /// destination is destroyed (its QEMU, network stack and run directory) and the error,
+    /// with the guest's console when QEMU died, returned: the owner then aborts the source,
+    /// which has not run since and is the one copy.
+    pub async fn verify(self, timeout: Duration) -> Result<Sandbox> {
+        let mut sb = self.sandbox;
+        let request = moat_protocol::ExecRequest::new(&["/bin/sleep", "0.1"], &[]);
+        let exec = sb.agent.exec_output(request, 4096);
+        let checked = match sb
+            .vm
+            .while_alive("the migrated guest's first exec", timeout, exec)
+            .await
+        {
+            Ok(Ok(out)) if out.status.code == Some(0) => Ok(()),
+            Ok(Ok(out)) => Err(Error::Agent(format!(
+                "the migrated guest's first exec ended with {:?}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))),
+            Ok(Err(e)) | Err(e) => Err(e),
+        };
+        match checked {
+            Ok(()) => Ok(sb),
+            Err(e) => {
+                tracing::error!(id = sb.id, error = %e, "the migrated guest does not run; destroying the destination");
+                sb.destroy().await;
+                Err(e)
+            }
+        }
     }
 }
 
@@ -1245,15 +1312,17 @@ impl Sandbox {
     /// `manifest.backing`, and the sandbox comes back under its own id with its processes,
     /// files and guest network settings, a new network stack (whose policy the owner sends
     /// again, as after a restore) and a new agent session. Returns once it runs and its agent
-    /// answers; fails if the state does not arrive within `timeout`. On failure everything
-    /// made here is removed; the source is not told (its owner calls [`Departed::abort`]).
+    /// said hello, as [`Arrived`]: the owner must [`Arrived::verify`] it before the source is
+    /// told to [`Departed::complete`]. Fails if the state does not arrive within `timeout`.
+    /// On failure everything made here is removed; the source is not told (its owner calls
+    /// [`Departed::abort`]).
     pub async fn migrate_in(
         rt: &Runtime,
         manifest: &MigrationManifest,
         streams: MigrationStreams,
         opts: LaunchOptions,
         timeout: Duration,
-    ) -> Result<Sandbox> {
+    ) -> Result<Arrived> {
         manifest.check(rt)?;
         let dir = RunDir::create(rt, &manifest.id)?;
         let disk_path = dir.path.join("disk.qcow2");
@@ -1275,7 +1344,8 @@ impl Sandbox {
             ram_base: None,
         };
         let load = Load::Migration { streams, timeout };
-        Self::start(rt, &manifest.id, dir, origin, load, opts).await
+        let sandbox = Self::start(rt, &manifest.id, dir, origin, load, opts).await?;
+        Ok(Arrived { sandbox })
     }
 
     /// Stops the VM and removes everything the sandbox wrote.
