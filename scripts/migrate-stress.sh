@@ -7,6 +7,7 @@
 # `scripts/build.sh debug`.
 #
 #   MOAT_HOME=… scripts/migrate-stress.sh 50
+#   MOAT_MIGRATE_AUTO_CONVERGE=0 MOAT_HOME=… scripts/migrate-stress.sh 50   # without throttling
 set -euo pipefail
 n=${1:?usage: scripts/migrate-stress.sh <migrations>}
 [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "migrations: a positive integer, not '$n'" >&2; exit 2; }

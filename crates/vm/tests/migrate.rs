@@ -686,7 +686,11 @@ async fn stress() {
         ))
         .await
         .expect("start the churn");
-    let params = MigrateParams::default();
+    // A cheap hypothesis to test: `MOAT_MIGRATE_AUTO_CONVERGE=0` turns throttling off.
+    let params = MigrateParams {
+        auto_converge: std::env::var("MOAT_MIGRATE_AUTO_CONVERGE").map_or(true, |v| v != "0"),
+        ..MigrateParams::default()
+    };
     let (mut failed, mut here, mut there) = (0, &a, &b);
     for round in 1..=rounds {
         let pid = sb.qemu_pid();
@@ -707,6 +711,10 @@ async fn stress() {
         );
         (here, there) = (there, here);
     }
-    eprintln!("STRESS: {rounds} migrations completed; {failed} destinations failed verification");
+    eprintln!(
+        "STRESS: {rounds} migrations completed (auto-converge {}); {failed} destinations failed \
+         verification",
+        params.auto_converge
+    );
     sb.destroy().await;
 }
