@@ -2,7 +2,8 @@
 //!
 //! Run with `scripts/bench.sh` (release build); `scripts/bench.sh density` measures only the
 //! density figures (`density.rs`), `scripts/bench.sh scale [N]` only the scale run
-//! (`scale.rs`), `scripts/bench.sh load [SECONDS] [CLIENTS]` only the load run (`load.rs`).
+//! (`scale.rs`), `scripts/bench.sh load [SECONDS] [CLIENTS]` only the load run (`load.rs`),
+//! `scripts/bench.sh migrate` only live migration (`migrate.rs`).
 //! Figures are medians over several runs; the
 //! machine, accelerator and QEMU version are part of the output, because absolute times only
 //! mean something next to them.
@@ -11,6 +12,7 @@ mod daemon;
 mod density;
 mod forward;
 mod load;
+mod migrate;
 mod scale;
 
 use std::path::{Path, PathBuf};
@@ -162,6 +164,15 @@ async fn main() -> Result<()> {
         let report = json!({
             "machine": machine(&rt, Tier::Xs),
             "load": load::measure(&moat, &home, &agent, seconds, clients).await?,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("migrate") {
+        let tpl = template::ensure(&rt, &image.digest, &image.rootfs, Tier::Xs).await?;
+        let report = json!({
+            "machine": machine(&rt, Tier::Xs),
+            "migrate": migrate::measure(&rt, &home, &agent, &moat, &tpl.dir, rounds.min(3)).await?,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

@@ -16,7 +16,9 @@ use crate::agent::AgentConn;
 use crate::assets::{Initramfs, Kernel};
 use crate::error::IoContext;
 use crate::netstack::{self, NetStack};
-use crate::qemu::{GuestRam, Incoming, Vm, VmSpec};
+use crate::qemu::{
+    GuestRam, Incoming, MigrateParams, MigrationStats, MigrationStreams, Vm, VmSpec,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::snapshot::{self, BaseDisk, SnapshotMeta, SNAPSHOT_FORMAT};
@@ -111,6 +113,211 @@ impl SandboxRecord {
     }
 }
 
+/// What the destination of a live migration needs to know about the sandbox before its
+/// state arrives ([`Sandbox::migration_manifest`], [`Sandbox::migrate_in`]): the owner sends
+/// it ahead of the streams. Paths are the source's: the destination must hold the overlay's
+/// backing chain at the same paths (the image's rootfs, and the snapshot, template or
+/// suspend directory's disk a restored sandbox's overlay sits on), as on shared storage or
+/// after copying them; only the overlay itself travels with the migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationManifest {
+    /// Version of this document ([`MigrationManifest::FORMAT`]).
+    pub format: u32,
+    pub id: String,
+    /// Digest of the image.
+    pub image: String,
+    pub tier: Tier,
+    pub mem_mib: u32,
+    pub cpus: u32,
+    /// The shared read-only disk a suspend flattens onto.
+    pub shared_base: BaseDisk,
+    /// The overlay's direct backing file, and its format (`raw` or `qcow2`).
+    pub backing: BaseDisk,
+    /// Both QEMUs must be the same build on the same accelerator, with the same guest kernel
+    /// and agent (the guest keeps running the source's, and later snapshots name them).
+    pub accel: String,
+    pub qemu_version: String,
+    pub kernel_version: String,
+    pub initramfs_sha256: String,
+}
+
+impl MigrationManifest {
+    pub const FORMAT: u32 = 1;
+
+    /// Refuses a manifest this host cannot receive, naming what differs.
+    fn check(&self, rt: &Runtime) -> Result<()> {
+        if self.format != Self::FORMAT {
+            return Err(Error::InvalidArgument(format!(
+                "migration manifest format {}; this moat reads format {}",
+                self.format,
+                Self::FORMAT
+            )));
+        }
+        let pairs = [
+            ("accelerator", rt.accel.accel.as_str(), self.accel.as_str()),
+            ("QEMU", &rt.qemu_version, &self.qemu_version),
+            ("guest kernel", &rt.kernel.version, &self.kernel_version),
+            ("guest agent", &rt.initramfs.sha256, &self.initramfs_sha256),
+        ];
+        for (what, ours, theirs) in pairs {
+            if ours != theirs {
+                return Err(Error::InvalidArgument(format!(
+                    "sandbox {} runs on {what} {theirs}, this host has {ours}: it cannot migrate here",
+                    self.id
+                )));
+            }
+        }
+        if !matches!(self.backing.format.as_str(), "raw" | "qcow2") {
+            return Err(Error::InvalidArgument(format!(
+                "backing format {:?}: use \"raw\" or \"qcow2\"",
+                self.backing.format
+            )));
+        }
+        if !self.backing.path.is_file() {
+            return Err(Error::InvalidArgument(format!(
+                "sandbox {}: its disk's backing file {} is not on this host",
+                self.id,
+                self.backing.path.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `run/<id>/departed.json`: the sandbox's live migration completed on this side (its
+/// [`MigrationStats`]); the paused QEMU must not be continued by whoever adopts it next.
+const DEPARTED_FILE: &str = "departed.json";
+
+/// A sandbox whose live migration has left the source ([`Sandbox::migrate_out`]): its QEMU is
+/// paused with everything on the destination. Exactly one of the two must run from here on:
+/// [`Departed::complete`] once the destination runs, [`Departed::abort`] if it is gone.
+/// Dropping it kills the source, like `complete`. Its run directory is marked departed, so an
+/// owner that dies now leaves a QEMU that [`Sandbox::adopt`] ends instead of continuing
+/// (unless the next owner knows better: [`Runtime::cancel_departure`]).
+#[derive(Debug)]
+pub struct Departed {
+    sandbox: Sandbox,
+    stats: MigrationStats,
+    quiet: crate::agent::Quiesced,
+}
+
+impl Departed {
+    /// What QEMU measured.
+    pub fn stats(&self) -> &MigrationStats {
+        &self.stats
+    }
+
+    /// The destination runs the sandbox ([`Arrived::verify`] succeeded there): the source
+    /// ends and its run directory goes.
+    pub async fn complete(self) {
+        self.sandbox.destroy().await;
+    }
+
+    /// The destination does not run the sandbox and never will ([`Sandbox::migrate_in`] or
+    /// [`Arrived::verify`] failed there, which removes its QEMU, or the owner gave up on it): the source continues
+    /// as it was. Never call this while the destination may still run: two copies would go
+    /// on from one state.
+    pub async fn abort(self) -> Result<Sandbox> {
+        let Departed {
+            mut sandbox, quiet, ..
+        } = self;
+        // Before `cont`: an owner dying in between leaves a VM that adopt continues, which
+        // is what was decided here.
+        let marker = sandbox.dir.path.join(DEPARTED_FILE);
+        std::fs::remove_file(&marker).ctx(|| format!("removing {}", marker.display()))?;
+        sandbox.vm.resume().await?;
+        quiet.release().await?;
+        // The pause was short, but the guest's clock stood still through it.
+        sandbox.agent.refresh(None).await?;
+        tracing::warn!(
+            id = sandbox.id,
+            "live migration aborted; the source runs on"
+        );
+        Ok(sandbox)
+    }
+
+    /// Lets go of the paused source without deciding (a daemon's graceful restart): as
+    /// [`Sandbox::detach`]; the next owner's [`Sandbox::adopt`] ends it, unless it calls
+    /// [`Runtime::cancel_departure`] first.
+    pub fn detach(self) -> Result<()> {
+        self.sandbox.detach()
+    }
+}
+
+/// A sandbox whose live migration arrived ([`Sandbox::migrate_in`]): it runs on the
+/// destination and its agent said hello, but it is not yet proven alive. Under TCG about 2%
+/// of migrations here left a destination guest that oopsed or stopped making progress just
+/// after `cont` (docs/SNAPSHOTS.md), so the only way to its [`Sandbox`] is
+/// [`Arrived::verify`]: a real round trip with the guest. The owner tells the source to
+/// [`Departed::complete`] only after `verify` succeeded, and [`Departed::abort`]s it
+/// otherwise. Dropping it kills the destination's QEMU.
+#[derive(Debug)]
+pub struct Arrived {
+    sandbox: Sandbox,
+}
+
+impl Arrived {
+    /// A bound for [`Arrived::verify`]: an exec takes well under a second under TCG here; a
+    /// guest that has not answered in this long is not going to.
+    pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(20);
+
+    pub fn id(&self) -> &str {
+        self.sandbox.id()
+    }
+
+    /// The destination's QEMU.
+    pub fn qemu_pid(&self) -> u32 {
+        self.sandbox.qemu_pid()
+    }
+
+    /// Gives up on the destination (the owner aborts the source instead): as
+    /// [`Sandbox::destroy`].
+    pub async fn destroy(self) {
+        self.sandbox.destroy().await;
+    }
+
+    /// Proves the destination guest runs: it starts a process that sleeps 100 ms (the agent's
+    /// session, process creation and the guest's timers all work) and reports its exit within
+    /// `timeout` ([`Arrived::VERIFY_TIMEOUT`] unless the owner knows better). On failure the
+    /// destination is destroyed (its QEMU, network stack and run directory) and the error,
+    /// with the guest's console when QEMU died, returned: the owner then aborts the source,
+    /// which has not run since and is the one copy.
+    pub async fn verify(self, timeout: Duration) -> Result<Sandbox> {
+        let mut sb = self.sandbox;
+        let request = moat_protocol::ExecRequest::new(&["/bin/sleep", "0.1"], &[]);
+        let exec = sb.agent.exec_output(request, 4096);
+        let checked = match sb
+            .vm
+            .while_alive("the migrated guest's first exec", timeout, exec)
+            .await
+        {
+            Ok(Ok(out)) if out.status.code == Some(0) => Ok(()),
+            Ok(Ok(out)) => Err(Error::Agent(format!(
+                "the migrated guest's first exec ended with {:?}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))),
+            Ok(Err(e)) | Err(e) => Err(e),
+        };
+        match checked {
+            Ok(()) => Ok(sb),
+            Err(e) => {
+                tracing::error!(id = sb.id, error = %e, "the migrated guest does not run; destroying the destination");
+                sb.destroy().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A live migration that failed on the source: the sandbox runs on, as before.
+#[derive(Debug)]
+pub struct Stayed {
+    pub sandbox: Sandbox,
+    pub error: Error,
+}
+
 /// How long a cold boot may take to reach "agent ready". TCG boots take ~3 s here; a guest that
 /// takes 20× longer is broken.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -163,6 +370,17 @@ impl Runtime {
 
     pub fn run_root(&self) -> PathBuf {
         self.home.join("run")
+    }
+
+    /// Makes the paused source of a completed live migration whose owner died
+    /// ([`Departed::detach`], or a crash) adoptable again: the next [`Sandbox::adopt`]
+    /// continues it. Only for an owner that knows the destination does not run the sandbox
+    /// and never will; otherwise adopt ends it. Refused while another process owns it.
+    pub fn cancel_departure(&self, id: &str) -> Result<()> {
+        let mut dir = RunDir::open(self, id)?;
+        dir.keep = true;
+        let marker = dir.path.join(DEPARTED_FILE);
+        std::fs::remove_file(&marker).ctx(|| format!("removing {}", marker.display()))
     }
 
     /// Removes run directories whose owner is gone: a process that owns one holds an exclusive
@@ -416,7 +634,7 @@ impl Sandbox {
             ram,
             ram_base: None,
         };
-        Self::start(rt, id, dir, origin, None, opts).await
+        Self::start(rt, id, dir, origin, Load::Boot, opts).await
     }
 
     /// Starts a new VM from a snapshot directory with its own copy-on-write disk on top of the
@@ -515,7 +733,7 @@ impl Sandbox {
             path: snapshot.join("memory.bin"),
             ignore_shared: meta.format >= 3,
         };
-        Self::start(rt, id, dir, origin, Some(incoming), opts).await
+        Self::start(rt, id, dir, origin, Load::Image(incoming), opts).await
     }
 
     /// Launches QEMU on `dir/disk.qcow2` (booting, or loading `incoming`), records a detached
@@ -525,25 +743,36 @@ impl Sandbox {
         id: &str,
         dir: RunDir,
         origin: Origin,
-        incoming: Option<Incoming>,
+        load: Load,
         opts: LaunchOptions,
     ) -> Result<Sandbox> {
         let disk_path = dir.path.join("disk.qcow2");
         let started = Instant::now();
-        let restoring = incoming.is_some();
+        let restoring = !matches!(load, Load::Boot);
         let ram_source = match &origin.ram {
             GuestRam::TemplateSource(fd) => Some(fd.clone()),
             _ => None,
         };
-        let mut vm = crate::qemu::spawn(&spec(
+        let (incoming, migration) = match load {
+            Load::Boot => (None, None),
+            Load::Image(incoming) => (Some(incoming), None),
+            Load::Migration { streams, timeout } => (None, Some((streams, timeout))),
+        };
+        let vm_spec = spec(
             rt,
             (origin.mem_mib, origin.cpus, origin.tier.millicores()),
             &dir.path,
             &disk_path,
             (incoming, origin.ram),
             opts.detached,
-        ))
-        .await?;
+        );
+        let (mut vm, migration) = match migration {
+            None => (crate::qemu::spawn(&vm_spec).await?, None),
+            Some((streams, timeout)) => {
+                let (vm, target) = crate::qemu::spawn_migration_target(&vm_spec, streams).await?;
+                (vm, Some((target, timeout)))
+            }
+        };
         let qemu = started.elapsed();
         // Every VM, a restore or a fork included, gets a NIC and a stack of its own, spawned
         // while QEMU loads a restore's memory. The guest may run before the stack does: its
@@ -558,10 +787,10 @@ impl Sandbox {
             (net, started.elapsed())
         };
         let ((net, net_started), restored) = tokio::join!(spawn_net, async {
-            if restoring {
-                vm.finish_restore().await
-            } else {
-                Ok(())
+            match migration {
+                Some((target, timeout)) => vm.finish_migration_in(target, timeout).await,
+                None if restoring => vm.finish_restore().await,
+                None => Ok(()),
             }
         });
         // A failed restore's error carries the guest's console: it goes first (a stack that
@@ -652,6 +881,14 @@ impl Sandbox {
     /// QEMU is gone, or nobody could control it.
     pub async fn adopt(rt: &Runtime, id: &str) -> Result<Sandbox> {
         let mut dir = RunDir::open(rt, id)?;
+        if dir.path.join(DEPARTED_FILE).exists() {
+            // Its owner died between a completed live migration and deciding: the destination
+            // may run it, and two copies must never go on.
+            crate::qemu::kill_qemu_of(&dir.path.join("disk.qcow2"));
+            return Err(Error::Adopt(format!(
+                "sandbox {id}: it was live-migrated away and its owner never decided what                  happens to this paused copy; it is ended (Runtime::cancel_departure before                  adopting continues it instead, when the destination is known never to run)"
+            )));
+        }
         let rec = match SandboxRecord::load(&dir.path) {
             Ok(rec) => rec,
             Err(e) => {
@@ -986,6 +1223,131 @@ impl Sandbox {
         clean
     }
 
+    /// What the destination of a live migration of this sandbox needs first (see
+    /// [`Sandbox::migrate_in`]).
+    pub fn migration_manifest(&self, rt: &Runtime) -> MigrationManifest {
+        let backing_format = if self.backing == self.shared_base.path {
+            self.shared_base.format.clone()
+        } else {
+            // Anything else under the overlay is a snapshot's or suspend's disk.
+            "qcow2".into()
+        };
+        MigrationManifest {
+            format: MigrationManifest::FORMAT,
+            id: self.id.clone(),
+            image: self.image.clone(),
+            tier: self.tier,
+            mem_mib: self.mem_mib,
+            cpus: self.cpus,
+            shared_base: self.shared_base.clone(),
+            backing: BaseDisk {
+                path: self.backing.clone(),
+                format: backing_format,
+            },
+            accel: rt.accel.accel.as_str().to_string(),
+            qemu_version: rt.qemu_version.clone(),
+            kernel_version: rt.kernel.version.clone(),
+            initramfs_sha256: rt.initramfs.sha256.clone(),
+        }
+    }
+
+    /// Live-migrates this running sandbox to a destination started with
+    /// [`Sandbox::migrate_in`] on the other ends of `streams` (see `qemu/migrate.rs` for the
+    /// protocol): its overlay is mirrored, its memory sent while it runs (pre-copy), and it is
+    /// paused only for the last pass, about `params.downtime_limit`. All of its RAM travels,
+    /// into private memory on the destination (which need not have its template).
+    ///
+    /// Returns once the destination holds the whole state; the source is then paused, and the
+    /// owner ends it with [`Departed::complete`] when the destination runs (or continues it
+    /// with [`Departed::abort`] if the destination failed). On failure the sandbox runs on,
+    /// untouched, in [`Stayed`]. The agent session stays quiet from the start (no frame may
+    /// be cut in half by the switch): exec streams of this session see nothing more.
+    ///
+    /// To cancel, close the streams (or let `params.timeout` pass): this then returns
+    /// [`Stayed`]. Dropping the future drops the sandbox, and with it its QEMU.
+    pub async fn migrate_out(
+        mut self,
+        streams: MigrationStreams,
+        params: &MigrateParams,
+    ) -> std::result::Result<Departed, Box<Stayed>> {
+        let stay = |sandbox: Sandbox, error: Error| Box::new(Stayed { sandbox, error });
+        if self.ram_source.is_some() {
+            let e = Error::InvalidArgument("a template's VM cannot be migrated".into());
+            return Err(stay(self, e));
+        }
+        if let Err(e) = self.unpark().await {
+            return Err(stay(self, e));
+        }
+        let quiet = match self.agent.quiesce().await {
+            Ok(q) => q,
+            Err(e) => return Err(stay(self, e)),
+        };
+        match self.vm.migrate_out(streams, params).await {
+            Ok(stats) => {
+                tracing::info!(id = self.id, ?stats, "live migration sent");
+                let marker = serde_json::to_vec(&stats).unwrap_or_default();
+                if let Err(e) =
+                    crate::util::write_atomic(&self.dir.path.join(DEPARTED_FILE), &marker)
+                {
+                    // The destination has it all and will run: there is no going back now.
+                    tracing::error!(id = self.id, error = %e, "marking the source departed");
+                }
+                Ok(Departed {
+                    sandbox: self,
+                    stats,
+                    quiet,
+                })
+            }
+            Err(e) => {
+                if let Err(e) = quiet.release().await {
+                    tracing::warn!(id = self.id, error = %e, "releasing the agent");
+                }
+                Err(stay(self, e))
+            }
+        }
+    }
+
+    /// Receives a sandbox live-migrated by [`Sandbox::migrate_out`] on the other ends of
+    /// `streams`: a new QEMU waits for its state on a fresh overlay over
+    /// `manifest.backing`, and the sandbox comes back under its own id with its processes,
+    /// files and guest network settings, a new network stack (whose policy the owner sends
+    /// again, as after a restore) and a new agent session. Returns once it runs and its agent
+    /// said hello, as [`Arrived`]: the owner must [`Arrived::verify`] it before the source is
+    /// told to [`Departed::complete`]. Fails if the state does not arrive within `timeout`.
+    /// On failure everything made here is removed; the source is not told (its owner calls
+    /// [`Departed::abort`]).
+    pub async fn migrate_in(
+        rt: &Runtime,
+        manifest: &MigrationManifest,
+        streams: MigrationStreams,
+        opts: LaunchOptions,
+        timeout: Duration,
+    ) -> Result<Arrived> {
+        manifest.check(rt)?;
+        let dir = RunDir::create(rt, &manifest.id)?;
+        let disk_path = dir.path.join("disk.qcow2");
+        disk::create_overlay(
+            &manifest.backing.path,
+            &manifest.backing.format,
+            manifest.tier.disk_bytes(),
+            &disk_path,
+        )
+        .await?;
+        let origin = Origin {
+            image: manifest.image.clone(),
+            tier: manifest.tier,
+            mem_mib: manifest.mem_mib,
+            cpus: manifest.cpus,
+            shared_base: manifest.shared_base.clone(),
+            backing: canonical(&manifest.backing.path)?,
+            ram: GuestRam::Private,
+            ram_base: None,
+        };
+        let load = Load::Migration { streams, timeout };
+        let sandbox = Self::start(rt, &manifest.id, dir, origin, load, opts).await?;
+        Ok(Arrived { sandbox })
+    }
+
     /// Stops the VM and removes everything the sandbox wrote.
     pub async fn destroy(mut self) {
         if let Err(e) = self.vm.kill().await {
@@ -1062,6 +1424,19 @@ fn spec(
         millicores,
         jail: rt.jail.clone(),
     }
+}
+
+/// What a new VM starts from.
+enum Load {
+    /// A cold boot.
+    Boot,
+    /// A memory image (a snapshot, template or suspended sandbox).
+    Image(Incoming),
+    /// A live migration arriving on these streams within `timeout`.
+    Migration {
+        streams: MigrationStreams,
+        timeout: Duration,
+    },
 }
 
 /// Where a sandbox comes from: what [`Sandbox::start`] records besides the VM.

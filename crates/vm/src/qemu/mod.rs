@@ -19,6 +19,7 @@
 //! [`Vm::adopt`] (they are not its children, so it watches them through a pidfd).
 
 mod args;
+mod migrate;
 mod pidfd;
 mod procfs;
 mod spawn;
@@ -48,6 +49,8 @@ use spawn::connect;
 pub(crate) use spawn::{spawn_child, Spawned};
 
 pub use args::{kernel_cmdline, qemu_args, QemuFds, RAM_ID};
+pub(crate) use migrate::spawn_migration_target;
+pub use migrate::{MigrateParams, MigrationStats, MigrationStreams};
 pub(crate) use procfs::kill_qemu_of;
 pub use procfs::{cpu_time, host_meminfo_mib, host_tsc_khz, is_qemu_of, pss_bytes, status_field};
 pub use spawn::{qemu_version, qemu_version_cached};
@@ -291,6 +294,12 @@ pub async fn launch(spec: &VmSpec) -> Result<Vm> {
 /// restore, the incoming migration has started. QEMU loads the image meanwhile, so the caller
 /// can prepare what the guest needs next, then calls [`Vm::finish_restore`].
 pub(crate) async fn spawn(spec: &VmSpec) -> Result<Vm> {
+    spawn_with(spec, None).await
+}
+
+/// [`spawn`]; with `stream`, QEMU waits for an incoming live migration on it instead of
+/// booting (see `migrate.rs`, which starts it).
+async fn spawn_with(spec: &VmSpec, stream: Option<OwnedFd>) -> Result<Vm> {
     let started = Instant::now();
     std::fs::create_dir_all(&spec.run_dir)
         .ctx(|| format!("creating run directory {}", spec.run_dir.display()))?;
@@ -303,13 +312,18 @@ pub(crate) async fn spawn(spec: &VmSpec) -> Result<Vm> {
         StdUnixStream::pair().ctx(|| "creating the network socket pair".to_string())?;
     let qmp_listener = bind(&qmp_sock)?;
     let agent_listener = bind(&agent_sock)?;
-    let incoming = spec
-        .incoming
-        .as_ref()
-        .map(|i| {
-            std::fs::File::open(&i.path).ctx(|| format!("opening snapshot {}", i.path.display()))
-        })
-        .transpose()?;
+    let incoming: Option<OwnedFd> = match stream {
+        Some(stream) => Some(stream),
+        None => spec
+            .incoming
+            .as_ref()
+            .map(|i| {
+                std::fs::File::open(&i.path)
+                    .map(OwnedFd::from)
+                    .ctx(|| format!("opening snapshot {}", i.path.display()))
+            })
+            .transpose()?,
+    };
 
     let fds = QemuFds {
         qmp: qmp_listener.as_raw_fd(),
@@ -408,7 +422,7 @@ pub(crate) async fn spawn(spec: &VmSpec) -> Result<Vm> {
         released: false,
         slot,
     };
-    tracing::info!(pid, ms = started.elapsed().as_millis() as u64, accel = %spec.accel.accel, restore = spec.incoming.is_some(), template_ram = matches!(spec.ram, GuestRam::TemplateClone { .. }), "QEMU started");
+    tracing::info!(pid, ms = started.elapsed().as_millis() as u64, accel = %spec.accel.accel, restore = spec.incoming.is_some(), migration = fds.incoming.is_some() && spec.incoming.is_none(), template_ram = matches!(spec.ram, GuestRam::TemplateClone { .. }), "QEMU started");
 
     if let (Some(incoming), Some(fd)) = (&spec.incoming, fds.incoming) {
         vm.start_restore(incoming, fd).await?;
