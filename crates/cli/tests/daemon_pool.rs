@@ -139,6 +139,32 @@ async fn pool_hands_over_refills_resizes_and_stays_hidden() {
     d.put_group("web", json!({"tier": "s", "pool": {"size": 1}}), 200)
         .await;
     pool_ready(&d, "web", 1).await;
+
+    // A draining node takes no creates, so it keeps no pool; undrained, it refills.
+    let (_, nodes) = d.call(Some(ADMIN), "GET", "/v1/nodes", None).await;
+    let node = nodes["nodes"][0]["name"].as_str().unwrap().to_string();
+    let (st, _) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("/v1/nodes/{node}/drain"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    pool_ready(&d, "web", 0).await;
+    wait_qemus(&d, 2).await;
+    let (st, _) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("/v1/nodes/{node}/undrain"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    pool_ready(&d, "web", 1).await;
+
     let (st, _) = d
         .call(Some(ADMIN), "DELETE", &format!("{G}/web?force=true"), None)
         .await;

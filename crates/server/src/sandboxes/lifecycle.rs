@@ -201,13 +201,17 @@ impl Manager {
             }
         }
         // Pools below or above their size (after hand-overs, failed refills, spec changes,
-        // deleted groups).
+        // deleted groups, a drain of this node: it takes no creates, so it keeps no pool).
+        let draining = self.store.draining().await?;
         let ready: HashMap<String, usize> = self.pool_ready().into_iter().collect();
         let mut names: Vec<&String> = groups.keys().chain(ready.keys()).collect();
         names.sort();
         names.dedup();
         for name in names {
-            let want = groups.get(name).map_or(0, |s| s.pool.size as usize);
+            let want = match groups.get(name) {
+                Some(s) if !draining => s.pool.size as usize,
+                _ => 0,
+            };
             if ready.get(name).copied().unwrap_or(0) != want && !self.backing_off(name) {
                 self.refill(name);
             }

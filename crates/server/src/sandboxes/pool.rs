@@ -267,7 +267,12 @@ impl Manager {
                 self.drain_pool(group).await;
                 return Ok(());
             };
-            let target = spec.pool.size as usize;
+            // A draining node takes no creates: its pool VMs would only hold memory.
+            let target = if self.store.draining().await? {
+                0
+            } else {
+                spec.pool.size as usize
+            };
             let image = if target > 0 {
                 let images = self.images.clone();
                 let r = spec.image.clone();
