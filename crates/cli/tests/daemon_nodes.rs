@@ -202,6 +202,28 @@ async fn three_nodes_share_keys_drain_and_lose_a_killed_or_stopped_node() {
         "{table}"
     );
 
+    // A force delete of a group through node-a ends its sandbox on node-c too: node-c
+    // destroys a VM whose row is gone at its next renewal (every third of the lease).
+    a.put_group("gone", json!({"tier": "xs"}), 201).await;
+    let doomed = c.create(ADMIN, "gone", json!({})).await;
+    assert_eq!(doomed["node"], "node-c", "{doomed}");
+    let c_home = c.home.path().display().to_string();
+    assert_eq!(common::qemu_processes(&c_home).len(), 2);
+    let (st, e) = a
+        .call(Some(ADMIN), "DELETE", &format!("{G}/gone?force=true"), None)
+        .await;
+    assert_eq!(st, 204, "{e}");
+    let deadline = Instant::now() + Duration::from_secs(2 * LEASE_S);
+    while common::qemu_processes(&c_home).len() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "node-c still runs the VM of a group deleted through node-a"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (st, e) = a.call(Some(ADMIN), "POST", &path, Some(exec.clone())).await;
+    assert_eq!(st, 200, "the other sandbox of node-c still answers: {e}");
+
     // kill -9 of node-c: within about a lease the others mark it lost, and its running
     // sandbox lost with the reason.
     c.kill9();

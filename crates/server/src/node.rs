@@ -187,7 +187,11 @@ pub async fn run(
         let (mem, cpu, vms) =
             usage.map_or((0, 0, 0), |u| (u.memory_mib, u.millicpus, u.vms as u64));
         match store.renew_lease(mem, cpu, vms).await {
-            Ok(Renewal::Renewed(_)) => {}
+            Ok(Renewal::Renewed(_)) => {
+                if let Some(mgr) = sandboxes.ready() {
+                    mgr.drop_disowned().await;
+                }
+            }
             Ok(Renewal::Lost(why)) => {
                 if !lost {
                     eprintln!(

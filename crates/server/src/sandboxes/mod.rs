@@ -420,30 +420,30 @@ impl Manager {
         self.rt.home.clone()
     }
 
-    /// After this node took its lease again: destroys the VMs of sandboxes that are no longer
-    /// its own (the other nodes marked them `lost` while it was cut off, or they are gone).
-    /// Their rows are the others' decision and stay as they are.
+    /// On every lease renewal: destroys the VMs of sandboxes that are no longer this node's
+    /// own. The other nodes marked them `lost` while it was cut off, or their rows are gone:
+    /// a group force-deleted through another node, which deletes the rows of every node's
+    /// sandboxes and leaves each node to end its VMs. Those rows are the others' decision and
+    /// stay as they are; a sandbox whose row is gone loses its suspended images too.
     pub async fn drop_disowned(&self) {
-        let me = self.store.node_name();
-        let rows = match self.store.list_sandboxes(None).await {
+        // Live first, rows second: a sandbox is live only once its row exists, so one made
+        // between the two reads is in both or in neither, never taken for disowned.
+        let live: Vec<String> = self.lock_live().keys().cloned().collect();
+        let rows = match self.store.list_timers().await {
             Ok(rows) => rows,
             Err(e) => {
-                tracing::warn!(error = %e, "listing sandboxes after taking the lease again");
+                tracing::warn!(error = %e, "listing this node's sandboxes");
                 return;
             }
         };
-        let keep: HashSet<String> = rows
-            .into_iter()
-            .filter(|r| r.node == me && r.state != SandboxState::Lost)
-            .map(|r| r.id)
-            .collect();
-        let gone: Vec<String> = self
-            .lock_live()
-            .keys()
-            .filter(|id| !keep.contains(*id))
-            .cloned()
-            .collect();
-        for id in gone {
+        let states: HashMap<String, SandboxState> =
+            rows.into_iter().map(|r| (r.id, r.state)).collect();
+        for id in live {
+            let why = match states.get(&id) {
+                Some(SandboxState::Lost) => "the other nodes declared it lost",
+                Some(_) => continue,
+                None => "its row is gone (its group was force-deleted through another node)",
+            };
             let Some(entry) = self.entry(&id) else {
                 continue;
             };
@@ -455,9 +455,13 @@ impl Manager {
             }
             self.cap.release(&id);
             self.lock_live().remove(&id);
+            if !states.contains_key(&id) {
+                self.remove_suspend_dirs(&id);
+            }
             tracing::warn!(
                 id,
-                "destroyed the VM of a sandbox the other nodes declared lost"
+                why,
+                "destroyed the VM of a sandbox that is not this node's"
             );
         }
     }

@@ -192,10 +192,12 @@ async fn delete_group(
     require_manage(&p)?;
     let q: DeleteGroupQuery = query(&uri)?;
     if q.force {
-        // The VMs go first; the store then deletes the rows with the group.
+        // This node's VMs go first; the store then deletes every row with the group, and the
+        // other nodes end their VMs whose rows are gone at their next lease renewal.
         if let Some(mgr) = state.sandboxes.ready() {
+            let me = state.store.node_name();
             let rows = state.store.list_sandboxes(Some(&name)).await?;
-            for row in rows {
+            for row in rows.into_iter().filter(|r| r.node == me) {
                 mgr.delete(&row.id).await?;
             }
         }
