@@ -124,6 +124,17 @@ const NODE_COLUMNS: &str = "name, advertise_url, accelerator, labels, memory_mib
     used_memory_mib, used_millicpus, sandboxes, state, epoch, lease_ms, lease_expires_ms, \
     acquired_ms, lost_ms, lost_reason";
 
+/// Node `name`'s row, `None` if there is no such node.
+fn node_named(c: &Db, name: &str) -> Result<Option<Node>> {
+    c.query_row(
+        &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1"),
+        [name],
+        node_from_row,
+    )
+    .optional()?
+    .transpose()
+}
+
 fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<Node>> {
     let name: String = r.get(0)?;
     let labels: String = r.get(3)?;
@@ -336,16 +347,7 @@ impl Store {
 
     pub async fn get_node(&self, name: &str) -> Result<Option<Node>> {
         let name = name.to_string();
-        self.call(move |c| {
-            c.query_row(
-                &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1"),
-                [&name],
-                node_from_row,
-            )
-            .optional()?
-            .transpose()
-        })
-        .await
+        self.call(move |c| node_named(c, &name)).await
     }
 
     /// Drains (`true`) or undrains node `name`: a draining node takes no new sandboxes. A lost
@@ -362,13 +364,7 @@ impl Store {
                     if draining { "draining" } else { "ready" }
                 ],
             )?;
-            c.query_row(
-                &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE name = ?1"),
-                [&name],
-                node_from_row,
-            )
-            .optional()?
-            .transpose()
+            node_named(c, &name)
         })
         .await
     }
