@@ -127,7 +127,7 @@ fn lost(node: &str) -> Error {
 
 const NODE_COLUMNS: &str = "name, advertise_url, accelerator, labels, memory_mib, millicpus, \
     used_memory_mib, used_millicpus, sandboxes, state, epoch, lease_ms, lease_expires_ms, \
-    acquired_ms, lost_ms, lost_reason";
+    acquired_ms, lost_ms, lost_reason, sealing_key_id, next_sealing_key_id";
 
 /// Node `name`'s row, `None` if there is no such node.
 fn node_named(c: &Db, name: &str) -> Result<Option<Node>> {
@@ -170,6 +170,8 @@ fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<Node>> {
             acquired_at: ms(r.get(13)?),
             lost_at: r.get::<_, Option<i64>>(14)?.map(ms),
             lost_reason: r.get(15)?,
+            sealing_key_id: r.get(16)?,
+            next_sealing_key_id: r.get(17)?,
         })
     })())
 }
@@ -248,6 +250,12 @@ impl Store {
                     epoch + 1
                 }
             };
+            // Which sealing keys it holds, from the start (`store/sealing.rs`).
+            let (key, next) = self.seal.ids()?;
+            tx.execute(
+                "UPDATE nodes SET sealing_key_id = ?2, next_sealing_key_id = ?3 WHERE name = ?1",
+                params![spec.name, key, next],
+            )?;
             tx.commit()?;
             Ok(Ok(Lease {
                 epoch,
