@@ -66,6 +66,50 @@ pub struct Node {
     pub capacity: NodeCapacity,
     /// As of its last lease renewal.
     pub used: NodeUse,
+    /// While it drains: how moving its running sandboxes to other nodes goes (live
+    /// migration). Absent when it is not draining.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainProgress>,
+}
+
+/// A draining node moving its running sandboxes away, one at a time, by live migration
+/// (docs/FLEET.md). A sandbox that cannot be moved keeps running where it is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrainProgress {
+    /// Running sandboxes still on the node, those that could not be moved included.
+    pub running_left: u64,
+    /// Sandboxes moved to another node since the drain began.
+    pub moved: Vec<DrainMove>,
+    /// The sandbox being moved now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<String>,
+    /// Sandboxes that could not be moved (they run on here), and why.
+    pub failed: Vec<DrainFailure>,
+    /// Every running sandbox was moved or tried.
+    pub done: bool,
+}
+
+/// A sandbox a drain moved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrainMove {
+    pub sandbox: String,
+    /// The node it runs on now.
+    pub node: String,
+    /// How long the guest stood still: QEMU's downtime on the source plus the time the
+    /// destination held it paused until the hand-over committed.
+    pub pause_ms: u64,
+    /// From the start of the move to the hand-over.
+    pub total_ms: u64,
+}
+
+/// A sandbox a drain could not move.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrainFailure {
+    pub sandbox: String,
+    pub reason: String,
 }
 
 /// What a node's sandboxes may hold together.

@@ -29,6 +29,7 @@ const CHECK_PLAIN: &[u8] = b"moat sealing key check v1";
 pub(super) struct Sealer {
     path: PathBuf,
     key: OnceLock<LessSafeKey>,
+    node_key: OnceLock<ring::hmac::Key>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -42,6 +43,7 @@ impl Sealer {
         Sealer {
             path,
             key: OnceLock::new(),
+            node_key: OnceLock::new(),
         }
     }
 
@@ -53,6 +55,20 @@ impl Sealer {
         let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes)
             .map_err(|_| Error::Internal("the secrets key has the wrong length".into()))?;
         Ok(self.key.get_or_init(|| LessSafeKey::new(key)))
+    }
+
+    /// The key of node-to-node credentials (`migrate.rs`): derived from the sealing key, the
+    /// one secret every node of a fleet has, under a label of its own, so that a credential
+    /// reveals nothing about the sealing key and nothing sealed can pass for a credential.
+    pub(super) fn node_key(&self) -> Result<&ring::hmac::Key> {
+        if let Some(k) = self.node_key.get() {
+            return Ok(k);
+        }
+        let bytes = load_or_create(&self.path)?;
+        let root = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes);
+        let derived = ring::hmac::sign(&root, b"moat node-to-node credential key v1");
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref());
+        Ok(self.node_key.get_or_init(|| key))
     }
 
     /// `value` sealed for secret `name` of `group`.

@@ -7,7 +7,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use utoipa::OpenApi;
 
-use crate::api::{self, ErrorBody, Node, NodeCapacity, NodeList, NodeState, NodeUse, Role};
+use crate::api::{
+    self, DrainFailure, DrainMove, DrainProgress, ErrorBody, Node, NodeCapacity, NodeList,
+    NodeState, NodeUse, Role,
+};
 use crate::error::{Error, Result};
 use crate::http::extract::path_param;
 use crate::http::state::AppState;
@@ -24,7 +27,16 @@ pub(in crate::http) fn router() -> Router<AppState> {
 #[derive(OpenApi)]
 #[openapi(
     paths(list_nodes, get_node, drain_node, undrain_node),
-    components(schemas(Node, NodeList, NodeState, NodeCapacity, NodeUse))
+    components(schemas(
+        Node,
+        NodeList,
+        NodeState,
+        NodeCapacity,
+        NodeUse,
+        DrainProgress,
+        DrainMove,
+        DrainFailure
+    ))
 )]
 pub(in crate::http) struct Doc;
 
@@ -99,7 +111,8 @@ async fn set_draining(
     params(("node" = String, Path, description = "Node name")),
     responses(
         (status = 200, description = "Draining (or it already was): it takes no new \
-            sandboxes; those it runs stay", body = Node),
+            sandboxes and moves its running ones to other ready nodes by live migration, one \
+            at a time (see `drain` of the node)", body = Node),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, description = "Not an admin key", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
