@@ -169,6 +169,47 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
         .unwrap();
     assert!(before > 10, "the counter is not running: {before}");
 
+    // The node-to-node routes take no API key, and a forged credential is refused.
+    for (name, value) in [
+        ("authorization", format!("Bearer {ADMIN}")),
+        (
+            "x-moat-node-credential",
+            format!("v1 node-b node-a {id} offer 1 00 00"),
+        ),
+    ] {
+        let resp = a
+            .http
+            .post(format!("{}/internal/v1/migrations/{id}", a.url()))
+            .header(name, value)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        let e: serde_json::Value = resp.json().await.unwrap();
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("node-to-node"),
+            "{e}"
+        );
+    }
+    let doc: serde_json::Value = a
+        .http
+        .get(format!("{}/openapi.json", a.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .any(|p| p.contains("internal")));
+
     let t_drain = Instant::now();
     let (st, n) = a
         .call(Some(ADMIN), "POST", "/v1/nodes/node-a/drain", None)

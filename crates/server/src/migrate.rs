@@ -60,6 +60,28 @@ const ATTEMPTS: u32 = 3;
 pub(crate) struct Offer {
     pub manifest: MigrationManifest,
     pub identity: Identity,
+    /// SHA-256 of the overlay's backing file when it is a template's, snapshot's or
+    /// suspend's disk (a few MB): only the overlay travels, so the destination must read the
+    /// very same file under it. `None` for an image's rootfs, which is named by its digest.
+    pub backing_sha256: Option<String>,
+}
+
+/// What [`Offer::backing_sha256`] says of `manifest` on this host.
+async fn backing_sha256(manifest: &MigrationManifest) -> Result<Option<String>> {
+    if manifest.backing.path == manifest.shared_base.path {
+        return Ok(None);
+    }
+    let path = manifest.backing.path.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::File::open(&path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let mut h = sha2::Sha256::new();
+        std::io::copy(&mut f, &mut h)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        Ok(Some(hex::encode(h.finalize())))
+    })
+    .await
+    .map_err(Error::task("hashing a disk"))?
 }
 
 fn now_ms() -> i64 {
@@ -224,6 +246,16 @@ pub(crate) async fn offered(state: &AppState, from: &str, id: &str, body: &[u8])
         )));
     }
     state.manager()?;
+    if offer.manifest.backing.path.is_file()
+        && backing_sha256(&offer.manifest).await? != offer.backing_sha256
+    {
+        return Err(Error::Conflict(format!(
+            "sandbox {id}'s disk sits on {}, which differs on this node: live migration sends \
+             only the overlay, so both nodes need the same template, snapshot or suspend \
+             files (shared storage)",
+            offer.manifest.backing.path.display()
+        )));
+    }
     if state.store.draining().await? {
         return Err(Error::Conflict(format!(
             "node {} is draining: it takes no sandboxes",
@@ -348,7 +380,7 @@ async fn receive(
         .ok()
         .flatten();
     let mgr = state.manager();
-    match (ask, received, mgr) {
+    let (ask, answer) = match (ask, received, mgr) {
         (Some(ask), Ok(sb), Ok(mgr)) if ask.commit => {
             match state.store.complete_handover(&id, &from).await {
                 Ok(row) => {
@@ -360,18 +392,19 @@ async fn receive(
                         parked_ms,
                         "sandbox handed over to this node by live migration"
                     );
-                    let _ = ask.reply.send(Ok(parked_ms));
+                    (Some(ask), Ok(parked_ms))
                 }
                 Err(e) => {
                     mgr.discard(sb).await;
                     tracing::warn!(id, from, error = %e, "the hand-over failed; the received VM ended");
-                    let _ = ask.reply.send(Err(e));
+                    (Some(ask), Err(e))
                 }
             }
         }
         (ask, Ok(sb), Ok(mgr)) => {
             // Aborted, or no word in time: give the hand-over up first, so that it cannot
-            // happen after the source continued.
+            // happen after the source continued. (Only this node completes a hand-over, so
+            // ending the VM is safe even if giving up fails.)
             if let Err(e) = state.store.cancel_handover(&id).await {
                 tracing::warn!(id, error = %e, "giving up a hand-over");
             }
@@ -381,17 +414,18 @@ async fn receive(
                 from,
                 "migration aborted or never committed; the received VM ended"
             );
-            if let Some(ask) = ask {
-                let _ = ask.reply.send(Ok(0));
-            }
+            (ask, Ok(0))
         }
         (ask, Err(e), _) | (ask, Ok(_), Err(e)) => {
-            if let Some(ask) = ask {
-                let _ = ask.reply.send(if ask.commit { Err(e) } else { Ok(0) });
-            }
+            let commit = ask.as_ref().is_some_and(|a| a.commit);
+            (ask, if commit { Err(e) } else { Ok(0) })
         }
-    }
+    };
+    // Gone before the source hears of it, so that its next attempt may offer again.
     state.migrations.lock().remove(&id);
+    if let Some(ask) = ask {
+        let _ = ask.reply.send(answer);
+    }
 }
 
 /// Splices `io` (a node-to-node connection upgraded to raw bytes) to one end of a socket pair
@@ -445,8 +479,13 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
     let fw = &state.forwarder;
     let prepared = async {
         store.begin_handover(id, &to.name).await?;
-        let offer = serde_json::to_vec(&Offer { manifest, identity })
-            .map_err(|e| Error::Internal(format!("the migration offer: {e}")))?;
+        let backing_sha256 = backing_sha256(&manifest).await?;
+        let offer = serde_json::to_vec(&Offer {
+            manifest,
+            identity,
+            backing_sha256,
+        })
+        .map_err(|e| Error::Internal(format!("the migration offer: {e}")))?;
         fw.node_call(&to.name, &base, &cred("offer", &offer), offer.clone())
             .await?;
         let memory = fw
@@ -608,10 +647,13 @@ async fn drain_step(state: &AppState, progress: &mut Option<DrainProgress>) -> R
         .iter()
         .find(|id| !p.failed.iter().any(|f| &f.sandbox == *id))
         .cloned();
+    let before = p.clone();
     p.running_left = running.len() as u64;
     p.done = todo.is_none();
     p.moving = todo.clone();
-    store.set_drain_progress(Some(&p)).await?;
+    if p != before || p.moving.is_some() {
+        store.set_drain_progress(Some(&p)).await?;
+    }
     let Some(id) = todo else {
         *progress = Some(p);
         return Ok(());
@@ -666,4 +708,90 @@ async fn drain_step(state: &AppState, progress: &mut Option<DrainProgress>) -> R
     store.set_drain_progress(Some(&p)).await?;
     *progress = Some(p);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: &[u8]) -> hmac::Key {
+        hmac::Key::new(hmac::HMAC_SHA256, seed)
+    }
+
+    #[test]
+    fn only_a_fresh_unaltered_credential_of_this_fleet_passes_once() {
+        let (k, other) = (key(b"fleet"), key(b"another fleet"));
+        let arrivals = Arrivals::default();
+        let check = |cred: &str, body: &[u8]| {
+            arrivals
+                .check(&k, Some(cred), "b", "sb-1", "offer", body)
+                .map_err(|e| e.to_string())
+        };
+        let good = mint(&k, "a", "b", "sb-1", "offer", b"{}");
+        assert_eq!(check(&good, b"{}").unwrap(), "a");
+        // Replayed.
+        let e = check(&good, b"{}").unwrap_err();
+        assert!(e.contains("used before"), "{e}");
+        // Another body, another key, an altered field, another node, step or sandbox.
+        let e = check(&mint(&k, "a", "b", "sb-1", "offer", b"{}"), b"{ }").unwrap_err();
+        assert!(e.contains("does not verify"), "{e}");
+        let e = check(&mint(&other, "a", "b", "sb-1", "offer", b""), b"").unwrap_err();
+        assert!(e.contains("does not verify"), "{e}");
+        let forged = mint(&k, "a", "b", "sb-1", "offer", b"").replacen(" a ", " c ", 1);
+        let e = check(&forged, b"").unwrap_err();
+        assert!(e.contains("does not verify"), "{e}");
+        let e = check(&mint(&k, "a", "c", "sb-1", "offer", b""), b"").unwrap_err();
+        assert!(e.contains("for node \"c\""), "{e}");
+        let e = check(&mint(&k, "a", "b", "sb-1", "commit", b""), b"").unwrap_err();
+        assert!(e.contains("not offer"), "{e}");
+        let e = check(&mint(&k, "a", "b", "sb-2", "offer", b""), b"").unwrap_err();
+        assert!(e.contains("not offer of sb-1"), "{e}");
+        // Expired (or from the future), though well signed.
+        for skew in [-(VALIDITY_MS + 1000), VALIDITY_MS + 1000] {
+            let issued = (now_ms() + skew).to_string();
+            let nonce = hex::encode(rand::random::<[u8; 16]>());
+            let fields = ["a", "b", "sb-1", "offer", issued.as_str(), nonce.as_str()];
+            let mac = hex::encode(hmac::sign(&k, &signed(&fields, b"")).as_ref());
+            let cred = format!("v1 a b sb-1 offer {issued} {nonce} {mac}");
+            let e = check(&cred, b"").unwrap_err();
+            assert!(e.contains("expired"), "{e}");
+        }
+        // Missing, malformed, an API key in its place: refused, saying what the route takes.
+        let e = arrivals
+            .check(&k, None, "b", "sb-1", "offer", b"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no credential") && e.contains("never an API key"),
+            "{e}"
+        );
+        for bad in ["Bearer moat_admin", "v2 a b sb-1 offer 1 2 3", ""] {
+            let e = check(bad, b"").unwrap_err();
+            assert!(e.contains("credential"), "{bad}: {e}");
+        }
+    }
+
+    fn node(name: &str, state: NodeState, used: u64) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "advertise_url": "http://x", "accelerator": "tcg", "labels": {},
+            "state": state, "epoch": 1, "lease_s": 10, "lease_expires_at": "",
+            "acquired_at": "", "capacity": {"memory_mib": 1000, "vcpus": 2.0},
+            "used": {"memory_mib": used, "vcpus": 0.0, "sandboxes": 0}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_drain_picks_the_least_used_other_ready_node() {
+        let me = node("a", NodeState::Draining, 0);
+        let nodes = vec![
+            me.clone(),
+            node("b", NodeState::Ready, 600),
+            node("c", NodeState::Ready, 300),
+            node("d", NodeState::Lost, 0),
+            node("e", NodeState::Draining, 0),
+        ];
+        assert_eq!(pick_destination(&nodes, &me).unwrap().name, "c");
+        assert!(pick_destination(&nodes[3..], &me).is_none());
+    }
 }
