@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{quote, DrainFailure, DrainMove, DrainProgress, Node, NodeState, SandboxState};
+use crate::api::{quote, DrainFailure, DrainMove, Node, NodeState, SandboxState};
 use crate::error::{Error, Result};
 use crate::http::AppState;
 use crate::sandboxes::Identity;
@@ -449,8 +449,12 @@ fn relay(io: Upgraded) -> Result<OwnedFd> {
 #[derive(Debug, Clone)]
 pub struct Moved {
     pub node: String,
-    /// QEMU's downtime on the source plus the time the destination held the guest paused.
+    /// How long the sandbox was out of reach: QEMU's downtime on the source (stopped for the
+    /// last pass), then until the hand-over was answered (the destination's last load and
+    /// `cont`, its check, which runs the guest, and the commit, during which it is paused).
     pub pause_ms: u64,
+    /// Of that, how long the destination held the checked guest paused for the commit.
+    pub held_ms: u64,
     /// From taking the sandbox to the hand-over's answer.
     pub total_ms: u64,
     pub ram_bytes: u64,
@@ -526,6 +530,7 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
         }
     };
     let stats = *departed.stats();
+    let departed_at = Instant::now();
     let committed = fw
         .node_call(
             &to.name,
@@ -557,16 +562,18 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
         },
     };
     if handed_over {
+        let out_of_reach = departed_at.elapsed().as_millis() as u64;
         mgr.left(id, leaving);
         departed.complete().await;
-        let parked_ms = committed
+        let held_ms = committed
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .and_then(|v| v["parked_ms"].as_u64())
             .unwrap_or(0);
         let moved = Moved {
             node: to.name.clone(),
-            pause_ms: stats.downtime_ms + parked_ms,
+            pause_ms: stats.downtime_ms + out_of_reach,
+            held_ms,
             total_ms: t0.elapsed().as_millis() as u64,
             ram_bytes: stats.ram_transferred_bytes,
         };
@@ -609,30 +616,32 @@ pub fn pick_destination<'a>(nodes: &'a [Node], me: &Node) -> Option<&'a Node> {
 }
 
 /// While this node is draining, moves its running sandboxes to other ready nodes one at a
-/// time, recording the progress on its row (`drain` in `GET /v1/nodes/{node}`). A sandbox
-/// that could not be moved in [`ATTEMPTS`] runs on here, with the reason in the progress;
-/// an undrain and a new drain try again.
+/// time, recording the progress on its row (`drain` in `GET /v1/nodes/{node}`), which is
+/// also where the next round reads it from (an undrain clears it). A sandbox that could not
+/// be moved in [`ATTEMPTS`] runs on here, with the reason in the progress; an undrain and a
+/// new drain try again.
 pub async fn drain(state: AppState) {
-    let mut progress: Option<DrainProgress> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if state.manager().is_err() {
             continue;
         }
-        match drain_step(&state, &mut progress).await {
-            Ok(()) => {}
-            Err(e) => tracing::warn!(error = %e, "draining"),
+        if let Err(e) = drain_step(&state).await {
+            tracing::warn!(error = %e, "draining");
         }
     }
 }
 
-async fn drain_step(state: &AppState, progress: &mut Option<DrainProgress>) -> Result<()> {
+async fn drain_step(state: &AppState) -> Result<()> {
     let store = &state.store;
     let Some(me) = store.node_name() else {
         return Ok(());
     };
-    if !store.draining().await? {
-        *progress = None;
+    let nodes = store.list_nodes().await?;
+    let Some(mine) = nodes.iter().find(|n| n.name == me) else {
+        return Ok(());
+    };
+    if mine.state != NodeState::Draining {
         return Ok(());
     }
     let running: Vec<String> = store
@@ -642,28 +651,22 @@ async fn drain_step(state: &AppState, progress: &mut Option<DrainProgress>) -> R
         .filter(|r| r.node.as_deref() == Some(me.as_str()) && r.state == SandboxState::Running)
         .map(|r| r.id)
         .collect();
-    let mut p = progress.take().unwrap_or_default();
+    let before = mine.drain.clone();
+    let mut p = before.clone().unwrap_or_default();
     let todo = running
         .iter()
         .find(|id| !p.failed.iter().any(|f| &f.sandbox == *id))
         .cloned();
-    let before = p.clone();
     p.running_left = running.len() as u64;
     p.done = todo.is_none();
     p.moving = todo.clone();
-    if p != before || p.moving.is_some() {
+    if before.as_ref() != Some(&p) {
         store.set_drain_progress(Some(&p)).await?;
     }
     let Some(id) = todo else {
-        *progress = Some(p);
         return Ok(());
     };
-    let nodes = store.list_nodes().await?;
-    let mine = nodes.iter().find(|n| n.name == me).cloned();
-    let dest = mine
-        .as_ref()
-        .and_then(|m| pick_destination(&nodes, m))
-        .cloned();
+    let dest = pick_destination(&nodes, mine).cloned();
     let outcome = match dest {
         None => Err(Error::Unavailable(
             "no other ready node (with the same accelerator) to move it to".into(),
@@ -705,9 +708,13 @@ async fn drain_step(state: &AppState, progress: &mut Option<DrainProgress>) -> R
         }
     }
     p.moving = None;
-    store.set_drain_progress(Some(&p)).await?;
-    *progress = Some(p);
-    Ok(())
+    p.running_left = store
+        .list_sandboxes(None)
+        .await?
+        .iter()
+        .filter(|r| r.node.as_deref() == Some(me.as_str()) && r.state == SandboxState::Running)
+        .count() as u64;
+    store.set_drain_progress(Some(&p)).await
 }
 
 #[cfg(test)]

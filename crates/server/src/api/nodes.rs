@@ -97,8 +97,9 @@ pub struct DrainMove {
     pub sandbox: String,
     /// The node it runs on now.
     pub node: String,
-    /// How long the guest stood still: QEMU's downtime on the source plus the time the
-    /// destination held it paused until the hand-over committed.
+    /// How long the sandbox was out of reach: QEMU's downtime on the source, then until the
+    /// hand-over was answered (the destination's last load, its check of the guest, the
+    /// commit). Its clients' requests waited, or were refused with 409, this long at most.
     pub pause_ms: u64,
     /// From the start of the move to the hand-over.
     pub total_ms: u64,

@@ -16,6 +16,8 @@ use super::{Entry, Manager};
 use crate::api::{Sandbox, SandboxState};
 use crate::error::{Error, Result};
 
+/// How long a migration waits for the sandbox's requests in flight to end.
+const BUSY_WAIT: Duration = Duration::from_secs(30);
 /// How long the destination waits for the migration's state to arrive.
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -61,7 +63,18 @@ impl Manager {
             return Err(not_here());
         }
         let entry = self.entry(&row.id).ok_or_else(not_here)?;
-        let mut slot = entry.vm.clone().write_owned().await;
+        // Requests in flight keep the VM until they end: a long exec is waited for, within
+        // a bound, rather than cut.
+        let mut slot = tokio::time::timeout(BUSY_WAIT, entry.vm.clone().write_owned())
+            .await
+            .map_err(|_| {
+                Error::Conflict(format!(
+                    "sandbox {} has requests in flight that did not end within {} s; it was not \
+                     moved",
+                    row.id,
+                    BUSY_WAIT.as_secs()
+                ))
+            })?;
         let mut vm = slot.take().ok_or_else(not_here)?;
         if let Err(e) = self.unpark(&row.id, &mut vm).await {
             *slot = Some(vm);

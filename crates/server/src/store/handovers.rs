@@ -134,7 +134,9 @@ impl Store {
         .await
     }
 
-    /// Records this node's drain progress (`None` to clear it), fenced by its lease.
+    /// Records this node's drain progress (`None` to clear it) while it is draining (an
+    /// undrain clears it, and a move that ends after it must not bring it back), fenced by
+    /// its lease.
     pub async fn set_drain_progress(&self, progress: Option<&DrainProgress>) -> Result<()> {
         let fence = self.fence.clone();
         let Some(me) = self.fence.node() else {
@@ -148,7 +150,7 @@ impl Store {
             let tx = c.transaction()?;
             fence.check(&tx)?;
             tx.execute(
-                "UPDATE nodes SET drain_progress = ?2 WHERE name = ?1",
+                "UPDATE nodes SET drain_progress = ?2 WHERE name = ?1 AND draining = 1",
                 params![me, json],
             )?;
             tx.commit()?;
