@@ -325,17 +325,29 @@ pub(crate) fn expects_streams(state: &AppState, from: &str, id: &str) -> bool {
 
 /// The source's commit or abort, answered once the destination has decided.
 pub(crate) async fn asked(state: &AppState, from: &str, id: &str, commit: bool) -> Result<u64> {
-    let asks = state
-        .migrations
-        .lock()
-        .get(id)
-        .filter(|a| a.from == from)
-        .map(|a| a.asks.clone());
-    let Some(asks) = asks else {
-        return Err(Error::Conflict(format!(
-            "no migration of sandbox {id} from node {} is arriving here",
-            quote(from)
-        )));
+    let asks = {
+        let mut arriving = state.migrations.lock();
+        match arriving.get(id).filter(|a| a.from == from) {
+            None => {
+                return Err(Error::Conflict(format!(
+                    "no migration of sandbox {id} from node {} is arriving here",
+                    quote(from)
+                )))
+            }
+            // Its streams never both came: nothing runs here to decide about.
+            Some(a) if a.asked.is_some() => {
+                arriving.remove(id);
+                return if commit {
+                    Err(Error::Conflict(format!(
+                        "the migration of sandbox {id} never started here (its streams did \
+                         not arrive)"
+                    )))
+                } else {
+                    Ok(0)
+                };
+            }
+            Some(a) => a.asks.clone(),
+        }
     };
     let (reply, answer) = oneshot::channel();
     asks.send(Ask { commit, reply }).await.map_err(|_| {
@@ -504,11 +516,24 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
         })
     }
     .await;
+    let abort = || async {
+        // Best effort: the destination also gives up by itself when its streams break or
+        // never come; this only saves it the wait.
+        let _ = fw
+            .node_call(
+                &to.name,
+                &format!("{base}/abort"),
+                &cred("abort", b""),
+                Vec::new(),
+            )
+            .await;
+    };
     let streams = match prepared {
         Ok(s) => s,
         Err(e) => {
             let _ = store.cancel_handover(id).await;
             mgr.stay(leaving, vm);
+            abort().await;
             return Err(e);
         }
     };
@@ -517,15 +542,7 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
         Err(stayed) => {
             let _ = store.cancel_handover(id).await;
             mgr.stay(leaving, stayed.sandbox);
-            // The destination learns it from its broken streams too; this only saves it the wait.
-            let _ = fw
-                .node_call(
-                    &to.name,
-                    &format!("{base}/abort"),
-                    &cred("abort", b""),
-                    Vec::new(),
-                )
-                .await;
+            abort().await;
             return Err(Error::vm("sending the live migration")(stayed.error));
         }
     };
