@@ -306,7 +306,9 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
     eprintln!("after three refused hand-overs the counter runs on: {kept} entries");
 
     let t_drain = Instant::now();
-    drain("node-a", "drain").await;
+    let o = b.cli(ADMIN, &["node", "drain", "node-a"]);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && said.contains("is draining"), "{said}");
     let progress = drained(&b, "node-a", Duration::from_secs(120)).await;
     eprintln!("drain: {progress} ({:?})", t_drain.elapsed());
     assert_eq!(progress["failed"], json!([]), "{progress}");
