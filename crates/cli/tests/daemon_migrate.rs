@@ -15,7 +15,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use common::daemon::{runtime_home, Daemon, ADMIN, G};
+use common::daemon::{msg, runtime_home, Daemon, ADMIN, G};
 use moat_testkit::postgres::Postgres;
 use serde_json::json;
 
@@ -305,12 +305,45 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
     let kept = rows.len();
     eprintln!("after three refused hand-overs the counter runs on: {kept} entries");
 
+    // A client sends `true` through node b, which forwards to where the sandbox runs, all
+    // through the move: every answer is a success or a 503 saying it moved (to send again).
     let t_drain = Instant::now();
-    let o = b.cli(ADMIN, &["node", "drain", "node-a"]);
-    let said = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && said.contains("is draining"), "{said}");
-    let progress = drained(&b, "node-a", Duration::from_secs(120)).await;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let client = async {
+        let mut answers = Vec::new();
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let (st, e) = b.exec(ADMIN, "mig", &id, json!({"argv": ["true"]})).await;
+            answers.push((Instant::now(), st, e));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        answers
+    };
+    let drained_a = async {
+        let o = b.cli(ADMIN, &["node", "drain", "node-a"]);
+        let said = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(o.status.success() && said.contains("is draining"), "{said}");
+        let progress = drained(&b, "node-a", Duration::from_secs(120)).await;
+        // A last answer from node b itself.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        progress
+    };
+    let (answers, progress) = tokio::join!(client, drained_a);
     eprintln!("drain: {progress} ({:?})", t_drain.elapsed());
+    let mut longest = Duration::ZERO;
+    let mut last_ok = t_drain;
+    let mut retried = 0;
+    for (at, st, e) in &answers {
+        match st {
+            200 => {
+                longest = longest.max(at.duration_since(last_ok));
+                last_ok = *at;
+            }
+            503 if msg(e).contains("moved to node node-b") => retried += 1,
+            _ => panic!("an exec through node b during the move answered {st}: {e}"),
+        }
+    }
+    assert_eq!(answers.last().unwrap().1, 200, "{:?}", answers.last());
     assert_eq!(progress["failed"], json!([]), "{progress}");
     assert_eq!(progress["running_left"], 0, "{progress}");
     let moved = &progress["moved"][0];
@@ -330,7 +363,6 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
         );
     }
     // Both nodes reach it (node a forwards); the process runs on with its pid.
-    tokio::time::sleep(Duration::from_secs(1)).await;
     for d in [&a, &b] {
         let (st, list) = d
             .call(Some(ADMIN), "GET", &format!("{base}/processes"), None)
@@ -356,9 +388,18 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
     );
     eprintln!(
         "live migration across nodes: pause {pause_ms} ms (QEMU's downtime to the hand-over), \
-         total {} ms; counter: {} entries, largest gap {gap_ms:.1} ms",
+         total {} ms; counter: {} entries, largest gap {gap_ms:.1} ms; a client's execs: {}, \
+         {retried} answered 503 (moved), longest between two successes {longest:?}",
         moved["total_ms"],
-        rows.len()
+        rows.len(),
+        answers.len()
+    );
+    // What a client waits at most: the whole move (the agent answers no request while the
+    // migration runs), plus an exec's own time and the 503's retry.
+    let total_ms = moved["total_ms"].as_u64().unwrap() as f64;
+    assert!(
+        longest.as_millis() as f64 <= total_ms + 1500.0,
+        "a client waited {longest:?} for an answer; the move took {total_ms} ms"
     );
     assert!(
         gap_ms <= pause_ms + TCG_SLACK_MS,

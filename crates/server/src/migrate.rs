@@ -461,9 +461,9 @@ fn relay(io: Upgraded) -> Result<OwnedFd> {
 #[derive(Debug, Clone)]
 pub struct Moved {
     pub node: String,
-    /// How long the sandbox was out of reach: QEMU's downtime on the source (stopped for the
-    /// last pass), then until the hand-over was answered (the destination's last load and
-    /// `cont`, its check, which runs the guest, and the commit, during which it is paused).
+    /// QEMU's downtime on the source (stopped for the last pass), then until the hand-over
+    /// was answered (the destination's last load and `cont`, its check, which runs the guest,
+    /// and the commit, during which it is paused).
     pub pause_ms: u64,
     /// Of that, how long the destination held the checked guest paused for the commit.
     pub held_ms: u64,

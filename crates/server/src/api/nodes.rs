@@ -97,11 +97,13 @@ pub struct DrainMove {
     pub sandbox: String,
     /// The node it runs on now.
     pub node: String,
-    /// How long the sandbox was out of reach: QEMU's downtime on the source, then until the
-    /// hand-over was answered (the destination's last load, its check of the guest, the
-    /// commit). Its clients' requests waited, or were refused with 409, this long at most.
+    /// From QEMU stopping the guest on the old node to the hand-over (the destination's
+    /// last load, its check of the guest, the commit). The guest's own processes stand still
+    /// for part of it: they run on the new node during its check.
     pub pause_ms: u64,
-    /// From the start of the move to the hand-over.
+    /// From the start of the move to the hand-over. Requests for the sandbox wait this long
+    /// at most (its agent answers none while the migration runs); those still waiting when it
+    /// moved are answered 503, to be sent again.
     pub total_ms: u64,
 }
 

@@ -96,6 +96,19 @@ impl Manager {
         Ok((Leaving { entry, slot }, vm, manifest, identity))
     }
 
+    /// Why a request that waited for sandbox `id` finds no VM here, if it is that the sandbox
+    /// moved to another node meanwhile: 503, to be sent again (any node forwards it there).
+    pub(crate) async fn moved_away(&self, id: &str) -> Option<Error> {
+        let row = self.store.get_sandbox(id).await.ok()??;
+        let node = row.node?;
+        (Some(&node) != self.store.node_name().as_ref()).then(|| {
+            Error::Unavailable(format!(
+                "sandbox {id} moved to node {node} by live migration while this request \
+                 waited: send it again (any node forwards it there)"
+            ))
+        })
+    }
+
     /// The migration failed before the hand-over: the VM (running again) goes back into its
     /// entry, as if nothing happened.
     pub(crate) fn stay(&self, mut leaving: Leaving, vm: moat_vm::Sandbox) {

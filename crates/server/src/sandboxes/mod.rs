@@ -824,6 +824,9 @@ impl Manager {
                 });
             }
             drop(guard);
+            if let Some(moved) = self.moved_away(&row.id).await {
+                return Err(moved);
+            }
             self.resume(&row.id).await?;
         }
         Err(Error::Conflict(format!(

@@ -337,8 +337,9 @@ class DrainMove:
     node: str
     """The node it runs on now."""
     pause_ms: int
-    """How long the sandbox was out of reach (QEMU's downtime to the hand-over)."""
+    """From QEMU stopping the guest on the old node to the hand-over."""
     total_ms: int
+    """From the start of the move to the hand-over: requests wait this long at most."""
 
 
 @dataclass(frozen=True)
