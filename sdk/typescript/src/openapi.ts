@@ -1033,15 +1033,17 @@ export interface components {
             node: string;
             /**
              * Format: u-int64
-             * @description How long the sandbox was out of reach: QEMU's downtime on the source, then until the
-             *     hand-over was answered (the destination's last load, its check of the guest, the
-             *     commit). Its clients' requests waited, or were refused with 409, this long at most.
+             * @description From QEMU stopping the guest on the old node to the hand-over (the destination's
+             *     last load, its check of the guest, the commit). The guest's own processes stand still
+             *     for part of it: they run on the new node during its check.
              */
             pause_ms: number;
             sandbox: string;
             /**
              * Format: u-int64
-             * @description From the start of the move to the hand-over.
+             * @description From the start of the move to the hand-over. Requests for the sandbox wait this long
+             *     at most (its agent answers none while the migration runs); those still waiting when it
+             *     moved are answered 503, to be sent again.
              */
             total_ms: number;
         };
