@@ -268,4 +268,37 @@ mod tests {
             Some("a")
         );
     }
+
+    #[tokio::test]
+    async fn drain_progress_shows_while_draining_and_an_undrain_clears_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(&dir);
+        off(|| a.acquire_lease(&spec("a", 60_000)))
+            .unwrap()
+            .unwrap();
+        let progress = crate::api::DrainProgress {
+            running_left: 1,
+            failed: vec![crate::api::DrainFailure {
+                sandbox: "sb-1".into(),
+                reason: "no other ready node".into(),
+            }],
+            done: true,
+            ..Default::default()
+        };
+        // Not draining: nothing is recorded.
+        a.set_drain_progress(Some(&progress)).await.unwrap();
+        assert!(a.get_node("a").await.unwrap().unwrap().drain.is_none());
+        a.set_node_draining("a", true).await.unwrap();
+        a.set_drain_progress(Some(&progress)).await.unwrap();
+        let node = a.get_node("a").await.unwrap().unwrap();
+        assert_eq!(node.drain.as_ref(), Some(&progress));
+        // Draining again keeps it; an undrain clears it, and a move that ends after the
+        // undrain cannot bring it back.
+        a.set_node_draining("a", true).await.unwrap();
+        assert!(a.get_node("a").await.unwrap().unwrap().drain.is_some());
+        let undrained = a.set_node_draining("a", false).await.unwrap().unwrap();
+        assert!(undrained.drain.is_none());
+        a.set_drain_progress(Some(&progress)).await.unwrap();
+        assert!(a.get_node("a").await.unwrap().unwrap().drain.is_none());
+    }
 }
