@@ -40,12 +40,6 @@ pub(crate) struct Identity {
     pub identity_header: Option<String>,
 }
 
-impl std::fmt::Debug for Leaving {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Leaving").finish_non_exhaustive()
-    }
-}
-
 impl Manager {
     /// Takes running sandbox `row`'s VM for a migration (unparked), with what the destination
     /// needs. 409 if it is not running here.
