@@ -3,7 +3,8 @@
 //! the guest's clock to a file every 10 ms and prints the same line; `moat node drain` of a
 //! moves it to node b by live migration. It keeps its id, its process (same pid, its output
 //! complete), its file (no entry lost or repeated, no gap beyond the measured pause plus the
-//! TCG slack) and its egress policy, and both nodes reach it. Before that, a drain with no
+//! TCG slack) and its egress policy, and both nodes reach it; after a kill -9 and a restart,
+//! node b adopts it as its own. Before that, a drain with no
 //! other ready node, and one whose every hand-over is refused after the destination checked
 //! the guest, leave it running at a with the reason shown. The node-to-node routes refuse an
 //! API key and a forged credential (`migrate::tests` has the rest of the credential checks).
@@ -152,7 +153,7 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
     let pg = Postgres::start();
     let a = node(&pg, "node-a", None, &hosts).await;
     let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
-    let b = node(&pg, "node-b", Some(&key), &hosts).await;
+    let mut b = node(&pg, "node-b", Some(&key), &hosts).await;
     a.put_group(
         "mig",
         json!({"tier": "xs", "egress": {"rules": [{"host": "web.test", "ports": [port]}]}}),
@@ -441,6 +442,24 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
         "node a kept the sandbox's run directory"
     );
     assert!(b.home.path().join("run").join(&id).exists());
+
+    // The sandbox is node b's own: after b is killed (-9) and started again, b adopts the
+    // VM that arrived, with its process.
+    b.kill9();
+    b.spawn(Some(ADMIN)).await;
+    sandboxes_ready(&b).await;
+    let (st, list) = a
+        .call(Some(ADMIN), "GET", &format!("{base}/processes"), None)
+        .await;
+    assert_eq!(st, 200, "{list}");
+    assert_eq!(list["processes"][0]["pid"], pid, "{list}");
+    assert_eq!(list["processes"][0]["running"], true, "{list}");
+    let got = b.get("mig", &id).await.unwrap();
+    assert_eq!(
+        (&got["node"], &got["state"]),
+        (&json!("node-b"), &json!("running")),
+        "{got}"
+    );
     a.delete("mig", &id).await;
     eprintln!("test took {:?}", t0.elapsed());
 }
