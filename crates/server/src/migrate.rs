@@ -598,6 +598,9 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
         return Ok(moved);
     }
     let why = committed.err().map_or_else(String::new, |e| e.to_string());
+    // The hand-over can no longer happen; a destination that still holds its paused copy
+    // ends it now instead of when its wait runs out.
+    abort().await;
     match departed.abort().await {
         Ok(sb) => {
             mgr.stay(leaving, sb);
