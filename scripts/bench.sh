@@ -8,7 +8,9 @@
 # `scripts/bench.sh forward [N]` runs two nodes on a throwaway PostgreSQL and times `exec true`
 # N times (default 20) on the sandbox's node and through the other (docs/FLEET.md).
 # `scripts/bench.sh migrate` live-migrates an idle and a busy xs sandbox to a second QEMU on
-# this host and reports the pause (QEMU's downtime) and total time.
+# this host and reports the pause (QEMU's downtime) and total time; `scripts/bench.sh drain
+# [N]` does it between two daemons (N drains back and forth, default 3) and reports the pause
+# clients see and the total time of each move (docs/FLEET.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # --bench: also gVisor's runsc, the peer we compare with.

@@ -14,7 +14,8 @@ pub enum NodeCommand {
     Ls,
     /// One node, all of it.
     Show { node: String },
-    /// Stop placing new sandboxes on a node (admin); those it runs stay.
+    /// Stop placing new sandboxes on a node and move its running ones to the other nodes by
+    /// live migration, one at a time (admin); `moat node show NODE` shows how far it got.
     Drain { node: String },
     /// Let a drained node take new sandboxes again (admin).
     Undrain { node: String },
@@ -86,7 +87,11 @@ pub async fn run(args: ClientArgs, cmd: NodeCommand) -> Result<u8> {
             print_table(&HEADER, rows);
         }
         NodeCommand::Show { .. } => print_json(&v)?,
-        NodeCommand::Drain { node } => println!("node {node} is {}", s(&v["state"])),
+        NodeCommand::Drain { node } => println!(
+            "node {node} is {}: it takes no new sandboxes and moves its running ones to other \
+             nodes (`moat node show {node}` shows how far)",
+            s(&v["state"])
+        ),
         NodeCommand::Undrain { node } => println!("node {node} is {}", s(&v["state"])),
     }
     Ok(0)

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod images;
 pub mod keys;
 pub mod metrics;
+pub mod migrate;
 pub mod node;
 pub mod policy;
 pub mod prepare;
@@ -304,7 +305,9 @@ pub async fn serve(
         audit_retention: config.audit_retention,
         stopping: moat_mcp::CancellationToken::new(),
         forwarder,
+        migrations: Arc::default(),
     };
+    tokio::spawn(migrate::drain(state.clone()));
     let stopping = state.stopping.clone();
     let app = http::router(state);
 

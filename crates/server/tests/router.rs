@@ -55,6 +55,7 @@ impl App {
             audit_retention: 1000,
             stopping: Default::default(),
             forwarder: Arc::new(moat_server::http::forward::Forwarder::new(None).unwrap()),
+            migrations: Arc::default(),
             identity: Arc::new(
                 moat_server::identity::Issuer::open(
                     home.path(),

@@ -36,6 +36,9 @@ RESPONSES = {
     "Node": moat.Node,
     "NodeCapacity": moat.NodeCapacity,
     "NodeUse": moat.NodeUse,
+    "DrainProgress": moat.DrainProgress,
+    "DrainMove": moat.DrainMove,
+    "DrainFailure": moat.DrainFailure,
 }
 
 SPECS = {

@@ -1038,6 +1038,50 @@ export interface components {
             next?: number | null;
             pruned?: null | components["schemas"]["LogAnchor"];
         };
+        /** @description A sandbox a drain could not move. */
+        DrainFailure: {
+            reason: string;
+            sandbox: string;
+        };
+        /** @description A sandbox a drain moved. */
+        DrainMove: {
+            /** @description The node it runs on now. */
+            node: string;
+            /**
+             * Format: u-int64
+             * @description From QEMU stopping the guest on the old node to the hand-over (the destination's
+             *     last load, its check of the guest, the commit). The guest's own processes stand still
+             *     for part of it: they run on the new node during its check.
+             */
+            pause_ms: number;
+            sandbox: string;
+            /**
+             * Format: u-int64
+             * @description From the start of the move to the hand-over. Requests for the sandbox wait this long
+             *     at most (its agent answers none while the migration runs); those still waiting when it
+             *     moved are answered 503, to be sent again.
+             */
+            total_ms: number;
+        };
+        /**
+         * @description A draining node moving its running sandboxes away, one at a time, by live migration
+         *     (docs/FLEET.md). A sandbox that cannot be moved keeps running where it is.
+         */
+        DrainProgress: {
+            /** @description Every running sandbox was moved or tried. */
+            done: boolean;
+            /** @description Sandboxes that could not be moved (they run on here), and why. */
+            failed: components["schemas"]["DrainFailure"][];
+            /** @description Sandboxes moved to another node since the drain began. */
+            moved: components["schemas"]["DrainMove"][];
+            /** @description The sandbox being moved now. */
+            moving?: string | null;
+            /**
+             * Format: u-int64
+             * @description Running sandboxes still on the node, those that could not be moved included.
+             */
+            running_left: number;
+        };
         /** @enum {string} */
         EgressAction: "allow" | "deny";
         /** @description One decision on the record. */
@@ -1698,6 +1742,7 @@ export interface components {
             /** @description How other nodes and clients reach its API (`--advertise-url`). */
             advertise_url: string;
             capacity: components["schemas"]["NodeCapacity"];
+            drain?: null | components["schemas"]["DrainProgress"];
             /**
              * Format: u-int64
              * @description Grows each time the node takes its lease; the node's writes are fenced by it.
@@ -3307,7 +3352,7 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Draining (or it already was): it takes no new sandboxes; those it runs stay */
+            /** @description Draining (or it already was): it takes no new sandboxes and moves its running ones to other ready nodes by live migration, one at a time (see `drain` of the node) */
             200: {
                 headers: {
                     [name: string]: unknown;

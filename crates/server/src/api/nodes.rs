@@ -66,6 +66,10 @@ pub struct Node {
     pub capacity: NodeCapacity,
     /// As of its last lease renewal.
     pub used: NodeUse,
+    /// While it drains: how moving its running sandboxes to other nodes goes (live
+    /// migration). Absent when it is not draining.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainProgress>,
     /// The id of its sealing key (`MOAT_HOME/secrets.key`), as of its last lease renewal: a
     /// MAC of a fixed label under the key, which names it without revealing it. Every node
     /// of a fleet has the same one.
@@ -89,6 +93,49 @@ pub struct SealingKeyRotation {
     pub secrets: u64,
     /// Identity signing keys re-sealed.
     pub signing_keys: u64,
+}
+
+/// A draining node moving its running sandboxes away, one at a time, by live migration
+/// (docs/FLEET.md). A sandbox that cannot be moved keeps running where it is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrainProgress {
+    /// Running sandboxes still on the node, those that could not be moved included.
+    pub running_left: u64,
+    /// Sandboxes moved to another node since the drain began.
+    pub moved: Vec<DrainMove>,
+    /// The sandbox being moved now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<String>,
+    /// Sandboxes that could not be moved (they run on here), and why.
+    pub failed: Vec<DrainFailure>,
+    /// Every running sandbox was moved or tried.
+    pub done: bool,
+}
+
+/// A sandbox a drain moved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrainMove {
+    pub sandbox: String,
+    /// The node it runs on now.
+    pub node: String,
+    /// From QEMU stopping the guest on the old node to the hand-over (the destination's
+    /// last load, its check of the guest, the commit). The guest's own processes stand still
+    /// for part of it: they run on the new node during its check.
+    pub pause_ms: u64,
+    /// From the start of the move to the hand-over. Requests for the sandbox wait this long
+    /// at most (its agent answers none while the migration runs); those still waiting when it
+    /// moved are answered 503, to be sent again.
+    pub total_ms: u64,
+}
+
+/// A sandbox a drain could not move.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrainFailure {
+    pub sandbox: String,
+    pub reason: String,
 }
 
 /// What a node's sandboxes may hold together.

@@ -205,6 +205,99 @@ fn cut_when_lost(
     }))
 }
 
+impl Forwarder {
+    /// A node-to-node request of live migration (`crate::migrate`): `POST url` with the
+    /// node credential `credential` and `body`; the answer's body, or, for an answer other
+    /// than 2xx, an error with the other node's message.
+    pub(crate) async fn node_call(
+        &self,
+        node: &str,
+        url: &str,
+        credential: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let req = node_request(url, credential, Body::from(body), false)?;
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| unreachable_node(node, url, &chain(&e)))?;
+        if !resp.status().is_success() {
+            return Err(node_refused(node, url, resp).await);
+        }
+        axum::body::to_bytes(Body::new(resp.into_body()), 64 << 10)
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| unreachable_node(node, url, &format!("reading its answer: {e}")))
+    }
+
+    /// A node-to-node stream of live migration: `POST url` upgraded to raw bytes (protocol
+    /// [`crate::migrate::UPGRADE`]).
+    pub(crate) async fn node_upgrade(
+        &self,
+        node: &str,
+        url: &str,
+        credential: &str,
+    ) -> Result<hyper::upgrade::Upgraded> {
+        let req = node_request(url, credential, Body::empty(), true)?;
+        let mut resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| unreachable_node(node, url, &chain(&e)))?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(node_refused(node, url, resp).await);
+        }
+        hyper::upgrade::on(&mut resp)
+            .await
+            .map_err(|e| unreachable_node(node, url, &chain(&e)))
+    }
+}
+
+fn node_request(url: &str, credential: &str, body: Body, upgrade: bool) -> Result<Request> {
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(url)
+        .header(crate::migrate::CREDENTIAL, credential);
+    if upgrade {
+        req = req
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, crate::migrate::UPGRADE);
+    } else {
+        req = req.header(header::CONTENT_TYPE, "application/json");
+    }
+    req.body(body)
+        .map_err(|e| Error::Internal(format!("a request to {url}: {e}")))
+}
+
+fn unreachable_node(node: &str, url: &str, why: &str) -> Error {
+    Error::BadGateway(format!(
+        "node {} ({url}) could not be reached: {why}",
+        api::quote(node)
+    ))
+}
+
+/// The other node's refusal, with its message.
+async fn node_refused(
+    node: &str,
+    url: &str,
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> Error {
+    let status = resp.status();
+    let body = axum::body::to_bytes(Body::new(resp.into_body()), 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or(body);
+    Error::Conflict(format!(
+        "node {} ({url}) answered {status}: {message}",
+        api::quote(node)
+    ))
+}
+
 /// Resolves once `owner` is marked lost (its reason, as ": …"), checked twice a lease.
 async fn declared_lost(store: Store, owner: Node) -> String {
     let every = Duration::from_millis((owner.lease_s * 500).max(1000));

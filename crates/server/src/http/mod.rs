@@ -53,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::secrets::router())
         .merge(routes::audit::router())
         .merge(routes::nodes::router())
+        .merge(routes::internal::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))

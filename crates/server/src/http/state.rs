@@ -36,6 +36,8 @@ pub struct AppState {
     pub stopping: moat_mcp::CancellationToken,
     /// Sends requests for sandboxes of other nodes to them.
     pub forwarder: Arc<super::forward::Forwarder>,
+    /// Live migrations arriving from other nodes, and the node credentials seen.
+    pub migrations: Arc<crate::migrate::Arrivals>,
 }
 
 impl AppState {

@@ -42,11 +42,13 @@ use network::Link;
 use pool::{PoolVm, REFILL_AFTER_HAND_OVER};
 
 pub(crate) use health::is_agent_failure;
+pub(crate) use migrate::Identity;
 pub use network::{AuditRecord, NetConfig, DEFAULT_AUDIT_RETENTION};
 
 mod group_ca;
 mod health;
 mod lifecycle;
+mod migrate;
 mod network;
 mod pool;
 mod suspend;
@@ -822,6 +824,9 @@ impl Manager {
                 });
             }
             drop(guard);
+            if let Some(moved) = self.moved_away(&row.id).await {
+                return Err(moved);
+            }
             self.resume(&row.id).await?;
         }
         Err(Error::Conflict(format!(

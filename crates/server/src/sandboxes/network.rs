@@ -98,6 +98,19 @@ impl Manager {
         group: &str,
         sb: &moat_vm::Sandbox,
     ) -> Result<()> {
+        self.connect_network_with(id, group, sb, None).await
+    }
+
+    /// [`Manager::connect_network`], with the CA a new stack signs with when it is not this
+    /// node's CA of the group: a sandbox that arrived by live migration trusts the CA of the
+    /// node it came from.
+    pub(super) async fn connect_network_with(
+        self: &Arc<Self>,
+        id: &str,
+        group: &str,
+        sb: &moat_vm::Sandbox,
+        ca: Option<moat_net::intercept::CaSpec>,
+    ) -> Result<()> {
         let (refresh, requests) = mpsc::channel(8);
         let released = Arc::new(AtomicBool::new(false));
         // Registered before the policy is read, so a group update that lands meanwhile reaches
@@ -113,7 +126,11 @@ impl Manager {
         if let Some(old) = old {
             old.released.store(true, Ordering::SeqCst);
         }
-        let ca = match self.group_ca(group).await {
+        let ca = match ca {
+            Some(ca) => Ok(ca),
+            None => self.group_ca(group).await,
+        };
+        let ca = match ca {
             Ok(ca) => ca,
             Err(e) => {
                 self.release_network_if(id, &released);

@@ -19,6 +19,7 @@ mod audit;
 pub(crate) mod db;
 mod egress;
 mod groups;
+mod handovers;
 mod identity;
 mod keys;
 mod nodes;
@@ -61,6 +62,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (12, include_str!("migrations/0012_api_key_limits.sql")),
     (13, include_str!("migrations/0013_audit.sql")),
     (14, include_str!("migrations/0014_nodes.sql")),
+    (17, include_str!("migrations/0017_handovers.sql")),
     (18, include_str!("migrations/0018_sealing_key.sql")),
 ];
 
@@ -87,6 +89,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     ),
     (13, include_str!("migrations/postgres/0013_audit.sql")),
     (14, include_str!("migrations/postgres/0014_nodes.sql")),
+    (17, include_str!("migrations/postgres/0017_handovers.sql")),
     (18, include_str!("migrations/postgres/0018_sealing_key.sql")),
 ];
 
@@ -239,6 +242,11 @@ pub struct Store {
 const SERIALIZATION_RETRIES: u32 = 5;
 
 impl Store {
+    /// The key of node-to-node credentials, derived from `secrets.key` (`migrate.rs`).
+    pub(crate) fn node_key(&self) -> Result<ring::hmac::Key> {
+        self.seal.node_key()
+    }
+
     /// Opens (creating if needed) and migrates the store; `home` is MOAT_HOME (it holds
     /// `secrets.key`). Blocking: call before serving or from a blocking thread.
     pub fn open(location: &Location, home: &Path) -> Result<Store> {

@@ -22,7 +22,7 @@ use crate::api::{quote, rfc3339, Node, NodeCapacity, NodeState, NodeUse};
 use crate::error::{Error, Result};
 
 /// The database's clock, Unix milliseconds, as SQL: one clock for every node's leases.
-fn now_ms_sql(backend: Backend) -> &'static str {
+pub(super) fn now_ms_sql(backend: Backend) -> &'static str {
     match backend {
         Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
         Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
@@ -87,6 +87,14 @@ impl Fence {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = state;
     }
 
+    /// This node's name and lease epoch while it holds its lease.
+    pub(crate) fn held(&self) -> Option<(String, i64)> {
+        match self.get() {
+            FenceState::Held { node, epoch } => Some((node, epoch)),
+            _ => None,
+        }
+    }
+
     /// This node's name, once it has taken a lease.
     pub(crate) fn node(&self) -> Option<String> {
         match self.get() {
@@ -127,7 +135,7 @@ fn lost(node: &str) -> Error {
 
 const NODE_COLUMNS: &str = "name, advertise_url, accelerator, labels, memory_mib, millicpus, \
     used_memory_mib, used_millicpus, sandboxes, state, epoch, lease_ms, lease_expires_ms, \
-    acquired_ms, lost_ms, lost_reason, sealing_key_id, next_sealing_key_id";
+    acquired_ms, lost_ms, lost_reason, drain_progress, sealing_key_id, next_sealing_key_id";
 
 /// Node `name`'s row, `None` if there is no such node.
 fn node_named(c: &Db, name: &str) -> Result<Option<Node>> {
@@ -144,6 +152,7 @@ fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<Node>> {
     let name: String = r.get(0)?;
     let labels: String = r.get(3)?;
     let state: String = r.get(9)?;
+    let drain: Option<String> = r.get(16)?;
     let ms = |v: i64| rfc3339(v.div_euclid(1000));
     Ok((|| {
         Ok(Node {
@@ -170,8 +179,12 @@ fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<Node>> {
             acquired_at: ms(r.get(13)?),
             lost_at: r.get::<_, Option<i64>>(14)?.map(ms),
             lost_reason: r.get(15)?,
-            sealing_key_id: r.get(16)?,
-            next_sealing_key_id: r.get(17)?,
+            drain: drain
+                .map(|d| serde_json::from_str(&d))
+                .transpose()
+                .map_err(|e| Error::Internal(format!("stored drain of node {name}: {e}")))?,
+            sealing_key_id: r.get(17)?,
+            next_sealing_key_id: r.get(18)?,
         })
     })())
 }
@@ -367,6 +380,7 @@ impl Store {
         self.call(move |c| {
             c.execute(
                 "UPDATE nodes SET draining = ?2, \
+                 drain_progress = CASE WHEN ?3 = 'draining' THEN drain_progress END, \
                  state = CASE WHEN state = 'lost' THEN 'lost' ELSE ?3 END WHERE name = ?1",
                 params![
                     name,

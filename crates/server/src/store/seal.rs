@@ -39,6 +39,10 @@ const CHECK_PLAIN: &[u8] = b"moat sealing key check v1";
 pub(super) struct Key {
     pub(super) id: String,
     aead: LessSafeKey,
+    /// The key of node-to-node credentials (`migrate.rs`), derived under a label of its own,
+    /// so that a credential reveals nothing about the sealing key and nothing sealed can pass
+    /// for a credential.
+    node: ring::hmac::Key,
 }
 
 impl Key {
@@ -49,9 +53,12 @@ impl Key {
         );
         let aead = UnboundKey::new(&CHACHA20_POLY1305, bytes)
             .map_err(|_| Error::Internal("the secrets key has the wrong length".into()))?;
+        let root = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes);
+        let derived = ring::hmac::sign(&root, b"moat node-to-node credential key v1");
         Ok(Key {
             id: hex::encode(&mac.as_ref()[..8]),
             aead: LessSafeKey::new(aead),
+            node: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref()),
         })
     }
 }
@@ -122,6 +129,12 @@ impl Sealer {
         let next = self.read_next()?.filter(|n| n.id != current.id);
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(Keys { current, next });
         Ok(())
+    }
+
+    /// The key of node-to-node credentials, from the current sealing key: it changes when the
+    /// node switches to a rotated key.
+    pub(super) fn node_key(&self) -> Result<ring::hmac::Key> {
+        Ok(self.keys()?.current.node.clone())
     }
 
     /// The ids of the current key and of the next one, if there is one.

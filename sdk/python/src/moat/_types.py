@@ -330,6 +330,39 @@ class NodeUse:
 
 
 @dataclass(frozen=True)
+class DrainMove:
+    """A sandbox a draining node moved to another node by live migration."""
+
+    sandbox: str
+    node: str
+    """The node it runs on now."""
+    pause_ms: int
+    """From QEMU stopping the guest on the old node to the hand-over."""
+    total_ms: int
+    """From the start of the move to the hand-over: requests wait this long at most."""
+
+
+@dataclass(frozen=True)
+class DrainFailure:
+    """A sandbox a draining node could not move: it runs on there."""
+
+    sandbox: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DrainProgress:
+    """How a draining node's moving of its running sandboxes goes."""
+
+    running_left: int
+    moved: List[DrainMove]
+    failed: List[DrainFailure]
+    done: bool
+    moving: Optional[str] = None
+    """The sandbox being moved now."""
+
+
+@dataclass(frozen=True)
 class Node:
     """A daemon sharing the store (a fleet's node): its lease, capacity and use."""
 
@@ -348,6 +381,8 @@ class Node:
     used: NodeUse
     lost_at: Optional[str] = None
     lost_reason: Optional[str] = None
+    drain: Optional[DrainProgress] = None
+    """While it drains: how moving its running sandboxes away goes."""
     sealing_key_id: Optional[str] = None
     """The id of its sealing key (names the key, reveals nothing of it)."""
     next_sealing_key_id: Optional[str] = None
@@ -629,9 +664,31 @@ def parse_node(d: Mapping[str, Any]) -> Node:
         ),
         lost_at=d.get("lost_at"),
         lost_reason=d.get("lost_reason"),
+        drain=parse_drain(d["drain"]) if d.get("drain") else None,
         sealing_key_id=d.get("sealing_key_id"),
         next_sealing_key_id=d.get("next_sealing_key_id"),
         raw=dict(d),
+    )
+
+
+def parse_drain(d: Mapping[str, Any]) -> DrainProgress:
+    return DrainProgress(
+        running_left=int(d["running_left"]),
+        moved=[
+            DrainMove(
+                sandbox=str(m["sandbox"]),
+                node=str(m["node"]),
+                pause_ms=int(m["pause_ms"]),
+                total_ms=int(m["total_ms"]),
+            )
+            for m in d.get("moved") or []
+        ],
+        failed=[
+            DrainFailure(sandbox=str(f["sandbox"]), reason=str(f["reason"]))
+            for f in d.get("failed") or []
+        ],
+        done=bool(d["done"]),
+        moving=d.get("moving"),
     )
 
 

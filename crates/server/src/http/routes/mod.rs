@@ -8,6 +8,7 @@ pub(super) mod files;
 pub(super) mod groups;
 pub(super) mod identity;
 pub(super) mod images;
+pub(super) mod internal;
 pub(super) mod keys;
 pub(super) mod mcp;
 pub(super) mod nodes;

@@ -8,7 +8,8 @@ use axum::{Json, Router};
 use utoipa::OpenApi;
 
 use crate::api::{
-    self, ErrorBody, Node, NodeCapacity, NodeList, NodeState, NodeUse, Role, SealingKeyRotation,
+    self, DrainFailure, DrainMove, DrainProgress, ErrorBody, Node, NodeCapacity, NodeList,
+    NodeState, NodeUse, Role, SealingKeyRotation,
 };
 use crate::error::{Error, Result};
 use crate::http::extract::path_param;
@@ -27,7 +28,17 @@ pub(in crate::http) fn router() -> Router<AppState> {
 #[derive(OpenApi)]
 #[openapi(
     paths(list_nodes, get_node, drain_node, undrain_node, rotate_sealing_key),
-    components(schemas(Node, NodeList, NodeState, NodeCapacity, NodeUse, SealingKeyRotation))
+    components(schemas(
+        Node,
+        NodeList,
+        NodeState,
+        NodeCapacity,
+        NodeUse,
+        DrainProgress,
+        DrainMove,
+        DrainFailure,
+        SealingKeyRotation
+    ))
 )]
 pub(in crate::http) struct Doc;
 
@@ -102,7 +113,8 @@ async fn set_draining(
     params(("node" = String, Path, description = "Node name")),
     responses(
         (status = 200, description = "Draining (or it already was): it takes no new \
-            sandboxes; those it runs stay", body = Node),
+            sandboxes and moves its running ones to other ready nodes by live migration, one \
+            at a time (see `drain` of the node)", body = Node),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, description = "Not an admin key", body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
