@@ -52,6 +52,18 @@ pub async fn rebase(path: &Path, backing: &Path, backing_format: &str) -> Result
     qemu_img(cmd).await
 }
 
+/// Writes the whole backing chain of the qcow2 image `path` into `dest`, a new qcow2 with no
+/// backing file: a disk that depends on no other file, which any host can run (a suspend on
+/// shared storage, read by other nodes whose templates and image files are their own). Not
+/// `-B` (see [`rebase`]): without a backing file `convert` reads every layer.
+pub async fn flatten(path: &Path, dest: &Path) -> Result<()> {
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"])
+        .arg(path)
+        .arg(dest);
+    qemu_img(cmd).await
+}
+
 /// The backing file named in the header of the qcow2 image at `path` (resolved against its
 /// directory, as QEMU does), or None for a raw file or a qcow2 without one. Headers are read
 /// directly: they are written by QEMU on the host, and a process per file would make a scan

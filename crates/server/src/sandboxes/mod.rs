@@ -43,12 +43,15 @@ use pool::{PoolVm, REFILL_AFTER_HAND_OVER};
 
 pub(crate) use health::is_agent_failure;
 pub use network::{AuditRecord, NetConfig, DEFAULT_AUDIT_RETENTION};
+pub use shared::check_shared_dir;
+pub(crate) use shared::unreachable_suspended;
 
 mod group_ca;
 mod health;
 mod lifecycle;
 mod network;
 mod pool;
+mod shared;
 mod suspend;
 
 /// One live sandbox: its VM (None while suspended, or once deleted), its image's config, for
@@ -156,6 +159,9 @@ pub struct Manager {
     net: NetConfig,
     /// The workload-identity issuer: mints what sandboxes' stacks ask for.
     identity: Arc<crate::identity::Issuer>,
+    /// `--shared-dir`: where this node writes suspends, so that other nodes can resume them
+    /// (see `shared.rs`).
+    shared: Option<PathBuf>,
     /// Each running sandbox's link to its network stack.
     links: Mutex<HashMap<String, Link>>,
     /// Egress audit events on their way to the store.
@@ -173,6 +179,7 @@ impl Manager {
     /// Pool members whose VM is alive are re-adopted into their pools; the rest are dropped.
     /// Then every adopted sandbox's network stack gets its group's current policy; one whose
     /// stack is gone is failed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         rt: Runtime,
         store: Store,
@@ -181,6 +188,7 @@ impl Manager {
         park_after: Option<std::time::Duration>,
         net: NetConfig,
         identity: Arc<crate::identity::Issuer>,
+        shared: Option<PathBuf>,
     ) -> Result<Arc<Manager>> {
         crate::snapshots::recover(&rt.home, &store).await?;
         let images = ImageStore::open(&rt.home.join("images"))
@@ -203,6 +211,7 @@ impl Manager {
             net,
             identity,
             links: Mutex::new(HashMap::new()),
+            shared,
         };
         // Only this node's rows: the others' VMs run elsewhere (rows from before node mode
         // were claimed by the first node to start).
@@ -439,9 +448,11 @@ impl Manager {
         let states: HashMap<String, SandboxState> =
             rows.into_iter().map(|r| (r.id, r.state)).collect();
         for id in live {
+            let moved = !states.contains_key(&id) && self.moved_away(&id).await;
             let why = match states.get(&id) {
                 Some(SandboxState::Lost) => "the other nodes declared it lost",
                 Some(_) => continue,
+                None if moved => "another node took it over (its files are shared)",
                 None => "its row is gone (its group was force-deleted through another node)",
             };
             let Some(entry) = self.entry(&id) else {
@@ -455,7 +466,7 @@ impl Manager {
             }
             self.cap.release(&id);
             self.lock_live().remove(&id);
-            if !states.contains_key(&id) {
+            if !states.contains_key(&id) && !moved {
                 self.remove_suspend_dirs(&id);
             }
             tracing::warn!(

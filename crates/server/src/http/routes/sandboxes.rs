@@ -233,16 +233,26 @@ async fn suspend_sandbox(
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 429, description = "The host has no room to resume it", body = ErrorBody),
-        (status = 409, description = "The sandbox is creating, deleting or failed", body = ErrorBody),
-        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 409, description = "The sandbox is creating, deleting or failed, or another \
+            node took it over first", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, description = "The store is \
+            unreachable, or the sandbox is suspended on a lost node and its files are on that \
+            node's disk (the message says so), or this node has no --shared-dir to take it \
+            over", body = ErrorBody)))]
 async fn resume_sandbox(
     State(state): State<AppState>,
     p: Principal,
     params: std::result::Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Sandbox>> {
     let (group, id) = path_param(params)?;
-    let row = local_sandbox(&state, &p, &group, &id).await?;
+    let seen = visible_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
-    let sb = state.manager()?.resume(&row.id).await?;
+    let mgr = state.manager()?;
+    // A suspended sandbox of a lost node moves here when its files are on shared storage.
+    let row = match mgr.take_over_for_resume(&seen).await? {
+        Some(row) => row,
+        None => local_sandbox(&state, &p, &group, &id).await?,
+    };
+    let sb = mgr.resume(&row.id).await?;
     Ok(Json(shown_to(&state, &p, sb)))
 }
