@@ -14,7 +14,8 @@ pub enum NodeCommand {
     Ls,
     /// One node, all of it.
     Show { node: String },
-    /// Stop placing new sandboxes on a node (admin); those it runs stay.
+    /// Stop placing new sandboxes on a node (admin); those it runs stay, its suspended ones
+    /// on shared storage (--shared-dir) move to other nodes.
     Drain { node: String },
     /// Let a drained node take new sandboxes again (admin).
     Undrain { node: String },

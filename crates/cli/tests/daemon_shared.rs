@@ -3,7 +3,8 @@
 //! resume through another node takes its suspended sandbox over and continues it there with
 //! its files, memory and processes; a node without the shared directory leaves its suspended
 //! sandboxes stranded, and the answer says so; a draining node hands its suspended sandboxes
-//! to a node that can read them. Real VMs (tier xs) and a throwaway PostgreSQL.
+//! to a node that can read them. A snapshot on the shared storage forks on another node once
+//! its node is gone. Real VMs (tier xs) and a throwaway PostgreSQL.
 
 mod common;
 
@@ -60,6 +61,18 @@ async fn sandboxes_ready(d: &Daemon) {
     }
 }
 
+async fn snapshot(d: &Daemon, id: &str, name: &str) {
+    let (st, v) = d
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/fleet/sandboxes/{id}/snapshots"),
+            Some(json!({ "name": name })),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+}
+
 /// The newest suspend directory of `id` under the shared directory.
 fn shared_suspend(shared: &std::path::Path, id: &str) -> std::path::PathBuf {
     let root = shared.join("suspended").join(id);
@@ -95,6 +108,13 @@ async fn a_killed_nodes_suspended_sandbox_resumes_on_another_node_from_shared_st
             "echo on-disk > /root/kept; sleep 100000 >/dev/null 2>&1 & echo $!",
         )
         .await;
+    snapshot(&c, &id, "snap").await;
+    let snap_disk = std::fs::read(shared.path().join("snapshots/fleet/snap/disk.qcow2")).unwrap();
+    assert_eq!(
+        &snap_disk[8..16],
+        &[0u8; 8],
+        "a shared snapshot's disk has no backing file"
+    );
     let (st, v, took) = c.lifecycle("fleet", &id, "suspend").await;
     assert_eq!(st, 200, "{v}");
     eprintln!("suspend to the shared directory: {took:?} (TCG)");
@@ -116,6 +136,7 @@ async fn a_killed_nodes_suspended_sandbox_resumes_on_another_node_from_shared_st
     sandboxes_ready(&b).await;
     let local = b.create(ADMIN, "fleet", json!({})).await;
     let local = local["id"].as_str().unwrap().to_string();
+    snapshot(&b, &local, "local-snap").await;
     let (st, v, _) = b.lifecycle("fleet", &local, "suspend").await;
     assert_eq!(st, 200, "{v}");
 
@@ -130,7 +151,14 @@ async fn a_killed_nodes_suspended_sandbox_resumes_on_another_node_from_shared_st
         killed.elapsed()
     );
 
-    // node-b's sandbox cannot be resumed elsewhere, and the answer says why.
+    // node-b's sandbox cannot be resumed elsewhere: its node's view counts it, and the
+    // answer says why.
+    let row = node_row(&a, "node-b").await;
+    assert_eq!(row["shared_storage"], false, "{row}");
+    assert_eq!(row["suspended_local"], 1, "{row}");
+    let row = node_row(&a, "node-c").await;
+    assert_eq!(row["shared_storage"], true, "{row}");
+    assert_eq!(row["suspended_local"], 0, "{row}");
     let (st, e, _) = a.lifecycle("fleet", &local, "resume").await;
     assert_eq!(st, 503, "{e}");
     assert!(msg(&e).contains("cannot be resumed on another node"), "{e}");
@@ -170,6 +198,28 @@ async fn a_killed_nodes_suspended_sandbox_resumes_on_another_node_from_shared_st
         a.sh("fleet", &id, &format!("kill -0 {pid} && echo alive"))
             .await,
         "alive"
+    );
+
+    // node-c's snapshot forks on node-a; node-b's cannot, and the answer says why.
+    let fork = a
+        .create(ADMIN, "fleet", json!({"from_snapshot": "snap"}))
+        .await;
+    assert_eq!(fork["node"], "node-a", "{fork}");
+    let fork = fork["id"].as_str().unwrap().to_string();
+    assert_eq!(a.sh("fleet", &fork, "cat /root/kept").await, "on-disk");
+    a.delete("fleet", &fork).await;
+    let (st, e) = a
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/fleet/sandboxes"),
+            Some(json!({"from_snapshot": "local-snap"})),
+        )
+        .await;
+    assert_eq!(st, 503, "{e}");
+    assert!(
+        msg(&e).contains("own disk") && msg(&e).contains("node-b"),
+        "{e}"
     );
 
     // Drain: node-a hands its suspended sandbox to node-d, the other node with the share.

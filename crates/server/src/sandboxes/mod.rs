@@ -190,7 +190,7 @@ impl Manager {
         identity: Arc<crate::identity::Issuer>,
         shared: Option<PathBuf>,
     ) -> Result<Arc<Manager>> {
-        crate::snapshots::recover(&rt.home, &store).await?;
+        crate::snapshots::recover(&rt.home, shared.as_deref(), &store).await?;
         let images = ImageStore::open(&rt.home.join("images"))
             .map_err(|e| Error::Config(format!("opening the image store: {e}")))?;
         let audit = network::audit_writer(store.clone(), net.audit_retention);

@@ -89,6 +89,59 @@ async fn choose_node(store: &Store, candidates: &[String]) -> Result<Option<Stri
 }
 
 impl Manager {
+    /// Where this node writes new files (suspends, snapshots).
+    pub(crate) fn new_files(&self) -> Files {
+        match self.shared {
+            Some(_) => Files::Shared,
+            None => Files::Local,
+        }
+    }
+
+    /// The directory that holds `snapshots/` for files kept as `files`: MOAT_HOME, or the
+    /// shared directory (when this node has it).
+    pub(crate) fn files_home(&self, files: Files) -> PathBuf {
+        match (files, &self.shared) {
+            (Files::Shared, Some(dir)) => dir.clone(),
+            _ => self.rt.home.clone(),
+        }
+    }
+
+    /// The directory of snapshot `name` of `group` for a fork on this node, or why this
+    /// node cannot read it: on the shared storage without `--shared-dir` here, or on the
+    /// disk of another node.
+    pub(crate) async fn snapshot_dir(&self, group: &str, name: &str) -> Result<PathBuf> {
+        let me = self.store.node_name();
+        let (files, node) = self
+            .store
+            .snapshot_files(group, name)
+            .await?
+            .unwrap_or((Files::Local, None));
+        let whose = node.clone().unwrap_or_default();
+        match files {
+            Files::Shared if self.shared.is_none() => Err(Error::Unavailable(format!(
+                "snapshot {} is on the shared storage and node {} has no --shared-dir: create \
+                 the sandbox through a node started with --shared-dir",
+                api::quote(name),
+                api::quote(me.as_deref().unwrap_or("?"))
+            ))),
+            Files::Local if node.is_some() && node != me => Err(Error::Unavailable(format!(
+                "snapshot {} is on node {}'s own disk (it was taken without --shared-dir): \
+                 create the sandbox through node {}",
+                api::quote(name),
+                api::quote(&whose),
+                api::quote(&whose)
+            ))),
+            _ => Ok(crate::snapshots::dir(&self.files_home(files), group, name)),
+        }
+    }
+
+    /// The directories that hold `snapshots/` on this node: MOAT_HOME and the shared one.
+    pub(crate) fn snapshot_homes(&self) -> Vec<PathBuf> {
+        std::iter::once(self.rt.home.clone())
+            .chain(self.shared.clone())
+            .collect()
+    }
+
     /// Where a suspend into `dest` writes its files.
     pub(super) fn files_at(&self, dest: &Path) -> Files {
         match &self.shared {

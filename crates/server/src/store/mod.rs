@@ -42,7 +42,7 @@ pub use nodes::{Lease, NodeSpec, Renewal};
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
 pub use sealing::{create_next_sealing_key, sealing_key_id};
-pub use shared::{Files, Stranded};
+pub use shared::Files;
 
 /// Numbered migrations of the SQLite schema, applied in order, each once. Only ever append to
 /// this list. Each version not yet applied runs, even one below the newest applied (branches

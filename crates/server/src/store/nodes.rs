@@ -127,7 +127,9 @@ fn lost(node: &str) -> Error {
 
 const NODE_COLUMNS: &str = "name, advertise_url, accelerator, labels, memory_mib, millicpus, \
     used_memory_mib, used_millicpus, sandboxes, state, epoch, lease_ms, lease_expires_ms, \
-    acquired_ms, lost_ms, lost_reason, sealing_key_id, next_sealing_key_id";
+    acquired_ms, lost_ms, lost_reason, sealing_key_id, next_sealing_key_id, shared_storage, \
+    (SELECT COUNT(*) FROM sandboxes WHERE sandboxes.node = nodes.name \
+     AND sandboxes.state = 'suspended' AND sandboxes.files = 'local')";
 
 /// Node `name`'s row, `None` if there is no such node.
 fn node_named(c: &Db, name: &str) -> Result<Option<Node>> {
@@ -172,6 +174,8 @@ fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<Node>> {
             lost_reason: r.get(15)?,
             sealing_key_id: r.get(16)?,
             next_sealing_key_id: r.get(17)?,
+            shared_storage: r.get::<_, i64>(18)? == 1,
+            suspended_local: r.get::<_, i64>(19)? as u64,
         })
     })())
 }

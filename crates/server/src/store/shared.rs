@@ -27,13 +27,13 @@ impl Files {
             Files::Shared => "shared",
         }
     }
-}
 
-/// What a node leaves behind when it drains: its suspended sandboxes whose files are on its
-/// own disk (no other node can resume them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Stranded {
-    pub suspended_local: u64,
+    fn parse(s: &str) -> Files {
+        match s {
+            "shared" => Files::Shared,
+            _ => Files::Local,
+        }
+    }
 }
 
 impl Store {
@@ -80,10 +80,41 @@ impl Store {
                     r.get(0)
                 })
                 .optional()?;
-            Ok(files.map(|f| match f.as_str() {
-                "shared" => Files::Shared,
-                _ => Files::Local,
-            }))
+            Ok(files.as_deref().map(Files::parse))
+        })
+        .await
+    }
+
+    /// Records where the files of claimed snapshot `name` of `group` are (before they are
+    /// written: a crash leaves its `.tmp-` directory there).
+    pub async fn set_snapshot_files(&self, group: &str, name: &str, files: Files) -> Result<()> {
+        let (g, n) = (group.to_string(), name.to_string());
+        self.call(move |c| {
+            c.execute(
+                "UPDATE snapshots SET files = ?3 WHERE group_name = ?1 AND name = ?2",
+                params![g, n, files.as_str()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Where the files of snapshot `name` of `group` are and the node that wrote them;
+    /// `None` if there is no such snapshot.
+    pub async fn snapshot_files(
+        &self,
+        group: &str,
+        name: &str,
+    ) -> Result<Option<(Files, Option<String>)>> {
+        let (g, n) = (group.to_string(), name.to_string());
+        self.call(move |c| {
+            c.query_row(
+                "SELECT files, node FROM snapshots WHERE group_name = ?1 AND name = ?2",
+                [&g, &n],
+                |r| Ok((Files::parse(&r.get::<_, String>(0)?), r.get(1)?)),
+            )
+            .optional()
+            .map_err(Into::into)
         })
         .await
     }
@@ -165,24 +196,6 @@ impl Store {
         })
         .await
     }
-
-    /// What node `name` holds that no other node can take: its suspended sandboxes whose
-    /// files are on its own disk.
-    pub async fn stranded(&self, name: &str) -> Result<Stranded> {
-        let name = name.to_string();
-        self.call(move |c| {
-            let n: i64 = c.query_row(
-                "SELECT COUNT(*) FROM sandboxes WHERE node = ?1 AND state = 'suspended' \
-                 AND files = 'local'",
-                [&name],
-                |r| r.get(0),
-            )?;
-            Ok(Stranded {
-                suspended_local: n as u64,
-            })
-        })
-        .await
-    }
 }
 
 #[cfg(test)]
@@ -249,7 +262,8 @@ mod tests {
         // Local files stay where they are, whoever asks.
         assert!(a.take_over_sandbox("sb-l").await.unwrap().is_none());
         assert!(b.take_over_sandbox("sb-l").await.unwrap().is_none());
-        assert_eq!(a.stranded("c").await.unwrap().suspended_local, 1);
+        let c_row = a.get_node("c").await.unwrap().unwrap();
+        assert_eq!((c_row.suspended_local, c_row.shared_storage), (1, false));
         // a and b race for the shared one: exactly one wins, whatever the interleaving.
         let (ra, rb) = tokio::join!(a.take_over_sandbox("sb-s"), b.take_over_sandbox("sb-s"));
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
@@ -329,6 +343,7 @@ mod tests {
         let row = a.get_sandbox("sb-s").await.unwrap().unwrap();
         assert_eq!(row.node.as_deref(), Some("a"));
         assert!(c.suspended_shared().await.unwrap().is_empty());
-        assert_eq!(c.stranded("c").await.unwrap().suspended_local, 1);
+        let c_row = a.get_node("c").await.unwrap().unwrap();
+        assert_eq!((c_row.suspended_local, c_row.shared_storage), (1, true));
     }
 }

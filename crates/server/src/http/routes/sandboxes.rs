@@ -77,8 +77,9 @@ pub(in crate::http) struct Doc;
         (status = 429, description = "The host has no room for it (memory or vCPUs); the \
             message says what it needs and what is free", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, description = "Sandboxes cannot run \
-            yet, the store is unreachable, or this node is draining (it takes no new \
-            sandboxes)", body = ErrorBody)))]
+            yet, the store is unreachable, this node is draining (it takes no new \
+            sandboxes), or `from_snapshot` names a snapshot whose files this node cannot read \
+            (on another node's disk, or on shared storage this node lacks)", body = ErrorBody)))]
 async fn create_sandbox(
     State(state): State<AppState>,
     p: Principal,
@@ -105,7 +106,7 @@ async fn create_sandbox(
         ));
     };
     let snap = visible_snapshot(&state, &p, &name, &from).await?;
-    let dir = crate::snapshots::dir(&mgr.runtime().home, &name, &from);
+    let dir = mgr.snapshot_dir(&name, &from).await?;
     let many = req.count.is_some();
     let mut forks: Vec<Sandbox> = mgr
         .fork(&group, &snap, dir, req)

@@ -7,3 +7,6 @@ ALTER TABLE sandboxes ADD COLUMN files TEXT NOT NULL DEFAULT 'local'
 -- Whether a node was started with --shared-dir (set at its start): a drain hands suspended
 -- sandboxes only to nodes that can read their files.
 ALTER TABLE nodes ADD COLUMN shared_storage INTEGER NOT NULL DEFAULT 0;
+-- Where a snapshot's files are, as for sandboxes.
+ALTER TABLE snapshots ADD COLUMN files TEXT NOT NULL DEFAULT 'local'
+    CHECK (files IN ('local', 'shared'));

@@ -4,3 +4,5 @@
 ALTER TABLE sandboxes ADD COLUMN files TEXT NOT NULL DEFAULT 'local'
     CHECK (files IN ('local', 'shared'));
 ALTER TABLE nodes ADD COLUMN shared_storage BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE snapshots ADD COLUMN files TEXT NOT NULL DEFAULT 'local'
+    CHECK (files IN ('local', 'shared'));
