@@ -61,6 +61,23 @@ async fn sandboxes_ready(d: &Daemon) {
     }
 }
 
+/// Bytes allocated under `path`.
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = meta.blocks() * 512;
+    if !meta.is_dir() {
+        return own;
+    }
+    own + std::fs::read_dir(path)
+        .unwrap()
+        .flatten()
+        .map(|e| allocated(&e.path()))
+        .sum::<u64>()
+}
+
 async fn snapshot(d: &Daemon, id: &str, name: &str) {
     let (st, v) = d
         .call(
@@ -139,6 +156,12 @@ async fn a_killed_nodes_suspended_sandbox_resumes_on_another_node_from_shared_st
     snapshot(&b, &local, "local-snap").await;
     let (st, v, _) = b.lifecycle("fleet", &local, "suspend").await;
     assert_eq!(st, 200, "{v}");
+    let local_files = b.home.path().join("suspended").join(&local);
+    eprintln!(
+        "allocated on disk: a shared (standalone) suspend {} MiB, a local one {} MiB",
+        allocated(&files) >> 20,
+        allocated(&local_files) >> 20
+    );
 
     // Through node-a, while node-c lives, the resume is forwarded to node-c (not taken over).
     c.kill9();

@@ -256,6 +256,12 @@ impl Manager {
                     }
                     if mgr.resumable(&row.id).is_some() {
                         mgr.insert_suspended(&row).await;
+                    } else if mgr.shared_files_unseen(&row.id).await? {
+                        tracing::warn!(
+                            id = row.id,
+                            "suspended on the shared storage, which this node no longer has \
+                             (no --shared-dir): left as it is for a node that has it"
+                        );
                     } else {
                         mgr.fail(
                             &row.id,

@@ -142,6 +142,13 @@ impl Manager {
             .collect()
     }
 
+    /// Whether sandbox `id`'s files are on the shared storage and this node has none (it
+    /// was restarted without `--shared-dir`): they are not gone, only out of its sight.
+    pub(super) async fn shared_files_unseen(&self, id: &str) -> Result<bool> {
+        let files = self.store.sandbox_files(id).await?;
+        Ok(self.shared.is_none() && files == Some(Files::Shared))
+    }
+
     /// Where a suspend into `dest` writes its files.
     pub(super) fn files_at(&self, dest: &Path) -> Files {
         match &self.shared {

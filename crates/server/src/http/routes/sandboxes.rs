@@ -236,10 +236,9 @@ async fn suspend_sandbox(
         (status = 429, description = "The host has no room to resume it", body = ErrorBody),
         (status = 409, description = "The sandbox is creating, deleting or failed, or another \
             node took it over first", body = ErrorBody),
-        (status = 500, body = ErrorBody), (status = 503, description = "The store is \
-            unreachable, or the sandbox is suspended on a lost node and its files are on that \
-            node's disk (the message says so), or this node has no --shared-dir to take it \
-            over", body = ErrorBody)))]
+        (status = 500, body = ErrorBody), (status = 503, description = "The sandbox is \
+            suspended on a lost node and its files are on that node's disk (the message says \
+            so), or this node has no --shared-dir to take it over", body = ErrorBody)))]
 async fn resume_sandbox(
     State(state): State<AppState>,
     p: Principal,
