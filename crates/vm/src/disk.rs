@@ -220,4 +220,40 @@ mod tests {
             io(&p("check.qcow2"), &format!("read -P {pat} {off} 512k"));
         }
     }
+
+    #[tokio::test]
+    async fn flatten_makes_a_disk_that_needs_no_other_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n);
+        let io = |img: &Path, cmd: &str| {
+            let out = std::process::Command::new("qemu-io")
+                .args(["-c", cmd])
+                .arg(img)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success() && !text.contains("fail"),
+                "qemu-io {cmd}: {text}"
+            );
+        };
+        std::fs::write(p("base.raw"), vec![1u8; 4 << 20]).unwrap();
+        create_overlay(&p("base.raw"), "raw", 8 << 20, &p("tpl.qcow2"))
+            .await
+            .unwrap();
+        io(&p("tpl.qcow2"), "write -P 2 0 1M");
+        create_overlay(&p("tpl.qcow2"), "qcow2", 0, &p("top.qcow2"))
+            .await
+            .unwrap();
+        io(&p("top.qcow2"), "write -P 3 1M 1M");
+        flatten(&p("top.qcow2"), &p("flat.qcow2")).await.unwrap();
+        // Every layer can go (another host has none of them); content and size are kept.
+        for f in ["base.raw", "tpl.qcow2", "top.qcow2"] {
+            std::fs::remove_file(p(f)).unwrap();
+        }
+        assert_eq!(backing_file(&p("flat.qcow2")).unwrap(), None);
+        for (off, pat) in [(0, 2), (1 << 20, 3), (2 << 20, 1), (6 << 20, 0)] {
+            io(&p("flat.qcow2"), &format!("read -P {pat} {off} 512k"));
+        }
+    }
 }

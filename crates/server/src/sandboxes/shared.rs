@@ -54,6 +54,15 @@ pub fn check_shared_dir(dir: &Path) -> Result<PathBuf> {
     let _ = std::fs::remove_file(&probe);
     let _ = std::fs::remove_file(&done);
     tried.map_err(|e| bad(format!("this node cannot write in it ({e})")))?;
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+    if mode & 0o077 != 0 {
+        // Not refused: on NFS the owner and mode seen here may not be what the server checks.
+        eprintln!(
+            "moat serve: warning: --shared-dir {} has mode {mode:03o}: it will hold the memory \
+             and disks of suspended sandboxes; make it 0700 so that only this user reads it",
+            dir.display()
+        );
+    }
     Ok(canonical)
 }
 
