@@ -63,8 +63,8 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (12, include_str!("migrations/0012_api_key_limits.sql")),
     (13, include_str!("migrations/0013_audit.sql")),
     (14, include_str!("migrations/0014_nodes.sql")),
-    (18, include_str!("migrations/0018_sealing_key.sql")),
     (15, include_str!("migrations/0015_shared_storage.sql")),
+    (18, include_str!("migrations/0018_sealing_key.sql")),
 ];
 
 /// The same schema in PostgreSQL's dialect (`migrations/postgres/`): `BIGINT` for every
@@ -90,11 +90,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     ),
     (13, include_str!("migrations/postgres/0013_audit.sql")),
     (14, include_str!("migrations/postgres/0014_nodes.sql")),
-    (18, include_str!("migrations/postgres/0018_sealing_key.sql")),
     (
         15,
         include_str!("migrations/postgres/0015_shared_storage.sql"),
     ),
+    (18, include_str!("migrations/postgres/0018_sealing_key.sql")),
 ];
 
 fn migrations(backend: Backend) -> &'static [(i64, &'static str)] {
