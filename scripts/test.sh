@@ -17,8 +17,8 @@ cargo test --workspace -- --test-threads=2
 # whole suite again (that would double its VM time): serve (keys, groups, restarts, the
 # kill -9 recovery), daemon_policy (versions, the hash-chained decisions log, its triggers and
 # pruning), daemon_secrets (sealed values, upserts) and daemon_identity (uid allocation, the
-# mint audit). daemon_store.rs, daemon_nodes.rs and daemon_migrate.rs start PostgreSQL servers of their own and run
-# in the pass above.
+# mint audit). daemon_store.rs, daemon_nodes.rs, daemon_migrate.rs and daemon_shared.rs start
+# PostgreSQL servers of their own and run in the pass above.
 pg=$(mktemp -d)
 trap 'scripts/postgres.sh stop "$pg" >/dev/null 2>&1 || true; rm -rf "$pg"' EXIT
 MOAT_TEST_STORE=$(scripts/postgres.sh start "$pg")

@@ -14,8 +14,9 @@ pub enum NodeCommand {
     Ls,
     /// One node, all of it.
     Show { node: String },
-    /// Stop placing new sandboxes on a node and move its running ones to the other nodes by
-    /// live migration, one at a time (admin); `moat node show NODE` shows how far it got.
+    /// Stop placing new sandboxes on a node and move its sandboxes to the other nodes
+    /// (admin): running ones by live migration, one at a time, suspended ones on shared
+    /// storage (--shared-dir) by handing them over; `moat node show NODE` shows how far it got.
     Drain { node: String },
     /// Let a drained node take new sandboxes again (admin).
     Undrain { node: String },

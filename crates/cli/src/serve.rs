@@ -108,6 +108,11 @@ pub struct ServeArgs {
     /// nodes mark it and its running sandboxes lost about this long after it stops.
     #[arg(long, env = "MOAT_LEASE_S", value_name = "SECS")]
     lease_s: Option<u64>,
+    /// A directory on shared storage (any POSIX shared filesystem: NFS, CephFS, …) that every
+    /// node of the fleet mounts and may write: suspended sandboxes are written there, so that
+    /// another node resumes them when this one is lost or drains (docs/FLEET.md).
+    #[arg(long, env = "MOAT_SHARED_DIR", value_name = "DIR")]
+    shared_dir: Option<std::path::PathBuf>,
     /// A label of this node, KEY=VALUE (repeatable).
     #[arg(long = "node-label", value_name = "KEY=VALUE")]
     node_labels: Vec<String>,
@@ -219,6 +224,7 @@ pub async fn run(home: &Home, accel: Option<&str>, args: ServeArgs) -> Result<u8
                 lease_s: args.lease_s,
                 labels: args.node_labels,
             },
+            shared_dir: args.shared_dir.filter(|p| !p.as_os_str().is_empty()),
         },
         shutdown,
     )

@@ -98,6 +98,10 @@ pub struct Config {
     /// This daemon as a node of its store (`--node-name`, `--advertise-url`, `--lease-s`,
     /// `--node-label`).
     pub node: node::NodeConfig,
+    /// `--shared-dir`: a directory on shared storage that every node of the fleet mounts;
+    /// suspends are written there, so that another node can resume them when this one is
+    /// lost or drains (docs/FLEET.md, "Shared storage"). `None`: in MOAT_HOME.
+    pub shared_dir: Option<PathBuf>,
 }
 
 /// The default of [`Config::audit_retention`].
@@ -188,6 +192,10 @@ pub async fn serve(
         None => None,
     };
     let forwarder = Arc::new(http::forward::Forwarder::new(config.ca_file.as_deref())?);
+    let shared_dir = match &config.shared_dir {
+        Some(dir) => Some(sandboxes::check_shared_dir(dir)?),
+        None => None,
+    };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let settings = config.node.settings(scheme, config.listen)?;
     let limits = capacity::Limits::from_host(
@@ -238,6 +246,7 @@ pub async fn serve(
         settings.lease.as_secs(),
         spec.advertise_url
     );
+    store.set_shared_storage(shared_dir.is_some()).await?;
     let claimed = store.claim_unowned().await?;
     if claimed > 0 {
         tracing::info!(claimed, node = %spec.name, "sandboxes from before node mode claimed");
@@ -283,6 +292,7 @@ pub async fn serve(
         park_after: config.park_after,
         net: config.net.clone(),
         identity: identity.clone(),
+        shared_dir,
     })
     .await?;
     if let Some(keep) = config.policy_decisions_retention {

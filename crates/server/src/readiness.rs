@@ -177,6 +177,8 @@ pub struct Start {
     pub net: crate::sandboxes::NetConfig,
     /// Answers the stacks' token requests.
     pub identity: Arc<crate::identity::Issuer>,
+    /// See [`crate::Config::shared_dir`].
+    pub shared_dir: Option<PathBuf>,
 }
 
 /// Sandboxes as this daemon starts them: ready at once (after adopting the VMs of an earlier
@@ -238,6 +240,7 @@ async fn start_manager(rt: moat_vm::Runtime, s: &Start) -> Result<Arc<Manager>> 
         s.park_after,
         s.net.clone(),
         s.identity.clone(),
+        s.shared_dir.clone(),
     )
     .await?;
     mgr.spawn_reaper();

@@ -11,6 +11,11 @@
 //!
 //! The store row is `creating` while the directory is written (it holds the name) and `ready`
 //! after; [`recover`] reconciles both at the daemon's start.
+//!
+//! A node with `--shared-dir` writes its snapshots under `<shared-dir>/snapshots/` instead
+//! (`files = 'shared'` on the row), standalone: the disk flattened into one file with no
+//! backing file, as a shared suspend (see `sandboxes/shared.rs`), so that any node of the
+//! fleet with the shared directory forks it, also when the node that took it is gone.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +23,7 @@ use std::sync::Arc;
 use crate::api::{self, Snapshot};
 use crate::error::{Error, Result};
 use crate::sandboxes::{conflict, Manager};
-use crate::store::Store;
+use crate::store::{Files, Store};
 
 /// `MOAT_HOME/snapshots`.
 fn root(home: &Path) -> PathBuf {
@@ -96,9 +101,27 @@ pub(crate) fn copy_for_fork(snap: &Path, root: &Path) -> Result<PathBuf> {
 /// At the daemon's start: `creating` rows (a crash while a snapshot was taken) are removed,
 /// and so is every directory under `snapshots/` that no `ready` row claims (leftovers of those
 /// and of interrupted deletes); a `ready` row whose directory is gone is removed with a warning.
-pub(crate) async fn recover(home: &Path, store: &Store) -> Result<()> {
+/// This node's snapshots on the shared storage (`shared`) are only checked: the directory
+/// holds every node's, some being written.
+pub(crate) async fn recover(home: &Path, shared: Option<&Path>, store: &Store) -> Result<()> {
     let home = home.to_path_buf();
-    let ready = store.recover_snapshots().await?;
+    let mut ready = Vec::new();
+    for s in store.recover_snapshots().await? {
+        match store.snapshot_files(&s.group, &s.name).await? {
+            Some((Files::Shared, _)) => {
+                let gone = shared.is_some_and(|d| !dir(d, &s.group, &s.name).is_dir());
+                if gone {
+                    tracing::warn!(
+                        group = s.group,
+                        name = s.name,
+                        "snapshot directory on the shared storage is gone; forgetting it"
+                    );
+                    store.delete_snapshot(&s.group, &s.name).await?;
+                }
+            }
+            _ => ready.push(s),
+        }
+    }
     let keep: std::collections::HashSet<PathBuf> = ready
         .iter()
         .map(|s| dir(&home, &s.group, &s.name))
@@ -157,9 +180,13 @@ impl Manager {
         let mgr = self.clone();
         tokio::spawn(async move {
             mgr.store().claim_snapshot(&claim_row).await?;
-            let made = mgr.take_snapshot(&claim_row).await;
             let (group, name) = (claim_row.group.clone(), claim_row.name.clone());
-            let final_dir = dir(&mgr.runtime().home, &group, &name);
+            let files = mgr.new_files();
+            let made = match mgr.store().set_snapshot_files(&group, &name, files).await {
+                Ok(()) => mgr.take_snapshot(&claim_row, files).await,
+                Err(e) => Err(e),
+            };
+            let final_dir = dir(&mgr.files_home(files), &group, &name);
             match made {
                 Ok(size) => {
                     let ready = mgr.store().snapshot_ready(&group, &name, size).await;
@@ -189,12 +216,12 @@ impl Manager {
     }
 
     /// Writes the snapshot's directory; returns its size.
-    async fn take_snapshot(self: &Arc<Self>, s: &Snapshot) -> Result<u64> {
-        let home = self.runtime().home.clone();
+    async fn take_snapshot(self: &Arc<Self>, s: &Snapshot, files: Files) -> Result<u64> {
+        let home = self.files_home(files);
         let group_dir = root(&home).join(&s.group);
         let staging = group_dir.join(format!(".tmp-{}-{:016x}", s.name, rand::random::<u64>()));
         std::fs::create_dir_all(&staging).map_err(io(format!("creating {}", staging.display())))?;
-        let made = self.write_snapshot(s, &staging).await;
+        let made = self.write_snapshot(s, &staging, files).await;
         let result = made.and_then(|built| {
             let dest = dir(&home, &s.group, &s.name);
             std::fs::rename(&built, &dest).map_err(io(format!("creating {}", dest.display())))?;
@@ -205,9 +232,14 @@ impl Manager {
         result
     }
 
-    /// Saves the VM into `staging/s` and flattens its disk onto the image's rootfs; returns
-    /// `staging/s`, complete and fsynced.
-    async fn write_snapshot(self: &Arc<Self>, s: &Snapshot, staging: &Path) -> Result<PathBuf> {
+    /// Saves the VM into `staging/s` and flattens its disk onto the image's rootfs (or, for
+    /// the shared storage, into one file); returns `staging/s`, complete and fsynced.
+    async fn write_snapshot(
+        self: &Arc<Self>,
+        s: &Snapshot,
+        staging: &Path,
+        files: Files,
+    ) -> Result<PathBuf> {
         let image = self.resolve_image(&s.image).await.map_err(|e| {
             Error::Conflict(format!(
                 "the sandbox's image {} is not available ({}): a snapshot is kept over the \
@@ -244,9 +276,19 @@ impl Manager {
             // the copied layer's backing chain still reads until it is flattened.
             let _hold = slot.downgrade();
             let disk = built.join("disk.qcow2");
-            moat_vm::disk::rebase(&disk, &image.rootfs, "raw")
-                .await
-                .map_err(Error::vm("flattening the snapshot's disk"))?;
+            match files {
+                Files::Shared => {
+                    let flat = built.join("disk.flat.qcow2");
+                    moat_vm::disk::flatten(&disk, &flat)
+                        .await
+                        .map_err(Error::vm("flattening the snapshot's disk"))?;
+                    std::fs::rename(&flat, &disk)
+                        .map_err(io(format!("replacing {}", disk.display())))?;
+                }
+                Files::Local => moat_vm::disk::rebase(&disk, &image.rootfs, "raw")
+                    .await
+                    .map_err(Error::vm("flattening the snapshot's disk"))?,
+            }
             fsync(&disk)?;
             let rootfs = std::fs::canonicalize(&image.rootfs)
                 .map_err(io(format!("resolving {}", image.rootfs.display())))?;
@@ -268,7 +310,8 @@ impl Manager {
     }
 }
 
-/// Removes snapshot `name` of `group` from disk (its row is already gone).
+/// Removes snapshot `name` of `group` from disk (its row is already gone): from `home`, the
+/// directory that holds its `snapshots/` (MOAT_HOME, or the shared directory).
 pub(crate) async fn remove(home: PathBuf, group: &str, name: &str) -> Result<()> {
     let path = dir(&home, group, name);
     tokio::task::spawn_blocking(move || remove_tree(&path))

@@ -52,6 +52,18 @@ pub async fn rebase(path: &Path, backing: &Path, backing_format: &str) -> Result
     qemu_img(cmd).await
 }
 
+/// Writes the whole backing chain of the qcow2 image `path` into `dest`, a new qcow2 with no
+/// backing file: a disk that depends on no other file, which any host can run (a suspend on
+/// shared storage, read by other nodes whose templates and image files are their own). Not
+/// `-B` (see [`rebase`]): without a backing file `convert` reads every layer.
+pub async fn flatten(path: &Path, dest: &Path) -> Result<()> {
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"])
+        .arg(path)
+        .arg(dest);
+    qemu_img(cmd).await
+}
+
 /// The backing file named in the header of the qcow2 image at `path` (resolved against its
 /// directory, as QEMU does), or None for a raw file or a qcow2 without one. Headers are read
 /// directly: they are written by QEMU on the host, and a process per file would make a scan
@@ -206,6 +218,42 @@ mod tests {
         std::fs::rename(p("flat.qcow2"), p("check.qcow2")).unwrap();
         for (off, pat) in [(0, 2), (1 << 20, 3), (2 << 20, 4), (3 << 20, 1)] {
             io(&p("check.qcow2"), &format!("read -P {pat} {off} 512k"));
+        }
+    }
+
+    #[tokio::test]
+    async fn flatten_makes_a_disk_that_needs_no_other_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n);
+        let io = |img: &Path, cmd: &str| {
+            let out = std::process::Command::new("qemu-io")
+                .args(["-c", cmd])
+                .arg(img)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success() && !text.contains("fail"),
+                "qemu-io {cmd}: {text}"
+            );
+        };
+        std::fs::write(p("base.raw"), vec![1u8; 4 << 20]).unwrap();
+        create_overlay(&p("base.raw"), "raw", 8 << 20, &p("tpl.qcow2"))
+            .await
+            .unwrap();
+        io(&p("tpl.qcow2"), "write -P 2 0 1M");
+        create_overlay(&p("tpl.qcow2"), "qcow2", 0, &p("top.qcow2"))
+            .await
+            .unwrap();
+        io(&p("top.qcow2"), "write -P 3 1M 1M");
+        flatten(&p("top.qcow2"), &p("flat.qcow2")).await.unwrap();
+        // Every layer can go (another host has none of them); content and size are kept.
+        for f in ["base.raw", "tpl.qcow2", "top.qcow2"] {
+            std::fs::remove_file(p(f)).unwrap();
+        }
+        assert_eq!(backing_file(&p("flat.qcow2")).unwrap(), None);
+        for (off, pat) in [(0, 2), (1 << 20, 3), (2 << 20, 1), (6 << 20, 0)] {
+            io(&p("flat.qcow2"), &format!("read -P {pat} {off} 512k"));
         }
     }
 }

@@ -535,6 +535,9 @@ enum SaveMode {
     Move,
     /// Stop QEMU, flatten the overlay onto the shared base and move it (a suspend).
     Suspend,
+    /// A suspend that depends on no file of this host: the whole disk chain in one file and
+    /// all of the guest's memory (no template's RAM), for another host to resume.
+    SuspendStandalone,
 }
 
 /// A running sandbox.
@@ -1105,6 +1108,17 @@ impl Sandbox {
         Ok(meta)
     }
 
+    /// [`Sandbox::suspend`] into a directory that needs nothing else of this host: its disk
+    /// is the whole chain flattened into one file and its memory image holds all of the
+    /// guest's RAM, so another host with the same kernel, initramfs and QEMU resumes it
+    /// without this host's template or image files (a suspend on shared storage).
+    pub async fn suspend_standalone(mut self, rt: &Runtime, dest: &Path) -> Result<SnapshotMeta> {
+        self.unpark().await?;
+        let meta = self.save(rt, dest, SaveMode::SuspendStandalone).await?;
+        self.destroy().await;
+        Ok(meta)
+    }
+
     async fn save(&mut self, rt: &Runtime, dest: &Path, mode: SaveMode) -> Result<SnapshotMeta> {
         let parent = dest.parent().ok_or_else(|| {
             Error::InvalidArgument(format!("bad snapshot path {}", dest.display()))
@@ -1169,6 +1183,13 @@ impl Sandbox {
             SaveMode::Move => {
                 std::fs::rename(&src, &disk).ctx(|| format!("moving {}", src.display()))?;
             }
+            SaveMode::SuspendStandalone => {
+                // Flattened from a copy: QEMU (paused, flushed) still holds its overlay's lock.
+                let copy = tmp.path().join("overlay.qcow2");
+                std::fs::copy(&src, &copy).ctx(|| format!("copying {}", src.display()))?;
+                disk::flatten(&copy, &disk).await?;
+                std::fs::remove_file(&copy).ctx(|| format!("removing {}", copy.display()))?;
+            }
             SaveMode::Suspend => {
                 // A copy, not a move: QEMU (paused, its disk flushed by the save) stays
                 // alive until the directory is complete, so an owner that dies before then
@@ -1193,7 +1214,8 @@ impl Sandbox {
             memory_bytes,
             created_unix: snapshot::unix_now(),
             save_ms: started.elapsed().as_millis() as u64,
-            shared_base: (mode == SaveMode::Suspend).then(|| self.shared_base.clone()),
+            shared_base: matches!(mode, SaveMode::Suspend | SaveMode::SuspendStandalone)
+                .then(|| self.shared_base.clone()),
             shared_ram_bytes,
             ram_base,
         };

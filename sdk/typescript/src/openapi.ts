@@ -1776,7 +1776,19 @@ export interface components {
              *     of a fleet has the same one.
              */
             sealing_key_id?: string | null;
+            /**
+             * @description Started with `--shared-dir`: its suspends are on the fleet's shared storage, so
+             *     another node takes them over when it is lost or drains.
+             */
+            shared_storage: boolean;
             state: components["schemas"]["NodeState"];
+            /**
+             * Format: u-int64
+             * @description Its suspended sandboxes whose files are on its own disk (suspended without
+             *     `--shared-dir`): no other node can resume them, so a drain leaves them here and they
+             *     are unreachable while it is lost.
+             */
+            suspended_local: number;
             /** @description As of its last lease renewal. */
             used: components["schemas"]["NodeUse"];
         };
@@ -4728,7 +4740,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Sandboxes cannot run yet, the store is unreachable, or this node is draining (it takes no new sandboxes) */
+            /** @description Sandboxes cannot run yet, the store is unreachable, this node is draining (it takes no new sandboxes), or `from_snapshot` names a snapshot whose files this node cannot read (on another node's disk, or on shared storage this node lacks) */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -8393,7 +8405,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The sandbox is creating, deleting or failed */
+            /** @description The sandbox is creating, deleting or failed, or another node took it over first */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -8437,7 +8449,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
+            /** @description The sandbox is suspended on a lost node and its files are on that node's disk (the message says so), or this node has no --shared-dir to take it over. Or: The node that runs the sandbox was lost (its lease expired; the message says why), or the store is unavailable */
             503: {
                 headers: {
                     [name: string]: unknown;

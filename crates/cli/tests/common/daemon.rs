@@ -33,6 +33,7 @@ pub fn moat() -> Command {
         "MOAT_BOOTSTRAP_KEY",
         "MOAT_LISTEN",
         "MOAT_STORE",
+        "MOAT_SHARED_DIR",
         "RUST_LOG",
     ] {
         c.env_remove(v);

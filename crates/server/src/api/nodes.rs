@@ -79,6 +79,13 @@ pub struct Node {
     /// (`POST /v1/sealing-key/rotate`) switches to; absent without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_sealing_key_id: Option<String>,
+    /// Started with `--shared-dir`: its suspends are on the fleet's shared storage, so
+    /// another node takes them over when it is lost or drains.
+    pub shared_storage: bool,
+    /// Its suspended sandboxes whose files are on its own disk (suspended without
+    /// `--shared-dir`): no other node can resume them, so a drain leaves them here and they
+    /// are unreachable while it is lost.
+    pub suspended_local: u64,
 }
 
 /// `POST /v1/sealing-key/rotate`: what the rotation re-sealed.

@@ -24,7 +24,8 @@ use rustls::pki_types::CertificateDer;
 
 use crate::api::{self, Node, NodeState, SandboxState};
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::sandboxes::unreachable_suspended;
+use crate::store::{Files, Store};
 
 use super::access::no_group;
 use super::extract::ShellPrincipal;
@@ -381,12 +382,13 @@ fn owner_route(req: &Request) -> Option<(String, String)> {
 }
 
 /// The node to forward to, `None` to answer here (the sandbox is this node's, lost, or not
-/// there, which the route says itself), or why no node can answer.
+/// there, which the route says itself; or a `resume` of a suspended sandbox whose node is
+/// gone and whose files are shared, which this node takes over), or why no node can answer.
 async fn owner(
     state: &AppState,
     me: &str,
-    group: &str,
-    id: &str,
+    (group, id): (&str, &str),
+    resume: bool,
 ) -> Result<Option<(String, Node)>> {
     if api::validate_name("group name", group).is_err() || id.len() > 64 {
         return Ok(None);
@@ -400,18 +402,37 @@ async fn owner(
     if sb.state == SandboxState::Lost {
         return Ok(None);
     }
-    match state.store.get_node(&name).await? {
-        Some(n) if n.state == NodeState::Lost => Err(Error::Unavailable(format!(
-            "sandbox {id} is on node {}, which was lost{}: its sandboxes cannot be reached \
-             until it comes back",
-            api::quote(&name),
-            n.lost_reason.map(|r| format!(" ({r})")).unwrap_or_default()
-        ))),
-        Some(n) => Ok(Some((sb.id, n))),
-        None => Err(Error::Unavailable(format!(
-            "sandbox {id} is on node {}, which is not a node of this store",
-            api::quote(&name)
-        ))),
+    let node = state.store.get_node(&name).await?;
+    let Some(gone) = node_gone(node.as_ref()) else {
+        return Ok(node.map(|n| (sb.id, n)));
+    };
+    if sb.state == SandboxState::Suspended {
+        let files = state.store.sandbox_files(id).await?.unwrap_or(Files::Local);
+        if resume && files == Files::Shared {
+            return Ok(None);
+        }
+        return Err(unreachable_suspended(id, &name, &gone, files));
+    }
+    Err(Error::Unavailable(format!(
+        "sandbox {id} is on node {}, which {gone}: its sandboxes cannot be reached until it \
+         comes back",
+        api::quote(&name),
+    )))
+}
+
+/// Why `node` (its row, `None` if there is none) cannot answer for its sandboxes ("was lost (…)", "is not a node of this
+/// store"); `None` while it holds its lease.
+pub(crate) fn node_gone(node: Option<&Node>) -> Option<String> {
+    match node {
+        Some(n) if n.state == NodeState::Lost => Some(format!(
+            "was lost{}",
+            n.lost_reason
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        )),
+        Some(_) => None,
+        None => Some("is not a node of this store".to_string()),
     }
 }
 
@@ -429,7 +450,12 @@ pub(crate) async fn forward(State(state): State<AppState>, req: Request, next: N
     };
     // Kept to check the key if no node can answer (the request itself is gone by then).
     let headers = req.headers().clone();
-    let err = match owner(&state, &me, &group, &id).await {
+    let resume = req.method() == Method::POST
+        && req
+            .extensions()
+            .get::<MatchedPath>()
+            .is_some_and(|m| m.as_str().ends_with("/{id}/resume"));
+    let err = match owner(&state, &me, (&group, &id), resume).await {
         Ok(None) => return next.run(req).await,
         Ok(Some((sandbox, node))) => match state
             .forwarder

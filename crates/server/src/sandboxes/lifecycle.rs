@@ -128,6 +128,7 @@ impl Manager {
             .map(|g| (g.name, g.spec))
             .collect();
         let timers = self.store.list_timers().await?;
+        self.pick_up_moved(&timers).await;
         let now = now_ms();
         // Stored times are whole seconds, rounded down: taken as the end of their second, a
         // timer fires up to a second late but never early.
@@ -203,6 +204,9 @@ impl Manager {
         // Pools below or above their size (after hand-overs, failed refills, spec changes,
         // deleted groups, a drain of this node: it takes no creates, so it keeps no pool).
         let draining = self.store.draining().await?;
+        if draining {
+            self.drain_suspended().await;
+        }
         let ready: HashMap<String, usize> = self.pool_ready().into_iter().collect();
         let mut names: Vec<&String> = groups.keys().chain(ready.keys()).collect();
         names.sort();

@@ -44,6 +44,8 @@ use pool::{PoolVm, REFILL_AFTER_HAND_OVER};
 pub(crate) use health::is_agent_failure;
 pub(crate) use migrate::Identity;
 pub use network::{AuditRecord, NetConfig, DEFAULT_AUDIT_RETENTION};
+pub use shared::check_shared_dir;
+pub(crate) use shared::unreachable_suspended;
 
 mod group_ca;
 mod health;
@@ -51,6 +53,7 @@ mod lifecycle;
 mod migrate;
 mod network;
 mod pool;
+mod shared;
 mod suspend;
 
 /// One live sandbox: its VM (None while suspended, or once deleted), its image's config, for
@@ -158,6 +161,9 @@ pub struct Manager {
     net: NetConfig,
     /// The workload-identity issuer: mints what sandboxes' stacks ask for.
     identity: Arc<crate::identity::Issuer>,
+    /// `--shared-dir`: where this node writes suspends, so that other nodes can resume them
+    /// (see `shared.rs`).
+    shared: Option<PathBuf>,
     /// Each running sandbox's link to its network stack.
     links: Mutex<HashMap<String, Link>>,
     /// Egress audit events on their way to the store.
@@ -175,6 +181,7 @@ impl Manager {
     /// Pool members whose VM is alive are re-adopted into their pools; the rest are dropped.
     /// Then every adopted sandbox's network stack gets its group's current policy; one whose
     /// stack is gone is failed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         rt: Runtime,
         store: Store,
@@ -183,8 +190,9 @@ impl Manager {
         park_after: Option<std::time::Duration>,
         net: NetConfig,
         identity: Arc<crate::identity::Issuer>,
+        shared: Option<PathBuf>,
     ) -> Result<Arc<Manager>> {
-        crate::snapshots::recover(&rt.home, &store).await?;
+        crate::snapshots::recover(&rt.home, shared.as_deref(), &store).await?;
         let images = ImageStore::open(&rt.home.join("images"))
             .map_err(|e| Error::Config(format!("opening the image store: {e}")))?;
         let audit = network::audit_writer(store.clone(), net.audit_retention);
@@ -205,6 +213,7 @@ impl Manager {
             net,
             identity,
             links: Mutex::new(HashMap::new()),
+            shared,
         };
         // Only this node's rows: the others' VMs run elsewhere (rows from before node mode
         // were claimed by the first node to start).
@@ -249,6 +258,12 @@ impl Manager {
                     }
                     if mgr.resumable(&row.id).is_some() {
                         mgr.insert_suspended(&row).await;
+                    } else if mgr.shared_files_unseen(&row.id).await? {
+                        tracing::warn!(
+                            id = row.id,
+                            "suspended on the shared storage, which this node no longer has \
+                             (no --shared-dir): left as it is for a node that has it"
+                        );
                     } else {
                         mgr.fail(
                             &row.id,
@@ -441,9 +456,12 @@ impl Manager {
         let states: HashMap<String, SandboxState> =
             rows.into_iter().map(|r| (r.id, r.state)).collect();
         for id in live {
+            // Taken over, handed over or migrated: its files are the other node's to keep.
+            let moved = !states.contains_key(&id) && self.moved_away(&id).await.is_some();
             let why = match states.get(&id) {
                 Some(SandboxState::Lost) => "the other nodes declared it lost",
                 Some(_) => continue,
+                None if moved => "another node runs it now (taken over or handed over)",
                 None => "its row is gone (its group was force-deleted through another node)",
             };
             let Some(entry) = self.entry(&id) else {
@@ -457,7 +475,7 @@ impl Manager {
             }
             self.cap.release(&id);
             self.lock_live().remove(&id);
-            if !states.contains_key(&id) {
+            if !states.contains_key(&id) && !moved {
                 self.remove_suspend_dirs(&id);
             }
             tracing::warn!(

@@ -22,11 +22,18 @@ use super::{conflict, Entry, Manager};
 use crate::api::{Sandbox, SandboxState};
 use crate::error::{Error, Result};
 use crate::metrics;
+use crate::store::Files;
 
 impl Manager {
-    /// `MOAT_HOME/suspended/<id>`: the sandbox's suspend directories, `<n>` each.
+    /// The sandbox's suspend directories, `<n>` each: `MOAT_HOME/suspended/<id>`, or
+    /// `<--shared-dir>/suspended/<id>` on a node with a shared directory (a sandbox that has
+    /// a local one from before keeps it: see `shared.rs`).
     pub(super) fn suspend_root(&self, id: &str) -> PathBuf {
-        self.rt.home.join("suspended").join(id)
+        let local = self.rt.home.join("suspended").join(id);
+        match &self.shared {
+            Some(dir) if !local.exists() => dir.join("suspended").join(id),
+            _ => local,
+        }
     }
 
     /// The numbered suspend directories of `id`, oldest first (`.tmp-` ones, being written
@@ -130,7 +137,11 @@ impl Manager {
             let next = dirs.last().map_or(1, |(n, _)| n + 1);
             let dest = mgr.suspend_root(&id).join(next.to_string());
             let started = Instant::now();
-            let suspended = vm.suspend(&mgr.rt, &dest).await;
+            let files = mgr.files_at(&dest);
+            let suspended = match files {
+                Files::Shared => vm.suspend_standalone(&mgr.rt, &dest).await,
+                Files::Local => vm.suspend(&mgr.rt, &dest).await,
+            };
             mgr.cap.release(&id);
             match suspended {
                 Ok(meta) => {
@@ -149,6 +160,7 @@ impl Manager {
                         memory_bytes = meta.memory_bytes,
                         "suspended"
                     );
+                    mgr.store.set_sandbox_files(&id, files).await?;
                     mgr.set_state(&id, SandboxState::Suspended).await
                 }
                 Err(e) => {
@@ -174,6 +186,8 @@ impl Manager {
         let id = id.to_string();
         tokio::spawn(async move {
             let row = mgr.get_row(&id).await?;
+            // Handed to this node by a draining one since the last lifecycle tick.
+            mgr.adopt_suspended(&row).await;
             let entry = mgr.entry(&id).ok_or_else(|| conflict("resume", &row))?;
             let mut slot = entry.vm.write().await;
             let row = mgr.get_row(&id).await?;

@@ -31,6 +31,7 @@ mod sandboxes;
 mod seal;
 mod sealing;
 mod secrets;
+mod shared;
 mod snapshots;
 
 pub use audit::NewAuditEvent;
@@ -42,6 +43,7 @@ pub use nodes::{Lease, NodeSpec, Renewal};
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
 pub use sealing::{create_next_sealing_key, sealing_key_id};
+pub use shared::Files;
 
 /// Numbered migrations of the SQLite schema, applied in order, each once. Only ever append to
 /// this list. Each version not yet applied runs, even one below the newest applied (branches
@@ -62,6 +64,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (12, include_str!("migrations/0012_api_key_limits.sql")),
     (13, include_str!("migrations/0013_audit.sql")),
     (14, include_str!("migrations/0014_nodes.sql")),
+    (15, include_str!("migrations/0015_shared_storage.sql")),
     (17, include_str!("migrations/0017_handovers.sql")),
     (18, include_str!("migrations/0018_sealing_key.sql")),
 ];
@@ -89,6 +92,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     ),
     (13, include_str!("migrations/postgres/0013_audit.sql")),
     (14, include_str!("migrations/postgres/0014_nodes.sql")),
+    (
+        15,
+        include_str!("migrations/postgres/0015_shared_storage.sql"),
+    ),
     (17, include_str!("migrations/postgres/0017_handovers.sql")),
     (18, include_str!("migrations/postgres/0018_sealing_key.sql")),
 ];

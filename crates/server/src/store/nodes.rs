@@ -135,7 +135,9 @@ fn lost(node: &str) -> Error {
 
 const NODE_COLUMNS: &str = "name, advertise_url, accelerator, labels, memory_mib, millicpus, \
     used_memory_mib, used_millicpus, sandboxes, state, epoch, lease_ms, lease_expires_ms, \
-    acquired_ms, lost_ms, lost_reason, drain_progress, sealing_key_id, next_sealing_key_id";
+    acquired_ms, lost_ms, lost_reason, drain_progress, sealing_key_id, next_sealing_key_id, \
+    shared_storage, (SELECT COUNT(*) FROM sandboxes WHERE sandboxes.node = nodes.name \
+     AND sandboxes.state = 'suspended' AND sandboxes.files = 'local')";
 
 /// Node `name`'s row, `None` if there is no such node.
 fn node_named(c: &Db, name: &str) -> Result<Option<Node>> {
@@ -185,6 +187,8 @@ fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<Node>> {
                 .map_err(|e| Error::Internal(format!("stored drain of node {name}: {e}")))?,
             sealing_key_id: r.get(17)?,
             next_sealing_key_id: r.get(18)?,
+            shared_storage: r.get::<_, i64>(19)? == 1,
+            suspended_local: r.get::<_, i64>(20)? as u64,
         })
     })())
 }

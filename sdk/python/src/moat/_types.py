@@ -379,6 +379,10 @@ class Node:
     acquired_at: str
     capacity: NodeCapacity
     used: NodeUse
+    shared_storage: bool
+    """Started with --shared-dir: another node takes its suspends over when it is lost or drains."""
+    suspended_local: int
+    """Its suspended sandboxes whose files are on its own disk: no other node can resume them."""
     lost_at: Optional[str] = None
     lost_reason: Optional[str] = None
     drain: Optional[DrainProgress] = None
@@ -662,6 +666,8 @@ def parse_node(d: Mapping[str, Any]) -> Node:
             vcpus=float(used["vcpus"]),
             sandboxes=int(used["sandboxes"]),
         ),
+        shared_storage=bool(d["shared_storage"]),
+        suspended_local=int(d["suspended_local"]),
         lost_at=d.get("lost_at"),
         lost_reason=d.get("lost_reason"),
         drain=parse_drain(d["drain"]) if d.get("drain") else None,

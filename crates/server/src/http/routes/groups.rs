@@ -209,10 +209,14 @@ async fn delete_group(
     // Its pool's rows went with it; its VMs and its snapshots go now.
     if let Some(mgr) = state.sandboxes.ready() {
         mgr.drain_pool(&name).await;
-        let home = mgr.runtime().home.clone();
-        tokio::task::spawn_blocking(move || crate::snapshots::remove_group_dirs(&home, &name))
-            .await
-            .map_err(Error::task("removing the group's snapshots"))?;
+        let homes = mgr.snapshot_homes();
+        tokio::task::spawn_blocking(move || {
+            for home in homes {
+                crate::snapshots::remove_group_dirs(&home, &name);
+            }
+        })
+        .await
+        .map_err(Error::task("removing the group's snapshots"))?;
     }
     Ok(StatusCode::NO_CONTENT)
 }

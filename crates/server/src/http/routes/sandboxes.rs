@@ -77,8 +77,9 @@ pub(in crate::http) struct Doc;
         (status = 429, description = "The host has no room for it (memory or vCPUs); the \
             message says what it needs and what is free", body = ErrorBody),
         (status = 500, body = ErrorBody), (status = 503, description = "Sandboxes cannot run \
-            yet, the store is unreachable, or this node is draining (it takes no new \
-            sandboxes)", body = ErrorBody)))]
+            yet, the store is unreachable, this node is draining (it takes no new \
+            sandboxes), or `from_snapshot` names a snapshot whose files this node cannot read \
+            (on another node's disk, or on shared storage this node lacks)", body = ErrorBody)))]
 async fn create_sandbox(
     State(state): State<AppState>,
     p: Principal,
@@ -105,7 +106,7 @@ async fn create_sandbox(
         ));
     };
     let snap = visible_snapshot(&state, &p, &name, &from).await?;
-    let dir = crate::snapshots::dir(&mgr.runtime().home, &name, &from);
+    let dir = mgr.snapshot_dir(&name, &from).await?;
     let many = req.count.is_some();
     let mut forks: Vec<Sandbox> = mgr
         .fork(&group, &snap, dir, req)
@@ -233,16 +234,25 @@ async fn suspend_sandbox(
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 429, description = "The host has no room to resume it", body = ErrorBody),
-        (status = 409, description = "The sandbox is creating, deleting or failed", body = ErrorBody),
-        (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 409, description = "The sandbox is creating, deleting or failed, or another \
+            node took it over first", body = ErrorBody),
+        (status = 500, body = ErrorBody), (status = 503, description = "The sandbox is \
+            suspended on a lost node and its files are on that node's disk (the message says \
+            so), or this node has no --shared-dir to take it over", body = ErrorBody)))]
 async fn resume_sandbox(
     State(state): State<AppState>,
     p: Principal,
     params: std::result::Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<Sandbox>> {
     let (group, id) = path_param(params)?;
-    let row = local_sandbox(&state, &p, &group, &id).await?;
+    let seen = visible_sandbox(&state, &p, &group, &id).await?;
     require_use(&p)?;
-    let sb = state.manager()?.resume(&row.id).await?;
+    let mgr = state.manager()?;
+    // A suspended sandbox of a lost node moves here when its files are on shared storage.
+    let row = match mgr.take_over_for_resume(&seen).await? {
+        Some(row) => row,
+        None => local_sandbox(&state, &p, &group, &id).await?,
+    };
+    let sb = mgr.resume(&row.id).await?;
     Ok(Json(shown_to(&state, &p, sb)))
 }

@@ -14,7 +14,7 @@ use crate::http::access::{local_sandbox, require_use, visible_group, visible_sna
 use crate::http::extract::{path_param, ApiJson};
 use crate::http::state::AppState;
 use crate::snapshots;
-use crate::store::Principal;
+use crate::store::{Files, Principal};
 
 pub(in crate::http) fn router() -> Router<AppState> {
     Router::new()
@@ -119,7 +119,9 @@ async fn delete_snapshot(
     let (group, name) = path_param(params)?;
     let snap = visible_snapshot(&state, &p, &group, &name).await?;
     require_use(&p)?;
-    let home = state.manager()?.runtime().home.clone();
+    let mgr = state.manager()?;
+    let files = state.store.snapshot_files(&snap.group, &snap.name).await?;
+    let home = mgr.files_home(files.map_or(Files::Local, |(f, _)| f));
     state.store.delete_snapshot(&snap.group, &snap.name).await?;
     // The row is gone first: a crash now leaves a directory that the next start removes.
     snapshots::remove(home, &snap.group, &snap.name).await?;
