@@ -803,7 +803,8 @@ mod tests {
             "name": name, "advertise_url": "http://x", "accelerator": "tcg", "labels": {},
             "state": state, "epoch": 1, "lease_s": 10, "lease_expires_at": "",
             "acquired_at": "", "capacity": {"memory_mib": 1000, "vcpus": 2.0},
-            "used": {"memory_mib": used, "vcpus": 0.0, "sandboxes": 0}
+            "used": {"memory_mib": used, "vcpus": 0.0, "sandboxes": 0},
+            "shared_storage": false, "suspended_local": 0
         }))
         .unwrap()
     }
