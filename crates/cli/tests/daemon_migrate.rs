@@ -352,6 +352,8 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
         (&moved["sandbox"], &moved["node"]),
         (&json!(id), &json!("node-b"))
     );
+    // Both nodes read the same template files: only the overlay travelled.
+    assert_eq!(moved["disk"], "top", "{progress}");
     let pause_ms = moved["pause_ms"].as_u64().unwrap() as f64;
 
     // Same id, now on node b, seen the same from both nodes.
@@ -462,4 +464,118 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
     );
     a.delete("mig", &id).await;
     eprintln!("test took {:?}", t0.elapsed());
+}
+
+/// A node whose templates are its own files (hard links under its own home, so every path
+/// differs from the other node's): a sandbox it runs has a backing file the other node does
+/// not hold, as on another host.
+async fn node_with_own_templates(pg: &Postgres, name: &str, key: Option<&[u8]>) -> Daemon {
+    let home = runtime_home();
+    let linked = home.path().join("templates");
+    let shared = std::fs::canonicalize(&linked).unwrap();
+    std::fs::remove_file(&linked).unwrap();
+    let ok = std::process::Command::new("cp")
+        .arg("-al")
+        .arg(&shared)
+        .arg(&linked)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "copying the templates as hard links");
+    // A seed names the template's disk by its path: each home makes its own.
+    for t in std::fs::read_dir(&linked).unwrap().flatten() {
+        let _ = std::fs::remove_file(t.path().join("overlay-seed.qcow2"));
+    }
+    if let Some(key) = key {
+        let path = home.path().join("secrets.key");
+        std::fs::write(&path, key).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let lease = LEASE_S.to_string();
+    let args = ["--store", &pg.url, "--node-name", name, "--lease-s", &lease];
+    Daemon::start_at(home, Some(ADMIN), &args).await
+}
+
+/// Node a's templates are not node b's (other files under other paths), so b cannot read
+/// what a sandbox's overlay sits on: the drain mirrors the whole disk into one with no
+/// backing file, and the sandbox runs on b with its file and process; it then suspends and
+/// resumes on b from that disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sends_the_whole_disk_to_a_node_without_the_template() {
+    let t0 = Instant::now();
+    let pg = Postgres::start();
+    let a = node_with_own_templates(&pg, "node-a", None).await;
+    let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    let b = node(&pg, "node-b", Some(&key), "/dev/null").await;
+    a.put_group("mig", json!({"tier": "xs"}), 201).await;
+    sandboxes_ready(&a).await;
+    sandboxes_ready(&b).await;
+    let sb = a.create(ADMIN, "mig", json!({})).await;
+    let id = sb["id"].as_str().unwrap().to_string();
+    assert_eq!(sb["node"], "node-a", "{sb}");
+    let a_templates = std::fs::canonicalize(a.home.path().join("templates")).unwrap();
+    let disk = a.home.path().join("run").join(&id).join("disk.qcow2");
+    let chain = std::process::Command::new("qemu-img")
+        .args(["info", "--backing-chain", "-U"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let chain = String::from_utf8_lossy(&chain.stdout).into_owned();
+    assert!(
+        chain.contains(a_templates.to_str().unwrap()),
+        "the sandbox's disk sits on node a's own template: {chain}"
+    );
+    let pid = a
+        .sh(
+            "mig",
+            &id,
+            "echo on-disk > /root/kept; sleep 100000 >/dev/null 2>&1 & echo $!",
+        )
+        .await;
+
+    let t_drain = Instant::now();
+    let o = b.cli(ADMIN, &["node", "drain", "node-a"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let progress = drained(&b, "node-a", Duration::from_secs(120)).await;
+    let took = t_drain.elapsed();
+    eprintln!("whole-disk drain: {progress} (drain to done: {took:?}, TCG)");
+    assert_eq!(progress["failed"], json!([]), "{progress}");
+    let moved = &progress["moved"][0];
+    assert_eq!(
+        (&moved["sandbox"], &moved["node"], &moved["disk"]),
+        (&json!(id), &json!("node-b"), &json!("full")),
+        "{progress}"
+    );
+    // On b, from a disk with no backing file: the file and the process came along.
+    assert_eq!(b.get("mig", &id).await.unwrap()["node"], "node-b");
+    let b_disk = b.home.path().join("run").join(&id).join("disk.qcow2");
+    let header = std::fs::read(&b_disk).unwrap();
+    assert_eq!(
+        &header[8..16],
+        &[0u8; 8],
+        "the received disk has no backing file"
+    );
+    assert_eq!(b.sh("mig", &id, "cat /root/kept").await, "on-disk");
+    assert_eq!(
+        b.sh("mig", &id, &format!("kill -0 {pid} && echo alive"))
+            .await,
+        "alive"
+    );
+
+    // It suspends and resumes on b, from its standalone disk.
+    b.sh("mig", &id, "echo after-move >> /root/kept").await;
+    let (st, v, _) = b.lifecycle("mig", &id, "suspend").await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v, _) = b.lifecycle("mig", &id, "resume").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        b.sh("mig", &id, "cat /root/kept").await,
+        "on-disk\nafter-move"
+    );
+    assert_eq!(
+        b.sh("mig", &id, &format!("kill -0 {pid} && echo alive"))
+            .await,
+        "alive"
+    );
+    eprintln!("whole-disk migration test: {:?}", t0.elapsed());
 }

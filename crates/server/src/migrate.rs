@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{quote, DrainFailure, DrainMove, Node, NodeState, SandboxState};
+use crate::api::{quote, DiskSync, DrainFailure, DrainMove, Node, NodeState, SandboxState};
 use crate::error::{Error, Result};
 use crate::http::AppState;
 use crate::sandboxes::Identity;
@@ -61,14 +61,27 @@ pub(crate) struct Offer {
     pub manifest: MigrationManifest,
     pub identity: Identity,
     /// SHA-256 of the overlay's backing file when it is a template's, snapshot's or
-    /// suspend's disk (a few MB): only the overlay travels, so the destination must read the
-    /// very same file under it. `None` for an image's rootfs, which is named by its digest.
+    /// suspend's disk (qcow2, a few MB): a destination whose file differs receives the whole
+    /// disk. `None` for an image's rootfs (raw), which is named by its digest, and for an
+    /// overlay without a backing file.
     pub backing_sha256: Option<String>,
+}
+
+/// The destination's answer to an offer: how the disk travels.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Accepted {
+    /// `top`: the destination has the overlay's backing file, only the overlay is mirrored.
+    /// `full`: it has not (or its file differs), the whole chain is mirrored into a disk
+    /// with no backing file.
+    pub disk: DiskSync,
+    /// Why, in words (for the log and the drain's progress).
+    pub reason: String,
 }
 
 /// What [`Offer::backing_sha256`] says of `manifest` on this host.
 async fn backing_sha256(manifest: &MigrationManifest) -> Result<Option<String>> {
-    if manifest.backing.path == manifest.shared_base.path {
+    if manifest.standalone || manifest.backing.format != "qcow2" {
         return Ok(None);
     }
     let path = manifest.backing.path.clone();
@@ -137,6 +150,7 @@ struct Arriving {
     from: String,
     offered: Instant,
     offer: Option<Offer>,
+    whole_disk: bool,
     memory: Option<Upgraded>,
     disk: Option<Upgraded>,
     asks: mpsc::Sender<Ask>,
@@ -235,8 +249,51 @@ impl Arrivals {
     }
 }
 
-/// The destination takes an offer from node `from` (checked by the caller).
-pub(crate) async fn offered(state: &AppState, from: &str, id: &str, body: &[u8]) -> Result<()> {
+/// How the disk of `offer` must travel to this node: only the overlay when the overlay's
+/// backing file is one of this node's own files with the source's content, else the whole
+/// disk (a node on another host has none of the source's template, snapshot or suspend
+/// files, or other ones under the same names).
+async fn plan_disk(state: &AppState, offer: &Offer) -> Result<Accepted> {
+    let m = &offer.manifest;
+    let path = m.backing.path.display();
+    let full = |reason: String| {
+        Ok(Accepted {
+            disk: DiskSync::Full,
+            reason,
+        })
+    };
+    if m.standalone {
+        return full("its disk has no backing file".into());
+    }
+    if !m.backing.path.is_file() {
+        return full(format!(
+            "its disk's backing file {path} is not on this node"
+        ));
+    }
+    if !state.manager()?.holds_file(&m.backing.path) {
+        return full(format!(
+            "its disk's backing file {path} is not one of this node's files"
+        ));
+    }
+    if offer.backing_sha256.is_some() && backing_sha256(m).await? != offer.backing_sha256 {
+        return full(format!(
+            "its disk's backing file {path} differs on this node"
+        ));
+    }
+    Ok(Accepted {
+        disk: DiskSync::Top,
+        reason: format!("this node has its disk's backing file {path}"),
+    })
+}
+
+/// The destination takes an offer from node `from` (checked by the caller) and says how the
+/// disk must travel.
+pub(crate) async fn offered(
+    state: &AppState,
+    from: &str,
+    id: &str,
+    body: &[u8],
+) -> Result<Accepted> {
     let offer: Offer = serde_json::from_slice(body)
         .map_err(|e| Error::BadRequest(format!("a migration offer that does not parse: {e}")))?;
     if offer.manifest.id != id {
@@ -245,17 +302,7 @@ pub(crate) async fn offered(state: &AppState, from: &str, id: &str, body: &[u8])
             offer.manifest.id
         )));
     }
-    state.manager()?;
-    if offer.manifest.backing.path.is_file()
-        && backing_sha256(&offer.manifest).await? != offer.backing_sha256
-    {
-        return Err(Error::Conflict(format!(
-            "sandbox {id}'s disk sits on {}, which differs on this node: live migration sends \
-             only the overlay, so both nodes need the same template, snapshot or suspend \
-             files (shared storage)",
-            offer.manifest.backing.path.display()
-        )));
-    }
+    let accepted = plan_disk(state, &offer).await?;
     if state.store.draining().await? {
         return Err(Error::Conflict(format!(
             "node {} is draining: it takes no sandboxes",
@@ -277,13 +324,15 @@ pub(crate) async fn offered(state: &AppState, from: &str, id: &str, body: &[u8])
             from: from.to_string(),
             offered: Instant::now(),
             offer: Some(offer),
+            whole_disk: accepted.disk == DiskSync::Full,
             memory: None,
             disk: None,
             asks,
             asked: Some(asked),
         },
     );
-    Ok(())
+    tracing::info!(id, from, disk = accepted.disk.as_str(), reason = %accepted.reason, "a live migration offered");
+    Ok(accepted)
 }
 
 /// One of the two streams of an offered migration arrived (`memory` or `disk`); once both
@@ -300,6 +349,7 @@ pub(crate) fn stream_arrived(state: &AppState, from: &str, id: &str, which: &str
         }
         match (a.memory.is_some() && a.disk.is_some(), a.asked.is_some()) {
             (true, true) => Some((
+                a.whole_disk,
                 a.offer.take(),
                 a.memory.take(),
                 a.disk.take(),
@@ -308,9 +358,12 @@ pub(crate) fn stream_arrived(state: &AppState, from: &str, id: &str, which: &str
             _ => None,
         }
     };
-    if let Some((Some(offer), Some(memory), Some(disk), Some(asked))) = started {
+    if let Some((whole_disk, Some(offer), Some(memory), Some(disk), Some(asked))) = started {
         let (state, from, id) = (state.clone(), from.to_string(), id.to_string());
-        tokio::spawn(async move { receive(state, from, id, offer, memory, disk, asked).await });
+        let streams = (memory, disk);
+        tokio::spawn(
+            async move { receive(state, from, id, offer, whole_disk, streams, asked).await },
+        );
     }
 }
 
@@ -365,8 +418,8 @@ async fn receive(
     from: String,
     id: String,
     offer: Offer,
-    memory: Upgraded,
-    disk: Upgraded,
+    whole_disk: bool,
+    (memory, disk): (Upgraded, Upgraded),
     mut asked: mpsc::Receiver<Ask>,
 ) {
     let received = async {
@@ -375,7 +428,8 @@ async fn receive(
             memory: relay(memory)?,
             disk: relay(disk)?,
         };
-        mgr.receive(&offer.manifest, &offer.identity, streams).await
+        mgr.receive(&offer.manifest, &offer.identity, streams, whole_disk)
+            .await
     }
     .await;
     if let Err(e) = &received {
@@ -470,6 +524,10 @@ pub struct Moved {
     /// From taking the sandbox to the hand-over's answer.
     pub total_ms: u64,
     pub ram_bytes: u64,
+    /// How the disk travelled, and why.
+    pub disk: DiskSync,
+    pub disk_reason: String,
+    pub disk_bytes: u64,
 }
 
 /// Moves running sandbox `id` of this node to node `to` by live migration. On any failure
@@ -502,18 +560,27 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
             backing_sha256,
         })
         .map_err(|e| Error::Internal(format!("the migration offer: {e}")))?;
-        fw.node_call(&to.name, &base, &cred("offer", &offer), offer.clone())
+        let answer = fw
+            .node_call(&to.name, &base, &cred("offer", &offer), offer.clone())
             .await?;
+        let accepted: Accepted = serde_json::from_slice(&answer).map_err(|e| {
+            Error::Internal(format!(
+                "node {} answered the migration offer with what this node cannot read: {e}",
+                to.name
+            ))
+        })?;
+        tracing::info!(id, to = %to.name, disk = accepted.disk.as_str(), reason = %accepted.reason, "live migration: how the disk travels");
         let memory = fw
             .node_upgrade(&to.name, &format!("{base}/memory"), &cred("memory", b""))
             .await?;
         let disk = fw
             .node_upgrade(&to.name, &format!("{base}/disk"), &cred("disk", b""))
             .await?;
-        Ok::<_, Error>(MigrationStreams {
+        let streams = MigrationStreams {
             memory: relay(memory)?,
             disk: relay(disk)?,
-        })
+        };
+        Ok::<_, Error>((streams, accepted))
     }
     .await;
     let abort = || async {
@@ -528,7 +595,7 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
             )
             .await;
     };
-    let streams = match prepared {
+    let (streams, accepted) = match prepared {
         Ok(s) => s,
         Err(e) => {
             let _ = store.cancel_handover(id).await;
@@ -537,7 +604,11 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
             return Err(e);
         }
     };
-    let departed = match vm.migrate_out(streams, &MigrateParams::default()).await {
+    let params = MigrateParams {
+        whole_disk: accepted.disk == DiskSync::Full,
+        ..MigrateParams::default()
+    };
+    let departed = match vm.migrate_out(streams, &params).await {
         Ok(d) => d,
         Err(stayed) => {
             let _ = store.cancel_handover(id).await;
@@ -593,6 +664,9 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
             held_ms,
             total_ms: t0.elapsed().as_millis() as u64,
             ram_bytes: stats.ram_transferred_bytes,
+            disk: accepted.disk,
+            disk_reason: accepted.reason,
+            disk_bytes: stats.disk_bytes,
         };
         tracing::info!(id, to = %to.name, ?moved, "sandbox moved by live migration");
         return Ok(moved);
@@ -718,6 +792,7 @@ async fn drain_step(state: &AppState) -> Result<()> {
             node: m.node,
             pause_ms: m.pause_ms,
             total_ms: m.total_ms,
+            disk: Some(m.disk),
         }),
         Err(e) => {
             tracing::warn!(id, error = %e, "a sandbox could not be moved off this draining node; it runs on here");

@@ -35,6 +35,16 @@ pub async fn create_overlay(
     qemu_img(cmd).await
 }
 
+/// Creates an empty qcow2 disk of `size_bytes` at `path` with no backing file: the target of
+/// a live migration that mirrors a whole disk (the destination lacks its backing chain).
+pub async fn create_standalone(size_bytes: u64, path: &Path) -> Result<()> {
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size_bytes.to_string());
+    qemu_img(cmd).await
+}
+
 /// Makes the qcow2 image `path` a single layer over `backing` (`raw` or `qcow2`, which must
 /// be in `path`'s current backing chain or hold the same data below it): every cluster whose
 /// content differs from `backing` is written into `path` (qemu-img's safe rebase). Used to

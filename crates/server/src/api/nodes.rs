@@ -135,6 +135,30 @@ pub struct DrainMove {
     /// at most (its agent answers none while the migration runs); those still waiting when it
     /// moved are answered 503, to be sent again.
     pub total_ms: u64,
+    /// How its disk travelled: `top`, only its own layer (the new node has the same
+    /// template, snapshot or suspend file under it), or `full`, the whole disk (it has not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskSync>,
+}
+
+/// How a live migration sends the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskSync {
+    /// Only the sandbox's own layer: the new node has the file under it.
+    Top,
+    /// The whole disk, into one with no backing file: the new node lacks the file under
+    /// the sandbox's layer, or has another one under that name.
+    Full,
+}
+
+impl DiskSync {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskSync::Top => "top",
+            DiskSync::Full => "full",
+        }
+    }
 }
 
 /// A sandbox a drain could not move.

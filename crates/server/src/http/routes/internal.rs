@@ -67,7 +67,7 @@ fn check_id(id: &str) -> Result<()> {
 }
 
 /// `POST /internal/v1/migrations/{id}`: the offer (JSON: the runtime's manifest and the
-/// sandbox's identity).
+/// sandbox's identity); the answer says how the disk must travel (`disk`: `top` or `full`).
 async fn offer(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -76,8 +76,8 @@ async fn offer(
 ) -> Result<Response> {
     check_id(&id)?;
     let from = sender(&state, &headers, &id, "offer", &body).await?;
-    migrate::offered(&state, &from, &id, &body).await?;
-    empty(StatusCode::CREATED)
+    let accepted = migrate::offered(&state, &from, &id, &body).await?;
+    Ok((StatusCode::CREATED, axum::Json(accepted)).into_response())
 }
 
 /// `POST /internal/v1/migrations/{id}/{memory,disk}` (upgraded to the raw stream) and
@@ -132,11 +132,4 @@ async fn step(
             quote(other)
         ))),
     }
-}
-
-fn empty(status: StatusCode) -> Result<Response> {
-    Response::builder()
-        .status(status)
-        .body(Body::empty())
-        .map_err(|e| Error::Internal(e.to_string()))
 }
