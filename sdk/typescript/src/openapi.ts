@@ -1038,6 +1038,11 @@ export interface components {
             next?: number | null;
             pruned?: null | components["schemas"]["LogAnchor"];
         };
+        /**
+         * @description How a live migration sends the disk.
+         * @enum {string}
+         */
+        DiskSync: "top" | "full";
         /** @description A sandbox a drain could not move. */
         DrainFailure: {
             reason: string;
@@ -1045,6 +1050,7 @@ export interface components {
         };
         /** @description A sandbox a drain moved. */
         DrainMove: {
+            disk?: null | components["schemas"]["DiskSync"];
             /** @description The node it runs on now. */
             node: string;
             /**
