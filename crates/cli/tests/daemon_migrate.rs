@@ -579,3 +579,108 @@ async fn a_drain_sends_the_whole_disk_to_a_node_without_the_template() {
     );
     eprintln!("whole-disk migration test: {:?}", t0.elapsed());
 }
+
+/// A suspended sandbox whose files are on node a's own disk (no shared storage): the drain
+/// sends them to node b over the node-to-node transport and the row moves with them; it
+/// resumes on b with its file and its background process, and node a keeps nothing. The
+/// file route refuses an API key, a forged credential and one for another file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sends_a_locally_suspended_sandbox_with_its_files() {
+    let t0 = Instant::now();
+    let pg = Postgres::start();
+    let a = node_with_own_templates(&pg, "node-a", None).await;
+    let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    let b = node(&pg, "node-b", Some(&key), "/dev/null").await;
+    a.put_group("mig", json!({"tier": "xs"}), 201).await;
+    sandboxes_ready(&a).await;
+    sandboxes_ready(&b).await;
+    let sb = a.create(ADMIN, "mig", json!({})).await;
+    let id = sb["id"].as_str().unwrap().to_string();
+    let pid = a
+        .sh(
+            "mig",
+            &id,
+            "echo on-disk > /root/kept; sleep 100000 >/dev/null 2>&1 & echo $!",
+        )
+        .await;
+    let (st, v, _) = a.lifecycle("mig", &id, "suspend").await;
+    assert_eq!(st, 200, "{v}");
+    let a_dirs = a.home.path().join("suspended").join(&id);
+    assert!(a_dirs.exists(), "a local suspend is in node a's home");
+    let (_, n) = b.call(Some(ADMIN), "GET", "/v1/nodes/node-a", None).await;
+    assert_eq!(n["suspended_local"], 1, "{n}");
+
+    // The file route takes neither an API key nor a forged credential.
+    let url = format!("{}/internal/v1/suspended/{id}/files/meta.json", b.url());
+    let sha = "0".repeat(64);
+    for (name, value) in [
+        ("authorization", format!("Bearer {ADMIN}")),
+        (
+            "x-moat-node-credential",
+            format!("v1 node-a node-b {id} file-meta.json 1 00 00"),
+        ),
+    ] {
+        let resp = b
+            .http
+            .post(&url)
+            .header(name, value)
+            .header("x-moat-body-sha256", &sha)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        let e: serde_json::Value = resp.json().await.unwrap();
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("node-to-node"),
+            "{e}"
+        );
+    }
+
+    let t_drain = Instant::now();
+    let o = b.cli(ADMIN, &["node", "drain", "node-a"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let progress = drained(&b, "node-a", Duration::from_secs(120)).await;
+    eprintln!(
+        "suspended sandbox sent with its files: {progress} ({:?}, TCG)",
+        t_drain.elapsed()
+    );
+    assert_eq!(progress["failed"], json!([]), "{progress}");
+    let moved = &progress["moved"][0];
+    assert_eq!(
+        (&moved["sandbox"], &moved["node"]),
+        (&json!(id), &json!("node-b")),
+        "{progress}"
+    );
+    for d in [&a, &b] {
+        let got = d.get("mig", &id).await.unwrap();
+        assert_eq!(
+            (&got["node"], &got["state"]),
+            (&json!("node-b"), &json!("suspended"))
+        );
+    }
+    assert!(!a_dirs.exists(), "node a still has {}", a_dirs.display());
+    let b_dir = b.home.path().join("suspended").join(&id).join("1");
+    for f in ["disk.qcow2", "memory.bin", "meta.json"] {
+        assert!(b_dir.join(f).is_file(), "node b has no {f}");
+    }
+    let disk = std::fs::read(b_dir.join("disk.qcow2")).unwrap();
+    assert_eq!(&disk[8..16], &[0u8; 8], "the sent disk has no backing file");
+    let (_, n) = b.call(Some(ADMIN), "GET", "/v1/nodes/node-a", None).await;
+    assert_eq!(n["suspended_local"], 0, "{n}");
+
+    // Resumed through node a (forwarded to b), it runs on b with its file and process.
+    let (st, v, _) = a.lifecycle("mig", &id, "resume").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["node"], "node-b", "{v}");
+    assert_eq!(b.sh("mig", &id, "cat /root/kept").await, "on-disk");
+    assert_eq!(
+        b.sh("mig", &id, &format!("kill -0 {pid} && echo alive"))
+            .await,
+        "alive"
+    );
+    eprintln!("suspended-transfer test: {:?}", t0.elapsed());
+}

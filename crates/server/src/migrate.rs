@@ -103,16 +103,21 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// What a credential's MAC covers: every field, and the request body's SHA-256.
-fn signed(fields: &[&str], body: &[u8]) -> Vec<u8> {
+/// What a credential's MAC covers: every field, and the request body's SHA-256 (hex).
+fn signed(fields: &[&str], body_sha256: &str) -> Vec<u8> {
     let mut msg = b"moat node credential v1".to_vec();
     for f in fields {
         msg.push(b'\n');
         msg.extend_from_slice(f.as_bytes());
     }
     msg.push(b'\n');
-    msg.extend_from_slice(hex::encode(sha2::Sha256::digest(body)).as_bytes());
+    msg.extend_from_slice(body_sha256.as_bytes());
     msg
+}
+
+/// The SHA-256 of `body`, in hex.
+pub(crate) fn sha256_hex(body: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(body))
 }
 
 /// A credential of node `from` for one request to node `to` about sandbox `sandbox`:
@@ -127,10 +132,22 @@ pub fn mint(
     purpose: &str,
     body: &[u8],
 ) -> String {
+    mint_for_digest(key, from, to, sandbox, purpose, &sha256_hex(body))
+}
+
+/// [`mint`] for a body given by its SHA-256 (hex): a file streamed from disk, hashed first.
+pub fn mint_for_digest(
+    key: &hmac::Key,
+    from: &str,
+    to: &str,
+    sandbox: &str,
+    purpose: &str,
+    body_sha256: &str,
+) -> String {
     let issued = now_ms().to_string();
     let nonce = hex::encode(rand::random::<[u8; 16]>());
     let fields = [from, to, sandbox, purpose, &issued, &nonce];
-    let mac = hmac::sign(key, &signed(&fields, body));
+    let mac = hmac::sign(key, &signed(&fields, body_sha256));
     format!(
         "v1 {from} {to} {sandbox} {purpose} {issued} {nonce} {}",
         hex::encode(mac.as_ref())
@@ -185,6 +202,20 @@ impl Arrivals {
         purpose: &str,
         body: &[u8],
     ) -> Result<String> {
+        self.check_digest(key, header, me, sandbox, purpose, &sha256_hex(body))
+    }
+
+    /// [`Arrivals::check`] of a request whose body is given by its SHA-256 (hex): a streamed
+    /// file, which the receiver hashes as it writes and refuses if it differs.
+    pub fn check_digest(
+        &self,
+        key: &hmac::Key,
+        header: Option<&str>,
+        me: &str,
+        sandbox: &str,
+        purpose: &str,
+        body_sha256: &str,
+    ) -> Result<String> {
         let Some(header) = header else {
             return Err(refused("no credential".into()));
         };
@@ -205,7 +236,7 @@ impl Arrivals {
             hex::decode(mac).map_err(|_| refused("a malformed credential (its MAC)".into()))?;
         hmac::verify(
             key,
-            &signed(&[from, to, sb, step, issued, nonce], body),
+            &signed(&[from, to, sb, step, issued, nonce], body_sha256),
             &mac,
         )
         .map_err(|_| {
@@ -745,12 +776,20 @@ async fn drain_step(state: &AppState) -> Result<()> {
         .filter(|r| r.node.as_deref() == Some(me.as_str()) && r.state == SandboxState::Running)
         .map(|r| r.id)
         .collect();
+    // Then the suspended ones whose files are on this node's disk, sent with their files
+    // (`crate::transfer`); those on shared storage are handed over by the manager.
+    let suspended = store.suspended_local().await?;
     let before = mine.drain.clone();
     let mut p = before.clone().unwrap_or_default();
-    let todo = running
-        .iter()
-        .find(|id| !p.failed.iter().any(|f| &f.sandbox == *id))
-        .cloned();
+    let untried = |ids: &[String]| {
+        ids.iter()
+            .find(|id| !p.failed.iter().any(|f| &f.sandbox == *id))
+            .cloned()
+    };
+    let (todo, is_running) = match untried(&running) {
+        Some(id) => (Some(id), true),
+        None => (untried(&suspended), false),
+    };
     p.running_left = running.len() as u64;
     p.done = todo.is_none();
     p.moving = todo.clone();
@@ -765,6 +804,18 @@ async fn drain_step(state: &AppState) -> Result<()> {
         None => Err(Error::Unavailable(
             "no other ready node (with the same accelerator) to move it to".into(),
         )),
+        Some(dest) if !is_running => crate::transfer::send_suspended(state, &id, &dest)
+            .await
+            .map(|s| Moved {
+                node: s.node,
+                pause_ms: 0,
+                held_ms: 0,
+                total_ms: s.total_ms,
+                ram_bytes: 0,
+                disk: DiskSync::Full,
+                disk_reason: "a suspended sandbox's files, standalone".into(),
+                disk_bytes: s.bytes,
+            }),
         Some(dest) => {
             let mut last = Err(Error::Internal("not tried".into()));
             for attempt in 1..=ATTEMPTS {
@@ -853,7 +904,7 @@ mod tests {
             let issued = (now_ms() + skew).to_string();
             let nonce = hex::encode(rand::random::<[u8; 16]>());
             let fields = ["a", "b", "sb-1", "offer", issued.as_str(), nonce.as_str()];
-            let mac = hex::encode(hmac::sign(&k, &signed(&fields, b"")).as_ref());
+            let mac = hex::encode(hmac::sign(&k, &signed(&fields, &sha256_hex(b""))).as_ref());
             let cred = format!("v1 a b sb-1 offer {issued} {nonce} {mac}");
             let e = check(&cred, b"").unwrap_err();
             assert!(e.contains("expired"), "{e}");
