@@ -310,6 +310,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_file_hand_over_moves_a_suspended_row_and_makes_its_files_local() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (open(&dir), open(&dir));
+        off(|| a.acquire_lease(&spec("a", 60_000)))
+            .unwrap()
+            .unwrap();
+        off(|| b.acquire_lease(&spec("b", 60_000)))
+            .unwrap()
+            .unwrap();
+        a.with_conn(|c| {
+            c.execute_batch(
+                "INSERT INTO sandbox_groups (name, spec, created_at, updated_at) \
+                 VALUES ('g', '{}', 0, 0)",
+            )
+        })
+        .unwrap();
+        for (id, state) in [
+            ("sb-s", SandboxState::Suspended),
+            ("sb-r", SandboxState::Running),
+        ] {
+            let mut row = crate::store::sandboxes::tests::new_row(id, "g");
+            row.state = state;
+            a.insert_sandbox(&row).await.unwrap();
+        }
+        // Only a suspended sandbox goes by its files, and a running one only live.
+        let e = a.begin_file_handover("sb-r", "b").await.unwrap_err();
+        assert!(e.to_string().contains("not a suspended sandbox"), "{e}");
+        let e = a.begin_handover("sb-s", "b").await.unwrap_err();
+        assert!(e.to_string().contains("not a running sandbox"), "{e}");
+        a.begin_handover("sb-r", "b").await.unwrap();
+        let e = b.complete_file_handover("sb-r", "a").await.unwrap_err();
+        assert!(e.to_string().contains("no longer a suspended"), "{e}");
+        assert!(a.cancel_handover("sb-r").await.unwrap());
+
+        a.set_sandbox_files("sb-s", crate::store::Files::Shared)
+            .await
+            .unwrap();
+        assert!(!b.handover_pending("sb-s", "a", "b").await.unwrap());
+        a.begin_file_handover("sb-s", "b").await.unwrap();
+        assert!(b.handover_pending("sb-s", "a", "b").await.unwrap());
+        assert!(!b.handover_pending("sb-s", "a", "c").await.unwrap());
+        let row = b.complete_file_handover("sb-s", "a").await.unwrap();
+        assert_eq!(row.node.as_deref(), Some("b"));
+        assert_eq!(row.state, SandboxState::Suspended);
+        // The files are on b's own disk now; the record is gone with the hand-over.
+        assert_eq!(
+            b.sandbox_files("sb-s").await.unwrap(),
+            Some(crate::store::Files::Local)
+        );
+        assert!(!b.handover_pending("sb-s", "a", "b").await.unwrap());
+        assert!(b.complete_file_handover("sb-s", "a").await.is_err());
+    }
+
+    #[tokio::test]
     async fn drain_progress_shows_while_draining_and_an_undrain_clears_it() {
         let dir = tempfile::tempdir().unwrap();
         let a = open(&dir);
