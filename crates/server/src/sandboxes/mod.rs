@@ -228,6 +228,7 @@ impl Manager {
             .filter(|r| r.node == me)
             .collect();
         let mut adopted = Vec::new();
+        mgr.remove_foreign_suspends(rows.iter().map(|r| r.id.as_str()).collect());
         let mut orphans: HashSet<String> = mgr.rt.orphans().into_iter().collect();
         mgr.readopt_pool(&mut orphans).await?;
         for row in rows {

@@ -147,6 +147,25 @@ impl Manager {
         }
     }
 
+    /// At start: removes the suspend directories in MOAT_HOME of sandboxes that are not this
+    /// node's (`mine`): files a transfer was receiving when this node stopped (the row
+    /// stayed the sender's), or a copy a sender kept when it stopped right after the
+    /// hand-over. Nothing else ever leaves them there.
+    pub(super) fn remove_foreign_suspends(&self, mine: std::collections::HashSet<&str>) {
+        let root = self.rt.home.join("suspended");
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            let Some(id) = name.to_str() else { continue };
+            if mine.contains(id) {
+                continue;
+            }
+            tracing::info!(id, "removing the suspend files of a sandbox of another node");
+            if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                tracing::warn!(id, error = %err, "removing {}", e.path().display());
+            }
+        }
+    }
+
     /// Removes what arrived of sandbox `id` (an aborted or failed transfer).
     pub(crate) fn drop_incoming(&self, id: &str) {
         let incoming = self.incoming_dir(id);
