@@ -83,8 +83,8 @@ pub struct Node {
     /// another node takes them over when it is lost or drains.
     pub shared_storage: bool,
     /// Its suspended sandboxes whose files are on its own disk (suspended without
-    /// `--shared-dir`): no other node can resume them, so a drain leaves them here and they
-    /// are unreachable while it is lost.
+    /// `--shared-dir`): no other node can resume them while it is lost; a drain sends them
+    /// to another node with their files.
     pub suspended_local: u64,
 }
 
@@ -129,7 +129,8 @@ pub struct DrainMove {
     pub node: String,
     /// From QEMU stopping the guest on the old node to the hand-over (the destination's
     /// last load, its check of the guest, the commit). The guest's own processes stand still
-    /// for part of it: they run on the new node during its check.
+    /// for part of it: they run on the new node during its check. 0 for a suspended
+    /// sandbox, sent with its files.
     pub pause_ms: u64,
     /// From the start of the move to the hand-over. Requests for the sandbox wait this long
     /// at most (its agent answers none while the migration runs); those still waiting when it

@@ -159,7 +159,10 @@ impl Manager {
             if mine.contains(id) {
                 continue;
             }
-            tracing::info!(id, "removing the suspend files of a sandbox of another node");
+            tracing::info!(
+                id,
+                "removing the suspend files of a sandbox of another node"
+            );
             if let Err(err) = std::fs::remove_dir_all(e.path()) {
                 tracing::warn!(id, error = %err, "removing {}", e.path().display());
             }
