@@ -8,6 +8,9 @@
 //! other ready node, and one whose every hand-over is refused after the destination checked
 //! the guest, leave it running at a with the reason shown. The node-to-node routes refuse an
 //! API key and a forged credential (`migrate::tests` has the rest of the credential checks).
+//! Two more tests give node a templates of its own (other files than node b's, as on
+//! another host): a running sandbox then moves with its whole disk, and a suspended one is
+//! sent with its files.
 
 mod common;
 
@@ -562,12 +565,23 @@ async fn a_drain_sends_the_whole_disk_to_a_node_without_the_template() {
         "alive"
     );
 
-    // It suspends and resumes on b, from its standalone disk.
+    // It suspends and resumes on b, from its standalone disk, twice: the second suspend's
+    // chain (a layer over the first suspend's disk) does not reach the template it names
+    // as its base, and is flattened.
     b.sh("mig", &id, "echo after-move >> /root/kept").await;
-    let (st, v, _) = b.lifecycle("mig", &id, "suspend").await;
-    assert_eq!(st, 200, "{v}");
-    let (st, v, _) = b.lifecycle("mig", &id, "resume").await;
-    assert_eq!(st, 200, "{v}");
+    for round in ["1", "2"] {
+        let (st, v, _) = b.lifecycle("mig", &id, "suspend").await;
+        assert_eq!(st, 200, "{v}");
+        let dir = b.home.path().join("suspended").join(&id).join(round);
+        let header = std::fs::read(dir.join("disk.qcow2")).unwrap();
+        assert_eq!(
+            &header[8..16],
+            &[0u8; 8],
+            "suspend {round} has no backing file"
+        );
+        let (st, v, _) = b.lifecycle("mig", &id, "resume").await;
+        assert_eq!(st, 200, "{v}");
+    }
     assert_eq!(
         b.sh("mig", &id, "cat /root/kept").await,
         "on-disk\nafter-move"

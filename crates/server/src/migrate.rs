@@ -909,6 +909,18 @@ mod tests {
             let e = check(&cred, b"").unwrap_err();
             assert!(e.contains("expired"), "{e}");
         }
+        // A streamed file's credential binds its hash: another file's hash does not verify.
+        let (one, other) = (sha256_hex(b"one"), sha256_hex(b"other"));
+        let cred = mint_for_digest(&k, "a", "b", "sb-1", "file-memory.bin", &one);
+        let e = arrivals
+            .check_digest(&k, Some(&cred), "b", "sb-1", "file-memory.bin", &other)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not verify"), "{e}");
+        let from = arrivals
+            .check_digest(&k, Some(&cred), "b", "sb-1", "file-memory.bin", &one)
+            .unwrap();
+        assert_eq!(from, "a");
         // Missing, malformed, an API key in its place: refused, saying what the route takes.
         let e = arrivals
             .check(&k, None, "b", "sb-1", "offer", b"")

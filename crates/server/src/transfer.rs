@@ -96,7 +96,7 @@ pub async fn send_suspended(state: &AppState, id: &str, to: &Node) -> Result<Sen
         .ok_or_else(|| Error::Unavailable("this daemon is not a node".into()))?;
     let key = store.node_key()?;
     let dir = mgr.standalone_suspend(id).await?;
-    let _held = mgr.hold_suspended(id).await?;
+    let held = mgr.hold_suspended(id).await?;
     let base = format!(
         "{}/internal/v1/suspended/{id}",
         to.advertise_url.trim_end_matches('/')
@@ -142,7 +142,7 @@ pub async fn send_suspended(state: &AppState, id: &str, to: &Node) -> Result<Sen
         },
     };
     if handed_over {
-        drop(_held);
+        drop(held);
         mgr.sent_away(id).await;
         let sent = Sent {
             node: to.name.clone(),

@@ -232,6 +232,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_standalone_disk_has_its_size_and_no_backing_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("whole.qcow2");
+        create_standalone(64 << 20, &p).await.unwrap();
+        assert_eq!(backing_file(&p).unwrap(), None);
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(v["virtual-size"], 64u64 << 20);
+        assert_eq!(v["format"], "qcow2");
+    }
+
+    #[tokio::test]
     async fn flatten_makes_a_disk_that_needs_no_other_file() {
         let d = tempfile::tempdir().unwrap();
         let p = |n: &str| d.path().join(n);
