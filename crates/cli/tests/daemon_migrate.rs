@@ -565,29 +565,43 @@ async fn a_drain_sends_the_whole_disk_to_a_node_without_the_template() {
         "alive"
     );
 
-    // It suspends and resumes on b, from its standalone disk, twice: the second suspend's
-    // chain (a layer over the first suspend's disk) does not reach the template it names
-    // as its base, and is flattened.
-    b.sh("mig", &id, "echo after-move >> /root/kept").await;
+    // A disk with no backing file can only travel whole: back to node a.
+    for (verb, name) in [("undrain", "node-a"), ("drain", "node-b")] {
+        let o = a.cli(ADMIN, &["node", verb, name]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let back = drained(&a, "node-b", Duration::from_secs(120)).await;
+    eprintln!("back to node a: {back}");
+    let moved = &back["moved"][0];
+    assert_eq!(
+        (&moved["node"], &moved["disk"]),
+        (&json!("node-a"), &json!("full")),
+        "{back}"
+    );
+
+    // It suspends and resumes on a from that disk, twice: the first suspend copies it, the
+    // second's chain (a layer over the first suspend's disk) does not reach the template it
+    // names as its base, and is flattened.
+    a.sh("mig", &id, "echo after-move >> /root/kept").await;
     for round in ["1", "2"] {
-        let (st, v, _) = b.lifecycle("mig", &id, "suspend").await;
+        let (st, v, _) = a.lifecycle("mig", &id, "suspend").await;
         assert_eq!(st, 200, "{v}");
-        let dir = b.home.path().join("suspended").join(&id).join(round);
+        let dir = a.home.path().join("suspended").join(&id).join(round);
         let header = std::fs::read(dir.join("disk.qcow2")).unwrap();
         assert_eq!(
             &header[8..16],
             &[0u8; 8],
             "suspend {round} has no backing file"
         );
-        let (st, v, _) = b.lifecycle("mig", &id, "resume").await;
+        let (st, v, _) = a.lifecycle("mig", &id, "resume").await;
         assert_eq!(st, 200, "{v}");
     }
     assert_eq!(
-        b.sh("mig", &id, "cat /root/kept").await,
+        a.sh("mig", &id, "cat /root/kept").await,
         "on-disk\nafter-move"
     );
     assert_eq!(
-        b.sh("mig", &id, &format!("kill -0 {pid} && echo alive"))
+        a.sh("mig", &id, &format!("kill -0 {pid} && echo alive"))
             .await,
         "alive"
     );
