@@ -23,6 +23,7 @@ mod identity;
 mod keys;
 mod nodes;
 mod operations;
+mod placement;
 mod policy;
 mod pool;
 mod ports;
@@ -37,6 +38,7 @@ use db::{params, Db, OptionalExtension};
 pub use identity::{KeyRow, NewIdentityEvent, WorkloadIds};
 pub use keys::{Authenticated, Principal};
 pub use nodes::{Lease, NodeSpec, Renewal};
+pub use placement::{Candidate, Placement};
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
 

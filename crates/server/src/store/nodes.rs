@@ -14,7 +14,7 @@ use crate::api::{quote, rfc3339, Node, NodeCapacity, NodeState, NodeUse};
 use crate::error::{Error, Result};
 
 /// The database's clock, Unix milliseconds, as SQL: one clock for every node's leases.
-fn now_ms_sql(backend: Backend) -> &'static str {
+pub(super) fn now_ms_sql(backend: Backend) -> &'static str {
     match backend {
         Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
         Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
@@ -120,7 +120,8 @@ fn lost(node: &str) -> Error {
     ))
 }
 
-const NODE_COLUMNS: &str = "name, advertise_url, accelerator, labels, memory_mib, millicpus, \
+pub(super) const NODE_COLUMNS: &str =
+    "name, advertise_url, accelerator, labels, memory_mib, millicpus, \
     used_memory_mib, used_millicpus, sandboxes, state, epoch, lease_ms, lease_expires_ms, \
     acquired_ms, lost_ms, lost_reason";
 
@@ -135,7 +136,7 @@ fn node_named(c: &Db, name: &str) -> Result<Option<Node>> {
     .transpose()
 }
 
-fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<Node>> {
+pub(super) fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<Node>> {
     let name: String = r.get(0)?;
     let labels: String = r.get(3)?;
     let state: String = r.get(9)?;

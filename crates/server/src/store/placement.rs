@@ -1,0 +1,436 @@
+//! Placement (docs/FLEET.md, "Placement"): what each node holds as the store counts it, the
+//! nodes that may take a new sandbox of a group ranked by the group's strategy, and the
+//! admission check that the insert of a sandbox row makes on its node in the same fenced
+//! transaction, so that two creates placed at once on one node never overcommit it.
+//!
+//! The store counts tier memory, from the rows themselves (each node's sandboxes that have a
+//! VM and its warm-pool VMs), never from the use a node last reported: a row is in the count
+//! the moment its transaction commits. vCPUs are left to the chosen node's own check
+//! (`capacity.rs`), the only one that knows which of its VMs are parked and hold no CPU share.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::db::{params, Db};
+use super::nodes::{node_from_row, now_ms_sql, NODE_COLUMNS};
+use super::Store;
+use crate::api::{quote, Node, NodeState, PlacementSpec, Strategy, Tier};
+use crate::error::{Error, Result};
+
+/// Sandbox states in which the VM exists on its node (or is being made) and holds its tier.
+const HOLDING: &str = "('creating', 'running', 'suspending', 'resuming', 'deleting')";
+
+/// What a node holds, as the store counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    pub memory_mib: u64,
+    /// Sandboxes with a VM and warm-pool VMs.
+    pub vms: u64,
+}
+
+/// A node that may take the sandbox, with what it holds and its ready pool VMs of the group.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub node: Node,
+    pub held: Held,
+    pub pooled: u64,
+}
+
+/// What [`Store::placement`] found.
+#[derive(Debug)]
+pub enum Placement {
+    /// The nodes with room, best first.
+    Ranked(Vec<Candidate>),
+    /// Nodes may run the group but none has room as the store counts it: the error says so.
+    /// `here`: the receiving node is one of them (its own check then has the last word, and
+    /// the more precise message).
+    Full { error: Error, here: bool },
+}
+
+/// The held memory and VMs of each node (of `node` only, when given).
+fn held(c: &Db, node: Option<&str>) -> Result<HashMap<String, Held>> {
+    let rows = c.query_map(
+        &format!(
+            "SELECT node, tier, COUNT(*) FROM sandboxes WHERE node IS NOT NULL \
+             AND state IN {HOLDING} AND (CAST(?1 AS TEXT) IS NULL OR node = ?1) \
+             GROUP BY node, tier \
+             UNION ALL SELECT node, tier, COUNT(*) FROM pool_members WHERE node IS NOT NULL \
+             AND (CAST(?1 AS TEXT) IS NULL OR node = ?1) GROUP BY node, tier"
+        ),
+        params![node],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        },
+    )?;
+    let mut out: HashMap<String, Held> = HashMap::new();
+    for (node, tier, n) in rows {
+        let tier: Tier = tier
+            .parse()
+            .map_err(|_| Error::Internal(format!("stored tier {tier:?} is unknown")))?;
+        let h = out.entry(node).or_default();
+        h.memory_mib += u64::from(tier.mem_mib()) * n as u64;
+        h.vms += n as u64;
+    }
+    Ok(out)
+}
+
+/// Refuses (429) a new VM of `tier` on `node` unless its tier memory still has room, counted
+/// in the transaction `tx` that then inserts the VM's row: on PostgreSQL (SERIALIZABLE) two
+/// such transactions for one node conflict and one is retried, seeing the other's row.
+pub(super) fn admit(tx: &Db, node: &str, tier: Tier) -> Result<()> {
+    let capacity: i64 = tx.query_row(
+        "SELECT memory_mib FROM nodes WHERE name = ?1",
+        [node],
+        |r| r.get(0),
+    )?;
+    let capacity = capacity as u64;
+    let h = held(tx, Some(node))?.remove(node).unwrap_or_default();
+    let need = u64::from(tier.mem_mib());
+    if h.memory_mib + need > capacity {
+        return Err(Error::TooManyRequests(format!(
+            "node {node} is full: a tier {} sandbox needs {need} MiB of memory, but only {} of \
+             its {capacity} MiB are free ({} MiB held by {} running, starting or pooled VMs). \
+             Suspend or delete sandboxes, shrink a pool, or retry later",
+            tier.as_str(),
+            capacity.saturating_sub(h.memory_mib),
+            h.memory_mib,
+            h.vms
+        )));
+    }
+    Ok(())
+}
+
+/// `labels` as `k=v,k=v`.
+fn show(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whether `a` should come before `b`: more ready pool VMs first, then by `strategy` on the
+/// share of memory held, then the receiving node `me` (no hop), then by name.
+fn better(a: &Candidate, b: &Candidate, strategy: Strategy, me: &str) -> std::cmp::Ordering {
+    // held_a / cap_a against held_b / cap_b, without floats.
+    let share = |c: &Candidate| {
+        (
+            u128::from(c.held.memory_mib),
+            u128::from(c.node.capacity.memory_mib.max(1)),
+        )
+    };
+    let ((ha, ca), (hb, cb)) = (share(a), share(b));
+    let by_share = (ha * cb).cmp(&(hb * ca));
+    let by_share = match strategy {
+        Strategy::Spread => by_share,
+        Strategy::Pack => by_share.reverse(),
+    };
+    b.pooled
+        .cmp(&a.pooled)
+        .then(by_share)
+        .then((b.node.name == me).cmp(&(a.node.name == me)))
+        .then(a.node.name.cmp(&b.node.name))
+}
+
+impl Store {
+    /// The nodes that may take a new tier `tier` sandbox of group `group` placed by `spec`,
+    /// received by node `me`: ready (not draining, not lost), with a current lease, every
+    /// label of `spec.node_labels`, and room for the tier's memory. `pooled`: prefer nodes
+    /// with ready pool VMs of the group and this tier (the create asks for the group's image
+    /// and tier). 503 naming the constraint and each node's reason when no node may run it.
+    pub async fn placement(
+        &self,
+        group: &str,
+        spec: &PlacementSpec,
+        tier: Tier,
+        pooled: bool,
+        me: &str,
+    ) -> Result<Placement> {
+        let (group, spec, me) = (group.to_string(), spec.clone(), me.to_string());
+        self.call(move |c| {
+            let now = now_ms_sql(c.backend());
+            let tx = c.transaction()?;
+            let rows = tx.query_map(
+                &format!(
+                    "SELECT {NODE_COLUMNS}, CASE WHEN lease_expires_ms > {now} THEN 1 ELSE 0 END \
+                     FROM nodes ORDER BY name"
+                ),
+                [],
+                |r| Ok((node_from_row(r)?, r.get::<_, i64>(16)? == 1)),
+            )?;
+            let mut held = held(&tx, None)?;
+            let ready: HashMap<String, i64> = if pooled {
+                tx.query_map(
+                    "SELECT node, COUNT(*) FROM pool_members WHERE node IS NOT NULL \
+                     AND group_name = ?1 AND tier = ?2 GROUP BY node",
+                    params![group, tier.as_str()],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+                )?
+                .into_iter()
+                .collect()
+            } else {
+                HashMap::new()
+            };
+            tx.commit()?;
+            let need = u64::from(tier.mem_mib());
+            let (mut fits, mut full, mut why_not, mut labelled) = (vec![], vec![], vec![], 0);
+            let mut here = false;
+            for (node, current) in rows {
+                let node = node?;
+                if !spec
+                    .node_labels
+                    .iter()
+                    .all(|(k, v)| node.labels.get(k) == Some(v))
+                {
+                    continue;
+                }
+                labelled += 1;
+                // Node names are plain (`moat serve --node-name`: lowercase, digits, '-').
+                let name = node.name.clone();
+                match node.state {
+                    NodeState::Lost => why_not.push(format!("node {name} is lost")),
+                    NodeState::Draining => why_not.push(format!("node {name} is draining")),
+                    NodeState::Ready if !current => {
+                        why_not.push(format!("node {name} has not renewed its lease"))
+                    }
+                    NodeState::Ready => {
+                        let h = held.remove(&node.name).unwrap_or_default();
+                        let cap = node.capacity.memory_mib;
+                        if h.memory_mib + need > cap {
+                            here |= node.name == me;
+                            full.push(format!(
+                                "node {name} has {} of its {cap} MiB free",
+                                cap.saturating_sub(h.memory_mib)
+                            ));
+                        } else {
+                            fits.push(Candidate {
+                                pooled: ready.get(&node.name).copied().unwrap_or(0) as u64,
+                                node,
+                                held: h,
+                            });
+                        }
+                    }
+                }
+            }
+            let constraint = if spec.node_labels.is_empty() {
+                String::new()
+            } else {
+                format!(" (its placement.node_labels: {})", show(&spec.node_labels))
+            };
+            if labelled == 0 {
+                return Err(Error::Unavailable(format!(
+                    "no node can run a sandbox of group {}: no node of the fleet has the \
+                     labels {}{constraint}. Give a node those labels (moat serve \
+                     --node-label), or change the group's placement",
+                    quote(&group),
+                    show(&spec.node_labels)
+                )));
+            }
+            if fits.is_empty() && full.is_empty() {
+                return Err(Error::Unavailable(format!(
+                    "no node can take a sandbox of group {}{constraint} now: {}",
+                    quote(&group),
+                    why_not.join("; ")
+                )));
+            }
+            if fits.is_empty() {
+                why_not.extend(full);
+                let error = Error::TooManyRequests(format!(
+                    "the fleet is full for group {}{constraint}: a tier {} sandbox needs {need} \
+                     MiB of memory, and {}. Suspend or delete sandboxes, shrink a pool, or \
+                     retry later",
+                    quote(&group),
+                    tier.as_str(),
+                    why_not.join("; ")
+                ));
+                return Ok(Placement::Full { error, here });
+            }
+            fits.sort_by(|a, b| better(a, b, spec.strategy, &me));
+            Ok(Placement::Ranked(fits))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::nodes::NodeSpec;
+    use crate::store::tests::open;
+
+    fn spec(name: &str, memory_mib: u64, zone: &str) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            holder: format!("home-{name}"),
+            advertise_url: format!("http://{name}:7070"),
+            accelerator: "tcg".into(),
+            labels: [("zone".to_string(), zone.to_string())].into(),
+            memory_mib,
+            millicpus: 8000,
+            lease_ms: 60_000,
+        }
+    }
+
+    fn off<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| s.spawn(f).join().unwrap())
+    }
+
+    fn group(s: &Store) {
+        s.with_conn(|c| {
+            c.execute_batch(
+                "INSERT INTO sandbox_groups (name, spec, created_at, updated_at) \
+                 VALUES ('g', '{}', 0, 0)",
+            )
+        })
+        .unwrap();
+    }
+
+    fn running(id: &str) -> crate::api::Sandbox {
+        let mut row = crate::store::sandboxes::tests::new_row(id, "g");
+        row.state = crate::api::SandboxState::Running;
+        row.tier = Tier::Xs;
+        row
+    }
+
+    fn names(p: Placement) -> Vec<String> {
+        match p {
+            Placement::Ranked(c) => c.into_iter().map(|c| c.node.name).collect(),
+            Placement::Full { error, .. } => panic!("full: {error}"),
+        }
+    }
+
+    /// Many creates at once on one node, each through its own connection: the store admits
+    /// exactly as many as its memory holds (PostgreSQL: SERIALIZABLE conflicts, retried;
+    /// SQLite: one writer).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_creates_never_overcommit_a_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stores: Vec<Store> = (0..6).map(|_| open(&dir)).collect();
+        off(|| stores[0].acquire_lease(&spec("n", 1536, "x")))
+            .unwrap()
+            .unwrap();
+        group(&stores[0]);
+        // Six connections of node n (its lease and epoch), as six requests of a daemon with
+        // a pool of connections would be; three xs VMs fit in its 1536 MiB.
+        let fence = stores[0].fence.clone();
+        for s in &mut stores[1..] {
+            s.fence = fence.clone();
+        }
+        let tries = stores.iter().enumerate().map(|(i, s)| {
+            let s = s.clone();
+            tokio::spawn(async move { s.insert_sandbox(&running(&format!("sb-{i}"))).await })
+        });
+        let results = futures_util::future::join_all(tries).await;
+        let (ok, refused): (Vec<_>, Vec<_>) = results
+            .into_iter()
+            .map(|r| r.unwrap())
+            .partition(|r| r.is_ok());
+        assert_eq!((ok.len(), refused.len()), (3, 3));
+        for r in refused {
+            let e = r.unwrap_err();
+            assert!(matches!(e, Error::TooManyRequests(_)), "{e}");
+            assert!(e.to_string().contains("node n is full"), "{e}");
+        }
+        let h = stores[0]
+            .with_conn(|c| held(c, Some("n")))
+            .unwrap()
+            .remove("n")
+            .unwrap();
+        assert_eq!(
+            h,
+            Held {
+                memory_mib: 1536,
+                vms: 3
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn nodes_are_ranked_by_labels_room_pool_and_strategy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (open(&dir), open(&dir), open(&dir));
+        for (s, sp) in [
+            (&a, spec("a", 2048, "x")),
+            (&b, spec("b", 1536, "x")),
+            (&c, spec("c", 1024, "y")),
+        ] {
+            off(|| s.acquire_lease(&sp)).unwrap().unwrap();
+        }
+        group(&a);
+        let any = PlacementSpec::default();
+        let pack = PlacementSpec {
+            strategy: Strategy::Pack,
+            ..Default::default()
+        };
+        let zone = |z: &str| PlacementSpec {
+            node_labels: [("zone".to_string(), z.to_string())].into(),
+            ..Default::default()
+        };
+        // All empty: the receiving node first, then by name.
+        let p = a.placement("g", &any, Tier::Xs, true, "b").await.unwrap();
+        assert_eq!(names(p), ["b", "a", "c"]);
+        // One xs on a (a quarter of it) and one on b (a third): spread goes to c, then a.
+        a.insert_sandbox(&running("sb-a")).await.unwrap();
+        b.insert_sandbox(&running("sb-b")).await.unwrap();
+        let p = a.placement("g", &any, Tier::Xs, true, "b").await.unwrap();
+        assert_eq!(names(p), ["c", "a", "b"]);
+        // Pack: the fullest that still has room.
+        let p = a.placement("g", &pack, Tier::Xs, true, "a").await.unwrap();
+        assert_eq!(names(p), ["b", "a", "c"]);
+        // Labels keep the group on matching nodes.
+        let p = a.placement("g", &zone("y"), Tier::Xs, true, "a").await;
+        assert_eq!(names(p.unwrap()), ["c"]);
+        let e = a
+            .placement("g", &zone("z"), Tier::Xs, true, "a")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("labels zone=z"), "{e}");
+        // A ready pool VM of the group on b comes first, whatever the strategy.
+        b.insert_pool_member(&crate::store::pool::PoolMember {
+            id: "sb-p".into(),
+            group: "g".into(),
+            image: "sha256:x".into(),
+            tier: Tier::Xs,
+        })
+        .await
+        .unwrap();
+        let p = a.placement("g", &any, Tier::Xs, true, "a").await.unwrap();
+        assert_eq!(names(p), ["b", "c", "a"]);
+        // Not for another tier (and b, at 1024 of 1536 MiB, has no room for an s).
+        let p = a.placement("g", &any, Tier::S, true, "a").await.unwrap();
+        assert_eq!(names(p), ["c", "a"]);
+        // A draining node gets nothing; a group only it may run is told so.
+        a.set_node_draining("c", true).await.unwrap().unwrap();
+        let e = a
+            .placement("g", &zone("y"), Tier::Xs, true, "a")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("node c is draining"), "{e}");
+        // Full everywhere the group may run: 429 with each node's room.
+        for i in 0..3 {
+            a.insert_sandbox(&running(&format!("sb-a{i}")))
+                .await
+                .unwrap();
+        }
+        b.insert_sandbox(&running("sb-b1")).await.unwrap();
+        let e = b.insert_sandbox(&running("sb-b2")).await.unwrap_err();
+        assert!(matches!(e, Error::TooManyRequests(_)), "{e}");
+        let p = a.placement("g", &zone("x"), Tier::Xs, true, "a").await;
+        let Ok(Placement::Full {
+            error: e,
+            here: true,
+        }) = p
+        else {
+            panic!("{p:?}")
+        };
+        assert!(
+            e.to_string().contains("node a has 0 of its 2048 MiB free"),
+            "{e}"
+        );
+    }
+}
