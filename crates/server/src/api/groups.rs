@@ -73,26 +73,17 @@ pub struct PlacementSpec {
     /// sandboxes; empty: any node.
     #[schema(schema_with = super::labels_schema)]
     pub node_labels: BTreeMap<String, String>,
-    pub strategy: Strategy,
+    pub strategy: PlacementStrategy,
 }
 
 /// How a create picks among the nodes that fit: `spread` the one with the smallest share of
 /// its memory in use, `pack` the one with the largest share that still has room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum Strategy {
+pub enum PlacementStrategy {
     #[default]
     Spread,
     Pack,
-}
-
-impl Strategy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Strategy::Spread => "spread",
-            Strategy::Pack => "pack",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
@@ -365,14 +356,14 @@ mod tests {
     #[test]
     fn placement_defaults_to_spread_on_any_node_and_checks_its_labels() {
         let s: GroupSpec = serde_json::from_str("{}").unwrap();
-        assert_eq!(s.placement.strategy, Strategy::Spread);
+        assert_eq!(s.placement.strategy, PlacementStrategy::Spread);
         assert!(s.placement.node_labels.is_empty());
         let s: GroupSpec = serde_json::from_str(
             r#"{"placement": {"node_labels": {"zone": "x"}, "strategy": "pack"}}"#,
         )
         .unwrap();
         s.validate().unwrap();
-        assert_eq!(s.placement.strategy, Strategy::Pack);
+        assert_eq!(s.placement.strategy, PlacementStrategy::Pack);
         let e = serde_json::from_str::<GroupSpec>(r#"{"placement": {"strategy": "random"}}"#)
             .unwrap_err()
             .to_string();

@@ -15,7 +15,7 @@ use super::forward::FORWARDED_BY;
 use super::state::AppState;
 use crate::api::{quote, CreateSandbox, Group, Node};
 use crate::error::{Error, Result};
-use crate::store::{Placement, Store};
+use crate::store::Store;
 
 /// Where to try a create, best first: `None` is this node.
 pub(super) async fn targets(
@@ -31,18 +31,12 @@ pub(super) async fn targets(
         && tier == spec.tier
         && req.image.as_deref().is_none_or(|i| i == spec.image);
     let store: &Store = &state.store;
-    match store
+    Ok(store
         .placement(&group.name, &spec.placement, tier, pooled, me)
         .await?
-    {
-        Placement::Ranked(nodes) => Ok(nodes
-            .into_iter()
-            .map(|c| (c.node.name != me).then_some(c.node))
-            .collect()),
-        // This node's own check refuses with what its host holds.
-        Placement::Full { here: true, .. } => Ok(vec![None]),
-        Placement::Full { error, .. } => Err(error),
-    }
+        .into_iter()
+        .map(|c| (c.node.name != me).then_some(c.node))
+        .collect())
 }
 
 /// Whether a node's answer to a create means "not here, try another": it had no room (429),

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::db::{params, Db};
 use super::nodes::{node_from_row, now_ms_sql, NODE_COLUMNS};
 use super::Store;
-use crate::api::{quote, Node, NodeState, PlacementSpec, Strategy, Tier};
+use crate::api::{quote, Node, NodeState, PlacementSpec, PlacementStrategy, Tier};
 use crate::error::{Error, Result};
 
 /// Sandbox states in which the VM exists on its node (or is being made) and holds its tier.
@@ -33,17 +33,6 @@ pub struct Candidate {
     pub node: Node,
     pub held: Held,
     pub pooled: u64,
-}
-
-/// What [`Store::placement`] found.
-#[derive(Debug)]
-pub enum Placement {
-    /// The nodes with room, best first.
-    Ranked(Vec<Candidate>),
-    /// Nodes may run the group but none has room as the store counts it: the error says so.
-    /// `here`: the receiving node is one of them (its own check then has the last word, and
-    /// the more precise message).
-    Full { error: Error, here: bool },
 }
 
 /// The held memory and VMs of each node (of `node` only, when given).
@@ -114,7 +103,12 @@ fn show(labels: &BTreeMap<String, String>) -> String {
 
 /// Whether `a` should come before `b`: more ready pool VMs first, then by `strategy` on the
 /// share of memory held, then the receiving node `me` (no hop), then by name.
-fn better(a: &Candidate, b: &Candidate, strategy: Strategy, me: &str) -> std::cmp::Ordering {
+fn better(
+    a: &Candidate,
+    b: &Candidate,
+    strategy: PlacementStrategy,
+    me: &str,
+) -> std::cmp::Ordering {
     // held_a / cap_a against held_b / cap_b, without floats.
     let share = |c: &Candidate| {
         (
@@ -125,8 +119,8 @@ fn better(a: &Candidate, b: &Candidate, strategy: Strategy, me: &str) -> std::cm
     let ((ha, ca), (hb, cb)) = (share(a), share(b));
     let by_share = (ha * cb).cmp(&(hb * ca));
     let by_share = match strategy {
-        Strategy::Spread => by_share,
-        Strategy::Pack => by_share.reverse(),
+        PlacementStrategy::Spread => by_share,
+        PlacementStrategy::Pack => by_share.reverse(),
     };
     b.pooled
         .cmp(&a.pooled)
@@ -140,7 +134,9 @@ impl Store {
     /// received by node `me`: ready (not draining, not lost), with a current lease, every
     /// label of `spec.node_labels`, and room for the tier's memory. `pooled`: prefer nodes
     /// with ready pool VMs of the group and this tier (the create asks for the group's image
-    /// and tier). 503 naming the constraint and each node's reason when no node may run it.
+    /// and tier). Best first; 503 naming the constraint and each node's reason when no node
+    /// may run it, 429 naming each node's room when those that may are full (a node's own
+    /// check would refuse too: it counts the same VMs).
     pub async fn placement(
         &self,
         group: &str,
@@ -148,7 +144,7 @@ impl Store {
         tier: Tier,
         pooled: bool,
         me: &str,
-    ) -> Result<Placement> {
+    ) -> Result<Vec<Candidate>> {
         let (group, spec, me) = (group.to_string(), spec.clone(), me.to_string());
         self.call(move |c| {
             let now = now_ms_sql(c.backend());
@@ -177,7 +173,6 @@ impl Store {
             tx.commit()?;
             let need = u64::from(tier.mem_mib());
             let (mut fits, mut full, mut why_not, mut labelled) = (vec![], vec![], vec![], 0);
-            let mut here = false;
             for (node, current) in rows {
                 let node = node?;
                 if !spec
@@ -200,7 +195,6 @@ impl Store {
                         let h = held.remove(&node.name).unwrap_or_default();
                         let cap = node.capacity.memory_mib;
                         if h.memory_mib + need > cap {
-                            here |= node.name == me;
                             full.push(format!(
                                 "node {name} has {} of its {cap} MiB free",
                                 cap.saturating_sub(h.memory_mib)
@@ -238,18 +232,17 @@ impl Store {
             }
             if fits.is_empty() {
                 why_not.extend(full);
-                let error = Error::TooManyRequests(format!(
+                return Err(Error::TooManyRequests(format!(
                     "the fleet is full for group {}{constraint}: a tier {} sandbox needs {need} \
                      MiB of memory, and {}. Suspend or delete sandboxes, shrink a pool, or \
                      retry later",
                     quote(&group),
                     tier.as_str(),
                     why_not.join("; ")
-                ));
-                return Ok(Placement::Full { error, here });
+                )));
             }
             fits.sort_by(|a, b| better(a, b, spec.strategy, &me));
-            Ok(Placement::Ranked(fits))
+            Ok(fits)
         })
         .await
     }
@@ -295,11 +288,8 @@ mod tests {
         row
     }
 
-    fn names(p: Placement) -> Vec<String> {
-        match p {
-            Placement::Ranked(c) => c.into_iter().map(|c| c.node.name).collect(),
-            Placement::Full { error, .. } => panic!("full: {error}"),
-        }
+    fn names(p: Vec<Candidate>) -> Vec<String> {
+        p.into_iter().map(|c| c.node.name).collect()
     }
 
     /// Many creates at once on one node, each through its own connection: the store admits
@@ -362,7 +352,7 @@ mod tests {
         group(&a);
         let any = PlacementSpec::default();
         let pack = PlacementSpec {
-            strategy: Strategy::Pack,
+            strategy: PlacementStrategy::Pack,
             ..Default::default()
         };
         let zone = |z: &str| PlacementSpec {
@@ -421,13 +411,8 @@ mod tests {
         let e = b.insert_sandbox(&running("sb-b2")).await.unwrap_err();
         assert!(matches!(e, Error::TooManyRequests(_)), "{e}");
         let p = a.placement("g", &zone("x"), Tier::Xs, true, "a").await;
-        let Ok(Placement::Full {
-            error: e,
-            here: true,
-        }) = p
-        else {
-            panic!("{p:?}")
-        };
+        let e = p.unwrap_err();
+        assert!(matches!(e, Error::TooManyRequests(_)), "{e}");
         assert!(
             e.to_string().contains("node a has 0 of its 2048 MiB free"),
             "{e}"
