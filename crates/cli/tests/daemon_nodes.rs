@@ -473,6 +473,67 @@ async fn creates_are_placed_by_capacity_strategy_and_labels() {
     eprintln!("placement test: {:?}", t0.elapsed());
 }
 
+/// Ready VMs of `group`'s pool on node `d` (the group's status, as that node answers it).
+async fn pool_ready(d: &Daemon, group: &str) -> u64 {
+    let (st, g) = d
+        .call(Some(ADMIN), "GET", &format!("{G}/{group}"), None)
+        .await;
+    assert_eq!(st, 200, "{g}");
+    g["status"]["pool_ready"].as_u64().unwrap()
+}
+
+/// Waits (bounded) until the pools of `group` on `nodes` hold `want`.
+async fn until_pools(nodes: &[&Daemon], group: &str, want: &[u64], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut have = Vec::new();
+        for d in nodes {
+            have.push(pool_ready(d, group).await);
+        }
+        if have == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pools {have:?}, never {want:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Warm pools per node (docs/FLEET.md, "Placement"): a pool of 2 over three nodes is one VM
+/// on each of the first two; a create through the third takes a pool VM on another node
+/// (a hand-over there); when a node is lost, its share moves to the node that had none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_are_split_over_the_nodes_and_refilled_elsewhere_when_one_is_lost() {
+    let t0 = Instant::now();
+    let pg = Postgres::start();
+    let a = node(&pg, "node-a", None).await;
+    let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    let mut b = node(&pg, "node-b", Some(&key)).await;
+    let c = node(&pg, "node-c", Some(&key)).await;
+    for d in [&a, &b, &c] {
+        sandboxes_ready(d).await;
+    }
+    a.put_group("warm", json!({"tier": "xs", "pool": {"size": 2}}), 201)
+        .await;
+    let within = Duration::from_secs(120);
+    until_pools(&[&a, &b, &c], "warm", &[1, 1, 0], within).await;
+
+    // Through node-c, which has no pool VM: placed on node-a, whose pool VM it takes (the
+    // two with one tie, and the name decides), and node-a refills.
+    let sb = c.create(ADMIN, "warm", json!({})).await;
+    assert_eq!(sb["node"], "node-a", "{sb}");
+    assert_eq!(
+        a.metric("moat_pool_hits_total{group=\"warm\"}").await,
+        Some(1.0)
+    );
+    until_pools(&[&a, &b, &c], "warm", &[1, 1, 0], within).await;
+
+    // node-b is lost: node-c's share becomes one, and it fills it.
+    b.kill9();
+    until_pools(&[&a, &c], "warm", &[1, 1], Duration::from_secs(6 * LEASE_S)).await;
+    a.delete("warm", sb["id"].as_str().unwrap()).await;
+    eprintln!("pool test: {:?}", t0.elapsed());
+}
+
 /// A node whose `secrets.key` is not the one the store was sealed with refuses to start, and
 /// says which file and what to do.
 #[tokio::test]

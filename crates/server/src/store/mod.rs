@@ -38,7 +38,7 @@ use db::{params, Db, OptionalExtension};
 pub use identity::{KeyRow, NewIdentityEvent, WorkloadIds};
 pub use keys::{Authenticated, Principal};
 pub use nodes::{Lease, NodeSpec, Renewal};
-pub use placement::Candidate;
+pub use placement::{Candidate, PoolNodes};
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
 

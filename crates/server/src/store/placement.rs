@@ -248,6 +248,64 @@ impl Store {
     }
 }
 
+/// The nodes that keep warm pools, by name: ready (not draining, not lost) with a current
+/// lease, and their labels.
+#[derive(Debug, Clone, Default)]
+pub struct PoolNodes(Vec<(String, BTreeMap<String, String>)>);
+
+impl PoolNodes {
+    /// This node's share of a pool of `size` VMs for a group placed by `spec`: the pool is
+    /// split evenly over the nodes that keep pools and have the group's labels, in the order
+    /// of their names, the first `size % n` of them keeping one more. A node that is not one
+    /// of them keeps none; a store with no node (`me` `None`) keeps the whole pool. When a
+    /// node drains or is lost, the others' shares grow at their next look (a lifecycle tick).
+    pub fn share(&self, size: u32, spec: &PlacementSpec, me: Option<&str>) -> usize {
+        let Some(me) = me else {
+            return size as usize;
+        };
+        let eligible: Vec<&str> = self
+            .0
+            .iter()
+            .filter(|(_, labels)| {
+                spec.node_labels
+                    .iter()
+                    .all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let Some(i) = eligible.iter().position(|n| *n == me) else {
+            return 0;
+        };
+        let (n, size) = (eligible.len(), size as usize);
+        size / n + usize::from(i < size % n)
+    }
+}
+
+impl Store {
+    /// The nodes that keep warm pools now (see [`PoolNodes::share`]).
+    pub async fn pool_nodes(&self) -> Result<PoolNodes> {
+        self.call(|c| {
+            let now = now_ms_sql(c.backend());
+            let rows = c.query_map(
+                &format!(
+                    "SELECT name, labels FROM nodes WHERE state = 'ready' \
+                     AND lease_expires_ms > {now} ORDER BY name"
+                ),
+                [],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            )?;
+            let mut out = Vec::new();
+            for (name, labels) in rows {
+                let labels = serde_json::from_str(&labels)
+                    .map_err(|e| Error::Internal(format!("stored labels of node {name}: {e}")))?;
+                out.push((name, labels));
+            }
+            Ok(PoolNodes(out))
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,5 +475,39 @@ mod tests {
             e.to_string().contains("node a has 0 of its 2048 MiB free"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_pool_is_split_over_the_nodes_that_may_run_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (open(&dir), open(&dir), open(&dir));
+        for (s, sp) in [
+            (&a, spec("a", 2048, "x")),
+            (&b, spec("b", 1536, "x")),
+            (&c, spec("c", 1024, "y")),
+        ] {
+            off(|| s.acquire_lease(&sp)).unwrap().unwrap();
+        }
+        let any = PlacementSpec::default();
+        let x = PlacementSpec {
+            node_labels: [("zone".to_string(), "x".to_string())].into(),
+            ..Default::default()
+        };
+        let shares = |nodes: &PoolNodes, size, spec: &PlacementSpec| -> Vec<usize> {
+            ["a", "b", "c"]
+                .iter()
+                .map(|n| nodes.share(size, spec, Some(n)))
+                .collect()
+        };
+        let nodes = a.pool_nodes().await.unwrap();
+        assert_eq!(shares(&nodes, 7, &any), [3, 2, 2]);
+        assert_eq!(shares(&nodes, 1, &any), [1, 0, 0]);
+        assert_eq!(shares(&nodes, 7, &x), [4, 3, 0]);
+        assert_eq!(nodes.share(7, &any, None), 7);
+        // b drains: a and c take its share over.
+        a.set_node_draining("b", true).await.unwrap().unwrap();
+        let nodes = a.pool_nodes().await.unwrap();
+        assert_eq!(shares(&nodes, 7, &any), [4, 0, 3]);
+        assert_eq!(shares(&nodes, 7, &x), [7, 0, 0]);
     }
 }
