@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::daemon::{percentile, Daemon};
 
 /// A PostgreSQL of `scripts/postgres.sh`, stopped when dropped.
-struct Postgres {
+pub(crate) struct Postgres {
     dir: PathBuf,
 }
 
@@ -21,7 +21,7 @@ fn script() -> PathBuf {
 }
 
 impl Postgres {
-    fn start() -> Result<(Postgres, String)> {
+    pub(crate) fn start() -> Result<(Postgres, String)> {
         let dir = std::env::temp_dir().join(format!("moat-bench-pg-{:08x}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir)?;
         let pg = Postgres { dir };
@@ -49,7 +49,7 @@ impl Drop for Postgres {
 }
 
 /// Waits (bounded) until `d` can run sandboxes.
-async fn ready(d: &Daemon) -> Result<()> {
+pub(crate) async fn ready(d: &Daemon) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let (_, h) = d.call("GET", "/healthz", None).await?;

@@ -10,6 +10,7 @@
 
 mod daemon;
 mod density;
+mod fleet;
 mod forward;
 mod load;
 mod migrate;
@@ -145,6 +146,21 @@ async fn main() -> Result<()> {
         let report = json!({
             "machine": machine(&rt, Tier::Xs),
             "forward": forward::measure(&moat, &home, &agent, n).await?,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if std::env::args().nth(1).as_deref() == Some("fleet") {
+        let n = match std::env::args().nth(2) {
+            None => 12,
+            Some(a) => match a.parse::<usize>() {
+                Ok(n) if n >= 1 => n,
+                _ => bail!("fleet N: N is a count of creates per fleet, at least 1 (got {a:?})"),
+            },
+        };
+        let report = json!({
+            "machine": machine(&rt, Tier::Xs),
+            "fleet": fleet::measure(&moat, &home, &agent, n).await?,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

@@ -9,6 +9,7 @@
 //! (`capacity.rs`), the only one that knows which of its VMs are parked and hold no CPU share.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use super::db::{params, Db};
 use super::nodes::{node_from_row, now_ms_sql, NODE_COLUMNS};
@@ -31,8 +32,41 @@ pub struct Held {
 #[derive(Debug, Clone)]
 pub struct Candidate {
     pub node: Node,
+    /// As the store counts it, plus the creates this daemon has placed there in flight.
     pub held: Held,
     pub pooled: u64,
+}
+
+/// Tier memory (MiB) of the creates this daemon has placed on each node and not yet seen
+/// answered. Ranking counts it as held, so that creates placed at the same moment (their rows
+/// not yet inserted) spread instead of all taking the node that looked emptiest; room is
+/// still decided by the rows alone, as a placed create may yet fail.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight(Mutex<HashMap<String, u64>>);
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A create placed on a node, counted by [`InFlight`] until dropped.
+pub struct Placing {
+    flight: Arc<InFlight>,
+    node: String,
+    mib: u64,
+}
+
+impl Drop for Placing {
+    fn drop(&mut self) {
+        let mut m = self.flight.lock();
+        if let Some(v) = m.get_mut(&self.node) {
+            *v = v.saturating_sub(self.mib);
+            if *v == 0 {
+                m.remove(&self.node);
+            }
+        }
+    }
 }
 
 /// The held memory and VMs of each node (of `node` only, when given).
@@ -130,6 +164,18 @@ fn better(
 }
 
 impl Store {
+    /// Counts a create of `tier` placed on `node` until the guard is dropped (its answer
+    /// came).
+    pub fn placing(&self, node: &str, tier: Tier) -> Placing {
+        let mib = u64::from(tier.mem_mib());
+        *self.placing.lock().entry(node.to_string()).or_default() += mib;
+        Placing {
+            flight: self.placing.clone(),
+            node: node.to_string(),
+            mib,
+        }
+    }
+
     /// The nodes that may take a new tier `tier` sandbox of group `group` placed by `spec`,
     /// received by node `me`: ready (not draining, not lost), with a current lease, every
     /// label of `spec.node_labels`, and room for the tier's memory. `pooled`: prefer nodes
@@ -146,6 +192,7 @@ impl Store {
         me: &str,
     ) -> Result<Vec<Candidate>> {
         let (group, spec, me) = (group.to_string(), spec.clone(), me.to_string());
+        let flying = self.placing.lock().clone();
         self.call(move |c| {
             let now = now_ms_sql(c.backend());
             let tx = c.transaction()?;
@@ -240,6 +287,9 @@ impl Store {
                     tier.as_str(),
                     why_not.join("; ")
                 )));
+            }
+            for c in &mut fits {
+                c.held.memory_mib += flying.get(&c.node.name).copied().unwrap_or(0);
             }
             fits.sort_by(|a, b| better(a, b, spec.strategy, &me));
             Ok(fits)
@@ -419,6 +469,14 @@ mod tests {
         };
         // All empty: the receiving node first, then by name.
         let p = a.placement("g", &any, Tier::Xs, true, "b").await.unwrap();
+        assert_eq!(names(p), ["b", "a", "c"]);
+        // A create b has placed on itself and not yet inserted moves the next one on; it
+        // stops counting once answered.
+        let placing = b.placing("b", Tier::Xs);
+        let p = b.placement("g", &any, Tier::Xs, true, "b").await.unwrap();
+        assert_eq!(names(p), ["a", "c", "b"]);
+        drop(placing);
+        let p = b.placement("g", &any, Tier::Xs, true, "b").await.unwrap();
         assert_eq!(names(p), ["b", "a", "c"]);
         // One xs on a (a quarter of it) and one on b (a third): spread goes to c, then a.
         a.insert_sandbox(&running("sb-a")).await.unwrap();

@@ -105,7 +105,12 @@ async fn create_sandbox(
         return create_here(&state, &p, &group, req).await;
     };
     let mut last = None;
+    let tier = req.tier.unwrap_or(group.spec.tier);
     for target in place::targets(&state, &group, &req, &me).await? {
+        let _placing = state.store.placing(
+            target.as_ref().map_or(me.as_str(), |n| n.name.as_str()),
+            tier,
+        );
         let (answer, refused) = match target {
             None => match create_here(&state, &p, &group, req.clone()).await {
                 Err(e) if place::refusal(e.status_and_code().0) => (e.into_response(), true),
