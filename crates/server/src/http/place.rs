@@ -15,28 +15,31 @@ use super::forward::FORWARDED_BY;
 use super::state::AppState;
 use crate::api::{quote, CreateSandbox, Group, Node};
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::Placing;
 
-/// Where to try a create, best first: `None` is this node.
+/// Where to try a create, best first (`None` is this node), and the first one counted as
+/// placing until the guard is dropped.
 pub(super) async fn targets(
     state: &AppState,
     group: &Group,
     req: &CreateSandbox,
     me: &str,
-) -> Result<Vec<Option<Node>>> {
+) -> Result<(Vec<Option<Node>>, Placing)> {
     let spec = &group.spec;
     let tier = req.tier.unwrap_or(spec.tier);
     // Pool VMs run the group's image and tier; only such a create can take one.
     let pooled = spec.pool.size > 0
         && tier == spec.tier
         && req.image.as_deref().is_none_or(|i| i == spec.image);
-    let store: &Store = &state.store;
-    Ok(store
+    let (ranked, placing) = state
+        .store
         .placement(&group.name, &spec.placement, tier, pooled, me)
-        .await?
+        .await?;
+    let targets = ranked
         .into_iter()
         .map(|c| (c.node.name != me).then_some(c.node))
-        .collect())
+        .collect();
+    Ok((targets, placing))
 }
 
 /// Whether a node's answer to a create means "not here, try another": it had no room (429),

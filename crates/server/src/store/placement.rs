@@ -51,6 +51,7 @@ impl InFlight {
 }
 
 /// A create placed on a node, counted by [`InFlight`] until dropped.
+#[derive(Debug)]
 pub struct Placing {
     flight: Arc<InFlight>,
     node: String,
@@ -182,7 +183,9 @@ impl Store {
     /// with ready pool VMs of the group and this tier (the create asks for the group's image
     /// and tier). Best first; 503 naming the constraint and each node's reason when no node
     /// may run it, 429 naming each node's room when those that may are full (a node's own
-    /// check would refuse too: it counts the same VMs).
+    /// check would refuse too: it counts the same VMs). The first is counted as placing
+    /// (the guard) from the moment it is ranked first, so that the next create's ranking
+    /// sees it.
     pub async fn placement(
         &self,
         group: &str,
@@ -190,112 +193,133 @@ impl Store {
         tier: Tier,
         pooled: bool,
         me: &str,
-    ) -> Result<Vec<Candidate>> {
-        let (group, spec, me) = (group.to_string(), spec.clone(), me.to_string());
-        let flying = self.placing.lock().clone();
-        self.call(move |c| {
-            let now = now_ms_sql(c.backend());
-            let tx = c.transaction()?;
-            let rows = tx.query_map(
-                &format!(
-                    "SELECT {NODE_COLUMNS}, CASE WHEN lease_expires_ms > {now} THEN 1 ELSE 0 END \
+    ) -> Result<(Vec<Candidate>, Placing)> {
+        let (group, s) = (group.to_string(), spec.clone());
+        let mut fits = self
+            .call(move |c| fits(c, &group, &s, tier, pooled))
+            .await?;
+        // Ranked and counted under one lock: two creates ranked at once see each other.
+        let mut flying = self.placing.lock();
+        for c in &mut fits {
+            c.held.memory_mib += flying.get(&c.node.name).copied().unwrap_or(0);
+        }
+        fits.sort_by(|a, b| better(a, b, spec.strategy, me));
+        let first = &fits[0].node.name;
+        let mib = u64::from(tier.mem_mib());
+        *flying.entry(first.clone()).or_default() += mib;
+        drop(flying);
+        let placing = Placing {
+            flight: self.placing.clone(),
+            node: first.clone(),
+            mib,
+        };
+        Ok((fits, placing))
+    }
+}
+
+/// The nodes that may take the sandbox (see [`Store::placement`]), unranked.
+fn fits(
+    c: &Db,
+    group: &str,
+    spec: &PlacementSpec,
+    tier: Tier,
+    pooled: bool,
+) -> Result<Vec<Candidate>> {
+    let now = now_ms_sql(c.backend());
+    let tx = c.transaction()?;
+    let rows = tx.query_map(
+        &format!(
+            "SELECT {NODE_COLUMNS}, CASE WHEN lease_expires_ms > {now} THEN 1 ELSE 0 END \
                      FROM nodes ORDER BY name"
-                ),
-                [],
-                |r| Ok((node_from_row(r)?, r.get::<_, i64>(16)? == 1)),
-            )?;
-            let mut held = held(&tx, None)?;
-            let ready: HashMap<String, i64> = if pooled {
-                tx.query_map(
-                    "SELECT node, COUNT(*) FROM pool_members WHERE node IS NOT NULL \
+        ),
+        [],
+        |r| Ok((node_from_row(r)?, r.get::<_, i64>(16)? == 1)),
+    )?;
+    let mut held = held(&tx, None)?;
+    let ready: HashMap<String, i64> = if pooled {
+        tx.query_map(
+            "SELECT node, COUNT(*) FROM pool_members WHERE node IS NOT NULL \
                      AND group_name = ?1 AND tier = ?2 GROUP BY node",
-                    params![group, tier.as_str()],
-                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
-                )?
-                .into_iter()
-                .collect()
-            } else {
-                HashMap::new()
-            };
-            tx.commit()?;
-            let need = u64::from(tier.mem_mib());
-            let (mut fits, mut full, mut why_not, mut labelled) = (vec![], vec![], vec![], 0);
-            for (node, current) in rows {
-                let node = node?;
-                if !spec
-                    .node_labels
-                    .iter()
-                    .all(|(k, v)| node.labels.get(k) == Some(v))
-                {
-                    continue;
-                }
-                labelled += 1;
-                // Node names are plain (`moat serve --node-name`: lowercase, digits, '-').
-                let name = node.name.clone();
-                match node.state {
-                    NodeState::Lost => why_not.push(format!("node {name} is lost")),
-                    NodeState::Draining => why_not.push(format!("node {name} is draining")),
-                    NodeState::Ready if !current => {
-                        why_not.push(format!("node {name} has not renewed its lease"))
-                    }
-                    NodeState::Ready => {
-                        let h = held.remove(&node.name).unwrap_or_default();
-                        let cap = node.capacity.memory_mib;
-                        if h.memory_mib + need > cap {
-                            full.push(format!(
-                                "node {name} has {} of its {cap} MiB free",
-                                cap.saturating_sub(h.memory_mib)
-                            ));
-                        } else {
-                            fits.push(Candidate {
-                                pooled: ready.get(&node.name).copied().unwrap_or(0) as u64,
-                                node,
-                                held: h,
-                            });
-                        }
-                    }
+            params![group, tier.as_str()],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+        )?
+        .into_iter()
+        .collect()
+    } else {
+        HashMap::new()
+    };
+    tx.commit()?;
+    let need = u64::from(tier.mem_mib());
+    let (mut fits, mut full, mut why_not, mut labelled) = (vec![], vec![], vec![], 0);
+    for (node, current) in rows {
+        let node = node?;
+        if !spec
+            .node_labels
+            .iter()
+            .all(|(k, v)| node.labels.get(k) == Some(v))
+        {
+            continue;
+        }
+        labelled += 1;
+        // Node names are plain (`moat serve --node-name`: lowercase, digits, '-').
+        let name = node.name.clone();
+        match node.state {
+            NodeState::Lost => why_not.push(format!("node {name} is lost")),
+            NodeState::Draining => why_not.push(format!("node {name} is draining")),
+            NodeState::Ready if !current => {
+                why_not.push(format!("node {name} has not renewed its lease"))
+            }
+            NodeState::Ready => {
+                let h = held.remove(&node.name).unwrap_or_default();
+                let cap = node.capacity.memory_mib;
+                if h.memory_mib + need > cap {
+                    full.push(format!(
+                        "node {name} has {} of its {cap} MiB free",
+                        cap.saturating_sub(h.memory_mib)
+                    ));
+                } else {
+                    fits.push(Candidate {
+                        pooled: ready.get(&node.name).copied().unwrap_or(0) as u64,
+                        node,
+                        held: h,
+                    });
                 }
             }
-            let constraint = if spec.node_labels.is_empty() {
-                String::new()
-            } else {
-                format!(" (its placement.node_labels: {})", show(&spec.node_labels))
-            };
-            if labelled == 0 {
-                return Err(Error::Unavailable(format!(
-                    "no node can run a sandbox of group {}: no node of the fleet has the \
+        }
+    }
+    let constraint = if spec.node_labels.is_empty() {
+        String::new()
+    } else {
+        format!(" (its placement.node_labels: {})", show(&spec.node_labels))
+    };
+    if labelled == 0 {
+        return Err(Error::Unavailable(format!(
+            "no node can run a sandbox of group {}: no node of the fleet has the \
                      labels {}{constraint}. Give a node those labels (moat serve \
                      --node-label), or change the group's placement",
-                    quote(&group),
-                    show(&spec.node_labels)
-                )));
-            }
-            if fits.is_empty() && full.is_empty() {
-                return Err(Error::Unavailable(format!(
-                    "no node can take a sandbox of group {}{constraint} now: {}",
-                    quote(&group),
-                    why_not.join("; ")
-                )));
-            }
-            if fits.is_empty() {
-                why_not.extend(full);
-                return Err(Error::TooManyRequests(format!(
-                    "the fleet is full for group {}{constraint}: a tier {} sandbox needs {need} \
+            quote(&group),
+            show(&spec.node_labels)
+        )));
+    }
+    if fits.is_empty() && full.is_empty() {
+        return Err(Error::Unavailable(format!(
+            "no node can take a sandbox of group {}{constraint} now: {}",
+            quote(&group),
+            why_not.join("; ")
+        )));
+    }
+    if fits.is_empty() {
+        why_not.extend(full);
+        return Err(Error::TooManyRequests(format!(
+            "the fleet is full for group {}{constraint}: a tier {} sandbox needs {need} \
                      MiB of memory, and {}. Suspend or delete sandboxes, shrink a pool, or \
                      retry later",
-                    quote(&group),
-                    tier.as_str(),
-                    why_not.join("; ")
-                )));
-            }
-            for c in &mut fits {
-                c.held.memory_mib += flying.get(&c.node.name).copied().unwrap_or(0);
-            }
-            fits.sort_by(|a, b| better(a, b, spec.strategy, &me));
-            Ok(fits)
-        })
-        .await
+            quote(&group),
+            tier.as_str(),
+            why_not.join("; ")
+        )));
     }
+    Ok(fits)
 }
 
 /// The nodes that keep warm pools, by name: ready (not draining, not lost) with a current
@@ -396,7 +420,7 @@ mod tests {
         row
     }
 
-    fn names(p: Vec<Candidate>) -> Vec<String> {
+    fn names((p, _): (Vec<Candidate>, Placing)) -> Vec<String> {
         p.into_iter().map(|c| c.node.name).collect()
     }
 

@@ -106,11 +106,14 @@ async fn create_sandbox(
     };
     let mut last = None;
     let tier = req.tier.unwrap_or(group.spec.tier);
-    for target in place::targets(&state, &group, &req, &me).await? {
-        let _placing = state.store.placing(
-            target.as_ref().map_or(me.as_str(), |n| n.name.as_str()),
-            tier,
-        );
+    let (targets, first) = place::targets(&state, &group, &req, &me).await?;
+    let mut first = Some(first);
+    for target in targets {
+        // Counted as placing there until its answer came (the first one already is).
+        let _placing = first.take().unwrap_or_else(|| {
+            let node = target.as_ref().map_or(me.as_str(), |n| n.name.as_str());
+            state.store.placing(node, tier)
+        });
         let (answer, refused) = match target {
             None => match create_here(&state, &p, &group, req.clone()).await {
                 Err(e) if place::refusal(e.status_and_code().0) => (e.into_response(), true),
