@@ -297,14 +297,14 @@ fn fits(
             "no node can run a sandbox of group {}: no node of the fleet has the \
                      labels {}{constraint}. Give a node those labels (moat serve \
                      --node-label), or change the group's placement",
-            quote(&group),
+            quote(group),
             show(&spec.node_labels)
         )));
     }
     if fits.is_empty() && full.is_empty() {
         return Err(Error::Unavailable(format!(
             "no node can take a sandbox of group {}{constraint} now: {}",
-            quote(&group),
+            quote(group),
             why_not.join("; ")
         )));
     }
@@ -314,7 +314,7 @@ fn fits(
             "the fleet is full for group {}{constraint}: a tier {} sandbox needs {need} \
                      MiB of memory, and {}. Suspend or delete sandboxes, shrink a pool, or \
                      retry later",
-            quote(&group),
+            quote(group),
             tier.as_str(),
             why_not.join("; ")
         )));
