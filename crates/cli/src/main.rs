@@ -121,6 +121,12 @@ enum Command {
         #[command(subcommand)]
         command: node_cmd::NodeCommand,
     },
+    /// The fleet's sealing key (MOAT_HOME/secrets.key, docs/FLEET.md): make the next one
+    /// here (new), then re-seal the store with it through a daemon (rotate).
+    SealingKey {
+        #[command(subcommand)]
+        command: node_cmd::SealingKeyCommand,
+    },
     /// Manage API keys on a moat daemon (admin only).
     ApiKey {
         #[command(flatten)]
@@ -235,6 +241,9 @@ fn main() -> ExitCode {
             }
             Command::Secret { client, command } => return secret_cmd::run(client, command).await,
             Command::Node { client, command } => return node_cmd::run(client, command).await,
+            Command::SealingKey {
+                command: node_cmd::SealingKeyCommand::Rotate { client },
+            } => return node_cmd::rotate(client).await,
             Command::Policy { client, command } => return policy_cmd::run(client, command).await,
             Command::Mcp(args) => return mcp_cmd::run(args).await,
             Command::Sandbox { client, command } => return sandbox_cmd::run(client, command).await,
@@ -256,6 +265,7 @@ fn main() -> ExitCode {
             Command::Image(cmd) => image_cmd::run(&home, cmd).await,
             Command::Run(args) => run::run(&home, cli.accel.as_deref(), args).await,
             Command::Serve(args) => serve::run(&home, cli.accel.as_deref(), args).await,
+            Command::SealingKey { .. } => node_cmd::new_key(&home.root),
             Command::Group { .. }
             | Command::NetStack(_)
             | Command::ApiKey { .. }

@@ -1,4 +1,5 @@
-//! `moat node ls|show|drain|undrain`: the nodes sharing a daemon's store (docs/FLEET.md).
+//! `moat node ls|show|drain|undrain`: the nodes sharing a daemon's store (docs/FLEET.md);
+//! `moat sealing-key new|rotate`: the one secret they share.
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -33,10 +34,18 @@ fn row(n: &Value) -> Vec<String> {
         format!("{}/{}", n["used"]["vcpus"], n["capacity"]["vcpus"]),
         n["used"]["sandboxes"].to_string(),
         s(&n["advertise_url"]),
+        match (
+            n["sealing_key_id"].as_str(),
+            n["next_sealing_key_id"].as_str(),
+        ) {
+            (Some(k), Some(next)) => format!("{k}, next {next}"),
+            (Some(k), None) => k.to_string(),
+            (None, _) => "-".to_string(),
+        },
     ]
 }
 
-const HEADER: [&str; 9] = [
+const HEADER: [&str; 10] = [
     "NAME",
     "STATE",
     "EPOCH",
@@ -46,6 +55,7 @@ const HEADER: [&str; 9] = [
     "VCPUS",
     "VMS",
     "URL",
+    "SEALING KEY",
 ];
 
 pub async fn run(args: ClientArgs, cmd: NodeCommand) -> Result<u8> {
@@ -78,6 +88,51 @@ pub async fn run(args: ClientArgs, cmd: NodeCommand) -> Result<u8> {
         NodeCommand::Show { .. } => print_json(&v)?,
         NodeCommand::Drain { node } => println!("node {node} is {}", s(&v["state"])),
         NodeCommand::Undrain { node } => println!("node {node} is {}", s(&v["state"])),
+    }
+    Ok(0)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SealingKeyCommand {
+    /// Make a new sealing key as MOAT_HOME/secrets.key.next (0600) and print its id; copy
+    /// that file to the same place on every node, then `rotate`.
+    New,
+    /// Re-seal every secret and signing key of the store with the next key (admin): refused
+    /// until every node that is not lost shows that key in `moat node ls`.
+    Rotate {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `moat sealing-key new`, in this machine's MOAT_HOME.
+pub fn new_key(home: &std::path::Path) -> Result<u8> {
+    let id = moat_server::store::create_next_sealing_key(home)?;
+    println!(
+        "made {} (key id {id}).\nCopy it (mode 0600) to MOAT_HOME/secrets.key.next on every \
+         node of the fleet; each shows the id as its next key in `moat node ls` within a lease \
+         renewal. Then run `moat sealing-key rotate`.",
+        home.join("secrets.key.next").display()
+    );
+    Ok(0)
+}
+
+/// `moat sealing-key rotate`.
+pub async fn rotate(args: ClientArgs) -> Result<u8> {
+    let c = Client::new(&args)?;
+    let (_, v) = c.call(Method::POST, "/v1/sealing-key/rotate", None).await?;
+    if args.json {
+        print_json(&v)?;
+    } else {
+        println!(
+            "the store is sealed with key {} now (was {}): {} secrets and {} signing keys \
+             re-sealed. Every node switches to it at its next lease renewal; the old key opens \
+             nothing any more.",
+            s(&v["key_id"]),
+            s(&v["previous_key_id"]),
+            v["secrets"],
+            v["signing_keys"]
+        );
     }
     Ok(0)
 }

@@ -959,9 +959,37 @@ async fn any_node_serves_a_sandbox_of_another_and_says_when_it_cannot() {
     sandboxes_ready(&b).await;
     let on_b = b.create(ADMIN, "fleet", json!({})).await;
     let on_b = on_b["id"].as_str().unwrap().to_string();
+    // An exec already streaming through node-a when node-b stops: its answer is cut (the
+    // body ends with an error, never cleanly) once node-b is declared lost, not left hanging.
+    let streaming = a
+        .http
+        .post(format!("{}{G}/fleet/sandboxes/{on_b}/exec", a.url()))
+        .bearer_auth(&user)
+        .header("accept", "application/x-ndjson")
+        .json(&json!({ "command": "while :; do echo tick; sleep 0.2; done" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streaming.status(), 200);
+    let mut streaming = streaming.bytes_stream();
+    let first = streaming.next().await.unwrap().unwrap();
+    assert!(
+        String::from_utf8_lossy(&first).contains("tick"),
+        "{first:?}"
+    );
     let pid = nix::unistd::Pid::from_raw(b.pid().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let t = Instant::now();
+    let cut = tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(6 * LEASE_S), streaming.next()).await {
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(_))) => return Ok(t.elapsed()),
+                Ok(None) => return Err("the stream ended cleanly, as if the exec had".to_string()),
+                Err(_) => return Err(format!("the stream still hangs after {:?}", t.elapsed())),
+            }
+        }
+    });
     let (st, e) = a
         .call(
             Some(&user),
@@ -982,6 +1010,9 @@ async fn any_node_serves_a_sandbox_of_another_and_says_when_it_cannot() {
         "{e}"
     );
     assert!(answered < Duration::from_secs(4 * LEASE_S), "{answered:?}");
+    let cut = cut.await.unwrap().unwrap();
+    eprintln!("the exec streaming from stopped node-b was cut after {cut:?}");
+    assert!(cut < Duration::from_secs(4 * LEASE_S), "{cut:?}");
     b.kill9();
     eprintln!("whole forwarding test: {:?}", t0.elapsed());
 }

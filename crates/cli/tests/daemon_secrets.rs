@@ -109,6 +109,118 @@ async fn cli_sets_lists_and_removes_secrets_and_the_value_stays_hidden() {
     );
 }
 
+/// The sealing key rotated with the CLI: `moat sealing-key new` beside the daemon, the node
+/// shows the next key within a renewal, `moat sealing-key rotate` (admin only) re-seals the
+/// secret and the signing keys, the key files switch, and the restarted daemon opens its
+/// signing keys with the new key alone and seals a new secret with it.
+#[tokio::test]
+async fn the_sealing_key_is_rotated_with_the_cli_and_a_restart_needs_only_the_new_key() {
+    let mut d = Daemon::start(Some(ADMIN)).await;
+    d.terminate();
+    d.args.extend(["--lease-s".into(), "3".into()]);
+    d.spawn(None).await;
+    d.put_group("rot", json!({}), 201).await;
+    let (st, e) = d
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/rot/secrets/openai"),
+            Some(json!({"value": VALUE})),
+        )
+        .await;
+    assert_eq!(st, 201, "{e}");
+    let home = d.home.path().to_path_buf();
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+
+    let out = d.cli(ADMIN, &["sealing-key", "rotate"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("moat sealing-key new"),
+        "{}",
+        text(&out)
+    );
+
+    let out = common::daemon::moat()
+        .args(["sealing-key", "new"])
+        .env("MOAT_HOME", &home)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let next = std::fs::read(home.join("secrets.key.next")).unwrap();
+    let id = text(&out)
+        .split("key id ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap()
+        .to_string();
+    // The node shows it as its next key at its next renewal (a second, with a 3 s lease).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, v) = d.call(Some(ADMIN), "GET", "/v1/nodes", None).await;
+        if v["nodes"][0]["next_sealing_key_id"] == id.as_str() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no next key shown: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let out = d.cli(ADMIN, &["node", "ls"]);
+    assert!(text(&out).contains(&format!("next {id}")), "{}", text(&out));
+
+    let user = d.key("user", &["rot"]).await;
+    let (st, e) = d
+        .call(Some(&user), "POST", "/v1/sealing-key/rotate", None)
+        .await;
+    assert_eq!(st, 403, "{e}");
+    let out = d.cli(ADMIN, &["sealing-key", "rotate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("sealed with key {id}"))
+            && text(&out).contains("1 secrets and 2 signing keys"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read(home.join("secrets.key")).unwrap(), next);
+    assert!(!home.join("secrets.key.next").exists());
+    let (_, v) = d.call(Some(ADMIN), "GET", "/v1/nodes", None).await;
+    assert_eq!(v["nodes"][0]["sealing_key_id"], id.as_str(), "{v}");
+    assert!(v["nodes"][0].get("next_sealing_key_id").is_none(), "{v}");
+    let (st, e) = d
+        .call(Some(ADMIN), "POST", "/v1/sealing-key/rotate", None)
+        .await;
+    assert_eq!(st, 409, "{e}");
+
+    // Restarted with the new key only (the old one is nowhere): it opens its signing keys to
+    // start, rotates them, and keeps secrets.
+    d.terminate();
+    d.spawn(None).await;
+    let out = d.cli(ADMIN, &["identity", "rotate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (st, e) = d
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/rot/secrets/second"),
+            Some(json!({"value": "v2"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{e}");
+    let out = d.cli(ADMIN, &["secret", "ls", "rot"]);
+    assert!(
+        text(&out).contains("openai") && text(&out).contains("second"),
+        "{}",
+        text(&out)
+    );
+}
+
 /// A test CA and a leaf for `name` signed by it: (ca_pem, leaf_pem, key_pem, leaf_der).
 fn test_certs(name: &str) -> (String, String, String, Vec<u8>) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};

@@ -171,18 +171,26 @@ pub fn acquire(store: &Store, spec: &NodeSpec) -> Result<crate::store::Lease> {
 }
 
 /// Renews the lease every third of its length for as long as the daemon runs; a lost lease
-/// is said loudly and taken again with a new epoch. Each round also marks nodes whose leases
-/// expired `lost` and reloads signing keys another node rotated.
+/// is said loudly and taken again with a new epoch. Each round also follows a rotation of the
+/// sealing key, marks nodes whose leases expired `lost` and reloads signing keys another node
+/// rotated.
 pub async fn run(
     store: Store,
     spec: NodeSpec,
     sandboxes: Arc<crate::readiness::Sandboxes>,
     identity: Arc<crate::identity::Issuer>,
 ) {
-    let every = Duration::from_millis(spec.lease_ms as u64 / 3);
+    // Ticks every third of the lease from the start of one round to the next, so the
+    // round's own work (ending disowned VMs, the sweep, the keys) does not stretch it.
+    let mut tick = tokio::time::interval(Duration::from_millis(spec.lease_ms as u64 / 3));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    if let Err(e) = store.sync_sealing_key().await {
+        tracing::error!(node = %spec.name, error = %e, "the sealing key");
+    }
     let mut lost = false;
     loop {
-        tokio::time::sleep(every).await;
+        tick.tick().await;
         let usage = sandboxes.ready().map(|m| m.usage());
         let (mem, cpu, vms) =
             usage.map_or((0, 0, 0), |u| (u.memory_mib, u.millicpus, u.vms as u64));
@@ -227,6 +235,18 @@ pub async fn run(
                 tracing::error!(node = %spec.name, error = %e, "cannot renew the lease");
                 continue;
             }
+        }
+        match store.sync_sealing_key().await {
+            Ok(Some(id)) => {
+                eprintln!(
+                    "moat serve: node {} switched to the rotated sealing key {id} (its \
+                     secrets.key.next is now its secrets.key)",
+                    spec.name
+                );
+                tracing::warn!(node = %spec.name, key = %id, "sealing key rotated");
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(node = %spec.name, error = %e, "the sealing key"),
         }
         match store.sweep_lost_nodes().await {
             Ok(swept) => {

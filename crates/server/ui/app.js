@@ -1,5 +1,5 @@
 // The console's entry point: sign-in, the hash router (#/groups, #/groups/G,
-// #/groups/G/sandboxes/ID, #/metrics) and the page frame. Each view draws into <main> and
+// #/groups/G/sandboxes/ID, #/nodes, #/metrics) and the page frame. Each view draws into <main> and
 // returns a function that stops what it started (polling, a terminal's socket).
 
 import { apiKey, call, clearApiKey, setApiKey } from "./api.js";
@@ -7,6 +7,7 @@ import { h, fill, status } from "./dom.js";
 import { groupsView, groupView } from "./views.js";
 import { sandboxView } from "./sandbox.js";
 import { metricsView } from "./charts.js";
+import { nodesView } from "./nodes.js";
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
@@ -74,6 +75,8 @@ function route() {
     stop = sandboxView(main, parts[1], parts[3]);
   } else if (parts[0] === "groups" && parts[1]) {
     stop = groupView(main, parts[1]);
+  } else if (parts[0] === "nodes") {
+    stop = nodesView(main);
   } else if (parts[0] === "metrics") {
     stop = metricsView(main);
   } else {

@@ -135,6 +135,8 @@ export function sandboxView(main, group, id) {
           h("dd", { id: "sandbox-state" }, badge(sb.state), sb.reason ? ` ${sb.reason}` : ""),
           h("dt", {}, "Tier"),
           h("dd", {}, sb.tier),
+          h("dt", {}, "Node"),
+          h("dd", { id: "sandbox-node" }, sb.node ?? "none"),
           h("dt", {}, "Age"),
           h("dd", { title: sb.created_at }, age(sb.created_at)),
           h("dt", {}, "Labels"),

@@ -213,8 +213,8 @@ export function groupView(main, group) {
         list,
         table(
           "Sandboxes",
-          ["Sandbox", "State", "Tier", "Age", "Labels"],
-          sandboxes.map((sb) => [sandboxLink(group, sb.id), badge(sb.state), sb.tier, age(sb.created_at), labelsText(sb.labels)]),
+          ["Sandbox", "State", "Tier", "Node", "Age", "Labels"],
+          sandboxes.map((sb) => [sandboxLink(group, sb.id), badge(sb.state), sb.tier, sb.node ?? "", age(sb.created_at), labelsText(sb.labels)]),
           "No sandboxes in this group.",
         ),
       );

@@ -34,6 +34,7 @@ import type {
   Role,
   SandboxInfo,
   SandboxState,
+  SealingKeyRotation,
   ShellOptions,
   Snapshot,
   Verdict,
@@ -362,7 +363,7 @@ export class Sandboxes {
 }
 
 /** A group's named snapshots (taken with `Sandbox.snapshot`, used by `sandboxes.fork`). */
-/** The daemons sharing the store (a fleet's nodes): list, get, and (admin keys) drain and undrain. */
+/** The daemons sharing the store (a fleet's nodes): list, get, and (admin keys) drain, undrain and rotate the sealing key they share. */
 export class Nodes {
   constructor(private readonly c: Client) {}
 
@@ -381,6 +382,14 @@ export class Nodes {
 
   undrain(name: string): Promise<Node> {
     return this.c.json({ method: "POST", path: `/v1/nodes/${enc(name)}/undrain` });
+  }
+
+  /**
+   * Re-seals the store's secrets and signing keys with the key every node holds as
+   * `MOAT_HOME/secrets.key.next` (admin keys; made with `moat sealing-key new`).
+   */
+  rotateSealingKey(): Promise<SealingKeyRotation> {
+    return this.c.json({ method: "POST", path: "/v1/sealing-key/rotate" });
   }
 }
 

@@ -841,6 +841,22 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/sealing-key/rotate": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["rotate_sealing_key"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -1711,6 +1727,17 @@ export interface components {
             lost_reason?: string | null;
             /** @description `moat serve --node-name` (default: the host name). */
             name: string;
+            /**
+             * @description The id of the key in its `MOAT_HOME/secrets.key.next`, the one a rotation
+             *     (`POST /v1/sealing-key/rotate`) switches to; absent without one.
+             */
+            next_sealing_key_id?: string | null;
+            /**
+             * @description The id of its sealing key (`MOAT_HOME/secrets.key`), as of its last lease renewal: a
+             *     MAC of a fixed label under the key, which names it without revealing it. Every node
+             *     of a fleet has the same one.
+             */
+            sealing_key_id?: string | null;
             state: components["schemas"]["NodeState"];
             /** @description As of its last lease renewal. */
             used: components["schemas"]["NodeUse"];
@@ -2102,6 +2129,23 @@ export interface components {
          * @enum {string}
          */
         SandboxesState: "ready" | "preparing" | "failed" | "unavailable";
+        /** @description `POST /v1/sealing-key/rotate`: what the rotation re-sealed. */
+        SealingKeyRotation: {
+            /** @description The key every value is sealed with now (each node's former `secrets.key.next`). */
+            key_id: string;
+            /** @description The key that sealed them before; no node needs it any more. */
+            previous_key_id: string;
+            /**
+             * Format: u-int64
+             * @description Group secrets re-sealed.
+             */
+            secrets: number;
+            /**
+             * Format: u-int64
+             * @description Identity signing keys re-sealed.
+             */
+            signing_keys: number;
+        };
         /** @description A secret as listed: never its value. */
         SecretInfo: {
             /** @description RFC 3339, UTC. */
@@ -9145,6 +9189,69 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The API key is over its rate limit; `Retry-After` says when to try again */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    rotate_sealing_key: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Every group secret and identity signing key is sealed with the key each node holds as `MOAT_HOME/secrets.key.next`; this node uses it now, the others from their next lease renewal */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SealingKeyRotation"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not an admin key */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description This node has no next key, or a node that is not lost does not hold the same one (named), or the store was rotated already */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

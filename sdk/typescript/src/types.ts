@@ -20,6 +20,7 @@ export type Node = Schemas["Node"];
 export type NodeState = Schemas["NodeState"];
 export type NodeCapacity = Schemas["NodeCapacity"];
 export type NodeUse = Schemas["NodeUse"];
+export type SealingKeyRotation = Schemas["SealingKeyRotation"];
 export type FileKind = Schemas["EntryKind"];
 /** A group's spec as given to `groups.apply`: every field optional (`Group.spec` has them all). */
 export type GroupSpec = DeepPartial<Schemas["GroupSpec"]>;

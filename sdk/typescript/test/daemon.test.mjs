@@ -39,6 +39,14 @@ describe("against a daemon", { skip: !URL && "no MOAT_URL" }, () => {
     assert.equal((await sb.refresh()).env.MODE, "test");
   });
 
+  test("nodes: the daemon is one ready node with its sealing key; a rotation needs a next key", async () => {
+    const [n] = await client.nodes.list();
+    assert.equal(n.state, "ready");
+    assert.equal((await client.nodes.get(n.name)).advertise_url, n.advertise_url);
+    assert.match(n.sealing_key_id, /^[0-9a-f]{16}$/);
+    await assert.rejects(client.nodes.rotateSealingKey(), (e) => e instanceof Conflict && /moat sealing-key new/.test(e.message));
+  });
+
   test("exec collects output, exit codes, stdin, env, cwd and timeouts", async () => {
     let r = await sb.exec("echo $MODE; echo err >&2; exit 3");
     assert.deepEqual([r.exit_code, r.stdout, r.stderr, r.timed_out], [3, "test\n", "err\n", false]);

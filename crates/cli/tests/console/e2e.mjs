@@ -1,8 +1,9 @@
 // The web console end to end in headless Chromium against a real daemon (run by
 // crates/cli/tests/console.rs): sign in (a wrong key first), create a sandbox, type `echo hi`
 // in the terminal and see `hi`, upload and download a file, suspend and resume, the metrics
-// charts; a shell WebSocket with a wrong key is refused; no page error and no
-// Content-Security-Policy violation on the way. Screenshots go to MOAT_SHOTS.
+// charts, the nodes page (drain and undrain the daemon's node); a shell WebSocket with a
+// wrong key is refused; no page error and no Content-Security-Policy violation on the way.
+// Screenshots go to MOAT_SHOTS.
 //
 // Environment: MOAT_URL, MOAT_API_KEY (an admin key), MOAT_TEST_GROUP, CHROMIUM (the
 // browser's path), MOAT_SHOTS (a directory).
@@ -72,6 +73,9 @@ try {
   await page.getByRole("link", { name: sandbox }).click();
   await page.getByRole("heading", { name: `Sandbox ${sandbox}` }).waitFor();
   await page.locator("#sandbox-state").filter({ hasText: "running" }).waitFor();
+  const node = (await (await api("GET", `/v1/sandbox-groups/${group}/sandboxes/${sandbox}`)).json()).node;
+  assert.ok(node, "the sandbox shows its node");
+  await page.locator("#sandbox-node").filter({ hasText: node }).waitFor();
 
   step("a shell WebSocket with a wrong key is refused");
   const refused = await page.evaluate(
@@ -173,6 +177,19 @@ try {
     );
   }
   await page.screenshot({ path: join(shots, "metrics.png") });
+
+  step("nodes: the daemon's node, drained and undrained from the page");
+  await page.getByRole("link", { name: "Nodes" }).click();
+  await page.getByRole("heading", { name: "Nodes" }).waitFor();
+  const row = page.getByRole("row").filter({ hasText: node });
+  await row.filter({ hasText: "ready" }).waitFor();
+  await page.getByRole("button", { name: `Drain ${node}` }).click();
+  await row.filter({ hasText: "draining" }).waitFor();
+  assert.equal((await (await api("GET", `/v1/nodes/${node}`)).json()).state, "draining");
+  await page.screenshot({ path: join(shots, "nodes.png") });
+  await page.getByRole("button", { name: `Undrain ${node}` }).click();
+  await row.filter({ hasText: "ready" }).waitFor();
+  assert.equal((await (await api("GET", `/v1/nodes/${node}`)).json()).state, "ready");
 
   step("sign out forgets the key");
   await page.getByRole("button", { name: "Sign out" }).click();

@@ -66,6 +66,29 @@ pub struct Node {
     pub capacity: NodeCapacity,
     /// As of its last lease renewal.
     pub used: NodeUse,
+    /// The id of its sealing key (`MOAT_HOME/secrets.key`), as of its last lease renewal: a
+    /// MAC of a fixed label under the key, which names it without revealing it. Every node
+    /// of a fleet has the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealing_key_id: Option<String>,
+    /// The id of the key in its `MOAT_HOME/secrets.key.next`, the one a rotation
+    /// (`POST /v1/sealing-key/rotate`) switches to; absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_sealing_key_id: Option<String>,
+}
+
+/// `POST /v1/sealing-key/rotate`: what the rotation re-sealed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SealingKeyRotation {
+    /// The key every value is sealed with now (each node's former `secrets.key.next`).
+    pub key_id: String,
+    /// The key that sealed them before; no node needs it any more.
+    pub previous_key_id: String,
+    /// Group secrets re-sealed.
+    pub secrets: u64,
+    /// Identity signing keys re-sealed.
+    pub signing_keys: u64,
 }
 
 /// What a node's sandboxes may hold together.

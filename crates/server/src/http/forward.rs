@@ -138,7 +138,7 @@ impl Forwarder {
         // its kernel and answers nothing: the request waits until the fleet declares it lost.
         let mut resp = tokio::select! {
             r = sent => r.map_err(|e| unreachable(chain(&e)))?,
-            why = declared_lost(store, owner) => {
+            why = declared_lost(store.clone(), owner.clone()) => {
                 return Err(Error::Unavailable(format!(
                     "{what} node {} ({}), which did not answer and was declared lost while \
                      the request waited{why}",
@@ -147,26 +147,66 @@ impl Forwarder {
                 )))
             }
         };
-        if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_side)) = (resp.status(), client_side) {
-            let owner_side = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                let (Ok(c), Ok(o)) = (client_side.await, owner_side.await) else {
-                    return;
-                };
-                let _ =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(o)).await;
-            });
-        }
+        // What streams on after the answer began (an exec's output, a download, a spliced
+        // shell) would stall forever if the owner stopped: it is cut once the fleet declares
+        // the owner lost, so the caller sees the break instead of a silence.
+        let lost = declared_lost(store.clone(), owner.clone());
         let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(resp.headers_mut(), upgraded);
-        let mut resp = resp.map(Body::new);
+        let mut resp = match (upgraded, client_side) {
+            (true, Some(client_side)) => {
+                let owner_side = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    let (Ok(c), Ok(o)) = (client_side.await, owner_side.await) else {
+                        return;
+                    };
+                    let (mut c, mut o) = (TokioIo::new(c), TokioIo::new(o));
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut c, &mut o) => {}
+                        _ = lost => {}
+                    }
+                });
+                resp.map(Body::new)
+            }
+            (true, None) => resp.map(Body::new),
+            (false, _) => resp.map(|b| cut_when_lost(b, lost)),
+        };
         resp.extensions_mut().insert(Forwarded);
         Ok(resp)
     }
 }
 
+/// The owner's answer body, ended with an error (which aborts the caller's connection, so a
+/// partial answer is never taken for a whole one) if `lost` resolves before it is done.
+fn cut_when_lost(
+    body: hyper::body::Incoming,
+    lost: impl std::future::Future<Output = String> + Send + 'static,
+) -> Body {
+    use futures_util::{FutureExt, StreamExt};
+    let mut data = Body::new(body).into_data_stream();
+    let mut lost = Box::pin(lost.fuse());
+    let mut cut = false;
+    Body::from_stream(futures_util::stream::poll_fn(move |cx| {
+        if cut {
+            return std::task::Poll::Ready(None);
+        }
+        if let std::task::Poll::Ready(item) = data.poll_next_unpin(cx) {
+            return std::task::Poll::Ready(item);
+        }
+        match lost.poll_unpin(cx) {
+            std::task::Poll::Ready(why) => {
+                cut = true;
+                std::task::Poll::Ready(Some(Err(axum::Error::new(std::io::Error::other(format!(
+                    "the sandbox's node was declared lost mid-answer{why}"
+                ))))))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }))
+}
+
 /// Resolves once `owner` is marked lost (its reason, as ": …"), checked twice a lease.
-async fn declared_lost(store: &Store, owner: &Node) -> String {
+async fn declared_lost(store: Store, owner: Node) -> String {
     let every = Duration::from_millis((owner.lease_s * 500).max(1000));
     loop {
         tokio::time::sleep(every).await;

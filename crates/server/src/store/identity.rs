@@ -63,14 +63,18 @@ impl Store {
     /// the same store made it first): false then.
     pub fn insert_identity_key(&self, kid: &str, state: KeyState, der: &[u8]) -> Result<bool> {
         let (kid, t) = (kid.to_string(), super::now());
-        let sealed = self.seal.seal_signing_key(&kid, der)?;
         self.blocking(move |c| {
+            let tx = c.transaction()?;
+            let key = self.seal.active(&tx)?;
+            let sealed = self.seal.seal_signing_key(&key, &kid, der)?;
             let activated = (state == KeyState::Active).then_some(t);
-            Ok(c.execute(
+            let inserted = tx.execute(
                 "INSERT INTO identity_keys (kid, state, created_at, activated_at, private_key) \
                  VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
                 params![kid, state.as_str(), t, activated, sealed],
-            )? == 1)
+            )? == 1;
+            tx.commit()?;
+            Ok(inserted)
         })
     }
 
@@ -96,12 +100,15 @@ impl Store {
     /// file of an older MOAT_HOME in).
     pub fn adopt_identity_private_key(&self, kid: &str, der: &[u8]) -> Result<()> {
         let kid = kid.to_string();
-        let sealed = self.seal.seal_signing_key(&kid, der)?;
         self.blocking(move |c| {
-            c.execute(
+            let tx = c.transaction()?;
+            let key = self.seal.active(&tx)?;
+            let sealed = self.seal.seal_signing_key(&key, &kid, der)?;
+            tx.execute(
                 "UPDATE identity_keys SET private_key = ?2 WHERE kid = ?1 AND private_key IS NULL",
                 params![kid, sealed],
             )?;
+            tx.commit()?;
             Ok(())
         })
     }
@@ -110,9 +117,10 @@ impl Store {
     /// `next` (its PKCS#8 private key `der`, sealed here) becomes the pending key.
     pub fn rotate_identity_keys(&self, next: &str, der: &[u8]) -> Result<()> {
         let (next, t) = (next.to_string(), super::now());
-        let sealed = self.seal.seal_signing_key(&next, der)?;
         self.blocking(move |c| {
             let tx = c.transaction()?;
+            let key = self.seal.active(&tx)?;
+            let sealed = self.seal.seal_signing_key(&key, &next, der)?;
             let pending: Option<String> = tx
                 .query_row(
                     "SELECT kid FROM identity_keys WHERE state = 'pending'",

@@ -29,6 +29,7 @@ mod pool;
 mod ports;
 mod sandboxes;
 mod seal;
+mod sealing;
 mod secrets;
 mod snapshots;
 
@@ -41,6 +42,7 @@ pub use nodes::{Lease, NodeSpec, Renewal};
 pub use placement::{Candidate, Placing, PoolNodes};
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
+pub use sealing::{create_next_sealing_key, sealing_key_id};
 
 /// Numbered migrations of the SQLite schema, applied in order, each once. Only ever append to
 /// this list. Each version not yet applied runs, even one below the newest applied (branches
@@ -61,6 +63,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (12, include_str!("migrations/0012_api_key_limits.sql")),
     (13, include_str!("migrations/0013_audit.sql")),
     (14, include_str!("migrations/0014_nodes.sql")),
+    (18, include_str!("migrations/0018_sealing_key.sql")),
 ];
 
 /// The same schema in PostgreSQL's dialect (`migrations/postgres/`): `BIGINT` for every
@@ -86,6 +89,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     ),
     (13, include_str!("migrations/postgres/0013_audit.sql")),
     (14, include_str!("migrations/postgres/0014_nodes.sql")),
+    (18, include_str!("migrations/postgres/0018_sealing_key.sql")),
 ];
 
 fn migrations(backend: Backend) -> &'static [(i64, &'static str)] {
@@ -314,7 +318,8 @@ fn with_retries<T>(db: &Db, f: &mut impl FnMut(&Db) -> Result<T>) -> Result<T> {
 /// Refuses a sealing key that is not the store's: the first node to open a store records a
 /// value sealed with its key, and every later open must be able to open it. Two nodes that
 /// start together on a new store with different keys: one records its value, the other is
-/// refused.
+/// refused. A node that was down while the fleet rotated its key finds the value opens with
+/// its `secrets.key.next` and switches to it here.
 fn check_sealing_key(db: &Db, seal: &seal::Sealer, location: &Location) -> Result<()> {
     let get = || -> Result<Option<Vec<u8>>> {
         Ok(db
@@ -328,13 +333,15 @@ fn check_sealing_key(db: &Db, seal: &seal::Sealer, location: &Location) -> Resul
         None => {
             db.execute(
                 "INSERT INTO seal_check (id, sealed) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING",
-                params![seal.check_value()?],
+                params![seal.check_value(&seal.current_and_next()?.0)?],
             )?;
             get()?.ok_or_else(|| Error::Internal("the sealing check value vanished".into()))?
         }
     };
-    if seal.verify_check(&check)? {
-        return Ok(());
+    match seal.verify_check(&check)? {
+        Some(seal::Which::Current) => return Ok(()),
+        Some(seal::Which::Next) => return seal.promote(),
+        None => {}
     }
     Err(Error::Config(format!(
         "{} is not the sealing key of the store {}: its secrets and signing keys were sealed \

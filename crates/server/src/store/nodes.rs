@@ -1,9 +1,17 @@
 //! The `nodes` table: every daemon on a store is a node that holds a lease on its row
 //! (docs/FLEET.md). Lease times come from the database's clock (one clock for every node),
 //! in milliseconds. Each acquisition of a lease starts a new `epoch`; the writes a node makes
-//! about its sandboxes check, in their own transaction, that its lease is unexpired and still
-//! of its epoch ([`Fence`]), so a node that was stopped past its lease cannot overwrite what
-//! the others decided meanwhile.
+//! about its sandboxes check, in their own transaction, that its lease is still of its epoch
+//! and that no other node has marked it lost ([`Fence`]), so a node that was stopped past its
+//! lease cannot overwrite what the others decided meanwhile.
+//!
+//! An expired lease by itself fences nothing: only another node acting on the expiry (marking
+//! the node lost, or taking its name with a new epoch) does, and that act is a write to the
+//! node's row which serializes with the node's own writes. Until then nothing was decided
+//! against the node, so its writes and its renewal go on. Fencing on the expiry alone made a
+//! node whose renewal was merely late (its own disk busy with gigabytes of guest writes, the
+//! store's one connection behind a slow fsync) refuse every write with nobody to take over,
+//! which is always the case for a fleet of one.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -47,8 +55,8 @@ pub struct Lease {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Renewal {
     Renewed(Lease),
-    /// The lease had expired or another node had marked this one lost: this node has stopped
-    /// writing and must acquire a new epoch.
+    /// Another node marked this one lost or took its name with a new epoch: this node has
+    /// stopped writing and must acquire a new epoch.
     Lost(String),
 }
 
@@ -87,20 +95,17 @@ impl Fence {
         }
     }
 
-    /// Refuses the write of the transaction `tx` unless this node's lease is current, checked
-    /// there (so that the check and the write commit together or not at all).
+    /// Refuses the write of the transaction `tx` unless this node still holds its epoch and
+    /// is not marked lost, checked there (so that the check and the write commit together or
+    /// not at all, and serialize with a sweep that marks the node lost).
     pub(crate) fn check(&self, tx: &Db) -> Result<()> {
         let (node, epoch) = match self.get() {
             FenceState::Unfenced => return Ok(()),
             FenceState::Lost { node } => return Err(lost(&node)),
             FenceState::Held { node, epoch } => (node, epoch),
         };
-        let now = now_ms_sql(tx.backend());
         let current: i64 = tx.query_row(
-            &format!(
-                "SELECT COUNT(*) FROM nodes WHERE name = ?1 AND epoch = ?2 \
-                 AND state <> 'lost' AND lease_expires_ms > {now}"
-            ),
+            "SELECT COUNT(*) FROM nodes WHERE name = ?1 AND epoch = ?2 AND state <> 'lost'",
             params![node, epoch],
             |r| r.get(0),
         )?;
@@ -114,8 +119,8 @@ impl Fence {
 
 fn lost(node: &str) -> Error {
     Error::Unavailable(format!(
-        "node {} does not hold its lease (it expired or the other nodes marked this node \
-         lost): it changes nothing until it has acquired a new one",
+        "node {} does not hold its lease (another node marked it lost or took its name): \
+         it changes nothing until it has acquired a new one",
         quote(node)
     ))
 }
@@ -123,7 +128,7 @@ fn lost(node: &str) -> Error {
 pub(super) const NODE_COLUMNS: &str =
     "name, advertise_url, accelerator, labels, memory_mib, millicpus, \
     used_memory_mib, used_millicpus, sandboxes, state, epoch, lease_ms, lease_expires_ms, \
-    acquired_ms, lost_ms, lost_reason";
+    acquired_ms, lost_ms, lost_reason, sealing_key_id, next_sealing_key_id";
 
 /// Node `name`'s row, `None` if there is no such node.
 fn node_named(c: &Db, name: &str) -> Result<Option<Node>> {
@@ -166,6 +171,8 @@ pub(super) fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<No
             acquired_at: ms(r.get(13)?),
             lost_at: r.get::<_, Option<i64>>(14)?.map(ms),
             lost_reason: r.get(15)?,
+            sealing_key_id: r.get(16)?,
+            next_sealing_key_id: r.get(17)?,
         })
     })())
 }
@@ -244,6 +251,12 @@ impl Store {
                     epoch + 1
                 }
             };
+            // Which sealing keys it holds, from the start (`store/sealing.rs`).
+            let (key, next) = self.seal.ids()?;
+            tx.execute(
+                "UPDATE nodes SET sealing_key_id = ?2, next_sealing_key_id = ?3 WHERE name = ?1",
+                params![spec.name, key, next],
+            )?;
             tx.commit()?;
             Ok(Ok(Lease {
                 epoch,
@@ -259,8 +272,9 @@ impl Store {
         Ok(got)
     }
 
-    /// Renews this node's lease and records its use, if the lease is still current; else the
-    /// fence closes until [`Store::acquire_lease`] succeeds again.
+    /// Renews this node's lease and records its use, if the node still holds its epoch and
+    /// is not marked lost (a late renewal of an expired lease nobody acted on succeeds); else
+    /// the fence closes until [`Store::acquire_lease`] succeeds again.
     pub async fn renew_lease(
         &self,
         used_memory_mib: u64,
@@ -283,8 +297,7 @@ impl Store {
                     &format!(
                         "UPDATE nodes SET lease_expires_ms = {now} + lease_ms, \
                          used_memory_mib = ?3, used_millicpus = ?4, sandboxes = ?5 \
-                         WHERE name = ?1 AND epoch = ?2 AND state <> 'lost' \
-                         AND lease_expires_ms > {now}"
+                         WHERE name = ?1 AND epoch = ?2 AND state <> 'lost'"
                     ),
                     params![
                         n,
@@ -312,11 +325,8 @@ impl Store {
                         "another node marked this node lost (epoch {e}): {}",
                         reason.unwrap_or_default()
                     )),
-                    Some((e, _, _, _)) if e != epoch => Renewal::Lost(format!(
+                    Some((e, _, _, _)) => Renewal::Lost(format!(
                         "the lease was taken with epoch {e} by another daemon"
-                    )),
-                    Some(_) => Renewal::Lost(format!(
-                        "the lease of epoch {epoch} expired before it was renewed"
                     )),
                     None => Renewal::Lost("the node's row is gone".into()),
                 })
@@ -507,7 +517,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_expired_lease_fences_its_node_and_the_others_mark_it_lost() {
+    async fn an_expired_lease_fences_its_node_once_another_node_marks_it_lost() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (open(&dir), open(&dir));
         off(|| a.acquire_lease(&spec("a", "home-a", 60_000)))
@@ -538,16 +548,25 @@ mod tests {
                 .as_deref(),
             Some("b")
         );
-        // b's lease runs out (it was stopped): its next write is refused, before and after
-        // the others noticed.
+        // b's lease runs out (b was slow) and nobody acts on it: nothing was decided against
+        // b, so its writes and its late renewal go on.
         tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+        let mut late = crate::store::sandboxes::tests::new_row("sb-3", "g");
+        late.state = crate::api::SandboxState::Running;
+        b.insert_sandbox(&late).await.unwrap();
+        let renewal = b.renew_lease(0, 0, 0).await.unwrap();
+        assert!(matches!(renewal, Renewal::Renewed(_)), "{renewal:?}");
+        assert!(a.sweep_lost_nodes().await.unwrap().is_empty());
+        // It runs out again (b was stopped), and this time a marks it lost: b's next write is
+        // refused.
+        tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+        let swept = a.sweep_lost_nodes().await.unwrap();
+        assert_eq!(swept, vec![("b".to_string(), 2)]);
         let e = b
             .set_sandbox_state("sb-1", crate::api::SandboxState::Failed, Some("x"))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("does not hold its lease"), "{e}");
-        let swept = a.sweep_lost_nodes().await.unwrap();
-        assert_eq!(swept, vec![("b".to_string(), 1)]);
         // Once is enough: another sweep finds nothing.
         assert!(a.sweep_lost_nodes().await.unwrap().is_empty());
         let lost = a.get_sandbox("sb-1").await.unwrap().unwrap();

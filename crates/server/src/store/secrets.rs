@@ -22,8 +22,9 @@ impl Store {
         let (group, name) = (group.to_string(), name.to_string());
         let seal = self.seal.clone();
         self.call(move |c| {
-            let sealed = seal.seal(&group, &name, value.expose())?;
             let tx = c.transaction()?;
+            let key = seal.active(&tx)?;
+            let sealed = seal.seal(&key, &group, &name, value.expose())?;
             let old: Option<i64> = tx
                 .query_row(
                     "SELECT created_at FROM group_secrets WHERE group_name = ?1 AND name = ?2",

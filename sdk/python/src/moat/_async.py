@@ -39,6 +39,7 @@ from ._types import (
     GroupSpec,
     Health,
     Node,
+    SealingKeyRotation,
     Port,
     ProcessInfo,
     ProcessLogs,
@@ -310,8 +311,8 @@ class AsyncSandboxes:
 
 
 class AsyncNodes:
-    """The daemons sharing the store (a fleet's nodes): list, get, and (admin keys) drain and
-    undrain."""
+    """The daemons sharing the store (a fleet's nodes): list, get, and (admin keys) drain,
+    undrain and rotate the sealing key they share."""
 
     def __init__(self, client: AsyncClient) -> None:
         self._c = client
@@ -328,6 +329,11 @@ class AsyncNodes:
 
     async def undrain(self, name: str) -> Node:
         return await self._c._run(b.node_drain(name, False))
+
+    async def rotate_sealing_key(self) -> SealingKeyRotation:
+        """Re-seals the store's secrets and signing keys with the key every node holds as
+        ``MOAT_HOME/secrets.key.next`` (admin keys; made with ``moat sealing-key new``)."""
+        return await self._c._run(b.sealing_key_rotate())
 
 
 class AsyncSnapshots:

@@ -46,6 +46,7 @@ from ._types import (
     GroupSpec,
     Health,
     Node,
+    SealingKeyRotation,
     Port,
     ProcessInfo,
     ProcessLogs,
@@ -64,6 +65,7 @@ from ._types import (
     parse_group,
     parse_health,
     parse_node,
+    parse_sealing_key_rotation,
     parse_port,
     parse_process,
     parse_sandbox,
@@ -554,6 +556,12 @@ def node_get(name: str) -> Op[Node]:
 def node_drain(name: str, drain: bool) -> Op[Node]:
     verb = "drain" if drain else "undrain"
     return Op("POST", f"/v1/nodes/{seg(name)}/{verb}", lambda r: parse_node(json_body(r)))
+
+
+def sealing_key_rotate() -> Op[SealingKeyRotation]:
+    return Op(
+        "POST", "/v1/sealing-key/rotate", lambda r: parse_sealing_key_rotation(json_body(r))
+    )
 
 
 def snapshot_get(group: str, name: str) -> Op[Snapshot]:

@@ -37,6 +37,7 @@ from ._types import (
     GroupSpec,
     Health,
     Node,
+    SealingKeyRotation,
     Port,
     ProcessInfo,
     ProcessLogs,
@@ -339,8 +340,8 @@ class Sandboxes:
 
 
 class Nodes:
-    """The daemons sharing the store (a fleet's nodes): list, get, and (admin keys) drain and
-    undrain."""
+    """The daemons sharing the store (a fleet's nodes): list, get, and (admin keys) drain,
+    undrain and rotate the sealing key they share."""
 
     def __init__(self, client: Client) -> None:
         self._c = client
@@ -357,6 +358,11 @@ class Nodes:
 
     def undrain(self, name: str) -> Node:
         return self._c._run(b.node_drain(name, False))
+
+    def rotate_sealing_key(self) -> SealingKeyRotation:
+        """Re-seals the store's secrets and signing keys with the key every node holds as
+        ``MOAT_HOME/secrets.key.next`` (admin keys; made with ``moat sealing-key new``)."""
+        return self._c._run(b.sealing_key_rotate())
 
 
 class Snapshots:

@@ -360,8 +360,22 @@ class Node:
     used: NodeUse
     lost_at: Optional[str] = None
     lost_reason: Optional[str] = None
+    sealing_key_id: Optional[str] = None
+    """The id of its sealing key (names the key, reveals nothing of it)."""
+    next_sealing_key_id: Optional[str] = None
+    """The id of the key in its ``secrets.key.next``: what a rotation switches to."""
     raw: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The whole object the daemon answered (fields this SDK does not name yet included)."""
+
+
+@dataclass(frozen=True)
+class SealingKeyRotation:
+    """What ``nodes.rotate_sealing_key()`` re-sealed, and with which key."""
+
+    key_id: str
+    previous_key_id: str
+    secrets: int
+    signing_keys: int
 
 
 @dataclass(frozen=True)
@@ -627,7 +641,18 @@ def parse_node(d: Mapping[str, Any]) -> Node:
         ),
         lost_at=d.get("lost_at"),
         lost_reason=d.get("lost_reason"),
+        sealing_key_id=d.get("sealing_key_id"),
+        next_sealing_key_id=d.get("next_sealing_key_id"),
         raw=dict(d),
+    )
+
+
+def parse_sealing_key_rotation(d: Mapping[str, Any]) -> SealingKeyRotation:
+    return SealingKeyRotation(
+        key_id=str(d["key_id"]),
+        previous_key_id=str(d["previous_key_id"]),
+        secrets=int(d["secrets"]),
+        signing_keys=int(d["signing_keys"]),
     )
 
 

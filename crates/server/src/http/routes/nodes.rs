@@ -1,5 +1,5 @@
 //! The nodes sharing this daemon's store (docs/FLEET.md): list and show (any key), drain and
-//! undrain (admin keys).
+//! undrain (admin keys); and the one secret they share, the sealing key, rotated (admin).
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
@@ -7,7 +7,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use utoipa::OpenApi;
 
-use crate::api::{self, ErrorBody, Node, NodeCapacity, NodeList, NodeState, NodeUse, Role};
+use crate::api::{
+    self, ErrorBody, Node, NodeCapacity, NodeList, NodeState, NodeUse, Role, SealingKeyRotation,
+};
 use crate::error::{Error, Result};
 use crate::http::extract::path_param;
 use crate::http::state::AppState;
@@ -19,12 +21,13 @@ pub(in crate::http) fn router() -> Router<AppState> {
         .route("/v1/nodes/{node}", get(get_node))
         .route("/v1/nodes/{node}/drain", post(drain_node))
         .route("/v1/nodes/{node}/undrain", post(undrain_node))
+        .route("/v1/sealing-key/rotate", post(rotate_sealing_key))
 }
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(list_nodes, get_node, drain_node, undrain_node),
-    components(schemas(Node, NodeList, NodeState, NodeCapacity, NodeUse))
+    paths(list_nodes, get_node, drain_node, undrain_node, rotate_sealing_key),
+    components(schemas(Node, NodeList, NodeState, NodeCapacity, NodeUse, SealingKeyRotation))
 )]
 pub(in crate::http) struct Doc;
 
@@ -126,4 +129,32 @@ async fn undrain_node(
     params: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Json<Node>> {
     set_draining(&state, &p, params, false).await
+}
+
+#[utoipa::path(post, path = "/v1/sealing-key/rotate", tag = "nodes",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every group secret and identity signing key is sealed \
+            with the key each node holds as `MOAT_HOME/secrets.key.next`; this node uses it \
+            now, the others from their next lease renewal", body = SealingKeyRotation),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 409, description = "This node has no next key, or a node that is not lost \
+            does not hold the same one (named), or the store was rotated already",
+            body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+async fn rotate_sealing_key(
+    State(state): State<AppState>,
+    p: Principal,
+) -> Result<Json<SealingKeyRotation>> {
+    if p.role != Role::Admin {
+        return Err(Error::Forbidden(format!(
+            "only an admin key may rotate the sealing key (this one is {})",
+            p.role.as_str()
+        )));
+    }
+    let done = state.store.rotate_sealing_key().await?;
+    tracing::warn!(key = %done.key_id, previous = %done.previous_key_id,
+        secrets = done.secrets, signing_keys = done.signing_keys, "sealing key rotated");
+    Ok(Json(done))
 }

@@ -41,6 +41,7 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
     ("api.js", JS, include_bytes!("../../../ui/api.js")),
     ("dom.js", JS, include_bytes!("../../../ui/dom.js")),
     ("views.js", JS, include_bytes!("../../../ui/views.js")),
+    ("nodes.js", JS, include_bytes!("../../../ui/nodes.js")),
     ("sandbox.js", JS, include_bytes!("../../../ui/sandbox.js")),
     ("charts.js", JS, include_bytes!("../../../ui/charts.js")),
     ("style.css", CSS, include_bytes!("../../../ui/style.css")),
