@@ -233,7 +233,11 @@ fn fits(
                      FROM nodes ORDER BY name"
         ),
         [],
-        |r| Ok((node_from_row(r)?, r.get::<_, i64>(16)? == 1)),
+        // The lease's currency comes after the node's own columns.
+        |r| {
+            let current = r.get::<_, i64>(NODE_COLUMNS.split(',').count())?;
+            Ok((node_from_row(r)?, current == 1))
+        },
     )?;
     let mut held = held(&tx, None)?;
     let ready: HashMap<String, i64> = if pooled {
