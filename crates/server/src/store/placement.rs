@@ -35,6 +35,10 @@ pub struct Candidate {
     /// As the store counts it, plus the creates this daemon has placed there in flight.
     pub held: Held,
     pub pooled: u64,
+    /// Whether its lease is unexpired by the database's clock. A node renews late under load
+    /// and is fenced only once another node acts on it (marks it lost), so one that has not
+    /// renewed yet is tried last, not left out: in a fleet of one it is the only node.
+    pub current: bool,
 }
 
 /// Tier memory (MiB) of the creates this daemon has placed on each node and not yet seen
@@ -137,7 +141,8 @@ fn show(labels: &BTreeMap<String, String>) -> String {
 }
 
 /// Whether `a` should come before `b`: more ready pool VMs first, then by `strategy` on the
-/// share of memory held, then the receiving node `me` (no hop), then by name.
+/// share of memory held, then the receiving node `me` (no hop), then by name; nodes whose
+/// lease is current before all of those.
 fn better(
     a: &Candidate,
     b: &Candidate,
@@ -157,8 +162,9 @@ fn better(
         PlacementStrategy::Spread => by_share,
         PlacementStrategy::Pack => by_share.reverse(),
     };
-    b.pooled
-        .cmp(&a.pooled)
+    b.current
+        .cmp(&a.current)
+        .then(b.pooled.cmp(&a.pooled))
         .then(by_share)
         .then((b.node.name == me).cmp(&(a.node.name == me)))
         .then(a.node.name.cmp(&b.node.name))
@@ -178,7 +184,8 @@ impl Store {
     }
 
     /// The nodes that may take a new tier `tier` sandbox of group `group` placed by `spec`,
-    /// received by node `me`: ready (not draining, not lost), with a current lease, every
+    /// received by node `me`: ready (not draining, not lost; one whose lease is not current
+    /// is tried last), with every
     /// label of `spec.node_labels`, and room for the tier's memory. `pooled`: prefer nodes
     /// with ready pool VMs of the group and this tier (the create asks for the group's image
     /// and tier). Best first; 503 naming the constraint and each node's reason when no node
@@ -270,9 +277,6 @@ fn fits(
         match node.state {
             NodeState::Lost => why_not.push(format!("node {name} is lost")),
             NodeState::Draining => why_not.push(format!("node {name} is draining")),
-            NodeState::Ready if !current => {
-                why_not.push(format!("node {name} has not renewed its lease"))
-            }
             NodeState::Ready => {
                 let h = held.remove(&node.name).unwrap_or_default();
                 let cap = node.capacity.memory_mib;
@@ -284,6 +288,7 @@ fn fits(
                 } else {
                     fits.push(Candidate {
                         pooled: ready.get(&node.name).copied().unwrap_or(0) as u64,
+                        current,
                         node,
                         held: h,
                     });
@@ -326,8 +331,9 @@ fn fits(
     Ok(fits)
 }
 
-/// The nodes that keep warm pools, by name: ready (not draining, not lost) with a current
-/// lease, and their labels.
+/// The nodes that keep warm pools, by name: ready (not draining, not lost), and their labels.
+/// A lease renewed late does not count (only a loss, once another node marks it, does), so
+/// that a node slow to renew under load does not empty and refill its pools.
 #[derive(Debug, Clone, Default)]
 pub struct PoolNodes(Vec<(String, BTreeMap<String, String>)>);
 
@@ -363,12 +369,8 @@ impl Store {
     /// The nodes that keep warm pools now (see [`PoolNodes::share`]).
     pub async fn pool_nodes(&self) -> Result<PoolNodes> {
         self.call(|c| {
-            let now = now_ms_sql(c.backend());
             let rows = c.query_map(
-                &format!(
-                    "SELECT name, labels FROM nodes WHERE state = 'ready' \
-                     AND lease_expires_ms > {now} ORDER BY name"
-                ),
+                "SELECT name, labels FROM nodes WHERE state = 'ready' ORDER BY name",
                 [],
                 |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
             )?;
@@ -595,5 +597,39 @@ mod tests {
         let nodes = a.pool_nodes().await.unwrap();
         assert_eq!(shares(&nodes, 7, &any), [4, 0, 3]);
         assert_eq!(shares(&nodes, 7, &x), [7, 0, 0]);
+    }
+
+    /// A node that has not renewed its lease in time (late under load, not yet marked lost)
+    /// is tried last but still tried, and keeps its pool share.
+    #[tokio::test]
+    async fn a_node_late_to_renew_is_tried_last_and_keeps_its_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, z) = (open(&dir), open(&dir));
+        off(|| a.acquire_lease(&spec("a", 1024, "x")))
+            .unwrap()
+            .unwrap();
+        let late = NodeSpec {
+            lease_ms: 1,
+            ..spec("z", 4096, "x")
+        };
+        off(|| z.acquire_lease(&late)).unwrap().unwrap();
+        group(&a);
+        a.insert_sandbox(&running("sb-a")).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // z is emptier and receives the create, yet a, whose lease is current, comes first.
+        let p = z
+            .placement("g", &PlacementSpec::default(), Tier::Xs, false, "z")
+            .await
+            .unwrap();
+        assert_eq!(names(p), ["a", "z"]);
+        let nodes = a.pool_nodes().await.unwrap();
+        let any = PlacementSpec::default();
+        assert_eq!(
+            [
+                nodes.share(3, &any, Some("a")),
+                nodes.share(3, &any, Some("z"))
+            ],
+            [2, 1]
+        );
     }
 }

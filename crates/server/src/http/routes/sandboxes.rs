@@ -83,7 +83,7 @@ pub(in crate::http) struct Doc;
             any other", body = ErrorBody),
         (status = 503, description = "Sandboxes cannot run yet, the store is unreachable, or \
             no node may take it: none has the group's `placement.node_labels`, or those that \
-            have are draining, lost or not renewing their lease (the message names each)",
+            have are draining or lost (the message names each)",
             body = ErrorBody)))]
 async fn create_sandbox(
     State(state): State<AppState>,
