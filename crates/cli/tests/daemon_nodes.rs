@@ -534,6 +534,126 @@ async fn pools_are_split_over_the_nodes_and_refilled_elsewhere_when_one_is_lost(
     eprintln!("pool test: {:?}", t0.elapsed());
 }
 
+/// Whether node `d` lists image `name`.
+async fn has_image(d: &Daemon, name: &str) -> bool {
+    let (_, l) = d.call(Some(ADMIN), "GET", "/v1/images", None).await;
+    l["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["name"] == name)
+}
+
+/// Images on the node that needs them (docs/FLEET.md): an image imported from a registry
+/// through node-a only; a group kept on node-b runs it there, node-b pulling it by the digest
+/// node-a's import gave (the marker file is in the sandbox), and lists it afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_image_pulls_it_by_digest() {
+    let t0 = Instant::now();
+    let pg = Postgres::start();
+    let a = node(&pg, "node-a", None).await;
+    let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    // node-b's image store is its own, with only the base image: the others' homes share
+    // the test home's.
+    let home = home_with_key(Some(&key));
+    let (shared, images) = (common::home().join("images"), home.path().join("images"));
+    std::fs::remove_file(&images).unwrap();
+    for dir in ["names", "sha256", "locks", "tmp"] {
+        std::fs::create_dir_all(images.join(dir)).unwrap();
+    }
+    std::fs::copy(shared.join("names/base"), images.join("names/base")).unwrap();
+    let base = std::fs::read_to_string(shared.join("names/base")).unwrap();
+    let hex = base.trim().trim_start_matches("sha256:");
+    std::os::unix::fs::symlink(
+        shared.join("sha256").join(hex),
+        images.join("sha256").join(hex),
+    )
+    .unwrap();
+    let lease = LEASE_S.to_string();
+    let args = [
+        "--store",
+        &pg.url,
+        "--node-name",
+        "node-b",
+        "--lease-s",
+        &lease,
+        "--node-label",
+        "node=node-b",
+    ];
+    let b = Daemon::start_at(home, Some(ADMIN), &args).await;
+    let reg = moat_testkit::Registry::start(None);
+    let marker = common::unique("marker").to_lowercase();
+    let (reference, digest) = common::push_image(&reg, "fleet", &marker).await;
+    let name = common::unique("img");
+    let (st, op) = a
+        .call(
+            Some(ADMIN),
+            "POST",
+            "/v1/images",
+            Some(json!({"source": reference, "name": name, "plain_http": true})),
+        )
+        .await;
+    assert_eq!(st, 202, "{op}");
+    let path = format!("/v1/operations/{}", op["id"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (_, op) = a.call(Some(ADMIN), "GET", &path, None).await;
+        if op["state"] != "running" {
+            assert_eq!(op["state"], "succeeded", "{op}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "import still running: {op}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !has_image(&b, &name).await,
+        "node-b has the image before any create"
+    );
+
+    a.put_group(
+        "pulled",
+        json!({"tier": "xs", "image": name,
+            "placement": {"node_labels": {"node": "node-b"}}}),
+        201,
+    )
+    .await;
+    sandboxes_ready(&b).await;
+    let sb = a.create(ADMIN, "pulled", json!({})).await;
+    assert_eq!(
+        (&sb["node"], &sb["image"]),
+        (&json!("node-b"), &json!(digest)),
+        "{sb}"
+    );
+    let (st, r) = a
+        .exec(
+            ADMIN,
+            "pulled",
+            sb["id"].as_str().unwrap(),
+            json!({"argv": ["cat", "/marker"]}),
+        )
+        .await;
+    assert_eq!((st, &r["stdout"]), (200, &json!(marker)), "{r}");
+    assert!(
+        has_image(&b, &name).await,
+        "node-b does not list the image it pulled"
+    );
+    // The test home's image store (node-a's) keeps nothing of this test.
+    let (st, e) = a
+        .call(
+            Some(ADMIN),
+            "DELETE",
+            &format!("{G}/pulled?force=true"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 204, "{e}");
+    let (st, e) = a
+        .call(Some(ADMIN), "DELETE", &format!("/v1/images/{name}"), None)
+        .await;
+    assert_eq!(st, 204, "{e}");
+    eprintln!("pull-by-digest test: {:?}", t0.elapsed());
+}
+
 /// A node whose `secrets.key` is not the one the store was sealed with refuses to start, and
 /// says which file and what to do.
 #[tokio::test]

@@ -4717,7 +4717,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Sandboxes cannot run yet, the store is unreachable, or no node may take it: none has the group's `placement.node_labels`, or those that have are draining or lost (the message names each) */
+            /** @description Sandboxes cannot run yet, the store is unreachable, or no node may take it: none has the group's `placement.node_labels`, or those that have are draining or lost (the message names each), or the node it was placed on could not pull its image by digest */
             503: {
                 headers: {
                     [name: string]: unknown;

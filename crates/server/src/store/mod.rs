@@ -39,7 +39,7 @@ use db::{params, Db, OptionalExtension};
 pub use identity::{KeyRow, NewIdentityEvent, WorkloadIds};
 pub use keys::{Authenticated, Principal};
 pub use nodes::{Lease, NodeSpec, Renewal};
-pub use placement::{Candidate, Placing, PoolNodes};
+pub use placement::{Candidate, ImportedImage, Placing, PoolNodes};
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
 pub use sealing::{create_next_sealing_key, sealing_key_id};

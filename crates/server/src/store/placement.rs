@@ -331,6 +331,47 @@ fn fits(
     Ok(fits)
 }
 
+/// Where an image a node lacks came from: the registry source of a succeeded import on some
+/// node, and the name and digest it gave.
+#[derive(Debug, Clone)]
+pub struct ImportedImage {
+    pub request: crate::api::ImportImage,
+    pub name: String,
+    pub digest: String,
+}
+
+impl Store {
+    /// The newest succeeded import (on any node) of the image named `r` or of digest `r`.
+    pub async fn imported_image(&self, r: &str) -> Result<Option<ImportedImage>> {
+        let r = r.to_string();
+        self.call(move |c| {
+            let rows = c.query_map(
+                "SELECT request, result FROM operations WHERE kind = 'image-import' \
+                 AND state = 'succeeded' AND result IS NOT NULL ORDER BY updated_at DESC",
+                [],
+                |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)),
+            )?;
+            for (request, result) in rows {
+                let (Ok(request), Ok(image)) = (
+                    serde_json::from_str::<crate::api::ImportImage>(&request),
+                    serde_json::from_str::<crate::api::Image>(&result),
+                ) else {
+                    continue;
+                };
+                if image.name == r || image.digest == r {
+                    return Ok(Some(ImportedImage {
+                        request,
+                        name: image.name,
+                        digest: image.digest,
+                    }));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+}
+
 /// The nodes that keep warm pools, by name: ready (not draining, not lost), and their labels.
 /// A lease renewed late does not count (only a loss, once another node marks it, does), so
 /// that a node slow to renew under load does not empty and refill its pools.

@@ -83,7 +83,8 @@ pub(in crate::http) struct Doc;
             any other", body = ErrorBody),
         (status = 503, description = "Sandboxes cannot run yet, the store is unreachable, or \
             no node may take it: none has the group's `placement.node_labels`, or those that \
-            have are draining or lost (the message names each)",
+            have are draining or lost (the message names each), or the node it was placed \
+            on could not pull its image by digest",
             body = ErrorBody)))]
 async fn create_sandbox(
     State(state): State<AppState>,
