@@ -341,14 +341,19 @@ pub struct ImportedImage {
 }
 
 impl Store {
-    /// The newest succeeded import (on any node) of the image named `r` or of digest `r`.
+    /// The newest succeeded import by another node of the image named `r` or of digest `r`.
+    /// This node's own imports are left out: an image it had and deleted stays deleted here.
     pub async fn imported_image(&self, r: &str) -> Result<Option<ImportedImage>> {
+        let Some(me) = self.fence.node() else {
+            return Ok(None);
+        };
         let r = r.to_string();
         self.call(move |c| {
             let rows = c.query_map(
                 "SELECT request, result FROM operations WHERE kind = 'image-import' \
-                 AND state = 'succeeded' AND result IS NOT NULL ORDER BY updated_at DESC",
-                [],
+                 AND state = 'succeeded' AND result IS NOT NULL AND node IS NOT NULL \
+                 AND node <> ?1 ORDER BY updated_at DESC",
+                [&me],
                 |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)),
             )?;
             for (request, result) in rows {
