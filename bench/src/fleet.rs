@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -20,22 +20,51 @@ use crate::forward::{ready, Postgres};
 const CONCURRENCY: usize = 4;
 
 /// `n` creates through the first of `nodes` nodes: creates per second, latency and where
-/// they ran.
+/// they ran. The nodes are stopped (their VMs destroyed) whatever happened.
 async fn run(moat: &Path, home: &Path, agent: &Path, nodes: usize, n: usize) -> Result<Value> {
     let (_pg, url) = Postgres::start()?;
     let mut fleet: Vec<Daemon> = Vec::new();
+    let mut started = Ok(());
     for i in 0..nodes {
         let name = format!("bench-{i}");
         let args = ["--store", &url, "--node-name", &name];
         let sealing = match fleet.first() {
-            Some(first) => {
-                Some(std::fs::read(first.home().join("secrets.key")).context("the sealing key")?)
-            }
+            Some(first) => match std::fs::read(first.home().join("secrets.key")) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    started = Err(anyhow::Error::new(e).context("the sealing key"));
+                    break;
+                }
+            },
             None => None,
         };
-        fleet.push(Daemon::start_sealed(moat, home, agent, &args, sealing.as_deref()).await?);
+        match Daemon::start_sealed(moat, home, agent, &args, sealing.as_deref()).await {
+            Ok(d) => fleet.push(d),
+            Err(e) => {
+                started = Err(e);
+                break;
+            }
+        }
     }
-    for d in &fleet {
+    let mut ids = Vec::new();
+    let result = match started {
+        Ok(()) => creates(&fleet, n, &mut ids).await,
+        Err(e) => Err(e),
+    };
+    // Each through the first node, forwarded to its own: a node destroys the VMs of a group
+    // deleted elsewhere only at its next lease renewal, later than it is stopped here.
+    for id in &ids {
+        let _ = fleet[0].delete("fleet", id).await;
+    }
+    for d in fleet {
+        d.stop(&["fleet"]).await?;
+    }
+    result
+}
+
+/// The creates; the id of each sandbox made goes into `ids`, also when a later one fails.
+async fn creates(fleet: &[Daemon], n: usize, ids: &mut Vec<String>) -> Result<Value> {
+    for d in fleet {
         ready(d).await?;
     }
     let first = &fleet[0];
@@ -65,7 +94,9 @@ async fn run(moat: &Path, home: &Path, agent: &Path, nodes: usize, n: usize) -> 
     let wall = t0.elapsed().as_secs_f64();
     let mut times = Vec::new();
     let mut per_node: BTreeMap<String, u64> = BTreeMap::new();
-    let mut ids = Vec::new();
+    for c in created.iter().flatten() {
+        ids.extend(c.1["id"].as_str().map(str::to_string));
+    }
     for c in created {
         // The daemons' homes go with them: their logs say what a 500 was.
         let (ms, sb) = c.map_err(|e| {
@@ -79,13 +110,6 @@ async fn run(moat: &Path, home: &Path, agent: &Path, nodes: usize, n: usize) -> 
         *per_node
             .entry(sb["node"].as_str().unwrap_or("?").to_string())
             .or_default() += 1;
-        ids.push(sb["id"].as_str().context("id")?.to_string());
-    }
-    for id in &ids {
-        first.delete("fleet", id).await?;
-    }
-    for d in fleet {
-        d.stop(&[]).await?;
     }
     Ok(json!({
         "creates_per_s": ((n as f64 / wall) * 100.0).round() / 100.0,
