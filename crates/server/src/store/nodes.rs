@@ -133,7 +133,8 @@ fn lost(node: &str) -> Error {
     ))
 }
 
-const NODE_COLUMNS: &str = "name, advertise_url, accelerator, labels, memory_mib, millicpus, \
+pub(super) const NODE_COLUMNS: &str =
+    "name, advertise_url, accelerator, labels, memory_mib, millicpus, \
     used_memory_mib, used_millicpus, sandboxes, state, epoch, lease_ms, lease_expires_ms, \
     acquired_ms, lost_ms, lost_reason, drain_progress, sealing_key_id, next_sealing_key_id, \
     shared_storage, (SELECT COUNT(*) FROM sandboxes WHERE sandboxes.node = nodes.name \
@@ -150,7 +151,7 @@ fn node_named(c: &Db, name: &str) -> Result<Option<Node>> {
     .transpose()
 }
 
-fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<Node>> {
+pub(super) fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<Node>> {
     let name: String = r.get(0)?;
     let labels: String = r.get(3)?;
     let state: String = r.get(9)?;
