@@ -224,6 +224,40 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Where a draining node `me` moves sandbox `sb` (a live migration, or the hand-over of a
+    /// suspended one): the best node placement ranks for a new sandbox of its group and tier
+    /// (the group's `placement.node_labels`, room counted in the store, spread or pack), other
+    /// than `me`, that `usable` accepts (the same accelerator; the shared storage). 503 saying
+    /// why when there is none, so a drain never moves a sandbox where its group may not run.
+    pub async fn destination(
+        &self,
+        sb: &crate::api::Sandbox,
+        me: &str,
+        usable: impl Fn(&Node) -> bool,
+    ) -> Result<Node> {
+        let group = self
+            .get_group(&sb.group)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no group {}", quote(&sb.group))))?;
+        let (ranked, _placing) = self
+            .placement(&group.name, &group.spec.placement, sb.tier, false, me)
+            .await?;
+        ranked
+            .into_iter()
+            .map(|c| c.node)
+            .find(|n| n.name != me && usable(n))
+            .ok_or_else(|| {
+                Error::Unavailable(format!(
+                    "no other node may take sandbox {} of group {}: none of those its \
+                     placement allows (ready, with its labels and room) can receive it here",
+                    sb.id,
+                    quote(&group.name)
+                ))
+            })
+    }
+}
+
 /// The nodes that may take the sandbox (see [`Store::placement`]), unranked.
 fn fits(
     c: &Db,
@@ -520,6 +554,39 @@ mod tests {
                 vms: 3
             }
         );
+    }
+
+    /// A drain moves a sandbox only where placement would put a new one of its group: never
+    /// the draining node itself, never a node without the group's labels.
+    #[tokio::test]
+    async fn a_drain_destination_honours_the_groups_placement() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (open(&dir), open(&dir), open(&dir));
+        for (s, sp) in [
+            (&a, spec("a", 2048, "x")),
+            (&b, spec("b", 4096, "y")),
+            (&c, spec("c", 1024, "x")),
+        ] {
+            off(|| s.acquire_lease(&sp)).unwrap().unwrap();
+        }
+        group(&a);
+        a.with_conn(|c| {
+            c.execute_batch(
+                "UPDATE sandbox_groups SET spec = \
+                 '{\"placement\": {\"node_labels\": {\"zone\": \"x\"}}}' WHERE name = 'g'",
+            )
+        })
+        .unwrap();
+        a.set_node_draining("a", true).await.unwrap().unwrap();
+        let sb = running("sb-1");
+        // b is the emptiest, but only a and c have zone=x, and a drains.
+        assert_eq!(a.destination(&sb, "a", |_| true).await.unwrap().name, "c");
+        let e = a
+            .destination(&sb, "a", |n| n.name != "c")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no other node may take sandbox sb-1"), "{e}");
     }
 
     #[tokio::test]

@@ -180,22 +180,6 @@ impl Store {
         })
         .await
     }
-
-    /// The nodes a suspended sandbox on shared storage may be handed to: ready, with the
-    /// shared directory, not this one.
-    pub async fn shared_storage_nodes(&self) -> Result<Vec<String>> {
-        let node = self.fence.node();
-        self.call(move |c| {
-            c.query_map(
-                "SELECT name FROM nodes WHERE state = 'ready' AND shared_storage = 1 \
-                 AND (CAST(?1 AS TEXT) IS NULL OR name <> ?1) ORDER BY name",
-                [&node],
-                |r| r.get(0),
-            )
-            .map_err(Into::into)
-        })
-        .await
-    }
 }
 
 #[cfg(test)]
@@ -321,16 +305,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, b, c) = fleet(&dir).await;
         // Neither a nor b said it has the shared directory yet.
-        assert!(c.shared_storage_nodes().await.unwrap().is_empty());
         assert!(!c.hand_over_sandbox("sb-s", "a").await.unwrap());
         a.set_shared_storage(true).await.unwrap();
         b.set_shared_storage(true).await.unwrap();
         c.set_shared_storage(true).await.unwrap();
         b.set_node_draining("b", true).await.unwrap();
-        assert_eq!(
-            c.shared_storage_nodes().await.unwrap(),
-            vec!["a".to_string()]
-        );
         assert_eq!(
             c.suspended_shared().await.unwrap(),
             vec!["sb-s".to_string()]
