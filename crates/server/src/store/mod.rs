@@ -594,6 +594,27 @@ mod tests {
         test_store(dir.path())
     }
 
+    /// Node `name` of a test fleet: its own holder, 4 GiB and 8 vCPUs, no labels, a
+    /// one-minute lease (tests change what they need: `NodeSpec { lease_ms: 1500, ..}`).
+    pub(super) fn node_spec(name: &str) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            holder: format!("home-{name}"),
+            advertise_url: format!("http://{name}:7070"),
+            accelerator: "tcg".into(),
+            labels: Default::default(),
+            memory_mib: 4096,
+            millicpus: 8000,
+            lease_ms: 60_000,
+        }
+    }
+
+    /// A test's blocking store calls, off the async executor thread (the PostgreSQL client
+    /// blocks).
+    pub(super) fn off<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| s.spawn(f).join().unwrap())
+    }
+
     #[test]
     fn migrating_twice_is_a_no_op() {
         let dir = tempfile::tempdir().unwrap();

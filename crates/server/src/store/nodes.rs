@@ -471,24 +471,15 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::open;
+    use crate::store::tests::{node_spec, off, open};
 
     fn spec(name: &str, holder: &str, lease_ms: i64) -> NodeSpec {
         NodeSpec {
-            name: name.into(),
             holder: holder.into(),
-            advertise_url: format!("http://{name}:7070"),
-            accelerator: "tcg".into(),
             labels: [("zone".to_string(), "a".to_string())].into(),
-            memory_mib: 4096,
-            millicpus: 8000,
             lease_ms,
+            ..node_spec(name)
         }
-    }
-
-    /// The blocking store calls of a test, off the async executor thread.
-    fn off<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| s.spawn(f).join().unwrap())
     }
 
     #[tokio::test]

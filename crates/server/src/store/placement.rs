@@ -470,23 +470,14 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::nodes::NodeSpec;
-    use crate::store::tests::open;
+    use crate::store::tests::{node_spec, off, open};
 
     fn spec(name: &str, memory_mib: u64, zone: &str) -> NodeSpec {
         NodeSpec {
-            name: name.into(),
-            holder: format!("home-{name}"),
-            advertise_url: format!("http://{name}:7070"),
-            accelerator: "tcg".into(),
             labels: [("zone".to_string(), zone.to_string())].into(),
             memory_mib,
-            millicpus: 8000,
-            lease_ms: 60_000,
+            ..node_spec(name)
         }
-    }
-
-    fn off<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| s.spawn(f).join().unwrap())
     }
 
     fn group(s: &Store) {
