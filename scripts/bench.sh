@@ -7,6 +7,8 @@
 # shells at once against one daemon and reports throughput, p50/p99, errors and losses;
 # `scripts/bench.sh forward [N]` runs two nodes on a throwaway PostgreSQL and times `exec true`
 # N times (default 20) on the sandbox's node and through the other (docs/FLEET.md).
+# `scripts/bench.sh fleet [N]` times N (default 12) xs creates, four at a time, through one
+# node of a fleet of one and of three, each on a throwaway PostgreSQL (docs/FLEET.md).
 # `scripts/bench.sh migrate` live-migrates an idle and a busy xs sandbox to a second QEMU on
 # this host and reports the pause (QEMU's downtime) and total time; `scripts/bench.sh drain
 # [N]` does it between two daemons (N drains back and forth, default 3) and reports the pause

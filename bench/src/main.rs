@@ -11,6 +11,7 @@
 mod daemon;
 mod density;
 mod drain;
+mod fleet;
 mod forward;
 mod load;
 mod migrate;
@@ -100,6 +101,17 @@ fn proc_usage(pid: u32) -> Result<(u64, u64)> {
     Ok((rss, ticks))
 }
 
+/// The count N of `moat-bench NAME [N]`: `default` without one, at least 1.
+fn count_arg(name: &str, default: usize, what: &str) -> Result<usize> {
+    match std::env::args().nth(2) {
+        None => Ok(default),
+        Some(a) => match a.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => bail!("{name} N: N is {what}, at least 1 (got {a:?})"),
+        },
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -120,48 +132,52 @@ async fn main() -> Result<()> {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(4);
-    if std::env::args().nth(1).as_deref() == Some("scale") {
-        let n = match std::env::args().nth(2) {
-            None => 200,
-            Some(a) => match a.parse::<usize>() {
-                Ok(n) if n >= 1 => n,
-                _ => bail!("scale N: N is a count of sandboxes, at least 1 (got {a:?})"),
-            },
-        };
-        let report = json!({
-            "machine": machine(&rt, Tier::Xs),
-            "scale": scale::measure(&moat, &home, &agent, n).await?,
-        });
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
-    if std::env::args().nth(1).as_deref() == Some("forward") {
-        let n = match std::env::args().nth(2) {
-            None => 20,
-            Some(a) => match a.parse::<usize>() {
-                Ok(n) if n >= 1 => n,
-                _ => bail!("forward N: N is a count of execs each way, at least 1 (got {a:?})"),
-            },
-        };
-        let report = json!({
-            "machine": machine(&rt, Tier::Xs),
-            "forward": forward::measure(&moat, &home, &agent, n).await?,
-        });
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
-    if std::env::args().nth(1).as_deref() == Some("drain") {
-        let n = match std::env::args().nth(2) {
-            None => 3,
-            Some(a) => match a.parse::<usize>() {
-                Ok(n) if n >= 1 => n,
-                _ => bail!("drain N: N is a count of drains, at least 1 (got {a:?})"),
-            },
-        };
-        let report = json!({
-            "machine": machine(&rt, Tier::Xs),
-            "drain": drain::measure(&moat, &home, &agent, n).await?,
-        });
+    // The daemon-level subcommands, `moat-bench NAME [N]`: each a report of its own.
+    let counted = match std::env::args().nth(1).as_deref() {
+        Some("scale") => Some((
+            "scale",
+            scale::measure(
+                &moat,
+                &home,
+                &agent,
+                count_arg("scale", 200, "a count of sandboxes")?,
+            )
+            .await?,
+        )),
+        Some("forward") => Some((
+            "forward",
+            forward::measure(
+                &moat,
+                &home,
+                &agent,
+                count_arg("forward", 20, "a count of execs each way")?,
+            )
+            .await?,
+        )),
+        Some("drain") => Some((
+            "drain",
+            drain::measure(
+                &moat,
+                &home,
+                &agent,
+                count_arg("drain", 3, "a count of drains")?,
+            )
+            .await?,
+        )),
+        Some("fleet") => Some((
+            "fleet",
+            fleet::measure(
+                &moat,
+                &home,
+                &agent,
+                count_arg("fleet", 12, "a count of creates per fleet")?,
+            )
+            .await?,
+        )),
+        _ => None,
+    };
+    if let Some((name, part)) = counted {
+        let report = json!({ "machine": machine(&rt, Tier::Xs), name: part });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }

@@ -125,6 +125,13 @@ pub struct ApplyArgs {
     /// Whether code in the guest may fetch tokens itself (true or false).
     #[arg(long, value_name = "BOOL")]
     identity_in_guest: Option<bool>,
+    /// Run the group's sandboxes only on nodes with this label (`moat serve --node-label`);
+    /// repeatable, every one must match (replaces the list).
+    #[arg(long = "node-label", value_name = "KEY=VALUE")]
+    node_labels: Vec<String>,
+    /// How a create picks among the nodes that fit: spread (least used) or pack (most used).
+    #[arg(long, value_name = "spread|pack")]
+    placement: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -728,15 +735,28 @@ fn apply_body(a: &ApplyArgs) -> Result<(String, Value)> {
             set(&["network_limits", field], json!(v));
         }
     }
-    if !a.labels.is_empty() {
+    for (flag, values, path) in [
+        ("--label", &a.labels, &["labels"][..]),
+        (
+            "--node-label",
+            &a.node_labels,
+            &["placement", "node_labels"][..],
+        ),
+    ] {
+        if values.is_empty() {
+            continue;
+        }
         let mut labels = Map::new();
-        for l in &a.labels {
+        for l in values {
             let (k, v) = l
                 .split_once('=')
-                .with_context(|| format!("invalid --label {l:?}: expected KEY=VALUE"))?;
+                .with_context(|| format!("invalid {flag} {l:?}: expected KEY=VALUE"))?;
             labels.insert(k.to_string(), json!(v));
         }
-        set(&["labels"], Value::Object(labels));
+        set(path, Value::Object(labels));
+    }
+    if let Some(v) = &a.placement {
+        set(&["placement", "strategy"], json!(v));
     }
     if let Some(v) = a.identity {
         set(&["identity", "enabled"], json!(v));
@@ -919,6 +939,14 @@ fn print_group(g: &Value) {
         }
     );
     println!("labels:     {}", labels(&sp["labels"]));
+    println!(
+        "placement:  {} on nodes with {}",
+        s(&sp["placement"]["strategy"]),
+        match labels(&sp["placement"]["node_labels"]).as_str() {
+            "-" => "any labels".to_string(),
+            l => l.to_string(),
+        }
+    );
     let id = &sp["identity"];
     if id["enabled"] == json!(true) {
         let auds: Vec<String> = id["audiences"]

@@ -40,12 +40,7 @@ async fn owner_process() {
     .await
     .expect("restore detached");
     sh(&sb, "echo kept > /root/adopt-file").await;
-    let out = sh(
-        &sb,
-        "(i=0; while true; do i=$((i+1)); echo $i > /run/counter; sleep 0.2; done) \
-         > /dev/null 2>&1 & echo $!",
-    )
-    .await;
+    let out = sh(&sb, &format!("{} echo $!", common::COUNTER)).await;
     counter_passes(&sb, 0).await;
     println!("READY {} {}", sb.qemu_pid(), text(&out.stdout));
     std::io::stdout().flush().unwrap();

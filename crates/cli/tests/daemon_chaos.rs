@@ -470,7 +470,7 @@ async fn the_daemon_survives_kill_9_at_random_points() {
             }
             Op::Suspend => {
                 let id = running(&mut rng, &d).await;
-                d.sh(C, &id, common::daemon::COUNTER).await;
+                d.sh(C, &id, common::COUNTER).await;
                 ("POST", format!("{G}/{C}/sandboxes/{id}/suspend"), None)
             }
             Op::Resume => {

@@ -254,7 +254,7 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
         stuck["failed"][0]["reason"]
             .as_str()
             .unwrap()
-            .contains("no other ready node"),
+            .contains("node node-b is draining"),
         "{stuck}"
     );
     assert_eq!(stuck["running_left"], 1, "{stuck}");
@@ -432,7 +432,7 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
         "hello from the host"
     );
     assert!(fetch(&a, &id, "evil.test", port).await.starts_with("ERR"));
-    // Node a ended its VM; node a takes no new sandboxes while draining.
+    // Node a ended its VM; a create through draining node a is placed on node b.
     let (st, e) = a
         .call(
             Some(ADMIN),
@@ -441,7 +441,7 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
             Some(json!({})),
         )
         .await;
-    assert_eq!(st, 503, "{e}");
+    assert_eq!((st, e["node"].as_str()), (201, Some("node-b")), "{e}");
     assert!(
         !a.home.path().join("run").join(&id).exists(),
         "node a kept the sandbox's run directory"

@@ -37,8 +37,15 @@ fn home_with_key(key: Option<&[u8]>) -> tempfile::TempDir {
 }
 
 async fn node(pg: &Postgres, name: &str, key: Option<&[u8]>) -> Daemon {
+    sized_node(pg, name, key, &[]).await
+}
+
+/// A node labelled `zone=test` and `node=<name>` (so a group can be kept on it), with the
+/// `extra` arguments of `moat serve`.
+async fn sized_node(pg: &Postgres, name: &str, key: Option<&[u8]>, extra: &[&str]) -> Daemon {
     let lease = LEASE_S.to_string();
-    let args = [
+    let label = format!("node={name}");
+    let mut args = vec![
         "--store",
         &pg.url,
         "--node-name",
@@ -47,7 +54,10 @@ async fn node(pg: &Postgres, name: &str, key: Option<&[u8]>) -> Daemon {
         &lease,
         "--node-label",
         "zone=test",
+        "--node-label",
+        &label,
     ];
+    args.extend_from_slice(extra);
     Daemon::start_at(home_with_key(key), Some(ADMIN), &args).await
 }
 
@@ -171,20 +181,40 @@ async fn three_nodes_share_keys_drain_and_lose_a_killed_or_stopped_node() {
     assert_eq!(st, 200, "{tok}");
     assert!(verifies_with(&jwks_a, tok["token"].as_str().unwrap()));
 
-    // Drain: node-b takes no new sandboxes (a clear 503), others may drain and list it.
+    // Drain: node-b takes no new sandboxes (a group only it may run gets a clear 503, and
+    // a create it receives itself with the forwarded header too), others may drain and list
+    // it.
     let (st, d) = a
         .call(Some(ADMIN), "POST", "/v1/nodes/node-b/drain", None)
         .await;
     assert_eq!((st, d["state"].as_str()), (200, Some("draining")), "{d}");
-    let (st, e) = b
+    a.put_group(
+        "on-b",
+        json!({"tier": "xs", "placement": {"node_labels": {"node": "node-b"}}}),
+        201,
+    )
+    .await;
+    let (st, e) = a
         .call(
             Some(ADMIN),
             "POST",
-            &format!("{G}/fleet/sandboxes"),
+            &format!("{G}/on-b/sandboxes"),
             Some(json!({})),
         )
         .await;
     assert_eq!(st, 503, "{e}");
+    assert!(msg(&e).contains("node node-b is draining"), "{e}");
+    let resp = b
+        .http
+        .post(format!("{}{G}/fleet/sandboxes", b.url()))
+        .bearer_auth(ADMIN)
+        .header("x-moat-forwarded-by", "node-a")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let e: Value = resp.json().await.unwrap();
     assert!(msg(&e).contains("node node-b is draining"), "{e}");
     let user = a.key("user", &["fleet"]).await;
     let (st, e) = a
@@ -204,7 +234,12 @@ async fn three_nodes_share_keys_drain_and_lose_a_killed_or_stopped_node() {
 
     // A force delete of a group through node-a ends its sandbox on node-c too: node-c
     // destroys a VM whose row is gone at its next renewal (every third of the lease).
-    a.put_group("gone", json!({"tier": "xs"}), 201).await;
+    a.put_group(
+        "gone",
+        json!({"tier": "xs", "placement": {"node_labels": {"node": "node-c"}}}),
+        201,
+    )
+    .await;
     let doomed = c.create(ADMIN, "gone", json!({})).await;
     assert_eq!(doomed["node"], "node-c", "{doomed}");
     let c_home = c.home.path().display().to_string();
@@ -303,6 +338,322 @@ async fn three_nodes_share_keys_drain_and_lose_a_killed_or_stopped_node() {
     eprintln!("whole fleet test: {:?}", t0.elapsed());
 }
 
+/// Placement (docs/FLEET.md, "Placement"): three nodes of 1024, 1536 and 512 MiB of tier
+/// memory (2, 3 and 1 xs sandboxes). Creates through one node spread by the share of memory
+/// in use; `pack` fills the most used node that still has room; `node_labels` keep a group
+/// on the nodes that have them (set with the CLI); a group that no node may take is told why
+/// (429 when its nodes are full, 503 when none has its labels) and leaves no row behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_are_placed_by_capacity_strategy_and_labels() {
+    let t0 = Instant::now();
+    let pg = Postgres::start();
+    let a = sized_node(&pg, "node-a", None, &["--max-memory-mib", "1024"]).await;
+    let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    let b = sized_node(&pg, "node-b", Some(&key), &["--max-memory-mib", "1536"]).await;
+    let c = sized_node(&pg, "node-c", Some(&key), &["--max-memory-mib", "512"]).await;
+    for d in [&a, &b, &c] {
+        sandboxes_ready(d).await;
+    }
+    let node_of = |sb: &Value| sb["node"].as_str().unwrap().to_string();
+
+    // Spread, all through node-a: node-a itself while all are empty (no hop), then the empty
+    // node-b and node-c; the share decides, not the count: node-c is full with one.
+    a.put_group("spread", json!({"tier": "xs"}), 201).await;
+    let mut placed = Vec::new();
+    for _ in 0..3 {
+        placed.push(node_of(&a.create(ADMIN, "spread", json!({})).await));
+    }
+    assert_eq!(placed, ["node-a", "node-b", "node-c"]);
+
+    // Pack, through node-c (full): node-a holds half of its memory, node-b a third, so pack
+    // takes node-a where spread would take node-b.
+    a.put_group(
+        "packed",
+        json!({"tier": "xs", "placement": {"strategy": "pack"}}),
+        201,
+    )
+    .await;
+    let sb = c.create(ADMIN, "packed", json!({})).await;
+    assert_eq!(node_of(&sb), "node-a", "{sb}");
+
+    // Labels, set with the CLI: a group kept on node-b, created through node-c.
+    let o = a.cli(
+        ADMIN,
+        &[
+            "group",
+            "apply",
+            "--name",
+            "on-b",
+            "--tier",
+            "xs",
+            "--node-label",
+            "node=node-b",
+            "--placement",
+            "pack",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let g: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        g["spec"]["placement"],
+        json!({"node_labels": {"node": "node-b"}, "strategy": "pack"}),
+        "{g}"
+    );
+    let sb = c.create(ADMIN, "on-b", json!({})).await;
+    assert_eq!(node_of(&sb), "node-b", "{sb}");
+    // Its sandbox is served through any node, as every other.
+    let (st, e) = c
+        .exec(
+            ADMIN,
+            "on-b",
+            sb["id"].as_str().unwrap(),
+            json!({"command": "true"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{e}");
+
+    // Full where the group may run: 429 naming the node and its room, through any node.
+    a.put_group(
+        "on-a",
+        json!({"tier": "xs", "placement": {"node_labels": {"node": "node-a"}}}),
+        201,
+    )
+    .await;
+    for d in [&b, &a] {
+        let (st, e) = d
+            .call(
+                Some(ADMIN),
+                "POST",
+                &format!("{G}/on-a/sandboxes"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(st, 429, "{e}");
+        assert!(msg(&e).contains("node-a"), "{e}");
+    }
+    // No node with the labels: 503 naming them.
+    a.put_group(
+        "nowhere",
+        json!({"tier": "xs", "placement": {"node_labels": {"zone": "mars"}}}),
+        201,
+    )
+    .await;
+    let (st, e) = b
+        .call(
+            Some(ADMIN),
+            "POST",
+            &format!("{G}/nowhere/sandboxes"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 503, "{e}");
+    assert!(msg(&e).contains("zone=mars"), "{e}");
+    // A bad constraint is refused when the group is written.
+    let (st, e) = a
+        .call(
+            Some(ADMIN),
+            "PUT",
+            &format!("{G}/bad"),
+            Some(json!({"placement": {"strategy": "random"}})),
+        )
+        .await;
+    assert_eq!(st, 400, "{e}");
+
+    // The refusals left nothing: five sandboxes, as placed.
+    let mut all = Vec::new();
+    for g in ["spread", "packed", "on-b", "on-a"] {
+        let (_, l) = b
+            .call(Some(ADMIN), "GET", &format!("{G}/{g}/sandboxes"), None)
+            .await;
+        all.extend(l["sandboxes"].as_array().unwrap().iter().map(node_of));
+    }
+    all.sort();
+    assert_eq!(all, ["node-a", "node-a", "node-b", "node-b", "node-c"]);
+    eprintln!("placement test: {:?}", t0.elapsed());
+}
+
+/// Ready VMs of `group`'s pool on node `d` (the group's status, as that node answers it).
+async fn pool_ready(d: &Daemon, group: &str) -> u64 {
+    let (st, g) = d
+        .call(Some(ADMIN), "GET", &format!("{G}/{group}"), None)
+        .await;
+    assert_eq!(st, 200, "{g}");
+    g["status"]["pool_ready"].as_u64().unwrap()
+}
+
+/// Waits (bounded) until the pools of `group` on `nodes` hold `want`.
+async fn until_pools(nodes: &[&Daemon], group: &str, want: &[u64], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut have = Vec::new();
+        for d in nodes {
+            have.push(pool_ready(d, group).await);
+        }
+        if have == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pools {have:?}, never {want:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Warm pools per node (docs/FLEET.md, "Placement"): a pool of 2 over three nodes is one VM
+/// on each of the first two; a create through the third takes a pool VM on another node
+/// (a hand-over there); when a node is lost, its share moves to the node that had none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_are_split_over_the_nodes_and_refilled_elsewhere_when_one_is_lost() {
+    let t0 = Instant::now();
+    let pg = Postgres::start();
+    let a = node(&pg, "node-a", None).await;
+    let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    let mut b = node(&pg, "node-b", Some(&key)).await;
+    let c = node(&pg, "node-c", Some(&key)).await;
+    for d in [&a, &b, &c] {
+        sandboxes_ready(d).await;
+    }
+    a.put_group("warm", json!({"tier": "xs", "pool": {"size": 2}}), 201)
+        .await;
+    let within = Duration::from_secs(120);
+    until_pools(&[&a, &b, &c], "warm", &[1, 1, 0], within).await;
+
+    // Through node-c, which has no pool VM: placed on node-a, whose pool VM it takes (the
+    // two with one tie, and the name decides), and node-a refills.
+    let sb = c.create(ADMIN, "warm", json!({})).await;
+    assert_eq!(sb["node"], "node-a", "{sb}");
+    assert_eq!(
+        a.metric("moat_pool_hits_total{group=\"warm\"}").await,
+        Some(1.0)
+    );
+    until_pools(&[&a, &b, &c], "warm", &[1, 1, 0], within).await;
+
+    // node-b is lost: node-c's share becomes one, and it fills it.
+    b.kill9();
+    until_pools(&[&a, &c], "warm", &[1, 1], Duration::from_secs(6 * LEASE_S)).await;
+    a.delete("warm", sb["id"].as_str().unwrap()).await;
+    eprintln!("pool test: {:?}", t0.elapsed());
+}
+
+/// Whether node `d` lists image `name`.
+async fn has_image(d: &Daemon, name: &str) -> bool {
+    let (_, l) = d.call(Some(ADMIN), "GET", "/v1/images", None).await;
+    l["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["name"] == name)
+}
+
+/// Images on the node that needs them (docs/FLEET.md): an image imported from a registry
+/// through node-a only; a group kept on node-b runs it there, node-b pulling it by the digest
+/// node-a's import gave (the marker file is in the sandbox), and lists it afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_image_pulls_it_by_digest() {
+    let t0 = Instant::now();
+    let pg = Postgres::start();
+    let a = node(&pg, "node-a", None).await;
+    let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    // node-b's image store is its own, with only the base image: the others' homes share
+    // the test home's.
+    let home = home_with_key(Some(&key));
+    let (shared, images) = (common::home().join("images"), home.path().join("images"));
+    std::fs::remove_file(&images).unwrap();
+    for dir in ["names", "sha256", "locks", "tmp"] {
+        std::fs::create_dir_all(images.join(dir)).unwrap();
+    }
+    std::fs::copy(shared.join("names/base"), images.join("names/base")).unwrap();
+    let base = std::fs::read_to_string(shared.join("names/base")).unwrap();
+    let hex = base.trim().trim_start_matches("sha256:");
+    std::os::unix::fs::symlink(
+        shared.join("sha256").join(hex),
+        images.join("sha256").join(hex),
+    )
+    .unwrap();
+    let lease = LEASE_S.to_string();
+    let args = [
+        "--store",
+        &pg.url,
+        "--node-name",
+        "node-b",
+        "--lease-s",
+        &lease,
+        "--node-label",
+        "node=node-b",
+    ];
+    let b = Daemon::start_at(home, Some(ADMIN), &args).await;
+    let reg = moat_testkit::Registry::start(None);
+    let marker = common::unique("marker").to_lowercase();
+    let (reference, digest) = common::push_image(&reg, "fleet", &marker).await;
+    let name = common::unique("img");
+    let (st, op) = a
+        .call(
+            Some(ADMIN),
+            "POST",
+            "/v1/images",
+            Some(json!({"source": reference, "name": name, "plain_http": true})),
+        )
+        .await;
+    assert_eq!(st, 202, "{op}");
+    let path = format!("/v1/operations/{}", op["id"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (_, op) = a.call(Some(ADMIN), "GET", &path, None).await;
+        if op["state"] != "running" {
+            assert_eq!(op["state"], "succeeded", "{op}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "import still running: {op}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !has_image(&b, &name).await,
+        "node-b has the image before any create"
+    );
+
+    a.put_group(
+        "pulled",
+        json!({"tier": "xs", "image": name,
+            "placement": {"node_labels": {"node": "node-b"}}}),
+        201,
+    )
+    .await;
+    sandboxes_ready(&b).await;
+    let sb = a.create(ADMIN, "pulled", json!({})).await;
+    assert_eq!(
+        (&sb["node"], &sb["image"]),
+        (&json!("node-b"), &json!(digest)),
+        "{sb}"
+    );
+    let (st, r) = a
+        .exec(
+            ADMIN,
+            "pulled",
+            sb["id"].as_str().unwrap(),
+            json!({"argv": ["cat", "/marker"]}),
+        )
+        .await;
+    assert_eq!((st, &r["stdout"]), (200, &json!(marker)), "{r}");
+    assert!(
+        has_image(&b, &name).await,
+        "node-b does not list the image it pulled"
+    );
+    // The test home's image store (node-a's) keeps nothing of this test.
+    let (st, e) = a
+        .call(
+            Some(ADMIN),
+            "DELETE",
+            &format!("{G}/pulled?force=true"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 204, "{e}");
+    let (st, e) = a
+        .call(Some(ADMIN), "DELETE", &format!("/v1/images/{name}"), None)
+        .await;
+    assert_eq!(st, 204, "{e}");
+    eprintln!("pull-by-digest test: {:?}", t0.elapsed());
+}
+
 /// A node whose `secrets.key` is not the one the store was sealed with refuses to start, and
 /// says which file and what to do.
 #[tokio::test]
@@ -397,9 +748,11 @@ async fn any_node_serves_a_sandbox_of_another_and_says_when_it_cannot() {
     let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
     let mut b = node(&pg, "node-b", Some(&key)).await;
     let mut c = node(&pg, "node-c", Some(&key)).await;
+    // Packed: the sandboxes created through node-c stay there while it has room.
     a.put_group(
         "fleet",
-        json!({"tier": "xs", "identity": {"enabled": true, "audiences": ["sts.amazonaws.com"]}}),
+        json!({"tier": "xs", "identity": {"enabled": true, "audiences": ["sts.amazonaws.com"]},
+            "placement": {"strategy": "pack"}}),
         201,
     )
     .await;

@@ -7,7 +7,8 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::daemon::{msg, validate, Daemon, ADMIN, COUNTER, G};
+use common::daemon::{msg, validate, Daemon, ADMIN, G};
+use common::COUNTER;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 

@@ -5,7 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::daemon::{msg, Daemon, ADMIN, COUNTER, G};
+use common::daemon::{msg, Daemon, ADMIN, G};
+use common::COUNTER;
 use serde_json::json;
 
 /// The numbered suspend directories of `id`, and whether each still has its memory image.

@@ -313,12 +313,7 @@ async fn snapshot_restore_and_fork() {
     let mut sb = sandbox(&rt).await;
     // A running process with state in memory, and a file on disk.
     sh(&sb, "echo kept > /root/file1").await;
-    sh(
-        &sb,
-        "(i=0; while true; do i=$((i+1)); echo $i > /run/counter; sleep 0.2; done) \
-         > /dev/null 2>&1 &",
-    )
-    .await;
+    sh(&sb, common::COUNTER).await;
     let dir = tempfile::tempdir_in(common::home()).unwrap();
     let snap = dir.path().join("snap");
     let meta = sb.snapshot(&rt, &snap).await.unwrap();

@@ -49,13 +49,9 @@ async fn processes_and_files_survive_three_suspend_resume_cycles() {
 
     sh(&sb, "echo 0 > /root/file0").await;
     let bg = text(
-        &sh(
-            &sb,
-            "(i=0; while true; do i=$((i+1)); echo $i > /run/counter; sleep 0.2; done) \
-             > /dev/null 2>&1 & echo $!",
-        )
-        .await
-        .stdout,
+        &sh(&sb, &format!("{} echo $!", common::COUNTER))
+            .await
+            .stdout,
     );
     counter_passes(&sb, 0).await;
     // 4 MiB of random bytes in guest memory (tmpfs): pages the template does not have.

@@ -180,6 +180,60 @@ async fn run_import(
     ops.lock().remove(&id);
 }
 
+/// Image `r` (a name or a digest) on this node, pulled by digest when it is not here but was
+/// imported from a registry on a node of the fleet: the import's reference pinned to the
+/// digest it gave, so every node runs the same image. `None`: no such import (or one from a
+/// file on another node's host, which this node cannot read).
+pub(crate) async fn pull_imported(
+    store: &Store,
+    images: &ImageStore,
+    r: &str,
+) -> Result<Option<moat_image::Image>> {
+    let Some(found) = store.imported_image(r).await? else {
+        return Ok(None);
+    };
+    let Ok(Source::Registry(mut reference)) = Source::parse(&found.request.source) else {
+        return Ok(None);
+    };
+    reference.digest = Some(found.digest.clone());
+    let opts = ImportOptions {
+        plain_http: found.request.plain_http,
+        docker_config: None,
+    };
+    let started = std::time::Instant::now();
+    let img = images
+        .import(
+            &Source::Registry(reference.clone()),
+            Some(&found.name),
+            &opts,
+            &moat_image::NoProgress,
+        )
+        .await
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "image {} is not on this node, and pulling it by digest from {}/{}@{} failed: \
+                 {e}",
+                api::quote(r),
+                reference.registry,
+                reference.repository,
+                found.digest
+            ))
+        })?;
+    if img.digest != found.digest {
+        return Err(Error::Internal(format!(
+            "pulling image {} by digest {} gave {}",
+            found.name, found.digest, img.digest
+        )));
+    }
+    tracing::info!(
+        name = found.name,
+        digest = img.digest,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "image pulled by digest for a create placed here"
+    );
+    Ok(Some(img))
+}
+
 /// The image named exactly `name` (not a digest prefix).
 pub(crate) async fn named(images: &ImageStore, name: &str) -> Result<moat_image::Image> {
     check_name(name)?;

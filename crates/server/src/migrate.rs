@@ -722,24 +722,6 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
     }
 }
 
-/// Where a draining node sends a sandbox: the ready node (not this one, same accelerator)
-/// whose sandboxes hold the smallest share of its memory. One small function so that
-/// placement can replace it.
-pub fn pick_destination<'a>(nodes: &'a [Node], me: &Node) -> Option<&'a Node> {
-    nodes
-        .iter()
-        .filter(|n| {
-            n.state == NodeState::Ready && n.name != me.name && n.accelerator == me.accelerator
-        })
-        .min_by(|a, b| {
-            let share = |n: &Node| n.used.memory_mib as f64 / n.capacity.memory_mib.max(1) as f64;
-            share(a)
-                .partial_cmp(&share(b))
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then_with(|| a.name.cmp(&b.name))
-        })
-}
-
 /// While this node is draining, moves its running sandboxes to other ready nodes one at a
 /// time, recording the progress on its row (`drain` in `GET /v1/nodes/{node}`), which is
 /// also where the next round reads it from (an undrain clears it). A sandbox that could not
@@ -799,12 +781,17 @@ async fn drain_step(state: &AppState) -> Result<()> {
     let Some(id) = todo else {
         return Ok(());
     };
-    let dest = pick_destination(&nodes, mine).cloned();
+    let dest = match store.get_sandbox(&id).await? {
+        Some(sb) => {
+            store
+                .destination(&sb, &me, |n| n.accelerator == mine.accelerator)
+                .await
+        }
+        None => return Ok(()),
+    };
     let outcome = match dest {
-        None => Err(Error::Unavailable(
-            "no other ready node (with the same accelerator) to move it to".into(),
-        )),
-        Some(dest) if !is_running => crate::transfer::send_suspended(state, &id, &dest)
+        Err(e) => Err(e),
+        Ok(dest) if !is_running => crate::transfer::send_suspended(state, &id, &dest)
             .await
             .map(|s| Moved {
                 node: s.node,
@@ -816,7 +803,7 @@ async fn drain_step(state: &AppState) -> Result<()> {
                 disk_reason: "a suspended sandbox's files, standalone".into(),
                 disk_bytes: s.bytes,
             }),
-        Some(dest) => {
+        Ok(dest) => {
             let mut last = Err(Error::Internal("not tried".into()));
             for attempt in 1..=ATTEMPTS {
                 last = move_sandbox(state, &id, &dest).await;
@@ -934,30 +921,5 @@ mod tests {
             let e = check(bad, b"").unwrap_err();
             assert!(e.contains("credential"), "{bad}: {e}");
         }
-    }
-
-    fn node(name: &str, state: NodeState, used: u64) -> Node {
-        serde_json::from_value(serde_json::json!({
-            "name": name, "advertise_url": "http://x", "accelerator": "tcg", "labels": {},
-            "state": state, "epoch": 1, "lease_s": 10, "lease_expires_at": "",
-            "acquired_at": "", "capacity": {"memory_mib": 1000, "vcpus": 2.0},
-            "used": {"memory_mib": used, "vcpus": 0.0, "sandboxes": 0},
-            "shared_storage": false, "suspended_local": 0
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn a_drain_picks_the_least_used_other_ready_node() {
-        let me = node("a", NodeState::Draining, 0);
-        let nodes = vec![
-            me.clone(),
-            node("b", NodeState::Ready, 600),
-            node("c", NodeState::Ready, 300),
-            node("d", NodeState::Lost, 0),
-            node("e", NodeState::Draining, 0),
-        ];
-        assert_eq!(pick_destination(&nodes, &me).unwrap().name, "c");
-        assert!(pick_destination(&nodes[3..], &me).is_none());
     }
 }

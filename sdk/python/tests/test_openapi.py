@@ -44,6 +44,7 @@ RESPONSES = {
 SPECS = {
     "GroupSpec": moat.GroupSpec,
     "PoolSpec": moat.PoolSpec,
+    "PlacementSpec": moat.PlacementSpec,
     "LifecycleSpec": moat.LifecycleSpec,
     "EgressSpec": moat.EgressSpec,
     "EgressRule": moat.EgressRule,
@@ -58,6 +59,7 @@ ENUMS = {
     "SandboxesState": moat.SandboxesState,
     "SetupStep": moat.SetupStep,
     "NodeState": moat.NodeState,
+    "PlacementStrategy": moat.PlacementStrategy,
 }
 
 # Request fields that a method takes under another name.

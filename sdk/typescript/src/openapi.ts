@@ -1413,6 +1413,13 @@ export interface components {
             network_limits: components["schemas"]["LimitsSpec"];
             /**
              * @default {
+             *       "node_labels": {},
+             *       "strategy": "spread"
+             *     }
+             */
+            placement: components["schemas"]["PlacementSpec"];
+            /**
+             * @default {
              *       "size": 0
              *     }
              */
@@ -1874,6 +1881,24 @@ export interface components {
         };
         /** @enum {string} */
         OperationState: "running" | "succeeded" | "failed";
+        /**
+         * @description Which nodes of a fleet run the group's sandboxes and warm pool (docs/FLEET.md,
+         *     "Placement").
+         */
+        PlacementSpec: {
+            /** @description Kubernetes-style labels, at most 64: keys [prefix/]name, the prefix a lowercase DNS subdomain of at most 253 characters, the name 1–63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit; values the same as a name, or empty */
+            node_labels?: {
+                [key: string]: string;
+            };
+            /** @default spread */
+            strategy: components["schemas"]["PlacementStrategy"];
+        };
+        /**
+         * @description How a create picks among the nodes that fit: `spread` the one with the smallest share of
+         *     its memory in use, `pack` the one with the largest share that still has room.
+         * @enum {string}
+         */
+        PlacementStrategy: "spread" | "pack";
         /** @description A group's policy, as stored and as written by hand. */
         Policy: {
             commands?: components["schemas"]["Commands"];
@@ -4730,7 +4755,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description The host has no room for it (memory or vCPUs); the message says what it needs and what is free */
+            /** @description No node the group may run on has room for it (memory or vCPUs); the message says what it needs and what is free */
             429: {
                 headers: {
                     [name: string]: unknown;
@@ -4747,7 +4772,16 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Sandboxes cannot run yet, the store is unreachable, this node is draining (it takes no new sandboxes), or `from_snapshot` names a snapshot whose files this node cannot read (on another node's disk, or on shared storage this node lacks) */
+            /** @description The node it was placed on could not be reached, nor any other */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Sandboxes cannot run yet, the store is unreachable, or no node may take it: none has the group's `placement.node_labels`, or those that have are draining or lost (the message names each), or the node it was placed on could not pull its image by digest, or `from_snapshot` names a snapshot whose files this node cannot read (on another node's disk, or on shared storage this node lacks) */
             503: {
                 headers: {
                     [name: string]: unknown;

@@ -25,6 +25,7 @@ export type FileKind = Schemas["EntryKind"];
 /** A group's spec as given to `groups.apply`: every field optional (`Group.spec` has them all). */
 export type GroupSpec = DeepPartial<Schemas["GroupSpec"]>;
 export type PoolSpec = DeepPartial<Schemas["PoolSpec"]>;
+export type PlacementSpec = DeepPartial<Schemas["PlacementSpec"]>;
 export type LifecycleSpec = DeepPartial<Schemas["LifecycleSpec"]>;
 export type EgressSpec = DeepPartial<Schemas["EgressSpec"]>;
 export type EgressRule = DeepPartial<Schemas["EgressRule"]>;

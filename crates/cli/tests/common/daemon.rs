@@ -18,12 +18,6 @@ pub const ADMIN: &str = "moat_AdminAdminAdminAdminAdminAdminAdminAdmin123";
 /// The sandbox groups route.
 pub const G: &str = "/v1/sandbox-groups";
 
-/// A background process that counts in `/run/counter` five times a second (see
-/// [`Daemon::counter`]): it shows that a sandbox's processes live on.
-pub const COUNTER: &str =
-    "(i=0; while true; do i=$((i+1)); echo $i > /run/counter; sleep 0.2; done) \
-     > /dev/null 2>&1 &";
-
 /// The `moat` binary with none of the client or daemon settings of the environment.
 pub fn moat() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_moat"));
@@ -561,7 +555,7 @@ impl Daemon {
         assert_eq!(st, 204, "{v}");
     }
 
-    /// The value the sandbox's [`COUNTER`] last wrote.
+    /// The value the sandbox's [`super::COUNTER`] last wrote.
     pub async fn counter(&self, group: &str, id: &str) -> u64 {
         self.sh(group, id, "cat /run/counter")
             .await
@@ -569,7 +563,7 @@ impl Daemon {
             .expect("counter")
     }
 
-    /// The sandbox's [`COUNTER`] is alive: it moves past `after`.
+    /// The sandbox's [`super::COUNTER`] is alive: it moves past `after`.
     pub async fn counter_moves(&self, group: &str, id: &str, after: u64) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.counter(group, id).await <= after {

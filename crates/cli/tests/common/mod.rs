@@ -163,6 +163,15 @@ pub async fn sh(sb: &Sandbox, script: &str) -> Output {
         .expect("exec")
 }
 
+/// A background process that counts in `/run/counter` five times a second (see
+/// [`counter`] and `Daemon::counter`): it shows that a sandbox's processes live on.
+///
+/// Each value is written beside the file and renamed over it: `echo $i > /run/counter` alone
+/// truncates first, and a suspend or snapshot taken between the truncation and the write
+/// froze an empty file that the first read after the resume found (`counter` then failed).
+pub const COUNTER: &str = "(i=0; while true; do i=$((i+1)); echo $i > /run/counter.new; \
+     mv /run/counter.new /run/counter; sleep 0.2; done) > /dev/null 2>&1 &";
+
 /// The value a test's background counter process last wrote to `/run/counter`.
 pub async fn counter(sb: &Sandbox) -> u64 {
     String::from_utf8_lossy(&sh(sb, "cat /run/counter").await.stdout)

@@ -45,6 +45,7 @@ pub struct GroupSpec {
     #[schema(schema_with = super::labels_schema)]
     pub labels: BTreeMap<String, String>,
     pub identity: IdentitySpec,
+    pub placement: PlacementSpec,
 }
 
 impl Default for GroupSpec {
@@ -58,8 +59,31 @@ impl Default for GroupSpec {
             network_limits: LimitsSpec::default(),
             labels: BTreeMap::new(),
             identity: IdentitySpec::default(),
+            placement: PlacementSpec::default(),
         }
     }
+}
+
+/// Which nodes of a fleet run the group's sandboxes and warm pool (docs/FLEET.md,
+/// "Placement").
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementSpec {
+    /// Only nodes with every one of these labels (`moat serve --node-label`) run the group's
+    /// sandboxes; empty: any node.
+    #[schema(schema_with = super::labels_schema)]
+    pub node_labels: BTreeMap<String, String>,
+    pub strategy: PlacementStrategy,
+}
+
+/// How a create picks among the nodes that fit: `spread` the one with the smallest share of
+/// its memory in use, `pack` the one with the largest share that still has room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementStrategy {
+    #[default]
+    Spread,
+    Pack,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
@@ -146,6 +170,8 @@ impl GroupSpec {
         validate_network_limits(&self.network_limits)?;
         validate_labels(&self.labels)?;
         self.identity.validate()?;
+        validate_labels(&self.placement.node_labels)
+            .map_err(|e| Error::BadRequest(format!("invalid placement.node_labels: {e}")))?;
         Ok(())
     }
 }
@@ -325,5 +351,33 @@ mod tests {
             ..Default::default()
         };
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn placement_defaults_to_spread_on_any_node_and_checks_its_labels() {
+        let s: GroupSpec = serde_json::from_str("{}").unwrap();
+        assert_eq!(s.placement.strategy, PlacementStrategy::Spread);
+        assert!(s.placement.node_labels.is_empty());
+        let s: GroupSpec = serde_json::from_str(
+            r#"{"placement": {"node_labels": {"zone": "x"}, "strategy": "pack"}}"#,
+        )
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.placement.strategy, PlacementStrategy::Pack);
+        let e = serde_json::from_str::<GroupSpec>(r#"{"placement": {"strategy": "random"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`spread`") && e.contains("`pack`"), "{e}");
+        let e = serde_json::from_str::<GroupSpec>(r#"{"placement": {"labels": {}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `labels`"), "{e}");
+        let s: GroupSpec =
+            serde_json::from_str(r#"{"placement": {"node_labels": {"zone": "a b"}}}"#).unwrap();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("invalid placement.node_labels") && e.contains("zone"),
+            "{e}"
+        );
     }
 }

@@ -97,18 +97,18 @@ impl Forwarder {
     }
 
     /// Sends `req` to `owner` and gives back its answer, streaming; an upgrade is spliced.
-    async fn send(
+    /// `what` starts the errors: "sandbox sb-… runs on" (then "node c (URL), which …").
+    pub(crate) async fn send(
         &self,
         store: &Store,
         owner: &Node,
         me: &str,
-        sandbox: &str,
+        what: &str,
         mut req: Request,
     ) -> Result<Response> {
         let unreachable = |why: String| {
             Error::BadGateway(format!(
-                "sandbox {sandbox} runs on node {} ({}), which could not be reached from node \
-                 {me}: {why}",
+                "{what} node {} ({}), which could not be reached from node {me}: {why}",
                 api::quote(&owner.name),
                 owner.advertise_url
             ))
@@ -141,8 +141,8 @@ impl Forwarder {
             r = sent => r.map_err(|e| unreachable(chain(&e)))?,
             why = declared_lost(store.clone(), owner.clone()) => {
                 return Err(Error::Unavailable(format!(
-                    "sandbox {sandbox} runs on node {} ({}), which did not answer and was \
-                     declared lost while the request waited{why}",
+                    "{what} node {} ({}), which did not answer and was declared lost while \
+                     the request waited{why}",
                     api::quote(&owner.name),
                     owner.advertise_url
                 )))
@@ -487,7 +487,13 @@ pub(crate) async fn forward(State(state): State<AppState>, req: Request, next: N
         Ok(None) => return next.run(req).await,
         Ok(Some((sandbox, node))) => match state
             .forwarder
-            .send(&state.store, &node, &me, &sandbox, req)
+            .send(
+                &state.store,
+                &node,
+                &me,
+                &format!("sandbox {sandbox} runs on"),
+                req,
+            )
             .await
         {
             Ok(resp) => return resp,

@@ -26,6 +26,7 @@ use crate::error::Error;
 pub mod access;
 pub mod extract;
 pub mod forward;
+mod place;
 mod routes;
 pub mod state;
 

@@ -75,8 +75,13 @@ fn load_or_create(path: &std::path::Path, group: &str) -> Result<CaSpec> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let ca = CaSpec::generate(group).map_err(|e| Error::Internal(e.to_string()))?;
-    let tmp = dir.join(format!(".{group}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+    // A name of this caller's own: callers racing in one daemon (the first creates of a new
+    // group, at once) must not write or remove one another's file.
+    let tmp = dir.join(format!(
+        ".{group}.{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -97,4 +102,27 @@ fn load_or_create(path: &std::path::Path, group: &str) -> Result<CaSpec> {
     let _ = std::fs::remove_file(&tmp);
     written.map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     read(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::load_or_create;
+
+    #[test]
+    fn callers_racing_in_one_process_all_get_the_one_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("egress-ca").join("g.json");
+        let cas: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| load_or_create(&path, "g").unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(cas.iter().all(|c| c.cert_pem == cas[0].cert_pem));
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("egress-ca"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["g.json"], "temporary files left");
+    }
 }

@@ -201,21 +201,23 @@ impl Manager {
                 _ => {}
             }
         }
-        // Pools below or above their size (after hand-overs, failed refills, spec changes,
-        // deleted groups, a drain of this node: it takes no creates, so it keeps no pool).
-        let draining = self.store.draining().await?;
-        if draining {
+        // A draining node hands its suspended sandboxes on shared storage to the others.
+        if self.store.draining().await? {
             self.drain_suspended().await;
         }
+        // Pools below or above this node's share (after hand-overs, failed refills, spec
+        // changes, deleted groups, a drain of this node, which takes no creates and so keeps
+        // no pool, or another node joining, draining or lost, which moves the shares).
+        let nodes = self.store.pool_nodes().await?;
+        let me = self.store.node_name();
         let ready: HashMap<String, usize> = self.pool_ready().into_iter().collect();
         let mut names: Vec<&String> = groups.keys().chain(ready.keys()).collect();
         names.sort();
         names.dedup();
         for name in names {
-            let want = match groups.get(name) {
-                Some(s) if !draining => s.pool.size as usize,
-                _ => 0,
-            };
+            let want = groups
+                .get(name)
+                .map_or(0, |s| nodes.share(s.pool.size, &s.placement, me.as_deref()));
             if ready.get(name).copied().unwrap_or(0) != want && !self.backing_off(name) {
                 self.refill(name);
             }

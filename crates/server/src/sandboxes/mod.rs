@@ -544,14 +544,23 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| group.spec.image.clone());
         let tier = req.tier.unwrap_or(group.spec.tier);
-        let image = self.resolve_image(&image_ref).await.map_err(|e| match e {
-            Some(e) => Error::Internal(format!("resolving image {image_ref}: {e}")),
-            // Well-formed, but naming an image this daemon does not have.
-            None => Error::Unprocessable(format!(
-                "unknown image {}: import it first (`moat image import`), or see `moat image ls`",
-                api::quote(&image_ref)
-            )),
-        })?;
+        let image = match self.resolve_image(&image_ref).await {
+            Ok(image) => image,
+            Err(Some(e)) => {
+                return Err(Error::Internal(format!("resolving image {image_ref}: {e}")))
+            }
+            // Not on this node: imported from a registry on another node of the fleet, it is
+            // pulled here by digest (docs/FLEET.md, "Images on the node that needs them").
+            Err(None) => crate::images::pull_imported(&self.store, &self.images, &image_ref)
+                .await?
+                .ok_or_else(|| {
+                    Error::Unprocessable(format!(
+                        "unknown image {}: import it first (`moat image import`), or see \
+                         `moat image ls`",
+                        api::quote(&image_ref)
+                    ))
+                })?,
+        };
         let mut row = self.new_row(group, &image.digest, tier, &req);
         if group.spec.pool.size > 0 {
             let g = [("group", group.name.as_str())];

@@ -267,12 +267,12 @@ impl Manager {
                 self.drain_pool(group).await;
                 return Ok(());
             };
-            // A draining node takes no creates: its pool VMs would only hold memory.
-            let target = if self.store.draining().await? {
-                0
-            } else {
-                spec.pool.size as usize
-            };
+            // This node's share of the pool (none while it drains: it takes no creates).
+            let target = self.store.pool_nodes().await?.share(
+                spec.pool.size,
+                &spec.placement,
+                self.store.node_name().as_deref(),
+            );
             let image = if target > 0 {
                 let images = self.images.clone();
                 let r = spec.image.clone();

@@ -24,7 +24,7 @@ use super::Manager;
 use crate::api::{self, Sandbox, SandboxState};
 use crate::error::{Error, Result};
 use crate::http::forward::node_gone;
-use crate::store::{Files, Store};
+use crate::store::Files;
 
 /// Checks `--shared-dir` at start: it exists, is a directory, and this node can create,
 /// fsync, rename and remove files in it (what a suspend does there). Returns its canonical
@@ -83,18 +83,6 @@ pub(crate) fn unreachable_suspended(id: &str, node: &str, why: &str, files: File
              --shared-dir), so it resumes only when node {node} comes back"
         ),
     })
-}
-
-/// The node a draining node hands a suspended sandbox to, among `candidates` (ready nodes
-/// with the shared directory): the one whose sandboxes hold the least memory. The one place
-/// this choice is made, so that placement can take it over.
-async fn choose_node(store: &Store, candidates: &[String]) -> Result<Option<String>> {
-    let nodes = store.list_nodes().await?;
-    Ok(nodes
-        .into_iter()
-        .filter(|n| candidates.contains(&n.name))
-        .min_by_key(|n| (n.used.memory_mib, n.name.clone()))
-        .map(|n| n.name))
 }
 
 impl Manager {
@@ -255,10 +243,17 @@ impl Manager {
             if ids.is_empty() {
                 return Ok(());
             }
-            let candidates = self.store.shared_storage_nodes().await?;
+            let me = self.store.node_name().unwrap_or_default();
             for id in ids {
-                let Some(to) = choose_node(&self.store, &candidates).await? else {
-                    return Ok(());
+                let Some(sb) = self.store.get_sandbox(&id).await? else {
+                    continue;
+                };
+                let to = match self.store.destination(&sb, &me, |n| n.shared_storage).await {
+                    Ok(node) => node.name,
+                    Err(e) => {
+                        tracing::warn!(id, error = %e, "a suspended sandbox stays (drain)");
+                        continue;
+                    }
                 };
                 // Under the sandbox's lock: no resume of it here runs meanwhile.
                 let entry = self.entry(&id);

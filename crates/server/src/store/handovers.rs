@@ -203,36 +203,14 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use crate::api::SandboxState;
-    use crate::store::tests::open;
-    use crate::store::NodeSpec;
-
-    fn spec(name: &str, lease_ms: i64) -> NodeSpec {
-        NodeSpec {
-            name: name.into(),
-            holder: format!("home-{name}"),
-            advertise_url: format!("http://{name}:7070"),
-            accelerator: "tcg".into(),
-            labels: Default::default(),
-            memory_mib: 4096,
-            millicpus: 8000,
-            lease_ms,
-        }
-    }
-
-    fn off<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| s.spawn(f).join().unwrap())
-    }
+    use crate::store::tests::{node_spec, off, open};
 
     #[tokio::test]
     async fn a_hand_over_moves_the_row_once_and_never_after_either_side_gave_up() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (open(&dir), open(&dir));
-        off(|| a.acquire_lease(&spec("a", 60_000)))
-            .unwrap()
-            .unwrap();
-        off(|| b.acquire_lease(&spec("b", 60_000)))
-            .unwrap()
-            .unwrap();
+        off(|| a.acquire_lease(&node_spec("a"))).unwrap().unwrap();
+        off(|| b.acquire_lease(&node_spec("b"))).unwrap().unwrap();
         a.with_conn(|c| {
             c.execute_batch(
                 "INSERT INTO sandbox_groups (name, spec, created_at, updated_at) \
@@ -285,15 +263,13 @@ mod tests {
         // A source that restarted (a new epoch) cannot be handed over from: its old VM is
         // not the one the destination holds.
         a.begin_handover("sb-2", "b").await.unwrap();
-        off(|| a.acquire_lease(&spec("a", 60_000)))
-            .unwrap()
-            .unwrap();
+        off(|| a.acquire_lease(&node_spec("a"))).unwrap().unwrap();
         let e = b.complete_handover("sb-2", "a").await.unwrap_err();
         assert!(e.to_string().contains("no longer holds the lease"), "{e}");
         // Nor can a destination whose own lease is gone take it.
         a.begin_handover("sb-2", "b").await.unwrap();
         let b_again = open(&dir);
-        off(|| b_again.acquire_lease(&spec("b", 60_000)))
+        off(|| b_again.acquire_lease(&node_spec("b")))
             .unwrap()
             .unwrap();
         let e = b.complete_handover("sb-2", "a").await.unwrap_err();
@@ -313,12 +289,8 @@ mod tests {
     async fn a_file_hand_over_moves_a_suspended_row_and_makes_its_files_local() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (open(&dir), open(&dir));
-        off(|| a.acquire_lease(&spec("a", 60_000)))
-            .unwrap()
-            .unwrap();
-        off(|| b.acquire_lease(&spec("b", 60_000)))
-            .unwrap()
-            .unwrap();
+        off(|| a.acquire_lease(&node_spec("a"))).unwrap().unwrap();
+        off(|| b.acquire_lease(&node_spec("b"))).unwrap().unwrap();
         a.with_conn(|c| {
             c.execute_batch(
                 "INSERT INTO sandbox_groups (name, spec, created_at, updated_at) \
@@ -367,9 +339,7 @@ mod tests {
     async fn drain_progress_shows_while_draining_and_an_undrain_clears_it() {
         let dir = tempfile::tempdir().unwrap();
         let a = open(&dir);
-        off(|| a.acquire_lease(&spec("a", 60_000)))
-            .unwrap()
-            .unwrap();
+        off(|| a.acquire_lease(&node_spec("a"))).unwrap().unwrap();
         let progress = crate::api::DrainProgress {
             running_left: 1,
             failed: vec![crate::api::DrainFailure {

@@ -24,6 +24,7 @@ mod identity;
 mod keys;
 mod nodes;
 mod operations;
+mod placement;
 mod policy;
 mod pool;
 mod ports;
@@ -40,6 +41,7 @@ use db::{params, Db, OptionalExtension};
 pub use identity::{KeyRow, NewIdentityEvent, WorkloadIds};
 pub use keys::{Authenticated, Principal};
 pub use nodes::{Lease, NodeSpec, Renewal};
+pub use placement::{Candidate, ImportedImage, Placing, PoolNodes};
 pub use pool::PoolMember;
 pub use sandboxes::Timers;
 pub use sealing::{create_next_sealing_key, sealing_key_id};
@@ -243,6 +245,8 @@ pub struct Store {
     seal: Arc<seal::Sealer>,
     /// This daemon's node and lease epoch, once it holds its lease: the fence of its writes.
     fence: Arc<nodes::Fence>,
+    /// Creates this daemon placed and has not seen answered (`placement::InFlight`).
+    placing: Arc<placement::InFlight>,
 }
 
 /// How often a transaction PostgreSQL aborted for a conflict with another one is run again.
@@ -274,6 +278,7 @@ impl Store {
             location: Arc::new(location.clone()),
             seal: Arc::new(seal),
             fence: Arc::default(),
+            placing: Arc::default(),
         })
     }
 
@@ -587,6 +592,27 @@ mod tests {
 
     pub(super) fn open(dir: &tempfile::TempDir) -> Store {
         test_store(dir.path())
+    }
+
+    /// Node `name` of a test fleet: its own holder, 4 GiB and 8 vCPUs, no labels, a
+    /// one-minute lease (tests change what they need: `NodeSpec { lease_ms: 1500, ..}`).
+    pub(super) fn node_spec(name: &str) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            holder: format!("home-{name}"),
+            advertise_url: format!("http://{name}:7070"),
+            accelerator: "tcg".into(),
+            labels: Default::default(),
+            memory_mib: 4096,
+            millicpus: 8000,
+            lease_ms: 60_000,
+        }
+    }
+
+    /// A test's blocking store calls, off the async executor thread (the PostgreSQL client
+    /// blocks).
+    pub(super) fn off<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| s.spawn(f).join().unwrap())
     }
 
     #[test]

@@ -133,7 +133,8 @@ fn lost(node: &str) -> Error {
     ))
 }
 
-const NODE_COLUMNS: &str = "name, advertise_url, accelerator, labels, memory_mib, millicpus, \
+pub(super) const NODE_COLUMNS: &str =
+    "name, advertise_url, accelerator, labels, memory_mib, millicpus, \
     used_memory_mib, used_millicpus, sandboxes, state, epoch, lease_ms, lease_expires_ms, \
     acquired_ms, lost_ms, lost_reason, drain_progress, sealing_key_id, next_sealing_key_id, \
     shared_storage, (SELECT COUNT(*) FROM sandboxes WHERE sandboxes.node = nodes.name \
@@ -150,7 +151,7 @@ fn node_named(c: &Db, name: &str) -> Result<Option<Node>> {
     .transpose()
 }
 
-fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<Node>> {
+pub(super) fn node_from_row(r: &super::db::Row) -> super::db::DbResult<Result<Node>> {
     let name: String = r.get(0)?;
     let labels: String = r.get(3)?;
     let state: String = r.get(9)?;
@@ -470,24 +471,15 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::open;
+    use crate::store::tests::{node_spec, off, open};
 
     fn spec(name: &str, holder: &str, lease_ms: i64) -> NodeSpec {
         NodeSpec {
-            name: name.into(),
             holder: holder.into(),
-            advertise_url: format!("http://{name}:7070"),
-            accelerator: "tcg".into(),
             labels: [("zone".to_string(), "a".to_string())].into(),
-            memory_mib: 4096,
-            millicpus: 8000,
             lease_ms,
+            ..node_spec(name)
         }
-    }
-
-    /// The blocking store calls of a test, off the async executor thread.
-    fn off<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| s.spawn(f).join().unwrap())
     }
 
     #[tokio::test]

@@ -9,13 +9,18 @@ use crate::error::{Error, Result};
 
 impl Store {
     /// Inserts a new sandbox row (its timestamps are set here).
-    /// On this node, fenced by its lease.
+    /// On this node, fenced by its lease; a row with a VM only if the node's memory has room
+    /// for its tier as the store counts it (429 otherwise; see `placement::admit`).
     pub async fn insert_sandbox(&self, sb: &Sandbox) -> Result<Sandbox> {
         let (sb, fence) = (sb.clone(), self.fence.clone());
         let node = self.fence.node();
         self.call(move |c| {
             let tx = c.transaction()?;
             fence.check(&tx)?;
+            if let (Some(node), SandboxState::Creating | SandboxState::Running) = (&node, sb.state)
+            {
+                super::placement::admit(&tx, node, sb.tier)?;
+            }
             let row = insert_sandbox(
                 &tx,
                 &Sandbox {

@@ -199,25 +199,9 @@ mod tests {
 
     use super::*;
     use crate::api::KeyState;
-    use crate::store::{test_location, Location, NodeSpec};
+    use crate::store::tests::{node_spec, off};
+    use crate::store::{test_location, Location};
     use moat_net::Secret;
-
-    fn spec(name: &str) -> NodeSpec {
-        NodeSpec {
-            name: name.into(),
-            holder: format!("home-{name}"),
-            advertise_url: format!("http://{name}:7070"),
-            accelerator: "tcg".into(),
-            labels: Default::default(),
-            memory_mib: 4096,
-            millicpus: 8000,
-            lease_ms: 60_000,
-        }
-    }
-
-    fn off<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| s.spawn(f).join().unwrap())
-    }
 
     fn copy_key(from: &Path, to: &Path) {
         std::fs::copy(from, to).unwrap();
@@ -226,7 +210,7 @@ mod tests {
 
     fn node(location: &Location, home: &Path, name: &str) -> Store {
         let s = off(|| Store::open(location, home)).unwrap();
-        off(|| s.acquire_lease(&spec(name))).unwrap().unwrap();
+        off(|| s.acquire_lease(&node_spec(name))).unwrap().unwrap();
         s
     }
 

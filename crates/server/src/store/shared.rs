@@ -196,22 +196,6 @@ impl Store {
         })
         .await
     }
-
-    /// The nodes a suspended sandbox on shared storage may be handed to: ready, with the
-    /// shared directory, not this one.
-    pub async fn shared_storage_nodes(&self) -> Result<Vec<String>> {
-        let node = self.fence.node();
-        self.call(move |c| {
-            c.query_map(
-                "SELECT name FROM nodes WHERE state = 'ready' AND shared_storage = 1 \
-                 AND (CAST(?1 AS TEXT) IS NULL OR name <> ?1) ORDER BY name",
-                [&node],
-                |r| r.get(0),
-            )
-            .map_err(Into::into)
-        })
-        .await
-    }
 }
 
 #[cfg(test)]
@@ -220,33 +204,21 @@ mod tests {
     use crate::api::SandboxState;
     use crate::store::nodes::NodeSpec;
     use crate::store::sandboxes::tests::new_row;
-    use crate::store::tests::open;
-
-    fn spec(name: &str, lease_ms: i64) -> NodeSpec {
-        NodeSpec {
-            name: name.into(),
-            holder: format!("home-{name}"),
-            advertise_url: format!("http://{name}:7070"),
-            accelerator: "tcg".into(),
-            labels: Default::default(),
-            memory_mib: 4096,
-            millicpus: 8000,
-            lease_ms,
-        }
-    }
-
-    fn off<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| s.spawn(f).join().unwrap())
-    }
+    use crate::store::tests::{node_spec, off, open};
 
     /// Three nodes on one database; c (short lease) has a suspended sandbox on shared
     /// storage `sb-s` and one on its own disk `sb-l`.
     async fn fleet(dir: &tempfile::TempDir) -> (Store, Store, Store) {
         let (a, b, c) = (open(dir), open(dir), open(dir));
         for (s, name, lease) in [(&a, "a", 60_000), (&b, "b", 60_000), (&c, "c", 1500)] {
-            off(|| s.acquire_lease(&spec(name, lease)))
-                .unwrap()
-                .unwrap();
+            off(|| {
+                s.acquire_lease(&NodeSpec {
+                    lease_ms: lease,
+                    ..node_spec(name)
+                })
+            })
+            .unwrap()
+            .unwrap();
         }
         c.with_conn(|db| {
             db.execute_batch(
@@ -297,9 +269,7 @@ mod tests {
             .await
             .unwrap();
         // c wakes up with a new epoch: it cannot take the sandbox back or change it.
-        off(|| c.acquire_lease(&spec("c", 60_000)))
-            .unwrap()
-            .unwrap();
+        off(|| c.acquire_lease(&node_spec("c"))).unwrap().unwrap();
         assert!(c.take_over_sandbox("sb-s").await.unwrap().is_none());
         assert!(c
             .set_sandbox_state("sb-s", SandboxState::Suspended, None)
@@ -315,9 +285,7 @@ mod tests {
         a.sweep_lost_nodes().await.unwrap();
         // a's own lease is taken by a restart of its home (epoch 2): the old handle is fenced.
         let a2 = open(&dir);
-        off(|| a2.acquire_lease(&spec("a", 60_000)))
-            .unwrap()
-            .unwrap();
+        off(|| a2.acquire_lease(&node_spec("a"))).unwrap().unwrap();
         let e = a.take_over_sandbox("sb-s").await.unwrap_err();
         assert!(e.to_string().contains("does not hold its lease"), "{e}");
         assert_eq!(
@@ -337,16 +305,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, b, c) = fleet(&dir).await;
         // Neither a nor b said it has the shared directory yet.
-        assert!(c.shared_storage_nodes().await.unwrap().is_empty());
         assert!(!c.hand_over_sandbox("sb-s", "a").await.unwrap());
         a.set_shared_storage(true).await.unwrap();
         b.set_shared_storage(true).await.unwrap();
         c.set_shared_storage(true).await.unwrap();
         b.set_node_draining("b", true).await.unwrap();
-        assert_eq!(
-            c.shared_storage_nodes().await.unwrap(),
-            vec!["a".to_string()]
-        );
         assert_eq!(
             c.suspended_shared().await.unwrap(),
             vec!["sb-s".to_string()]

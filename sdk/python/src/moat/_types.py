@@ -80,6 +80,17 @@ class IdentitySpec(TypedDict, total=False):
     in_guest: bool
 
 
+PlacementStrategy = Literal["spread", "pack"]
+
+
+class PlacementSpec(TypedDict, total=False):
+    """Which nodes of a fleet run a group's sandboxes (docs/FLEET.md, "Placement"): only
+    nodes with every label of ``node_labels``; ``spread`` (default) or ``pack``."""
+
+    node_labels: Dict[str, str]
+    strategy: PlacementStrategy
+
+
 class GroupSpec(TypedDict, total=False):
     """A group's settings; every field is optional (see docs/API.md, "GroupSpec")."""
 
@@ -91,6 +102,7 @@ class GroupSpec(TypedDict, total=False):
     network_limits: NetworkLimits
     labels: Dict[str, str]
     identity: IdentitySpec
+    placement: PlacementSpec
 
 
 @dataclass(frozen=True)

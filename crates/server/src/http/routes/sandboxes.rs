@@ -3,7 +3,8 @@
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -16,6 +17,7 @@ use crate::http::access::{
 };
 use crate::http::extract::{path_param, query, ApiJson};
 use crate::http::state::AppState;
+use crate::http::{forward, place};
 use crate::store::Principal;
 
 pub(in crate::http) fn router() -> Router<AppState> {
@@ -74,22 +76,73 @@ pub(in crate::http) struct Doc;
         (status = 403, body = ErrorBody),
         (status = 404, description = "No such group, or no such snapshot in it", body = ErrorBody),
         (status = 413, body = ErrorBody),
-        (status = 429, description = "The host has no room for it (memory or vCPUs); the \
-            message says what it needs and what is free", body = ErrorBody),
-        (status = 500, body = ErrorBody), (status = 503, description = "Sandboxes cannot run \
-            yet, the store is unreachable, this node is draining (it takes no new \
-            sandboxes), or `from_snapshot` names a snapshot whose files this node cannot read \
-            (on another node's disk, or on shared storage this node lacks)", body = ErrorBody)))]
+        (status = 429, description = "No node the group may run on has room for it (memory \
+            or vCPUs); the message says what it needs and what is free", body = ErrorBody),
+        (status = 500, body = ErrorBody),
+        (status = 502, description = "The node it was placed on could not be reached, nor \
+            any other", body = ErrorBody),
+        (status = 503, description = "Sandboxes cannot run yet, the store is unreachable, or \
+            no node may take it: none has the group's `placement.node_labels`, or those that \
+            have are draining or lost (the message names each), or the node it was placed \
+            on could not pull its image by digest, or `from_snapshot` names a snapshot whose \
+            files this node cannot read (on another node's disk, or on shared storage this \
+            node lacks)",
+            body = ErrorBody)))]
 async fn create_sandbox(
     State(state): State<AppState>,
     p: Principal,
     name: std::result::Result<Path<String>, PathRejection>,
+    uri: Uri,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<CreateSandbox>,
-) -> Result<(StatusCode, Json<Created>)> {
+) -> Result<Response> {
     let name = path_param(name)?;
     let group = visible_group(&state, &p, &name).await?;
     require_use(&p)?;
     req.validate()?;
+    // Forks start from a snapshot in this node's home, and a create another node placed here
+    // is never placed again.
+    let placed = req.from_snapshot.is_some() || headers.contains_key(forward::FORWARDED_BY);
+    let me = state.store.node_name();
+    let (Some(me), false) = (me, placed) else {
+        return create_here(&state, &p, &group, req).await;
+    };
+    let mut last = None;
+    let tier = req.tier.unwrap_or(group.spec.tier);
+    let (targets, first) = place::targets(&state, &group, &req, &me).await?;
+    let mut first = Some(first);
+    for target in targets {
+        // Counted as placing there until its answer came (the first one already is).
+        let _placing = first.take().unwrap_or_else(|| {
+            let node = target.as_ref().map_or(me.as_str(), |n| n.name.as_str());
+            state.store.placing(node, tier)
+        });
+        let (answer, refused) = match target {
+            None => match create_here(&state, &p, &group, req.clone()).await {
+                Err(e) if place::refusal(e.status_and_code().0) => (e.into_response(), true),
+                done => return done,
+            },
+            Some(node) => {
+                let answer = place::forward(&state, &me, &node, &name, &uri, &headers, &req).await;
+                let refused = place::refusal(answer.status());
+                (answer, refused)
+            }
+        };
+        if !refused {
+            return Ok(answer);
+        }
+        last = Some(answer);
+    }
+    last.ok_or_else(|| Error::Internal("placement gave no node to try".into()))
+}
+
+/// Creates the sandbox (or the snapshot's forks) on this node.
+async fn create_here(
+    state: &AppState,
+    p: &Principal,
+    group: &api::Group,
+    req: CreateSandbox,
+) -> Result<Response> {
     if state.store.draining().await? {
         return Err(Error::Unavailable(format!(
             "node {} is draining: it takes no new sandboxes (create them through another node, \
@@ -99,20 +152,19 @@ async fn create_sandbox(
     }
     let mgr = state.manager()?;
     let Some(from) = req.from_snapshot.clone() else {
-        let sb = mgr.create(&group, req).await?;
-        return Ok((
-            StatusCode::CREATED,
-            Json(Created::One(Box::new(shown_to(&state, &p, sb)))),
-        ));
+        let sb = mgr.create(group, req).await?;
+        let body = Created::One(Box::new(shown_to(state, p, sb)));
+        return Ok((StatusCode::CREATED, Json(body)).into_response());
     };
-    let snap = visible_snapshot(&state, &p, &name, &from).await?;
-    let dir = mgr.snapshot_dir(&name, &from).await?;
+    let name = &group.name;
+    let snap = visible_snapshot(state, p, name, &from).await?;
+    let dir = mgr.snapshot_dir(name, &from).await?;
     let many = req.count.is_some();
     let mut forks: Vec<Sandbox> = mgr
-        .fork(&group, &snap, dir, req)
+        .fork(group, &snap, dir, req)
         .await?
         .into_iter()
-        .map(|sb| shown_to(&state, &p, sb))
+        .map(|sb| shown_to(state, p, sb))
         .collect();
     let body = match forks.pop() {
         Some(one) if !many => Created::One(Box::new(one)),
@@ -120,7 +172,7 @@ async fn create_sandbox(
             sandboxes: forks.into_iter().chain(last).collect(),
         }),
     };
-    Ok((StatusCode::CREATED, Json(body)))
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
