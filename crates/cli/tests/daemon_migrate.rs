@@ -8,6 +8,9 @@
 //! other ready node, and one whose every hand-over is refused after the destination checked
 //! the guest, leave it running at a with the reason shown. The node-to-node routes refuse an
 //! API key and a forged credential (`migrate::tests` has the rest of the credential checks).
+//! Two more tests give node a templates of its own (other files than node b's, as on
+//! another host): a running sandbox then moves with its whole disk, and a suspended one is
+//! sent with its files.
 
 mod common;
 
@@ -352,6 +355,8 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
         (&moved["sandbox"], &moved["node"]),
         (&json!(id), &json!("node-b"))
     );
+    // Both nodes read the same template files: only the overlay travelled.
+    assert_eq!(moved["disk"], "top", "{progress}");
     let pause_ms = moved["pause_ms"].as_u64().unwrap() as f64;
 
     // Same id, now on node b, seen the same from both nodes.
@@ -462,4 +467,248 @@ async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
     );
     a.delete("mig", &id).await;
     eprintln!("test took {:?}", t0.elapsed());
+}
+
+/// A node whose templates are its own files (hard links under its own home, so every path
+/// differs from the other node's): a sandbox it runs has a backing file the other node does
+/// not hold, as on another host.
+async fn node_with_own_templates(pg: &Postgres, name: &str, key: Option<&[u8]>) -> Daemon {
+    let home = runtime_home();
+    let linked = home.path().join("templates");
+    let shared = std::fs::canonicalize(&linked).unwrap();
+    std::fs::remove_file(&linked).unwrap();
+    let ok = std::process::Command::new("cp")
+        .arg("-al")
+        .arg(&shared)
+        .arg(&linked)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "copying the templates as hard links");
+    // A seed names the template's disk by its path: each home makes its own.
+    for t in std::fs::read_dir(&linked).unwrap().flatten() {
+        let _ = std::fs::remove_file(t.path().join("overlay-seed.qcow2"));
+    }
+    if let Some(key) = key {
+        let path = home.path().join("secrets.key");
+        std::fs::write(&path, key).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let lease = LEASE_S.to_string();
+    let args = ["--store", &pg.url, "--node-name", name, "--lease-s", &lease];
+    Daemon::start_at(home, Some(ADMIN), &args).await
+}
+
+/// Node a's templates are not node b's (other files under other paths), so b cannot read
+/// what a sandbox's overlay sits on: the drain mirrors the whole disk into one with no
+/// backing file, and the sandbox runs on b with its file and process; it then suspends and
+/// resumes on b from that disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sends_the_whole_disk_to_a_node_without_the_template() {
+    let t0 = Instant::now();
+    let pg = Postgres::start();
+    let a = node_with_own_templates(&pg, "node-a", None).await;
+    let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    let b = node(&pg, "node-b", Some(&key), "/dev/null").await;
+    a.put_group("mig", json!({"tier": "xs"}), 201).await;
+    sandboxes_ready(&a).await;
+    sandboxes_ready(&b).await;
+    let sb = a.create(ADMIN, "mig", json!({})).await;
+    let id = sb["id"].as_str().unwrap().to_string();
+    assert_eq!(sb["node"], "node-a", "{sb}");
+    let a_templates = std::fs::canonicalize(a.home.path().join("templates")).unwrap();
+    let disk = a.home.path().join("run").join(&id).join("disk.qcow2");
+    let chain = std::process::Command::new("qemu-img")
+        .args(["info", "--backing-chain", "-U"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let chain = String::from_utf8_lossy(&chain.stdout).into_owned();
+    assert!(
+        chain.contains(a_templates.to_str().unwrap()),
+        "the sandbox's disk sits on node a's own template: {chain}"
+    );
+    let pid = a
+        .sh(
+            "mig",
+            &id,
+            "echo on-disk > /root/kept; sleep 100000 >/dev/null 2>&1 & echo $!",
+        )
+        .await;
+
+    let t_drain = Instant::now();
+    let o = b.cli(ADMIN, &["node", "drain", "node-a"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let progress = drained(&b, "node-a", Duration::from_secs(120)).await;
+    let took = t_drain.elapsed();
+    eprintln!("whole-disk drain: {progress} (drain to done: {took:?}, TCG)");
+    assert_eq!(progress["failed"], json!([]), "{progress}");
+    let moved = &progress["moved"][0];
+    assert_eq!(
+        (&moved["sandbox"], &moved["node"], &moved["disk"]),
+        (&json!(id), &json!("node-b"), &json!("full")),
+        "{progress}"
+    );
+    // On b, from a disk with no backing file: the file and the process came along.
+    assert_eq!(b.get("mig", &id).await.unwrap()["node"], "node-b");
+    let b_disk = b.home.path().join("run").join(&id).join("disk.qcow2");
+    let header = std::fs::read(&b_disk).unwrap();
+    assert_eq!(
+        &header[8..16],
+        &[0u8; 8],
+        "the received disk has no backing file"
+    );
+    assert_eq!(b.sh("mig", &id, "cat /root/kept").await, "on-disk");
+    assert_eq!(
+        b.sh("mig", &id, &format!("kill -0 {pid} && echo alive"))
+            .await,
+        "alive"
+    );
+
+    // A disk with no backing file can only travel whole: back to node a.
+    for (verb, name) in [("undrain", "node-a"), ("drain", "node-b")] {
+        let o = a.cli(ADMIN, &["node", verb, name]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let back = drained(&a, "node-b", Duration::from_secs(120)).await;
+    eprintln!("back to node a: {back}");
+    let moved = &back["moved"][0];
+    assert_eq!(
+        (&moved["node"], &moved["disk"]),
+        (&json!("node-a"), &json!("full")),
+        "{back}"
+    );
+
+    // It suspends and resumes on a from that disk, twice: the first suspend copies it, the
+    // second's chain (a layer over the first suspend's disk) does not reach the template it
+    // names as its base, and is flattened.
+    a.sh("mig", &id, "echo after-move >> /root/kept").await;
+    for round in ["1", "2"] {
+        let (st, v, _) = a.lifecycle("mig", &id, "suspend").await;
+        assert_eq!(st, 200, "{v}");
+        let dir = a.home.path().join("suspended").join(&id).join(round);
+        let header = std::fs::read(dir.join("disk.qcow2")).unwrap();
+        assert_eq!(
+            &header[8..16],
+            &[0u8; 8],
+            "suspend {round} has no backing file"
+        );
+        let (st, v, _) = a.lifecycle("mig", &id, "resume").await;
+        assert_eq!(st, 200, "{v}");
+    }
+    assert_eq!(
+        a.sh("mig", &id, "cat /root/kept").await,
+        "on-disk\nafter-move"
+    );
+    assert_eq!(
+        a.sh("mig", &id, &format!("kill -0 {pid} && echo alive"))
+            .await,
+        "alive"
+    );
+    eprintln!("whole-disk migration test: {:?}", t0.elapsed());
+}
+
+/// A suspended sandbox whose files are on node a's own disk (no shared storage): the drain
+/// sends them to node b over the node-to-node transport and the row moves with them; it
+/// resumes on b with its file and its background process, and node a keeps nothing. The
+/// file route refuses an API key, a forged credential and one for another file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sends_a_locally_suspended_sandbox_with_its_files() {
+    let t0 = Instant::now();
+    let pg = Postgres::start();
+    let a = node_with_own_templates(&pg, "node-a", None).await;
+    let key = std::fs::read(a.home.path().join("secrets.key")).unwrap();
+    let b = node(&pg, "node-b", Some(&key), "/dev/null").await;
+    a.put_group("mig", json!({"tier": "xs"}), 201).await;
+    sandboxes_ready(&a).await;
+    sandboxes_ready(&b).await;
+    let sb = a.create(ADMIN, "mig", json!({})).await;
+    let id = sb["id"].as_str().unwrap().to_string();
+    let pid = a
+        .sh(
+            "mig",
+            &id,
+            "echo on-disk > /root/kept; sleep 100000 >/dev/null 2>&1 & echo $!",
+        )
+        .await;
+    let (st, v, _) = a.lifecycle("mig", &id, "suspend").await;
+    assert_eq!(st, 200, "{v}");
+    let a_dirs = a.home.path().join("suspended").join(&id);
+    assert!(a_dirs.exists(), "a local suspend is in node a's home");
+    let (_, n) = b.call(Some(ADMIN), "GET", "/v1/nodes/node-a", None).await;
+    assert_eq!(n["suspended_local"], 1, "{n}");
+
+    // The file route takes neither an API key nor a forged credential.
+    let url = format!("{}/internal/v1/suspended/{id}/files/meta.json", b.url());
+    let sha = "0".repeat(64);
+    for (name, value) in [
+        ("authorization", format!("Bearer {ADMIN}")),
+        (
+            "x-moat-node-credential",
+            format!("v1 node-a node-b {id} file-meta.json 1 00 00"),
+        ),
+    ] {
+        let resp = b
+            .http
+            .post(&url)
+            .header(name, value)
+            .header("x-moat-body-sha256", &sha)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        let e: serde_json::Value = resp.json().await.unwrap();
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("node-to-node"),
+            "{e}"
+        );
+    }
+
+    let t_drain = Instant::now();
+    let o = b.cli(ADMIN, &["node", "drain", "node-a"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let progress = drained(&b, "node-a", Duration::from_secs(120)).await;
+    eprintln!(
+        "suspended sandbox sent with its files: {progress} ({:?}, TCG)",
+        t_drain.elapsed()
+    );
+    assert_eq!(progress["failed"], json!([]), "{progress}");
+    let moved = &progress["moved"][0];
+    assert_eq!(
+        (&moved["sandbox"], &moved["node"]),
+        (&json!(id), &json!("node-b")),
+        "{progress}"
+    );
+    for d in [&a, &b] {
+        let got = d.get("mig", &id).await.unwrap();
+        assert_eq!(
+            (&got["node"], &got["state"]),
+            (&json!("node-b"), &json!("suspended"))
+        );
+    }
+    assert!(!a_dirs.exists(), "node a still has {}", a_dirs.display());
+    let b_dir = b.home.path().join("suspended").join(&id).join("1");
+    for f in ["disk.qcow2", "memory.bin", "meta.json"] {
+        assert!(b_dir.join(f).is_file(), "node b has no {f}");
+    }
+    let disk = std::fs::read(b_dir.join("disk.qcow2")).unwrap();
+    assert_eq!(&disk[8..16], &[0u8; 8], "the sent disk has no backing file");
+    let (_, n) = b.call(Some(ADMIN), "GET", "/v1/nodes/node-a", None).await;
+    assert_eq!(n["suspended_local"], 0, "{n}");
+
+    // Resumed through node a (forwarded to b), it runs on b with its file and process.
+    let (st, v, _) = a.lifecycle("mig", &id, "resume").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["node"], "node-b", "{v}");
+    assert_eq!(b.sh("mig", &id, "cat /root/kept").await, "on-disk");
+    assert_eq!(
+        b.sh("mig", &id, &format!("kill -0 {pid} && echo alive"))
+            .await,
+        "alive"
+    );
+    eprintln!("suspended-transfer test: {:?}", t0.elapsed());
 }

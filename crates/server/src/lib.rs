@@ -22,6 +22,7 @@ pub mod sandboxes;
 pub mod snapshots;
 pub mod store;
 pub mod tls;
+pub mod transfer;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{quote, DrainFailure, DrainMove, Node, NodeState, SandboxState};
+use crate::api::{quote, DiskSync, DrainFailure, DrainMove, Node, NodeState, SandboxState};
 use crate::error::{Error, Result};
 use crate::http::AppState;
 use crate::sandboxes::Identity;
@@ -61,14 +61,27 @@ pub(crate) struct Offer {
     pub manifest: MigrationManifest,
     pub identity: Identity,
     /// SHA-256 of the overlay's backing file when it is a template's, snapshot's or
-    /// suspend's disk (a few MB): only the overlay travels, so the destination must read the
-    /// very same file under it. `None` for an image's rootfs, which is named by its digest.
+    /// suspend's disk (qcow2, a few MB): a destination whose file differs receives the whole
+    /// disk. `None` for an image's rootfs (raw), which is named by its digest, and for an
+    /// overlay without a backing file.
     pub backing_sha256: Option<String>,
+}
+
+/// The destination's answer to an offer: how the disk travels.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Accepted {
+    /// `top`: the destination has the overlay's backing file, only the overlay is mirrored.
+    /// `full`: it has not (or its file differs), the whole chain is mirrored into a disk
+    /// with no backing file.
+    pub disk: DiskSync,
+    /// Why, in words (for the log and the drain's progress).
+    pub reason: String,
 }
 
 /// What [`Offer::backing_sha256`] says of `manifest` on this host.
 async fn backing_sha256(manifest: &MigrationManifest) -> Result<Option<String>> {
-    if manifest.backing.path == manifest.shared_base.path {
+    if manifest.standalone || manifest.backing.format != "qcow2" {
         return Ok(None);
     }
     let path = manifest.backing.path.clone();
@@ -90,16 +103,21 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// What a credential's MAC covers: every field, and the request body's SHA-256.
-fn signed(fields: &[&str], body: &[u8]) -> Vec<u8> {
+/// What a credential's MAC covers: every field, and the request body's SHA-256 (hex).
+fn signed(fields: &[&str], body_sha256: &str) -> Vec<u8> {
     let mut msg = b"moat node credential v1".to_vec();
     for f in fields {
         msg.push(b'\n');
         msg.extend_from_slice(f.as_bytes());
     }
     msg.push(b'\n');
-    msg.extend_from_slice(hex::encode(sha2::Sha256::digest(body)).as_bytes());
+    msg.extend_from_slice(body_sha256.as_bytes());
     msg
+}
+
+/// The SHA-256 of `body`, in hex.
+pub(crate) fn sha256_hex(body: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(body))
 }
 
 /// A credential of node `from` for one request to node `to` about sandbox `sandbox`:
@@ -114,10 +132,22 @@ pub fn mint(
     purpose: &str,
     body: &[u8],
 ) -> String {
+    mint_for_digest(key, from, to, sandbox, purpose, &sha256_hex(body))
+}
+
+/// [`mint`] for a body given by its SHA-256 (hex): a file streamed from disk, hashed first.
+pub fn mint_for_digest(
+    key: &hmac::Key,
+    from: &str,
+    to: &str,
+    sandbox: &str,
+    purpose: &str,
+    body_sha256: &str,
+) -> String {
     let issued = now_ms().to_string();
     let nonce = hex::encode(rand::random::<[u8; 16]>());
     let fields = [from, to, sandbox, purpose, &issued, &nonce];
-    let mac = hmac::sign(key, &signed(&fields, body));
+    let mac = hmac::sign(key, &signed(&fields, body_sha256));
     format!(
         "v1 {from} {to} {sandbox} {purpose} {issued} {nonce} {}",
         hex::encode(mac.as_ref())
@@ -137,6 +167,7 @@ struct Arriving {
     from: String,
     offered: Instant,
     offer: Option<Offer>,
+    whole_disk: bool,
     memory: Option<Upgraded>,
     disk: Option<Upgraded>,
     asks: mpsc::Sender<Ask>,
@@ -171,6 +202,20 @@ impl Arrivals {
         purpose: &str,
         body: &[u8],
     ) -> Result<String> {
+        self.check_digest(key, header, me, sandbox, purpose, &sha256_hex(body))
+    }
+
+    /// [`Arrivals::check`] of a request whose body is given by its SHA-256 (hex): a streamed
+    /// file, which the receiver hashes as it writes and refuses if it differs.
+    pub fn check_digest(
+        &self,
+        key: &hmac::Key,
+        header: Option<&str>,
+        me: &str,
+        sandbox: &str,
+        purpose: &str,
+        body_sha256: &str,
+    ) -> Result<String> {
         let Some(header) = header else {
             return Err(refused("no credential".into()));
         };
@@ -191,7 +236,7 @@ impl Arrivals {
             hex::decode(mac).map_err(|_| refused("a malformed credential (its MAC)".into()))?;
         hmac::verify(
             key,
-            &signed(&[from, to, sb, step, issued, nonce], body),
+            &signed(&[from, to, sb, step, issued, nonce], body_sha256),
             &mac,
         )
         .map_err(|_| {
@@ -235,8 +280,51 @@ impl Arrivals {
     }
 }
 
-/// The destination takes an offer from node `from` (checked by the caller).
-pub(crate) async fn offered(state: &AppState, from: &str, id: &str, body: &[u8]) -> Result<()> {
+/// How the disk of `offer` must travel to this node: only the overlay when the overlay's
+/// backing file is one of this node's own files with the source's content, else the whole
+/// disk (a node on another host has none of the source's template, snapshot or suspend
+/// files, or other ones under the same names).
+async fn plan_disk(state: &AppState, offer: &Offer) -> Result<Accepted> {
+    let m = &offer.manifest;
+    let path = m.backing.path.display();
+    let full = |reason: String| {
+        Ok(Accepted {
+            disk: DiskSync::Full,
+            reason,
+        })
+    };
+    if m.standalone {
+        return full("its disk has no backing file".into());
+    }
+    if !m.backing.path.is_file() {
+        return full(format!(
+            "its disk's backing file {path} is not on this node"
+        ));
+    }
+    if !state.manager()?.holds_file(&m.backing.path) {
+        return full(format!(
+            "its disk's backing file {path} is not one of this node's files"
+        ));
+    }
+    if offer.backing_sha256.is_some() && backing_sha256(m).await? != offer.backing_sha256 {
+        return full(format!(
+            "its disk's backing file {path} differs on this node"
+        ));
+    }
+    Ok(Accepted {
+        disk: DiskSync::Top,
+        reason: format!("this node has its disk's backing file {path}"),
+    })
+}
+
+/// The destination takes an offer from node `from` (checked by the caller) and says how the
+/// disk must travel.
+pub(crate) async fn offered(
+    state: &AppState,
+    from: &str,
+    id: &str,
+    body: &[u8],
+) -> Result<Accepted> {
     let offer: Offer = serde_json::from_slice(body)
         .map_err(|e| Error::BadRequest(format!("a migration offer that does not parse: {e}")))?;
     if offer.manifest.id != id {
@@ -245,17 +333,7 @@ pub(crate) async fn offered(state: &AppState, from: &str, id: &str, body: &[u8])
             offer.manifest.id
         )));
     }
-    state.manager()?;
-    if offer.manifest.backing.path.is_file()
-        && backing_sha256(&offer.manifest).await? != offer.backing_sha256
-    {
-        return Err(Error::Conflict(format!(
-            "sandbox {id}'s disk sits on {}, which differs on this node: live migration sends \
-             only the overlay, so both nodes need the same template, snapshot or suspend \
-             files (shared storage)",
-            offer.manifest.backing.path.display()
-        )));
-    }
+    let accepted = plan_disk(state, &offer).await?;
     if state.store.draining().await? {
         return Err(Error::Conflict(format!(
             "node {} is draining: it takes no sandboxes",
@@ -277,13 +355,15 @@ pub(crate) async fn offered(state: &AppState, from: &str, id: &str, body: &[u8])
             from: from.to_string(),
             offered: Instant::now(),
             offer: Some(offer),
+            whole_disk: accepted.disk == DiskSync::Full,
             memory: None,
             disk: None,
             asks,
             asked: Some(asked),
         },
     );
-    Ok(())
+    tracing::info!(id, from, disk = accepted.disk.as_str(), reason = %accepted.reason, "a live migration offered");
+    Ok(accepted)
 }
 
 /// One of the two streams of an offered migration arrived (`memory` or `disk`); once both
@@ -300,6 +380,7 @@ pub(crate) fn stream_arrived(state: &AppState, from: &str, id: &str, which: &str
         }
         match (a.memory.is_some() && a.disk.is_some(), a.asked.is_some()) {
             (true, true) => Some((
+                a.whole_disk,
                 a.offer.take(),
                 a.memory.take(),
                 a.disk.take(),
@@ -308,9 +389,12 @@ pub(crate) fn stream_arrived(state: &AppState, from: &str, id: &str, which: &str
             _ => None,
         }
     };
-    if let Some((Some(offer), Some(memory), Some(disk), Some(asked))) = started {
+    if let Some((whole_disk, Some(offer), Some(memory), Some(disk), Some(asked))) = started {
         let (state, from, id) = (state.clone(), from.to_string(), id.to_string());
-        tokio::spawn(async move { receive(state, from, id, offer, memory, disk, asked).await });
+        let streams = (memory, disk);
+        tokio::spawn(
+            async move { receive(state, from, id, offer, whole_disk, streams, asked).await },
+        );
     }
 }
 
@@ -365,8 +449,8 @@ async fn receive(
     from: String,
     id: String,
     offer: Offer,
-    memory: Upgraded,
-    disk: Upgraded,
+    whole_disk: bool,
+    (memory, disk): (Upgraded, Upgraded),
     mut asked: mpsc::Receiver<Ask>,
 ) {
     let received = async {
@@ -375,7 +459,8 @@ async fn receive(
             memory: relay(memory)?,
             disk: relay(disk)?,
         };
-        mgr.receive(&offer.manifest, &offer.identity, streams).await
+        mgr.receive(&offer.manifest, &offer.identity, streams, whole_disk)
+            .await
     }
     .await;
     if let Err(e) = &received {
@@ -470,6 +555,10 @@ pub struct Moved {
     /// From taking the sandbox to the hand-over's answer.
     pub total_ms: u64,
     pub ram_bytes: u64,
+    /// How the disk travelled, and why.
+    pub disk: DiskSync,
+    pub disk_reason: String,
+    pub disk_bytes: u64,
 }
 
 /// Moves running sandbox `id` of this node to node `to` by live migration. On any failure
@@ -502,18 +591,27 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
             backing_sha256,
         })
         .map_err(|e| Error::Internal(format!("the migration offer: {e}")))?;
-        fw.node_call(&to.name, &base, &cred("offer", &offer), offer.clone())
+        let answer = fw
+            .node_call(&to.name, &base, &cred("offer", &offer), offer.clone())
             .await?;
+        let accepted: Accepted = serde_json::from_slice(&answer).map_err(|e| {
+            Error::Internal(format!(
+                "node {} answered the migration offer with what this node cannot read: {e}",
+                to.name
+            ))
+        })?;
+        tracing::info!(id, to = %to.name, disk = accepted.disk.as_str(), reason = %accepted.reason, "live migration: how the disk travels");
         let memory = fw
             .node_upgrade(&to.name, &format!("{base}/memory"), &cred("memory", b""))
             .await?;
         let disk = fw
             .node_upgrade(&to.name, &format!("{base}/disk"), &cred("disk", b""))
             .await?;
-        Ok::<_, Error>(MigrationStreams {
+        let streams = MigrationStreams {
             memory: relay(memory)?,
             disk: relay(disk)?,
-        })
+        };
+        Ok::<_, Error>((streams, accepted))
     }
     .await;
     let abort = || async {
@@ -528,7 +626,7 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
             )
             .await;
     };
-    let streams = match prepared {
+    let (streams, accepted) = match prepared {
         Ok(s) => s,
         Err(e) => {
             let _ = store.cancel_handover(id).await;
@@ -537,7 +635,11 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
             return Err(e);
         }
     };
-    let departed = match vm.migrate_out(streams, &MigrateParams::default()).await {
+    let params = MigrateParams {
+        whole_disk: accepted.disk == DiskSync::Full,
+        ..MigrateParams::default()
+    };
+    let departed = match vm.migrate_out(streams, &params).await {
         Ok(d) => d,
         Err(stayed) => {
             let _ = store.cancel_handover(id).await;
@@ -593,6 +695,9 @@ pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved
             held_ms,
             total_ms: t0.elapsed().as_millis() as u64,
             ram_bytes: stats.ram_transferred_bytes,
+            disk: accepted.disk,
+            disk_reason: accepted.reason,
+            disk_bytes: stats.disk_bytes,
         };
         tracing::info!(id, to = %to.name, ?moved, "sandbox moved by live migration");
         return Ok(moved);
@@ -653,12 +758,20 @@ async fn drain_step(state: &AppState) -> Result<()> {
         .filter(|r| r.node.as_deref() == Some(me.as_str()) && r.state == SandboxState::Running)
         .map(|r| r.id)
         .collect();
+    // Then the suspended ones whose files are on this node's disk, sent with their files
+    // (`crate::transfer`); those on shared storage are handed over by the manager.
+    let suspended = store.suspended_local().await?;
     let before = mine.drain.clone();
     let mut p = before.clone().unwrap_or_default();
-    let todo = running
-        .iter()
-        .find(|id| !p.failed.iter().any(|f| &f.sandbox == *id))
-        .cloned();
+    let untried = |ids: &[String]| {
+        ids.iter()
+            .find(|id| !p.failed.iter().any(|f| &f.sandbox == *id))
+            .cloned()
+    };
+    let (todo, is_running) = match untried(&running) {
+        Some(id) => (Some(id), true),
+        None => (untried(&suspended), false),
+    };
     p.running_left = running.len() as u64;
     p.done = todo.is_none();
     p.moving = todo.clone();
@@ -678,6 +791,18 @@ async fn drain_step(state: &AppState) -> Result<()> {
     };
     let outcome = match dest {
         Err(e) => Err(e),
+        Ok(dest) if !is_running => crate::transfer::send_suspended(state, &id, &dest)
+            .await
+            .map(|s| Moved {
+                node: s.node,
+                pause_ms: 0,
+                held_ms: 0,
+                total_ms: s.total_ms,
+                ram_bytes: 0,
+                disk: DiskSync::Full,
+                disk_reason: "a suspended sandbox's files, standalone".into(),
+                disk_bytes: s.bytes,
+            }),
         Ok(dest) => {
             let mut last = Err(Error::Internal("not tried".into()));
             for attempt in 1..=ATTEMPTS {
@@ -705,6 +830,7 @@ async fn drain_step(state: &AppState) -> Result<()> {
             node: m.node,
             pause_ms: m.pause_ms,
             total_ms: m.total_ms,
+            disk: Some(m.disk),
         }),
         Err(e) => {
             tracing::warn!(id, error = %e, "a sandbox could not be moved off this draining node; it runs on here");
@@ -765,11 +891,23 @@ mod tests {
             let issued = (now_ms() + skew).to_string();
             let nonce = hex::encode(rand::random::<[u8; 16]>());
             let fields = ["a", "b", "sb-1", "offer", issued.as_str(), nonce.as_str()];
-            let mac = hex::encode(hmac::sign(&k, &signed(&fields, b"")).as_ref());
+            let mac = hex::encode(hmac::sign(&k, &signed(&fields, &sha256_hex(b""))).as_ref());
             let cred = format!("v1 a b sb-1 offer {issued} {nonce} {mac}");
             let e = check(&cred, b"").unwrap_err();
             assert!(e.contains("expired"), "{e}");
         }
+        // A streamed file's credential binds its hash: another file's hash does not verify.
+        let (one, other) = (sha256_hex(b"one"), sha256_hex(b"other"));
+        let cred = mint_for_digest(&k, "a", "b", "sb-1", "file-memory.bin", &one);
+        let e = arrivals
+            .check_digest(&k, Some(&cred), "b", "sb-1", "file-memory.bin", &other)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not verify"), "{e}");
+        let from = arrivals
+            .check_digest(&k, Some(&cred), "b", "sb-1", "file-memory.bin", &one)
+            .unwrap();
+        assert_eq!(from, "a");
         // Missing, malformed, an API key in its place: refused, saying what the route takes.
         let e = arrivals
             .check(&k, None, "b", "sb-1", "offer", b"")

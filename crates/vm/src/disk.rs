@@ -35,6 +35,16 @@ pub async fn create_overlay(
     qemu_img(cmd).await
 }
 
+/// Creates an empty qcow2 disk of `size_bytes` at `path` with no backing file: the target of
+/// a live migration that mirrors a whole disk (the destination lacks its backing chain).
+pub async fn create_standalone(size_bytes: u64, path: &Path) -> Result<()> {
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size_bytes.to_string());
+    qemu_img(cmd).await
+}
+
 /// Makes the qcow2 image `path` a single layer over `backing` (`raw` or `qcow2`, which must
 /// be in `path`'s current backing chain or hold the same data below it): every cluster whose
 /// content differs from `backing` is written into `path` (qemu-img's safe rebase). Used to
@@ -219,6 +229,22 @@ mod tests {
         for (off, pat) in [(0, 2), (1 << 20, 3), (2 << 20, 4), (3 << 20, 1)] {
             io(&p("check.qcow2"), &format!("read -P {pat} {off} 512k"));
         }
+    }
+
+    #[tokio::test]
+    async fn a_standalone_disk_has_its_size_and_no_backing_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("whole.qcow2");
+        create_standalone(64 << 20, &p).await.unwrap();
+        assert_eq!(backing_file(&p).unwrap(), None);
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(v["virtual-size"], 64u64 << 20);
+        assert_eq!(v["format"], "qcow2");
     }
 
     #[tokio::test]

@@ -74,7 +74,8 @@ pub struct SandboxRecord {
     pub cpus: u32,
     /// The sandbox's own overlay (`run/<id>/disk.qcow2`).
     pub disk: PathBuf,
-    /// The overlay's direct backing file.
+    /// The overlay's direct backing file; the overlay itself when it has none (a disk that
+    /// arrived whole by live migration).
     pub backing: PathBuf,
     /// The shared read-only disk a suspend flattens onto (see [`SnapshotMeta::shared_base`]).
     pub shared_base: BaseDisk,
@@ -134,6 +135,10 @@ pub struct MigrationManifest {
     pub shared_base: BaseDisk,
     /// The overlay's direct backing file, and its format (`raw` or `qcow2`).
     pub backing: BaseDisk,
+    /// The overlay has no backing file (it arrived whole by an earlier live migration): the
+    /// destination must receive the whole disk, and `backing` names the source's overlay.
+    #[serde(default)]
+    pub standalone: bool,
     /// Both QEMUs must be the same build on the same accelerator, with the same guest kernel
     /// and agent (the guest keeps running the source's, and later snapshots name them).
     pub accel: String,
@@ -145,8 +150,9 @@ pub struct MigrationManifest {
 impl MigrationManifest {
     pub const FORMAT: u32 = 1;
 
-    /// Refuses a manifest this host cannot receive, naming what differs.
-    fn check(&self, rt: &Runtime) -> Result<()> {
+    /// Refuses a manifest this host cannot receive, naming what differs. A host that
+    /// receives the `whole_disk` needs none of the source's disk files.
+    fn check(&self, rt: &Runtime, whole_disk: bool) -> Result<()> {
         if self.format != Self::FORMAT {
             return Err(Error::InvalidArgument(format!(
                 "migration manifest format {}; this moat reads format {}",
@@ -167,6 +173,15 @@ impl MigrationManifest {
                     self.id
                 )));
             }
+        }
+        if whole_disk {
+            return Ok(());
+        }
+        if self.standalone {
+            return Err(Error::InvalidArgument(format!(
+                "sandbox {}: its disk has no backing file, so it can only be received whole",
+                self.id
+            )));
         }
         if !matches!(self.backing.format.as_str(), "raw" | "qcow2") {
             return Err(Error::InvalidArgument(format!(
@@ -1196,7 +1211,21 @@ impl Sandbox {
                 // leaves a VM the next one adopts and continues, never a lost sandbox.
                 std::fs::copy(&src, &disk).ctx(|| format!("copying {}", src.display()))?;
                 if self.backing != self.shared_base.path {
-                    disk::rebase(&disk, &self.shared_base.path, &self.shared_base.format).await?;
+                    let chain = disk::backing_chain(&disk)?;
+                    if chain.contains(&self.shared_base.path) {
+                        disk::rebase(&disk, &self.shared_base.path, &self.shared_base.format)
+                            .await?;
+                    } else if !chain.is_empty() {
+                        // A chain that does not reach the shared base (a standalone disk
+                        // received by live migration, then suspended and resumed): this
+                        // host may not have that base, so the suspend depends on nothing.
+                        let layer = tmp.path().join("layer.qcow2");
+                        std::fs::rename(&disk, &layer)
+                            .ctx(|| format!("moving {}", disk.display()))?;
+                        disk::flatten(&layer, &disk).await?;
+                        std::fs::remove_file(&layer)
+                            .ctx(|| format!("removing {}", layer.display()))?;
+                    }
                 }
             }
         }
@@ -1266,6 +1295,8 @@ impl Sandbox {
                 path: self.backing.clone(),
                 format: backing_format,
             },
+            standalone: canonical(&self.dir.path.join("disk.qcow2"))
+                .is_ok_and(|d| d == self.backing),
             accel: rt.accel.accel.as_str().to_string(),
             qemu_version: rt.qemu_version.clone(),
             kernel_version: rt.kernel.version.clone(),
@@ -1331,7 +1362,9 @@ impl Sandbox {
 
     /// Receives a sandbox live-migrated by [`Sandbox::migrate_out`] on the other ends of
     /// `streams`: a new QEMU waits for its state on a fresh overlay over
-    /// `manifest.backing`, and the sandbox comes back under its own id with its processes,
+    /// `manifest.backing` or, with `whole_disk` (the source mirrors its whole chain:
+    /// [`MigrateParams::whole_disk`]), on an empty disk of the tier's size with no backing
+    /// file, so that none of the source's disk files is needed here; and the sandbox comes back under its own id with its processes,
     /// files and guest network settings, a new network stack (whose policy the owner sends
     /// again, as after a restore) and a new agent session. Returns once it runs and its agent
     /// said hello, as [`Arrived`]: the owner must [`Arrived::verify`] it before the source is
@@ -1344,24 +1377,32 @@ impl Sandbox {
         streams: MigrationStreams,
         opts: LaunchOptions,
         timeout: Duration,
+        whole_disk: bool,
     ) -> Result<Arrived> {
-        manifest.check(rt)?;
+        manifest.check(rt, whole_disk)?;
         let dir = RunDir::create(rt, &manifest.id)?;
         let disk_path = dir.path.join("disk.qcow2");
-        disk::create_overlay(
-            &manifest.backing.path,
-            &manifest.backing.format,
-            manifest.tier.disk_bytes(),
-            &disk_path,
-        )
-        .await?;
+        let backing = if whole_disk {
+            disk::create_standalone(manifest.tier.disk_bytes(), &disk_path).await?;
+            // Its own path: a disk with no backing file (see `SandboxRecord::backing`).
+            canonical(&disk_path)?
+        } else {
+            disk::create_overlay(
+                &manifest.backing.path,
+                &manifest.backing.format,
+                manifest.tier.disk_bytes(),
+                &disk_path,
+            )
+            .await?;
+            canonical(&manifest.backing.path)?
+        };
         let origin = Origin {
             image: manifest.image.clone(),
             tier: manifest.tier,
             mem_mib: manifest.mem_mib,
             cpus: manifest.cpus,
             shared_base: manifest.shared_base.clone(),
-            backing: canonical(&manifest.backing.path)?,
+            backing,
             ram: GuestRam::Private,
             ram_base: None,
         };

@@ -287,7 +287,14 @@ async fn migrate(
         let started = Instant::now();
         let (departed, arrived) = tokio::join!(
             src.migrate_out(out, params),
-            Sandbox::migrate_in(dst_rt, &manifest, inn, LaunchOptions::default(), ARRIVAL),
+            Sandbox::migrate_in(
+                dst_rt,
+                &manifest,
+                inn,
+                LaunchOptions::default(),
+                ARRIVAL,
+                false
+            ),
         );
         let departed = departed.map_err(|s| s.error).expect("migrate out");
         let verified = match arrived {
@@ -473,7 +480,14 @@ async fn broken_half_way(how: Break) {
     };
     let (stayed, arrived, broken_at) = tokio::join!(
         src.migrate_out(out, &params),
-        Sandbox::migrate_in(&dst_rt, &manifest, inn, LaunchOptions::default(), ARRIVAL),
+        Sandbox::migrate_in(
+            &dst_rt,
+            &manifest,
+            inn,
+            LaunchOptions::default(),
+            ARRIVAL,
+            false
+        ),
         breaker,
     );
     assert!(
@@ -608,7 +622,14 @@ async fn a_destination_that_does_not_run_fails_verification_and_the_source_runs_
         let Link { out, inn, .. } = Link::new();
         let (departed, arrived) = tokio::join!(
             sb.migrate_out(out, &params),
-            Sandbox::migrate_in(&dst_rt, &manifest, inn, LaunchOptions::default(), ARRIVAL),
+            Sandbox::migrate_in(
+                &dst_rt,
+                &manifest,
+                inn,
+                LaunchOptions::default(),
+                ARRIVAL,
+                false
+            ),
         );
         let departed = departed.map_err(|s| s.error).expect("migrate out");
         match arrived {

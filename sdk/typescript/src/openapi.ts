@@ -1038,6 +1038,11 @@ export interface components {
             next?: number | null;
             pruned?: null | components["schemas"]["LogAnchor"];
         };
+        /**
+         * @description How a live migration sends the disk.
+         * @enum {string}
+         */
+        DiskSync: "top" | "full";
         /** @description A sandbox a drain could not move. */
         DrainFailure: {
             reason: string;
@@ -1045,13 +1050,15 @@ export interface components {
         };
         /** @description A sandbox a drain moved. */
         DrainMove: {
+            disk?: null | components["schemas"]["DiskSync"];
             /** @description The node it runs on now. */
             node: string;
             /**
              * Format: u-int64
              * @description From QEMU stopping the guest on the old node to the hand-over (the destination's
              *     last load, its check of the guest, the commit). The guest's own processes stand still
-             *     for part of it: they run on the new node during its check.
+             *     for part of it: they run on the new node during its check. 0 for a suspended
+             *     sandbox, sent with its files.
              */
             pause_ms: number;
             sandbox: string;
@@ -1792,8 +1799,8 @@ export interface components {
             /**
              * Format: u-int64
              * @description Its suspended sandboxes whose files are on its own disk (suspended without
-             *     `--shared-dir`): no other node can resume them, so a drain leaves them here and they
-             *     are unreachable while it is lost.
+             *     `--shared-dir`): no other node can resume them while it is lost; a drain sends them
+             *     to another node with their files.
              */
             suspended_local: number;
             /** @description As of its last lease renewal. */

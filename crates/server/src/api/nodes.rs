@@ -83,8 +83,8 @@ pub struct Node {
     /// another node takes them over when it is lost or drains.
     pub shared_storage: bool,
     /// Its suspended sandboxes whose files are on its own disk (suspended without
-    /// `--shared-dir`): no other node can resume them, so a drain leaves them here and they
-    /// are unreachable while it is lost.
+    /// `--shared-dir`): no other node can resume them while it is lost; a drain sends them
+    /// to another node with their files.
     pub suspended_local: u64,
 }
 
@@ -129,12 +129,37 @@ pub struct DrainMove {
     pub node: String,
     /// From QEMU stopping the guest on the old node to the hand-over (the destination's
     /// last load, its check of the guest, the commit). The guest's own processes stand still
-    /// for part of it: they run on the new node during its check.
+    /// for part of it: they run on the new node during its check. 0 for a suspended
+    /// sandbox, sent with its files.
     pub pause_ms: u64,
     /// From the start of the move to the hand-over. Requests for the sandbox wait this long
     /// at most (its agent answers none while the migration runs); those still waiting when it
     /// moved are answered 503, to be sent again.
     pub total_ms: u64,
+    /// How its disk travelled: `top`, only its own layer (the new node has the same
+    /// template, snapshot or suspend file under it), or `full`, the whole disk (it has not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskSync>,
+}
+
+/// How a live migration sends the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskSync {
+    /// Only the sandbox's own layer: the new node has the file under it.
+    Top,
+    /// The whole disk, into one with no backing file: the new node lacks the file under
+    /// the sandbox's layer, or has another one under that name.
+    Full,
+}
+
+impl DiskSync {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskSync::Top => "top",
+            DiskSync::Full => "full",
+        }
+    }
 }
 
 /// A sandbox a drain could not move.

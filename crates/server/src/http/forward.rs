@@ -218,6 +218,10 @@ impl Forwarder {
         body: Vec<u8>,
     ) -> Result<Vec<u8>> {
         let req = node_request(url, credential, Body::from(body), false)?;
+        self.node_send(node, url, req).await
+    }
+
+    async fn node_send(&self, node: &str, url: &str, req: Request) -> Result<Vec<u8>> {
         let resp = self
             .client
             .request(req)
@@ -230,6 +234,30 @@ impl Forwarder {
             .await
             .map(|b| b.to_vec())
             .map_err(|e| unreachable_node(node, url, &format!("reading its answer: {e}")))
+    }
+
+    /// A file sent to another node (`crate::transfer`): `POST url` with `body` streamed, its
+    /// SHA-256 `sha256` (hex, which `credential` covers) in [`crate::transfer::BODY_SHA256`].
+    pub(crate) async fn node_send_file(
+        &self,
+        node: &str,
+        url: &str,
+        credential: &str,
+        sha256: &str,
+        body: Body,
+    ) -> Result<Vec<u8>> {
+        let mut req = node_request(url, credential, body, false)?;
+        let headers = req.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        headers.insert(
+            crate::transfer::BODY_SHA256,
+            HeaderValue::from_str(sha256)
+                .map_err(|e| Error::Internal(format!("a file's hash as a header: {e}")))?,
+        );
+        self.node_send(node, url, req).await
     }
 
     /// A node-to-node stream of live migration: `POST url` upgraded to raw bytes (protocol

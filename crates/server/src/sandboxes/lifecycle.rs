@@ -325,7 +325,7 @@ impl Manager {
         match on_idle {
             OnIdle::Suspend => {
                 tracing::info!(id, idle_ms, "suspending an idle sandbox");
-                self.suspend_inner(id, Some(now)).await.map(|_| ())
+                self.suspend_inner(id, Some(now), false).await.map(|_| ())
             }
             OnIdle::Delete => {
                 // A request may have come while the agent listed its processes: it wins. (One

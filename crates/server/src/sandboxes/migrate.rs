@@ -129,6 +129,25 @@ impl Manager {
         }
     }
 
+    /// Whether `path` is one of this node's own files: in its MOAT_HOME (its templates,
+    /// images, snapshots and suspends, wherever their directories link to) or on its shared
+    /// storage. A path that exists here but belongs to another home (another node on this
+    /// host) is not: separate hosts would not have it.
+    pub(crate) fn holds_file(&self, path: &std::path::Path) -> bool {
+        let Ok(path) = std::fs::canonicalize(path) else {
+            return false;
+        };
+        let mut roots: Vec<std::path::PathBuf> = self.shared.iter().cloned().collect();
+        roots.push(self.rt.home.clone());
+        if let Ok(entries) = std::fs::read_dir(&self.rt.home) {
+            roots.extend(entries.flatten().map(|e| e.path()));
+        }
+        roots
+            .iter()
+            .filter_map(|r| std::fs::canonicalize(r).ok())
+            .any(|r| path.starts_with(r))
+    }
+
     /// Receives sandbox `manifest.id` by live migration on `streams`, proves it alive
     /// (`Arrived::verify`: a destination that fails it is destroyed) and starts its network
     /// stack with the group's policy and the source's CA. The sandbox is returned parked
@@ -139,6 +158,7 @@ impl Manager {
         manifest: &MigrationManifest,
         identity: &Identity,
         streams: MigrationStreams,
+        whole_disk: bool,
     ) -> Result<moat_vm::Sandbox> {
         let id = manifest.id.clone();
         if self.entry(&id).is_some() {
@@ -160,10 +180,16 @@ impl Manager {
                 trust_ca: Some(identity.ca.cert_pem.clone()),
                 identity_header: identity.identity_header.clone(),
             };
-            let arrived =
-                moat_vm::Sandbox::migrate_in(&self.rt, manifest, streams, opts, ARRIVAL_TIMEOUT)
-                    .await
-                    .map_err(Error::vm("receiving the live migration"))?;
+            let arrived = moat_vm::Sandbox::migrate_in(
+                &self.rt,
+                manifest,
+                streams,
+                opts,
+                ARRIVAL_TIMEOUT,
+                whole_disk,
+            )
+            .await
+            .map_err(Error::vm("receiving the live migration"))?;
             let mut sb = arrived
                 .verify(Arrived::VERIFY_TIMEOUT)
                 .await

@@ -46,6 +46,7 @@ pub(crate) use migrate::Identity;
 pub use network::{AuditRecord, NetConfig, DEFAULT_AUDIT_RETENTION};
 pub use shared::check_shared_dir;
 pub(crate) use shared::unreachable_suspended;
+pub(crate) use transfer::FILES as TRANSFER_FILES;
 
 mod group_ca;
 mod health;
@@ -55,6 +56,7 @@ mod network;
 mod pool;
 mod shared;
 mod suspend;
+mod transfer;
 
 /// One live sandbox: its VM (None while suspended, or once deleted), its image's config, for
 /// exec defaults, and its activity, for the idle timer.
@@ -226,6 +228,7 @@ impl Manager {
             .filter(|r| r.node == me)
             .collect();
         let mut adopted = Vec::new();
+        mgr.remove_foreign_suspends(rows.iter().map(|r| r.id.as_str()).collect());
         let mut orphans: HashSet<String> = mgr.rt.orphans().into_iter().collect();
         mgr.readopt_pool(&mut orphans).await?;
         for row in rows {

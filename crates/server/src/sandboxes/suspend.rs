@@ -101,15 +101,18 @@ impl Manager {
     /// remains) and then removes the older directories. Suspending a suspended sandbox is a
     /// no-op; any state other than running is a 409. Runs to the end even if the caller goes.
     pub async fn suspend(self: &Arc<Self>, id: &str) -> Result<Sandbox> {
-        self.suspend_inner(id, None).await
+        self.suspend_inner(id, None, false).await
     }
 
     /// [`Manager::suspend`]; with `idle_since_ms`, only if there was no activity after that
-    /// time (the reaper decided at that time that the sandbox was idle).
+    /// time (the reaper decided at that time that the sandbox was idle); `standalone`: its
+    /// directory depends on nothing of this node even when it is local (to be sent to
+    /// another node, `transfer.rs`).
     pub(super) async fn suspend_inner(
         self: &Arc<Self>,
         id: &str,
         idle_since_ms: Option<i64>,
+        standalone: bool,
     ) -> Result<Sandbox> {
         let mgr = self.clone();
         let id = id.to_string();
@@ -139,8 +142,8 @@ impl Manager {
             let started = Instant::now();
             let files = mgr.files_at(&dest);
             let suspended = match files {
-                Files::Shared => vm.suspend_standalone(&mgr.rt, &dest).await,
-                Files::Local => vm.suspend(&mgr.rt, &dest).await,
+                Files::Local if !standalone => vm.suspend(&mgr.rt, &dest).await,
+                _ => vm.suspend_standalone(&mgr.rt, &dest).await,
             };
             mgr.cap.release(&id);
             match suspended {

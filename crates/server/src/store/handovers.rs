@@ -15,6 +15,16 @@ impl Store {
     /// Records that this node is handing running sandbox `id` over to node `to`, fenced by
     /// its lease (a record of an earlier attempt is replaced).
     pub async fn begin_handover(&self, id: &str, to: &str) -> Result<()> {
+        self.begin_handover_in(id, to, "running").await
+    }
+
+    /// [`Store::begin_handover`] of a suspended sandbox whose files this node sends
+    /// (`crate::transfer`).
+    pub async fn begin_file_handover(&self, id: &str, to: &str) -> Result<()> {
+        self.begin_handover_in(id, to, "suspended").await
+    }
+
+    async fn begin_handover_in(&self, id: &str, to: &str, state: &'static str) -> Result<()> {
         let fence = self.fence.clone();
         let Some((me, epoch)) = self.fence.held() else {
             return Err(Error::Unavailable(
@@ -26,14 +36,13 @@ impl Store {
             let tx = c.transaction()?;
             fence.check(&tx)?;
             let owned: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM sandboxes WHERE id = ?1 AND node = ?2 \
-                 AND state = 'running'",
-                params![id, me],
+                "SELECT COUNT(*) FROM sandboxes WHERE id = ?1 AND node = ?2 AND state = ?3",
+                params![id, me, state],
                 |r| r.get(0),
             )?;
             if owned != 1 {
                 return Err(Error::Conflict(format!(
-                    "sandbox {id} is not a running sandbox of node {}",
+                    "sandbox {id} is not a {state} sandbox of node {}",
                     quote(&me)
                 )));
             }
@@ -60,6 +69,21 @@ impl Store {
     /// expired by the database's clock), that the record is still there (neither side gave
     /// up), and that the sandbox is still `from`'s and running. Returns the moved row.
     pub async fn complete_handover(&self, id: &str, from: &str) -> Result<Sandbox> {
+        self.complete_handover_in(id, from, "running").await
+    }
+
+    /// [`Store::complete_handover`] of a suspended sandbox whose files this node received
+    /// (and holds, complete and checked): its files are then this node's own (`local`).
+    pub async fn complete_file_handover(&self, id: &str, from: &str) -> Result<Sandbox> {
+        self.complete_handover_in(id, from, "suspended").await
+    }
+
+    async fn complete_handover_in(
+        &self,
+        id: &str,
+        from: &str,
+        state: &'static str,
+    ) -> Result<Sandbox> {
         let fence = self.fence.clone();
         let Some(me) = self.fence.node() else {
             return Err(Error::Unavailable(
@@ -103,13 +127,14 @@ impl Store {
                 )));
             }
             let moved = tx.execute(
-                "UPDATE sandboxes SET node = ?3, updated_at = ?4 WHERE id = ?1 AND node = ?2 \
-                 AND state = 'running'",
-                params![id, from, me, now()],
+                "UPDATE sandboxes SET node = ?3, updated_at = ?4, \
+                 files = CASE WHEN state = 'suspended' THEN 'local' ELSE files END \
+                 WHERE id = ?1 AND node = ?2 AND state = ?5",
+                params![id, from, me, now(), state],
             )?;
             if moved != 1 {
                 return Err(Error::Conflict(format!(
-                    "sandbox {id} is no longer a running sandbox of node {}",
+                    "sandbox {id} is no longer a {state} sandbox of node {}",
                     quote(&from)
                 )));
             }
@@ -118,6 +143,21 @@ impl Store {
                 .ok_or_else(|| Error::SandboxGone(id.clone()))?;
             tx.commit()?;
             Ok(row)
+        })
+        .await
+    }
+
+    /// Whether a hand-over of sandbox `id` from node `from` to node `to` is recorded.
+    pub async fn handover_pending(&self, id: &str, from: &str, to: &str) -> Result<bool> {
+        let (id, from, to) = (id.to_string(), from.to_string(), to.to_string());
+        self.call(move |c| {
+            let n: i64 = c.query_row(
+                "SELECT COUNT(*) FROM handovers WHERE sandbox_id = ?1 AND from_node = ?2 \
+                 AND to_node = ?3",
+                params![id, from, to],
+                |r| r.get(0),
+            )?;
+            Ok(n == 1)
         })
         .await
     }
@@ -243,6 +283,56 @@ mod tests {
                 .as_deref(),
             Some("a")
         );
+    }
+
+    #[tokio::test]
+    async fn a_file_hand_over_moves_a_suspended_row_and_makes_its_files_local() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (open(&dir), open(&dir));
+        off(|| a.acquire_lease(&node_spec("a"))).unwrap().unwrap();
+        off(|| b.acquire_lease(&node_spec("b"))).unwrap().unwrap();
+        a.with_conn(|c| {
+            c.execute_batch(
+                "INSERT INTO sandbox_groups (name, spec, created_at, updated_at) \
+                 VALUES ('g', '{}', 0, 0)",
+            )
+        })
+        .unwrap();
+        for (id, state) in [
+            ("sb-s", SandboxState::Suspended),
+            ("sb-r", SandboxState::Running),
+        ] {
+            let mut row = crate::store::sandboxes::tests::new_row(id, "g");
+            row.state = state;
+            a.insert_sandbox(&row).await.unwrap();
+        }
+        // Only a suspended sandbox goes by its files, and a running one only live.
+        let e = a.begin_file_handover("sb-r", "b").await.unwrap_err();
+        assert!(e.to_string().contains("not a suspended sandbox"), "{e}");
+        let e = a.begin_handover("sb-s", "b").await.unwrap_err();
+        assert!(e.to_string().contains("not a running sandbox"), "{e}");
+        a.begin_handover("sb-r", "b").await.unwrap();
+        let e = b.complete_file_handover("sb-r", "a").await.unwrap_err();
+        assert!(e.to_string().contains("no longer a suspended"), "{e}");
+        assert!(a.cancel_handover("sb-r").await.unwrap());
+
+        a.set_sandbox_files("sb-s", crate::store::Files::Shared)
+            .await
+            .unwrap();
+        assert!(!b.handover_pending("sb-s", "a", "b").await.unwrap());
+        a.begin_file_handover("sb-s", "b").await.unwrap();
+        assert!(b.handover_pending("sb-s", "a", "b").await.unwrap());
+        assert!(!b.handover_pending("sb-s", "a", "c").await.unwrap());
+        let row = b.complete_file_handover("sb-s", "a").await.unwrap();
+        assert_eq!(row.node.as_deref(), Some("b"));
+        assert_eq!(row.state, SandboxState::Suspended);
+        // The files are on b's own disk now; the record is gone with the hand-over.
+        assert_eq!(
+            b.sandbox_files("sb-s").await.unwrap(),
+            Some(crate::store::Files::Local)
+        );
+        assert!(!b.handover_pending("sb-s", "a", "b").await.unwrap());
+        assert!(b.complete_file_handover("sb-s", "a").await.is_err());
     }
 
     #[tokio::test]

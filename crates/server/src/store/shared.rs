@@ -180,6 +180,22 @@ impl Store {
         })
         .await
     }
+
+    /// This node's suspended sandboxes whose files are on its own disk (what a drain sends
+    /// to another node, `crate::transfer`).
+    pub async fn suspended_local(&self) -> Result<Vec<String>> {
+        let node = self.fence.node();
+        self.call(move |c| {
+            c.query_map(
+                "SELECT id FROM sandboxes WHERE node = ?1 AND state = 'suspended' \
+                 AND files = 'local' ORDER BY id",
+                [&node],
+                |r| r.get(0),
+            )
+            .map_err(Into::into)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@
 //!    connection, which this side relays to the disk stream) and starts `migrate-incoming`.
 //! 2. Source: an NBD client node on the disk stream (`blockdev-add`, by `getfd`), then
 //!    `blockdev-mirror` of the overlay only (`sync: top`: the backing chain must be on the
-//!    destination already) in `write-blocking` mode: once in sync, every guest write reaches
+//!    destination already), or of the whole chain into a destination disk without a backing
+//!    file (`sync: full`, [`MigrateParams::whole_disk`]), in `write-blocking` mode: once in sync, every guest write reaches
 //!    the destination before it completes, so the disk cannot fall behind however busy the
 //!    guest is. When the mirror is ready, the memory is sent live (pre-copy) with
 //!    `pause-before-switchover`: QEMU stops the guest when what is left fits in
@@ -80,6 +81,11 @@ pub struct MigrateParams {
     pub max_bandwidth: Option<u64>,
     /// How long the whole migration may take before it is cancelled.
     pub timeout: Duration,
+    /// Mirror the whole disk (`sync: full`: every layer of the backing chain, into a
+    /// destination disk that has no backing file) instead of the overlay alone (`sync: top`,
+    /// the destination holding the same backing chain). The destination must have been
+    /// prepared the same way ([`crate::Sandbox::migrate_in`]'s `whole_disk`).
+    pub whole_disk: bool,
 }
 
 impl Default for MigrateParams {
@@ -89,6 +95,7 @@ impl Default for MigrateParams {
             auto_converge: true,
             max_bandwidth: None,
             timeout: Duration::from_secs(600),
+            whole_disk: false,
         }
     }
 }
@@ -251,7 +258,7 @@ impl Vm {
                     "job-id": MIRROR_JOB,
                     "device": DISK,
                     "target": TARGET_NODE,
-                    "sync": "top",
+                    "sync": if params.whole_disk { "full" } else { "top" },
                     "copy-mode": "write-blocking",
                     "auto-dismiss": false,
                 })),

@@ -352,6 +352,9 @@ class DrainMove:
     """From QEMU stopping the guest on the old node to the hand-over."""
     total_ms: int
     """From the start of the move to the hand-over: requests wait this long at most."""
+    disk: str | None = None
+    """How its disk travelled: "top" (its own layer; the node had the file under it) or
+    "full" (the whole disk)."""
 
 
 @dataclass(frozen=True)
@@ -698,6 +701,7 @@ def parse_drain(d: Mapping[str, Any]) -> DrainProgress:
                 node=str(m["node"]),
                 pause_ms=int(m["pause_ms"]),
                 total_ms=int(m["total_ms"]),
+                disk=m.get("disk"),
             )
             for m in d.get("moved") or []
         ],

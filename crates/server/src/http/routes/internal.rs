@@ -14,12 +14,14 @@ use axum::Router;
 use crate::api::{self, quote, NodeState};
 use crate::error::{Error, Result};
 use crate::http::state::AppState;
-use crate::migrate;
+use crate::{migrate, transfer};
 
 pub(in crate::http) fn router() -> Router<AppState> {
     Router::new()
         .route("/internal/v1/migrations/{id}", post(offer))
         .route("/internal/v1/migrations/{id}/{step}", post(step))
+        .route("/internal/v1/suspended/{id}/files/{name}", post(file))
+        .route("/internal/v1/suspended/{id}/{step}", post(transfer_step))
 }
 
 /// The sending node, if `headers` carry a credential of a live node of this fleet for
@@ -31,6 +33,17 @@ async fn sender(
     purpose: &str,
     body: &[u8],
 ) -> Result<String> {
+    sender_of_digest(state, headers, id, purpose, &migrate::sha256_hex(body)).await
+}
+
+/// [`sender`] for a body given by its SHA-256 (hex): a streamed file.
+async fn sender_of_digest(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+    purpose: &str,
+    body_sha256: &str,
+) -> Result<String> {
     let me = state.store.node_name().ok_or_else(|| {
         Error::Unavailable("this daemon is not a node: it takes no migrations".into())
     })?;
@@ -40,7 +53,7 @@ async fn sender(
     let key = state.store.node_key()?;
     let from = state
         .migrations
-        .check(&key, credential, &me, id, purpose, body)?;
+        .check_digest(&key, credential, &me, id, purpose, body_sha256)?;
     match state.store.get_node(&from).await? {
         Some(n) if n.state != NodeState::Lost => Ok(from),
         _ => Err(Error::Unauthorized(format!(
@@ -67,7 +80,7 @@ fn check_id(id: &str) -> Result<()> {
 }
 
 /// `POST /internal/v1/migrations/{id}`: the offer (JSON: the runtime's manifest and the
-/// sandbox's identity).
+/// sandbox's identity); the answer says how the disk must travel (`disk`: `top` or `full`).
 async fn offer(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -76,8 +89,8 @@ async fn offer(
 ) -> Result<Response> {
     check_id(&id)?;
     let from = sender(&state, &headers, &id, "offer", &body).await?;
-    migrate::offered(&state, &from, &id, &body).await?;
-    empty(StatusCode::CREATED)
+    let accepted = migrate::offered(&state, &from, &id, &body).await?;
+    Ok((StatusCode::CREATED, axum::Json(accepted)).into_response())
 }
 
 /// `POST /internal/v1/migrations/{id}/{memory,disk}` (upgraded to the raw stream) and
@@ -134,9 +147,51 @@ async fn step(
     }
 }
 
-fn empty(status: StatusCode) -> Result<Response> {
-    Response::builder()
-        .status(status)
-        .body(Body::empty())
-        .map_err(|e| Error::Internal(e.to_string()))
+/// `POST /internal/v1/suspended/{id}/files/{name}`: one file of a suspended sandbox sent
+/// with its files (`crate::transfer`), streamed; its SHA-256 in `X-Moat-Body-Sha256`,
+/// which the credential covers and the written file must have.
+async fn file(
+    State(state): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response> {
+    check_id(&id)?;
+    let sha = req
+        .headers()
+        .get(transfer::BODY_SHA256)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_ascii_lowercase)
+        .ok_or_else(|| {
+            Error::BadRequest(format!(
+                "a file sent to this node needs its SHA-256 as 64 hex digits in {}",
+                transfer::BODY_SHA256
+            ))
+        })?;
+    let step = transfer::file_step(&name);
+    let from = sender_of_digest(&state, req.headers(), &id, &step, &sha).await?;
+    transfer::receive_file(&state, &from, &id, &name, &sha, req.into_body()).await?;
+    Ok(StatusCode::CREATED.into_response())
+}
+
+/// `POST /internal/v1/suspended/{id}/{land,abort}`: the sending node's last word.
+async fn transfer_step(
+    State(state): State<AppState>,
+    Path((id, step)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    check_id(&id)?;
+    let land = match step.as_str() {
+        "land" => true,
+        "abort" => false,
+        other => {
+            return Err(Error::NotFound(format!(
+                "no transfer step {}: files/NAME, land or abort",
+                quote(other)
+            )))
+        }
+    };
+    let from = sender(&state, &headers, &id, &step, b"").await?;
+    transfer::finish(&state, &from, &id, land).await?;
+    Ok(StatusCode::OK.into_response())
 }

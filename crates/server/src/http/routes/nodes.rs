@@ -8,8 +8,8 @@ use axum::{Json, Router};
 use utoipa::OpenApi;
 
 use crate::api::{
-    self, DrainFailure, DrainMove, DrainProgress, ErrorBody, Node, NodeCapacity, NodeList,
-    NodeState, NodeUse, Role, SealingKeyRotation,
+    self, DiskSync, DrainFailure, DrainMove, DrainProgress, ErrorBody, Node, NodeCapacity,
+    NodeList, NodeState, NodeUse, Role, SealingKeyRotation,
 };
 use crate::error::{Error, Result};
 use crate::http::extract::path_param;
@@ -36,6 +36,7 @@ pub(in crate::http) fn router() -> Router<AppState> {
         NodeUse,
         DrainProgress,
         DrainMove,
+        DiskSync,
         DrainFailure,
         SealingKeyRotation
     ))
