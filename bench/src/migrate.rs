@@ -79,7 +79,8 @@ async fn once(
             &manifest,
             inn,
             LaunchOptions::default(),
-            Duration::from_secs(600)
+            Duration::from_secs(600),
+            false
         ),
     );
     let departed = match departed {
