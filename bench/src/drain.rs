@@ -53,8 +53,13 @@ pub async fn measure(moat: &Path, home: &Path, agent: &Path, rounds: usize) -> R
     let b = Daemon::start_sealed(moat, home, agent, &args, Some(&sealing)).await?;
     ready(&a).await?;
     ready(&b).await?;
-    a.ok("PUT", "/v1/sandbox-groups/mig", Some(json!({"tier": "xs"})))
-        .await?;
+    // Packed, so that both sandboxes start on node a (placement would spread them).
+    a.ok(
+        "PUT",
+        "/v1/sandbox-groups/mig",
+        Some(json!({"tier": "xs", "placement": {"strategy": "pack"}})),
+    )
+    .await?;
     let mut ids = Vec::new();
     for _ in 0..2 {
         let sb = a
@@ -89,6 +94,14 @@ pub async fn measure(moat: &Path, home: &Path, agent: &Path, rounds: usize) -> R
     }
     b.stop(&[]).await?;
     a.stop(&["mig"]).await?;
+    if idle_pause.len() != rounds || busy_pause.len() != rounds {
+        bail!(
+            "each drain should have moved both sandboxes: {} idle and {} busy moves in {rounds} \
+             rounds",
+            idle_pause.len(),
+            busy_pause.len()
+        );
+    }
     let p50 = |v: &[f64]| percentile(v, 0.5);
     Ok(json!({
         "drain_rounds": rounds,
