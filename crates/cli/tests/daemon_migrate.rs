@@ -20,6 +20,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use common::daemon::{msg, runtime_home, Daemon, ADMIN, G};
+use common::fleet::{sandboxes_ready, start_node, until_node};
 use moat_testkit::postgres::Postgres;
 use serde_json::json;
 
@@ -53,39 +54,8 @@ fn server(body: &'static str) -> u16 {
 }
 
 async fn node(pg: &Postgres, name: &str, key: Option<&[u8]>, hosts: &str) -> Daemon {
-    let home = runtime_home();
-    if let Some(key) = key {
-        let path = home.path().join("secrets.key");
-        std::fs::write(&path, key).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let lease = LEASE_S.to_string();
-    let args = [
-        "--store",
-        &pg.url,
-        "--node-name",
-        name,
-        "--lease-s",
-        &lease,
-        "--egress-hosts",
-        hosts,
-        "--egress-resolver",
-        "127.0.0.1:9",
-    ];
-    Daemon::start_at(home, Some(ADMIN), &args).await
-}
-
-async fn sandboxes_ready(d: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let (_, h) = d.call(None, "GET", "/healthz", None).await;
-        if h["sandboxes"]["state"] == "ready" {
-            return;
-        }
-        assert_ne!(h["sandboxes"]["state"], "failed", "{h}");
-        assert!(Instant::now() < deadline, "sandboxes never got ready: {h}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let extra = ["--egress-hosts", hosts, "--egress-resolver", "127.0.0.1:9"];
+    start_node(pg, name, key, LEASE_S, &extra).await
 }
 
 /// What the guest got for `http://NAME:PORT/` through node `d`.
@@ -110,17 +80,7 @@ fn largest_gap(rows: &[(u64, f64)]) -> f64 {
 
 /// Waits (bounded) until node `name`'s drain is done, as `d` sees it; its progress.
 async fn drained(d: &Daemon, name: &str, within: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let (_, n) = d
-            .call(Some(ADMIN), "GET", &format!("/v1/nodes/{name}"), None)
-            .await;
-        if n["drain"]["done"] == true {
-            return n["drain"].clone();
-        }
-        assert!(Instant::now() < deadline, "the drain never ended: {n}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_node(d, name, within, |n| n["drain"]["done"] == true).await["drain"].clone()
 }
 
 /// The counter's entries `(n, guest seconds)`, checked to be 1, 2, 3, … with none lost or

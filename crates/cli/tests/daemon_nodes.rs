@@ -9,12 +9,12 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
-use common::daemon::{moat, msg, runtime_home, Daemon, ADMIN, G};
+use common::daemon::{moat, msg, Daemon, ADMIN, G};
+use common::fleet::{home_with_key, node_row, sandboxes_ready, start_node, until_node};
 use futures_util::{SinkExt, StreamExt};
 use moat_testkit::postgres::Postgres;
 use serde_json::{json, Value};
@@ -25,17 +25,6 @@ use tokio_tungstenite::tungstenite::Message;
 /// enough for renewals (every third of it) on a loaded 2-core machine.
 const LEASE_S: u64 = 5;
 
-/// A home (able to run sandboxes) holding the fleet's sealing key `key`, if given.
-fn home_with_key(key: Option<&[u8]>) -> tempfile::TempDir {
-    let home = runtime_home();
-    if let Some(key) = key {
-        let path = home.path().join("secrets.key");
-        std::fs::write(&path, key).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    home
-}
-
 async fn node(pg: &Postgres, name: &str, key: Option<&[u8]>) -> Daemon {
     sized_node(pg, name, key, &[]).await
 }
@@ -43,66 +32,16 @@ async fn node(pg: &Postgres, name: &str, key: Option<&[u8]>) -> Daemon {
 /// A node labelled `zone=test` and `node=<name>` (so a group can be kept on it), with the
 /// `extra` arguments of `moat serve`.
 async fn sized_node(pg: &Postgres, name: &str, key: Option<&[u8]>, extra: &[&str]) -> Daemon {
-    let lease = LEASE_S.to_string();
     let label = format!("node={name}");
-    let mut args = vec![
-        "--store",
-        &pg.url,
-        "--node-name",
-        name,
-        "--lease-s",
-        &lease,
-        "--node-label",
-        "zone=test",
-        "--node-label",
-        &label,
-    ];
+    let mut args = vec!["--node-label", "zone=test", "--node-label", &label];
     args.extend_from_slice(extra);
-    Daemon::start_at(home_with_key(key), Some(ADMIN), &args).await
+    start_node(pg, name, key, LEASE_S, &args).await
 }
 
 async fn nodes(d: &Daemon) -> Vec<Value> {
     let (st, v) = d.call(Some(ADMIN), "GET", "/v1/nodes", None).await;
     assert_eq!(st, 200, "{v}");
     v["nodes"].as_array().unwrap().clone()
-}
-
-async fn node_row(d: &Daemon, name: &str) -> Value {
-    let (st, v) = d
-        .call(Some(ADMIN), "GET", &format!("/v1/nodes/{name}"), None)
-        .await;
-    assert_eq!(st, 200, "{v}");
-    v
-}
-
-/// Waits (a bounded while) until `f` holds of node `name` as `d` sees it.
-async fn until_node(d: &Daemon, name: &str, within: Duration, f: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let n = node_row(d, name).await;
-        if f(&n) {
-            return n;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node {name} never got there: {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Waits (bounded) until `d`'s sandboxes are ready: a fresh home checks what it has first.
-async fn sandboxes_ready(d: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let (_, h) = d.call(None, "GET", "/healthz", None).await;
-        if h["sandboxes"]["state"] == "ready" {
-            return;
-        }
-        assert_ne!(h["sandboxes"]["state"], "failed", "{h}");
-        assert!(Instant::now() < deadline, "sandboxes never got ready: {h}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Whether the RS256 JWT `token` verifies with one of the keys of `jwks`.

@@ -8,55 +8,27 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use common::daemon::{msg, runtime_home, Daemon, ADMIN, G};
+use common::daemon::{msg, Daemon, ADMIN, G};
+use common::fleet::{node_row, sandboxes_ready, start_node};
 use moat_testkit::postgres::Postgres;
 use serde_json::{json, Value};
 
 const LEASE_S: u64 = 5;
 
 async fn node(pg: &Postgres, name: &str, key: Option<&[u8]>, shared: Option<&str>) -> Daemon {
-    let home = runtime_home();
-    if let Some(key) = key {
-        let path = home.path().join("secrets.key");
-        std::fs::write(&path, key).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let lease = LEASE_S.to_string();
-    let mut args = vec!["--store", &pg.url, "--node-name", name, "--lease-s", &lease];
-    if let Some(dir) = shared {
-        args.extend(["--shared-dir", dir]);
-    }
-    Daemon::start_at(home, Some(ADMIN), &args).await
-}
-
-async fn node_row(d: &Daemon, name: &str) -> Value {
-    let (st, v) = d
-        .call(Some(ADMIN), "GET", &format!("/v1/nodes/{name}"), None)
-        .await;
-    assert_eq!(st, 200, "{v}");
-    v
+    let extra = match shared {
+        Some(dir) => vec!["--shared-dir", dir],
+        None => vec![],
+    };
+    start_node(pg, name, key, LEASE_S, &extra).await
 }
 
 async fn until_lost(d: &Daemon, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(4 * LEASE_S);
     while node_row(d, name).await["state"] != "lost" {
         assert!(Instant::now() < deadline, "node {name} never got lost");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn sandboxes_ready(d: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let (_, h) = d.call(None, "GET", "/healthz", None).await;
-        if h["sandboxes"]["state"] == "ready" {
-            return;
-        }
-        assert_ne!(h["sandboxes"]["state"], "failed", "{h}");
-        assert!(Instant::now() < deadline, "sandboxes never got ready: {h}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod daemon;
+pub mod fleet;
 pub mod node;
 pub mod python;
 
