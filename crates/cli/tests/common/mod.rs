@@ -170,7 +170,11 @@ pub async fn sh(sb: &Sandbox, script: &str) -> Output {
 /// Each value is written beside the file and renamed over it: `echo $i > /run/counter` alone
 /// truncates first, and a suspend or snapshot taken between the truncation and the write
 /// froze an empty file that the first read after the resume found (`counter` then failed).
-pub const COUNTER: &str = "(i=0; while true; do i=$((i+1)); echo $i > /run/counter.new; \
+///
+/// The first value (0) is written before the loop starts, so the file is there as soon as the
+/// command that started it returns.
+pub const COUNTER: &str = "echo 0 > /run/counter; \
+     (i=0; while true; do i=$((i+1)); echo $i > /run/counter.new; \
      mv /run/counter.new /run/counter; sleep 0.2; done) > /dev/null 2>&1 &";
 
 /// The value a test's background counter process last wrote to `/run/counter`.
