@@ -92,6 +92,16 @@ pub async fn measure(moat: &Path, home: &Path, agent: &Path, rounds: usize) -> R
             }
         }
     }
+    // Deleted through a (forwarded to the node that runs each) while both nodes run: a VM
+    // that migrated to b would outlive b's daemon, as every detached VM does.
+    for id in &ids {
+        a.ok(
+            "DELETE",
+            &format!("/v1/sandbox-groups/mig/sandboxes/{id}"),
+            None,
+        )
+        .await?;
+    }
     b.stop(&[]).await?;
     a.stop(&["mig"]).await?;
     if idle_pause.len() != rounds || busy_pause.len() != rounds {
