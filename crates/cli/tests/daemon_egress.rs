@@ -16,25 +16,6 @@ use std::time::{Duration, Instant};
 use common::daemon::{Daemon, ADMIN, G};
 use serde_json::{json, Value};
 
-/// An HTTP server on the host's loopback that answers every request with `body`.
-fn server(body: &'static str) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            let mut buf = vec![0u8; 4096];
-            let _ = c.read(&mut buf);
-            let _ = write!(
-                c,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    port
-}
-
 /// A daemon whose stacks answer web.test and other.test from a hosts file (both the loopback
 /// server), and ask a resolver that does not exist for anything else.
 async fn daemon(dir: &Path) -> Daemon {
@@ -96,7 +77,7 @@ fn is(e: &Value, kind: &str, name: &str, verdict: &str) -> bool {
 
 #[tokio::test]
 async fn groups_policy_is_enforced_audited_and_updated_live() {
-    let port = server("hello from the host");
+    let port = common::http_server("hello from the host");
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(dir.path()).await;
     d.put_group("net", allow(&["web.test"], port), 201).await;
@@ -323,7 +304,7 @@ fn kill(pid: i32) {
 
 #[tokio::test]
 async fn network_survives_restarts_and_pools_and_a_dead_stack_fails_its_sandbox() {
-    let port = server("hello again");
+    let port = common::http_server("hello again");
     let dir = tempfile::tempdir().unwrap();
     let mut d = daemon(dir.path()).await;
     let mut spec = allow(&["web.test"], port);

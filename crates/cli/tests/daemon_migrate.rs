@@ -14,8 +14,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
@@ -34,24 +32,6 @@ const COUNTER: &str = "mkfifo /run/tick && exec 3<>/run/tick; n=0; \
 /// cores: the guest's vCPU is starved now and then during pre-copy (0.26-0.49 s measured by
 /// the runtime's test), and the verify exec runs on the destination before the pause.
 const TCG_SLACK_MS: f64 = 2000.0;
-
-fn server(body: &'static str) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            let mut buf = vec![0u8; 4096];
-            let _ = c.read(&mut buf);
-            let _ = write!(
-                c,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    port
-}
 
 async fn node(pg: &Postgres, name: &str, key: Option<&[u8]>, hosts: &str) -> Daemon {
     let extra = ["--egress-hosts", hosts, "--egress-resolver", "127.0.0.1:9"];
@@ -108,7 +88,7 @@ fn counter(text: &str) -> (Vec<(u64, f64)>, f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_moves_a_running_sandbox_to_another_node_by_live_migration() {
     let t0 = Instant::now();
-    let port = server("hello from the host");
+    let port = common::http_server("hello from the host");
     let dir = tempfile::tempdir().unwrap();
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.1 web.test evil.test\n").unwrap();
