@@ -561,25 +561,37 @@ pub struct Moved {
     pub disk_bytes: u64,
 }
 
+/// What every node-to-node request this node sends needs: its name and the key of its node
+/// credentials.
+pub(crate) fn sender(store: &crate::store::Store) -> Result<(String, hmac::Key)> {
+    let me = store
+        .node_name()
+        .ok_or_else(|| Error::Unavailable("this daemon is not a node".into()))?;
+    Ok((me, store.node_key()?))
+}
+
+/// The URL of node `to`'s internal route `/internal/v1/{kind}/{id}` (`migrations`,
+/// `suspended`), under which each step has its own path.
+pub(crate) fn internal_url(to: &Node, kind: &str, id: &str) -> String {
+    format!(
+        "{}/internal/v1/{kind}/{id}",
+        to.advertise_url.trim_end_matches('/')
+    )
+}
+
 /// Moves running sandbox `id` of this node to node `to` by live migration. On any failure
 /// before the hand-over the sandbox runs on here, as it was, and the error says why.
 pub async fn move_sandbox(state: &AppState, id: &str, to: &Node) -> Result<Moved> {
     let t0 = Instant::now();
     let store = &state.store;
     let mgr = state.manager()?;
-    let me = store
-        .node_name()
-        .ok_or_else(|| Error::Unavailable("this daemon is not a node".into()))?;
-    let key = store.node_key()?;
+    let (me, key) = sender(store)?;
     let row = store
         .get_sandbox(id)
         .await?
         .ok_or_else(|| Error::SandboxGone(id.to_string()))?;
     let (leaving, vm, manifest, identity) = mgr.leave(&row).await?;
-    let base = format!(
-        "{}/internal/v1/migrations/{id}",
-        to.advertise_url.trim_end_matches('/')
-    );
+    let base = internal_url(to, "migrations", id);
     let cred = |purpose: &str, body: &[u8]| mint(&key, &me, &to.name, id, purpose, body);
     let fw = &state.forwarder;
     let prepared = async {

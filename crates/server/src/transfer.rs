@@ -91,16 +91,10 @@ pub async fn send_suspended(state: &AppState, id: &str, to: &Node) -> Result<Sen
     let t0 = Instant::now();
     let store = &state.store;
     let mgr = state.manager()?;
-    let me = store
-        .node_name()
-        .ok_or_else(|| Error::Unavailable("this daemon is not a node".into()))?;
-    let key = store.node_key()?;
+    let (me, key) = crate::migrate::sender(store)?;
     let dir = mgr.standalone_suspend(id).await?;
     let held = mgr.hold_suspended(id).await?;
-    let base = format!(
-        "{}/internal/v1/suspended/{id}",
-        to.advertise_url.trim_end_matches('/')
-    );
+    let base = crate::migrate::internal_url(to, "suspended", id);
     let fw = &state.forwarder;
     let sent = async {
         store.begin_file_handover(id, &to.name).await?;
